@@ -1,0 +1,84 @@
+"""A model ready to serve: its spec, traced graph and fingerprint, built the same way on both hosts.
+
+The edge and the cloud each build a :class:`LoadedModel` from their own config; the fingerprint is
+what lets a session refuse to pair a head with a tail from a different model.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from partitioner.graph import Cut, ModelGraph, trace
+from partitioner.models import ModelSpec, example_input, fingerprint, load_model
+
+
+@dataclass
+class LoadedModel:
+    """A traced model with its fingerprint; split parts are built once per cut and cached."""
+
+    spec: ModelSpec
+    graph: ModelGraph
+    fingerprint: str
+    _parts: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> LoadedModel:
+        """Load, trace and fingerprint ``spec``."""
+        module = load_model(spec)
+        graph = trace(module, example_input(spec))
+        code = getattr(graph.module, "code", None)
+        return cls(spec=spec, graph=graph, fingerprint=fingerprint(graph.module, code))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.spec.input_shape)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The whole model, as traced (identical results to the loaded module)."""
+        return self.graph.module
+
+    def parts(self, key: int | str | Cut) -> tuple[Cut, torch.nn.Module, torch.nn.Module]:
+        """``(cut, head, tail)`` for a cut given by index, name or :class:`Cut`."""
+        cut = self.graph.cut(key)
+        with self._lock:
+            if cut.index not in self._parts:
+                self._parts[cut.index] = self.graph.split(cut)
+            head, tail = self._parts[cut.index]
+        return cut, head, tail
+
+
+def as_tensor_list(value: object) -> list[torch.Tensor]:
+    """Flatten a model output (a tensor, or a tuple/list/dict of them) into a list of tensors."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in as_tensor_list(item)]
+    raise TypeError(f"model output of type {type(value).__name__} is not a tensor or a collection of them")
+
+
+def check_features(cut: Cut, tensors: list[torch.Tensor]) -> None:
+    """Raise ValueError naming the first tensor that does not fit ``cut`` (count, dtype, shape past batch)."""
+    if len(tensors) != len(cut.live):
+        raise ValueError(f"features: cut {cut.name!r} takes {len(cut.live)} tensors, got {len(tensors)}")
+    batch = None
+    for i, (t, shape, dtype) in enumerate(zip(tensors, cut.shapes, cut.dtypes, strict=True)):
+        if str(t.dtype).removeprefix("torch.") != dtype:
+            raise ValueError(f"features[{i}] ({cut.live[i]}): dtype {t.dtype} != {dtype}")
+        if t.dim() != len(shape) or tuple(t.shape[1:]) != tuple(shape[1:]):
+            raise ValueError(
+                f"features[{i}] ({cut.live[i]}): shape {tuple(t.shape)} does not fit {tuple(shape)}"
+            )
+        if t.dim() and batch is not None and t.shape[0] != batch:
+            raise ValueError(f"features[{i}] ({cut.live[i]}): batch {t.shape[0]} != {batch}")
+        batch = t.shape[0] if t.dim() else batch

@@ -1,0 +1,198 @@
+from protos.cleave.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CutInfo(_message.Message):
+    __slots__ = ("index", "name", "live", "nbytes")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    live: _containers.RepeatedScalarFieldContainer[str]
+    nbytes: int
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., live: _Optional[_Iterable[str]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "fingerprint", "input_shape", "input_dtype", "cuts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CUTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: str
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    input_dtype: _tensor_pb2.DType
+    cuts: _containers.RepeatedCompositeFieldContainer[CutInfo]
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ("model", "include_cuts")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CUTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    include_cuts: bool
+    def __init__(self, model: _Optional[str] = ..., include_cuts: _Optional[bool] = ...) -> None: ...
+
+class GetInfoResponse(_message.Message):
+    __slots__ = ("models", "version", "host")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    version: str
+    host: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., version: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("model", "repeats", "warmup")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    repeats: int
+    warmup: int
+    def __init__(self, model: _Optional[str] = ..., repeats: _Optional[int] = ..., warmup: _Optional[int] = ...) -> None: ...
+
+class NodeTiming(_message.Message):
+    __slots__ = ("name", "ms", "output_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ms: float
+    output_bytes: int
+    def __init__(self, name: _Optional[str] = ..., ms: _Optional[float] = ..., output_bytes: _Optional[int] = ...) -> None: ...
+
+class ProfileResponse(_message.Message):
+    __slots__ = ("model", "fingerprint", "nodes", "total_ms", "host")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    fingerprint: str
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeTiming]
+    total_ms: float
+    host: str
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ..., host: _Optional[str] = ...) -> None: ...
+
+class ProbeMessage(_message.Message):
+    __slots__ = ("seq", "data", "echo", "received_bytes", "server_time")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ECHO_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    data: bytes
+    echo: bool
+    received_bytes: int
+    server_time: float
+    def __init__(self, seq: _Optional[int] = ..., data: _Optional[bytes] = ..., echo: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., server_time: _Optional[float] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("model", "fingerprint", "cut", "result_encoding", "client")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    fingerprint: str
+    cut: str
+    result_encoding: TensorEncoding
+    client: str
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., cut: _Optional[str] = ..., result_encoding: _Optional[_Union[TensorEncoding, _Mapping]] = ..., client: _Optional[str] = ...) -> None: ...
+
+class TensorEncoding(_message.Message):
+    __slots__ = ("encoding", "bits", "per_channel", "clip", "codec", "level")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    PER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    encoding: _tensor_pb2.Encoding
+    bits: int
+    per_channel: bool
+    clip: str
+    codec: _tensor_pb2.Codec
+    level: int
+    def __init__(self, encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., bits: _Optional[int] = ..., per_channel: _Optional[bool] = ..., clip: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., level: _Optional[int] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session_id", "cut", "output_shape")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    cut: CutInfo
+    output_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., cut: _Optional[_Union[CutInfo, _Mapping]] = ..., output_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class InferFrame(_message.Message):
+    __slots__ = ("session_id", "request_id", "chunks", "last")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: int
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
+    last: bool
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class RequestError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CloudTiming(_message.Message):
+    __slots__ = ("queue_ms", "decode_ms", "compute_ms", "encode_ms")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    decode_ms: float
+    compute_ms: float
+    encode_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ...) -> None: ...
+
+class InferResult(_message.Message):
+    __slots__ = ("request_id", "chunks", "last", "timing", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
+    last: bool
+    timing: CloudTiming
+    error: RequestError
+    def __init__(self, request_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., last: _Optional[bool] = ..., timing: _Optional[_Union[CloudTiming, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    def __init__(self, requests: _Optional[int] = ...) -> None: ...

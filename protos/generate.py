@@ -1,0 +1,57 @@
+"""Regenerate the Python stubs from ``protos/cleave/v1/*.proto`` (``make protos``).
+
+Stubs are generated from the repository root so that their imports read
+``from protos.cleave.v1 import ...``. Output depends on the grpcio-tools version, which the ``dev``
+extra pins; ``tests/test_protos.py`` fails when the committed stubs differ from a fresh run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = Path("protos/cleave/v1")
+
+
+def proto_files() -> list[Path]:
+    """The .proto sources, relative to the repository root."""
+    return sorted(p.relative_to(ROOT) for p in (ROOT / PROTO_DIR).glob("*.proto"))
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Run protoc into ``out_dir`` (mirroring the source tree); returns the generated files."""
+    import grpc_tools
+    from grpc_tools import protoc  # dev-only dependency
+
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    args = [
+        "protoc",
+        f"-I{ROOT}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *[str(ROOT / p) for p in proto_files()],
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed: " + " ".join(args))
+    return sorted((out_dir / PROTO_DIR).glob("*_pb2*.py*"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in generate(Path(tmp)):
+            target = ROOT / PROTO_DIR / path.name
+            shutil.copyfile(path, target)
+            print(f"wrote {target.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

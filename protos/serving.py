@@ -1,0 +1,214 @@
+"""Channel and server builders shared by both daemons.
+
+A :class:`Daemon` is a gRPC server with Cleave's defaults: explicit message-size limits (never
+gRPC's 4 MiB default), ``grpc.health.v1`` and server reflection for every service it hosts, a
+refusal to bind a non-loopback address without TLS unless told so, and a draining stop (health
+NOT_SERVING, finish in-flight calls, then close) on SIGTERM or SIGINT. Requests whose bytes do not
+decode as the expected message answer INVALID_ARGUMENT naming the type, where gRPC alone would
+answer INTERNAL.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Channel/server options that set both message-size limits explicitly."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """An insecure channel to ``target`` with explicit limits and fast reconnects."""
+    options = message_options(max_message_bytes) + [
+        ("grpc.enable_retries", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+    ]
+    return grpc.insecure_channel(target, options=options)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` binds only loopback interfaces."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Service:
+    """One gRPC service to host: a servicer and the descriptor of the service it implements."""
+
+    servicer: Any
+    descriptor: ServiceDescriptor
+
+    @property
+    def full_name(self) -> str:
+        return self.descriptor.full_name
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not the expected message."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"request: not a valid {type_name} ({error})"
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(message_class.DESCRIPTOR.full_name, exc)
+
+    return deserialize
+
+
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(request.message)
+        yield request
+
+
+def _guard(method: MethodDescriptor, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    """Answer INVALID_ARGUMENT for undecodable requests instead of gRPC's INTERNAL."""
+    if method.client_streaming:
+
+        def streaming(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behaviour(_checked_stream(requests), context)
+
+        return streaming
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return behaviour(request, context)
+
+    return unary
+
+
+def service_handler(service: Service) -> grpc.GenericRpcHandler:
+    """Method handlers for every RPC of ``service.descriptor``, with lenient request decoding."""
+    handlers = {}
+    for method in service.descriptor.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            _guard(method, getattr(service.servicer, method.name)),
+            request_deserializer=_lenient(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+class Daemon:
+    """A gRPC server hosting ``services`` plus health and reflection."""
+
+    def __init__(
+        self,
+        address: str,
+        services: Sequence[Service],
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_workers: int = 16,
+        allow_insecure_public: bool = False,
+    ) -> None:
+        if not is_loopback(address) and not allow_insecure_public:
+            raise ValueError(
+                f"listen address {address!r} is not loopback and TLS is not configured; "
+                "set allow_insecure_public: true to bind it anyway"
+            )
+        self.address = address
+        self.services = list(services)
+        self.health = health.HealthServicer()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+            options=message_options(max_message_bytes),
+        )
+        self._server.add_generic_rpc_handlers([service_handler(s) for s in self.services])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = [s.full_name for s in self.services]
+        reflection.enable_server_reflection(
+            names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind {address}")
+        self._stopped = threading.Event()
+
+    def _set_health(self, status: int) -> None:
+        self.health.set("", status)
+        for service in self.services:
+            self.health.set(service.full_name, status)
+
+    def start(self) -> int:
+        """Start serving; returns the bound port."""
+        self._server.start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening on %s (port %d)", self.address, self.port)
+        return self.port
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``."""
+        if self._stopped.is_set():
+            return
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server.stop(grace).wait()
+        self._stopped.set()
+
+    def wait(self) -> None:
+        """Block until stopped."""
+        self._stopped.wait()
+
+    def run_until_signal(self, on_stop: Callable[[], None] | None = None, grace: float = 10.0) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and call ``on_stop``."""
+
+        def handle(signum: int, _frame: Any) -> None:
+            log.info("signal %d: draining", signum)
+            # Stop from another thread: a signal handler must return promptly.
+            threading.Thread(target=self.stop, args=(grace,), daemon=True).start()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+        self.start()
+        while not self._stopped.wait(0.5):
+            pass
+        if on_stop is not None:
+            on_stop()
