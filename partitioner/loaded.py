@@ -76,9 +76,7 @@ def check_features(cut: Cut, tensors: list[torch.Tensor]) -> None:
         if str(t.dtype).removeprefix("torch.") != dtype:
             raise ValueError(f"features[{i}] ({cut.live[i]}): dtype {t.dtype} != {dtype}")
         if t.dim() != len(shape) or tuple(t.shape[1:]) != tuple(shape[1:]):
-            raise ValueError(
-                f"features[{i}] ({cut.live[i]}): shape {tuple(t.shape)} does not fit {tuple(shape)}"
-            )
+            raise ValueError(f"features[{i}] ({cut.live[i]}): shape {tuple(t.shape)} does not fit {tuple(shape)}")
         if t.dim() and batch is not None and t.shape[0] != batch:
             raise ValueError(f"features[{i}] ({cut.live[i]}): batch {t.shape[0]} != {batch}")
         batch = t.shape[0] if t.dim() else batch

@@ -196,9 +196,7 @@ def fingerprint(module: nn.Module, graph_code: str | None = None) -> str:
     return digest.hexdigest()
 
 
-def calibrate_batchnorm(
-    model: nn.Module, input_shape: Sequence[int], batches: int = 8, seed: int = 0
-) -> nn.Module:
+def calibrate_batchnorm(model: nn.Module, input_shape: Sequence[int], batches: int = 8, seed: int = 0) -> nn.Module:
     """Re-estimate BatchNorm running statistics on seeded synthetic images.
 
     Random-weight models give meaningless activations until their BatchNorm statistics
@@ -210,9 +208,7 @@ def calibrate_batchnorm(
     Deterministic for a given seed; returns the model, in eval mode. TorchScript and
     ``torch.export`` models have no BatchNorm modules to calibrate and are returned as is.
     """
-    norms = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     shape = (max(int(input_shape[0]), 2), *(int(d) for d in input_shape[1:]))
     generator = torch.Generator().manual_seed(seed)
     momenta = [m.momentum for m in norms]
@@ -319,9 +315,7 @@ def _load_weights(model: nn.Module, spec: ModelSpec) -> None:
         try:
             from safetensors.torch import load_file
         except ImportError as e:
-            raise ModelLoadError(
-                f"{where} is safetensors, but the 'safetensors' package is not installed"
-            ) from e
+            raise ModelLoadError(f"{where} is safetensors, but the 'safetensors' package is not installed") from e
         state: Any = load_file(str(path), device="cpu")
     else:
         try:

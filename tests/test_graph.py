@@ -206,9 +206,7 @@ class RootBranch(nn.Module):
 
 
 def test_control_flow_in_root_forward_raises_trace_error() -> None:
-    with pytest.raises(
-        TraceError, match=r"root module \(RootBranch\.forward\).*control flow.*if y\.sum\(\) > 0"
-    ):
+    with pytest.raises(TraceError, match=r"root module \(RootBranch\.forward\).*control flow.*if y\.sum\(\) > 0"):
         trace(RootBranch(), torch.randn(1, 3, 8, 8))
 
 

@@ -1,0 +1,61 @@
+"""A thin client for the edge daemon's ``Edge`` service, as an app would use it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import grpc
+import torch
+
+from compressor import EncodingSpec, decode, encode
+from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
+from protos.serving import DEFAULT_MAX_MESSAGE_BYTES, open_channel
+
+RAW = EncodingSpec(encoding="raw", codec="none")
+
+
+class EdgeClient:
+    """Call a local edge daemon: ``EdgeClient("127.0.0.1:50052").infer(x)``."""
+
+    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.target = target
+        self.channel = open_channel(target, max_message_bytes)
+        self.stub = edge_pb2_grpc.EdgeStub(self.channel)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def infer(self, x: torch.Tensor, request_id: int = 0, timeout: float | None = 60.0) -> edge_pb2.EdgeInferResponse:
+        request = edge_pb2.EdgeInferRequest(request_id=request_id, inputs=[encode(x.contiguous(), RAW)])
+        return self.stub.Infer(request, timeout=timeout)
+
+    def infer_stream(
+        self, xs: Iterable[torch.Tensor], timeout: float | None = 300.0
+    ) -> Iterator[edge_pb2.EdgeInferResponse]:
+        requests = (
+            edge_pb2.EdgeInferRequest(request_id=i + 1, inputs=[encode(x.contiguous(), RAW)]) for i, x in enumerate(xs)
+        )
+        return self.stub.InferStream(requests, timeout=timeout)
+
+    def status(self, timeout: float = 10.0) -> edge_pb2.EdgeStatus:
+        return self.stub.GetStatus(edge_pb2.GetStatusRequest(), timeout=timeout)
+
+    def pin(self, cut: str | int, encoding: str, timeout: float = 30.0) -> edge_pb2.Plan:
+        """Pin a cut ("edge", "cloud", a name or an index) and a feature encoding."""
+        plan = edge_pb2.Plan(encoding=EncodingSpec.parse(encoding).to_proto(), reason="pinned by client")
+        if cut == "edge":
+            plan.placement = edge_pb2.EDGE_ONLY
+        elif cut == "cloud":
+            plan.cut_index = 0
+        elif isinstance(cut, int) or str(cut).isdigit():
+            plan.cut_index = int(cut)
+        else:
+            plan.cut_name = str(cut)
+        return self.stub.Replan(edge_pb2.ReplanRequest(plan=plan), timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def outputs_of(response: edge_pb2.EdgeInferResponse) -> list[torch.Tensor]:
+    return [decode(t) for t in response.outputs]

@@ -1,0 +1,124 @@
+"""``cleave``: talk to the daemons from the command line.
+
+cleave infer --edge 127.0.0.1:50052 --random 4      # or image files
+cleave status --edge 127.0.0.1:50052
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+import torch
+from google.protobuf.json_format import MessageToDict
+
+from protos.cleave.v1 import edge_pb2
+
+from .client import EdgeClient, outputs_of
+from .images import load_image, synthetic_images
+
+STAGES = [
+    ("edge_compute_ms", "edge"),
+    ("encode_ms", "enc"),
+    ("transfer_ms", "xfer"),
+    ("cloud_decode_ms", "c.dec"),
+    ("cloud_compute_ms", "cloud"),
+    ("cloud_encode_ms", "c.enc"),
+    ("decode_ms", "dec"),
+    ("total_ms", "total"),
+]
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    client = EdgeClient(args.edge)
+    status = client.status(timeout=args.timeout)
+    shape = tuple(status.input_shape)
+    if args.random:
+        inputs = [
+            (f"random[{i}]", x.unsqueeze(0)) for i, x in enumerate(synthetic_images(args.random, shape, args.seed))
+        ]
+    elif args.images:
+        inputs = [(path, load_image(path, shape)) for path in args.images]
+    else:
+        print("cleave infer: give image files or --random N", file=sys.stderr)
+        return 2
+    records = []
+    for name, x in inputs:
+        reply = client.infer(x, timeout=args.timeout)
+        logits = outputs_of(reply)[0]
+        top = torch.topk(logits.flatten(), k=min(args.top, logits.numel()))
+        records.append(
+            {
+                "input": name,
+                "placement": edge_pb2.Placement.Name(reply.placement),
+                "cut": reply.plan.cut_name,
+                "top": [{"class": int(i), "score": float(v)} for v, i in zip(top.values, top.indices, strict=True)],
+                "timing_ms": {key: round(getattr(reply.timing, key), 3) for key, _ in STAGES},
+                "bytes_up": reply.bytes_up,
+                "bytes_down": reply.bytes_down,
+                "note": reply.note,
+            }
+        )
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    header = (
+        f"{'input':<14} {'where':<15} {'top-1':>6} "
+        + " ".join(f"{label:>7}" for _, label in STAGES)
+        + f" {'bytes up':>9}"
+    )
+    print(header)
+    for r in records:
+        t = r["timing_ms"]
+        print(
+            f"{r['input'][-14:]:<14} {r['placement']:<15} {r['top'][0]['class']:>6} "
+            + " ".join(f"{t[key]:>7.2f}" for key, _ in STAGES)
+            + f" {r['bytes_up']:>9}"
+            + (f"  ({r['note']})" if r["note"] else "")
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = EdgeClient(args.edge).status(timeout=args.timeout)
+    print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cleave", description="Cleave command-line client")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    infer = sub.add_parser("infer", help="send inputs to an edge daemon; print results and stage timing")
+    infer.add_argument("images", nargs="*", help="image files (decoded, resized to the model's input)")
+    infer.add_argument("--edge", default="127.0.0.1:50052", help="edge daemon host:port")
+    infer.add_argument("--random", type=int, default=0, metavar="N", help="send N synthetic inputs instead")
+    infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--top", type=int, default=5)
+    infer.add_argument("--json", action="store_true", help="machine-readable output")
+    infer.add_argument("--timeout", type=float, default=60.0)
+    infer.set_defaults(func=cmd_infer)
+
+    status = sub.add_parser("status", help="an edge daemon's link, plan, reachability and counters")
+    status.add_argument("--edge", default="127.0.0.1:50052")
+    status.add_argument("--timeout", type=float, default=10.0)
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"cleave {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"cleave {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

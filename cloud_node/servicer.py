@@ -1,0 +1,62 @@
+"""gRPC adapter for ``SplitInference``: each method delegates to the session logic."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+from protos.errors import maps_errors
+
+from . import __version__
+from .sessions import SessionManager, cut_info
+from .streams import serve_stream
+
+
+class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
+    def __init__(self, sessions: SessionManager, chunk_bytes: int) -> None:
+        self.sessions = sessions
+        self.registry = sessions.registry
+        self.chunk_bytes = chunk_bytes
+
+    @maps_errors
+    def GetInfo(self, request: si_pb2.GetInfoRequest, context: grpc.ServicerContext) -> si_pb2.GetInfoResponse:
+        models = [self.registry.get(request.model)] if request.model else list(self.registry.models.values())
+        return si_pb2.GetInfoResponse(
+            models=[self.registry.info(m, request.include_cuts) for m in models],
+            version=__version__,
+            host=socket.gethostname(),
+        )
+
+    @maps_errors
+    def OpenSession(
+        self, request: si_pb2.OpenSessionRequest, context: grpc.ServicerContext
+    ) -> si_pb2.OpenSessionResponse:
+        session = self.sessions.open(request)
+        return si_pb2.OpenSessionResponse(session_id=session.id, cut=cut_info(session.cut))
+
+    @maps_errors
+    def CloseSession(
+        self, request: si_pb2.CloseSessionRequest, context: grpc.ServicerContext
+    ) -> si_pb2.CloseSessionResponse:
+        session = self.sessions.close(request.session_id)
+        return si_pb2.CloseSessionResponse(requests=session.requests)
+
+    @maps_errors
+    def Infer(self, request_iterator: Iterator[si_pb2.InferFrame], context: grpc.ServicerContext):
+        yield from serve_stream(request_iterator, self.sessions, self.chunk_bytes)
+
+    @maps_errors
+    def Probe(self, request_iterator: Iterator[si_pb2.ProbeMessage], context: grpc.ServicerContext):
+        received = 0
+        for message in request_iterator:
+            received += len(message.data)
+            now = time.time()
+            if message.echo:
+                yield si_pb2.ProbeMessage(seq=message.seq, data=message.data, echo=True, server_time=now)
+            else:
+                yield si_pb2.ProbeMessage(seq=message.seq, received_bytes=received, server_time=now)

@@ -1,0 +1,183 @@
+"""Served models and edge sessions: the cloud's state, independent of gRPC."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from compressor import CodecError, CodecLimits, EncodingSpec, decode, encode
+from partitioner.graph import Cut
+from partitioner.loaded import LoadedModel, as_tensor_list, check_features
+from partitioner.models import ModelSpec
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.cleave.v1 import tensor_pb2
+from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+from .config import CloudLimits
+
+log = logging.getLogger(__name__)
+
+RAW_RESULTS = EncodingSpec(encoding="raw", codec="none")
+
+
+class ModelRegistry:
+    """The models this daemon serves, loaded and traced once at start."""
+
+    def __init__(self, specs: list[ModelSpec]) -> None:
+        self.models: dict[str, LoadedModel] = {}
+        for spec in specs:
+            started = time.perf_counter()
+            self.models[spec.name] = LoadedModel.load(spec)
+            log.info(
+                "model %s: %d cuts, fingerprint %s, loaded in %.1fs",
+                spec.name,
+                len(self.models[spec.name].graph.cuts),
+                self.models[spec.name].fingerprint[:12],
+                time.perf_counter() - started,
+            )
+
+    def get(self, name: str) -> LoadedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFound(f"model {name!r} is not served here (serving: {', '.join(self.models)})") from None
+
+    def info(self, model: LoadedModel, include_cuts: bool) -> si_pb2.ModelInfo:
+        info = si_pb2.ModelInfo(
+            name=model.name,
+            fingerprint=model.fingerprint,
+            input_shape=list(model.input_shape),
+            input_dtype=tensor_pb2.FLOAT32,
+        )
+        if include_cuts:
+            info.cuts.extend(cut_info(c) for c in model.graph.cuts)
+        return info
+
+
+def cut_info(cut: Cut) -> si_pb2.CutInfo:
+    return si_pb2.CutInfo(index=cut.index, name=cut.name, live=list(cut.live), nbytes=cut.nbytes)
+
+
+@dataclass
+class Session:
+    """One edge's binding to a model tail at a cut."""
+
+    id: str
+    model: LoadedModel
+    cut: Cut
+    tail: torch.nn.Module
+    result_spec: EncodingSpec
+    codec_limits: CodecLimits
+    client: str = ""
+    requests: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    def run(self, features: list[tensor_pb2.Tensor]) -> tuple[list[tensor_pb2.Tensor], si_pb2.CloudTiming]:
+        """Decode features, run the tail, encode the outputs. Bad input raises InvalidArgument."""
+        self.last_used = time.monotonic()
+        t0 = time.perf_counter()
+        tensors = []
+        for i, msg in enumerate(features):
+            try:
+                tensors.append(decode(msg, self.codec_limits))
+            except CodecError as exc:
+                raise InvalidArgument(f"features[{i}]: {exc}") from exc
+        try:
+            check_features(self.cut, tensors)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            outputs = as_tensor_list(self.tail(*tensors))
+        t2 = time.perf_counter()
+        encoded = [encode(o, self.result_spec) for o in outputs]
+        t3 = time.perf_counter()
+        self.requests += 1
+        timing = si_pb2.CloudTiming(decode_ms=(t1 - t0) * 1e3, compute_ms=(t2 - t1) * 1e3, encode_ms=(t3 - t2) * 1e3)
+        return encoded, timing
+
+
+class SessionManager:
+    """Opens, finds and expires sessions, within ``limits``."""
+
+    def __init__(self, registry: ModelRegistry, limits: CloudLimits) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.codec_limits = CodecLimits(max_elements=limits.max_elements, max_payload_bytes=limits.max_request_bytes)
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def open(self, request: si_pb2.OpenSessionRequest) -> Session:
+        if not request.model:
+            raise InvalidArgument("model: required")
+        model = self.registry.get(request.model)
+        if not request.fingerprint:
+            raise InvalidArgument("fingerprint: required (the edge's hash of graph and weights)")
+        if request.fingerprint != model.fingerprint:
+            raise FailedPrecondition(
+                f"fingerprint: model {model.name!r} here is {model.fingerprint[:16]}..., the edge has "
+                f"{request.fingerprint[:16]}...; edge and cloud must load the same graph and weights"
+            )
+        key: int | str = int(request.cut) if request.cut.isdigit() else request.cut
+        if key == "":
+            raise InvalidArgument("cut: required (a cut name or index)")
+        try:
+            cut, _head, tail = model.parts(key)
+        except KeyError as exc:
+            raise InvalidArgument(f"cut: {exc.args[0]}") from exc
+        try:
+            result_spec = (
+                EncodingSpec.from_proto(request.result_encoding) if request.HasField("result_encoding") else RAW_RESULTS
+            )
+        except (CodecError, ValueError) as exc:
+            raise InvalidArgument(f"result_encoding: {exc}") from exc
+        with self._lock:
+            self._expire_idle()
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise ResourceExhausted(f"sessions: limit of {self.limits.max_sessions} reached")
+            session = Session(
+                id=uuid.uuid4().hex,
+                model=model,
+                cut=cut,
+                tail=tail,
+                result_spec=result_spec,
+                codec_limits=self.codec_limits,
+                client=request.client,
+            )
+            self._sessions[session.id] = session
+        log.info(
+            "session %s: %s at cut %d (%s) for %s",
+            session.id[:8],
+            model.name,
+            cut.index,
+            cut.name,
+            request.client or "?",
+        )
+        return session
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"session_id: {session_id!r} is not open (expired or the cloud restarted)")
+        return session
+
+    def close(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise NotFound(f"session_id: {session_id!r} is not open")
+        return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _expire_idle(self) -> None:
+        now = time.monotonic()
+        for sid in [s.id for s in self._sessions.values() if now - s.last_used > self.limits.session_idle_s]:
+            del self._sessions[sid]

@@ -1,0 +1,37 @@
+"""Cleave's compression library: the tensor codec (wire format) and its building blocks.
+
+- :class:`EncodingSpec` says how to encode (raw / fp16 / affine 2-8 bits, clipping, zstd);
+  :func:`encode` and :func:`decode` convert between ``torch.Tensor`` and ``cleave.v1.Tensor``,
+  with :class:`CodecLimits` bounding what a decoder accepts.
+- :func:`to_chunks` and :class:`Assembler` stream tensor sequences as bounded ``TensorChunk`` groups.
+- :func:`register_clipper` adds clipping-range estimators that specs can name.
+"""
+
+from compressor.bitpack import pack, packed_size, unpack
+from compressor.clipping import clip_range, clipper_names, get_clipper, register_clipper
+from compressor.codec import CodecLimits, decode, decode_many, encode, encode_many
+from compressor.errors import CodecError
+from compressor.framing import Assembler, to_chunks
+from compressor.quant import dequantize, quantize
+from compressor.spec import EncodingSpec
+
+__all__ = [
+    "Assembler",
+    "CodecError",
+    "CodecLimits",
+    "EncodingSpec",
+    "clip_range",
+    "clipper_names",
+    "decode",
+    "decode_many",
+    "dequantize",
+    "encode",
+    "encode_many",
+    "get_clipper",
+    "pack",
+    "packed_size",
+    "quantize",
+    "register_clipper",
+    "to_chunks",
+    "unpack",
+]

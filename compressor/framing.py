@@ -1,0 +1,205 @@
+"""Streaming a sequence of wire tensors as ``TensorChunk`` groups, and putting it back together.
+
+A sender calls :func:`to_chunks` and puts each yielded group in one frame (``InferFrame.chunks``),
+so no frame depends on gRPC's 4 MiB default message limit however large the tensors are. The
+receiver feeds every frame's chunks to one :class:`Assembler` and calls ``finish()`` after the
+last frame. The assembler holds at most ``max_bytes`` of untrusted input, and checks the limit
+as data arrives rather than at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from compressor.errors import CodecError
+from protos.cleave.v1 import tensor_pb2
+
+
+def header_of(tensor: tensor_pb2.Tensor) -> tensor_pb2.Tensor:
+    """A copy of ``tensor`` without its payload (the payload bytes are not copied)."""
+    header = tensor_pb2.Tensor()
+    for field, value in tensor.ListFields():
+        if field.name == "payload":
+            continue
+        if field.is_repeated:
+            getattr(header, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(header, field.name).CopyFrom(value)
+        else:
+            setattr(header, field.name, value)
+    return header
+
+
+def to_chunks(
+    tensors: Sequence[tensor_pb2.Tensor], max_chunk_bytes: int = 1 << 20
+) -> Iterator[list[tensor_pb2.TensorChunk]]:
+    """Split ``tensors`` into groups of chunks of at most ``max_chunk_bytes`` each.
+
+    A group's size counts its payload slices and its headers' serialized sizes, so a frame made
+    of one group is ``max_chunk_bytes`` plus a few bytes of framing per chunk. Each tensor's first
+    chunk carries its header (the tensor without its payload); small tensors share a group, large
+    ones span several.
+
+    Raises:
+        CodecError: a tensor's ``payload_size`` disagrees with its payload, or a header alone is
+            larger than ``max_chunk_bytes``.
+    """
+    if max_chunk_bytes < 1:
+        raise ValueError(f"max_chunk_bytes: {max_chunk_bytes} is not positive")
+    group: list[tensor_pb2.TensorChunk] = []
+    used = 0
+    for index, tensor in enumerate(tensors):
+        payload = tensor.payload
+        if tensor.payload_size != len(payload):
+            raise CodecError(
+                f"tensors[{index}].payload_size: {tensor.payload_size}, but the payload has {len(payload)} bytes"
+            )
+        header = header_of(tensor)
+        header_bytes = header.ByteSize()
+        if header_bytes > max_chunk_bytes:
+            raise CodecError(
+                f"tensors[{index}]: header is {header_bytes} bytes, over max_chunk_bytes {max_chunk_bytes}"
+            )
+        offset = 0
+        first = True
+        while first or offset < len(payload):
+            need = (header_bytes if first else 0) + (1 if offset < len(payload) else 0)
+            if group and used + need > max_chunk_bytes:
+                yield group
+                group, used = [], 0
+            room = max_chunk_bytes - used - (header_bytes if first else 0)
+            data = payload[offset : offset + room]
+            chunk = tensor_pb2.TensorChunk(index=index, data=data)
+            if first:
+                chunk.header.CopyFrom(header)
+                used += header_bytes
+                first = False
+            group.append(chunk)
+            used += len(data)
+            offset += len(data)
+    if group:
+        yield group
+
+
+class Assembler:
+    """Rebuilds the tensors of one sequence from its chunks, validating as they arrive.
+
+    Rules: tensor indices start at 0 and increase by one; a tensor's first chunk carries its
+    header and no other chunk does; a tensor receives exactly ``header.payload_size`` bytes
+    before the next one starts. Errors are :class:`CodecError`\\ s naming the chunk, e.g.
+    ``"chunk 3: data for tensor 1 before its header"``.
+
+    Args:
+        max_bytes: bound on payload plus header bytes held for the whole sequence; a header
+            announcing more than what is left is rejected on arrival.
+        max_tensors: bound on the number of tensors in the sequence.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30, max_tensors: int = 1024) -> None:
+        self.max_bytes = max_bytes
+        self.max_tensors = max_tensors
+        self._reset()
+
+    def _reset(self) -> None:
+        self._done: list[tensor_pb2.Tensor] = []
+        self._header: tensor_pb2.Tensor | None = None  # the tensor being received
+        self._pieces: list[bytes] = []
+        self._received = 0
+        self._held = 0  # bytes held for the whole sequence, headers included
+        self._chunks = 0
+
+    @property
+    def bytes_held(self) -> int:
+        """Payload and header bytes received so far in this sequence."""
+        return self._held
+
+    def add(self, chunks: Iterable[tensor_pb2.TensorChunk]) -> None:
+        """Take the next chunks of the sequence (e.g. one frame's ``chunks``).
+
+        On a CodecError the sequence is dropped (memory released) and the assembler starts over.
+        """
+        try:
+            for chunk in chunks:
+                self._add(chunk)
+                self._chunks += 1
+        except CodecError:
+            self._reset()
+            raise
+
+    def _add(self, chunk: tensor_pb2.TensorChunk) -> None:
+        where = f"chunk {self._chunks}"
+        current = len(self._done)  # index of the tensor being received, if any
+        if self._header is not None and chunk.index == current:
+            if chunk.HasField("header"):
+                raise CodecError(f"{where}: second header for tensor {current}")
+        elif chunk.index == current + (self._header is not None):
+            if self._header is not None:
+                self._complete(where)
+            if not chunk.HasField("header"):
+                raise CodecError(f"{where}: data for tensor {chunk.index} before its header")
+            self._start(where, chunk.header)
+        else:
+            expected = f"{current} or {current + 1}" if self._header is not None else f"{current}"
+            raise CodecError(f"{where}: tensor index {chunk.index} out of order (expected {expected})")
+        self._receive(where, chunk.data)
+
+    def _start(self, where: str, header: tensor_pb2.Tensor) -> None:
+        index = len(self._done)
+        if index >= self.max_tensors:
+            raise CodecError(f"{where}: more than max_tensors {self.max_tensors} tensors")
+        if header.payload:
+            raise CodecError(f"{where}: header of tensor {index} carries payload bytes")
+        size = header.ByteSize()
+        if self._held + size + header.payload_size > self.max_bytes:
+            raise CodecError(
+                f"{where}: tensor {index} announces payload_size {header.payload_size}, which exceeds "
+                f"max_bytes {self.max_bytes} ({self._held} bytes already held)"
+            )
+        self._held += size
+        self._header = tensor_pb2.Tensor()
+        self._header.CopyFrom(header)  # ours to fill in; the caller's chunk stays untouched
+        self._pieces = []
+        self._received = 0
+
+    def _receive(self, where: str, data: bytes) -> None:
+        if not data:
+            return
+        assert self._header is not None
+        index = len(self._done)
+        if self._received + len(data) > self._header.payload_size:
+            if self._received == self._header.payload_size:
+                state = "after its payload was complete"
+            else:
+                state = f"beyond its payload_size {self._header.payload_size}"
+            raise CodecError(f"{where}: data for tensor {index} {state}")
+        self._pieces.append(data)
+        self._received += len(data)
+        self._held += len(data)
+
+    def _complete(self, where: str) -> None:
+        assert self._header is not None
+        index = len(self._done)
+        if self._received != self._header.payload_size:
+            raise CodecError(
+                f"{where}: tensor {index} got {self._received} of its payload_size {self._header.payload_size} bytes"
+            )
+        tensor = self._header
+        tensor.payload = b"".join(self._pieces)
+        self._done.append(tensor)
+        self._header, self._pieces, self._received = None, [], 0
+
+    def finish(self) -> list[tensor_pb2.Tensor]:
+        """The complete tensors, in order; the assembler is then empty and can take a new sequence.
+
+        Raises:
+            CodecError: the last tensor is short of its ``payload_size``.
+        """
+        if self._header is not None:
+            try:
+                self._complete(f"end after chunk {self._chunks - 1}")
+            except CodecError:
+                self._reset()
+                raise
+        done = self._done
+        self._reset()
+        return done

@@ -1,0 +1,295 @@
+"""The edge's connection to the cloud: a session per cut and one pipelined ``Infer`` stream.
+
+Requests are written to the stream as soon as they are submitted and matched to results by
+request id, so transfers overlap the cloud's compute. When the stream breaks, every pending request
+fails at once with :class:`~protos.errors.Unavailable` (the runtime then finishes it locally) and a
+supervisor thread reconnects with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import grpc
+
+from compressor import Assembler, CodecError, to_chunks
+from partitioner.loaded import LoadedModel
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+from protos.cleave.v1 import tensor_pb2
+from protos.errors import FailedPrecondition, Unavailable, WireError, from_rpc_error
+from protos.serving import open_channel
+
+from .config import Reconnect
+from .link import LinkMonitor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CloudReply:
+    outputs: list[tensor_pb2.Tensor]
+    timing: si_pb2.CloudTiming
+    bytes_up: int
+    bytes_down: int
+
+
+class RequestFailed(WireError):
+    """The cloud answered this request with an error."""
+
+
+class InferStream:
+    """One ``Infer`` stream bound to one session."""
+
+    def __init__(
+        self,
+        stub: si_grpc.SplitInferenceStub,
+        session_id: str,
+        cut_index: int,
+        chunk_bytes: int,
+        on_broken: callable,
+    ) -> None:
+        self.session_id = session_id
+        self.cut_index = cut_index
+        self.chunk_bytes = chunk_bytes
+        self.broken = False
+        self._on_broken = on_broken
+        self._outbox: queue.Queue = queue.Queue()
+        self._pending: dict[int, tuple[Future, int]] = {}
+        self._lock = threading.Lock()
+        self._call = stub.Infer(self._frames())
+        self._receiver = threading.Thread(target=self._receive, name=f"infer-{session_id[:8]}", daemon=True)
+        self._receiver.start()
+
+    def _frames(self) -> Iterator[si_pb2.InferFrame]:
+        while (frames := self._outbox.get()) is not None:
+            yield from frames
+
+    def submit(self, request_id: int, features: Sequence[tensor_pb2.Tensor]) -> Future:
+        """Queue a request; the future resolves to a :class:`CloudReply`."""
+        future: Future = Future()
+        groups = list(to_chunks(features, self.chunk_bytes)) or [[]]
+        frames = [
+            si_pb2.InferFrame(
+                session_id=self.session_id if i == 0 else "",
+                request_id=request_id,
+                chunks=group,
+                last=i == len(groups) - 1,
+            )
+            for i, group in enumerate(groups)
+        ]
+        size = sum(f.ByteSize() for f in frames)
+        with self._lock:
+            if self.broken:
+                raise Unavailable("cloud stream is down")
+            self._pending[request_id] = (future, size)
+        self._outbox.put(frames)
+        return future
+
+    def forget(self, request_id: int) -> None:
+        """Stop waiting for a request (its deadline passed); a late result is dropped."""
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    def close(self) -> None:
+        """Half-close: pending results still arrive, then the stream ends."""
+        self._outbox.put(None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _receive(self) -> None:
+        partial: dict[int, tuple[Assembler, int]] = {}
+        try:
+            for result in self._call:
+                rid = result.request_id
+                assembler, down = partial.pop(rid, (None, 0))
+                down += result.ByteSize()
+                if result.HasField("error"):
+                    self._resolve(rid, error=RequestFailed(result.error.message))
+                    continue
+                assembler = assembler or Assembler()
+                assembler.add(result.chunks)
+                if not result.last:
+                    partial[rid] = (assembler, down)
+                    continue
+                with self._lock:
+                    entry = self._pending.pop(rid, None)
+                if entry is not None:
+                    future, up = entry
+                    future.set_result(CloudReply(assembler.finish(), result.timing, up, down))
+            self._fail_all(Unavailable("cloud closed the stream"))
+        except (grpc.RpcError, CodecError) as exc:
+            error = from_rpc_error(exc) if isinstance(exc, grpc.RpcError) else Unavailable(f"bad result: {exc}")
+            log.warning("infer stream %s broke: %s", self.session_id[:8], error.message)
+            self._fail_all(error)
+
+    def _resolve(self, rid: int, error: WireError) -> None:
+        with self._lock:
+            entry = self._pending.pop(rid, None)
+        if entry is not None:
+            entry[0].set_exception(error)
+
+    def _fail_all(self, error: WireError) -> None:
+        with self._lock:
+            self.broken = True
+            pending, self._pending = self._pending, {}
+        for future, _ in pending.values():
+            future.set_exception(Unavailable(error.message))
+        self._on_broken(self)
+
+
+class CloudLink:
+    """Keeps a session at the wanted cut open, reconnecting with backoff when the cloud goes away."""
+
+    def __init__(
+        self,
+        target: str,
+        model: LoadedModel,
+        monitor: LinkMonitor,
+        reconnect: Reconnect,
+        chunk_bytes: int,
+        max_message_bytes: int,
+        client_name: str = "cleave-edge",
+    ) -> None:
+        self.target = target
+        self.model = model
+        self.monitor = monitor
+        self.reconnect = reconnect
+        self.chunk_bytes = chunk_bytes
+        self.client_name = client_name
+        self.last_error = "not connected yet"
+        self.reconnects = 0
+        self._channel = open_channel(target, max_message_bytes)
+        self._stub = si_grpc.SplitInferenceStub(self._channel)
+        self._stream: InferStream | None = None
+        self._want_cut: int | None = None
+        self._ids = itertools.count(1)
+        self._connect_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="cloud-link", daemon=True)
+        self._supervisor.start()
+
+    # -- used by the runtime ---------------------------------------------------------------------
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    def stream_for(self, cut_index: int) -> InferStream | None:
+        """The live stream at ``cut_index``, or None when there is none right now."""
+        stream = self._stream
+        if stream is None or stream.broken or stream.cut_index != cut_index:
+            return None
+        return stream
+
+    @property
+    def reachable(self) -> bool:
+        stream = self._stream
+        return stream is not None and not stream.broken
+
+    def want(self, cut_index: int | None, wait: bool = True) -> None:
+        """Ask for a session at ``cut_index`` (None: no session needed). With ``wait``, try now."""
+        self._want_cut = cut_index
+        if cut_index is not None and wait:
+            with self._connect_lock:
+                if self.stream_for(cut_index) is None:
+                    try:
+                        self._connect(cut_index)
+                    except WireError as exc:
+                        self.last_error = exc.message
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+        self._channel.close()
+
+    # -- connection management -------------------------------------------------------------------
+    def _supervise(self) -> None:
+        delay = self.reconnect.initial_s
+        while not self._closed.is_set():
+            want = self._want_cut
+            if want is not None and self.stream_for(want) is None:
+                with self._connect_lock:
+                    try:
+                        if self.stream_for(want) is None and want == self._want_cut:
+                            self._connect(want)
+                        delay = self.reconnect.initial_s
+                        continue
+                    except WireError as exc:
+                        self.last_error = exc.message
+                # Full jitter keeps many edges from reconnecting in lockstep after a cloud restart.
+                self._closed.wait(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self.reconnect.max_s)
+                continue
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def _connect(self, cut_index: int) -> None:
+        """Open a session and stream at ``cut_index``; replaces the current one. Raises WireError."""
+        timeout = self.reconnect.connect_timeout_s
+        try:
+            reply = self._stub.OpenSession(
+                si_pb2.OpenSessionRequest(
+                    model=self.model.name,
+                    fingerprint=self.model.fingerprint,
+                    cut=str(cut_index),
+                    client=self.client_name,
+                ),
+                timeout=timeout,
+                wait_for_ready=False,
+            )
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            if isinstance(error, FailedPrecondition):
+                log.error("cloud refused the session: %s", error.message)
+            raise error from None
+        stream = InferStream(self._stub, reply.session_id, cut_index, self.chunk_bytes, self._on_broken)
+        old, self._stream = self._stream, stream
+        if old is not None:
+            old.close()
+            self._close_session_later(old.session_id)
+        self.reconnects += 1
+        self.last_error = ""
+        log.info("cloud session %s at cut %d", reply.session_id[:8], cut_index)
+        self._probe_rtt()
+
+    def _on_broken(self, stream: InferStream) -> None:
+        if stream is self._stream:
+            self.last_error = "cloud stream broke"
+            self._wake.set()
+
+    def _close_session_later(self, session_id: str) -> None:
+        def close() -> None:
+            with contextlib.suppress(grpc.RpcError):  # the cloud expires idle sessions anyway
+                self._stub.CloseSession(si_pb2.CloseSessionRequest(session_id=session_id), timeout=2.0)
+
+        threading.Thread(target=close, daemon=True).start()
+
+    def _probe_rtt(self, rounds: int = 3) -> None:
+        outbox: queue.Queue = queue.Queue()
+        call = self._stub.Probe(iter(outbox.get, None), timeout=self.reconnect.connect_timeout_s)
+        try:
+            for seq in range(rounds):
+                started = time.perf_counter()
+                outbox.put(si_pb2.ProbeMessage(seq=seq, echo=True))
+                next(call)
+                self.monitor.record_rtt((time.perf_counter() - started) * 1e3)
+        except (grpc.RpcError, StopIteration) as exc:
+            log.warning("RTT probe failed: %s", exc)
+        finally:
+            outbox.put(None)
+            call.cancel()

@@ -1,0 +1,53 @@
+"""Live estimates of the edge-to-cloud link from probes and from the traffic itself."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass
+class LinkEstimate:
+    rtt_ms: float = 0.0
+    up_mbps: float = 0.0
+    down_mbps: float = 0.0
+    samples: int = 0
+
+
+class LinkMonitor:
+    """Exponentially weighted averages of RTT and throughput.
+
+    RTT comes from probe round trips. Throughput comes from requests: bytes sent over the time the
+    request spent on the wire (round trip minus the cloud's own time minus one RTT). Requests too
+    small to say anything about bandwidth are ignored for throughput.
+    """
+
+    MIN_BYTES = 16 << 10
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self._estimate = LinkEstimate()
+        self._lock = threading.Lock()
+
+    def _blend(self, old: float, new: float) -> float:
+        return new if old == 0.0 else (1 - self.alpha) * old + self.alpha * new
+
+    def record_rtt(self, rtt_ms: float) -> None:
+        with self._lock:
+            self._estimate.rtt_ms = self._blend(self._estimate.rtt_ms, rtt_ms)
+
+    def record_transfer(self, bytes_up: int, bytes_down: int, wire_ms: float) -> None:
+        """``wire_ms``: round trip minus the cloud's processing time."""
+        with self._lock:
+            est = self._estimate
+            est.samples += 1
+            seconds = max(wire_ms - est.rtt_ms, 0.05) / 1e3
+            if bytes_up >= self.MIN_BYTES and bytes_up >= bytes_down:
+                est.up_mbps = self._blend(est.up_mbps, bytes_up * 8 / seconds / 1e6)
+            elif bytes_down >= self.MIN_BYTES:
+                est.down_mbps = self._blend(est.down_mbps, bytes_down * 8 / seconds / 1e6)
+
+    def snapshot(self) -> LinkEstimate:
+        with self._lock:
+            e = self._estimate
+            return LinkEstimate(e.rtt_ms, e.up_mbps, e.down_mbps, e.samples)

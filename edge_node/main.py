@@ -1,0 +1,141 @@
+"""``cleave-edge``: run the edge daemon from ``edge.yaml`` or quick-start flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from compressor import EncodingSpec
+from partitioner.loaded import LoadedModel
+from partitioner.settings import SettingsError
+from protos.cleave.v1 import edge_pb2
+from protos.errors import WireError
+from protos.serving import Daemon, Service
+
+from .cloud_link import CloudLink
+from .config import EdgeConfig
+from .link import LinkMonitor
+from .runtime import EdgeRuntime
+from .servicer import EdgeServicer
+
+EDGE = edge_pb2.DESCRIPTOR.services_by_name["Edge"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="cleave-edge", description="Cleave edge daemon: local API, head here, tail in the cloud."
+    )
+    p.add_argument("--config", help="edge.yaml; flags below override it")
+    p.add_argument("--listen", help="host:port to bind (default 127.0.0.1:50052)")
+    p.add_argument("--port", type=int, help="bind 127.0.0.1:PORT")
+    p.add_argument("--cloud", help="cloud daemon host:port")
+    p.add_argument("--model", help="model source: torchvision name, NAME=SOURCE, or a file")
+    p.add_argument("--weights", help="local state-dict file for --model")
+    p.add_argument("--input-shape", help="e.g. 1,3,224,224")
+    p.add_argument("--cut", help='"cloud" (send the input), "edge" (all local), or a cut name or index')
+    p.add_argument("--bits", type=int, help="feature bits: 2-8 (affine), 16 (fp16) or 32 (fp32)")
+    p.add_argument("--encoding", help="feature encoding, e.g. int8, int4c, fp16, fp32+none")
+    p.add_argument("--timeout", type=float, help="per-request deadline for the cloud, seconds")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    return p.parse_args(argv)
+
+
+def encoding_for_bits(bits: int) -> str:
+    if bits == 32:
+        return "fp32"
+    if bits == 16:
+        return "fp16"
+    return f"int{bits}"
+
+
+def build_config(args: argparse.Namespace) -> EdgeConfig:
+    data = {}
+    if args.config:
+        from partitioner.settings import load_yaml
+
+        data = load_yaml(args.config)
+    if args.model:
+        name, _, source = args.model.partition("=")
+        model = {"name": name, "source": source or name}
+        if args.weights:
+            model["weights"] = args.weights
+        if args.input_shape:
+            model["input_shape"] = [int(d) for d in args.input_shape.split(",")]
+        data["model"] = model
+    config = EdgeConfig.from_dict(data)
+    if args.listen:
+        config.listen = args.listen
+    if args.port:
+        config.listen = f"127.0.0.1:{args.port}"
+    if args.cloud:
+        config.cloud = args.cloud
+    if args.cut is not None:
+        config.plan.cut = args.cut
+    if args.bits is not None:
+        config.plan.encoding = encoding_for_bits(args.bits)
+    if args.encoding:
+        config.plan.encoding = args.encoding
+    if args.timeout is not None:
+        config.request_timeout_s = args.timeout
+    if args.threads is not None:
+        config.torch_threads = args.threads
+    if args.log_level:
+        config.log_level = args.log_level
+    EncodingSpec.parse(config.plan.encoding)  # fail at start, not on the first request
+    return config
+
+
+class EdgeDaemon:
+    """The edge's parts wired together: model, link, runtime and server."""
+
+    def __init__(self, config: EdgeConfig) -> None:
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config = config
+        self.model = LoadedModel.load(config.model)
+        self.link = CloudLink(
+            config.cloud,
+            self.model,
+            LinkMonitor(),
+            config.reconnect,
+            config.chunk_bytes,
+            config.limits.max_message_bytes,
+        )
+        self.runtime = EdgeRuntime(self.model, self.link, config.request_timeout_s)
+        self.runtime.pin(config.plan.cut, EncodingSpec.parse(config.plan.encoding), reason="from config")
+        servicer = EdgeServicer(self.runtime, config.cloud, config.limits.stream_window)
+        self.server = Daemon(
+            config.listen,
+            [Service(servicer, EDGE)],
+            max_message_bytes=config.limits.max_message_bytes,
+            max_workers=config.max_workers,
+            allow_insecure_public=config.allow_insecure_public,
+        )
+
+    def run(self) -> None:
+        self.server.run_until_signal(on_stop=self.link.close)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+    except (SettingsError, ValueError) as exc:
+        print(f"cleave-edge: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s edge %(levelname)s %(message)s")
+    try:
+        daemon = EdgeDaemon(config)
+    except (OSError, ValueError, WireError) as exc:
+        print(f"cleave-edge: {exc}", file=sys.stderr)
+        return 1
+    daemon.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Where each request runs: the plan, the head, the cloud link and the local fallback.
+
+The plan is swapped atomically between requests: a request takes a snapshot of it on entry and
+finishes under that snapshot, so changing the cut or the encoding never drops or fails a request.
+When the cloud is unreachable, slow past the deadline, or answers with an error, the request
+finishes here: the tail runs on the features the head already computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import torch
+
+from compressor import EncodingSpec, decode, encode
+from partitioner.graph import Cut
+from partitioner.loaded import LoadedModel, as_tensor_list
+from protos.cleave.v1 import edge_pb2
+from protos.errors import InvalidArgument, WireError
+
+from .cloud_link import CloudLink
+
+log = logging.getLogger(__name__)
+
+SPLIT, EDGE_ONLY, CLOUD_ONLY, LOCAL_FALLBACK = (
+    edge_pb2.SPLIT,
+    edge_pb2.EDGE_ONLY,
+    edge_pb2.CLOUD_ONLY,
+    edge_pb2.LOCAL_FALLBACK,
+)
+
+
+@dataclass(frozen=True)
+class ActivePlan:
+    """A plan with its executable parts."""
+
+    placement: int
+    cut: Cut | None  # None for edge-only
+    spec: EncodingSpec
+    head: torch.nn.Module | None
+    tail: torch.nn.Module | None
+    reason: str = ""
+
+    def to_proto(self, model: str) -> edge_pb2.Plan:
+        plan = edge_pb2.Plan(model=model, placement=self.placement, encoding=self.spec.to_proto(), reason=self.reason)
+        if self.cut is not None:
+            plan.cut_index = self.cut.index
+            plan.cut_name = self.cut.name
+        return plan
+
+
+@dataclass
+class Outcome:
+    outputs: list[torch.Tensor]
+    placement: int
+    plan: ActivePlan
+    timing: edge_pb2.StageTiming
+    bytes_up: int = 0
+    bytes_down: int = 0
+    note: str = ""
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    split: int = 0
+    edge_only: int = 0
+    cloud_only: int = 0
+    fallback: int = 0
+    errors: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    latency_ms_total: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, outcome: Outcome) -> None:
+        names = {SPLIT: "split", EDGE_ONLY: "edge_only", CLOUD_ONLY: "cloud_only", LOCAL_FALLBACK: "fallback"}
+        with self._lock:
+            self.requests += 1
+            setattr(self, names[outcome.placement], getattr(self, names[outcome.placement]) + 1)
+            self.bytes_up += outcome.bytes_up
+            self.bytes_down += outcome.bytes_down
+            self.latency_ms_total += outcome.timing.total_ms
+
+
+class EdgeRuntime:
+    """Runs requests under the current plan, with the cloud when it can and locally when it must."""
+
+    def __init__(self, model: LoadedModel, link: CloudLink, request_timeout_s: float) -> None:
+        self.model = model
+        self.link = link
+        self.request_timeout_s = request_timeout_s
+        self.counters = Counters()
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._plan: ActivePlan = self._make_plan("edge", EncodingSpec(), reason="initial")
+
+    # -- plans -----------------------------------------------------------------------------------
+    @property
+    def plan(self) -> ActivePlan:
+        return self._plan
+
+    def pin(self, cut: str | int, spec: EncodingSpec, reason: str = "pinned") -> ActivePlan:
+        """Switch to a fixed cut and encoding. ``cut``: "edge", "cloud", a cut name or an index."""
+        plan = self._make_plan(cut, spec, reason)
+        # Open the new session before switching, so requests keep going to the cloud meanwhile.
+        self.link.want(plan.cut.index if plan.cut is not None else None)
+        self._plan = plan
+        log.info(
+            "plan: %s at %s, %s (%s)",
+            edge_pb2.Placement.Name(plan.placement),
+            plan.cut.name if plan.cut else "-",
+            plan.spec,
+            reason,
+        )
+        return plan
+
+    def _make_plan(self, cut: str | int, spec: EncodingSpec, reason: str) -> ActivePlan:
+        if cut == "edge":
+            return ActivePlan(EDGE_ONLY, None, spec, None, None, reason)
+        key: str | int = 0 if cut == "cloud" else cut
+        if isinstance(key, str) and key.isdigit():
+            key = int(key)
+        try:
+            cut_obj, head, tail = self.model.parts(key)
+        except KeyError as exc:
+            raise InvalidArgument(f"cut: {exc.args[0]}") from exc
+        placement = CLOUD_ONLY if cut_obj.index == 0 else SPLIT
+        return ActivePlan(placement, cut_obj, spec, head, tail, reason)
+
+    # -- requests --------------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def check_inputs(self, inputs: list[torch.Tensor]) -> None:
+        expected = self.model.input_shape
+        if len(inputs) != 1:
+            raise InvalidArgument(f"inputs: model {self.model.name!r} takes 1 tensor, got {len(inputs)}")
+        x = inputs[0]
+        if x.dtype != torch.float32:
+            raise InvalidArgument(f"inputs[0].dtype: expected float32, got {x.dtype}")
+        if x.dim() != len(expected) or tuple(x.shape[1:]) != tuple(expected[1:]) or x.shape[0] < 1:
+            raise InvalidArgument(
+                f"inputs[0].shape: expected (N, {', '.join(map(str, expected[1:]))}), got {tuple(x.shape)}"
+            )
+
+    def infer(self, inputs: list[torch.Tensor]) -> Outcome:
+        """Run one request under the current plan; never fails because of the cloud."""
+        self.check_inputs(inputs)
+        with self._inflight_lock:
+            self._inflight += 1
+        try:
+            outcome = self._run(inputs, self._plan)
+        except Exception:
+            with self.counters._lock:
+                self.counters.errors += 1
+            raise
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+        self.counters.record(outcome)
+        return outcome
+
+    def _run(self, inputs: list[torch.Tensor], plan: ActivePlan) -> Outcome:
+        timing = edge_pb2.StageTiming()
+        started = time.perf_counter()
+        if plan.placement == EDGE_ONLY:
+            with torch.inference_mode():
+                outputs = as_tensor_list(self.model.module(*inputs))
+            timing.edge_compute_ms = timing.total_ms = (time.perf_counter() - started) * 1e3
+            return Outcome(outputs, EDGE_ONLY, plan, timing)
+
+        with torch.inference_mode():
+            features = plan.head(*inputs)
+        t_head = time.perf_counter()
+        timing.edge_compute_ms = (t_head - started) * 1e3
+
+        stream = self.link.stream_for(plan.cut.index)
+        if stream is None:
+            note = f"cloud unreachable: {self.link.last_error}"
+            return self._finish_locally(features, plan, timing, started, note)
+
+        encoded = [encode(f, plan.spec) for f in features]
+        t_enc = time.perf_counter()
+        timing.encode_ms = (t_enc - t_head) * 1e3
+        request_id = self.link.next_request_id()
+        remaining = self.request_timeout_s - (t_enc - started)
+        try:
+            reply = stream.submit(request_id, encoded).result(timeout=max(remaining, 0.0))
+        except FutureTimeout:
+            stream.forget(request_id)
+            note = f"cloud missed the {self.request_timeout_s:.1f}s deadline"
+            return self._finish_locally(features, plan, timing, started, note)
+        except WireError as exc:
+            return self._finish_locally(features, plan, timing, started, f"cloud failed: {exc.message}")
+        t_back = time.perf_counter()
+        cloud = reply.timing
+        cloud_ms = cloud.queue_ms + cloud.decode_ms + cloud.compute_ms + cloud.encode_ms
+        timing.transfer_ms = max((t_back - t_enc) * 1e3 - cloud_ms, 0.0)
+        timing.cloud_queue_ms = cloud.queue_ms
+        timing.cloud_decode_ms = cloud.decode_ms
+        timing.cloud_compute_ms = cloud.compute_ms
+        timing.cloud_encode_ms = cloud.encode_ms
+        outputs = [decode(t) for t in reply.outputs]
+        t_end = time.perf_counter()
+        timing.decode_ms = (t_end - t_back) * 1e3
+        timing.total_ms = (t_end - started) * 1e3
+        self.link.monitor.record_transfer(reply.bytes_up, reply.bytes_down, timing.transfer_ms)
+        return Outcome(outputs, plan.placement, plan, timing, reply.bytes_up, reply.bytes_down)
+
+    def _finish_locally(
+        self, features: tuple, plan: ActivePlan, timing: edge_pb2.StageTiming, started: float, note: str
+    ) -> Outcome:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            outputs = as_tensor_list(plan.tail(*features))
+        t1 = time.perf_counter()
+        timing.edge_compute_ms += (t1 - t0) * 1e3
+        timing.total_ms = (t1 - started) * 1e3
+        return Outcome(outputs, LOCAL_FALLBACK, plan, timing, note=note)

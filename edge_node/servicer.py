@@ -1,0 +1,145 @@
+"""gRPC adapter for the ``Edge`` service that local apps call."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from compressor import CodecError, EncodingSpec, decode, encode
+from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.errors import InvalidArgument, NotFound, maps_errors, status_of
+
+from .runtime import EDGE_ONLY, EdgeRuntime, Outcome
+
+RAW = EncodingSpec(encoding="raw", codec="none")
+
+
+class EdgeServicer(edge_pb2_grpc.EdgeServicer):
+    def __init__(self, runtime: EdgeRuntime, cloud_target: str, stream_window: int) -> None:
+        self.runtime = runtime
+        self.cloud_target = cloud_target
+        self.stream_window = stream_window
+
+    def _serve(self, request: edge_pb2.EdgeInferRequest) -> edge_pb2.EdgeInferResponse:
+        model = self.runtime.model
+        if request.model and request.model != model.name:
+            raise NotFound(f"model: {request.model!r} is not served here (serving {model.name!r})")
+        inputs = []
+        for i, tensor in enumerate(request.inputs):
+            try:
+                inputs.append(decode(tensor))
+            except CodecError as exc:
+                raise InvalidArgument(f"inputs[{i}]: {exc}") from exc
+        outcome = self.runtime.infer(inputs)
+        return self._response(request.request_id, outcome)
+
+    def _response(self, request_id: int, outcome: Outcome) -> edge_pb2.EdgeInferResponse:
+        return edge_pb2.EdgeInferResponse(
+            request_id=request_id,
+            outputs=[encode(o.contiguous(), RAW) for o in outcome.outputs],
+            placement=outcome.placement,
+            plan=outcome.plan.to_proto(self.runtime.model.name),
+            timing=outcome.timing,
+            bytes_up=outcome.bytes_up,
+            bytes_down=outcome.bytes_down,
+            note=outcome.note,
+        )
+
+    @maps_errors
+    def Infer(self, request: edge_pb2.EdgeInferRequest, context: grpc.ServicerContext):
+        return self._serve(request)
+
+    @maps_errors
+    def InferStream(self, request_iterator: Iterator[edge_pb2.EdgeInferRequest], context: grpc.ServicerContext):
+        """Serve up to ``stream_window`` requests of the stream at once; replies in completion order."""
+        replies: queue.Queue = queue.Queue()
+        window = threading.Semaphore(self.stream_window)
+        done = object()
+
+        def one(request: edge_pb2.EdgeInferRequest) -> None:
+            try:
+                replies.put(self._serve(request))
+            except Exception as exc:  # noqa: BLE001 - a bad request answers alone; the stream goes on
+                code, message = status_of(exc)
+                replies.put(
+                    edge_pb2.EdgeInferResponse(
+                        request_id=request.request_id,
+                        error=si_pb2.RequestError(code=code.value[0], message=message),
+                    )
+                )
+            finally:
+                window.release()
+
+        def read(pool: ThreadPoolExecutor) -> None:
+            try:
+                for request in request_iterator:
+                    window.acquire()
+                    pool.submit(one, request)
+            finally:
+                pool.shutdown(wait=True)
+                replies.put(done)
+
+        pool = ThreadPoolExecutor(max_workers=self.stream_window, thread_name_prefix="edge-stream")
+        threading.Thread(target=read, args=(pool,), daemon=True).start()
+        while (reply := replies.get()) is not done:
+            yield reply
+
+    @maps_errors
+    def GetStatus(self, request: edge_pb2.GetStatusRequest, context: grpc.ServicerContext):
+        runtime = self.runtime
+        link = runtime.link.monitor.snapshot()
+        c = runtime.counters
+        with c._lock:
+            counters = edge_pb2.Counters(
+                requests=c.requests,
+                split=c.split,
+                edge_only=c.edge_only,
+                cloud_only=c.cloud_only,
+                fallback=c.fallback,
+                errors=c.errors,
+                bytes_up=c.bytes_up,
+                bytes_down=c.bytes_down,
+                reconnects=runtime.link.reconnects,
+            )
+            mean = c.latency_ms_total / c.requests if c.requests else 0.0
+        return edge_pb2.EdgeStatus(
+            model=runtime.model.name,
+            fingerprint=runtime.model.fingerprint,
+            input_shape=list(runtime.model.input_shape),
+            cloud=self.cloud_target,
+            cloud_reachable=runtime.link.reachable,
+            cloud_error=runtime.link.last_error,
+            link=edge_pb2.LinkStatus(
+                rtt_ms=link.rtt_ms, up_mbps=link.up_mbps, down_mbps=link.down_mbps, samples=link.samples
+            ),
+            plan=runtime.plan.to_proto(runtime.model.name),
+            queue_depth=runtime.inflight,
+            counters=counters,
+            mean_latency_ms=mean,
+        )
+
+    @maps_errors
+    def GetPlan(self, request: edge_pb2.GetPlanRequest, context: grpc.ServicerContext):
+        return self.runtime.plan.to_proto(self.runtime.model.name)
+
+    @maps_errors
+    def Replan(self, request: edge_pb2.ReplanRequest, context: grpc.ServicerContext):
+        if not request.HasField("plan"):
+            # Automatic planning arrives with the planner; until then the current plan stands.
+            return self.runtime.plan.to_proto(self.runtime.model.name)
+        wanted = request.plan
+        try:
+            spec = EncodingSpec.from_proto(wanted.encoding) if wanted.HasField("encoding") else self.runtime.plan.spec
+        except (CodecError, ValueError) as exc:
+            raise InvalidArgument(f"plan.encoding: {exc}") from exc
+        if wanted.placement == EDGE_ONLY:
+            cut: str | int = "edge"
+        else:
+            cut = wanted.cut_name or wanted.cut_index
+        plan = self.runtime.pin(cut, spec, reason=wanted.reason or "pinned by Replan")
+        return plan.to_proto(self.runtime.model.name)

@@ -1,0 +1,52 @@
+"""Shared fixtures: one cloud and one edge daemon, real processes on loopback, per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
+from partitioner.loaded import LoadedModel
+from partitioner.models import ModelSpec
+
+MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 64, 64]}
+
+
+@pytest.fixture(scope="session")
+def daemon_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("daemons")
+    (path / "cloud.yaml").write_text(yaml.safe_dump({"models": [MODEL], "torch_threads": 1}))
+    (path / "edge.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": MODEL,
+                "torch_threads": 1,
+                "request_timeout_s": 20.0,
+                "reconnect": {"initial_s": 0.1, "max_s": 0.5, "connect_timeout_s": 2.0},
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_model() -> LoadedModel:
+    """The model as the daemons build it, loaded in the test process for reference outputs."""
+    return LoadedModel.load(ModelSpec.from_dict(MODEL))
+
+
+@pytest.fixture(scope="session")
+def cloud(daemon_dir: Path) -> Iterator[DaemonProcess]:
+    proc = cloud_process(daemon_dir / "cloud.yaml", free_port(), daemon_dir / "cloud.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def edge(daemon_dir: Path, cloud: DaemonProcess) -> Iterator[DaemonProcess]:
+    proc = edge_process(daemon_dir / "edge.yaml", free_port(), cloud.port, daemon_dir / "edge.log").start()
+    yield proc
+    proc.stop()
