@@ -2,6 +2,7 @@
 
 cleave infer --edge 127.0.0.1:50052 --random 4      # or image files
 cleave status --edge 127.0.0.1:50052
+cleave info --cloud 127.0.0.1:50051                 # models and every cut
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import torch
 from google.protobuf.json_format import MessageToDict
 
 from protos.cleave.v1 import edge_pb2
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+from protos.serving import open_channel
 
 from .client import EdgeClient, outputs_of
 from .images import load_image, synthetic_images
@@ -81,6 +85,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    with open_channel(args.cloud) as channel:
+        stub = si_grpc.SplitInferenceStub(channel)
+        info = stub.GetInfo(si_pb2.GetInfoRequest(model=args.model or "", include_cuts=True), timeout=args.timeout)
+    if args.json:
+        print(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
+        return 0
+    for model in info.models:
+        shape = "x".join(map(str, model.input_shape))
+        print(f"{model.name}  input {shape}  fingerprint {model.fingerprint[:16]}  {len(model.cuts)} cuts")
+        print(f"  {'index':>5}  {'cut':<28} {'live':>4} {'fp32 bytes':>11}")
+        for cut in model.cuts:
+            print(f"  {cut.index:>5}  {cut.name:<28} {len(cut.live):>4} {cut.nbytes:>11}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = EdgeClient(args.edge).status(timeout=args.timeout)
     print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
@@ -100,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true", help="machine-readable output")
     infer.add_argument("--timeout", type=float, default=60.0)
     infer.set_defaults(func=cmd_infer)
+
+    info = sub.add_parser("info", help="models a cloud daemon serves, with every cut and its size")
+    info.add_argument("--cloud", default="127.0.0.1:50051", help="cloud daemon host:port")
+    info.add_argument("--model", help="only this model")
+    info.add_argument("--json", action="store_true")
+    info.add_argument("--timeout", type=float, default=10.0)
+    info.set_defaults(func=cmd_info)
 
     status = sub.add_parser("status", help="an edge daemon's link, plan, reachability and counters")
     status.add_argument("--edge", default="127.0.0.1:50052")

@@ -24,7 +24,7 @@ class Reconnect:
 @dataclass
 class EdgeLimits:
     max_message_bytes: int = 64 << 20
-    max_inflight: int = 64  # requests being served at once; more wait
+    max_inflight: int = 64  # requests being served at once; more answer RESOURCE_EXHAUSTED
     stream_window: int = 8  # requests of one InferStream served concurrently
 
 

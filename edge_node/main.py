@@ -105,7 +105,7 @@ class EdgeDaemon:
             config.chunk_bytes,
             config.limits.max_message_bytes,
         )
-        self.runtime = EdgeRuntime(self.model, self.link, config.request_timeout_s)
+        self.runtime = EdgeRuntime(self.model, self.link, config.request_timeout_s, config.limits.max_inflight)
         self.runtime.pin(config.plan.cut, EncodingSpec.parse(config.plan.encoding), reason="from config")
         servicer = EdgeServicer(self.runtime, config.cloud, config.limits.stream_window)
         self.server = Daemon(

@@ -20,7 +20,7 @@ from compressor import EncodingSpec, decode, encode
 from partitioner.graph import Cut
 from partitioner.loaded import LoadedModel, as_tensor_list
 from protos.cleave.v1 import edge_pb2
-from protos.errors import InvalidArgument, WireError
+from protos.errors import InvalidArgument, ResourceExhausted, WireError
 
 from .cloud_link import CloudLink
 
@@ -90,8 +90,9 @@ class Counters:
 class EdgeRuntime:
     """Runs requests under the current plan, with the cloud when it can and locally when it must."""
 
-    def __init__(self, model: LoadedModel, link: CloudLink, request_timeout_s: float) -> None:
+    def __init__(self, model: LoadedModel, link: CloudLink, request_timeout_s: float, max_inflight: int = 64) -> None:
         self.model = model
+        self.max_inflight = max_inflight
         self.link = link
         self.request_timeout_s = request_timeout_s
         self.counters = Counters()
@@ -153,6 +154,10 @@ class EdgeRuntime:
         """Run one request under the current plan; never fails because of the cloud."""
         self.check_inputs(inputs)
         with self._inflight_lock:
+            if self._inflight >= self.max_inflight:
+                raise ResourceExhausted(
+                    f"queue: {self._inflight} requests in flight (max_inflight {self.max_inflight})"
+                )
             self._inflight += 1
         try:
             outcome = self._run(inputs, self._plan)

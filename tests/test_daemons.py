@@ -204,6 +204,17 @@ def test_garbage_on_infer_answers_invalid_argument(cloud: DaemonProcess, local_m
     assert healthy(cloud.address)
 
 
+def test_cli_info_lists_cuts(cloud: DaemonProcess, local_model: LoadedModel, capsys: pytest.CaptureFixture) -> None:
+    from cleave_cli.main import main
+
+    assert main(["info", "--cloud", cloud.address]) == 0
+    out = capsys.readouterr().out
+    assert local_model.fingerprint[:16] in out
+    assert all(c.name in out for c in local_model.graph.cuts)
+    assert main(["info", "--cloud", cloud.address, "--model", "nope"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
 def test_cli_infer_random_and_image_files(edge: DaemonProcess, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from PIL import Image
 

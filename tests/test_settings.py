@@ -69,3 +69,10 @@ def test_edge_quick_start_flags() -> None:
 def test_edge_rejects_bad_encoding_at_start() -> None:
     with pytest.raises(ValueError):
         build_config(parse_args(["--model", "resnet18", "--encoding", "int7"]))
+
+
+def test_example_configs_parse() -> None:
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    cloud = CloudConfig.from_yaml(str(examples / "cloud.yaml"))
+    edge = EdgeConfig.from_yaml(str(examples / "edge.yaml"))
+    assert cloud.models[0] == edge.model  # the fingerprint check needs the same spec on both sides

@@ -1,0 +1,53 @@
+"""The edge runtime's decisions, without a server: the cloud address is a closed loopback port."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cleave_cli.images import synthetic_images
+from compressor import EncodingSpec
+from edge_node.cloud_link import CloudLink
+from edge_node.config import Reconnect
+from edge_node.link import LinkMonitor
+from edge_node.runtime import EDGE_ONLY, LOCAL_FALLBACK, EdgeRuntime
+from partitioner.loaded import LoadedModel
+from protos.errors import InvalidArgument, ResourceExhausted
+
+
+@pytest.fixture()
+def runtime(local_model: LoadedModel):
+    link = CloudLink("127.0.0.1:1", local_model, LinkMonitor(), Reconnect(0.05, 0.1, 0.5), 1 << 20, 1 << 24)
+    yield EdgeRuntime(local_model, link, request_timeout_s=2.0, max_inflight=2)
+    link.close()
+
+
+def test_unreachable_cloud_means_exact_local_answers(runtime: EdgeRuntime, local_model: LoadedModel) -> None:
+    x = synthetic_images(1, local_model.input_shape, seed=2)
+    with torch.inference_mode():
+        ref = local_model.module(x)
+    runtime.pin("layer3_0_relu", EncodingSpec.parse("int4"))
+    outcome = runtime.infer([x])
+    assert outcome.placement == LOCAL_FALLBACK and "cloud unreachable" in outcome.note
+    assert torch.equal(outcome.outputs[0], ref)
+    runtime.pin("edge", EncodingSpec())
+    outcome = runtime.infer([x])
+    assert outcome.placement == EDGE_ONLY and torch.equal(outcome.outputs[0], ref)
+    assert runtime.counters.requests == 2 and runtime.counters.fallback == 1 and runtime.counters.edge_only == 1
+
+
+def test_bad_inputs_and_cuts_name_the_problem(runtime: EdgeRuntime) -> None:
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\].shape"):
+        runtime.infer([torch.zeros(1, 3, 8, 8)])
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\].dtype"):
+        runtime.infer([torch.zeros(1, 3, 64, 64, dtype=torch.float64)])
+    with pytest.raises(InvalidArgument, match="takes 1 tensor"):
+        runtime.infer([])
+    with pytest.raises(InvalidArgument, match="cut: .*no_such_cut"):
+        runtime.pin("no_such_cut", EncodingSpec())
+
+
+def test_too_many_requests_in_flight(runtime: EdgeRuntime, local_model: LoadedModel) -> None:
+    runtime._inflight = runtime.max_inflight  # as if two requests were running
+    with pytest.raises(ResourceExhausted, match="max_inflight 2"):
+        runtime.infer([synthetic_images(1, local_model.input_shape)])
