@@ -8,6 +8,7 @@ cleave info --cloud 127.0.0.1:50051                 # models and every cut
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -107,9 +108,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands that live in their own modules: each module has ``add_commands(subparsers)``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cleave", description="Cleave command-line client")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
 
     infer = sub.add_parser("infer", help="send inputs to an edge daemon; print results and stage timing")
     infer.add_argument("images", nargs="*", help="image files (decoded, resized to the model's input)")

@@ -26,35 +26,41 @@ from protos.cleave.v1 import tensor_pb2 as protos_dot_cleave_dot_v1_dot_tensor__
 from protos.cleave.v1 import split_inference_pb2 as protos_dot_cleave_dot_v1_dot_split__inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/cleave/v1/edge.proto\x12\tcleave.v1\x1a\x1dprotos/cleave/v1/tensor.proto\x1a&protos/cleave/v1/split_inference.proto\"\xcf\x01\n\x04Plan\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\tplacement\x18\x02 \x01(\x0e\x32\x14.cleave.v1.Placement\x12\x11\n\tcut_index\x18\x03 \x01(\r\x12\x10\n\x08\x63ut_name\x18\x04 \x01(\t\x12+\n\x08\x65ncoding\x18\x05 \x01(\x0b\x32\x19.cleave.v1.TensorEncoding\x12\x17\n\x0fpredicted_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cpredicted_ms\x18\x07 \x01(\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t\"X\n\x10\x45\x64geInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12!\n\x06inputs\x18\x02 \x03(\x0b\x32\x11.cleave.v1.Tensor\x12\r\n\x05model\x18\x03 \x01(\t\"\xd7\x01\n\x0bStageTiming\x12\x17\n\x0f\x65\x64ge_compute_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x63loud_decode_ms\x18\x04 \x01(\x01\x12\x18\n\x10\x63loud_compute_ms\x18\x05 \x01(\x01\x12\x17\n\x0f\x63loud_encode_ms\x18\x06 \x01(\x01\x12\x11\n\tdecode_ms\x18\x07 \x01(\x01\x12\x10\n\x08total_ms\x18\x08 \x01(\x01\x12\x16\n\x0e\x63loud_queue_ms\x18\t \x01(\x01\"\x97\x02\n\x11\x45\x64geInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x07outputs\x18\x02 \x03(\x0b\x32\x11.cleave.v1.Tensor\x12\'\n\tplacement\x18\x03 \x01(\x0e\x32\x14.cleave.v1.Placement\x12\x1d\n\x04plan\x18\x04 \x01(\x0b\x32\x0f.cleave.v1.Plan\x12&\n\x06timing\x18\x05 \x01(\x0b\x32\x16.cleave.v1.StageTiming\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x04\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x0c\n\x04note\x18\x08 \x01(\t\x12&\n\x05\x65rror\x18\t \x01(\x0b\x32\x17.cleave.v1.RequestError\"\x12\n\x10GetStatusRequest\"Q\n\nLinkStatus\x12\x0e\n\x06rtt_ms\x18\x01 \x01(\x01\x12\x0f\n\x07up_mbps\x18\x02 \x01(\x01\x12\x11\n\tdown_mbps\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x04\"\xae\x01\n\x08\x43ounters\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\r\n\x05split\x18\x02 \x01(\x04\x12\x11\n\tedge_only\x18\x03 \x01(\x04\x12\x12\n\ncloud_only\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x07 \x01(\x04\x12\x12\n\nbytes_down\x18\x08 \x01(\x04\x12\x12\n\nreconnects\x18\t \x01(\x04\"\x9b\x02\n\nEdgeStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\r\n\x05\x63loud\x18\x04 \x01(\t\x12\x17\n\x0f\x63loud_reachable\x18\x05 \x01(\x08\x12\x13\n\x0b\x63loud_error\x18\x06 \x01(\t\x12#\n\x04link\x18\x07 \x01(\x0b\x32\x15.cleave.v1.LinkStatus\x12\x1d\n\x04plan\x18\x08 \x01(\x0b\x32\x0f.cleave.v1.Plan\x12\x13\n\x0bqueue_depth\x18\t \x01(\r\x12%\n\x08\x63ounters\x18\n \x01(\x0b\x32\x13.cleave.v1.Counters\x12\x17\n\x0fmean_latency_ms\x18\x0b \x01(\x01\"\x10\n\x0eGetPlanRequest\".\n\rReplanRequest\x12\x1d\n\x04plan\x18\x01 \x01(\x0b\x32\x0f.cleave.v1.Plan*d\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\t\n\x05SPLIT\x10\x01\x12\r\n\tEDGE_ONLY\x10\x02\x12\x0e\n\nCLOUD_ONLY\x10\x03\x12\x12\n\x0eLOCAL_FALLBACK\x10\x04\x32\xc5\x02\n\x04\x45\x64ge\x12\x42\n\x05Infer\x12\x1b.cleave.v1.EdgeInferRequest\x1a\x1c.cleave.v1.EdgeInferResponse\x12L\n\x0bInferStream\x12\x1b.cleave.v1.EdgeInferRequest\x1a\x1c.cleave.v1.EdgeInferResponse(\x01\x30\x01\x12?\n\tGetStatus\x12\x1b.cleave.v1.GetStatusRequest\x1a\x15.cleave.v1.EdgeStatus\x12\x35\n\x07GetPlan\x12\x19.cleave.v1.GetPlanRequest\x1a\x0f.cleave.v1.Plan\x12\x33\n\x06Replan\x12\x18.cleave.v1.ReplanRequest\x1a\x0f.cleave.v1.Planb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/cleave/v1/edge.proto\x12\tcleave.v1\x1a\x1dprotos/cleave/v1/tensor.proto\x1a&protos/cleave/v1/split_inference.proto\"\xfb\x02\n\x04Plan\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\tplacement\x18\x02 \x01(\x0e\x32\x14.cleave.v1.Placement\x12\x11\n\tcut_index\x18\x03 \x01(\r\x12\x10\n\x08\x63ut_name\x18\x04 \x01(\t\x12+\n\x08\x65ncoding\x18\x05 \x01(\x0b\x32\x19.cleave.v1.TensorEncoding\x12\x17\n\x0fpredicted_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cpredicted_ms\x18\x07 \x01(\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x34\n\x0bweight_bits\x18\t \x03(\x0b\x32\x1f.cleave.v1.Plan.WeightBitsEntry\x12.\n\tpredicted\x18\n \x01(\x0b\x32\x1b.cleave.v1.PredictedLatency\x12\x11\n\tobjective\x18\x0b \x01(\t\x1a\x31\n\x0fWeightBitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xa5\x01\n\x10PredictedLatency\x12\x0f\n\x07\x65\x64ge_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x11\n\tupload_ms\x18\x03 \x01(\x01\x12\x0e\n\x06rtt_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x10\n\x08\x63loud_ms\x18\x06 \x01(\x01\x12\x13\n\x0b\x64ownload_ms\x18\x07 \x01(\x01\x12\x10\n\x08total_ms\x18\x08 \x01(\x01\"X\n\x10\x45\x64geInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12!\n\x06inputs\x18\x02 \x03(\x0b\x32\x11.cleave.v1.Tensor\x12\r\n\x05model\x18\x03 \x01(\t\"\xd7\x01\n\x0bStageTiming\x12\x17\n\x0f\x65\x64ge_compute_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x63loud_decode_ms\x18\x04 \x01(\x01\x12\x18\n\x10\x63loud_compute_ms\x18\x05 \x01(\x01\x12\x17\n\x0f\x63loud_encode_ms\x18\x06 \x01(\x01\x12\x11\n\tdecode_ms\x18\x07 \x01(\x01\x12\x10\n\x08total_ms\x18\x08 \x01(\x01\x12\x16\n\x0e\x63loud_queue_ms\x18\t \x01(\x01\"\x97\x02\n\x11\x45\x64geInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x07outputs\x18\x02 \x03(\x0b\x32\x11.cleave.v1.Tensor\x12\'\n\tplacement\x18\x03 \x01(\x0e\x32\x14.cleave.v1.Placement\x12\x1d\n\x04plan\x18\x04 \x01(\x0b\x32\x0f.cleave.v1.Plan\x12&\n\x06timing\x18\x05 \x01(\x0b\x32\x16.cleave.v1.StageTiming\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x04\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x0c\n\x04note\x18\x08 \x01(\t\x12&\n\x05\x65rror\x18\t \x01(\x0b\x32\x17.cleave.v1.RequestError\"\x12\n\x10GetStatusRequest\"Q\n\nLinkStatus\x12\x0e\n\x06rtt_ms\x18\x01 \x01(\x01\x12\x0f\n\x07up_mbps\x18\x02 \x01(\x01\x12\x11\n\tdown_mbps\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x04\"\xae\x01\n\x08\x43ounters\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\r\n\x05split\x18\x02 \x01(\x04\x12\x11\n\tedge_only\x18\x03 \x01(\x04\x12\x12\n\ncloud_only\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x07 \x01(\x04\x12\x12\n\nbytes_down\x18\x08 \x01(\x04\x12\x12\n\nreconnects\x18\t \x01(\x04\"\x9b\x02\n\nEdgeStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\r\n\x05\x63loud\x18\x04 \x01(\t\x12\x17\n\x0f\x63loud_reachable\x18\x05 \x01(\x08\x12\x13\n\x0b\x63loud_error\x18\x06 \x01(\t\x12#\n\x04link\x18\x07 \x01(\x0b\x32\x15.cleave.v1.LinkStatus\x12\x1d\n\x04plan\x18\x08 \x01(\x0b\x32\x0f.cleave.v1.Plan\x12\x13\n\x0bqueue_depth\x18\t \x01(\r\x12%\n\x08\x63ounters\x18\n \x01(\x0b\x32\x13.cleave.v1.Counters\x12\x17\n\x0fmean_latency_ms\x18\x0b \x01(\x01\"\x10\n\x0eGetPlanRequest\".\n\rReplanRequest\x12\x1d\n\x04plan\x18\x01 \x01(\x0b\x32\x0f.cleave.v1.Plan*d\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\t\n\x05SPLIT\x10\x01\x12\r\n\tEDGE_ONLY\x10\x02\x12\x0e\n\nCLOUD_ONLY\x10\x03\x12\x12\n\x0eLOCAL_FALLBACK\x10\x04\x32\xc5\x02\n\x04\x45\x64ge\x12\x42\n\x05Infer\x12\x1b.cleave.v1.EdgeInferRequest\x1a\x1c.cleave.v1.EdgeInferResponse\x12L\n\x0bInferStream\x12\x1b.cleave.v1.EdgeInferRequest\x1a\x1c.cleave.v1.EdgeInferResponse(\x01\x30\x01\x12?\n\tGetStatus\x12\x1b.cleave.v1.GetStatusRequest\x1a\x15.cleave.v1.EdgeStatus\x12\x35\n\x07GetPlan\x12\x19.cleave.v1.GetPlanRequest\x1a\x0f.cleave.v1.Plan\x12\x33\n\x06Replan\x12\x18.cleave.v1.ReplanRequest\x1a\x0f.cleave.v1.Planb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.cleave.v1.edge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLACEMENT']._serialized_start=1545
-  _globals['_PLACEMENT']._serialized_end=1645
+  _globals['_PLAN_WEIGHTBITSENTRY']._loaded_options = None
+  _globals['_PLAN_WEIGHTBITSENTRY']._serialized_options = b'8\001'
+  _globals['_PLACEMENT']._serialized_start=1885
+  _globals['_PLACEMENT']._serialized_end=1985
   _globals['_PLAN']._serialized_start=114
-  _globals['_PLAN']._serialized_end=321
-  _globals['_EDGEINFERREQUEST']._serialized_start=323
-  _globals['_EDGEINFERREQUEST']._serialized_end=411
-  _globals['_STAGETIMING']._serialized_start=414
-  _globals['_STAGETIMING']._serialized_end=629
-  _globals['_EDGEINFERRESPONSE']._serialized_start=632
-  _globals['_EDGEINFERRESPONSE']._serialized_end=911
-  _globals['_GETSTATUSREQUEST']._serialized_start=913
-  _globals['_GETSTATUSREQUEST']._serialized_end=931
-  _globals['_LINKSTATUS']._serialized_start=933
-  _globals['_LINKSTATUS']._serialized_end=1014
-  _globals['_COUNTERS']._serialized_start=1017
-  _globals['_COUNTERS']._serialized_end=1191
-  _globals['_EDGESTATUS']._serialized_start=1194
-  _globals['_EDGESTATUS']._serialized_end=1477
-  _globals['_GETPLANREQUEST']._serialized_start=1479
-  _globals['_GETPLANREQUEST']._serialized_end=1495
-  _globals['_REPLANREQUEST']._serialized_start=1497
-  _globals['_REPLANREQUEST']._serialized_end=1543
-  _globals['_EDGE']._serialized_start=1648
-  _globals['_EDGE']._serialized_end=1973
+  _globals['_PLAN']._serialized_end=493
+  _globals['_PLAN_WEIGHTBITSENTRY']._serialized_start=444
+  _globals['_PLAN_WEIGHTBITSENTRY']._serialized_end=493
+  _globals['_PREDICTEDLATENCY']._serialized_start=496
+  _globals['_PREDICTEDLATENCY']._serialized_end=661
+  _globals['_EDGEINFERREQUEST']._serialized_start=663
+  _globals['_EDGEINFERREQUEST']._serialized_end=751
+  _globals['_STAGETIMING']._serialized_start=754
+  _globals['_STAGETIMING']._serialized_end=969
+  _globals['_EDGEINFERRESPONSE']._serialized_start=972
+  _globals['_EDGEINFERRESPONSE']._serialized_end=1251
+  _globals['_GETSTATUSREQUEST']._serialized_start=1253
+  _globals['_GETSTATUSREQUEST']._serialized_end=1271
+  _globals['_LINKSTATUS']._serialized_start=1273
+  _globals['_LINKSTATUS']._serialized_end=1354
+  _globals['_COUNTERS']._serialized_start=1357
+  _globals['_COUNTERS']._serialized_end=1531
+  _globals['_EDGESTATUS']._serialized_start=1534
+  _globals['_EDGESTATUS']._serialized_end=1817
+  _globals['_GETPLANREQUEST']._serialized_start=1819
+  _globals['_GETPLANREQUEST']._serialized_end=1835
+  _globals['_REPLANREQUEST']._serialized_start=1837
+  _globals['_REPLANREQUEST']._serialized_end=1883
+  _globals['_EDGE']._serialized_start=1988
+  _globals['_EDGE']._serialized_end=2313
 # @@protoc_insertion_point(module_scope)

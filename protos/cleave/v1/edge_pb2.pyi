@@ -23,7 +23,14 @@ CLOUD_ONLY: Placement
 LOCAL_FALLBACK: Placement
 
 class Plan(_message.Message):
-    __slots__ = ("model", "placement", "cut_index", "cut_name", "encoding", "predicted_bytes", "predicted_ms", "reason")
+    __slots__ = ("model", "placement", "cut_index", "cut_name", "encoding", "predicted_bytes", "predicted_ms", "reason", "weight_bits", "predicted", "objective")
+    class WeightBitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     CUT_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +39,9 @@ class Plan(_message.Message):
     PREDICTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BITS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     model: str
     placement: Placement
     cut_index: int
@@ -40,7 +50,30 @@ class Plan(_message.Message):
     predicted_bytes: int
     predicted_ms: float
     reason: str
-    def __init__(self, model: _Optional[str] = ..., placement: _Optional[_Union[Placement, str]] = ..., cut_index: _Optional[int] = ..., cut_name: _Optional[str] = ..., encoding: _Optional[_Union[_split_inference_pb2.TensorEncoding, _Mapping]] = ..., predicted_bytes: _Optional[int] = ..., predicted_ms: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    weight_bits: _containers.ScalarMap[str, int]
+    predicted: PredictedLatency
+    objective: str
+    def __init__(self, model: _Optional[str] = ..., placement: _Optional[_Union[Placement, str]] = ..., cut_index: _Optional[int] = ..., cut_name: _Optional[str] = ..., encoding: _Optional[_Union[_split_inference_pb2.TensorEncoding, _Mapping]] = ..., predicted_bytes: _Optional[int] = ..., predicted_ms: _Optional[float] = ..., reason: _Optional[str] = ..., weight_bits: _Optional[_Mapping[str, int]] = ..., predicted: _Optional[_Union[PredictedLatency, _Mapping]] = ..., objective: _Optional[str] = ...) -> None: ...
+
+class PredictedLatency(_message.Message):
+    __slots__ = ("edge_ms", "encode_ms", "upload_ms", "rtt_ms", "decode_ms", "cloud_ms", "download_ms", "total_ms")
+    EDGE_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_MS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    edge_ms: float
+    encode_ms: float
+    upload_ms: float
+    rtt_ms: float
+    decode_ms: float
+    cloud_ms: float
+    download_ms: float
+    total_ms: float
+    def __init__(self, edge_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., upload_ms: _Optional[float] = ..., rtt_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., download_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class EdgeInferRequest(_message.Message):
     __slots__ = ("request_id", "inputs", "model")
