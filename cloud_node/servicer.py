@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 
+from partitioner.profile import cached_profile
+from partitioner.profile import to_proto as profile_to_proto
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.errors import maps_errors
+from protos.errors import InvalidArgument, maps_errors
 
 from . import __version__
 from .sessions import SessionManager, cut_info
 from .streams import serve_stream
+
+MAX_PROBE_REPLY = 8 << 20  # downlink probes are bounded like everything else
 
 
 class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
@@ -22,6 +27,7 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         self.sessions = sessions
         self.registry = sessions.registry
         self.chunk_bytes = chunk_bytes
+        self._profiling = threading.Lock()  # one profile at a time: concurrent runs would skew each other
 
     @maps_errors
     def GetInfo(self, request: si_pb2.GetInfoRequest, context: grpc.ServicerContext) -> si_pb2.GetInfoResponse:
@@ -31,6 +37,16 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
             version=__version__,
             host=socket.gethostname(),
         )
+
+    @maps_errors
+    def Profile(self, request: si_pb2.ProfileRequest, context: grpc.ServicerContext) -> si_pb2.ProfileResponse:
+        model = self.registry.get(request.model)
+        if request.repeats > 1000 or request.warmup > 100 or request.batch > 1024:
+            raise InvalidArgument("repeats/warmup/batch: at most 1000/100/1024")
+        kwargs = {"repeats": request.repeats or 10, "warmup": request.warmup or 3}
+        with self._profiling:
+            profile = cached_profile(model, batch=request.batch or None, refresh=request.refresh, **kwargs)
+        return profile_to_proto(profile)
 
     @maps_errors
     def OpenSession(
@@ -56,7 +72,11 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         for message in request_iterator:
             received += len(message.data)
             now = time.time()
-            if message.echo:
+            if message.reply_bytes:
+                if message.reply_bytes > MAX_PROBE_REPLY:
+                    raise InvalidArgument(f"reply_bytes: at most {MAX_PROBE_REPLY}")
+                yield si_pb2.ProbeMessage(seq=message.seq, data=bytes(message.reply_bytes), server_time=now)
+            elif message.echo:
                 yield si_pb2.ProbeMessage(seq=message.seq, data=message.data, echo=True, server_time=now)
             else:
                 yield si_pb2.ProbeMessage(seq=message.seq, received_bytes=received, server_time=now)

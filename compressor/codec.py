@@ -19,7 +19,7 @@ from math import prod
 import numpy as np
 import torch
 
-from compressor import zstd
+from compressor import jpeg, zstd
 from compressor.bitpack import BIT_WIDTHS, pack, packed_size, unpack
 from compressor.clipping import clip_range
 from compressor.errors import CodecError
@@ -83,6 +83,10 @@ def encode(x: torch.Tensor, spec: EncodingSpec) -> tensor_pb2.Tensor:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
         data = _host_bytes(x.to(torch.float16))
+    elif spec.encoding == "jpeg":
+        _require_float(x, spec)
+        msg.dtype = tensor_pb2.FLOAT32
+        data = jpeg.encode_jpeg(x, spec.quality, msg)
     else:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
@@ -116,6 +120,10 @@ def decode(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> torch
         if dtype.torch is torch.bool and buf.size and buf.max() > 1:
             raise CodecError("tensor.payload: a BOOL byte is neither 0 nor 1")
         return torch.from_numpy(buf.view(dtype.numpy)).reshape(shape)
+    if msg.encoding == tensor_pb2.JPEG:
+        if len(buf) != msg.raw_size:
+            raise CodecError(f"tensor.raw_size: {msg.raw_size}, but the payload decodes to {len(buf)} bytes")
+        return jpeg.decode_jpeg(buf, msg, shape)
     if msg.encoding == tensor_pb2.FP16:
         # torch's half -> float is vectorised; numpy's is ~35x slower on activations full of zeros.
         return torch.from_numpy(buf.view("<f2")).to(torch.float32).reshape(shape)
@@ -142,7 +150,12 @@ def decode_many(msgs: Iterable[tensor_pb2.Tensor], limits: CodecLimits = CodecLi
     return out
 
 
-_ENCODING = {"raw": tensor_pb2.RAW, "fp16": tensor_pb2.FP16, "affine": tensor_pb2.AFFINE}
+_ENCODING = {
+    "raw": tensor_pb2.RAW,
+    "fp16": tensor_pb2.FP16,
+    "affine": tensor_pb2.AFFINE,
+    "jpeg": tensor_pb2.JPEG,
+}
 
 
 def _require_float(x: torch.Tensor, spec: EncodingSpec) -> None:
@@ -198,7 +211,7 @@ def _check_header(msg: tensor_pb2.Tensor, limits: CodecLimits) -> tuple[_DType, 
     dtype = _BY_WIRE.get(msg.dtype)
     if dtype is None:
         raise CodecError(f"tensor.dtype: {msg.dtype} is not a known DType")
-    if msg.encoding not in (tensor_pb2.RAW, tensor_pb2.FP16, tensor_pb2.AFFINE):
+    if msg.encoding not in _ENCODING.values():
         raise CodecError(f"tensor.encoding: {msg.encoding} is not a known Encoding")
     if msg.codec not in (tensor_pb2.NONE, tensor_pb2.ZSTD):
         raise CodecError(f"tensor.codec: {msg.codec} is not a known Codec")
@@ -215,6 +228,18 @@ def _check_header(msg: tensor_pb2.Tensor, limits: CodecLimits) -> tuple[_DType, 
     if msg.encoding == tensor_pb2.AFFINE:
         _check_affine(msg, shape)
         expected = packed_size(numel, msg.bits)
+    elif msg.encoding == tensor_pb2.JPEG:
+        if len(shape) != 4 or shape[1] not in (1, 3):
+            raise CodecError(f"tensor.shape: JPEG needs (N, 1 or 3, H, W), got {shape}")
+        if msg.bits != 8 or msg.axis != 1:
+            raise CodecError(
+                f"tensor.bits/axis: JPEG carries 8-bit codes per channel (axis 1), got {msg.bits}/{msg.axis}"
+            )
+        _check_affine(msg, shape)
+        # The size of a JPEG is not a function of the shape; bound it instead.
+        if msg.raw_size > jpeg.max_payload(numel, shape[0]):
+            raise CodecError(f"tensor.raw_size: {msg.raw_size} is too large for {numel} JPEG samples")
+        expected = msg.raw_size
     else:
         for field in ("bits", "scales", "zero_points"):
             if getattr(msg, field):

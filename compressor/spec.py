@@ -7,6 +7,9 @@ Text grammar (``EncodingSpec.parse`` / ``str(spec)``; no spaces)::
               | "fp16"                         floats sent as IEEE half
               | "int" BITS ["c" [AXIS]]        affine, BITS in 2,3,4,5,6,8; "c": per channel
                                                along AXIS (default 1, may be negative)
+              | "jpeg" [QUALITY]               an image batch (N, C, H, W) as JPEGs of its 8-bit
+                                               per-channel codes; QUALITY 1-100, default 90;
+                                               the codec defaults to none (zstd gains nothing)
     clip     := NAME ["(" KEY "=" VALUE {"," KEY "=" VALUE} ")"]
                                                clipping method (int only; default "minmax");
                                                VALUE is an int, a float or a lowercase identifier
@@ -14,7 +17,7 @@ Text grammar (``EncodingSpec.parse`` / ``str(spec)``; no spaces)::
                                                default "zstd" at level 3, single-threaded
 
 Examples: ``raw``, ``fp16+none``, ``int8``, ``int4c``, ``int6c0``, ``int3:percentile``,
-``int4c:percentile(percentile=99.9)+zstd9t2``, ``int8+zstd-5``. ``str`` writes the shortest form
+``int4c:percentile(percentile=99.9)+zstd9t2``, ``int8+zstd-5``, ``jpeg``, ``jpeg75``. ``str`` writes the shortest form
 (defaults omitted), and ``parse(str(spec)) == spec`` for every valid spec.
 """
 
@@ -31,12 +34,18 @@ from compressor.bitpack import BIT_WIDTHS
 from compressor.errors import CodecError
 from protos.cleave.v1 import split_inference_pb2, tensor_pb2
 
-ENCODINGS = ("raw", "fp16", "affine")
+ENCODINGS = ("raw", "fp16", "affine", "jpeg")
+DEFAULT_QUALITY = 90
 CODECS = ("zstd", "none")
 MIN_LEVEL, MAX_LEVEL = -(1 << 17), 22  # zstd's negative "fast" levels down to ZSTD_minCLevel()
 DEFAULT_LEVEL = 3
 
-_ENCODING_TO_PROTO = {"raw": tensor_pb2.RAW, "fp16": tensor_pb2.FP16, "affine": tensor_pb2.AFFINE}
+_ENCODING_TO_PROTO = {
+    "raw": tensor_pb2.RAW,
+    "fp16": tensor_pb2.FP16,
+    "affine": tensor_pb2.AFFINE,
+    "jpeg": tensor_pb2.JPEG,
+}
 _ENCODING_FROM_PROTO = {v: k for k, v in _ENCODING_TO_PROTO.items()}
 _ENCODING_FROM_PROTO[tensor_pb2.ENCODING_UNSPECIFIED] = "raw"
 _CODEC_TO_PROTO = {"zstd": tensor_pb2.ZSTD, "none": tensor_pb2.NONE}
@@ -46,6 +55,7 @@ _CODEC_FROM_PROTO[tensor_pb2.CODEC_UNSPECIFIED] = "none"
 
 _SPEC = re.compile(r"(?P<enc>[^:+]*)(?::(?P<clip>[^+]*))?(?:\+(?P<codec>.*))?\Z")
 _INT = re.compile(r"int(?P<bits>\d+)(?:(?P<c>c)(?P<axis>-?\d+)?)?\Z")
+_JPEG = re.compile(r"jpeg(?P<quality>\d+)?\Z")
 _ZSTD = re.compile(r"zstd(?P<level>-?\d+)?(?:t(?P<threads>\d+))?\Z")
 _CLIP = re.compile(r"(?P<name>[a-z][a-z0-9_]*)(?:\((?P<params>[^()]*)\))?\Z")
 _KEY = re.compile(r"[a-z_][a-z0-9_]*\Z")
@@ -70,6 +80,7 @@ class EncodingSpec:
         codec: ``"zstd"`` or ``"none"``.
         level: zstd level (1..22, or negative for zstd's fast modes).
         threads: zstd worker threads; 0 compresses on the calling thread.
+        quality: jpeg only: JPEG quality, 1-100.
 
     Fields an encoding or codec does not use must keep their defaults, so that equal specs
     mean equal behaviour and the text form is unambiguous. Invalid values raise
@@ -85,6 +96,7 @@ class EncodingSpec:
     codec: str = "zstd"
     level: int = DEFAULT_LEVEL
     threads: int = 0
+    quality: int = DEFAULT_QUALITY
 
     def __post_init__(self) -> None:
         params = _normalise_params(self.clip_params, "EncodingSpec.clip_params")
@@ -111,12 +123,18 @@ class EncodingSpec:
             fields["encoding"] = "raw"
         elif enc == "fp16":
             fields["encoding"] = "fp16"
+        elif m := _JPEG.match(enc):
+            fields.update(encoding="jpeg", codec="none")
+            if m["quality"] is not None:
+                fields["quality"] = int(m["quality"])
         elif m := _INT.match(enc):
             fields.update(encoding="affine", bits=int(m["bits"]), per_channel=bool(m["c"]))
             if m["axis"] is not None:
                 fields["axis"] = int(m["axis"])
         else:
-            raise CodecError(f"encoding spec {text!r}: encoding {enc!r} is not raw, fp32, fp16 or int<bits>[c[<axis>]]")
+            raise CodecError(
+                f"encoding spec {text!r}: encoding {enc!r} is not raw, fp32, fp16, int<bits>[c[<axis>]] or jpeg[<q>]"
+            )
         if match["clip"] is not None:
             where = f"encoding spec {text!r}: clip"
             if fields["encoding"] != "affine":
@@ -136,6 +154,9 @@ class EncodingSpec:
                 out += "c" if self.axis == 1 else f"c{self.axis}"
             if self.clip != "minmax" or self.clip_params:
                 out += ":" + self.clip_text()
+        elif self.encoding == "jpeg":
+            out = "jpeg" if self.quality == DEFAULT_QUALITY else f"jpeg{self.quality}"
+            return out + (f"+{self._codec_text()}" if self.codec == "zstd" else "")
         else:
             out = self.encoding
         if self.codec == "none":
@@ -144,6 +165,10 @@ class EncodingSpec:
             out += "+zstd" + (str(self.level) if self.level != DEFAULT_LEVEL else "")
             out += f"t{self.threads}" if self.threads else ""
         return out
+
+    def _codec_text(self) -> str:
+        out = "zstd" + (str(self.level) if self.level != DEFAULT_LEVEL else "")
+        return out + (f"t{self.threads}" if self.threads else "")
 
     def clip_text(self) -> str:
         """The clip part of the text form: ``name`` or ``name(key=value,...)``."""
@@ -164,6 +189,8 @@ class EncodingSpec:
             msg.clip = self.clip_text()
         if self.codec == "zstd":
             msg.level = self.level
+        if self.encoding == "jpeg":
+            msg.quality = self.quality
         return msg
 
     @classmethod
@@ -185,6 +212,7 @@ class EncodingSpec:
             "per_channel": msg.per_channel,
             "codec": _CODEC_FROM_PROTO[msg.codec],
             "level": msg.level or DEFAULT_LEVEL,
+            "quality": msg.quality or DEFAULT_QUALITY,
         }
         if msg.clip:
             fields["clip"], fields["clip_params"] = _parse_clip(msg.clip, f"{where}.clip")
@@ -257,6 +285,7 @@ def _validate(
     codec: Any,
     level: Any,
     threads: Any,
+    quality: Any = DEFAULT_QUALITY,
 ) -> None:
     """Check every field; raise CodecError("<where>.<field>: ...") on the first bad one."""
 
@@ -302,6 +331,8 @@ def _validate(
         raise fail("level", f"{level!r} is not a zstd level in [{MIN_LEVEL}, -1] or [1, {MAX_LEVEL}]")
     if not is_int(threads) or threads < 0:
         raise fail("threads", f"{threads!r} is not a non-negative int")
+    if not is_int(quality) or not 1 <= quality <= 100:
+        raise fail("quality", f"{quality!r} is not a JPEG quality in [1, 100]")
 
     # Fields the encoding / codec ignores must stay at their defaults.
     used_by = {
@@ -312,8 +343,10 @@ def _validate(
         "axis": "per-channel affine",
         "level": "zstd",
         "threads": "zstd",
+        "quality": "jpeg",
     }
     in_use = {
+        "jpeg": encoding == "jpeg",
         "affine": encoding == "affine",
         "per-channel affine": encoding == "affine" and per_channel,
         "zstd": codec == "zstd",
@@ -326,6 +359,7 @@ def _validate(
         "axis": axis,
         "level": level,
         "threads": threads,
+        "quality": quality,
     }
     for field, user in used_by.items():
         if not in_use[user] and values[field] != defaults[field].default:

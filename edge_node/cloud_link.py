@@ -181,6 +181,10 @@ class CloudLink:
         self._supervisor = threading.Thread(target=self._supervise, name="cloud-link", daemon=True)
         self._supervisor.start()
 
+    @property
+    def stub(self) -> si_grpc.SplitInferenceStub:
+        return self._stub
+
     # -- used by the runtime ---------------------------------------------------------------------
     def next_request_id(self) -> int:
         return next(self._ids)

@@ -10,8 +10,25 @@ from partitioner.settings import SettingsError, from_mapping, load_yaml
 
 @dataclass
 class PlanSettings:
-    cut: str = "cloud"  # "cloud" (send the input), "edge" (run here), or a cut name / index
-    encoding: str = "int8"  # feature encoding, compressor.EncodingSpec grammar
+    cut: str = "auto"  # "auto" (the planner decides), "cloud", "edge", or a cut name / index
+    encoding: str = "int8"  # feature encoding for a fixed cut, compressor.EncodingSpec grammar
+
+
+@dataclass
+class AutoPlanSettings:
+    """How ``cut: auto`` plans and re-plans."""
+
+    objective: str = "latency"  # or "throughput" (pipelined stages, for streams)
+    memory_budget_mb: float | None = None  # edge: head weights + peak activations
+    max_rel_error: float | None = 0.05  # output distortion budget on calibration inputs
+    min_top1: float | None = 0.99  # top-1 agreement with the float model on calibration inputs
+    calibration_inputs: int = 8
+    baseline: str | None = None  # plan as a baseline would: neurosurgeon, edge-only, cloud-raw, cloud-jpeg
+    check_interval_s: float = 1.0  # how often the plan is re-evaluated against the link estimate
+    probe_interval_s: float = 5.0  # active probe when no traffic has measured the link lately
+    min_gain: float = 0.10  # hysteresis: switch only for a clearly faster plan ...
+    min_gain_ms: float = 2.0  # ... by at least this much ...
+    confirmations: int = 2  # ... on this many consecutive checks
 
 
 @dataclass
@@ -34,6 +51,7 @@ class EdgeConfig:
     listen: str = "127.0.0.1:50052"
     cloud: str = "127.0.0.1:50051"
     plan: PlanSettings = field(default_factory=PlanSettings)
+    autoplan: AutoPlanSettings = field(default_factory=AutoPlanSettings)
     reconnect: Reconnect = field(default_factory=Reconnect)
     limits: EdgeLimits = field(default_factory=EdgeLimits)
     request_timeout_s: float = 10.0  # past this the cloud's answer is abandoned and the tail runs here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -28,6 +29,7 @@ class LinkMonitor:
         self.alpha = alpha
         self._estimate = LinkEstimate()
         self._lock = threading.Lock()
+        self.updated = 0.0  # monotonic time of the last throughput measurement (probe or traffic)
 
     def _blend(self, old: float, new: float) -> float:
         return new if old == 0.0 else (1 - self.alpha) * old + self.alpha * new
@@ -36,16 +38,27 @@ class LinkMonitor:
         with self._lock:
             self._estimate.rtt_ms = self._blend(self._estimate.rtt_ms, rtt_ms)
 
+    def record_probe(self, rtt_ms: float, up_mbps: float, down_mbps: float) -> None:
+        """An active measurement replaces the estimate: it is the freshest and most direct."""
+        with self._lock:
+            e = self._estimate
+            e.rtt_ms, e.up_mbps, e.down_mbps = rtt_ms, up_mbps, down_mbps
+            e.samples += 1
+            self.updated = time.monotonic()
+
     def record_transfer(self, bytes_up: int, bytes_down: int, wire_ms: float) -> None:
         """``wire_ms``: round trip minus the cloud's processing time."""
         with self._lock:
             est = self._estimate
-            est.samples += 1
             seconds = max(wire_ms - est.rtt_ms, 0.05) / 1e3
             if bytes_up >= self.MIN_BYTES and bytes_up >= bytes_down:
                 est.up_mbps = self._blend(est.up_mbps, bytes_up * 8 / seconds / 1e6)
             elif bytes_down >= self.MIN_BYTES:
                 est.down_mbps = self._blend(est.down_mbps, bytes_down * 8 / seconds / 1e6)
+            else:
+                return  # too small to say anything about bandwidth
+            est.samples += 1
+            self.updated = time.monotonic()
 
     def snapshot(self) -> LinkEstimate:
         with self._lock:

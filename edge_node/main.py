@@ -15,6 +15,7 @@ from protos.cleave.v1 import edge_pb2
 from protos.errors import WireError
 from protos.serving import Daemon, Service
 
+from .autoplan import AutoPlanner
 from .cloud_link import CloudLink
 from .config import EdgeConfig
 from .link import LinkMonitor
@@ -35,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="model source: torchvision name, NAME=SOURCE, or a file")
     p.add_argument("--weights", help="local state-dict file for --model")
     p.add_argument("--input-shape", help="e.g. 1,3,224,224")
-    p.add_argument("--cut", help='"cloud" (send the input), "edge" (all local), or a cut name or index')
+    p.add_argument(
+        "--cut", help='"auto" (default: the planner decides), "cloud" (send the input), "edge", or a cut name or index'
+    )
     p.add_argument("--bits", type=int, help="feature bits: 2-8 (affine), 16 (fp16) or 32 (fp32)")
     p.add_argument("--encoding", help="feature encoding, e.g. int8, int4c, fp16, fp32+none")
     p.add_argument("--timeout", type=float, help="per-request deadline for the cloud, seconds")
@@ -106,8 +109,13 @@ class EdgeDaemon:
             config.limits.max_message_bytes,
         )
         self.runtime = EdgeRuntime(self.model, self.link, config.request_timeout_s, config.limits.max_inflight)
-        self.runtime.pin(config.plan.cut, EncodingSpec.parse(config.plan.encoding), reason="from config")
-        servicer = EdgeServicer(self.runtime, config.cloud, config.limits.stream_window)
+        self.autoplanner: AutoPlanner | None = None
+        if config.plan.cut == "auto":
+            # Until the first plan is made, requests run on the edge.
+            self.autoplanner = AutoPlanner(self.model, self.runtime, self.link.stub, self.link.monitor, config.autoplan)
+        else:
+            self.runtime.pin(config.plan.cut, EncodingSpec.parse(config.plan.encoding), reason="from config")
+        servicer = EdgeServicer(self.runtime, config.cloud, config.limits.stream_window, self.autoplanner)
         self.server = Daemon(
             config.listen,
             [Service(servicer, EDGE)],
@@ -117,7 +125,14 @@ class EdgeDaemon:
         )
 
     def run(self) -> None:
-        self.server.run_until_signal(on_stop=self.link.close)
+        if self.autoplanner is not None:
+            self.autoplanner.start()
+        self.server.run_until_signal(on_stop=self.close)
+
+    def close(self) -> None:
+        if self.autoplanner is not None:
+            self.autoplanner.stop()
+        self.link.close()
 
 
 def main(argv: list[str] | None = None) -> int:

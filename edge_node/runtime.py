@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from compressor import EncodingSpec, decode, encode
+from partitioner.costmodel import Breakdown
 from partitioner.graph import Cut
 from partitioner.loaded import LoadedModel, as_tensor_list
 from protos.cleave.v1 import edge_pb2
@@ -44,9 +46,32 @@ class ActivePlan:
     head: torch.nn.Module | None
     tail: torch.nn.Module | None
     reason: str = ""
+    predicted: Breakdown | None = None
+    objective: str = ""
 
     def to_proto(self, model: str) -> edge_pb2.Plan:
-        plan = edge_pb2.Plan(model=model, placement=self.placement, encoding=self.spec.to_proto(), reason=self.reason)
+        plan = edge_pb2.Plan(
+            model=model,
+            placement=self.placement,
+            encoding=self.spec.to_proto(),
+            reason=self.reason,
+            objective=self.objective,
+        )
+        if self.predicted is not None:
+            p = self.predicted
+            plan.predicted_ms = p.total_ms
+            plan.predicted.CopyFrom(
+                edge_pb2.PredictedLatency(
+                    edge_ms=p.edge_ms,
+                    encode_ms=p.encode_ms,
+                    upload_ms=p.upload_ms,
+                    rtt_ms=p.rtt_ms,
+                    decode_ms=p.decode_ms,
+                    cloud_ms=p.cloud_ms,
+                    download_ms=p.download_ms,
+                    total_ms=p.total_ms,
+                )
+            )
         if self.cut is not None:
             plan.cut_index = self.cut.index
             plan.cut_name = self.cut.name
@@ -75,7 +100,14 @@ class Counters:
     bytes_up: int = 0
     bytes_down: int = 0
     latency_ms_total: float = 0.0
+    plan_switches: int = 0
+    recent_ms: deque = field(default_factory=lambda: deque(maxlen=50), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def recent_mean_ms(self) -> float:
+        with self._lock:
+            return sum(self.recent_ms) / len(self.recent_ms) if self.recent_ms else 0.0
 
     def record(self, outcome: Outcome) -> None:
         names = {SPLIT: "split", EDGE_ONLY: "edge_only", CLOUD_ONLY: "cloud_only", LOCAL_FALLBACK: "fallback"}
@@ -85,6 +117,7 @@ class Counters:
             self.bytes_up += outcome.bytes_up
             self.bytes_down += outcome.bytes_down
             self.latency_ms_total += outcome.timing.total_ms
+            self.recent_ms.append(outcome.timing.total_ms)
 
 
 class EdgeRuntime:
@@ -105,12 +138,21 @@ class EdgeRuntime:
     def plan(self) -> ActivePlan:
         return self._plan
 
-    def pin(self, cut: str | int, spec: EncodingSpec, reason: str = "pinned") -> ActivePlan:
-        """Switch to a fixed cut and encoding. ``cut``: "edge", "cloud", a cut name or an index."""
-        plan = self._make_plan(cut, spec, reason)
+    def pin(
+        self,
+        cut: str | int,
+        spec: EncodingSpec,
+        reason: str = "pinned",
+        predicted: Breakdown | None = None,
+        objective: str = "",
+    ) -> ActivePlan:
+        """Switch to a cut and encoding. ``cut``: "edge", "cloud", a cut name or an index."""
+        plan = replace(self._make_plan(cut, spec, reason), predicted=predicted, objective=objective)
         # Open the new session before switching, so requests keep going to the cloud meanwhile.
         self.link.want(plan.cut.index if plan.cut is not None else None)
         self._plan = plan
+        with self.counters._lock:
+            self.counters.plan_switches += 1
         log.info(
             "plan: %s at %s, %s (%s)",
             edge_pb2.Placement.Name(plan.placement),

@@ -12,16 +12,20 @@ import grpc
 from compressor import CodecError, EncodingSpec, decode, encode
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from protos.errors import InvalidArgument, NotFound, maps_errors, status_of
+from protos.errors import FailedPrecondition, InvalidArgument, NotFound, maps_errors, status_of
 
+from .autoplan import AutoPlanner
 from .runtime import EDGE_ONLY, EdgeRuntime, Outcome
 
 RAW = EncodingSpec(encoding="raw", codec="none")
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServicer):
-    def __init__(self, runtime: EdgeRuntime, cloud_target: str, stream_window: int) -> None:
+    def __init__(
+        self, runtime: EdgeRuntime, cloud_target: str, stream_window: int, autoplanner: AutoPlanner | None = None
+    ) -> None:
         self.runtime = runtime
+        self.autoplanner = autoplanner
         self.cloud_target = cloud_target
         self.stream_window = stream_window
 
@@ -105,8 +109,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
                 bytes_up=c.bytes_up,
                 bytes_down=c.bytes_down,
                 reconnects=runtime.link.reconnects,
+                plan_switches=c.plan_switches,
             )
-            mean = c.latency_ms_total / c.requests if c.requests else 0.0
+        auto = self.autoplanner
         return edge_pb2.EdgeStatus(
             model=runtime.model.name,
             fingerprint=runtime.model.fingerprint,
@@ -120,7 +125,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             plan=runtime.plan.to_proto(runtime.model.name),
             queue_depth=runtime.inflight,
             counters=counters,
-            mean_latency_ms=mean,
+            mean_latency_ms=c.recent_mean_ms,
+            auto_plan=auto is not None and auto.enabled,
+            planner_error=auto.error if auto is not None else "",
         )
 
     @maps_errors
@@ -130,7 +137,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
     @maps_errors
     def Replan(self, request: edge_pb2.ReplanRequest, context: grpc.ServicerContext):
         if not request.HasField("plan"):
-            # Automatic planning arrives with the planner; until then the current plan stands.
+            if self.autoplanner is None:
+                raise FailedPrecondition("plan: this edge runs a fixed cut (start it with --cut auto to plan)")
+            self.autoplanner.replan()
             return self.runtime.plan.to_proto(self.runtime.model.name)
         wanted = request.plan
         try:
@@ -141,5 +150,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             cut: str | int = "edge"
         else:
             cut = wanted.cut_name or wanted.cut_index
+        if self.autoplanner is not None:
+            self.autoplanner.pin_manually()  # first, so a re-plan in flight cannot undo the pin
         plan = self.runtime.pin(cut, spec, reason=wanted.reason or "pinned by Replan")
         return plan.to_proto(self.runtime.model.name)

@@ -171,6 +171,15 @@ def example_input(spec: ModelSpec) -> torch.Tensor:
     return _synthetic_batch(spec.input_shape, torch.Generator().manual_seed(spec.seed))
 
 
+def calibration_batch(input_shape: Sequence[int], n: int, seed: int = 1) -> torch.Tensor:
+    """``n`` deterministic synthetic inputs shaped like ``input_shape`` (batch dimension replaced).
+
+    Used where a model needs realistic-looking inputs and no data exists: planner distortion
+    checks, codec byte counts, profiling.
+    """
+    return _synthetic_batch((n, *tuple(input_shape)[1:]), torch.Generator().manual_seed(seed))
+
+
 def fingerprint(module: nn.Module, graph_code: str | None = None) -> str:
     """SHA-256 (hex) of a model's graph and weights.
 

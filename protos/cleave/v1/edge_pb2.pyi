@@ -146,7 +146,7 @@ class LinkStatus(_message.Message):
     def __init__(self, rtt_ms: _Optional[float] = ..., up_mbps: _Optional[float] = ..., down_mbps: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class Counters(_message.Message):
-    __slots__ = ("requests", "split", "edge_only", "cloud_only", "fallback", "errors", "bytes_up", "bytes_down", "reconnects")
+    __slots__ = ("requests", "split", "edge_only", "cloud_only", "fallback", "errors", "bytes_up", "bytes_down", "reconnects", "plan_switches")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     EDGE_ONLY_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class Counters(_message.Message):
     BYTES_UP_FIELD_NUMBER: _ClassVar[int]
     BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SWITCHES_FIELD_NUMBER: _ClassVar[int]
     requests: int
     split: int
     edge_only: int
@@ -165,10 +166,11 @@ class Counters(_message.Message):
     bytes_up: int
     bytes_down: int
     reconnects: int
-    def __init__(self, requests: _Optional[int] = ..., split: _Optional[int] = ..., edge_only: _Optional[int] = ..., cloud_only: _Optional[int] = ..., fallback: _Optional[int] = ..., errors: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., reconnects: _Optional[int] = ...) -> None: ...
+    plan_switches: int
+    def __init__(self, requests: _Optional[int] = ..., split: _Optional[int] = ..., edge_only: _Optional[int] = ..., cloud_only: _Optional[int] = ..., fallback: _Optional[int] = ..., errors: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., reconnects: _Optional[int] = ..., plan_switches: _Optional[int] = ...) -> None: ...
 
 class EdgeStatus(_message.Message):
-    __slots__ = ("model", "fingerprint", "input_shape", "cloud", "cloud_reachable", "cloud_error", "link", "plan", "queue_depth", "counters", "mean_latency_ms")
+    __slots__ = ("model", "fingerprint", "input_shape", "cloud", "cloud_reachable", "cloud_error", "link", "plan", "queue_depth", "counters", "mean_latency_ms", "auto_plan", "planner_error")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,8 @@ class EdgeStatus(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     MEAN_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_PLAN_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_ERROR_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -191,7 +195,9 @@ class EdgeStatus(_message.Message):
     queue_depth: int
     counters: Counters
     mean_latency_ms: float
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., cloud: _Optional[str] = ..., cloud_reachable: _Optional[bool] = ..., cloud_error: _Optional[str] = ..., link: _Optional[_Union[LinkStatus, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., mean_latency_ms: _Optional[float] = ...) -> None: ...
+    auto_plan: bool
+    planner_error: str
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., cloud: _Optional[str] = ..., cloud_reachable: _Optional[bool] = ..., cloud_error: _Optional[str] = ..., link: _Optional[_Union[LinkStatus, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., mean_latency_ms: _Optional[float] = ..., auto_plan: _Optional[bool] = ..., planner_error: _Optional[str] = ...) -> None: ...
 
 class GetPlanRequest(_message.Message):
     __slots__ = ()

@@ -52,14 +52,18 @@ class GetInfoResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., version: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
-    __slots__ = ("model", "repeats", "warmup")
+    __slots__ = ("model", "repeats", "warmup", "batch", "refresh")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
     WARMUP_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
     model: str
     repeats: int
     warmup: int
-    def __init__(self, model: _Optional[str] = ..., repeats: _Optional[int] = ..., warmup: _Optional[int] = ...) -> None: ...
+    batch: int
+    refresh: bool
+    def __init__(self, model: _Optional[str] = ..., repeats: _Optional[int] = ..., warmup: _Optional[int] = ..., batch: _Optional[int] = ..., refresh: _Optional[bool] = ...) -> None: ...
 
 class NodeTiming(_message.Message):
     __slots__ = ("name", "ms", "output_bytes")
@@ -71,33 +75,62 @@ class NodeTiming(_message.Message):
     output_bytes: int
     def __init__(self, name: _Optional[str] = ..., ms: _Optional[float] = ..., output_bytes: _Optional[int] = ...) -> None: ...
 
+class CodecCost(_message.Message):
+    __slots__ = ("encoding", "encode_ms_per_mb", "decode_ms_per_mb")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_PER_MB_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_PER_MB_FIELD_NUMBER: _ClassVar[int]
+    encoding: str
+    encode_ms_per_mb: float
+    decode_ms_per_mb: float
+    def __init__(self, encoding: _Optional[str] = ..., encode_ms_per_mb: _Optional[float] = ..., decode_ms_per_mb: _Optional[float] = ...) -> None: ...
+
 class ProfileResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "nodes", "total_ms", "host")
+    __slots__ = ("model", "fingerprint", "nodes", "total_ms", "host", "head_ms", "codecs", "threads", "torch_version", "batch")
+    class HeadMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
+    HEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeTiming]
     total_ms: float
     host: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ..., host: _Optional[str] = ...) -> None: ...
+    head_ms: _containers.ScalarMap[int, float]
+    codecs: _containers.RepeatedCompositeFieldContainer[CodecCost]
+    threads: int
+    torch_version: str
+    batch: int
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ..., host: _Optional[str] = ..., head_ms: _Optional[_Mapping[int, float]] = ..., codecs: _Optional[_Iterable[_Union[CodecCost, _Mapping]]] = ..., threads: _Optional[int] = ..., torch_version: _Optional[str] = ..., batch: _Optional[int] = ...) -> None: ...
 
 class ProbeMessage(_message.Message):
-    __slots__ = ("seq", "data", "echo", "received_bytes", "server_time")
+    __slots__ = ("seq", "data", "echo", "received_bytes", "server_time", "reply_bytes")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     data: bytes
     echo: bool
     received_bytes: int
     server_time: float
-    def __init__(self, seq: _Optional[int] = ..., data: _Optional[bytes] = ..., echo: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., server_time: _Optional[float] = ...) -> None: ...
+    reply_bytes: int
+    def __init__(self, seq: _Optional[int] = ..., data: _Optional[bytes] = ..., echo: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., server_time: _Optional[float] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("model", "fingerprint", "cut", "result_encoding", "client")
@@ -114,20 +147,22 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., cut: _Optional[str] = ..., result_encoding: _Optional[_Union[TensorEncoding, _Mapping]] = ..., client: _Optional[str] = ...) -> None: ...
 
 class TensorEncoding(_message.Message):
-    __slots__ = ("encoding", "bits", "per_channel", "clip", "codec", "level")
+    __slots__ = ("encoding", "bits", "per_channel", "clip", "codec", "level", "quality")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     PER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     encoding: _tensor_pb2.Encoding
     bits: int
     per_channel: bool
     clip: str
     codec: _tensor_pb2.Codec
     level: int
-    def __init__(self, encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., bits: _Optional[int] = ..., per_channel: _Optional[bool] = ..., clip: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., level: _Optional[int] = ...) -> None: ...
+    quality: int
+    def __init__(self, encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., bits: _Optional[int] = ..., per_channel: _Optional[bool] = ..., clip: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., level: _Optional[int] = ..., quality: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "cut", "output_shape")

@@ -24,6 +24,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RAW: _ClassVar[Encoding]
     FP16: _ClassVar[Encoding]
     AFFINE: _ClassVar[Encoding]
+    JPEG: _ClassVar[Encoding]
 
 class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ ENCODING_UNSPECIFIED: Encoding
 RAW: Encoding
 FP16: Encoding
 AFFINE: Encoding
+JPEG: Encoding
 CODEC_UNSPECIFIED: Codec
 NONE: Codec
 ZSTD: Codec

@@ -1,0 +1,86 @@
+"""JPEG payloads: an (N, C, H, W) float image batch as per-channel 8-bit codes, one JPEG per image.
+
+This is the "send the camera frame" baseline of split inference: the cloud-only candidate with
+the input compressed the way images usually travel. The float input (normally ImageNet-normalised)
+is mapped to 8-bit codes per channel with min-max affine parameters (kept in the message, so the
+cloud recovers the same value range), then each image is a baseline JPEG.
+
+Decoding checks each image's declared size and mode before Pillow decompresses anything.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from compressor.clipping import clip_range
+from compressor.errors import CodecError
+from compressor.quant import dequantize, quantize
+from protos.cleave.v1 import tensor_pb2
+
+_LEN = struct.Struct("<I")
+_MODES = {1: "L", 3: "RGB"}
+
+
+def max_payload(numel: int, images: int) -> int:
+    """An upper bound on an honest JPEG payload for ``numel`` 8-bit samples in ``images`` images."""
+    return 2 * numel + 2048 * images
+
+
+def encode_jpeg(x: torch.Tensor, quality: int, msg: tensor_pb2.Tensor) -> bytes:
+    """Encode ``x`` (N, C, H, W), C in {1, 3}; fills the affine fields of ``msg``."""
+    if x.ndim != 4 or x.shape[1] not in _MODES:
+        raise CodecError(f"x.shape: jpeg encodes (N, 1 or 3, H, W) image batches, got {tuple(x.shape)}")
+    xf = x.to(torch.float32)
+    if xf.numel() and not torch.isfinite(xf).all():
+        raise CodecError("x: jpeg encoding needs finite values (found NaN or inf)")
+    lo, hi = clip_range(xf, "minmax", 1, 8)
+    q, scales, zero_points = quantize(xf, 8, lo, hi, 1)
+    msg.bits, msg.axis = 8, 1
+    msg.scales.extend(scales.reshape(-1).tolist())
+    msg.zero_points.extend(zero_points.reshape(-1).tolist())
+    codes = q.cpu().numpy()
+    parts = []
+    for image in codes:
+        buf = io.BytesIO()
+        pixels = image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="JPEG", quality=quality)
+        data = buf.getvalue()
+        parts += [_LEN.pack(len(data)), data]
+    return b"".join(parts)
+
+
+def decode_jpeg(buf: np.ndarray | bytes, msg: tensor_pb2.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Decode a JPEG payload (already CRC-checked and un-zstd'd) into float32 of ``shape``."""
+    n, c, h, w = shape
+    data = memoryview(bytes(buf))
+    images, offset = [], 0
+    for i in range(n):
+        if offset + _LEN.size > len(data):
+            raise CodecError(f"tensor.payload: image {i} of {n} is missing")
+        (length,) = _LEN.unpack_from(data, offset)
+        offset += _LEN.size
+        if length > len(data) - offset:
+            raise CodecError(f"tensor.payload: image {i} claims {length} bytes, {len(data) - offset} remain")
+        try:
+            image = Image.open(io.BytesIO(data[offset : offset + length]), formats=["JPEG"])
+            if image.size != (w, h) or image.mode != _MODES[c]:
+                raise CodecError(
+                    f"tensor.payload: image {i} is {image.mode} {image.size[0]}x{image.size[1]}, "
+                    f"the shape says {_MODES[c]} {w}x{h}"
+                )
+            pixels = np.asarray(image)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise CodecError(f"tensor.payload: image {i} is not a valid JPEG ({exc})") from None
+        images.append(pixels.reshape(h, w, c).transpose(2, 0, 1))
+        offset += length
+    if offset != len(data):
+        raise CodecError(f"tensor.payload: {len(data) - offset} bytes after the last image")
+    q = torch.from_numpy(np.stack(images) if images else np.zeros(shape, np.uint8))
+    scales = torch.tensor(list(msg.scales), dtype=torch.float32)
+    zero_points = torch.tensor(list(msg.zero_points), dtype=torch.int32)
+    return dequantize(q, scales, zero_points, 1)

@@ -1,0 +1,176 @@
+"""``cut: auto``: the edge plans its own placement and re-plans as the link moves.
+
+At start it profiles itself (cached on disk), asks the cloud for its profile, probes the link and
+builds a :class:`~partitioner.planner.Planner`; the chosen plan is pinned on the runtime (until
+then requests run on the edge). Afterwards it re-evaluates every ``check_interval_s`` against the
+link estimate (live traffic, or an active probe when traffic says nothing) and switches only when
+:class:`~partitioner.planner.SwitchPolicy` agrees, so the plan does not flap. Switching never drops a
+request: the runtime opens the new session first and each request finishes under its own plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from compressor import EncodingSpec
+from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, CostModel, Link
+from partitioner.loaded import LoadedModel
+from partitioner.models import calibration_batch
+from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, distortion_meter
+from partitioner.profile import cached_profile, from_proto
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+from protos.errors import Unavailable
+
+from .config import AutoPlanSettings
+from .link import LinkMonitor
+from .probe import probe_link
+from .runtime import EdgeRuntime
+
+log = logging.getLogger(__name__)
+
+
+class AutoPlanner:
+    """Keeps the runtime on the best plan for the current link."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        runtime: EdgeRuntime,
+        stub: si_grpc.SplitInferenceStub,
+        monitor: LinkMonitor,
+        settings: AutoPlanSettings,
+    ) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.stub = stub
+        self.monitor = monitor
+        self.settings = settings
+        self.policy = SwitchPolicy(settings.min_gain, settings.min_gain_ms, settings.confirmations)
+        self.planner: Planner | None = None
+        self.current: Scored | None = None
+        self.enabled = True
+        self.error = "planning has not started"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="autoplan", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- planning --------------------------------------------------------------------------------
+    def prepare(self) -> Planner:
+        """Profiles (edge: measured here; cloud: over the wire), cost model and planner."""
+        s = self.settings
+        edge = cached_profile(self.model)
+        reply = self.stub.Profile(si_pb2.ProfileRequest(model=self.model.name), timeout=120)
+        if reply.fingerprint != self.model.fingerprint:
+            raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
+        cloud = from_proto(reply)
+        calib = calibration_batch(self.model.input_shape, s.calibration_inputs)
+        cost = CostModel.measure(self.model, edge, cloud, calib[:1])
+        budgets = Budgets(
+            memory_bytes=int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else None,
+            max_rel_error=s.max_rel_error,
+            min_top1=s.min_top1,
+        )
+        return Planner(cost, budgets, distortion_meter(self.model, calib), s.objective)
+
+    def measure_link(self) -> Link:
+        result = probe_link(self.stub)
+        self.monitor.record_probe(result.rtt_ms, result.up_mbps, result.down_mbps)
+        return Link(result.up_mbps, result.down_mbps, result.rtt_ms)
+
+    def current_link(self) -> Link:
+        """The live estimate, refreshed by an active probe when traffic has not measured it lately."""
+        if time.monotonic() - self.monitor.updated > self.settings.probe_interval_s:
+            return self.measure_link()
+        e = self.monitor.snapshot()
+        return Link(max(e.up_mbps, 1e-3), max(e.down_mbps, 1e-3), e.rtt_ms)
+
+    def choose(self, link: Link) -> Scored:
+        assert self.planner is not None
+        if self.settings.baseline:
+            return self.planner.baseline(self.settings.baseline, link)
+        return self.planner.best(link)
+
+    def apply(self, scored: Scored, reason: str) -> None:
+        c = scored.candidate
+        if c.kind == EDGE_ONLY:
+            cut, spec = "edge", EncodingSpec()
+        else:
+            cut, spec = (0 if c.kind == CLOUD_ONLY else c.cut_index), EncodingSpec.parse(c.encoding)
+        self.runtime.pin(cut, spec, reason=reason, predicted=scored.predicted, objective=self.settings.objective)
+        self.current = scored
+
+    def replan(self) -> Scored:
+        """Plan now from a fresh probe, without hysteresis (``Edge.Replan`` with no plan)."""
+        with self._lock:
+            if self.planner is None:
+                raise Unavailable(f"automatic planning is not ready: {self.error}")
+            self.enabled = True
+            link = self.measure_link()
+            best = self.choose(link)
+            self.apply(best, reason=f"replan requested at {_describe(link)}")
+            return best
+
+    def pin_manually(self) -> None:
+        """A plan was pinned from outside: stop re-planning until :meth:`replan`."""
+        with self._lock:
+            self.enabled = False
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set() and self.planner is None:
+            try:
+                planner = self.prepare()
+                link = self.measure_link()
+                with self._lock:
+                    self.planner = planner
+                    if self.enabled:
+                        self.apply(self.choose(link), reason=f"planned at {_describe(link)}")
+                self.error = ""
+            except (grpc.RpcError, Unavailable, ValueError) as exc:
+                self.error = _message(exc)
+                log.warning("planner not ready (%s); retrying in %.1fs", self.error, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+        while not self._stop.wait(self.settings.check_interval_s):
+            if not self.enabled:
+                continue
+            try:
+                self._check()
+            except (grpc.RpcError, Unavailable) as exc:
+                self.error = _message(exc)  # the cloud is away; the runtime falls back by itself
+
+    def _check(self) -> None:
+        link = self.current_link()
+        with self._lock:
+            if not self.enabled:
+                return
+            best = self.choose(link)
+            current = self.current.candidate if self.current else None
+            if self.policy.should_switch(self.planner, current, best, link):
+                log.info(
+                    "re-plan at %s: %s -> %s", _describe(link), current.label if current else "-", best.candidate.label
+                )
+                self.apply(best, reason=f"re-planned at {_describe(link)}")
+            self.error = ""
+
+
+def _describe(link: Link) -> str:
+    return f"{link.up_mbps:.1f}/{link.down_mbps:.1f} Mbit/s, RTT {link.rtt_ms:.1f} ms"
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)

@@ -1,0 +1,102 @@
+"""Active link measurement over ``SplitInference.Probe``: RTT, uplink and downlink throughput.
+
+Bounded in bytes and time: a first small transfer estimates the rate, and the second is sized
+to take about ``target_s`` at that rate, capped by ``max_bytes``. So a probe costs a fraction of a
+second on any link from 1 Mbit/s to 1 Gbit/s, and never more than ``max_bytes`` each way.
+"""
+
+from __future__ import annotations
+
+import queue
+import statistics
+import time
+from dataclasses import dataclass
+
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
+PIECE = 32 << 10  # bytes per probe message on the uplink
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    rtt_ms: float
+    up_mbps: float
+    down_mbps: float
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+
+
+class _ProbeStream:
+    """One Probe call driven message by message."""
+
+    def __init__(self, stub: si_grpc.SplitInferenceStub, timeout: float) -> None:
+        self._outbox: queue.Queue = queue.Queue()
+        self._call = stub.Probe(iter(self._outbox.get, None), timeout=timeout)
+        self._seq = 0
+
+    def send(self, **fields) -> None:
+        self._seq += 1
+        self._outbox.put(si_pb2.ProbeMessage(seq=self._seq, **fields))
+
+    def receive(self) -> si_pb2.ProbeMessage:
+        return next(self._call)
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._call.cancel()
+
+
+def probe_link(
+    stub: si_grpc.SplitInferenceStub,
+    rtt_rounds: int = 5,
+    max_bytes: int = 2 << 20,
+    target_s: float = 0.25,
+    timeout: float = 15.0,
+) -> ProbeResult:
+    """Measure the link to the cloud. Raises ``grpc.RpcError`` when the cloud does not answer."""
+    started = time.perf_counter()
+    stream = _ProbeStream(stub, timeout)
+    sent = received = 0
+    try:
+        rtts = []
+        for _ in range(rtt_rounds):
+            t0 = time.perf_counter()
+            stream.send(echo=True)
+            stream.receive()
+            rtts.append((time.perf_counter() - t0) * 1e3)
+        rtt = statistics.median(rtts)
+
+        def upload(nbytes: int) -> float:
+            pieces = max(nbytes // PIECE, 1)
+            t0 = time.perf_counter()
+            for _ in range(pieces):
+                stream.send(data=bytes(PIECE))
+            for _ in range(pieces):
+                stream.receive()
+            return pieces * PIECE, time.perf_counter() - t0
+
+        def download(nbytes: int) -> float:
+            t0 = time.perf_counter()
+            stream.send(reply_bytes=nbytes)
+            reply = stream.receive()
+            return len(reply.data), time.perf_counter() - t0
+
+        rates = []
+        for measure in (upload, download):
+            n, seconds = measure(PIECE * 2)
+            rate = n / max(seconds - rtt / 1e3, 1e-4)  # bytes/s, first guess
+            size = int(min(max(rate * target_s, PIECE * 2), max_bytes))
+            n2, seconds2 = measure(size)
+            if measure is upload:
+                sent += n + n2
+            else:
+                received += n + n2
+            rates.append(n2 * 8 / max(seconds2 - rtt / 1e3, 1e-4) / 1e6)
+        return ProbeResult(rtt, rates[0], rates[1], sent, received, time.perf_counter() - started)
+    finally:
+        stream.close()
+
+
+__all__ = ["ProbeResult", "probe_link"]

@@ -1,0 +1,273 @@
+"""The latency model: what each candidate placement costs on a given link.
+
+For cut ``k``, feature encoding ``b`` (bits and codec together)::
+
+    T(k, b) = E(k) + enc(k, b) + bytes(k, b) / BW_up + RTT + dec(k, b) + C(k) + bytes(out) / BW_down
+
+``E`` and ``C`` come from :class:`~partitioner.profile.LatencyCurve` (edge and cloud profiles),
+``enc`` and ``dec`` from each host's measured codec cost per MB, and ``bytes(k, b)`` from encoding
+the real features of a calibration input at every cut (so zstd's ratio on these activations is
+measured, not guessed). Edge-only is ``E(N)``; cloud-only is the split at the input (cut 0).
+
+:class:`CostModel` is plain data, so the planner can be tested on synthetic numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from compressor import EncodingSpec, encode
+
+from .loaded import LoadedModel
+from .profile import Profile
+
+#: Feature encodings the planner tries at every cut: fp32, fp16, then affine 8..2 bits, all with zstd.
+FEATURE_ENCODINGS = ("raw", "fp16", "int8", "int6", "int4", "int3", "int2")
+#: Encodings of the raw input for cloud-only: 8-bit codes per channel (the uint8 image) + zstd, and JPEG.
+INPUT_ENCODINGS = ("int8c", "jpeg")
+#: Neurosurgeon sends features as they are.
+UNCOMPRESSED = "raw+none"
+
+EDGE_ONLY = "edge"
+CLOUD_ONLY = "cloud"
+SPLIT = "split"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link as the planner sees it."""
+
+    up_mbps: float
+    down_mbps: float
+    rtt_ms: float
+
+    def __post_init__(self) -> None:
+        if self.up_mbps <= 0 or self.down_mbps <= 0 or self.rtt_ms < 0:
+            raise ValueError(f"link: bandwidths must be > 0 and RTT >= 0, got {self}")
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    edge_ms: float = 0.0
+    encode_ms: float = 0.0
+    upload_ms: float = 0.0
+    rtt_ms: float = 0.0
+    decode_ms: float = 0.0
+    cloud_ms: float = 0.0
+    download_ms: float = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        link = self.upload_ms + self.rtt_ms + self.download_ms
+        return self.edge_ms + self.encode_ms + link + self.decode_ms + self.cloud_ms
+
+    @property
+    def bottleneck_ms(self) -> float:
+        """The slowest pipeline stage, for the throughput objective (edge, link, cloud)."""
+        link = max(self.upload_ms, self.download_ms)
+        return max(self.edge_ms + self.encode_ms, link, self.decode_ms + self.cloud_ms)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One placement: where to cut and how to encode what crosses."""
+
+    kind: str  # SPLIT, CLOUD_ONLY or EDGE_ONLY
+    cut_index: int  # -1 for edge-only
+    cut_name: str
+    encoding: str  # "" for edge-only
+    bytes_up: int
+    bytes_down: int
+    edge_ms: float
+    encode_ms: float
+    decode_ms: float
+    cloud_ms: float
+    edge_memory: int  # head weights + peak live activations on the edge, bytes
+
+    @property
+    def label(self) -> str:
+        if self.kind == EDGE_ONLY:
+            return "edge-only"
+        where = "cloud-only" if self.kind == CLOUD_ONLY else f"{self.cut_name}#{self.cut_index}"
+        return f"{where} {self.encoding}"
+
+    def predict(self, link: Link) -> Breakdown:
+        if self.kind == EDGE_ONLY:
+            return Breakdown(edge_ms=self.edge_ms)
+        return Breakdown(
+            edge_ms=self.edge_ms,
+            encode_ms=self.encode_ms,
+            upload_ms=self.bytes_up * 8 / (link.up_mbps * 1e6) * 1e3,
+            rtt_ms=link.rtt_ms,
+            decode_ms=self.decode_ms,
+            cloud_ms=self.cloud_ms,
+            download_ms=self.bytes_down * 8 / (link.down_mbps * 1e6) * 1e3,
+        )
+
+
+@dataclass
+class CutCost:
+    """Link-independent costs of one cut."""
+
+    index: int
+    name: str
+    edge_ms: float
+    cloud_ms: float
+    raw_bytes: int  # fp32 bytes of the live set
+    edge_memory: int
+    feature_bytes: dict[str, int] = field(default_factory=dict)  # encoding -> bytes on the wire
+    encode_ms: dict[str, float] = field(default_factory=dict)
+    decode_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CostModel:
+    """Everything the planner needs about one model on one pair of hosts."""
+
+    model: str
+    cuts: list[CutCost]  # cut 0 (the input) first, then the split points
+    edge_total_ms: float
+    edge_model_memory: int
+    output_bytes: int
+
+    def candidates(
+        self, feature_encodings=FEATURE_ENCODINGS, input_encodings=INPUT_ENCODINGS, include_uncompressed: bool = True
+    ) -> list[Candidate]:
+        out = [Candidate(EDGE_ONLY, -1, "", "", 0, 0, self.edge_total_ms, 0.0, 0.0, 0.0, self.edge_model_memory)]
+        for cut in self.cuts:
+            cloud_only = cut.index == 0
+            wanted = list(input_encodings if cloud_only else feature_encodings)
+            if include_uncompressed:
+                wanted.append(UNCOMPRESSED)
+            for enc in wanted:
+                if enc not in cut.feature_bytes:
+                    continue
+                out.append(
+                    Candidate(
+                        CLOUD_ONLY if cloud_only else SPLIT,
+                        cut.index,
+                        cut.name,
+                        enc,
+                        cut.feature_bytes[enc],
+                        self.output_bytes,
+                        cut.edge_ms,
+                        cut.encode_ms[enc],
+                        cut.decode_ms[enc],
+                        cut.cloud_ms,
+                        cut.edge_memory,
+                    )
+                )
+        return out
+
+    @classmethod
+    def measure(
+        cls,
+        model: LoadedModel,
+        edge: Profile,
+        cloud: Profile,
+        x: torch.Tensor | None = None,
+        feature_encodings=FEATURE_ENCODINGS,
+        input_encodings=INPUT_ENCODINGS,
+    ) -> CostModel:
+        """Build from the two hosts' profiles, encoding ``x``'s real features at every cut."""
+        x = model.graph.example_input if x is None else x
+        edge_curve, cloud_curve = edge.curve(), cloud.curve()
+        values = _all_values(model, x)
+        weights = _cumulative_weight_bytes(model)
+        cuts, peak = [], 0
+        for cut in model.graph.cuts:
+            live = [values[name] for name in cut.live]
+            peak = max(peak, cut.nbytes)
+            wanted = (input_encodings if cut.index == 0 else feature_encodings) + (UNCOMPRESSED,)
+            cost = CutCost(
+                index=cut.index,
+                name=cut.name,
+                edge_ms=edge_curve.head_ms(cut.index) if cut.index else 0.0,
+                cloud_ms=cloud_curve.tail_ms(cut.index) if cut.index else cloud_curve.total_ms,
+                raw_bytes=cut.nbytes,
+                edge_memory=weights.get(cut.index, 0) + peak,
+            )
+            mb = cut.nbytes / 1e6
+            for enc in wanted:
+                spec = EncodingSpec.parse(enc)
+                try:
+                    cost.feature_bytes[enc] = sum(encode(v, spec).ByteSize() for v in live)
+                except ValueError:
+                    continue  # e.g. JPEG of something that is not an image
+                key = _codec_key(enc)
+                cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
+                cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
+            cuts.append(cost)
+        out_bytes = sum(t.numel() * 4 for t in _as_list(values["__output__"]))
+        all_weights = sum(p.numel() * p.element_size() for p in model.module.state_dict().values())
+        return cls(model.name, cuts, edge.total_ms, all_weights + peak, out_bytes)
+
+
+def _codec_key(enc: str) -> str:
+    """The profiled encoding whose per-MB cost stands for ``enc`` (per-channel ~ per-tensor)."""
+    spec = EncodingSpec.parse(enc)
+    if spec.encoding == "affine":
+        return f"int{spec.bits}" + ("+none" if spec.codec == "none" else "")
+    if spec.encoding == "jpeg":
+        return "jpeg"
+    return str(spec)
+
+
+def _as_list(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in _as_list(v)] if isinstance(value, (tuple, list)) else []
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n.op == "output":
+            self.values["__output__"] = value
+        elif isinstance(value, torch.Tensor):
+            self.values[n.name] = value.clone()  # in-place ops later must not change what crossed
+        return value
+
+
+def _all_values(model: LoadedModel, x: torch.Tensor) -> dict[str, object]:
+    with torch.inference_mode():
+        if model.graph.opaque:
+            out = model.module(x)
+            return {model.graph.cuts[0].live[0]: x, model.graph.cuts[-1].live[0]: out, "__output__": out}
+        recorder = _Recorder(model.graph.module)
+        recorder.run(x)
+        return recorder.values
+
+
+def _cumulative_weight_bytes(model: LoadedModel) -> dict[int, int]:
+    """Bytes of parameters and buffers the head of each cut needs (each module counted once)."""
+    gm = model.graph.module
+    if not isinstance(gm, fx.GraphModule):
+        total = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+        return {c.index: (total if c.index else 0) for c in model.graph.cuts}
+    seen: set[int] = set()
+    running, out = 0, {}
+    for index, node in enumerate(gm.graph.nodes):
+        tensors = []
+        if node.op == "call_module":
+            tensors = list(gm.get_submodule(node.target).state_dict().values())
+        elif node.op == "get_attr":
+            attr = gm
+            for part in node.target.split("."):
+                attr = getattr(attr, part)
+            tensors = [attr] if isinstance(attr, torch.Tensor) else []
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                running += t.numel() * t.element_size()
+        out[index] = running
+    return out

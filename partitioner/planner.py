@@ -1,0 +1,190 @@
+"""Choose a placement: the candidate with the lowest predicted cost that fits the budgets.
+
+Constraints:
+* edge memory: head weights plus peak live activations must fit ``memory_budget`` bytes;
+* accuracy: the model's output with the encoded features must stay within ``max_rel_error``
+  (max |y - y_float| / max |y_float|) and agree on top-1 at least ``min_top1`` of the time, on
+  calibration inputs. Distortion is measured lazily, best candidate first, and cached: only the
+  candidates that could win are ever evaluated.
+
+Objectives: ``latency`` (the sum of the stages) or ``throughput`` (the slowest pipelined stage).
+Baselines for comparison: ``neurosurgeon`` (best cut with fp32 features, no compression),
+``edge-only``, ``cloud-raw`` (the input as 8-bit codes + zstd) and ``cloud-jpeg``.
+
+:class:`SwitchPolicy` adds hysteresis for re-planning: a new plan replaces the current one only
+when it is predicted to be clearly faster, so a noisy link estimate does not make the edge flap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from compressor import EncodingSpec, decode, encode
+
+from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate, CostModel, Link
+from .loaded import LoadedModel, as_tensor_list
+
+OBJECTIVES = ("latency", "throughput")
+BASELINES = ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg")
+
+
+@dataclass(frozen=True)
+class Distortion:
+    rel_error: float
+    top1: float  # fraction of calibration inputs whose top-1 class matches the float model's
+
+
+@dataclass(frozen=True)
+class Scored:
+    candidate: Candidate
+    predicted: Breakdown
+    cost_ms: float  # what the objective minimises
+    distortion: Distortion | None = None
+    rejected: str = ""  # why it does not fit the budgets; empty when it does
+
+
+@dataclass
+class Budgets:
+    memory_bytes: int | None = None
+    max_rel_error: float | None = None
+    min_top1: float | None = None
+
+
+class Planner:
+    """Ranks every candidate of a :class:`CostModel` for a link under budgets."""
+
+    def __init__(
+        self,
+        cost: CostModel,
+        budgets: Budgets | None = None,
+        distortion: Callable[[Candidate], Distortion] | None = None,
+        objective: str = "latency",
+        feature_encodings: tuple[str, ...] | None = None,
+    ) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        self.cost = cost
+        self.budgets = budgets or Budgets()
+        self.objective = objective
+        self._distortion = distortion
+        self._measured: dict[tuple[int, str], Distortion] = {}
+        kwargs = {"feature_encodings": feature_encodings} if feature_encodings else {}
+        self.candidates = cost.candidates(**kwargs)
+
+    def score(self, candidate: Candidate, link: Link) -> Scored:
+        predicted = candidate.predict(link)
+        cost = predicted.total_ms if self.objective == "latency" else predicted.bottleneck_ms
+        return Scored(candidate, predicted, cost)
+
+    def distortion_of(self, candidate: Candidate) -> Distortion | None:
+        if candidate.kind == EDGE_ONLY or candidate.encoding in ("raw", UNCOMPRESSED) or self._distortion is None:
+            return None if self._distortion is None else Distortion(0.0, 1.0)
+        key = (candidate.cut_index, candidate.encoding)
+        if key not in self._measured:
+            self._measured[key] = self._distortion(candidate)
+        return self._measured[key]
+
+    def _check(self, scored: Scored) -> Scored:
+        b, c = self.budgets, scored.candidate
+        if b.memory_bytes is not None and c.kind != CLOUD_ONLY and c.edge_memory > b.memory_bytes:
+            return Scored(c, scored.predicted, scored.cost_ms, None, f"edge memory {c.edge_memory} > {b.memory_bytes}")
+        if b.max_rel_error is None and b.min_top1 is None:
+            return scored
+        d = self.distortion_of(c)
+        if d is None:
+            return scored
+        if b.max_rel_error is not None and d.rel_error > b.max_rel_error:
+            return Scored(c, scored.predicted, scored.cost_ms, d, f"rel error {d.rel_error:.3g} > {b.max_rel_error}")
+        if b.min_top1 is not None and d.top1 < b.min_top1:
+            return Scored(c, scored.predicted, scored.cost_ms, d, f"top-1 {d.top1:.2f} < {b.min_top1}")
+        return Scored(c, scored.predicted, scored.cost_ms, d)
+
+    def rank(self, link: Link, limit: int | None = None) -> list[Scored]:
+        """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found."""
+        ordered = sorted((self.score(c, link) for c in self.candidates), key=lambda s: s.cost_ms)
+        out, feasible = [], 0
+        for scored in ordered:
+            if limit is not None and feasible >= limit:
+                out.append(scored)
+                continue
+            checked = self._check(scored)
+            out.append(checked)
+            feasible += not checked.rejected
+        return out
+
+    def best(self, link: Link) -> Scored:
+        """The plan: the cheapest candidate within budgets (edge-only always qualifies on accuracy)."""
+        for scored in self.rank(link, limit=1):
+            if not scored.rejected:
+                return scored
+        raise ValueError("no candidate fits the budgets (edge memory too small even for edge-only?)")
+
+    def baseline(self, name: str, link: Link) -> Scored:
+        """A comparison placement, scored on ``link`` without budgets."""
+        if name == "edge-only":
+            pool = [c for c in self.candidates if c.kind == EDGE_ONLY]
+        elif name == "cloud-raw":
+            pool = [c for c in self.candidates if c.kind == CLOUD_ONLY and c.encoding == "int8c"]
+        elif name == "cloud-jpeg":
+            pool = [c for c in self.candidates if c.kind == CLOUD_ONLY and c.encoding == "jpeg"]
+        elif name == "neurosurgeon":
+            pool = [c for c in self.candidates if c.encoding == UNCOMPRESSED or c.kind == EDGE_ONLY]
+        else:
+            raise ValueError(f"baseline: {name!r} is not one of {', '.join(BASELINES)}")
+        if not pool:
+            raise ValueError(f"baseline {name!r}: the model has no such candidate")
+        return min((self.score(c, link) for c in pool), key=lambda s: s.cost_ms)
+
+
+@dataclass
+class SwitchPolicy:
+    """Hysteresis: switch only when the new plan beats the current one by a clear margin."""
+
+    min_gain: float = 0.10  # relative
+    min_gain_ms: float = 2.0  # absolute
+    confirmations: int = 2  # consecutive checks that must agree
+    _streak: int = 0
+    _pending: str = ""
+
+    def should_switch(self, planner: Planner, current: Candidate | None, best: Scored, link: Link) -> bool:
+        if current is None:
+            return True
+        if best.candidate == current:
+            self._streak, self._pending = 0, ""
+            return False
+        now = planner.score(current, link).cost_ms
+        clearly_better = best.cost_ms < now * (1 - self.min_gain) and now - best.cost_ms > self.min_gain_ms
+        if not clearly_better:
+            self._streak, self._pending = 0, ""
+            return False
+        label = best.candidate.label
+        self._streak = self._streak + 1 if label == self._pending else 1
+        self._pending = label
+        if self._streak >= self.confirmations:
+            self._streak, self._pending = 0, ""
+            return True
+        return False
+
+
+def distortion_meter(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candidate], Distortion]:
+    """Measure a candidate's output distortion on ``calib`` (a batch of inputs) against float."""
+    with torch.inference_mode():
+        reference = as_tensor_list(model.module(calib))[0]
+
+    def measure(candidate: Candidate) -> Distortion:
+        spec = EncodingSpec.parse(candidate.encoding)
+        _, head, tail = model.parts(candidate.cut_index)
+        with torch.inference_mode():
+            features = [decode(encode(f, spec)) for f in head(calib)]
+            out = as_tensor_list(tail(*features))[0]
+        rel = float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+        if out.ndim >= 2 and out.shape[-1] > 1:
+            top1 = float((out.argmax(-1) == reference.argmax(-1)).float().mean())
+        else:
+            top1 = 1.0 if rel < 1e-3 else 0.0
+        return Distortion(rel, top1)
+
+    return measure

@@ -1,0 +1,289 @@
+"""Measured latency of a model on this host: per node, per head, and per byte of codec work.
+
+Per-node times come from running the traced graph node by node (an fx Interpreter). They are
+biased: the interpreter adds a little to every node and, compiled together, neighbouring kernels
+run faster than alone. So whole heads are also timed at a few cuts, and :class:`LatencyCurve` maps
+the cumulative per-node sum onto those measurements (piecewise linear between them). That is what
+the planner uses: ``head_ms(k)`` for the edge, ``tail_ms(k) = total - head_ms(k)`` for the cloud.
+
+Profiles are cached on disk, keyed by model fingerprint, host, torch version, thread count and
+batch size: a profile taken with other threads or another torch says nothing about this one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from compressor import EncodingSpec, decode, encode
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+
+from .loaded import LoadedModel
+
+#: Encodings whose cost per byte is measured on each host (the planner's feature encodings).
+PROFILED_ENCODINGS = ("raw", "raw+none", "fp16", "int8", "int6", "int4", "int3", "int2", "jpeg")
+
+
+@dataclass
+class CodecCost:
+    """Cost of one encoding on this host, per MB of float32 input."""
+
+    encoding: str
+    encode_ms_per_mb: float
+    decode_ms_per_mb: float
+
+
+@dataclass
+class Profile:
+    """Latency measurements of one model on one host."""
+
+    model: str
+    fingerprint: str
+    host: str
+    torch_version: str
+    threads: int
+    batch: int
+    node_names: list[str]
+    node_ms: list[float]  # median per node, in graph order (index k = node k)
+    output_bytes: list[int]  # bytes of each node's output
+    head_ms: dict[int, float]  # measured whole-head latency at sampled cut indices
+    total_ms: float  # measured whole-model latency
+    codecs: dict[str, CodecCost] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        data = json.loads(text)
+        data["head_ms"] = {int(k): v for k, v in data["head_ms"].items()}
+        data["codecs"] = {k: CodecCost(**v) for k, v in data["codecs"].items()}
+        return cls(**data)
+
+    def curve(self) -> LatencyCurve:
+        return LatencyCurve(self)
+
+
+class LatencyCurve:
+    """Corrected head and tail latency at any cut, from a :class:`Profile`."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.total_ms = profile.total_ms
+        self._prefix = []
+        running = 0.0
+        for ms in profile.node_ms:
+            running += ms
+            self._prefix.append(running)
+        # Anchor points (cumulative per-node sum -> measured head time), including both ends.
+        anchors = {0.0: 0.0, self._prefix[-1] if self._prefix else 0.0: profile.total_ms}
+        for index, ms in profile.head_ms.items():
+            if 0 <= index < len(self._prefix):
+                # A head cannot take longer than the whole model; a noisy sample that says so is capped.
+                anchors[self._prefix[index]] = min(ms, profile.total_ms)
+        xs = sorted(anchors)
+        ys = [anchors[x] for x in xs]
+        # Head time never decreases with k; clamp noise so the curve stays monotone.
+        for i in range(1, len(ys)):
+            ys[i] = max(ys[i], ys[i - 1])
+        self._xs, self._ys = xs, ys
+
+    def head_ms(self, index: int) -> float:
+        """Edge compute for cut ``index`` (nodes 0..index)."""
+        x = self._prefix[index] if 0 <= index < len(self._prefix) else 0.0
+        i = bisect.bisect_left(self._xs, x)
+        if i < len(self._xs) and self._xs[i] == x:
+            return self._ys[i]
+        if i == 0:
+            return self._ys[0]
+        if i >= len(self._xs):
+            return self._ys[-1]
+        x0, x1, y0, y1 = self._xs[i - 1], self._xs[i], self._ys[i - 1], self._ys[i]
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+    def tail_ms(self, index: int) -> float:
+        """Cloud compute for cut ``index`` (nodes index+1..end)."""
+        return max(self.total_ms - self.head_ms(index), 0.0)
+
+
+class _TimingInterpreter(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.times: dict[str, float] = {}
+        self.sizes: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node):
+        started = time.perf_counter()
+        value = super().run_node(n)
+        self.times[n.name] = (time.perf_counter() - started) * 1e3
+        self.sizes[n.name] = _nbytes(value)
+        return value
+
+
+def _nbytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _time(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(samples)
+
+
+def sample_cut_indices(model: LoadedModel, count: int) -> list[int]:
+    """``count`` cut indices spread evenly over the graph (the whole-head correction points)."""
+    cuts = model.graph.cuts
+    if len(cuts) <= count:
+        return [c.index for c in cuts]
+    step = (len(cuts) - 1) / (count - 1)
+    return sorted({cuts[round(i * step)].index for i in range(count)})
+
+
+def measure_codecs(encodings=PROFILED_ENCODINGS, numel: int = 1 << 18, repeats: int = 5) -> dict[str, CodecCost]:
+    """Encode/decode cost of each encoding on ReLU-like data (1 MB of float32 by default)."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 64, numel // 64, generator=gen).clamp_min(0)
+    side = int((numel // 3) ** 0.5)
+    ramp = torch.linspace(-2, 2, side)
+    image = (ramp.view(1, 1, side, 1) + ramp.view(1, 1, 1, side)).expand(1, 3, side, side).contiguous()
+    costs = {}
+    for text in encodings:
+        spec = EncodingSpec.parse(text)
+        x = image if spec.encoding == "jpeg" else features
+        mb = x.numel() * 4 / 1e6
+        msg = encode(x, spec)
+        enc = _time(lambda x=x, spec=spec: encode(x, spec), repeats, 1)
+        dec = _time(lambda msg=msg: decode(msg), repeats, 1)
+        costs[text] = CodecCost(text, enc / mb, dec / mb)
+    return costs
+
+
+def profile_model(
+    model: LoadedModel, repeats: int = 10, warmup: int = 3, head_samples: int = 8, batch: int | None = None
+) -> Profile:
+    """Profile ``model`` on this host at its example input (or ``batch`` copies of it)."""
+    x = model.graph.example_input
+    if batch is not None and batch != x.shape[0]:
+        x = x[:1].expand(batch, *x.shape[1:]).contiguous()
+    module = model.graph.module
+    with torch.inference_mode():
+        total = _time(lambda: module(x), repeats, warmup)
+        if isinstance(module, fx.GraphModule) and not model.graph.opaque:
+            runs = []
+            for _ in range(max(repeats // 2, 3)):
+                interp = _TimingInterpreter(module)
+                interp.run(x)
+                runs.append(interp)
+            names = [n.name for n in module.graph.nodes if n.op != "output"]
+            node_ms = [statistics.median(r.times.get(name, 0.0) for r in runs) for name in names]
+            out_bytes = [runs[0].sizes.get(name, 0) for name in names]
+        else:  # opaque graph: one node, the whole model
+            names, node_ms, out_bytes = ["input", "output"], [0.0, total], [_nbytes(x), 0]
+        heads = {}
+        for index in sample_cut_indices(model, head_samples):
+            _, head, _ = model.parts(index)
+            heads[index] = _time(lambda head=head: head(x), max(repeats // 2, 3), 1)
+    return Profile(
+        model=model.name,
+        fingerprint=model.fingerprint,
+        host=platform.node(),
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        batch=int(x.shape[0]),
+        node_names=names,
+        node_ms=node_ms,
+        output_bytes=out_bytes,
+        head_ms=heads,
+        total_ms=total,
+        codecs=measure_codecs(),
+    )
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLEAVE_CACHE", Path.home() / ".cache" / "cleave")) / "profiles"
+
+
+def cache_key(model: LoadedModel, batch: int) -> str:
+    parts = [model.fingerprint, platform.node(), torch.__version__, str(torch.get_num_threads()), str(batch)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def cached_profile(model: LoadedModel, batch: int | None = None, refresh: bool = False, **kwargs) -> Profile:
+    """The profile of ``model`` on this host, from the disk cache when it has one."""
+    batch = batch or int(model.graph.example_input.shape[0])
+    path = cache_dir() / f"{cache_key(model, batch)}.json"
+    if not refresh and path.exists():
+        try:
+            return Profile.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError):
+            pass  # a stale or corrupt cache entry is simply measured again
+    profile = profile_model(model, batch=batch, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(profile.to_json())
+    tmp.replace(path)
+    return profile
+
+
+def to_proto(profile: Profile) -> si_pb2.ProfileResponse:
+    """The wire form of a profile (``SplitInference.Profile``)."""
+    return si_pb2.ProfileResponse(
+        model=profile.model,
+        fingerprint=profile.fingerprint,
+        nodes=[
+            si_pb2.NodeTiming(name=n, ms=ms, output_bytes=b)
+            for n, ms, b in zip(profile.node_names, profile.node_ms, profile.output_bytes, strict=True)
+        ],
+        total_ms=profile.total_ms,
+        host=profile.host,
+        head_ms=profile.head_ms,
+        codecs=[
+            si_pb2.CodecCost(
+                encoding=c.encoding, encode_ms_per_mb=c.encode_ms_per_mb, decode_ms_per_mb=c.decode_ms_per_mb
+            )
+            for c in profile.codecs.values()
+        ],
+        threads=profile.threads,
+        torch_version=profile.torch_version,
+        batch=profile.batch,
+    )
+
+
+def from_proto(msg: si_pb2.ProfileResponse) -> Profile:
+    """A profile received from another host; raises ValueError when it is inconsistent."""
+    if not msg.nodes or msg.total_ms <= 0:
+        raise ValueError("profile: no nodes or no total time")
+    if any(ms < 0 for ms in [n.ms for n in msg.nodes] + list(msg.head_ms.values())):
+        raise ValueError("profile: negative time")
+    return Profile(
+        model=msg.model,
+        fingerprint=msg.fingerprint,
+        host=msg.host,
+        torch_version=msg.torch_version,
+        threads=msg.threads,
+        batch=msg.batch,
+        node_names=[n.name for n in msg.nodes],
+        node_ms=[n.ms for n in msg.nodes],
+        output_bytes=[n.output_bytes for n in msg.nodes],
+        head_ms=dict(msg.head_ms),
+        total_ms=msg.total_ms,
+        codecs={c.encoding: CodecCost(c.encoding, c.encode_ms_per_mb, c.decode_ms_per_mb) for c in msg.codecs},
+    )

@@ -1,0 +1,94 @@
+"""``cut: auto`` against a real cloud daemon: the edge plans at start, reports its prediction next to
+measured latency, re-plans on request, and stops re-planning while a plan is pinned."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import yaml
+
+from cleave_cli.client import EdgeClient, outputs_of
+from cleave_cli.launch import DaemonProcess, edge_process, free_port
+from partitioner.loaded import LoadedModel
+from partitioner.models import calibration_batch
+from protos.cleave.v1 import edge_pb2, tensor_pb2
+
+from .conftest import MODEL
+
+
+def start_edge(daemon_dir: Path, cloud: DaemonProcess, name: str, autoplan: dict) -> DaemonProcess:
+    config = daemon_dir / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({"model": MODEL, "torch_threads": 1, "autoplan": autoplan}))
+    return edge_process(config, free_port(), cloud.port, daemon_dir / f"{name}.log").start()
+
+
+def wait_planned(client: EdgeClient, timeout: float = 90.0) -> edge_pb2.EdgeStatus:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.status()
+        if status.plan.reason.startswith("planned"):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"no plan after {timeout}s: {status.planner_error}")
+
+
+def test_edge_plans_by_itself(cloud: DaemonProcess, daemon_dir: Path, local_model: LoadedModel) -> None:
+    edge = start_edge(daemon_dir, cloud, "edge-auto", {"check_interval_s": 0.5})
+    try:
+        client = EdgeClient(edge.address)
+        status = wait_planned(client)
+        plan = status.plan
+        assert status.auto_plan and status.planner_error == ""
+        assert plan.objective == "latency" and plan.predicted.total_ms > 0
+        assert plan.predicted_ms == pytest.approx(plan.predicted.total_ms)
+        assert status.link.rtt_ms > 0 and status.link.up_mbps > 0 and status.link.down_mbps > 0
+
+        x = calibration_batch(local_model.input_shape, 1, seed=9)
+        with torch.inference_mode():
+            ref = local_model.module(x)
+        for _ in range(5):
+            reply = client.infer(x)
+            assert reply.placement in (edge_pb2.SPLIT, edge_pb2.CLOUD_ONLY, edge_pb2.EDGE_ONLY), reply.note
+            rel = float((outputs_of(reply)[0] - ref).abs().max() / ref.abs().max())
+            assert rel <= 0.05  # the planner's default accuracy budget
+        status = client.status()
+        assert status.mean_latency_ms > 0  # measured, reported next to the prediction
+
+        replanned = client.stub.Replan(edge_pb2.ReplanRequest(), timeout=60)
+        assert replanned.reason.startswith("replan requested") and replanned.predicted.total_ms > 0
+
+        client.pin("edge", "fp32")
+        assert not client.status().auto_plan  # pinned: the planner keeps its hands off
+        time.sleep(1.5)
+        assert client.status().plan.placement == edge_pb2.EDGE_ONLY
+        client.stub.Replan(edge_pb2.ReplanRequest(), timeout=60)
+        assert client.status().auto_plan
+    finally:
+        edge.stop()
+
+
+def test_baseline_edge_plans_like_the_baseline(cloud: DaemonProcess, daemon_dir: Path) -> None:
+    baseline = start_edge(daemon_dir, cloud, "edge-baseline", {"baseline": "cloud-jpeg"})
+    try:
+        status = wait_planned(EdgeClient(baseline.address))
+        assert status.plan.placement == edge_pb2.CLOUD_ONLY and status.plan.encoding.encoding == tensor_pb2.JPEG
+    finally:
+        baseline.stop()
+
+
+def test_fixed_cut_edge_refuses_automatic_replan(cloud: DaemonProcess, daemon_dir: Path) -> None:
+    config = daemon_dir / "edge-fixed.yaml"
+    config.write_text(yaml.safe_dump({"model": MODEL, "plan": {"cut": "cloud", "encoding": "int8"}}))
+    fixed = edge_process(config, free_port(), cloud.port, daemon_dir / "edge-fixed.log").start()
+    try:
+        client = EdgeClient(fixed.address)
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.Replan(edge_pb2.ReplanRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--cut auto" in err.value.details()
+        assert client.status().plan.placement == edge_pb2.CLOUD_ONLY  # unchanged
+    finally:
+        fixed.stop()

@@ -1,0 +1,165 @@
+"""The latency model and planner on synthetic profiles: optimum found, budgets kept, no flapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, SPLIT, CostModel, CutCost, Link
+from partitioner.planner import Budgets, Distortion, Planner, SwitchPolicy
+from partitioner.profile import LatencyCurve, Profile
+
+ENCODINGS = ("raw", "fp16", "int8", "int4", "int2", "raw+none")
+BYTES_PER_ELEMENT = {"raw": 3.0, "fp16": 2.0, "int8": 0.8, "int4": 0.4, "int2": 0.2, "raw+none": 4.0}
+
+
+def synthetic_cost(edge_slowdown: float = 4.0) -> CostModel:
+    """A 5-layer chain: features shrink 4x per layer; the cloud is ``edge_slowdown`` times faster."""
+    layer_ms = [2.0, 3.0, 3.0, 2.0, 1.0]  # cloud time per layer
+    elements = [150_000, 300_000, 60_000, 8_000, 2_000, 100]  # input, then after each layer
+    cuts = []
+    for index, numel in enumerate(elements[:-1]):
+        done = sum(layer_ms[:index])
+        cut = CutCost(
+            index=index,
+            name="input" if index == 0 else f"layer{index}",
+            edge_ms=done * edge_slowdown,
+            cloud_ms=sum(layer_ms) - done,
+            raw_bytes=numel * 4,
+            edge_memory=(index + 1) * 1_000_000,
+        )
+        for enc in ("int8c", "jpeg", "raw+none") if index == 0 else ENCODINGS:
+            per = {"int8c": 1.0, "jpeg": 0.5}.get(enc, BYTES_PER_ELEMENT.get(enc))
+            cut.feature_bytes[enc] = int(numel * per)
+            cut.encode_ms[enc] = 0.5
+            cut.decode_ms[enc] = 0.2
+        cuts.append(cut)
+    return CostModel(
+        "chain", cuts, edge_total_ms=sum(layer_ms) * edge_slowdown, edge_model_memory=6_000_000, output_bytes=400
+    )
+
+
+def brute_force(cost: CostModel, link: Link, allowed=lambda c: True) -> float:
+    return min(c.predict(link).total_ms for c in cost.candidates() if allowed(c))
+
+
+@pytest.mark.parametrize("mbps", [0.5, 1, 5, 20, 100, 1000])
+@pytest.mark.parametrize("rtt", [1.0, 50.0])
+def test_best_plan_is_the_true_optimum(mbps: float, rtt: float) -> None:
+    cost = synthetic_cost()
+    link = Link(mbps, mbps, rtt)
+    best = Planner(cost).best(link)
+    assert best.cost_ms == pytest.approx(brute_force(cost, link))
+    assert best.predicted.total_ms == pytest.approx(best.cost_ms)
+
+
+def test_placement_follows_the_link() -> None:
+    planner = Planner(synthetic_cost())
+    assert planner.best(Link(0.1, 0.1, 100)).candidate.kind == EDGE_ONLY
+    assert planner.best(Link(1000, 1000, 0.5)).candidate.kind == CLOUD_ONLY
+    kinds = [planner.best(Link(mbps, mbps, 2)).candidate.kind for mbps in (0.5, 2, 5, 10, 20, 50, 100, 1000)]
+    assert SPLIT in kinds  # in between, cutting inside the model wins
+    # ... and the choice moves monotonically: edge-only, then splits, then cloud-only.
+    order = {EDGE_ONLY: 0, SPLIT: 1, CLOUD_ONLY: 2}
+    assert [order[k] for k in kinds] == sorted(order[k] for k in kinds)
+
+
+def test_latency_formula_adds_up() -> None:
+    cost = synthetic_cost()
+    cand = next(c for c in cost.candidates() if c.cut_index == 2 and c.encoding == "int4")
+    b = cand.predict(Link(8, 16, 20))
+    assert b.upload_ms == pytest.approx(cand.bytes_up * 8 / 8e6 * 1e3)
+    assert b.download_ms == pytest.approx(cand.bytes_down * 8 / 16e6 * 1e3)
+    assert b.total_ms == pytest.approx(cand.edge_ms + 0.5 + b.upload_ms + 20 + 0.2 + cand.cloud_ms + b.download_ms)
+    assert b.bottleneck_ms == pytest.approx(max(cand.edge_ms + 0.5, b.upload_ms, 0.2 + cand.cloud_ms))
+
+
+def test_memory_budget_is_respected() -> None:
+    cost = synthetic_cost()
+    link = Link(5, 5, 10)
+    free = Planner(cost).best(link).candidate
+    assert free.edge_memory > 2_500_000  # the unconstrained optimum needs more than the budget below
+    tight = Planner(cost, Budgets(memory_bytes=2_500_000)).best(link)
+    assert tight.candidate.edge_memory <= 2_500_000 or tight.candidate.kind == CLOUD_ONLY
+    assert tight.cost_ms == pytest.approx(
+        brute_force(cost, link, lambda c: c.kind == CLOUD_ONLY or c.edge_memory <= 2_500_000)
+    )
+
+
+def test_accuracy_budget_is_respected_and_checked_lazily() -> None:
+    cost = synthetic_cost()
+    seen = []
+
+    def distortion(c):
+        seen.append((c.cut_index, c.encoding))
+        bits = {"int2": 2, "int4": 4, "int8": 8, "jpeg": 3, "int8c": 8}.get(c.encoding, 16)
+        return Distortion(rel_error=2.0**-bits, top1=1.0 if bits >= 4 else 0.5)
+
+    # A link where, with accuracy free, a lossy low-bit encoding wins.
+    link = next(
+        Link(m, m, 2)
+        for m in (1, 2, 5, 10, 20, 50)
+        if Planner(cost).best(Link(m, m, 2)).candidate.encoding in ("int2", "jpeg")
+    )
+    planner = Planner(cost, Budgets(max_rel_error=0.1, min_top1=0.99), distortion)
+    best = planner.best(link)
+    assert best.candidate.encoding not in ("int2", "jpeg")
+    if best.candidate.kind != EDGE_ONLY:
+        assert best.distortion.rel_error <= 0.1 and best.distortion.top1 >= 0.99
+    allowed = {"raw", "raw+none", "fp16", "int8", "int8c", "int4", ""}
+    assert best.cost_ms == pytest.approx(brute_force(cost, link, lambda c: c.encoding in allowed))
+    assert len(seen) < len(planner.candidates) / 2  # only candidates that could win were measured
+
+
+def test_throughput_objective_minimises_the_slowest_stage() -> None:
+    cost = synthetic_cost()
+    link = Link(20, 20, 40)
+    best = Planner(cost, objective="throughput").best(link)
+    assert best.cost_ms == pytest.approx(min(c.predict(link).bottleneck_ms for c in cost.candidates()))
+    assert best.cost_ms <= Planner(cost).best(link).predicted.bottleneck_ms
+    with pytest.raises(ValueError, match="objective"):
+        Planner(cost, objective="fastest")
+
+
+def test_baselines() -> None:
+    planner = Planner(synthetic_cost())
+    link = Link(5, 5, 10)
+    assert planner.baseline("edge-only", link).candidate.kind == EDGE_ONLY
+    raw = planner.baseline("cloud-raw", link).candidate
+    assert raw.kind == CLOUD_ONLY and raw.encoding == "int8c"
+    assert planner.baseline("cloud-jpeg", link).candidate.encoding == "jpeg"
+    neuro = planner.baseline("neurosurgeon", link)
+    assert neuro.candidate.kind == EDGE_ONLY or neuro.candidate.encoding == "raw+none"
+    assert planner.best(link).cost_ms <= min(
+        planner.baseline(b, link).cost_ms for b in ("edge-only", "cloud-raw", "cloud-jpeg", "neurosurgeon")
+    )
+    with pytest.raises(ValueError, match="baseline"):
+        planner.baseline("magic", link)
+
+
+def test_switch_policy_needs_a_clear_and_confirmed_gain() -> None:
+    planner = Planner(synthetic_cost())
+    slow, fast = Link(1, 1, 10), Link(200, 200, 1)
+    current = planner.best(slow).candidate
+    policy = SwitchPolicy(min_gain=0.1, min_gain_ms=2.0, confirmations=2)
+    assert not policy.should_switch(planner, current, planner.best(slow), slow)  # same plan
+    # A link that flips back and forth every check never confirms a switch: no flapping.
+    flips = [fast, slow] * 4
+    assert not any(policy.should_switch(planner, current, planner.best(link), link) for link in flips)
+    assert not policy.should_switch(planner, current, planner.best(fast), fast)
+    assert policy.should_switch(planner, current, planner.best(fast), fast)  # confirmed
+    # A marginally better plan (within the hysteresis band) never replaces the current one.
+    nearly = Link(1.02, 1.02, 10)
+    policy = SwitchPolicy(min_gain=0.1, min_gain_ms=2.0, confirmations=1)
+    assert not policy.should_switch(planner, current, planner.best(nearly), nearly)
+
+
+def test_latency_curve_is_anchored_on_measured_heads() -> None:
+    # Per-node times overestimate by 50% (interpreter overhead); measured heads say the truth.
+    node_ms = [0.0] + [3.0] * 10
+    true_head = {i: 2.0 * i for i in range(0, 11, 5)}
+    profile = Profile("m", "f", "h", "t", 1, 1, [f"n{i}" for i in range(11)], node_ms, [0] * 11, true_head, 20.0)
+    curve = LatencyCurve(profile)
+    assert curve.head_ms(5) == pytest.approx(10.0)
+    assert curve.head_ms(3) == pytest.approx(6.0)  # interpolated between anchors, not 9.0
+    assert curve.tail_ms(3) == pytest.approx(14.0)
+    assert all(curve.head_ms(i) <= curve.head_ms(i + 1) for i in range(10))

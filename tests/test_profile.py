@@ -1,0 +1,72 @@
+"""Profiles: measured per node and per head, cached by fingerprint/host/torch/threads, sent over the wire."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from partitioner.costmodel import CostModel, Link
+from partitioner.loaded import LoadedModel
+from partitioner.profile import cache_key, cached_profile, from_proto, profile_model, to_proto
+
+
+@pytest.fixture(scope="module")
+def profile(local_model: LoadedModel):
+    return profile_model(local_model, repeats=3, warmup=1, head_samples=5)
+
+
+def test_profile_covers_every_node_and_anchors_heads(profile, local_model: LoadedModel) -> None:
+    assert len(profile.node_ms) == len(profile.node_names) == len(list(local_model.graph.module.graph.nodes)) - 1
+    assert all(ms >= 0 for ms in profile.node_ms) and profile.total_ms > 0
+    assert len(profile.head_ms) == 5 and 0 in profile.head_ms
+    curve = profile.curve()
+    indices = [c.index for c in local_model.graph.cuts]
+    heads = [curve.head_ms(i) for i in indices]
+    assert heads == sorted(heads) and heads[-1] <= profile.total_ms + 1e-9
+    assert curve.tail_ms(indices[0]) == pytest.approx(profile.total_ms, rel=0.05, abs=0.05)
+    assert {"raw", "fp16", "int8", "int4", "jpeg"} <= set(profile.codecs)
+    assert all(c.encode_ms_per_mb > 0 and c.decode_ms_per_mb > 0 for c in profile.codecs.values())
+
+
+def test_wire_round_trip_and_validation(profile) -> None:
+    back = from_proto(to_proto(profile))
+    assert back.node_ms == pytest.approx(profile.node_ms) and back.head_ms == pytest.approx(profile.head_ms)
+    assert back.codecs.keys() == profile.codecs.keys()
+    bad = to_proto(profile)
+    bad.nodes[3].ms = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        from_proto(bad)
+
+
+def test_cache_hits_and_keys(local_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLEAVE_CACHE", str(tmp_path))
+    first = cached_profile(local_model, repeats=2, warmup=1, head_samples=3)
+    files = list((tmp_path / "profiles").glob("*.json"))
+    assert len(files) == 1
+    assert cached_profile(local_model) == first  # read back, not measured again
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        other = cache_key(local_model, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert other != cache_key(local_model, 1)  # another thread count is another profile
+    assert cache_key(local_model, 2) != cache_key(local_model, 1)
+    files[0].write_text("{not json")
+    assert cached_profile(local_model, repeats=2, warmup=1, head_samples=3).model == local_model.name
+
+
+def test_cost_model_bytes_come_from_real_features(profile, local_model: LoadedModel) -> None:
+    cost = CostModel.measure(local_model, profile, profile)
+    by_index = {c.index: c for c in cost.cuts}
+    mid = by_index[local_model.graph.cuts[len(local_model.graph.cuts) // 2].index]
+    assert mid.feature_bytes["raw+none"] >= mid.raw_bytes  # fp32 plus framing
+    assert mid.feature_bytes["int8"] < mid.feature_bytes["fp16"] < mid.feature_bytes["raw+none"]
+    assert mid.feature_bytes["int2"] < mid.feature_bytes["int4"] < mid.feature_bytes["int8"]
+    assert {"int8c", "jpeg"} <= set(by_index[0].feature_bytes)
+    memory = [c.edge_memory for c in cost.cuts]
+    assert memory == sorted(memory)  # a longer head never needs less memory
+    edge_only = next(c for c in cost.candidates() if c.kind == "edge")
+    assert edge_only.predict(Link(1, 1, 1)).total_ms == pytest.approx(profile.total_ms)
