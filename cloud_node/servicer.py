@@ -45,7 +45,9 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
             raise InvalidArgument("repeats/warmup/batch: at most 1000/100/1024")
         kwargs = {"repeats": request.repeats or 10, "warmup": request.warmup or 3}
         with self._profiling:
-            profile = cached_profile(model, batch=request.batch or None, refresh=request.refresh, **kwargs)
+            profile = cached_profile(
+                model, batch=request.batch or None, refresh=request.refresh, role="cloud", **kwargs
+            )
         return profile_to_proto(profile)
 
     @maps_errors

@@ -55,6 +55,7 @@ class AutoPlanner:
         self.current: Scored | None = None
         self.enabled = True
         self.error = "planning has not started"
+        self._evidence = -1  # link samples seen at the last check: only new evidence confirms a switch
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="autoplan", daemon=True)
@@ -69,7 +70,7 @@ class AutoPlanner:
     def prepare(self) -> Planner:
         """Profiles (edge: measured here; cloud: over the wire), cost model and planner."""
         s = self.settings
-        edge = cached_profile(self.model)
+        edge = cached_profile(self.model, role="edge")
         reply = self.stub.Profile(si_pb2.ProfileRequest(model=self.model.name), timeout=120)
         if reply.fingerprint != self.model.fingerprint:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
@@ -153,9 +154,11 @@ class AutoPlanner:
 
     def _check(self) -> None:
         link = self.current_link()
+        samples = self.monitor.snapshot().samples
         with self._lock:
-            if not self.enabled:
-                return
+            if not self.enabled or samples == self._evidence:
+                return  # nothing new about the link: re-counting old evidence would defeat hysteresis
+            self._evidence = samples
             best = self.choose(link)
             current = self.current.candidate if self.current else None
             if self.policy.should_switch(self.planner, current, best, link):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 
-PIECE = 32 << 10  # bytes per probe message on the uplink
+PIECE = 8 << 10  # bytes per probe message: small, so the first guess costs little on a slow link
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ run faster than alone. So whole heads are also timed at a few cuts, and :class:`
 the cumulative per-node sum onto those measurements (piecewise linear between them). That is what
 the planner uses: ``head_ms(k)`` for the edge, ``tail_ms(k) = total - head_ms(k)`` for the cloud.
 
-Profiles are cached on disk, keyed by model fingerprint, host, torch version, thread count and
-batch size: a profile taken with other threads or another torch says nothing about this one.
+Profiles are cached on disk, keyed by model fingerprint, role (edge or cloud), host, CPU quota,
+torch version, thread count and batch size: a profile taken elsewhere says nothing about here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -86,9 +86,11 @@ class LatencyCurve:
             self._prefix.append(running)
         # Anchor points (cumulative per-node sum -> measured head time), including both ends.
         anchors = {0.0: 0.0, self._prefix[-1] if self._prefix else 0.0: profile.total_ms}
+        end = self._prefix[-1] if self._prefix else 0.0
         for index, ms in profile.head_ms.items():
-            if 0 <= index < len(self._prefix):
-                # A head cannot take longer than the whole model; a noisy sample that says so is capped.
+            # The curve ends at the whole-model time (the most repeated measurement), so a head that
+            # holds every node costs exactly what edge-only costs; other heads are capped by it.
+            if 0 <= index < len(self._prefix) and self._prefix[index] < end:
                 anchors[self._prefix[index]] = min(ms, profile.total_ms)
         xs = sorted(anchors)
         ys = [anchors[x] for x in xs]
@@ -221,15 +223,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLEAVE_CACHE", Path.home() / ".cache" / "cleave")) / "profiles"
 
 
-def cache_key(model: LoadedModel, batch: int) -> str:
-    parts = [model.fingerprint, platform.node(), torch.__version__, str(torch.get_num_threads()), str(batch)]
+def cpu_quota() -> str:
+    """This process's CPU limit from its cgroup ("0.25" cores), or "none"."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # cgroup v2
+                text = (Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max").read_text().split()
+                return "none" if text[0] == "max" else f"{int(text[0]) / int(text[1]):.3f}"
+            if "cpu" in controllers.split(","):
+                base = Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
+                quota = int((base / "cpu.cfs_quota_us").read_text())
+                period = int((base / "cpu.cfs_period_us").read_text())
+                return "none" if quota < 0 else f"{quota / period:.3f}"
+    except (OSError, ValueError, IndexError):
+        pass
+    return "none"
+
+
+def cache_key(model: LoadedModel, batch: int, role: str = "") -> str:
+    parts = [
+        model.fingerprint,
+        role,
+        platform.node(),
+        cpu_quota(),
+        torch.__version__,
+        str(torch.get_num_threads()),
+        str(batch),
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def cached_profile(model: LoadedModel, batch: int | None = None, refresh: bool = False, **kwargs) -> Profile:
-    """The profile of ``model`` on this host, from the disk cache when it has one."""
+def cached_profile(
+    model: LoadedModel, batch: int | None = None, refresh: bool = False, role: str = "", **kwargs
+) -> Profile:
+    """The profile of ``model`` on this host, from the disk cache when it has one.
+
+    ``role`` ("edge", "cloud") keeps the two daemons' profiles apart when they share a host and a
+    cache directory, as they do in tests and network-namespace benchmarks.
+    """
     batch = batch or int(model.graph.example_input.shape[0])
-    path = cache_dir() / f"{cache_key(model, batch)}.json"
+    path = cache_dir() / f"{cache_key(model, batch, role)}.json"
     if not refresh and path.exists():
         try:
             return Profile.from_json(path.read_text())
@@ -286,4 +320,22 @@ def from_proto(msg: si_pb2.ProfileResponse) -> Profile:
         head_ms=dict(msg.head_ms),
         total_ms=msg.total_ms,
         codecs={c.encoding: CodecCost(c.encoding, c.encode_ms_per_mb, c.decode_ms_per_mb) for c in msg.codecs},
+    )
+
+
+def scaled(profile: Profile, factor: float, host: str | None = None) -> Profile:
+    """``profile`` as a host ``factor`` times slower (< 1: faster) would measure it.
+
+    For planning offline, when the other host cannot be asked: an estimate, not a measurement.
+    """
+    return replace(
+        profile,
+        host=host or f"{profile.host} x{factor:g}",
+        node_ms=[ms * factor for ms in profile.node_ms],
+        head_ms={k: ms * factor for k, ms in profile.head_ms.items()},
+        total_ms=profile.total_ms * factor,
+        codecs={
+            k: CodecCost(c.encoding, c.encode_ms_per_mb * factor, c.decode_ms_per_mb * factor)
+            for k, c in profile.codecs.items()
+        },
     )

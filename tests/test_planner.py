@@ -163,3 +163,10 @@ def test_latency_curve_is_anchored_on_measured_heads() -> None:
     assert curve.head_ms(3) == pytest.approx(6.0)  # interpolated between anchors, not 9.0
     assert curve.tail_ms(3) == pytest.approx(14.0)
     assert all(curve.head_ms(i) <= curve.head_ms(i + 1) for i in range(10))
+
+
+def test_a_head_of_every_node_costs_what_the_whole_model_costs() -> None:
+    # Noisy anchors (as on a throttled device): the last head was timed faster than the whole model.
+    profile = Profile("m", "f", "h", "t", 1, 1, ["x", "a", "b"], [0.0, 5.0, 5.0], [0] * 3, {0: 0.0, 2: 7.0}, 12.0)
+    curve = LatencyCurve(profile)
+    assert curve.head_ms(2) == pytest.approx(12.0) and curve.tail_ms(2) == 0.0

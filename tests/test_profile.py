@@ -70,3 +70,7 @@ def test_cost_model_bytes_come_from_real_features(profile, local_model: LoadedMo
     assert memory == sorted(memory)  # a longer head never needs less memory
     edge_only = next(c for c in cost.candidates() if c.kind == "edge")
     assert edge_only.predict(Link(1, 1, 1)).total_ms == pytest.approx(profile.total_ms)
+
+
+def test_edge_and_cloud_profiles_never_share_a_cache_entry(local_model: LoadedModel) -> None:
+    assert cache_key(local_model, 1, "edge") != cache_key(local_model, 1, "cloud")

@@ -1,0 +1,234 @@
+"""``cleave profile`` and ``cleave plan``: look at what the planner sees and what it would choose.
+
+cleave profile --model resnet18                       # per-node table on this host
+cleave plan --model resnet18 --cloud 127.0.0.1:50051  # cloud profile over the wire, link probed
+cleave plan --model resnet18 --bandwidth 5 --rtt 20 --cloud-speedup 4 --png plan.png   # offline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, CostModel, Link
+from partitioner.loaded import LoadedModel
+from partitioner.models import ModelSpec, calibration_batch
+from partitioner.planner import BASELINES, Budgets, Planner, Scored, distortion_meter
+from partitioner.profile import Profile, cached_profile, from_proto, scaled
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+from protos.serving import open_channel
+
+BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="torchvision name, NAME=SOURCE, or a file")
+    p.add_argument("--weights", help="local state-dict file")
+    p.add_argument("--input-shape", default="1,3,224,224")
+
+
+def load(args: argparse.Namespace) -> LoadedModel:
+    name, _, source = args.model.partition("=")
+    spec = {"name": name, "source": source or name, "input_shape": [int(d) for d in args.input_shape.split(",")]}
+    if args.weights:
+        spec["weights"] = args.weights
+    return LoadedModel.load(ModelSpec.from_dict(spec))
+
+
+def cloud_profile(model: LoadedModel, target: str) -> tuple[Profile, si_grpc.SplitInferenceStub]:
+    stub = si_grpc.SplitInferenceStub(open_channel(target))
+    reply = stub.Profile(si_pb2.ProfileRequest(model=model.name), timeout=300)
+    if reply.fingerprint != model.fingerprint:
+        raise ValueError(f"the cloud's {model.name!r} has another fingerprint: it is not the same model")
+    return from_proto(reply), stub
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    model = load(args)
+    if args.cloud:
+        profile, _ = cloud_profile(model, args.cloud)
+    else:
+        profile = cached_profile(model, refresh=args.refresh, role="edge")
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(profile), indent=2))
+    print(
+        f"{model.name} on {profile.host}: {profile.total_ms:.2f} ms whole model, torch {profile.torch_version}, "
+        f"{profile.threads} threads, batch {profile.batch}"
+    )
+    print(f"{'node':>5}  {'name':<30} {'ms':>8} {'output bytes':>13}")
+    for i, (name, ms, size) in enumerate(zip(profile.node_names, profile.node_ms, profile.output_bytes, strict=True)):
+        print(f"{i:>5}  {name:<30} {ms:8.3f} {size:>13}")
+    print(
+        f"sum of nodes {sum(profile.node_ms):.2f} ms; measured heads (cut: ms): "
+        + ", ".join(f"{k}: {v:.2f}" for k, v in sorted(profile.head_ms.items()))
+    )
+    return 0
+
+
+def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner, Link, str]:
+    edge = cached_profile(model, role="edge")
+    if args.cloud:
+        cloud, stub = cloud_profile(model, args.cloud)
+        if args.bandwidth:
+            link = Link(args.bandwidth, args.down or args.bandwidth, args.rtt)
+        else:
+            from edge_node.probe import probe_link  # the edge's own prober
+
+            r = probe_link(stub)
+            link = Link(r.up_mbps, r.down_mbps, r.rtt_ms)
+        source = f"cloud {args.cloud} ({cloud.host})"
+    else:
+        if not args.bandwidth:
+            raise ValueError("give --cloud HOST:PORT, or --bandwidth (Mbit/s) and --rtt (ms) to plan offline")
+        cloud = scaled(edge, 1 / args.cloud_speedup, host="cloud (estimated)")
+        link = Link(args.bandwidth, args.down or args.bandwidth, args.rtt)
+        source = f"offline, cloud assumed {args.cloud_speedup:g}x faster than this host"
+    calib = calibration_batch(model.input_shape, args.calibration)
+    cost = CostModel.measure(model, edge, cloud, calib[:1])
+    budgets = Budgets(
+        memory_bytes=int(args.memory_mb * 1e6) if args.memory_mb else None,
+        max_rel_error=args.max_rel_error,
+        min_top1=args.min_top1,
+    )
+    return Planner(cost, budgets, distortion_meter(model, calib), args.objective), link, source
+
+
+def row(rank: str, s: Scored) -> str:
+    p = s.predicted
+    d = s.distortion
+    acc = f"{d.rel_error:.1e}/{d.top1 * 100:.0f}%" if d else "-"
+    return (
+        f"{rank:>4} {s.candidate.label:<36} {s.cost_ms:9.2f} {p.edge_ms:8.2f} {p.encode_ms:6.2f} "
+        f"{p.upload_ms + p.rtt_ms + p.download_ms:9.2f} {p.decode_ms:6.2f} {p.cloud_ms:8.2f} "
+        f"{s.candidate.bytes_up:>10} {acc:>14}  {s.rejected}"
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    model = load(args)
+    planner, link, source = build_planner(args, model)
+    ranked = planner.rank(link, limit=args.top)
+    best = planner.best(link)
+    print(
+        f"{model.name}: {source}; link up {link.up_mbps:.2f} Mbit/s, down {link.down_mbps:.2f} Mbit/s, "
+        f"RTT {link.rtt_ms:.2f} ms; objective {planner.objective}"
+    )
+    print(
+        f"{'':>4} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} {'cloud':>8} "
+        f"{'bytes up':>10} {'rel.err/top1':>14}"
+    )
+    shown = [s for s in ranked if not s.rejected][: args.top]
+    for i, s in enumerate(shown, 1):
+        print(row(f"{i}." if s.candidate != best.candidate else "*", s))
+    rejected = [s for s in ranked if s.rejected][:3]
+    for s in rejected:
+        print(row("x", s))
+    print("baselines:")
+    for name in BASELINES:
+        try:
+            print(row(name[:4], planner.baseline(name, link)))
+        except ValueError as exc:
+            print(f"     {name}: {exc}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "model": model.name,
+                    "link": asdict(link),
+                    "objective": planner.objective,
+                    "best": _record(best),
+                    "ranked": [_record(s) for s in shown],
+                    "baselines": {n: _record(planner.baseline(n, link)) for n in BASELINES},
+                },
+                indent=2,
+            )
+        )
+    if args.png:
+        plot(planner, link, best, model.name, Path(args.png))
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _record(s: Scored) -> dict:
+    return {
+        "placement": s.candidate.label,
+        "cost_ms": s.cost_ms,
+        "predicted": asdict(s.predicted),
+        "bytes_up": s.candidate.bytes_up,
+        "rejected": s.rejected,
+        "distortion": asdict(s.distortion) if s.distortion else None,
+    }
+
+
+def plot(planner: Planner, link: Link, best: Scored, name: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    per_cut: dict[int, float] = {}
+    for c in planner.candidates:
+        if c.kind not in (EDGE_ONLY, CLOUD_ONLY):
+            per_cut[c.cut_index] = min(per_cut.get(c.cut_index, float("inf")), planner.score(c, link).cost_ms)
+    xs = sorted(per_cut)
+    left.plot(xs, [per_cut[x] for x in xs], ".-", label="split at cut (best encoding)")
+    left.axhline(planner.baseline("edge-only", link).cost_ms, color="C2", ls="--", label="edge-only")
+    left.axhline(planner.baseline("cloud-raw", link).cost_ms, color="C3", ls="--", label="cloud-only (8-bit input)")
+    left.axhline(best.cost_ms, color="k", lw=0.8, label=f"chosen: {best.candidate.label}")
+    left.set_xlabel("cut (node index)")
+    left.set_ylabel(f"predicted {planner.objective} cost, ms")
+    left.set_title(f"{name} at {link.up_mbps:.1f} Mbit/s, RTT {link.rtt_ms:.1f} ms")
+    left.legend(fontsize=7)
+    series = {"Cleave (re-planned)": [], "chosen plan, fixed": [], **{b: [] for b in BASELINES}}
+    for bw in BANDWIDTHS:
+        at = Link(bw, bw, link.rtt_ms)
+        series["Cleave (re-planned)"].append(planner.best(at).cost_ms)
+        series["chosen plan, fixed"].append(planner.score(best.candidate, at).cost_ms)
+        for b in BASELINES:
+            series[b].append(planner.baseline(b, at).cost_ms)
+    for label, ys in series.items():
+        right.plot(
+            BANDWIDTHS,
+            ys,
+            "o-" if label.startswith("Cleave") else ".--",
+            label=label,
+            lw=2 if label.startswith("Cleave") else 1,
+        )
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("bandwidth, Mbit/s (both directions)")
+    right.set_ylabel("predicted latency, ms")
+    right.set_title("across bandwidths")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    profile = sub.add_parser("profile", help="per-node latency of a model on this host (or on a cloud daemon)")
+    add_model_args(profile)
+    profile.add_argument("--cloud", help="show the cloud daemon's profile of the model instead")
+    profile.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    profile.add_argument("--json", help="also write the profile as JSON here")
+    profile.set_defaults(func=cmd_profile)
+
+    plan = sub.add_parser("plan", help="rank placements of a model for a link; the best first")
+    add_model_args(plan)
+    plan.add_argument("--cloud", help="cloud daemon host:port: its profile and a probe of the link")
+    plan.add_argument("--bandwidth", type=float, help="uplink Mbit/s (offline, or to override the probe)")
+    plan.add_argument("--down", type=float, help="downlink Mbit/s (default: = --bandwidth)")
+    plan.add_argument("--rtt", type=float, default=10.0, help="round trip ms (default 10)")
+    plan.add_argument("--cloud-speedup", type=float, default=4.0, help="offline: how much faster the cloud is")
+    plan.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    plan.add_argument("--memory-mb", type=float, help="edge memory budget (head weights + activations)")
+    plan.add_argument("--max-rel-error", type=float, default=0.05, help="output distortion budget")
+    plan.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement budget")
+    plan.add_argument("--calibration", type=int, default=8, help="calibration inputs for distortion")
+    plan.add_argument("--top", type=int, default=10)
+    plan.add_argument("--json", help="write the ranking as JSON here")
+    plan.add_argument("--png", help="write the plot here")
+    plan.set_defaults(func=cmd_plan)

@@ -1,0 +1,29 @@
+"""The live link estimate ignores one odd request but follows a real change within a few."""
+
+from edge_node.link import LinkMonitor
+
+
+def test_estimate_follows_a_step_change_and_ignores_outliers() -> None:
+    monitor = LinkMonitor(window=5)
+    monitor.record_probe(rtt_ms=10.0, up_mbps=100.0, down_mbps=100.0)
+    nbytes = 125_000  # 1 Mbit
+    for _ in range(4):
+        monitor.record_transfer(nbytes, 100, wire_ms=10.0 + 10.0)  # 1 Mbit in 10 ms: 100 Mbit/s
+    monitor.record_transfer(nbytes, 100, wire_ms=10.0 + 1000.0)  # one slow request: 1 Mbit/s
+    assert monitor.snapshot().up_mbps == 100.0
+    for _ in range(2):
+        monitor.record_transfer(nbytes, 100, wire_ms=10.0 + 1000.0)  # the link really dropped
+    assert abs(monitor.snapshot().up_mbps - 1.0) < 1e-6
+    before = monitor.snapshot().samples
+    monitor.record_transfer(100, 100, wire_ms=50.0)  # too small to say anything
+    assert monitor.snapshot().samples == before
+    assert monitor.snapshot().rtt_ms == 10.0
+
+
+def test_a_probe_replaces_what_requests_said() -> None:
+    monitor = LinkMonitor(window=5)
+    for _ in range(5):
+        monitor.record_transfer(125_000, 100, wire_ms=10.0)
+    monitor.record_probe(rtt_ms=80.0, up_mbps=0.3, down_mbps=0.4)
+    snap = monitor.snapshot()
+    assert (snap.rtt_ms, snap.up_mbps, snap.down_mbps) == (80.0, 0.3, 0.4)
