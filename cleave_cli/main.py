@@ -109,7 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # Commands that live in their own modules: each module has ``add_commands(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("cleave_cli.plan_cmd",)
+COMMAND_MODULES: tuple[str, ...] = ("cleave_cli.plan_cmd", "cleave_cli.compress_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,10 +19,25 @@ class CloudLimits:
 
 
 @dataclass
+class JobsConfig:
+    """The Compression service: hosted when ``dir`` is set (its SQLite store and artifacts live there)."""
+
+    dir: str = ""
+    concurrency: int = 1  # jobs running at once, each in its own process
+    queue_limit: int = 32  # QUEUED jobs beyond this answer RESOURCE_EXHAUSTED
+    max_upload_bytes: int = 1 << 30  # per uploaded model or dataset
+    max_attempts: int = 2  # a job running at a crash is re-queued until it has started this many times
+    job_threads: int = 0  # torch threads in each job process; 0: torch's default
+    sweep_parallelism: int = 2  # processes per sweep job
+    chunk_bytes: int = 1 << 20  # Download chunk size
+
+
+@dataclass
 class CloudConfig:
     listen: str = "127.0.0.1:50051"
     models: list[ModelSpec] = field(default_factory=list)
     limits: CloudLimits = field(default_factory=CloudLimits)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     torch_threads: int = 0  # 0: torch's default
     max_workers: int = 32  # gRPC handler threads
     chunk_bytes: int = 1 << 20  # payload bytes per result frame

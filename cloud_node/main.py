@@ -10,6 +10,7 @@ import torch
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError
+from protos.cleave.v1 import compression_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.serving import Daemon, Service
 
@@ -18,6 +19,7 @@ from .servicer import SplitInferenceServicer
 from .sessions import ModelRegistry, SessionManager
 
 SPLIT_INFERENCE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
+COMPRESSION = compression_pb2.DESCRIPTOR.services_by_name["Compression"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input-shape", help="input shape for --model entries, e.g. 1,3,224,224")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    p.add_argument("--jobs-dir", help="host the Compression service with its job store here")
     return p.parse_args(argv)
 
 
@@ -55,8 +58,10 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         config.torch_threads = args.threads
     if args.log_level:
         config.log_level = args.log_level
-    if not config.models:
-        raise SettingsError("models: nothing to serve (give --model or a config with models)")
+    if args.jobs_dir:
+        config.jobs.dir = args.jobs_dir
+    if not config.models and not config.jobs.dir:
+        raise SettingsError("models: nothing to serve (give --model, --jobs-dir or a config with either)")
     return config
 
 
@@ -66,9 +71,16 @@ def build_daemon(config: CloudConfig) -> Daemon:
         torch.set_num_threads(config.torch_threads)
     sessions = SessionManager(ModelRegistry(config.models), config.limits)
     servicer = SplitInferenceServicer(sessions, config.chunk_bytes)
+    services = [Service(servicer, SPLIT_INFERENCE)]
+    if config.jobs.dir:
+        from .jobs import CompressionServicer, JobManager
+
+        jobs = JobManager(config.jobs)
+        jobs.start()
+        services.append(Service(CompressionServicer(jobs, config.jobs.chunk_bytes), COMPRESSION))
     return Daemon(
         config.listen,
-        [Service(servicer, SPLIT_INFERENCE)],
+        services,
         max_message_bytes=config.limits.max_message_bytes,
         max_workers=config.max_workers,
         allow_insecure_public=config.allow_insecure_public,
@@ -88,8 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"cleave-cloud: {exc}", file=sys.stderr)
         return 1
-    daemon.run_until_signal()
+    daemon.run_until_signal(on_stop=lambda: close_services(daemon))
     return 0
+
+
+def close_services(daemon: Daemon) -> None:
+    """After the drain: stop what services run in the background (the job workers)."""
+    for service in daemon.services:
+        close = getattr(service.servicer, "close", None)
+        if close is not None:
+            close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,312 @@
+"""``cleave compress`` and ``cleave jobs``: the Compression service from the command line.
+
+cleave compress --cloud 127.0.0.1:50051 --model resnet18 --ratio 0.5 --out pruned/
+cleave compress --cloud ... --upload model.safetensors --arch resnet18 --engine quantize --bits 4
+cleave jobs list | show ID | cancel ID | download ID [--artifact plan.json] [--out DIR]
+
+Every download resumes from a partial ``*.part`` file and is checked against the artifact's sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+
+from protos.cleave.v1 import compression_pb2 as pb
+from protos.cleave.v1 import compression_pb2_grpc as pb_grpc
+from protos.serving import open_channel
+
+UPLOAD_CHUNK = 1 << 20
+FORMATS = {
+    ".ts": pb.TORCHSCRIPT,
+    ".pt": pb.TORCHSCRIPT,
+    ".torchscript": pb.TORCHSCRIPT,
+    ".jit": pb.TORCHSCRIPT,
+    ".pt2": pb.EXPORTED_PROGRAM,
+    ".safetensors": pb.SAFETENSORS,
+    ".npz": pb.DATASET_NPZ,
+}
+
+
+class VerificationError(OSError):
+    """A downloaded file does not hash to the artifact's sha256."""
+
+
+class CompressionClient:
+    """A thin client: upload, submit, watch, download (resumable, verified)."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = open_channel(target)
+        self.stub = pb_grpc.CompressionStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def upload(self, path: Path, header: pb.UploadHeader, timeout: float | None = None) -> pb.UploadModelResponse:
+        data = Path(path).read_bytes()
+        header.total_bytes = header.total_bytes or len(data)
+        header.sha256 = header.sha256 or hashlib.sha256(data).hexdigest()
+        header.name = header.name or Path(path).name
+
+        def chunks() -> Iterator[pb.UploadChunk]:
+            yield pb.UploadChunk(header=header)
+            for i in range(0, len(data), UPLOAD_CHUNK):
+                yield pb.UploadChunk(data=data[i : i + UPLOAD_CHUNK])
+
+        return self.stub.UploadModel(chunks(), timeout=timeout)
+
+    def submit(self, spec: pb.JobSpec, timeout: float | None = 30.0) -> pb.Job:
+        return self.stub.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=timeout)
+
+    def get(self, job_id: str, timeout: float | None = 30.0) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=timeout)
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[pb.Job]:
+        return self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout)
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=30.0)
+
+    def list(self, states: list[int] | None = None, limit: int = 0) -> list[pb.Job]:
+        return list(self.stub.ListJobs(pb.ListJobsRequest(states=states or [], limit=limit), timeout=30.0).jobs)
+
+    def download(self, job_id: str, artifact: str, dest: Path, chunk_bytes: int = 0) -> str:
+        """Fetch an artifact to ``dest``, resuming ``dest.part`` if present; returns the verified sha256."""
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+        offset = part.stat().st_size if part.exists() else 0
+        expected = ""
+        request = pb.DownloadRequest(job_id=job_id, artifact=artifact, offset=offset, chunk_bytes=chunk_bytes)
+        with open(part, "ab") as f:
+            for chunk in self.stub.Download(request, timeout=600):
+                if chunk.offset != f.tell():
+                    raise VerificationError(f"{dest.name}: chunk at {chunk.offset}, expected {f.tell()}")
+                f.write(chunk.data)
+                expected = chunk.sha256
+        digest = _sha256(part)
+        if digest != expected:
+            part.unlink()
+            raise VerificationError(f"{dest.name}: sha256 {digest} does not match the server's {expected}")
+        part.replace(dest)
+        return digest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def progress_bar(job: pb.Job, width: int = 30) -> str:
+    done = int(job.progress * width)
+    state = pb.JobState.Name(job.state)
+    return f"[{'#' * done}{'.' * (width - done)}] {job.progress * 100:5.1f}% {state:<9} {job.stage}"[:100]
+
+
+def follow(client: CompressionClient, job_id: str, quiet: bool = False) -> pb.Job:
+    """Watch a job to its end, drawing a progress bar on stderr."""
+    job = client.get(job_id)
+    for job in client.watch(job_id):
+        if not quiet:
+            print("\r" + progress_bar(job).ljust(100), end="", file=sys.stderr, flush=True)
+    if not quiet:
+        print(file=sys.stderr)
+    return job
+
+
+def download_all(client: CompressionClient, job: pb.Job, out: Path) -> list[tuple[str, str]]:
+    out.mkdir(parents=True, exist_ok=True)
+    return [(a.name, client.download(job.id, a.name, out / a.name)) for a in job.artifacts]
+
+
+def _shape(text: str | None) -> list[int]:
+    return [int(d) for d in text.split(",")] if text else []
+
+
+def build_spec(args: argparse.Namespace, model_id: str = "", dataset_id: str = "") -> pb.JobSpec:
+    ref = pb.ModelRef(input_shape=_shape(args.input_shape), seed=args.seed, num_classes=args.num_classes or 0)
+    if model_id:
+        ref.model_id = model_id
+    elif args.transformer:
+        ref.transformer = args.transformer
+        ref.config_json = args.config or ""
+    else:
+        ref.torchvision = args.model
+    spec = pb.JobSpec(
+        engine=args.engine, model=ref, dataset_id=dataset_id, label=args.label or "", skip_evaluation=args.no_eval
+    )
+    spec.prune.CopyFrom(
+        pb.PruneOptions(
+            ratio=args.ratio,
+            global_pruning=args.global_pruning,
+            ignored_layers=args.ignore,
+            round_to=args.round_to,
+            importance=args.importance or "",
+            head_ratio=args.head_ratio,
+            ffn_ratio=args.ffn_ratio,
+            prune_classifier=args.prune_classifier,
+        )
+    )
+    for item in args.layer_ratio:
+        name, _, value = item.partition("=")
+        spec.prune.layer_ratios[name] = float(value)
+    spec.quantize.CopyFrom(pb.QuantizeOptions(bits=args.bits, clip=args.clip or "", per_tensor=args.per_tensor))
+    spec.sweep.CopyFrom(
+        pb.SweepOptions(
+            ratios=[float(r) for r in args.ratios.split(",")] if args.ratios else [],
+            bits=[int(b) for b in args.bits_grid.split(",")] if args.bits_grid else [],
+            parallelism=args.parallelism,
+        )
+    )
+    return spec
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    if not (args.model or args.upload or args.transformer):
+        print("cleave compress: give --model, --transformer or --upload", file=sys.stderr)
+        return 2
+    client = CompressionClient(args.cloud)
+    try:
+        model_id = dataset_id = ""
+        if args.upload:
+            path = Path(args.upload)
+            fmt = FORMATS.get(path.suffix.lower())
+            if fmt is None:
+                print(f"cleave compress: --upload {path}: unknown suffix (.ts, .pt2, .safetensors)", file=sys.stderr)
+                return 2
+            header = pb.UploadHeader(
+                format=fmt,
+                architecture=args.arch or "",
+                config_json=args.config or "",
+                input_shape=_shape(args.input_shape),
+                num_classes=args.num_classes or 0,
+            )
+            reply = client.upload(path, header)
+            model_id = reply.id
+            print(f"uploaded {path} as {reply.id} ({reply.kind}, {reply.size_bytes} bytes)", file=sys.stderr)
+        if args.dataset:
+            path = Path(args.dataset)
+            fmt = pb.DATASET_NPZ if path.suffix == ".npz" else pb.DATASET_SAFETENSORS
+            dataset_id = client.upload(path, pb.UploadHeader(format=fmt)).id
+        job = client.submit(build_spec(args, model_id, dataset_id))
+        print(f"job {job.id}: engine {job.engine}", file=sys.stderr)
+        if args.no_wait:
+            print(job.id)
+            return 0
+        job = follow(client, job.id, quiet=args.json)
+        if job.state != pb.SUCCEEDED:
+            print(f"job {job.id} {pb.JobState.Name(job.state)}: {job.message}", file=sys.stderr)
+            return 1
+        files = download_all(client, job, Path(args.out or job.id)) if not args.no_download else []
+        if args.json:
+            print(
+                json.dumps(
+                    {"job": MessageToDict(job, preserving_proto_field_name=True), "downloaded": dict(files)}, indent=2
+                )
+            )
+        else:
+            for name, digest in files:
+                print(f"{Path(args.out or job.id) / name}  sha256 {digest}  verified")
+            print(job.report_json)
+        return 0
+    finally:
+        client.close()
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    client = CompressionClient(args.cloud)
+    try:
+        if args.action == "list":
+            jobs = client.list(limit=args.limit)
+            if args.json:
+                print(json.dumps([MessageToDict(j, preserving_proto_field_name=True) for j in jobs], indent=2))
+                return 0
+            print(f"{'id':<17} {'state':<10} {'engine':<18} {'progress':>8}  stage / message")
+            for j in jobs:
+                print(
+                    f"{j.id:<17} {pb.JobState.Name(j.state):<10} {j.engine:<18} {j.progress * 100:7.1f}%  "
+                    f"{j.message or j.stage}"
+                )
+            return 0
+        if not args.job_id:
+            print(f"cleave jobs {args.action}: give a job id", file=sys.stderr)
+            return 2
+        if args.action == "show":
+            job = client.get(args.job_id)
+            print(json.dumps(MessageToDict(job, preserving_proto_field_name=True), indent=2))
+        elif args.action == "cancel":
+            job = client.cancel(args.job_id)
+            print(f"job {job.id}: {pb.JobState.Name(job.state)}")
+        elif args.action == "watch":
+            job = follow(client, args.job_id)
+            print(f"job {job.id}: {pb.JobState.Name(job.state)} {job.message}")
+        else:
+            job = client.get(args.job_id)
+            out = Path(args.out or job.id)
+            out.mkdir(parents=True, exist_ok=True)
+            names = [args.artifact] if args.artifact else [a.name for a in job.artifacts]
+            for name in names:
+                digest = client.download(job.id, name, out / name)
+                print(f"{out / name}  sha256 {digest}  verified")
+        return 0
+    finally:
+        client.close()
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("compress", help="submit a compression job, follow it, download and verify the artifacts")
+    c.add_argument("--cloud", default="127.0.0.1:50051", help="cloud daemon host:port")
+    src = c.add_argument_group("model")
+    src.add_argument("--model", help="a torchvision architecture (weights=None, seeded)")
+    src.add_argument("--transformer", choices=["bert", "roberta", "distilbert", "gpt2"], help="build from --config")
+    src.add_argument("--upload", help="a .ts, .pt2 or .safetensors file (safetensors: give --arch)")
+    src.add_argument("--arch", help="the architecture a safetensors state dict fits")
+    src.add_argument("--config", help="Transformer config as JSON, e.g. '{\"num_hidden_layers\": 4}'")
+    src.add_argument("--input-shape", help="e.g. 1,3,224,224")
+    src.add_argument("--num-classes", type=int)
+    src.add_argument("--seed", type=int, default=0)
+    c.add_argument("--engine", default="prune", help="prune (default), prune_cnn, prune_transformer, quantize, sweep")
+    c.add_argument("--ratio", type=float, default=0.5, help="CNN channel ratio removed")
+    c.add_argument("--global", dest="global_pruning", action="store_true", help="rank channels across layers")
+    c.add_argument("--layer-ratio", action="append", default=[], metavar="MODULE=RATIO")
+    c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="never prune this module")
+    c.add_argument("--prune-classifier", action="store_true")
+    c.add_argument("--round-to", type=int, default=0)
+    c.add_argument("--importance", help="l1, l2, bn_scale (CNN); magnitude, gradient (Transformer)")
+    c.add_argument("--head-ratio", type=float, default=0.0)
+    c.add_argument("--ffn-ratio", type=float, default=0.0)
+    c.add_argument("--bits", type=int, default=8, help="quantize: weight bits")
+    c.add_argument("--clip", help="quantize: clipping method (minmax, percentile, aciq, ...)")
+    c.add_argument("--per-tensor", action="store_true")
+    c.add_argument("--ratios", help="sweep: e.g. 0,0.3,0.5")
+    c.add_argument("--bits-grid", help="sweep: e.g. 32,8,4")
+    c.add_argument("--parallelism", type=int, default=0)
+    c.add_argument("--dataset", help="evaluation data: .npz or .safetensors with inputs and labels")
+    c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    c.add_argument("--label")
+    c.add_argument("--out", help="download directory (default: the job id)")
+    c.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    c.add_argument("--no-download", action="store_true")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compress)
+
+    j = sub.add_parser("jobs", help="list, show, watch, cancel or download compression jobs")
+    j.add_argument("action", choices=["list", "show", "watch", "cancel", "download"])
+    j.add_argument("job_id", nargs="?")
+    j.add_argument("--cloud", default="127.0.0.1:50051")
+    j.add_argument("--artifact", help="download only this artifact")
+    j.add_argument("--out", help="download directory (default: the job id)")
+    j.add_argument("--limit", type=int, default=0)
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_jobs)
+
+
+__all__ = ["CompressionClient", "VerificationError", "add_commands", "follow"]

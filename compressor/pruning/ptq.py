@@ -1,0 +1,91 @@
+"""Post-training weight quantization: each conv/linear weight on a low-bit affine grid.
+
+Ranges come from the codec's clipping registry (:func:`compressor.clipping.clip_range`), so any
+registered estimator works by name: ``"minmax"``, ``"percentile"``, and ``"aciq"`` once the
+quantization work registers it. The result is (a) the model with weights replaced by their
+dequantized values, for evaluation, and (b) a packed artifact (bit-packed codes, scales and zero
+points as a safetensors state dict) whose size is what the quantized model costs on disk.
+
+Int8 *execution* (kernels that run on the codes) is chosen by the quantization work; it plugs in
+through :func:`register_int8_backend` and :func:`int8_backend`, which this engine leaves unused
+until one is registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.bitpack import BIT_WIDTHS, pack
+from compressor.clipping import check_params, clip_range
+from compressor.quant import dequantize, quantize
+
+_INT8_BACKEND: Callable[[nn.Module], nn.Module] | None = None
+
+
+def register_int8_backend(convert: Callable[[nn.Module], nn.Module]) -> None:
+    """Hook for int8 execution: ``convert(model)`` returns a module that runs on int8 kernels."""
+    global _INT8_BACKEND
+    _INT8_BACKEND = convert
+
+
+def int8_backend() -> Callable[[nn.Module], nn.Module] | None:
+    """The registered int8 converter, or None while none is registered."""
+    return _INT8_BACKEND
+
+
+@dataclass
+class PtqConfig:
+    """Weight quantization settings.
+
+    Attributes:
+        bits: code width (2, 3, 4, 5, 6 or 8).
+        clip: a registered clipping method name.
+        per_channel: one range per output channel (axis 0) instead of one per tensor.
+    """
+
+    bits: int = 8
+    clip: str = "minmax"
+    per_channel: bool = True
+
+    def validate(self) -> None:
+        if self.bits not in BIT_WIDTHS:
+            raise ValueError(f"bits: {self.bits} is not one of {', '.join(map(str, BIT_WIDTHS))}")
+        try:
+            check_params(self.clip, {})
+        except ValueError as exc:
+            raise ValueError(f"clip: {exc}") from None
+
+
+def quantize_weights(model: nn.Module, config: PtqConfig) -> dict[str, torch.Tensor]:
+    """Quantize every weight matrix / kernel (``*.weight`` with 2+ dims) of ``model`` in place
+    (fake-quant: values on the grid). Works on plain, TorchScript and ``torch.export`` modules alike.
+
+    Returns the packed state dict: ``<name>.qweight`` (uint8 bit-packed codes), ``.scales``,
+    ``.zero_points`` and ``.shape`` per quantized weight, and every other tensor as is.
+    """
+    config.validate()
+    packed: dict[str, torch.Tensor] = {}
+    quantized = set()
+    axis = 0 if config.per_channel else None
+    for name, w in model.named_parameters():
+        if not (name.endswith("weight") and w.ndim >= 2 and w.is_floating_point()):
+            continue
+        lo, hi = clip_range(w.detach(), config.clip, axis, config.bits)
+        q, scales, zps = quantize(w.detach(), config.bits, lo, hi, axis)
+        with torch.no_grad():
+            w.copy_(dequantize(q, scales, zps, axis).to(w.dtype))
+        quantized.add(name)
+        codes = pack(q.reshape(-1).numpy(), config.bits)
+        packed[f"{name}.qweight"] = torch.from_numpy(np.frombuffer(codes, dtype=np.uint8).copy())
+        packed[f"{name}.scales"] = scales.reshape(-1).contiguous()
+        packed[f"{name}.zero_points"] = zps.reshape(-1).contiguous()
+        packed[f"{name}.shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+    for name, value in model.state_dict().items():
+        if name not in quantized and isinstance(value, torch.Tensor):
+            packed[name] = value.detach().clone().contiguous()
+    return packed

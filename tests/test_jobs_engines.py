@@ -1,0 +1,93 @@
+"""Engines run in-process (no daemon): quantization, the sweep with its Pareto report, user engines
+from the ``cleave.engines`` entry-point group, and engine failures naming the field."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cloud_node.jobs import engines
+from cloud_node.jobs.engines import JobContext, Quantize, Sweep, get_engine
+from cloud_node.jobs.models import ModelSource
+from protos.cleave.v1 import compression_pb2 as pb
+
+
+def context(tmp_path: Path, spec: pb.JobSpec, source: ModelSource, **kw) -> JobContext:
+    seen: list[tuple[float, str]] = []
+    ctx = JobContext(spec=spec, source=source, workdir=tmp_path, on_progress=lambda f, s: seen.append((f, s)), **kw)
+    ctx.seen = seen  # type: ignore[attr-defined]
+    return ctx
+
+
+class EchoEngine:
+    """A user engine, as a package would register it."""
+
+    name = "echo"
+
+    def run(self, ctx: JobContext) -> None:
+        ctx.progress(0.5, "echoing")
+        ctx.write_artifact("echo.json", json.dumps(dict(ctx.spec.params)), "application/json")
+        ctx.report["echo"] = dict(ctx.spec.params)
+
+
+def test_user_engines_come_from_entry_points(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ep = EntryPoint(name="echo", value=f"{__name__}:EchoEngine", group=engines.ENTRY_POINT_GROUP)
+    shadow = EntryPoint(name="quantize", value=f"{__name__}:EchoEngine", group=engines.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(engines, "entry_points", lambda group: [ep, shadow] if group == ep.group else [])
+    assert engines.dispatch("echo", "model") == "echo"
+    assert isinstance(get_engine("quantize"), Quantize)  # built-ins cannot be replaced
+    ctx = context(tmp_path, pb.JobSpec(params={"a": "b"}), ModelSource())
+    get_engine("echo").run(ctx)
+    assert json.loads((tmp_path / "echo.json").read_text()) == {"a": "b"} and ctx.seen == [(0.5, "echoing")]
+    with pytest.raises(ValueError, match="engine"):
+        get_engine("missing")
+
+
+def test_quantize_engine_reports_sizes(tmp_path: Path) -> None:
+    spec = pb.JobSpec(engine="quantize", quantize=pb.QuantizeOptions(bits=4, clip="percentile"))
+    ctx = context(tmp_path, spec, ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32)))
+    Quantize().run(ctx)
+    r = ctx.report
+    assert r["after"]["size_bytes"] == (tmp_path / "model.qweights.safetensors").stat().st_size
+    assert r["after"]["size_bytes"] < r["before"]["size_bytes"] / 6  # 4-bit codes vs fp32
+    assert "not registered" in r["int8_execution"]
+    bad = context(tmp_path, pb.JobSpec(quantize=pb.QuantizeOptions(clip="nonesuch")), ModelSource())
+    with pytest.raises(ValueError, match="clip"):
+        Quantize().run(bad)
+
+
+def test_sweep_writes_pareto_json_and_png(tmp_path: Path) -> None:
+    data = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, inputs=rng.standard_normal((4, 3, 32, 32)).astype(np.float32), labels=rng.integers(0, 10, 4))
+    spec = pb.JobSpec(engine="sweep", sweep=pb.SweepOptions(ratios=[0.0, 0.5], bits=[32, 4], parallelism=2))
+    source = ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32), num_classes=10)
+    ctx = context(tmp_path, spec, source, dataset_path=str(data), dataset_format="npz")
+    Sweep().run(ctx)
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    points = {(p["ratio"], p["bits"]): p for p in result["points"]}
+    assert set(points) == {(0.0, 32), (0.0, 4), (0.5, 32), (0.5, 4)}
+    assert points[(0.5, 4)]["size_bytes"] < points[(0.5, 32)]["size_bytes"] < points[(0.0, 32)]["size_bytes"]
+    assert points[(0.5, 32)]["macs"] < points[(0.0, 32)]["macs"]
+    assert all("accuracy" in p for p in points.values()) and any(p["pareto"] for p in points.values())
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert ctx.seen[-1][1] == "4/4 configurations"
+    with pytest.raises(ValueError, match="sweep.bits"):
+        Sweep().run(context(tmp_path, pb.JobSpec(sweep=pb.SweepOptions(bits=[7])), source))
+
+
+def test_prune_engine_refuses_torchscript_model(tmp_path: Path) -> None:
+    path = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))), str(path))
+    source = ModelSource(upload_path=str(path), upload_format="TORCHSCRIPT", input_shape=(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="model: structured pruning needs"):
+        get_engine("prune_cnn").run(context(tmp_path, pb.JobSpec(prune=pb.PruneOptions(ratio=0.5)), source))
+    # ... but it can be quantized
+    ctx = context(tmp_path, pb.JobSpec(quantize=pb.QuantizeOptions(bits=8)), source)
+    Quantize().run(ctx)
+    assert ctx.report["artifact_bytes"] > 0
