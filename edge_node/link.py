@@ -54,7 +54,9 @@ class LinkMonitor:
         """``wire_ms``: round trip minus the cloud's processing time."""
         with self._lock:
             rtt = statistics.median(self._rtt) if self._rtt else 0.0
-            seconds = max(wire_ms - rtt, 0.05) / 1e3
+            if wire_ms - rtt < max(1.0, 0.25 * rtt):
+                return  # the transfer hid inside the RTT (or timer noise): it says nothing about bandwidth
+            seconds = (wire_ms - rtt) / 1e3
             if bytes_up >= self.MIN_BYTES and bytes_up >= bytes_down:
                 self._up.append(bytes_up * 8 / seconds / 1e6)
             elif bytes_down >= self.MIN_BYTES:

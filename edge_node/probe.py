@@ -50,7 +50,7 @@ class _ProbeStream:
 
 def probe_link(
     stub: si_grpc.SplitInferenceStub,
-    rtt_rounds: int = 5,
+    rtt_rounds: int = 3,
     max_bytes: int = 2 << 20,
     target_s: float = 0.25,
     timeout: float = 15.0,
@@ -85,9 +85,9 @@ def probe_link(
 
         rates = []
         for measure in (upload, download):
-            n, seconds = measure(PIECE * 2)
+            n, seconds = measure(PIECE)
             rate = n / max(seconds - rtt / 1e3, 1e-4)  # bytes/s, first guess
-            size = int(min(max(rate * target_s, PIECE * 2), max_bytes))
+            size = int(min(max(rate * target_s, PIECE), max_bytes))
             n2, seconds2 = measure(size)
             if measure is upload:
                 sent += n + n2

@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import hashlib
 import importlib
+import json
 import os
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
@@ -71,6 +72,9 @@ class ModelSpec:
         num_classes: passed to torchvision builders when given.
         seed: seeds random initialisation, so that two processes building the same spec get
             identical weights.
+        pruning_plan: optional JSON plan from the compression service (a CNN channel-pruning plan
+            or a Transformer head/FFN plan), replayed on this copy of the original model after its
+            weights are loaded: the edge gets the pruned model without downloading it.
     """
 
     name: str
@@ -79,6 +83,7 @@ class ModelSpec:
     input_shape: tuple[int, ...] = (1, 3, 224, 224)
     num_classes: int | None = None
     seed: int = 0
+    pruning_plan: str | None = None
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__.
@@ -102,6 +107,7 @@ class ModelSpec:
             "a positive integer",
         )
         self._require("seed", _is_int(self.seed) and 0 <= self.seed < 2**63, "a non-negative integer")
+        self._require("pruning_plan", self.pruning_plan is None or _is_nonempty_str(self.pruning_plan), "a file path")
 
     def _require(self, key: str, ok: bool, expected: str) -> None:
         if not ok:
@@ -156,10 +162,28 @@ def load_model(spec: ModelSpec) -> nn.Module:
         )
     if spec.weights is not None:
         _load_weights(model, spec)
+    if spec.pruning_plan is not None:
+        model = _apply_pruning_plan(model, spec)
     # Modules from torch.export refuse eval(): their mode was fixed at export time.
     with contextlib.suppress(NotImplementedError):
         model.eval()
     return model
+
+
+def _apply_pruning_plan(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    from compressor.pruning import PlanError, apply_plan, apply_transformer_plan
+
+    path = _existing_file(spec, "pruning_plan", spec.pruning_plan)
+    try:
+        text = path.read_text()
+        plan = json.loads(text)
+        if not isinstance(plan, dict):
+            raise PlanError("not a JSON object")
+        model.eval()
+        # Not under no_grad: Torch-Pruning traces its dependency graph through autograd.
+        return apply_transformer_plan(model, text) if "family" in plan else apply_plan(model, text)
+    except (OSError, ValueError, PlanError) as exc:
+        raise ModelLoadError(f"model {spec.name!r}: pruning plan {spec.pruning_plan!r}: {exc}") from exc
 
 
 def example_input(spec: ModelSpec) -> torch.Tensor:
@@ -352,7 +376,7 @@ def _load_weights(model: nn.Module, spec: ModelSpec) -> None:
 def _existing_file(spec: ModelSpec, key: str, value: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_file():
-        kind = "weights file" if key == "weights" else "source file"
+        kind = {"weights": "weights file", "pruning_plan": "pruning plan"}.get(key, "source file")
         raise ModelLoadError(f"model {spec.name!r}: {kind} {value!r} not found")
     return path
 

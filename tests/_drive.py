@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -18,7 +19,8 @@ from protos.cleave.v1 import edge_pb2
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--edge", required=True)
-    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--seconds", type=float, required=True, help="at most this long")
+    parser.add_argument("--stop-file", help="stop early once this file exists")
     parser.add_argument("--shape", default="1,3,64,64")
     args = parser.parse_args()
     client = EdgeClient(args.edge)
@@ -45,7 +47,7 @@ def main() -> None:
     watcher = threading.Thread(target=watch)
     watcher.start()
     started = time.monotonic()
-    while time.monotonic() - started < args.seconds:
+    while time.monotonic() - started < args.seconds and not (args.stop_file and os.path.exists(args.stop_file)):
         try:
             r = client.infer(x, timeout=30)
             replies.append(

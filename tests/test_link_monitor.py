@@ -16,6 +16,7 @@ def test_estimate_follows_a_step_change_and_ignores_outliers() -> None:
     assert abs(monitor.snapshot().up_mbps - 1.0) < 1e-6
     before = monitor.snapshot().samples
     monitor.record_transfer(100, 100, wire_ms=50.0)  # too small to say anything
+    monitor.record_transfer(nbytes, 100, wire_ms=10.5)  # hidden inside the RTT: says nothing either
     assert monitor.snapshot().samples == before
     assert monitor.snapshot().rtt_ms == 10.0
 

@@ -76,22 +76,18 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path) -> None:
         first = json.loads(poll(lab, lab.edge_ns, STATUS, edge_address, lambda o: "planned" in o, 240))
         assert first["placement"] != "EDGE_ONLY", first  # fast link, slow device: use the cloud
 
-        argv = [
-            sys.executable,
-            "-m",
-            "tests._drive",
-            "--edge",
-            edge_address,
-            "--seconds",
-            "30",
-            "--shape",
-            "1,3,128,128",
-        ]
+        stop = tmp_path / "stop"
+        argv = [sys.executable, "-m", "tests._drive", "--edge", edge_address, "--seconds", "150"]
+        argv += ["--shape", "1,3,128,128", "--stop-file", str(stop)]
         driver = lab.popen(lab.edge_ns, argv, stdout=-1, cwd=ROOT, text=True, env=env)
         time.sleep(8)
-        lab.shape(up_mbit=0.3, down_mbit=0.3)
+        # 0.1 Mbit/s: sending even the 8-bit input takes ~1 s, several times the throttled edge's compute.
+        lab.shape(up_mbit=0.1, down_mbit=0.1)
         shaped_at = time.monotonic()
-        out, _ = driver.communicate(timeout=180)
+        poll(lab, lab.edge_ns, STATUS, edge_address, lambda o: "EDGE_ONLY" in o, 100)
+        time.sleep(5)  # keep streaming on the new plan: it must not switch back
+        stop.touch()
+        out, _ = driver.communicate(timeout=120)
     (tmp_path / "report.json").write_text(out)  # kept for diagnosis
     report = json.loads(out)
     replies, plans = report["replies"], report["plans"]
