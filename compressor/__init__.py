@@ -7,6 +7,7 @@
 - :func:`register_clipper` adds clipping-range estimators that specs can name.
 """
 
+from compressor import aciq, lapq  # register the "aciq" and "fixed" clippers
 from compressor.bitpack import pack, packed_size, unpack
 from compressor.clipping import clip_range, clipper_names, get_clipper, register_clipper
 from compressor.codec import CodecLimits, decode, decode_many, encode, encode_many
@@ -20,6 +21,7 @@ __all__ = [
     "CodecError",
     "CodecLimits",
     "EncodingSpec",
+    "aciq",
     "clip_range",
     "clipper_names",
     "decode",
@@ -28,6 +30,7 @@ __all__ = [
     "encode",
     "encode_many",
     "get_clipper",
+    "lapq",
     "pack",
     "packed_size",
     "quantize",
