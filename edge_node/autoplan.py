@@ -17,7 +17,8 @@ import time
 import grpc
 
 from compressor import EncodingSpec
-from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, CostModel, Link
+from partitioner.bitalloc import allocate_bits
+from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, SPLIT, CostModel, Link
 from partitioner.loaded import LoadedModel
 from partitioner.models import calibration_batch
 from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, distortion_meter
@@ -44,8 +45,11 @@ class AutoPlanner:
         stub: si_grpc.SplitInferenceStub,
         monitor: LinkMonitor,
         settings: AutoPlanSettings,
+        allocate_head_bits: bool = False,
     ) -> None:
         self.model = model
+        self.allocate_head_bits = allocate_head_bits
+        self._calib = None
         self.runtime = runtime
         self.stub = stub
         self.monitor = monitor
@@ -75,7 +79,7 @@ class AutoPlanner:
         if reply.fingerprint != self.model.fingerprint:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
         cloud = from_proto(reply)
-        calib = calibration_batch(self.model.input_shape, s.calibration_inputs)
+        calib = self._calib = calibration_batch(self.model.input_shape, s.calibration_inputs)
         cost = CostModel.measure(self.model, edge, cloud, calib[:1])
         budgets = Budgets(
             memory_bytes=int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else None,
@@ -108,8 +112,29 @@ class AutoPlanner:
             cut, spec = "edge", EncodingSpec()
         else:
             cut, spec = (0 if c.kind == CLOUD_ONLY else c.cut_index), EncodingSpec.parse(c.encoding)
-        self.runtime.pin(cut, spec, reason=reason, predicted=scored.predicted, objective=self.settings.objective)
+        self.runtime.pin(
+            cut,
+            spec,
+            reason=reason,
+            predicted=scored.predicted,
+            objective=self.settings.objective,
+            weight_bits=self.weight_bits_for(scored),
+        )
         self.current = scored
+
+    def weight_bits_for(self, scored: Scored) -> dict[str, int] | None:
+        """Per-layer head weight bits for a split (Auto-Split's allocation), or None for the default.
+
+        The allocation keeps the head within the memory budget and the output within the accuracy
+        budget (``max_rel_error`` squared: allocate_bits bounds the relative *squared* error).
+        """
+        c = scored.candidate
+        if not self.allocate_head_bits or c.kind != SPLIT or self._calib is None:
+            return None
+        s = self.settings
+        budget = int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else c.edge_memory
+        allocation = allocate_bits(self.model, c.cut_index, self._calib, budget, (s.max_rel_error or 0.05) ** 2)
+        return allocation.weight_bits
 
     def replan(self) -> Scored:
         """Plan now from a fresh probe, without hysteresis (``Edge.Replan`` with no plan)."""

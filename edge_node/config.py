@@ -32,6 +32,14 @@ class AutoPlanSettings:
 
 
 @dataclass
+class HeadSettings:
+    """How the edge runs the head of a split."""
+
+    weight_bits: int = 32  # 32: float (exact); 8: int8 kernels (ONNX Runtime); 2-6: packed, run in float
+    allocate: bool = False  # with cut auto: choose per-layer bits (Auto-Split) under the autoplan budgets
+
+
+@dataclass
 class Reconnect:
     initial_s: float = 0.2
     max_s: float = 5.0
@@ -52,6 +60,7 @@ class EdgeConfig:
     cloud: str = "127.0.0.1:50051"
     plan: PlanSettings = field(default_factory=PlanSettings)
     autoplan: AutoPlanSettings = field(default_factory=AutoPlanSettings)
+    head: HeadSettings = field(default_factory=HeadSettings)
     reconnect: Reconnect = field(default_factory=Reconnect)
     limits: EdgeLimits = field(default_factory=EdgeLimits)
     request_timeout_s: float = 10.0  # past this the cloud's answer is abandoned and the tail runs here

@@ -108,11 +108,15 @@ class EdgeDaemon:
             config.chunk_bytes,
             config.limits.max_message_bytes,
         )
-        self.runtime = EdgeRuntime(self.model, self.link, config.request_timeout_s, config.limits.max_inflight)
+        self.runtime = EdgeRuntime(
+            self.model, self.link, config.request_timeout_s, config.limits.max_inflight, config.head.weight_bits
+        )
         self.autoplanner: AutoPlanner | None = None
         if config.plan.cut == "auto":
             # Until the first plan is made, requests run on the edge.
-            self.autoplanner = AutoPlanner(self.model, self.runtime, self.link.stub, self.link.monitor, config.autoplan)
+            self.autoplanner = AutoPlanner(
+                self.model, self.runtime, self.link.stub, self.link.monitor, config.autoplan, config.head.allocate
+            )
         else:
             self.runtime.pin(config.plan.cut, EncodingSpec.parse(config.plan.encoding), reason="from config")
         servicer = EdgeServicer(self.runtime, config.cloud, config.limits.stream_window, self.autoplanner)

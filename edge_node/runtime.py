@@ -21,6 +21,8 @@ from compressor import EncodingSpec, decode, encode
 from partitioner.costmodel import Breakdown
 from partitioner.graph import Cut
 from partitioner.loaded import LoadedModel, as_tensor_list
+from partitioner.models import calibration_batch
+from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
 from protos.cleave.v1 import edge_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError
 
@@ -48,6 +50,7 @@ class ActivePlan:
     reason: str = ""
     predicted: Breakdown | None = None
     objective: str = ""
+    weight_bits: dict[str, int] = field(default_factory=dict)  # quantized head layers; empty: float head
 
     def to_proto(self, model: str) -> edge_pb2.Plan:
         plan = edge_pb2.Plan(
@@ -75,6 +78,7 @@ class ActivePlan:
         if self.cut is not None:
             plan.cut_index = self.cut.index
             plan.cut_name = self.cut.name
+        plan.weight_bits.update(self.weight_bits)
         return plan
 
 
@@ -123,8 +127,17 @@ class Counters:
 class EdgeRuntime:
     """Runs requests under the current plan, with the cloud when it can and locally when it must."""
 
-    def __init__(self, model: LoadedModel, link: CloudLink, request_timeout_s: float, max_inflight: int = 64) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        link: CloudLink,
+        request_timeout_s: float,
+        max_inflight: int = 64,
+        head_bits: int = FLOAT_BITS,
+    ) -> None:
         self.model = model
+        self.head_bits = head_bits  # default weight bits for heads of pinned plans
+        self._quantized: dict[tuple, torch.nn.Module] = {}
         self.max_inflight = max_inflight
         self.link = link
         self.request_timeout_s = request_timeout_s
@@ -145,9 +158,15 @@ class EdgeRuntime:
         reason: str = "pinned",
         predicted: Breakdown | None = None,
         objective: str = "",
+        weight_bits: int | dict[str, int] | None = None,
     ) -> ActivePlan:
-        """Switch to a cut and encoding. ``cut``: "edge", "cloud", a cut name or an index."""
+        """Switch to a cut and encoding. ``cut``: "edge", "cloud", a cut name or an index.
+
+        ``weight_bits``: the head's weight bits, for every layer (an int) or per layer (a dict;
+        unnamed layers float); None uses the runtime's default. 32 is the float head.
+        """
         plan = replace(self._make_plan(cut, spec, reason), predicted=predicted, objective=objective)
+        plan = self._quantize_head(plan, self.head_bits if weight_bits is None else weight_bits)
         # Open the new session before switching, so requests keep going to the cloud meanwhile.
         self.link.want(plan.cut.index if plan.cut is not None else None)
         self._plan = plan
@@ -161,6 +180,23 @@ class EdgeRuntime:
             reason,
         )
         return plan
+
+    def _quantize_head(self, plan: ActivePlan, bits: int | dict[str, int]) -> ActivePlan:
+        """Swap in a quantized head (built once per cut and bits); edge-only and cloud-only keep theirs."""
+        if plan.placement != SPLIT or bits == FLOAT_BITS or bits == {}:
+            return plan
+        layers = list(head_layers(plan.head))
+        per_layer = (
+            {name: bits for name in layers} if isinstance(bits, int) else {**dict.fromkeys(layers, FLOAT_BITS), **bits}
+        )
+        key = (plan.cut.index, tuple(sorted(per_layer.items())))
+        if key not in self._quantized:
+            calib = calibration_batch(self.model.input_shape, 8)
+            try:
+                self._quantized[key] = build_quantized_head(plan.head, calib, per_layer)
+            except ValueError as exc:
+                raise InvalidArgument(f"weight_bits: {exc}") from exc
+        return replace(plan, head=self._quantized[key], weight_bits=per_layer)
 
     def _make_plan(self, cut: str | int, spec: EncodingSpec, reason: str) -> ActivePlan:
         if cut == "edge":

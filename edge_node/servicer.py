@@ -152,5 +152,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             cut = wanted.cut_name or wanted.cut_index
         if self.autoplanner is not None:
             self.autoplanner.pin_manually()  # first, so a re-plan in flight cannot undo the pin
-        plan = self.runtime.pin(cut, spec, reason=wanted.reason or "pinned by Replan")
+        bits: dict[str, int] | int | None = dict(wanted.weight_bits) or None
+        if bits is not None and set(bits) == {"*"}:
+            bits = bits["*"]  # one width for every layer of the head
+        plan = self.runtime.pin(cut, spec, reason=wanted.reason or "pinned by Replan", weight_bits=bits)
         return plan.to_proto(self.runtime.model.name)

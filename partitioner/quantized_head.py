@@ -336,7 +336,28 @@ def _export_onnx(gm: nn.Module, example: torch.Tensor, outputs: int) -> bytes:
             output_names=names,
             dynamic_axes=axes,
         )
-    return buf.getvalue()
+    return _undo_initializer_dedup(buf.getvalue())
+
+
+def _undo_initializer_dedup(onnx_model: bytes) -> bytes:
+    """Give every ``Identity(initializer)`` output its own copy of the initializer.
+
+    The exporter shares identical constants through Identity nodes; with untrained BatchNorm every
+    folded conv bias is the same zero vector, and ONNX Runtime's quantizer then finds no bias
+    initializer for those convs and fails.
+    """
+    import onnx
+
+    model = onnx.load_from_string(onnx_model)
+    inits = {i.name: i for i in model.graph.initializer}
+    shared = [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits]
+    for node in shared:
+        copy_ = onnx.TensorProto()
+        copy_.CopyFrom(inits[node.input[0]])
+        copy_.name = node.output[0]
+        model.graph.initializer.append(copy_)
+        model.graph.node.remove(node)
+    return model.SerializeToString()
 
 
 def _session(onnx_model: bytes, packed: Mapping[str, PackedWeight], threads: int | None):  # -> InferenceSession
