@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     x = synthetic_images(1, model.input_shape, seed=0)
     work = Path(tempfile.mkdtemp(prefix="cleave-overhead-"))
     (work / "cloud.yaml").write_text(yaml.safe_dump({"models": [entry]}))
-    (work / "edge.yaml").write_text(yaml.safe_dump({"model": entry}))
+    # A fixed starting cut: every configuration is pinned, and a planner running meanwhile would skew timings.
+    (work / "edge.yaml").write_text(yaml.safe_dump({"model": entry, "plan": {"cut": "cloud", "encoding": "fp32"}}))
     cloud_port = free_port()
     cloud = cloud_process(work / "cloud.yaml", cloud_port, work / "cloud.log", threads=args.threads)
     edge = edge_process(work / "edge.yaml", free_port(), cloud_port, work / "edge.log", threads=args.threads)

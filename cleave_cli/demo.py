@@ -49,7 +49,9 @@ def prepare(workdir: Path, model: str, size: int) -> ModelSpec:
     spec = ModelSpec(name=model, source=model, weights=str(weights), input_shape=tuple(shape))
     entry = {"name": model, "source": model, "weights": str(weights), "input_shape": shape}
     (workdir / "cloud.yaml").write_text(yaml.safe_dump({"models": [entry]}))
-    (workdir / "edge.yaml").write_text(yaml.safe_dump({"model": entry, "request_timeout_s": 30.0}))
+    # A fixed starting cut: the demo pins every configuration itself, so no planner runs meanwhile.
+    edge = {"model": entry, "request_timeout_s": 30.0, "plan": {"cut": "cloud", "encoding": "fp32"}}
+    (workdir / "edge.yaml").write_text(yaml.safe_dump(edge))
     return spec
 
 

@@ -25,6 +25,8 @@ def daemon_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "model": MODEL,
                 "torch_threads": 1,
                 "request_timeout_s": 20.0,
+                # Tests pin their own plans; a fixed start keeps a background planner off the CPU.
+                "plan": {"cut": "cloud", "encoding": "fp32"},
                 "reconnect": {"initial_s": 0.1, "max_s": 0.5, "connect_timeout_s": 2.0},
             }
         )
