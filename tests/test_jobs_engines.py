@@ -55,10 +55,29 @@ def test_quantize_engine_reports_sizes(tmp_path: Path) -> None:
     r = ctx.report
     assert r["after"]["size_bytes"] == (tmp_path / "model.qweights.safetensors").stat().st_size
     assert r["after"]["size_bytes"] < r["before"]["size_bytes"] / 6  # 4-bit codes vs fp32
-    assert "not registered" in r["int8_execution"]
+    assert "only for 8-bit" in r["int8_execution"]
     bad = context(tmp_path, pb.JobSpec(quantize=pb.QuantizeOptions(clip="nonesuch")), ModelSource())
     with pytest.raises(ValueError, match="clip"):
         Quantize().run(bad)
+
+
+def test_8_bit_quantize_job_ships_a_model_on_int8_kernels(tmp_path: Path) -> None:
+    from partitioner.quantized_head import QuantizedHead
+
+    spec = pb.JobSpec(engine="quantize", quantize=pb.QuantizeOptions(bits=8))
+    ctx = context(tmp_path, spec, ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32)))
+    Quantize().run(ctx)
+    int8 = ctx.report["int8_execution"]
+    assert int8["artifact"] == "model.int8.pt" and int8["size_bytes"] < ctx.report["before"]["size_bytes"] / 3
+    head = QuantizedHead.load(tmp_path / "model.int8.pt")
+    assert any(op.startswith("QLinear") for op in head.op_types)  # real int8 kernels, not fake-quant
+    model, _ = ctx.load_model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    (out,) = head(x)
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert out.shape == ref.shape and float(cosine) >= 0.98
 
 
 def test_sweep_writes_pareto_json_and_png(tmp_path: Path) -> None:

@@ -24,16 +24,21 @@ from compressor.bitpack import BIT_WIDTHS, pack
 from compressor.clipping import check_params, clip_range
 from compressor.quant import dequantize, quantize
 
-_INT8_BACKEND: Callable[[nn.Module], nn.Module] | None = None
+Int8Converter = Callable[[nn.Module, torch.Tensor], nn.Module]
+_INT8_BACKEND: Int8Converter | None = None
 
 
-def register_int8_backend(convert: Callable[[nn.Module], nn.Module]) -> None:
-    """Hook for int8 execution: ``convert(model)`` returns a module that runs on int8 kernels."""
+def register_int8_backend(convert: Int8Converter) -> None:
+    """Hook for int8 execution: ``convert(model, example_input)`` returns a module on int8 kernels.
+
+    The example input calibrates activation ranges. The cloud daemon registers the ONNX Runtime
+    path of :mod:`partitioner.quantized_head` (compressor cannot import partitioner itself).
+    """
     global _INT8_BACKEND
     _INT8_BACKEND = convert
 
 
-def int8_backend() -> Callable[[nn.Module], nn.Module] | None:
+def int8_backend() -> Int8Converter | None:
     """The registered int8 converter, or None while none is registered."""
     return _INT8_BACKEND
 
