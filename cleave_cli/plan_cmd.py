@@ -93,7 +93,8 @@ def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner
         max_rel_error=args.max_rel_error,
         min_top1=args.min_top1,
     )
-    return Planner(cost, budgets, distortion_meter(model, calib), args.objective), link, source
+    planner = Planner(cost, budgets, distortion_meter(model, calib), args.objective, input_is_8bit=not args.float_input)
+    return planner, link, source
 
 
 def row(rank: str, s: Scored) -> str:
@@ -228,6 +229,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--max-rel-error", type=float, default=0.05, help="output distortion budget")
     plan.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement budget")
     plan.add_argument("--calibration", type=int, default=8, help="calibration inputs for distortion")
+    plan.add_argument(
+        "--float-input", action="store_true", help="inputs are not 8-bit images: charge 8-bit input codes to accuracy"
+    )
     plan.add_argument("--top", type=int, default=10)
     plan.add_argument("--json", help="write the ranking as JSON here")
     plan.add_argument("--png", help="write the plot here")

@@ -86,7 +86,7 @@ class AutoPlanner:
             max_rel_error=s.max_rel_error,
             min_top1=s.min_top1,
         )
-        return Planner(cost, budgets, distortion_meter(self.model, calib), s.objective)
+        return Planner(cost, budgets, distortion_meter(self.model, calib), s.objective, input_is_8bit=s.input_is_8bit)
 
     def measure_link(self) -> Link:
         result = probe_link(self.stub)

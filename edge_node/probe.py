@@ -68,16 +68,18 @@ def probe_link(
             rtts.append((time.perf_counter() - t0) * 1e3)
         rtt = statistics.median(rtts)
 
-        def upload(nbytes: int) -> float:
-            pieces = max(nbytes // PIECE, 1)
+        def upload(nbytes: int) -> tuple[int, float]:
+            piece = max(PIECE, nbytes // 16)  # bigger pieces for big transfers: per-message cost must not cap the rate
+            pieces = max(nbytes // piece, 1)
+            payload = bytes(piece)
             t0 = time.perf_counter()
             for _ in range(pieces):
-                stream.send(data=bytes(PIECE))
+                stream.send(data=payload)
             for _ in range(pieces):
                 stream.receive()
-            return pieces * PIECE, time.perf_counter() - t0
+            return pieces * piece, time.perf_counter() - t0
 
-        def download(nbytes: int) -> float:
+        def download(nbytes: int) -> tuple[int, float]:
             t0 = time.perf_counter()
             stream.send(reply_bytes=nbytes)
             reply = stream.receive()
@@ -85,15 +87,22 @@ def probe_link(
 
         rates = []
         for measure in (upload, download):
-            n, seconds = measure(PIECE)
-            rate = n / max(seconds - rtt / 1e3, 1e-4)  # bytes/s, first guess
-            size = int(min(max(rate * target_s, PIECE), max_bytes))
-            n2, seconds2 = measure(size)
+            size, moved = PIECE, 0
+            while True:
+                n, seconds = measure(size)
+                moved += n
+                # A transfer that hides inside the RTT says nothing about bandwidth (one 8 KB piece
+                # on a fast link would read as hundreds of Mbit/s): grow it until it clearly shows.
+                wire = seconds - rtt / 1e3
+                if wire >= max(2 * rtt / 1e3, 0.005) or size >= max_bytes:
+                    break
+                rate = n / max(wire, 1e-3)
+                size = int(min(max(rate * target_s, 4 * size), max_bytes))
             if measure is upload:
-                sent += n + n2
+                sent += moved
             else:
-                received += n + n2
-            rates.append(n2 * 8 / max(seconds2 - rtt / 1e3, 1e-4) / 1e6)
+                received += moved
+            rates.append(n * 8 / max(wire, 1e-3) / 1e6)
         return ProbeResult(rtt, rates[0], rates[1], sent, received, time.perf_counter() - started)
     finally:
         stream.close()

@@ -63,13 +63,18 @@ class Planner:
         distortion: Callable[[Candidate], Distortion] | None = None,
         objective: str = "latency",
         feature_encodings: tuple[str, ...] | None = None,
+        input_is_8bit: bool = True,
     ) -> None:
+        """``input_is_8bit``: inputs come from 8-bit images (camera frames, files), so sending them
+        as 8-bit codes per channel (cloud-only ``int8c``) loses nothing against the source and is
+        not charged to the accuracy budget."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
         self.cost = cost
         self.budgets = budgets or Budgets()
         self.objective = objective
         self._distortion = distortion
+        self.input_is_8bit = input_is_8bit
         self._measured: dict[tuple[int, str], Distortion] = {}
         kwargs = {"feature_encodings": feature_encodings} if feature_encodings else {}
         self.candidates = cost.candidates(**kwargs)
@@ -80,7 +85,9 @@ class Planner:
         return Scored(candidate, predicted, cost)
 
     def distortion_of(self, candidate: Candidate) -> Distortion | None:
-        if candidate.kind == EDGE_ONLY or candidate.encoding in ("raw", UNCOMPRESSED) or self._distortion is None:
+        lossless = candidate.kind == EDGE_ONLY or candidate.encoding in ("raw", UNCOMPRESSED)
+        lossless |= self.input_is_8bit and candidate.kind == CLOUD_ONLY and candidate.encoding == "int8c"
+        if lossless or self._distortion is None:
             return None if self._distortion is None else Distortion(0.0, 1.0)
         key = (candidate.cut_index, candidate.encoding)
         if key not in self._measured:

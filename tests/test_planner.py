@@ -110,6 +110,17 @@ def test_accuracy_budget_is_respected_and_checked_lazily() -> None:
     assert len(seen) < len(planner.candidates) / 2  # only candidates that could win were measured
 
 
+def test_8_bit_images_cost_no_accuracy_when_sent_as_8_bit_codes() -> None:
+    cost = synthetic_cost()
+    harsh = lambda c: Distortion(rel_error=1.0, top1=0.0)  # noqa: E731 - every lossy candidate fails
+    link = Link(1000, 1000, 0.5)  # fast: cloud-only wins if it is allowed
+    image_input = Planner(cost, Budgets(max_rel_error=0.05), harsh).best(link)
+    assert image_input.candidate.kind == CLOUD_ONLY and image_input.candidate.encoding in ("int8c", "raw+none")
+    assert (
+        Planner(cost, Budgets(max_rel_error=0.05), harsh, input_is_8bit=False).best(link).candidate.encoding != "int8c"
+    )
+
+
 def test_throughput_objective_minimises_the_slowest_stage() -> None:
     cost = synthetic_cost()
     link = Link(20, 20, 40)
