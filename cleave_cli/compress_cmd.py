@@ -284,7 +284,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--head-ratio", type=float, default=0.0)
     c.add_argument("--ffn-ratio", type=float, default=0.0)
     c.add_argument("--bits", type=int, default=8, help="quantize: weight bits")
-    c.add_argument("--clip", help="quantize: clipping method (minmax, percentile, aciq, ...)")
+    c.add_argument("--clip", help="quantize: clipping (minmax, percentile, aciq, ...; lapq: optimised per layer)")
     c.add_argument("--per-tensor", action="store_true")
     c.add_argument("--ratios", help="sweep: e.g. 0,0.3,0.5")
     c.add_argument("--bits-grid", help="sweep: e.g. 32,8,4")

@@ -61,6 +61,16 @@ def test_quantize_engine_reports_sizes(tmp_path: Path) -> None:
         Quantize().run(bad)
 
 
+def test_lapq_weights_beat_their_initialisation(tmp_path: Path) -> None:
+    spec = pb.JobSpec(engine="quantize", quantize=pb.QuantizeOptions(bits=4, clip="lapq", per_tensor=True))
+    ctx = context(tmp_path, spec, ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32)))
+    Quantize().run(ctx)
+    lapq = ctx.report["lapq"]
+    assert ctx.report["clip"] == "lapq" and lapq["evals"] >= 1
+    assert lapq["loss"] <= lapq["init_loss"]  # LAPQ never ends worse than its Lp initialisation
+    assert ctx.report["after"]["size_bytes"] < ctx.report["before"]["size_bytes"] / 6
+
+
 def test_8_bit_quantize_job_ships_a_model_on_int8_kernels(tmp_path: Path) -> None:
     from partitioner.quantized_head import QuantizedHead
 

@@ -36,7 +36,8 @@ from compressor.pruning import (
     prune_cnn,
     quantize_weights,
 )
-from compressor.pruning.ptq import int8_backend, register_int8_backend
+from compressor.pruning.ptq import int8_backend, lapq_weight_clips, register_int8_backend
+from partitioner.models import calibration_batch
 from protos.cleave.v1 import compression_pb2 as pb
 
 from . import evaluate, models
@@ -231,13 +232,29 @@ class Quantize:
 
     def run(self, ctx: JobContext) -> None:
         opts = ctx.spec.quantize
-        config = PtqConfig(bits=opts.bits or 8, clip=opts.clip or "minmax", per_channel=not opts.per_tensor)
+        use_lapq = opts.clip == "lapq"  # an optimiser over all layers, not a per-tensor clipper
+        clip = "minmax" if use_lapq else opts.clip or "minmax"
+        config = PtqConfig(bits=opts.bits or 8, clip=clip, per_channel=not opts.per_tensor)
         config.validate()
         ctx.progress(0.05, "loading the model")
         model, example = ctx.load_model()
         before = ctx.measure(model, example)
-        ctx.progress(0.4, f"quantizing weights to {config.bits} bits ({config.clip})")
-        packed = quantize_weights(model, config)
+        clips, lapq_report = None, None
+        if use_lapq:
+            if not isinstance(example, torch.Tensor):
+                raise ValueError("quantize.clip: lapq needs a model with a single tensor input")
+            ctx.progress(0.2, f"LAPQ: optimising per-layer clipping at {config.bits} bits")
+            calib = calibration_batch(tuple(example.shape), 8)
+            clips, result = lapq_weight_clips(model, calib, config.bits, max_evals=120, max_seconds=60)
+            lapq_report = {
+                "loss": result.loss,
+                "init_loss": result.init_loss,
+                "p": result.p,
+                "evals": result.evals,
+                "stopped": result.stopped,
+            }
+        ctx.progress(0.4, f"quantizing weights to {config.bits} bits ({opts.clip or clip})")
+        packed = quantize_weights(model, config, clips)
         from safetensors.torch import save_file
 
         path = ctx.write_artifact(
@@ -250,7 +267,8 @@ class Quantize:
         ctx.report.update(
             engine=self.name,
             bits=config.bits,
-            clip=config.clip,
+            clip=opts.clip or config.clip,
+            lapq=lapq_report,
             per_channel=config.per_channel,
             artifact_bytes=path.stat().st_size,
             before=before,
