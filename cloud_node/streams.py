@@ -7,7 +7,6 @@ stream goes on serving the others. Frames of different requests may interleave.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -22,12 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class _Pending:
-    __slots__ = ("assembler", "session_id", "started")
+    __slots__ = ("assembler", "session_id")
 
     def __init__(self, session_id: str, max_bytes: int) -> None:
         self.session_id = session_id
         self.assembler = Assembler(max_bytes=max_bytes)
-        self.started = time.perf_counter()
 
 
 def serve_stream(
@@ -65,9 +63,7 @@ def serve_stream(
             except CodecError as exc:
                 raise InvalidArgument(f"chunks: {exc}") from exc
             session = sessions.get(entry.session_id)
-            queued = (time.perf_counter() - entry.started) * 1e3
             outputs, timing = session.run(features)
-            timing.queue_ms = queued
         except Exception as exc:  # noqa: BLE001 - one request's failure must not end the stream
             if not isinstance(exc, WireError):
                 log.error("request %d failed", rid, exc_info=exc)
