@@ -53,6 +53,12 @@ def _chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [x[i : i + size] for i in range(0, len(x), size)]
 
 
+def _rel_mse(quantized: list[torch.Tensor], features: list[torch.Tensor]) -> float:
+    """Squared error of the quantized features relative to the features' own energy."""
+    error = sum(float((q - f).pow(2).sum()) for q, f in zip(quantized, features, strict=True))
+    return error / sum(float(f.pow(2).sum()) for f in features)
+
+
 def _quantized(features: list[torch.Tensor], bits: int, clip: str, per_channel: bool, request: int, clips=None):
     """Quantize features per request of ``request`` images; returns full-size tensors."""
     out = [[] for _ in features]
@@ -99,9 +105,7 @@ def accuracy_section(h, args) -> dict:
                 for clip in CLIPS if hname != "w4" else ("minmax", "aciq"):
                     for pc in (False, True) if hname == "fp32" else (False,):
                         q = _quantized(feats, bits, clip, pc, args.request)
-                        mse = sum(float((a - b).pow(2).sum()) for a, b in zip(q, feats, strict=True)) / sum(
-                            float(f.pow(2).sum()) for f in feats
-                        )
+                        mse = _rel_mse(q, feats)
                         rows.append(
                             {
                                 "cut": cut,
@@ -118,9 +122,7 @@ def accuracy_section(h, args) -> dict:
                 loss = SplitLoss(hq, tail, calib, bits)
                 r = lapq_split(loss, max_evals=args.lapq_evals, max_seconds=30)
                 q = _quantized(feats, bits, "lapq", False, args.request, r.clips)
-                mse = sum(float((a - b).pow(2).sum()) for a, b in zip(q, feats, strict=True)) / sum(
-                    float(f.pow(2).sum()) for f in feats
-                )
+                mse = _rel_mse(q, feats)
                 rows.append(
                     {
                         "cut": cut,

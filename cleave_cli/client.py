@@ -7,11 +7,9 @@ from collections.abc import Iterable, Iterator
 import grpc
 import torch
 
-from compressor import EncodingSpec, decode, encode
+from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode, encode
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
 from protos.serving import DEFAULT_MAX_MESSAGE_BYTES, open_channel
-
-RAW = EncodingSpec(encoding="raw", codec="none")
 
 
 class EdgeClient:
@@ -26,14 +24,15 @@ class EdgeClient:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def infer(self, x: torch.Tensor, request_id: int = 0, timeout: float | None = 60.0) -> edge_pb2.EdgeInferResponse:
-        request = edge_pb2.EdgeInferRequest(request_id=request_id, inputs=[encode(x.contiguous(), RAW)])
+        request = edge_pb2.EdgeInferRequest(request_id=request_id, inputs=[encode(x.contiguous(), RAW_UNCOMPRESSED)])
         return self.stub.Infer(request, timeout=timeout)
 
     def infer_stream(
         self, xs: Iterable[torch.Tensor], timeout: float | None = 300.0
     ) -> Iterator[edge_pb2.EdgeInferResponse]:
         requests = (
-            edge_pb2.EdgeInferRequest(request_id=i + 1, inputs=[encode(x.contiguous(), RAW)]) for i, x in enumerate(xs)
+            edge_pb2.EdgeInferRequest(request_id=i + 1, inputs=[encode(x.contiguous(), RAW_UNCOMPRESSED)])
+            for i, x in enumerate(xs)
         )
         return self.stub.InferStream(requests, timeout=timeout)
 

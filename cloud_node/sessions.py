@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compressor import CodecError, CodecLimits, EncodingSpec, decode, encode
+from compressor import RAW_UNCOMPRESSED, CodecError, CodecLimits, EncodingSpec, decode, encode
 from partitioner.graph import Cut
 from partitioner.loaded import LoadedModel, as_tensor_list, check_features
 from partitioner.models import ModelSpec
@@ -21,8 +21,6 @@ from protos.errors import FailedPrecondition, InvalidArgument, NotFound, Resourc
 from .config import CloudLimits
 
 log = logging.getLogger(__name__)
-
-RAW_RESULTS = EncodingSpec(encoding="raw", codec="none")
 
 
 class ModelRegistry:
@@ -132,7 +130,9 @@ class SessionManager:
             raise InvalidArgument(f"cut: {exc.args[0]}") from exc
         try:
             result_spec = (
-                EncodingSpec.from_proto(request.result_encoding) if request.HasField("result_encoding") else RAW_RESULTS
+                EncodingSpec.from_proto(request.result_encoding)
+                if request.HasField("result_encoding")
+                else RAW_UNCOMPRESSED
             )
         except (CodecError, ValueError) as exc:
             raise InvalidArgument(f"result_encoding: {exc}") from exc

@@ -14,13 +14,14 @@ from compressor.codec import CodecLimits, decode, decode_many, encode, encode_ma
 from compressor.errors import CodecError
 from compressor.framing import Assembler, to_chunks
 from compressor.quant import dequantize, quantize
-from compressor.spec import EncodingSpec
+from compressor.spec import RAW_UNCOMPRESSED, EncodingSpec
 
 __all__ = [
     "Assembler",
     "CodecError",
     "CodecLimits",
     "EncodingSpec",
+    "RAW_UNCOMPRESSED",
     "aciq",
     "clip_range",
     "clipper_names",

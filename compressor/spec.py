@@ -364,3 +364,7 @@ def _validate(
     for field, user in used_by.items():
         if not in_use[user] and values[field] != defaults[field].default:
             raise fail(field, f"{values[field]!r} is set but only {user} uses it")
+
+
+#: Raw bytes, no codec: for model inputs and outputs, which are small or already incompressible.
+RAW_UNCOMPRESSED = EncodingSpec(encoding="raw", codec="none")

@@ -14,7 +14,6 @@ import logging
 import queue
 import random
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from protos.serving import open_channel
 
 from .config import Reconnect
 from .link import LinkMonitor
+from .probe import probe_rtt
 
 log = logging.getLogger(__name__)
 
@@ -284,16 +284,8 @@ class CloudLink:
         threading.Thread(target=close, daemon=True).start()
 
     def _probe_rtt(self, rounds: int = 3) -> None:
-        outbox: queue.Queue = queue.Queue()
-        call = self._stub.Probe(iter(outbox.get, None), timeout=self.reconnect.connect_timeout_s)
         try:
-            for seq in range(rounds):
-                started = time.perf_counter()
-                outbox.put(si_pb2.ProbeMessage(seq=seq, echo=True))
-                next(call)
-                self.monitor.record_rtt((time.perf_counter() - started) * 1e3)
+            for rtt in probe_rtt(self._stub, rounds, timeout=self.reconnect.connect_timeout_s):
+                self.monitor.record_rtt(rtt)
         except (grpc.RpcError, StopIteration) as exc:
             log.warning("RTT probe failed: %s", exc)
-        finally:
-            outbox.put(None)
-            call.cancel()

@@ -48,6 +48,26 @@ class _ProbeStream:
         self._call.cancel()
 
 
+def _echo_rounds(stream: _ProbeStream, rounds: int) -> list[float]:
+    """Round trips of small echo messages, in ms."""
+    rtts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        stream.send(echo=True)
+        stream.receive()
+        rtts.append((time.perf_counter() - t0) * 1e3)
+    return rtts
+
+
+def probe_rtt(stub: si_grpc.SplitInferenceStub, rounds: int = 3, timeout: float = 5.0) -> list[float]:
+    """Only the RTT: ``rounds`` echo round trips, in ms. Raises ``grpc.RpcError`` like :func:`probe_link`."""
+    stream = _ProbeStream(stub, timeout)
+    try:
+        return _echo_rounds(stream, rounds)
+    finally:
+        stream.close()
+
+
 def probe_link(
     stub: si_grpc.SplitInferenceStub,
     rtt_rounds: int = 3,
@@ -60,13 +80,7 @@ def probe_link(
     stream = _ProbeStream(stub, timeout)
     sent = received = 0
     try:
-        rtts = []
-        for _ in range(rtt_rounds):
-            t0 = time.perf_counter()
-            stream.send(echo=True)
-            stream.receive()
-            rtts.append((time.perf_counter() - t0) * 1e3)
-        rtt = statistics.median(rtts)
+        rtt = statistics.median(_echo_rounds(stream, rtt_rounds))
 
         def upload(nbytes: int) -> tuple[int, float]:
             piece = max(PIECE, nbytes // 16)  # bigger pieces for big transfers: per-message cost must not cap the rate
@@ -108,4 +122,4 @@ def probe_link(
         stream.close()
 
 
-__all__ = ["ProbeResult", "probe_link"]
+__all__ = ["ProbeResult", "probe_link", "probe_rtt"]

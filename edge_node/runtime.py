@@ -103,7 +103,6 @@ class Counters:
     errors: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
-    latency_ms_total: float = 0.0
     plan_switches: int = 0
     recent_ms: deque = field(default_factory=lambda: deque(maxlen=50), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -120,8 +119,28 @@ class Counters:
             setattr(self, names[outcome.placement], getattr(self, names[outcome.placement]) + 1)
             self.bytes_up += outcome.bytes_up
             self.bytes_down += outcome.bytes_down
-            self.latency_ms_total += outcome.timing.total_ms
             self.recent_ms.append(outcome.timing.total_ms)
+
+    def add(self, name: str) -> None:
+        """Count one more ``name`` (``errors``, ``plan_switches``)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def to_proto(self, reconnects: int) -> edge_pb2.Counters:
+        """A consistent snapshot, for ``GetStatus``."""
+        with self._lock:
+            return edge_pb2.Counters(
+                requests=self.requests,
+                split=self.split,
+                edge_only=self.edge_only,
+                cloud_only=self.cloud_only,
+                fallback=self.fallback,
+                errors=self.errors,
+                bytes_up=self.bytes_up,
+                bytes_down=self.bytes_down,
+                reconnects=reconnects,
+                plan_switches=self.plan_switches,
+            )
 
 
 class EdgeRuntime:
@@ -170,8 +189,7 @@ class EdgeRuntime:
         # Open the new session before switching, so requests keep going to the cloud meanwhile.
         self.link.want(plan.cut.index if plan.cut is not None else None)
         self._plan = plan
-        with self.counters._lock:
-            self.counters.plan_switches += 1
+        self.counters.add("plan_switches")
         log.info(
             "plan: %s at %s, %s (%s)",
             edge_pb2.Placement.Name(plan.placement),
@@ -240,8 +258,7 @@ class EdgeRuntime:
         try:
             outcome = self._run(inputs, self._plan)
         except Exception:
-            with self.counters._lock:
-                self.counters.errors += 1
+            self.counters.add("errors")
             raise
         finally:
             with self._inflight_lock:

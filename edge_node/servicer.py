@@ -9,15 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from compressor import CodecError, EncodingSpec, decode, encode
+from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, decode, encode
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound, maps_errors, status_of
 
 from .autoplan import AutoPlanner
 from .runtime import EDGE_ONLY, EdgeRuntime, Outcome
-
-RAW = EncodingSpec(encoding="raw", codec="none")
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServicer):
@@ -45,7 +43,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
     def _response(self, request_id: int, outcome: Outcome) -> edge_pb2.EdgeInferResponse:
         return edge_pb2.EdgeInferResponse(
             request_id=request_id,
-            outputs=[encode(o.contiguous(), RAW) for o in outcome.outputs],
+            outputs=[encode(o.contiguous(), RAW_UNCOMPRESSED) for o in outcome.outputs],
             placement=outcome.placement,
             plan=outcome.plan.to_proto(self.runtime.model.name),
             timing=outcome.timing,
@@ -97,20 +95,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
     def GetStatus(self, request: edge_pb2.GetStatusRequest, context: grpc.ServicerContext):
         runtime = self.runtime
         link = runtime.link.monitor.snapshot()
-        c = runtime.counters
-        with c._lock:
-            counters = edge_pb2.Counters(
-                requests=c.requests,
-                split=c.split,
-                edge_only=c.edge_only,
-                cloud_only=c.cloud_only,
-                fallback=c.fallback,
-                errors=c.errors,
-                bytes_up=c.bytes_up,
-                bytes_down=c.bytes_down,
-                reconnects=runtime.link.reconnects,
-                plan_switches=c.plan_switches,
-            )
+        counters = runtime.counters
         auto = self.autoplanner
         return edge_pb2.EdgeStatus(
             model=runtime.model.name,
@@ -124,8 +109,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             ),
             plan=runtime.plan.to_proto(runtime.model.name),
             queue_depth=runtime.inflight,
-            counters=counters,
-            mean_latency_ms=c.recent_mean_ms,
+            counters=counters.to_proto(runtime.link.reconnects),
+            mean_latency_ms=counters.recent_mean_ms,
             auto_plan=auto is not None and auto.enabled,
             planner_error=auto.error if auto is not None else "",
         )

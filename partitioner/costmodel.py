@@ -21,7 +21,7 @@ from torch import fx
 
 from compressor import EncodingSpec, encode
 
-from .loaded import LoadedModel
+from .loaded import LoadedModel, as_tensor_list
 from .profile import Profile
 
 #: Feature encodings the planner tries at every cut: fp32, fp16, then affine 8..2 bits, all with zstd.
@@ -201,7 +201,7 @@ class CostModel:
                 cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
                 cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
             cuts.append(cost)
-        out_bytes = sum(t.numel() * 4 for t in _as_list(values["__output__"]))
+        out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"]))
         all_weights = sum(p.numel() * p.element_size() for p in model.module.state_dict().values())
         return cls(model.name, cuts, edge.total_ms, all_weights + peak, out_bytes)
 
@@ -214,14 +214,6 @@ def _codec_key(enc: str) -> str:
     if spec.encoding == "jpeg":
         return "jpeg"
     return str(spec)
-
-
-def _as_list(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    return [t for v in value for t in _as_list(v)] if isinstance(value, (tuple, list)) else []
 
 
 class _Recorder(fx.Interpreter):
