@@ -48,7 +48,8 @@ def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
+        # gRPC's default: on a slow, busy link a ping waits behind queued data; 5 s dropped live connections.
+        ("grpc.keepalive_timeout_ms", 20_000),
     ]
     return grpc.insecure_channel(target, options=options)
 
