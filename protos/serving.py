@@ -149,6 +149,7 @@ class Daemon:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_workers: int = 16,
         allow_insecure_public: bool = False,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         if not is_loopback(address) and not allow_insecure_public:
             raise ValueError(
@@ -161,6 +162,7 @@ class Daemon:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
             options=message_options(max_message_bytes),
+            interceptors=list(interceptors),
         )
         self._server.add_generic_rpc_handlers([service_handler(s) for s in self.services])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
