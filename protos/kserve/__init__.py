@@ -1,0 +1,1 @@
+"""Third-party wire protocols Cleave also speaks (regenerate with ``make protos``)."""
