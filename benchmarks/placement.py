@@ -604,7 +604,7 @@ class Session:
         cloud = from_proto(reply)
         s = AutoPlanSettings()  # the edge runs with the defaults
         calib = calibration_batch(model.input_shape, s.calibration_inputs)
-        cost = CostModel.measure(model, edge, cloud, calib[:1])
+        cost = CostModel.measure(model, edge, cloud, calib[:3])
         budgets = Budgets(max_rel_error=s.max_rel_error, min_top1=s.min_top1)
         self.planner = Planner(cost, budgets, distortion_meter(model, calib), s.objective)
         self.info = {

@@ -87,7 +87,7 @@ def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner
         link = Link(args.bandwidth, args.down or args.bandwidth, args.rtt)
         source = f"offline, cloud assumed {args.cloud_speedup:g}x faster than this host"
     calib = calibration_batch(model.input_shape, args.calibration)
-    cost = CostModel.measure(model, edge, cloud, calib[:1])
+    cost = CostModel.measure(model, edge, cloud, calib[:3])
     budgets = Budgets(
         memory_bytes=int(args.memory_mb * 1e6) if args.memory_mb else None,
         max_rel_error=args.max_rel_error,

@@ -23,6 +23,7 @@ class AutoPlanSettings:
     max_rel_error: float | None = 0.05  # output distortion budget on calibration inputs
     min_top1: float | None = 0.99  # top-1 agreement with the float model on calibration inputs
     calibration_inputs: int = 8
+    byte_samples: int = 3  # calibration inputs whose encoded features predict bytes on the wire (median)
     input_is_8bit: bool = True  # inputs are 8-bit images: sending them as 8-bit codes costs no accuracy
     baseline: str | None = None  # plan as a baseline would: neurosurgeon, edge-only, cloud-raw, cloud-jpeg
     check_interval_s: float = 1.0  # how often the plan is re-evaluated against the link estimate

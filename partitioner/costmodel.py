@@ -14,6 +14,7 @@ measured, not guessed). Edge-only is ``E(N)``; cloud-only is the split at the in
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -172,7 +173,11 @@ class CostModel:
         feature_encodings=FEATURE_ENCODINGS,
         input_encodings=INPUT_ENCODINGS,
     ) -> CostModel:
-        """Build from the two hosts' profiles, encoding ``x``'s real features at every cut."""
+        """Build from the two hosts' profiles, encoding ``x``'s real features at every cut.
+
+        ``x`` may hold several inputs along the batch dimension: each is encoded on its own and the
+        median size is used, since zstd's ratio (and so the bytes on the wire) varies from input to input.
+        """
         x = model.graph.example_input if x is None else x
         edge_curve, cloud_curve = edge.curve(), cloud.curve()
         values = _all_values(model, x)
@@ -194,16 +199,25 @@ class CostModel:
             for enc in wanted:
                 spec = EncodingSpec.parse(enc)
                 try:
-                    cost.feature_bytes[enc] = sum(encode(v, spec).ByteSize() for v in live)
+                    cost.feature_bytes[enc] = _median_bytes(live, spec, len(x))
                 except ValueError:
                     continue  # e.g. JPEG of something that is not an image
                 key = _codec_key(enc)
                 cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
                 cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
             cuts.append(cost)
-        out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"]))
+        out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"])) // len(x)
         all_weights = sum(p.numel() * p.element_size() for p in model.module.state_dict().values())
         return cls(model.name, cuts, edge.total_ms, all_weights + peak, out_bytes)
+
+
+def _median_bytes(live: list[torch.Tensor], spec: EncodingSpec, samples: int) -> int:
+    """Encoded size of one input's live set, the median over the ``samples`` inputs batched in ``live``."""
+    sizes = []
+    for i in range(samples):
+        parts = [v[i : i + 1] if v.ndim and v.shape[0] == samples else v for v in live]
+        sizes.append(sum(encode(v, spec).ByteSize() for v in parts))
+    return int(statistics.median(sizes))
 
 
 def _codec_key(enc: str) -> str:
