@@ -65,7 +65,13 @@ class AutoPlanner:
         self._thread = threading.Thread(target=self._run, name="autoplan", daemon=True)
 
     def start(self) -> None:
+        self.runtime.on_cloud_timing = self._observe_cloud
         self._thread.start()
+
+    def _observe_cloud(self, cut_index: int, compute_ms: float) -> None:
+        planner = self.planner
+        if planner is not None:
+            planner.observe_cloud(cut_index, compute_ms)
 
     def stop(self) -> None:
         self._stop.set()
@@ -80,7 +86,7 @@ class AutoPlanner:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
         cloud = from_proto(reply)
         calib = self._calib = calibration_batch(self.model.input_shape, s.calibration_inputs)
-        cost = CostModel.measure(self.model, edge, cloud, calib[:1])
+        cost = CostModel.measure(self.model, edge, cloud, calib[: s.byte_samples])
         budgets = Budgets(
             memory_bytes=int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else None,
             max_rel_error=s.max_rel_error,
@@ -179,7 +185,8 @@ class AutoPlanner:
 
     def _check(self) -> None:
         link = self.current_link()
-        samples = self.monitor.snapshot().samples
+        # New evidence: link samples, or cloud timings that re-scale the cloud's compute.
+        samples = self.monitor.snapshot().samples + (self.planner.cloud_observations if self.planner else 0)
         with self._lock:
             if not self.enabled or samples == self._evidence:
                 return  # nothing new about the link: re-counting old evidence would defeat hysteresis

@@ -66,6 +66,22 @@ class LinkMonitor:
             self._samples += 1
             self.updated = time.monotonic()
 
+    def record_stall(self, bytes_up: int, waited_ms: float) -> None:
+        """A request sent ``bytes_up`` and got no answer within ``waited_ms``: an upper bound on the uplink.
+
+        On a link that collapsed, requests time out and fall back locally, so no transfer ever completes
+        to measure it; without this the estimate would keep the old, fast rate and the plan would stay split.
+        """
+        if bytes_up < self.MIN_BYTES or waited_ms <= 0:
+            return
+        bound = bytes_up * 8 / (waited_ms / 1e3) / 1e6
+        with self._lock:
+            if self._up and bound < 0.5 * statistics.median(self._up):
+                self._up.clear()  # a hard bound far under the estimate: older, faster samples are stale
+            self._up.append(bound)
+            self._samples += 1
+            self.updated = time.monotonic()
+
     def snapshot(self) -> LinkEstimate:
         with self._lock:
             return LinkEstimate(

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 
@@ -164,6 +165,8 @@ class EdgeRuntime:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._plan: ActivePlan = self._make_plan("edge", EncodingSpec(), reason="initial")
+        # Called with (cut index, cloud compute ms) for every cloud reply; the automatic planner listens.
+        self.on_cloud_timing: Callable[[int, float], None] | None = None
 
     # -- plans -----------------------------------------------------------------------------------
     @property
@@ -294,6 +297,9 @@ class EdgeRuntime:
             reply = stream.submit(request_id, encoded).result(timeout=max(remaining, 0.0))
         except FutureTimeout:
             stream.forget(request_id)
+            # No answer in time is evidence too: the uplink moved these bytes no faster than this.
+            waited_ms = (time.perf_counter() - t_enc) * 1e3
+            self.link.monitor.record_stall(sum(t.ByteSize() for t in encoded), waited_ms)
             note = f"cloud missed the {self.request_timeout_s:.1f}s deadline"
             return self._finish_locally(features, plan, timing, started, note)
         except WireError as exc:
@@ -311,6 +317,8 @@ class EdgeRuntime:
         timing.decode_ms = (t_end - t_back) * 1e3
         timing.total_ms = (t_end - started) * 1e3
         self.link.monitor.record_transfer(reply.bytes_up, reply.bytes_down, timing.transfer_ms)
+        if self.on_cloud_timing is not None:
+            self.on_cloud_timing(plan.cut.index, cloud.compute_ms)
         return Outcome(outputs, plan.placement, plan, timing, reply.bytes_up, reply.bytes_down)
 
     def _finish_locally(

@@ -17,8 +17,10 @@ when it is predicted to be clearly faster, so a noisy link estimate does not mak
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,6 +30,7 @@ from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate
 from .loaded import LoadedModel, as_tensor_list
 
 OBJECTIVES = ("latency", "throughput")
+CLOUD_SAMPLES = 3  # replies before the cloud's measured compute corrects its profile
 BASELINES = ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg")
 
 
@@ -78,9 +81,29 @@ class Planner:
         self._measured: dict[tuple[int, str], Distortion] = {}
         kwargs = {"feature_encodings": feature_encodings} if feature_encodings else {}
         self.candidates = cost.candidates(**kwargs)
+        self.cloud_scale = 1.0
+        self.cloud_observations = 0
+        self._cloud_ratios: deque[float] = deque(maxlen=9)
+
+    def observe_cloud(self, cut_index: int, compute_ms: float) -> None:
+        """Correct the cloud's predicted compute from what it reports doing (every reply carries it).
+
+        The cloud profile is taken once, on an idle host; under load, with other sessions or batching
+        its tail runs slower (or faster) by about the same factor at every cut. The median ratio of
+        measured to predicted over the last few replies scales C(k) for every candidate.
+        """
+        predicted = next((c.cloud_ms for c in self.cost.cuts if c.index == cut_index), 0.0)
+        if predicted <= 0.05 or compute_ms <= 0:
+            return  # too small to give a meaningful ratio
+        self._cloud_ratios.append(compute_ms / predicted)
+        self.cloud_observations += 1
+        if len(self._cloud_ratios) >= CLOUD_SAMPLES:
+            self.cloud_scale = min(max(statistics.median(self._cloud_ratios), 0.1), 10.0)
 
     def score(self, candidate: Candidate, link: Link) -> Scored:
         predicted = candidate.predict(link)
+        if self.cloud_scale != 1.0 and candidate.kind != EDGE_ONLY:
+            predicted = replace(predicted, cloud_ms=predicted.cloud_ms * self.cloud_scale)
         cost = predicted.total_ms if self.objective == "latency" else predicted.bottleneck_ms
         return Scored(candidate, predicted, cost)
 

@@ -1,5 +1,7 @@
 """The live link estimate ignores one odd request but follows a real change within a few."""
 
+import pytest
+
 from edge_node.link import LinkMonitor
 
 
@@ -28,3 +30,17 @@ def test_a_probe_replaces_what_requests_said() -> None:
     monitor.record_probe(rtt_ms=80.0, up_mbps=0.3, down_mbps=0.4)
     snap = monitor.snapshot()
     assert (snap.rtt_ms, snap.up_mbps, snap.down_mbps) == (80.0, 0.3, 0.4)
+
+
+def test_a_request_that_times_out_bounds_the_uplink() -> None:
+    monitor = LinkMonitor(window=5)
+    monitor.record_probe(rtt_ms=10.0, up_mbps=100.0, down_mbps=100.0)
+    before = monitor.snapshot().samples
+    monitor.record_stall(bytes_up=1_000, waited_ms=5_000.0)  # too small to bound anything useful
+    assert monitor.snapshot().samples == before
+    # 125 kB unanswered after 10 s: the uplink moved 1 Mbit in no less than 10 s, so at most 0.1 Mbit/s.
+    monitor.record_stall(bytes_up=125_000, waited_ms=10_000.0)
+    snap = monitor.snapshot()
+    assert snap.up_mbps == pytest.approx(0.1)
+    assert snap.samples == before + 1
+    assert snap.down_mbps == 100.0  # nothing was learnt about the downlink

@@ -181,3 +181,36 @@ def test_a_head_of_every_node_costs_what_the_whole_model_costs() -> None:
     profile = Profile("m", "f", "h", "t", 1, 1, ["x", "a", "b"], [0.0, 5.0, 5.0], [0] * 3, {0: 0.0, 2: 7.0}, 12.0)
     curve = LatencyCurve(profile)
     assert curve.head_ms(2) == pytest.approx(12.0) and curve.tail_ms(2) == 0.0
+
+
+def test_cloud_timings_from_replies_rescale_the_cloud_profile() -> None:
+    planner = Planner(synthetic_cost())
+    link = Link(20, 20, 5.0)
+    split = next(c for c in planner.candidates if c.kind == SPLIT and c.cut_index == 2 and c.encoding == "int8")
+    edge_only = next(c for c in planner.candidates if c.kind == EDGE_ONLY)
+    before = planner.score(split, link).predicted
+    planner.observe_cloud(2, split.cloud_ms * 3)
+    planner.observe_cloud(2, split.cloud_ms * 3)
+    assert planner.cloud_scale == 1.0  # two replies are not enough to override a profile
+    planner.observe_cloud(2, split.cloud_ms * 3)
+    assert planner.cloud_scale == pytest.approx(3.0)
+    after = planner.score(split, link).predicted
+    assert after.cloud_ms == pytest.approx(3 * before.cloud_ms)
+    assert after.total_ms - before.total_ms == pytest.approx(2 * before.cloud_ms)
+    # Every cut's tail is rescaled (the whole host is slower), edge-only not at all.
+    cloud_only = next(c for c in planner.candidates if c.kind == CLOUD_ONLY)
+    assert planner.score(cloud_only, link).predicted.cloud_ms == pytest.approx(3 * cloud_only.cloud_ms)
+    assert planner.score(edge_only, link).cost_ms == edge_only.predict(link).total_ms
+    for _ in range(20):
+        planner.observe_cloud(2, split.cloud_ms * 1000)  # absurd timings are clamped
+    assert planner.cloud_scale == 10.0
+
+
+def test_a_slower_cloud_moves_the_plan_towards_the_edge() -> None:
+    planner = Planner(synthetic_cost(edge_slowdown=2.0))
+    link = Link(100, 100, 1.0)
+    fast = planner.best(link)
+    assert fast.candidate.kind != EDGE_ONLY
+    for _ in range(3):
+        planner.observe_cloud(fast.candidate.cut_index, fast.candidate.cloud_ms * 10)
+    assert planner.best(link).candidate.kind == EDGE_ONLY

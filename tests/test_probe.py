@@ -1,0 +1,73 @@
+"""The active probe against a scripted cloud: a link too slow for the deadline is a measurement."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from edge_node.probe import probe_link
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+
+
+class _DeadlineExceeded(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "Deadline Exceeded"
+
+
+class _StalledCall:
+    """Answers echoes at once; bulk data never gets through before the deadline."""
+
+    def __init__(self, requests: Iterator[si_pb2.ProbeMessage], timeout: float) -> None:
+        self._requests = requests
+        self._timeout = timeout
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> _StalledCall:
+        return self
+
+    def __next__(self) -> si_pb2.ProbeMessage:
+        message = next(self._requests)
+        if message.echo:
+            return si_pb2.ProbeMessage(seq=message.seq, echo=True)
+        self._cancelled.wait(self._timeout)
+        raise _DeadlineExceeded()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+class _StalledStub:
+    def Probe(self, requests: Iterator[si_pb2.ProbeMessage], timeout: float) -> _StalledCall:  # noqa: N802 - gRPC name
+        return _StalledCall(requests, timeout)
+
+
+def test_a_probe_cut_by_its_deadline_reports_an_upper_bound() -> None:
+    result = probe_link(_StalledStub(), timeout=0.4)
+    assert result.timed_out
+    # The first 8 KB piece did not get through in ~0.4 s: at most 8 KB * 8 / 0.4 s = 0.16 Mbit/s.
+    assert 0 < result.up_mbps <= 8 * 1024 * 8 / 0.4 / 1e6 * 1.05
+    assert result.down_mbps == result.up_mbps
+
+
+class _NoAnswer(_StalledCall):
+    """Not even the echoes come back: the cloud (or the path to it) is gone."""
+
+    def __next__(self) -> si_pb2.ProbeMessage:
+        self._cancelled.wait(self._timeout)
+        raise _DeadlineExceeded()
+
+
+class _DeadStub:
+    def Probe(self, requests: Iterator[si_pb2.ProbeMessage], timeout: float) -> _NoAnswer:  # noqa: N802 - gRPC name
+        return _NoAnswer(requests, timeout)
+
+
+def test_a_cloud_that_never_answers_is_still_an_error() -> None:
+    with pytest.raises(grpc.RpcError):
+        probe_link(_DeadStub(), timeout=0.2)
