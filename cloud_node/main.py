@@ -71,7 +71,7 @@ def build_daemon(config: CloudConfig) -> Daemon:
         torch.set_num_threads(config.torch_threads)
     sessions = SessionManager(ModelRegistry(config.models), config.limits)
     servicer = SplitInferenceServicer(sessions, config.chunk_bytes)
-    services = [Service(servicer, SPLIT_INFERENCE)]
+    services = [Service(servicer, SPLIT_INFERENCE), kserve_service(sessions.registry, config)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager
 
@@ -85,6 +85,17 @@ def build_daemon(config: CloudConfig) -> Daemon:
         max_workers=config.max_workers,
         allow_insecure_public=config.allow_insecure_public,
     )
+
+
+def kserve_service(registry: ModelRegistry, config: CloudConfig) -> Service:
+    """The KServe v2 Open Inference Protocol over every served model (whole-model inference)."""
+    # Imported here: its `inference.*` stubs must stay out of processes that import this module
+    # beside Triton's or KServe's client, which register the same names.
+    from .kserve import SERVICE, KServeServicer
+    from .openinference import OpenInference
+
+    backend = OpenInference(registry.get, list(registry.models), config.limits)
+    return Service(KServeServicer(backend), SERVICE)
 
 
 def main(argv: list[str] | None = None) -> int:
