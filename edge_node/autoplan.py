@@ -23,6 +23,7 @@ from partitioner.loaded import LoadedModel
 from partitioner.models import calibration_batch
 from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, distortion_meter
 from partitioner.profile import cached_profile, from_proto
+from partitioner.quantized_head import measure_speedups
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import Unavailable
@@ -87,6 +88,9 @@ class AutoPlanner:
         cloud = from_proto(reply)
         calib = self._calib = calibration_batch(self.model.input_shape, s.calibration_inputs)
         cost = CostModel.measure(self.model, edge, cloud, calib[: s.byte_samples])
+        if self.runtime.head_bits == 8:
+            # Heads run on int8 kernels: the search over cuts must see their E(k), not the float one.
+            cost = cost.with_quantized_heads(measure_speedups(self.model, calib, _anchor_cuts(self.model)))
         budgets = Budgets(
             memory_bytes=int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else None,
             max_rel_error=s.max_rel_error,
@@ -199,6 +203,14 @@ class AutoPlanner:
                 )
                 self.apply(best, reason=f"re-planned at {_describe(link)}")
             self.error = ""
+
+
+def _anchor_cuts(model: LoadedModel, count: int = 3) -> list[int]:
+    """A few split points spread over the model, where the quantized head's speed-up is measured."""
+    splits = [c.index for c in model.graph.cuts if c.index > 0]
+    if len(splits) <= count:
+        return splits
+    return sorted({splits[round(i * (len(splits) - 1) / (count - 1))] for i in range(count)})
 
 
 def _describe(link: Link) -> str:

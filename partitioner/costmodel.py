@@ -15,8 +15,10 @@ measured, not guessed). Edge-only is ``E(N)``; cloud-only is the split at the in
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -118,7 +120,8 @@ class CutCost:
     edge_ms: float
     cloud_ms: float
     raw_bytes: int  # fp32 bytes of the live set
-    edge_memory: int
+    edge_memory: int  # head weights + peak live activations
+    weight_bytes: int = 0  # the head's float weights, part of edge_memory
     feature_bytes: dict[str, int] = field(default_factory=dict)  # encoding -> bytes on the wire
     encode_ms: dict[str, float] = field(default_factory=dict)
     decode_ms: dict[str, float] = field(default_factory=dict)
@@ -163,6 +166,35 @@ class CostModel:
                 )
         return out
 
+    def with_quantized_heads(self, speedups: Mapping[int, float], weight_bits: int = 8) -> CostModel:
+        """The same model with the head of every split quantized (Auto-Split's E(k) at ``weight_bits``).
+
+        ``speedups``: float head time / quantized head time, measured at a few cuts; cuts between
+        them are interpolated linearly in cut index, cuts outside take the nearest measurement. Head
+        weights shrink to ``weight_bits``. Edge-only keeps the float model; cloud-only has no head.
+        """
+        if not speedups:
+            raise ValueError("speedups: at least one measured cut is needed")
+        if any(v <= 0 for v in speedups.values()):
+            raise ValueError(f"speedups: must be > 0, got {dict(speedups)}")
+        known = sorted(speedups.items())
+        cuts = []
+        for cut in self.cuts:
+            if cut.index == 0:
+                cuts.append(cut)
+                continue
+            factor = float(np.interp(cut.index, [k for k, _ in known], [v for _, v in known]))
+            saved = cut.weight_bytes - cut.weight_bytes * weight_bits // 32
+            cuts.append(
+                replace(
+                    cut,
+                    edge_ms=cut.edge_ms / factor,
+                    edge_memory=cut.edge_memory - saved,
+                    weight_bytes=cut.weight_bytes - saved,
+                )
+            )
+        return replace(self, cuts=cuts)
+
     @classmethod
     def measure(
         cls,
@@ -194,6 +226,7 @@ class CostModel:
                 cloud_ms=cloud_curve.tail_ms(cut.index) if cut.index else cloud_curve.total_ms,
                 raw_bytes=cut.nbytes,
                 edge_memory=weights.get(cut.index, 0) + peak,
+                weight_bytes=weights.get(cut.index, 0),
             )
             mb = cut.nbytes / 1e6
             for enc in wanted:

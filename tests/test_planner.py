@@ -214,3 +214,23 @@ def test_a_slower_cloud_moves_the_plan_towards_the_edge() -> None:
     for _ in range(3):
         planner.observe_cloud(fast.candidate.cut_index, fast.candidate.cloud_ms * 10)
     assert planner.best(link).candidate.kind == EDGE_ONLY
+
+
+def test_quantized_heads_enter_the_search_over_cuts() -> None:
+    cost = synthetic_cost(edge_slowdown=4.0)
+    for cut in cost.cuts:
+        cut.weight_bytes = cut.index * 400_000
+    quantized = cost.with_quantized_heads({1: 2.0, 3: 4.0})
+    by_index = {c.index: c for c in quantized.cuts}
+    original = {c.index: c for c in cost.cuts}
+    assert by_index[0] == original[0]  # cloud-only has no head
+    assert by_index[1].edge_ms == pytest.approx(original[1].edge_ms / 2.0)
+    assert by_index[2].edge_ms == pytest.approx(original[2].edge_ms / 3.0)  # interpolated between cuts 1 and 3
+    assert by_index[4].edge_ms == pytest.approx(original[4].edge_ms / 4.0)  # beyond the last: nearest
+    assert by_index[3].edge_memory == original[3].edge_memory - 900_000  # 1.2 MB of float weights -> 0.3 MB
+    assert quantized.edge_total_ms == cost.edge_total_ms  # edge-only runs the float model
+    # A faster head makes later cuts worth it: the plan moves towards the edge on a slow link.
+    link = Link(2, 2, 20.0)
+    assert Planner(quantized).best(link).candidate.cut_index > Planner(cost).best(link).candidate.cut_index
+    with pytest.raises(ValueError, match="speedups"):
+        cost.with_quantized_heads({})

@@ -82,3 +82,15 @@ def test_replan_pins_an_int8_head_on_the_daemon(edge: DaemonProcess, local_model
     assert cosine(outputs_of(reply)[0], ref) >= 0.99
     client.pin(CUT, "fp32")  # back to the exact float head for the other tests
     assert not client.status().plan.weight_bits
+
+
+def test_int8_head_speedups_are_measured_where_the_planner_asks(local_model: LoadedModel) -> None:
+    from edge_node.autoplan import _anchor_cuts
+    from partitioner.quantized_head import measure_speedups
+
+    anchors = _anchor_cuts(local_model)
+    splits = [c.index for c in local_model.graph.cuts if c.index > 0]
+    assert len(anchors) == 3 and anchors[0] == splits[0] and anchors[-1] == splits[-1]
+    cut = local_model.graph.cut(CUT).index
+    speedups = measure_speedups(local_model, calibration_batch(local_model.input_shape, 4), [cut], repeats=3)
+    assert list(speedups) == [cut] and 0 < speedups[cut] < float("inf")
