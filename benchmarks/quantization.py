@@ -372,11 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sections", default="accuracy,mse,latency,bitalloc")
+    parser.add_argument(
+        "--test-images", type=int, default=1000, help="held-out images for accuracy (1000: 0.1 point per image)"
+    )
     parser.add_argument("--out", default=str(RESULTS / "quantization.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    h = trained_harness()
+    h = trained_harness(n_test=args.test_images)
     print(f"harness: test accuracy {h.accuracy():.4f} (trained in {h.train_seconds:.1f}s, 0 = cached)", flush=True)
     report = {
         "host": {
@@ -385,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "note": "shared machine (other jobs running): compare ratios measured side by side, not absolute times",
         },
-        "harness": {"test_accuracy": h.accuracy(), "train_seconds": h.train_seconds, "cache": str(h.cache_path)},
+        "harness": {
+            "test_accuracy": h.accuracy(),
+            "test_images": len(h.test_y),
+            "train_seconds": h.train_seconds,
+            "cache": str(h.cache_path),
+        },
     }
     sections = {
         "accuracy": lambda: accuracy_section(h, args),
