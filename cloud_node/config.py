@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
+from protos.metrics import MetricsConfig
 
 
 @dataclass
@@ -43,6 +44,7 @@ class CloudConfig:
     chunk_bytes: int = 1 << 20  # payload bytes per result frame
     allow_insecure_public: bool = False  # bind a non-loopback address without TLS
     log_level: str = "INFO"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus /metrics; off by default
 
     @classmethod
     def from_yaml(cls, path: str) -> CloudConfig:

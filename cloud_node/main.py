@@ -7,14 +7,17 @@ import logging
 import sys
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError
 from protos.cleave.v1 import compression_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from protos.serving import Daemon, Service
 
 from .config import CloudConfig
+from .metrics import CloudMetrics
 from .servicer import SplitInferenceServicer
 from .sessions import ModelRegistry, SessionManager
 
@@ -38,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     p.add_argument("--jobs-dir", help="host the Compression service with its job store here")
+    p.add_argument("--metrics", metavar="[HOST:]PORT", help="serve Prometheus /metrics here (a port: on 127.0.0.1)")
     return p.parse_args(argv)
 
 
@@ -60,23 +64,28 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         config.log_level = args.log_level
     if args.jobs_dir:
         config.jobs.dir = args.jobs_dir
+    if args.metrics is not None:
+        config.metrics = MetricsConfig(args.metrics)
     if not config.models and not config.jobs.dir:
         raise SettingsError("models: nothing to serve (give --model, --jobs-dir or a config with either)")
     return config
 
 
-def build_daemon(config: CloudConfig) -> Daemon:
-    """Load every model and assemble the server (not started)."""
+def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None) -> Daemon:
+    """Load every model and assemble the server (not started); with ``registry``, record metrics in it."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     sessions = SessionManager(ModelRegistry(config.models), config.limits)
-    servicer = SplitInferenceServicer(sessions, config.chunk_bytes)
+    metrics = CloudMetrics(registry, sessions) if registry is not None else None
+    servicer = SplitInferenceServicer(sessions, config.chunk_bytes, metrics)
     services = [Service(servicer, SPLIT_INFERENCE), kserve_service(sessions.registry, config)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager
 
         jobs = JobManager(config.jobs)
         jobs.start()
+        if metrics is not None:
+            metrics.watch_jobs(jobs.store)
         services.append(Service(CompressionServicer(jobs, config.jobs.chunk_bytes), COMPRESSION))
     return Daemon(
         config.listen,
@@ -84,6 +93,7 @@ def build_daemon(config: CloudConfig) -> Daemon:
         max_message_bytes=config.limits.max_message_bytes,
         max_workers=config.max_workers,
         allow_insecure_public=config.allow_insecure_public,
+        interceptors=[RpcMetrics(registry)] if registry is not None else [],
     )
 
 
@@ -106,12 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleave-cloud: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s cloud %(levelname)s %(message)s")
+    registry = new_registry() if config.metrics.enabled else None
     try:
-        daemon = build_daemon(config)
+        # The endpoint first: a port clash fails at once, not after loading every model.
+        endpoint = serve_metrics(config.metrics.listen, registry, allow_insecure_public=config.allow_insecure_public)
+        daemon = build_daemon(config, registry)
     except (OSError, ValueError) as exc:
         print(f"cleave-cloud: {exc}", file=sys.stderr)
         return 1
-    daemon.run_until_signal(on_stop=lambda: close_services(daemon))
+
+    def on_stop() -> None:
+        close_services(daemon)
+        if endpoint is not None:
+            endpoint.stop()
+
+    daemon.run_until_signal(on_stop=on_stop)
     return 0
 
 

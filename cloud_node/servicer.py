@@ -16,6 +16,7 @@ from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import InvalidArgument, maps_errors
 
 from . import __version__
+from .metrics import CloudMetrics
 from .sessions import SessionManager, cut_info
 from .streams import serve_stream
 
@@ -23,8 +24,9 @@ MAX_PROBE_REPLY = 8 << 20  # downlink probes are bounded like everything else
 
 
 class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
-    def __init__(self, sessions: SessionManager, chunk_bytes: int) -> None:
+    def __init__(self, sessions: SessionManager, chunk_bytes: int, metrics: CloudMetrics | None = None) -> None:
         self.sessions = sessions
+        self.metrics = metrics
         self.registry = sessions.registry
         self.chunk_bytes = chunk_bytes
         self._profiling = threading.Lock()  # one profile at a time: concurrent runs would skew each other
@@ -66,7 +68,11 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
 
     @maps_errors
     def Infer(self, request_iterator: Iterator[si_pb2.InferFrame], context: grpc.ServicerContext):
-        yield from serve_stream(request_iterator, self.sessions, self.chunk_bytes)
+        if self.metrics is None:
+            yield from serve_stream(request_iterator, self.sessions, self.chunk_bytes)
+            return
+        frames = self.metrics.frames(request_iterator)
+        yield from self.metrics.results(serve_stream(frames, self.sessions, self.chunk_bytes))
 
     @maps_errors
     def Probe(self, request_iterator: Iterator[si_pb2.ProbeMessage], context: grpc.ServicerContext):

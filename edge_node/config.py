@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
+from protos.metrics import MetricsConfig
 
 
 @dataclass
@@ -71,6 +72,7 @@ class EdgeConfig:
     max_workers: int = 32
     allow_insecure_public: bool = False
     log_level: str = "INFO"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus /metrics; off by default
 
     @classmethod
     def from_yaml(cls, path: str) -> EdgeConfig:

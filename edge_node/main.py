@@ -13,12 +13,14 @@ from partitioner.loaded import LoadedModel
 from partitioner.settings import SettingsError
 from protos.cleave.v1 import edge_pb2
 from protos.errors import WireError
+from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from protos.serving import Daemon, Service
 
 from .autoplan import AutoPlanner
 from .cloud_link import CloudLink
 from .config import EdgeConfig
 from .link import LinkMonitor
+from .metrics import EdgeMetrics
 from .runtime import EdgeRuntime
 from .servicer import EdgeServicer
 
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoding", help="feature encoding, e.g. int8, int4c, fp16, fp32+none")
     p.add_argument("--timeout", type=float, help="per-request deadline for the cloud, seconds")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--metrics", metavar="[HOST:]PORT", help="serve Prometheus /metrics here (a port: on 127.0.0.1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     return p.parse_args(argv)
 
@@ -86,6 +89,8 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
         config.request_timeout_s = args.timeout
     if args.threads is not None:
         config.torch_threads = args.threads
+    if args.metrics is not None:
+        config.metrics = MetricsConfig(args.metrics)
     if args.log_level:
         config.log_level = args.log_level
     EncodingSpec.parse(config.plan.encoding)  # fail at start, not on the first request
@@ -99,6 +104,11 @@ class EdgeDaemon:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config
+        # The metrics endpoint first: a port clash fails at once, not after loading the model.
+        self.registry = new_registry() if config.metrics.enabled else None
+        self.metrics_endpoint = serve_metrics(
+            config.metrics.listen, self.registry, allow_insecure_public=config.allow_insecure_public
+        )
         self.model = LoadedModel.load(config.model)
         self.link = CloudLink(
             config.cloud,
@@ -111,6 +121,8 @@ class EdgeDaemon:
         self.runtime = EdgeRuntime(
             self.model, self.link, config.request_timeout_s, config.limits.max_inflight, config.head.weight_bits
         )
+        if self.registry is not None:
+            EdgeMetrics(self.registry, self.runtime)
         self.autoplanner: AutoPlanner | None = None
         if config.plan.cut == "auto":
             # Until the first plan is made, requests run on the edge.
@@ -126,6 +138,7 @@ class EdgeDaemon:
             max_message_bytes=config.limits.max_message_bytes,
             max_workers=config.max_workers,
             allow_insecure_public=config.allow_insecure_public,
+            interceptors=[RpcMetrics(self.registry)] if self.registry is not None else [],
         )
 
     def run(self) -> None:
@@ -137,6 +150,8 @@ class EdgeDaemon:
         if self.autoplanner is not None:
             self.autoplanner.stop()
         self.link.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,6 +92,7 @@ class Outcome:
     bytes_up: int = 0
     bytes_down: int = 0
     note: str = ""
+    local_tail_ms: float = 0.0  # the tail's run here after a fallback (also inside timing.edge_compute_ms)
 
 
 @dataclass
@@ -106,6 +107,8 @@ class Counters:
     bytes_down: int = 0
     plan_switches: int = 0
     recent_ms: deque = field(default_factory=lambda: deque(maxlen=50), repr=False)
+    # Called with every recorded Outcome, outside the lock (the edge's Prometheus metrics listen here).
+    listeners: list[Callable[[Outcome], None]] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -121,6 +124,11 @@ class Counters:
             self.bytes_up += outcome.bytes_up
             self.bytes_down += outcome.bytes_down
             self.recent_ms.append(outcome.timing.total_ms)
+        for listener in self.listeners:
+            try:
+                listener(outcome)
+            except Exception:  # noqa: BLE001 - an observer must never fail a served request
+                log.exception("outcome listener failed")
 
     def add(self, name: str) -> None:
         """Count one more ``name`` (``errors``, ``plan_switches``)."""
@@ -330,4 +338,4 @@ class EdgeRuntime:
         t1 = time.perf_counter()
         timing.edge_compute_ms += (t1 - t0) * 1e3
         timing.total_ms = (t1 - started) * 1e3
-        return Outcome(outputs, LOCAL_FALLBACK, plan, timing, note=note)
+        return Outcome(outputs, LOCAL_FALLBACK, plan, timing, note=note, local_tail_ms=(t1 - t0) * 1e3)
