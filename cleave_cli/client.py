@@ -9,15 +9,23 @@ import torch
 
 from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode, encode
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
+from protos.security import ClientTLS
 from protos.serving import DEFAULT_MAX_MESSAGE_BYTES, open_channel
 
 
 class EdgeClient:
     """Call a local edge daemon: ``EdgeClient("127.0.0.1:50052").infer(x)``."""
 
-    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
+    ) -> None:
         self.target = target
-        self.channel = open_channel(target, max_message_bytes)
+        self.channel = open_channel(target, max_message_bytes, tls=tls, token=token)
         self.stub = edge_pb2_grpc.EdgeStub(self.channel)
 
     def wait_ready(self, timeout: float = 30.0) -> None:

@@ -20,7 +20,10 @@ from google.protobuf.json_format import MessageToDict
 
 from protos.cleave.v1 import compression_pb2 as pb
 from protos.cleave.v1 import compression_pb2_grpc as pb_grpc
+from protos.security import ClientTLS
 from protos.serving import open_channel
+
+from .security_args import add_security_args, channel_security
 
 UPLOAD_CHUNK = 1 << 20
 FORMATS = {
@@ -41,8 +44,8 @@ class VerificationError(OSError):
 class CompressionClient:
     """A thin client: upload, submit, watch, download (resumable, verified)."""
 
-    def __init__(self, target: str) -> None:
-        self.channel = open_channel(target)
+    def __init__(self, target: str, *, tls: ClientTLS | None = None, token: str | None = None) -> None:
+        self.channel = open_channel(target, tls=tls, token=token)
         self.stub = pb_grpc.CompressionStub(self.channel)
 
     def close(self) -> None:
@@ -173,7 +176,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not (args.model or args.upload or args.transformer):
         print("cleave compress: give --model, --transformer or --upload", file=sys.stderr)
         return 2
-    client = CompressionClient(args.cloud)
+    client = CompressionClient(args.cloud, **channel_security(args))
     try:
         model_id = dataset_id = ""
         if args.upload:
@@ -222,7 +225,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    client = CompressionClient(args.cloud)
+    client = CompressionClient(args.cloud, **channel_security(args))
     try:
         if args.action == "list":
             jobs = client.list(limit=args.limit)
@@ -296,6 +299,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--no-wait", action="store_true", help="print the job id and return")
     c.add_argument("--no-download", action="store_true")
     c.add_argument("--json", action="store_true")
+    add_security_args(c)
     c.set_defaults(func=cmd_compress)
 
     j = sub.add_parser("jobs", help="list, show, watch, cancel or download compression jobs")
@@ -306,6 +310,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--out", help="download directory (default: the job id)")
     j.add_argument("--limit", type=int, default=0)
     j.add_argument("--json", action="store_true")
+    add_security_args(j)
     j.set_defaults(func=cmd_jobs)
 
 

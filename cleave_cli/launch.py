@@ -13,6 +13,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protos.security import ClientTLS
+from protos.serving import open_channel
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,15 +26,27 @@ def free_port() -> int:
 
 
 class DaemonProcess:
-    """A ``cleave-cloud`` or ``cleave-edge`` child process with its log in a file."""
+    """A ``cleave-cloud`` or ``cleave-edge`` child process with its log in a file.
 
-    def __init__(self, module: str, args: list[str], port: int, log_path: Path, env: dict | None = None) -> None:
+    ``tls``: how to reach a daemon that serves TLS (the health check needs no token).
+    """
+
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        port: int,
+        log_path: Path,
+        env: dict | None = None,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self.module = module
         self.args = args
         self.port = port
         self.address = f"127.0.0.1:{port}"
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready_timeout: float = 120.0) -> DaemonProcess:
@@ -49,7 +64,7 @@ class DaemonProcess:
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with open_channel(self.address, tls=self.tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -87,11 +102,18 @@ class DaemonProcess:
             return ""
 
 
-def cloud_process(config: Path, port: int, log_path: Path, threads: int | None = None) -> DaemonProcess:
+def cloud_process(
+    config: Path,
+    port: int,
+    log_path: Path,
+    threads: int | None = None,
+    tls: ClientTLS | None = None,
+    env: dict | None = None,
+) -> DaemonProcess:
     args = ["--config", str(config), "--port", str(port)]
     if threads:
         args += ["--threads", str(threads)]
-    return DaemonProcess("cloud_node.main", args, port, log_path)
+    return DaemonProcess("cloud_node.main", args, port, log_path, env=env, tls=tls)
 
 
 def edge_process(
@@ -101,6 +123,8 @@ def edge_process(
     log_path: Path,
     extra: list[str] | None = None,
     threads: int | None = None,
+    tls: ClientTLS | None = None,
+    env: dict | None = None,
 ) -> DaemonProcess:
     args = [
         "--config",
@@ -113,4 +137,4 @@ def edge_process(
     ]
     if threads:
         args += ["--threads", str(threads)]
-    return DaemonProcess("edge_node.main", args, port, log_path)
+    return DaemonProcess("edge_node.main", args, port, log_path, env=env, tls=tls)

@@ -23,6 +23,7 @@ from protos.serving import open_channel
 
 from .client import EdgeClient, outputs_of
 from .images import load_image, synthetic_images
+from .security_args import add_security_args, channel_security
 
 STAGES = [
     ("edge_compute_ms", "edge"),
@@ -37,7 +38,7 @@ STAGES = [
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    client = EdgeClient(args.edge)
+    client = EdgeClient(args.edge, **channel_security(args))
     status = client.status(timeout=args.timeout)
     shape = tuple(status.input_shape)
     if args.random:
@@ -87,7 +88,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with open_channel(args.cloud) as channel:
+    with open_channel(args.cloud, **channel_security(args)) as channel:
         stub = si_grpc.SplitInferenceStub(channel)
         info = stub.GetInfo(si_pb2.GetInfoRequest(model=args.model or "", include_cuts=True), timeout=args.timeout)
     if args.json:
@@ -103,7 +104,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = EdgeClient(args.edge).status(timeout=args.timeout)
+    status = EdgeClient(args.edge, **channel_security(args)).status(timeout=args.timeout)
     print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
     return 0
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--top", type=int, default=5)
     infer.add_argument("--json", action="store_true", help="machine-readable output")
     infer.add_argument("--timeout", type=float, default=60.0)
+    add_security_args(infer)
     infer.set_defaults(func=cmd_infer)
 
     info = sub.add_parser("info", help="models a cloud daemon serves, with every cut and its size")
@@ -133,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", help="only this model")
     info.add_argument("--json", action="store_true")
     info.add_argument("--timeout", type=float, default=10.0)
+    add_security_args(info)
     info.set_defaults(func=cmd_info)
 
     status = sub.add_parser("status", help="an edge daemon's link, plan, reachability and counters")
     status.add_argument("--edge", default="127.0.0.1:50052")
     status.add_argument("--timeout", type=float, default=10.0)
+    add_security_args(status)
     status.set_defaults(func=cmd_status)
     return parser
 

@@ -21,6 +21,8 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.serving import open_channel
 
+from .security_args import add_security_args, channel_security
+
 BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
@@ -38,8 +40,11 @@ def load(args: argparse.Namespace) -> LoadedModel:
     return LoadedModel.load(ModelSpec.from_dict(spec))
 
 
-def cloud_profile(model: LoadedModel, target: str) -> tuple[Profile, si_grpc.SplitInferenceStub]:
-    stub = si_grpc.SplitInferenceStub(open_channel(target))
+def cloud_profile(
+    model: LoadedModel, target: str, security: dict | None = None
+) -> tuple[Profile, si_grpc.SplitInferenceStub]:
+    """The cloud's profile of ``model``; ``security``: ``open_channel``'s ``tls`` / ``token`` arguments."""
+    stub = si_grpc.SplitInferenceStub(open_channel(target, **(security or {})))
     reply = stub.Profile(si_pb2.ProfileRequest(model=model.name), timeout=300)
     if reply.fingerprint != model.fingerprint:
         raise ValueError(f"the cloud's {model.name!r} has another fingerprint: it is not the same model")
@@ -49,7 +54,7 @@ def cloud_profile(model: LoadedModel, target: str) -> tuple[Profile, si_grpc.Spl
 def cmd_profile(args: argparse.Namespace) -> int:
     model = load(args)
     if args.cloud:
-        profile, _ = cloud_profile(model, args.cloud)
+        profile, _ = cloud_profile(model, args.cloud, channel_security(args))
     else:
         profile = cached_profile(model, refresh=args.refresh, role="edge")
     if args.json:
@@ -71,7 +76,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner, Link, str]:
     edge = cached_profile(model, role="edge")
     if args.cloud:
-        cloud, stub = cloud_profile(model, args.cloud)
+        cloud, stub = cloud_profile(model, args.cloud, channel_security(args))
         if args.bandwidth:
             link = Link(args.bandwidth, args.down or args.bandwidth, args.rtt)
         else:
@@ -215,6 +220,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--cloud", help="show the cloud daemon's profile of the model instead")
     profile.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     profile.add_argument("--json", help="also write the profile as JSON here")
+    add_security_args(profile)
     profile.set_defaults(func=cmd_profile)
 
     plan = sub.add_parser("plan", help="rank placements of a model for a link; the best first")
@@ -235,4 +241,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--top", type=int, default=10)
     plan.add_argument("--json", help="write the ranking as JSON here")
     plan.add_argument("--png", help="write the plot here")
+    add_security_args(plan)
     plan.set_defaults(func=cmd_plan)

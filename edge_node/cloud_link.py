@@ -26,6 +26,7 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.cleave.v1 import tensor_pb2
 from protos.errors import FailedPrecondition, Unavailable, WireError, from_rpc_error
+from protos.security import ClientTLS
 from protos.serving import open_channel
 
 from .config import Reconnect
@@ -161,6 +162,9 @@ class CloudLink:
         chunk_bytes: int,
         max_message_bytes: int,
         client_name: str = "cleave-edge",
+        *,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.model = model
@@ -170,7 +174,8 @@ class CloudLink:
         self.client_name = client_name
         self.last_error = "not connected yet"
         self.reconnects = 0
-        self._channel = open_channel(target, max_message_bytes)
+        # Every call to the cloud (sessions, Infer, probes, the planner's Profile) goes over this channel.
+        self._channel = open_channel(target, max_message_bytes, tls=tls, token=token)
         self._stub = si_grpc.SplitInferenceStub(self._channel)
         self._stream: InferStream | None = None
         self._want_cut: int | None = None
@@ -258,7 +263,7 @@ class CloudLink:
             )
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
-            if isinstance(error, FailedPrecondition):
+            if isinstance(error, FailedPrecondition) or error.code == grpc.StatusCode.UNAUTHENTICATED:
                 log.error("cloud refused the session: %s", error.message)
             raise error from None
         stream = InferStream(self._stub, reply.session_id, cut_index, self.chunk_bytes, self._on_broken)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
 from protos.metrics import MetricsConfig
+from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
 
 
 @dataclass
@@ -61,6 +63,8 @@ class EdgeConfig:
     model: ModelSpec
     listen: str = "127.0.0.1:50052"
     cloud: str = "127.0.0.1:50051"
+    cloud_tls: ClientTLS = field(default_factory=ClientTLS)  # how the edge checks the cloud (and shows itself)
+    cloud_auth: ClientAuth = field(default_factory=ClientAuth)  # the bearer token sent on every call to the cloud
     plan: PlanSettings = field(default_factory=PlanSettings)
     autoplan: AutoPlanSettings = field(default_factory=AutoPlanSettings)
     head: HeadSettings = field(default_factory=HeadSettings)
@@ -71,12 +75,23 @@ class EdgeConfig:
     torch_threads: int = 0
     max_workers: int = 32
     allow_insecure_public: bool = False
+    tls: ServerTLS = field(default_factory=ServerTLS)  # the edge's own server (its local API)
+    auth: ServerAuth = field(default_factory=ServerAuth)  # tokens local apps must send
     log_level: str = "INFO"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus /metrics; off by default
 
     @classmethod
     def from_yaml(cls, path: str) -> EdgeConfig:
-        return cls.from_dict(load_yaml(path))
+        config = cls.from_dict(load_yaml(path))
+        config.resolve_paths(Path(path).parent)
+        return config
+
+    def resolve_paths(self, base: Path) -> None:
+        """Take the relative paths of the TLS and token settings relative to ``base`` (the YAML file's folder)."""
+        self.tls = self.tls.resolved(base)
+        self.auth = self.auth.resolved(base)
+        self.cloud_tls = self.cloud_tls.resolved(base)
+        self.cloud_auth = self.cloud_auth.resolved(base)
 
     @classmethod
     def from_dict(cls, data: dict) -> EdgeConfig:

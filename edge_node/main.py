@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -73,6 +74,8 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
             model["input_shape"] = [int(d) for d in args.input_shape.split(",")]
         data["model"] = model
     config = EdgeConfig.from_dict(data)
+    if args.config:
+        config.resolve_paths(Path(args.config).parent)
     if args.listen:
         config.listen = args.listen
     if args.port:
@@ -117,6 +120,8 @@ class EdgeDaemon:
             config.reconnect,
             config.chunk_bytes,
             config.limits.max_message_bytes,
+            tls=config.cloud_tls,
+            token=config.cloud_auth.load(),
         )
         self.runtime = EdgeRuntime(
             self.model, self.link, config.request_timeout_s, config.limits.max_inflight, config.head.weight_bits
@@ -139,6 +144,8 @@ class EdgeDaemon:
             max_workers=config.max_workers,
             allow_insecure_public=config.allow_insecure_public,
             interceptors=[RpcMetrics(self.registry)] if self.registry is not None else [],
+            tls=config.tls,
+            auth=config.auth,
         )
 
     def run(self) -> None:

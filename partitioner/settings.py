@@ -48,7 +48,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         kwargs[key] = _convert(hints[key], value, path)
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
+    except (TypeError, ValueError) as exc:  # a required field is missing, or the dataclass's own checks failed
         raise SettingsError(f"{where or cls.__name__}: {exc}") from exc
 
 

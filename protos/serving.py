@@ -2,7 +2,8 @@
 
 A :class:`Daemon` is a gRPC server with Cleave's defaults: explicit message-size limits (never
 gRPC's 4 MiB default), ``grpc.health.v1`` and server reflection for every service it hosts, a
-refusal to bind a non-loopback address without TLS unless told so, and a draining stop (health
+refusal to bind a non-loopback address without TLS unless told so, TLS / mutual TLS and bearer
+tokens when configured (:mod:`protos.security`), and a draining stop (health
 NOT_SERVING, finish in-flight calls, then close) on SIGTERM or SIGINT. Requests whose bytes do not
 decode as the expected message answer INVALID_ARGUMENT naming the type, where gRPC alone would
 answer INTERNAL.
@@ -27,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .errors import InvalidArgument
+from .security import BearerAuthInterceptor, ClientTLS, ServerAuth, ServerTLS, secure_channel
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,15 @@ def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
-    """An insecure channel to ``target`` with explicit limits and fast reconnects."""
+def open_channel(
+    target: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    *,
+    tls: ClientTLS | None = None,
+    token: str | None = None,
+) -> grpc.Channel:
+    """A channel to ``target`` with explicit limits and fast reconnects; TLS when ``tls`` is active,
+    and ``token`` sent as ``authorization: Bearer`` on every call when given."""
     options = message_options(max_message_bytes) + [
         ("grpc.enable_retries", 0),
         ("grpc.initial_reconnect_backoff_ms", 100),
@@ -51,7 +60,7 @@ def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         # gRPC's default: on a slow, busy link a ping waits behind queued data; 5 s dropped live connections.
         ("grpc.keepalive_timeout_ms", 20_000),
     ]
-    return grpc.insecure_channel(target, options=options)
+    return secure_channel(target, options, tls, token)
 
 
 def is_loopback(address: str) -> bool:
@@ -150,12 +159,24 @@ class Daemon:
         max_workers: int = 16,
         allow_insecure_public: bool = False,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        tls: ServerTLS | None = None,
+        auth: ServerAuth | None = None,
     ) -> None:
-        if not is_loopback(address) and not allow_insecure_public:
+        tls = tls or ServerTLS()
+        if not is_loopback(address) and not tls.enabled and not allow_insecure_public:
             raise ValueError(
                 f"listen address {address!r} is not loopback and TLS is not configured; "
-                "set allow_insecure_public: true to bind it anyway"
+                "configure tls: cert and key (or set allow_insecure_public: true to bind it in plaintext anyway)"
             )
+        # Auth runs before every other interceptor: a refused caller costs no metrics or logging work.
+        if auth is not None and auth.enabled:
+            tokens = auth.load()
+            interceptors = [BearerAuthInterceptor(tokens), *interceptors]
+            self.security = f"{tls.mode}, bearer tokens ({len(tokens)} accepted)"
+            if not tls.enabled and not is_loopback(address):
+                log.warning("bearer tokens reach %s in plaintext: configure tls", address)
+        else:
+            self.security = f"{tls.mode}, no auth"
         self.address = address
         self.services = list(services)
         self.health = health.HealthServicer()
@@ -171,7 +192,10 @@ class Daemon:
             names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server,
         )
-        self.port = self._server.add_insecure_port(address)
+        if tls.enabled:
+            self.port = self._server.add_secure_port(address, tls.credentials())
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
         self._stopped = threading.Event()
@@ -185,7 +209,7 @@ class Daemon:
         """Start serving; returns the bound port."""
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening on %s (port %d)", self.address, self.port)
+        log.info("listening on %s (port %d, %s)", self.address, self.port, self.security)
         return self.port
 
     def stop(self, grace: float = 10.0) -> None:
