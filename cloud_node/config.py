@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
 from protos.metrics import MetricsConfig
+from protos.security import ServerAuth, ServerTLS
+
+from .batching import BatchSettings
 
 
 @dataclass
@@ -34,21 +38,83 @@ class JobsConfig:
 
 
 @dataclass
+class BatchOverride:
+    """Settings for one model, by name; a field left out keeps the ``batching:`` default."""
+
+    model: str
+    enabled: bool | None = None
+    max_batch_size: int | None = None
+    preferred_batch_sizes: list[int] | None = None
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int | None = None
+
+
+@dataclass
+class BatchingConfig(BatchSettings):
+    """Dynamic batching of tails (and whole models): defaults for every model, then ``models:`` overrides.
+
+    Off by default: a lone edge gains nothing from it, a request may wait ``max_queue_delay_ms`` for
+    company, and batched float32 results can differ from unbatched ones in the last bits.
+    """
+
+    models: list[BatchOverride] = field(default_factory=list)
+
+    def for_model(self, name: str) -> BatchSettings:
+        """The settings ``name`` runs with."""
+        base = BatchSettings(
+            self.enabled,
+            self.max_batch_size,
+            list(self.preferred_batch_sizes),
+            self.max_queue_delay_ms,
+            self.max_queue_size,
+        )
+        for override in self.models:
+            if override.model == name:
+                changes = {k: v for k, v in vars(override).items() if k != "model" and v is not None}
+                return replace(base, **changes)
+        return base
+
+    def check(self, model_names: list[str]) -> None:
+        """Raise SettingsError naming the first field out of range (``batching.max_batch_size: ...``)."""
+        try:
+            BatchSettings.check(self)
+        except ValueError as exc:
+            raise SettingsError(f"batching.{exc}") from None
+        for i, override in enumerate(self.models):
+            if override.model not in model_names:
+                raise SettingsError(f"batching.models[{i}].model: {override.model!r} is not served")
+            try:
+                self.for_model(override.model).check()
+            except ValueError as exc:
+                raise SettingsError(f"batching.models[{i}].{exc}") from None
+
+
+@dataclass
 class CloudConfig:
     listen: str = "127.0.0.1:50051"
     models: list[ModelSpec] = field(default_factory=list)
     limits: CloudLimits = field(default_factory=CloudLimits)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     torch_threads: int = 0  # 0: torch's default
     max_workers: int = 32  # gRPC handler threads
     chunk_bytes: int = 1 << 20  # payload bytes per result frame
     allow_insecure_public: bool = False  # bind a non-loopback address without TLS
+    tls: ServerTLS = field(default_factory=ServerTLS)  # cert + key: TLS; ca + require_client_cert: mutual TLS
+    auth: ServerAuth = field(default_factory=ServerAuth)  # bearer tokens every RPC but health needs
     log_level: str = "INFO"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus /metrics; off by default
 
     @classmethod
     def from_yaml(cls, path: str) -> CloudConfig:
-        return cls.from_dict(load_yaml(path))
+        config = cls.from_dict(load_yaml(path))
+        config.resolve_paths(Path(path).parent)
+        return config
+
+    def resolve_paths(self, base: Path) -> None:
+        """Take the relative paths of ``tls`` and ``auth`` relative to ``base`` (the YAML file's folder)."""
+        self.tls = self.tls.resolved(base)
+        self.auth = self.auth.resolved(base)
 
     @classmethod
     def from_dict(cls, data: dict) -> CloudConfig:

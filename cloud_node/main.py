@@ -16,6 +16,7 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from protos.serving import Daemon, Service
 
+from .batching import Batchers
 from .config import CloudConfig
 from .metrics import CloudMetrics
 from .servicer import SplitInferenceServicer
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     p.add_argument("--jobs-dir", help="host the Compression service with its job store here")
     p.add_argument("--metrics", metavar="[HOST:]PORT", help="serve Prometheus /metrics here (a port: on 127.0.0.1)")
+    p.add_argument("--max-batch-size", type=int, help="batch concurrent requests up to this many rows (1: off)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="how long a request may wait for a batch to fill")
     return p.parse_args(argv)
 
 
@@ -66,6 +69,11 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         config.jobs.dir = args.jobs_dir
     if args.metrics is not None:
         config.metrics = MetricsConfig(args.metrics)
+    if args.max_batch_size is not None:
+        config.batching.enabled = args.max_batch_size > 1
+        config.batching.max_batch_size = max(args.max_batch_size, 1)
+    if args.max_queue_delay_ms is not None:
+        config.batching.max_queue_delay_ms = args.max_queue_delay_ms
     if not config.models and not config.jobs.dir:
         raise SettingsError("models: nothing to serve (give --model, --jobs-dir or a config with either)")
     return config
@@ -75,10 +83,10 @@ def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None)
     """Load every model and assemble the server (not started); with ``registry``, record metrics in it."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    sessions = SessionManager(ModelRegistry(config.models), config.limits)
+    sessions = SessionManager(ModelRegistry(config.models), config.limits, batchers_for(config))
     metrics = CloudMetrics(registry, sessions) if registry is not None else None
     servicer = SplitInferenceServicer(sessions, config.chunk_bytes, metrics)
-    services = [Service(servicer, SPLIT_INFERENCE), kserve_service(sessions.registry, config)]
+    services = [Service(servicer, SPLIT_INFERENCE), kserve_service(sessions.registry, config, sessions.batchers)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager
 
@@ -94,17 +102,25 @@ def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None)
         max_workers=config.max_workers,
         allow_insecure_public=config.allow_insecure_public,
         interceptors=[RpcMetrics(registry)] if registry is not None else [],
+        tls=config.tls,
+        auth=config.auth,
     )
 
 
-def kserve_service(registry: ModelRegistry, config: CloudConfig) -> Service:
+def batchers_for(config: CloudConfig) -> Batchers:
+    """Dynamic batchers for tails and whole models, as ``batching:`` in cloud.yaml sets them."""
+    config.batching.check([m.name for m in config.models])
+    return Batchers(config.batching.for_model)
+
+
+def kserve_service(registry: ModelRegistry, config: CloudConfig, batchers: Batchers | None = None) -> Service:
     """The KServe v2 Open Inference Protocol over every served model (whole-model inference)."""
     # Imported here: its `inference.*` stubs must stay out of processes that import this module
     # beside Triton's or KServe's client, which register the same names.
     from .kserve import SERVICE, KServeServicer
     from .openinference import OpenInference
 
-    backend = OpenInference(registry.get, list(registry.models), config.limits)
+    backend = OpenInference(registry.get, list(registry.models), config.limits, batchers)
     return Service(KServeServicer(backend), SERVICE)
 
 

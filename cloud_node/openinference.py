@@ -31,6 +31,7 @@ import torch
 from partitioner.loaded import LoadedModel, as_tensor_list
 from protos.errors import InvalidArgument, NotFound, ResourceExhausted
 
+from .batching import WHOLE_MODEL, Batchers
 from .config import CloudLimits
 
 VERSION = "1"
@@ -130,12 +131,21 @@ class OpenInference:
         models: looks a served model up by name, raising :class:`NotFound` (``ModelRegistry.get``).
         names: the names of every served model, for messages.
         limits: the daemon's limits (elements per tensor, request and message bytes).
+        batchers: the daemon's dynamic batchers; whole-model requests of concurrent clients share
+            batches where the model's ``batching:`` settings turn it on (None: never batched).
     """
 
-    def __init__(self, models: Callable[[str], LoadedModel], names: Sequence[str], limits: CloudLimits) -> None:
+    def __init__(
+        self,
+        models: Callable[[str], LoadedModel],
+        names: Sequence[str],
+        limits: CloudLimits,
+        batchers: Batchers | None = None,
+    ) -> None:
         self._models = models
         self.names = list(names)
         self.limits = limits
+        self.batchers = batchers
 
     def model(self, name: str, version: str = "") -> LoadedModel:
         """The served model ``name`` at ``version`` (empty: the latest); NotFound otherwise."""
@@ -198,7 +208,9 @@ class OpenInference:
         )
 
     def run(self, model: LoadedModel, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """The one place the model runs: the whole model on one input batch."""
+        """The one place the model runs: the whole model on one input batch, batched with others' when on."""
+        if self.batchers is not None:
+            return self.batchers.run(model.name, WHOLE_MODEL, model.module, [tensor]).outputs
         with torch.inference_mode():
             return as_tensor_list(model.module(tensor))
 

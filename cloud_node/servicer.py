@@ -31,6 +31,11 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         self.chunk_bytes = chunk_bytes
         self._profiling = threading.Lock()  # one profile at a time: concurrent runs would skew each other
 
+    def close(self) -> None:
+        """After the drain: stop the batcher threads (queued requests run first)."""
+        if self.sessions.batchers is not None:
+            self.sessions.batchers.close()
+
     @maps_errors
     def GetInfo(self, request: si_pb2.GetInfoRequest, context: grpc.ServicerContext) -> si_pb2.GetInfoResponse:
         models = [self.registry.get(request.model)] if request.model else list(self.registry.models.values())

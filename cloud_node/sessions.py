@@ -12,12 +12,13 @@ import torch
 
 from compressor import RAW_UNCOMPRESSED, CodecError, CodecLimits, EncodingSpec, decode, encode
 from partitioner.graph import Cut
-from partitioner.loaded import LoadedModel, as_tensor_list, check_features
+from partitioner.loaded import LoadedModel, check_features
 from partitioner.models import ModelSpec
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import tensor_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
+from .batching import Batchers, DirectRunner, DynamicBatcher
 from .config import CloudLimits
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,11 @@ def cut_info(cut: Cut) -> si_pb2.CutInfo:
 
 @dataclass
 class Session:
-    """One edge's binding to a model tail at a cut."""
+    """One edge's binding to a model tail at a cut.
+
+    ``runner`` runs the tail: directly on the calling thread, or through the dynamic batcher that
+    every session on the same model and cut shares (see :mod:`cloud_node.batching`).
+    """
 
     id: str
     model: LoadedModel
@@ -74,9 +79,18 @@ class Session:
     client: str = ""
     requests: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    runner: DirectRunner | DynamicBatcher | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner = DirectRunner(self.tail)
 
     def run(self, features: list[tensor_pb2.Tensor]) -> tuple[list[tensor_pb2.Tensor], si_pb2.CloudTiming]:
-        """Decode features, run the tail, encode the outputs. Bad input raises InvalidArgument."""
+        """Decode features, run the tail, encode the outputs. Bad input raises InvalidArgument.
+
+        ``queue_ms`` is the time spent waiting for a batch; ``compute_ms`` the rest of the tail's
+        wall time (the whole batch's run when batched), so the four stages add up to the cloud's time.
+        """
         self.last_used = time.monotonic()
         t0 = time.perf_counter()
         tensors = []
@@ -90,22 +104,27 @@ class Session:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            outputs = as_tensor_list(self.tail(*tensors))
+        result = self.runner.run(tensors)
         t2 = time.perf_counter()
-        encoded = [encode(o, self.result_spec) for o in outputs]
+        encoded = [encode(o, self.result_spec) for o in result.outputs]
         t3 = time.perf_counter()
         self.requests += 1
-        timing = si_pb2.CloudTiming(decode_ms=(t1 - t0) * 1e3, compute_ms=(t2 - t1) * 1e3, encode_ms=(t3 - t2) * 1e3)
+        timing = si_pb2.CloudTiming(
+            queue_ms=result.queue_ms,
+            decode_ms=(t1 - t0) * 1e3,
+            compute_ms=max((t2 - t1) * 1e3 - result.queue_ms, 0.0),
+            encode_ms=(t3 - t2) * 1e3,
+        )
         return encoded, timing
 
 
 class SessionManager:
-    """Opens, finds and expires sessions, within ``limits``."""
+    """Opens, finds and expires sessions, within ``limits``; ``batchers`` batches their tails (None: never)."""
 
-    def __init__(self, registry: ModelRegistry, limits: CloudLimits) -> None:
+    def __init__(self, registry: ModelRegistry, limits: CloudLimits, batchers: Batchers | None = None) -> None:
         self.registry = registry
         self.limits = limits
+        self.batchers = batchers
         self.codec_limits = CodecLimits(max_elements=limits.max_elements, max_payload_bytes=limits.max_request_bytes)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -148,6 +167,7 @@ class SessionManager:
                 result_spec=result_spec,
                 codec_limits=self.codec_limits,
                 client=request.client,
+                runner=self.batchers.runner(model.name, cut.index, tail) if self.batchers else None,
             )
             self._sessions[session.id] = session
         log.info(
