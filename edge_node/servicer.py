@@ -77,11 +77,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             finally:
                 window.release()
 
+        broken: list[Exception] = []  # what ended the incoming side early (an undecodable message)
+
         def read(pool: ThreadPoolExecutor) -> None:
             try:
                 for request in request_iterator:
                     window.acquire()
                     pool.submit(one, request)
+            except Exception as exc:  # noqa: BLE001 - reported as the stream's status once its replies are out
+                broken.append(exc)
             finally:
                 pool.shutdown(wait=True)
                 replies.put(done)
@@ -90,6 +94,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
         threading.Thread(target=read, args=(pool,), daemon=True).start()
         while (reply := replies.get()) is not done:
             yield reply
+        if broken:
+            raise broken[0]
 
     @maps_errors
     def GetStatus(self, request: edge_pb2.GetStatusRequest, context: grpc.ServicerContext):

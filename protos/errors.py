@@ -65,6 +65,19 @@ def from_rpc_error(err: grpc.RpcError) -> WireError:
     return exc
 
 
+def enum_name(enum: Any, value: int, field: str) -> str:
+    """The name of ``value`` in the protobuf ``enum``; InvalidArgument naming ``field`` when it has none.
+
+    proto3 enums are open: a peer may send any int32, and ``Enum.Name`` raises ValueError on unknown
+    values, which would otherwise surface as INTERNAL.
+    """
+    try:
+        return enum.Name(value)
+    except ValueError:
+        known = ", ".join(enum.keys())
+        raise InvalidArgument(f"{field}: {value} is not a known value ({known})") from None
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a servicer answers for ``exc``."""
     if isinstance(exc, WireError):
@@ -83,6 +96,10 @@ def maps_errors(method: F) -> F:
     """
 
     def fail(context: grpc.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            # The client cancelled or its deadline passed while we read its stream: nobody to answer.
+            log.debug("%s: the client went away (%s)", method.__qualname__, exc)
+            return
         code, message = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.error("%s failed", method.__qualname__, exc_info=exc)

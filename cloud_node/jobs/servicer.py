@@ -8,7 +8,7 @@ import grpc
 
 from protos.cleave.v1 import compression_pb2 as pb
 from protos.cleave.v1 import compression_pb2_grpc as pb_grpc
-from protos.errors import InvalidArgument, maps_errors
+from protos.errors import InvalidArgument, enum_name, maps_errors
 
 from .manager import JobManager
 from .store import JobRecord
@@ -69,7 +69,7 @@ class CompressionServicer(pb_grpc.CompressionServicer):
 
     @maps_errors
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
-        states = [pb.JobState.Name(s) for s in request.states if s != pb.JOB_STATE_UNSPECIFIED]
+        states = [enum_name(pb.JobState, s, "states") for s in request.states if s != pb.JOB_STATE_UNSPECIFIED]
         return pb.ListJobsResponse(jobs=[job_message(j) for j in self.manager.list(states, request.limit)])
 
     @maps_errors

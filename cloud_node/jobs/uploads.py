@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from protos.cleave.v1 import compression_pb2 as pb
-from protos.errors import InvalidArgument, ResourceExhausted
+from protos.errors import InvalidArgument, ResourceExhausted, enum_name
 
 from .datasets import DatasetError, load_dataset
 from .store import JobStore, UploadRecord, publish
@@ -44,7 +44,7 @@ def receive(store: JobStore, chunks: Iterable[pb.UploadChunk], max_bytes: int) -
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument("upload: the first message must carry a header")
     header = first.header
-    fmt = pb.UploadFormat.Name(header.format)
+    fmt = enum_name(pb.UploadFormat, header.format, "header.format")
     if fmt not in EXTENSIONS:
         raise InvalidArgument(f"header.format: {fmt} is not one of {', '.join(EXTENSIONS)}")
     if header.total_bytes > max_bytes:
