@@ -1,6 +1,12 @@
 """Model factories for tests, named in ModelSpec sources as ``"_factories:<function>"``."""
 
+import os
+import time
+
+import torch
 from torch import nn
+
+TAIL_SLEEP_ENV = "CLEAVE_TEST_TAIL_SLEEP_S"
 
 
 def tiny_cnn() -> nn.Module:
@@ -38,3 +44,36 @@ class _TwoHeads(nn.Module):
 
 def two_heads() -> nn.Module:
     return _TwoHeads()
+
+
+@torch.fx.wrap  # one opaque node in the traced graph, so the sleep runs at serving time, not at trace time
+def cloud_delay(x: torch.Tensor) -> torch.Tensor:
+    """``x``, after sleeping ``$CLEAVE_TEST_TAIL_SLEEP_S`` seconds (unset: at once).
+
+    Both hosts trace the same graph (same fingerprint); only the process whose environment sets the
+    variable is slow, e.g. a cloud started with it serves a slow tail while the edge's fallback is fast.
+    """
+    seconds = float(os.environ.get(TAIL_SLEEP_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+    return x
+
+
+class _SlowTail(nn.Module):
+    """conv -> relu -> cloud_delay -> pool -> fc: cut at ``relu`` and the delay is in the tail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = cloud_delay(self.relu(self.conv(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def slow_tail_cnn() -> nn.Module:
+    """A tiny CNN whose tail sleeps where ``$CLEAVE_TEST_TAIL_SLEEP_S`` is set (see :func:`cloud_delay`)."""
+    return _SlowTail()
