@@ -1,8 +1,8 @@
 """Fuzzing every RPC of both daemons, as real processes on loopback.
 
 Random and mutated messages, raw bytes that are not messages, and valid encoded feature tensors
-with one field or chunk changed go to every method of ``SplitInference``, ``Compression`` and
-``Edge``. Properties, checked on every call:
+with one field or chunk changed go to every method of ``SplitInference``, ``Compression``, KServe's
+``GRPCInferenceService`` and ``Edge``. Properties, checked on every call:
 
 - every answer is OK or one of INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED,
   FAILED_PRECONDITION, OUT_OF_RANGE with a message (never INTERNAL or UNKNOWN), per-request
@@ -47,6 +47,8 @@ from protos.cleave.v1 import compression_pb2_grpc as cpb_grpc
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+from protos.kserve.v2 import grpc_predict_v2_pb2 as kpb
+from protos.kserve.v2 import grpc_predict_v2_pb2_grpc as kpb_grpc
 from protos.serving import open_channel
 
 from . import _fuzzing as fz
@@ -68,6 +70,7 @@ FUZZ = settings(
 SPLIT_INFERENCE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
 COMPRESSION = cpb.DESCRIPTOR.services_by_name["Compression"]
 EDGE = edge_pb2.DESCRIPTOR.services_by_name["Edge"]
+KSERVE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
 @dataclass
@@ -501,13 +504,76 @@ def _valid_requests(stack: Stack) -> dict[str, list[bytes]]:
         "Edge/InferStream": [edge_pb2.EdgeInferRequest(request_id=3, inputs=[stack.inputs["fp32+none"]])],
         "Edge/Replan": [edge_pb2.ReplanRequest(plan=edge_pb2.Plan(cut_name=CUT))],
     }
-    return {f"/cleave.v1.{k}": [m.SerializeToString() for m in v] for k, v in ser.items()}
+    valid = {f"/cleave.v1.{k}": [m.SerializeToString() for m in v] for k, v in ser.items()}
+    valid[f"/{KSERVE.full_name}/ModelInfer"] = [_model_infer(stack).SerializeToString()]
+    valid[f"/{KSERVE.full_name}/ModelMetadata"] = [kpb.ModelMetadataRequest(name="resnet18").SerializeToString()]
+    return valid
+
+
+def _model_infer(stack: Stack) -> kpb.ModelInferRequest:
+    """A valid KServe v2 request for the served model, its input as raw little-endian FP32."""
+    x = stack.x.numpy()
+    tensor = kpb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(x.shape))
+    return kpb.ModelInferRequest(model_name="resnet18", id="fuzz", inputs=[tensor], raw_input_contents=[x.tobytes()])
+
+
+DATATYPES = ("FP32", "FP16", "UINT8", "INT64", "INT8", "BOOL", "BYTES", "", "fp32")
+SHAPE_DIMS = st.integers(-2, 70_000)
+
+
+@settings(FUZZ, max_examples=80)
+@given(data=st.data())
+def test_kserve_model_infer_mutated(stack: Stack, data: st.DataObject) -> None:
+    """Valid ModelInfer requests with fields changed: OK, or an allowed status naming what was wrong."""
+    request = _model_infer(stack)
+    changed = data.draw(
+        st.lists(
+            st.sampled_from(["datatype", "shape", "raw", "typed", "name", "model", "version", "outputs", "inputs"]),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        )
+    )
+    tensor = request.inputs[0]
+    if "datatype" in changed:
+        tensor.datatype = data.draw(st.sampled_from(DATATYPES))
+    if "shape" in changed:
+        tensor.ClearField("shape")
+        tensor.shape.extend(data.draw(st.lists(SHAPE_DIMS, max_size=6)))
+    if "raw" in changed:
+        raw = request.raw_input_contents[0]
+        cut = data.draw(st.integers(0, len(raw)))
+        request.raw_input_contents[0] = raw[:cut] + data.draw(st.binary(max_size=64))
+    if "typed" in changed:  # typed contents as well as (or instead of) raw
+        if data.draw(st.booleans()):
+            request.ClearField("raw_input_contents")
+        values = data.draw(st.lists(st.floats(width=32, allow_nan=True), max_size=64))
+        tensor.contents.fp32_contents.extend(values)
+        tensor.contents.int64_contents.extend(data.draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=8)))
+    if "name" in changed:
+        tensor.name = data.draw(st.text(max_size=12))
+    if "model" in changed:
+        request.model_name = data.draw(st.sampled_from(["", "nope", "resnet18 ", "RESNET18"]))
+    if "version" in changed:
+        request.model_version = data.draw(st.sampled_from(["1", "2", "-1", "latest"]))
+    if "outputs" in changed:
+        names = data.draw(st.lists(st.sampled_from(["output", "output_0", "", "x"]), max_size=3))
+        request.outputs.extend(kpb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in names)
+    if "inputs" in changed:  # a second input, or none at all
+        if data.draw(st.booleans()):
+            request.inputs.append(kpb.ModelInferRequest.InferInputTensor(name="extra", datatype="FP32", shape=[1]))
+        else:
+            request.ClearField("inputs")
+    reply, code = fz.unary(kpb_grpc.GRPCInferenceServiceStub(stack.cloud_channel).ModelInfer, request, "ModelInfer")
+    if reply is not None:
+        assert reply.model_name == "resnet18" and reply.outputs, reply
 
 
 @settings(FUZZ, max_examples=150)
 @given(data=st.data())
 def test_raw_bytes_every_method(stack: Stack, data: st.DataObject) -> None:
-    methods = [(stack.cloud_channel, m) for m in fz.raw_methods(SPLIT_INFERENCE) + fz.raw_methods(COMPRESSION)]
+    cloud_services = (SPLIT_INFERENCE, COMPRESSION, KSERVE)
+    methods = [(stack.cloud_channel, m) for service in cloud_services for m in fz.raw_methods(service)]
     methods += [(stack.edge_channel, m) for m in fz.raw_methods(EDGE)]
     channel, method = data.draw(st.sampled_from(methods))
     valid = _valid_requests(stack).get(method.path, [])
@@ -538,7 +604,8 @@ MAX_GROWTH = 30 << 20
 
 def _flood_calls(stack: Stack, rng: random.Random, n: int) -> list:
     """``n`` cheap bad calls of every kind, as zero-argument functions that check their answer."""
-    cloud_unary = [m for m in fz.raw_methods(SPLIT_INFERENCE) + fz.raw_methods(COMPRESSION) if not m.client_streaming]
+    cloud_methods = fz.raw_methods(SPLIT_INFERENCE) + fz.raw_methods(COMPRESSION) + fz.raw_methods(KSERVE)
+    cloud_unary = [m for m in cloud_methods if not m.client_streaming]
     edge_unary = [m for m in fz.raw_methods(EDGE) if not m.client_streaming and not m.path.endswith("/Replan")]
     good_frames = _frames(stack.session_id, to_chunks(stack.features["int8"], 1500))
     good_input = stack.inputs["fp32+none"]
