@@ -24,19 +24,20 @@ parses results. The first ``--warmup`` seconds of each run are not counted; then
 Batching settings (``--max-batch-size 16 --preferred 4,8,16 --max-queue-delay-ms 2``): 16 rows covers
 the largest stream count, so with 16 streams a batch can take every stream at once; the preferred
 sizes let a batch go without waiting as soon as 4, 8 or 16 requests are queued; and the delay, 2 ms,
-is a fraction of one batch-1 tail call here (about 10 ms: ``cloud_compute_ms_mean`` at 1 stream in
+is a fraction of one batch-1 tail call here (about 9 ms: ``cloud_compute_ms_mean`` at 1 stream in
 the JSON), so a lone stream, whose requests never find company, pays at most 2 ms more per request.
 The 1-stream row shows that price; the others show what it buys.
 
-What to expect from closed-loop streams: they settle into two groups that take turns, one group's
-batch running while the other group's requests arrive and queue behind it. When the worker frees
-up, the queued group has already waited longer than the delay and goes at once, so the mean batch
-size is about half the stream count (``batch_size_buckets`` in the JSON), and a request's cloud time
-is about one batch of queueing plus one batch of compute. Merging the groups would take a delay
-longer than a whole batch's compute (tens of ms), which a lone stream would pay on every request. With
-batching off, every stream's request runs its tail on its own gRPC thread, each with the cloud's 2
-torch threads: N tails contend for the cores at once, which is why throughput does not grow with
-the stream count and latency grows with it.
+What to expect from closed-loop streams: with 8 and 16 streams they settle into two groups that take
+turns, one group's batch running while the other group's requests arrive and queue behind it. When
+the worker frees up, the queued group has reached a preferred size (4 or 8) and goes at once, so a
+batch holds half the streams (``batch_size_buckets`` in the JSON) and a request's cloud time is about
+one batch of queueing plus one batch of compute. The preferred sizes, not the delay, cut these
+batches: a 40 ms delay (``--max-queue-delay-ms 40 --streams 8,16``) gave the same sizes. With 4
+streams, 2 is not a preferred size: a batch goes at 4 or when the delay runs out, mostly with 3 or 4
+rows and sometimes with 1. With batching off, every stream's request runs its tail on its own gRPC
+thread, each with the cloud's 2 torch threads: N tails contend for the cores at once, which is why
+throughput does not grow with the stream count and latency grows with it.
 
 The default model, resnet18 at 1x3x64x64 cut after ``layer2`` (``layer2_1_relu_1``: a 128x8x8
 feature; the tail is layer3, layer4 and the classifier), is small on purpose: with small inputs the
