@@ -18,7 +18,7 @@ import grpc
 
 from compressor import EncodingSpec
 from partitioner.bitalloc import allocate_bits
-from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, SPLIT, CostModel, Link
+from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, SPLIT, Candidate, CostModel, Link
 from partitioner.loaded import LoadedModel
 from partitioner.models import calibration_batch
 from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, distortion_meter
@@ -31,7 +31,7 @@ from protos.errors import Unavailable
 from .config import AutoPlanSettings
 from .link import LinkMonitor
 from .probe import probe_link
-from .runtime import EdgeRuntime
+from .runtime import ActivePlan, EdgeRuntime
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,31 @@ class AutoPlanner:
         self.enabled = True
         self.error = "planning has not started"
         self._evidence = -1  # link samples seen at the last check: only new evidence confirms a switch
+        # (cut index, encoding) -> candidate, to know which candidate a served request was.
+        self._by_plan: tuple[Planner, dict[tuple[int, EncodingSpec], Candidate]] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="autoplan", daemon=True)
 
     def start(self) -> None:
-        self.runtime.on_cloud_timing = self._observe_cloud
+        self.runtime.on_cloud_reply = self._observe_reply
         self._thread.start()
 
-    def _observe_cloud(self, cut_index: int, compute_ms: float) -> None:
+    def _observe_reply(self, plan: ActivePlan, compute_ms: float, bytes_up: int) -> None:
         planner = self.planner
-        if planner is not None:
-            planner.observe_cloud(cut_index, compute_ms)
+        if planner is None or plan.cut is None:
+            return
+        planner.observe_cloud(plan.cut.index, compute_ms)
+        if self._by_plan is None or self._by_plan[0] is not planner:  # once per planner
+            by_plan = {
+                (c.cut_index if c.kind == SPLIT else 0, EncodingSpec.parse(c.encoding)): c
+                for c in planner.candidates
+                if c.kind != EDGE_ONLY
+            }
+            self._by_plan = (planner, by_plan)
+        candidate = self._by_plan[1].get((plan.cut.index, plan.spec))
+        if candidate is not None:  # also under a manual pin: bytes depend on the inputs, not on who chose
+            planner.observe_bytes(candidate, bytes_up)
 
     def stop(self) -> None:
         self._stop.set()

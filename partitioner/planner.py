@@ -84,6 +84,7 @@ class Planner:
         self.cloud_scale = 1.0
         self.cloud_observations = 0
         self._cloud_ratios: deque[float] = deque(maxlen=9)
+        self._byte_ratios: dict[tuple[int, str], deque[float]] = {}  # (cut index, encoding) -> sent / predicted
 
     def observe_cloud(self, cut_index: int, compute_ms: float) -> None:
         """Correct the cloud's predicted compute from what it reports doing (every reply carries it).
@@ -100,10 +101,32 @@ class Planner:
         if len(self._cloud_ratios) >= CLOUD_SAMPLES:
             self.cloud_scale = min(max(statistics.median(self._cloud_ratios), 0.1), 10.0)
 
+    def observe_bytes(self, candidate: Candidate, bytes_up: int) -> None:
+        """Correct one candidate's predicted upload from the bytes its requests really sent.
+
+        Bytes are predicted from calibration inputs; what the app sends may compress better or
+        worse (camera frames are smoother than synthetic ones; features follow). Unlike compute,
+        this says nothing about other cuts or encodings, so it corrects only the candidate observed:
+        from ``CLOUD_SAMPLES`` requests on, its upload is scaled by the median ratio of the last few.
+        """
+        if candidate.kind == EDGE_ONLY or candidate.bytes_up <= 0 or bytes_up <= 0:
+            return
+        ratios = self._byte_ratios.setdefault((candidate.cut_index, candidate.encoding), deque(maxlen=9))
+        ratios.append(bytes_up / candidate.bytes_up)
+
+    def byte_scale(self, candidate: Candidate) -> float:
+        """Measured over predicted bytes for ``candidate`` (1.0 until it has been observed enough)."""
+        ratios = self._byte_ratios.get((candidate.cut_index, candidate.encoding))
+        if ratios is None or len(ratios) < CLOUD_SAMPLES:
+            return 1.0
+        return min(max(statistics.median(ratios), 0.05), 20.0)
+
     def score(self, candidate: Candidate, link: Link) -> Scored:
         predicted = candidate.predict(link)
         if self.cloud_scale != 1.0 and candidate.kind != EDGE_ONLY:
             predicted = replace(predicted, cloud_ms=predicted.cloud_ms * self.cloud_scale)
+        if self._byte_ratios and (scale := self.byte_scale(candidate)) != 1.0:
+            predicted = replace(predicted, upload_ms=predicted.upload_ms * scale)
         cost = predicted.total_ms if self.objective == "latency" else predicted.bottleneck_ms
         return Scored(candidate, predicted, cost)
 

@@ -92,3 +92,30 @@ def test_fixed_cut_edge_refuses_automatic_replan(cloud: DaemonProcess, daemon_di
         assert client.status().plan.placement == edge_pb2.CLOUD_ONLY  # unchanged
     finally:
         fixed.stop()
+
+
+def test_cloud_replies_teach_the_planner_about_the_candidate_that_served_them() -> None:
+    """What the runtime reports after each cloud reply reaches the planner as that candidate's bytes."""
+    from types import SimpleNamespace
+
+    from compressor import EncodingSpec
+    from edge_node.autoplan import AutoPlanner
+    from edge_node.config import AutoPlanSettings
+    from edge_node.runtime import ActivePlan
+    from partitioner.costmodel import CLOUD_ONLY, SPLIT, Link
+    from partitioner.planner import Planner
+
+    from .test_planner import synthetic_cost
+
+    auto = AutoPlanner(None, None, None, None, AutoPlanSettings())  # type: ignore[arg-type]
+    auto.planner = planner = Planner(synthetic_cost())
+    split = next(c for c in planner.candidates if c.kind == SPLIT and c.cut_index == 2 and c.encoding == "int8")
+    cloud_only = next(c for c in planner.candidates if c.kind == CLOUD_ONLY)
+    served = ActivePlan(edge_pb2.SPLIT, SimpleNamespace(index=2), EncodingSpec.parse("int8"), None, None)
+    for _ in range(3):
+        auto._observe_reply(served, split.cloud_ms * 2, split.bytes_up * 3)
+    link = Link(10, 10, 5.0)
+    assert planner.byte_scale(split) == pytest.approx(3.0, rel=1e-3)
+    assert planner.cloud_scale == pytest.approx(2.0)
+    assert planner.score(split, link).predicted.upload_ms == pytest.approx(3 * split.predict(link).upload_ms)
+    assert planner.byte_scale(cloud_only) == 1.0

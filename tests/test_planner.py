@@ -206,6 +206,25 @@ def test_cloud_timings_from_replies_rescale_the_cloud_profile() -> None:
     assert planner.cloud_scale == 10.0
 
 
+def test_bytes_sent_correct_only_the_candidate_that_sent_them() -> None:
+    planner = Planner(synthetic_cost())
+    link = Link(5, 5, 5.0)
+    cloud_only = next(c for c in planner.candidates if c.kind == CLOUD_ONLY)
+    split = next(c for c in planner.candidates if c.kind == SPLIT and c.cut_index == 2 and c.encoding == "int8")
+    before = planner.score(cloud_only, link).predicted
+    for _ in range(2):
+        planner.observe_bytes(cloud_only, cloud_only.bytes_up // 2)
+    assert planner.score(cloud_only, link).predicted == before  # two requests do not override calibration
+    planner.observe_bytes(cloud_only, cloud_only.bytes_up // 2)
+    after = planner.score(cloud_only, link).predicted
+    assert after.upload_ms == pytest.approx(before.upload_ms / 2, rel=1e-3)
+    assert after.total_ms == pytest.approx(before.total_ms - before.upload_ms / 2, rel=1e-3)
+    # The app's inputs say nothing about another cut's features.
+    assert planner.score(split, link).predicted == split.predict(link)
+    planner.observe_bytes(next(c for c in planner.candidates if c.kind == EDGE_ONLY), 10**6)  # ignored
+    assert planner.byte_scale(cloud_only) == pytest.approx(0.5, rel=1e-3)
+
+
 def test_a_slower_cloud_moves_the_plan_towards_the_edge() -> None:
     planner = Planner(synthetic_cost(edge_slowdown=2.0))
     link = Link(100, 100, 1.0)
