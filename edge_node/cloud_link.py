@@ -63,6 +63,7 @@ class InferStream:
         self.cut_index = cut_index
         self.chunk_bytes = chunk_bytes
         self.broken = False
+        self.closing = False  # half-closed: takes no more requests
         self._on_broken = on_broken
         self._outbox: queue.Queue = queue.Queue()
         self._pending: dict[int, tuple[Future, int]] = {}
@@ -89,11 +90,11 @@ class InferStream:
             for i, group in enumerate(groups)
         ]
         size = sum(f.ByteSize() for f in frames)
-        with self._lock:
-            if self.broken:
-                raise Unavailable("cloud stream is down")
+        with self._lock:  # ordered against close(): nothing is queued behind the end of the stream
+            if self.broken or self.closing:
+                raise Unavailable("cloud stream is down" if self.broken else "cloud stream is closing")
             self._pending[request_id] = (future, size)
-        self._outbox.put(frames)
+            self._outbox.put(frames)
         return future
 
     def forget(self, request_id: int) -> None:
@@ -103,7 +104,15 @@ class InferStream:
 
     def close(self) -> None:
         """Half-close: pending results still arrive, then the stream ends."""
-        self._outbox.put(None)
+        with self._lock:
+            if not self.closing:
+                self.closing = True
+                self._outbox.put(None)
+
+    def wait_ended(self, timeout: float) -> bool:
+        """Wait for the stream to end (every result in, or broken); True when it has."""
+        self._receiver.join(timeout)
+        return not self._receiver.is_alive()
 
     @property
     def pending(self) -> int:
@@ -165,8 +174,12 @@ class CloudLink:
         *,
         tls: ClientTLS | None = None,
         token: str | None = None,
+        drain_s: float = 10.0,
     ) -> None:
+        """``drain_s``: how long a replaced stream keeps taking requests (those that chose its cut
+        before a plan switch) before it is half-closed; the edge passes its request deadline."""
         self.target = target
+        self.drain_s = drain_s
         self.model = model
         self.monitor = monitor
         self.reconnect = reconnect
@@ -178,6 +191,7 @@ class CloudLink:
         self._channel = open_channel(target, max_message_bytes, tls=tls, token=token)
         self._stub = si_grpc.SplitInferenceStub(self._channel)
         self._stream: InferStream | None = None
+        self._draining: list[InferStream] = []  # replaced by a plan switch, finishing their requests
         self._want_cut: int | None = None
         self._ids = itertools.count(1)
         self._connect_lock = threading.Lock()
@@ -195,7 +209,17 @@ class CloudLink:
         return next(self._ids)
 
     def stream_for(self, cut_index: int) -> InferStream | None:
-        """The live stream at ``cut_index``, or None when there is none right now."""
+        """The live stream at ``cut_index``, or None when there is none right now.
+
+        Right after a plan switch that is still the previous stream for requests that took their
+        plan before the switch: they finish in split mode instead of falling back.
+        """
+        stream = self._current_for(cut_index)
+        if stream is not None:
+            return stream
+        return next((s for s in list(self._draining) if s.cut_index == cut_index and not s.broken), None)
+
+    def _current_for(self, cut_index: int) -> InferStream | None:
         stream = self._stream
         if stream is None or stream.broken or stream.cut_index != cut_index:
             return None
@@ -211,7 +235,7 @@ class CloudLink:
         self._want_cut = cut_index
         if cut_index is not None and wait:
             with self._connect_lock:
-                if self.stream_for(cut_index) is None:
+                if self._current_for(cut_index) is None:
                     try:
                         self._connect(cut_index)
                     except WireError as exc:
@@ -222,8 +246,9 @@ class CloudLink:
         self._closed.set()
         self._wake.set()
         stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.close()
+        for s in [stream, *self._draining]:
+            if s is not None:
+                s.close()
         self._channel.close()
 
     # -- connection management -------------------------------------------------------------------
@@ -231,10 +256,10 @@ class CloudLink:
         delay = self.reconnect.initial_s
         while not self._closed.is_set():
             want = self._want_cut
-            if want is not None and self.stream_for(want) is None:
+            if want is not None and self._current_for(want) is None:
                 with self._connect_lock:
                     try:
-                        if self.stream_for(want) is None and want == self._want_cut:
+                        if self._current_for(want) is None and want == self._want_cut:
                             self._connect(want)
                         delay = self.reconnect.initial_s
                         continue
@@ -269,8 +294,7 @@ class CloudLink:
         stream = InferStream(self._stub, reply.session_id, cut_index, self.chunk_bytes, self._on_broken)
         old, self._stream = self._stream, stream
         if old is not None:
-            old.close()
-            self._close_session_later(old.session_id)
+            self._retire(old)
         self.reconnects += 1
         self.last_error = ""
         log.info("cloud session %s at cut %d", reply.session_id[:8], cut_index)
@@ -281,9 +305,29 @@ class CloudLink:
             self.last_error = "cloud stream broke"
             self._wake.set()
 
-    def _close_session_later(self, session_id: str) -> None:
+    def _retire(self, old: InferStream) -> None:
+        """Let a replaced stream finish: it takes requests for ``drain_s`` (those that chose its cut
+        before the switch), then half-closes; its session closes once its last result is in."""
+        if old.broken:
+            self._close_session_later(old.session_id, old)
+            return
+        self._draining.append(old)
+
+        def drain() -> None:
+            self._closed.wait(self.drain_s)
+            with contextlib.suppress(ValueError):
+                self._draining.remove(old)
+            old.close()
+            self._close_session_later(old.session_id, old)
+
+        threading.Thread(target=drain, name=f"drain-{old.session_id[:8]}", daemon=True).start()
+
+    def _close_session_later(self, session_id: str, stream: InferStream | None = None) -> None:
         def close() -> None:
-            with contextlib.suppress(grpc.RpcError):  # the cloud expires idle sessions anyway
+            if stream is not None:
+                stream.wait_ended(self.drain_s)  # closing the session first would fail its last requests
+            # The cloud expires idle sessions anyway; ValueError: the link closed meanwhile.
+            with contextlib.suppress(grpc.RpcError, ValueError):
                 self._stub.CloseSession(si_pb2.CloseSessionRequest(session_id=session_id), timeout=2.0)
 
         threading.Thread(target=close, daemon=True).start()

@@ -122,6 +122,7 @@ class EdgeDaemon:
             config.limits.max_message_bytes,
             tls=config.cloud_tls,
             token=config.cloud_auth.load(),
+            drain_s=max(config.request_timeout_s, 1.0),  # a request that chose the old cut may still be in flight
         )
         self.runtime = EdgeRuntime(
             self.model, self.link, config.request_timeout_s, config.limits.max_inflight, config.head.weight_bits

@@ -294,7 +294,7 @@ class EdgeRuntime:
 
         stream = self.link.stream_for(plan.cut.index)
         if stream is None:
-            note = f"cloud unreachable: {self.link.last_error}"
+            note = f"cloud unreachable: {self.link.last_error or f'no session at cut {plan.cut.index} yet'}"
             return self._finish_locally(features, plan, timing, started, note)
 
         encoded = [encode(f, plan.spec) for f in features]

@@ -51,3 +51,44 @@ def test_too_many_requests_in_flight(runtime: EdgeRuntime, local_model: LoadedMo
     runtime._inflight = runtime.max_inflight  # as if two requests were running
     with pytest.raises(ResourceExhausted, match="max_inflight 2"):
         runtime.infer([synthetic_images(1, local_model.input_shape)])
+
+
+def test_plan_switches_under_load_fall_back_for_nothing(cloud, local_model: LoadedModel) -> None:
+    """Requests that took their plan just before a switch finish on the old cut's stream, in split mode."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_node.runtime import SPLIT
+
+    link = CloudLink(
+        cloud.address, local_model, LinkMonitor(), Reconnect(0.05, 0.5, 5.0), 1 << 20, 1 << 26, drain_s=10.0
+    )
+    runtime = EdgeRuntime(local_model, link, request_timeout_s=10.0, max_inflight=16)
+    cuts = ["layer2_0_relu", "layer3_0_relu"]
+    x = synthetic_images(1, local_model.input_shape, seed=4)
+    with torch.inference_mode():
+        ref = local_model.module(x)
+    stop = threading.Event()
+
+    def client() -> list:
+        outcomes = []
+        while not stop.is_set():
+            outcomes.append(runtime.infer([x]))
+        return outcomes
+
+    try:
+        runtime.pin(cuts[0], EncodingSpec.parse("int8"))
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(client) for _ in range(3)]
+            for i in range(8):  # a switch every 0.25 s while three clients keep requests in flight
+                runtime.pin(cuts[(i + 1) % 2], EncodingSpec.parse("int8"))
+                stop.wait(0.25)
+            stop.set()
+            outcomes = [o for f in futures for o in f.result(timeout=60)]
+    finally:
+        stop.set()
+        link.close()
+    notes = {o.note for o in outcomes if o.placement != SPLIT}
+    assert len(outcomes) >= 8 and not notes, notes
+    for o in outcomes:
+        assert float((o.outputs[0] - ref).abs().max() / ref.abs().max()) < 0.05
