@@ -37,6 +37,7 @@ against the best candidate within the accuracy budget (cloud-only int8c/JPEG are
 
     sudo .venv/bin/python benchmarks/placement.py                     # 4 models x 4 bandwidths: hours on 2 cores
     sudo .venv/bin/python benchmarks/placement.py --models mobilenet_v2,resnet50 --bandwidths 5,20 --cuts 8 --top 5
+    sudo .venv/bin/python benchmarks/placement.py --models vgg16 --append ...   # add models to the same results
     .venv/bin/python benchmarks/placement.py report                   # table and plots again from the JSON
 
 Results: ``benchmarks/results/placement.json``, ``placement.png`` (latency against bandwidth per model and
@@ -253,6 +254,13 @@ def run(args: argparse.Namespace) -> int:
         workdir / "cloud.yaml", {"models": list(entries.values()), "listen": f"127.0.0.1:{CLOUD_PORT}"}
     )
     report = {"config": run_config(args), "models": []}
+    if args.append:
+        try:
+            report = appended_to(args.out.with_suffix(".json"), report, args.models)
+        except ValueError as exc:
+            print(f"placement benchmark: --append: {exc}", file=sys.stderr)
+            return 2
+    earlier_s = report.get("seconds", 0.0)
     with NetLab(name="placement") as lab, open(workdir / "cloud.log", "ab") as cloud_log:
         argv = [sys.executable, "-m", "cloud_node.main", "--config", str(cloud_yaml)]
         argv += ["--threads", str(args.cloud_threads)] if args.cloud_threads else []
@@ -262,12 +270,47 @@ def run(args: argparse.Namespace) -> int:
         for model in args.models:
             print(f"[placement] {model}: starting the edge daemon (cut: auto)", flush=True)
             report["models"].append(run_model(lab, args, workdir, entries[model], relay.address))
-            report["seconds"] = time.monotonic() - started
+            report["seconds"] = earlier_s + time.monotonic() - started
             write_results(report, args.out)  # after every model: a run cut short keeps what it measured
     print_table(report)
     plot_all(report, args.out)
     print(f"[placement] {time.monotonic() - started:.0f} s; wrote {args.out}.json and plots; logs in {workdir}")
     return 0
+
+
+#: Settings that must match for two runs' cells to belong in one report (``--append``).
+SAME_SETTINGS = (
+    "bandwidths_mbit",
+    "one_way_delay_ms",
+    "edge_cpu_quota",
+    "edge_threads",
+    "cfs_period_ms",
+    "cloud_threads",
+    "cuts",
+    "warmup",
+    "repeats",
+    "confirm_top",
+    "size",
+)
+
+
+def appended_to(path: Path, report: dict[str, Any], models: list[str]) -> dict[str, Any]:
+    """``report`` (a new run) continuing the one at ``path``: its models are kept unless measured again.
+
+    Every (model, bandwidth) cell is measured on its own, so a long matrix can be run a few models at a
+    time; the settings that shape a cell must be the same. Raises ValueError naming what differs.
+    """
+    if not path.exists():
+        return report
+    previous = json.loads(path.read_text())
+    config = report["config"]
+    differs = [k for k in SAME_SETTINGS if previous["config"].get(k) != config.get(k)]
+    if differs:
+        raise ValueError(f"{path} was measured with other settings: {', '.join(differs)}")
+    kept = [m for m in previous["models"] if m["model"] not in models]
+    config["models"] = [m["model"] for m in kept] + list(models)
+    config["runs"] = previous["config"].get("runs", 1) + 1
+    return {"config": config, "models": kept, "seconds": previous.get("seconds", 0.0)}
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -955,6 +998,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run (default); report: table and plots again from the JSON; drive: internal (the driver)",
     )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
+    p.add_argument(
+        "--append", action="store_true", help="add these models to the results already at --out (same settings)"
+    )
     p.add_argument("--bandwidths", default=",".join(f"{b:g}" for b in BANDWIDTHS), help="Mbit/s, comma-separated")
     p.add_argument("--cuts", default="12", help='"all", or N: N evenly spaced cuts + --top + baselines (default 12)')
     p.add_argument("--top", type=int, default=10, help="with --cuts N: also the planner's top placements")
