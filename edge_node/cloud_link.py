@@ -14,7 +14,8 @@ import logging
 import queue
 import random
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -176,10 +177,13 @@ class CloudLink:
         token: str | None = None,
         drain_s: float = 10.0,
     ) -> None:
-        """``drain_s``: how long a replaced stream keeps taking requests (those that chose its cut
+        """``drain_s``: the longest a replaced stream keeps taking requests (those that chose its cut
         before a plan switch) before it is half-closed; the edge passes its request deadline."""
         self.target = target
         self.drain_s = drain_s
+        # Whether requests that chose a cut are still running (the runtime sets it): a replaced stream
+        # closes as soon as none are and none of its own are pending, not after all of ``drain_s``.
+        self.in_use: Callable[[int], bool] = lambda _cut_index: False
         self.model = model
         self.monitor = monitor
         self.reconnect = reconnect
@@ -314,7 +318,11 @@ class CloudLink:
         self._draining.append(old)
 
         def drain() -> None:
-            self._closed.wait(self.drain_s)
+            deadline = time.monotonic() + self.drain_s
+            while time.monotonic() < deadline and not self._closed.is_set():
+                if old.pending == 0 and not self.in_use(old.cut_index):
+                    break
+                self._closed.wait(0.05)
             with contextlib.suppress(ValueError):
                 self._draining.remove(old)
             old.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -171,7 +171,9 @@ class EdgeRuntime:
         self.request_timeout_s = request_timeout_s
         self.counters = Counters()
         self._inflight = 0
+        self._inflight_cuts: Counter[int] = Counter()  # requests running per cut of the plan they took
         self._inflight_lock = threading.Lock()
+        link.in_use = self.cut_in_use  # a replaced stream drains until its cut's requests are done
         self._plan: ActivePlan = self._make_plan("edge", EncodingSpec(), reason="initial")
         # Called with (the plan served, cloud compute ms, bytes sent) for every cloud reply; the
         # automatic planner listens.
@@ -246,6 +248,11 @@ class EdgeRuntime:
     def inflight(self) -> int:
         return self._inflight
 
+    def cut_in_use(self, cut_index: int) -> bool:
+        """Whether a running request took a plan at ``cut_index``."""
+        with self._inflight_lock:
+            return self._inflight_cuts[cut_index] > 0
+
     def check_inputs(self, inputs: list[torch.Tensor]) -> None:
         expected = self.model.input_shape
         if len(inputs) != 1:
@@ -267,14 +274,18 @@ class EdgeRuntime:
                     f"queue: {self._inflight} requests in flight (max_inflight {self.max_inflight})"
                 )
             self._inflight += 1
+            plan = self._plan
+            cut = plan.cut.index if plan.cut is not None else None
+            self._inflight_cuts[cut] += 1
         try:
-            outcome = self._run(inputs, self._plan)
+            outcome = self._run(inputs, plan)
         except Exception:
             self.counters.add("errors")
             raise
         finally:
             with self._inflight_lock:
                 self._inflight -= 1
+                self._inflight_cuts[cut] -= 1
         self.counters.record(outcome)
         return outcome
 
