@@ -23,6 +23,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client import start_http_server as _start_http_server
 
+from .handlers import handler_kind
 from .serving import is_loopback
 
 # RPC latency, seconds: sub-millisecond health checks up to streams that stay open for minutes.
@@ -120,11 +121,12 @@ class _Call:
         self.finish(_final_code(context, failed=False))
 
 
-_KINDS = {
-    (False, False): ("unary", "unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("server_stream", "unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("client_stream", "stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("bidi_stream", "stream_stream", grpc.stream_stream_rpc_method_handler),
+# go-grpc-prometheus's grpc_type label for each kind of method.
+_TYPE_LABELS = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
 }
 
 
@@ -170,12 +172,13 @@ class RpcMetrics(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        kind, attribute, make = _KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        behavior = getattr(handler, attribute)
+        streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
+        kind = handler_kind(*streaming)
+        behavior = getattr(handler, kind.attribute)
         if behavior is None:
             return handler
-        labels = (kind, *split_method(handler_call_details.method))
-        return make(
+        labels = (_TYPE_LABELS[streaming], *split_method(handler_call_details.method))
+        return kind.make(
             self._wrap(behavior, labels, bool(handler.request_streaming), bool(handler.response_streaming)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

@@ -26,6 +26,8 @@ from typing import Any
 
 import grpc
 
+from .handlers import handler_kind
+
 log = logging.getLogger(__name__)
 
 # Health stays open: load balancers and orchestrators probe it without credentials, and it reveals
@@ -253,13 +255,8 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kind = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return kind(refuse)  # no deserializer: the refused request's bytes are never parsed
+    make = handler_kind(handler.request_streaming, handler.response_streaming).make
+    return make(refuse)  # no deserializer: the refused request's bytes are never parsed
 
 
 class BearerAuthInterceptor(grpc.ServerInterceptor):

@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .errors import InvalidArgument
+from .handlers import handler_kind
 from .security import BearerAuthInterceptor, ClientTLS, ServerAuth, ServerTLS, secure_channel
 
 log = logging.getLogger(__name__)
@@ -133,13 +134,8 @@ def service_handler(service: Service) -> grpc.GenericRpcHandler:
     for method in service.descriptor.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
-        kind = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = kind(
+        make = handler_kind(method.client_streaming, method.server_streaming).make
+        handlers[method.name] = make(
             _guard(method, getattr(service.servicer, method.name)),
             request_deserializer=_lenient(request_class),
             response_serializer=response_class.SerializeToString,
