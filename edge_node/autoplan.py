@@ -31,7 +31,7 @@ from protos.errors import Unavailable
 from .config import AutoPlanSettings
 from .link import LinkMonitor
 from .probe import probe_link
-from .runtime import ActivePlan, EdgeRuntime
+from .runtime import LOCAL_FALLBACK, EdgeRuntime, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +61,31 @@ class AutoPlanner:
         self.enabled = True
         self.error = "planning has not started"
         self._evidence = -1  # link samples seen at the last check: only new evidence confirms a switch
-        # (cut index, encoding) -> candidate, to know which candidate a served request was.
-        self._by_plan: tuple[Planner, dict[tuple[int, EncodingSpec], Candidate]] | None = None
+        # The runtime's (cut, encoding) of each candidate that sends: which candidate a served request was.
+        self._by_plan: dict[tuple[int | str, EncodingSpec], Candidate] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="autoplan", daemon=True)
 
     def start(self) -> None:
-        self.runtime.on_cloud_reply = self._observe_reply
+        self.runtime.counters.listeners.append(self._observe)
         self._thread.start()
 
-    def _observe_reply(self, plan: ActivePlan, compute_ms: float, bytes_up: int) -> None:
+    def use(self, planner: Planner) -> None:
+        """Plan with ``planner`` from now on (set once, when profiles and the first probe are in)."""
+        self._by_plan = {runtime_plan(c): c for c in planner.candidates if c.kind != EDGE_ONLY}
+        self.planner = planner
+
+    def _observe(self, outcome: Outcome) -> None:
+        """Every answered request: the cloud's compute time and the bytes sent correct the planner."""
         planner = self.planner
-        if planner is None or plan.cut is None:
+        plan = outcome.plan
+        if planner is None or plan.cut is None or outcome.placement == LOCAL_FALLBACK:
             return
-        planner.observe_cloud(plan.cut.index, compute_ms)
-        if self._by_plan is None or self._by_plan[0] is not planner:  # once per planner
-            by_plan = {
-                (c.cut_index if c.kind == SPLIT else 0, EncodingSpec.parse(c.encoding)): c
-                for c in planner.candidates
-                if c.kind != EDGE_ONLY
-            }
-            self._by_plan = (planner, by_plan)
-        candidate = self._by_plan[1].get((plan.cut.index, plan.spec))
+        planner.observe_cloud(plan.cut.index, outcome.timing.cloud_compute_ms)
+        candidate = self._by_plan.get((plan.cut.index, plan.spec))
         if candidate is not None:  # also under a manual pin: bytes depend on the inputs, not on who chose
-            planner.observe_bytes(candidate, bytes_up)
+            planner.observe_bytes(candidate, outcome.bytes_up)
 
     def stop(self) -> None:
         self._stop.set()
@@ -130,11 +130,7 @@ class AutoPlanner:
         return self.planner.best(link)
 
     def apply(self, scored: Scored, reason: str) -> None:
-        c = scored.candidate
-        if c.kind == EDGE_ONLY:
-            cut, spec = "edge", EncodingSpec()
-        else:
-            cut, spec = (0 if c.kind == CLOUD_ONLY else c.cut_index), EncodingSpec.parse(c.encoding)
+        cut, spec = runtime_plan(scored.candidate)
         self.runtime.pin(
             cut,
             spec,
@@ -183,7 +179,7 @@ class AutoPlanner:
                 planner = self.prepare()
                 link = self.measure_link()
                 with self._lock:
-                    self.planner = planner
+                    self.use(planner)
                     if self.enabled:
                         self.apply(self.choose(link), reason=f"planned at {_describe(link)}")
                 self.error = ""
@@ -216,6 +212,13 @@ class AutoPlanner:
                 )
                 self.apply(best, reason=f"re-planned at {_describe(link)}")
             self.error = ""
+
+
+def runtime_plan(candidate: Candidate) -> tuple[int | str, EncodingSpec]:
+    """The cut and encoding the runtime is pinned to for ``candidate`` (cut 0 sends the input)."""
+    if candidate.kind == EDGE_ONLY:
+        return "edge", EncodingSpec()
+    return (0 if candidate.kind == CLOUD_ONLY else candidate.cut_index), EncodingSpec.parse(candidate.encoding)
 
 
 def _anchor_cuts(model: LoadedModel, count: int = 3) -> list[int]:

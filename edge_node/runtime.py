@@ -175,9 +175,6 @@ class EdgeRuntime:
         self._inflight_lock = threading.Lock()
         link.in_use = self.cut_in_use  # a replaced stream drains until its cut's requests are done
         self._plan: ActivePlan = self._make_plan("edge", EncodingSpec(), reason="initial")
-        # Called with (the plan served, cloud compute ms, bytes sent) for every cloud reply; the
-        # automatic planner listens.
-        self.on_cloud_reply: Callable[[ActivePlan, float, int], None] | None = None
 
     # -- plans -----------------------------------------------------------------------------------
     @property
@@ -337,11 +334,6 @@ class EdgeRuntime:
         timing.decode_ms = (t_end - t_back) * 1e3
         timing.total_ms = (t_end - started) * 1e3
         self.link.monitor.record_transfer(reply.bytes_up, reply.bytes_down, timing.transfer_ms)
-        if self.on_cloud_reply is not None:
-            try:
-                self.on_cloud_reply(plan, cloud.compute_ms, reply.bytes_up)
-            except Exception:  # noqa: BLE001 - an observer must never fail a served request
-                log.exception("cloud reply observer failed")
         return Outcome(outputs, plan.placement, plan, timing, reply.bytes_up, reply.bytes_down)
 
     def _finish_locally(

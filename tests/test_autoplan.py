@@ -95,25 +95,30 @@ def test_fixed_cut_edge_refuses_automatic_replan(cloud: DaemonProcess, daemon_di
 
 
 def test_cloud_replies_teach_the_planner_about_the_candidate_that_served_them() -> None:
-    """What the runtime reports after each cloud reply reaches the planner as that candidate's bytes."""
+    """Every answered request the runtime records reaches the planner as that candidate's bytes."""
     from types import SimpleNamespace
 
     from compressor import EncodingSpec
     from edge_node.autoplan import AutoPlanner
     from edge_node.config import AutoPlanSettings
-    from edge_node.runtime import ActivePlan
+    from edge_node.runtime import ActivePlan, Counters, Outcome
     from partitioner.costmodel import CLOUD_ONLY, SPLIT, Link
     from partitioner.planner import Planner
 
     from .test_planner import synthetic_cost
 
-    auto = AutoPlanner(None, None, None, None, AutoPlanSettings())  # type: ignore[arg-type]
-    auto.planner = planner = Planner(synthetic_cost())
+    runtime = SimpleNamespace(counters=Counters())
+    auto = AutoPlanner(None, runtime, None, None, AutoPlanSettings())  # type: ignore[arg-type]
+    auto._thread = SimpleNamespace(start=lambda: None)  # listen, without the planning loop
+    auto.start()
+    auto.use(planner := Planner(synthetic_cost()))
     split = next(c for c in planner.candidates if c.kind == SPLIT and c.cut_index == 2 and c.encoding == "int8")
     cloud_only = next(c for c in planner.candidates if c.kind == CLOUD_ONLY)
     served = ActivePlan(edge_pb2.SPLIT, SimpleNamespace(index=2), EncodingSpec.parse("int8"), None, None)
+    timing = edge_pb2.StageTiming(cloud_compute_ms=split.cloud_ms * 2)
     for _ in range(3):
-        auto._observe_reply(served, split.cloud_ms * 2, split.bytes_up * 3)
+        runtime.counters.record(Outcome([], edge_pb2.SPLIT, served, timing, split.bytes_up * 3))
+    runtime.counters.record(Outcome([], edge_pb2.LOCAL_FALLBACK, served, edge_pb2.StageTiming(), 10**9))  # ignored
     link = Link(10, 10, 5.0)
     assert planner.byte_scale(split) == pytest.approx(3.0, rel=1e-3)
     assert planner.cloud_scale == pytest.approx(2.0)
