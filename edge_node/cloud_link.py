@@ -310,35 +310,26 @@ class CloudLink:
             self._wake.set()
 
     def _retire(self, old: InferStream) -> None:
-        """Let a replaced stream finish: it takes requests for ``drain_s`` (those that chose its cut
-        before the switch), then half-closes; its session closes once its last result is in."""
-        if old.broken:
-            self._close_session_later(old.session_id, old)
-            return
-        self._draining.append(old)
+        """Let a replaced stream finish in the background (see :meth:`_drain`)."""
+        if not old.broken:
+            self._draining.append(old)
+        threading.Thread(target=self._drain, args=(old,), name=f"drain-{old.session_id[:8]}", daemon=True).start()
 
-        def drain() -> None:
-            deadline = time.monotonic() + self.drain_s
-            while time.monotonic() < deadline and not self._closed.is_set():
-                if old.pending == 0 and not self.in_use(old.cut_index):
-                    break
-                self._closed.wait(0.05)
-            with contextlib.suppress(ValueError):
-                self._draining.remove(old)
-            old.close()
-            self._close_session_later(old.session_id, old)
-
-        threading.Thread(target=drain, name=f"drain-{old.session_id[:8]}", daemon=True).start()
-
-    def _close_session_later(self, session_id: str, stream: InferStream | None = None) -> None:
-        def close() -> None:
-            if stream is not None:
-                stream.wait_ended(self.drain_s)  # closing the session first would fail its last requests
-            # The cloud expires idle sessions anyway; ValueError: the link closed meanwhile.
-            with contextlib.suppress(grpc.RpcError, ValueError):
-                self._stub.CloseSession(si_pb2.CloseSessionRequest(session_id=session_id), timeout=2.0)
-
-        threading.Thread(target=close, daemon=True).start()
+    def _drain(self, old: InferStream) -> None:
+        """Keep ``old`` taking requests while its cut's requests run (at most ``drain_s``), half-close it,
+        and close its session once its last result is in: closing the session first would fail them."""
+        deadline = time.monotonic() + self.drain_s
+        while not old.broken and time.monotonic() < deadline and not self._closed.is_set():
+            if old.pending == 0 and not self.in_use(old.cut_index):
+                break
+            self._closed.wait(0.05)
+        with contextlib.suppress(ValueError):
+            self._draining.remove(old)
+        old.close()
+        old.wait_ended(self.drain_s)
+        # The cloud expires idle sessions anyway; ValueError: the link closed meanwhile.
+        with contextlib.suppress(grpc.RpcError, ValueError):
+            self._stub.CloseSession(si_pb2.CloseSessionRequest(session_id=old.session_id), timeout=2.0)
 
     def _probe_rtt(self, rounds: int = 3) -> None:
         try:
