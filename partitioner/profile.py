@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def _nbytes(value: object) -> int:
     return 0
 
 
-def _time(fn, repeats: int, warmup: int) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeats`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -172,8 +174,8 @@ def measure_codecs(encodings=PROFILED_ENCODINGS, numel: int = 1 << 18, repeats: 
         x = image if spec.encoding == "jpeg" else features
         mb = x.numel() * 4 / 1e6
         msg = encode(x, spec)
-        enc = _time(lambda x=x, spec=spec: encode(x, spec), repeats, 1)
-        dec = _time(lambda msg=msg: decode(msg), repeats, 1)
+        enc = median_ms(lambda x=x, spec=spec: encode(x, spec), repeats, 1)
+        dec = median_ms(lambda msg=msg: decode(msg), repeats, 1)
         costs[text] = CodecCost(text, enc / mb, dec / mb)
     return costs
 
@@ -187,7 +189,7 @@ def profile_model(
         x = x[:1].expand(batch, *x.shape[1:]).contiguous()
     module = model.graph.module
     with torch.inference_mode():
-        total = _time(lambda: module(x), repeats, warmup)
+        total = median_ms(lambda: module(x), repeats, warmup)
         if isinstance(module, fx.GraphModule) and not model.graph.opaque:
             runs = []
             for _ in range(max(repeats // 2, 3)):
@@ -202,7 +204,7 @@ def profile_model(
         heads = {}
         for index in sample_cut_indices(model, head_samples):
             _, head, _ = model.parts(index)
-            heads[index] = _time(lambda head=head: head(x), max(repeats // 2, 3), 1)
+            heads[index] = median_ms(lambda head=head: head(x), max(repeats // 2, 3), 1)
     return Profile(
         model=model.name,
         fingerprint=model.fingerprint,

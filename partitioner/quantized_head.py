@@ -25,11 +25,9 @@ import copy
 import io
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from compressor.clipping import clip_range
 from compressor.quant import dequantize, quantize
 
 from .loaded import LoadedModel
+from .profile import median_ms
 
 __all__ = [
     "FLOAT_BITS",
@@ -332,19 +331,8 @@ def measure_speedups(
         _, head, _ = model.parts(index)
         quantized = build_quantized_head(head, calib)
         with torch.inference_mode():
-            out[index] = _median_ms(lambda h=head: h(x), repeats) / _median_ms(lambda q=quantized: q(x), repeats)
+            out[index] = median_ms(lambda h=head: h(x), repeats, 2) / median_ms(lambda q=quantized: q(x), repeats, 2)
     return out
-
-
-def _median_ms(run: Callable[[], object], repeats: int) -> float:
-    for _ in range(2):
-        run()  # warm-up: first calls allocate and pick kernels
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _quiet_preprocess_hint(record: logging.LogRecord) -> bool:
