@@ -9,7 +9,6 @@ process cannot hold two of them.
 
 from __future__ import annotations
 
-from importlib import metadata as package_metadata
 from typing import Any
 
 import grpc
@@ -17,6 +16,7 @@ import grpc
 from protos.errors import maps_errors
 from protos.kserve.v2 import grpc_predict_v2_pb2 as pb
 
+from . import __version__
 from .openinference import (
     InferRequest,
     InferResult,
@@ -28,13 +28,6 @@ from .openinference import (
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVER_NAME = "cleave"
-
-
-def _server_version() -> str:
-    try:
-        return package_metadata.version("cleave")
-    except package_metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _parameter(value: pb.InferParameter) -> Any:
@@ -96,7 +89,6 @@ class KServeServicer:
 
     def __init__(self, backend: OpenInference) -> None:
         self.backend = backend
-        self.version = _server_version()
 
     @maps_errors
     def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
@@ -116,7 +108,7 @@ class KServeServicer:
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
 
     @maps_errors
     def ModelMetadata(

@@ -158,24 +158,7 @@ class OpenInference:
 
     def metadata(self, name: str, version: str = "") -> ModelMetadata:
         """Versions, platform, inputs and outputs of a served model."""
-        model = self.model(name, version)
-        example_batch = model.input_shape[0]
-        shapes = model.graph.output_shapes
-        outputs = tuple(
-            TensorMetadata(
-                _output_name(i, len(shapes)),
-                OUTPUT_DATATYPE,
-                (-1, *s[1:]) if s and s[0] == example_batch else tuple(s),
-            )
-            for i, s in enumerate(shapes)
-        )
-        return ModelMetadata(
-            name=model.name,
-            versions=(VERSION,),
-            platform=PLATFORM,
-            inputs=(TensorMetadata(INPUT_NAME, "FP32", (-1, *model.input_shape[1:])),),
-            outputs=outputs,
-        )
+        return _describe(self.model(name, version))
 
     def infer(self, request: InferRequest) -> InferResult:
         """Validate ``request``, run the model on its input and select the outputs asked for.
@@ -188,7 +171,7 @@ class OpenInference:
         if not request.model_name:
             raise InvalidArgument("model_name: required")
         model = self.model(request.model_name, request.model_version)
-        meta = self.metadata(model.name)
+        meta = _describe(model)
         tensor = self._input(model, request)
         selected = self._select_outputs(meta, request.outputs)
         self._check_reply_size(meta, tensor.shape[0])
@@ -320,6 +303,27 @@ class OpenInference:
                 f"inputs[0].shape: batch {batch} gives {nbytes} output bytes, over the reply limit of "
                 f"{self.limits.max_message_bytes} (limits.max_message_bytes)"
             )
+
+
+def _describe(model: LoadedModel) -> ModelMetadata:
+    """The Open Inference metadata of ``model``: one FP32 input, its outputs, any batch size."""
+    example_batch = model.input_shape[0]
+    shapes = model.graph.output_shapes
+    outputs = tuple(
+        TensorMetadata(
+            _output_name(i, len(shapes)),
+            OUTPUT_DATATYPE,
+            (-1, *s[1:]) if s and s[0] == example_batch else tuple(s),
+        )
+        for i, s in enumerate(shapes)
+    )
+    return ModelMetadata(
+        name=model.name,
+        versions=(VERSION,),
+        platform=PLATFORM,
+        inputs=(TensorMetadata(INPUT_NAME, "FP32", (-1, *model.input_shape[1:])),),
+        outputs=outputs,
+    )
 
 
 def _output_name(index: int, count: int) -> str:
