@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import copy
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from partitioner.models import ModelSpec
@@ -61,13 +62,7 @@ class BatchingConfig(BatchSettings):
 
     def for_model(self, name: str) -> BatchSettings:
         """The settings ``name`` runs with."""
-        base = BatchSettings(
-            self.enabled,
-            self.max_batch_size,
-            list(self.preferred_batch_sizes),
-            self.max_queue_delay_ms,
-            self.max_queue_size,
-        )
+        base = BatchSettings(**{f.name: copy.copy(getattr(self, f.name)) for f in fields(BatchSettings)})
         for override in self.models:
             if override.model == name:
                 changes = {k: v for k, v in vars(override).items() if k != "model" and v is not None}
