@@ -14,13 +14,15 @@ import torch
 from cloud_node.batching import Batchers, BatchKey, BatchSettings, DirectRunner, DynamicBatcher
 from cloud_node.config import CloudConfig
 from cloud_node.main import batchers_for, build_daemon
-from compressor import RAW_UNCOMPRESSED, Assembler, decode, encode, to_chunks
+from compressor import RAW_UNCOMPRESSED, Assembler, decode, encode
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec, calibration_batch
 from partitioner.settings import SettingsError
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import ResourceExhausted
+
+from .test_daemons import frames_for
 
 LONG = 10_000.0  # ms: "never" within a test; a batch that goes early went for another reason
 
@@ -262,15 +264,6 @@ CUT = "layer3_0_relu"
 STREAMS, ROUNDS = 4, 3
 
 
-def frames(session_id: str, request_id: int, tensors: list) -> list[si_pb2.InferFrame]:
-    groups = list(to_chunks(tensors, 1 << 20))
-    last = len(groups) - 1
-    return [
-        si_pb2.InferFrame(session_id=session_id if i == 0 else "", request_id=request_id, chunks=g, last=i == last)
-        for i, g in enumerate(groups)
-    ]
-
-
 def read_result(replies) -> tuple[int, torch.Tensor, si_pb2.CloudTiming]:
     """The next whole result on a stream: its request id, first output and timing."""
     assembler = Assembler()
@@ -316,7 +309,7 @@ def test_concurrent_streams_are_batched_through_the_daemon() -> None:
             for r in range(ROUNDS):
                 index = r * STREAMS + s
                 raw = [encode(t, RAW_UNCOMPRESSED) for t in features[index]]
-                for frame in frames(sid, index, raw):
+                for frame in frames_for(sid, index, raw):
                     outbox.put(frame)
                 got.append(read_result(replies))
             outbox.put(None)
