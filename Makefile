@@ -1,31 +1,53 @@
-# `make demo` and `make test` work on a fresh machine: they create .venv and install what is needed.
+# `make demo` and `make test` work on a fresh machine: they create .venv and install exactly what
+# requirements/dev.txt pins (compiled from pyproject.toml by pip-tools; `make lock` regenerates it).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/dev.txt
+PYTEST := $(PY) -m pytest -q
+EXTRAS := --extra dev --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
 
-.PHONY: demo test lint protos bench clean
+.PHONY: demo test test-fast test-integration lint protos bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet "$$(grep "^pip==" $(LOCK))"
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m cleave_cli.demo
 
+# Everything: unit, integration (real daemons), root (namespaces, tc, cgroups) and slow tests.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+# Unit tests only: no daemons, no root, no training (under 2 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(PYTEST) -m unit
+
+test-integration: $(STAMP)
+	$(PYTEST) -m "not unit"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 protos: $(STAMP)
 	$(PY) -m protos.generate
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+
+# Re-resolve every dependency to the newest releases pyproject.toml and requirements/pins.in allow.
+# Commit the new requirements/dev.txt only after `make test` passes with it.
+lock: $(STAMP)
+	rm -f $(LOCK).new
+	$(VENV)/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		$(EXTRAS) -o $(LOCK).new pyproject.toml requirements/pins.in
+	mv $(LOCK).new $(LOCK)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
