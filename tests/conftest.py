@@ -1,4 +1,17 @@
-"""Shared fixtures: one cloud and one edge daemon, real processes on loopback, per test session."""
+"""Shared fixtures (one cloud and one edge daemon, real processes on loopback, per test session) and the
+test layers.
+
+Layers are pytest markers, declared per module with ``pytestmark``:
+
+- ``integration``: starts daemons, servers or subprocesses (real gRPC on loopback); every test that
+  uses the ``cloud`` or ``edge`` fixture is marked here;
+- ``root``: needs root for network namespaces, ``tc`` or cgroups;
+- ``slow``: trains a model or runs for tens of seconds;
+- ``unit``: everything else. Added here to every test that has none of the three above, so
+  ``pytest -m unit`` (``make test-fast``) runs exactly the tests that need nothing but the process.
+
+Each layer has its own per-test timeout (a test's own ``@pytest.mark.timeout`` wins).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +24,24 @@ import yaml
 from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
+
+LAYER_TIMEOUTS_S = {"unit": 120, "integration": 300, "slow": 600, "root": 600}
+
+
+DAEMON_FIXTURES = frozenset({"cloud", "edge"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if DAEMON_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        layers = [name for name in ("integration", "root", "slow") if item.get_closest_marker(name)]
+        if not layers:
+            item.add_marker(pytest.mark.unit)
+            layers = ["unit"]
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(max(LAYER_TIMEOUTS_S[name] for name in layers)))
+
 
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 64, 64]}
 

@@ -19,6 +19,8 @@ from protos.cleave.v1 import edge_pb2, tensor_pb2
 
 from .conftest import MODEL
 
+pytestmark = [pytest.mark.integration]
+
 
 def start_edge(daemon_dir: Path, cloud: DaemonProcess, name: str, autoplan: dict) -> DaemonProcess:
     config = daemon_dir / f"{name}.yaml"

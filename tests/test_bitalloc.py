@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from partitioner.bitalloc import allocate_bits, layer_sensitivity
 from partitioner.graph import trace
 from tests._quant import harness, harness_graph
+
+pytestmark = [pytest.mark.slow]
 
 
 class _TwoBranches(nn.Module):

@@ -22,6 +22,8 @@ from cleave_cli.main import main as cli
 from compressor.pruning import apply_plan
 from protos.cleave.v1 import compression_pb2 as pb
 
+pytestmark = [pytest.mark.integration]
+
 SHAPE = [1, 3, 64, 64]
 
 

@@ -22,6 +22,8 @@ from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 
 from .conftest import MODEL
 
+pytestmark = [pytest.mark.integration]
+
 
 def healthy(address: str) -> bool:
     with grpc.insecure_channel(address) as channel:

@@ -14,6 +14,8 @@ from edge_node.runtime import EDGE_ONLY, LOCAL_FALLBACK, EdgeRuntime
 from partitioner.loaded import LoadedModel
 from protos.errors import InvalidArgument, ResourceExhausted
 
+pytestmark = [pytest.mark.integration]
+
 
 @pytest.fixture()
 def runtime(local_model: LoadedModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -15,6 +16,8 @@ from partitioner.loaded import LoadedModel
 from protos.cleave.v1 import edge_pb2
 
 from .conftest import MODEL
+
+pytestmark = [pytest.mark.integration]
 
 
 def wait_for(predicate, timeout: float) -> bool:

@@ -29,6 +29,8 @@ from ._load import Load, Report, references
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from netlab import NetLab  # noqa: E402
 
+pytestmark = [pytest.mark.integration]
+
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 64, 64]}
 CUT = "layer2_0_relu"  # mid-network: a residual block's inner activation, so the live set is two tensors
 RECONNECT = {"initial_s": 0.1, "max_s": 1.0, "connect_timeout_s": 2.0}

@@ -53,6 +53,8 @@ from protos.serving import open_channel
 
 from . import _fuzzing as fz
 
+pytestmark = [pytest.mark.integration]
+
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 32, 32]}
 CUT = "layer1_0_relu"  # inside a residual block: two tensors cross
 FEATURE_SPECS = ("int8", "int4c", "fp16", "raw", "int3+none", "fp32+none")

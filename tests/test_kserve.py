@@ -1,5 +1,7 @@
 """The cloud daemon speaks the KServe v2 Open Inference Protocol to Triton's and KServe's clients.
 
+pytestmark = [pytest.mark.integration]
+
 The clients run in subprocesses (``tests/_v2_clients.py``): tritonclient, kserve and Cleave's own
 ``inference`` stubs register the same protobuf names, so none of them is imported here. The logic
 class :class:`cloud_node.openinference.OpenInference` is also tested in-process, without a server.

@@ -13,6 +13,8 @@ from compressor.lapq import fixed_specs, lapq, lp_clip
 from partitioner.calibration import SplitLoss, lapq_split
 from tests._quant import harness, harness_graph
 
+pytestmark = [pytest.mark.slow]
+
 
 def _bowl(clips: np.ndarray) -> float:
     return float(((clips - np.array([1.0, 2.0, 0.5])) ** 2).sum() + 0.3 * clips[0] * clips[1])

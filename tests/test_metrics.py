@@ -28,6 +28,8 @@ from protos.errors import InvalidArgument, NotFound, maps_errors
 from protos.metrics import MetricsConfig, RpcMetrics, parse_listen, serve_metrics
 from protos.serving import Daemon, Service
 
+pytestmark = [pytest.mark.integration]
+
 SERVICE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
 SI = "cleave.v1.SplitInference"
 

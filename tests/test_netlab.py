@@ -22,7 +22,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from netlab import CLOUD_IF, EDGE_IF, NetLab, cpu_cgroup_parent, spin  # noqa: E402
 
 AVAILABLE, WHY = NetLab.available()
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY)
+pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.skipif(not AVAILABLE, reason=WHY)]
 
 CONNECT = textwrap.dedent(
     """

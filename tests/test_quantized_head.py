@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from partitioner.quantized_head import PackedWeight, QuantizedHead, build_quantized_head, head_layers
 from tests._quant import harness, harness_graph
 
+pytestmark = [pytest.mark.slow]
+
 CUT = "layer3_relu_1"  # the deepest cut before pooling: every conv of the model is on the edge
 
 
@@ -33,10 +35,27 @@ def test_int8_head_agrees_with_fp32(split, int8_head: QuantizedHead) -> None:
         refs = head(x)
     for ref, out in zip(refs, int8_head(x), strict=True):
         assert out.dtype == torch.float32 and out.shape == ref.shape
-        assert float(F.cosine_similarity(out.flatten(), ref.flatten(), dim=0)) >= 0.99
+        # Measured 0.99966 (SQNR 31.4 dB) with 7-bit weights; 0.999 is SQNR >= 27 dB. A saturating
+        # U8S8 kernel (8-bit weights on a CPU without VNNI) gave 0.9897 and fails here.
+        assert float(F.cosine_similarity(out.flatten(), ref.flatten(), dim=0)) >= 0.999
     # Real int8 kernels: every convolution became a QLinearConv.
     assert int8_head.op_types.get("QLinearConv", 0) == len(head_layers(head))
     assert h.accuracy(lambda b: tail(*int8_head(b))) >= h.accuracy() - 0.01
+
+
+def test_int8_weights_cannot_saturate_u8s8_kernels(int8_head: QuantizedHead) -> None:
+    """Without VNNI, ONNX Runtime multiplies u8 activations by s8 weights with VPMADDUBSW, which adds
+    pairs into int16 and saturates past 32767: weights must stay within +-64 (255 * 64 * 2 = 32640 fits)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(int8_head._onnx)
+    weights = {node.input[3] for node in model.graph.node if node.op_type == "QLinearConv"}
+    assert weights
+    for init in model.graph.initializer:
+        if init.name in weights:
+            w = numpy_helper.to_array(init)
+            assert w.dtype.name == "int8" and int(abs(w.astype("int16")).max()) <= 64, init.name
 
 
 def test_packed_head_is_smaller_and_runs(split, int8_head: QuantizedHead, tmp_path) -> None:

@@ -19,7 +19,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from netlab import NetLab  # noqa: E402
 
 AVAILABLE, WHY = NetLab.available()
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"needs network namespaces and tc: {WHY}")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.root,
+    pytest.mark.skipif(not AVAILABLE, reason=f"needs network namespaces and tc: {WHY}"),
+]
 
 # Big enough that a device with a tenth of a core is clearly slower than sending the work away.
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 128, 128]}

@@ -41,6 +41,8 @@ from protos.serving import Daemon, open_channel
 
 from ._pki import Pki, make_pki
 
+pytestmark = [pytest.mark.integration]
+
 MODEL = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
 CUT = 3  # after the ReLU: the head runs here, the tail in the cloud
 CLOUD_TOKEN = "cloud-token-3f9c2a"  # what the edge sends to the cloud
