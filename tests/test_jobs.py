@@ -20,7 +20,7 @@ from cloud_node.jobs.engines import dispatch, pareto
 from cloud_node.jobs.store import FAILED, QUEUED, RUNNING, SUCCEEDED, ArtifactRecord, publish
 from partitioner.settings import SettingsError
 from protos.cleave.v1 import compression_pb2 as pb
-from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from protos.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 
 
 def manager(root: Path, **kw) -> JobManager:
@@ -50,7 +50,7 @@ def npz(**arrays) -> bytes:
 
 
 def test_bad_uploads_are_refused_and_change_nothing(tmp_path: Path) -> None:
-    m = manager(tmp_path, max_upload_bytes=200_000)
+    m = manager(tmp_path, max_upload_bytes=200_000, allow_code_uploads=True)
     before = store_snapshot(m)
     ts = tiny_torchscript()
     saved = io.BytesIO()
@@ -87,8 +87,13 @@ def test_bad_uploads_are_refused_and_change_nothing(tmp_path: Path) -> None:
         with pytest.raises(error, match=match):
             m.upload(messages)
         assert store_snapshot(m) == before
-    good = m.upload(chunks(ts, pb.TORCHSCRIPT, name="tiny"))
+    good = m.upload(chunks(ts, pb.TORCHSCRIPT, name="tiny"))  # opened in a sandboxed process, not here
     assert good.kind == "cnn" and good.path.is_file() and m.store.count_uploads() == 1
+    m.store.close()
+    strict = manager(tmp_path)  # jobs.allow_code_uploads off, the default
+    with pytest.raises(PermissionDenied, match="jobs.allow_code_uploads"):
+        strict.upload(chunks(ts, pb.TORCHSCRIPT))
+    assert strict.store.count_uploads() == 1
 
 
 def test_submit_validation_names_fields(tmp_path: Path) -> None:
@@ -202,7 +207,7 @@ def test_jobs_config_section() -> None:
 
 
 def test_zip_that_is_not_torchscript(tmp_path: Path) -> None:
-    m = manager(tmp_path)
+    m = manager(tmp_path, allow_code_uploads=True)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("archive/data.txt", "hi")
