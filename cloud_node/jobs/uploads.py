@@ -117,7 +117,7 @@ def receive(
         kind = inspect_upload(tmp, fmt, meta, policy, inspect_code)
         upload_id = ("d-" if kind == "dataset" else "m-") + uuid.uuid4().hex[:16]
         dest = store.uploads_dir / f"{upload_id}{EXTENSIONS[fmt]}"
-        size = tmp.stat().st_size  # a .pt2 is stored repacked
+        # size and sha256 are of the bytes received (what the client can check); a .pt2 is stored repacked.
         record = UploadRecord(
             upload_id, header.name or upload_id, fmt, kind, dest, size, sha, meta, time.time(), client
         )
