@@ -466,6 +466,9 @@ class JobManager:
             _, produced, report = outcome
             records = []
             for name, media_type in produced:
+                # The job process is not trusted with paths: a plain name of a regular file in out/.
+                if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+                    raise RuntimeError(f"artifact name {str(name)[:100]!r} is not a plain file name")
                 src = workdir / "out" / name
                 if src.is_symlink() or not src.is_file():
                     raise RuntimeError(f"artifact {name!r} is not a regular file")
