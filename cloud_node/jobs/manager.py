@@ -43,7 +43,7 @@ from .store import (
     publish,
     sha256_file,
 )
-from .worker import inspect_model, run_job
+from .worker import inspect_model, receive, run_job
 
 log = logging.getLogger(__name__)
 
@@ -378,8 +378,10 @@ class JobManager:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if outcome is None or outcome[0] != "done":
-            why = outcome[1] if outcome else "cancelled"
+            why = str(outcome[1])[:300] if outcome and len(outcome) > 1 else "cancelled"
             raise InvalidArgument(f"data: not a loadable {fmt} archive ({why})")
+        if len(outcome) < 2 or outcome[1] not in ("cnn", "transformer", "model"):
+            raise InvalidArgument(f"data: not a loadable {fmt} archive (no kind)")
         return outcome[1]
 
     def _supervise(
@@ -408,9 +410,13 @@ class JobManager:
                     return ("error", f"timed out after {timeout_s:g} s (jobs.sandbox.timeout_s)")
                 if parent.poll(0.2):
                     try:
-                        msg = parent.recv()
+                        msg = receive(parent)
                     except EOFError:
                         return ("error", f"the engine process exited with code {proc.exitcode}")
+                    except (OSError, ValueError):
+                        return ("error", "the engine process sent a malformed message")
+                    if not msg or msg[0] not in ("progress", "done", "error"):
+                        return ("error", "the engine process sent a malformed message")
                     if msg[0] == "progress":
                         on_message(msg)
                     else:
@@ -434,7 +440,7 @@ class JobManager:
         cancel = self._cancel.setdefault(job.id, threading.Event())
 
         def progress(msg: tuple) -> None:
-            self.store.update(job.id, only_if=[RUNNING], progress=float(msg[1]), stage=str(msg[2]))
+            self.store.update(job.id, only_if=[RUNNING], progress=float(msg[1]), stage=str(msg[2])[:200])
             self._notify()
 
         try:
@@ -461,7 +467,7 @@ class JobManager:
             if outcome[0] == "error":
                 if len(outcome) > 2:
                     log.warning("job %s failed:\n%s", job.id, outcome[2])
-                self._fail(job.id, outcome[1])
+                self._fail(job.id, str(outcome[1])[:1000] if len(outcome) > 1 else "failed")
                 return
             _, produced, report = outcome
             records = []

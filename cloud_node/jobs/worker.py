@@ -5,7 +5,8 @@ inputs (the model and dataset uploads) are hard links in its scratch directory, 
 it, because inside the sandbox the scratch directory is ``/tmp/job`` and nothing else is writable.
 
 Messages to the manager: ``("progress", fraction, stage)``, then ``("done", artifacts, report_json)``
-or ``("error", message)``. Killing this process is how a running job is cancelled.
+or ``("error", message)``, sent as JSON (:func:`send`), never pickled: the daemon does not unpickle
+anything a sandboxed process says. Killing this process is how a running job is cancelled.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ from typing import Any
 
 from . import sandbox
 from .engines import JobContext, die_with_parent, get_engine
+
+MAX_MESSAGE = 64 << 20
+
+
+def send(conn: Connection, *msg: Any) -> None:
+    """One message to the manager, as JSON."""
+    conn.send_bytes(json.dumps(msg, default=str).encode())
+
+
+def receive(conn: Connection) -> tuple:
+    """The manager's side of :func:`send`; raises EOFError, OSError or ValueError on garbage."""
+    return tuple(json.loads(conn.recv_bytes(MAX_MESSAGE)))
 
 
 def _enter(payload: dict[str, Any]) -> sandbox.Entered:
@@ -59,17 +72,17 @@ def run_job(payload: dict[str, Any], conn: Connection) -> None:
             dataset_format=payload.get("dataset_format", ""),
             dataset_limits=payload.get("dataset_limits"),
             sweep_parallelism=payload.get("sweep_parallelism", 2),
-            on_progress=lambda f, s: conn.send(("progress", f, s)),
+            on_progress=lambda f, s: send(conn, "progress", f, s),
         )
         engine = get_engine(payload["engine"])
         engine.run(ctx)
         ctx.report["sandbox"] = entered.applied
         report = json.dumps(ctx.report, default=str, indent=1)
         ctx.write_artifact("report.json", report, "application/json")
-        conn.send(("done", ctx.artifacts, report))
+        send(conn, "done", ctx.artifacts, report)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's message
         first = str(exc).splitlines()[0] if str(exc) else ""
-        conn.send(("error", f"{type(exc).__name__}: {first}", traceback.format_exc()))
+        send(conn, "error", f"{type(exc).__name__}: {first}", traceback.format_exc())
     finally:
         conn.close()
 
@@ -82,8 +95,8 @@ def inspect_model(payload: dict[str, Any], conn: Connection) -> None:
         from . import models
 
         model, _ = models.load(_source(payload, entered.workdir))
-        conn.send(("done", models.kind_of(model)))
+        send(conn, "done", models.kind_of(model))
     except Exception as exc:  # noqa: BLE001 - any loader failure is the upload's fault
-        conn.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+        send(conn, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
     finally:
         conn.close()
