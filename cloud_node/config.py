@@ -25,6 +25,30 @@ class CloudLimits:
 
 
 @dataclass
+class Retention:
+    """How long finished jobs and uploads stay; the job manager's own thread deletes the rest."""
+
+    max_age_s: float = 7 * 86400.0  # finished jobs and unused uploads older than this go (0: no age limit)
+    max_jobs: int = 1000  # finished jobs kept, newest first (0: no count limit)
+    max_uploads: int = 200  # uploads kept, newest first; one a queued or running job uses is kept
+    interval_s: float = 60.0  # how often the manager sweeps
+
+
+@dataclass
+class Sandbox:
+    """Limits of every job process (and of the process that inspects a code upload)."""
+
+    timeout_s: float = 3600.0  # wall clock per job; then it is killed and FAILED
+    cpu_seconds: int = 7200  # RLIMIT_CPU per process
+    memory_bytes: int = 16 << 30  # RLIMIT_AS per process (address space, not RSS)
+    file_bytes: int = 4 << 30  # RLIMIT_FSIZE: the largest file a job may write
+    open_files: int = 1024  # RLIMIT_NOFILE
+    isolate: bool = True  # as root: own mount + network namespace, read-only view, runs as nobody
+    user: str = "nobody"  # the unprivileged user jobs run as (when the daemon is root)
+    inspect_timeout_s: float = 120.0  # loading a code upload to check it (allow_code_uploads only)
+
+
+@dataclass
 class JobsConfig:
     """The Compression service: hosted when ``dir`` is set (its SQLite store and artifacts live there)."""
 
@@ -34,8 +58,24 @@ class JobsConfig:
     max_upload_bytes: int = 1 << 30  # per uploaded model or dataset
     max_attempts: int = 2  # a job running at a crash is re-queued until it has started this many times
     job_threads: int = 0  # torch threads in each job process; 0: torch's default
-    sweep_parallelism: int = 2  # processes per sweep job
+    sweep_parallelism: int = 2  # processes per sweep job when the spec does not say
     chunk_bytes: int = 1 << 20  # Download chunk size
+    # Untrusted input (README "Security").
+    allow_code_uploads: bool = False  # TorchScript / .pt2 uploads: trusts EVERY uploader with code execution
+    max_sweep_parallelism: int = 0  # a spec asking for more is clamped; 0: the machine's CPU count
+    max_sweep_points: int = 64  # ratios x bits beyond this answer RESOURCE_EXHAUSTED
+    max_jobs_per_client: int = 8  # queued + running jobs of one client (token, else peer address)
+    max_uploads_per_client: int = 32  # stored uploads of one client
+    max_upload_bytes_per_client: int = 4 << 30  # their bytes
+    max_uploads: int = 256  # stored uploads, all clients together
+    max_upload_store_bytes: int = 16 << 30  # their bytes
+    max_dataset_bytes: int = 2 << 30  # a dataset's arrays once decompressed (npz members are deflated)
+    max_dataset_samples: int = 1 << 20  # rows of a dataset
+    max_num_classes: int = 100_000  # an upload header's num_classes
+    max_model_parameters: int = 2_000_000_000  # elements a safetensors model declares
+    max_header_bytes: int = 16 << 20  # a safetensors JSON header, an npy header, a .pt2 JSON member
+    retention: Retention = field(default_factory=Retention)
+    sandbox: Sandbox = field(default_factory=Sandbox)
 
 
 @dataclass

@@ -52,6 +52,10 @@ class DeadlineExceeded(WireError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class PermissionDenied(WireError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE = {cls.code: cls for cls in WireError.__subclasses__()}
 
 
@@ -98,8 +102,10 @@ def maps_errors(method: F) -> F:
     def fail(context: grpc.ServicerContext, exc: BaseException) -> None:
         if isinstance(exc, grpc.RpcError) and not context.is_active():
             # The client cancelled or its deadline passed while we read its stream: nobody to answer.
+            # Abort all the same (quietly): a unary method returning None would make grpc log
+            # "Exception serializing message!" with a traceback.
             log.debug("%s: the client went away (%s)", method.__qualname__, exc)
-            return
+            context.abort(grpc.StatusCode.CANCELLED, "the client went away")
         code, message = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.error("%s failed", method.__qualname__, exc_info=exc)

@@ -74,10 +74,13 @@ def test_job_lifecycle_across_a_crash(tmp_path: Path, capsys: pytest.CaptureFixt
         bad = tmp_path / "bad.ts"
         bad.write_bytes(b"\x80\x04K\x01.")
         with pytest.raises(grpc.RpcError) as err:
-            client.upload(bad, pb.UploadHeader(format=pb.TORCHSCRIPT))
+            client.upload(bad, pb.UploadHeader(format=pb.DATASET_NPZ))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pickle" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
-            client.upload(bad, pb.UploadHeader(format=pb.TORCHSCRIPT, total_bytes=1 << 30))
+            client.upload(bad, pb.UploadHeader(format=pb.TORCHSCRIPT))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "allow_code_uploads" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            client.upload(bad, pb.UploadHeader(format=pb.DATASET_NPZ, total_bytes=1 << 30))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         with pytest.raises(grpc.RpcError) as err:
             client.get("nope")

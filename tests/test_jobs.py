@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import time
 import zipfile
 from pathlib import Path
 
@@ -13,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from cloud_node.config import CloudConfig, JobsConfig
+from cloud_node.config import CloudConfig, JobsConfig, Retention, Sandbox
 from cloud_node.jobs import JobManager
 from cloud_node.jobs.datasets import DatasetError, load_dataset
 from cloud_node.jobs.engines import dispatch, pareto
 from cloud_node.jobs.store import FAILED, QUEUED, RUNNING, SUCCEEDED, ArtifactRecord, publish
 from partitioner.settings import SettingsError
 from protos.cleave.v1 import compression_pb2 as pb
-from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from protos.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 
 
 def manager(root: Path, **kw) -> JobManager:
@@ -50,7 +51,7 @@ def npz(**arrays) -> bytes:
 
 
 def test_bad_uploads_are_refused_and_change_nothing(tmp_path: Path) -> None:
-    m = manager(tmp_path, max_upload_bytes=200_000)
+    m = manager(tmp_path, max_upload_bytes=200_000, allow_code_uploads=True)
     before = store_snapshot(m)
     ts = tiny_torchscript()
     saved = io.BytesIO()
@@ -87,8 +88,13 @@ def test_bad_uploads_are_refused_and_change_nothing(tmp_path: Path) -> None:
         with pytest.raises(error, match=match):
             m.upload(messages)
         assert store_snapshot(m) == before
-    good = m.upload(chunks(ts, pb.TORCHSCRIPT, name="tiny"))
+    good = m.upload(chunks(ts, pb.TORCHSCRIPT, name="tiny"))  # opened in a sandboxed process, not here
     assert good.kind == "cnn" and good.path.is_file() and m.store.count_uploads() == 1
+    m.store.close()
+    strict = manager(tmp_path)  # jobs.allow_code_uploads off, the default
+    with pytest.raises(PermissionDenied, match="jobs.allow_code_uploads"):
+        strict.upload(chunks(ts, pb.TORCHSCRIPT))
+    assert strict.store.count_uploads() == 1
 
 
 def test_submit_validation_names_fields(tmp_path: Path) -> None:
@@ -202,7 +208,7 @@ def test_jobs_config_section() -> None:
 
 
 def test_zip_that_is_not_torchscript(tmp_path: Path) -> None:
-    m = manager(tmp_path)
+    m = manager(tmp_path, allow_code_uploads=True)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("archive/data.txt", "hi")
@@ -215,3 +221,43 @@ def test_zip_that_is_not_torchscript(tmp_path: Path) -> None:
 
 def test_running_state_constant() -> None:
     assert pb.JobState.Value(RUNNING) == pb.RUNNING  # store states are the proto's names
+
+
+def test_code_upload_is_refused_where_the_sandbox_cannot_isolate(tmp_path: Path) -> None:
+    m = manager(tmp_path, allow_code_uploads=True, sandbox=Sandbox(isolate=False))
+    with pytest.raises(InvalidArgument, match="cannot isolate"):
+        m.upload(chunks(tiny_torchscript(), pb.TORCHSCRIPT))
+    assert m.store.count_uploads() == 0 and not list(m.store.tmp_dir.iterdir())
+
+
+def test_a_job_past_its_timeout_is_killed_and_failed(tmp_path: Path) -> None:
+    m = manager(tmp_path, sandbox=Sandbox(timeout_s=1.0))
+    m.start()
+    try:
+        job = m.submit(pb.JobSpec(model=pb.ModelRef(torchvision="resnet18"), prune=pb.PruneOptions(ratio=0.5)))
+        seen = list(m.watch(job.id))[-1]
+        assert seen.state == FAILED and "jobs.sandbox.timeout_s" in seen.message, seen
+        assert not list(m.store.tmp_dir.iterdir())  # its scratch directory is gone with it
+    finally:
+        m.stop()
+
+
+def test_retention_deletes_old_finished_jobs_and_unused_uploads(tmp_path: Path) -> None:
+    m = manager(tmp_path, retention=Retention(max_age_s=3600, max_jobs=1, max_uploads=1))
+    spec = pb.JobSpec(model=pb.ModelRef(torchvision="resnet18"))
+    done = []
+    for _ in range(3):
+        job = m.submit(spec)
+        m.store.claim_next()
+        assert m.store.finish(job.id, [], "{}")
+        (m.store.artifacts_dir / job.id).mkdir()
+        done.append(job.id)
+    data = npz(inputs=np.zeros((2, 3), np.float32), labels=np.zeros(2, np.int64))
+    old, used, new = (m.upload(chunks(data, pb.DATASET_NPZ)) for _ in range(3))
+    queued = m.submit(pb.JobSpec(model=pb.ModelRef(torchvision="resnet18"), dataset_id=used.id))
+    deleted = m.enforce_retention()
+    assert set(deleted) == {done[0], done[1], old.id}  # the newest job, the newest upload and one in use stay
+    assert not (m.store.artifacts_dir / done[0]).exists() and (m.store.artifacts_dir / done[2]).is_dir()
+    assert not old.path.exists() and used.path.exists() and new.path.exists()
+    assert m.get(queued.id).state == QUEUED
+    assert set(m.enforce_retention(now=time.time() + 7200)) == {done[2], new.id}  # past max_age_s

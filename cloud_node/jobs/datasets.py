@@ -1,6 +1,9 @@
 """Evaluation datasets: ``inputs`` and ``labels`` arrays in an npz or safetensors file, validated.
 
 Nothing is unpickled: npz files are read with ``allow_pickle=False`` (an object array is refused).
+The headers are checked first (:mod:`.headers`: declared shapes, dtypes and sizes against the
+limits), so nothing larger than the limits is ever allocated; :func:`check_upload` does only that
+(the daemon, at upload), :func:`load_dataset` then reads the arrays (the job process).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .headers import HeaderError, check_dataset, npz_header, safetensors_header
 
 INPUT_DTYPES = (np.float32, np.float16, np.float64, np.uint8, np.int64, np.int32)
 LABEL_DTYPES = (np.int64, np.int32, np.int16, np.uint8)
@@ -29,8 +34,30 @@ class Dataset:
         return len(self.labels)
 
 
-def load_dataset(path: Path, fmt: str) -> Dataset:
-    """Read and validate; ``fmt`` is ``"npz"`` or ``"safetensors"``."""
+@dataclass(frozen=True)
+class DatasetLimits:
+    """``jobs.max_header_bytes``, ``jobs.max_dataset_bytes`` and ``jobs.max_dataset_samples``."""
+
+    max_header: int = 16 << 20
+    max_bytes: int = 2 << 30
+    max_samples: int = MAX_SAMPLES
+
+
+def check_upload(path: Path, fmt: str, limits: DatasetLimits) -> int:
+    """Validate a dataset from its headers only; returns its sample count. Raises DatasetError."""
+    try:
+        if fmt == "npz":
+            arrays = npz_header(path, limits.max_header, limits.max_bytes)
+        else:
+            arrays = safetensors_header(path, limits.max_header)
+        return check_dataset(arrays, limits.max_samples, limits.max_bytes)
+    except HeaderError as exc:
+        raise DatasetError(str(exc)) from None
+
+
+def load_dataset(path: Path, fmt: str, limits: DatasetLimits | None = None) -> Dataset:
+    """Check the headers, then read and validate; ``fmt`` is ``"npz"`` or ``"safetensors"``."""
+    check_upload(path, fmt, limits or DatasetLimits())
     if fmt == "npz":
         try:
             with np.load(path, allow_pickle=False) as data:

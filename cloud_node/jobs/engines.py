@@ -41,7 +41,7 @@ from partitioner.models import calibration_batch
 from protos.cleave.v1 import compression_pb2 as pb
 
 from . import evaluate, models
-from .datasets import Dataset, load_dataset
+from .datasets import Dataset, DatasetLimits, load_dataset
 from .int8 import onnx_int8
 
 register_int8_backend(onnx_int8)  # 8-bit quantize jobs also ship a model that runs on int8 kernels
@@ -65,7 +65,8 @@ class JobContext:
     workdir: Path
     dataset_path: str = ""
     dataset_format: str = ""
-    sweep_parallelism: int = 2
+    dataset_limits: DatasetLimits | None = None
+    sweep_parallelism: int = 2  # processes a sweep uses (the manager has clamped the spec's ask)
     latency_runs: int = 5  # forward passes timed per latency figure
     on_progress: Callable[[float, str], None] = lambda _f, _s: None
     report: dict[str, Any] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class JobContext:
 
     def dataset(self) -> Dataset | None:
         if self._dataset is None and self.dataset_path:
-            self._dataset = load_dataset(Path(self.dataset_path), self.dataset_format)
+            self._dataset = load_dataset(Path(self.dataset_path), self.dataset_format, self.dataset_limits)
         return self._dataset
 
     def write_artifact(self, name: str, write: Callable[[Path], None] | bytes | str, media_type: str) -> Path:
@@ -311,7 +312,7 @@ class Sweep:
             raise ValueError(
                 "sweep.ratios: pruning ratios need a CNN given as a torchvision name or safetensors upload"
             )
-        workers = ctx.spec.sweep.parallelism or ctx.sweep_parallelism
+        workers = max(1, ctx.sweep_parallelism)
         grid = [(round(r, 4), b) for r in ratios for b in bits]
         args = (ctx.spec.SerializeToString(), ctx.source, ctx.dataset_path, ctx.dataset_format)
         points = []
@@ -329,7 +330,9 @@ class Sweep:
         png = plot_pareto(points)
         if png is not None:
             ctx.write_artifact("sweep.png", png, "image/png")
-        ctx.report.update(engine=self.name, points=len(points), pareto=[(p["ratio"], p["bits"]) for p in front])
+        ctx.report.update(
+            engine=self.name, points=len(points), parallelism=workers, pareto=[(p["ratio"], p["bits"]) for p in front]
+        )
 
 
 def sweep_point(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import grpc
@@ -36,6 +37,16 @@ def job_message(job: JobRecord) -> pb.Job:
     )
 
 
+def client_of(context: grpc.ServicerContext) -> str:
+    """Who is calling, for per-client quotas: a bearer token (by its hash), else the peer's address."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and value:
+            return "token:" + hashlib.sha256(str(value).encode()).hexdigest()[:16]
+    peer = context.peer() or ""
+    host = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    return "peer:" + host
+
+
 class CompressionServicer(pb_grpc.CompressionServicer):
     def __init__(self, manager: JobManager, chunk_bytes: int = 1 << 20) -> None:
         self.manager = manager
@@ -47,12 +58,12 @@ class CompressionServicer(pb_grpc.CompressionServicer):
 
     @maps_errors
     def UploadModel(self, request_iterator: Iterator[pb.UploadChunk], context: grpc.ServicerContext):
-        rec = self.manager.upload(request_iterator)
+        rec = self.manager.upload(request_iterator, client_of(context))
         return pb.UploadModelResponse(id=rec.id, size_bytes=rec.size, sha256=rec.sha256, kind=rec.kind)
 
     @maps_errors
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return job_message(self.manager.submit(request.spec))
+        return job_message(self.manager.submit(request.spec, client_of(context)))
 
     @maps_errors
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:

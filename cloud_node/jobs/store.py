@@ -7,9 +7,12 @@ Layout under ``root``::
     artifacts/<job>/    one directory per finished job
     tmp/                work in progress; emptied at start-up
 
-Files only ever appear under ``uploads/`` and ``artifacts/`` by :func:`publish` (fsync the file,
-rename it into place, fsync the directory), and the database row that points at a file is committed
-after the rename, so a crash at any moment leaves either no record or a complete, hashed file.
+Artifacts appear under ``artifacts/`` by :func:`publish` (fsync the file, rename it into place,
+fsync the directory), and the job row that points at them is committed after the rename. An upload
+is committed the other way round (:meth:`JobStore.commit_upload`: its row first, then the rename),
+so quotas are checked and taken in the same transaction. Either way :meth:`JobStore.reconcile`, at
+start-up, drops rows whose file is missing and files (and artifact folders) that no row names, so a
+crash at any moment leaves either no record or a complete, hashed file, never an orphan.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL, spec BLOB NOT NULL, engine TEXT NOT NULL,
     progress REAL NOT NULL DEFAULT 0, stage TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '',
     report TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL, started_at REAL NOT NULL DEFAULT 0, finished_at REAL NOT NULL DEFAULT 0
+    created_at REAL NOT NULL, started_at REAL NOT NULL DEFAULT 0, finished_at REAL NOT NULL DEFAULT 0,
+    client TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -45,7 +49,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 CREATE TABLE IF NOT EXISTS uploads (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, format TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL,
-    size INTEGER NOT NULL, sha256 TEXT NOT NULL, meta TEXT NOT NULL, created_at REAL NOT NULL
+    size INTEGER NOT NULL, sha256 TEXT NOT NULL, meta TEXT NOT NULL, created_at REAL NOT NULL,
+    client TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -73,6 +78,7 @@ class JobRecord:
     created_at: float = 0.0
     started_at: float = 0.0
     finished_at: float = 0.0
+    client: str = ""  # who submitted it (a token's hash or a peer address), for per-client quotas
     artifacts: list[ArtifactRecord] = field(default_factory=list)
 
 
@@ -87,6 +93,7 @@ class UploadRecord:
     sha256: str
     meta: dict[str, Any]
     created_at: float
+    client: str = ""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -133,6 +140,10 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        for table in ("jobs", "uploads"):  # stores from before per-client quotas
+            cols = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
+            if "client" not in cols:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN client TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -154,21 +165,26 @@ class JobStore:
 
     # Jobs.
 
-    def insert_job(self, spec: bytes, engine: str) -> JobRecord:
-        job = JobRecord(uuid.uuid4().hex[:16], QUEUED, spec, engine, created_at=time.time())
+    def insert_job(self, spec: bytes, engine: str, client: str = "") -> JobRecord:
+        job = JobRecord(uuid.uuid4().hex[:16], QUEUED, spec, engine, created_at=time.time(), client=client)
         with self._tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             db.execute(
-                "INSERT INTO jobs (id, seq, state, spec, engine, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job.id, seq, job.state, job.spec, job.engine, job.created_at),
+                "INSERT INTO jobs (id, seq, state, spec, engine, created_at, client) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.id, seq, job.state, job.spec, job.engine, job.created_at, client),
             )
         return job
 
-    def count(self, states: Iterable[str]) -> int:
+    def count(self, states: Iterable[str], client: str | None = None) -> int:
+        """Jobs in ``states`` (of ``client`` only, when given)."""
         states = list(states)
+        q = f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})"
+        params: list[Any] = states
+        if client is not None:
+            q += " AND client = ?"
+            params = [*states, client]
         with self._lock:
-            q = f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})"
-            return self._db.execute(q, states).fetchone()[0]
+            return self._db.execute(q, params).fetchone()[0]
 
     def get_job(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -235,32 +251,109 @@ class JobStore:
         job.artifacts = [ArtifactRecord(n, self.root / p, s, h, m) for n, p, s, h, m in rows]
         return job
 
+    def delete_job(self, job_id: str) -> None:
+        """Its rows, then its artifact folder (a crash in between leaves a folder reconcile removes)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        shutil.rmtree(self.artifacts_dir / job_id, ignore_errors=True)
+
+    def finished_jobs(self) -> list[tuple[str, float]]:
+        """(id, finished_at) of every finished job, newest first."""
+        with self._lock:
+            q = f"SELECT id, finished_at FROM jobs WHERE state IN ({','.join('?' * len(TERMINAL))}) ORDER BY seq DESC"
+            return [(r[0], r[1]) for r in self._db.execute(q, sorted(TERMINAL)).fetchall()]
+
     # Uploads.
+
+    def commit_upload(self, tmp: Path, record: UploadRecord, admit: Any = None) -> None:
+        """Publish a checked upload: fsync it, commit its row (``admit()`` inside the transaction
+        may refuse it), rename it into place, fsync the folder. The row is removed again if the
+        rename fails; a crash before the rename leaves a row that :meth:`reconcile` drops."""
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        with self._tx() as db:
+            if admit is not None:
+                admit()
+            self._insert_upload(db, record)
+        try:
+            os.replace(tmp, record.path)
+            fsync_dir(record.path.parent)
+        except BaseException:
+            self.delete_upload(record.id)
+            raise
+
+    def delete_upload(self, upload_id: str) -> None:
+        record = self.get_upload(upload_id)
+        with self._tx() as db:
+            db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
+        if record is not None:
+            record.path.unlink(missing_ok=True)
+
+    def uploads(self) -> list[UploadRecord]:
+        """Every upload, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM uploads ORDER BY created_at DESC").fetchall()
+        return [u for (uid,) in rows if (u := self.get_upload(uid)) is not None]
+
+    def upload_usage(self, client: str | None = None) -> tuple[int, int]:
+        """(count, bytes) of stored uploads (of ``client`` only, when given)."""
+        q, params = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uploads", []
+        if client is not None:
+            q, params = q + " WHERE client = ?", [client]
+        with self._lock:
+            count, size = self._db.execute(q, params).fetchone()
+        return count, size
+
+    def reconcile(self) -> list[str]:
+        """Start-up: drop upload rows without their file, and files and artifact folders no row names."""
+        removed = []
+        for up in self.uploads():
+            if not up.path.is_file():
+                with self._tx() as db:
+                    db.execute("DELETE FROM uploads WHERE id = ?", (up.id,))
+                removed.append(f"upload row {up.id} (file missing)")
+        with self._lock:
+            named = {r[0] for r in self._db.execute("SELECT path FROM uploads").fetchall()}
+            jobs = {r[0] for r in self._db.execute("SELECT id FROM jobs").fetchall()}
+        for path in self.uploads_dir.iterdir():
+            if str(path.relative_to(self.root)) not in named:
+                path.unlink(missing_ok=True) if not path.is_dir() else shutil.rmtree(path, ignore_errors=True)
+                removed.append(f"upload file {path.name} (no row)")
+        for path in self.artifacts_dir.iterdir():
+            if path.name not in jobs:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(f"artifacts {path.name} (no job)")
+        return removed
 
     def insert_upload(self, record: UploadRecord) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.name,
-                    record.format,
-                    record.kind,
-                    str(record.path.relative_to(self.root)),
-                    record.size,
-                    record.sha256,
-                    json.dumps(record.meta),
-                    record.created_at,
-                ),
-            )
+            self._insert_upload(db, record)
+
+    def _insert_upload(self, db: sqlite3.Connection, record: UploadRecord) -> None:
+        db.execute(
+            "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.name,
+                record.format,
+                record.kind,
+                str(record.path.relative_to(self.root)),
+                record.size,
+                record.sha256,
+                json.dumps(record.meta),
+                record.created_at,
+                record.client,
+            ),
+        )
 
     def get_upload(self, upload_id: str) -> UploadRecord | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM uploads WHERE id = ?", (upload_id,)).fetchone()
         if row is None:
             return None
-        uid, name, fmt, kind, path, size, digest, meta, created = row
-        return UploadRecord(uid, name, fmt, kind, self.root / path, size, digest, json.loads(meta), created)
+        uid, name, fmt, kind, path, size, digest, meta, created, client = row
+        return UploadRecord(uid, name, fmt, kind, self.root / path, size, digest, json.loads(meta), created, client)
 
     def count_uploads(self) -> int:
         with self._lock:

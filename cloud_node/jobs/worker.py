@@ -1,45 +1,102 @@
 """The job's own process (multiprocessing spawn): runs one engine and reports through a pipe.
 
+The first thing it does is enter its sandbox (:mod:`.sandbox`); only then is any upload opened. Its
+inputs (the model and dataset uploads) are hard links in its scratch directory, named relative to
+it, because inside the sandbox the scratch directory is ``/tmp/job`` and nothing else is writable.
+
 Messages to the manager: ``("progress", fraction, stage)``, then ``("done", artifacts, report_json)``
-or ``("error", message)``. Killing this process is how a running job is cancelled.
+or ``("error", message)``, sent as JSON (:func:`send`), never pickled: the daemon does not unpickle
+anything a sandboxed process says. Killing this process is how a running job is cancelled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from . import sandbox
 from .engines import JobContext, die_with_parent, get_engine
+
+MAX_MESSAGE = 64 << 20
+
+
+def send(conn: Connection, *msg: Any) -> None:
+    """One message to the manager, as JSON."""
+    conn.send_bytes(json.dumps(msg, default=str).encode())
+
+
+def receive(conn: Connection) -> tuple:
+    """The manager's side of :func:`send`; raises EOFError, OSError or ValueError on garbage."""
+    return tuple(json.loads(conn.recv_bytes(MAX_MESSAGE)))
+
+
+def _enter(payload: dict[str, Any]) -> sandbox.Entered:
+    entered = sandbox.enter(Path(payload["workdir"]), payload["limits"])
+    die_with_parent()  # a change of user clears the parent-death signal
+    if payload.get("code") and not entered.isolated:
+        raise sandbox.SandboxError(
+            "jobs.allow_code_uploads: this model is code and the job sandbox cannot isolate it "
+            "(the daemon is not root, or jobs.sandbox.isolate is off)"
+        )
+    return entered
+
+
+def _source(payload: dict[str, Any], workdir: Path) -> Any:
+    source = payload["source"]
+    if source.upload_path:
+        source = dataclasses.replace(source, upload_path=str(workdir / source.upload_path))
+    return source
 
 
 def run_job(payload: dict[str, Any], conn: Connection) -> None:
     die_with_parent()
-    import torch
-
-    from protos.cleave.v1 import compression_pb2 as pb
-
-    if payload.get("threads"):
-        torch.set_num_threads(payload["threads"])
     try:
+        entered = _enter(payload)
+        import torch
+
+        from protos.cleave.v1 import compression_pb2 as pb
+
+        if payload.get("threads"):
+            torch.set_num_threads(payload["threads"])
+        workdir = entered.workdir
+        (workdir / "out").mkdir()
         ctx = JobContext(
             spec=pb.JobSpec.FromString(payload["spec"]),
-            source=payload["source"],
-            workdir=Path(payload["workdir"]),
-            dataset_path=payload.get("dataset_path", ""),
+            source=_source(payload, workdir),
+            workdir=workdir / "out",
+            dataset_path=str(workdir / payload["dataset_path"]) if payload.get("dataset_path") else "",
             dataset_format=payload.get("dataset_format", ""),
+            dataset_limits=payload.get("dataset_limits"),
             sweep_parallelism=payload.get("sweep_parallelism", 2),
-            on_progress=lambda f, s: conn.send(("progress", f, s)),
+            on_progress=lambda f, s: send(conn, "progress", f, s),
         )
         engine = get_engine(payload["engine"])
         engine.run(ctx)
+        ctx.report["sandbox"] = entered.applied
         report = json.dumps(ctx.report, default=str, indent=1)
         ctx.write_artifact("report.json", report, "application/json")
-        conn.send(("done", ctx.artifacts, report))
+        send(conn, "done", ctx.artifacts, report)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's message
         first = str(exc).splitlines()[0] if str(exc) else ""
-        conn.send(("error", f"{type(exc).__name__}: {first}", traceback.format_exc()))
+        send(conn, "error", f"{type(exc).__name__}: {first}", traceback.format_exc())
+    finally:
+        conn.close()
+
+
+def inspect_model(payload: dict[str, Any], conn: Connection) -> None:
+    """Open a code upload (TorchScript, .pt2) in the sandbox and report its kind; nothing else."""
+    die_with_parent()
+    try:
+        entered = _enter(payload)
+        from . import models
+
+        model, _ = models.load(_source(payload, entered.workdir))
+        send(conn, "done", models.kind_of(model))
+    except Exception as exc:  # noqa: BLE001 - any loader failure is the upload's fault
+        send(conn, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
     finally:
         conn.close()
