@@ -48,7 +48,11 @@ RSS_BUDGET = 300 << 20
 SHAPE = [1, 3, 32, 32]
 Code = grpc.StatusCode
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the job sandbox's isolation needs root")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the job sandbox's isolation needs root"),
+]
 
 
 # --- Watching a daemon: RSS of its process tree, and health, sampled in the background. ---
