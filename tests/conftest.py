@@ -19,11 +19,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The daemons under test run with torch_threads: 1. Reference outputs computed in this process
+    # must come from the same kernels to compare bit-exactly: oneDNN picks its convolution algorithm
+    # (and so its summation order) by thread count, and on this machine 1 and 2 threads differ in the
+    # last bit.
+    torch.set_num_threads(1)
+
 
 LAYER_TIMEOUTS_S = {"unit": 120, "integration": 300, "slow": 600, "root": 600}
 
