@@ -120,3 +120,37 @@ def test_prune_engine_refuses_torchscript_model(tmp_path: Path) -> None:
     ctx = context(tmp_path, pb.JobSpec(quantize=pb.QuantizeOptions(bits=8)), source)
     Quantize().run(ctx)
     assert ctx.report["artifact_bytes"] > 0
+
+
+def test_readme_safetensors_prune_job_prunes_what_it_says(tmp_path: Path) -> None:
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.safetensors"
+    save_file(torchvision.models.resnet18(num_classes=10).state_dict(), str(weights))
+    source = ModelSource(
+        upload_path=str(weights),
+        upload_format="SAFETENSORS",
+        upload_meta={"architecture": "resnet18", "num_classes": 10},
+        input_shape=(1, 3, 64, 64),
+    )
+    options = pb.PruneOptions(ratio=0.3, global_pruning=True, importance="bn_scale", round_to=8)
+    ctx = context(tmp_path, pb.JobSpec(engine="prune_cnn", prune=options), source)
+    get_engine("prune_cnn").run(ctx)
+    report = ctx.report
+    assert report["steps"] > 0 and "warning" not in report
+    assert report["after"]["parameters"] < 0.85 * report["before"]["parameters"]
+
+
+def test_prune_job_that_removes_nothing_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cleave_cli.compress_cmd import warn_from_report
+
+    spec = pb.JobSpec(engine="prune_cnn", prune=pb.PruneOptions(ratio=0.0), skip_evaluation=True)
+    ctx = context(tmp_path, spec, ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32)))
+    get_engine("prune_cnn").run(ctx)
+    assert ctx.report["steps"] == 0
+    assert ctx.report["warning"].startswith("nothing was pruned: the ratio is 0")
+    # What the CLI does with the finished job's report.
+    warn_from_report(pb.Job(id="j1", report_json=json.dumps(ctx.report, default=str)))
+    assert "warning: job j1: nothing was pruned" in capsys.readouterr().err

@@ -169,6 +169,21 @@ class PruneCnn:
             before=before,
             after=after,
         )
+        if not plan.steps:
+            ctx.report["warning"] = nothing_pruned(config)
+
+
+def nothing_pruned(config: CnnPruneConfig) -> str:
+    """The report's warning for a prune job whose plan removes no channel, with the likely reason."""
+    if config.ratio == 0 and not any(config.layer_ratios.values()):
+        why = "the ratio is 0 and no layer ratio is set"
+    else:
+        why = (
+            f"no layer had channels to remove at ratio {config.ratio} (importance {config.importance}, "
+            f"global {config.global_pruning}, round_to {config.round_to}, {len(config.ignored_layers)} layers "
+            "ignored): raise the ratio, lower round_to or ignore fewer layers"
+        )
+    return f"nothing was pruned: {why}; the artifacts are the original model"
 
 
 class PruneTransformer:
