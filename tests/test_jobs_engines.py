@@ -154,3 +154,30 @@ def test_prune_job_that_removes_nothing_says_so(tmp_path: Path, capsys: pytest.C
     # What the CLI does with the finished job's report.
     warn_from_report(pb.Job(id="j1", report_json=json.dumps(ctx.report, default=str)))
     assert "warning: job j1: nothing was pruned" in capsys.readouterr().err
+
+
+def test_sweep_with_a_dataset_trades_accuracy_against_size(tmp_path: Path) -> None:
+    from cloud_node.jobs.models import load
+
+    source = ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32), num_classes=10)
+    model, _ = load(source)
+    inputs = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        labels = model(inputs).argmax(1)  # the original's own answers: it scores 1.0, compression less
+    data = tmp_path / "d.npz"
+    np.savez(data, inputs=inputs.numpy(), labels=labels.numpy())
+    spec = pb.JobSpec(engine="sweep", sweep=pb.SweepOptions(ratios=[0.0, 0.5], bits=[32, 2], parallelism=2))
+    ctx = context(tmp_path, spec, source, dataset_path=str(data), dataset_format="npz")
+    Sweep().run(ctx)
+    points = {(p["ratio"], p["bits"]): p for p in json.loads((tmp_path / "sweep.json").read_text())["points"]}
+    assert all(isinstance(p["accuracy"], float) for p in points.values())
+    assert points[(0.0, 32)]["accuracy"] == 1.0
+    smallest = min(points, key=lambda k: points[k]["size_bytes"])
+    assert points[smallest]["accuracy"] < 1.0
+    front = {k for k, p in points.items() if p["pareto"]}
+    assert {(0.0, 32), smallest} <= front  # the most accurate and the smallest: a trade-off, not one point
+    report = ctx.report
+    assert report["metric"] == "accuracy"
+    assert {(p["ratio"], p["bits"]): p["accuracy"] for p in report["pareto"]} == {
+        k: points[k]["accuracy"] for k in front
+    }

@@ -336,15 +336,23 @@ class Sweep:
             for i, fut in enumerate(futures):
                 points.append(fut.result())
                 ctx.progress(0.05 + 0.85 * (i + 1) / len(futures), f"{i + 1}/{len(grid)} configurations")
+        metric = sweep_metric(points)
         front = pareto(points)
         for p in points:
             p["pareto"] = p in front
-        result = {"grid": {"ratios": ratios, "bits": bits}, "points": points}
+        result = {"grid": {"ratios": ratios, "bits": bits}, "metric": metric, "points": points}
         ctx.write_artifact("sweep.json", json.dumps(result, indent=1), "application/json")
         png = plot_pareto(points)
         if png is not None:
             ctx.write_artifact("sweep.png", png, "image/png")
-        ctx.report.update(engine=self.name, points=len(points), pareto=[(p["ratio"], p["bits"]) for p in front])
+        ctx.report.update(engine=self.name, points=len(points), metric=metric, pareto=[summary(p) for p in front])
+        if metric == "accuracy":
+            ctx.report["pareto_latency"] = [summary(p) for p in pareto(points, cost="latency_ms")]
+        elif ctx.dataset_path:
+            ctx.report["warning"] = (
+                "the dataset gave no accuracy (the model's output is not (N, classes) logits): "
+                "the Pareto front trades size against latency"
+            )
 
 
 def sweep_point(
@@ -378,12 +386,25 @@ def sweep_point(
     return m
 
 
-def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points no other point beats on both size (lower) and accuracy (higher; latency when absent)."""
+def sweep_metric(points: list[dict[str, Any]]) -> str:
+    """What a sweep's points are judged on besides their cost: ``"accuracy"`` when every point has
+    one (a labelled dataset and a classifier), else ``"latency_ms"``. One metric for all points:
+    comparing one point's accuracy with another's latency would mean nothing."""
+    return "accuracy" if points and all(p.get("accuracy") is not None for p in points) else "latency_ms"
+
+
+def summary(point: dict[str, Any]) -> dict[str, Any]:
+    """A sweep point as the report lists it."""
+    return {k: point.get(k) for k in ("ratio", "bits", "size_bytes", "latency_ms", "accuracy")}
+
+
+def pareto(points: list[dict[str, Any]], cost: str = "size_bytes") -> list[dict[str, Any]]:
+    """Points no other point beats on both ``cost`` (lower: ``size_bytes`` or ``latency_ms``) and
+    accuracy (higher); on size and latency when not every point has an accuracy."""
+    metric = sweep_metric(points)
 
     def key(p: dict[str, Any]) -> tuple[float, float]:
-        acc = p.get("accuracy")
-        return p["size_bytes"], -acc if acc is not None else p["latency_ms"]
+        return p[cost], -p["accuracy"] if metric == "accuracy" else p["latency_ms"]
 
     front = []
     for p in points:
@@ -404,7 +425,7 @@ def plot_pareto(points: list[dict[str, Any]]) -> bytes | None:
         return None
     import io
 
-    metric = "accuracy" if all(p.get("accuracy") is not None for p in points) else "latency_ms"
+    metric = sweep_metric(points)
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in points:
         ax.scatter(p["size_bytes"] / 1e6, p[metric], c="C3" if p.get("pareto") else "C0")
