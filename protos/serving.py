@@ -73,8 +73,9 @@ class Keepalive:
     max_ping_strikes: int = 2
 
     def __post_init__(self) -> None:
-        if self.interval_ms < 2 or self.timeout_ms < 1 or self.max_ping_strikes < 0:
-            raise ValueError(f"keepalive: interval_ms >= 2, timeout_ms >= 1, max_ping_strikes >= 0; got {self}")
+        for name, least in (("interval_ms", 2), ("timeout_ms", 1), ("max_ping_strikes", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name}: {getattr(self, name)} is under {least}")
 
     @property
     def min_ping_interval_ms(self) -> int:

@@ -11,11 +11,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cleave_cli.launch import ROOT, DaemonProcess, free_port
+from cleave_cli.client import EdgeClient
+from cleave_cli.images import synthetic_images
+from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, edge_process, free_port
+from protos.cleave.v1 import edge_pb2
 from protos.serving import Daemon, Keepalive, PortInUse, open_channel
 
+from .conftest import MODEL
 from .test_daemons import healthy
 
 
@@ -136,3 +141,52 @@ def test_default_pair_agrees() -> None:
     assert server["grpc.http2.min_ping_interval_without_data_ms"] <= client["grpc.keepalive_time_ms"]
     with pytest.raises(ValueError, match="interval_ms"):
         Keepalive(interval_ms=0)
+
+
+def edge_status_after_idle(
+    tmp_path: Path, cloud_keepalive: dict, hold_s: float = 8.0
+) -> tuple[int, int, edge_pb2.EdgeInferResponse]:
+    """A real cloud with ``cloud_keepalive`` and an edge pinging every second, the edge's stream to
+    the cloud open and idle for ``hold_s``: (reconnects before, reconnects after, an inference after)."""
+    fast = {"interval_ms": 1000, "timeout_ms": 5000}
+    (tmp_path / "cloud.yaml").write_text(
+        yaml.safe_dump({"models": [MODEL], "torch_threads": 1, "keepalive": cloud_keepalive})
+    )
+    edge_yaml = {
+        "model": MODEL,
+        "torch_threads": 1,
+        "plan": {"cut": "cloud", "encoding": "fp32"},
+        "reconnect": {"initial_s": 0.1, "max_s": 0.5, "connect_timeout_s": 3.0},
+        "keepalive": fast,
+    }
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump(edge_yaml))
+    cloud = cloud_process(tmp_path / "cloud.yaml", free_port(), tmp_path / "cloud.log").start()
+    try:
+        edge = edge_process(tmp_path / "edge.yaml", free_port(), cloud.port, tmp_path / "edge.log").start()
+        client = EdgeClient(edge.address)
+        try:
+            x = synthetic_images(1, tuple(MODEL["input_shape"]), seed=1)
+            client.infer(x)  # the stream to the cloud is up and has carried a request
+            before = client.status().counters.reconnects
+            time.sleep(hold_s)  # idle: only keepalive pings cross the link
+            after = client.status().counters.reconnects
+            return before, after, client.infer(x)
+        finally:
+            client.close()
+            edge.stop()
+    finally:
+        cloud.stop()
+
+
+def test_idle_edge_to_cloud_stream_is_not_reconnected_when_keepalives_agree(tmp_path: Path) -> None:
+    before, after, reply = edge_status_after_idle(tmp_path, {"interval_ms": 1000, "timeout_ms": 5000})
+    assert before >= 1 and after == before  # ~8 pings, no GOAWAY, no reconnect
+    assert reply.placement == edge_pb2.CLOUD_ONLY
+    assert "too_many_pings" not in (tmp_path / "edge.log").read_text()
+
+
+def test_idle_edge_to_cloud_stream_breaks_when_the_cloud_does_not_permit_the_pings(tmp_path: Path) -> None:
+    # The mismatch the defaults had: a cloud permitting one ping per 5 minutes (gRPC's default), an
+    # edge pinging far more often. The test above is what catches it.
+    before, after, _ = edge_status_after_idle(tmp_path, {"interval_ms": 600_000})
+    assert after > before
