@@ -190,3 +190,4 @@ def test_idle_edge_to_cloud_stream_breaks_when_the_cloud_does_not_permit_the_pin
     # edge pinging far more often. The test above is what catches it.
     before, after, _ = edge_status_after_idle(tmp_path, {"interval_ms": 600_000})
     assert after > before
+    assert "too_many_pings" in (tmp_path / "edge.log").read_text()  # gRPC core logs the GOAWAY it got
