@@ -71,9 +71,20 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         kwargs = {"repeats": request.repeats or 10, "warmup": request.warmup or 3}
         shape = profile_shape(request, model.input_shape)
         with self._profiling:
-            profile = cached_profile(
-                model, batch=request.batch or None, refresh=request.refresh, role="cloud", input_shape=shape, **kwargs
-            )
+            try:
+                profile = cached_profile(
+                    model,
+                    batch=request.batch or None,
+                    refresh=request.refresh,
+                    role="cloud",
+                    input_shape=shape,
+                    **kwargs,
+                )
+            except RuntimeError as exc:
+                if shape is None:
+                    raise
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise InvalidArgument(f"input_shape: {list(shape)}: the model does not run on it ({first})") from exc
         return profile_to_proto(profile)
 
     @maps_errors

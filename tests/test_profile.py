@@ -138,3 +138,7 @@ def test_cloud_profiles_at_the_input_shape_asked(cloud) -> None:
         with pytest.raises(grpc.RpcError) as huge:
             stub.Profile(si_pb2.ProfileRequest(input_shape=[1024, 3, 4096, 4096], **ask), timeout=30)
         assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as wrong:
+            stub.Profile(si_pb2.ProfileRequest(input_shape=[1, 4, 32, 32], **ask), timeout=60)  # 4 channels, not 3
+        assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input_shape" in wrong.value.details()
+        assert stub.Profile(si_pb2.ProfileRequest(**ask), timeout=300).input_shape == [1, 3, 64, 64]  # still serving
