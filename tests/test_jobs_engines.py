@@ -156,6 +156,19 @@ def test_prune_job_that_removes_nothing_says_so(tmp_path: Path, capsys: pytest.C
     assert "warning: job j1: nothing was pruned" in capsys.readouterr().err
 
 
+def test_transformer_prune_job_that_removes_nothing_says_so(tmp_path: Path) -> None:
+    config = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+    source = ModelSource(transformer="bert", config={**config, "vocab_size": 50}, input_shape=(1, 8))
+    empty = pb.PruneOptions(head_ratio=0.0, ffn_ratio=0.0)
+    ctx = context(tmp_path, pb.JobSpec(engine="prune_transformer", prune=empty, skip_evaluation=True), source)
+    get_engine("prune_transformer").run(ctx)
+    assert ctx.report["warning"].startswith("nothing was pruned: head_ratio 0.0 and ffn_ratio 0.0")
+    some = pb.PruneOptions(head_ratio=0.5, ffn_ratio=0.5)
+    ctx = context(tmp_path, pb.JobSpec(engine="prune_transformer", prune=some, skip_evaluation=True), source)
+    get_engine("prune_transformer").run(ctx)
+    assert ctx.report["heads_pruned"] and "warning" not in ctx.report
+
+
 def test_sweep_with_a_dataset_trades_accuracy_against_size(tmp_path: Path) -> None:
     from cloud_node.jobs.models import load
 

@@ -225,6 +225,11 @@ class PruneTransformer:
             before=before,
             after=after,
         )
+        if not any(plan.heads.values()) and not any(plan.neurons.values()):
+            ctx.report["warning"] = (
+                f"nothing was pruned: head_ratio {opts.head_ratio} and ffn_ratio {opts.ffn_ratio} remove no "
+                "attention head and no FFN neuron; the plan is empty"
+            )
 
     @staticmethod
     def _calibration(ctx: JobContext, example: dict) -> list[dict[str, torch.Tensor]]:
