@@ -219,9 +219,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
             for name, digest in files:
                 print(f"{Path(args.out or job.id) / name}  sha256 {digest}  verified")
             print(job.report_json)
+        warn_from_report(job)
         return 0
     finally:
         client.close()
+
+
+def warn_from_report(job: pb.Job) -> None:
+    """Print the report's ``warning`` (a job that succeeded without doing what was asked) on stderr."""
+    try:
+        warning = json.loads(job.report_json or "{}").get("warning")
+    except (ValueError, AttributeError):
+        return
+    if warning:
+        print(f"warning: job {job.id}: {warning}", file=sys.stderr)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -251,6 +262,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         elif args.action == "watch":
             job = follow(client, args.job_id)
             print(f"job {job.id}: {pb.JobState.Name(job.state)} {job.message}")
+            warn_from_report(job)
         else:
             job = client.get(args.job_id)
             out = Path(args.out or job.id)

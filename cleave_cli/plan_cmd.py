@@ -45,9 +45,13 @@ def cloud_profile(
 ) -> tuple[Profile, si_grpc.SplitInferenceStub]:
     """The cloud's profile of ``model``; ``security``: ``open_channel``'s ``tls`` / ``token`` arguments."""
     stub = si_grpc.SplitInferenceStub(open_channel(target, **(security or {})))
-    reply = stub.Profile(si_pb2.ProfileRequest(model=model.name), timeout=300)
+    # At this model's input shape: the cloud's own may differ, and timings follow the shape.
+    reply = stub.Profile(si_pb2.ProfileRequest(model=model.name, input_shape=model.input_shape), timeout=300)
     if reply.fingerprint != model.fingerprint:
         raise ValueError(f"the cloud's {model.name!r} has another fingerprint: it is not the same model")
+    if tuple(reply.input_shape) != model.input_shape:
+        shape = "x".join(map(str, reply.input_shape)) or "its configured shape"
+        raise ValueError(f"the cloud profiled {model.name!r} at {shape}, not at {model.input_shape} (an older cloud?)")
     return from_proto(reply), stub
 
 
@@ -61,7 +65,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(asdict(profile), indent=2))
     print(
         f"{model.name} on {profile.host}: {profile.total_ms:.2f} ms whole model, torch {profile.torch_version}, "
-        f"{profile.threads} threads, batch {profile.batch}"
+        f"{profile.threads} threads, batch {profile.batch}, input {'x'.join(map(str, profile.input_shape))}"
     )
     print(f"{'node':>5}  {'name':<30} {'ms':>8} {'output bytes':>13}")
     for i, (name, ms, size) in enumerate(zip(profile.node_names, profile.node_ms, profile.output_bytes, strict=True)):

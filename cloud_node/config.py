@@ -10,6 +10,7 @@ from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
 from protos.metrics import MetricsConfig
 from protos.security import ServerAuth, ServerTLS
+from protos.serving import Keepalive
 
 from .batching import BatchSettings
 
@@ -139,6 +140,8 @@ class CloudConfig:
     auth: ServerAuth = field(default_factory=ServerAuth)  # bearer tokens every RPC but health needs
     log_level: str = "INFO"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus /metrics; off by default
+    # Client pings the server accepts (and the cloud's own channels send): the same on every edge.
+    keepalive: Keepalive = field(default_factory=Keepalive)
 
     @classmethod
     def from_yaml(cls, path: str) -> CloudConfig:

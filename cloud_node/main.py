@@ -104,6 +104,7 @@ def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None)
         interceptors=[RpcMetrics(registry)] if registry is not None else [],
         tls=config.tls,
         auth=config.auth,
+        keepalive=config.keepalive,
     )
 
 

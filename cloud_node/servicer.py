@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ from partitioner.profile import cached_profile
 from partitioner.profile import to_proto as profile_to_proto
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.errors import InvalidArgument, maps_errors
+from protos.errors import InvalidArgument, ResourceExhausted, maps_errors
 
 from . import __version__
 from .metrics import CloudMetrics
@@ -21,6 +22,23 @@ from .sessions import SessionManager, cut_info
 from .streams import serve_stream
 
 MAX_PROBE_REPLY = 8 << 20  # downlink probes are bounded like everything else
+
+
+MAX_PROFILE_ELEMENTS = 1 << 26  # a profile input of at most 256 MB of float32
+
+
+def profile_shape(request: si_pb2.ProfileRequest, configured: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The input shape ``request`` asks a profile at (None: the model's own), checked against ``configured``."""
+    if not request.input_shape:
+        return None
+    shape = tuple(request.input_shape)
+    if len(shape) != len(configured) or 0 in shape:
+        raise InvalidArgument(
+            f"input_shape: {list(shape)} does not fit the model, whose inputs are shaped like {list(configured)}"
+        )
+    if math.prod(shape) > MAX_PROFILE_ELEMENTS:
+        raise ResourceExhausted(f"input_shape: {list(shape)} is over {MAX_PROFILE_ELEMENTS} elements")
+    return shape
 
 
 class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
@@ -51,10 +69,22 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         if request.repeats > 1000 or request.warmup > 100 or request.batch > 1024:
             raise InvalidArgument("repeats/warmup/batch: at most 1000/100/1024")
         kwargs = {"repeats": request.repeats or 10, "warmup": request.warmup or 3}
+        shape = profile_shape(request, model.input_shape)
         with self._profiling:
-            profile = cached_profile(
-                model, batch=request.batch or None, refresh=request.refresh, role="cloud", **kwargs
-            )
+            try:
+                profile = cached_profile(
+                    model,
+                    batch=request.batch or None,
+                    refresh=request.refresh,
+                    role="cloud",
+                    input_shape=shape,
+                    **kwargs,
+                )
+            except RuntimeError as exc:
+                if shape is None:
+                    raise
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise InvalidArgument(f"input_shape: {list(shape)}: the model does not run on it ({first})") from exc
         return profile_to_proto(profile)
 
     @maps_errors

@@ -95,7 +95,9 @@ class AutoPlanner:
         """Profiles (edge: measured here; cloud: over the wire), cost model and planner."""
         s = self.settings
         edge = cached_profile(self.model, role="edge")
-        reply = self.stub.Profile(si_pb2.ProfileRequest(model=self.model.name), timeout=120)
+        # At the edge's input shape: the tail runs on what the edge sends, whatever the cloud's config says.
+        request = si_pb2.ProfileRequest(model=self.model.name, input_shape=self.model.input_shape)
+        reply = self.stub.Profile(request, timeout=120)
         if reply.fingerprint != self.model.fingerprint:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
         cloud = from_proto(reply)

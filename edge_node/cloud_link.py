@@ -28,7 +28,7 @@ from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.cleave.v1 import tensor_pb2
 from protos.errors import FailedPrecondition, Unavailable, WireError, from_rpc_error
 from protos.security import ClientTLS
-from protos.serving import open_channel
+from protos.serving import KEEPALIVE, Keepalive, open_channel
 
 from .config import Reconnect
 from .link import LinkMonitor
@@ -176,6 +176,7 @@ class CloudLink:
         tls: ClientTLS | None = None,
         token: str | None = None,
         drain_s: float = 10.0,
+        keepalive: Keepalive = KEEPALIVE,
     ) -> None:
         """``drain_s``: the longest a replaced stream keeps taking requests (those that chose its cut
         before a plan switch) before it is half-closed; the edge passes its request deadline."""
@@ -192,7 +193,8 @@ class CloudLink:
         self.last_error = "not connected yet"
         self.reconnects = 0
         # Every call to the cloud (sessions, Infer, probes, the planner's Profile) goes over this channel.
-        self._channel = open_channel(target, max_message_bytes, tls=tls, token=token)
+        # ``keepalive`` must not ping more often than the cloud's own keepalive setting permits.
+        self._channel = open_channel(target, max_message_bytes, tls=tls, token=token, keepalive=keepalive)
         self._stub = si_grpc.SplitInferenceStub(self._channel)
         self._stream: InferStream | None = None
         self._draining: list[InferStream] = []  # replaced by a plan switch, finishing their requests

@@ -9,6 +9,7 @@ from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
 from protos.metrics import MetricsConfig
 from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
+from protos.serving import Keepalive
 
 
 @dataclass
@@ -69,6 +70,8 @@ class EdgeConfig:
     autoplan: AutoPlanSettings = field(default_factory=AutoPlanSettings)
     head: HeadSettings = field(default_factory=HeadSettings)
     reconnect: Reconnect = field(default_factory=Reconnect)
+    # Pings on the channel to the cloud and accepted by the edge's server: the same as the cloud's.
+    keepalive: Keepalive = field(default_factory=Keepalive)
     limits: EdgeLimits = field(default_factory=EdgeLimits)
     request_timeout_s: float = 10.0  # past this the cloud's answer is abandoned and the tail runs here
     chunk_bytes: int = 1 << 20

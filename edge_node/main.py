@@ -123,6 +123,7 @@ class EdgeDaemon:
             tls=config.cloud_tls,
             token=config.cloud_auth.load(),
             drain_s=max(config.request_timeout_s, 1.0),  # a request that chose the old cut may still be in flight
+            keepalive=config.keepalive,
         )
         self.runtime = EdgeRuntime(
             self.model, self.link, config.request_timeout_s, config.limits.max_inflight, config.head.weight_bits
@@ -147,6 +148,7 @@ class EdgeDaemon:
             interceptors=[RpcMetrics(self.registry)] if self.registry is not None else [],
             tls=config.tls,
             auth=config.auth,
+            keepalive=config.keepalive,
         )
 
     def run(self) -> None:

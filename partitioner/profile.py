@@ -7,7 +7,8 @@ the cumulative per-node sum onto those measurements (piecewise linear between th
 the planner uses: ``head_ms(k)`` for the edge, ``tail_ms(k) = total - head_ms(k)`` for the cloud.
 
 Profiles are cached on disk, keyed by model fingerprint, role (edge or cloud), host, CPU quota,
-torch version, thread count and batch size: a profile taken elsewhere says nothing about here.
+torch version, thread count, input shape (batch included) and dtype: a profile taken elsewhere, or
+at another input, says nothing about here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from compressor import EncodingSpec, decode, encode
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 
 from .loaded import LoadedModel
+from .models import calibration_batch
 
 #: Encodings whose cost per byte is measured on each host (the planner's feature encodings).
 PROFILED_ENCODINGS = ("raw", "raw+none", "fp16", "int8", "int6", "int4", "int3", "int2", "jpeg")
@@ -60,6 +62,7 @@ class Profile:
     head_ms: dict[int, float]  # measured whole-head latency at sampled cut indices
     total_ms: float  # measured whole-model latency
     codecs: dict[str, CodecCost] = field(default_factory=dict)
+    input_shape: list[int] = field(default_factory=list)  # the input measured at, batch included
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -180,11 +183,29 @@ def measure_codecs(encodings=PROFILED_ENCODINGS, numel: int = 1 << 18, repeats: 
     return costs
 
 
-def profile_model(
-    model: LoadedModel, repeats: int = 10, warmup: int = 3, head_samples: int = 8, batch: int | None = None
-) -> Profile:
-    """Profile ``model`` on this host at its example input (or ``batch`` copies of it)."""
+def profile_input(model: LoadedModel, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """The input a profile of ``model`` is measured at: its example input, or synthetic inputs of
+    ``input_shape`` (batch included) when that differs from the model's configured shape."""
     x = model.graph.example_input
+    if input_shape is None or tuple(input_shape) == tuple(x.shape):
+        return x
+    if len(input_shape) != x.dim() or any(int(d) < 1 for d in input_shape):
+        raise ValueError(
+            f"input_shape: {list(input_shape)} does not fit {model.name!r}, whose inputs are {list(x.shape)}"
+        )
+    return calibration_batch(tuple(int(d) for d in input_shape), int(input_shape[0])).to(x.dtype)
+
+
+def profile_model(
+    model: LoadedModel,
+    repeats: int = 10,
+    warmup: int = 3,
+    head_samples: int = 8,
+    batch: int | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> Profile:
+    """Profile ``model`` on this host at its example input (or ``input_shape``; or ``batch`` copies of it)."""
+    x = profile_input(model, input_shape)
     if batch is not None and batch != x.shape[0]:
         x = x[:1].expand(batch, *x.shape[1:]).contiguous()
     module = model.graph.module
@@ -218,6 +239,7 @@ def profile_model(
         head_ms=heads,
         total_ms=total,
         codecs=measure_codecs(),
+        input_shape=list(x.shape),
     )
 
 
@@ -243,7 +265,10 @@ def cpu_quota() -> str:
     return "none"
 
 
-def cache_key(model: LoadedModel, batch: int, role: str = "") -> str:
+def cache_key(model: LoadedModel, batch: int, role: str = "", input_shape: Sequence[int] | None = None) -> str:
+    """The cache entry of ``model``'s profile here: everything that changes its timings is in it."""
+    x = model.graph.example_input
+    sample = tuple(input_shape[1:]) if input_shape is not None else tuple(x.shape[1:])
     parts = [
         model.fingerprint,
         role,
@@ -252,26 +277,35 @@ def cache_key(model: LoadedModel, batch: int, role: str = "") -> str:
         torch.__version__,
         str(torch.get_num_threads()),
         str(batch),
+        "x".join(str(int(d)) for d in sample),
+        str(x.dtype),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
 def cached_profile(
-    model: LoadedModel, batch: int | None = None, refresh: bool = False, role: str = "", **kwargs
+    model: LoadedModel,
+    batch: int | None = None,
+    refresh: bool = False,
+    role: str = "",
+    input_shape: Sequence[int] | None = None,
+    **kwargs,
 ) -> Profile:
-    """The profile of ``model`` on this host, from the disk cache when it has one.
+    """The profile of ``model`` on this host at ``input_shape`` (default: the model's own), from the
+    disk cache when it has one.
 
     ``role`` ("edge", "cloud") keeps the two daemons' profiles apart when they share a host and a
     cache directory, as they do in tests and network-namespace benchmarks.
     """
-    batch = batch or int(model.graph.example_input.shape[0])
-    path = cache_dir() / f"{cache_key(model, batch, role)}.json"
+    x = profile_input(model, input_shape)  # a shape that does not fit fails here, before the cache
+    batch = batch or int(x.shape[0])
+    path = cache_dir() / f"{cache_key(model, batch, role, x.shape)}.json"
     if not refresh and path.exists():
         try:
             return Profile.from_json(path.read_text())
         except (ValueError, TypeError, KeyError):
             pass  # a stale or corrupt cache entry is simply measured again
-    profile = profile_model(model, batch=batch, **kwargs)
+    profile = profile_model(model, batch=batch, input_shape=x.shape, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(profile.to_json())
@@ -300,6 +334,7 @@ def to_proto(profile: Profile) -> si_pb2.ProfileResponse:
         threads=profile.threads,
         torch_version=profile.torch_version,
         batch=profile.batch,
+        input_shape=profile.input_shape,
     )
 
 
@@ -322,6 +357,7 @@ def from_proto(msg: si_pb2.ProfileResponse) -> Profile:
         head_ms=dict(msg.head_ms),
         total_ms=msg.total_ms,
         codecs={c.encoding: CodecCost(c.encoding, c.encode_ms_per_mb, c.decode_ms_per_mb) for c in msg.codecs},
+        input_shape=list(msg.input_shape),
     )
 
 

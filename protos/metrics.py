@@ -13,6 +13,7 @@ metrics in one process, and each must count only its own calls.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram
 from prometheus_client import start_http_server as _start_http_server
 
 from .handlers import handler_kind
-from .serving import is_loopback
+from .serving import is_loopback, port_in_use_error
 
 # RPC latency, seconds: sub-millisecond health checks up to streams that stay open for minutes.
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -272,4 +273,6 @@ def serve_metrics(
     try:
         return MetricsEndpoint(host, port, registry)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise port_in_use_error("metrics.listen", f"{host}:{port}") from exc
         raise OSError(f"metrics.listen {listen!r}: cannot bind ({exc.strerror or exc})") from exc

@@ -3,7 +3,8 @@
 A :class:`Daemon` is a gRPC server with Cleave's defaults: explicit message-size limits (never
 gRPC's 4 MiB default), ``grpc.health.v1`` and server reflection for every service it hosts, a
 refusal to bind a non-loopback address without TLS unless told so, TLS / mutual TLS and bearer
-tokens when configured (:mod:`protos.security`), and a draining stop (health
+tokens when configured (:mod:`protos.security`), one pair of keepalive settings both ends agree on
+(:class:`Keepalive`), a clear refusal of a port another process holds, and a draining stop (health
 NOT_SERVING, finish in-flight calls, then close) on SIGTERM or SIGINT. Requests whose bytes do not
 decode as the expected message answer INVALID_ARGUMENT naming the type, where gRPC alone would
 answer INTERNAL.
@@ -11,9 +12,11 @@ answer INTERNAL.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -44,24 +47,117 @@ def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+@dataclass(frozen=True)
+class Keepalive:
+    """The keepalive settings of a link: one pair, the client's and the server's half, that agree.
+
+    gRPC core (doc/keepalive.md) answers a client that pings more often than its server permits with
+    GOAWAY ``too_many_pings``, which kills every stream on the connection. By default a server permits
+    one ping per 5 minutes while no data flows, and none at all without a call in flight, so a client
+    pinging every 10 s over an idle stream is cut off after a few pings. Here:
+
+    - the client pings every ``interval_ms`` while the connection is idle, with or without calls in
+      flight and without gRPC's default cap of two pings between data frames, and drops the connection
+      when a ping goes unanswered for ``timeout_ms``;
+    - the server accepts pings as often as every ``interval_ms / 2`` (slack for timer jitter), with or
+      without calls, and still sends GOAWAY to a client that pings faster than that more than
+      ``max_ping_strikes`` times in a row.
+
+    Both daemons and every client use :data:`KEEPALIVE` unless told otherwise; a client must not ping
+    more often than the server it talks to permits.
+    """
+
+    interval_ms: int = 10_000
+    # gRPC's default: on a slow, busy link a ping waits behind queued data; 5 s dropped live connections.
+    timeout_ms: int = 20_000
+    max_ping_strikes: int = 2
+
+    def __post_init__(self) -> None:
+        for name, least in (("interval_ms", 2), ("timeout_ms", 1), ("max_ping_strikes", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name}: {getattr(self, name)} is under {least}")
+
+    @property
+    def min_ping_interval_ms(self) -> int:
+        """The shortest gap between pings the server accepts without a strike."""
+        return self.interval_ms // 2
+
+    def client_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.keepalive_time_ms", self.interval_ms),
+            ("grpc.keepalive_timeout_ms", self.timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    def server_options(self) -> list[tuple[str, Any]]:
+        return [
+            # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS: its key has no "recv" in it.
+            ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+        ]
+
+
+KEEPALIVE = Keepalive()
+
+
 def open_channel(
     target: str,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     *,
     tls: ClientTLS | None = None,
     token: str | None = None,
+    keepalive: Keepalive = KEEPALIVE,
 ) -> grpc.Channel:
-    """A channel to ``target`` with explicit limits and fast reconnects; TLS when ``tls`` is active,
-    and ``token`` sent as ``authorization: Bearer`` on every call when given."""
-    options = message_options(max_message_bytes) + [
-        ("grpc.enable_retries", 0),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.keepalive_time_ms", 10_000),
-        # gRPC's default: on a slow, busy link a ping waits behind queued data; 5 s dropped live connections.
-        ("grpc.keepalive_timeout_ms", 20_000),
-    ]
+    """A channel to ``target`` with explicit limits, fast reconnects and ``keepalive``'s client half;
+    TLS when ``tls`` is active, and ``token`` sent as ``authorization: Bearer`` on every call when given."""
+    options = (
+        message_options(max_message_bytes)
+        + [
+            ("grpc.enable_retries", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        + keepalive.client_options()
+    )
     return secure_channel(target, options, tls, token)
+
+
+class PortInUse(OSError):
+    """The address a daemon should listen on is held by another process (``errno`` EADDRINUSE)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _port_in_use(address: str) -> bool:
+    """Whether binding ``host:port`` fails because something already listens there."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return False
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC binds: TIME_WAIT leftovers do not count, only a listener does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def port_in_use_error(what: str, address: str) -> PortInUse:
+    """The error naming ``address`` when its port is taken; ``what`` names the setting or role."""
+    port = address.rpartition(":")[2]
+    return PortInUse(
+        errno.EADDRINUSE,
+        f"{what} {address}: port {port} is already in use (another daemon or process listens there); "
+        "stop it or choose another port",
+    )
 
 
 def is_loopback(address: str) -> bool:
@@ -157,6 +253,7 @@ class Daemon:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         tls: ServerTLS | None = None,
         auth: ServerAuth | None = None,
+        keepalive: Keepalive = KEEPALIVE,
     ) -> None:
         tls = tls or ServerTLS()
         if not is_loopback(address) and not tls.enabled and not allow_insecure_public:
@@ -178,7 +275,9 @@ class Daemon:
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-            options=message_options(max_message_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second daemon on this port would start, and the
+            # kernel would split connections between the two. Off, the second bind fails.
+            options=message_options(max_message_bytes) + [("grpc.so_reuseport", 0)] + keepalive.server_options(),
             interceptors=list(interceptors),
         )
         self._server.add_generic_rpc_handlers([service_handler(s) for s in self.services])
@@ -188,11 +287,16 @@ class Daemon:
             names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server,
         )
-        if tls.enabled:
-            self.port = self._server.add_secure_port(address, tls.credentials())
-        else:
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if tls.enabled:
+                self.port = self._server.add_secure_port(address, tls.credentials())
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises "Failed to bind" without the reason
+            self.port = 0
         if self.port == 0:
+            if _port_in_use(address):
+                raise port_in_use_error("cannot listen on", address)
             raise OSError(f"cannot bind {address}")
         self._stopped = threading.Event()
 

@@ -120,3 +120,77 @@ def test_prune_engine_refuses_torchscript_model(tmp_path: Path) -> None:
     ctx = context(tmp_path, pb.JobSpec(quantize=pb.QuantizeOptions(bits=8)), source)
     Quantize().run(ctx)
     assert ctx.report["artifact_bytes"] > 0
+
+
+def test_readme_safetensors_prune_job_prunes_what_it_says(tmp_path: Path) -> None:
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.safetensors"
+    save_file(torchvision.models.resnet18(num_classes=10).state_dict(), str(weights))
+    source = ModelSource(
+        upload_path=str(weights),
+        upload_format="SAFETENSORS",
+        upload_meta={"architecture": "resnet18", "num_classes": 10},
+        input_shape=(1, 3, 64, 64),
+    )
+    options = pb.PruneOptions(ratio=0.3, global_pruning=True, importance="bn_scale", round_to=8)
+    ctx = context(tmp_path, pb.JobSpec(engine="prune_cnn", prune=options), source)
+    get_engine("prune_cnn").run(ctx)
+    report = ctx.report
+    assert report["steps"] > 0 and "warning" not in report
+    assert report["after"]["parameters"] < 0.85 * report["before"]["parameters"]
+
+
+def test_prune_job_that_removes_nothing_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cleave_cli.compress_cmd import warn_from_report
+
+    spec = pb.JobSpec(engine="prune_cnn", prune=pb.PruneOptions(ratio=0.0), skip_evaluation=True)
+    ctx = context(tmp_path, spec, ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32)))
+    get_engine("prune_cnn").run(ctx)
+    assert ctx.report["steps"] == 0
+    assert ctx.report["warning"].startswith("nothing was pruned: the ratio is 0")
+    # What the CLI does with the finished job's report.
+    warn_from_report(pb.Job(id="j1", report_json=json.dumps(ctx.report, default=str)))
+    assert "warning: job j1: nothing was pruned" in capsys.readouterr().err
+
+
+def test_transformer_prune_job_that_removes_nothing_says_so(tmp_path: Path) -> None:
+    config = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+    source = ModelSource(transformer="bert", config={**config, "vocab_size": 50}, input_shape=(1, 8))
+    empty = pb.PruneOptions(head_ratio=0.0, ffn_ratio=0.0)
+    ctx = context(tmp_path, pb.JobSpec(engine="prune_transformer", prune=empty, skip_evaluation=True), source)
+    get_engine("prune_transformer").run(ctx)
+    assert ctx.report["warning"].startswith("nothing was pruned: head_ratio 0.0 and ffn_ratio 0.0")
+    some = pb.PruneOptions(head_ratio=0.5, ffn_ratio=0.5)
+    ctx = context(tmp_path, pb.JobSpec(engine="prune_transformer", prune=some, skip_evaluation=True), source)
+    get_engine("prune_transformer").run(ctx)
+    assert ctx.report["heads_pruned"] and "warning" not in ctx.report
+
+
+def test_sweep_with_a_dataset_trades_accuracy_against_size(tmp_path: Path) -> None:
+    from cloud_node.jobs.models import load
+
+    source = ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32), num_classes=10)
+    model, _ = load(source)
+    inputs = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        labels = model(inputs).argmax(1)  # the original's own answers: it scores 1.0, compression less
+    data = tmp_path / "d.npz"
+    np.savez(data, inputs=inputs.numpy(), labels=labels.numpy())
+    spec = pb.JobSpec(engine="sweep", sweep=pb.SweepOptions(ratios=[0.0, 0.5], bits=[32, 2], parallelism=2))
+    ctx = context(tmp_path, spec, source, dataset_path=str(data), dataset_format="npz")
+    Sweep().run(ctx)
+    points = {(p["ratio"], p["bits"]): p for p in json.loads((tmp_path / "sweep.json").read_text())["points"]}
+    assert all(isinstance(p["accuracy"], float) for p in points.values())
+    assert points[(0.0, 32)]["accuracy"] == 1.0
+    smallest = min(points, key=lambda k: points[k]["size_bytes"])
+    assert points[smallest]["accuracy"] < 1.0
+    front = {k for k, p in points.items() if p["pareto"]}
+    assert {(0.0, 32), smallest} <= front  # the most accurate and the smallest: a trade-off, not one point
+    report = ctx.report
+    assert report["metric"] == "accuracy"
+    assert {(p["ratio"], p["bits"]): p["accuracy"] for p in report["pareto"]} == {
+        k: points[k]["accuracy"] for k in front
+    }

@@ -92,3 +92,53 @@ def test_bytes_on_the_wire_are_the_median_over_several_inputs(profile, local_mod
     measured = next(c for c in cost.cuts if c.index == cut.index).feature_bytes["int4"]
     # Kernels differ in the last bit between batch sizes; zstd's output moves by a few bytes at most.
     assert measured == pytest.approx(sizes[1], rel=0.01)
+
+
+def test_profiles_at_two_input_shapes_never_share_a_cache_entry(
+    local_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from partitioner.models import ModelSpec
+
+    from .conftest import MODEL
+
+    monkeypatch.setenv("CLEAVE_CACHE", str(tmp_path))
+    small = LoadedModel.load(ModelSpec.from_dict({**MODEL, "input_shape": [1, 3, 32, 32]}))
+    assert small.fingerprint == local_model.fingerprint  # the same model: only the input differs
+    big = cached_profile(local_model, repeats=2, warmup=1, head_samples=3)
+    # What `cleave profile --input-shape 1,3,32,32` does after a 64x64 run: it must measure again.
+    first = cached_profile(small, repeats=2, warmup=1, head_samples=3)
+    assert big.input_shape == [1, 3, 64, 64] and first.input_shape == [1, 3, 32, 32]
+    # The first conv's output has a quarter of the pixels at half the side.
+    assert first.output_bytes[1] * 4 == big.output_bytes[1]
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
+    assert cached_profile(small) == first and cached_profile(local_model) == big  # each read back from its entry
+    # The same entry whether the shape comes from the model or is asked for explicitly (the cloud's Profile RPC).
+    assert cached_profile(local_model, input_shape=(1, 3, 32, 32)) == first
+    assert cache_key(local_model, 1, input_shape=(1, 3, 32, 32)) == cache_key(small, 1)
+    with pytest.raises(ValueError, match="input_shape"):
+        cached_profile(local_model, input_shape=(3, 32, 32))
+
+
+def test_cloud_profiles_at_the_input_shape_asked(cloud) -> None:
+    import grpc
+
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+    from protos.serving import open_channel
+
+    with open_channel(cloud.address) as channel:
+        stub = si_grpc.SplitInferenceStub(channel)
+        ask = {"model": "resnet18", "repeats": 2, "warmup": 1}
+        reply = stub.Profile(si_pb2.ProfileRequest(input_shape=[1, 3, 32, 32], **ask), timeout=300)
+        assert list(reply.input_shape) == [1, 3, 32, 32]
+        assert from_proto(reply).output_bytes[1] == 64 * 16 * 16 * 4  # conv1's output at 32x32, not at 64x64
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Profile(si_pb2.ProfileRequest(input_shape=[3, 32, 32], **ask), timeout=30)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input_shape" in bad.value.details()
+        with pytest.raises(grpc.RpcError) as huge:
+            stub.Profile(si_pb2.ProfileRequest(input_shape=[1024, 3, 4096, 4096], **ask), timeout=30)
+        assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as wrong:
+            stub.Profile(si_pb2.ProfileRequest(input_shape=[1, 4, 32, 32], **ask), timeout=60)  # 4 channels, not 3
+        assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input_shape" in wrong.value.details()
+        assert stub.Profile(si_pb2.ProfileRequest(**ask), timeout=300).input_shape == [1, 3, 64, 64]  # still serving

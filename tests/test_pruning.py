@@ -224,3 +224,35 @@ def test_ptq_weights_on_grid_and_packed_size() -> None:
         quantize_weights(model, PtqConfig(bits=7))
     with pytest.raises(ValueError, match="clip"):
         quantize_weights(model, PtqConfig(clip="nonesuch"))
+
+
+def conv_channels(m: nn.Module) -> dict[str, int]:
+    return {n: c.out_channels for n, c in m.named_modules() if isinstance(c, nn.Conv2d)}
+
+
+def test_readme_safetensors_example_prunes_a_fresh_model() -> None:
+    # The README's example: a freshly initialised resnet18, whose BatchNorm gammas are all 1. Global
+    # bn_scale ranking used to tie every channel, and Torch-Pruning then pruned nothing.
+    model = tv("resnet18")
+    assert all(bool((bn.weight == 1).all()) for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
+    reference = copy.deepcopy(model)
+    config = CnnPruneConfig(ratio=0.3, global_pruning=True, importance="bn_scale", round_to=8)
+    plan = prune_cnn(model, torch.randn(1, 3, 64, 64), config)
+    assert plan.steps
+    before, after = conv_channels(reference), conv_channels(model)
+    removed = 1 - sum(after.values()) / sum(before.values())
+    assert 0.15 < removed < 0.45, removed  # about the 30% asked for, not 0
+    assert all(c % 8 == 0 for c in after.values() if c != 3)
+    replay = apply_plan(copy.deepcopy(reference), plan)
+    assert state_digest(replay) == plan.result_sha256
+
+
+def test_bn_scale_still_ranks_by_gamma_where_gammas_differ() -> None:
+    model = tv("resnet18")
+    bn = model.bn1
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(1.0, 2.0, bn.num_features))  # channel 0 least important
+    prune_cnn(model, X, CnnPruneConfig(ratio=0.25, importance="bn_scale"))
+    assert model.bn1.num_features == 48
+    # The 16 smallest gammas went, whatever the weights' L1 norms say.
+    assert float(model.bn1.weight.min()) == pytest.approx(1.0 + 16 / 63, abs=1e-6)

@@ -170,6 +170,21 @@ class PruneCnn:
             before=before,
             after=after,
         )
+        if not plan.steps:
+            ctx.report["warning"] = nothing_pruned(config)
+
+
+def nothing_pruned(config: CnnPruneConfig) -> str:
+    """The report's warning for a prune job whose plan removes no channel, with the likely reason."""
+    if config.ratio == 0 and not any(config.layer_ratios.values()):
+        why = "the ratio is 0 and no layer ratio is set"
+    else:
+        why = (
+            f"no layer had channels to remove at ratio {config.ratio} (importance {config.importance}, "
+            f"global {config.global_pruning}, round_to {config.round_to}, {len(config.ignored_layers)} layers "
+            "ignored): raise the ratio, lower round_to or ignore fewer layers"
+        )
+    return f"nothing was pruned: {why}; the artifacts are the original model"
 
 
 class PruneTransformer:
@@ -211,6 +226,11 @@ class PruneTransformer:
             before=before,
             after=after,
         )
+        if not any(plan.heads.values()) and not any(plan.neurons.values()):
+            ctx.report["warning"] = (
+                f"nothing was pruned: head_ratio {opts.head_ratio} and ffn_ratio {opts.ffn_ratio} remove no "
+                "attention head and no FFN neuron; the plan is empty"
+            )
 
     @staticmethod
     def _calibration(ctx: JobContext, example: dict) -> list[dict[str, torch.Tensor]]:
@@ -322,17 +342,29 @@ class Sweep:
             for i, fut in enumerate(futures):
                 points.append(fut.result())
                 ctx.progress(0.05 + 0.85 * (i + 1) / len(futures), f"{i + 1}/{len(grid)} configurations")
+        metric = sweep_metric(points)
         front = pareto(points)
         for p in points:
             p["pareto"] = p in front
-        result = {"grid": {"ratios": ratios, "bits": bits}, "points": points}
+        result = {"grid": {"ratios": ratios, "bits": bits}, "metric": metric, "points": points}
         ctx.write_artifact("sweep.json", json.dumps(result, indent=1), "application/json")
         png = plot_pareto(points)
         if png is not None:
             ctx.write_artifact("sweep.png", png, "image/png")
         ctx.report.update(
-            engine=self.name, points=len(points), parallelism=workers, pareto=[(p["ratio"], p["bits"]) for p in front]
+            engine=self.name,
+            points=len(points),
+            parallelism=workers,
+            metric=metric,
+            pareto=[summary(p) for p in front],
         )
+        if metric == "accuracy":
+            ctx.report["pareto_latency"] = [summary(p) for p in pareto(points, cost="latency_ms")]
+        elif ctx.dataset_path:
+            ctx.report["warning"] = (
+                "the dataset gave no accuracy (the model's output is not (N, classes) logits): "
+                "the Pareto front trades size against latency"
+            )
 
 
 def sweep_point(
@@ -366,12 +398,25 @@ def sweep_point(
     return m
 
 
-def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points no other point beats on both size (lower) and accuracy (higher; latency when absent)."""
+def sweep_metric(points: list[dict[str, Any]]) -> str:
+    """What a sweep's points are judged on besides their cost: ``"accuracy"`` when every point has
+    one (a labelled dataset and a classifier), else ``"latency_ms"``. One metric for all points:
+    comparing one point's accuracy with another's latency would mean nothing."""
+    return "accuracy" if points and all(p.get("accuracy") is not None for p in points) else "latency_ms"
+
+
+def summary(point: dict[str, Any]) -> dict[str, Any]:
+    """A sweep point as the report lists it."""
+    return {k: point.get(k) for k in ("ratio", "bits", "size_bytes", "latency_ms", "accuracy")}
+
+
+def pareto(points: list[dict[str, Any]], cost: str = "size_bytes") -> list[dict[str, Any]]:
+    """Points no other point beats on both ``cost`` (lower: ``size_bytes`` or ``latency_ms``) and
+    accuracy (higher); on size and latency when not every point has an accuracy."""
+    metric = sweep_metric(points)
 
     def key(p: dict[str, Any]) -> tuple[float, float]:
-        acc = p.get("accuracy")
-        return p["size_bytes"], -acc if acc is not None else p["latency_ms"]
+        return p[cost], -p["accuracy"] if metric == "accuracy" else p["latency_ms"]
 
     front = []
     for p in points:
@@ -392,7 +437,7 @@ def plot_pareto(points: list[dict[str, Any]]) -> bytes | None:
         return None
     import io
 
-    metric = "accuracy" if all(p.get("accuracy") is not None for p in points) else "latency_ms"
+    metric = sweep_metric(points)
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in points:
         ax.scatter(p["size_bytes"] / 1e6, p[metric], c="C3" if p.get("pareto") else "C0")

@@ -80,6 +80,38 @@ def output_layer(model: nn.Module, example_inputs: torch.Tensor) -> str | None:
     return last[-1] if last else None
 
 
+#: Weight of the L1 tie-break in ``bn_scale`` importance, relative to the largest |gamma| of a group:
+#: small enough not to reorder gammas that really differ, large enough to order equal ones.
+BN_TIE_BREAK = 1e-3
+
+
+class _BnScaleTieBroken:
+    """``bn_scale`` importance (|gamma| of the BatchNorm), ties ordered by the channels' weight L1 norm.
+
+    Torch-Pruning's global ranking removes every channel whose importance is at most the k-th
+    smallest. Freshly initialised BatchNorms (an untrained upload, a model before fine-tuning) all
+    have gamma = 1, so that selected every channel of every group, which Torch-Pruning skips rather
+    than empty a layer: such a job pruned nothing. The tie-break keeps |gamma| the ranking wherever
+    gammas differ by more than ``BN_TIE_BREAK`` of the largest.
+    """
+
+    def __init__(self) -> None:
+        import torch_pruning as tp
+
+        self._bn = tp.importance.BNScaleImportance()
+        self._l1 = tp.importance.MagnitudeImportance(p=1)
+
+    def __call__(self, group, **kwargs):
+        bn = self._bn(group)
+        if bn is None:
+            return None
+        l1 = self._l1(group)
+        if l1 is None or l1.shape != bn.shape:
+            return bn
+        scale = float(bn.abs().max()) or 1.0
+        return bn + BN_TIE_BREAK * scale * l1 / (float(l1.abs().max()) or 1.0)
+
+
 def _importance(name: str):
     import torch_pruning as tp
 
@@ -87,7 +119,7 @@ def _importance(name: str):
         return tp.importance.MagnitudeImportance(p=1)
     if name == "l2":
         return tp.importance.MagnitudeImportance(p=2)
-    return tp.importance.BNScaleImportance()
+    return _BnScaleTieBroken()
 
 
 def prune_cnn(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.cleave.v1 import tensor_pb2 as protos_dot_cleave_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/cleave/v1/split_inference.proto\x12\tcleave.v1\x1a\x1dprotos/cleave/v1/tensor.proto\"D\n\x07\x43utInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x03(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x8c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12%\n\x0binput_dtype\x18\x04 \x01(\x0e\x32\x10.cleave.v1.DType\x12 \n\x04\x63uts\x18\x05 \x03(\x0b\x32\x12.cleave.v1.CutInfo\"5\n\x0eGetInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cinclude_cuts\x18\x02 \x01(\x08\"V\n\x0fGetInfoResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.cleave.v1.ModelInfo\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"`\n\x0eProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07repeats\x18\x02 \x01(\r\x12\x0e\n\x06warmup\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07refresh\x18\x05 \x01(\x08\"<\n\nNodeTiming\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\x12\x14\n\x0coutput_bytes\x18\x03 \x01(\x04\"Q\n\tCodecCost\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x18\n\x10\x65ncode_ms_per_mb\x18\x02 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_ms_per_mb\x18\x03 \x01(\x01\"\xc0\x02\n\x0fProfileResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12$\n\x05nodes\x18\x03 \x03(\x0b\x32\x15.cleave.v1.NodeTiming\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x37\n\x07head_ms\x18\x06 \x03(\x0b\x32&.cleave.v1.ProfileResponse.HeadMsEntry\x12$\n\x06\x63odecs\x18\x07 \x03(\x0b\x32\x14.cleave.v1.CodecCost\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x15\n\rtorch_version\x18\t \x01(\t\x12\r\n\x05\x62\x61tch\x18\n \x01(\r\x1a-\n\x0bHeadMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"y\n\x0cProbeMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04\x65\x63ho\x18\x03 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bserver_time\x18\x05 \x01(\x01\x12\x13\n\x0breply_bytes\x18\x06 \x01(\x04\"\x89\x01\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0b\n\x03\x63ut\x18\x03 \x01(\t\x12\x32\n\x0fresult_encoding\x18\x04 \x01(\x0b\x32\x19.cleave.v1.TensorEncoding\x12\x0e\n\x06\x63lient\x18\x05 \x01(\t\"\xa9\x01\n\x0eTensorEncoding\x12%\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x13.cleave.v1.Encoding\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x13\n\x0bper_channel\x18\x03 \x01(\x08\x12\x0c\n\x04\x63lip\x18\x04 \x01(\t\x12\x1f\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x10.cleave.v1.Codec\x12\r\n\x05level\x18\x06 \x01(\x05\x12\x0f\n\x07quality\x18\x07 \x01(\r\"`\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x03\x63ut\x18\x02 \x01(\x0b\x32\x12.cleave.v1.CutInfo\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\"j\n\nInferFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12&\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x16.cleave.v1.TensorChunk\x12\x0c\n\x04last\x18\x04 \x01(\x08\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"Y\n\x0b\x43loudTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\"\xa7\x01\n\x0bInferResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x16.cleave.v1.TensorChunk\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12&\n\x06timing\x18\x04 \x01(\x0b\x32\x16.cleave.v1.CloudTiming\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.cleave.v1.RequestError\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08requests\x18\x01 \x01(\x04\x32\xae\x03\n\x0eSplitInference\x12@\n\x07GetInfo\x12\x19.cleave.v1.GetInfoRequest\x1a\x1a.cleave.v1.GetInfoResponse\x12@\n\x07Profile\x12\x19.cleave.v1.ProfileRequest\x1a\x1a.cleave.v1.ProfileResponse\x12=\n\x05Probe\x12\x17.cleave.v1.ProbeMessage\x1a\x17.cleave.v1.ProbeMessage(\x01\x30\x01\x12L\n\x0bOpenSession\x12\x1d.cleave.v1.OpenSessionRequest\x1a\x1e.cleave.v1.OpenSessionResponse\x12:\n\x05Infer\x12\x15.cleave.v1.InferFrame\x1a\x16.cleave.v1.InferResult(\x01\x30\x01\x12O\n\x0c\x43loseSession\x12\x1e.cleave.v1.CloseSessionRequest\x1a\x1f.cleave.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/cleave/v1/split_inference.proto\x12\tcleave.v1\x1a\x1dprotos/cleave/v1/tensor.proto\"D\n\x07\x43utInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x03(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x8c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12%\n\x0binput_dtype\x18\x04 \x01(\x0e\x32\x10.cleave.v1.DType\x12 \n\x04\x63uts\x18\x05 \x03(\x0b\x32\x12.cleave.v1.CutInfo\"5\n\x0eGetInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cinclude_cuts\x18\x02 \x01(\x08\"V\n\x0fGetInfoResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.cleave.v1.ModelInfo\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"u\n\x0eProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07repeats\x18\x02 \x01(\r\x12\x0e\n\x06warmup\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07refresh\x18\x05 \x01(\x08\x12\x13\n\x0binput_shape\x18\x06 \x03(\r\"<\n\nNodeTiming\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\x12\x14\n\x0coutput_bytes\x18\x03 \x01(\x04\"Q\n\tCodecCost\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x18\n\x10\x65ncode_ms_per_mb\x18\x02 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_ms_per_mb\x18\x03 \x01(\x01\"\xd5\x02\n\x0fProfileResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12$\n\x05nodes\x18\x03 \x03(\x0b\x32\x15.cleave.v1.NodeTiming\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x37\n\x07head_ms\x18\x06 \x03(\x0b\x32&.cleave.v1.ProfileResponse.HeadMsEntry\x12$\n\x06\x63odecs\x18\x07 \x03(\x0b\x32\x14.cleave.v1.CodecCost\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x15\n\rtorch_version\x18\t \x01(\t\x12\r\n\x05\x62\x61tch\x18\n \x01(\r\x12\x13\n\x0binput_shape\x18\x0b \x03(\r\x1a-\n\x0bHeadMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"y\n\x0cProbeMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04\x65\x63ho\x18\x03 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bserver_time\x18\x05 \x01(\x01\x12\x13\n\x0breply_bytes\x18\x06 \x01(\x04\"\x89\x01\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0b\n\x03\x63ut\x18\x03 \x01(\t\x12\x32\n\x0fresult_encoding\x18\x04 \x01(\x0b\x32\x19.cleave.v1.TensorEncoding\x12\x0e\n\x06\x63lient\x18\x05 \x01(\t\"\xa9\x01\n\x0eTensorEncoding\x12%\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x13.cleave.v1.Encoding\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x13\n\x0bper_channel\x18\x03 \x01(\x08\x12\x0c\n\x04\x63lip\x18\x04 \x01(\t\x12\x1f\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x10.cleave.v1.Codec\x12\r\n\x05level\x18\x06 \x01(\x05\x12\x0f\n\x07quality\x18\x07 \x01(\r\"`\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x03\x63ut\x18\x02 \x01(\x0b\x32\x12.cleave.v1.CutInfo\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\"j\n\nInferFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12&\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x16.cleave.v1.TensorChunk\x12\x0c\n\x04last\x18\x04 \x01(\x08\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"Y\n\x0b\x43loudTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\"\xa7\x01\n\x0bInferResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x16.cleave.v1.TensorChunk\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12&\n\x06timing\x18\x04 \x01(\x0b\x32\x16.cleave.v1.CloudTiming\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.cleave.v1.RequestError\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08requests\x18\x01 \x01(\x04\x32\xae\x03\n\x0eSplitInference\x12@\n\x07GetInfo\x12\x19.cleave.v1.GetInfoRequest\x1a\x1a.cleave.v1.GetInfoResponse\x12@\n\x07Profile\x12\x19.cleave.v1.ProfileRequest\x1a\x1a.cleave.v1.ProfileResponse\x12=\n\x05Probe\x12\x17.cleave.v1.ProbeMessage\x1a\x17.cleave.v1.ProbeMessage(\x01\x30\x01\x12L\n\x0bOpenSession\x12\x1d.cleave.v1.OpenSessionRequest\x1a\x1e.cleave.v1.OpenSessionResponse\x12:\n\x05Infer\x12\x15.cleave.v1.InferFrame\x1a\x16.cleave.v1.InferResult(\x01\x30\x01\x12O\n\x0c\x43loseSession\x12\x1e.cleave.v1.CloseSessionRequest\x1a\x1f.cleave.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,35 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFORESPONSE']._serialized_start=352
   _globals['_GETINFORESPONSE']._serialized_end=438
   _globals['_PROFILEREQUEST']._serialized_start=440
-  _globals['_PROFILEREQUEST']._serialized_end=536
-  _globals['_NODETIMING']._serialized_start=538
-  _globals['_NODETIMING']._serialized_end=598
-  _globals['_CODECCOST']._serialized_start=600
-  _globals['_CODECCOST']._serialized_end=681
-  _globals['_PROFILERESPONSE']._serialized_start=684
-  _globals['_PROFILERESPONSE']._serialized_end=1004
-  _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_start=959
-  _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_end=1004
-  _globals['_PROBEMESSAGE']._serialized_start=1006
-  _globals['_PROBEMESSAGE']._serialized_end=1127
-  _globals['_OPENSESSIONREQUEST']._serialized_start=1130
-  _globals['_OPENSESSIONREQUEST']._serialized_end=1267
-  _globals['_TENSORENCODING']._serialized_start=1270
-  _globals['_TENSORENCODING']._serialized_end=1439
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=1441
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1537
-  _globals['_INFERFRAME']._serialized_start=1539
-  _globals['_INFERFRAME']._serialized_end=1645
-  _globals['_REQUESTERROR']._serialized_start=1647
-  _globals['_REQUESTERROR']._serialized_end=1692
-  _globals['_CLOUDTIMING']._serialized_start=1694
-  _globals['_CLOUDTIMING']._serialized_end=1783
-  _globals['_INFERRESULT']._serialized_start=1786
-  _globals['_INFERRESULT']._serialized_end=1953
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1955
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1996
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1998
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2038
-  _globals['_SPLITINFERENCE']._serialized_start=2041
-  _globals['_SPLITINFERENCE']._serialized_end=2471
+  _globals['_PROFILEREQUEST']._serialized_end=557
+  _globals['_NODETIMING']._serialized_start=559
+  _globals['_NODETIMING']._serialized_end=619
+  _globals['_CODECCOST']._serialized_start=621
+  _globals['_CODECCOST']._serialized_end=702
+  _globals['_PROFILERESPONSE']._serialized_start=705
+  _globals['_PROFILERESPONSE']._serialized_end=1046
+  _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_start=1001
+  _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_end=1046
+  _globals['_PROBEMESSAGE']._serialized_start=1048
+  _globals['_PROBEMESSAGE']._serialized_end=1169
+  _globals['_OPENSESSIONREQUEST']._serialized_start=1172
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1309
+  _globals['_TENSORENCODING']._serialized_start=1312
+  _globals['_TENSORENCODING']._serialized_end=1481
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1483
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1579
+  _globals['_INFERFRAME']._serialized_start=1581
+  _globals['_INFERFRAME']._serialized_end=1687
+  _globals['_REQUESTERROR']._serialized_start=1689
+  _globals['_REQUESTERROR']._serialized_end=1734
+  _globals['_CLOUDTIMING']._serialized_start=1736
+  _globals['_CLOUDTIMING']._serialized_end=1825
+  _globals['_INFERRESULT']._serialized_start=1828
+  _globals['_INFERRESULT']._serialized_end=1995
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1997
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2038
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2040
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2080
+  _globals['_SPLITINFERENCE']._serialized_start=2083
+  _globals['_SPLITINFERENCE']._serialized_end=2513
 # @@protoc_insertion_point(module_scope)

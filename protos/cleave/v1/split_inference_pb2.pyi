@@ -52,18 +52,20 @@ class GetInfoResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., version: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
-    __slots__ = ("model", "repeats", "warmup", "batch", "refresh")
+    __slots__ = ("model", "repeats", "warmup", "batch", "refresh", "input_shape")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
     WARMUP_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     REFRESH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     repeats: int
     warmup: int
     batch: int
     refresh: bool
-    def __init__(self, model: _Optional[str] = ..., repeats: _Optional[int] = ..., warmup: _Optional[int] = ..., batch: _Optional[int] = ..., refresh: _Optional[bool] = ...) -> None: ...
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., repeats: _Optional[int] = ..., warmup: _Optional[int] = ..., batch: _Optional[int] = ..., refresh: _Optional[bool] = ..., input_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeTiming(_message.Message):
     __slots__ = ("name", "ms", "output_bytes")
@@ -86,7 +88,7 @@ class CodecCost(_message.Message):
     def __init__(self, encoding: _Optional[str] = ..., encode_ms_per_mb: _Optional[float] = ..., decode_ms_per_mb: _Optional[float] = ...) -> None: ...
 
 class ProfileResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "nodes", "total_ms", "host", "head_ms", "codecs", "threads", "torch_version", "batch")
+    __slots__ = ("model", "fingerprint", "nodes", "total_ms", "host", "head_ms", "codecs", "threads", "torch_version", "batch", "input_shape")
     class HeadMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,7 @@ class ProfileResponse(_message.Message):
     THREADS_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeTiming]
@@ -114,7 +117,8 @@ class ProfileResponse(_message.Message):
     threads: int
     torch_version: str
     batch: int
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ..., host: _Optional[str] = ..., head_ms: _Optional[_Mapping[int, float]] = ..., codecs: _Optional[_Iterable[_Union[CodecCost, _Mapping]]] = ..., threads: _Optional[int] = ..., torch_version: _Optional[str] = ..., batch: _Optional[int] = ...) -> None: ...
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ..., host: _Optional[str] = ..., head_ms: _Optional[_Mapping[int, float]] = ..., codecs: _Optional[_Iterable[_Union[CodecCost, _Mapping]]] = ..., threads: _Optional[int] = ..., torch_version: _Optional[str] = ..., batch: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ProbeMessage(_message.Message):
     __slots__ = ("seq", "data", "echo", "received_bytes", "server_time", "reply_bytes")
