@@ -7,6 +7,7 @@ from pathlib import Path
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
+from protos.admission import ServingLimits
 from protos.metrics import MetricsConfig
 from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
 
@@ -52,10 +53,13 @@ class Reconnect:
 
 
 @dataclass
-class EdgeLimits:
+class EdgeLimits(ServingLimits):
+    """What the edge's local clients may take (the ``ServingLimits`` fields too)."""
+
     max_message_bytes: int = 64 << 20
     max_inflight: int = 64  # requests being served at once; more answer RESOURCE_EXHAUSTED
     stream_window: int = 8  # requests of one InferStream served concurrently
+    max_batch: int = 8  # rows per Infer request, checked from the input's header before it is decoded
 
 
 @dataclass

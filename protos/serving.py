@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .admission import Admission, ServingLimits
 from .errors import InvalidArgument
 from .handlers import handler_kind
 from .security import BearerAuthInterceptor, ClientTLS, ServerAuth, ServerTLS, secure_channel
@@ -157,8 +158,14 @@ class Daemon:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         tls: ServerTLS | None = None,
         auth: ServerAuth | None = None,
+        limits: ServingLimits | None = None,
+        control_methods: Sequence[str] = (),
     ) -> None:
         tls = tls or ServerTLS()
+        limits = limits or ServingLimits()
+        # Admission right after auth: it keeps handler threads for health and ``control_methods``.
+        self.admission = Admission(limits, max_workers, control_methods)
+        interceptors = [self.admission, *interceptors]
         if not is_loopback(address) and not tls.enabled and not allow_insecure_public:
             raise ValueError(
                 f"listen address {address!r} is not loopback and TLS is not configured; "
@@ -180,6 +187,7 @@ class Daemon:
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
             options=message_options(max_message_bytes),
             interceptors=list(interceptors),
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
         self._server.add_generic_rpc_handlers([service_handler(s) for s in self.services])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
