@@ -49,6 +49,16 @@ class ServingLimits:
     max_streams_per_client: int = 8  # per bearer token, or per peer address when there are no tokens
     stream_idle_s: float = 120.0  # a stream whose client sends nothing for this long is ended
 
+    @classmethod
+    def for_workers(cls, max_workers: int) -> ServingLimits:
+        """The defaults, scaled down to fit a small pool of ``max_workers`` threads."""
+        reserved = min(cls.reserved_workers, max(1, max_workers // 4))
+        return cls(
+            reserved_workers=reserved,
+            max_streams=max(1, min(cls.max_streams, max_workers - reserved)),
+            max_concurrent_rpcs=max(cls.max_concurrent_rpcs, max_workers),
+        )
+
     def check(self, max_workers: int) -> None:
         """Raise ValueError naming the first setting that cannot work with ``max_workers`` threads."""
         if self.reserved_workers < 1:

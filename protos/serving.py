@@ -3,7 +3,8 @@
 A :class:`Daemon` is a gRPC server with Cleave's defaults: explicit message-size limits (never
 gRPC's 4 MiB default), ``grpc.health.v1`` and server reflection for every service it hosts, a
 refusal to bind a non-loopback address without TLS unless told so, TLS / mutual TLS and bearer
-tokens when configured (:mod:`protos.security`), and a draining stop (health
+tokens when configured (:mod:`protos.security`), fair use of its handler threads (reserved threads
+for health and control calls, stream quotas, idle streams ended: :mod:`protos.admission`), and a draining stop (health
 NOT_SERVING, finish in-flight calls, then close) on SIGTERM or SIGINT. Requests whose bytes do not
 decode as the expected message answer INVALID_ARGUMENT naming the type, where gRPC alone would
 answer INTERNAL.
@@ -162,7 +163,7 @@ class Daemon:
         control_methods: Sequence[str] = (),
     ) -> None:
         tls = tls or ServerTLS()
-        limits = limits or ServingLimits()
+        limits = limits or ServingLimits.for_workers(max_workers)
         # Admission right after auth: it keeps handler threads for health and ``control_methods``.
         self.admission = Admission(limits, max_workers, control_methods)
         interceptors = [self.admission, *interceptors]
