@@ -263,8 +263,8 @@ class IdleStream:
 
 
 def test_idle_streams_cannot_take_the_workers(cloud: DaemonProcess, model: LoadedModel) -> None:
-    with watched(cloud), channel(cloud, ATTACKER) as ch:
-        stub = si_grpc.SplitInferenceStub(ch)
+    with watched(cloud), channel(cloud, ATTACKER) as ch, channel(cloud, GOOD) as good_ch:
+        stub, good = si_grpc.SplitInferenceStub(ch), si_grpc.SplitInferenceStub(good_ch)
         opened = time.monotonic()
         streams = [IdleStream(stub) for _ in range(32)]
         time.sleep(1.0)
@@ -273,18 +273,24 @@ def test_idle_streams_cannot_take_the_workers(cloud: DaemonProcess, model: Loade
         idle = [s for s in streams if s.code is None]
         assert len(idle) == LIMITS["max_streams_per_client"], [(s.code, s.details) for s in streams]
         assert len(refused) == 32 - len(idle) and "max_streams_per_client" in refused[0].details
-        # Meanwhile another client is served, and GetInfo answers within 2 s.
-        with channel(cloud, GOOD) as good:
-            started = time.monotonic()
-            si_grpc.SplitInferenceStub(good).GetInfo(si_pb2.GetInfoRequest(), timeout=HEALTH_S)
-            assert time.monotonic() - started < HEALTH_S
-        assert_exact(cloud, model)
+        assert_exact(cloud, model)  # another client is still served
+        # Another client takes the other stream slots: now every one is busy.
+        theirs = [IdleStream(good) for _ in range(LIMITS["max_streams"] - len(idle) + 1)]
+        time.sleep(1.0)
+        assert [s.code for s in theirs[:-1]] == [None] * (len(theirs) - 1)
+        assert theirs[-1].code == grpc.StatusCode.RESOURCE_EXHAUSTED and "(max_streams)" in theirs[-1].details
+        # GetInfo answers within 2 s (health too: the watch checks it throughout), and unary calls are served.
+        started = time.monotonic()
+        good.GetInfo(si_pb2.GetInfoRequest(), timeout=HEALTH_S)
+        assert time.monotonic() - started < HEALTH_S
+        sid = open_session(good, model, residual_cut(model))
+        good.CloseSession(si_pb2.CloseSessionRequest(session_id=sid), timeout=HEALTH_S)
         # The idle streams are ended after stream_idle_s, with DEADLINE_EXCEEDED naming the reason.
-        for s in idle:
+        for s in streams + theirs:
             s.thread.join(IDLE_S + 10)
-        for s in streams:
             s.release.set()
         assert all(s.code == grpc.StatusCode.DEADLINE_EXCEEDED and "no message" in s.details for s in idle)
+        assert all(s.code == grpc.StatusCode.DEADLINE_EXCEEDED for s in theirs[:-1])
         assert all(IDLE_S <= s.ended_at - opened < IDLE_S + 5 for s in idle)
         # Their slots are free again.
         again = IdleStream(stub)
