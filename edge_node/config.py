@@ -101,4 +101,11 @@ class EdgeConfig:
     def from_dict(cls, data: dict) -> EdgeConfig:
         if "model" not in data:
             raise SettingsError("model: required")
-        return from_mapping(cls, data)
+        config = from_mapping(cls, data)
+        try:
+            config.limits.check(config.max_workers)
+        except ValueError as exc:
+            raise SettingsError(f"limits.{exc}") from None
+        if config.limits.max_batch < 1:
+            raise SettingsError(f"limits.max_batch: {config.limits.max_batch} is not positive")
+        return config

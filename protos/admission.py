@@ -193,7 +193,8 @@ class Admission(grpc.ServerInterceptor):
             client = client_identity(context) if streaming else ""
             refusal = self._enter(client, streaming)
             if refusal:
-                log.info("refused %s from %s: %s", method, client or client_identity(context), refusal)
+                # DEBUG: a flood of refused calls must not become a flood of log lines.
+                log.debug("refused %s from %s: %s", method, client or client_identity(context), refusal)
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             if not context.add_callback(lambda: self._leave(client, streaming)):
                 self._leave(client, streaming)

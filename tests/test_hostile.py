@@ -236,14 +236,14 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 class IdleStream:
-    """An ``Infer`` stream that sends nothing until told; its final status is kept."""
+    """A client-streaming call (``Infer`` by default) that sends nothing until told; its final status is kept."""
 
-    def __init__(self, stub: si_grpc.SplitInferenceStub) -> None:
+    def __init__(self, stub: si_grpc.SplitInferenceStub | edge_pb2_grpc.EdgeStub, method: str = "Infer") -> None:
         self.release = threading.Event()
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self.ended_at = 0.0
-        self._call = stub.Infer(self._nothing(), timeout=60)
+        self._call = getattr(stub, method)(self._nothing(), timeout=60)
         self.thread = threading.Thread(target=self._wait, daemon=True)
         self.thread.start()
 
@@ -299,6 +299,24 @@ def test_idle_streams_cannot_take_the_workers(cloud: DaemonProcess, model: Loade
         again.release.set()
         again.thread.join(10)
     assert_exact(cloud, model)
+
+
+def test_idle_streams_cannot_take_the_edge(edge: DaemonProcess) -> None:
+    per_client = 8  # the edge's default max_streams_per_client
+    with watched(edge), channel(edge) as ch:
+        stub = edge_pb2_grpc.EdgeStub(ch)
+        streams = [IdleStream(stub, "InferStream") for _ in range(32)]
+        time.sleep(1.0)
+        idle = [s for s in streams if s.code is None]
+        assert len(idle) == per_client, [(s.code, s.details) for s in streams]
+        assert all(s.code == grpc.StatusCode.RESOURCE_EXHAUSTED for s in streams if s not in idle)
+        started = time.monotonic()
+        stub.GetStatus(edge_pb2.GetStatusRequest(), timeout=HEALTH_S)
+        assert time.monotonic() - started < HEALTH_S
+        for s in streams:
+            s.thread.join(IDLE_S + 10)
+            s.release.set()
+        assert all(s.code == grpc.StatusCode.DEADLINE_EXCEEDED for s in idle), [(s.code, s.details) for s in idle]
 
 
 # -- finding 4: decompression bombs ------------------------------------------------------------------
