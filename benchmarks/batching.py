@@ -350,6 +350,10 @@ def start_cloud(work: Path, mode: str, entry: dict, args: argparse.Namespace) ->
     """A cloud with batching ``mode`` ('off' or 'on') and a Prometheus endpoint; returns it and the metrics port."""
     metrics_port = free_port()
     config: dict = {"models": [entry], "metrics": {"listen": str(metrics_port)}}
+    # Every stream comes from this one process (one client, one peer): make room past the per-client default.
+    streams = max(int(s) for s in args.streams.split(",")) + 4
+    config["max_workers"] = streams + 12
+    config["limits"] = {"max_streams": streams, "max_streams_per_client": streams}
     if mode == "on":
         config["batching"] = {
             "enabled": True,

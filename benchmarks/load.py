@@ -394,7 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     del model
 
     work = Path(tempfile.mkdtemp(prefix="cleave-load-"))
-    (work / "cloud.yaml").write_text(yaml.safe_dump({"models": [entry], "torch_threads": args.cloud_threads}))
+    # Every edge connects from this host without a token (one client for the per-client quotas): make room.
+    streams = 2 * args.edges + 4
+    cloud_conf = {
+        "models": [entry],
+        "torch_threads": args.cloud_threads,
+        "max_workers": streams + 12,
+        "limits": {"max_streams": streams, "max_streams_per_client": streams},
+    }
+    (work / "cloud.yaml").write_text(yaml.safe_dump(cloud_conf))
     edge_conf = {
         "model": entry,
         "torch_threads": args.edge_threads,

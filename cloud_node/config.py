@@ -8,6 +8,7 @@ from pathlib import Path
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
+from protos.admission import ServingLimits
 from protos.metrics import MetricsConfig
 from protos.security import ServerAuth, ServerTLS
 from protos.serving import Keepalive
@@ -16,13 +17,49 @@ from .batching import BatchSettings
 
 
 @dataclass
-class CloudLimits:
+class CloudLimits(ServingLimits):
+    """What one client, one request and the whole daemon may take (the ``ServingLimits`` fields too).
+
+    Every request is checked against these from its headers, before its payload is decoded.
+    """
+
     max_message_bytes: int = 64 << 20  # per gRPC message, both directions
-    max_request_bytes: int = 512 << 20  # one request's features, summed over its frames
+    max_request_bytes: int = 64 << 20  # one request's features as sent, summed over its frames
+    max_stream_bytes: int = 256 << 20  # features held for the unfinished requests of one Infer stream
+    max_buffered_bytes: int = 1 << 30  # features held for unfinished requests, all streams together
     max_sessions: int = 256
+    max_sessions_per_client: int = 32  # per bearer token, or per peer address when there are no tokens
     max_pending_requests: int = 64  # requests being assembled on one Infer stream
     max_elements: int = 1 << 28  # per decoded tensor
+    max_batch: int = 8  # rows per request (Infer and KServe), for every model without an override
+    max_batch_per_model: dict[str, int] = field(default_factory=dict)  # model name -> its max batch
     session_idle_s: float = 900.0
+    max_profile_batch: int = 64  # Profile's batch
+    max_profile_repeats: int = 100  # Profile's timed runs
+    max_profile_warmup: int = 20  # Profile's untimed runs
+
+    def batch_limit(self, model: str) -> int:
+        """The most rows one request for ``model`` may carry."""
+        return self.max_batch_per_model.get(model, self.max_batch)
+
+    def validate(self, max_workers: int, model_names: list[str]) -> None:
+        """Raise SettingsError naming the first limit out of range (``limits.max_batch: ...``)."""
+        try:
+            ServingLimits.check(self, max_workers)
+        except ValueError as exc:
+            raise SettingsError(f"limits.{exc}") from None
+        for name in ("max_request_bytes", "max_stream_bytes", "max_buffered_bytes", "max_batch"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"limits.{name}: {getattr(self, name)} is not positive")
+        if not self.max_request_bytes <= self.max_stream_bytes <= self.max_buffered_bytes:
+            raise SettingsError("limits: need max_request_bytes <= max_stream_bytes <= max_buffered_bytes")
+        if not isinstance(self.max_batch_per_model, dict):
+            raise SettingsError("limits.max_batch_per_model: expected a mapping of model name to max batch")
+        for model, limit in self.max_batch_per_model.items():
+            if model not in model_names:
+                raise SettingsError(f"limits.max_batch_per_model: {model!r} is not served")
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise SettingsError(f"limits.max_batch_per_model.{model}: {limit!r} is not a positive int")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError
+from protos import logsafe
 from protos.cleave.v1 import compression_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
@@ -24,6 +25,12 @@ from .sessions import ModelRegistry, SessionManager
 
 SPLIT_INFERENCE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
 COMPRESSION = compression_pb2.DESCRIPTOR.services_by_name["Compression"]
+#: Answered from the handler threads kept free of streams and long calls (see protos.admission).
+CONTROL_METHODS = (
+    f"/{SPLIT_INFERENCE.full_name}/GetInfo",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,6 +88,7 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
 
 def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None) -> Daemon:
     """Load every model and assemble the server (not started); with ``registry``, record metrics in it."""
+    config.limits.validate(config.max_workers, [m.name for m in config.models])
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     sessions = SessionManager(ModelRegistry(config.models), config.limits, batchers_for(config))
@@ -105,6 +113,8 @@ def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None)
         tls=config.tls,
         auth=config.auth,
         keepalive=config.keepalive,
+        limits=config.limits,
+        control_methods=CONTROL_METHODS,
     )
 
 
@@ -133,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleave-cloud: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s cloud %(levelname)s %(message)s")
+    logsafe.install()  # client-supplied text cannot forge a log line
     registry = new_registry() if config.metrics.enabled else None
     try:
         # The endpoint first: a port clash fails at once, not after loading every model.

@@ -10,7 +10,8 @@ Protocol choices, as Triton's and KServe's clients expect them:
 - Each model has one version, ``"1"``; an empty version means the latest. An unknown model or
   version is NOT_FOUND.
 - One input named ``input`` and outputs named ``output`` (``output_0``, ``output_1`` ... when the
-  model returns several). Shapes are the model's, batch dimension ``-1``: any batch is accepted.
+  model returns several). Shapes are the model's, batch dimension ``-1``: any batch up to ``limits.max_batch``
+  (RESOURCE_EXHAUSTED past it).
 - Inputs may be FP32, FP16, FP64, UINT8, INT32 or INT64, as typed contents (FP16 has no typed
   field) or as little-endian ``raw_input_contents``; values are converted to the model's float input
   as they are (UINT8 pixels are not rescaled). Outputs are FP32.
@@ -223,6 +224,11 @@ class OpenInference:
         expected = (-1, *model.input_shape[1:])
         if len(shape) != len(expected) or shape[1:] != expected[1:] or shape[0] < 1:
             raise InvalidArgument(f"{where}.shape: {list(shape)} does not fit {list(expected)} (batch >= 1)")
+        max_batch = self.limits.batch_limit(model.name)
+        if shape[0] > max_batch:
+            raise ResourceExhausted(
+                f"{where}.shape[0]: batch {shape[0]} exceeds the limit of {max_batch} (limits.max_batch)"
+            )
         count = math.prod(shape)
         if count > self.limits.max_elements:
             raise ResourceExhausted(

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import math
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 
-from partitioner.profile import cached_profile
 from partitioner.profile import to_proto as profile_to_proto
+from protos.admission import client_identity
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import InvalidArgument, ResourceExhausted, maps_errors
 
 from . import __version__
 from .metrics import CloudMetrics
+from .profiling import Profiler
 from .sessions import SessionManager, cut_info
 from .streams import serve_stream
 
@@ -47,7 +47,7 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         self.metrics = metrics
         self.registry = sessions.registry
         self.chunk_bytes = chunk_bytes
-        self._profiling = threading.Lock()  # one profile at a time: concurrent runs would skew each other
+        self.profiler = Profiler()
 
     def close(self) -> None:
         """After the drain: stop the batcher threads (queued requests run first)."""
@@ -66,32 +66,39 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
     @maps_errors
     def Profile(self, request: si_pb2.ProfileRequest, context: grpc.ServicerContext) -> si_pb2.ProfileResponse:
         model = self.registry.get(request.model)
-        if request.repeats > 1000 or request.warmup > 100 or request.batch > 1024:
-            raise InvalidArgument("repeats/warmup/batch: at most 1000/100/1024")
-        kwargs = {"repeats": request.repeats or 10, "warmup": request.warmup or 3}
+        limits = self.sessions.limits
+        for name, cap in (
+            ("repeats", limits.max_profile_repeats),
+            ("warmup", limits.max_profile_warmup),
+            ("batch", limits.max_profile_batch),
+        ):
+            value = getattr(request, name)
+            if value > cap:
+                raise InvalidArgument(f"{name}: {value} exceeds the limit of {cap} (limits.max_profile_{name})")
         shape = profile_shape(request, model.input_shape)
-        with self._profiling:
-            try:
-                profile = cached_profile(
-                    model,
-                    batch=request.batch or None,
-                    refresh=request.refresh,
-                    role="cloud",
-                    input_shape=shape,
-                    **kwargs,
-                )
-            except RuntimeError as exc:
-                if shape is None:
-                    raise
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise InvalidArgument(f"input_shape: {list(shape)}: the model does not run on it ({first})") from exc
+        try:
+            profile = self.profiler.profile(
+                model,
+                batch=request.batch or None,
+                repeats=request.repeats or min(10, limits.max_profile_repeats),
+                warmup=request.warmup or min(3, limits.max_profile_warmup),
+                refresh=request.refresh,
+                input_shape=shape,
+                time_left=context.time_remaining,
+                active=context.is_active,
+            )
+        except RuntimeError as exc:
+            if shape is None:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidArgument(f"input_shape: {list(shape)}: the model does not run on it ({first})") from exc
         return profile_to_proto(profile)
 
     @maps_errors
     def OpenSession(
         self, request: si_pb2.OpenSessionRequest, context: grpc.ServicerContext
     ) -> si_pb2.OpenSessionResponse:
-        session = self.sessions.open(request)
+        session = self.sessions.open(request, owner=client_identity(context))
         return si_pb2.OpenSessionResponse(session_id=session.id, cut=cut_info(session.cut))
 
     @maps_errors

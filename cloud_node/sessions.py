@@ -10,13 +10,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compressor import RAW_UNCOMPRESSED, CodecError, CodecLimits, EncodingSpec, decode, encode
+from compressor import (
+    RAW_UNCOMPRESSED,
+    ByteBudget,
+    CodecError,
+    CodecLimits,
+    EncodingSpec,
+    check_header,
+    decode,
+    encode,
+)
 from partitioner.graph import Cut
 from partitioner.loaded import LoadedModel, check_features
 from partitioner.models import ModelSpec
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import tensor_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from protos.logsafe import printable
 
 from .batching import Batchers, DirectRunner, DynamicBatcher
 from .config import CloudLimits
@@ -67,7 +77,9 @@ class Session:
     """One edge's binding to a model tail at a cut.
 
     ``runner`` runs the tail: directly on the calling thread, or through the dynamic batcher that
-    every session on the same model and cut shares (see :mod:`cloud_node.batching`).
+    every session on the same model and cut shares (see :mod:`cloud_node.batching`). Features are
+    checked against the cut (count, dtype, shape, at most ``max_batch`` rows) from their headers,
+    before anything is decompressed or allocated.
     """
 
     id: str
@@ -77,6 +89,8 @@ class Session:
     result_spec: EncodingSpec
     codec_limits: CodecLimits
     client: str = ""
+    owner: str = ""  # who opened it, for per-client quotas (a token digest or a peer address)
+    max_batch: int = 8
     requests: int = 0
     last_used: float = field(default_factory=time.monotonic)
     runner: DirectRunner | DynamicBatcher | None = None
@@ -93,6 +107,7 @@ class Session:
         """
         self.last_used = time.monotonic()
         t0 = time.perf_counter()
+        self.check_headers(features)
         tensors = []
         for i, msg in enumerate(features):
             try:
@@ -117,6 +132,47 @@ class Session:
         )
         return encoded, timing
 
+    def check_header(self, index: int, header: tensor_pb2.Tensor) -> None:
+        """Refuse feature ``index`` from its header alone; allocates nothing.
+
+        Raises:
+            CodecError: the header does not fit the cut (the message names the field).
+            ResourceExhausted: its batch is over ``max_batch``.
+        """
+        cut = self.cut
+        if index >= len(cut.live):
+            raise CodecError(f"features: cut {cut.name!r} takes {len(cut.live)} tensors, got more")
+        where = f"features[{index}] ({cut.live[index]})"
+        try:
+            dtype, shape = check_header(header, self.codec_limits)
+        except CodecError as exc:
+            raise CodecError(f"{where}.{str(exc).removeprefix('tensor.')}") from None
+        expected = cut.shapes[index]
+        if str(dtype).removeprefix("torch.") != cut.dtypes[index]:
+            raise CodecError(f"{where}: dtype {dtype} != {cut.dtypes[index]}")
+        if len(shape) != len(expected) or shape[1:] != tuple(expected[1:]):
+            raise CodecError(f"{where}: shape {shape} does not fit {tuple(expected)}")
+        if shape and shape[0] > self.max_batch:
+            raise ResourceExhausted(
+                f"{where}.shape[0]: batch {shape[0]} exceeds the limit of {self.max_batch} (limits.max_batch)"
+            )
+
+    def check_headers(self, features: list[tensor_pb2.Tensor]) -> None:
+        """Every feature's header, their count and their common batch; InvalidArgument naming the first misfit."""
+        cut = self.cut
+        if len(features) != len(cut.live):
+            raise InvalidArgument(f"features: cut {cut.name!r} takes {len(cut.live)} tensors, got {len(features)}")
+        batch = None
+        for i, msg in enumerate(features):
+            try:
+                self.check_header(i, msg)
+            except CodecError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            if msg.shape:
+                if batch is not None and msg.shape[0] != batch:
+                    raise InvalidArgument(f"features[{i}] ({cut.live[i]}): batch {msg.shape[0]} != {batch}")
+                batch = msg.shape[0]
+
 
 class SessionManager:
     """Opens, finds and expires sessions, within ``limits``; ``batchers`` batches their tails (None: never)."""
@@ -128,8 +184,11 @@ class SessionManager:
         self.codec_limits = CodecLimits(max_elements=limits.max_elements, max_payload_bytes=limits.max_request_bytes)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        # Features held for unfinished requests, every Infer stream together (each stream has its own too).
+        self.buffered = ByteBudget(limits.max_buffered_bytes, "limits.max_buffered_bytes")
 
-    def open(self, request: si_pb2.OpenSessionRequest) -> Session:
+    def open(self, request: si_pb2.OpenSessionRequest, owner: str = "") -> Session:
+        """Open a session for ``owner`` (a client identity: at most ``max_sessions_per_client`` each)."""
         if not request.model:
             raise InvalidArgument("model: required")
         model = self.registry.get(request.model)
@@ -159,6 +218,12 @@ class SessionManager:
             self._expire_idle()
             if len(self._sessions) >= self.limits.max_sessions:
                 raise ResourceExhausted(f"sessions: limit of {self.limits.max_sessions} reached")
+            owned = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if owned >= self.limits.max_sessions_per_client:
+                raise ResourceExhausted(
+                    f"sessions: this client already has {owned} open sessions "
+                    f"(limits.max_sessions_per_client {self.limits.max_sessions_per_client})"
+                )
             session = Session(
                 id=uuid.uuid4().hex,
                 model=model,
@@ -167,6 +232,8 @@ class SessionManager:
                 result_spec=result_spec,
                 codec_limits=self.codec_limits,
                 client=request.client,
+                owner=owner,
+                max_batch=self.limits.batch_limit(model.name),
                 runner=self.batchers.runner(model.name, cut.index, tail) if self.batchers else None,
             )
             self._sessions[session.id] = session
@@ -176,7 +243,7 @@ class SessionManager:
             model.name,
             cut.index,
             cut.name,
-            request.client or "?",
+            printable(request.client) if request.client else "?",
         )
         return session
 
@@ -199,5 +266,8 @@ class SessionManager:
 
     def _expire_idle(self) -> None:
         now = time.monotonic()
-        for sid in [s.id for s in self._sessions.values() if now - s.last_used > self.limits.session_idle_s]:
+        idle = [s.id for s in self._sessions.values() if now - s.last_used > self.limits.session_idle_s]
+        for sid in idle:
             del self._sessions[sid]
+        if idle:
+            log.info("expired %d sessions idle for over %.0f s", len(idle), self.limits.session_idle_s)

@@ -2,6 +2,12 @@
 
 Requests are independent: a bad request gets an :class:`InferResult` carrying its error, and the
 stream goes on serving the others. Frames of different requests may interleave.
+
+Nothing untrusted is held without a bound: the session is looked up on a request's first frame,
+each feature's header is checked against the session's cut (count, dtype, shape, batch) as it
+arrives, before its payload is accepted, and the bytes a header announces are taken from three
+budgets (the request's, the stream's and the daemon's) before they are received; past any of
+them the request answers RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -11,21 +17,26 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
-from compressor import Assembler, CodecError, to_chunks
+from compressor import Assembler, BudgetExceeded, ByteBudget, CodecError, to_chunks
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError, status_of
 
-from .sessions import SessionManager
+from .sessions import Session, SessionManager
 
 log = logging.getLogger(__name__)
 
 
 class _Pending:
-    __slots__ = ("assembler", "session_id")
+    __slots__ = ("assembler", "session")
 
-    def __init__(self, session_id: str, max_bytes: int) -> None:
-        self.session_id = session_id
-        self.assembler = Assembler(max_bytes=max_bytes)
+    def __init__(self, session: Session, max_bytes: int, budget: ByteBudget) -> None:
+        self.session = session
+        self.assembler = Assembler(
+            max_bytes=max_bytes,
+            max_tensors=len(session.cut.live),
+            budget=budget,
+            check_header=session.check_header,
+        )
 
 
 def serve_stream(
@@ -33,49 +44,59 @@ def serve_stream(
 ) -> Iterator[si_pb2.InferResult]:
     """Turn a stream of feature frames into a stream of results, one request at a time."""
     limits = sessions.limits
+    budget = ByteBudget(limits.max_stream_bytes, "limits.max_stream_bytes", parent=sessions.buffered)
     pending: dict[int, _Pending] = {}
     failed: set[int] = set()  # requests already answered with an error; ignore their later frames
-    for frame in frames:
-        rid = frame.request_id
-        if rid in failed:
-            if frame.last:
-                failed.discard(rid)
-            continue
-        try:
-            entry = pending.get(rid)
-            if entry is None:
-                if not frame.session_id:
-                    raise InvalidArgument("session_id: required on the first frame of a request")
-                if len(pending) >= limits.max_pending_requests:
-                    raise ResourceExhausted(
-                        f"request_id {rid}: more than {limits.max_pending_requests} requests in assembly"
-                    )
-                entry = pending[rid] = _Pending(frame.session_id, limits.max_request_bytes)
-            try:
-                entry.assembler.add(frame.chunks)
-            except CodecError as exc:
-                raise InvalidArgument(f"chunks: {exc}") from exc
-            if not frame.last:
+    try:
+        for frame in frames:
+            rid = frame.request_id
+            if rid in failed:
+                if frame.last:
+                    failed.discard(rid)
                 continue
-            del pending[rid]
             try:
-                features = entry.assembler.finish()
-            except CodecError as exc:
-                raise InvalidArgument(f"chunks: {exc}") from exc
-            session = sessions.get(entry.session_id)
-            outputs, timing = session.run(features)
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not end the stream
-            if not isinstance(exc, WireError):
-                log.error("request %d failed", rid, exc_info=exc)
-            pending.pop(rid, None)
-            if not frame.last:
-                failed.add(rid)
-            yield _error(rid, exc)
-            continue
-        groups = list(to_chunks(outputs, chunk_bytes)) or [[]]
-        for i, group in enumerate(groups):
-            last = i == len(groups) - 1
-            yield si_pb2.InferResult(request_id=rid, chunks=group, last=last, timing=timing if last else None)
+                entry = pending.get(rid)
+                if entry is None:
+                    if not frame.session_id:
+                        raise InvalidArgument("session_id: required on the first frame of a request")
+                    if len(pending) >= limits.max_pending_requests:
+                        raise ResourceExhausted(
+                            f"request_id {rid}: more than {limits.max_pending_requests} requests in assembly"
+                        )
+                    session = sessions.get(frame.session_id)
+                    entry = pending[rid] = _Pending(session, limits.max_request_bytes, budget)
+                try:
+                    entry.assembler.add(frame.chunks)
+                except CodecError as exc:
+                    raise InvalidArgument(f"chunks: {exc}") from exc
+                except BudgetExceeded as exc:
+                    raise ResourceExhausted(f"request_id {rid}: {exc}") from exc
+                if not frame.last:
+                    continue
+                del pending[rid]
+                try:
+                    features = entry.assembler.finish()
+                except CodecError as exc:
+                    raise InvalidArgument(f"chunks: {exc}") from exc
+                outputs, timing = entry.session.run(features)
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not end the stream
+                if not isinstance(exc, WireError):
+                    log.error("request %d failed", rid, exc_info=exc)
+                dropped = pending.pop(rid, None)
+                if dropped is not None:
+                    dropped.assembler.discard()
+                if not frame.last:
+                    failed.add(rid)
+                yield _error(rid, exc)
+                continue
+            groups = list(to_chunks(outputs, chunk_bytes)) or [[]]
+            for i, group in enumerate(groups):
+                last = i == len(groups) - 1
+                yield si_pb2.InferResult(request_id=rid, chunks=group, last=last, timing=timing if last else None)
+    finally:
+        # The stream ended (or was cancelled) with requests half received: give their bytes back.
+        for entry in pending.values():
+            entry.assembler.discard()
 
 
 def _error(request_id: int, exc: BaseException) -> si_pb2.InferResult:

@@ -10,19 +10,22 @@
 from compressor import aciq, lapq  # register the "aciq" and "fixed" clippers
 from compressor.bitpack import pack, packed_size, unpack
 from compressor.clipping import clip_range, clipper_names, get_clipper, register_clipper
-from compressor.codec import CodecLimits, decode, decode_many, encode, encode_many
+from compressor.codec import CodecLimits, check_header, decode, decode_many, encode, encode_many
 from compressor.errors import CodecError
-from compressor.framing import Assembler, to_chunks
+from compressor.framing import Assembler, BudgetExceeded, ByteBudget, to_chunks
 from compressor.quant import dequantize, quantize
 from compressor.spec import RAW_UNCOMPRESSED, EncodingSpec
 
 __all__ = [
     "Assembler",
+    "BudgetExceeded",
+    "ByteBudget",
     "CodecError",
     "CodecLimits",
     "EncodingSpec",
     "RAW_UNCOMPRESSED",
     "aciq",
+    "check_header",
     "clip_range",
     "clipper_names",
     "decode",

@@ -134,6 +134,22 @@ def decode(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> torch
     return dequantize(q, scales, zero_points, axis)
 
 
+def check_header(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> tuple[torch.dtype, tuple[int, ...]]:
+    """Validate everything but the payload bytes, as :func:`decode` does first; allocates nothing.
+
+    A server calls this on a tensor's header (e.g. a chunk's ``header``) as soon as it arrives, to
+    refuse a tensor it would not accept before buffering or decompressing its payload.
+
+    Returns:
+        the dtype and shape :func:`decode` would return.
+
+    Raises:
+        CodecError: naming the offending field, as :func:`decode` does.
+    """
+    dtype, shape, _ = _check_header(msg, limits)
+    return dtype.torch, shape
+
+
 def encode_many(xs: Iterable[torch.Tensor], spec: EncodingSpec) -> list[tensor_pb2.Tensor]:
     """:func:`encode` each tensor with the same spec."""
     return [encode(x, spec) for x in xs]
@@ -260,6 +276,11 @@ def _check_header(msg: tensor_pb2.Tensor, limits: CodecLimits) -> tuple[_DType, 
         )
     if msg.codec == tensor_pb2.NONE and msg.payload_size != msg.raw_size:
         raise CodecError(f"tensor.payload_size: {msg.payload_size}, but codec NONE needs {msg.raw_size}")
+    if msg.codec == tensor_pb2.ZSTD and msg.payload_size > zstd.compress_bound(msg.raw_size):
+        raise CodecError(
+            f"tensor.payload_size: {msg.payload_size}, but zstd never needs more than "
+            f"{zstd.compress_bound(msg.raw_size)} bytes for raw_size {msg.raw_size}"
+        )
     return dtype, shape, numel
 
 

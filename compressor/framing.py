@@ -4,12 +4,14 @@ A sender calls :func:`to_chunks` and puts each yielded group in one frame (``Inf
 so no frame depends on gRPC's 4 MiB default message limit however large the tensors are. The
 receiver feeds every frame's chunks to one :class:`Assembler` and calls ``finish()`` after the
 last frame. The assembler holds at most ``max_bytes`` of untrusted input, and checks the limit
-as data arrives rather than at the end.
+as data arrives rather than at the end; a :class:`ByteBudget` shared by several assemblers bounds
+what they hold together (a stream's requests, a daemon's streams).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from compressor.errors import CodecError
 from protos.cleave.v1 import tensor_pb2
@@ -81,6 +83,50 @@ def to_chunks(
         yield group
 
 
+class BudgetExceeded(Exception):
+    """Holding more bytes would pass a :class:`ByteBudget`; the message names the budget.
+
+    Not a :class:`CodecError`: the input may be fine, the receiver is full (RESOURCE_EXHAUSTED).
+    """
+
+
+class ByteBudget:
+    """Bytes held against ``limit``, thread-safe; a take also counts against ``parent``, if any.
+
+    Args:
+        limit: the most bytes held at once.
+        name: how errors name the budget, e.g. ``"limits.max_stream_bytes"``.
+        parent: a budget this one is part of (a stream's, inside the daemon's).
+    """
+
+    def __init__(self, limit: int, name: str, parent: ByteBudget | None = None) -> None:
+        self.limit = limit
+        self.name = name
+        self.parent = parent
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def take(self, n: int) -> None:
+        """Count ``n`` more bytes, or raise BudgetExceeded (and count nothing) if this or a parent is full."""
+        with self._lock:
+            if self._held + n > self.limit:
+                raise BudgetExceeded(f"{self.name}: {n} more bytes would pass {self.limit} ({self._held} held)")
+            if self.parent is not None:
+                self.parent.take(n)
+            self._held += n
+
+    def give(self, n: int) -> None:
+        """Return ``n`` bytes taken before."""
+        with self._lock:
+            self._held -= n
+            if self.parent is not None:
+                self.parent.give(n)
+
+
 class Assembler:
     """Rebuilds the tensors of one sequence from its chunks, validating as they arrive.
 
@@ -93,14 +139,35 @@ class Assembler:
         max_bytes: bound on payload plus header bytes held for the whole sequence; a header
             announcing more than what is left is rejected on arrival.
         max_tensors: bound on the number of tensors in the sequence.
+        budget: shared with other assemblers; each header takes what it announces from it on
+            arrival (BudgetExceeded when it cannot), given back by ``finish()`` or ``discard()``.
+        check_header: called as ``check_header(index, header)`` when a tensor's header arrives,
+            before any of its payload is taken; raises (e.g. CodecError) to refuse the tensor.
     """
 
-    def __init__(self, max_bytes: int = 1 << 30, max_tensors: int = 1024) -> None:
+    def __init__(
+        self,
+        max_bytes: int = 1 << 30,
+        max_tensors: int = 1024,
+        budget: ByteBudget | None = None,
+        check_header: Callable[[int, tensor_pb2.Tensor], None] | None = None,
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_tensors = max_tensors
+        self.budget = budget
+        self.check_header = check_header
+        self._taken = 0  # bytes taken from ``budget`` for this sequence
+        self._reset()
+
+    def discard(self) -> None:
+        """Drop the sequence received so far and give its bytes back to the budget."""
         self._reset()
 
     def _reset(self) -> None:
+        if self._taken:
+            assert self.budget is not None
+            self.budget.give(self._taken)
+            self._taken = 0
         self._done: list[tensor_pb2.Tensor] = []
         self._header: tensor_pb2.Tensor | None = None  # the tensor being received
         self._pieces: list[bytes] = []
@@ -122,7 +189,7 @@ class Assembler:
             for chunk in chunks:
                 self._add(chunk)
                 self._chunks += 1
-        except CodecError:
+        except Exception:  # CodecError, BudgetExceeded, or whatever check_header raises
             self._reset()
             raise
 
@@ -149,12 +216,17 @@ class Assembler:
             raise CodecError(f"{where}: more than max_tensors {self.max_tensors} tensors")
         if header.payload:
             raise CodecError(f"{where}: header of tensor {index} carries payload bytes")
+        if self.check_header is not None:
+            self.check_header(index, header)
         size = header.ByteSize()
         if self._held + size + header.payload_size > self.max_bytes:
             raise CodecError(
                 f"{where}: tensor {index} announces payload_size {header.payload_size}, which exceeds "
                 f"max_bytes {self.max_bytes} ({self._held} bytes already held)"
             )
+        if self.budget is not None:
+            self.budget.take(size + header.payload_size)
+            self._taken += size + header.payload_size
         self._held += size
         self._header = tensor_pb2.Tensor()
         self._header.CopyFrom(header)  # ours to fill in; the caller's chunk stays untouched

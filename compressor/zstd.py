@@ -33,6 +33,12 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
+def compress_bound(size: int) -> int:
+    """The most bytes zstd's one-shot compressor can produce for ``size`` input bytes (``ZSTD_COMPRESSBOUND``)."""
+    margin = ((128 << 10) - size) >> 11 if size < (128 << 10) else 0
+    return size + (size >> 8) + margin
+
+
 def compress(data: bytes | memoryview | np.ndarray, level: int = 3, threads: int = 0) -> bytes:
     """One zstd frame holding ``data`` (any contiguous buffer), with its content size declared."""
     return _compressor(level, threads).compress(data)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
+from protos.admission import ServingLimits
 from protos.metrics import MetricsConfig
 from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
 from protos.serving import Keepalive
@@ -53,10 +54,13 @@ class Reconnect:
 
 
 @dataclass
-class EdgeLimits:
+class EdgeLimits(ServingLimits):
+    """What the edge's local clients may take (the ``ServingLimits`` fields too)."""
+
     max_message_bytes: int = 64 << 20
     max_inflight: int = 64  # requests being served at once; more answer RESOURCE_EXHAUSTED
     stream_window: int = 8  # requests of one InferStream served concurrently
+    max_batch: int = 8  # rows per Infer request, checked from the input's header before it is decoded
 
 
 @dataclass
@@ -100,4 +104,11 @@ class EdgeConfig:
     def from_dict(cls, data: dict) -> EdgeConfig:
         if "model" not in data:
             raise SettingsError("model: required")
-        return from_mapping(cls, data)
+        config = from_mapping(cls, data)
+        try:
+            config.limits.check(config.max_workers)
+        except ValueError as exc:
+            raise SettingsError(f"limits.{exc}") from None
+        if config.limits.max_batch < 1:
+            raise SettingsError(f"limits.max_batch: {config.limits.max_batch} is not positive")
+        return config

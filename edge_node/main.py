@@ -12,6 +12,7 @@ import torch
 from compressor import EncodingSpec
 from partitioner.loaded import LoadedModel
 from partitioner.settings import SettingsError
+from protos import logsafe
 from protos.cleave.v1 import edge_pb2
 from protos.errors import WireError
 from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
@@ -26,6 +27,8 @@ from .runtime import EdgeRuntime
 from .servicer import EdgeServicer
 
 EDGE = edge_pb2.DESCRIPTOR.services_by_name["Edge"]
+#: Answered from the handler threads kept free of streams and long calls (see protos.admission).
+CONTROL_METHODS = (f"/{EDGE.full_name}/GetStatus", f"/{EDGE.full_name}/GetPlan")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,7 +141,9 @@ class EdgeDaemon:
             )
         else:
             self.runtime.pin(config.plan.cut, EncodingSpec.parse(config.plan.encoding), reason="from config")
-        servicer = EdgeServicer(self.runtime, config.cloud, config.limits.stream_window, self.autoplanner)
+        servicer = EdgeServicer(
+            self.runtime, config.cloud, config.limits.stream_window, self.autoplanner, config.limits.max_batch
+        )
         self.server = Daemon(
             config.listen,
             [Service(servicer, EDGE)],
@@ -149,6 +154,8 @@ class EdgeDaemon:
             tls=config.tls,
             auth=config.auth,
             keepalive=config.keepalive,
+            limits=config.limits,
+            control_methods=CONTROL_METHODS,
         )
 
     def run(self) -> None:
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleave-edge: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s edge %(levelname)s %(message)s")
+    logsafe.install()  # client-supplied text cannot forge a log line
     try:
         daemon = EdgeDaemon(config)
     except (OSError, ValueError, WireError) as exc:

@@ -8,21 +8,30 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
-from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, decode, encode
-from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
+from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, check_header, decode, encode
+from protos.cleave.v1 import edge_pb2, edge_pb2_grpc, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from protos.errors import FailedPrecondition, InvalidArgument, NotFound, maps_errors, status_of
+from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, maps_errors, status_of
 
 from .autoplan import AutoPlanner
 from .runtime import EDGE_ONLY, EdgeRuntime, Outcome
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServicer):
+    """Serves local apps; ``max_batch`` bounds the rows of one request's input (checked from its header)."""
+
     def __init__(
-        self, runtime: EdgeRuntime, cloud_target: str, stream_window: int, autoplanner: AutoPlanner | None = None
+        self,
+        runtime: EdgeRuntime,
+        cloud_target: str,
+        stream_window: int,
+        autoplanner: AutoPlanner | None = None,
+        max_batch: int = 8,
     ) -> None:
         self.runtime = runtime
+        self.max_batch = max_batch
         self.autoplanner = autoplanner
         self.cloud_target = cloud_target
         self.stream_window = stream_window
@@ -31,6 +40,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
         model = self.runtime.model
         if request.model and request.model != model.name:
             raise NotFound(f"model: {request.model!r} is not served here (serving {model.name!r})")
+        self._check_headers(request.inputs)
         inputs = []
         for i, tensor in enumerate(request.inputs):
             try:
@@ -39,6 +49,25 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
                 raise InvalidArgument(f"inputs[{i}]: {exc}") from exc
         outcome = self.runtime.infer(inputs)
         return self._response(request.request_id, outcome)
+
+    def _check_headers(self, tensors: list[tensor_pb2.Tensor]) -> None:
+        """Refuse inputs that do not fit the model (count, dtype, shape, batch) before decoding any."""
+        model = self.runtime.model
+        expected = tuple(model.input_shape)
+        if len(tensors) != 1:
+            raise InvalidArgument(f"inputs: model {model.name!r} takes 1 tensor, got {len(tensors)}")
+        try:
+            dtype, shape = check_header(tensors[0])
+        except CodecError as exc:
+            raise InvalidArgument(f"inputs[0].{str(exc).removeprefix('tensor.')}") from exc
+        if dtype != torch.float32:
+            raise InvalidArgument(f"inputs[0].dtype: expected float32, got {dtype}")
+        if len(shape) != len(expected) or shape[1:] != expected[1:] or shape[0] < 1:
+            raise InvalidArgument(f"inputs[0].shape: expected (N, {', '.join(map(str, expected[1:]))}), got {shape}")
+        if shape[0] > self.max_batch:
+            raise ResourceExhausted(
+                f"inputs[0].shape[0]: batch {shape[0]} exceeds the limit of {self.max_batch} (limits.max_batch)"
+            )
 
     def _response(self, request_id: int, outcome: Outcome) -> edge_pb2.EdgeInferResponse:
         return edge_pb2.EdgeInferResponse(

@@ -143,16 +143,27 @@ def _nbytes(value: object) -> int:
     return 0
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in ms over ``repeats`` calls, after ``warmup`` untimed ones."""
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int, between: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeats`` calls, after ``warmup`` untimed ones.
+
+    ``between`` is called before every call, untimed: it may raise to abandon the measurement
+    (the caller went away) or wait for its turn (other measurements share the host).
+    """
+    between = between or _nothing
     for _ in range(warmup):
+        between()
         fn()
     samples = []
     for _ in range(repeats):
+        between()
         started = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - started) * 1e3)
     return statistics.median(samples)
+
+
+def _nothing() -> None:
+    pass
 
 
 def sample_cut_indices(model: LoadedModel, count: int) -> list[int]:
@@ -203,17 +214,23 @@ def profile_model(
     head_samples: int = 8,
     batch: int | None = None,
     input_shape: Sequence[int] | None = None,
+    between: Callable[[], None] | None = None,
 ) -> Profile:
-    """Profile ``model`` on this host at its example input (or ``input_shape``; or ``batch`` copies of it)."""
+    """Profile ``model`` on this host at its example input (or ``input_shape``; or ``batch`` copies of it).
+
+    ``between`` is called before each run of the model or a part of it (see :func:`median_ms`).
+    """
+    between = between or _nothing
     x = profile_input(model, input_shape)
     if batch is not None and batch != x.shape[0]:
         x = x[:1].expand(batch, *x.shape[1:]).contiguous()
     module = model.graph.module
     with torch.inference_mode():
-        total = median_ms(lambda: module(x), repeats, warmup)
+        total = median_ms(lambda: module(x), repeats, warmup, between)
         if isinstance(module, fx.GraphModule) and not model.graph.opaque:
             runs = []
             for _ in range(max(repeats // 2, 3)):
+                between()
                 interp = _TimingInterpreter(module)
                 interp.run(x)
                 runs.append(interp)
@@ -225,7 +242,7 @@ def profile_model(
         heads = {}
         for index in sample_cut_indices(model, head_samples):
             _, head, _ = model.parts(index)
-            heads[index] = median_ms(lambda head=head: head(x), max(repeats // 2, 3), 1)
+            heads[index] = median_ms(lambda head=head: head(x), max(repeats // 2, 3), 1, between)
     return Profile(
         model=model.name,
         fingerprint=model.fingerprint,

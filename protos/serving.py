@@ -4,7 +4,9 @@ A :class:`Daemon` is a gRPC server with Cleave's defaults: explicit message-size
 gRPC's 4 MiB default), ``grpc.health.v1`` and server reflection for every service it hosts, a
 refusal to bind a non-loopback address without TLS unless told so, TLS / mutual TLS and bearer
 tokens when configured (:mod:`protos.security`), one pair of keepalive settings both ends agree on
-(:class:`Keepalive`), a clear refusal of a port another process holds, and a draining stop (health
+(:class:`Keepalive`), a clear refusal of a port another process holds, fair use of its handler
+threads (reserved threads for health and control calls, stream quotas, idle streams ended:
+:mod:`protos.admission`), and a draining stop (health
 NOT_SERVING, finish in-flight calls, then close) on SIGTERM or SIGINT. Requests whose bytes do not
 decode as the expected message answer INVALID_ARGUMENT naming the type, where gRPC alone would
 answer INTERNAL.
@@ -30,6 +32,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .admission import Admission, ServingLimits
 from .errors import InvalidArgument
 from .handlers import handler_kind
 from .security import BearerAuthInterceptor, ClientTLS, ServerAuth, ServerTLS, secure_channel
@@ -254,8 +257,14 @@ class Daemon:
         tls: ServerTLS | None = None,
         auth: ServerAuth | None = None,
         keepalive: Keepalive = KEEPALIVE,
+        limits: ServingLimits | None = None,
+        control_methods: Sequence[str] = (),
     ) -> None:
         tls = tls or ServerTLS()
+        limits = limits or ServingLimits.for_workers(max_workers)
+        # Admission right after auth: it keeps handler threads for health and ``control_methods``.
+        self.admission = Admission(limits, max_workers, control_methods)
+        interceptors = [self.admission, *interceptors]
         if not is_loopback(address) and not tls.enabled and not allow_insecure_public:
             raise ValueError(
                 f"listen address {address!r} is not loopback and TLS is not configured; "
@@ -279,6 +288,7 @@ class Daemon:
             # kernel would split connections between the two. Off, the second bind fails.
             options=message_options(max_message_bytes) + [("grpc.so_reuseport", 0)] + keepalive.server_options(),
             interceptors=list(interceptors),
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
         self._server.add_generic_rpc_handlers([service_handler(s) for s in self.services])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

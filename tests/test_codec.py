@@ -404,22 +404,30 @@ def _zstd_msg(payload: bytes, elements: int) -> tensor_pb2.Tensor:
 
 def test_zstd_bomb_declaring_its_real_size_is_rejected() -> None:
     bomb = zstandard.ZstdCompressor().compress(bytes(16 << 20))  # 16 MiB of zeros, ~1 KB on the wire
-    pattern = r"tensor\.payload: zstd frame declares 16777216 bytes, raw_size is 400"
+    pattern = r"tensor\.payload: zstd frame declares 16777216 bytes, raw_size is 40000"
     with pytest.raises(CodecError, match=pattern):
-        decode(_zstd_msg(bomb, 100))
+        decode(_zstd_msg(bomb, 10_000))
+
+
+def test_zstd_payload_larger_than_zstd_ever_writes_is_refused_from_the_header() -> None:
+    # zstd never writes more than ZSTD_COMPRESSBOUND(raw_size) bytes: a bigger payload is refused
+    # before it is read, so a tiny raw_size cannot come with megabytes to hold and scan.
+    msg = _zstd_msg(bytes(2000), 100)
+    with pytest.raises(CodecError, match=r"tensor\.payload_size: 2000, but zstd never needs more than \d+ bytes"):
+        decode(msg)
 
 
 def test_zstd_bomb_lying_about_its_size_is_stopped_at_raw_size() -> None:
-    # A frame whose header claims 400 bytes but whose blocks hold 64 MiB.
+    # A frame whose header claims 40000 bytes but whose blocks hold 64 MiB.
     honest = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64 << 20))
     header = zstandard.frame_header_size(honest)
     window = honest[5:6]  # no content size and not single-segment: magic, descriptor, window byte
-    liar = b"\x28\xb5\x2f\xfd" + bytes([0x40]) + window + (400 - 256).to_bytes(2, "little") + honest[header:]
-    assert zstandard.get_frame_parameters(liar).content_size == 400
+    liar = b"\x28\xb5\x2f\xfd" + bytes([0x40]) + window + (40_000 - 256).to_bytes(2, "little") + honest[header:]
+    assert zstandard.get_frame_parameters(liar).content_size == 40_000
     tracemalloc.start()
     try:
-        with pytest.raises(CodecError, match=r"tensor\.payload"):
-            decode(_zstd_msg(liar, 100))
+        with pytest.raises(CodecError, match=r"tensor\.payload: "):
+            decode(_zstd_msg(liar, 10_000))
         assert tracemalloc.get_traced_memory()[1] < 4 << 20  # nothing near 64 MiB was held
     finally:
         tracemalloc.stop()

@@ -196,3 +196,42 @@ def test_assembler_starts_over_after_an_error() -> None:
     assert assembler.bytes_held == 0
     assembler.add(_chunks(xs, 10_000))
     assert [torch.equal(decode(m), x) for m, x in zip(assembler.finish(), xs, strict=True)] == [True, True]
+
+
+def test_shared_budget_is_taken_on_header_arrival_and_given_back() -> None:
+    from compressor import BudgetExceeded, ByteBudget
+
+    daemon = ByteBudget(10_000, "daemon")
+    stream = ByteBudget(6_000, "stream", parent=daemon)
+    msgs = [encode(x, RAW) for x in _tensors(1000)]  # 4000 payload bytes
+    (first, *rest) = [c for group in to_chunks(msgs, 100) for c in group]
+    a, b = Assembler(budget=stream), Assembler(budget=stream)
+    a.add([first])  # the header takes all 4000 announced bytes (plus its own) before any arrive
+    assert stream.held == daemon.held > 4000
+    with pytest.raises(BudgetExceeded, match="stream: "):
+        b.add([first])
+    assert stream.held == daemon.held < 6000  # the refused sequence took nothing and holds nothing
+    a.add(rest)
+    assert a.finish() == msgs and stream.held == daemon.held == 0
+    a.add([first])
+    a.discard()  # a stream ending half-way gives its bytes back
+    assert stream.held == daemon.held == 0
+
+
+def test_check_header_refuses_before_any_payload_is_taken() -> None:
+    from compressor import ByteBudget
+
+    budget = ByteBudget(1 << 20, "b")
+    seen = []
+
+    def check(index: int, header: tensor_pb2.Tensor) -> None:
+        seen.append((index, tuple(header.shape)))
+        if index == 1:
+            raise CodecError("features[1]: no")
+
+    msgs = [encode(x, RAW) for x in _tensors(10, 20)]
+    assembler = Assembler(budget=budget, check_header=check)
+    with pytest.raises(CodecError, match=r"features\[1\]: no"):
+        for group in to_chunks(msgs, 1 << 20):
+            assembler.add(group)
+    assert seen == [(0, (10,)), (1, (20,))] and budget.held == 0

@@ -39,6 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
+from cloud_node.config import CloudLimits
 from compressor import EncodingSpec, decode, encode, to_chunks
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec, calibration_batch
@@ -56,6 +57,7 @@ from . import _fuzzing as fz
 pytestmark = [pytest.mark.integration]
 
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 32, 32]}
+LIMITS = CloudLimits()  # the daemons run with the default limits
 CUT = "layer1_0_relu"  # inside a residual block: two tensors cross
 FEATURE_SPECS = ("int8", "int4c", "fp16", "raw", "int3+none", "fp32+none")
 INPUT_SPECS = ("fp32+none", "raw", "fp16", "int8")
@@ -196,9 +198,9 @@ def test_get_info(stack: Stack, model: str, include_cuts: bool) -> None:
 @settings(FUZZ, max_examples=25)
 @given(
     model=st.one_of(st.just("resnet18"), fz.TEXT),
-    repeats=st.sampled_from([1, 2, 1001, 2**32 - 1]),
-    warmup=st.sampled_from([1, 101, 2**32 - 1]),
-    batch=st.sampled_from([0, 1, 1025, 2**32 - 1]),
+    repeats=st.sampled_from([1, 2, LIMITS.max_profile_repeats + 1, 2**32 - 1]),
+    warmup=st.sampled_from([1, LIMITS.max_profile_warmup + 1, 2**32 - 1]),
+    batch=st.sampled_from([0, 1, LIMITS.max_profile_batch + 1, 2**32 - 1]),
 )
 def test_profile_arguments(stack: Stack, model: str, repeats: int, warmup: int, batch: int) -> None:
     # Profiling is expensive: valid runs are bounded (1-2 repeats, batch <= 1, cached after the first).
@@ -206,7 +208,7 @@ def test_profile_arguments(stack: Stack, model: str, repeats: int, warmup: int, 
     reply, code = fz.unary(stack.split.Profile, request, "Profile")
     if model != "resnet18":
         assert code == grpc.StatusCode.NOT_FOUND
-    elif repeats > 1000 or warmup > 100 or batch > 1024:
+    elif repeats > LIMITS.max_profile_repeats or warmup > LIMITS.max_profile_warmup or batch > LIMITS.max_profile_batch:
         assert code == grpc.StatusCode.INVALID_ARGUMENT
     else:
         assert code is None and reply.nodes and reply.fingerprint == stack.model.fingerprint

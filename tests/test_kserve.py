@@ -235,6 +235,11 @@ def test_limits_answer_resource_exhausted(local: dict, arrays: dict) -> None:
         _oip(local, max_elements=1000).infer(_request(arrays["fp32"]))
     with pytest.raises(ResourceExhausted, match=r"raw_input_contents\[0\].*max_request_bytes"):
         _oip(local, max_request_bytes=1000).infer(_request(arrays["fp32"]))
+    # The batch is capped per model, from the shape, before the input is converted or run.
+    with pytest.raises(ResourceExhausted, match=r"inputs\[0\]\.shape\[0\]: batch 2 exceeds the limit of 1"):
+        _oip(local, max_batch=1).infer(_request(arrays["fp32"]))
+    with pytest.raises(ResourceExhausted, match=r"batch 2 exceeds the limit of 1 \(limits.max_batch\)"):
+        _oip(local, max_batch_per_model={"tiny": 1}).infer(_request(arrays["fp32"]))
     # Checked before the model runs: the reply of a batch must fit one message.
     with pytest.raises(ResourceExhausted, match="max_message_bytes"):
         _oip(local, max_message_bytes=16).infer(_request(arrays["fp32"]))

@@ -1,0 +1,99 @@
+"""The pieces behind the serving limits, without a daemon: turns, log escaping, client identity."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from cloud_node.config import CloudConfig
+from cloud_node.profiling import TurnLock
+from partitioner.settings import SettingsError
+from protos.admission import ServingLimits, client_identity
+from protos.logsafe import EscapingFilter, printable
+
+
+def test_turn_lock_lets_a_waiter_in_at_every_turn() -> None:
+    lock = TurnLock()
+    order: list[str] = []
+    assert lock.acquire()
+
+    def small() -> None:
+        assert lock.acquire(timeout=5)
+        order.append("small")
+        lock.release()
+
+    thread = threading.Thread(target=small)
+    thread.start()
+    while lock.waiting == 0:
+        time.sleep(0.01)
+    order.append("big 1")
+    lock.pass_turn()  # the small one runs here, then the big one continues
+    order.append("big 2")
+    lock.release()
+    thread.join(5)
+    assert order == ["big 1", "small", "big 2"]
+
+
+def test_turn_lock_waiter_that_times_out_leaves_the_queue() -> None:
+    lock = TurnLock()
+    assert lock.acquire()
+    assert not lock.acquire(timeout=0.05)
+    assert lock.waiting == 0
+    lock.pass_turn()  # nobody waits: returns at once
+    lock.release()
+    assert lock.acquire(timeout=0.05)
+
+
+def test_printable_escapes_control_characters_and_cuts() -> None:
+    assert printable("edge-1\n2026-01-01 INFO forged\r\x1b[31m") == "edge-1\\n2026-01-01 INFO forged\\r\\x1b[31m"
+    assert printable("x" * 200, limit=10) == "x" * 10 + "...(+190)"
+
+
+def test_escaping_filter_keeps_every_record_on_one_line() -> None:
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "session for %s", ("a\nb\u2028c",), None)
+    assert EscapingFilter().filter(record)
+    assert record.getMessage() == "session for a\\nb\\u2028c"
+
+
+class _Context:
+    def __init__(self, metadata: tuple, peer: str) -> None:
+        self._metadata, self._peer = metadata, peer
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+
+def test_client_identity_is_the_token_else_the_peer_host() -> None:
+    a = client_identity(_Context((("authorization", "Bearer s3cret"),), "ipv4:127.0.0.1:5000"))
+    b = client_identity(_Context((("authorization", "Bearer other"),), "ipv4:127.0.0.1:5000"))
+    assert a.startswith("token:") and a != b and "s3cret" not in a
+    assert client_identity(_Context((), "ipv4:10.0.0.1:5000")) == client_identity(_Context((), "ipv4:10.0.0.1:6000"))
+    assert client_identity(_Context((), "ipv6:[::1]:5000")) == "ipv6:[::1]"
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"reserved_workers": 0}, "limits.reserved_workers"),
+        ({"max_streams": 29}, "limits.max_streams: 29 must be in"),
+        ({"max_concurrent_rpcs": 8}, "limits.max_concurrent_rpcs"),
+        ({"max_stream_bytes": 1}, "limits: need max_request_bytes <= max_stream_bytes"),
+        ({"max_batch_per_model": {"nope": 4}}, "limits.max_batch_per_model: 'nope' is not served"),
+        ({"max_batch_per_model": {"m": 0}}, "limits.max_batch_per_model.m"),
+    ],
+)
+def test_cloud_limits_are_validated_naming_the_field(limits: dict, message: str) -> None:
+    config = CloudConfig.from_dict({"limits": limits})
+    with pytest.raises(SettingsError, match=message.replace("[", r"\[")):
+        config.limits.validate(config.max_workers, ["m"])
+
+
+def test_default_serving_limits_fit_the_default_workers() -> None:
+    ServingLimits().check(32)
+    assert CloudConfig().limits.batch_limit("any") == 8
