@@ -50,6 +50,8 @@ def serve_stream(
     try:
         for frame in frames:
             rid = frame.request_id
+            if not rid and not frame.session_id and not frame.chunks and not frame.last:
+                continue  # a heartbeat from an idle client (it keeps limits.stream_idle_s from ending the stream)
             if rid in failed:
                 if frame.last:
                     failed.discard(rid)

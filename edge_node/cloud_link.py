@@ -49,6 +49,12 @@ class RequestFailed(WireError):
     """The cloud answered this request with an error."""
 
 
+HEARTBEAT_S = 30.0
+"""An idle stream sends an empty frame (request id 0) this often. The cloud ends a stream whose client
+sends nothing for its ``limits.stream_idle_s`` (120 s by default): without heartbeats an idle edge's
+stream would be ended, and reopened, every two minutes. Keep it well under the cloud's setting."""
+
+
 class InferStream:
     """One ``Infer`` stream bound to one session."""
 
@@ -74,7 +80,14 @@ class InferStream:
         self._receiver.start()
 
     def _frames(self) -> Iterator[si_pb2.InferFrame]:
-        while (frames := self._outbox.get()) is not None:
+        while True:
+            try:
+                frames = self._outbox.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                yield si_pb2.InferFrame()  # heartbeat: request id 0, nothing else
+                continue
+            if frames is None:
+                return
             yield from frames
 
     def submit(self, request_id: int, features: Sequence[tensor_pb2.Tensor]) -> Future:

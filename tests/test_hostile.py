@@ -301,6 +301,39 @@ def test_idle_streams_cannot_take_the_workers(cloud: DaemonProcess, model: Loade
     assert_exact(cloud, model)
 
 
+@pytest.mark.parametrize("heartbeat_s", [IDLE_S / 4, IDLE_S * 10])
+def test_an_idle_edge_stream_lives_on_heartbeats(
+    cloud: DaemonProcess, model: LoadedModel, heartbeat_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge's Infer stream sends an empty frame when idle: the cloud's idle limit ends attackers'
+    silent streams, not a quiet edge's. Without heartbeats the same stream is ended."""
+    from edge_node import cloud_link
+
+    monkeypatch.setattr(cloud_link, "HEARTBEAT_S", heartbeat_s)
+    cut = residual_cut(model)
+    with channel(cloud, GOOD) as ch:
+        stub = si_grpc.SplitInferenceStub(ch)
+        broken = threading.Event()
+        stream = cloud_link.InferStream(
+            stub, open_session(stub, model, cut), model.graph.cut(cut).index, 1 << 20, on_broken=lambda s: broken.set()
+        )
+        try:
+            time.sleep(IDLE_S * 2.5)
+            if heartbeat_s > IDLE_S:
+                assert broken.wait(IDLE_S), "an idle stream without heartbeats was not ended"
+                return
+            assert not broken.is_set()
+            x = torch.rand(1, *MODEL["input_shape"][1:])
+            _, head, tail = model.parts(model.graph.cut(cut).index)
+            with torch.no_grad():
+                features = head(x)
+                reference = tail(*features)
+            reply = stream.submit(1, [encode(f, EncodingSpec.parse("fp32")) for f in features]).result(timeout=30)
+            assert torch.equal(decode(reply.outputs[0]), reference)
+        finally:
+            stream.close()
+
+
 def test_idle_streams_cannot_take_the_edge(edge: DaemonProcess) -> None:
     per_client = 8  # the edge's default max_streams_per_client
     with watched(edge), channel(edge) as ch:
