@@ -11,17 +11,20 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-
-from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, CostModel, Link
-from partitioner.loaded import LoadedModel
-from partitioner.models import ModelSpec, calibration_batch
-from partitioner.planner import BASELINES, Budgets, Planner, Scored, distortion_meter
-from partitioner.profile import Profile, cached_profile, from_proto, scaled
-from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.serving import open_channel
+from typing import TYPE_CHECKING
 
 from .security_args import add_security_args, channel_security
+
+if TYPE_CHECKING:
+    from partitioner.costmodel import Link
+    from partitioner.loaded import LoadedModel
+    from partitioner.planner import Planner, Scored
+    from partitioner.profile import Profile
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
+# The rank column holds a baseline's whole name: the longest of partitioner.planner.BASELINES (not
+# imported here: it would bring torch into `cleave --help`).
+BASELINE_WIDTH = len("neurosurgeon")
 
 BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -33,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec
+
     name, _, source = args.model.partition("=")
     spec = {"name": name, "source": source or name, "input_shape": [int(d) for d in args.input_shape.split(",")]}
     if args.weights:
@@ -44,6 +50,11 @@ def cloud_profile(
     model: LoadedModel, target: str, security: dict | None = None
 ) -> tuple[Profile, si_grpc.SplitInferenceStub]:
     """The cloud's profile of ``model``; ``security``: ``open_channel``'s ``tls`` / ``token`` arguments."""
+    from partitioner.profile import from_proto
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+    from protos.serving import open_channel
+
     stub = si_grpc.SplitInferenceStub(open_channel(target, **(security or {})))
     reply = stub.Profile(si_pb2.ProfileRequest(model=model.name), timeout=300)
     if reply.fingerprint != model.fingerprint:
@@ -52,6 +63,8 @@ def cloud_profile(
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from partitioner.profile import cached_profile
+
     model = load(args)
     if args.cloud:
         profile, _ = cloud_profile(model, args.cloud, channel_security(args))
@@ -74,6 +87,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner, Link, str]:
+    from partitioner.costmodel import CostModel, Link
+    from partitioner.models import calibration_batch
+    from partitioner.planner import Budgets, Planner, distortion_meter
+    from partitioner.profile import cached_profile, scaled
+
     edge = cached_profile(model, role="edge")
     if args.cloud:
         cloud, stub = cloud_profile(model, args.cloud, channel_security(args))
@@ -107,13 +125,15 @@ def row(rank: str, s: Scored) -> str:
     d = s.distortion
     acc = f"{d.rel_error:.1e}/{d.top1 * 100:.0f}%" if d else "-"
     return (
-        f"{rank:>4} {s.candidate.label:<36} {s.cost_ms:9.2f} {p.edge_ms:8.2f} {p.encode_ms:6.2f} "
+        f"{rank:<{BASELINE_WIDTH}} {s.candidate.label:<36} {s.cost_ms:9.2f} {p.edge_ms:8.2f} {p.encode_ms:6.2f} "
         f"{p.upload_ms + p.rtt_ms + p.download_ms:9.2f} {p.decode_ms:6.2f} {p.cloud_ms:8.2f} "
         f"{s.candidate.bytes_up:>10} {acc:>14}  {s.rejected}"
     )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from partitioner.planner import BASELINES
+
     model = load(args)
     planner, link, source = build_planner(args, model)
     ranked = planner.rank(link, limit=args.top)
@@ -123,8 +143,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"RTT {link.rtt_ms:.2f} ms; objective {planner.objective}"
     )
     print(
-        f"{'':>4} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} {'cloud':>8} "
-        f"{'bytes up':>10} {'rel.err/top1':>14}"
+        f"{'':<{BASELINE_WIDTH}} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} "
+        f"{'cloud':>8} {'bytes up':>10} {'rel.err/top1':>14}"
     )
     shown = [s for s in ranked if not s.rejected][: args.top]
     for i, s in enumerate(shown, 1):
@@ -135,9 +155,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("baselines:")
     for name in BASELINES:
         try:
-            print(row(name[:4], planner.baseline(name, link)))
+            print(row(name, planner.baseline(name, link)))
         except ValueError as exc:
-            print(f"     {name}: {exc}")
+            print(f"{name:<{BASELINE_WIDTH}} {exc}")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -171,6 +191,9 @@ def _record(s: Scored) -> dict:
 
 def plot(planner: Planner, link: Link, best: Scored, name: str, path: Path) -> None:
     import matplotlib
+
+    from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, Link
+    from partitioner.planner import BASELINES
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
