@@ -227,15 +227,22 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # --help prints here
+        return _run(args)
+    except BrokenPipeError:
+        # `cleave info | head`: the reader has what it wanted. Exit as a tool killed by SIGPIPE would.
+        _silence_stdout()
+        return 141
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:
-        # `cleave info | head`: the reader has what it wanted. Exit as a tool killed by SIGPIPE would.
-        _silence_stdout()
-        return 141
+        raise
     except KeyboardInterrupt:
         print(f"\ncleave {args.command}: interrupted", file=sys.stderr)
         return 130

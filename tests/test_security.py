@@ -266,7 +266,7 @@ def test_cli_talks_to_secured_daemons(
     assert cleave(["infer", "--edge", edge.address, "--random", "1", "--json"]) == 0
     (record,) = json.loads(capsys.readouterr().out)
     assert record["placement"] == "SPLIT"
-    assert cleave(["status", "--edge", edge.address]) == 0
+    assert cleave(["status", "--edge", edge.address, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "tiny"
     # Flags beat the environment: the cloud takes its own token and a client certificate.
     args = ["info", "--cloud", cloud.address, "--cert", str(pki.client_cert), "--key", str(pki.client_key)]
