@@ -24,10 +24,12 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cleave_cli import compress_cmd
+from cleave_cli.client import EdgeClient
 from cleave_cli.errors import explain_rpc
 from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, edge_process, free_port
 from cleave_cli.main import build_parser, main
 from cleave_cli.output import message_dict, status_table
+from cleave_cli.wait import NotServing
 from edge_node.cloud_link import CloudLink
 from edge_node.config import Reconnect
 from edge_node.link import LinkMonitor
@@ -371,11 +373,17 @@ def test_daemon_listens_not_serving_until_its_models_load(home: Path, capsys: py
             with pytest.raises(grpc.RpcError) as err:
                 si_grpc.SplitInferenceStub(channel).GetInfo(si_pb2.GetInfoRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "starting" in err.value.details()
-            assert main(["wait", "--cloud", address, "--timeout", "0.5"]) == 1
+            # The gate holds the load: any timeout ends NOT_SERVING (long enough for a busy machine to answer).
+            assert main(["wait", "--cloud", address, "--timeout", "3"]) == 1
             assert "NOT_SERVING" in capsys.readouterr().err
+            client = EdgeClient(address)  # an app's wait: health, not just an open port
+            with pytest.raises(NotServing, match="NOT_SERVING"):
+                client.wait_ready(timeout=3)
 
             gate.touch()
             assert main(["wait", "--cloud", address, "--timeout", "120"]) == 0
+            client.wait_ready(timeout=10)
+            client.close()
             info = si_grpc.SplitInferenceStub(channel).GetInfo(si_pb2.GetInfoRequest(), timeout=10)
             assert info.models[0].name == "gated"
     finally:
