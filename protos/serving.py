@@ -216,6 +216,10 @@ class _Router(grpc.GenericRpcHandler):
         return _starting(descriptor.methods_by_name[method])
 
 
+class _StopLoading(BaseException):
+    """Raised in the main thread by a stop signal that arrives while the models load."""
+
+
 class Daemon:
     """A gRPC server hosting ``services`` plus health and reflection."""
 
@@ -322,23 +326,33 @@ class Daemon:
         """Serve until SIGTERM/SIGINT, then drain and call ``on_stop``.
 
         ``load``: called once the daemon listens (it loads the models and :meth:`attach` es the pending
-        services); if it raises, the daemon stops and the exception propagates.
+        services); if it raises, the daemon stops and the exception propagates. A signal during
+        ``load`` abandons it (nothing is served yet) and the daemon stops at once.
         """
+        loading = threading.Event()
 
         def handle(signum: int, _frame: Any) -> None:
-            log.info("signal %d: draining", signum)
+            log.info("signal %d: %s", signum, "stopping the load" if loading.is_set() else "draining")
             # Stop from another thread: a signal handler must return promptly.
             threading.Thread(target=self.stop, args=(grace,), daemon=True).start()
+            if loading.is_set():
+                raise _StopLoading  # in the main thread, out of load()
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         self.start()
         if load is not None:
+            loading.set()
             try:
                 load()
+                loading.clear()
+            except _StopLoading:
+                pass  # the stop thread is draining; on_stop below cleans up what load built
             except BaseException:
+                loading.clear()
                 self.stop(grace=0)
                 raise
+            loading.clear()
         while not self._stopped.wait(0.5):
             pass
         if on_stop is not None:

@@ -343,33 +343,41 @@ def test_wait_succeeds_against_a_serving_daemon(cloud: DaemonProcess, edge: Daem
     assert main(["wait", "--edge", edge.address, "--timeout", "30"]) == 0
 
 
-def test_daemon_listens_not_serving_until_its_models_load(home: Path, capsys: pytest.CaptureFixture) -> None:
-    gate = home / "load-gate"
-    model = {"name": "gated", "source": "tests._factories:gated_tiny_cnn", "input_shape": [1, 3, 16, 16]}
-    (home / "gated.yaml").write_text(yaml.safe_dump({"models": [model], "torch_threads": 1}))
+def start_gated_cloud(home: Path, name: str) -> tuple[subprocess.Popen, str, Path]:
+    """A cloud whose model loads once the returned gate file exists; returns when it first answers health."""
+    gate = home / f"{name}.gate"
+    model = {"name": name, "source": "tests._factories:gated_tiny_cnn", "input_shape": [1, 3, 16, 16]}
+    (home / f"{name}.yaml").write_text(yaml.safe_dump({"models": [model], "torch_threads": 1}))
     port = free_port()
-    address = f"127.0.0.1:{port}"
     env = {**os.environ, "CLEAVE_TEST_LOAD_GATE": str(gate)}
-    with open(home / "gated.log", "wb") as log:
+    with open(home / f"{name}.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud_node.main", "--config", str(home / "gated.yaml"), "--port", str(port)],
+            [sys.executable, "-m", "cloud_node.main", "--config", str(home / f"{name}.yaml"), "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    address = f"127.0.0.1:{port}"
+    with open_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (home / f"{name}.log").read_text()
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                break
+            except grpc.RpcError:
+                time.sleep(0.05)
+    # The first answer: the daemon listens while its model waits for the gate.
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    return proc, address, gate
+
+
+def test_daemon_listens_not_serving_until_its_models_load(home: Path, capsys: pytest.CaptureFixture) -> None:
+    proc, address, gate = start_gated_cloud(home, "gated")
     try:
         with open_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
-            while True:  # the first answer: the daemon listens while its model waits for the gate
-                assert proc.poll() is None and time.monotonic() < deadline, (home / "gated.log").read_text()
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    break
-                except grpc.RpcError:
-                    time.sleep(0.05)
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.RpcError) as err:
                 si_grpc.SplitInferenceStub(channel).GetInfo(si_pb2.GetInfoRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "starting" in err.value.details()
@@ -389,6 +397,17 @@ def test_daemon_listens_not_serving_until_its_models_load(home: Path, capsys: py
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_stop_signal_while_loading_stops_the_daemon(home: Path) -> None:
+    # The gate never opens: without abandoning the load, the daemon would wait for it for minutes.
+    proc, _, _ = start_gated_cloud(home, "stuck")
+    proc.terminate()
+    try:
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert "Traceback" not in (home / "stuck.log").read_text()
 
 
 def test_daemon_that_fails_to_load_exits_with_the_reason(home: Path) -> None:
