@@ -114,7 +114,9 @@ def measure(tree: Tree, runs: int, daemon_runs: int, model: str, cut: str, logs:
             try:
                 if i == 0:  # the client commands, against the first pair
                     cloud_at, edge_at = f"127.0.0.1:{cloud_port}", f"127.0.0.1:{edge_port}"
-                    results["cleave info"] = summary([tree.time_cli(["info", "--cloud", cloud_at]) for _ in range(runs)])
+                    results["cleave info"] = summary(
+                        [tree.time_cli(["info", "--cloud", cloud_at]) for _ in range(runs)]
+                    )
                     results["cleave status"] = summary(
                         [tree.time_cli(["status", "--edge", edge_at]) for _ in range(runs)]
                     )
@@ -126,10 +128,8 @@ def measure(tree: Tree, runs: int, daemon_runs: int, model: str, cut: str, logs:
         finally:
             stop(cloud)
     for name, times in (("cleave-cloud", cloud_times), ("cleave-edge", edge_times)):
-        for key in ("listening_s", "serving_s"):
-            results[f"{name} {key.removesuffix('_s').replace('listening', 'to listen').replace('serving', 'to SERVING')}"] = (
-                summary([t[key] for t in times])
-            )
+        for key, label in (("listening_s", "to listen"), ("serving_s", "to SERVING")):
+            results[f"{name} {label}"] = summary([t[key] for t in times])
     return results
 
 
