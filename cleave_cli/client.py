@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import grpc
 import torch
 
 from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode, encode
@@ -29,7 +28,14 @@ class EdgeClient:
         self.stub = edge_pb2_grpc.EdgeStub(self.channel)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        """Block until the daemon reports SERVING: it listens before its model is loaded.
+
+        Raises:
+            cleave_cli.wait.NotServing: (a TimeoutError) with the daemon's last answer.
+        """
+        from .wait import wait_channel_serving
+
+        wait_channel_serving(self.channel, timeout, self.target)
 
     def infer(self, x: torch.Tensor, request_id: int = 0, timeout: float | None = 60.0) -> edge_pb2.EdgeInferResponse:
         request = edge_pb2.EdgeInferRequest(request_id=request_id, inputs=[encode(x.contiguous(), RAW_UNCOMPRESSED)])

@@ -12,28 +12,32 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from google.protobuf.json_format import MessageToDict
-
-from protos.cleave.v1 import compression_pb2 as pb
-from protos.cleave.v1 import compression_pb2_grpc as pb_grpc
-from protos.security import ClientTLS
-from protos.serving import open_channel
-
+from .lazy import LazyModule
 from .security_args import add_security_args, channel_security
 
+if TYPE_CHECKING:
+    from protos.security import ClientTLS
+
+# Imported when a command runs, not when the parsers are built.
+pb = LazyModule("protos.cleave.v1.compression_pb2")
+pb_grpc = LazyModule("protos.cleave.v1.compression_pb2_grpc")
+
 UPLOAD_CHUNK = 1 << 20
-FORMATS = {
-    ".ts": pb.TORCHSCRIPT,
-    ".pt": pb.TORCHSCRIPT,
-    ".torchscript": pb.TORCHSCRIPT,
-    ".jit": pb.TORCHSCRIPT,
-    ".pt2": pb.EXPORTED_PROGRAM,
-    ".safetensors": pb.SAFETENSORS,
-    ".npz": pb.DATASET_NPZ,
+QUANTIZE_BITS = [2, 3, 4, 5, 6, 8]  # the weight bit-widths the quantize engine accepts
+FORMATS = {  # suffix: the name of its UploadFormat value
+    ".ts": "TORCHSCRIPT",
+    ".pt": "TORCHSCRIPT",
+    ".torchscript": "TORCHSCRIPT",
+    ".jit": "TORCHSCRIPT",
+    ".pt2": "EXPORTED_PROGRAM",
+    ".safetensors": "SAFETENSORS",
+    ".npz": "DATASET_NPZ",
 }
 
 
@@ -45,6 +49,8 @@ class CompressionClient:
     """A thin client: upload, submit, watch, download (resumable, verified)."""
 
     def __init__(self, target: str, *, tls: ClientTLS | None = None, token: str | None = None) -> None:
+        from protos.serving import open_channel
+
         self.channel = open_channel(target, tls=tls, token=token)
         self.stub = pb_grpc.CompressionStub(self.channel)
 
@@ -181,7 +187,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         model_id = dataset_id = ""
         if args.upload:
             path = Path(args.upload)
-            fmt = FORMATS.get(path.suffix.lower())
+            fmt = getattr(pb, FORMATS.get(path.suffix.lower(), ""), None)
             if fmt is None:
                 print(f"cleave compress: --upload {path}: unknown suffix (.ts, .pt2, .safetensors)", file=sys.stderr)
                 return 2
@@ -204,17 +210,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.no_wait:
             print(job.id)
             return 0
-        job = follow(client, job.id, quiet=args.json)
-        if job.state != pb.SUCCEEDED:
-            print(f"job {job.id} {pb.JobState.Name(job.state)}: {job.message}", file=sys.stderr)
-            return 1
-        files = download_all(client, job, Path(args.out or job.id)) if not args.no_download else []
+        try:
+            job = follow(client, job.id, quiet=args.json)
+            if job.state != pb.SUCCEEDED:
+                print(f"job {job.id} {pb.JobState.Name(job.state)}: {job.message}", file=sys.stderr)
+                return 1
+            files = download_all(client, job, Path(args.out or job.id)) if not args.no_download else []
+        except KeyboardInterrupt:
+            print("\n" + resume_hint(args, job.id), file=sys.stderr)
+            return 130
         if args.json:
-            print(
-                json.dumps(
-                    {"job": MessageToDict(job, preserving_proto_field_name=True), "downloaded": dict(files)}, indent=2
-                )
-            )
+            from .output import message_dict
+
+            print(json.dumps({"job": message_dict(job), "downloaded": dict(files)}, indent=2))
         else:
             for name, digest in files:
                 print(f"{Path(args.out or job.id) / name}  sha256 {digest}  verified")
@@ -235,13 +243,39 @@ def warn_from_report(job: pb.Job) -> None:
         print(f"warning: job {job.id}: {warning}", file=sys.stderr)
 
 
+def _connection_flags(args: argparse.Namespace) -> str:
+    """The flags that reach the same cloud the same way (never ``--token``: it would be printed)."""
+    words = ["--cloud", args.cloud]
+    if getattr(args, "tls", False):
+        words.append("--tls")
+    for flag in ("ca", "cert", "key", "server_name", "token_file"):
+        value = getattr(args, flag, None)
+        if value:
+            words += [f"--{flag.replace('_', '-')}", value]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def resume_hint(args: argparse.Namespace, job_id: str) -> str:
+    """What to say when the user interrupts a compress that submitted ``job_id``: it goes on."""
+    flags = _connection_flags(args)
+    out = shlex.quote(args.out or job_id)
+    return (
+        f"interrupted: job {job_id} goes on in the cloud. To resume:\n"
+        f"  cleave jobs watch {job_id} {flags}\n"
+        f"  cleave jobs download {job_id} {flags} --out {out}\n"
+        f"or stop it: cleave jobs cancel {job_id} {flags}"
+    )
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = CompressionClient(args.cloud, **channel_security(args))
     try:
         if args.action == "list":
             jobs = client.list(limit=args.limit)
             if args.json:
-                print(json.dumps([MessageToDict(j, preserving_proto_field_name=True) for j in jobs], indent=2))
+                from .output import message_dict
+
+                print(json.dumps([message_dict(j) for j in jobs], indent=2))
                 return 0
             print(f"{'id':<17} {'state':<10} {'engine':<18} {'progress':>8}  stage / message")
             for j in jobs:
@@ -254,8 +288,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"cleave jobs {args.action}: give a job id", file=sys.stderr)
             return 2
         if args.action == "show":
+            from .output import message_dict
+
             job = client.get(args.job_id)
-            print(json.dumps(MessageToDict(job, preserving_proto_field_name=True), indent=2))
+            print(json.dumps(message_dict(job), indent=2))
         elif args.action == "cancel":
             job = client.cancel(args.job_id)
             print(f"job {job.id}: {pb.JobState.Name(job.state)}")
@@ -286,42 +322,51 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--arch", help="the architecture a safetensors state dict fits")
     src.add_argument("--config", help="Transformer config as JSON, e.g. '{\"num_hidden_layers\": 4}'")
     src.add_argument("--input-shape", help="e.g. 1,3,224,224")
-    src.add_argument("--num-classes", type=int)
-    src.add_argument("--seed", type=int, default=0)
-    c.add_argument("--engine", default="prune", help="prune (default), prune_cnn, prune_transformer, quantize, sweep")
+    src.add_argument("--num-classes", type=int, help="classifier outputs (default: the architecture's)")
+    src.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights")
+    c.add_argument("--engine", default="prune", help="prune, prune_cnn, prune_transformer, quantize or sweep")
     c.add_argument("--ratio", type=float, default=0.5, help="CNN channel ratio removed")
     c.add_argument("--global", dest="global_pruning", action="store_true", help="rank channels across layers")
-    c.add_argument("--layer-ratio", action="append", default=[], metavar="MODULE=RATIO")
-    c.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="never prune this module")
-    c.add_argument("--prune-classifier", action="store_true")
-    c.add_argument("--round-to", type=int, default=0)
-    c.add_argument("--importance", help="l1, l2, bn_scale (CNN); magnitude, gradient (Transformer)")
-    c.add_argument("--head-ratio", type=float, default=0.0)
-    c.add_argument("--ffn-ratio", type=float, default=0.0)
-    c.add_argument("--bits", type=int, default=8, help="quantize: weight bits")
+    c.add_argument(
+        "--layer-ratio", action="append", default=[], metavar="MODULE=RATIO", help="this module's ratio; repeatable"
+    )
+    c.add_argument(
+        "--ignore", action="append", default=[], metavar="MODULE", help="never prune this module; repeatable"
+    )
+    c.add_argument("--prune-classifier", action="store_true", help="prune the classifier's inputs too")
+    c.add_argument("--round-to", type=int, default=0, help="keep channel counts multiples of this (0: any)")
+    c.add_argument(
+        "--importance",
+        help="l1, l2, bn_scale (CNN); magnitude, gradient (Transformer) (default: the engine's, l1 / magnitude)",
+    )
+    c.add_argument("--head-ratio", type=float, default=0.0, help="Transformer: attention heads removed")
+    c.add_argument("--ffn-ratio", type=float, default=0.0, help="Transformer: FFN channels removed")
+    c.add_argument(
+        "--bits", type=int, default=8, choices=QUANTIZE_BITS, metavar="{2,3,4,5,6,8}", help="quantize: weight bits"
+    )
     c.add_argument("--clip", help="quantize: clipping (minmax, percentile, aciq, ...; lapq: optimised per layer)")
-    c.add_argument("--per-tensor", action="store_true")
-    c.add_argument("--ratios", help="sweep: e.g. 0,0.3,0.5")
-    c.add_argument("--bits-grid", help="sweep: e.g. 32,8,4")
-    c.add_argument("--parallelism", type=int, default=0)
+    c.add_argument("--per-tensor", action="store_true", help="quantize: one scale per tensor, not per channel")
+    c.add_argument("--ratios", help="sweep: pruning ratios, e.g. 0,0.3,0.5")
+    c.add_argument("--bits-grid", help="sweep: weight bits, each of 2,3,4,5,6,8,32, e.g. 32,8,4")
+    c.add_argument("--parallelism", type=int, default=0, help="sweep: points run at once (0: the cloud decides)")
     c.add_argument("--dataset", help="evaluation data: .npz or .safetensors with inputs and labels")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
-    c.add_argument("--label")
+    c.add_argument("--label", help="free-form label shown in `cleave jobs list`")
     c.add_argument("--out", help="download directory (default: the job id)")
     c.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    c.add_argument("--no-download", action="store_true")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--no-download", action="store_true", help="follow the job but leave the artifacts in the cloud")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
     add_security_args(c)
     c.set_defaults(func=cmd_compress)
 
     j = sub.add_parser("jobs", help="list, show, watch, cancel or download compression jobs")
-    j.add_argument("action", choices=["list", "show", "watch", "cancel", "download"])
-    j.add_argument("job_id", nargs="?")
-    j.add_argument("--cloud", default="127.0.0.1:50051")
+    j.add_argument("action", choices=["list", "show", "watch", "cancel", "download"], help="what to do")
+    j.add_argument("job_id", nargs="?", help="the job (every action but list)")
+    j.add_argument("--cloud", default="127.0.0.1:50051", help="cloud daemon host:port")
     j.add_argument("--artifact", help="download only this artifact")
     j.add_argument("--out", help="download directory (default: the job id)")
-    j.add_argument("--limit", type=int, default=0)
-    j.add_argument("--json", action="store_true")
+    j.add_argument("--limit", type=int, default=0, help="list: at most this many jobs (0: all)")
+    j.add_argument("--json", action="store_true", help="machine-readable output")
     add_security_args(j)
     j.set_defaults(func=cmd_jobs)
 

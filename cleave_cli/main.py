@@ -1,8 +1,13 @@
 """``cleave``: talk to the daemons from the command line.
 
+cleave wait --cloud 127.0.0.1:50051                 # until the daemon reports SERVING
 cleave infer --edge 127.0.0.1:50052 --random 4      # or image files
 cleave status --edge 127.0.0.1:50052
 cleave info --cloud 127.0.0.1:50051                 # models and every cut
+
+Start-up is part of the interface: this module and the parsers import nothing heavy (no torch, no
+gRPC), and each command imports what it needs when it runs, so ``--help`` answers at once and the
+client commands pay only for what they use.
 """
 
 from __future__ import annotations
@@ -10,19 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
-import grpc
-import torch
-from google.protobuf.json_format import MessageToDict
-
-from protos.cleave.v1 import edge_pb2
-from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.serving import open_channel
-
-from .client import EdgeClient, outputs_of
-from .images import load_image, synthetic_images
+from .errors import explain
 from .security_args import add_security_args, channel_security
 
 STAGES = [
@@ -37,7 +33,40 @@ STAGES = [
 ]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its description, unless the description already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """Every ``cleave`` parser: the defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
+    import torch
+
+    from protos.cleave.v1 import edge_pb2
+
+    from .client import EdgeClient, outputs_of
+    from .images import load_image, synthetic_images
+
     client = EdgeClient(args.edge, **channel_security(args))
     status = client.status(timeout=args.timeout)
     shape = tuple(status.input_shape)
@@ -88,11 +117,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+    from protos.serving import open_channel
+
+    from .output import message_dict
+
     with open_channel(args.cloud, **channel_security(args)) as channel:
         stub = si_grpc.SplitInferenceStub(channel)
         info = stub.GetInfo(si_pb2.GetInfoRequest(model=args.model or "", include_cuts=True), timeout=args.timeout)
     if args.json:
-        print(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(message_dict(info), indent=2))
         return 0
     for model in info.models:
         shape = "x".join(map(str, model.input_shape))
@@ -104,18 +139,39 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = EdgeClient(args.edge, **channel_security(args)).status(timeout=args.timeout)
-    print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
+    from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
+    from protos.serving import open_channel
+
+    from .output import message_dict, status_table
+
+    with open_channel(args.edge, **channel_security(args)) as channel:
+        status = edge_pb2_grpc.EdgeStub(channel).GetStatus(edge_pb2.GetStatusRequest(), timeout=args.timeout)
+    print(json.dumps(message_dict(status), indent=2) if args.json else status_table(status, args.edge))
     return 0
 
 
-# Commands that live in their own modules: each module has ``add_commands(subparsers)``.
+def cmd_wait(args: argparse.Namespace) -> int:
+    from .wait import NotServing, wait_serving
+
+    target = args.cloud or args.edge
+    try:
+        seconds = wait_serving(target, args.timeout, **channel_security(args))
+    except NotServing as exc:
+        print(f"cleave wait: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"{target} SERVING after {seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+# Commands that live in their own modules: each module has ``add_commands(subparsers)`` and keeps its
+# heavy imports inside the functions that run a command.
 COMMAND_MODULES: tuple[str, ...] = ("cleave_cli.plan_cmd", "cleave_cli.compress_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cleave", description="Cleave command-line client")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="cleave", description="Cleave command-line client")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
 
@@ -123,38 +179,78 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("images", nargs="*", help="image files (decoded, resized to the model's input)")
     infer.add_argument("--edge", default="127.0.0.1:50052", help="edge daemon host:port")
     infer.add_argument("--random", type=int, default=0, metavar="N", help="send N synthetic inputs instead")
-    infer.add_argument("--seed", type=int, default=0)
-    infer.add_argument("--top", type=int, default=5)
+    infer.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    infer.add_argument("--top", type=int, default=5, help="classes to report per input")
     infer.add_argument("--json", action="store_true", help="machine-readable output")
-    infer.add_argument("--timeout", type=float, default=60.0)
+    infer.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds")
     add_security_args(infer)
     infer.set_defaults(func=cmd_infer)
 
     info = sub.add_parser("info", help="models a cloud daemon serves, with every cut and its size")
     info.add_argument("--cloud", default="127.0.0.1:50051", help="cloud daemon host:port")
-    info.add_argument("--model", help="only this model")
-    info.add_argument("--json", action="store_true")
-    info.add_argument("--timeout", type=float, default=10.0)
+    info.add_argument("--model", help="only this model (default: every served model)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--timeout", type=float, default=10.0, help="deadline, seconds")
     add_security_args(info)
     info.set_defaults(func=cmd_info)
 
     status = sub.add_parser("status", help="an edge daemon's link, plan, reachability and counters")
-    status.add_argument("--edge", default="127.0.0.1:50052")
-    status.add_argument("--timeout", type=float, default=10.0)
+    status.add_argument("--edge", default="127.0.0.1:50052", help="edge daemon host:port")
+    status.add_argument("--json", action="store_true", help="machine-readable output (numbers as numbers)")
+    status.add_argument("--timeout", type=float, default=10.0, help="deadline, seconds")
     add_security_args(status)
     status.set_defaults(func=cmd_status)
+
+    wait = sub.add_parser(
+        "wait",
+        help="wait until a daemon reports SERVING (models loaded); exit 1 on timeout",
+        description="Wait until a daemon's gRPC health reports SERVING: a daemon listens at once and loads "
+        "its models after, so a script starts it with & and runs `cleave wait` before calling it.",
+    )
+    which = wait.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cloud", metavar="HOST:PORT", help="a cloud daemon")
+    which.add_argument("--edge", metavar="HOST:PORT", help="an edge daemon")
+    wait.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    wait.add_argument("--quiet", action="store_true", help="print nothing on success")
+    add_security_args(wait)
+    wait.set_defaults(func=cmd_wait)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
     try:
-        return args.func(args)
-    except grpc.RpcError as exc:
-        print(f"cleave {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as exc:
-        print(f"cleave {args.command}: {exc}", file=sys.stderr)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)  # --help prints here
+        return _run(args)
+    except BrokenPipeError:
+        # `cleave info | head`: the reader has what it wanted. Exit as a tool killed by SIGPIPE would.
+        _silence_stdout()
+        return 141
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        raise
+    except KeyboardInterrupt:
+        print(f"\ncleave {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every known failure becomes one line, not a traceback
+        message = explain(exc, args)
+        if message is None:
+            raise
+        print(f"cleave {args.command}: {message}", file=sys.stderr)
         return 1
 
 

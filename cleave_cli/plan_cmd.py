@@ -11,17 +11,20 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-
-from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, CostModel, Link
-from partitioner.loaded import LoadedModel
-from partitioner.models import ModelSpec, calibration_batch
-from partitioner.planner import BASELINES, Budgets, Planner, Scored, distortion_meter
-from partitioner.profile import Profile, cached_profile, from_proto, scaled
-from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.serving import open_channel
+from typing import TYPE_CHECKING
 
 from .security_args import add_security_args, channel_security
+
+if TYPE_CHECKING:
+    from partitioner.costmodel import Link
+    from partitioner.loaded import LoadedModel
+    from partitioner.planner import Planner, Scored
+    from partitioner.profile import Profile
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
+# The rank column holds a baseline's whole name: the longest of partitioner.planner.BASELINES (not
+# imported here: it would bring torch into `cleave --help`).
+BASELINE_WIDTH = len("neurosurgeon")
 
 BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -29,10 +32,13 @@ BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision name, NAME=SOURCE, or a file")
     p.add_argument("--weights", help="local state-dict file")
-    p.add_argument("--input-shape", default="1,3,224,224")
+    p.add_argument("--input-shape", default="1,3,224,224", help="input batch shape, comma-separated")
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec
+
     name, _, source = args.model.partition("=")
     spec = {"name": name, "source": source or name, "input_shape": [int(d) for d in args.input_shape.split(",")]}
     if args.weights:
@@ -44,6 +50,11 @@ def cloud_profile(
     model: LoadedModel, target: str, security: dict | None = None
 ) -> tuple[Profile, si_grpc.SplitInferenceStub]:
     """The cloud's profile of ``model``; ``security``: ``open_channel``'s ``tls`` / ``token`` arguments."""
+    from partitioner.profile import from_proto
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+    from protos.serving import open_channel
+
     stub = si_grpc.SplitInferenceStub(open_channel(target, **(security or {})))
     # At this model's input shape: the cloud's own may differ, and timings follow the shape.
     reply = stub.Profile(si_pb2.ProfileRequest(model=model.name, input_shape=model.input_shape), timeout=300)
@@ -56,6 +67,8 @@ def cloud_profile(
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from partitioner.profile import cached_profile
+
     model = load(args)
     if args.cloud:
         profile, _ = cloud_profile(model, args.cloud, channel_security(args))
@@ -78,6 +91,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner, Link, str]:
+    from partitioner.costmodel import CostModel, Link
+    from partitioner.models import calibration_batch
+    from partitioner.planner import Budgets, Planner, distortion_meter
+    from partitioner.profile import cached_profile, scaled
+
     edge = cached_profile(model, role="edge")
     if args.cloud:
         cloud, stub = cloud_profile(model, args.cloud, channel_security(args))
@@ -111,13 +129,15 @@ def row(rank: str, s: Scored) -> str:
     d = s.distortion
     acc = f"{d.rel_error:.1e}/{d.top1 * 100:.0f}%" if d else "-"
     return (
-        f"{rank:>4} {s.candidate.label:<36} {s.cost_ms:9.2f} {p.edge_ms:8.2f} {p.encode_ms:6.2f} "
+        f"{rank:<{BASELINE_WIDTH}} {s.candidate.label:<36} {s.cost_ms:9.2f} {p.edge_ms:8.2f} {p.encode_ms:6.2f} "
         f"{p.upload_ms + p.rtt_ms + p.download_ms:9.2f} {p.decode_ms:6.2f} {p.cloud_ms:8.2f} "
         f"{s.candidate.bytes_up:>10} {acc:>14}  {s.rejected}"
     )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from partitioner.planner import BASELINES
+
     model = load(args)
     planner, link, source = build_planner(args, model)
     ranked = planner.rank(link, limit=args.top)
@@ -127,8 +147,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"RTT {link.rtt_ms:.2f} ms; objective {planner.objective}"
     )
     print(
-        f"{'':>4} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} {'cloud':>8} "
-        f"{'bytes up':>10} {'rel.err/top1':>14}"
+        f"{'':<{BASELINE_WIDTH}} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} "
+        f"{'cloud':>8} {'bytes up':>10} {'rel.err/top1':>14}"
     )
     shown = [s for s in ranked if not s.rejected][: args.top]
     for i, s in enumerate(shown, 1):
@@ -139,9 +159,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("baselines:")
     for name in BASELINES:
         try:
-            print(row(name[:4], planner.baseline(name, link)))
+            print(row(name, planner.baseline(name, link)))
         except ValueError as exc:
-            print(f"     {name}: {exc}")
+            print(f"{name:<{BASELINE_WIDTH}} {exc}")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -175,6 +195,9 @@ def _record(s: Scored) -> dict:
 
 def plot(planner: Planner, link: Link, best: Scored, name: str, path: Path) -> None:
     import matplotlib
+
+    from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, Link
+    from partitioner.planner import BASELINES
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -234,7 +257,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--down", type=float, help="downlink Mbit/s (default: = --bandwidth)")
     plan.add_argument("--rtt", type=float, default=10.0, help="round trip ms (default 10)")
     plan.add_argument("--cloud-speedup", type=float, default=4.0, help="offline: how much faster the cloud is")
-    plan.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    plan.add_argument(
+        "--objective", choices=["latency", "throughput"], default="latency", help="what the ranking minimises"
+    )
     plan.add_argument("--memory-mb", type=float, help="edge memory budget (head weights + activations)")
     plan.add_argument("--max-rel-error", type=float, default=0.05, help="output distortion budget")
     plan.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement budget")
@@ -242,7 +267,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--float-input", action="store_true", help="inputs are not 8-bit images: charge 8-bit input codes to accuracy"
     )
-    plan.add_argument("--top", type=int, default=10)
+    plan.add_argument("--top", type=int, default=10, help="placements to list")
     plan.add_argument("--json", help="write the ranking as JSON here")
     plan.add_argument("--png", help="write the plot here")
     add_security_args(plan)

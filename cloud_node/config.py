@@ -6,14 +6,39 @@ import copy
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
+from partitioner.spec import ModelSpec
 from protos.admission import ServingLimits
 from protos.metrics import MetricsConfig
 from protos.security import ServerAuth, ServerTLS
 from protos.serving import Keepalive
 
-from .batching import BatchSettings
+
+@dataclass
+class BatchSettings:
+    """How one model is batched (Triton's ``dynamic_batching`` block)."""
+
+    enabled: bool = False
+    max_batch_size: int = 8  # rows per batch; <= 1 turns batching off
+    preferred_batch_sizes: list[int] = field(default_factory=list)  # dispatch at once on reaching one of these
+    max_queue_delay_ms: float = 0.0  # how long the oldest request may wait for company; 0: never wait
+    max_queue_size: int = 128  # queued requests per key beyond which submit answers RESOURCE_EXHAUSTED
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.max_batch_size > 1
+
+    def check(self) -> None:
+        """Raise ValueError naming the first field out of range."""
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size: {self.max_batch_size} must be >= 1")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise ValueError(f"preferred_batch_sizes: {size} is not in [1, max_batch_size={self.max_batch_size}]")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms: {self.max_queue_delay_ms} must be >= 0")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size: {self.max_queue_size} must be >= 1")
 
 
 @dataclass

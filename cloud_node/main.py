@@ -5,23 +5,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry
 
-from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError
+from partitioner.spec import ModelSpec
 from protos import logsafe
 from protos.cleave.v1 import compression_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
-from protos.serving import Daemon, Service
+from protos.serving import Daemon, Service, ServiceOff
 
-from .batching import Batchers
 from .config import CloudConfig
-from .metrics import CloudMetrics
-from .servicer import SplitInferenceServicer
-from .sessions import ModelRegistry, SessionManager
+
+# Torch and the models come in with load_services, after the daemon listens (health NOT_SERVING).
+if TYPE_CHECKING:
+    from .batching import Batchers
+    from .sessions import ModelRegistry
 
 SPLIT_INFERENCE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
 COMPRESSION = compression_pb2.DESCRIPTOR.services_by_name["Compression"]
@@ -30,6 +33,10 @@ CONTROL_METHODS = (
     f"/{SPLIT_INFERENCE.full_name}/GetInfo",
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
+)
+COMPRESSION_OFF = (
+    "the Compression service is off on this cloud: start cleave-cloud with --jobs-dir DIR "
+    "(or a jobs: section with dir: in cloud.yaml) to enable it"
 )
 
 
@@ -88,7 +95,25 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
 
 def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None) -> Daemon:
     """Load every model and assemble the server (not started); with ``registry``, record metrics in it."""
-    config.limits.validate(config.max_workers, [m.name for m in config.models])
+    return new_daemon(config, load_services(config, registry), registry)
+
+
+def hosted(config: CloudConfig) -> list[ServiceDescriptor]:
+    """The services ``config`` hosts, known before any model is loaded."""
+    from protos.kserve.v2 import grpc_predict_v2_pb2 as kserve_pb  # what .kserve serves, without torch
+
+    kserve = kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    return [SPLIT_INFERENCE, kserve, *([COMPRESSION] if config.jobs.dir else [])]
+
+
+def load_services(config: CloudConfig, registry: CollectorRegistry | None = None) -> list[Service]:
+    """Load every model and build the servicers of :func:`hosted`'s services (the slow part of a start)."""
+    import torch
+
+    from .metrics import CloudMetrics
+    from .servicer import SplitInferenceServicer
+    from .sessions import ModelRegistry, SessionManager
+
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     sessions = SessionManager(ModelRegistry(config.models), config.limits, batchers_for(config))
@@ -103,13 +128,22 @@ def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None)
         if metrics is not None:
             metrics.watch_jobs(jobs.store)
         services.append(Service(CompressionServicer(jobs, config.jobs.chunk_bytes), COMPRESSION))
+    return services
+
+
+def new_daemon(config: CloudConfig, services: list[Service], registry: CollectorRegistry | None = None) -> Daemon:
+    """The server for ``services`` (pending ones: ``Service(None, descriptor)``), not started."""
+    config.limits.validate(config.max_workers, [m.name for m in config.models])
+    interceptors: list[grpc.ServerInterceptor] = [RpcMetrics(registry)] if registry is not None else []
+    if not config.jobs.dir:
+        interceptors.append(ServiceOff(COMPRESSION, COMPRESSION_OFF))
     return Daemon(
         config.listen,
         services,
         max_message_bytes=config.limits.max_message_bytes,
         max_workers=config.max_workers,
         allow_insecure_public=config.allow_insecure_public,
-        interceptors=[RpcMetrics(registry)] if registry is not None else [],
+        interceptors=interceptors,
         tls=config.tls,
         auth=config.auth,
         keepalive=config.keepalive,
@@ -120,6 +154,8 @@ def build_daemon(config: CloudConfig, registry: CollectorRegistry | None = None)
 
 def batchers_for(config: CloudConfig) -> Batchers:
     """Dynamic batchers for tails and whole models, as ``batching:`` in cloud.yaml sets them."""
+    from .batching import Batchers
+
     config.batching.check([m.name for m in config.models])
     return Batchers(config.batching.for_model)
 
@@ -148,24 +184,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The endpoint first: a port clash fails at once, not after loading every model.
         endpoint = serve_metrics(config.metrics.listen, registry, allow_insecure_public=config.allow_insecure_public)
-        daemon = build_daemon(config, registry)
+        # Listen first (health NOT_SERVING), then load the models: a client can wait for SERVING.
+        daemon = new_daemon(config, [Service(None, d) for d in hosted(config)], registry)
     except (OSError, ValueError) as exc:
         print(f"cleave-cloud: {exc}", file=sys.stderr)
         return 1
+
+    def load() -> None:
+        for service in load_services(config, registry):
+            daemon.attach(service)
 
     def on_stop() -> None:
         close_services(daemon)
         if endpoint is not None:
             endpoint.stop()
 
-    daemon.run_until_signal(on_stop=on_stop)
+    try:
+        daemon.run_until_signal(on_stop=on_stop, load=load)
+    except (OSError, ValueError) as exc:
+        print(f"cleave-cloud: {exc}", file=sys.stderr)
+        if endpoint is not None:
+            endpoint.stop()
+        return 1
     return 0
 
 
 def close_services(daemon: Daemon) -> None:
     """After the drain: stop what services run in the background (the job workers)."""
     for service in daemon.services:
-        close = getattr(service.servicer, "close", None)
+        close = getattr(service.servicer, "close", None)  # None too for a service never loaded
         if close is not None:
             close()
 

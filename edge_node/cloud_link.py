@@ -26,7 +26,7 @@ from partitioner.loaded import LoadedModel
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.cleave.v1 import tensor_pb2
-from protos.errors import FailedPrecondition, Unavailable, WireError, from_rpc_error
+from protos.errors import Unavailable, WireError, from_rpc_error
 from protos.security import ClientTLS
 from protos.serving import KEEPALIVE, Keepalive, open_channel
 
@@ -35,6 +35,17 @@ from .link import LinkMonitor
 from .probe import probe_rtt
 
 log = logging.getLogger(__name__)
+
+# OpenSession answers that mean the cloud is up but will not serve this edge as configured.
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,  # the model is not served there
+        grpc.StatusCode.FAILED_PRECONDITION,  # another fingerprint: not the same model
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
 
 
 @dataclass
@@ -204,6 +215,9 @@ class CloudLink:
         self.chunk_bytes = chunk_bytes
         self.client_name = client_name
         self.last_error = "not connected yet"
+        # The cloud's reason when it answered OpenSession with a refusal (model not served, another
+        # fingerprint, bad token): it is up, but will not serve this edge. Empty otherwise.
+        self.refusal = ""
         self.reconnects = 0
         # Every call to the cloud (sessions, Infer, probes, the planner's Profile) goes over this channel.
         # ``keepalive`` must not ping more often than the cloud's own keepalive setting permits.
@@ -307,15 +321,19 @@ class CloudLink:
             )
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
-            if isinstance(error, FailedPrecondition) or error.code == grpc.StatusCode.UNAUTHENTICATED:
-                log.error("cloud refused the session: %s", error.message)
+            if error.code in REFUSALS:
+                # The cloud answered: it is reachable, and retrying will not help until it changes.
+                self.refusal = error.message
+                log.error("cloud %s refused the session: %s: %s", self.target, error.code.name, error.message)
+            else:
+                self.refusal = ""
             raise error from None
         stream = InferStream(self._stub, reply.session_id, cut_index, self.chunk_bytes, self._on_broken)
         old, self._stream = self._stream, stream
         if old is not None:
             self._retire(old)
         self.reconnects += 1
-        self.last_error = ""
+        self.last_error = self.refusal = ""
         log.info("cloud session %s at cut %d", reply.session_id[:8], cut_index)
         self._probe_rtt()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from partitioner.models import ModelSpec
 from partitioner.settings import SettingsError, from_mapping, load_yaml
+from partitioner.spec import ModelSpec
 from protos.admission import ServingLimits
 from protos.metrics import MetricsConfig
 from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS

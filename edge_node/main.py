@@ -6,11 +6,8 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from compressor import EncodingSpec
-from partitioner.loaded import LoadedModel
 from partitioner.settings import SettingsError
 from protos import logsafe
 from protos.cleave.v1 import edge_pb2
@@ -18,13 +15,14 @@ from protos.errors import WireError
 from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from protos.serving import Daemon, Service
 
-from .autoplan import AutoPlanner
-from .cloud_link import CloudLink
 from .config import EdgeConfig
-from .link import LinkMonitor
-from .metrics import EdgeMetrics
-from .runtime import EdgeRuntime
-from .servicer import EdgeServicer
+
+# Torch, the model and the rest of the edge come in with EdgeDaemon.load, after the daemon listens.
+if TYPE_CHECKING:
+    from .autoplan import AutoPlanner
+    from .cloud_link import CloudLink
+
+BIT_WIDTHS = (2, 3, 4, 5, 6, 8, 16, 32)  # --bits: affine 2-6 and 8 (compressor.bitpack.BIT_WIDTHS), fp16, fp32
 
 EDGE = edge_pb2.DESCRIPTOR.services_by_name["Edge"]
 #: Answered from the handler threads kept free of streams and long calls (see protos.admission).
@@ -45,7 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--cut", help='"auto" (default: the planner decides), "cloud" (send the input), "edge", or a cut name or index'
     )
-    p.add_argument("--bits", type=int, help="feature bits: 2-8 (affine), 16 (fp16) or 32 (fp32)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=BIT_WIDTHS,
+        metavar="{2,3,4,5,6,8,16,32}",
+        help="feature bits: 2, 3, 4, 5, 6 or 8 (affine int), 16 (fp16) or 32 (fp32)",
+    )
     p.add_argument("--encoding", help="feature encoding, e.g. int8, int4c, fp16, fp32+none")
     p.add_argument("--timeout", type=float, help="per-request deadline for the cloud, seconds")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -62,7 +66,7 @@ def encoding_for_bits(bits: int) -> str:
     return f"int{bits}"
 
 
-def build_config(args: argparse.Namespace) -> EdgeConfig:
+def build_config(args: argparse.Namespace, check: bool = True) -> EdgeConfig:
     data = {}
     if args.config:
         from partitioner.settings import load_yaml
@@ -99,22 +103,70 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
         config.metrics = MetricsConfig(args.metrics)
     if args.log_level:
         config.log_level = args.log_level
-    EncodingSpec.parse(config.plan.encoding)  # fail at start, not on the first request
+    if check:
+        check_encoding(config)
     return config
 
 
+def settings(args: argparse.Namespace) -> EdgeConfig:
+    """:func:`build_config` without the checks that need torch (the daemon runs them before SERVING)."""
+    return build_config(args, check=False)
+
+
+def check_encoding(config: EdgeConfig) -> None:
+    """Fail at start, not on the first request: raises ValueError naming what is wrong."""
+    from compressor import EncodingSpec
+
+    EncodingSpec.parse(config.plan.encoding)
+
+
 class EdgeDaemon:
-    """The edge's parts wired together: model, link, runtime and server."""
+    """The edge's parts wired together: model, link, runtime and server.
+
+    The server listens first (health NOT_SERVING); :meth:`load` loads the model and wires the rest.
+    """
 
     def __init__(self, config: EdgeConfig) -> None:
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
         self.config = config
         # The metrics endpoint first: a port clash fails at once, not after loading the model.
         self.registry = new_registry() if config.metrics.enabled else None
         self.metrics_endpoint = serve_metrics(
             config.metrics.listen, self.registry, allow_insecure_public=config.allow_insecure_public
         )
+        self.link: CloudLink | None = None
+        self.autoplanner: AutoPlanner | None = None
+        self.server = Daemon(
+            config.listen,
+            [Service(None, EDGE)],
+            max_message_bytes=config.limits.max_message_bytes,
+            max_workers=config.max_workers,
+            allow_insecure_public=config.allow_insecure_public,
+            interceptors=[RpcMetrics(self.registry)] if self.registry is not None else [],
+            tls=config.tls,
+            auth=config.auth,
+            keepalive=config.keepalive,
+            limits=config.limits,
+            control_methods=CONTROL_METHODS,
+        )
+
+    def load(self) -> None:
+        """Load the model, connect to the cloud, plan; then serve the Edge service."""
+        import torch
+
+        from compressor import EncodingSpec
+        from partitioner.loaded import LoadedModel
+
+        from .autoplan import AutoPlanner
+        from .cloud_link import CloudLink
+        from .link import LinkMonitor
+        from .metrics import EdgeMetrics
+        from .runtime import EdgeRuntime
+        from .servicer import EdgeServicer
+
+        config = self.config
+        check_encoding(config)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         self.model = LoadedModel.load(config.model)
         self.link = CloudLink(
             config.cloud,
@@ -133,7 +185,6 @@ class EdgeDaemon:
         )
         if self.registry is not None:
             EdgeMetrics(self.registry, self.runtime)
-        self.autoplanner: AutoPlanner | None = None
         if config.plan.cut == "auto":
             # Until the first plan is made, requests run on the edge.
             self.autoplanner = AutoPlanner(
@@ -144,29 +195,18 @@ class EdgeDaemon:
         servicer = EdgeServicer(
             self.runtime, config.cloud, config.limits.stream_window, self.autoplanner, config.limits.max_batch
         )
-        self.server = Daemon(
-            config.listen,
-            [Service(servicer, EDGE)],
-            max_message_bytes=config.limits.max_message_bytes,
-            max_workers=config.max_workers,
-            allow_insecure_public=config.allow_insecure_public,
-            interceptors=[RpcMetrics(self.registry)] if self.registry is not None else [],
-            tls=config.tls,
-            auth=config.auth,
-            keepalive=config.keepalive,
-            limits=config.limits,
-            control_methods=CONTROL_METHODS,
-        )
-
-    def run(self) -> None:
+        self.server.attach(Service(servicer, EDGE))
         if self.autoplanner is not None:
             self.autoplanner.start()
-        self.server.run_until_signal(on_stop=self.close)
+
+    def run(self) -> None:
+        self.server.run_until_signal(on_stop=self.close, load=self.load)
 
     def close(self) -> None:
         if self.autoplanner is not None:
             self.autoplanner.stop()
-        self.link.close()
+        if self.link is not None:
+            self.link.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
 
@@ -174,7 +214,7 @@ class EdgeDaemon:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = build_config(args)
+        config = settings(args)
     except (SettingsError, ValueError) as exc:
         print(f"cleave-edge: {exc}", file=sys.stderr)
         return 2
@@ -185,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, WireError) as exc:
         print(f"cleave-edge: {exc}", file=sys.stderr)
         return 1
-    daemon.run()
+    try:
+        daemon.run()  # listens, then loads the model
+    except (OSError, ValueError, WireError) as exc:
+        print(f"cleave-edge: {exc}", file=sys.stderr)
+        daemon.close()
+        return 1
     return 0
 
 

@@ -31,6 +31,8 @@ from .cloud_link import CloudLink
 
 log = logging.getLogger(__name__)
 
+FALLBACK_LOG_INTERVAL_S = 60.0  # a lasting fallback is logged again this often
+
 SPLIT, EDGE_ONLY, CLOUD_ONLY, LOCAL_FALLBACK = (
     edge_pb2.SPLIT,
     edge_pb2.EDGE_ONLY,
@@ -173,6 +175,9 @@ class EdgeRuntime:
         self._inflight = 0
         self._inflight_cuts: Counter[int] = Counter()  # requests running per cut of the plan they took
         self._inflight_lock = threading.Lock()
+        self._fallback_lock = threading.Lock()  # guards the two below: what _log_fallback said last, and when
+        self._fallback_note = ""
+        self._fallback_logged = 0.0
         link.in_use = self.cut_in_use  # a replaced stream drains until its cut's requests are done
         self._plan: ActivePlan = self._make_plan("edge", EncodingSpec(), reason="initial")
 
@@ -302,7 +307,10 @@ class EdgeRuntime:
 
         stream = self.link.stream_for(plan.cut.index)
         if stream is None:
-            note = f"cloud unreachable: {self.link.last_error or f'no session at cut {plan.cut.index} yet'}"
+            if self.link.refusal:
+                note = f"cloud refused the session: {self.link.refusal}"
+            else:
+                note = f"cloud unreachable: {self.link.last_error or f'no session at cut {plan.cut.index} yet'}"
             return self._finish_locally(features, plan, timing, started, note)
 
         encoded = [encode(f, plan.spec) for f in features]
@@ -336,9 +344,25 @@ class EdgeRuntime:
         self.link.monitor.record_transfer(reply.bytes_up, reply.bytes_down, timing.transfer_ms)
         return Outcome(outputs, plan.placement, plan, timing, reply.bytes_up, reply.bytes_down)
 
+    def _log_fallback(self, plan: ActivePlan, note: str) -> None:
+        """Say why requests run the tail here: when the reason changes, and once a minute while it lasts."""
+        now = time.monotonic()
+        with self._fallback_lock:
+            if note == self._fallback_note and now - self._fallback_logged < FALLBACK_LOG_INTERVAL_S:
+                return
+            self._fallback_note, self._fallback_logged = note, now
+        log.warning(
+            "falling back to the local tail (plan %s at %s, %s): %s",
+            edge_pb2.Placement.Name(plan.placement),
+            plan.cut.name if plan.cut else "-",
+            plan.reason,
+            note,
+        )
+
     def _finish_locally(
         self, features: tuple, plan: ActivePlan, timing: edge_pb2.StageTiming, started: float, note: str
     ) -> Outcome:
+        self._log_fallback(plan, note)
         t0 = time.perf_counter()
         with torch.inference_mode():
             outputs = as_tensor_list(plan.tail(*features))

@@ -6,17 +6,41 @@ that edge and cloud serve.
   (cloud) modules of a cut, with ``tail(*head(x)) == model(x)`` exactly.
 * :class:`ModelSpec` and :func:`load_model` build the same model in two processes;
   :func:`fingerprint` proves that they did.
+
+Names are imported on first use (PEP 562): ``import partitioner.spec`` or ``partitioner.settings``
+(what the daemons need to read their configs) must not import torch.
 """
 
-from partitioner.graph import Cut, ModelGraph, TraceError, trace
-from partitioner.models import (
-    ModelLoadError,
-    ModelSpec,
-    calibrate_batchnorm,
-    example_input,
-    fingerprint,
-    load_model,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from partitioner.graph import Cut, ModelGraph, TraceError, trace
+    from partitioner.models import ModelLoadError, calibrate_batchnorm, example_input, fingerprint, load_model
+    from partitioner.spec import ModelSpec
+
+_HOME = {
+    "Cut": "partitioner.graph",
+    "ModelGraph": "partitioner.graph",
+    "TraceError": "partitioner.graph",
+    "trace": "partitioner.graph",
+    "ModelLoadError": "partitioner.models",
+    "ModelSpec": "partitioner.spec",
+    "calibrate_batchnorm": "partitioner.models",
+    "example_input": "partitioner.models",
+    "fingerprint": "partitioner.models",
+    "load_model": "partitioner.models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'partitioner' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
+
 
 __all__ = [
     "Cut",

@@ -10,6 +10,10 @@ threads (reserved threads for health and control calls, stream quotas, idle stre
 NOT_SERVING, finish in-flight calls, then close) on SIGTERM or SIGINT. Requests whose bytes do not
 decode as the expected message answer INVALID_ARGUMENT naming the type, where gRPC alone would
 answer INTERNAL.
+
+A daemon listens before its models are loaded: a :class:`Service` given without a servicer is
+*pending*; its calls answer UNAVAILABLE and health says NOT_SERVING until :meth:`Daemon.attach`
+supplies the servicer, so a client can wait for SERVING (``cleave wait``) instead of guessing.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .security import BearerAuthInterceptor, ClientTLS, ServerAuth, ServerTLS, s
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+STARTING = "the daemon is starting (loading its models): wait for health SERVING (`cleave wait`), then retry"
 
 
 def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -176,7 +181,10 @@ def is_loopback(address: str) -> bool:
 
 @dataclass(frozen=True)
 class Service:
-    """One gRPC service to host: a servicer and the descriptor of the service it implements."""
+    """One gRPC service to host: a servicer and the descriptor of the service it implements.
+
+    ``servicer=None``: pending, the daemon listens and answers UNAVAILABLE for it until attached.
+    """
 
     servicer: Any
     descriptor: ServiceDescriptor
@@ -242,6 +250,75 @@ def service_handler(service: Service) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+def _starting(method: MethodDescriptor) -> grpc.RpcMethodHandler:
+    """A handler that answers UNAVAILABLE: the daemon listens but is still loading."""
+
+    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAVAILABLE, STARTING)
+
+    return handler_kind(method.client_streaming, method.server_streaming).make(refuse)
+
+
+class ServiceOff(grpc.ServerInterceptor):
+    """Answer every call to a service this daemon does not host with UNIMPLEMENTED and ``message``.
+
+    gRPC alone answers ``Method not found!``, which reads like a version mismatch; ``message``
+    says the service is off and how to turn it on.
+    """
+
+    def __init__(self, descriptor: ServiceDescriptor, message: str) -> None:
+        self.descriptor = descriptor
+        self.message = message
+        self._prefix = f"/{descriptor.full_name}/"
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        if not details.method.startswith(self._prefix):
+            return continuation(details)
+        method = self.descriptor.methods_by_name.get(details.method[len(self._prefix) :])
+        if method is None:
+            return continuation(details)
+
+        def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, self.message)
+
+        return handler_kind(method.client_streaming, method.server_streaming).make(refuse)
+
+
+class _Router(grpc.GenericRpcHandler):
+    """Routes calls to each hosted service's handlers; a pending service's calls answer UNAVAILABLE.
+
+    The handler table is replaced whole under a lock when a service is attached; gRPC's threads read it.
+    """
+
+    def __init__(self, services: Sequence[Service]) -> None:
+        self._lock = threading.Lock()
+        self._descriptors = {s.full_name: s.descriptor for s in services}
+        self._handlers = {s.full_name: service_handler(s) for s in services if s.servicer is not None}
+
+    def attach(self, service: Service) -> None:
+        handler = service_handler(service)
+        with self._lock:
+            self._handlers = {**self._handlers, service.full_name: handler}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        _, _, rest = details.method.partition("/")
+        name, _, method = rest.partition("/")
+        with self._lock:
+            handler = self._handlers.get(name)
+        if handler is not None:
+            return handler.service(details)
+        descriptor = self._descriptors.get(name)
+        if descriptor is None or method not in descriptor.methods_by_name:
+            return None
+        return _starting(descriptor.methods_by_name[method])
+
+
+class _StopLoading(BaseException):
+    """Raised in the main thread by a stop signal that arrives while the models load."""
+
+
 class Daemon:
     """A gRPC server hosting ``services`` plus health and reflection."""
 
@@ -290,7 +367,8 @@ class Daemon:
             interceptors=list(interceptors),
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
-        self._server.add_generic_rpc_handlers([service_handler(s) for s in self.services])
+        self._router = _Router(self.services)
+        self._server.add_generic_rpc_handlers([self._router])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [s.full_name for s in self.services]
         reflection.enable_server_reflection(
@@ -309,23 +387,42 @@ class Daemon:
                 raise port_in_use_error("cannot listen on", address)
             raise OSError(f"cannot bind {address}")
         self._stopped = threading.Event()
+        self._draining = threading.Event()
 
     def _set_health(self, status: int) -> None:
         self.health.set("", status)
         for service in self.services:
             self.health.set(service.full_name, status)
 
+    @property
+    def pending(self) -> list[str]:
+        """Services that wait for :meth:`attach`."""
+        return [s.full_name for s in self.services if s.servicer is None]
+
     def start(self) -> int:
-        """Start serving; returns the bound port."""
+        """Start listening; returns the bound port. Health is SERVING unless a service is pending."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.start()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s (port %d, %s)", self.address, self.port, self.security)
+        if not self.pending:
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    def attach(self, service: Service) -> None:
+        """Supply a pending service's servicer; health turns SERVING when none is pending."""
+        if service.full_name not in self.pending:
+            raise ValueError(f"{service.full_name} is not a pending service of this daemon")
+        self._router.attach(service)
+        self.services = [service if s.full_name == service.full_name else s for s in self.services]
+        if not self.pending and not self._draining.is_set():
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving %s", ", ".join(s.full_name for s in self.services))
 
     def stop(self, grace: float = 10.0) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``."""
         if self._stopped.is_set():
             return
+        self._draining.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(grace).wait()
         self._stopped.set()
@@ -334,17 +431,42 @@ class Daemon:
         """Block until stopped."""
         self._stopped.wait()
 
-    def run_until_signal(self, on_stop: Callable[[], None] | None = None, grace: float = 10.0) -> None:
-        """Serve until SIGTERM/SIGINT, then drain and call ``on_stop``."""
+    def run_until_signal(
+        self,
+        on_stop: Callable[[], None] | None = None,
+        grace: float = 10.0,
+        load: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and call ``on_stop``.
+
+        ``load``: called once the daemon listens (it loads the models and :meth:`attach` es the pending
+        services); if it raises, the daemon stops and the exception propagates. A signal during
+        ``load`` abandons it (nothing is served yet) and the daemon stops at once.
+        """
+        loading = threading.Event()
 
         def handle(signum: int, _frame: Any) -> None:
-            log.info("signal %d: draining", signum)
+            log.info("signal %d: %s", signum, "stopping the load" if loading.is_set() else "draining")
             # Stop from another thread: a signal handler must return promptly.
             threading.Thread(target=self.stop, args=(grace,), daemon=True).start()
+            if loading.is_set():
+                raise _StopLoading  # in the main thread, out of load()
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         self.start()
+        if load is not None:
+            loading.set()
+            try:
+                load()
+                loading.clear()
+            except _StopLoading:
+                pass  # the stop thread is draining; on_stop below cleans up what load built
+            except BaseException:
+                loading.clear()
+                self.stop(grace=0)
+                raise
+            loading.clear()
         while not self._stopped.wait(0.5):
             pass
         if on_stop is not None:

@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,3 +78,13 @@ class _SlowTail(nn.Module):
 def slow_tail_cnn() -> nn.Module:
     """A tiny CNN whose tail sleeps where ``$CLEAVE_TEST_TAIL_SLEEP_S`` is set (see :func:`cloud_delay`)."""
     return _SlowTail()
+
+
+def gated_tiny_cnn() -> nn.Module:
+    """:func:`tiny_cnn`, once the file named by ``CLEAVE_TEST_LOAD_GATE`` exists: a daemon that serves
+    it stays in its loading phase (NOT_SERVING) until the test creates the file."""
+    gate = Path(os.environ["CLEAVE_TEST_LOAD_GATE"])
+    deadline = time.monotonic() + 300
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return tiny_cnn()

@@ -268,7 +268,7 @@ def test_cli_talks_to_secured_daemons(
     assert cleave(["infer", "--edge", edge.address, "--random", "1", "--json"]) == 0
     (record,) = json.loads(capsys.readouterr().out)
     assert record["placement"] == "SPLIT"
-    assert cleave(["status", "--edge", edge.address]) == 0
+    assert cleave(["status", "--edge", edge.address, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "tiny"
     # Flags beat the environment: the cloud takes its own token and a client certificate.
     args = ["info", "--cloud", cloud.address, "--cert", str(pki.client_cert), "--key", str(pki.client_key)]
@@ -305,3 +305,20 @@ def _no_token_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI reads CLEAVE_* variables: a developer's own settings must not leak into these tests."""
     for name in [n for n in os.environ if n.startswith("CLEAVE_")]:
         monkeypatch.delenv(name)
+
+
+def test_cli_explains_a_failed_tls_handshake(cloud: DaemonProcess, edge: DaemonProcess, pki: Pki, capsys) -> None:
+    # gRPC says only "Socket closed" or "handshake failed"; the CLI says what the client can know.
+    assert cleave(["info", "--cloud", cloud.address]) == 1  # plaintext to a TLS daemon
+    err = capsys.readouterr().err
+    assert "TLS handshake" in err and "spoke plaintext" in err and "--ca" in err
+    rogue = ["--ca", str(pki.ca), "--cert", str(pki.rogue_cert), "--key", str(pki.rogue_key)]
+    assert cleave(["info", "--cloud", cloud.address, *rogue]) == 1  # a certificate from another CA
+    err = capsys.readouterr().err
+    assert "TLS handshake" in err and "refused the client certificate" in err
+    assert cleave(["info", "--cloud", cloud.address, "--ca", str(pki.ca)]) == 1  # mutual TLS, no certificate
+    err = capsys.readouterr().err
+    assert "TLS handshake" in err and "client certificate" in err and "--cert" in err
+    assert cleave(["status", "--edge", edge.address, "--ca", str(pki.rogue_ca)]) == 1  # its certificate: not our CA
+    err = capsys.readouterr().err
+    assert "TLS handshake" in err and "--ca is not the CA of its certificate" in err

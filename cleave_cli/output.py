@@ -1,0 +1,131 @@
+"""What the CLI prints: protobuf messages as JSON with numbers as numbers, and readable tables.
+
+``MessageToDict`` follows the proto3 JSON mapping, which writes 64-bit integers as strings and
+leaves out fields at their default value; a shell pipeline (``jq '.counters.requests > 0'``)
+wants numbers, and every field. :func:`message_dict` gives both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def message_dict(message: Message) -> dict[str, Any]:
+    """``message`` as a JSON-ready dict: proto field names, every field (defaults too), enums by
+    name, and 64-bit integers as numbers rather than the proto3 JSON mapping's strings."""
+    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _numbers(message.DESCRIPTOR, data)
+
+
+def _numbers(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        kind = field.message_type
+        if kind is not None and kind.GetOptions().map_entry:
+            key_field, value_field = kind.fields_by_name["key"], kind.fields_by_name["value"]
+            data[field.name] = {_scalar(key_field, k): _value(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            data[field.name] = [_value(field, v) for v in value]
+        else:
+            data[field.name] = _value(field, value)
+    return data
+
+
+def _value(field: FieldDescriptor, value: Any) -> Any:
+    kind = field.message_type
+    if kind is not None:
+        # Well-known types (Timestamp, Duration, ...) keep their JSON form.
+        return value if kind.full_name.startswith("google.protobuf.") else _numbers(kind, value)
+    return _scalar(field, value)
+
+
+def _scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.type in _INT64 and isinstance(value, str):
+        return int(value)
+    return value
+
+
+def encoding_text(encoding: Any) -> str:
+    """A wire ``TensorEncoding`` in the short form of ``EncodingSpec`` text (int8c, fp16+none...)."""
+    from protos.cleave.v1 import tensor_pb2 as t
+
+    if encoding.encoding == t.AFFINE:
+        text = f"int{encoding.bits or 8}" + ("c" if encoding.per_channel else "")
+        if encoding.clip and encoding.clip != "minmax":
+            text += f":{encoding.clip}"
+    elif encoding.encoding == t.FP16:
+        text = "fp16"
+    elif encoding.encoding == t.JPEG:
+        text = f"jpeg{encoding.quality}" if encoding.quality else "jpeg"
+    else:
+        text = "fp32"
+    if encoding.codec == t.ZSTD:
+        text += f"+zstd{encoding.level}" if encoding.level not in (0, 3) else "+zstd"
+    elif encoding.codec == t.NONE:
+        text += "+none"
+    return text
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes} B"
+
+
+def status_table(status: Any, edge: str) -> str:
+    """An edge's ``EdgeStatus`` as a two-column table a person reads at a glance."""
+    from protos.cleave.v1 import edge_pb2
+
+    plan = status.plan
+    placement = edge_pb2.Placement.Name(plan.placement).replace("PLACEMENT_UNSPECIFIED", "none yet")
+    where = f"{placement}"
+    if plan.placement == edge_pb2.SPLIT:
+        where += f" at {plan.cut_name or '?'} (cut #{plan.cut_index}), features {encoding_text(plan.encoding)}"
+    predicted = f"{plan.predicted_ms:.2f} ms, {_mb(plan.predicted_bytes)} up" if plan.predicted_ms else "-"
+    if status.auto_plan:
+        planner = "automatic" + (f" (not running: {status.planner_error})" if status.planner_error else "")
+    else:
+        planner = "pinned" + (f" ({status.planner_error})" if status.planner_error else "")
+    cloud = f"{status.cloud}  " + (
+        "connected" if status.cloud_reachable else f"no session: {status.cloud_error or 'no answer'}"
+    )
+    link = status.link
+    link_text = f"RTT {link.rtt_ms:.2f} ms" if link.rtt_ms else "RTT not measured yet"
+    if link.samples:
+        link_text += f", up {link.up_mbps:.1f} Mbit/s, down {link.down_mbps:.1f} Mbit/s ({link.samples} samples)"
+    else:
+        link_text += ", bandwidth not measured yet (no traffic)"
+    c = status.counters
+    shape = "x".join(map(str, status.input_shape))
+    rows = [
+        ("edge", edge),
+        ("model", f"{status.model}  input {shape}  fingerprint {status.fingerprint[:16]}"),
+        ("cloud", cloud),
+        ("link", link_text),
+        ("plan", where),
+        ("planner", f"{planner}; reason: {plan.reason or '-'}"),
+        ("predicted", predicted),
+        ("measured", f"{status.mean_latency_ms:.2f} ms mean (last 50 requests)" if c.requests else "no requests yet"),
+        ("queue", str(status.queue_depth)),
+        (
+            "requests",
+            f"{c.requests} total: {c.split} split, {c.edge_only} edge-only, {c.cloud_only} cloud-only, "
+            f"{c.fallback} fallback, {c.errors} errors",
+        ),
+        ("traffic", f"{_mb(c.bytes_up)} up, {_mb(c.bytes_down)} down"),
+        ("link events", f"{c.reconnects} reconnects, {c.plan_switches} plan switches"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
