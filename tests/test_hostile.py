@@ -46,8 +46,8 @@ LIMITS = {
     "max_stream_bytes": 2 << 20,
     "max_buffered_bytes": 3 << 20,
     "max_batch": 8,
-    "max_profile_batch": 16,
-    "max_profile_repeats": 50,
+    "max_profile_batch": 64,
+    "max_profile_repeats": 100,
     "max_profile_warmup": 50,
 }
 RSS_GROWTH = 300 << 20
@@ -519,14 +519,17 @@ def test_one_client_cannot_take_every_session_nor_forge_logs(cloud: DaemonProces
 
 
 def test_profile_stops_at_its_deadline_and_takes_turns(cloud: DaemonProcess, model: LoadedModel) -> None:
-    big_deadline_s = 15.0
+    # The small profile takes ~40 turns, each one waiting for one of the big profile's runs (~0.2 s at
+    # 64 rows): ~12 s here. The big one has far more than 25 s of work, so it is still running then.
+    big_deadline_s = 25.0
     with watched(cloud) as watch, channel(cloud, ATTACKER) as ch, channel(cloud, GOOD) as good:
         stub = si_grpc.SplitInferenceStub(ch)
         with pytest.raises(grpc.RpcError) as info:
             stub.Profile(si_pb2.ProfileRequest(model=model.name, batch=1024, repeats=1000), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limits.max_profile" in info.value.details()
-        # Well over big_deadline_s of work: 8 rows, 50 untimed and 50 timed runs, then per-node and head runs.
-        big = si_pb2.ProfileRequest(model=model.name, batch=8, repeats=50, warmup=50, refresh=True)
+        # Far over big_deadline_s of work on any CPU: 64 rows (~10 GFLOP a run), 50 untimed and 100 timed
+        # runs on one thread, then per-node and head runs. (8 rows finished in time on a quiet machine.)
+        big = si_pb2.ProfileRequest(model=model.name, batch=64, repeats=100, warmup=50, refresh=True)
         outcome: dict[str, object] = {}
 
         def run_big() -> None:
