@@ -8,7 +8,7 @@ that edge and cloud serve.
   :func:`fingerprint` proves that they did.
 """
 
-from partitioner.graph import Cut, ModelGraph, TraceError, trace
+from partitioner.graph import Cut, ModelGraph, NotACut, TraceError, trace
 from partitioner.models import (
     ModelLoadError,
     ModelSpec,
@@ -23,6 +23,7 @@ __all__ = [
     "ModelGraph",
     "ModelLoadError",
     "ModelSpec",
+    "NotACut",
     "TraceError",
     "calibrate_batchnorm",
     "example_input",
