@@ -3,6 +3,7 @@
 cleave profile --model resnet18                       # per-node table on this host
 cleave plan --model resnet18 --cloud 127.0.0.1:50051  # cloud profile over the wire, link probed
 cleave plan --model resnet18 --bandwidth 5 --rtt 20 --cloud-speedup 4 --png plan.png   # offline
+cleave plan --model lite0=efficientnet_lite0_pretrained --bandwidth 20 --calibration photos/   # real images
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, CostModel, Link
 from partitioner.loaded import LoadedModel
-from partitioner.models import ModelSpec, calibration_batch
+from partitioner.models import ModelSpec
+from partitioner.photos import calibration_inputs
 from partitioner.planner import BASELINES, Budgets, Planner, Scored, distortion_meter
 from partitioner.profile import Profile, cached_profile, from_proto, scaled
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
@@ -91,7 +93,7 @@ def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner
         cloud = scaled(edge, 1 / args.cloud_speedup, host="cloud (estimated)")
         link = Link(args.bandwidth, args.down or args.bandwidth, args.rtt)
         source = f"offline, cloud assumed {args.cloud_speedup:g}x faster than this host"
-    calib = calibration_batch(model.input_shape, args.calibration)
+    calib = calibration(args, model)
     cost = CostModel.measure(model, edge, cloud, calib[:3])
     budgets = Budgets(
         memory_bytes=int(args.memory_mb * 1e6) if args.memory_mb else None,
@@ -102,10 +104,31 @@ def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner
     return planner, link, source
 
 
+def calibration(args: argparse.Namespace, model: LoadedModel):
+    """The calibration batch ``--calibration`` and ``--calibration-inputs`` ask for.
+
+    ``--calibration N`` (a number) is the older form of ``--calibration synthetic --calibration-inputs N``.
+    """
+    source, n = args.calibration, args.calibration_inputs
+    if source is not None and source.isdigit():
+        source, n = "synthetic", int(source)
+    return calibration_inputs(model.spec, source, n)
+
+
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration",
+        metavar="DIR|photos|synthetic",
+        help="calibration images for bytes and accuracy: a directory of image files, 'photos' (real photos "
+        "from scikit-image and scikit-learn) or 'synthetic' (default: photos for a pretrained model)",
+    )
+    p.add_argument("--calibration-inputs", type=int, default=8, metavar="N", help="how many (default 8)")
+
+
 def row(rank: str, s: Scored) -> str:
     p = s.predicted
     d = s.distortion
-    acc = f"{d.rel_error:.1e}/{d.top1 * 100:.0f}%" if d else "-"
+    acc = f"{d.top1 * 100:.1f}%/{d.rel_error:.1e}" if d else "-"
     return (
         f"{rank:>4} {s.candidate.label:<36} {s.cost_ms:9.2f} {p.edge_ms:8.2f} {p.encode_ms:6.2f} "
         f"{p.upload_ms + p.rtt_ms + p.download_ms:9.2f} {p.decode_ms:6.2f} {p.cloud_ms:8.2f} "
@@ -124,9 +147,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     print(
         f"{'':>4} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} {'cloud':>8} "
-        f"{'bytes up':>10} {'rel.err/top1':>14}"
+        f"{'bytes up':>10} {'top-1/rel.err':>14}"
     )
-    shown = [s for s in ranked if not s.rejected][: args.top]
+    # Every candidate shown carries its top-1 agreement (lossless ones too: 100%).
+    shown = [planner.with_distortion(s) for s in [s for s in ranked if not s.rejected][: args.top]]
     for i, s in enumerate(shown, 1):
         print(row(f"{i}." if s.candidate != best.candidate else "*", s))
     rejected = [s for s in ranked if s.rejected][:3]
@@ -135,7 +159,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("baselines:")
     for name in BASELINES:
         try:
-            print(row(name[:4], planner.baseline(name, link)))
+            print(row(name[:4], planner.with_distortion(planner.baseline(name, link))))
         except ValueError as exc:
             print(f"     {name}: {exc}")
     if args.json:
@@ -147,7 +171,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "objective": planner.objective,
                     "best": _record(best),
                     "ranked": [_record(s) for s in shown],
-                    "baselines": {n: _record(planner.baseline(n, link)) for n in BASELINES},
+                    "baselines": {n: _record(planner.with_distortion(planner.baseline(n, link))) for n in BASELINES},
                 },
                 indent=2,
             )
@@ -232,9 +256,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--cloud-speedup", type=float, default=4.0, help="offline: how much faster the cloud is")
     plan.add_argument("--objective", choices=["latency", "throughput"], default="latency")
     plan.add_argument("--memory-mb", type=float, help="edge memory budget (head weights + activations)")
-    plan.add_argument("--max-rel-error", type=float, default=0.05, help="output distortion budget")
-    plan.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement budget")
-    plan.add_argument("--calibration", type=int, default=8, help="calibration inputs for distortion")
+    plan.add_argument(
+        "--max-rel-error", type=float, default=0.05, help="secondary guard: max |y - y_float| / max |y_float|"
+    )
+    plan.add_argument(
+        "--min-top1",
+        type=float,
+        default=0.99,
+        help="accuracy budget: top-1 agreement with the float model on the calibration images (default 0.99)",
+    )
+    add_calibration_args(plan)
     plan.add_argument(
         "--float-input", action="store_true", help="inputs are not 8-bit images: charge 8-bit input codes to accuracy"
     )

@@ -140,6 +140,12 @@ class Planner:
             self._measured[key] = self._distortion(candidate)
         return self._measured[key]
 
+    def with_distortion(self, scored: Scored) -> Scored:
+        """``scored`` with its distortion measured (for display: the budgets are not checked)."""
+        if scored.distortion is not None:
+            return scored
+        return replace(scored, distortion=self.distortion_of(scored.candidate))
+
     def _check(self, scored: Scored) -> Scored:
         b, c = self.budgets, scored.candidate
         if b.memory_bytes is not None and c.kind != CLOUD_ONLY and c.edge_memory > b.memory_bytes:
