@@ -23,6 +23,7 @@ from protos.serving import open_channel
 
 from .client import EdgeClient, outputs_of
 from .images import load_image, synthetic_images
+from .labels import load_labels, name_of
 from .security_args import add_security_args, channel_security
 
 STAGES = [
@@ -50,6 +51,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     else:
         print("cleave infer: give image files or --random N", file=sys.stderr)
         return 2
+    labels = load_labels(args.labels) if args.labels else None
     records = []
     for name, x in inputs:
         reply = client.infer(x, timeout=args.timeout)
@@ -60,7 +62,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 "input": name,
                 "placement": edge_pb2.Placement.Name(reply.placement),
                 "cut": reply.plan.cut_name,
-                "top": [{"class": int(i), "score": float(v)} for v, i in zip(top.values, top.indices, strict=True)],
+                "top": [
+                    {"class": int(i), "score": float(v), **({"label": name_of(labels, int(i))} if labels else {})}
+                    for v, i in zip(top.values, top.indices, strict=True)
+                ],
                 "timing_ms": {key: round(getattr(reply.timing, key), 3) for key, _ in STAGES},
                 "bytes_up": reply.bytes_up,
                 "bytes_down": reply.bytes_down,
@@ -82,12 +87,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
             f"{r['input'][-14:]:<14} {r['placement']:<15} {r['top'][0]['class']:>6} "
             + " ".join(f"{t[key]:>7.2f}" for key, _ in STAGES)
             + f" {r['bytes_up']:>9}"
+            + (f"  {r['top'][0]['label']}" if r["top"][0].get("label") else "")
             + (f"  ({r['note']})" if r["note"] else "")
         )
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.cuts:
+        from .plan_cmd import cmd_cuts
+
+        return cmd_cuts(args)
     with open_channel(args.cloud, **channel_security(args)) as channel:
         stub = si_grpc.SplitInferenceStub(channel)
         info = stub.GetInfo(si_pb2.GetInfoRequest(model=args.model or "", include_cuts=True), timeout=args.timeout)
@@ -126,13 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--top", type=int, default=5)
     infer.add_argument("--json", action="store_true", help="machine-readable output")
+    infer.add_argument("--labels", metavar="imagenet|FILE", help="class names: ImageNet's, or one per line in FILE")
     infer.add_argument("--timeout", type=float, default=60.0)
     add_security_args(infer)
     infer.set_defaults(func=cmd_infer)
 
     info = sub.add_parser("info", help="models a cloud daemon serves, with every cut and its size")
     info.add_argument("--cloud", default="127.0.0.1:50051", help="cloud daemon host:port")
-    info.add_argument("--model", help="only this model")
+    info.add_argument("--model", help="only this model (with --cuts: the model to load here, as in cleave plan)")
+    info.add_argument("--cuts", action="store_true", help="load --model here and list every node: a cut, or why not")
+    info.add_argument("--weights", help="with --cuts: local state-dict file")
+    info.add_argument("--input-shape", default="1,3,224,224", help="with --cuts: input shape")
     info.add_argument("--json", action="store_true")
     info.add_argument("--timeout", type=float, default=10.0)
     add_security_args(info)

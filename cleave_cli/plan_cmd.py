@@ -65,13 +65,55 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"{model.name} on {profile.host}: {profile.total_ms:.2f} ms whole model, torch {profile.torch_version}, "
         f"{profile.threads} threads, batch {profile.batch}"
     )
-    print(f"{'node':>5}  {'name':<30} {'ms':>8} {'output bytes':>13}")
+    # With calibration images: what a cut at each node sends (int8 features; the input as 8-bit codes).
+    sent = {}
+    if args.calibration is not None:
+        calib = calibration(args, model)
+        measured = CostModel.measure(
+            model, profile, profile, calib, feature_encodings=("int8",), input_encodings=("int8c",)
+        )
+        sent = {c.index: c.feature_bytes.get("int8c" if c.index == 0 else "int8", 0) for c in measured.cuts}
+        print(f"bytes sent: median over {len(calib)} calibration images ({args.calibration})")
+    print(f"{'node':>5}  {'name':<30} {'ms':>8} {'output bytes':>13}" + (f" {'bytes sent':>11}" if sent else ""))
     for i, (name, ms, size) in enumerate(zip(profile.node_names, profile.node_ms, profile.output_bytes, strict=True)):
-        print(f"{i:>5}  {name:<30} {ms:8.3f} {size:>13}")
+        column = (f" {sent[i]:>11}" if i in sent else f" {'-':>11}") if sent else ""
+        print(f"{i:>5}  {name:<30} {ms:8.3f} {size:>13}{column}")
     print(
         f"sum of nodes {sum(profile.node_ms):.2f} ms; measured heads (cut: ms): "
         + ", ".join(f"{k}: {v:.2f}" for k, v in sorted(profile.head_ms.items()))
     )
+    return 0
+
+
+def cmd_cuts(args: argparse.Namespace) -> int:
+    """``cleave info --cuts --model SPEC``: every node of the traced model, a cut or why it is not."""
+    if not args.model:
+        raise ValueError("--cuts needs --model (a torchvision name, NAME=SOURCE, or a file)")
+    model = load(args)
+    graph = model.graph
+    cuts = {c.index: c for c in graph.cuts}
+    refused = {n.index: n for n in graph.not_cuts()}
+    rows = []
+    for index in sorted({*cuts, *refused}):
+        if index in cuts:
+            c = cuts[index]
+            rows.append(
+                {"index": index, "name": c.name, "cut": True, "live": list(c.live), "nbytes": c.nbytes}
+                | ({"recomputed": list(c.recomputed)} if c.recomputed else {})
+            )
+        else:
+            n = refused[index]
+            rows.append({"index": index, "name": n.name, "cut": False, "reason": n.reason})
+    if args.json:
+        print(json.dumps({"model": model.name, "cuts": len(cuts), "nodes": len(rows), "rows": rows}, indent=2))
+        return 0
+    print(f"{model.name}: {len(cuts)} cuts of {len(rows)} nodes")
+    for r in rows:
+        if r["cut"]:
+            extra = f"  (recomputes {', '.join(r['recomputed'])})" if "recomputed" in r else ""
+            print(f"  {r['index']:>5}  {r['name']:<36} cut  {len(r['live']):>2} live {r['nbytes']:>10} B{extra}")
+        else:
+            print(f"  {r['index']:>5}  {r['name']:<36} no   {r['reason']}")
     return 0
 
 
@@ -244,6 +286,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--cloud", help="show the cloud daemon's profile of the model instead")
     profile.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     profile.add_argument("--json", help="also write the profile as JSON here")
+    add_calibration_args(profile)
     add_security_args(profile)
     profile.set_defaults(func=cmd_profile)
 

@@ -13,8 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+import yaml
 from PIL import Image
 
+from cleave_cli.client import EdgeClient, outputs_of
+from cleave_cli.labels import load_labels
+from cleave_cli.launch import cloud_process, edge_process, free_port
 from cleave_cli.main import main
 from compressor import EncodingSpec, encode
 from edge_node.config import EdgeConfig
@@ -208,3 +212,74 @@ def test_edge_config_takes_a_calibration_directory(tmp_path: Path) -> None:
     path.write_text("model: {name: m, source: resnet18}\nautoplan: {calibration: nowhere}\n")
     with pytest.raises(SettingsError, match="autoplan.calibration"):
         EdgeConfig.from_yaml(str(path))
+
+
+def test_onnx_model_is_served_and_split_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 64, 64)
+    torch.onnx.export(
+        torchvision.models.resnet18(weights=None).eval(),
+        (x,),
+        str(tmp_path / "r18.onnx"),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+    )
+    model = {"name": "r18", "source": str(tmp_path / "r18.onnx"), "input_shape": [1, 3, 64, 64]}
+    local = LoadedModel.load(ModelSpec.from_dict(model))
+    cut = local.graph.cuts[len(local.graph.cuts) // 2]
+    (tmp_path / "cloud.yaml").write_text(yaml.safe_dump({"models": [model], "torch_threads": 1}))
+    (tmp_path / "edge.yaml").write_text(
+        yaml.safe_dump({"model": model, "torch_threads": 1, "plan": {"cut": cut.name, "encoding": "fp32"}})
+    )
+    cloud = cloud_process(tmp_path / "cloud.yaml", free_port(), tmp_path / "cloud.log").start()
+    try:
+        edge = edge_process(tmp_path / "edge.yaml", free_port(), cloud.port, tmp_path / "edge.log").start()
+        try:
+            photo = builtin_photos((1, 3, 64, 64), 1)
+            reply = EdgeClient(edge.address).infer(photo, timeout=60)
+            assert reply.plan.cut_name == cut.name
+            with torch.no_grad():
+                assert torch.equal(outputs_of(reply)[0], local.module(photo))
+            _write_photos(tmp_path / "images", 1, size=64)
+            assert (
+                main(["infer", str(tmp_path / "images" / "00.png"), "--edge", edge.address, "--labels", "imagenet"])
+                == 0
+            )
+            assert any(name in capsys.readouterr().out for name in load_labels("imagenet"))
+        finally:
+            edge.stop()
+    finally:
+        cloud.stop()
+
+
+def test_info_lists_every_node_a_cut_or_why_not(capsys: pytest.CaptureFixture) -> None:
+    args = ["info", "--cuts", "--model", "lite0=efficientnet_lite0_pretrained", "--input-shape", "1,3,64,64"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cuts"] >= 150
+    refused = [r for r in report["rows"] if not r["cut"]]
+    assert refused and all("get_attr" in r["reason"] for r in refused)
+    assert any(r.get("recomputed") for r in report["rows"])  # the batch size, read on the tail side
+    assert main(args) == 0
+    assert f"{report['cuts']} cuts of {report['nodes']} nodes" in capsys.readouterr().out
+
+
+def test_labels(tmp_path: Path) -> None:
+    imagenet = load_labels("imagenet")
+    assert len(imagenet) == 1000 and imagenet[967] == "espresso"
+    (tmp_path / "labels.txt").write_text("cat\n\ndog\n")
+    assert load_labels(str(tmp_path / "labels.txt")) == ["cat", "dog"]
+    with pytest.raises(ValueError, match="--labels"):
+        load_labels(str(tmp_path / "missing.txt"))
+
+
+def test_profile_shows_what_calibration_images_send(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _write_photos(tmp_path / "images", 3, size=64)
+    args = ["profile", "--model", "resnet18", "--input-shape", "1,3,64,64", "--calibration", str(tmp_path / "images")]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "bytes sent" in line and "node" in line)
+    images = directory_images(tmp_path / "images", (1, 3, 64, 64))
+    expected = statistics.median(encode(images[i : i + 1], EncodingSpec.parse("int8c")).ByteSize() for i in range(3))
+    assert int(lines[header + 1].split()[-1]) == int(expected)
