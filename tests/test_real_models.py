@@ -20,7 +20,7 @@ from cleave_cli.client import EdgeClient, outputs_of
 from cleave_cli.labels import load_labels
 from cleave_cli.launch import cloud_process, edge_process, free_port
 from cleave_cli.main import main
-from compressor import EncodingSpec, encode
+from compressor import EncodingSpec, decode, encode
 from edge_node.config import EdgeConfig
 from partitioner import ModelLoadError, ModelSpec, load_model, trace
 from partitioner.costmodel import CostModel
@@ -163,9 +163,9 @@ def _flat_profile(model: LoadedModel) -> Profile:
 
 
 def test_calibration_images_predict_the_bytes_they_send(tmp_path: Path) -> None:
-    spec = ModelSpec(name="lite0", source=LITE0, input_shape=(1, 3, 160, 160))
+    spec = ModelSpec(name="lite0", source=LITE0, input_shape=(1, 3, 128, 128))
     model = LoadedModel.load(spec)
-    _write_photos(tmp_path / "images", 5)
+    _write_photos(tmp_path / "images", 5, size=128)
     real = calibration_inputs(spec, str(tmp_path / "images"), 5)
     profile = _flat_profile(model)
     encodings = {"feature_encodings": ("int8",), "input_encodings": ("int8c", "jpeg")}
@@ -290,3 +290,49 @@ def test_profile_shows_what_calibration_images_send(tmp_path: Path, capsys: pyte
     images = directory_images(tmp_path / "images", (1, 3, 64, 64))
     expected = statistics.median(encode(images[i : i + 1], EncodingSpec.parse("int8c")).ByteSize() for i in range(3))
     assert int(lines[header + 1].split()[-1]) == int(expected)
+
+
+class BatchFromInput(torch.nn.Module):
+    """``bs = inputs.size(0)`` alive until ``x.view(bs, -1)``, as in EfficientNet's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        bs = inputs.size(0)
+        x = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(inputs)), 1)
+        return self.fc(x.view(bs, -1))
+
+
+def batch_from_input() -> torch.nn.Module:
+    return BatchFromInput()
+
+
+def test_recomputed_shape_values_survive_hostile_frames() -> None:
+    from cloud_node.sessions import Session
+    from compressor.codec import CodecLimits
+    from protos.errors import InvalidArgument
+
+    model = LoadedModel.load(
+        ModelSpec(name="b", source="tests.test_real_models:batch_from_input", input_shape=(1, 3, 8, 8))
+    )
+    cut, _, tail = model.parts("conv")
+    assert cut.live == ("conv",) and cut.recomputed == ("size",)  # only tensors cross; the int is rebuilt
+    session = Session("s", model, cut, tail, EncodingSpec.parse("raw"), CodecLimits(max_elements=10_000))
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        features = [encode(f, EncodingSpec.parse("raw")) for f in model.parts(cut)[1](x)]
+        (out,), _ = session.run(features)
+        expected = model.module(x)
+    assert torch.equal(decode(out), expected)  # the batch size comes from the tensor that crossed
+    hostile = {  # the tail reads the batch size off the tensor: bad tensors must never reach it
+        "wrong dtype": encode(torch.zeros(3, 4, 6, 6, dtype=torch.float16), EncodingSpec.parse("raw")),
+        "wrong shape": encode(torch.zeros(3, 5, 6, 6), EncodingSpec.parse("raw")),
+        "huge batch": encode(torch.zeros(1000, 4, 6, 6), EncodingSpec.parse("raw")),
+        "no batch": encode(torch.zeros(4, 6, 6), EncodingSpec.parse("raw")),
+    }
+    for msg in hostile.values():  # each refused with INVALID_ARGUMENT naming the field, before the tail runs
+        with pytest.raises(InvalidArgument, match=r"features\[0\]"):
+            session.run([msg])
