@@ -666,13 +666,16 @@ def _trace_opaque(module: nn.Module, example_input: torch.Tensor) -> ModelGraph:
     target = getattr(module, "original_name", type(module).__name__)
     cuts = [_tensor_cut(0, arg, "placeholder", arg, example_input)]
     rejected: dict[int | str, str] = {}
+    not_cuts = []
     if isinstance(output, torch.Tensor):
         cuts.append(_tensor_cut(1, "output", "call_module", target, output))
     else:
-        rejected[1] = rejected["output"] = (
-            f"node 1 ('output') is not a cut: the model returns {type(output).__name__}, not a tensor"
-        )
-    return ModelGraph(module, example_input, cuts, _tensor_shapes(output), opaque=True, rejected=rejected)
+        reason = f"the model returns {type(output).__name__}, not a tensor"
+        rejected[1] = rejected["output"] = f"node 1 ('output') is not a cut: {reason}"
+        not_cuts.append(NotACut(1, "output", "call_module", target, reason))
+    return ModelGraph(
+        module, example_input, cuts, _tensor_shapes(output), opaque=True, rejected=rejected, not_cuts=not_cuts
+    )
 
 
 def _tensor_cut(index: int, name: str, op: str, target: str, value: torch.Tensor) -> Cut:
