@@ -98,12 +98,18 @@ DRIVER_OPTIONS = (
 # The parent: prepare weights, build the lab, run one driver per model, write JSON, plots and a table
 # ================================================================================================================
 def prepare_model(workdir: Path, model: str, size: int) -> dict[str, Any]:
-    """Seeded weights with BatchNorm calibrated on synthetic images, saved for both daemons (as the demo does)."""
+    """Seeded weights with BatchNorm calibrated on synthetic images, saved for both daemons (as the demo does).
+
+    A pretrained model (``efficientnet_lite0_pretrained``) is used as it ships: its weights, and real photos for
+    calibration (the edge's default for pretrained models) and for the requests.
+    """
     import torch
 
-    from partitioner.models import ModelSpec, calibrate_batchnorm, load_model
+    from partitioner.models import PRETRAINED, ModelSpec, calibrate_batchnorm, load_model
 
     shape = (1, 3, size, size)
+    if model in PRETRAINED:
+        return {"name": model, "source": model, "input_shape": list(shape)}
     weights = workdir / f"{model}.pt"
     if not weights.exists():
         module = calibrate_batchnorm(load_model(ModelSpec(name=model, source=model, input_shape=shape)), shape)
@@ -617,11 +623,16 @@ class Session:
         from cleave_cli.client import EdgeClient
         from cleave_cli.images import synthetic_images
         from partitioner.models import ModelSpec
+        from partitioner.photos import builtin_photos
 
         self.args = args
         self.spec = ModelSpec.from_dict(json.loads(args.entry))
         self.client = EdgeClient(args.edge)
-        self.inputs = synthetic_images(4, self.spec.input_shape, seed=7)
+        if self.spec.pretrained:
+            # Real photos, other crops than the 8 calibration inputs the planner measures on.
+            self.inputs = builtin_photos(self.spec.input_shape, 12)[8:]
+        else:
+            self.inputs = synthetic_images(4, self.spec.input_shape, seed=7)
         self.planner: Any = None
         self.info: dict[str, Any] = {}
         self._n = 0
@@ -632,7 +643,7 @@ class Session:
         from edge_node.config import AutoPlanSettings
         from partitioner.costmodel import CostModel
         from partitioner.loaded import LoadedModel
-        from partitioner.models import calibration_batch
+        from partitioner.photos import calibration_inputs
         from partitioner.planner import Budgets, Planner, distortion_meter
         from partitioner.profile import from_proto
         from protos.cleave.v1 import split_inference_pb2 as si_pb2
@@ -646,7 +657,7 @@ class Session:
         )
         cloud = from_proto(reply)
         s = AutoPlanSettings()  # the edge runs with the defaults
-        calib = calibration_batch(model.input_shape, s.calibration_inputs)
+        calib = calibration_inputs(model.spec, s.calibration, s.calibration_inputs)  # as the edge calibrates
         cost = CostModel.measure(model, edge, cloud, calib[:3])
         budgets = Budgets(max_rel_error=s.max_rel_error, min_top1=s.min_top1)
         self.planner = Planner(cost, budgets, distortion_meter(model, calib), s.objective)

@@ -5,27 +5,20 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+
+from partitioner import photos
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 def load_image(path: str | Path, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """A (1, C, H, W) float32 input from an image file, resized to ``input_shape``'s H and W."""
-    channels, height, width = input_shape[1:]
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: cannot decode image ({exc})") from exc
-    x = torch.from_numpy(pixels.copy()).reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
-    x = x.unsqueeze(0).float() / 255.0
-    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return (x - MEAN) / STD if channels == 3 else x
+    """A (1, C, H, W) float32 input from an image file, resized to ``input_shape``'s H and W.
+
+    The planner's calibration images go through the very same function.
+    """
+    return photos.load_image(path, input_shape)
 
 
 def synthetic_images(n: int, input_shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -66,6 +66,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from .client import EdgeClient, outputs_of
     from .images import load_image, synthetic_images
+    from .labels import load_labels, name_of
 
     client = EdgeClient(args.edge, **channel_security(args))
     status = client.status(timeout=args.timeout)
@@ -79,6 +80,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     else:
         print("cleave infer: give image files or --random N", file=sys.stderr)
         return 2
+    labels = load_labels(args.labels) if args.labels else None
     records = []
     for name, x in inputs:
         reply = client.infer(x, timeout=args.timeout)
@@ -89,7 +91,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 "input": name,
                 "placement": edge_pb2.Placement.Name(reply.placement),
                 "cut": reply.plan.cut_name,
-                "top": [{"class": int(i), "score": float(v)} for v, i in zip(top.values, top.indices, strict=True)],
+                "top": [
+                    {"class": int(i), "score": float(v), **({"label": name_of(labels, int(i))} if labels else {})}
+                    for v, i in zip(top.values, top.indices, strict=True)
+                ],
                 "timing_ms": {key: round(getattr(reply.timing, key), 3) for key, _ in STAGES},
                 "bytes_up": reply.bytes_up,
                 "bytes_down": reply.bytes_down,
@@ -111,12 +116,18 @@ def cmd_infer(args: argparse.Namespace) -> int:
             f"{r['input'][-14:]:<14} {r['placement']:<15} {r['top'][0]['class']:>6} "
             + " ".join(f"{t[key]:>7.2f}" for key, _ in STAGES)
             + f" {r['bytes_up']:>9}"
+            + (f"  {r['top'][0]['label']}" if r["top"][0].get("label") else "")
             + (f"  ({r['note']})" if r["note"] else "")
         )
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.cuts:
+        from .plan_cmd import cmd_cuts
+
+        return cmd_cuts(args)
+
     from protos.cleave.v1 import split_inference_pb2 as si_pb2
     from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
     from protos.serving import open_channel
@@ -182,13 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     infer.add_argument("--top", type=int, default=5, help="classes to report per input")
     infer.add_argument("--json", action="store_true", help="machine-readable output")
+    infer.add_argument(
+        "--labels", metavar="imagenet|FILE", help="class names: ImageNet's, or one per line in FILE (default: none)"
+    )
     infer.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds")
     add_security_args(infer)
     infer.set_defaults(func=cmd_infer)
 
     info = sub.add_parser("info", help="models a cloud daemon serves, with every cut and its size")
     info.add_argument("--cloud", default="127.0.0.1:50051", help="cloud daemon host:port")
-    info.add_argument("--model", help="only this model (default: every served model)")
+    info.add_argument("--model", help="only this model (with --cuts: the model to load here, as in cleave plan)")
+    info.add_argument("--cuts", action="store_true", help="load --model here and list every node: a cut, or why not")
+    info.add_argument("--weights", help="with --cuts: local state-dict file (default: none)")
+    info.add_argument("--input-shape", default="1,3,224,224", help="with --cuts: input shape")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--timeout", type=float, default=10.0, help="deadline, seconds")
     add_security_args(info)

@@ -3,6 +3,7 @@
 cleave profile --model resnet18                       # per-node table on this host
 cleave plan --model resnet18 --cloud 127.0.0.1:50051  # cloud profile over the wire, link probed
 cleave plan --model resnet18 --bandwidth 5 --rtt 20 --cloud-speedup 4 --png plan.png   # offline
+cleave plan --model lite0=efficientnet_lite0_pretrained --bandwidth 20 --calibration photos/   # real images
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def cloud_profile(
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from partitioner.costmodel import CostModel
     from partitioner.profile import cached_profile
 
     model = load(args)
@@ -80,9 +82,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"{model.name} on {profile.host}: {profile.total_ms:.2f} ms whole model, torch {profile.torch_version}, "
         f"{profile.threads} threads, batch {profile.batch}, input {'x'.join(map(str, profile.input_shape))}"
     )
-    print(f"{'node':>5}  {'name':<30} {'ms':>8} {'output bytes':>13}")
+    # With calibration images: what a cut at each node sends (int8 features; the input as 8-bit codes).
+    sent = {}
+    if args.calibration is not None:
+        calib = calibration(args, model)
+        measured = CostModel.measure(
+            model, profile, profile, calib, feature_encodings=("int8",), input_encodings=("int8c",)
+        )
+        sent = {c.index: c.feature_bytes.get("int8c" if c.index == 0 else "int8", 0) for c in measured.cuts}
+        print(f"bytes sent: median over {len(calib)} calibration images ({args.calibration})")
+    print(f"{'node':>5}  {'name':<30} {'ms':>8} {'output bytes':>13}" + (f" {'bytes sent':>11}" if sent else ""))
     for i, (name, ms, size) in enumerate(zip(profile.node_names, profile.node_ms, profile.output_bytes, strict=True)):
-        print(f"{i:>5}  {name:<30} {ms:8.3f} {size:>13}")
+        column = (f" {sent[i]:>11}" if i in sent else f" {'-':>11}") if sent else ""
+        print(f"{i:>5}  {name:<30} {ms:8.3f} {size:>13}{column}")
     print(
         f"sum of nodes {sum(profile.node_ms):.2f} ms; measured heads (cut: ms): "
         + ", ".join(f"{k}: {v:.2f}" for k, v in sorted(profile.head_ms.items()))
@@ -90,9 +102,40 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cuts(args: argparse.Namespace) -> int:
+    """``cleave info --cuts --model SPEC``: every node of the traced model, a cut or why it is not."""
+    if not args.model:
+        raise ValueError("--cuts needs --model (a torchvision name, NAME=SOURCE, or a file)")
+    model = load(args)
+    graph = model.graph
+    cuts = {c.index: c for c in graph.cuts}
+    refused = {n.index: n for n in graph.not_cuts()}
+    rows = []
+    for index in sorted({*cuts, *refused}):
+        if index in cuts:
+            c = cuts[index]
+            rows.append(
+                {"index": index, "name": c.name, "cut": True, "live": list(c.live), "nbytes": c.nbytes}
+                | ({"recomputed": list(c.recomputed)} if c.recomputed else {})
+            )
+        else:
+            n = refused[index]
+            rows.append({"index": index, "name": n.name, "cut": False, "reason": n.reason})
+    if args.json:
+        print(json.dumps({"model": model.name, "cuts": len(cuts), "nodes": len(rows), "rows": rows}, indent=2))
+        return 0
+    print(f"{model.name}: {len(cuts)} cuts of {len(rows)} nodes")
+    for r in rows:
+        if r["cut"]:
+            extra = f"  (recomputes {', '.join(r['recomputed'])})" if "recomputed" in r else ""
+            print(f"  {r['index']:>5}  {r['name']:<36} cut  {len(r['live']):>2} live {r['nbytes']:>10} B{extra}")
+        else:
+            print(f"  {r['index']:>5}  {r['name']:<36} no   {r['reason']}")
+    return 0
+
+
 def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner, Link, str]:
     from partitioner.costmodel import CostModel, Link
-    from partitioner.models import calibration_batch
     from partitioner.planner import Budgets, Planner, distortion_meter
     from partitioner.profile import cached_profile, scaled
 
@@ -113,7 +156,7 @@ def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner
         cloud = scaled(edge, 1 / args.cloud_speedup, host="cloud (estimated)")
         link = Link(args.bandwidth, args.down or args.bandwidth, args.rtt)
         source = f"offline, cloud assumed {args.cloud_speedup:g}x faster than this host"
-    calib = calibration_batch(model.input_shape, args.calibration)
+    calib = calibration(args, model)
     cost = CostModel.measure(model, edge, cloud, calib[:3])
     budgets = Budgets(
         memory_bytes=int(args.memory_mb * 1e6) if args.memory_mb else None,
@@ -124,10 +167,33 @@ def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner
     return planner, link, source
 
 
+def calibration(args: argparse.Namespace, model: LoadedModel):
+    """The calibration batch ``--calibration`` and ``--calibration-inputs`` ask for.
+
+    ``--calibration N`` (a number) is the older form of ``--calibration synthetic --calibration-inputs N``.
+    """
+    from partitioner.photos import calibration_inputs
+
+    source, n = args.calibration, args.calibration_inputs
+    if source is not None and source.isdigit():
+        source, n = "synthetic", int(source)
+    return calibration_inputs(model.spec, source, n)
+
+
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration",
+        metavar="DIR|photos|synthetic",
+        help="calibration images for bytes and accuracy: a directory of image files, 'photos' (real photos "
+        "from scikit-image and scikit-learn) or 'synthetic' (default: photos for a pretrained model)",
+    )
+    p.add_argument("--calibration-inputs", type=int, default=8, metavar="N", help="how many (default 8)")
+
+
 def row(rank: str, s: Scored) -> str:
     p = s.predicted
     d = s.distortion
-    acc = f"{d.rel_error:.1e}/{d.top1 * 100:.0f}%" if d else "-"
+    acc = f"{d.top1 * 100:.1f}%/{d.rel_error:.1e}" if d else "-"
     return (
         f"{rank:<{BASELINE_WIDTH}} {s.candidate.label:<36} {s.cost_ms:9.2f} {p.edge_ms:8.2f} {p.encode_ms:6.2f} "
         f"{p.upload_ms + p.rtt_ms + p.download_ms:9.2f} {p.decode_ms:6.2f} {p.cloud_ms:8.2f} "
@@ -148,9 +214,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     print(
         f"{'':<{BASELINE_WIDTH}} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} "
-        f"{'cloud':>8} {'bytes up':>10} {'rel.err/top1':>14}"
+        f"{'cloud':>8} {'bytes up':>10} {'top-1/rel.err':>14}"
     )
-    shown = [s for s in ranked if not s.rejected][: args.top]
+    # Every candidate shown carries its top-1 agreement (lossless ones too: 100%).
+    shown = [planner.with_distortion(s) for s in [s for s in ranked if not s.rejected][: args.top]]
     for i, s in enumerate(shown, 1):
         print(row(f"{i}." if s.candidate != best.candidate else "*", s))
     rejected = [s for s in ranked if s.rejected][:3]
@@ -159,7 +226,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("baselines:")
     for name in BASELINES:
         try:
-            print(row(name, planner.baseline(name, link)))
+            print(row(name, planner.with_distortion(planner.baseline(name, link))))
         except ValueError as exc:
             print(f"{name:<{BASELINE_WIDTH}} {exc}")
     if args.json:
@@ -171,7 +238,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "objective": planner.objective,
                     "best": _record(best),
                     "ranked": [_record(s) for s in shown],
-                    "baselines": {n: _record(planner.baseline(n, link)) for n in BASELINES},
+                    "baselines": {n: _record(planner.with_distortion(planner.baseline(n, link))) for n in BASELINES},
                 },
                 indent=2,
             )
@@ -247,6 +314,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--cloud", help="show the cloud daemon's profile of the model instead")
     profile.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     profile.add_argument("--json", help="also write the profile as JSON here")
+    add_calibration_args(profile)
     add_security_args(profile)
     profile.set_defaults(func=cmd_profile)
 
@@ -261,9 +329,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--objective", choices=["latency", "throughput"], default="latency", help="what the ranking minimises"
     )
     plan.add_argument("--memory-mb", type=float, help="edge memory budget (head weights + activations)")
-    plan.add_argument("--max-rel-error", type=float, default=0.05, help="output distortion budget")
-    plan.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement budget")
-    plan.add_argument("--calibration", type=int, default=8, help="calibration inputs for distortion")
+    plan.add_argument(
+        "--max-rel-error", type=float, default=0.05, help="secondary guard: max |y - y_float| / max |y_float|"
+    )
+    plan.add_argument(
+        "--min-top1",
+        type=float,
+        default=0.99,
+        help="accuracy budget: top-1 agreement with the float model on the calibration images (default 0.99)",
+    )
+    add_calibration_args(plan)
     plan.add_argument(
         "--float-input", action="store_true", help="inputs are not 8-bit images: charge 8-bit input codes to accuracy"
     )

@@ -20,7 +20,7 @@ from compressor import EncodingSpec
 from partitioner.bitalloc import allocate_bits
 from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, SPLIT, Candidate, CostModel, Link
 from partitioner.loaded import LoadedModel
-from partitioner.models import calibration_batch
+from partitioner.photos import calibration_inputs
 from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, distortion_meter
 from partitioner.profile import cached_profile, from_proto
 from partitioner.quantized_head import measure_speedups
@@ -101,7 +101,7 @@ class AutoPlanner:
         if reply.fingerprint != self.model.fingerprint:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
         cloud = from_proto(reply)
-        calib = self._calib = calibration_batch(self.model.input_shape, s.calibration_inputs)
+        calib = self._calib = calibration_inputs(self.model.spec, s.calibration, s.calibration_inputs)
         cost = CostModel.measure(self.model, edge, cloud, calib[: s.byte_samples])
         if self.runtime.head_bits == 8:
             # Heads run on int8 kernels: the search over cuts must see their E(k), not the float one.
@@ -133,6 +133,13 @@ class AutoPlanner:
 
     def apply(self, scored: Scored, reason: str) -> None:
         cut, spec = runtime_plan(scored.candidate)
+        if self.planner is not None and self._calib is not None:
+            # The plan's accuracy in user terms, in the reason that `cleave status` shows.
+            scored = self.planner.with_distortion(scored)
+            if scored.distortion is not None:
+                reason += (
+                    f"; top-1 agreement {scored.distortion.top1 * 100:.1f}% on {len(self._calib)} calibration images"
+                )
         self.runtime.pin(
             cut,
             spec,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from partitioner.settings import SettingsError, from_mapping, load_yaml
-from partitioner.spec import ModelSpec
+from partitioner.spec import PHOTOS, SYNTHETIC, ModelSpec
 from protos.admission import ServingLimits
 from protos.metrics import MetricsConfig
 from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
@@ -27,6 +27,9 @@ class AutoPlanSettings:
     memory_budget_mb: float | None = None  # edge: head weights + peak activations
     max_rel_error: float | None = 0.05  # output distortion budget on calibration inputs
     min_top1: float | None = 0.99  # top-1 agreement with the float model on calibration inputs
+    # Calibration images: a directory of image files (relative to edge.yaml), "photos" (bundled real
+    # photos) or "synthetic"; unset: photos for a pretrained model, synthetic otherwise.
+    calibration: str | None = None
     calibration_inputs: int = 8
     byte_samples: int = 3  # calibration inputs whose encoded features predict bytes on the wire (median)
     input_is_8bit: bool = True  # inputs are 8-bit images: sending them as 8-bit codes costs no accuracy
@@ -99,6 +102,15 @@ class EdgeConfig:
         self.auth = self.auth.resolved(base)
         self.cloud_tls = self.cloud_tls.resolved(base)
         self.cloud_auth = self.cloud_auth.resolved(base)
+        calibration = self.autoplan.calibration
+        if calibration is not None and calibration not in (PHOTOS, SYNTHETIC):
+            folder = Path(calibration).expanduser()
+            folder = folder if folder.is_absolute() else base / folder
+            if not folder.is_dir():
+                raise SettingsError(
+                    f"autoplan.calibration: {calibration!r} is neither {PHOTOS!r}, {SYNTHETIC!r} nor a directory"
+                )
+            self.autoplan.calibration = str(folder)
 
     @classmethod
     def from_dict(cls, data: dict) -> EdgeConfig:

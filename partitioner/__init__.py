@@ -17,13 +17,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from partitioner.graph import Cut, ModelGraph, TraceError, trace
+    from partitioner.graph import Cut, ModelGraph, NotACut, TraceError, trace
     from partitioner.models import ModelLoadError, calibrate_batchnorm, example_input, fingerprint, load_model
     from partitioner.spec import ModelSpec
 
 _HOME = {
     "Cut": "partitioner.graph",
     "ModelGraph": "partitioner.graph",
+    "NotACut": "partitioner.graph",
     "TraceError": "partitioner.graph",
     "trace": "partitioner.graph",
     "ModelLoadError": "partitioner.models",
@@ -47,6 +48,7 @@ __all__ = [
     "ModelGraph",
     "ModelLoadError",
     "ModelSpec",
+    "NotACut",
     "TraceError",
     "calibrate_batchnorm",
     "example_input",

@@ -29,8 +29,9 @@ from .profile import Profile
 
 #: Feature encodings the planner tries at every cut: fp32, fp16, then affine 8..2 bits, all with zstd.
 FEATURE_ENCODINGS = ("raw", "fp16", "int8", "int6", "int4", "int3", "int2")
-#: Encodings of the raw input for cloud-only: 8-bit codes per channel (the uint8 image) + zstd, and JPEG.
-INPUT_ENCODINGS = ("int8c", "jpeg")
+#: Encodings of the raw input for cloud-only: 8-bit codes per channel (the uint8 image) + zstd, and JPEG
+#: at three qualities (lossy: judged by the accuracy budget like any feature encoding).
+INPUT_ENCODINGS = ("int8c", "jpeg75", "jpeg", "jpeg95")
 #: Neurosurgeon sends features as they are.
 UNCOMPRESSED = "raw+none"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import operator
 import os
 import threading
 import traceback
@@ -33,7 +34,7 @@ import torchvision
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["Cut", "ModelGraph", "TraceError", "trace"]
+__all__ = ["Cut", "ModelGraph", "NotACut", "TraceError", "trace"]
 
 # How many submodules may be made opaque, one per failed attempt, before giving up.
 _MAX_LEAF_RETRIES = 32
@@ -64,6 +65,9 @@ class Cut:
         shapes: the shape of each live value at the example input.
         dtypes: the dtype of each live value, e.g. ``"float32"``.
         nbytes: bytes that cross the link when the live values are sent as float32.
+        recomputed: names of the non-tensor values (ints, ``torch.Size``, tuples of ints from
+            ``x.size(0)``, ``x.shape``...) that are alive at the cut but do not cross: the tail
+            recomputes them from the tensors that do, see :class:`ModelGraph`.
     """
 
     index: int
@@ -74,6 +78,18 @@ class Cut:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
     nbytes: int
+    recomputed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NotACut:
+    """A node of the traced graph that is not a cut, and why (see :meth:`ModelGraph.not_cuts`)."""
+
+    index: int
+    name: str
+    op: str
+    target: str
+    reason: str
 
 
 class ModelGraph:
@@ -81,8 +97,15 @@ class ModelGraph:
 
     Build one with :func:`trace`. ``cuts`` lists every valid cut in topological order. A node
     is *not* a cut when it is a ``get_attr`` (the tail reads attributes itself), the output
-    node, or when its live set holds a value that is not a tensor (an ``int`` from
-    ``x.size()``, a tuple from ``torch.split``, ``None``): such values cannot go on the wire.
+    node, or when its live set holds a value that is not a tensor and cannot be recomputed
+    (a tuple from ``torch.split``, ``None``): such values never go on the wire.
+
+    Shape arithmetic does not block a cut: a non-tensor value built only from shape queries
+    (``x.size(0)``, ``x.shape``, ``x.dim()``) and integer arithmetic on them is recomputed by
+    the tail. A query on a tensor that crosses is re-run on it; a query on one that does not
+    (``bs = inputs.size(0)`` long after the input is gone) is re-run on a crossing tensor that
+    gives the same answer at two batch sizes (so the batch size of ``bs`` follows the batch the
+    tail really gets). :meth:`not_cuts` lists the nodes that remain refused, with the reason.
 
     An *opaque* graph stands for a model that fx cannot look into (TorchScript). It has
     exactly two cuts: the input (index 0: everything runs in the cloud) and the output
@@ -109,6 +132,8 @@ class ModelGraph:
         *,
         opaque: bool = False,
         rejected: dict[int | str, str] | None = None,
+        not_cuts: list[NotACut] | None = None,
+        recompute: dict[int, dict[str, str]] | None = None,
     ) -> None:
         self.module = module
         self.example_input = example_input
@@ -119,6 +144,10 @@ class ModelGraph:
         self._by_name = {c.name: c for c in cuts}
         # Why a node that exists is not a cut, keyed by index and by name, for error messages.
         self._rejected = dict(rejected or {})
+        self._not_cuts = list(not_cuts or [])
+        # Per cut: the shape queries of the recomputed values that run on a stand-in tensor
+        # (query node name -> crossing tensor name).
+        self._recompute = dict(recompute or {})
         self._nodes: list[fx.Node] = [] if opaque else list(module.graph.nodes)  # type: ignore[union-attr]
         self._position = {node: i for i, node in enumerate(self._nodes)}
         self._node_named = {node.name: node for node in self._nodes}
@@ -152,6 +181,10 @@ class ModelGraph:
         problem = self._rejected.get(shown) or f"no cut {shown!r}"
         sample = ", ".join(f"{c.index} ({c.name!r})" for c in _spread(self.cuts, 6))
         raise KeyError(f"{problem}; valid cuts include {sample}")
+
+    def not_cuts(self) -> list[NotACut]:
+        """Every node before the output that is not a cut, in node order, with the reason."""
+        return list(self._not_cuts)
 
     def split(self, key: int | str | Cut) -> tuple[nn.Module, nn.Module]:
         """Return ``(head, tail)`` for a cut.
@@ -189,6 +222,19 @@ class ModelGraph:
             # Attributes are re-read on the tail side rather than sent over the link.
             if node.op == "get_attr" and any(self._position[u] > k for u in node.users):
                 env[node] = tail.node_copy(node)
+        # Shape arithmetic is recomputed from the tensors that cross (in node order, so that
+        # every value a recomputed node reads is already there).
+        stand_in = self._recompute.get(k, {})
+        recomputed = set(_recompute_closure([self._node_named[n] for n in cut.recomputed]))
+        for node in nodes[: k + 1]:
+            if node not in recomputed:
+                continue
+            if node.name in stand_in:
+                source = node.args[0]
+                substitute = env[self._node_named[stand_in[node.name]]]
+                env[node] = tail.node_copy(node, lambda a, s=source, t=substitute: t if a is s else env[a])
+            else:
+                env[node] = tail.node_copy(node, env.__getitem__)
         for node in nodes[k + 1 :]:
             env[node] = tail.node_copy(node, env.__getitem__)
 
@@ -222,8 +268,16 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> ModelGraph:
     gm = _trace_fx(model)
     output = _propagate(gm, example_input)
     nodes = list(gm.graph.nodes)
-    cuts, rejected = _find_cuts(nodes)
-    return ModelGraph(gm, example_input, cuts, _tensor_shapes(output), rejected=rejected)
+    found = _find_cuts(nodes, lambda: _shapes_at_another_batch(gm, example_input))
+    return ModelGraph(
+        gm,
+        example_input,
+        found.cuts,
+        _tensor_shapes(output),
+        rejected=found.rejected,
+        not_cuts=found.not_cuts,
+        recompute=found.recompute,
+    )
 
 
 class _LeafRetryTracer(fx.Tracer):
@@ -333,11 +387,22 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor) -> Any:
         return _ShapeProp(gm).propagate(example_input.clone())
 
 
-def _find_cuts(nodes: list[fx.Node]) -> tuple[list[Cut], dict[int | str, str]]:
+@dataclass
+class _Found:
+    cuts: list[Cut]
+    rejected: dict[int | str, str]
+    not_cuts: list[NotACut]
+    recompute: dict[int, dict[str, str]]
+
+
+def _find_cuts(nodes: list[fx.Node], other_batch: Any = None) -> _Found:
+    """Every cut of the graph. ``other_batch()`` gives tensor shapes at a second batch size
+    (called at most once, only when a shape query needs a stand-in tensor)."""
     position = {node: i for i, node in enumerate(nodes)}
     last_use = {node: max((position[u] for u in node.users), default=-1) for node in nodes}
-    cuts: list[Cut] = []
-    rejected: dict[int | str, str] = {}
+    pure = _shape_arithmetic(nodes)
+    shapes_b: list[dict[str, tuple[int, ...]] | None] = []
+    found = _Found([], {}, [], {})
     live: list[fx.Node] = []
     for k, node in enumerate(nodes):
         if node.op == "output":
@@ -346,29 +411,188 @@ def _find_cuts(nodes: list[fx.Node]) -> tuple[list[Cut], dict[int | str, str]]:
             live.append(node)
         live = [n for n in live if last_use[n] > k]
         reason = None
+        tensors = [n for n in live if _holds_tensor(n)]
+        others = [n for n in live if not _holds_tensor(n)]
+        stand_in: dict[str, str] = {}
         if node.op == "get_attr":
             reason = "get_attr nodes are not cut points (the tail reads attributes itself)"
-        elif bad := [n for n in live if not _holds_tensor(n)]:
+        elif bad := [n for n in others if n not in pure]:
             kinds = ", ".join(f"{n.name}: {_type_name(n)}" for n in bad)
-            reason = f"its live set holds values that are not tensors ({kinds})"
+            reason = f"its live set holds values that are not tensors and are not shape arithmetic ({kinds})"
+        elif others:
+            if not shapes_b:
+                shapes_b.append(_call_quietly(other_batch))
+            problem = _stand_ins(others, tensors, shapes_b[0], stand_in)
+            if problem:
+                reason = problem
         if reason is not None:
-            rejected[k] = rejected[node.name] = f"node {k} ({node.name!r}) is not a cut: {reason}"
+            message = f"node {k} ({node.name!r}) is not a cut: {reason}"
+            found.rejected[k] = found.rejected[node.name] = message
+            found.not_cuts.append(NotACut(k, node.name, node.op, _target_name(node), reason))
             continue
-        metas = [n.meta["tensor_meta"] for n in live]
+        if stand_in:
+            found.recompute[k] = stand_in
+        metas = [n.meta["tensor_meta"] for n in tensors]
         shapes = tuple(tuple(int(d) for d in m.shape) for m in metas)
-        cuts.append(
+        found.cuts.append(
             Cut(
                 index=k,
                 name=node.name,
                 op=node.op,
                 target=_target_name(node),
-                live=tuple(n.name for n in live),
+                live=tuple(n.name for n in tensors),
                 shapes=shapes,
                 dtypes=tuple(_dtype_name(m.dtype) for m in metas),
                 nbytes=sum(math.prod(s) * 4 for s in shapes),
+                recomputed=tuple(n.name for n in others),
             )
         )
-    return cuts, rejected
+    return found
+
+
+# Shape arithmetic: values the tail can recompute instead of receiving.
+
+_QUERY_METHODS = frozenset({"size", "dim"})
+_QUERY_ATTRS = frozenset({"shape", "ndim"})
+_INT_FUNCTIONS = frozenset(
+    {
+        operator.getitem,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.floordiv,
+        operator.mod,
+        operator.neg,
+        operator.truediv,
+        int,
+        len,
+    }
+)
+_SHAPE_TYPES = (int, float, bool, torch.Size, tuple, list)
+
+
+def _is_query(node: fx.Node) -> bool:
+    """``t.size(...)``, ``t.dim()``, ``t.shape`` or ``t.ndim`` of a tensor node ``t``."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or not _holds_tensor(node.args[0]):
+        return False
+    if node.op == "call_method" and node.target in _QUERY_METHODS:
+        return all(not isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values()))
+    return (
+        node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in _QUERY_ATTRS
+    )
+
+
+def _shape_arithmetic(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Non-tensor nodes computed only from shape queries, constants and integer arithmetic."""
+    pure: set[fx.Node] = set()
+    for node in nodes:
+        kind = node.meta.get("type")
+        if _holds_tensor(node) or not (isinstance(kind, type) and issubclass(kind, _SHAPE_TYPES)):
+            continue
+        if _is_query(node):
+            pure.add(node)
+        elif node.op == "call_function" and node.target in _INT_FUNCTIONS:
+            inputs = node.all_input_nodes
+            if all(n in pure for n in inputs):
+                pure.add(node)
+    return pure
+
+
+def _recompute_closure(values: list[fx.Node]) -> list[fx.Node]:
+    """The shape-arithmetic nodes ``values`` are computed from, themselves included."""
+    seen: set[fx.Node] = set()
+    stack = list(values)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if not _is_query(node):
+            stack.extend(node.all_input_nodes)
+    return list(seen)
+
+
+def _stand_ins(
+    values: list[fx.Node],
+    crossing: list[fx.Node],
+    other_shapes: dict[str, tuple[int, ...]] | None,
+    out: dict[str, str],
+) -> str | None:
+    """Fill ``out`` (query name -> crossing tensor name) for every shape query of ``values`` whose
+    tensor does not cross; return why that is impossible, or None."""
+    for query in _recompute_closure(values):
+        if not _is_query(query):
+            continue
+        source = query.args[0]
+        if source in crossing:
+            continue
+        substitute = next(
+            (t for t in crossing if _same_answer(query, source, t, other_shapes)),
+            None,
+        )
+        if substitute is None:
+            return (
+                f"shape value {query.name!r} ({query.format_node()}) reads {source.name!r}, which does not "
+                "cross, and no crossing tensor gives the same answer at two batch sizes"
+            )
+        out[query.name] = substitute.name
+    return None
+
+
+def _same_answer(
+    query: fx.Node, source: fx.Node, candidate: fx.Node, other_shapes: dict[str, tuple[int, ...]] | None
+) -> bool:
+    """Whether ``query`` run on ``candidate`` answers as on ``source``, at the example batch size
+    and at another one (without the second, a coincidence at batch 1 would pass)."""
+    if other_shapes is None or source.name not in other_shapes or candidate.name not in other_shapes:
+        return False
+    pairs = [
+        (tuple(source.meta["tensor_meta"].shape), tuple(candidate.meta["tensor_meta"].shape)),
+        (other_shapes[source.name], other_shapes[candidate.name]),
+    ]
+    return all(_query_value(query, a) == _query_value(query, b) for a, b in pairs)
+
+
+def _query_value(query: fx.Node, shape: tuple[int, ...]) -> Any:
+    if query.op == "call_function":  # getattr(t, "shape" | "ndim")
+        return tuple(shape) if query.args[1] == "shape" else len(shape)
+    if query.target == "dim":
+        return len(shape)
+    dim = query.args[1] if len(query.args) > 1 else query.kwargs.get("dim")
+    if dim is None:
+        return tuple(shape)
+    try:
+        return shape[dim]
+    except (IndexError, TypeError):
+        return None
+
+
+def _shapes_at_another_batch(gm: fx.GraphModule, example_input: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor node when the example input is repeated to another batch size."""
+    batch = int(example_input.shape[0]) if example_input.dim() else 1
+    bigger = torch.cat([example_input] * (2 if batch > 1 else 3)) if example_input.dim() else example_input
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor):
+                shapes[n.name] = tuple(value.shape)
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(bigger.clone())
+    return shapes
+
+
+def _call_quietly(fn: Any) -> Any:
+    """``fn()``, or None when there is no ``fn`` or it fails (a model that only runs at one batch size)."""
+    if fn is None:
+        return None
+    try:
+        return fn()
+    except Exception:
+        return None
 
 
 def _holds_tensor(node: fx.Node) -> bool:
@@ -442,13 +666,16 @@ def _trace_opaque(module: nn.Module, example_input: torch.Tensor) -> ModelGraph:
     target = getattr(module, "original_name", type(module).__name__)
     cuts = [_tensor_cut(0, arg, "placeholder", arg, example_input)]
     rejected: dict[int | str, str] = {}
+    not_cuts = []
     if isinstance(output, torch.Tensor):
         cuts.append(_tensor_cut(1, "output", "call_module", target, output))
     else:
-        rejected[1] = rejected["output"] = (
-            f"node 1 ('output') is not a cut: the model returns {type(output).__name__}, not a tensor"
-        )
-    return ModelGraph(module, example_input, cuts, _tensor_shapes(output), opaque=True, rejected=rejected)
+        reason = f"the model returns {type(output).__name__}, not a tensor"
+        rejected[1] = rejected["output"] = f"node 1 ('output') is not a cut: {reason}"
+        not_cuts.append(NotACut(1, "output", "call_module", target, reason))
+    return ModelGraph(
+        module, example_input, cuts, _tensor_shapes(output), opaque=True, rejected=rejected, not_cuts=not_cuts
+    )
 
 
 def _tensor_cut(index: int, name: str, op: str, target: str, value: torch.Tensor) -> Cut:

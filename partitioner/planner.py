@@ -140,6 +140,12 @@ class Planner:
             self._measured[key] = self._distortion(candidate)
         return self._measured[key]
 
+    def with_distortion(self, scored: Scored) -> Scored:
+        """``scored`` with its distortion measured (for display: the budgets are not checked)."""
+        if scored.distortion is not None:
+            return scored
+        return replace(scored, distortion=self.distortion_of(scored.candidate))
+
     def _check(self, scored: Scored) -> Scored:
         b, c = self.budgets, scored.candidate
         if b.memory_bytes is not None and c.kind != CLOUD_ONLY and c.edge_memory > b.memory_bytes:
@@ -149,10 +155,11 @@ class Planner:
         d = self.distortion_of(c)
         if d is None:
             return scored
-        if b.max_rel_error is not None and d.rel_error > b.max_rel_error:
-            return Scored(c, scored.predicted, scored.cost_ms, d, f"rel error {d.rel_error:.3g} > {b.max_rel_error}")
+        # Top-1 agreement is the budget users state; the relative output error is the secondary guard.
         if b.min_top1 is not None and d.top1 < b.min_top1:
             return Scored(c, scored.predicted, scored.cost_ms, d, f"top-1 {d.top1:.2f} < {b.min_top1}")
+        if b.max_rel_error is not None and d.rel_error > b.max_rel_error:
+            return Scored(c, scored.predicted, scored.cost_ms, d, f"rel error {d.rel_error:.3g} > {b.max_rel_error}")
         return Scored(c, scored.predicted, scored.cost_ms, d)
 
     def rank(self, link: Link, limit: int | None = None) -> list[Scored]:

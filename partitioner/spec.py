@@ -12,6 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+_TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript", ".pt", ".jit")
+_EXPORT_SUFFIX = ".pt2"
+_ONNX_SUFFIX = ".onnx"
+_FILE_SUFFIXES = (*_TORCHSCRIPT_SUFFIXES, _EXPORT_SUFFIX, _ONNX_SUFFIX)
+
+#: Calibration sources besides a directory of images: the photos bundled with scikit-image and
+#: scikit-learn (:mod:`partitioner.photos`), or synthetic images.
+PHOTOS = "photos"
+SYNTHETIC = "synthetic"
+
+#: Names of the pretrained models :data:`partitioner.models.PRETRAINED` builds (kept here, without torch).
+PRETRAINED_SOURCES = frozenset({"efficientnet_lite0_pretrained"})
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -24,11 +37,17 @@ class ModelSpec:
             ``weights=None`` (nothing is downloaded);
             a TorchScript file (``.ts``, ``.torchscript``, ``.pt``, ``.jit``);
             a ``torch.export`` file (``.pt2``);
-            ``"package.module:function"``: a factory called with no arguments that returns an
-            ``nn.Module``. It comes from the daemon's own config only, never from a request,
-            because importing it runs arbitrary code.
-        weights: optional local state-dict file, loaded with ``weights_only=True``;
-            ``.safetensors`` files need the ``safetensors`` package.
+            an ONNX file (``.onnx``), from any framework (tf2onnx for TensorFlow/Keras), converted
+            to an fx graph by onnx2torch (the ``onnx`` extra);
+            a pretrained model that ships in an installed package, by name (see :data:`partitioner.models.PRETRAINED`:
+            ``"efficientnet_lite0_pretrained"``, ImageNet weights, the ``pretrained`` extra);
+            ``"package.module:function"``: a factory that returns an ``nn.Module``, called with
+            ``factory_args`` (none by default), e.g. an architecture from an installed package
+            (``efficientnet_lite_pytorch:EfficientNet.from_name`` with ``factory_args:
+            [efficientnet-lite0]``) whose trained weights come from ``weights``. It comes from the
+            daemon's own config only, never from a request, because importing it runs arbitrary code.
+        weights: optional local state-dict file, loaded with ``weights_only=True`` (no pickled
+            objects); ``.safetensors`` files need the ``safetensors`` package.
         input_shape: shape of one input batch, batch dimension included.
         num_classes: passed to torchvision builders when given.
         seed: seeds random initialisation, so that two processes building the same spec get
@@ -36,6 +55,7 @@ class ModelSpec:
         pruning_plan: optional JSON plan from the compression service (a CNN channel-pruning plan
             or a Transformer head/FFN plan), replayed on this copy of the original model after its
             weights are loaded: the edge gets the pruned model without downloading it.
+        factory_args: positional arguments (strings, numbers, booleans) for a factory source.
     """
 
     name: str
@@ -45,6 +65,7 @@ class ModelSpec:
     num_classes: int | None = None
     seed: int = 0
     pruning_plan: str | None = None
+    factory_args: tuple[str | int | float | bool, ...] = ()
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__.
@@ -52,6 +73,8 @@ class ModelSpec:
             object.__setattr__(self, "weights", os.fspath(self.weights))
         if isinstance(self.input_shape, list):
             object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        if isinstance(self.factory_args, list):
+            object.__setattr__(self, "factory_args", tuple(self.factory_args))
         self._require("name", _is_nonempty_str(self.name), "a non-empty string")
         self._require("source", _is_nonempty_str(self.source), "a non-empty string")
         self._require("weights", self.weights is None or _is_nonempty_str(self.weights), "a file path")
@@ -69,6 +92,22 @@ class ModelSpec:
         )
         self._require("seed", _is_int(self.seed) and 0 <= self.seed < 2**63, "a non-negative integer")
         self._require("pruning_plan", self.pruning_plan is None or _is_nonempty_str(self.pruning_plan), "a file path")
+        self._require(
+            "factory_args",
+            isinstance(self.factory_args, tuple)
+            and all(isinstance(a, (str, int, float, bool)) for a in self.factory_args),
+            "a list of strings, numbers or booleans",
+        )
+        self._require(
+            "factory_args",
+            not self.factory_args or (":" in self.source and not self.source.lower().endswith(_FILE_SUFFIXES)),
+            "empty unless the source is a 'package.module:function' factory",
+        )
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the source is one of the :data:`partitioner.models.PRETRAINED` models (trained on real images)."""
+        return self.source in PRETRAINED_SOURCES
 
     def _require(self, key: str, ok: bool, expected: str) -> None:
         if not ok:

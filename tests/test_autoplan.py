@@ -47,6 +47,8 @@ def test_edge_plans_by_itself(cloud: DaemonProcess, daemon_dir: Path, local_mode
         assert status.auto_plan and status.planner_error == ""
         assert plan.objective == "latency" and plan.predicted.total_ms > 0
         assert plan.predicted_ms == pytest.approx(plan.predicted.total_ms)
+        # The accuracy of the plan in user terms, measured on the calibration images.
+        assert "top-1 agreement" in plan.reason and "on 8 calibration images" in plan.reason
         assert status.link.rtt_ms > 0 and status.link.up_mbps > 0 and status.link.down_mbps > 0
 
         x = calibration_batch(local_model.input_shape, 1, seed=9)

@@ -222,16 +222,67 @@ class SizeReshape(nn.Module):
         return self.fc(y.view(n, c, -1).flatten(1))
 
 
-def test_cuts_that_would_send_ints_are_excluded() -> None:
+def test_shape_arithmetic_is_recomputed_by_the_tail() -> None:
     graph = _assert_every_cut_exact(SizeReshape(), torch.randn(1, 3, 8, 8))
     nodes = list(graph.module.graph.nodes)
-    sizes = [i for i, n in enumerate(nodes) if n.op == "call_method" and n.target == "size"]
+    sizes = [n.name for n in nodes if n.op == "call_method" and n.target == "size"]
     assert len(sizes) == 2
-    # From the first size() until view() consumes the ints, every cut would send an int.
-    assert not {c.index for c in graph.cuts} & set(range(sizes[0], sizes[1] + 1))
-    assert [c.name for c in graph.cuts] == ["x", "conv", "relu", "view", "flatten", "fc"]
-    with pytest.raises(KeyError, match="not tensors \\(size: int\\)"):
-        graph.cut("size")
+    # Between the first size() and the view() that consumes the ints, the ints are alive: they are
+    # recomputed on the tail side, not sent, and the cuts there are as good as any other.
+    assert [c.name for c in graph.cuts] == [n.name for n in nodes[:-1]]
+    cut = graph.cut(sizes[1])
+    assert cut.live == ("relu",) and cut.recomputed == tuple(sizes)
+    assert graph.not_cuts() == []
+
+
+class BatchFromInput(nn.Module):
+    """The EfficientNet pattern: ``bs = inputs.size(0)`` stays alive until ``x.view(bs, -1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        bs = inputs.size(0)
+        x = torch.relu(self.conv(inputs))
+        x = nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.fc(x.view(bs, -1))
+
+
+def test_batch_size_of_a_gone_input_is_read_from_a_crossing_tensor() -> None:
+    graph = _assert_every_cut_exact(BatchFromInput(), torch.randn(2, 3, 8, 8))
+    nodes = list(graph.module.graph.nodes)
+    assert [c.name for c in graph.cuts] == [n.name for n in nodes[:-1]]
+    conv = graph.cut("conv")
+    assert conv.live == ("conv",) and conv.recomputed == ("size",)
+    # The tail's batch size follows the batch it is given, not the one at tracing.
+    head, tail = graph.split(conv)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(tail(*head(x)), graph.module(x))
+
+
+class ChannelsFromInput(nn.Module):
+    """``c = inputs.size(1)`` (3) matches no tensor that crosses later: those cuts stay refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        c = inputs.size(1)
+        y = torch.relu(self.conv(inputs))
+        return y.flatten(1)[:, :c]
+
+
+def test_shape_values_without_a_stand_in_are_listed_as_not_cuts() -> None:
+    graph = _assert_every_cut_exact(ChannelsFromInput(), torch.randn(1, 3, 8, 8))
+    refused = {n.name: n.reason for n in graph.not_cuts()}
+    assert set(refused) == {"conv", "relu", "flatten"}
+    assert "'inputs', which does not cross" in refused["conv"]
+    with pytest.raises(KeyError, match="does not cross"):
+        graph.cut("relu")
 
 
 class Pair(NamedTuple):
