@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor import clipping, jpeg, zstd
+from compressor import clipping, half, jpeg, zstd
 from compressor._arrays import as_float32, is_tensor, torch_or_none
 from compressor.bitpack import BIT_WIDTHS, pack_array, packed_size, unpack_array
 from compressor.clipping import clip_range_array
@@ -197,15 +197,15 @@ def _loaded_torch() -> Any:
 
 
 def _to_half(x: Any) -> np.ndarray:
-    """float16 bytes of ``x`` (round to nearest even). torch's conversion is vectorised and ~50x
-    faster than numpy's; both are IEEE conversions, so the bytes are the same."""
+    """float16 bytes of ``x`` (round to nearest even): torch's SIMD conversion where torch is
+    loaded, else :mod:`compressor.half` (both faster than numpy's cast; all three give the same bits)."""
     torch = _loaded_torch()
     if is_tensor(x):
         return _host_bytes(x.to(torch.float16))
     if torch is not None:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return t.to(torch.float16).numpy().reshape(-1).view(np.uint8)
-    return _host_bytes(x.astype("<f2"))
+    return half.to_half_bits(x).astype("<u2", copy=False).view(np.uint8)
 
 
 def _from_half(h: np.ndarray) -> np.ndarray:
@@ -213,7 +213,7 @@ def _from_half(h: np.ndarray) -> np.ndarray:
     torch = _loaded_torch()
     if torch is not None:
         return torch.from_numpy(h.astype(np.float16, copy=False)).to(torch.float32).numpy()
-    return h.astype(np.float32)
+    return half.from_half_bits(h.view("<u2"))
 
 
 def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.ndarray:
