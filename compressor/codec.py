@@ -175,7 +175,8 @@ _ENCODING = {
 
 
 def _dtype_name(x: Any) -> str:
-    return str(x.dtype).removeprefix("torch.")
+    """``float32``, ``bool``, ...: torch's dtype name, or numpy's whatever the byte order."""
+    return str(x.dtype).removeprefix("torch.") if is_tensor(x) else x.dtype.name
 
 
 def _require_float(x: Any, spec: EncodingSpec) -> None:
