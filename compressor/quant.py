@@ -47,6 +47,9 @@ def affine_params(lo: Any, hi: Any, bits: int) -> tuple[Any, Any]:
 def affine_params_array(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`affine_params` on numpy arrays (float64 math, as the wire format fixes)."""
     top = qmax(bits)
+    if np.ndim(lo) == 0:  # per tensor: the same math on Python floats, without ~15 array round trips
+        scale, zero_point = _affine_params_scalar(float(lo), float(hi), top)
+        return np.array(scale, np.float32), np.array(zero_point, np.int32)
     lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     lo0, hi0 = np.minimum(lo64, 0.0), np.maximum(hi64, 0.0)
     scale = np.maximum((hi0 - lo0) / top, _TINY)
@@ -60,6 +63,20 @@ def affine_params_array(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.n
     scale32 = np.where(scale32.astype(np.float64) < scale, up, scale32).astype(np.float32)
     zero_point = np.clip(np.rint(-lo0 / scale32.astype(np.float64)), 0, top).astype(np.int32)
     return scale32, zero_point
+
+
+def _affine_params_scalar(lo: float, hi: float, top: int) -> tuple[np.float32, int]:
+    """:func:`affine_params_array` for one group: float64 steps in the same order, so the same result."""
+    lo0, hi0 = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi0 - lo0) / top, _TINY)
+    if lo == hi and lo != 0:
+        scale = abs(lo)
+    if hi0 == lo0:
+        scale = 1.0
+    scale32 = np.float32(scale)
+    if float(scale32) < scale:
+        scale32 = np.nextafter(scale32, np.float32(np.inf))
+    return scale32, min(max(round(-lo0 / float(scale32)), 0), top)  # round(): half to even, as np.rint
 
 
 def _broadcast(t: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
@@ -117,6 +134,8 @@ def quantize_array(
     range); the clamp is then skipped when the bounds show it cannot change anything.
     """
     top = qmax(bits)
+    if np.ndim(scales) == 0:
+        return _quantize_per_tensor(x, top, scales, zero_points, lo, hi, covers)
     s32 = scales.astype(np.float32, copy=False)
     z32 = zero_points.astype(np.float32)
     a = np.divide(lo.astype(np.float32, copy=False), s32)  # fl(lo / s): where clamp(x, lo, hi) / s starts
@@ -138,6 +157,31 @@ def quantize_array(
     else:
         np.rint(buf, out=buf)
         np.add(buf, _broadcast(z32, x.ndim, axis), out=q, casting="unsafe")
+    return q
+
+
+def _quantize_per_tensor(
+    x: np.ndarray, top: int, scale: np.ndarray, zero_point: np.ndarray, lo: np.ndarray, hi: np.ndarray, covers: bool
+) -> np.ndarray:
+    """:func:`quantize_array` for one group, with float32 scalars for the bounds (same steps)."""
+    s32, z = np.float32(scale), float(zero_point)
+    a, b = np.float32(lo) / s32, np.float32(hi) / s32
+    a = min(a, b)
+    c, d = np.float32(-z), np.float32(top - z)
+    low, high = max(a, c), min(b, d)
+    if a > d:
+        low = high = d
+    elif b < c:
+        low = high = c
+    buf = np.divide(x, s32, out=np.empty(x.shape, np.float32))
+    if not (covers and low == a and high == b):
+        np.clip(buf, np.float32(low), np.float32(high), out=buf)
+    q = np.empty(x.shape, np.uint8)
+    if z == 0:
+        np.rint(buf, out=q, casting="unsafe")
+    else:
+        np.rint(buf, out=buf)
+        np.add(buf, np.float32(z), out=q, casting="unsafe")
     return q
 
 
