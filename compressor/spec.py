@@ -39,7 +39,7 @@ DEFAULT_QUALITY = 90
 CODECS = ("zstd", "none")
 MIN_LEVEL, MAX_LEVEL = -(1 << 17), 22  # zstd's negative "fast" levels down to ZSTD_minCLevel()
 # Level 1: on resnet activations (benchmarks/codec.py) it compresses 4-bit codes 2.27x against 2.13x at
-# level 3, at ~4x the speed; the fast levels (-1 to -5) gain <2x in speed but only reach 1.3-1.4x.
+# level 3, at 2-4x its speed; the fast levels (-1 to -5) gain at most ~1.5x in speed but reach only 1.28-1.40x.
 DEFAULT_LEVEL = 1
 
 _ENCODING_TO_PROTO = {
