@@ -170,3 +170,26 @@ def test_the_codec_imports_and_matches_the_golden_bytes_without_torch() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = len(inputs()) * len([t for t in cases() if _byte_exact(t)])
     assert proc.stdout.split() == ["checked", str(expected)]
+
+
+@pytest.mark.parametrize("kind", ["normal", "relu", "ties", "sorted"])
+def test_percentile_selection_equals_a_full_sort(kind: str) -> None:
+    """The per-tensor fast path (select past a sampled threshold) must pick the same order statistics."""
+    from fractions import Fraction
+
+    from compressor.clipping import percentile
+
+    rng = np.random.default_rng(11)
+    for n in (5_000, 80_000, 802_816):
+        raw = {
+            "normal": rng.standard_normal(n),
+            "relu": np.maximum(rng.standard_normal(n), 0),
+            "ties": rng.integers(0, 5, n).astype(float),
+            "sorted": np.sort(rng.laplace(size=n)),
+        }[kind]
+        row = raw.astype(np.float32)
+        ordered = np.sort(row)
+        for p in (99.99, 99.95, 99.9, 99.0):
+            k_hi = max(min(math.ceil(Fraction(str(p)) * n / 100), n), (n + 2) // 2)
+            lo, hi = percentile(row[None, :], 8, percentile=p)
+            assert (lo[0], hi[0]) == (ordered[n - k_hi], ordered[k_hi - 1]), (n, p)
