@@ -149,23 +149,23 @@ def aciq(rows: np.ndarray, bits: int, prior: str = "laplace", half: str = "auto"
     if half not in ("auto", "on", "off"):
         raise ValueError(f"half: {half!r} is not auto, on or off")
     mn, mx = rows.min(1).astype(np.float64), rows.max(1).astype(np.float64)
-    # Two-sided: symmetric around the mean.
-    mean = rows.mean(1, dtype=np.float64)
-    alpha = optimal_ratio(bits, prior) * _scale(rows, prior, mean)
-    lo, hi = np.maximum(mn, mean - alpha), np.minimum(mx, mean + alpha)
-    if half != "off":
-        one_sided = mn >= 0
-        if bool(one_sided.any()):
-            pos = np.maximum(rows, np.float32(0))
-            count = np.maximum((rows > 0).sum(1), 1)
-            # The positive part's scale: exponential b = its mean, half-normal sigma = its RMS.
-            if prior == "laplace":
-                tail = pos.sum(1, dtype=np.float64) / count
-            else:
-                tail = np.sqrt(np.square(pos, dtype=np.float64).sum(1) / count)
-            hi_half = np.minimum(mx, optimal_ratio(bits, prior, half=True) * tail)
-            lo = np.where(one_sided, mn, lo)
-            hi = np.where(one_sided, hi_half, hi)
+    one_sided = mn >= 0 if half != "off" else np.zeros(mn.shape, bool)
+    lo, hi = mn.copy(), mx.copy()
+    if not one_sided.all():  # two-sided rows: symmetric around the mean
+        two = ~one_sided
+        sub = rows if two.all() else rows[two]
+        mean = sub.mean(1, dtype=np.float64)
+        alpha = optimal_ratio(bits, prior) * _scale(sub, prior, mean)
+        lo[two], hi[two] = np.maximum(mn[two], mean - alpha), np.minimum(mx[two], mean + alpha)
+    if one_sided.any():  # no negative value: the positive part's scale, and lo stays the row's min
+        sub = rows if one_sided.all() else rows[one_sided]
+        count = np.maximum(np.count_nonzero(sub, axis=1), 1)  # the values > 0 (none is negative)
+        # Exponential b = the positive values' mean; half-normal sigma = their RMS.
+        if prior == "laplace":
+            tail = sub.sum(1, dtype=np.float64) / count
+        else:
+            tail = np.sqrt(np.square(sub, dtype=np.float64).sum(1) / count)
+        hi[one_sided] = np.minimum(mx[one_sided], optimal_ratio(bits, prior, half=True) * tail)
     lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
     return lo32, np.maximum(hi32, lo32)
 
