@@ -152,6 +152,14 @@ for name, x in inputs().items():
             checked += 1
 raw = encode(np.arange(12, dtype=np.int64).reshape(3, 4), EncodingSpec.parse("raw"))
 np.testing.assert_array_equal(decode(raw), np.arange(12).reshape(3, 4))
+from compressor import CodecError, register_clipper
+register_clipper("test_torch_only", lambda rows, bits: (rows.min(1), rows.max(1)), replace=True)
+try:
+    encode(inputs()["gauss"], EncodingSpec.parse("int4:test_torch_only"))
+except CodecError as e:
+    assert "spec.clip: clipping method 'test_torch_only' is a torch estimator" in str(e), e
+else:
+    raise AssertionError("a torch clipper ran without torch")
 assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
 print("checked", checked)
 """
