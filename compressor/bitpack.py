@@ -73,14 +73,26 @@ def pack_array(values: np.ndarray, bits: int) -> np.ndarray:
         out = np.empty(groups, np.uint8)
         np.copyto(out, merged, casting="unsafe")  # the low byte of each word
         return out
-    columns = flat.reshape(groups, per_group).astype(word)
-    acc = columns[:, 0].copy()
-    for i in range(1, per_group):  # at most 8 columns: a loop over bit positions, not elements
-        acc |= columns[:, i] << word.type(bits * i)
-    as_bytes = acc.view(np.uint8).reshape(groups, word.itemsize)
-    if word.itemsize != group_bytes:
-        as_bytes = as_bytes[:, :group_bytes]
+    # A group's codes are the byte lanes of one word (4 codes in a u32, 8 in a u64); lane i moves
+    # down by i * (8 - bits) bits to sit at bit bits * i. One shift / mask / OR per lane, vectorised.
+    lanes = _lane_word(per_group)
+    words = flat.view(lanes)
+    mask = (1 << bits) - 1
+    acc = np.bitwise_and(words, lanes.type(mask))
+    tmp = np.empty_like(words)
+    for i in range(1, per_group):
+        np.right_shift(words, lanes.type(i * (8 - bits)), out=tmp)
+        np.bitwise_and(tmp, lanes.type(mask << (bits * i)), out=tmp)
+        acc |= tmp
+    if group_bytes == 1:
+        return acc.astype(np.uint8)  # the low byte of each word
+    as_bytes = acc.view(np.uint8).reshape(groups, lanes.itemsize)[:, :group_bytes]
     return np.ascontiguousarray(as_bytes).reshape(-1)[: packed_size(count, bits)]
+
+
+def _lane_word(per_group: int) -> np.dtype:
+    """The little-endian word whose byte lanes hold one group of codes (4 or 8)."""
+    return np.dtype("<u4") if per_group == 4 else np.dtype("<u8")
 
 
 def unpack(data: bytes | bytearray | memoryview | np.ndarray, bits: int, count: int) -> np.ndarray:
