@@ -148,7 +148,7 @@ class Session:
         except CodecError as exc:
             raise CodecError(f"{where}.{str(exc).removeprefix('tensor.')}") from None
         expected = cut.shapes[index]
-        if str(dtype).removeprefix("torch.") != cut.dtypes[index]:
+        if dtype != cut.dtypes[index]:
             raise CodecError(f"{where}: dtype {dtype} != {cut.dtypes[index]}")
         if len(shape) != len(expected) or shape[1:] != tuple(expected[1:]):
             raise CodecError(f"{where}: shape {shape} does not fit {tuple(expected)}")

@@ -1,16 +1,18 @@
 """Cleave's compression library: the tensor codec (wire format) and its building blocks.
 
 - :class:`EncodingSpec` says how to encode (raw / fp16 / affine 2-8 bits, clipping, zstd);
-  :func:`encode` and :func:`decode` convert between ``torch.Tensor`` and ``cleave.v1.Tensor``,
-  with :class:`CodecLimits` bounding what a decoder accepts.
+  :func:`encode` and :func:`decode` convert between ``torch.Tensor`` (or numpy arrays:
+  :func:`decode_array`) and ``cleave.v1.Tensor``, with :class:`CodecLimits` bounding what a decoder
+  accepts. None of this needs torch; :mod:`compressor.lapq` (an offline optimiser) does, and is
+  imported on first use.
 - :func:`to_chunks` and :class:`Assembler` stream tensor sequences as bounded ``TensorChunk`` groups.
 - :func:`register_clipper` adds clipping-range estimators that specs can name.
 """
 
-from compressor import aciq, lapq  # register the "aciq" and "fixed" clippers
+from compressor import aciq  # registers the "aciq" clipper
 from compressor.bitpack import pack, packed_size, unpack
 from compressor.clipping import clip_range, clipper_names, get_clipper, register_clipper
-from compressor.codec import CodecLimits, check_header, decode, decode_many, encode, encode_many
+from compressor.codec import CodecLimits, check_header, decode, decode_array, decode_many, encode, encode_many
 from compressor.errors import CodecError
 from compressor.framing import Assembler, BudgetExceeded, ByteBudget, to_chunks
 from compressor.quant import dequantize, quantize
@@ -29,6 +31,7 @@ __all__ = [
     "clip_range",
     "clipper_names",
     "decode",
+    "decode_array",
     "decode_many",
     "dequantize",
     "encode",
@@ -42,3 +45,12 @@ __all__ = [
     "to_chunks",
     "unpack",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202 (module attribute hook)
+    """``compressor.lapq`` on first use: it needs torch, the codec does not."""
+    if name == "lapq":
+        import importlib
+
+        return importlib.import_module("compressor.lapq")
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")

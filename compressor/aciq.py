@@ -34,10 +34,14 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from compressor.clipping import register_clipper
+from compressor.clipping import array_clipper, register_clipper
+
+if TYPE_CHECKING:  # the clipper is numpy; only the offline weight helpers below need torch
+    import torch
 
 __all__ = [
     "PAPER_GAUSS",
@@ -114,19 +118,22 @@ def optimal_ratio(bits: int, prior: str = "laplace", *, half: bool = False, grid
     return (lo + hi) / 2.0
 
 
-def _scale(rows: torch.Tensor, prior: str, center: torch.Tensor) -> torch.Tensor:
+def _scale(rows: np.ndarray, prior: str, center: np.ndarray) -> np.ndarray:
     """Per row: the Laplace b (mean absolute deviation) or the Gaussian sigma around ``center``."""
-    dev = rows - center[:, None]
-    return dev.abs().mean(1) if prior == "laplace" else dev.pow(2).mean(1).sqrt()
+    dev = rows - center[:, None]  # float64: center is
+    return np.abs(dev).mean(1) if prior == "laplace" else np.sqrt(np.square(dev).mean(1))
 
 
-def aciq(
-    rows: torch.Tensor, bits: int, prior: str = "laplace", half: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
+@array_clipper
+def aciq(rows: np.ndarray, bits: int, prior: str = "laplace", half: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Clipper ``"aciq"``: the analytically optimal range of each row (see the module docstring).
 
+    The statistics (mean, deviation, tail scale) accumulate in float64, so the float32 range is
+    the correctly rounded one whatever the summation order: numpy, torch or another language
+    computing the same formula get the same bounds (a float32 sum would differ in its last bits).
+
     Args:
-        rows: ``(groups, n)`` float32, one row per quantization group.
+        rows: ``(groups, n)`` float32 numpy, one row per quantization group.
         bits: code width.
         prior: ``"laplace"`` (default; activations and weights are closer to it) or ``"gauss"``.
         half: ``"auto"`` treats a row with no negative value as a ReLU output (one-sided grid
@@ -135,29 +142,32 @@ def aciq(
             two-sided around the row mean.
 
     Returns:
-        ``(lo, hi)`` per row, never wider than the row's own min / max.
+        ``(lo, hi)`` float32 per row, never wider than the row's own min / max.
     """
     if prior not in PRIORS:
         raise ValueError(f"prior: {prior!r} is not one of {', '.join(PRIORS)}")
     if half not in ("auto", "on", "off"):
         raise ValueError(f"half: {half!r} is not auto, on or off")
-    mn, mx = torch.aminmax(rows, dim=1)
-    # Two-sided: symmetric around the mean.
-    mean = rows.mean(1)
-    alpha = optimal_ratio(bits, prior) * _scale(rows, prior, mean)
-    lo, hi = torch.maximum(mn, mean - alpha), torch.minimum(mx, mean + alpha)
-    if half != "off":
-        one_sided = mn >= 0
-        if bool(one_sided.any()):
-            pos = rows.clamp(min=0)
-            count = (rows > 0).sum(1).clamp(min=1)
-            # The positive part's scale: exponential b = its mean, half-normal sigma = its RMS.
-            tail = pos.sum(1) / count if prior == "laplace" else (pos.pow(2).sum(1) / count).sqrt()
-            hi_half = torch.minimum(mx, optimal_ratio(bits, prior, half=True) * tail)
-            lo = torch.where(one_sided, mn, lo)
-            hi = torch.where(one_sided, hi_half, hi)
-    hi = torch.maximum(hi, lo)
-    return lo, hi
+    mn, mx = rows.min(1).astype(np.float64), rows.max(1).astype(np.float64)
+    one_sided = mn >= 0 if half != "off" else np.zeros(mn.shape, bool)
+    lo, hi = mn.copy(), mx.copy()
+    if not one_sided.all():  # two-sided rows: symmetric around the mean
+        two = ~one_sided
+        sub = rows if two.all() else rows[two]
+        mean = sub.mean(1, dtype=np.float64)
+        alpha = optimal_ratio(bits, prior) * _scale(sub, prior, mean)
+        lo[two], hi[two] = np.maximum(mn[two], mean - alpha), np.minimum(mx[two], mean + alpha)
+    if one_sided.any():  # no negative value: the positive part's scale, and lo stays the row's min
+        sub = rows if one_sided.all() else rows[one_sided]
+        count = np.maximum(np.count_nonzero(sub, axis=1), 1)  # the values > 0 (none is negative)
+        # Exponential b = the positive values' mean; half-normal sigma = their RMS.
+        if prior == "laplace":
+            tail = sub.sum(1, dtype=np.float64) / count
+        else:
+            tail = np.sqrt(np.square(sub, dtype=np.float64).sum(1) / count)
+        hi[one_sided] = np.minimum(mx[one_sided], optimal_ratio(bits, prior, half=True) * tail)
+    lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
+    return lo32, np.maximum(hi32, lo32)
 
 
 def allocate_channel_bits(alphas: torch.Tensor, mean_bits: float, min_bits: int = 1, max_bits: int = 8) -> torch.Tensor:
@@ -172,6 +182,8 @@ def allocate_channel_bits(alphas: torch.Tensor, mean_bits: float, min_bits: int 
     Returns:
         int64 tensor of widths, one per channel.
     """
+    import torch
+
     a = alphas.double().clamp(min=1e-12).reshape(-1)
     n = a.numel()
     budget = round(n * mean_bits)
@@ -195,6 +207,8 @@ def allocate_channel_bits(alphas: torch.Tensor, mean_bits: float, min_bits: int 
 def bias_correction_terms(w: torch.Tensor, w_q: torch.Tensor, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(gain, offset)`` with ``bias_correct(w, w_q) == w_q * gain + offset`` (broadcast
     along ``axis``): what a packed weight stores next to its codes to apply the correction at load."""
+    import torch
+
     flat = w.movedim(axis, 0).reshape(w.shape[axis], -1).double()
     flat_q = w_q.movedim(axis, 0).reshape(w.shape[axis], -1).double()
     mu, mu_q = flat.mean(1), flat_q.mean(1)
@@ -218,4 +232,4 @@ def bias_correct(w: torch.Tensor, w_q: torch.Tensor, axis: int = 0) -> torch.Ten
     return (w_q.double() * gain.reshape(shape) + offset.reshape(shape)).to(w.dtype)
 
 
-register_clipper("aciq", aciq)
+register_clipper("aciq", aciq, numpy=True)

@@ -11,19 +11,21 @@ that names the field.
 
 from __future__ import annotations
 
+import sys
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import numpy as np
-import torch
 
-from compressor import jpeg, zstd
-from compressor.bitpack import BIT_WIDTHS, pack, packed_size, unpack
-from compressor.clipping import clip_range
+from compressor import clipping, half, jpeg, zstd
+from compressor._arrays import as_float32, is_tensor, torch_or_none
+from compressor.bitpack import BIT_WIDTHS, pack_array, packed_size, unpack_array
+from compressor.clipping import clip_range_array
 from compressor.errors import CodecError
-from compressor.quant import dequantize, qmax, quantize
+from compressor.quant import affine_params_array, dequantize_array, qmax, quantize_array
 from compressor.spec import EncodingSpec
 from protos.cleave.v1 import tensor_pb2
 
@@ -40,49 +42,50 @@ class CodecLimits:
 @dataclass(frozen=True)
 class _DType:
     wire: int
-    torch: torch.dtype
+    name: str  # the torch dtype's attribute name, and numpy's name for the same type
     numpy: np.dtype
 
 
 _DTYPES = [
-    _DType(tensor_pb2.FLOAT32, torch.float32, np.dtype("<f4")),
-    _DType(tensor_pb2.FLOAT16, torch.float16, np.dtype("<f2")),
-    _DType(tensor_pb2.UINT8, torch.uint8, np.dtype("u1")),
-    _DType(tensor_pb2.INT8, torch.int8, np.dtype("i1")),
-    _DType(tensor_pb2.INT32, torch.int32, np.dtype("<i4")),
-    _DType(tensor_pb2.INT64, torch.int64, np.dtype("<i8")),
-    _DType(tensor_pb2.BOOL, torch.bool, np.dtype("?")),
+    _DType(tensor_pb2.FLOAT32, "float32", np.dtype("<f4")),
+    _DType(tensor_pb2.FLOAT16, "float16", np.dtype("<f2")),
+    _DType(tensor_pb2.UINT8, "uint8", np.dtype("u1")),
+    _DType(tensor_pb2.INT8, "int8", np.dtype("i1")),
+    _DType(tensor_pb2.INT32, "int32", np.dtype("<i4")),
+    _DType(tensor_pb2.INT64, "int64", np.dtype("<i8")),
+    _DType(tensor_pb2.BOOL, "bool", np.dtype("?")),
 ]
-_BY_TORCH = {d.torch: d for d in _DTYPES}
+_BY_NAME = {d.name: d for d in _DTYPES}
 _BY_WIRE = {d.wire: d for d in _DTYPES}
 _FLOAT32 = _BY_WIRE[tensor_pb2.FLOAT32]
 _WIDTHS = ",".join(map(str, BIT_WIDTHS))
 
 
-def encode(x: torch.Tensor, spec: EncodingSpec) -> tensor_pb2.Tensor:
-    """Encode ``x`` (any device, any strides) as ``spec`` asks.
+def encode(x: Any, spec: EncodingSpec) -> tensor_pb2.Tensor:
+    """Encode ``x`` (a torch tensor on any device with any strides, or a numpy array) as ``spec`` asks.
 
     ``raw`` keeps ``x``'s dtype (float32, float16, uint8, int8, int32, int64 or bool); ``fp16``
-    and ``affine`` need a floating ``x`` and decode to float32. Affine quantization runs on
-    ``x``'s device, so a GPU tensor crosses to the host already shrunk to codes.
+    and ``affine`` need a floating ``x`` and decode to float32. The math runs in numpy on the host
+    (a CPU float32 tensor is used in place, without a copy), so a tensor and the equal array give
+    the same bytes, with or without torch installed.
 
     Raises:
         CodecError: an unsupported dtype, a non-float tensor for fp16 / affine, an axis out of
             range, or non-finite values for affine.
     """
-    x = x.detach()
+    x = x.detach() if is_tensor(x) else np.asarray(x)
     msg = tensor_pb2.Tensor(shape=x.shape, encoding=_ENCODING[spec.encoding])
     if spec.encoding == "raw":
-        dtype = _BY_TORCH.get(x.dtype)
+        dtype = _BY_NAME.get(_dtype_name(x))
         if dtype is None:
-            names = ", ".join(str(d.torch).removeprefix("torch.") for d in _DTYPES)
+            names = ", ".join(d.name for d in _DTYPES)
             raise CodecError(f"x.dtype: {x.dtype} cannot be sent raw; use one of {names}")
         msg.dtype = dtype.wire
         data = _host_bytes(x)
     elif spec.encoding == "fp16":
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
-        data = _host_bytes(x.to(torch.float16))
+        data = _to_half(x)
     elif spec.encoding == "jpeg":
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
@@ -95,8 +98,20 @@ def encode(x: torch.Tensor, spec: EncodingSpec) -> tensor_pb2.Tensor:
     return msg
 
 
-def decode(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> torch.Tensor:
-    """Decode and validate a wire tensor; the result is a new CPU tensor.
+def decode(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> Any:
+    """Decode and validate a wire tensor: a new CPU ``torch.Tensor`` where torch is installed,
+    else the numpy array :func:`decode_array` returns (the same values, sharing memory).
+
+    Raises:
+        CodecError: whose message starts with the offending field, e.g. ``tensor.crc32``.
+    """
+    out = decode_array(msg, limits)
+    torch = torch_or_none()
+    return out if torch is None else torch.from_numpy(out)
+
+
+def decode_array(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> np.ndarray:
+    """:func:`decode` into a new, writable numpy array (needs no torch).
 
     Raises:
         CodecError: whose message starts with the offending field, e.g. ``tensor.crc32``.
@@ -113,49 +128,51 @@ def decode(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> torch
             buf = zstd.decompress(payload, msg.raw_size)
         except ValueError as e:
             raise CodecError(f"tensor.payload: {e}") from None
-    else:
+    elif msg.encoding in (tensor_pb2.RAW, tensor_pb2.FP16):
         buf = np.frombuffer(bytearray(payload), np.uint8)  # a writable copy: the result owns its memory
+    else:
+        buf = np.frombuffer(payload, np.uint8)  # read in place: decoding writes a new array
 
     if msg.encoding == tensor_pb2.RAW:
-        if dtype.torch is torch.bool and buf.size and buf.max() > 1:
+        if dtype.name == "bool" and buf.size and buf.max() > 1:
             raise CodecError("tensor.payload: a BOOL byte is neither 0 nor 1")
-        return torch.from_numpy(buf.view(dtype.numpy)).reshape(shape)
+        return buf.view(dtype.numpy).reshape(shape)
     if msg.encoding == tensor_pb2.JPEG:
         if len(buf) != msg.raw_size:
             raise CodecError(f"tensor.raw_size: {msg.raw_size}, but the payload decodes to {len(buf)} bytes")
         return jpeg.decode_jpeg(buf, msg, shape)
     if msg.encoding == tensor_pb2.FP16:
-        # torch's half -> float is vectorised; numpy's is ~35x slower on activations full of zeros.
-        return torch.from_numpy(buf.view("<f2")).to(torch.float32).reshape(shape)
-    q = torch.from_numpy(unpack(buf, msg.bits, numel)).reshape(shape)
+        return _from_half(buf.view("<f2")).reshape(shape)
+    q = unpack_array(buf, msg.bits, numel).reshape(shape)
     axis = None if msg.axis == -1 else msg.axis
-    scales = torch.tensor(list(msg.scales), dtype=torch.float32)
-    zero_points = torch.tensor(list(msg.zero_points), dtype=torch.int32)
-    return dequantize(q, scales, zero_points, axis)
+    scales = np.asarray(msg.scales, np.float32)
+    zero_points = np.asarray(msg.zero_points, np.int32)
+    return dequantize_array(q, scales, zero_points, axis)
 
 
-def check_header(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> tuple[torch.dtype, tuple[int, ...]]:
+def check_header(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> tuple[str, tuple[int, ...]]:
     """Validate everything but the payload bytes, as :func:`decode` does first; allocates nothing.
 
     A server calls this on a tensor's header (e.g. a chunk's ``header``) as soon as it arrives, to
     refuse a tensor it would not accept before buffering or decompressing its payload.
 
     Returns:
-        the dtype and shape :func:`decode` would return.
+        the dtype (its name, as torch and numpy spell it: ``"float32"``) and the shape :func:`decode`
+        would return.
 
     Raises:
         CodecError: naming the offending field, as :func:`decode` does.
     """
     dtype, shape, _ = _check_header(msg, limits)
-    return dtype.torch, shape
+    return dtype.name, shape
 
 
-def encode_many(xs: Iterable[torch.Tensor], spec: EncodingSpec) -> list[tensor_pb2.Tensor]:
+def encode_many(xs: Iterable[Any], spec: EncodingSpec) -> list[tensor_pb2.Tensor]:
     """:func:`encode` each tensor with the same spec."""
     return [encode(x, spec) for x in xs]
 
 
-def decode_many(msgs: Iterable[tensor_pb2.Tensor], limits: CodecLimits = CodecLimits()) -> list[torch.Tensor]:
+def decode_many(msgs: Iterable[tensor_pb2.Tensor], limits: CodecLimits = CodecLimits()) -> list[Any]:
     """:func:`decode` each message; a CodecError says which one failed (``tensors[i].field``)."""
     out = []
     for i, msg in enumerate(msgs):
@@ -174,38 +191,75 @@ _ENCODING = {
 }
 
 
-def _require_float(x: torch.Tensor, spec: EncodingSpec) -> None:
-    if not x.is_floating_point():
+def _dtype_name(x: Any) -> str:
+    """``float32``, ``bool``, ...: torch's dtype name, or numpy's whatever the byte order."""
+    return str(x.dtype).removeprefix("torch.") if is_tensor(x) else x.dtype.name
+
+
+def _require_float(x: Any, spec: EncodingSpec) -> None:
+    floating = x.is_floating_point() if is_tensor(x) else np.issubdtype(x.dtype, np.floating)
+    if not floating:
         raise CodecError(f"x.dtype: {spec.encoding} encodes floating tensors, got {x.dtype}")
 
 
-def _host_bytes(x: torch.Tensor) -> np.ndarray:
+def _host_bytes(x: Any) -> np.ndarray:
     """``x``'s values as a flat uint8 view of contiguous little-endian host memory."""
-    arr = x.cpu().contiguous().numpy().reshape(-1)
+    arr = x.cpu().contiguous().numpy() if is_tensor(x) else np.ascontiguousarray(x)
+    arr = arr.reshape(-1)
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False).view(np.uint8)
 
 
-def _encode_affine(x: torch.Tensor, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> bytes:
-    xf = x.to(torch.float32)
-    if xf.numel():
-        lo, hi = torch.aminmax(xf.reshape(-1))  # NaN and inf both propagate into min / max
-        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+def _loaded_torch() -> Any:
+    """torch if this process already imported it (a half conversion is no reason to load it)."""
+    return sys.modules.get("torch")
+
+
+def _to_half(x: Any) -> np.ndarray:
+    """float16 bytes of ``x`` (round to nearest even): torch's SIMD conversion where torch is
+    loaded, else :mod:`compressor.half` (both faster than numpy's cast; all three give the same bits)."""
+    torch = _loaded_torch()
+    if is_tensor(x):
+        return _host_bytes(x.to(torch.float16))
+    if torch is not None:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return t.to(torch.float16).numpy().reshape(-1).view(np.uint8)
+    return half.to_half_bits(x).astype("<u2", copy=False).view(np.uint8)
+
+
+def _from_half(h: np.ndarray) -> np.ndarray:
+    """float32 of little-endian float16 ``h`` (exact either way; torch's loop is the faster)."""
+    torch = _loaded_torch()
+    if torch is not None:
+        return torch.from_numpy(h.astype(np.float16, copy=False)).to(torch.float32).numpy()
+    return half.from_half_bits(h.view("<u2"))
+
+
+def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.ndarray:
+    xf = as_float32(x)
+    if xf.size:
+        mn, mx = xf.min(), xf.max()  # NaN and inf both propagate into min / max
+        if not (np.isfinite(mn) and np.isfinite(mx)):
             raise CodecError("x: affine encoding needs finite values (found NaN or inf)")
     axis = None
     if spec.per_channel:
         if not -xf.ndim <= spec.axis < xf.ndim:
             raise CodecError(f"spec.axis: {spec.axis} is out of range for a {xf.ndim}-d tensor")
         axis = spec.axis % xf.ndim
-    try:
-        lo, hi = clip_range(xf, spec.clip, axis, spec.bits, **spec.clip_kwargs)
-    except (TypeError, ValueError) as e:
-        raise CodecError(f"spec.clip: {e}") from None
-    q, scales, zero_points = quantize(xf, spec.bits, lo, hi, axis)
+    covers = spec.clip == "minmax" and clipping.get_clipper("minmax") is clipping.minmax  # not replaced
+    if covers and axis is None and xf.size:
+        lo, hi = np.asarray(mn, np.float32), np.asarray(mx, np.float32)  # already known: no second pass
+    else:
+        try:
+            lo, hi = clip_range_array(xf, spec.clip, axis, spec.bits, **spec.clip_kwargs)
+        except (TypeError, ValueError) as e:
+            raise CodecError(f"spec.clip: {e}") from None
+    scales, zero_points = affine_params_array(lo, hi, spec.bits)
+    q = quantize_array(xf, spec.bits, scales, zero_points, lo, hi, axis, covers=covers)
     msg.bits = spec.bits
     msg.axis = -1 if axis is None else axis
     msg.scales.extend(scales.reshape(-1).tolist())
     msg.zero_points.extend(zero_points.reshape(-1).tolist())
-    return pack(q.cpu().numpy().reshape(-1), spec.bits)
+    return pack_array(q.reshape(-1), spec.bits)
 
 
 def _set_payload(msg: tensor_pb2.Tensor, data: bytes | np.ndarray, spec: EncodingSpec) -> None:

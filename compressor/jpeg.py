@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
 
-from compressor.clipping import clip_range
+from compressor._arrays import as_float32
+from compressor.clipping import clip_range_array
 from compressor.errors import CodecError
-from compressor.quant import dequantize, quantize
+from compressor.quant import affine_params_array, dequantize_array, quantize_array
 from protos.cleave.v1 import tensor_pb2
 
 _LEN = struct.Struct("<I")
@@ -31,19 +31,22 @@ def max_payload(numel: int, images: int) -> int:
     return 2 * numel + 2048 * images
 
 
-def encode_jpeg(x: torch.Tensor, quality: int, msg: tensor_pb2.Tensor) -> bytes:
-    """Encode ``x`` (N, C, H, W), C in {1, 3}; fills the affine fields of ``msg``."""
+def encode_jpeg(x: Any, quality: int, msg: tensor_pb2.Tensor) -> bytes:
+    """Encode ``x`` (N, C, H, W), C in {1, 3} (a torch tensor or numpy array); fills the affine
+    fields of ``msg``."""
+    from PIL import Image  # only JPEG needs Pillow
+
     if x.ndim != 4 or x.shape[1] not in _MODES:
         raise CodecError(f"x.shape: jpeg encodes (N, 1 or 3, H, W) image batches, got {tuple(x.shape)}")
-    xf = x.to(torch.float32)
-    if xf.numel() and not torch.isfinite(xf).all():
+    xf = as_float32(x)
+    if xf.size and not np.isfinite(xf).all():
         raise CodecError("x: jpeg encoding needs finite values (found NaN or inf)")
-    lo, hi = clip_range(xf, "minmax", 1, 8)
-    q, scales, zero_points = quantize(xf, 8, lo, hi, 1)
+    lo, hi = clip_range_array(xf, "minmax", 1, 8)
+    scales, zero_points = affine_params_array(lo, hi, 8)
+    codes = quantize_array(xf, 8, scales, zero_points, lo, hi, 1)
     msg.bits, msg.axis = 8, 1
     msg.scales.extend(scales.reshape(-1).tolist())
     msg.zero_points.extend(zero_points.reshape(-1).tolist())
-    codes = q.cpu().numpy()
     parts = []
     for image in codes:
         buf = io.BytesIO()
@@ -54,8 +57,10 @@ def encode_jpeg(x: torch.Tensor, quality: int, msg: tensor_pb2.Tensor) -> bytes:
     return b"".join(parts)
 
 
-def decode_jpeg(buf: np.ndarray | bytes, msg: tensor_pb2.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Decode a JPEG payload (already CRC-checked and un-zstd'd) into float32 of ``shape``."""
+def decode_jpeg(buf: np.ndarray | bytes, msg: tensor_pb2.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode a JPEG payload (already CRC-checked and un-zstd'd) into float32 numpy of ``shape``."""
+    from PIL import Image, UnidentifiedImageError  # only JPEG needs Pillow
+
     n, c, h, w = shape
     data = memoryview(bytes(buf))
     images, offset = [], 0
@@ -80,7 +85,7 @@ def decode_jpeg(buf: np.ndarray | bytes, msg: tensor_pb2.Tensor, shape: tuple[in
         offset += length
     if offset != len(data):
         raise CodecError(f"tensor.payload: {len(data) - offset} bytes after the last image")
-    q = torch.from_numpy(np.stack(images) if images else np.zeros(shape, np.uint8))
-    scales = torch.tensor(list(msg.scales), dtype=torch.float32)
-    zero_points = torch.tensor(list(msg.zero_points), dtype=torch.int32)
-    return dequantize(q, scales, zero_points, 1)
+    q = np.stack(images) if images else np.zeros(shape, np.uint8)
+    scales = np.asarray(msg.scales, np.float32)
+    zero_points = np.asarray(msg.zero_points, np.int32)
+    return dequantize_array(q, scales, zero_points, 1)

@@ -30,23 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from compressor.clipping import register_clipper
+from compressor.clipping import fixed  # noqa: F401  (re-exported: the clipper LAPQ calibrates for)
 from compressor.quant import dequantize, quantize
 from compressor.spec import EncodingSpec
 
 __all__ = ["LapqResult", "fixed", "fixed_specs", "lapq", "lp_clip", "quantize_clipped"]
 
 P_GRID = (2.0, 2.5, 3.0, 3.5, 4.0)
-
-
-def fixed(rows: torch.Tensor, bits: int, lo: float = 0.0, hi: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipper ``"fixed"``: the given range (e.g. calibrated offline by LAPQ), intersected with each
-    row's own range so that no code is spent on values that do not occur."""
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ValueError(f"fixed clip: lo={lo} hi={hi} is not a finite range with lo <= hi")
-    mn, mx = torch.aminmax(rows, dim=1)
-    out_lo = mn.clamp(min=lo, max=hi)
-    return out_lo, torch.maximum(mx.clamp(min=lo, max=hi), out_lo)
 
 
 def clip_bounds(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +200,3 @@ def fixed_specs(
             )
         )
     return specs
-
-
-register_clipper("fixed", fixed)

@@ -14,7 +14,7 @@ Text grammar (``EncodingSpec.parse`` / ``str(spec)``; no spaces)::
                                                clipping method (int only; default "minmax");
                                                VALUE is an int, a float or a lowercase identifier
     codec    := "none" | "zstd" [LEVEL] ["t" THREADS]
-                                               default "zstd" at level 3, single-threaded
+                                               default "zstd" at level 1, single-threaded
 
 Examples: ``raw``, ``fp16+none``, ``int8``, ``int4c``, ``int6c0``, ``int3:percentile``,
 ``int4c:percentile(percentile=99.9)+zstd9t2``, ``int8+zstd-5``, ``jpeg``, ``jpeg75``. ``str`` writes the shortest form
@@ -38,7 +38,9 @@ ENCODINGS = ("raw", "fp16", "affine", "jpeg")
 DEFAULT_QUALITY = 90
 CODECS = ("zstd", "none")
 MIN_LEVEL, MAX_LEVEL = -(1 << 17), 22  # zstd's negative "fast" levels down to ZSTD_minCLevel()
-DEFAULT_LEVEL = 3
+# Level 1: on resnet activations (benchmarks/codec.py) it compresses 4-bit codes 2.27x against 2.13x at
+# level 3, at 2-4x its speed; the fast levels (-1 to -5) gain at most ~1.5x in speed but reach only 1.28-1.40x.
+DEFAULT_LEVEL = 1
 
 _ENCODING_TO_PROTO = {
     "raw": tensor_pb2.RAW,
@@ -196,7 +198,7 @@ class EncodingSpec:
     @classmethod
     def from_proto(cls, msg: split_inference_pb2.TensorEncoding) -> EncodingSpec:
         """Validate a wire ``TensorEncoding``. Unset fields take their defaults: encoding raw,
-        bits 8, clip minmax, level 3, and codec **none** (the proto's "unset: raw fp32, no codec").
+        bits 8, clip minmax, level 1, and codec **none** (the proto's "unset: raw fp32, no codec").
 
         Raises:
             CodecError: naming the field, e.g. ``"TensorEncoding.bits: 7 is not one of ..."``.

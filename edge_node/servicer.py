@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import torch
 
 from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, check_header, decode, encode
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc, tensor_pb2
@@ -60,7 +59,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             dtype, shape = check_header(tensors[0])
         except CodecError as exc:
             raise InvalidArgument(f"inputs[0].{str(exc).removeprefix('tensor.')}") from exc
-        if dtype != torch.float32:
+        if dtype != "float32":
             raise InvalidArgument(f"inputs[0].dtype: expected float32, got {dtype}")
         if len(shape) != len(expected) or shape[1:] != expected[1:] or shape[0] < 1:
             raise InvalidArgument(f"inputs[0].shape: expected (N, {', '.join(map(str, expected[1:]))}), got {shape}")

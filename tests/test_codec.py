@@ -475,7 +475,7 @@ DOCUMENTED = {
     ),
     "int8+zstd-5": EncodingSpec(encoding="affine", level=-5),
     "raw+zstdt4": EncodingSpec(threads=4),
-    "raw+zstd1": EncodingSpec(level=1),
+    "raw+zstd3": EncodingSpec(level=3),
     "int8+none": EncodingSpec(encoding="affine", codec="none"),
 }
 
