@@ -261,3 +261,18 @@ def test_retention_deletes_old_finished_jobs_and_unused_uploads(tmp_path: Path) 
     assert not old.path.exists() and used.path.exists() and new.path.exists()
     assert m.get(queued.id).state == QUEUED
     assert set(m.enforce_retention(now=time.time() + 7200)) == {done[2], new.id}  # past max_age_s
+
+
+def test_npz_whose_member_header_lies_is_refused(tmp_path: Path) -> None:
+    """A local file header that disagrees with the zip directory (found by the fuzzer: INTERNAL)."""
+    from cloud_node.jobs.headers import HeaderError, npz_header
+
+    buf = io.BytesIO()
+    np.savez(buf, inputs=np.zeros((2, 3, 4, 4), np.float32), labels=np.zeros(2, np.int64))
+    good = tmp_path / "good.npz"
+    good.write_bytes(buf.getvalue())
+    assert set(npz_header(good, 1 << 16, 1 << 20)) == {"inputs", "labels"}
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"QK" + buf.getvalue()[2:])  # the first member's local header magic, broken
+    with pytest.raises(HeaderError, match="dataset.inputs.npy: unreadable npz member"):
+        npz_header(bad, 1 << 16, 1 << 20)

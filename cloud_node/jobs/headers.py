@@ -19,6 +19,7 @@ import json
 import math
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,13 @@ def npz_header(path: Path, max_header: int, max_bytes: int) -> dict[str, TensorI
                 raise HeaderError(
                     f"{where}: the arrays decompress to more than {max_bytes} bytes (jobs.max_dataset_bytes)"
                 )
-            with archive.open(info) as member:
-                dtype, shape, header_len = _npy_header(member, max_header, where)
+            try:
+                with archive.open(info) as member:
+                    dtype, shape, header_len = _npy_header(member, max_header, where)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+                # A local header that disagrees with the directory, an unknown compression or an
+                # encrypted member: found by the fuzzer (it answered INTERNAL).
+                raise HeaderError(f"{where}: unreadable npz member ({str(exc)[:200]})") from None
             nbytes = math.prod(shape) * dtype.itemsize
             if header_len + nbytes != info.file_size:
                 raise HeaderError(
