@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode, encode
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
 from protos.security import ClientTLS
 from protos.serving import DEFAULT_MAX_MESSAGE_BYTES, open_channel
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EdgeClient:
@@ -37,8 +41,12 @@ class EdgeClient:
 
         wait_channel_serving(self.channel, timeout, self.target)
 
-    def infer(self, x: torch.Tensor, request_id: int = 0, timeout: float | None = 60.0) -> edge_pb2.EdgeInferResponse:
-        request = edge_pb2.EdgeInferRequest(request_id=request_id, inputs=[encode(x.contiguous(), RAW_UNCOMPRESSED)])
+    def infer(
+        self, x: torch.Tensor | np.ndarray, request_id: int = 0, timeout: float | None = 60.0
+    ) -> edge_pb2.EdgeInferResponse:
+        """One request: ``x`` is a torch tensor or a numpy array (the codec takes both)."""
+        x = x.contiguous() if hasattr(x, "contiguous") else np.ascontiguousarray(x)
+        request = edge_pb2.EdgeInferRequest(request_id=request_id, inputs=[encode(x, RAW_UNCOMPRESSED)])
         return self.stub.Infer(request, timeout=timeout)
 
     def infer_stream(

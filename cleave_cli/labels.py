@@ -17,9 +17,7 @@ def load_labels(source: str) -> list[str]:
         ValueError: the file cannot be read or holds no name.
     """
     if source == IMAGENET:
-        from torchvision.models import ResNet18_Weights
-
-        return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+        return imagenet_categories()
     try:
         names = [line.strip() for line in Path(source).read_text().splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
@@ -33,3 +31,25 @@ def load_labels(source: str) -> list[str]:
 def name_of(labels: list[str] | None, index: int) -> str | None:
     """The name of class ``index``, or None without labels or past their end."""
     return labels[index] if labels is not None and 0 <= index < len(labels) else None
+
+
+def imagenet_categories() -> list[str]:
+    """The ImageNet-1k class names torchvision ships (``torchvision.models._meta``), read without
+    importing torchvision: importing it would load torch, seconds that ``cleave infer`` need not pay."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("--labels imagenet: the names come from torchvision, which is not installed")
+    meta = Path(next(iter(spec.submodule_search_locations))) / "models" / "_meta.py"
+    try:
+        tree = ast.parse(meta.read_text())
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"--labels imagenet: cannot read {meta} ({exc})") from exc
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_IMAGENET_CATEGORIES" for t in node.targets):
+            names = ast.literal_eval(node.value)
+            if isinstance(names, list) and len(names) == 1000 and all(isinstance(n, str) for n in names):
+                return names
+    raise ValueError(f"--labels imagenet: {meta} holds no list of 1000 ImageNet class names")

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
+from partitioner import imagefiles
 from partitioner.models import ModelSpec, calibration_batch
 from partitioner.spec import PHOTOS, SYNTHETIC
 
@@ -43,8 +42,6 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 # scikit-image's bundled colour photographs (the ones that need no download).
 _SKIMAGE_PHOTOS = (
@@ -63,31 +60,17 @@ _CROP = 0.6
 
 
 def to_input(pixels: np.ndarray, input_shape: Sequence[int]) -> torch.Tensor:
-    """A (1, C, H, W) float32 input from (H, W[, C]) uint8 pixels, resized to ``input_shape``'s H and W.
-
-    Three-channel models get RGB, ImageNet-normalised; others get grey levels in [0, 1].
-    """
-    channels, height, width = (int(d) for d in tuple(input_shape)[1:4])
-    image = Image.fromarray(np.ascontiguousarray(pixels))
-    pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
-    x = torch.from_numpy(pixels.copy()).reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
-    x = x.unsqueeze(0).float() / 255.0
-    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return (x - _MEAN) / _STD if channels == 3 else x
+    """A (1, C, H, W) float32 input from (H, W[, C]) uint8 pixels (see :func:`imagefiles.to_array`)."""
+    return torch.from_numpy(imagefiles.to_array(pixels, input_shape))
 
 
 def load_image(path: str | Path, input_shape: Sequence[int]) -> torch.Tensor:
-    """A (1, C, H, W) input from an image file (see :func:`to_input`).
+    """A (1, C, H, W) input from an image file (see :func:`imagefiles.load_array`).
 
     Raises:
         ValueError: naming the file that cannot be decoded.
     """
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: cannot decode image ({exc})") from exc
-    return to_input(pixels, input_shape)
+    return torch.from_numpy(imagefiles.load_array(path, input_shape))
 
 
 def directory_images(directory: str | Path, input_shape: Sequence[int], n: int | None = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -121,6 +122,45 @@ def test_status_and_info_do_not_import_torch(edge: DaemonProcess, cloud: DaemonP
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_infer_on_an_image_file_imports_no_torch(edge: DaemonProcess, tmp_path: Path) -> None:
+    """``cleave infer photo.png --labels imagenet``: numpy preprocessing and codec, labels read from
+    torchvision's files without importing it; the answer is the model's own top-1 on that input."""
+    from PIL import Image
+
+    from cleave_cli.labels import imagenet_categories
+    from partitioner.imagefiles import load_array
+
+    ramp = np.linspace(0, 255, 96 * 80, dtype=np.float32).reshape(96, 80)
+    pixels = np.stack([ramp, ramp[::-1], 255 - ramp], axis=-1)
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    check = (
+        "import sys, json\n"
+        "from cleave_cli.main import main\n"
+        f"assert main(['infer', {str(path)!r}, '--edge', {edge.address!r}, '--json', '--labels', 'imagenet']) == 0\n"
+        "print('torch' in sys.modules, 'torchvision' in sys.modules)\n"
+    )
+    client = EdgeClient(edge.address)
+    client.pin("cloud", "fp32")  # exact: the reply is the model's own output on that input
+    try:
+        done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        client.pin(str(CUT), "int8")
+    assert done.returncode == 0, done.stderr
+    *out, modules = done.stdout.strip().splitlines()
+    assert modules == "False False"
+    (record,) = json.loads("\n".join(out))
+    model = LoadedModel.load(ModelSpec.from_dict(MODEL))
+    with torch.inference_mode():
+        logits = model.module(torch.from_numpy(load_array(path, model.input_shape)))
+    best = int(logits.argmax())
+    assert record["top"][0]["class"] == best, record
+    assert record["top"][0]["label"] == imagenet_categories()[best]
+    from torchvision.models import ResNet18_Weights
+
+    assert imagenet_categories() == list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def test_daemon_modules_import_no_torch_before_listening() -> None:
@@ -382,11 +422,11 @@ def test_daemon_listens_not_serving_until_its_models_load(home: Path, capsys: py
                 si_grpc.SplitInferenceStub(channel).GetInfo(si_pb2.GetInfoRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "starting" in err.value.details()
             # The gate holds the load: any timeout ends NOT_SERVING (long enough for a busy machine to answer).
-            assert main(["wait", "--cloud", address, "--timeout", "3"]) == 1
+            assert main(["wait", "--cloud", address, "--timeout", "10"]) == 1
             assert "NOT_SERVING" in capsys.readouterr().err
             client = EdgeClient(address)  # an app's wait: health, not just an open port
             with pytest.raises(NotServing, match="NOT_SERVING"):
-                client.wait_ready(timeout=3)
+                client.wait_ready(timeout=10)
 
             gate.touch()
             assert main(["wait", "--cloud", address, "--timeout", "120"]) == 0
