@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import threading
@@ -315,10 +316,6 @@ class _Router(grpc.GenericRpcHandler):
         return _starting(descriptor.methods_by_name[method])
 
 
-class _StopLoading(BaseException):
-    """Raised in the main thread by a stop signal that arrives while the models load."""
-
-
 class Daemon:
     """A gRPC server hosting ``services`` plus health and reflection."""
 
@@ -448,26 +445,40 @@ class Daemon:
         def handle(signum: int, _frame: Any) -> None:
             log.info("signal %d: %s", signum, "stopping the load" if loading.is_set() else "draining")
             # Stop from another thread: a signal handler must return promptly.
-            threading.Thread(target=self.stop, args=(grace,), daemon=True).start()
-            if loading.is_set():
-                raise _StopLoading  # in the main thread, out of load()
+            threading.Thread(target=self.stop, args=(0 if loading.is_set() else grace,), daemon=True).start()
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         self.start()
+        abandoned = False
         if load is not None:
+            # The load runs in its own thread, so a signal never lands inside it (raising there, e.g.
+            # in the middle of importing torch, could leave the interpreter unable to exit).
+            failure: list[BaseException] = []
+
+            def run_load() -> None:
+                try:
+                    load()
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    failure.append(exc)
+
             loading.set()
-            try:
-                load()
-                loading.clear()
-            except _StopLoading:
-                pass  # the stop thread is draining; on_stop below cleans up what load built
-            except BaseException:
-                loading.clear()
-                self.stop(grace=0)
-                raise
+            loader = threading.Thread(target=run_load, name="load", daemon=True)
+            loader.start()
+            while loader.is_alive() and not self._stopped.is_set():
+                loader.join(0.2)
             loading.clear()
+            if failure:
+                self.stop(grace=0)
+                raise failure[0]
+            abandoned = loader.is_alive()
         while not self._stopped.wait(0.5):
             pass
         if on_stop is not None:
             on_stop()
+        if abandoned:
+            # Nothing was served; the load thread may be anywhere (an import, a model's constructor).
+            # Leave without waiting for it: flush the logs and exit.
+            log.info("stopped while loading")
+            logging.shutdown()
+            os._exit(0)
