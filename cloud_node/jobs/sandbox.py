@@ -123,13 +123,31 @@ def _hidden_ancestors(paths: list[str], uid: int, gid: int) -> dict[str, set[str
     return closed
 
 
+def _python_paths() -> list[str]:
+    """What the job's Python needs to see: its prefix, the venv, ``sys.path``, and this project's
+    checkout (an editable install finds its packages there, not through ``sys.path``)."""
+    import sys
+
+    project = str(Path(__file__).resolve().parents[2])
+    paths = [sys.base_prefix, sys.prefix, sys.exec_prefix, *(p for p in sys.path if p), project]
+    paths.append(os.path.realpath(sys.executable))
+    return [os.path.abspath(p) for p in paths if os.path.exists(p)]
+
+
+def _roots_under(top: str, paths: list[str]) -> list[str]:
+    """The outermost of ``paths`` strictly inside ``top`` (none of them inside another)."""
+    inside = sorted({p for p in paths if p.startswith(top.rstrip("/") + "/")}, key=len)
+    roots: list[str] = []
+    for p in inside:
+        if not any(p == r or p.startswith(r + "/") for r in roots):
+            roots.append(p)
+    return roots
+
+
 def _expose_python(libc: ctypes.CDLL, uid: int, gid: int) -> None:
     """Python's own files (its prefix, the venv, sys.path) may sit under a closed home such as /root:
     hide that directory behind an empty tmpfs and bind back only what Python needs."""
-    import sys
-
-    needed = [sys.base_prefix, sys.prefix, sys.exec_prefix, *(p for p in sys.path if p)]
-    needed.append(os.path.realpath(sys.executable))
+    needed = _python_paths()
     for ancestor, children in _hidden_ancestors(needed, uid, gid).items():
         fds = {child: os.open(child, os.O_PATH) for child in children if os.path.exists(child)}
         try:
@@ -153,14 +171,26 @@ def _isolate(workdir: Path, user: str) -> None:
     _check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare")
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
     fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)  # opened in the new namespace, before /tmp is hidden
+    # A checkout or venv under /tmp (a CI clone, say) must stay visible past the fresh tmpfs: bind
+    # it back (read-only, like every mount, below).
+    keep = {p: os.open(p, os.O_PATH) for p in _roots_under("/tmp", _python_paths())}
     try:
         _mount(libc, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
         JOB_DIR.mkdir()
         _mount(libc, f"/proc/self/fd/{fd}", str(JOB_DIR), None, MS_BIND)
+        for path, kept in keep.items():
+            if os.path.isdir(f"/proc/self/fd/{kept}"):
+                os.makedirs(path, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                open(path, "w").close()
+            _mount(libc, f"/proc/self/fd/{kept}", path, None, MS_BIND | MS_REC)
         if os.path.isdir("/dev/shm"):
             _mount(libc, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=256m,mode=1777")
     finally:
         os.close(fd)
+        for kept in keep.values():
+            os.close(kept)
     _expose_python(libc, entry.pw_uid, entry.pw_gid)
     writable = {"/tmp", str(JOB_DIR), "/dev/shm"}
     for point in _mount_points():
