@@ -234,15 +234,19 @@ class SwitchPolicy:
         return False
 
 
-def distortion_meter(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candidate], Distortion]:
+def distortion_meter(
+    model: LoadedModel, calib: torch.Tensor, *, record: bool = False
+) -> Callable[[Candidate], Distortion]:
     """Measure a candidate's output distortion on ``calib`` (a batch of inputs) against float.
 
-    The model runs once on ``calib``, keeping every cut's live set as the head would return it
-    (:class:`LiveSets`); a candidate then costs an encode, a decode and its tail, not a head too.
-    Results are identical to running ``tail(*decode(encode(head(calib))))`` per candidate
-    (:func:`head_tail_distortion`). Opaque models (no graph to record) run head and tail.
+    ``record``: on the first candidate, the model runs once on ``calib`` keeping every cut's live
+    set as the head would return it (:class:`LiveSets`); each candidate then costs an encode, a
+    decode and its tail, not a head too. The snapshots hold every activation of the batch (about a
+    GB for resnet50 on 8 images), so a one-off planner (``cleave plan``) records and a daemon that
+    keeps its meter does not. Results are identical either way (:func:`head_tail_distortion`).
+    Opaque models (no graph to record) always run head and tail.
     """
-    if model.graph.opaque:
+    if model.graph.opaque or not record:
         return head_tail_distortion(model, calib)
     recorded: list[LiveSets] = []  # the model runs on the first candidate measured, not before
 
