@@ -229,9 +229,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plans = [_plan(planner, link, args.top) for link in links]  # distortions measured here
     finally:
         progress.close()
-    print(f"{model.name}: {source}; objective {planner.objective}")
-    for plan in plans:
-        _print_plan(planner, plan)
+    if len(plans) == 1:  # one line to say what was planned, then the table
+        print(f"{model.name}: {source}; {_link_text(plans[0]['link'])}; objective {planner.objective}")
+        _print_plan(planner, plans[0])
+    else:
+        print(f"{model.name}: {source}; objective {planner.objective}")
+        for plan in plans:
+            print(f"{_link_text(plan['link'])}: {plan['best'].candidate.label}")
+            _print_plan(planner, plan)
     if args.json:
         records = [_plan_record(planner, plan) for plan in plans]
         # One link: the plan itself (as before); several: one entry per bandwidth, in the order given.
@@ -261,11 +266,7 @@ def _plan(planner: Planner, link: Link, top: int) -> dict:
 
 
 def _print_plan(planner: Planner, plan: dict) -> None:
-    link, best = plan["link"], plan["best"]
-    print(
-        f"link up {link.up_mbps:.2f} Mbit/s, down {link.down_mbps:.2f} Mbit/s, RTT {link.rtt_ms:.2f} ms: "
-        f"{best.candidate.label}"
-    )
+    best = plan["best"]
     print(
         f"{'':>4} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} {'cloud':>8} "
         f"{'bytes up':>10} {'top-1/rel.err':>14}"
@@ -277,6 +278,10 @@ def _print_plan(planner: Planner, plan: dict) -> None:
     print("baselines:")
     for name, s in plan["baselines"].items():
         print(row(name[:4], s) if isinstance(s, Scored) else f"     {name}: {s}")
+
+
+def _link_text(link: Link) -> str:
+    return f"link up {link.up_mbps:.2f} Mbit/s, down {link.down_mbps:.2f} Mbit/s, RTT {link.rtt_ms:.2f} ms"
 
 
 def _plan_record(planner: Planner, plan: dict) -> dict:
