@@ -3,6 +3,7 @@
 cleave profile --model resnet18                       # per-node table on this host
 cleave plan --model resnet18 --cloud 127.0.0.1:50051  # cloud profile over the wire, link probed
 cleave plan --model resnet18 --bandwidth 5 --rtt 20 --cloud-speedup 4 --png plan.png   # offline
+cleave plan --model resnet50 --bandwidth 1,5,20,100 --json plans.json   # one plan per bandwidth
 cleave plan --model lite0=efficientnet_lite0_pretrained --bandwidth 20 --calibration photos/   # real images
 """
 
@@ -10,22 +11,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .progress import Progress
 from .security_args import add_security_args, channel_security
 
 if TYPE_CHECKING:
-    from partitioner.costmodel import Link
+    from partitioner.costmodel import Candidate, CostModel, Link
     from partitioner.loaded import LoadedModel
-    from partitioner.planner import Planner, Scored
+    from partitioner.planner import Distortion, Planner, Scored
     from partitioner.profile import Profile
     from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 
-# The rank column holds a baseline's whole name: the longest of partitioner.planner.BASELINES (not
-# imported here: it would bring torch into `cleave --help`).
+# The rank column holds a baseline's whole name: the longest of partitioner.planner.BASELINES.
 BASELINE_WIDTH = len("neurosurgeon")
+
+
+def _load_runtime() -> None:
+    """Import the planner (and so torch) on first use: ``cleave --help`` must not pay for it."""
+    global CLOUD_ONLY, EDGE_ONLY, Candidate, CostModel, Link, LoadedModel, ModelSpec, calibration_inputs
+    global BASELINES, Budgets, Distortion, Planner, Scored, cached_distortion, distortion_meter
+    global Profile, cached_profile, from_proto, scaled, si_pb2, si_grpc, open_channel
+    from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, Candidate, CostModel, Link
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec
+    from partitioner.photos import calibration_inputs
+    from partitioner.planner import (
+        BASELINES,
+        Budgets,
+        Distortion,
+        Planner,
+        Scored,
+        cached_distortion,
+        distortion_meter,
+    )
+    from partitioner.profile import Profile, cached_profile, from_proto, scaled
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+    from protos.serving import open_channel
+
 
 BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -33,13 +60,11 @@ BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision name, NAME=SOURCE, or a file")
     p.add_argument("--weights", help="local state-dict file")
-    p.add_argument("--input-shape", default="1,3,224,224", help="input batch shape, comma-separated")
+    p.add_argument("--input-shape", default="1,3,224,224")
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    from partitioner.loaded import LoadedModel
-    from partitioner.models import ModelSpec
-
+    _load_runtime()
     name, _, source = args.model.partition("=")
     spec = {"name": name, "source": source or name, "input_shape": [int(d) for d in args.input_shape.split(",")]}
     if args.weights:
@@ -51,26 +76,16 @@ def cloud_profile(
     model: LoadedModel, target: str, security: dict | None = None
 ) -> tuple[Profile, si_grpc.SplitInferenceStub]:
     """The cloud's profile of ``model``; ``security``: ``open_channel``'s ``tls`` / ``token`` arguments."""
-    from partitioner.profile import from_proto
-    from protos.cleave.v1 import split_inference_pb2 as si_pb2
-    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-    from protos.serving import open_channel
-
+    _load_runtime()
     stub = si_grpc.SplitInferenceStub(open_channel(target, **(security or {})))
-    # At this model's input shape: the cloud's own may differ, and timings follow the shape.
-    reply = stub.Profile(si_pb2.ProfileRequest(model=model.name, input_shape=model.input_shape), timeout=300)
+    reply = stub.Profile(si_pb2.ProfileRequest(model=model.name), timeout=300)
     if reply.fingerprint != model.fingerprint:
         raise ValueError(f"the cloud's {model.name!r} has another fingerprint: it is not the same model")
-    if tuple(reply.input_shape) != model.input_shape:
-        shape = "x".join(map(str, reply.input_shape)) or "its configured shape"
-        raise ValueError(f"the cloud profiled {model.name!r} at {shape}, not at {model.input_shape} (an older cloud?)")
     return from_proto(reply), stub
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from partitioner.costmodel import CostModel
-    from partitioner.profile import cached_profile
-
+    _load_runtime()
     model = load(args)
     if args.cloud:
         profile, _ = cloud_profile(model, args.cloud, channel_security(args))
@@ -80,7 +95,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(asdict(profile), indent=2))
     print(
         f"{model.name} on {profile.host}: {profile.total_ms:.2f} ms whole model, torch {profile.torch_version}, "
-        f"{profile.threads} threads, batch {profile.batch}, input {'x'.join(map(str, profile.input_shape))}"
+        f"{profile.threads} threads, batch {profile.batch}"
     )
     # With calibration images: what a cut at each node sends (int8 features; the input as 8-bit codes).
     sent = {}
@@ -104,6 +119,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_cuts(args: argparse.Namespace) -> int:
     """``cleave info --cuts --model SPEC``: every node of the traced model, a cut or why it is not."""
+    _load_runtime()
     if not args.model:
         raise ValueError("--cuts needs --model (a torchvision name, NAME=SOURCE, or a file)")
     model = load(args)
@@ -134,37 +150,74 @@ def cmd_cuts(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_planner(args: argparse.Namespace, model: LoadedModel) -> tuple[Planner, Link, str]:
-    from partitioner.costmodel import CostModel, Link
-    from partitioner.planner import Budgets, Planner, distortion_meter
-    from partitioner.profile import cached_profile, scaled
+def build_planner(
+    args: argparse.Namespace, model: LoadedModel, progress: Progress | None = None
+) -> tuple[Planner, list[Link], str]:
+    """The planner for ``args`` and the links to plan for (one per ``--bandwidth``, or the probed one).
 
+    Byte sizes are measured on all cores and cached on disk (the model's fingerprint and the
+    calibration inputs are the key), as profiles are; ``progress`` shows the phases.
+    """
+    _load_runtime()
+    progress = progress or Progress(enabled=False)
+    progress.start("profile")
     edge = cached_profile(model, role="edge")
     if args.cloud:
         cloud, stub = cloud_profile(model, args.cloud, channel_security(args))
         if args.bandwidth:
-            link = Link(args.bandwidth, args.down or args.bandwidth, args.rtt)
+            links = [Link(bw, args.down or bw, args.rtt) for bw in args.bandwidth]
         else:
             from edge_node.probe import probe_link  # the edge's own prober
 
+            progress.start("link probe")
             r = probe_link(stub)
-            link = Link(r.up_mbps, r.down_mbps, r.rtt_ms)
+            links = [Link(r.up_mbps, r.down_mbps, r.rtt_ms)]
         source = f"cloud {args.cloud} ({cloud.host})"
     else:
         if not args.bandwidth:
             raise ValueError("give --cloud HOST:PORT, or --bandwidth (Mbit/s) and --rtt (ms) to plan offline")
         cloud = scaled(edge, 1 / args.cloud_speedup, host="cloud (estimated)")
-        link = Link(args.bandwidth, args.down or args.bandwidth, args.rtt)
+        links = [Link(bw, args.down or bw, args.rtt) for bw in args.bandwidth]
         source = f"offline, cloud assumed {args.cloud_speedup:g}x faster than this host"
     calib = calibration(args, model)
-    cost = CostModel.measure(model, edge, cloud, calib[:3])
+    progress.start("encodings")
+    cost = CostModel.measure(model, edge, cloud, calib[:3], workers=_cores(), cache=True, progress=progress.update)
+    progress.start("accuracy")
+    measure = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
+    checked = 0
+
+    def counted(candidate: Candidate) -> Distortion:
+        nonlocal checked
+        checked += 1
+        progress.update(checked)
+        return measure(candidate)
+
     budgets = Budgets(
         memory_bytes=int(args.memory_mb * 1e6) if args.memory_mb else None,
         max_rel_error=args.max_rel_error,
         min_top1=args.min_top1,
     )
-    planner = Planner(cost, budgets, distortion_meter(model, calib), args.objective, input_is_8bit=not args.float_input)
-    return planner, link, source
+    planner = Planner(cost, budgets, counted, args.objective, input_is_8bit=not args.float_input)
+    return planner, links, source
+
+
+def _cores() -> int:
+    """The cores this process may run on (at most 8: encoding more cuts at once gains nothing)."""
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not on Linux
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+def bandwidths(text: str) -> tuple[float, ...]:
+    """``--bandwidth``'s value: one or more Mbit/s, comma-separated (``5`` or ``1,5,20,100``)."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of Mbit/s") from None
+    if any(not v > 0 or v == float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every bandwidth must be a finite number > 0 Mbit/s")
+    return values
 
 
 def calibration(args: argparse.Namespace, model: LoadedModel):
@@ -172,8 +225,7 @@ def calibration(args: argparse.Namespace, model: LoadedModel):
 
     ``--calibration N`` (a number) is the older form of ``--calibration synthetic --calibration-inputs N``.
     """
-    from partitioner.photos import calibration_inputs
-
+    _load_runtime()
     source, n = args.calibration, args.calibration_inputs
     if source is not None and source.isdigit():
         source, n = "synthetic", int(source)
@@ -202,51 +254,76 @@ def row(rank: str, s: Scored) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from partitioner.planner import BASELINES
-
+    _load_runtime()
     model = load(args)
-    planner, link, source = build_planner(args, model)
-    ranked = planner.rank(link, limit=args.top)
+    progress = Progress(enabled=not args.quiet)
+    try:
+        planner, links, source = build_planner(args, model, progress)
+        plans = [_plan(planner, link, args.top) for link in links]  # distortions measured here
+    finally:
+        progress.close()
+    if len(plans) == 1:  # one line to say what was planned, then the table
+        print(f"{model.name}: {source}; {_link_text(plans[0]['link'])}; objective {planner.objective}")
+        _print_plan(planner, plans[0])
+    else:
+        print(f"{model.name}: {source}; objective {planner.objective}")
+        for plan in plans:
+            print(f"{_link_text(plan['link'])}: {plan['best'].candidate.label}")
+            _print_plan(planner, plan)
+    if args.json:
+        records = [_plan_record(planner, plan) for plan in plans]
+        # One link: the plan itself (as before); several: one entry per bandwidth, in the order given.
+        report = records[0] if len(records) == 1 else {"plans": records}
+        Path(args.json).write_text(json.dumps({"model": model.name, "objective": planner.objective} | report, indent=2))
+    if args.png:
+        plan = plans[0]
+        plot(planner, plan["link"], plan["best"], model.name, Path(args.png))
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _plan(planner: Planner, link: Link, top: int) -> dict:
+    """The best plan on ``link``, the ranking shown, a few rejected candidates and the baselines."""
+    ranked = planner.rank(link, limit=top)
     best = planner.best(link)
-    print(
-        f"{model.name}: {source}; link up {link.up_mbps:.2f} Mbit/s, down {link.down_mbps:.2f} Mbit/s, "
-        f"RTT {link.rtt_ms:.2f} ms; objective {planner.objective}"
-    )
+    # Every candidate shown carries its top-1 agreement (lossless ones too: 100%).
+    shown = [planner.with_distortion(s) for s in [s for s in ranked if not s.rejected][:top]]
+    baselines: dict[str, Scored | str] = {}
+    for name in BASELINES:
+        try:
+            baselines[name] = planner.with_distortion(planner.baseline(name, link))
+        except ValueError as exc:
+            baselines[name] = str(exc)
+    rejected = [s for s in ranked if s.rejected][:3]
+    return {"link": link, "best": best, "shown": shown, "rejected": rejected, "baselines": baselines}
+
+
+def _print_plan(planner: Planner, plan: dict) -> None:
+    best = plan["best"]
     print(
         f"{'':<{BASELINE_WIDTH}} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} "
         f"{'cloud':>8} {'bytes up':>10} {'top-1/rel.err':>14}"
     )
-    # Every candidate shown carries its top-1 agreement (lossless ones too: 100%).
-    shown = [planner.with_distortion(s) for s in [s for s in ranked if not s.rejected][: args.top]]
-    for i, s in enumerate(shown, 1):
+    for i, s in enumerate(plan["shown"], 1):
         print(row(f"{i}." if s.candidate != best.candidate else "*", s))
-    rejected = [s for s in ranked if s.rejected][:3]
-    for s in rejected:
+    for s in plan["rejected"]:
         print(row("x", s))
     print("baselines:")
-    for name in BASELINES:
-        try:
-            print(row(name, planner.with_distortion(planner.baseline(name, link))))
-        except ValueError as exc:
-            print(f"{name:<{BASELINE_WIDTH}} {exc}")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "model": model.name,
-                    "link": asdict(link),
-                    "objective": planner.objective,
-                    "best": _record(best),
-                    "ranked": [_record(s) for s in shown],
-                    "baselines": {n: _record(planner.with_distortion(planner.baseline(n, link))) for n in BASELINES},
-                },
-                indent=2,
-            )
-        )
-    if args.png:
-        plot(planner, link, best, model.name, Path(args.png))
-        print(f"wrote {args.png}")
-    return 0
+    for name, s in plan["baselines"].items():
+        print(row(name, s) if isinstance(s, Scored) else f"{name:<{BASELINE_WIDTH}} {s}")
+
+
+def _link_text(link: Link) -> str:
+    return f"link up {link.up_mbps:.2f} Mbit/s, down {link.down_mbps:.2f} Mbit/s, RTT {link.rtt_ms:.2f} ms"
+
+
+def _plan_record(planner: Planner, plan: dict) -> dict:
+    return {
+        "link": asdict(plan["link"]),
+        "best": _record(plan["best"]),
+        "ranked": [_record(s) for s in plan["shown"]],
+        "baselines": {n: _record(s) for n, s in plan["baselines"].items() if isinstance(s, Scored)},
+    }
 
 
 def _record(s: Scored) -> dict:
@@ -262,9 +339,6 @@ def _record(s: Scored) -> dict:
 
 def plot(planner: Planner, link: Link, best: Scored, name: str, path: Path) -> None:
     import matplotlib
-
-    from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, Link
-    from partitioner.planner import BASELINES
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -321,13 +395,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="rank placements of a model for a link; the best first")
     add_model_args(plan)
     plan.add_argument("--cloud", help="cloud daemon host:port: its profile and a probe of the link")
-    plan.add_argument("--bandwidth", type=float, help="uplink Mbit/s (offline, or to override the probe)")
-    plan.add_argument("--down", type=float, help="downlink Mbit/s (default: = --bandwidth)")
+    plan.add_argument(
+        "--bandwidth",
+        type=bandwidths,
+        metavar="MBIT[,MBIT...]",
+        help="uplink Mbit/s (offline, or to override the probe); several, comma-separated, give one plan "
+        "each from the same measurements (--json then holds {'plans': [one per bandwidth]})",
+    )
+    plan.add_argument("--down", type=float, help="downlink Mbit/s (default: = each --bandwidth)")
     plan.add_argument("--rtt", type=float, default=10.0, help="round trip ms (default 10)")
     plan.add_argument("--cloud-speedup", type=float, default=4.0, help="offline: how much faster the cloud is")
-    plan.add_argument(
-        "--objective", choices=["latency", "throughput"], default="latency", help="what the ranking minimises"
-    )
+    plan.add_argument("--objective", choices=["latency", "throughput"], default="latency")
     plan.add_argument("--memory-mb", type=float, help="edge memory budget (head weights + activations)")
     plan.add_argument(
         "--max-rel-error", type=float, default=0.05, help="secondary guard: max |y - y_float| / max |y_float|"
@@ -342,8 +420,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--float-input", action="store_true", help="inputs are not 8-bit images: charge 8-bit input codes to accuracy"
     )
-    plan.add_argument("--top", type=int, default=10, help="placements to list")
+    plan.add_argument("--top", type=int, default=10)
     plan.add_argument("--json", help="write the ranking as JSON here")
-    plan.add_argument("--png", help="write the plot here")
+    plan.add_argument("--png", help="write the plot here (for the first bandwidth)")
+    plan.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     add_security_args(plan)
     plan.set_defaults(func=cmd_plan)

@@ -14,18 +14,24 @@ measured, not guessed). Edge-only is ``E(N)``; cloud-only is the split at the in
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
+import zstandard
 from torch import fx
 
 from compressor import EncodingSpec, encode
 
 from .loaded import LoadedModel, as_tensor_list
-from .profile import Profile
+from .profile import Profile, cache_dir
 
 #: Feature encodings the planner tries at every cut: fp32, fp16, then affine 8..2 bits, all with zstd.
 FEATURE_ENCODINGS = ("raw", "fp16", "int8", "int6", "int4", "int3", "int2")
@@ -205,21 +211,41 @@ class CostModel:
         x: torch.Tensor | None = None,
         feature_encodings=FEATURE_ENCODINGS,
         input_encodings=INPUT_ENCODINGS,
+        *,
+        workers: int = 1,
+        cache: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> CostModel:
         """Build from the two hosts' profiles, encoding ``x``'s real features at every cut.
 
         ``x`` may hold several inputs along the batch dimension: each is encoded on its own and the
         median size is used, since zstd's ratio (and so the bytes on the wire) varies from input to input.
+
+        ``workers`` > 1 encodes that many cuts at once, each on one thread of torch's kernels (the
+        process-wide torch thread count is 1 meanwhile, then restored: for a CLI, not a daemon that
+        serves while it plans); the sizes are the same. ``cache``: read and write the sizes in the
+        disk cache (:func:`sizes_cache_path`: the model's fingerprint, ``x`` itself and the
+        encodings), so a second build for the same model and calibration inputs encodes nothing.
+        ``progress(done, total)`` is called as cuts are encoded.
         """
         x = model.graph.example_input if x is None else x
+        wanted = {
+            cut.index: (input_encodings if cut.index == 0 else feature_encodings) + (UNCOMPRESSED,)
+            for cut in model.graph.cuts
+        }
+        path = sizes_cache_path(model, x, feature_encodings, input_encodings) if cache else None
+        sizes = _read_sizes(path) if path is not None else None
+        if sizes is None:
+            sizes = _measure_sizes(model, x, wanted, workers, progress)
+            if path is not None:
+                _write_sizes(path, sizes)
+        elif progress is not None:
+            progress(len(wanted), len(wanted))
         edge_curve, cloud_curve = edge.curve(), cloud.curve()
-        values = _all_values(model, x)
         weights = _cumulative_weight_bytes(model)
         cuts, peak = [], 0
         for cut in model.graph.cuts:
-            live = [values[name] for name in cut.live]
             peak = max(peak, cut.nbytes)
-            wanted = (input_encodings if cut.index == 0 else feature_encodings) + (UNCOMPRESSED,)
             cost = CutCost(
                 index=cut.index,
                 name=cut.name,
@@ -230,19 +256,102 @@ class CostModel:
                 weight_bytes=weights.get(cut.index, 0),
             )
             mb = cut.nbytes / 1e6
-            for enc in wanted:
-                spec = EncodingSpec.parse(enc)
-                try:
-                    cost.feature_bytes[enc] = _median_bytes(live, spec, len(x))
-                except ValueError:
+            measured = sizes["cuts"][cut.index]
+            for enc in wanted[cut.index]:
+                if enc not in measured:
                     continue  # e.g. JPEG of something that is not an image
+                cost.feature_bytes[enc] = measured[enc]
                 key = _codec_key(enc)
                 cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
                 cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
             cuts.append(cost)
-        out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"])) // len(x)
         all_weights = sum(p.numel() * p.element_size() for p in model.module.state_dict().values())
-        return cls(model.name, cuts, edge.total_ms, all_weights + peak, out_bytes)
+        return cls(model.name, cuts, edge.total_ms, all_weights + peak, sizes["output_bytes"])
+
+
+#: Bumped when what the size cache holds, or how sizes are measured, changes.
+_SIZES_VERSION = 1
+
+
+def sizes_cache_path(model: LoadedModel, x: torch.Tensor, feature_encodings, input_encodings) -> Path:
+    """Where :meth:`CostModel.measure` caches the encoded sizes of ``x``'s features for ``model``.
+
+    Keyed by everything the sizes depend on: the model's fingerprint, the calibration inputs
+    (their shape, dtype and every value), the encodings, and the torch and zstd versions.
+    """
+    key = calibration_key(model, x, str(_SIZES_VERSION), ",".join(feature_encodings), ",".join(input_encodings))
+    return cache_dir().parent / "sizes" / f"{key}.json"
+
+
+def calibration_key(model: LoadedModel, x: torch.Tensor, *extra: str) -> str:
+    """A digest of ``model`` (its fingerprint), the inputs ``x`` (every value), the torch and zstd
+    versions and ``extra``: the key of what is measured on ``x``, for the disk caches."""
+    data = x.detach().cpu().contiguous()
+    digest = hashlib.sha256()
+    for part in (model.fingerprint, str(tuple(data.shape)), str(data.dtype), torch.__version__, zstandard.__version__):
+        digest.update(part.encode() + b"|")
+    for part in extra:
+        digest.update(part.encode() + b"|")
+    digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _read_sizes(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        return {"cuts": {int(k): v for k, v in data["cuts"].items()}, "output_bytes": int(data["output_bytes"])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # absent, stale or corrupt: measured again
+
+
+def _write_sizes(path: Path, sizes: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(sizes))
+    tmp.replace(path)
+
+
+def _measure_sizes(
+    model: LoadedModel,
+    x: torch.Tensor,
+    wanted: dict[int, tuple[str, ...]],
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> dict:
+    """Encoded bytes of every cut's live set in every wanted encoding (median over ``x``'s inputs)."""
+    values = _all_values(model, x)
+    cuts = model.graph.cuts
+
+    def sizes_at(cut) -> dict[str, int]:
+        live = [values[name] for name in cut.live]
+        out = {}
+        for enc in wanted[cut.index]:
+            try:
+                out[enc] = _median_bytes(live, EncodingSpec.parse(enc), len(x))
+            except ValueError:
+                continue  # e.g. JPEG of something that is not an image
+        return out
+
+    measured: dict[int, dict[str, int]] = {}
+    if workers > 1:
+        # Small tensors encode several times faster on one kernel thread each, side by side.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for cut, sizes in zip(cuts, pool.map(sizes_at, cuts), strict=True):
+                    measured[cut.index] = sizes
+                    if progress is not None:
+                        progress(len(measured), len(cuts))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        for cut in cuts:
+            measured[cut.index] = sizes_at(cut)
+            if progress is not None:
+                progress(len(measured), len(cuts))
+    out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"])) // len(x)
+    return {"cuts": measured, "output_bytes": out_bytes}
 
 
 def _median_bytes(live: list[torch.Tensor], spec: EncodingSpec, samples: int) -> int:
@@ -294,7 +403,7 @@ def _cumulative_weight_bytes(model: LoadedModel) -> dict[int, int]:
     if not isinstance(gm, fx.GraphModule):
         total = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
         return {c.index: (total if c.index else 0) for c in model.graph.cuts}
-    seen: set[int] = set()
+    seen: set[tuple] = set()
     running, out = 0, {}
     for index, node in enumerate(gm.graph.nodes):
         tensors = []
@@ -306,8 +415,10 @@ def _cumulative_weight_bytes(model: LoadedModel) -> dict[int, int]:
                 attr = getattr(attr, part)
             tensors = [attr] if isinstance(attr, torch.Tensor) else []
         for t in tensors:
-            if id(t) not in seen:
-                seen.add(id(t))
+            # By storage, not id(): state_dict() makes new tensor objects, whose ids are reused once freed.
+            key = (t.data_ptr(), tuple(t.shape), t.dtype)
+            if key not in seen:
+                seen.add(key)
                 running += t.numel() * t.element_size()
         out[index] = running
     return out

@@ -17,17 +17,22 @@ when it is predicted to be clearly faster, so a noisy link estimate does not mak
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch import fx
 
 from compressor import EncodingSpec, decode, encode
 
-from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate, CostModel, Link
+from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate, CostModel, Link, calibration_key
 from .loaded import LoadedModel, as_tensor_list
+from .profile import cache_dir
 
 OBJECTIVES = ("latency", "throughput")
 CLOUD_SAMPLES = 3  # replies before the cloud's measured compute corrects its profile
@@ -229,8 +234,69 @@ class SwitchPolicy:
         return False
 
 
-def distortion_meter(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candidate], Distortion]:
-    """Measure a candidate's output distortion on ``calib`` (a batch of inputs) against float."""
+def distortion_meter(
+    model: LoadedModel, calib: torch.Tensor, *, record: bool = False
+) -> Callable[[Candidate], Distortion]:
+    """Measure a candidate's output distortion on ``calib`` (a batch of inputs) against float.
+
+    ``record``: on the first candidate, the model runs once on ``calib`` keeping every cut's live
+    set as the head would return it (:class:`LiveSets`); each candidate then costs an encode, a
+    decode and its tail, not a head too. The snapshots hold every activation of the batch (about a
+    GB for resnet50 on 8 images), so a one-off planner (``cleave plan``) records and a daemon that
+    keeps its meter does not. Results are identical either way (:func:`head_tail_distortion`).
+    Opaque models (no graph to record) always run head and tail.
+    """
+    if model.graph.opaque or not record:
+        return head_tail_distortion(model, calib)
+    recorded: list[LiveSets] = []  # the model runs on the first candidate measured, not before
+
+    def measure(candidate: Candidate) -> Distortion:
+        if not recorded:
+            recorded.append(LiveSets(model, calib))
+        live = recorded[0]
+        spec = EncodingSpec.parse(candidate.encoding)
+        _, _, tail = model.parts(candidate.cut_index)
+        with torch.inference_mode():
+            features = [decode(encode(f, spec)) for f in live.at(candidate.cut_index)]
+            out = as_tensor_list(tail(*features))[0]
+        return _distortion(out, live.output)
+
+    return measure
+
+
+def cached_distortion(
+    measure: Callable[[Candidate], Distortion], model: LoadedModel, calib: torch.Tensor
+) -> Callable[[Candidate], Distortion]:
+    """``measure`` with its results kept on disk, so planning the same model again measures nothing.
+
+    Keyed by the model's fingerprint and the calibration batch (:func:`calibration_key`); an entry
+    is one candidate (cut index and encoding). ``measure`` must measure on ``calib``.
+    """
+    path = cache_dir().parent / "distortion" / f"{calibration_key(model, calib, str(_DISTORTION_VERSION))}.json"
+    try:
+        known = {k: Distortion(*v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, TypeError):
+        known = {}  # absent, stale or corrupt: measured again
+
+    def cached(candidate: Candidate) -> Distortion:
+        key = f"{candidate.cut_index}|{candidate.encoding}"
+        if key not in known:
+            known[key] = measure(candidate)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: [d.rel_error, d.top1] for k, d in known.items()}))
+            tmp.replace(path)
+        return known[key]
+
+    return cached
+
+
+#: Bumped when how a distortion is measured changes (the disk cache's entries are then stale).
+_DISTORTION_VERSION = 1
+
+
+def head_tail_distortion(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candidate], Distortion]:
+    """:func:`distortion_meter` the direct way: head, encode, decode and tail per candidate."""
     with torch.inference_mode():
         reference = as_tensor_list(model.module(calib))[0]
 
@@ -240,11 +306,65 @@ def distortion_meter(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candi
         with torch.inference_mode():
             features = [decode(encode(f, spec)) for f in head(calib)]
             out = as_tensor_list(tail(*features))[0]
-        rel = float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
-        if out.ndim >= 2 and out.shape[-1] > 1:
-            top1 = float((out.argmax(-1) == reference.argmax(-1)).float().mean())
-        else:
-            top1 = 1.0 if rel < 1e-3 else 0.0
-        return Distortion(rel, top1)
+        return _distortion(out, reference)
 
     return measure
+
+
+def _distortion(out: torch.Tensor, reference: torch.Tensor) -> Distortion:
+    rel = float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+    if out.ndim >= 2 and out.shape[-1] > 1:
+        top1 = float((out.argmax(-1) == reference.argmax(-1)).float().mean())
+    else:
+        top1 = 1.0 if rel < 1e-3 else 0.0
+    return Distortion(rel, top1)
+
+
+class LiveSets:
+    """Every cut's live set on one input batch, from a single run of the traced model.
+
+    At cut ``k`` the head returns the live values as they are after node ``k`` ran, in-place
+    updates by nodes up to ``k`` included. One interpreter run snapshots them at every cut: a
+    value is copied when it is first seen and copied again only when an in-place operation has
+    changed it since (its version counter moved), so unchanged values are shared between cuts.
+    """
+
+    def __init__(self, model: LoadedModel, x: torch.Tensor) -> None:
+        gm = model.graph.module
+        if model.graph.opaque or not isinstance(gm, fx.GraphModule):
+            raise ValueError(f"{model.name}: an opaque model has no recorded live sets")
+        recorder = _LiveRecorder(gm, {c.index: c for c in model.graph.cuts})
+        with torch.no_grad():  # not inference_mode: version counters reveal in-place updates
+            self.output = as_tensor_list(recorder.run(x))[0]
+        self._sets = recorder.sets
+
+    def at(self, cut_index: int) -> tuple[torch.Tensor, ...]:
+        """The live values at cut ``cut_index``, in :attr:`Cut.live` order."""
+        return self._sets[cut_index]
+
+
+class _LiveRecorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, cuts: dict) -> None:
+        super().__init__(module)
+        self._cuts = cuts
+        self._index = {node: i for i, node in enumerate(module.graph.nodes)}
+        self._named = {node.name: node for node in module.graph.nodes}
+        self._copies: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self.sets: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        cut = self._cuts.get(self._index[n])
+        if cut is not None:
+            self.sets[cut.index] = tuple(
+                self._copy(name, value if name == n.name else self.env[self._named[name]]) for name in cut.live
+            )
+        return value
+
+    def _copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        known = self._copies.get(name)
+        if known is not None and known[0]() is tensor and known[1] == tensor._version:
+            return known[2]
+        copy = tensor.clone()
+        self._copies[name] = (weakref.ref(tensor), tensor._version, copy)
+        return copy

@@ -1,0 +1,143 @@
+"""What makes ``cleave plan`` fast keeps its answers: recorded live sets, disk caches, several links."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cleave_cli.main import main
+from partitioner import costmodel
+from partitioner.costmodel import SPLIT, Candidate, CostModel
+from partitioner.graph import trace
+from partitioner.loaded import LoadedModel
+from partitioner.models import ModelSpec, calibration_batch, fingerprint
+from partitioner.planner import LiveSets, cached_distortion, distortion_meter, head_tail_distortion
+from partitioner.profile import profile_model
+
+MODEL_ARGS = ["--model", "resnet18", "--input-shape", "1,3,64,64", "--rtt", "20", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLEAVE_CACHE", str(tmp_path / "cache"))
+
+
+def candidate(model: LoadedModel, index: int, encoding: str) -> Candidate:
+    cut = model.graph.cut(index)
+    return Candidate(SPLIT, cut.index, cut.name, encoding, 0, 0, 0.0, 0.0, 0.0, 0.0, 0)
+
+
+def test_recorded_live_sets_give_the_head_and_tail_distortion_exactly(local_model: LoadedModel) -> None:
+    calib = calibration_batch(local_model.spec.input_shape, 4, seed=3)
+    recorded, direct = distortion_meter(local_model, calib, record=True), head_tail_distortion(local_model, calib)
+    cuts = local_model.graph.cuts
+    picked = [cuts[0], cuts[2], cuts[len(cuts) // 3], cuts[len(cuts) // 2], cuts[-3], cuts[-1]]
+    for cut in picked:
+        for enc in ("jpeg", "int8c") if cut.index == 0 else ("int8", "int2", "fp16"):
+            c = candidate(local_model, cut.index, enc)
+            assert recorded(c) == direct(c), (cut.name, enc)
+    assert direct(candidate(local_model, cuts[-3].index, "int2")).rel_error > 0  # the check can fail
+
+
+class InPlace(nn.Module):
+    """A value live across a cut is changed in place before the cut: the head returns it changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        b = a * 2
+        a.add_(1)
+        a.mul_(0.5)
+        return self.fc((b + a).mean((2, 3)))
+
+
+def test_recorded_live_sets_follow_in_place_updates() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    graph = trace(InPlace(), x)
+    spec = ModelSpec.from_dict({"name": "inplace", "source": "x", "input_shape": [1, 3, 8, 8]})
+    model = LoadedModel(spec, graph, "f")
+    calib = torch.randn(3, 3, 8, 8)
+    live = LiveSets(model, calib)
+    mutated = 0
+    for cut in graph.cuts:
+        head, _ = graph.split(cut)
+        with torch.inference_mode():
+            expected = head(calib)
+        assert all(torch.equal(a, b) for a, b in zip(live.at(cut.index), expected, strict=True)), cut.name
+        mutated += cut.name in ("add_", "mul_")
+    assert mutated  # the cuts after an in-place update were checked
+    with torch.inference_mode():
+        assert torch.equal(live.output, model.module(calib))
+
+
+def test_a_second_cost_model_build_hits_the_cache(local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    profile = profile_model(local_model, repeats=2, warmup=1, head_samples=3)
+    calib = calibration_batch(local_model.spec.input_shape, 2, seed=5)
+    first = CostModel.measure(local_model, profile, profile, calib, cache=True, workers=2)
+    assert first == CostModel.measure(local_model, profile, profile, calib)  # same sizes on one thread
+
+    measured = []
+    real = costmodel._measure_sizes
+    monkeypatch.setattr(costmodel, "_measure_sizes", lambda *a: measured.append(a[1]) or real(*a))
+    assert CostModel.measure(local_model, profile, profile, calib, cache=True) == first
+    assert measured == []  # read back, nothing encoded
+
+    other = calibration_batch(local_model.spec.input_shape, 2, seed=6)
+    CostModel.measure(local_model, profile, profile, other, cache=True)
+    assert len(measured) == 1  # other calibration inputs: measured again
+
+    module = local_model.module
+    renamed = LoadedModel(local_model.spec, local_model.graph, fingerprint(module, "another model"))
+    assert renamed.fingerprint != local_model.fingerprint
+    CostModel.measure(renamed, profile, profile, calib, cache=True)
+    assert len(measured) == 2  # another model: measured again
+    CostModel.measure(local_model, profile, profile, calib, cache=True, feature_encodings=("int8",))
+    assert len(measured) == 3  # other encodings: measured again
+
+
+def test_distortions_are_cached_per_model_and_calibration(local_model: LoadedModel) -> None:
+    calib = calibration_batch(local_model.spec.input_shape, 2, seed=5)
+    calls = []
+
+    def meter(c: Candidate):
+        calls.append(c)
+        return distortion_meter(local_model, calib)(c)
+
+    c = candidate(local_model, local_model.graph.cuts[5].index, "int4")
+    first = cached_distortion(meter, local_model, calib)(c)
+    assert cached_distortion(meter, local_model, calib)(c) == first and len(calls) == 1
+    cached_distortion(meter, local_model, calib[:1])(c)
+    assert len(calls) == 2  # another calibration batch: measured again
+
+
+def test_several_bandwidths_give_one_plan_each(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", *MODEL_ARGS, "--bandwidth", "1,100", "--top", "3", "--json", str(tmp_path / "all.json")]) == 0
+    out = capsys.readouterr().out
+    assert "link up 1.00 Mbit/s" in out and "link up 100.00 Mbit/s" in out
+    plans = json.loads((tmp_path / "all.json").read_text())["plans"]
+    assert [p["link"]["up_mbps"] for p in plans] == [1.0, 100.0]
+    for plan in plans:
+        bw = f"{plan['link']['up_mbps']:g}"
+        assert main(["plan", *MODEL_ARGS, "--bandwidth", bw, "--top", "3", "--json", str(tmp_path / "one.json")]) == 0
+        alone = json.loads((tmp_path / "one.json").read_text())
+        assert alone["best"] == plan["best"] and alone["ranked"] == plan["ranked"]
+    assert plans[0]["best"]["cost_ms"] > plans[1]["best"]["cost_ms"]  # a faster link, a faster plan
+    capsys.readouterr()
+    for bad in ("5,x", "0", "-1"):
+        with pytest.raises(SystemExit):
+            main(["plan", *MODEL_ARGS, "--bandwidth", bad])
+        assert "--bandwidth" in capsys.readouterr().err
+
+
+def test_plan_shows_its_phases_on_stderr(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", *MODEL_ARGS[:-1], "--bandwidth", "5", "--top", "2"]) == 0
+    err = capsys.readouterr().err
+    assert all(phase in err for phase in ("profile", "encodings", "accuracy")), err
