@@ -60,7 +60,7 @@ BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision name, NAME=SOURCE, or a file")
     p.add_argument("--weights", help="local state-dict file")
-    p.add_argument("--input-shape", default="1,3,224,224")
+    p.add_argument("--input-shape", default="1,3,224,224", help="input batch shape, comma-separated")
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
@@ -405,7 +405,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--down", type=float, help="downlink Mbit/s (default: = each --bandwidth)")
     plan.add_argument("--rtt", type=float, default=10.0, help="round trip ms (default 10)")
     plan.add_argument("--cloud-speedup", type=float, default=4.0, help="offline: how much faster the cloud is")
-    plan.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    plan.add_argument(
+        "--objective", choices=["latency", "throughput"], default="latency", help="what the ranking minimises"
+    )
     plan.add_argument("--memory-mb", type=float, help="edge memory budget (head weights + activations)")
     plan.add_argument(
         "--max-rel-error", type=float, default=0.05, help="secondary guard: max |y - y_float| / max |y_float|"
@@ -420,7 +422,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--float-input", action="store_true", help="inputs are not 8-bit images: charge 8-bit input codes to accuracy"
     )
-    plan.add_argument("--top", type=int, default=10)
+    plan.add_argument("--top", type=int, default=10, help="placements to list")
     plan.add_argument("--json", help="write the ranking as JSON here")
     plan.add_argument("--png", help="write the plot here (for the first bandwidth)")
     plan.add_argument("--quiet", action="store_true", help="no progress line on stderr")

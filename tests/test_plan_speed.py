@@ -129,7 +129,9 @@ def test_several_bandwidths_give_one_plan_each(tmp_path: Path, capsys: pytest.Ca
         assert main(["plan", *MODEL_ARGS, "--bandwidth", bw, "--top", "3", "--json", str(tmp_path / "one.json")]) == 0
         alone = json.loads((tmp_path / "one.json").read_text())
         assert alone["best"] == plan["best"] and alone["ranked"] == plan["ranked"]
-    assert plans[0]["best"]["cost_ms"] > plans[1]["best"]["cost_ms"]  # a faster link, a faster plan
+    # A faster link never makes the best plan slower (equal when edge-only wins on both links, as it
+    # does here when the test process runs one torch thread).
+    assert plans[0]["best"]["cost_ms"] >= plans[1]["best"]["cost_ms"]
     capsys.readouterr()
     for bad in ("5,x", "0", "-1"):
         with pytest.raises(SystemExit):
