@@ -42,6 +42,8 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.serving import open_channel
 
+pytestmark = [pytest.mark.integration]
+
 MODEL = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
 CUT = 3
 HEAVY = ("torch", "torchvision", "grpc", "numpy", "google.protobuf")

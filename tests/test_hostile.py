@@ -31,6 +31,8 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.serving import open_channel
 
+pytestmark = [pytest.mark.integration]
+
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 64, 64]}
 ATTACKER, GOOD = "attacker-token-0123456789", "good-token-0123456789"
 IDLE_S = 3.0  # limits.stream_idle_s

@@ -23,6 +23,8 @@ from protos.serving import Daemon, Keepalive, PortInUse, open_channel
 from .conftest import MODEL
 from .test_daemons import healthy
 
+pytestmark = [pytest.mark.integration]
+
 
 def run_second(module: str, args: list[str], timeout: float = 240.0) -> subprocess.CompletedProcess:
     """Start a daemon that should refuse to start; one still running after ``timeout`` fails the test."""

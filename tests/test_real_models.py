@@ -29,6 +29,8 @@ from partitioner.photos import builtin_photos, calibration_inputs, directory_ima
 from partitioner.profile import Profile
 from partitioner.settings import SettingsError
 
+pytestmark = [pytest.mark.slow]
+
 LITE0 = "efficientnet_lite0_pretrained"
 
 
