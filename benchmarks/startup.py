@@ -4,7 +4,8 @@
     python benchmarks/startup.py --root /other/checkout --out /tmp/before.json   # another tree, same venv
 
 Measures ``cleave --help``, ``cleave plan --help``, ``cleave info`` against a running cloud,
-``cleave status`` and ``cleave infer --random 1`` against a running edge, and for each daemon the time
+``cleave status``, ``cleave infer --random 1`` (torch makes the inputs) and ``cleave infer photo.png``
+against a running edge, and for each daemon the time
 from exec to its first health answer (listening) and to health SERVING (models loaded). Self-contained:
 it starts the daemons itself and speaks only the standard gRPC health protocol to them, so it measures
 an older tree as well as this one. Numbers depend on the machine's load: run it on a quiet one.
@@ -96,6 +97,16 @@ def summary(samples: list[float]) -> dict:
     return {"median_s": round(statistics.median(samples), 3), "runs_s": [round(s, 3) for s in samples]}
 
 
+def write_photo(path: Path) -> Path:
+    """A 320x240 colour PNG (gradients), so the measurement needs no data set."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 240 * 320, dtype=np.float32).reshape(240, 320)
+    Image.fromarray(np.stack([ramp, ramp[::-1], 255 - ramp], axis=-1).astype(np.uint8)).save(path)
+    return path
+
+
 def measure(tree: Tree, runs: int, daemon_runs: int, model: str, cut: str, logs: Path) -> dict:
     results: dict[str, dict] = {}
     results["cleave --help"] = summary([tree.time_cli(["--help"]) for _ in range(runs)])
@@ -122,6 +133,10 @@ def measure(tree: Tree, runs: int, daemon_runs: int, model: str, cut: str, logs:
                     )
                     results["cleave infer --random 1"] = summary(
                         [tree.time_cli(["infer", "--edge", edge_at, "--random", "1"]) for _ in range(runs)]
+                    )
+                    photo = write_photo(logs / "photo.png")  # an image file: the path an app's image takes
+                    results["cleave infer photo.png"] = summary(
+                        [tree.time_cli(["infer", str(photo), "--edge", edge_at]) for _ in range(runs)]
                     )
             finally:
                 stop(edge)
