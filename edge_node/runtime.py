@@ -206,13 +206,7 @@ class EdgeRuntime:
         self.link.want(plan.cut.index if plan.cut is not None else None)
         self._plan = plan
         self.counters.add("plan_switches")
-        log.info(
-            "plan: %s at %s, %s (%s)",
-            edge_pb2.Placement.Name(plan.placement),
-            plan.cut.name if plan.cut else "-",
-            plan.spec,
-            reason,
-        )
+        log.info("plan: %s, %s (%s)", _where(plan), plan.spec, reason)
         return plan
 
     def _quantize_head(self, plan: ActivePlan, bits: int | dict[str, int]) -> ActivePlan:
@@ -351,13 +345,7 @@ class EdgeRuntime:
             if note == self._fallback_note and now - self._fallback_logged < FALLBACK_LOG_INTERVAL_S:
                 return
             self._fallback_note, self._fallback_logged = note, now
-        log.warning(
-            "falling back to the local tail (plan %s at %s, %s): %s",
-            edge_pb2.Placement.Name(plan.placement),
-            plan.cut.name if plan.cut else "-",
-            plan.reason,
-            note,
-        )
+        log.warning("falling back to the local tail (plan %s, %s): %s", _where(plan), plan.reason, note)
 
     def _finish_locally(
         self, features: tuple, plan: ActivePlan, timing: edge_pb2.StageTiming, started: float, note: str
@@ -370,3 +358,8 @@ class EdgeRuntime:
         timing.edge_compute_ms += (t1 - t0) * 1e3
         timing.total_ms = (t1 - started) * 1e3
         return Outcome(outputs, LOCAL_FALLBACK, plan, timing, note=note, local_tail_ms=(t1 - t0) * 1e3)
+
+
+def _where(plan: ActivePlan) -> str:
+    """A plan's placement and cut, for the log: ``SPLIT at layer2_0_relu``."""
+    return f"{edge_pb2.Placement.Name(plan.placement)} at {plan.cut.name if plan.cut else '-'}"
