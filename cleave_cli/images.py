@@ -1,24 +1,13 @@
-"""Turn image files into model inputs (decode, resize, ImageNet normalisation), and make synthetic ones."""
+"""Synthetic image-like model inputs. Image files become inputs in :mod:`partitioner.imagefiles`."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
-from partitioner import photos
-
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def load_image(path: str | Path, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """A (1, C, H, W) float32 input from an image file, resized to ``input_shape``'s H and W.
-
-    The planner's calibration images go through the very same function.
-    """
-    return photos.load_image(path, input_shape)
 
 
 def synthetic_images(n: int, input_shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
