@@ -99,17 +99,23 @@ def _mount_points() -> list[str]:
 
 
 def _hidden_ancestors(paths: list[str], uid: int, gid: int) -> dict[str, set[str]]:
-    """For each path the user could not reach: its first closed ancestor -> that ancestor's child on the way."""
+    """For each path the user could not reach: its first closed directory -> what to bind back into it.
+
+    That is the closed ancestor's child on the way to the path or, where the needed directory is itself
+    closed (a checkout cloned into a ``mktemp -d`` directory, mode 0700), every entry in it.
+    """
     import stat
 
     closed: dict[str, set[str]] = {}
     for path in paths:
         parts = Path(path).parts
-        for i in range(1, len(parts)):
+        for i in range(1, len(parts) + 1):
             here = Path(*parts[:i])
             try:
                 st = here.stat()
             except OSError:
+                break
+            if not stat.S_ISDIR(st.st_mode):
                 break
             if st.st_uid == uid:
                 bit = stat.S_IXUSR
@@ -118,7 +124,10 @@ def _hidden_ancestors(paths: list[str], uid: int, gid: int) -> dict[str, set[str
             else:
                 bit = stat.S_IXOTH
             if not st.st_mode & bit:
-                closed.setdefault(str(here), set()).add(str(Path(*parts[: i + 1])))
+                if i < len(parts):
+                    closed.setdefault(str(here), set()).add(str(Path(*parts[: i + 1])))
+                else:
+                    closed.setdefault(str(here), set()).update(str(here / name) for name in os.listdir(here))
                 break
     return closed
 
