@@ -8,7 +8,7 @@ LOCK := requirements/dev.txt
 PYTEST := $(PY) -m pytest -q
 EXTRAS := --extra dev --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
 
-.PHONY: demo test test-fast test-integration lint protos bench lock clean
+.PHONY: demo test test-fast test-integration lint docs protos bench lock clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-integration: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Rewrite the benchmark tables in README.md and docs/*.md from benchmarks/results/*.json (the unit tests
+# fail while a committed table differs from its JSON). Standard library only: no venv needed.
+docs:
+	$(PYTHON) -m benchmarks.tables
 
 protos: $(STAMP)
 	$(PY) -m protos.generate

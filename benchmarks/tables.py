@@ -1,0 +1,597 @@
+"""Benchmark tables in the docs, generated from the results JSON so that they cannot drift from it.
+
+    python -m benchmarks.tables            # rewrite every marked table in README.md and docs/*.md
+    python -m benchmarks.tables --check    # exit 1 (and name the tables) when the committed docs differ
+
+A table lives in a Markdown file between two marker comments, ``<!-- table:NAME -->`` and
+``<!-- /table:NAME -->``; everything between them is replaced by what ``TABLES[NAME]`` renders from its
+JSON files. Prose around the markers is left alone. A marker with no renderer, a renderer whose JSON is
+missing, or an unclosed marker is an error naming it. Only the standard library is used: rendering the
+tables needs neither torch nor the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+MARKER = re.compile(r"<!-- table:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
+OPENING = re.compile(r"<!-- table:([a-z0-9_]+) -->")
+
+
+def marked_docs(root: Path = ROOT) -> list[Path]:
+    """README.md and every docs/*.md that holds at least one table marker."""
+    candidates = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return [path for path in candidates if path.is_file() and OPENING.search(path.read_text())]
+
+
+Json = dict[str, Any]
+
+
+class TableError(Exception):
+    """A marker, a renderer or its JSON is wrong; the message names which."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """One generated table: the results files it reads and the function that renders them."""
+
+    sources: tuple[str, ...]
+    render: Callable[..., list[list[str]]]
+    header: tuple[str, ...]
+    align: str = ""  # one letter per column, "l" or "r" (right-aligned); missing letters: left
+
+
+def markdown(header: Iterable[str], rows: Iterable[Iterable[str]], align: str = "") -> str:
+    """A Markdown table, one line per row, ending with a newline."""
+    header = list(header)
+    rule = ["---:" if align[i : i + 1] == "r" else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---- number formats: "-" for a value the JSON does not have -----------------------------------------------------
+def f(value: float | None, spec: str = ".1f") -> str:
+    """A plain number."""
+    return "-" if value is None else format(value, spec)
+
+
+def x(value: float | None, spec: str = ".2f") -> str:
+    """A ratio: ``2.50x``."""
+    return "-" if value is None else format(value, spec) + "x"
+
+
+def pct(value: float | None, spec: str = ".1f") -> str:
+    """A fraction as a percentage, without the sign."""
+    return "-" if value is None else format(100 * value, spec)
+
+
+def mega(n: float) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def giga(n: float) -> str:
+    return f"{n / 1e9:.2f}G"
+
+
+def kb(n: float) -> str:
+    return f"{n / 1000:.1f} KB"
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+# ---- codec.json -------------------------------------------------------------------------------------------------
+def codec(d: Json) -> list[list[str]]:
+    """Every path of the codec benchmark: now, against the naive codec, and the torch codec it replaced."""
+    before = d.get("before", {}).get("paths", {})
+    rows = []
+    for name, p in d["paths"].items():
+        b = before.get(name, {})
+        then = f"{x(b['encode_vs_naive'])} / {x(b['decode_vs_naive'])}" if "encode_vs_naive" in b else "-"
+        vs = f"{x(p['encode_vs_naive'])} / {x(p['decode_vs_naive'])}" if "encode_vs_naive" in p else "-"
+        rows.append(
+            [
+                f"`{name}`",
+                f"{p['encode_gbps']:.2f} / {p['decode_gbps']:.2f}",
+                vs,
+                f"{p['payload_bytes']:,}",
+                x(p["ratio_vs_fp32"]),
+                then,
+            ]
+        )
+    return rows
+
+
+def zstd_levels(d: Json) -> list[list[str]]:
+    return [
+        [
+            z["input"],
+            str(z["level"]),
+            x(z["ratio"]),
+            f"{z['compress_gbps']:.3f}",
+            f"{z['decompress_gbps']:.3f}",
+        ]
+        for z in d["zstd_levels"]
+    ]
+
+
+# ---- startup.json, startup-before.json --------------------------------------------------------------------------
+def startup(now: Json, before: Json) -> list[list[str]]:
+    rows = []
+    for name, r in now["results"].items():
+        b = before["results"].get(name)
+        rows.append(
+            [
+                f"`{name}`",
+                f"{r['median_s']:.2f}",
+                f"{b['median_s']:.2f}" if b else "-",
+                x(b["median_s"] / r["median_s"], ".0f") if b else "-",
+            ]
+        )
+    return rows
+
+
+# ---- placement.json ---------------------------------------------------------------------------------------------
+PLACEMENT_STRATEGIES = ("edge-only", "cloud-raw", "cloud-jpeg", "neurosurgeon")
+
+
+def plan_label(label: str) -> str:
+    """The benchmark's candidate labels, shortened for a table (`cloud-only jpeg` -> `cloud JPEG`)."""
+    if label == "cloud-only jpeg":
+        return "cloud JPEG"
+    if label.startswith("cloud-only ") and label != "cloud-only":
+        return "cloud " + label.removeprefix("cloud-only ")
+    return label
+
+
+def placement(d: Json) -> list[list[str]]:
+    rows = []
+    for m in d["models"]:
+        for c in m.get("bandwidths", []):
+            chosen, s = c["cleave"], c["strategies"]
+            rows.append(
+                [
+                    m["model"],
+                    f"{c['bandwidth_mbit']:g}",
+                    chosen["label"],
+                    f(chosen["predicted_ms"]),
+                    f(chosen["measured"]["edge_ms"]),
+                    plan_label(c["oracle"]["label"]),
+                    f(c.get("ratio"), ".2f"),
+                    f(c.get("ratio_within_budget"), ".2f"),
+                    *(f(s.get(k)) for k in PLACEMENT_STRATEGIES),
+                ]
+            )
+    return rows
+
+
+def placement_summary(d: Json) -> list[list[str]]:
+    s = d["summary"]
+    cells = [c for m in d["models"] for c in m.get("bandwidths", [])]
+    best = sum(1 for c in cells if c.get("ratio_within_budget") is not None and c["ratio_within_budget"] <= 1.0)
+    rows = [
+        ["cells (model x bandwidth)", str(s["cells"])],
+        ["cells where Cleave's plan is the measured best within the budget", f"{best} of {len(cells)}"],
+        [
+            "ratio to the fastest candidate within the budget: median / max",
+            f"{s['median_ratio_within_budget']:.2f} / {s['max_ratio_within_budget']:.2f}",
+        ],
+        ["ratio to the fastest candidate: median / max", f"{s['median_ratio']:.2f} / {s['max_ratio']:.2f}"],
+        ["prediction error of the chosen plan (median)", pct(s["median_abs_error_chosen"]) + "%"],
+        ["prediction error of every candidate (median)", pct(s["median_abs_error_all_candidates"]) + "%"],
+        ["Cleave under automatic planning over the same plan pinned (median)", f"{s['median_auto_vs_pinned']:.2f}"],
+    ]
+    for name, v in s["median_speedup_of_cleave_over"].items():
+        rows.append([f"speed-up over {name} (median)", x(v)])
+    return rows
+
+
+# ---- pruning.json -----------------------------------------------------------------------------------------------
+def pruning(d: Json) -> list[list[str]]:
+    rows = []
+    for r in d["rows"]:
+        b, a = r["before"], r["after"]
+        rows.append(
+            [
+                f"{r['model']}, {r['ratio']:.0%}",
+                f"{mega(b['parameters'])} -> {mega(a['parameters'])}",
+                f"{giga(b['macs'])} -> {giga(a['macs'])} ({x(r['macs_ratio'])})",
+                x(r["speedup"], ".1f"),
+                f"{r['plan_bytes'] / 1000:.1f} KB",
+                f"{r['torchscript_bytes'] / 1e6:.0f} MB",
+                f"{r['job_seconds']:.0f} s",
+            ]
+        )
+    return rows
+
+
+# ---- batching.json ----------------------------------------------------------------------------------------------
+def batching(d: Json) -> list[list[str]]:
+    by = {(r["mode"], r["streams"]): r for r in d["records"]}
+    rows = []
+    for streams in sorted({r["streams"] for r in d["records"]}):
+        off, on = by.get(("off", streams)), by.get(("on", streams))
+        if not (off and on):
+            continue
+        rows.append(
+            [
+                str(streams),
+                f"{off['throughput_rps']:.1f}",
+                f"{off['p50_ms']:.1f} / {off['p99_ms']:.1f}",
+                f"{on['throughput_rps']:.1f}",
+                f"{on['p50_ms']:.1f} / {on['p99_ms']:.1f}",
+                f"{on['mean_batch_size']:.2f}",
+                f"x{on['throughput_rps'] / off['throughput_rps']:.2f}",
+            ]
+        )
+    return rows
+
+
+# ---- load.json --------------------------------------------------------------------------------------------------
+def load(d: Json) -> list[list[str]]:
+    s = d["summary"]
+    placements = ", ".join(f"{k}: {v}" for k, v in s["placements"].items())
+    return [
+        [
+            f"{s['requests']} ({placements} incl. warm-up)",
+            f"{s['throughput_req_per_s']:.1f} req/s ({s['throughput_req_per_s'] / d['edges']:.0f} per edge)",
+            f"{s['latency_ms_p50']:.1f} / {s['latency_ms_p99']:.1f} / {s['latency_ms_max']:.1f} ms",
+            str(s["errors"]),
+            str(s["fallbacks"]),
+            f"{s['rss_growth_mb_cloud']:+.2f} MB",
+            f"{s['rss_growth_mb_edges_max']:+.2f} MB",
+            f"{s['anon_slope_mb_per_min_max']:.2f} MB/min",
+        ]
+    ]
+
+
+# ---- overhead.json ----------------------------------------------------------------------------------------------
+def overhead(d: Json) -> list[list[str]]:
+    return [
+        [
+            f"`{r['cut']}`",
+            r["encoding"],
+            f"{r['bytes_up']:,}",
+            f"{r['e2e_ms_p50']:.1f}",
+            f"{r['parts_ms_p50']:.1f}",
+            f"{r['overhead_ms_p50']:.2f}",
+            f"{r['overhead_ms_p90']:.2f}",
+            f"{r['edge_internal_overhead_ms_p50']:.2f}",
+        ]
+        for r in d["records"]
+    ]
+
+
+def overhead_summary(d: Json) -> list[list[str]]:
+    s = d["summary"]
+
+    def median_max(prefix: str) -> str:
+        return f"{s[prefix + '_median']:.2f} / {s[prefix + '_max']:.2f}"
+
+    return [
+        [
+            "total (app hop + split path), median / max over configurations",
+            median_max("total_overhead_ms_p50_under_1MB"),
+        ],
+        ["split path only, median / max over configurations", median_max("split_path_overhead_ms_p50_under_1MB")],
+    ]
+
+
+# ---- quantization.json ------------------------------------------------------------------------------------------
+HEAD_PATHS = (
+    ("torch_fp32", "torch fp32 (eager)"),
+    ("ort_fp32", "ONNX Runtime fp32"),
+    ("torch_fx_int8", "torch.ao FX int8, x86 backend (`prepare_fx` / `convert_fx`)"),
+    ("ort_int8 (chosen)", "**ONNX Runtime QOperator int8 (chosen)**"),
+)
+
+
+def quant_latency(d: Json) -> list[list[str]]:
+    runs = d["latency"]["threads=1"]
+    big, small = runs["resnet18_224_to_layer3"], runs["harness_32_to_layer3"]
+    rows = []
+    for key, label in HEAD_PATHS:
+        rows.append(
+            [
+                label,
+                f"{big['median_ms'][key]:.2f}",
+                x(big["speedup_vs_torch_fp32"][key], ".1f"),
+                f"{big['cosine_vs_fp32'][key]:.4f}",
+                f"{small['median_ms'][key]:.3f}",
+                x(small["speedup_vs_torch_fp32"][key], ".1f"),
+            ]
+        )
+    for name in sorted(set(big.get("errors", {})) | set(small.get("errors", {}))):
+        why = big.get("errors", {}).get(name) or small["errors"][name]
+        rows.append(
+            [f"`{name}` (torchao PT2E + X86InductorQuantizer + inductor)", "fails", "", "", "fails", f"`{why}`"]
+        )
+    return rows
+
+
+def quant_sizes(d: Json) -> list[list[str]]:
+    runs = d["latency"]["threads=1"]
+    rows = []
+    for name, label in (
+        ("resnet18_224_to_layer3", "resnet18 head (224x224)"),
+        ("harness_32_to_layer3", "harness head (32x32)"),
+    ):
+        s = runs[name]["sizes"]
+        fp32 = s["fp32_onnx_artifact_bytes"]
+        rows.append(
+            [
+                label,
+                mb(s["fp32_params_bytes"]),
+                mb(fp32),
+                f"{mb(s['int8_artifact_bytes'])} ({x(fp32 / s['int8_artifact_bytes'], '.1f')})",
+                f"{mb(s['w4_packed_artifact_bytes'])} ({x(fp32 / s['w4_packed_artifact_bytes'], '.1f')})",
+            ]
+        )
+    return rows
+
+
+CLIPS = ("minmax", "percentile", "aciq", "lapq")
+
+
+def _accuracy(d: Json, per_channel: bool) -> list[list[str]]:
+    rows: dict[tuple[str, str, int], dict[str, float]] = {}
+    floats: dict[tuple[str, str], float] = {}
+    for r in d["accuracy"]["rows"]:
+        if r["feature_bits"] == 32:
+            floats[(r["cut"], r["head"])] = r["acc"]
+        elif r["feature_bits"] in (4, 3, 2) and r["per_channel"] == per_channel:
+            rows.setdefault((r["cut"], r["head"], r["feature_bits"]), {})[r["clip"]] = r["acc"]
+    out = []
+    for (cut, head, bits), acc in rows.items():
+        if per_channel and len(acc) < 2:
+            continue
+        out.append(
+            [
+                f"`{cut}`",
+                head,
+                pct(floats.get((cut, head)), ".2f"),
+                f"{bits} bit",
+                *(pct(acc.get(c), ".2f") for c in CLIPS),
+            ]
+        )
+    return out
+
+
+def quant_accuracy(d: Json) -> list[list[str]]:
+    return _accuracy(d, per_channel=False)
+
+
+def quant_accuracy_per_channel(d: Json) -> list[list[str]]:
+    return [row[:-1] for row in _accuracy(d, per_channel=True)]
+
+
+def feature_mse(d: Json) -> list[list[str]]:
+    """ACIQ's relative feature MSE over min-max's, per tensor: geometric mean over a model's cuts."""
+    mse: dict[tuple[str, str, int, str], float] = {}
+    for r in d["feature_mse"]:
+        if not r["per_channel"]:
+            mse[(r["model"], r["cut"], r["bits"], r["clip"])] = r["rel_mse"]
+    for r in d["accuracy"]["rows"]:
+        if r["head"] == "fp32" and not r["per_channel"] and "rel_mse" in r:
+            mse[("harness", r["cut"], r["feature_bits"], r["clip"])] = r["rel_mse"]
+    out = []
+    models = list(dict.fromkeys(k[0] for k in mse))
+    for model in models:
+        cuts = list(dict.fromkeys(k[1] for k in mse if k[0] == model))
+        cells = []
+        for bits in (4, 3, 2):
+            ratios = [
+                mse[(model, c, bits, "aciq")] / mse[(model, c, bits, "minmax")]
+                for c in cuts
+                if (model, c, bits, "aciq") in mse and (model, c, bits, "minmax") in mse
+            ]
+            cells.append(x(statistics.geometric_mean(ratios)) if ratios else "-")
+            cells[-1] += f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        out.append([model, str(len(cuts)), *cells])
+    return out
+
+
+def bitalloc(d: Json) -> list[list[str]]:
+    return [
+        [
+            f"`{b['cut']}`",
+            f"{b['memory_budget_bytes'] / 1000:.0f} KB / {b['max_distortion']:.0%}",
+            f"{min(b['weight_bits'].values())}-{max(b['weight_bits'].values())}",
+            str(b["feature_bits"]),
+            kb(b["head_bytes"]),
+            pct(b["distortion"], ".2f") + "%",
+            pct(b["test_accuracy"]),
+        ]
+        for b in d["bitalloc"]
+    ]
+
+
+TABLES: dict[str, Table] = {
+    "codec": Table(
+        ("codec.json",),
+        codec,
+        ("path", "GB/s encode / decode", "vs naive", "payload bytes", "vs fp32", "before (torch codec), vs naive"),
+    ),
+    "zstd_levels": Table(
+        ("codec.json",), zstd_levels, ("input", "zstd level", "ratio", "compress GB/s", "decompress GB/s"), "lrrrr"
+    ),
+    "startup": Table(
+        ("startup.json", "startup-before.json"), startup, ("step", "now, s", "before, s", "faster"), "lrrr"
+    ),
+    "placement": Table(
+        ("placement.json",),
+        placement,
+        (
+            "model",
+            "Mbit/s",
+            "Cleave's plan",
+            "predicted",
+            "measured",
+            "oracle best",
+            "ratio",
+            "ratio in budget",
+            "edge-only",
+            "cloud raw",
+            "cloud JPEG",
+            "Neurosurgeon",
+        ),
+    ),
+    "placement_summary": Table(("placement.json",), placement_summary, ("measure", "value")),
+    "pruning": Table(
+        ("pruning.json",),
+        pruning,
+        ("model, channels removed", "params", "MACs", "CPU speed-up", "plan", "TorchScript", "job"),
+    ),
+    "batching": Table(
+        ("batching.json",),
+        batching,
+        (
+            "streams",
+            "off: req/s",
+            "off: p50 / p99 ms",
+            "on: req/s",
+            "on: p50 / p99 ms",
+            "on: mean batch",
+            "speed-up (req/s on/off)",
+        ),
+        "rrrrrrr",
+    ),
+    "load": Table(
+        ("load.json",),
+        load,
+        (
+            "requests in the measured window",
+            "throughput",
+            "latency p50 / p99 / max",
+            "errors",
+            "fallbacks",
+            "RSS growth, cloud",
+            "RSS growth, edges (max)",
+            "anon RSS trend (max)",
+        ),
+    ),
+    "overhead": Table(
+        ("overhead.json",),
+        overhead,
+        ("cut", "encoding", "bytes up", "end to end ms", "parts ms", "overhead ms", "overhead p90 ms", "split path ms"),
+        "llrrrrrr",
+    ),
+    "overhead_summary": Table(("overhead.json",), overhead_summary, ("overhead (p50, requests under 1 MB)", "ms")),
+    "quant_latency": Table(
+        ("quantization.json",),
+        quant_latency,
+        ("path", "resnet18 head ms", "speed-up", "cosine vs fp32", "harness head ms", "speed-up"),
+    ),
+    "quant_sizes": Table(
+        ("quantization.json",),
+        quant_sizes,
+        ("head", "fp32 parameters", "fp32 ONNX artifact", "int8 artifact", "4-bit packed artifact"),
+    ),
+    "quant_accuracy": Table(
+        ("quantization.json",),
+        quant_accuracy,
+        ("cut", "head", "float %", "features", "min-max", "percentile 99.9", "ACIQ", "LAPQ"),
+    ),
+    "quant_accuracy_per_channel": Table(
+        ("quantization.json",),
+        quant_accuracy_per_channel,
+        ("cut", "head", "float %", "features", "min-max", "percentile 99.9", "ACIQ"),
+    ),
+    "quant_accuracy_10k": Table(
+        ("quantization_accuracy_10k.json",),
+        quant_accuracy,
+        ("cut", "head", "float %", "features", "min-max", "percentile 99.9", "ACIQ", "LAPQ"),
+    ),
+    "feature_mse": Table(
+        ("quantization.json",),
+        feature_mse,
+        ("model", "cuts", "4 bit", "3 bit", "2 bit"),
+    ),
+    "bitalloc": Table(
+        ("quantization.json",),
+        bitalloc,
+        ("cut", "budget: memory / distortion", "weight bits", "feature bits", "head", "distortion", "test accuracy %"),
+    ),
+}
+
+
+def render(name: str, results: Path = RESULTS) -> str:
+    """The Markdown of table ``name`` from the JSON files in ``results``."""
+    table = TABLES.get(name)
+    if table is None:
+        raise TableError(f"table:{name}: no such table (known: {', '.join(sorted(TABLES))})")
+    data = []
+    for source in table.sources:
+        path = results / source
+        try:
+            data.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise TableError(f"table:{name}: {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise TableError(f"table:{name}: {path} is not JSON: {exc}") from None
+    try:
+        rows = table.render(*data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TableError(f"table:{name}: {', '.join(table.sources)} lacks what the table needs: {exc!r}") from None
+    return markdown(table.header, rows, table.align)
+
+
+def regenerate(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
+    """``text`` with every marked table rendered afresh, and the names of the tables that changed."""
+    opened = OPENING.findall(text)
+    closed = {m.group("name") for m in MARKER.finditer(text)}
+    for name in opened:
+        if name not in closed:
+            raise TableError(f"table:{name}: no closing <!-- /table:{name} --> marker")
+    changed: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group("name")
+        body = render(name, results)
+        if body != match.group("body"):
+            changed.append(name)
+        return f"<!-- table:{name} -->\n{body}<!-- /table:{name} -->"
+
+    return MARKER.sub(replace, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is stale")
+    parser.add_argument("--docs", type=Path, nargs="+", help="Markdown files (default: README.md and docs/*.md)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    stale = 0
+    for doc in args.docs or marked_docs():
+        try:
+            text = doc.read_text()
+            new, changed = regenerate(text, args.results)
+        except (OSError, TableError) as exc:
+            print(f"{doc}: {exc}", file=sys.stderr)
+            return 2
+        if not changed:
+            continue
+        if args.check:
+            stale += len(changed)
+            print(f"{doc}: stale tables: {', '.join(changed)} (run `python -m benchmarks.tables`)", file=sys.stderr)
+        else:
+            doc.write_text(new)
+            print(f"{doc}: rewrote {', '.join(changed)}")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
