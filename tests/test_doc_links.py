@@ -1,0 +1,105 @@
+"""What README.md and docs/*.md point at exists: relative links (and their #anchors), repository paths
+named in the text, and the modules that ``python -m`` commands run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+# A path under one of the repository's own top-level folders, as written in prose or a command.
+TOP = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith("."))
+PATH = re.compile(r"(?<![\w/.~$-])((?:" + "|".join(map(re.escape, TOP)) + r")/[\w./*{},-]*[\w*}])")
+MODULE = re.compile(r"python -m ((?:" + "|".join(map(re.escape, TOP)) + r")(?:\.\w+)+)")
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    out = set()
+    for line in FENCE.sub("", markdown).splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+def expand(path: str) -> list[str]:
+    """``a.{json,png}`` -> ``a.json``, ``a.png`` (the shell's brace expansion, one level)."""
+    match = re.search(r"\{([^{}]*)\}", path)
+    if not match:
+        return [path]
+    return [path[: match.start()] + part + path[match.end() :] for part in match.group(1).split(",")]
+
+
+def broken_links(doc: Path) -> list[str]:
+    """Relative links in ``doc`` (outside code blocks) to a missing file or a missing heading."""
+    broken = []
+    for target in LINK.findall(FENCE.sub("", doc.read_text())):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
+            broken.append(f"{target}: no heading #{anchor} in {file.name}")
+    return broken
+
+
+def missing_names(doc: Path, root: Path = ROOT) -> list[str]:
+    """Repository paths (globs and braces allowed) and ``python -m`` modules ``doc`` names that do not exist."""
+    text = doc.read_text()
+    missing = []
+    for written in PATH.findall(text):
+        for path in expand(written.rstrip(".,")):
+            if not any(root.glob(path)):
+                missing.append(path)
+    for module in MODULE.findall(text):
+        base = root.joinpath(*module.split("."))
+        if not (base.with_suffix(".py").is_file() or (base / "__main__.py").is_file()):
+            missing.append(f"python -m {module}")
+    return sorted(set(missing))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_point_at_existing_files_and_headings(doc: Path) -> None:
+    assert broken_links(doc) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_repository_paths_and_modules_named_in_the_text_exist(doc: Path) -> None:
+    assert missing_names(doc) == []
+
+
+def test_every_docs_page_is_listed_in_the_index() -> None:
+    index = (ROOT / "docs" / "index.md").read_text()
+    listed = set(LINK.findall(index))
+    unlisted = [p.name for p in DOCS[1:] if p.name != "index.md" and p.name not in listed]
+    assert not unlisted, f"docs/index.md does not list {unlisted}"
+
+
+def test_a_broken_link_a_missing_heading_and_a_missing_path_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "other.md").write_text("# Other page\n\n## The codec: a grammar\n")
+    doc = tmp_path / "page.md"
+    doc.write_text(
+        "[ok](other.md) [ok](other.md#the-codec-a-grammar) [web](https://example.org/x) [self](#top)\n"
+        "# Top\n[gone](missing.md) [no heading](other.md#nonesuch)\n"
+        "```\n[in a code block](ignored.md)\n```\n"
+        "Run `tests/test_doc_links.py` and `tests/test_nonesuch.py`; see /tmp/tests/x.py and "
+        "benchmarks/results/codec.{json,nonesuch}.\n"
+        "python -m benchmarks.tables --check; python -m tests.nonesuch\n"
+    )
+    assert broken_links(doc) == ["missing.md: no such file", "other.md#nonesuch: no heading #nonesuch in other.md"]
+    assert missing_names(doc) == [
+        "benchmarks/results/codec.nonesuch",
+        "python -m tests.nonesuch",
+        "tests/test_nonesuch.py",
+    ]
