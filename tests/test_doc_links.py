@@ -1,5 +1,6 @@
 """What README.md and docs/*.md point at exists: relative links (and their #anchors), repository paths
-named in the text, and the modules that ``python -m`` commands run."""
+named in the text, the modules that ``python -m`` commands run, and dotted names of the project's own
+packages (``compressor.codec``, ``partitioner.bitalloc.allocate_bits``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 TOP = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith("."))
 PATH = re.compile(r"(?<![\w/.~$-])((?:" + "|".join(map(re.escape, TOP)) + r")/[\w./*{},-]*[\w*}])")
 MODULE = re.compile(r"python -m ((?:" + "|".join(map(re.escape, TOP)) + r")(?:\.\w+)+)")
+# A dotted name whose first part is one of the repository's Python packages.
+PACKAGES = [name for name in TOP if (ROOT / name / "__init__.py").is_file()]
+FILE_SUFFIXES = {"md", "py", "json", "png", "yaml", "txt", "proto", "in", "toml"}
+DOTTED = re.compile(r"(?<![\w/.-])((?:" + "|".join(map(re.escape, PACKAGES)) + r")(?:\.[A-Za-z_]\w*)+)")
 
 
 def anchors(markdown: str) -> set[str]:
@@ -54,8 +59,23 @@ def broken_links(doc: Path) -> list[str]:
     return broken
 
 
+def dotted_name_exists(name: str, root: Path = ROOT) -> bool:
+    """``a.b.c``: each part a module or package under ``root`` until one is not; that one must be defined
+    (or imported) in the module before it, by its text alone (nothing is imported)."""
+    parts = name.split(".")
+    path = root / parts[0]
+    for part in parts[1:]:
+        if (path / part / "__init__.py").is_file() or (path / part).with_suffix(".py").is_file():
+            path = path / part
+            continue
+        source = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        return source.is_file() and re.search(rf"\b{re.escape(part)}\b", source.read_text()) is not None
+    return True
+
+
 def missing_names(doc: Path, root: Path = ROOT) -> list[str]:
-    """Repository paths (globs and braces allowed) and ``python -m`` modules ``doc`` names that do not exist."""
+    """Repository paths (globs and braces allowed), ``python -m`` modules and dotted names of the project's
+    packages that ``doc`` names and that do not exist."""
     text = doc.read_text()
     missing = []
     for written in PATH.findall(text):
@@ -66,6 +86,11 @@ def missing_names(doc: Path, root: Path = ROOT) -> list[str]:
         base = root.joinpath(*module.split("."))
         if not (base.with_suffix(".py").is_file() or (base / "__main__.py").is_file()):
             missing.append(f"python -m {module}")
+    for name in DOTTED.findall(text):
+        if name.rsplit(".", 1)[1] in FILE_SUFFIXES:  # benchmarks.md: a file name, not a module
+            continue
+        if not dotted_name_exists(name.rstrip("."), root):
+            missing.append(name)
     return sorted(set(missing))
 
 
@@ -96,10 +121,14 @@ def test_a_broken_link_a_missing_heading_and_a_missing_path_are_reported(tmp_pat
         "Run `tests/test_doc_links.py` and `tests/test_nonesuch.py`; see /tmp/tests/x.py and "
         "benchmarks/results/codec.{json,nonesuch}.\n"
         "python -m benchmarks.tables --check; python -m tests.nonesuch\n"
+        "`partitioner.bitalloc.allocate_bits`, `compressor.codec`, `protos.cleave.v1`, `compressor.codec.nonesuch`\n"
+        "[tests.md](other.md)\n"
     )
     assert broken_links(doc) == ["missing.md: no such file", "other.md#nonesuch: no heading #nonesuch in other.md"]
     assert missing_names(doc) == [
         "benchmarks/results/codec.nonesuch",
+        "compressor.codec.nonesuch",
         "python -m tests.nonesuch",
+        "tests.nonesuch",
         "tests/test_nonesuch.py",
     ]
