@@ -69,8 +69,21 @@ def dotted_name_exists(name: str, root: Path = ROOT) -> bool:
             path = path / part
             continue
         source = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-        return source.is_file() and re.search(rf"\b{re.escape(part)}\b", source.read_text()) is not None
+        return source.is_file() and defines(source.read_text(), part)
     return True
+
+
+def defines(source: str, name: str) -> bool:
+    """Whether module text defines or imports ``name`` (a def, a class, an assignment, an import)."""
+    n = re.escape(name)
+    patterns = (
+        rf"^\s*(?:async\s+)?(?:def|class)\s+{n}\b",  # def name / class name
+        rf"^\s*{n}\s*(?::[^=\n]*)?=",  # name = ... / name: T = ...
+        rf"^\s*(?:from\s+\S+\s+)?import\s+[^\n(]*\b{n}\b(?!\s+as\b)",  # import name / from x import a, name
+        rf"^\s+{n},?\s*(?:#.*)?$",  # one name per line inside from x import (...)
+        rf"\bas\s+{n}\b",  # import x as name
+    )
+    return any(re.search(pattern, source, re.M) for pattern in patterns)
 
 
 def missing_names(doc: Path, root: Path = ROOT) -> list[str]:
@@ -109,6 +122,13 @@ def test_every_docs_page_is_listed_in_the_index() -> None:
     listed = set(LINK.findall(index))
     unlisted = [p.name for p in DOCS[1:] if p.name != "index.md" and p.name not in listed]
     assert not unlisted, f"docs/index.md does not list {unlisted}"
+
+
+def test_a_name_counts_as_defined_only_where_it_is_bound() -> None:
+    source = "from .a import (\n    one,\n    two,  # why\n)\nfrom .b import three as four\nFIVE: int = 5\n"
+    source += 'def six():\n    """seven is only mentioned"""\nclass Eight:\n    pass\n'
+    assert all(defines(source, name) for name in ("one", "two", "four", "FIVE", "six", "Eight"))
+    assert not any(defines(source, name) for name in ("three", "seven", "a"))
 
 
 def test_a_broken_link_a_missing_heading_and_a_missing_path_are_reported(tmp_path: Path) -> None:
