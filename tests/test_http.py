@@ -9,6 +9,7 @@ names clash with Cleave's own. Plain HTTP checks use httpx here.
 from __future__ import annotations
 
 import json
+import ssl
 import struct
 import subprocess
 import sys
@@ -28,6 +29,9 @@ from cloud_node.web.v2 import parse_infer
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec
 from protos.errors import InvalidArgument
+from protos.security import ClientTLS
+
+from ._pki import make_pki
 
 pytestmark = [pytest.mark.integration]
 
@@ -292,3 +296,25 @@ def test_http_config_listen() -> None:
     assert not HttpConfig().enabled
     with pytest.raises(ValueError, match="http.listen"):
         HttpConfig("localhost:http")
+
+
+def test_http_uses_the_daemons_mutual_tls(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls = {"cert": "pki/server.crt", "key": "pki/server.key", "ca": "pki/ca.crt", "require_client_cert": True}
+    http_port = free_port()
+    config = {"models": [TINY], "torch_threads": 1, "tls": tls, "http": {"listen": f"127.0.0.1:{http_port}"}}
+    (tmp_path / "cloud.yaml").write_text(yaml.safe_dump(config))
+    client_tls = ClientTLS(ca=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key))
+    proc = cloud_process(tmp_path / "cloud.yaml", free_port(), tmp_path / "cloud.log", tls=client_tls).start()
+    try:
+        trusted = ssl.create_default_context(cafile=str(pki.ca))
+        trusted.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        r = httpx.get(f"https://127.0.0.1:{http_port}/v2/models/tiny", verify=trusted, timeout=30)
+        assert r.status_code == 200 and r.json()["name"] == "tiny"
+        anonymous = ssl.create_default_context(cafile=str(pki.ca))  # no client certificate: refused in the handshake
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"https://127.0.0.1:{http_port}/v2/models/tiny", verify=anonymous, timeout=30).raise_for_status()
+        with pytest.raises(httpx.TransportError):  # and no plaintext on the TLS port
+            httpx.get(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=30)
+    finally:
+        proc.stop()
