@@ -318,3 +318,19 @@ def test_http_uses_the_daemons_mutual_tls(tmp_path: Path) -> None:
             httpx.get(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=30)
     finally:
         proc.stop()
+
+
+def test_the_http_face_starts_without_torch() -> None:
+    # It starts before the models load, like the gRPC port: torch must not delay it.
+    listen = f"127.0.0.1:{free_port()}"
+    check = (
+        "import sys\n"
+        "from cloud_node.config import CloudConfig\n"
+        "from cloud_node.web.server import start_http\n"
+        f"server, _ = start_http(CloudConfig.from_dict({{'http': {{'listen': '{listen}'}}, 'jobs': {{'dir': 'x'}}}}))\n"
+        "server.stop()\n"
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query, Request
@@ -26,8 +26,10 @@ from google.protobuf import json_format
 from protos.cleave.v1 import compression_pb2 as pb
 from protos.errors import InvalidArgument
 
-from ..jobs.store import JobRecord
 from .app import Backends, client_of, read_body
+
+if TYPE_CHECKING:
+    from ..jobs.store import JobRecord
 
 MAX_SPEC_BYTES = 1 << 20
 

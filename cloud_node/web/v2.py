@@ -15,7 +15,7 @@ the same header.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -25,8 +25,12 @@ from starlette.concurrency import run_in_threadpool
 from protos.errors import InvalidArgument
 
 from .. import __version__
-from ..openinference import DATATYPES, InferRequest, InferResult, InputTensor, RequestedOutput
 from .app import Backends, read_body
+
+# cloud_node.openinference (and torch) load with the models, after the ports listen: imported in
+# the functions that use it, which run only once a request arrives.
+if TYPE_CHECKING:
+    from ..openinference import InferRequest, InferResult
 
 HEADER_LENGTH = "inference-header-content-length"
 SERVER_NAME = "cleave"
@@ -35,6 +39,8 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_
 
 def parse_infer(body: bytes, header_length: str | None, model: str, version: str) -> tuple[InferRequest, dict]:
     """The plain request an HTTP infer body carries, and its JSON (the output choices)."""
+    from ..openinference import DATATYPES, InferRequest, InputTensor, RequestedOutput
+
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
             raise InvalidArgument(
