@@ -8,11 +8,13 @@ names clash with Cleave's own. Plain HTTP checks use httpx here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -334,3 +336,68 @@ def test_the_http_face_starts_without_torch() -> None:
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+class _Jobs:
+    """A job manager whose one job never ends: its event streams stay open until the client goes."""
+
+    def __init__(self) -> None:
+        from cloud_node.jobs.store import JobRecord
+
+        self.job = JobRecord("j1", "RUNNING", b"", "prune_cnn", progress=0.5)
+
+    def get(self, job_id: str) -> Any:
+        return self.job
+
+    def watch(self, job_id: str, active: Any) -> Iterator[Any]:
+        yield self.job
+        while active():
+            time.sleep(0.05)
+
+
+def test_http_admission_limits_streams_per_client(tmp_path: Path) -> None:
+    from cloud_node.web.app import Backends, build_app
+    from cloud_node.web.server import HttpServer
+    from protos.admission import ServingLimits
+    from protos.security import ServerTLS, TokenSet
+
+    backends = Backends(jobs=_Jobs())  # type: ignore[arg-type]
+    limits = ServingLimits(max_concurrent_rpcs=8, max_streams=3, max_streams_per_client=2)
+    app = build_app(backends, tokens=TokenSet(["a", "b"]), limits=limits, jobs_enabled=True)
+    server = HttpServer(app, "127.0.0.1", free_port(), ServerTLS())
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c, contextlib.ExitStack() as open_streams:
+            lines: list[Iterator[str]] = []
+
+            def stream(token: str) -> httpx.Response:
+                r = open_streams.enter_context(
+                    c.stream("GET", "/api/v1/jobs/j1/events", headers={"Authorization": f"Bearer {token}"})
+                )
+                if r.status_code == 200:
+                    lines.append(r.iter_lines())  # kept: a dropped iterator closes its response
+                    assert next(lines[-1]) == "event: job"
+                else:
+                    r.read()
+                return r
+
+            assert stream("a").status_code == 200 and stream("a").status_code == 200
+            refused = stream("a")
+            assert refused.status_code == 429 and "limits.max_streams_per_client 2" in refused.json()["error"]
+            assert stream("b").status_code == 200  # another client still gets one...
+            refused = stream("b")  # ...up to the daemon's total
+            assert refused.status_code == 429 and "limits.max_streams 3" in refused.json()["error"]
+            assert c.get("/v2/health/live").status_code == 200  # health answers even when all are busy
+            assert c.get("/api/v1/jobs/j1", headers={"Authorization": "Bearer b"}).json()["state"] == "RUNNING"
+        # The clients went away: the server notices, ends their watches and frees their slots.
+        deadline = time.monotonic() + 10
+        status = 0
+        while status != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with (
+                httpx.Client(base_url=server.url, timeout=30) as c,
+                c.stream("GET", "/api/v1/jobs/j1/events", headers={"Authorization": "Bearer a"}) as r,
+            ):
+                status = r.status_code
+        assert status == 200
+    finally:
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from protos.admission import ServingLimits
 from protos.errors import ResourceExhausted, Unavailable, WireError
 from protos.security import TokenSet
 
@@ -78,13 +80,13 @@ class Backends:
 
     def need_jobs(self, enabled: bool) -> JobManager:
         if not enabled:
-            raise WireErrorUnimplemented(self.jobs_off)
+            raise Unimplemented(self.jobs_off)
         if self.jobs is None:
             raise Unavailable("the cloud is starting its job manager; retry in a moment")
         return self.jobs
 
 
-class WireErrorUnimplemented(WireError):
+class Unimplemented(WireError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -138,6 +140,64 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
+class Admission:
+    """ASGI middleware: the gRPC port's call limits (``limits:``) for HTTP requests.
+
+    At most ``max_concurrent_rpcs`` requests in progress, of which at most ``max_streams`` long
+    ones (server-sent events, uploads), ``max_streams_per_client`` per client; past a limit the
+    request answers 429 naming it. Health passes always. The counters belong to the server's event
+    loop thread (the only one that runs this), so they need no lock.
+    """
+
+    OPEN = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limits: ServingLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self.calls = 0
+        self.streams: collections.Counter[str] = collections.Counter()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        long = path.endswith("/events") or path == "/api/v1/uploads"
+        who = _client_key(scope) if long else ""
+        refusal = None
+        if self.calls >= self.limits.max_concurrent_rpcs:
+            refusal = f"calls: {self.calls} in progress (limits.max_concurrent_rpcs {self.limits.max_concurrent_rpcs})"
+        elif long and sum(self.streams.values()) >= self.limits.max_streams:
+            refusal = f"streams: {sum(self.streams.values())} open (limits.max_streams {self.limits.max_streams})"
+        elif long and self.streams[who] >= self.limits.max_streams_per_client:
+            refusal = (
+                f"streams: this client has {self.streams[who]} open "
+                f"(limits.max_streams_per_client {self.limits.max_streams_per_client})"
+            )
+        if refusal is not None:
+            await error_response(429, refusal)(scope, receive, send)
+            return
+        self.calls += 1
+        if long:
+            self.streams[who] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.calls -= 1
+            if long:
+                self.streams[who] -= 1
+                if not self.streams[who]:
+                    del self.streams[who]
+
+
+def _client_key(scope: dict) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == b"authorization":
+            return "token:" + hashlib.sha256(value).hexdigest()[:16]
+    client = scope.get("client")
+    return "peer:" + (client[0] if client else "")
+
+
 async def read_body(request: Request, limit: int, what: str) -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or received)."""
     declared = request.headers.get("content-length")
@@ -157,6 +217,7 @@ def build_app(
     backends: Backends,
     *,
     tokens: TokenSet | None = None,
+    limits: ServingLimits | None = None,
     jobs_enabled: bool = False,
     title: str = "Cleave cloud",
 ) -> Any:
@@ -191,6 +252,9 @@ def build_app(
     app.include_router(v2.router(backends))
     app.include_router(jobs.router(backends, jobs_enabled))
     app.include_router(console.router(backends, jobs_enabled))
+    # The last added runs first: auth, then admission (a refused caller takes no slot).
+    if limits is not None:
+        app.add_middleware(Admission, limits=limits)
     if tokens is not None:
         app.add_middleware(BearerAuth, tokens=tokens)
     return app

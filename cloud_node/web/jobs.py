@@ -154,7 +154,8 @@ def router(backends: Backends, enabled: bool) -> APIRouter:
         async def stream() -> AsyncIterator[bytes]:
             try:
                 while True:
-                    job = await anyio.to_thread.run_sync(next, watch, None)
+                    # Abandoned on cancel (the client went): the finally below then ends the watch.
+                    job = await anyio.to_thread.run_sync(next, watch, None, abandon_on_cancel=True)
                     if job is None:
                         return
                     yield f"event: job\ndata: {json.dumps(job_json(job))}\n\n".encode()

@@ -119,7 +119,7 @@ def start_http(config: CloudConfig) -> tuple[HttpServer, Backends] | None:
         raise ValueError(f"http.listen: {needs}: {exc}") from exc
     backends = Backends()
     tokens = config.auth.load() if config.auth.enabled else None
-    app = build_app(backends, tokens=tokens, jobs_enabled=bool(config.jobs.dir))
+    app = build_app(backends, tokens=tokens, limits=config.limits, jobs_enabled=bool(config.jobs.dir))
     server = serve_http(config.http, app, tls=config.tls, allow_insecure_public=config.allow_insecure_public)
     assert server is not None
     return server, backends
