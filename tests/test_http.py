@@ -186,6 +186,8 @@ def test_plain_http_errors_and_limits(cloud: tuple[DaemonProcess, str]) -> None:
         assert r.status_code == 400 and "not JSON" in r.json()["error"]
         r = c.post("/v2/models/tiny/infer", content=b"x" * (1 << 21))  # over limits.max_message_bytes
         assert r.status_code == 413 and "limits.max_message_bytes" in r.json()["error"]
+        r = c.get("/api/v1/jobs")  # this cloud hosts no Compression service
+        assert r.status_code == 501 and "--jobs-dir" in r.json()["error"]
         r = c.get("/v2/models/tiny/versions/2")
         assert r.status_code == 404 and "no version '2'" in r.json()["error"]
         # Binary data, as curl sends it: JSON header, then raw little-endian bytes.
@@ -399,5 +401,23 @@ def test_http_admission_limits_streams_per_client(tmp_path: Path) -> None:
             ):
                 status = r.status_code
         assert status == 200
+    finally:
+        server.stop()
+
+
+def test_http_answers_503_until_the_models_are_loaded() -> None:
+    from cloud_node.web.app import Backends, build_app
+    from cloud_node.web.server import HttpServer
+    from protos.security import ServerTLS
+
+    server = HttpServer(build_app(Backends(), jobs_enabled=True), "127.0.0.1", free_port(), ServerTLS())
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert c.get("/v2/health/live").status_code == 200
+            r = c.get("/v2/health/ready")
+            assert r.status_code == 503 and "loading its models" in r.json()["error"]
+            assert c.post("/v2/models/tiny/infer", json={"inputs": []}).status_code == 503
+            assert c.get("/api/v1/jobs").status_code == 503
+            assert c.get("/api/v1/console/state").json()["ready"] is False
     finally:
         server.stop()
