@@ -95,7 +95,8 @@ class Session:
     requests: int = 0
     last_used: float = field(default_factory=time.monotonic)
     runner: DirectRunner | DynamicBatcher | None = None
-    # (unix time, queue, decode, compute, encode ms) of the latest requests, for the web console.
+    # For the web console: written by the thread running this session's requests, read (copied) by
+    # the HTTP face's; (unix time, queue, decode, compute, encode ms) of the latest requests.
     timings: deque = field(default_factory=lambda: deque(maxlen=120))
     features: str = ""  # how the edge encodes its features (its plan's bits and codec), from the latest request
     feature_bytes: int = 0  # their bytes on the wire, latest request
