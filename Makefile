@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements/dev.txt
 PYTEST := $(PY) -m pytest -q
-EXTRAS := --extra dev --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
+EXTRAS := --extra dev --extra http --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
 
-.PHONY: demo test test-fast test-integration lint docs protos bench lock clean
+.PHONY: demo test test-fast test-integration lint docs protos bench lock clean browser
 
 $(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +20,26 @@ $(STAMP): $(LOCK) pyproject.toml
 demo: $(STAMP)
 	$(PY) -m cleave_cli.demo
 
+# Debian's headless Chromium and its driver, for the web console's browser test (tests/test_console.py).
+# Needs root; elsewhere it says why and the test skips with the same hint.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "browser: $$(chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y chromium chromium-driver || { apt-get update && apt-get install -y chromium chromium-driver; }; \
+	else \
+		echo "browser: not root, so chromium is not installed: tests/test_console.py will skip (run 'sudo make browser')"; \
+	fi
+
 # Everything: unit, integration (real daemons), root (namespaces, tc, cgroups) and slow tests.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PYTEST)
 
 # Unit tests only: no daemons, no root, no training (under 2 minutes on 2 cores).
 test-fast: $(STAMP)
 	$(PYTEST) -m unit
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) browser
 	$(PYTEST) -m "not unit"
 
 lint: $(STAMP)

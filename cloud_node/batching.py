@@ -320,6 +320,10 @@ class Batchers:
         self._batchers: dict[BatchKey, DynamicBatcher] = {}
         self._lock = threading.Lock()
 
+    def settings(self, model: str) -> BatchSettings:
+        """The batching settings ``model`` runs with."""
+        return self._settings_for(model)
+
     def add_listener(self, on_batch: BatchCallback) -> None:
         """Also call ``on_batch`` after every batch (metrics hook up here)."""
         self._listeners.append(on_batch)

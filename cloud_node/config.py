@@ -188,6 +188,37 @@ class BatchingConfig(BatchSettings):
 
 
 @dataclass
+class HttpConfig:
+    """``http:`` in ``cloud.yaml``: the HTTP face (KServe v2, the jobs REST API, the console).
+
+    ``listen``: ``host:port``, or a bare port (bound on 127.0.0.1). Empty: off (the default). It
+    uses the daemon's ``tls:`` and ``auth:`` settings, like the gRPC port; a non-loopback address
+    without TLS needs ``allow_insecure_public: true``.
+    """
+
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        self.address()  # a typo fails at start, naming the key
+
+    @property
+    def enabled(self) -> bool:
+        return self.address() is not None
+
+    def address(self) -> tuple[str, int] | None:
+        text = str(self.listen or "").strip()
+        if not text:
+            return None
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = "127.0.0.1", text
+        host = host.strip("[]")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+            raise ValueError(f"http.listen: {text!r} is not host:port or a port in 1..65535")
+        return host, int(port_text)
+
+
+@dataclass
 class CloudConfig:
     listen: str = "127.0.0.1:50051"
     models: list[ModelSpec] = field(default_factory=list)
@@ -202,6 +233,7 @@ class CloudConfig:
     auth: ServerAuth = field(default_factory=ServerAuth)  # bearer tokens every RPC but health needs
     log_level: str = "INFO"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus /metrics; off by default
+    http: HttpConfig = field(default_factory=HttpConfig)  # KServe v2 over HTTP, jobs REST API, console; off by default
     # Client pings the server accepts (and the cloud's own channels send): the same on every edge.
     keepalive: Keepalive = field(default_factory=Keepalive)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from protos.errors import maps_errors
 from protos.kserve.v2 import grpc_predict_v2_pb2 as pb
@@ -119,3 +120,23 @@ class KServeServicer:
     @maps_errors
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         return to_response(self.backend.infer(to_request(request)))
+
+    # Triton's read-only extensions: the same JSON objects the HTTP face sends, parsed into messages.
+
+    @maps_errors
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
+        config = self.backend.config(request.name, request.version)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+    @maps_errors
+    def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        return json_format.ParseDict({"models": self.backend.repository_index()}, pb.RepositoryIndexResponse())
+
+    @maps_errors
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        stats = self.backend.model_statistics(request.name, request.version)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())

@@ -19,7 +19,8 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from protos.serving import Daemon, Service, ServiceOff
 
-from .config import CloudConfig
+from .config import CloudConfig, HttpConfig
+from .web.server import start_http
 
 # Torch and the models come in with load_services, after the daemon listens (health NOT_SERVING).
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     p.add_argument("--jobs-dir", help="host the Compression service with its job store here")
     p.add_argument("--metrics", metavar="[HOST:]PORT", help="serve Prometheus /metrics here (a port: on 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="serve KServe v2 over HTTP, the jobs REST API and the console here")
     p.add_argument("--max-batch-size", type=int, help="batch concurrent requests up to this many rows (1: off)")
     p.add_argument("--max-queue-delay-ms", type=float, help="how long a request may wait for a batch to fill")
     return p.parse_args(argv)
@@ -83,6 +85,8 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         config.jobs.dir = args.jobs_dir
     if args.metrics is not None:
         config.metrics = MetricsConfig(args.metrics)
+    if args.http_port:
+        config.http = HttpConfig(f"127.0.0.1:{args.http_port}")
     if args.max_batch_size is not None:
         config.batching.enabled = args.max_batch_size > 1
         config.batching.max_batch_size = max(args.max_batch_size, 1)
@@ -186,15 +190,22 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = serve_metrics(config.metrics.listen, registry, allow_insecure_public=config.allow_insecure_public)
         # Listen first (health NOT_SERVING), then load the models: a client can wait for SERVING.
         daemon = new_daemon(config, [Service(None, d) for d in hosted(config)], registry)
+        http = start_http(config)  # its own thread and event loop; see cloud_node/web
     except (OSError, ValueError) as exc:
         print(f"cleave-cloud: {exc}", file=sys.stderr)
+        if endpoint is not None:
+            endpoint.stop()
         return 1
 
     def load() -> None:
         for service in load_services(config, registry):
             daemon.attach(service)
+            if http is not None:
+                http[1].attach(service.servicer)
 
     def on_stop() -> None:
+        if http is not None:
+            http[0].stop()
         close_services(daemon)
         if endpoint is not None:
             endpoint.stop()
@@ -203,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         daemon.run_until_signal(on_stop=on_stop, load=load)
     except (OSError, ValueError) as exc:
         print(f"cleave-cloud: {exc}", file=sys.stderr)
+        if http is not None:
+            http[0].stop()
         if endpoint is not None:
             endpoint.stop()
         return 1

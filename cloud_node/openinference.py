@@ -18,11 +18,16 @@ Protocol choices, as Triton's and KServe's clients expect them:
 - Outputs come back as ``raw_output_contents`` when the request sent raw inputs (tritonclient
   reads only those) and as typed contents otherwise; a requested output's ``binary_data``
   parameter overrides that.
+- Triton's read-only extensions come as the plain JSON objects of Triton's HTTP API (model
+  configuration, repository index, statistics); the gRPC face parses the same objects into its
+  messages, so both faces answer alike.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,7 +38,7 @@ from partitioner.loaded import LoadedModel, as_tensor_list
 from protos.errors import InvalidArgument, NotFound, ResourceExhausted
 
 from .batching import WHOLE_MODEL, Batchers
-from .config import CloudLimits
+from .config import BatchSettings, CloudLimits
 
 VERSION = "1"
 PLATFORM = "pytorch"
@@ -125,6 +130,55 @@ class InferResult:
     raw: bool  # send the outputs as raw_output_contents (else typed contents)
 
 
+class Statistics:
+    """Per-model inference counts and durations, as Triton's statistics extension reports them.
+
+    Every field is guarded by ``_lock``: handler threads of both faces record concurrently.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, dict[str, int]] = {}
+
+    def record(self, model: str, ok: bool, total_ns: int, infer_ns: int = 0, rows: int = 0) -> None:
+        with self._lock:
+            m = self._models.setdefault(model, dict.fromkeys(_STAT_KEYS, 0))
+            if ok:
+                m["success_count"] += 1
+                m["success_ns"] += total_ns
+                m["infer_ns"] += infer_ns
+                m["input_ns"] += max(total_ns - infer_ns, 0)
+                m["rows"] += rows
+                m["last_inference"] = int(time.time() * 1000)
+            else:
+                m["fail_count"] += 1
+                m["fail_ns"] += total_ns
+
+    def of(self, model: str) -> dict:
+        """Triton's ``ModelStatistics`` JSON for ``model``."""
+        with self._lock:
+            m = dict(self._models.get(model) or dict.fromkeys(_STAT_KEYS, 0))
+        runs = m["success_count"]
+        return {
+            "name": model,
+            "version": VERSION,
+            "last_inference": m["last_inference"],
+            "inference_count": m["rows"],
+            "execution_count": runs,
+            "inference_stats": {
+                "success": {"count": runs, "ns": m["success_ns"]},
+                "fail": {"count": m["fail_count"], "ns": m["fail_ns"]},
+                "queue": {"count": 0, "ns": 0},
+                "compute_input": {"count": runs, "ns": m["input_ns"]},
+                "compute_infer": {"count": runs, "ns": m["infer_ns"]},
+                "compute_output": {"count": 0, "ns": 0},
+            },
+        }
+
+
+_STAT_KEYS = ("success_count", "success_ns", "fail_count", "fail_ns", "infer_ns", "input_ns", "rows", "last_inference")
+
+
 class OpenInference:
     """The Open Inference Protocol over ``models``, within ``limits``.
 
@@ -147,6 +201,7 @@ class OpenInference:
         self.names = list(names)
         self.limits = limits
         self.batchers = batchers
+        self.statistics = Statistics()
 
     def model(self, name: str, version: str = "") -> LoadedModel:
         """The served model ``name`` at ``version`` (empty: the latest); NotFound otherwise."""
@@ -172,24 +227,68 @@ class OpenInference:
         if not request.model_name:
             raise InvalidArgument("model_name: required")
         model = self.model(request.model_name, request.model_version)
+        started = time.perf_counter_ns()
+        try:
+            result, infer_ns, rows = self._infer(model, request)
+        except Exception:
+            self.statistics.record(model.name, False, time.perf_counter_ns() - started)
+            raise
+        self.statistics.record(model.name, True, time.perf_counter_ns() - started, infer_ns, rows)
+        return result
+
+    def _infer(self, model: LoadedModel, request: InferRequest) -> tuple[InferResult, int, int]:
         meta = _describe(model)
         tensor = self._input(model, request)
         selected = self._select_outputs(meta, request.outputs)
         self._check_reply_size(meta, tensor.shape[0])
+        ran = time.perf_counter_ns()
         produced = self.run(model, tensor)
+        infer_ns = time.perf_counter_ns() - ran
         if len(produced) != len(meta.outputs):
             raise RuntimeError(f"model {model.name!r} returned {len(produced)} tensors, expected {len(meta.outputs)}")
         outputs = []
         for index in selected:
             data = produced[index].detach().to(torch.float32).contiguous().numpy()
             outputs.append(OutputTensor(meta.outputs[index].name, OUTPUT_DATATYPE, tuple(data.shape), data))
-        return InferResult(
+        result = InferResult(
             model_name=model.name,
             model_version=VERSION,
             id=request.id,
             outputs=outputs,
             raw=_reply_raw(request),
         )
+        return result, infer_ns, int(tensor.shape[0])
+
+    # Triton's read-only extensions, as Triton's HTTP API writes them.
+
+    def config(self, name: str, version: str = "") -> dict:
+        """Triton's ``ModelConfig`` JSON: dims without the batch dimension, ``max_batch_size`` the limit."""
+        model = self.model(name, version)
+        meta = _describe(model)
+        config: dict = {
+            "name": model.name,
+            "platform": PLATFORM,
+            "backend": PLATFORM,
+            "max_batch_size": self.limits.batch_limit(model.name),
+            "input": [_config_tensor(t) for t in meta.inputs],
+            "output": [_config_tensor(t) for t in meta.outputs],
+        }
+        settings = self.batchers.settings(model.name) if self.batchers is not None else BatchSettings()
+        if settings.active:
+            config["dynamic_batching"] = {
+                "preferred_batch_size": list(settings.preferred_batch_sizes),
+                "max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000),
+            }
+        return config
+
+    def repository_index(self) -> list[dict]:
+        """Triton's repository index: every served model, READY (all are loaded before serving)."""
+        return [{"name": name, "version": VERSION, "state": "READY", "reason": ""} for name in self.names]
+
+    def model_statistics(self, name: str = "", version: str = "") -> dict:
+        """Triton's statistics JSON for ``name`` (empty: every served model)."""
+        names = [self.model(name, version).name] if name else self.names
+        return {"model_stats": [self.statistics.of(n) for n in names]}
 
     def run(self, model: LoadedModel, tensor: torch.Tensor) -> list[torch.Tensor]:
         """The one place the model runs: the whole model on one input batch, batched with others' when on."""
@@ -330,6 +429,11 @@ def _describe(model: LoadedModel) -> ModelMetadata:
         inputs=(TensorMetadata(INPUT_NAME, "FP32", (-1, *model.input_shape[1:])),),
         outputs=outputs,
     )
+
+
+def _config_tensor(t: TensorMetadata) -> dict:
+    """A tensor as Triton's model configuration lists it: no batch dimension (max_batch_size has it)."""
+    return {"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": list(t.shape[1:])}
 
 
 def _output_name(index: int, count: int) -> str:

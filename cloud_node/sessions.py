@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,11 @@ class Session:
     requests: int = 0
     last_used: float = field(default_factory=time.monotonic)
     runner: DirectRunner | DynamicBatcher | None = None
+    # For the web console: written by the thread running this session's requests, read (copied) by
+    # the HTTP face's; (unix time, queue, decode, compute, encode ms) of the latest requests.
+    timings: deque = field(default_factory=lambda: deque(maxlen=120))
+    features: str = ""  # how the edge encodes its features (its plan's bits and codec), from the latest request
+    feature_bytes: int = 0  # their bytes on the wire, latest request
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -130,6 +136,13 @@ class Session:
             compute_ms=max((t2 - t1) * 1e3 - result.queue_ms, 0.0),
             encode_ms=(t3 - t2) * 1e3,
         )
+        first = features[0] if features else None
+        if first is not None:
+            bits = f"{first.bits}-bit " if first.encoding == tensor_pb2.AFFINE else ""
+            codec = tensor_pb2.Codec.Name(first.codec) if first.codec else "NONE"
+            self.features = f"{bits}{tensor_pb2.Encoding.Name(first.encoding)} + {codec}"
+        self.feature_bytes = sum(f.payload_size or len(f.payload) for f in features)
+        self.timings.append((time.time(), timing.queue_ms, timing.decode_ms, timing.compute_ms, timing.encode_ms))
         return encoded, timing
 
     def check_header(self, index: int, header: tensor_pb2.Tensor) -> None:
@@ -263,6 +276,11 @@ class SessionManager:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def snapshot(self) -> list[Session]:
+        """The open sessions now (for the web console)."""
+        with self._lock:
+            return list(self._sessions.values())
 
     def _expire_idle(self) -> None:
         now = time.monotonic()

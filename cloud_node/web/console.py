@@ -1,0 +1,85 @@
+"""The web console: one static page (``console.html``, plain JS, no build step) and the state it shows.
+
+The page itself holds no data and needs no token; everything it shows comes from the JSON API
+below and the jobs API, fetched with the token the user types (kept in the tab's
+``sessionStorage``, sent as ``Authorization: Bearer``). It polls once a second.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+from .app import Backends
+
+PAGE = Path(__file__).with_name("console.html")
+
+
+def models_json(backends: Backends) -> list[dict[str, Any]]:
+    """Served models, their cuts and their whole-model statistics."""
+    sessions = backends.sessions
+    if sessions is None:
+        return []
+    stats = backends.inference.statistics if backends.inference is not None else None
+    out = []
+    for name, model in sessions.registry.models.items():
+        out.append(
+            {
+                "name": name,
+                "fingerprint": model.fingerprint,
+                "input_shape": list(model.input_shape),
+                "cuts": [{"index": c.index, "name": c.name, "nbytes": c.nbytes} for c in model.graph.cuts],
+                "statistics": stats.of(name) if stats is not None else None,
+            }
+        )
+    return out
+
+
+def sessions_json(backends: Backends) -> list[dict[str, Any]]:
+    """Connected edges: their plan (model, cut, feature encoding) and the cloud's measured stages."""
+    if backends.sessions is None:
+        return []
+    now = time.monotonic()
+    out = []
+    for s in backends.sessions.snapshot():
+        timings = list(s.timings)
+        stages = ("queue_ms", "decode_ms", "compute_ms", "encode_ms")
+        mean = {k: sum(t[i + 1] for t in timings) / len(timings) for i, k in enumerate(stages)} if timings else {}
+        out.append(
+            {
+                "id": s.id[:8],
+                "client": s.client,
+                "model": s.model.name,
+                "cut": {"index": s.cut.index, "name": s.cut.name, "nbytes": s.cut.nbytes},
+                "features": s.features,
+                "feature_bytes": s.feature_bytes,
+                "requests": s.requests,
+                "idle_s": round(now - s.last_used, 1),
+                "cloud_ms_mean": mean,
+                "cloud_ms_history": [[round(v, 3) for v in t] for t in timings[-60:]],
+            }
+        )
+    return out
+
+
+def router(backends: Backends, jobs_enabled: bool) -> APIRouter:
+    r = APIRouter(tags=["Console"])
+
+    @r.get("/", response_class=HTMLResponse, summary="The web console (asks for a token when auth is on)")
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(), headers={"Cache-Control": "no-store"})
+
+    @r.get("/api/v1/console/state", summary="What the console shows: models and cuts, connected edges")
+    async def state() -> dict:
+        return {
+            "ready": backends.inference is not None,
+            "jobs_enabled": jobs_enabled,
+            "models": models_json(backends),
+            "sessions": sessions_json(backends),
+        }
+
+    return r
