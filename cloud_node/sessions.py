@@ -91,9 +91,10 @@ class Session:
     client: str = ""
     owner: str = ""  # who opened it, for per-client quotas (a token digest or a peer address)
     max_batch: int = 8
-    requests: int = 0
+    requests: int = 0  # under _lock: a client may run one session on several streams
     last_used: float = field(default_factory=time.monotonic)
     runner: DirectRunner | DynamicBatcher | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -123,7 +124,8 @@ class Session:
         t2 = time.perf_counter()
         encoded = [encode(o, self.result_spec) for o in result.outputs]
         t3 = time.perf_counter()
-        self.requests += 1
+        with self._lock:
+            self.requests += 1
         timing = si_pb2.CloudTiming(
             queue_ms=result.queue_ms,
             decode_ms=(t1 - t0) * 1e3,
