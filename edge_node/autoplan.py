@@ -114,9 +114,11 @@ class AutoPlanner:
 
     @property
     def enabled(self) -> bool:
-        """Whether the planner keeps the plan (False after a manual pin, until the next re-plan)."""
-        with self._lock:
-            return self._enabled
+        """Whether the planner keeps the plan (False after a manual pin, until the next re-plan).
+
+        Read without the lock (a snapshot, for status): the lock is held through a whole pin, and
+        :meth:`apply` re-checks the flag under it before pinning."""
+        return self._enabled
 
     def start(self) -> None:
         self.runtime.counters.subscribe(self._observe)

@@ -161,8 +161,9 @@ class Counters:
 class Inflight:
     """Requests running now, in total (at most ``limit``) and per cut of the plan each took.
 
-    Shared by the runtime (request threads enter and leave) and the cloud link (its drain threads
-    ask :meth:`in_use` before closing a replaced stream); every count under one lock.
+    Shared by the runtime (request threads enter and leave; a pin says which cut is in force) and
+    the cloud link (its drain threads ask :meth:`in_use` before closing a replaced stream); every
+    count under one lock.
     """
 
     def __init__(self, limit: int = 64) -> None:
@@ -171,6 +172,7 @@ class Inflight:
         self.limit = limit
         self._count = 0
         self._cuts: Counter[int | None] = Counter()
+        self._in_force: int | None = None  # the cut of the plan in force (None: edge-only or none yet)
         self._lock = threading.Lock()
 
     @property
@@ -191,10 +193,19 @@ class Inflight:
             self._count -= 1
             self._cuts[cut_index] -= 1
 
-    def in_use(self, cut_index: int) -> bool:
-        """Whether a running request took a plan at ``cut_index``."""
+    def switched(self, cut_index: int | None) -> None:
+        """The plan in force now sends at ``cut_index`` (None: sends nothing)."""
         with self._lock:
-            return self._cuts[cut_index] > 0
+            self._in_force = cut_index
+
+    def in_use(self, cut_index: int) -> bool:
+        """Whether a running request took a plan at ``cut_index``, or the plan in force is at it.
+
+        The second half covers the moment of a switch: the new session is open, the old plan still in
+        force and requests still taking it; its stream must not close before the switch is done.
+        """
+        with self._lock:
+            return self._cuts[cut_index] > 0 or self._in_force == cut_index
 
 
 class BuildOnce(Generic[T]):
@@ -287,16 +298,19 @@ class EdgeRuntime:
         ``weight_bits``: the head's weight bits, for every layer (an int) or per layer (a dict;
         unnamed layers float); None uses the runtime's default. 32 is the float head.
 
-        Raises InvalidArgument naming ``placement``, ``cut`` or ``weight_bits``. Thread-safe: pins
-        are serialised, so the last one to return is the plan in force.
+        Raises InvalidArgument naming ``placement``, ``cut`` or ``weight_bits``. Thread-safe: the
+        switches are serialised (the last pin to take the lock is the plan in force); building the
+        plan is not, and concurrent pins of one quantized head wait for a single build.
         """
+        # Built outside the lock (a quantized head takes a while): pins racing for one share the build.
+        plan = self._make_plan(placement, cut, spec or EncodingSpec(), reason)
+        plan = replace(plan, predicted=predicted, objective=objective)
+        plan = self._quantize_head(plan, self.head_bits if weight_bits is None else weight_bits)
         with self._pin_lock:
-            plan = self._make_plan(placement, cut, spec or EncodingSpec(), reason)
-            plan = replace(plan, predicted=predicted, objective=objective)
-            plan = self._quantize_head(plan, self.head_bits if weight_bits is None else weight_bits)
             # Open the new session before switching, so requests keep going to the cloud meanwhile.
             self.link.want(plan.cut_index)
             self._plan = plan
+            self.inflight_requests.switched(plan.cut_index)
             self.counters.add("plan_switches")
         log.info("plan: %s, %s (%s)", _where(plan), plan.spec, reason)
         return plan
@@ -365,8 +379,12 @@ class EdgeRuntime:
     def infer(self, inputs: list[torch.Tensor]) -> Outcome:
         """Run one request under the current plan; never fails because of the cloud."""
         self.check_inputs(inputs)
-        plan = self._plan  # this request's snapshot: a pin meanwhile does not change it
-        self.inflight_requests.enter(plan.cut_index)
+        while True:
+            plan = self._plan  # this request's snapshot: a pin meanwhile does not change it
+            self.inflight_requests.enter(plan.cut_index)
+            if self._plan is plan:
+                break  # counted while its plan was in force: a replaced stream waits for it
+            self.inflight_requests.leave(plan.cut_index)  # a pin came in between: take the new plan
         try:
             outcome = self._run(inputs, plan)
         except Exception:
