@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from partitioner.placement import AUTO, parse_pin
 from partitioner.settings import SettingsError
 from protos import logsafe
 from protos.cleave.v1 import edge_pb2
@@ -103,6 +104,8 @@ def build_config(args: argparse.Namespace, check: bool = True) -> EdgeConfig:
         config.metrics = MetricsConfig(args.metrics)
     if args.log_level:
         config.log_level = args.log_level
+    if config.plan.cut != AUTO:
+        parse_pin(config.plan.cut)  # torch-free: a bad cut spelling fails before the daemon listens
     if check:
         check_encoding(config)
     return config
@@ -155,7 +158,6 @@ class EdgeDaemon:
 
         from compressor import EncodingSpec
         from partitioner.loaded import LoadedModel
-        from partitioner.placement import parse_pin
 
         from .autoplan import AutoPlanner
         from .cloud_link import CloudLink
@@ -187,7 +189,7 @@ class EdgeDaemon:
         self.runtime = EdgeRuntime(self.model, self.link, config.request_timeout_s, inflight, config.head.weight_bits)
         if self.registry is not None:
             EdgeMetrics(self.registry, self.runtime)
-        if config.plan.cut == "auto":
+        if config.plan.cut == AUTO:
             # Until the first plan is made, requests run on the edge.
             self.autoplanner = AutoPlanner(
                 self.model, self.runtime, self.link.stub, self.link.monitor, config.autoplan, config.head.allocate

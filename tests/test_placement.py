@@ -221,3 +221,11 @@ def test_a_manual_pin_comes_after_an_automatic_pin_in_flight() -> None:
     assert pins == ["auto", "manual"] and not auto.enabled
     assert auto.apply(scored, "auto again") is False and pins == ["auto", "manual"]  # planning stays off
     assert auto.apply(scored, "replan", enable=True) is True and pins[-1] == "replan" and auto.enabled
+
+
+def test_the_edge_daemon_refuses_a_bad_cut_before_it_listens() -> None:
+    from edge_node.main import parse_args, settings
+
+    assert settings(parse_args(["--model", "resnet18", "--cut", "edge"])).plan.cut == "edge"
+    with pytest.raises(ValueError, match="cut: -2 is negative"):
+        settings(parse_args(["--model", "resnet18", "--cut=-2"]))
