@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode, encode
+from partitioner.placement import Placement, parse_pin
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
 from protos.security import ClientTLS
 from protos.serving import DEFAULT_MAX_MESSAGE_BYTES, open_channel
@@ -63,15 +64,17 @@ class EdgeClient:
 
     def pin(self, cut: str | int, encoding: str, timeout: float = 30.0) -> edge_pb2.Plan:
         """Pin a cut ("edge", "cloud", a name or an index) and a feature encoding."""
+        placement, key = parse_pin(cut)  # ValueError for "auto" or a negative cut
         plan = edge_pb2.Plan(encoding=EncodingSpec.parse(encoding).to_proto(), reason="pinned by client")
-        if cut == "edge":
-            plan.placement = edge_pb2.EDGE_ONLY
-        elif cut == "cloud":
-            plan.cut_index = 0
-        elif isinstance(cut, int) or str(cut).isdigit():
-            plan.cut_index = int(cut)
-        else:
-            plan.cut_name = str(cut)
+        plan.placement = {
+            Placement.EDGE_ONLY: edge_pb2.EDGE_ONLY,
+            Placement.CLOUD_ONLY: edge_pb2.CLOUD_ONLY,
+            Placement.SPLIT: edge_pb2.SPLIT,
+        }[placement]
+        if isinstance(key, int):
+            plan.cut_index = key
+        elif key is not None:
+            plan.cut_name = key
         return self.stub.Replan(edge_pb2.ReplanRequest(plan=plan), timeout=timeout)
 
     def close(self) -> None:

@@ -125,7 +125,10 @@ def status_table(status: Any, edge: str) -> str:
             f"{c.fallback} fallback, {c.errors} errors",
         ),
         ("traffic", f"{_mb(c.bytes_up)} up, {_mb(c.bytes_down)} down"),
-        ("link events", f"{c.reconnects} reconnects, {c.plan_switches} plan switches"),
+        (
+            "link events",
+            f"{c.sessions_opened} sessions opened, {c.reconnects} reconnects, {c.plan_switches} plan switches",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)

@@ -129,7 +129,11 @@ def _signature(tensors: list[torch.Tensor]) -> tuple[tuple | None, int]:
 
 
 class DynamicBatcher:
-    """Queue and worker thread for one key; see the module docstring for when batches go."""
+    """Queue and worker thread for one key; see the module docstring for when batches go.
+
+    Life cycle: construct, :meth:`start` (the worker thread), :meth:`close`. Callers' threads only
+    append to the queue under ``_cond``; the worker owns everything else (the batch it runs).
+    """
 
     def __init__(
         self,
@@ -150,7 +154,11 @@ class DynamicBatcher:
         self._closed = False
         self._stats = BatchStats()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{key}", daemon=True)
+
+    def start(self) -> DynamicBatcher:
+        """Start the worker thread; returns self. Requests queued before it starts wait for it."""
         self._thread.start()
+        return self
 
     # -- callers -----------------------------------------------------------------------------------
     def submit(self, tensors: Sequence[torch.Tensor]) -> BatchFuture:
@@ -197,7 +205,8 @@ class DynamicBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # -- worker ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -316,9 +325,10 @@ class Batchers:
             fixed = settings_for
             settings_for = lambda _model: fixed  # noqa: E731
         self._settings_for = settings_for
-        self._listeners: list[BatchCallback] = [on_batch] if on_batch else []
+        # Replaced, never mutated, under _lock: the worker threads iterate a snapshot.
+        self._listeners: tuple[BatchCallback, ...] = (on_batch,) if on_batch else ()
         self._batchers: dict[BatchKey, DynamicBatcher] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _batchers and _listeners
 
     def settings(self, model: str) -> BatchSettings:
         """The batching settings ``model`` runs with."""
@@ -326,7 +336,8 @@ class Batchers:
 
     def add_listener(self, on_batch: BatchCallback) -> None:
         """Also call ``on_batch`` after every batch (metrics hook up here)."""
-        self._listeners.append(on_batch)
+        with self._lock:
+            self._listeners = (*self._listeners, on_batch)
 
     def runner(self, model: str, part: int | str, fn: Callable[..., Any]) -> DirectRunner | DynamicBatcher:
         """What runs ``fn`` (model ``model``'s ``part``) for a caller: shared batcher, or a direct call."""
@@ -337,7 +348,7 @@ class Batchers:
         with self._lock:
             batcher = self._batchers.get(key)
             if batcher is None:
-                batcher = self._batchers[key] = DynamicBatcher(key, fn, settings, self._notify)
+                batcher = self._batchers[key] = DynamicBatcher(key, fn, settings, self._notify).start()
                 log.info(
                     "batching %s: max %d rows, preferred %s, delay %.1f ms",
                     key,
@@ -353,10 +364,14 @@ class Batchers:
 
     def queue_depth(self, model: str | None = None) -> int:
         """Requests waiting in every batcher (of ``model`` only, when given)."""
-        return sum(b.queue_depth() for k, b in list(self._batchers.items()) if model is None or k.model == model)
+        with self._lock:
+            batchers = list(self._batchers.items())
+        return sum(b.queue_depth() for k, b in batchers if model is None or k.model == model)
 
     def stats(self) -> dict[BatchKey, BatchStats]:
-        return {k: b.stats() for k, b in list(self._batchers.items())}
+        with self._lock:
+            batchers = list(self._batchers.items())
+        return {k: b.stats() for k, b in batchers}
 
     def close(self) -> None:
         with self._lock:
@@ -365,7 +380,7 @@ class Batchers:
             batcher.close()
 
     def _notify(self, key: Hashable, size: int, wait_ms: float, run_ms: float) -> None:
-        for listener in self._listeners:
+        for listener in self._listeners:  # a snapshot: add_listener replaces the tuple
             try:
                 listener(key, size, wait_ms, run_ms)
             except Exception:  # noqa: BLE001 - one broken hook must not hide the batch from the others

@@ -92,14 +92,15 @@ class Session:
     client: str = ""
     owner: str = ""  # who opened it, for per-client quotas (a token digest or a peer address)
     max_batch: int = 8
-    requests: int = 0
+    requests: int = 0  # under _lock: a client may run one session on several streams
     last_used: float = field(default_factory=time.monotonic)
     runner: DirectRunner | DynamicBatcher | None = None
-    # For the web console: written by the thread running this session's requests, read (copied) by
-    # the HTTP face's; (unix time, queue, decode, compute, encode ms) of the latest requests.
+    # For the web console, under _lock (several streams may run one session): written by the threads
+    # running its requests, copied by recent(); (unix time, queue, decode, compute, encode ms) of the latest.
     timings: deque = field(default_factory=lambda: deque(maxlen=120))
     features: str = ""  # how the edge encodes its features (its plan's bits and codec), from the latest request
     feature_bytes: int = 0  # their bytes on the wire, latest request
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -129,7 +130,6 @@ class Session:
         t2 = time.perf_counter()
         encoded = [encode(o, self.result_spec) for o in result.outputs]
         t3 = time.perf_counter()
-        self.requests += 1
         timing = si_pb2.CloudTiming(
             queue_ms=result.queue_ms,
             decode_ms=(t1 - t0) * 1e3,
@@ -137,13 +137,23 @@ class Session:
             encode_ms=(t3 - t2) * 1e3,
         )
         first = features[0] if features else None
+        described = ""
         if first is not None:
             bits = f"{first.bits}-bit " if first.encoding == tensor_pb2.AFFINE else ""
             codec = tensor_pb2.Codec.Name(first.codec) if first.codec else "NONE"
-            self.features = f"{bits}{tensor_pb2.Encoding.Name(first.encoding)} + {codec}"
-        self.feature_bytes = sum(f.payload_size or len(f.payload) for f in features)
-        self.timings.append((time.time(), timing.queue_ms, timing.decode_ms, timing.compute_ms, timing.encode_ms))
+            described = f"{bits}{tensor_pb2.Encoding.Name(first.encoding)} + {codec}"
+        sent = sum(f.payload_size or len(f.payload) for f in features)
+        with self._lock:
+            self.requests += 1
+            self.features = described or self.features
+            self.feature_bytes = sent
+            self.timings.append((time.time(), timing.queue_ms, timing.decode_ms, timing.compute_ms, timing.encode_ms))
         return encoded, timing
+
+    def recent(self) -> tuple[int, str, int, list[tuple[float, ...]]]:
+        """A consistent copy of (requests, feature encoding, feature bytes, timings) for the console."""
+        with self._lock:
+            return self.requests, self.features, self.feature_bytes, list(self.timings)
 
     def check_header(self, index: int, header: tensor_pb2.Tensor) -> None:
         """Refuse feature ``index`` from its header alone; allocates nothing.

@@ -6,21 +6,35 @@ then requests run on the edge). Afterwards it re-evaluates every ``check_interva
 link estimate (live traffic, or an active probe when traffic says nothing) and switches only when
 :class:`~partitioner.planner.SwitchPolicy` agrees, so the plan does not flap. Switching never drops a
 request: the runtime opens the new session first and each request finishes under its own plan.
+
+Threads (see docs/threads.md): the planning thread (``autoplan``) owns the planner, the current
+choice and the switch policy; nothing else touches them. Other threads talk to it through its inbox:
+served requests post what they measured (:meth:`AutoPlanner._observe`, a non-blocking put; when the
+inbox is full an observation is dropped, never a request delayed), and ``Edge.Replan`` posts a
+re-plan and waits for its answer. A manual pin turns automatic planning off under ``_lock``, which
+the planning thread also holds while it checks that flag and pins, so a re-plan in flight can never
+undo a manual pin.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import grpc
 
 from compressor import EncodingSpec
 from partitioner.bitalloc import allocate_bits
-from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, SPLIT, Candidate, CostModel, Link
+from partitioner.costmodel import Candidate, CostModel, Link
 from partitioner.loaded import LoadedModel
 from partitioner.photos import calibration_inputs
+from partitioner.placement import Placement
 from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, distortion_meter
 from partitioner.profile import cached_profile, from_proto
 from partitioner.quantized_head import measure_speedups
@@ -31,13 +45,40 @@ from protos.errors import Unavailable
 from .config import AutoPlanSettings
 from .link import LinkMonitor
 from .probe import probe_link
-from .runtime import LOCAL_FALLBACK, EdgeRuntime, Outcome
+from .runtime import EdgeRuntime, Outcome
 
 log = logging.getLogger(__name__)
 
+INBOX_SIZE = 1024  # observations waiting for the planning thread; past this, new ones are dropped
+REPLAN_TIMEOUT_S = 120.0  # how long Edge.Replan waits for the planning thread's answer
+
+
+@dataclass(frozen=True)
+class _Observation:
+    """What one answered request measured, for the planner (posted by the request's thread)."""
+
+    cut_index: int
+    spec: EncodingSpec
+    cloud_compute_ms: float
+    bytes_up: int
+
+
+@dataclass(frozen=True)
+class _Replan:
+    """A re-plan asked for by ``Edge.Replan``; the planning thread answers through ``future``."""
+
+    future: Future
+
+
+_STOP = object()
+
 
 class AutoPlanner:
-    """Keeps the runtime on the best plan for the current link."""
+    """Keeps the runtime on the best plan for the current link.
+
+    Life cycle: construct, :meth:`start` (subscribes to the runtime's outcomes and starts the
+    planning thread), :meth:`close`.
+    """
 
     def __init__(
         self,
@@ -56,39 +97,75 @@ class AutoPlanner:
         self.monitor = monitor
         self.settings = settings
         self.policy = SwitchPolicy(settings.min_gain, settings.min_gain_ms, settings.confirmations)
+        # Owned by the planning thread (set before it starts, or by it).
         self.planner: Planner | None = None
         self.current: Scored | None = None
-        self.enabled = True
-        self.error = "planning has not started"
         self._evidence = -1  # link samples seen at the last check: only new evidence confirms a switch
         # The runtime's (cut, encoding) of each candidate that sends: which candidate a served request was.
-        self._by_plan: dict[tuple[int | str, EncodingSpec], Candidate] = {}
-        self._lock = threading.Lock()
+        self._by_plan: dict[tuple[int, EncodingSpec], Candidate] = {}
+        # Written by the planning thread only; GetStatus reads it.
+        self.error = "planning has not started"
+        self._lock = threading.Lock()  # guards _enabled; held by the planning thread while it pins
+        self._enabled = True
+        self._ready = threading.Event()  # set once the planner exists: requests may post observations
+        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="autoplan", daemon=True)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the planner keeps the plan (False after a manual pin, until the next re-plan).
+
+        Read without the lock (a snapshot, for status): the lock is held through a whole pin, and
+        :meth:`apply` re-checks the flag under it before pinning."""
+        return self._enabled
+
     def start(self) -> None:
-        self.runtime.counters.listeners.append(self._observe)
+        self.runtime.counters.subscribe(self._observe)
         self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the planning thread; a re-plan still waiting is answered Unavailable."""
+        self.runtime.counters.unsubscribe(self._observe)
+        self._stop.set()
+        with contextlib.suppress(queue.Full):  # when full, the thread sees _stop after its next message
+            self._inbox.put_nowait(_STOP)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def use(self, planner: Planner) -> None:
         """Plan with ``planner`` from now on (set once, when profiles and the first probe are in)."""
-        self._by_plan = {runtime_plan(c): c for c in planner.candidates if c.kind != EDGE_ONLY}
+        self._by_plan = {runtime_plan(c)[1:]: c for c in planner.candidates if c.kind != Placement.EDGE_ONLY}
         self.planner = planner
+        self._ready.set()
 
     def _observe(self, outcome: Outcome) -> None:
-        """Every answered request: the cloud's compute time and the bytes sent correct the planner."""
-        planner = self.planner
+        """Every answered request (on its own thread): post what it measured to the planning thread."""
         plan = outcome.plan
-        if planner is None or plan.cut is None or outcome.placement == LOCAL_FALLBACK:
+        if not self._ready.is_set() or plan.cut is None or outcome.placement == Placement.LOCAL_FALLBACK:
             return
-        planner.observe_cloud(plan.cut.index, outcome.timing.cloud_compute_ms)
-        candidate = self._by_plan.get((plan.cut.index, plan.spec))
-        if candidate is not None:  # also under a manual pin: bytes depend on the inputs, not on who chose
-            planner.observe_bytes(candidate, outcome.bytes_up)
+        observation = _Observation(plan.cut.index, plan.spec, outcome.timing.cloud_compute_ms, outcome.bytes_up)
+        try:
+            self._inbox.put_nowait(observation)
+        except queue.Full:
+            log.debug("planner inbox full: dropped an observation")
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _absorb(self, observation: _Observation) -> None:
+        """On the planning thread: the cloud's compute time and the bytes sent correct the planner."""
+        planner = self.planner
+        if planner is None:
+            return
+        planner.observe_cloud(observation.cut_index, observation.cloud_compute_ms)
+        candidate = self._by_plan.get((observation.cut_index, observation.spec))
+        if candidate is not None:  # also under a manual pin: bytes depend on the inputs, not on who chose
+            planner.observe_bytes(candidate, observation.bytes_up)
+
+    def _handle(self, message: object) -> None:
+        """One message from the inbox, on the planning thread."""
+        if isinstance(message, _Observation):
+            self._absorb(message)
+        elif isinstance(message, _Replan):
+            self._serve_replan(message.future)
 
     # -- planning --------------------------------------------------------------------------------
     def prepare(self) -> Planner:
@@ -131,8 +208,12 @@ class AutoPlanner:
             return self.planner.baseline(self.settings.baseline, link)
         return self.planner.best(link)
 
-    def apply(self, scored: Scored, reason: str) -> None:
-        cut, spec = runtime_plan(scored.candidate)
+    def apply(self, scored: Scored, reason: str, enable: bool = False) -> bool:
+        """Pin ``scored`` unless a manual pin turned planning off (``enable``: turn it back on first).
+
+        On the planning thread. Returns whether it pinned.
+        """
+        placement, cut, spec = runtime_plan(scored.candidate)
         if self.planner is not None and self._calib is not None:
             # The plan's accuracy in user terms, in the reason that `cleave status` shows.
             scored = self.planner.with_distortion(scored)
@@ -140,15 +221,23 @@ class AutoPlanner:
                 reason += (
                     f"; top-1 agreement {scored.distortion.top1 * 100:.1f}% on {len(self._calib)} calibration images"
                 )
-        self.runtime.pin(
-            cut,
-            spec,
-            reason=reason,
-            predicted=scored.predicted,
-            objective=self.settings.objective,
-            weight_bits=self.weight_bits_for(scored),
-        )
+        weight_bits = self.weight_bits_for(scored)
+        with self._lock:  # against pin_manually: checking the flag and pinning are one step
+            if enable:
+                self._enabled = True
+            if not self._enabled:
+                return False
+            self.runtime.pin(
+                placement,
+                cut,
+                spec,
+                reason=reason,
+                predicted=scored.predicted,
+                objective=self.settings.objective,
+                weight_bits=weight_bits,
+            )
         self.current = scored
+        return True
 
     def weight_bits_for(self, scored: Scored) -> dict[str, int] | None:
         """Per-layer head weight bits for a split (Auto-Split's allocation), or None for the default.
@@ -157,28 +246,50 @@ class AutoPlanner:
         budget (``max_rel_error`` squared: allocate_bits bounds the relative *squared* error).
         """
         c = scored.candidate
-        if not self.allocate_head_bits or c.kind != SPLIT or self._calib is None:
+        if not self.allocate_head_bits or c.kind != Placement.SPLIT or self._calib is None:
             return None
         s = self.settings
         budget = int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else c.edge_memory
         allocation = allocate_bits(self.model, c.cut_index, self._calib, budget, (s.max_rel_error or 0.05) ** 2)
         return allocation.weight_bits
 
-    def replan(self) -> Scored:
-        """Plan now from a fresh probe, without hysteresis (``Edge.Replan`` with no plan)."""
-        with self._lock:
-            if self.planner is None:
-                raise Unavailable(f"automatic planning is not ready: {self.error}")
-            self.enabled = True
+    def replan(self, timeout: float = REPLAN_TIMEOUT_S) -> Scored:
+        """Plan now from a fresh probe, without hysteresis (``Edge.Replan`` with no plan).
+
+        Called on a gRPC thread: the planning thread does the work, this waits for its answer.
+        """
+        if self._stop.is_set():
+            raise Unavailable("automatic planning has stopped (the edge is shutting down)")
+        if not self._ready.is_set():
+            raise Unavailable(f"automatic planning is not ready: {self.error}")
+        future: Future = Future()
+        try:
+            self._inbox.put(_Replan(future), timeout=timeout)
+            return future.result(timeout)
+        except (queue.Full, FutureTimeout):
+            future.cancel()
+            raise Unavailable(f"re-plan: the planner did not answer within {timeout:.0f} s") from None
+
+    def _serve_replan(self, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up waiting
+        try:
             link = self.measure_link()
             best = self.choose(link)
-            self.apply(best, reason=f"replan requested at {_describe(link)}")
-            return best
+            self.apply(best, reason=f"replan requested at {_describe(link)}", enable=True)
+            self.error = ""
+        except Exception as exc:  # noqa: BLE001 - the Replan caller gets it, the planning thread goes on
+            future.set_exception(exc)
+        else:
+            future.set_result(best)
 
     def pin_manually(self) -> None:
-        """A plan was pinned from outside: stop re-planning until :meth:`replan`."""
+        """A plan is being pinned from outside: stop re-planning until :meth:`replan`.
+
+        Returns after any automatic pin in progress, so the caller's pin comes last.
+        """
         with self._lock:
-            self.enabled = False
+            self._enabled = False
 
     # -- the loop ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -187,47 +298,67 @@ class AutoPlanner:
             try:
                 planner = self.prepare()
                 link = self.measure_link()
-                with self._lock:
-                    self.use(planner)
-                    if self.enabled:
-                        self.apply(self.choose(link), reason=f"planned at {_describe(link)}")
+                self.use(planner)
+                self.apply(self.choose(link), reason=f"planned at {_describe(link)}")
                 self.error = ""
             except (grpc.RpcError, Unavailable, ValueError) as exc:
                 self.error = _message(exc)
                 log.warning("planner not ready (%s); retrying in %.1fs", self.error, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
-        while not self._stop.wait(self.settings.check_interval_s):
-            if not self.enabled:
-                continue
+        interval = self.settings.check_interval_s
+        next_check = time.monotonic() + interval
+        while not self._stop.is_set():
             try:
-                self._check()
-            except (grpc.RpcError, Unavailable) as exc:
-                self.error = _message(exc)  # the cloud is away; the runtime falls back by itself
+                message = self._inbox.get(timeout=max(next_check - time.monotonic(), 0.0))
+            except queue.Empty:
+                message = None
+            if message is _STOP:
+                break
+            self._handle(message)
+            # Checked after every message, so a steady flow of observations cannot starve the checks.
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + interval
+                if self.enabled:
+                    try:
+                        self._check()
+                    except (grpc.RpcError, Unavailable) as exc:
+                        self.error = _message(exc)  # the cloud is away; the runtime falls back by itself
+        self._refuse_waiting()
+
+    def _refuse_waiting(self) -> None:
+        """After the loop: answer the re-plans still in the inbox."""
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Replan) and message.future.set_running_or_notify_cancel():
+                message.future.set_exception(Unavailable("automatic planning has stopped"))
 
     def _check(self) -> None:
         link = self.current_link()
         # New evidence: link samples, or cloud timings that re-scale the cloud's compute.
         samples = self.monitor.snapshot().samples + (self.planner.cloud_observations if self.planner else 0)
-        with self._lock:
-            if not self.enabled or samples == self._evidence:
-                return  # nothing new about the link: re-counting old evidence would defeat hysteresis
-            self._evidence = samples
-            best = self.choose(link)
-            current = self.current.candidate if self.current else None
-            if self.policy.should_switch(self.planner, current, best, link):
-                log.info(
-                    "re-plan at %s: %s -> %s", _describe(link), current.label if current else "-", best.candidate.label
-                )
-                self.apply(best, reason=f"re-planned at {_describe(link)}")
-            self.error = ""
+        if samples == self._evidence:
+            return  # nothing new about the link: re-counting old evidence would defeat hysteresis
+        self._evidence = samples
+        best = self.choose(link)
+        current = self.current.candidate if self.current else None
+        if self.policy.should_switch(self.planner, current, best, link):
+            log.info(
+                "re-plan at %s: %s -> %s", _describe(link), current.label if current else "-", best.candidate.label
+            )
+            self.apply(best, reason=f"re-planned at {_describe(link)}")
+        self.error = ""
 
 
-def runtime_plan(candidate: Candidate) -> tuple[int | str, EncodingSpec]:
-    """The cut and encoding the runtime is pinned to for ``candidate`` (cut 0 sends the input)."""
-    if candidate.kind == EDGE_ONLY:
-        return "edge", EncodingSpec()
-    return (0 if candidate.kind == CLOUD_ONLY else candidate.cut_index), EncodingSpec.parse(candidate.encoding)
+def runtime_plan(candidate: Candidate) -> tuple[Placement, int | None, EncodingSpec]:
+    """The placement, cut and encoding the runtime is pinned to for ``candidate`` (cut 0 sends the input)."""
+    if candidate.kind == Placement.EDGE_ONLY:
+        return Placement.EDGE_ONLY, None, EncodingSpec()
+    cut = 0 if candidate.kind == Placement.CLOUD_ONLY else candidate.cut_index
+    return candidate.kind, cut, EncodingSpec.parse(candidate.encoding)
 
 
 def _anchor_cuts(model: LoadedModel, count: int = 3) -> list[int]:

@@ -4,6 +4,12 @@ Requests are written to the stream as soon as they are submitted and matched to 
 request id, so transfers overlap the cloud's compute. When the stream breaks, every pending request
 fails at once with :class:`~protos.errors.Unavailable` (the runtime then finishes it locally) and a
 supervisor thread reconnects with exponential backoff.
+
+Threads (see docs/threads.md): :meth:`CloudLink.start` starts the supervisor (``cloud-link``); each
+:class:`InferStream` has a receiver (``infer-<session>``) that resolves its requests' futures; each
+stream replaced by a plan switch has a drain thread (``drain-<session>``). Sessions are opened under
+``_connect_lock`` (by the supervisor, or by :meth:`CloudLink.want` on the pinning thread); the
+current stream is one reference, swapped under that lock and read lock-free as a snapshot.
 """
 
 from __future__ import annotations
@@ -75,8 +81,9 @@ class InferStream:
         session_id: str,
         cut_index: int,
         chunk_bytes: int,
-        on_broken: callable,
+        on_broken: Callable[[InferStream], None],
     ) -> None:
+        """Not yet open: :meth:`start` opens the call and starts the receiver."""
         self.session_id = session_id
         self.cut_index = cut_index
         self.chunk_bytes = chunk_bytes
@@ -85,10 +92,16 @@ class InferStream:
         self._on_broken = on_broken
         self._outbox: queue.Queue = queue.Queue()
         self._pending: dict[int, tuple[Future, int]] = {}
-        self._lock = threading.Lock()
-        self._call = stub.Infer(self._frames())
+        self._lock = threading.Lock()  # guards _pending, broken and closing
+        self._stub = stub
+        self._call = None
         self._receiver = threading.Thread(target=self._receive, name=f"infer-{session_id[:8]}", daemon=True)
+
+    def start(self) -> InferStream:
+        """Open the ``Infer`` call and start the receiver thread; returns self."""
+        self._call = self._stub.Infer(self._frames())
         self._receiver.start()
+        return self
 
     def _frames(self) -> Iterator[si_pb2.InferFrame]:
         while True:
@@ -136,12 +149,15 @@ class InferStream:
 
     def wait_ended(self, timeout: float) -> bool:
         """Wait for the stream to end (every result in, or broken); True when it has."""
+        if not self._receiver.is_alive() and self._call is None:
+            return True  # never started
         self._receiver.join(timeout)
         return not self._receiver.is_alive()
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        with self._lock:
+            return len(self._pending)
 
     def _receive(self) -> None:
         partial: dict[int, tuple[Assembler, int]] = {}
@@ -185,7 +201,10 @@ class InferStream:
 
 
 class CloudLink:
-    """Keeps a session at the wanted cut open, reconnecting with backoff when the cloud goes away."""
+    """Keeps a session at the wanted cut open, reconnecting with backoff when the cloud goes away.
+
+    Life cycle: construct, :meth:`start` (the supervisor thread), :meth:`close`.
+    """
 
     def __init__(
         self,
@@ -201,14 +220,17 @@ class CloudLink:
         token: str | None = None,
         drain_s: float = 10.0,
         keepalive: Keepalive = KEEPALIVE,
+        in_use: Callable[[int], bool] | None = None,
     ) -> None:
         """``drain_s``: the longest a replaced stream keeps taking requests (those that chose its cut
-        before a plan switch) before it is half-closed; the edge passes its request deadline."""
+        before a plan switch) before it is half-closed; the edge passes its request deadline.
+
+        ``in_use(cut_index)``: whether requests that chose a cut are still running (the runtime's
+        :meth:`~edge_node.runtime.Inflight.in_use`); a replaced stream closes as soon as none are
+        and none of its own are pending, not after all of ``drain_s``. None: never in use."""
         self.target = target
         self.drain_s = drain_s
-        # Whether requests that chose a cut are still running (the runtime sets it): a replaced stream
-        # closes as soon as none are and none of its own are pending, not after all of ``drain_s``.
-        self.in_use: Callable[[int], bool] = lambda _cut_index: False
+        self._in_use: Callable[[int], bool] = in_use or (lambda _cut_index: False)
         self.model = model
         self.monitor = monitor
         self.reconnect = reconnect
@@ -218,20 +240,40 @@ class CloudLink:
         # The cloud's reason when it answered OpenSession with a refusal (model not served, another
         # fingerprint, bad token): it is up, but will not serve this edge. Empty otherwise.
         self.refusal = ""
-        self.reconnects = 0
+        self._counts_lock = threading.Lock()  # guards the two counts and _lost
+        self._sessions_opened = 0  # every session opened
+        self._reconnects = 0  # sessions opened to replace one whose stream broke
+        self._lost = False  # the current stream broke and none has replaced it yet
         # Every call to the cloud (sessions, Infer, probes, the planner's Profile) goes over this channel.
         # ``keepalive`` must not ping more often than the cloud's own keepalive setting permits.
         self._channel = open_channel(target, max_message_bytes, tls=tls, token=token, keepalive=keepalive)
         self._stub = si_grpc.SplitInferenceStub(self._channel)
         self._stream: InferStream | None = None
         self._draining: list[InferStream] = []  # replaced by a plan switch, finishing their requests
+        self._draining_lock = threading.Lock()  # guards _draining (drain threads remove, requests read)
         self._want_cut: int | None = None
-        self._ids = itertools.count(1)
-        self._connect_lock = threading.Lock()
+        self._ids = itertools.count(1)  # next() on it is atomic: request ids from any thread
+        self._connect_lock = threading.Lock()  # one OpenSession at a time; guards swapping _stream
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="cloud-link", daemon=True)
+
+    def start(self) -> CloudLink:
+        """Start the supervisor thread (it keeps the wanted session open); returns self."""
         self._supervisor.start()
+        return self
+
+    @property
+    def sessions_opened(self) -> int:
+        """Sessions opened: the first, one per plan switch to another cut, and every reconnection."""
+        with self._counts_lock:
+            return self._sessions_opened
+
+    @property
+    def reconnects(self) -> int:
+        """Sessions opened to replace one whose stream broke (the cloud went away or restarted)."""
+        with self._counts_lock:
+            return self._reconnects
 
     @property
     def stub(self) -> si_grpc.SplitInferenceStub:
@@ -250,7 +292,9 @@ class CloudLink:
         stream = self._current_for(cut_index)
         if stream is not None:
             return stream
-        return next((s for s in list(self._draining) if s.cut_index == cut_index and not s.broken), None)
+        with self._draining_lock:
+            draining = list(self._draining)
+        return next((s for s in draining if s.cut_index == cut_index and not s.broken), None)
 
     def _current_for(self, cut_index: int) -> InferStream | None:
         stream = self._stream
@@ -278,10 +322,15 @@ class CloudLink:
     def close(self) -> None:
         self._closed.set()
         self._wake.set()
-        stream, self._stream = self._stream, None
-        for s in [stream, *self._draining]:
+        with self._connect_lock:
+            stream, self._stream = self._stream, None
+        with self._draining_lock:
+            draining = list(self._draining)
+        for s in [stream, *draining]:
             if s is not None:
                 s.close()
+        if self._supervisor.is_alive():
+            self._supervisor.join(timeout=self.reconnect.connect_timeout_s + 1.0)
         self._channel.close()
 
     # -- connection management -------------------------------------------------------------------
@@ -328,24 +377,31 @@ class CloudLink:
             else:
                 self.refusal = ""
             raise error from None
-        stream = InferStream(self._stub, reply.session_id, cut_index, self.chunk_bytes, self._on_broken)
+        stream = InferStream(self._stub, reply.session_id, cut_index, self.chunk_bytes, self._on_broken).start()
         old, self._stream = self._stream, stream
         if old is not None:
             self._retire(old)
-        self.reconnects += 1
+        with self._counts_lock:
+            self._sessions_opened += 1
+            self._reconnects += self._lost
+            self._lost = False
         self.last_error = self.refusal = ""
         log.info("cloud session %s at cut %d", reply.session_id[:8], cut_index)
         self._probe_rtt()
 
     def _on_broken(self, stream: InferStream) -> None:
-        if stream is self._stream:
+        """On the stream's receiver thread, once it broke or ended."""
+        if stream is self._stream and not self._closed.is_set():
+            with self._counts_lock:
+                self._lost = True
             self.last_error = "cloud stream broke"
             self._wake.set()
 
     def _retire(self, old: InferStream) -> None:
         """Let a replaced stream finish in the background (see :meth:`_drain`)."""
         if not old.broken:
-            self._draining.append(old)
+            with self._draining_lock:
+                self._draining.append(old)
         threading.Thread(target=self._drain, args=(old,), name=f"drain-{old.session_id[:8]}", daemon=True).start()
 
     def _drain(self, old: InferStream) -> None:
@@ -353,10 +409,10 @@ class CloudLink:
         and close its session once its last result is in: closing the session first would fail them."""
         deadline = time.monotonic() + self.drain_s
         while not old.broken and time.monotonic() < deadline and not self._closed.is_set():
-            if old.pending == 0 and not self.in_use(old.cut_index):
+            if old.pending == 0 and not self._in_use(old.cut_index):
                 break
             self._closed.wait(0.05)
-        with contextlib.suppress(ValueError):
+        with self._draining_lock, contextlib.suppress(ValueError):
             self._draining.remove(old)
         old.close()
         old.wait_ended(self.drain_s)

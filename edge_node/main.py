@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from partitioner.placement import AUTO, parse_pin
 from partitioner.settings import SettingsError
 from protos import logsafe
 from protos.cleave.v1 import edge_pb2
@@ -103,6 +104,8 @@ def build_config(args: argparse.Namespace, check: bool = True) -> EdgeConfig:
         config.metrics = MetricsConfig(args.metrics)
     if args.log_level:
         config.log_level = args.log_level
+    if config.plan.cut != AUTO:
+        parse_pin(config.plan.cut)  # torch-free: a bad cut spelling fails before the daemon listens
     if check:
         check_encoding(config)
     return config
@@ -160,7 +163,7 @@ class EdgeDaemon:
         from .cloud_link import CloudLink
         from .link import LinkMonitor
         from .metrics import EdgeMetrics
-        from .runtime import EdgeRuntime
+        from .runtime import EdgeRuntime, Inflight
         from .servicer import EdgeServicer
 
         config = self.config
@@ -168,6 +171,8 @@ class EdgeDaemon:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.model = LoadedModel.load(config.model)
+        # Running requests: the runtime counts them, the link drains a replaced stream until its cut has none.
+        inflight = Inflight(config.limits.max_inflight)
         self.link = CloudLink(
             config.cloud,
             self.model,
@@ -179,19 +184,19 @@ class EdgeDaemon:
             token=config.cloud_auth.load(),
             drain_s=max(config.request_timeout_s, 1.0),  # a request that chose the old cut may still be in flight
             keepalive=config.keepalive,
-        )
-        self.runtime = EdgeRuntime(
-            self.model, self.link, config.request_timeout_s, config.limits.max_inflight, config.head.weight_bits
-        )
+            in_use=inflight.in_use,
+        ).start()
+        self.runtime = EdgeRuntime(self.model, self.link, config.request_timeout_s, inflight, config.head.weight_bits)
         if self.registry is not None:
             EdgeMetrics(self.registry, self.runtime)
-        if config.plan.cut == "auto":
+        if config.plan.cut == AUTO:
             # Until the first plan is made, requests run on the edge.
             self.autoplanner = AutoPlanner(
                 self.model, self.runtime, self.link.stub, self.link.monitor, config.autoplan, config.head.allocate
             )
         else:
-            self.runtime.pin(config.plan.cut, EncodingSpec.parse(config.plan.encoding), reason="from config")
+            placement, cut = parse_pin(config.plan.cut)
+            self.runtime.pin(placement, cut, EncodingSpec.parse(config.plan.encoding), reason="from config")
         servicer = EdgeServicer(
             self.runtime, config.cloud, config.limits.stream_window, self.autoplanner, config.limits.max_batch
         )
@@ -204,7 +209,7 @@ class EdgeDaemon:
 
     def close(self) -> None:
         if self.autoplanner is not None:
-            self.autoplanner.stop()
+            self.autoplanner.close()
         if self.link is not None:
             self.link.close()
         if self.metrics_endpoint is not None:

@@ -16,12 +16,11 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from partitioner.placement import Placement
 from protos.cleave.v1 import edge_pb2
 from protos.metrics import RPC_BUCKETS, STAGE_BUCKETS
 
-from .runtime import CLOUD_ONLY, EDGE_ONLY, LOCAL_FALLBACK, SPLIT, EdgeRuntime, Outcome
-
-PLACEMENTS = {SPLIT: "split", CLOUD_ONLY: "cloud", EDGE_ONLY: "edge", LOCAL_FALLBACK: "local"}
+from .runtime import EdgeRuntime, Outcome
 
 
 class EdgeMetrics:
@@ -46,17 +45,17 @@ class EdgeMetrics:
             registry=registry,
         )
         registry.register(_RuntimeCollector(runtime))
-        runtime.counters.listeners.append(self.observe)
+        runtime.counters.subscribe(self.observe)
 
     def observe(self, outcome: Outcome) -> None:
         """Record one served request's latency and stage timings."""
         t = outcome.timing
-        self.request_seconds.labels(PLACEMENTS[outcome.placement]).observe(t.total_ms / 1e3)
+        self.request_seconds.labels(outcome.placement.value).observe(t.total_ms / 1e3)
         stage = self.stage_seconds
-        if outcome.placement == EDGE_ONLY:
+        if outcome.placement == Placement.EDGE_ONLY:
             stage.labels("whole_model").observe(t.edge_compute_ms / 1e3)
             return
-        if outcome.placement == LOCAL_FALLBACK:
+        if outcome.placement == Placement.LOCAL_FALLBACK:
             stage.labels("head").observe(max(t.edge_compute_ms - outcome.local_tail_ms, 0.0) / 1e3)
             if t.encode_ms > 0:  # the cloud was tried (deadline or error) before the tail ran here
                 stage.labels("encode").observe(t.encode_ms / 1e3)
@@ -78,7 +77,8 @@ class _RuntimeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         runtime = self.runtime
-        c: edge_pb2.Counters = runtime.counters.to_proto(runtime.link.reconnects)  # one consistent snapshot
+        cloud = runtime.link
+        c: edge_pb2.Counters = runtime.counters.to_proto(cloud.sessions_opened, cloud.reconnects)  # one snapshot
         requests = CounterMetricFamily(
             "cleave_edge_requests",
             "Requests served, by where they ran: split (head here, tail in the cloud), cloud (the input sent), "
@@ -110,8 +110,13 @@ class _RuntimeCollector(Collector):
             value=c.plan_switches,
         )
         yield CounterMetricFamily(
-            "cleave_edge_reconnects",
+            "cleave_edge_sessions_opened",
             "Cloud sessions opened: the first, one per plan switch to a new cut, and each reconnection.",
+            value=c.sessions_opened,
+        )
+        yield CounterMetricFamily(
+            "cleave_edge_reconnects",
+            "Cloud sessions opened to replace one whose stream broke (the cloud went away or restarted).",
             value=c.reconnects,
         )
         yield GaugeMetricFamily("cleave_edge_inflight", "Requests being served now.", value=runtime.inflight)
@@ -134,5 +139,5 @@ class _RuntimeCollector(Collector):
         info = GaugeMetricFamily(
             "cleave_edge_plan_info", "The plan in force (always 1).", labels=["placement", "cut", "encoding"]
         )
-        info.add_metric([PLACEMENTS[plan.placement], plan.cut.name if plan.cut else "", str(plan.spec)], 1)
+        info.add_metric([plan.placement.value, plan.cut.name if plan.cut else "", str(plan.spec)], 1)
         yield info

@@ -4,6 +4,11 @@ The plan is swapped atomically between requests: a request takes a snapshot of i
 finishes under that snapshot, so changing the cut or the encoding never drops or fails a request.
 When the cloud is unreachable, slow past the deadline, or answers with an error, the request
 finishes here: the tail runs on the features the head already computed.
+
+Threads (see docs/threads.md): requests run on the gRPC handler threads that call :meth:`EdgeRuntime.infer`;
+plans are put in force by :meth:`EdgeRuntime.pin`, from a ``Replan`` handler or the autoplanner,
+one at a time under the pin lock. Placements are :class:`~partitioner.placement.Placement`; the
+servicer converts them to the wire's enum.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
 import torch
 
@@ -23,6 +30,7 @@ from partitioner.costmodel import Breakdown
 from partitioner.graph import Cut
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import calibration_batch
+from partitioner.placement import Placement
 from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
 from protos.cleave.v1 import edge_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError
@@ -33,19 +41,14 @@ log = logging.getLogger(__name__)
 
 FALLBACK_LOG_INTERVAL_S = 60.0  # a lasting fallback is logged again this often
 
-SPLIT, EDGE_ONLY, CLOUD_ONLY, LOCAL_FALLBACK = (
-    edge_pb2.SPLIT,
-    edge_pb2.EDGE_ONLY,
-    edge_pb2.CLOUD_ONLY,
-    edge_pb2.LOCAL_FALLBACK,
-)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ActivePlan:
     """A plan with its executable parts."""
 
-    placement: int
+    placement: Placement  # SPLIT, CLOUD_ONLY or EDGE_ONLY
     cut: Cut | None  # None for edge-only
     spec: EncodingSpec
     head: torch.nn.Module | None
@@ -55,40 +58,16 @@ class ActivePlan:
     objective: str = ""
     weight_bits: dict[str, int] = field(default_factory=dict)  # quantized head layers; empty: float head
 
-    def to_proto(self, model: str) -> edge_pb2.Plan:
-        plan = edge_pb2.Plan(
-            model=model,
-            placement=self.placement,
-            encoding=self.spec.to_proto(),
-            reason=self.reason,
-            objective=self.objective,
-        )
-        if self.predicted is not None:
-            p = self.predicted
-            plan.predicted_ms = p.total_ms
-            plan.predicted.CopyFrom(
-                edge_pb2.PredictedLatency(
-                    edge_ms=p.edge_ms,
-                    encode_ms=p.encode_ms,
-                    upload_ms=p.upload_ms,
-                    rtt_ms=p.rtt_ms,
-                    decode_ms=p.decode_ms,
-                    cloud_ms=p.cloud_ms,
-                    download_ms=p.download_ms,
-                    total_ms=p.total_ms,
-                )
-            )
-        if self.cut is not None:
-            plan.cut_index = self.cut.index
-            plan.cut_name = self.cut.name
-        plan.weight_bits.update(self.weight_bits)
-        return plan
+    @property
+    def cut_index(self) -> int | None:
+        """The cut requests of this plan are sent at (0 for cloud-only); None for edge-only."""
+        return self.cut.index if self.cut is not None else None
 
 
 @dataclass
 class Outcome:
     outputs: list[torch.Tensor]
-    placement: int
+    placement: Placement  # where it ran: the plan's, or LOCAL_FALLBACK
     plan: ActivePlan
     timing: edge_pb2.StageTiming
     bytes_up: int = 0
@@ -97,8 +76,18 @@ class Outcome:
     local_tail_ms: float = 0.0  # the tail's run here after a fallback (also inside timing.edge_compute_ms)
 
 
+_COUNTED = {
+    Placement.SPLIT: "split",
+    Placement.EDGE_ONLY: "edge_only",
+    Placement.CLOUD_ONLY: "cloud_only",
+    Placement.LOCAL_FALLBACK: "fallback",
+}
+
+
 @dataclass
 class Counters:
+    """What the runtime served, for ``GetStatus`` and metrics; every field under ``_lock``."""
+
     requests: int = 0
     split: int = 0
     edge_only: int = 0
@@ -109,8 +98,8 @@ class Counters:
     bytes_down: int = 0
     plan_switches: int = 0
     recent_ms: deque = field(default_factory=lambda: deque(maxlen=50), repr=False)
-    # Called with every recorded Outcome, outside the lock (the edge's Prometheus metrics listen here).
-    listeners: list[Callable[[Outcome], None]] = field(default_factory=list, repr=False)
+    # Called with every recorded Outcome on the request's thread, outside the lock (see subscribe).
+    _listeners: tuple[Callable[[Outcome], None], ...] = field(default=(), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -118,15 +107,29 @@ class Counters:
         with self._lock:
             return sum(self.recent_ms) / len(self.recent_ms) if self.recent_ms else 0.0
 
+    def subscribe(self, listener: Callable[[Outcome], None]) -> None:
+        """Call ``listener`` with every recorded outcome, on the thread that served it.
+
+        It must be quick and must not block (metrics observe; the autoplanner enqueues): it runs
+        on the request's own thread, before the reply goes out.
+        """
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+    def unsubscribe(self, listener: Callable[[Outcome], None]) -> None:
+        with self._lock:
+            self._listeners = tuple(x for x in self._listeners if x != listener)
+
     def record(self, outcome: Outcome) -> None:
-        names = {SPLIT: "split", EDGE_ONLY: "edge_only", CLOUD_ONLY: "cloud_only", LOCAL_FALLBACK: "fallback"}
+        name = _COUNTED[outcome.placement]
         with self._lock:
             self.requests += 1
-            setattr(self, names[outcome.placement], getattr(self, names[outcome.placement]) + 1)
+            setattr(self, name, getattr(self, name) + 1)
             self.bytes_up += outcome.bytes_up
             self.bytes_down += outcome.bytes_down
             self.recent_ms.append(outcome.timing.total_ms)
-        for listener in self.listeners:
+            listeners = self._listeners
+        for listener in listeners:
             try:
                 listener(outcome)
             except Exception:  # noqa: BLE001 - an observer must never fail a served request
@@ -137,8 +140,8 @@ class Counters:
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
 
-    def to_proto(self, reconnects: int) -> edge_pb2.Counters:
-        """A consistent snapshot, for ``GetStatus``."""
+    def to_proto(self, sessions_opened: int = 0, reconnects: int = 0) -> edge_pb2.Counters:
+        """A consistent snapshot, for ``GetStatus``, with the link's counts of sessions."""
         with self._lock:
             return edge_pb2.Counters(
                 requests=self.requests,
@@ -150,104 +153,216 @@ class Counters:
                 bytes_up=self.bytes_up,
                 bytes_down=self.bytes_down,
                 reconnects=reconnects,
+                sessions_opened=sessions_opened,
                 plan_switches=self.plan_switches,
             )
 
 
+class Inflight:
+    """Requests running now, in total (at most ``limit``) and per cut of the plan each took.
+
+    Shared by the runtime (request threads enter and leave; a pin says which cut is in force) and
+    the cloud link (its drain threads ask :meth:`in_use` before closing a replaced stream); every
+    count under one lock.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        if limit < 1:
+            raise ValueError(f"limits.max_inflight: {limit} is not positive")
+        self.limit = limit
+        self._count = 0
+        self._cuts: Counter[int | None] = Counter()
+        self._in_force: int | None = None  # the cut of the plan in force (None: edge-only or none yet)
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
+    def enter(self, cut_index: int | None) -> None:
+        """One more request at ``cut_index`` (None: edge-only); ResourceExhausted past the limit."""
+        with self._lock:
+            if self._count >= self.limit:
+                raise ResourceExhausted(f"queue: {self._count} requests in flight (max_inflight {self.limit})")
+            self._count += 1
+            self._cuts[cut_index] += 1
+
+    def leave(self, cut_index: int | None) -> None:
+        with self._lock:
+            self._count -= 1
+            self._cuts[cut_index] -= 1
+
+    def switched(self, cut_index: int | None) -> None:
+        """The plan in force now sends at ``cut_index`` (None: sends nothing)."""
+        with self._lock:
+            self._in_force = cut_index
+
+    def in_use(self, cut_index: int) -> bool:
+        """Whether a running request took a plan at ``cut_index``, or the plan in force is at it.
+
+        The second half covers the moment of a switch: the new session is open, the old plan still in
+        force and requests still taking it; its stream must not close before the switch is done.
+        """
+        with self._lock:
+            return self._cuts[cut_index] > 0 or self._in_force == cut_index
+
+
+class BuildOnce(Generic[T]):
+    """A cache whose values are built once per key, however many threads ask at the same time.
+
+    The first caller of a key builds it outside the lock; the others wait for its result. A build
+    that raises is not cached: its waiters get the error, the next caller builds again.
+    """
+
+    def __init__(self) -> None:
+        self._futures: dict[Hashable, Future] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        with self._lock:
+            future = self._futures.get(key)
+            owner = future is None
+            if owner:
+                future = self._futures[key] = Future()
+        if not owner:
+            return future.result()
+        try:
+            value = build()
+        except BaseException as exc:
+            with self._lock:
+                del self._futures[key]
+            future.set_exception(exc)
+            raise
+        future.set_result(value)
+        return value
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for f in self._futures.values() if f.done() and f.exception() is None)
+
+
 class EdgeRuntime:
-    """Runs requests under the current plan, with the cloud when it can and locally when it must."""
+    """Runs requests under the current plan, with the cloud when it can and locally when it must.
+
+    ``inflight`` bounds and counts running requests; give the same object's ``in_use`` to the
+    :class:`~edge_node.cloud_link.CloudLink` so a stream replaced by a plan switch drains first.
+    """
 
     def __init__(
         self,
         model: LoadedModel,
         link: CloudLink,
         request_timeout_s: float,
-        max_inflight: int = 64,
+        inflight: Inflight | None = None,
         head_bits: int = FLOAT_BITS,
     ) -> None:
         self.model = model
         self.head_bits = head_bits  # default weight bits for heads of pinned plans
-        self._quantized: dict[tuple, torch.nn.Module] = {}
-        self.max_inflight = max_inflight
+        self._quantized: BuildOnce[torch.nn.Module] = BuildOnce()  # per (cut, per-layer bits)
+        self.inflight_requests = inflight if inflight is not None else Inflight()
         self.link = link
         self.request_timeout_s = request_timeout_s
         self.counters = Counters()
-        self._inflight = 0
-        self._inflight_cuts: Counter[int] = Counter()  # requests running per cut of the plan they took
-        self._inflight_lock = threading.Lock()
         self._fallback_lock = threading.Lock()  # guards the two below: what _log_fallback said last, and when
         self._fallback_note = ""
         self._fallback_logged = 0.0
-        link.in_use = self.cut_in_use  # a replaced stream drains until its cut's requests are done
-        self._plan: ActivePlan = self._make_plan("edge", EncodingSpec(), reason="initial")
+        self._pin_lock = threading.Lock()  # one plan switch at a time (Replan and the autoplanner both pin)
+        # Written only under _pin_lock; requests read the reference once, lock-free, and keep that snapshot.
+        self._plan: ActivePlan = ActivePlan(Placement.EDGE_ONLY, None, EncodingSpec(), None, None, "initial")
 
     # -- plans -----------------------------------------------------------------------------------
     @property
     def plan(self) -> ActivePlan:
         return self._plan
 
+    @property
+    def max_inflight(self) -> int:
+        return self.inflight_requests.limit
+
     def pin(
         self,
-        cut: str | int,
-        spec: EncodingSpec,
+        placement: Placement,
+        cut: int | str | None = None,
+        spec: EncodingSpec | None = None,
+        *,
         reason: str = "pinned",
         predicted: Breakdown | None = None,
         objective: str = "",
         weight_bits: int | dict[str, int] | None = None,
     ) -> ActivePlan:
-        """Switch to a cut and encoding. ``cut``: "edge", "cloud", a cut name or an index.
+        """Put a plan in force and return it; requests already running finish under theirs.
 
+        ``placement``: SPLIT at ``cut`` (a cut name or index, not 0), CLOUD_ONLY (``cut`` None or
+        0: the input is sent) or EDGE_ONLY (no cut). ``spec``: how features cross (default raw).
         ``weight_bits``: the head's weight bits, for every layer (an int) or per layer (a dict;
         unnamed layers float); None uses the runtime's default. 32 is the float head.
+
+        Raises InvalidArgument naming ``placement``, ``cut`` or ``weight_bits``. Thread-safe: the
+        switches are serialised (the last pin to take the lock is the plan in force); building the
+        plan is not, and concurrent pins of one quantized head wait for a single build.
         """
-        plan = replace(self._make_plan(cut, spec, reason), predicted=predicted, objective=objective)
+        # Built outside the lock (a quantized head takes a while): pins racing for one share the build.
+        plan = self._make_plan(placement, cut, spec or EncodingSpec(), reason)
+        plan = replace(plan, predicted=predicted, objective=objective)
         plan = self._quantize_head(plan, self.head_bits if weight_bits is None else weight_bits)
-        # Open the new session before switching, so requests keep going to the cloud meanwhile.
-        self.link.want(plan.cut.index if plan.cut is not None else None)
-        self._plan = plan
-        self.counters.add("plan_switches")
+        with self._pin_lock:
+            # Open the new session before switching, so requests keep going to the cloud meanwhile.
+            self.link.want(plan.cut_index)
+            self._plan = plan
+            self.inflight_requests.switched(plan.cut_index)
+            self.counters.add("plan_switches")
         log.info("plan: %s, %s (%s)", _where(plan), plan.spec, reason)
         return plan
 
     def _quantize_head(self, plan: ActivePlan, bits: int | dict[str, int]) -> ActivePlan:
         """Swap in a quantized head (built once per cut and bits); edge-only and cloud-only keep theirs."""
-        if plan.placement != SPLIT or bits == FLOAT_BITS or bits == {}:
+        if plan.placement != Placement.SPLIT or bits == FLOAT_BITS or bits == {}:
             return plan
         layers = list(head_layers(plan.head))
         per_layer = (
             {name: bits for name in layers} if isinstance(bits, int) else {**dict.fromkeys(layers, FLOAT_BITS), **bits}
         )
         key = (plan.cut.index, tuple(sorted(per_layer.items())))
-        if key not in self._quantized:
+
+        def build() -> torch.nn.Module:
             calib = calibration_batch(self.model.input_shape, 8)
             try:
-                self._quantized[key] = build_quantized_head(plan.head, calib, per_layer)
+                return build_quantized_head(plan.head, calib, per_layer)
             except ValueError as exc:
                 raise InvalidArgument(f"weight_bits: {exc}") from exc
-        return replace(plan, head=self._quantized[key], weight_bits=per_layer)
 
-    def _make_plan(self, cut: str | int, spec: EncodingSpec, reason: str) -> ActivePlan:
-        if cut == "edge":
-            return ActivePlan(EDGE_ONLY, None, spec, None, None, reason)
-        key: str | int = 0 if cut == "cloud" else cut
-        if isinstance(key, str) and key.isdigit():
-            key = int(key)
+        return replace(plan, head=self._quantized.get(key, build), weight_bits=per_layer)
+
+    def _make_plan(self, placement: Placement, cut: int | str | None, spec: EncodingSpec, reason: str) -> ActivePlan:
+        if not isinstance(placement, Placement) or placement == Placement.LOCAL_FALLBACK:
+            raise InvalidArgument(f"placement: {placement!r} is not a plan (SPLIT, CLOUD_ONLY or EDGE_ONLY)")
+        if placement == Placement.EDGE_ONLY:
+            if cut is not None:
+                raise InvalidArgument(f"cut: an edge-only plan has no cut, got {cut!r}")
+            return ActivePlan(Placement.EDGE_ONLY, None, spec, None, None, reason)
+        if placement == Placement.CLOUD_ONLY:
+            cut = 0 if cut is None else cut
+        elif cut is None:
+            raise InvalidArgument("cut: a split plan needs a cut (a name or an index)")
         try:
-            cut_obj, head, tail = self.model.parts(key)
+            cut_obj, head, tail = self.model.parts(cut)
         except KeyError as exc:
             raise InvalidArgument(f"cut: {exc.args[0]}") from exc
-        placement = CLOUD_ONLY if cut_obj.index == 0 else SPLIT
+        if placement == Placement.CLOUD_ONLY and cut_obj.index != 0:
+            raise InvalidArgument(f"cut: a cloud-only plan sends the input (cut 0), not cut {cut!r}")
+        if placement == Placement.SPLIT and cut_obj.index == 0:
+            raise InvalidArgument(f"cut: {cut!r} is the model's input; sending it is a CLOUD_ONLY plan")
         return ActivePlan(placement, cut_obj, spec, head, tail, reason)
 
     # -- requests --------------------------------------------------------------------------------
     @property
     def inflight(self) -> int:
-        return self._inflight
+        return self.inflight_requests.count
 
     def cut_in_use(self, cut_index: int) -> bool:
         """Whether a running request took a plan at ``cut_index``."""
-        with self._inflight_lock:
-            return self._inflight_cuts[cut_index] > 0
+        return self.inflight_requests.in_use(cut_index)
 
     def check_inputs(self, inputs: list[torch.Tensor]) -> None:
         expected = self.model.input_shape
@@ -264,35 +379,30 @@ class EdgeRuntime:
     def infer(self, inputs: list[torch.Tensor]) -> Outcome:
         """Run one request under the current plan; never fails because of the cloud."""
         self.check_inputs(inputs)
-        with self._inflight_lock:
-            if self._inflight >= self.max_inflight:
-                raise ResourceExhausted(
-                    f"queue: {self._inflight} requests in flight (max_inflight {self.max_inflight})"
-                )
-            self._inflight += 1
-            plan = self._plan
-            cut = plan.cut.index if plan.cut is not None else None
-            self._inflight_cuts[cut] += 1
+        while True:
+            plan = self._plan  # this request's snapshot: a pin meanwhile does not change it
+            self.inflight_requests.enter(plan.cut_index)
+            if self._plan is plan:
+                break  # counted while its plan was in force: a replaced stream waits for it
+            self.inflight_requests.leave(plan.cut_index)  # a pin came in between: take the new plan
         try:
             outcome = self._run(inputs, plan)
         except Exception:
             self.counters.add("errors")
             raise
         finally:
-            with self._inflight_lock:
-                self._inflight -= 1
-                self._inflight_cuts[cut] -= 1
+            self.inflight_requests.leave(plan.cut_index)
         self.counters.record(outcome)
         return outcome
 
     def _run(self, inputs: list[torch.Tensor], plan: ActivePlan) -> Outcome:
         timing = edge_pb2.StageTiming()
         started = time.perf_counter()
-        if plan.placement == EDGE_ONLY:
+        if plan.placement == Placement.EDGE_ONLY:
             with torch.inference_mode():
                 outputs = as_tensor_list(self.model.module(*inputs))
             timing.edge_compute_ms = timing.total_ms = (time.perf_counter() - started) * 1e3
-            return Outcome(outputs, EDGE_ONLY, plan, timing)
+            return Outcome(outputs, Placement.EDGE_ONLY, plan, timing)
 
         with torch.inference_mode():
             features = plan.head(*inputs)
@@ -357,9 +467,9 @@ class EdgeRuntime:
         t1 = time.perf_counter()
         timing.edge_compute_ms += (t1 - t0) * 1e3
         timing.total_ms = (t1 - started) * 1e3
-        return Outcome(outputs, LOCAL_FALLBACK, plan, timing, note=note, local_tail_ms=(t1 - t0) * 1e3)
+        return Outcome(outputs, Placement.LOCAL_FALLBACK, plan, timing, note=note, local_tail_ms=(t1 - t0) * 1e3)
 
 
 def _where(plan: ActivePlan) -> str:
     """A plan's placement and cut, for the log: ``SPLIT at layer2_0_relu``."""
-    return f"{edge_pb2.Placement.Name(plan.placement)} at {plan.cut.name if plan.cut else '-'}"
+    return f"{plan.placement.name} at {plan.cut.name if plan.cut else '-'}"

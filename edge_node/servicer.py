@@ -1,4 +1,8 @@
-"""gRPC adapter for the ``Edge`` service that local apps call."""
+"""gRPC adapter for the ``Edge`` service that local apps call.
+
+The only place where the library's :class:`~partitioner.placement.Placement` meets the wire's
+``cleave.v1.Placement`` enum: :func:`placement_to_proto` and :func:`placement_from_proto` convert.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,87 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, check_header, decode, encode
+from partitioner.placement import Placement
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, maps_errors, status_of
 
 from .autoplan import AutoPlanner
-from .runtime import EDGE_ONLY, EdgeRuntime, Outcome
+from .runtime import ActivePlan, EdgeRuntime, Outcome
+
+_TO_PROTO = {
+    Placement.SPLIT: edge_pb2.SPLIT,
+    Placement.EDGE_ONLY: edge_pb2.EDGE_ONLY,
+    Placement.CLOUD_ONLY: edge_pb2.CLOUD_ONLY,
+    Placement.LOCAL_FALLBACK: edge_pb2.LOCAL_FALLBACK,
+}
+_FROM_PROTO = {value: placement for placement, value in _TO_PROTO.items()}
+
+
+def placement_to_proto(placement: Placement) -> int:
+    """The wire's ``cleave.v1.Placement`` value of ``placement``."""
+    return _TO_PROTO[placement]
+
+
+def placement_from_proto(value: int, field: str = "placement") -> Placement:
+    """The placement a wire value names; InvalidArgument naming ``field`` for an unknown or unset one."""
+    try:
+        return _FROM_PROTO[value]
+    except KeyError:
+        name = edge_pb2.Placement.Name(value) if value in edge_pb2.Placement.values() else str(value)
+        raise InvalidArgument(f"{field}: {name} is not a placement (SPLIT, EDGE_ONLY, CLOUD_ONLY)") from None
+
+
+def plan_to_proto(plan: ActivePlan, model: str) -> edge_pb2.Plan:
+    """``plan`` as ``GetPlan``, ``GetStatus`` and replies report it."""
+    message = edge_pb2.Plan(
+        model=model,
+        placement=placement_to_proto(plan.placement),
+        encoding=plan.spec.to_proto(),
+        reason=plan.reason,
+        objective=plan.objective,
+    )
+    if plan.predicted is not None:
+        p = plan.predicted
+        message.predicted_ms = p.total_ms
+        message.predicted.CopyFrom(
+            edge_pb2.PredictedLatency(
+                edge_ms=p.edge_ms,
+                encode_ms=p.encode_ms,
+                upload_ms=p.upload_ms,
+                rtt_ms=p.rtt_ms,
+                decode_ms=p.decode_ms,
+                cloud_ms=p.cloud_ms,
+                download_ms=p.download_ms,
+                total_ms=p.total_ms,
+            )
+        )
+    if plan.cut is not None:
+        message.cut_index = plan.cut.index
+        message.cut_name = plan.cut.name
+    message.weight_bits.update(plan.weight_bits)
+    return message
+
+
+def pin_target(wanted: edge_pb2.Plan) -> tuple[Placement, int | str | None]:
+    """The placement and cut a ``Replan`` plan asks for.
+
+    EDGE_ONLY and CLOUD_ONLY need no cut. SPLIT (or no placement, as older clients send) takes
+    ``cut_name``, else ``cut_index``; no placement with neither (cut index 0, the input) is cloud-only.
+    """
+    if wanted.placement == edge_pb2.PLACEMENT_UNSPECIFIED:
+        if not wanted.cut_name and wanted.cut_index == 0:
+            return Placement.CLOUD_ONLY, None
+        placement = Placement.SPLIT
+    else:
+        placement = placement_from_proto(wanted.placement, "plan.placement")
+    if placement == Placement.LOCAL_FALLBACK:
+        raise InvalidArgument("plan.placement: LOCAL_FALLBACK is where a request ran, not a plan")
+    if placement == Placement.EDGE_ONLY:
+        return placement, None
+    if placement == Placement.CLOUD_ONLY:
+        return placement, wanted.cut_name or wanted.cut_index or None
+    return placement, wanted.cut_name or wanted.cut_index
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServicer):
@@ -72,8 +151,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
         return edge_pb2.EdgeInferResponse(
             request_id=request_id,
             outputs=[encode(o.contiguous(), RAW_UNCOMPRESSED) for o in outcome.outputs],
-            placement=outcome.placement,
-            plan=outcome.plan.to_proto(self.runtime.model.name),
+            placement=placement_to_proto(outcome.placement),
+            plan=plan_to_proto(outcome.plan, self.runtime.model.name),
             timing=outcome.timing,
             bytes_up=outcome.bytes_up,
             bytes_down=outcome.bytes_down,
@@ -141,9 +220,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             link=edge_pb2.LinkStatus(
                 rtt_ms=link.rtt_ms, up_mbps=link.up_mbps, down_mbps=link.down_mbps, samples=link.samples
             ),
-            plan=runtime.plan.to_proto(runtime.model.name),
+            plan=plan_to_proto(runtime.plan, runtime.model.name),
             queue_depth=runtime.inflight,
-            counters=counters.to_proto(runtime.link.reconnects),
+            counters=counters.to_proto(runtime.link.sessions_opened, runtime.link.reconnects),
             mean_latency_ms=counters.recent_mean_ms,
             auto_plan=auto is not None and auto.enabled,
             planner_error=auto.error if auto is not None else "",
@@ -151,7 +230,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
 
     @maps_errors
     def GetPlan(self, request: edge_pb2.GetPlanRequest, context: grpc.ServicerContext):
-        return self.runtime.plan.to_proto(self.runtime.model.name)
+        return plan_to_proto(self.runtime.plan, self.runtime.model.name)
 
     @maps_errors
     def Replan(self, request: edge_pb2.ReplanRequest, context: grpc.ServicerContext):
@@ -159,20 +238,17 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             if self.autoplanner is None:
                 raise FailedPrecondition("plan: this edge runs a fixed cut (start it with --cut auto to plan)")
             self.autoplanner.replan()
-            return self.runtime.plan.to_proto(self.runtime.model.name)
+            return plan_to_proto(self.runtime.plan, self.runtime.model.name)
         wanted = request.plan
         try:
             spec = EncodingSpec.from_proto(wanted.encoding) if wanted.HasField("encoding") else self.runtime.plan.spec
         except (CodecError, ValueError) as exc:
             raise InvalidArgument(f"plan.encoding: {exc}") from exc
-        if wanted.placement == EDGE_ONLY:
-            cut: str | int = "edge"
-        else:
-            cut = wanted.cut_name or wanted.cut_index
+        placement, cut = pin_target(wanted)
         if self.autoplanner is not None:
             self.autoplanner.pin_manually()  # first, so a re-plan in flight cannot undo the pin
         bits: dict[str, int] | int | None = dict(wanted.weight_bits) or None
         if bits is not None and set(bits) == {"*"}:
             bits = bits["*"]  # one width for every layer of the head
-        plan = self.runtime.pin(cut, spec, reason=wanted.reason or "pinned by Replan", weight_bits=bits)
-        return plan.to_proto(self.runtime.model.name)
+        plan = self.runtime.pin(placement, cut, spec, reason=wanted.reason or "pinned by Replan", weight_bits=bits)
+        return plan_to_proto(plan, self.runtime.model.name)

@@ -31,6 +31,7 @@ from torch import fx
 from compressor import EncodingSpec, encode
 
 from .loaded import LoadedModel, as_tensor_list
+from .placement import Placement
 from .profile import Profile, cache_dir
 
 #: Feature encodings the planner tries at every cut: fp32, fp16, then affine 8..2 bits, all with zstd.
@@ -41,9 +42,10 @@ INPUT_ENCODINGS = ("int8c", "jpeg75", "jpeg", "jpeg95")
 #: Neurosurgeon sends features as they are.
 UNCOMPRESSED = "raw+none"
 
-EDGE_ONLY = "edge"
-CLOUD_ONLY = "cloud"
-SPLIT = "split"
+# Shorthands for the placements a candidate can have (members of :class:`Placement`, not copies).
+EDGE_ONLY = Placement.EDGE_ONLY
+CLOUD_ONLY = Placement.CLOUD_ONLY
+SPLIT = Placement.SPLIT
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Breakdown:
 class Candidate:
     """One placement: where to cut and how to encode what crosses."""
 
-    kind: str  # SPLIT, CLOUD_ONLY or EDGE_ONLY
+    kind: Placement  # SPLIT, CLOUD_ONLY or EDGE_ONLY
     cut_index: int  # -1 for edge-only
     cut_name: str
     encoding: str  # "" for edge-only

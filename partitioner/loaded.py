@@ -6,8 +6,7 @@ what lets a session refuse to pair a head with a tail from a different model.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,13 +16,11 @@ from partitioner.models import ModelSpec, example_input, fingerprint, load_model
 
 @dataclass
 class LoadedModel:
-    """A traced model with its fingerprint; split parts are built once per cut and cached."""
+    """A traced model with its fingerprint; split parts come from the graph, which builds each cut's once."""
 
     spec: ModelSpec
     graph: ModelGraph
     fingerprint: str
-    _parts: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, spec: ModelSpec) -> LoadedModel:
@@ -47,12 +44,12 @@ class LoadedModel:
         return self.graph.module
 
     def parts(self, key: int | str | Cut) -> tuple[Cut, torch.nn.Module, torch.nn.Module]:
-        """``(cut, head, tail)`` for a cut given by index, name or :class:`Cut`."""
+        """``(cut, head, tail)`` for a cut given by index, name or :class:`Cut` (KeyError: no such cut).
+
+        The head and tail are :meth:`ModelGraph.split`'s, cached there: the same objects every call.
+        """
         cut = self.graph.cut(key)
-        with self._lock:
-            if cut.index not in self._parts:
-                self._parts[cut.index] = self.graph.split(cut)
-            head, tail = self._parts[cut.index]
+        head, tail = self.graph.split(cut)
         return cut, head, tail
 
 

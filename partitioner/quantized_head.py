@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -352,11 +353,16 @@ def _fold_batchnorm(head: fx.GraphModule) -> fx.GraphModule:
     return fuse(gm, inplace=True)
 
 
+# torch.onnx.export keeps process-wide state (and warnings.catch_warnings swaps a global): two threads
+# exporting at once fail inside torch ("CURRENT_PATCHER is None"). One export at a time.
+_EXPORT_LOCK = threading.Lock()
+
+
 def _export_onnx(gm: nn.Module, example: torch.Tensor, outputs: int) -> bytes:
     names = [f"y{i}" for i in range(outputs)]
     axes = {name: {0: "batch"} for name in ["x", *names]}
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with _EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter: fast (no dynamo), and it keeps parameter names as
         # initializer names, which is how sub-8-bit layers are found in the ONNX graph.

@@ -107,6 +107,7 @@ def test_cloud_replies_teach_the_planner_about_the_candidate_that_served_them() 
     from edge_node.config import AutoPlanSettings
     from edge_node.runtime import ActivePlan, Counters, Outcome
     from partitioner.costmodel import CLOUD_ONLY, SPLIT, Link
+    from partitioner.placement import Placement
     from partitioner.planner import Planner
 
     from .test_planner import synthetic_cost
@@ -118,11 +119,16 @@ def test_cloud_replies_teach_the_planner_about_the_candidate_that_served_them() 
     auto.use(planner := Planner(synthetic_cost()))
     split = next(c for c in planner.candidates if c.kind == SPLIT and c.cut_index == 2 and c.encoding == "int8")
     cloud_only = next(c for c in planner.candidates if c.kind == CLOUD_ONLY)
-    served = ActivePlan(edge_pb2.SPLIT, SimpleNamespace(index=2), EncodingSpec.parse("int8"), None, None)
+    served = ActivePlan(Placement.SPLIT, SimpleNamespace(index=2), EncodingSpec.parse("int8"), None, None)
     timing = edge_pb2.StageTiming(cloud_compute_ms=split.cloud_ms * 2)
     for _ in range(3):
-        runtime.counters.record(Outcome([], edge_pb2.SPLIT, served, timing, split.bytes_up * 3))
-    runtime.counters.record(Outcome([], edge_pb2.LOCAL_FALLBACK, served, edge_pb2.StageTiming(), 10**9))  # ignored
+        runtime.counters.record(Outcome([], Placement.SPLIT, served, timing, split.bytes_up * 3))
+    fallback = Outcome([], Placement.LOCAL_FALLBACK, served, edge_pb2.StageTiming(), 10**9)
+    runtime.counters.record(fallback)  # ignored
+    # The requests' threads only posted their observations; the planner is untouched until its thread reads them.
+    assert planner.byte_scale(split) == 1.0 and planner.cloud_scale == 1.0 and auto._inbox.qsize() == 3
+    while not auto._inbox.empty():
+        auto._handle(auto._inbox.get_nowait())
     link = Link(10, 10, 5.0)
     assert planner.byte_scale(split) == pytest.approx(3.0, rel=1e-3)
     assert planner.cloud_scale == pytest.approx(2.0)

@@ -56,7 +56,7 @@ def make():
     batchers: list[DynamicBatcher] = []
 
     def build(fn, **kw: object) -> DynamicBatcher:
-        batchers.append(DynamicBatcher(BatchKey("m", 1), fn, settings(**kw)))
+        batchers.append(DynamicBatcher(BatchKey("m", 1), fn, settings(**kw)).start())
         return batchers[-1]
 
     yield build
@@ -192,7 +192,7 @@ def test_outputs_without_a_batch_dimension_fail_the_batch_not_the_worker(make) -
 
 def test_close_runs_what_is_queued_and_refuses_more() -> None:
     fn = Recorder()
-    b = DynamicBatcher("k", fn, settings(max_batch_size=8, max_queue_delay_ms=LONG))
+    b = DynamicBatcher("k", fn, settings(max_batch_size=8, max_queue_delay_ms=LONG)).start()
     futures = [b.submit(row(i)) for i in range(3)]
     b.close()
     assert [float(f.result(timeout=1)[0][0, 0]) for f in futures] == [0.0, 2.0, 4.0]

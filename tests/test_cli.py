@@ -37,6 +37,7 @@ from edge_node.link import LinkMonitor
 from edge_node.runtime import EdgeRuntime
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
+from partitioner.placement import Placement
 from protos.cleave.v1 import compression_pb2, compression_pb2_grpc, edge_pb2, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
@@ -355,12 +356,12 @@ def test_nothing_listening_says_so() -> None:
 def test_edge_whose_model_the_cloud_does_not_serve_says_so(cloud: DaemonProcess, caplog) -> None:
     model = LoadedModel.load(ModelSpec.from_dict({**MODEL, "name": "other"}))
     link = CloudLink(cloud.address, model, LinkMonitor(), Reconnect(initial_s=5.0, max_s=5.0), 1 << 20, 64 << 20)
-    runtime = EdgeRuntime(model, link, request_timeout_s=5.0)
+    runtime = EdgeRuntime(model, link.start(), request_timeout_s=5.0)
     try:
         with caplog.at_level(logging.WARNING):
-            runtime.pin(CUT, runtime.plan.spec, reason="pinned by test")
+            runtime.pin(Placement.SPLIT, CUT, runtime.plan.spec, reason="pinned by test")
             outcome = runtime.infer([torch.zeros(1, 3, 16, 16)])
-        assert outcome.placement == edge_pb2.LOCAL_FALLBACK
+        assert outcome.placement == Placement.LOCAL_FALLBACK
         assert outcome.note.startswith("cloud refused the session: model 'other' is not served here")
         assert "unreachable" not in outcome.note
         logged = caplog.text

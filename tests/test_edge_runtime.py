@@ -10,8 +10,9 @@ from compressor import EncodingSpec
 from edge_node.cloud_link import CloudLink
 from edge_node.config import Reconnect
 from edge_node.link import LinkMonitor
-from edge_node.runtime import EDGE_ONLY, LOCAL_FALLBACK, EdgeRuntime
+from edge_node.runtime import EdgeRuntime, Inflight
 from partitioner.loaded import LoadedModel
+from partitioner.placement import Placement
 from protos.errors import InvalidArgument, ResourceExhausted
 
 pytestmark = [pytest.mark.integration]
@@ -19,8 +20,11 @@ pytestmark = [pytest.mark.integration]
 
 @pytest.fixture()
 def runtime(local_model: LoadedModel):
-    link = CloudLink("127.0.0.1:1", local_model, LinkMonitor(), Reconnect(0.05, 0.1, 0.5), 1 << 20, 1 << 24)
-    yield EdgeRuntime(local_model, link, request_timeout_s=2.0, max_inflight=2)
+    inflight = Inflight(2)
+    link = CloudLink(
+        "127.0.0.1:1", local_model, LinkMonitor(), Reconnect(0.05, 0.1, 0.5), 1 << 20, 1 << 24, in_use=inflight.in_use
+    ).start()
+    yield EdgeRuntime(local_model, link, request_timeout_s=2.0, inflight=inflight)
     link.close()
 
 
@@ -28,13 +32,13 @@ def test_unreachable_cloud_means_exact_local_answers(runtime: EdgeRuntime, local
     x = synthetic_images(1, local_model.input_shape, seed=2)
     with torch.inference_mode():
         ref = local_model.module(x)
-    runtime.pin("layer3_0_relu", EncodingSpec.parse("int4"))
+    runtime.pin(Placement.SPLIT, "layer3_0_relu", EncodingSpec.parse("int4"))
     outcome = runtime.infer([x])
-    assert outcome.placement == LOCAL_FALLBACK and "cloud unreachable" in outcome.note
+    assert outcome.placement == Placement.LOCAL_FALLBACK and "cloud unreachable" in outcome.note
     assert torch.equal(outcome.outputs[0], ref)
-    runtime.pin("edge", EncodingSpec())
+    runtime.pin(Placement.EDGE_ONLY)
     outcome = runtime.infer([x])
-    assert outcome.placement == EDGE_ONLY and torch.equal(outcome.outputs[0], ref)
+    assert outcome.placement == Placement.EDGE_ONLY and torch.equal(outcome.outputs[0], ref)
     assert runtime.counters.requests == 2 and runtime.counters.fallback == 1 and runtime.counters.edge_only == 1
 
 
@@ -46,13 +50,16 @@ def test_bad_inputs_and_cuts_name_the_problem(runtime: EdgeRuntime) -> None:
     with pytest.raises(InvalidArgument, match="takes 1 tensor"):
         runtime.infer([])
     with pytest.raises(InvalidArgument, match="cut: .*no_such_cut"):
-        runtime.pin("no_such_cut", EncodingSpec())
+        runtime.pin(Placement.SPLIT, "no_such_cut")
 
 
 def test_too_many_requests_in_flight(runtime: EdgeRuntime, local_model: LoadedModel) -> None:
-    runtime._inflight = runtime.max_inflight  # as if two requests were running
+    for _ in range(runtime.max_inflight):  # as if two requests were running
+        runtime.inflight_requests.enter(None)
     with pytest.raises(ResourceExhausted, match="max_inflight 2"):
         runtime.infer([synthetic_images(1, local_model.input_shape)])
+    runtime.inflight_requests.leave(None)
+    assert runtime.infer([synthetic_images(1, local_model.input_shape)]).placement == Placement.EDGE_ONLY
 
 
 def test_plan_switches_under_load_fall_back_for_nothing(cloud, local_model: LoadedModel) -> None:
@@ -60,12 +67,18 @@ def test_plan_switches_under_load_fall_back_for_nothing(cloud, local_model: Load
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from edge_node.runtime import SPLIT
-
+    inflight = Inflight(16)
     link = CloudLink(
-        cloud.address, local_model, LinkMonitor(), Reconnect(0.05, 0.5, 5.0), 1 << 20, 1 << 26, drain_s=10.0
-    )
-    runtime = EdgeRuntime(local_model, link, request_timeout_s=10.0, max_inflight=16)
+        cloud.address,
+        local_model,
+        LinkMonitor(),
+        Reconnect(0.05, 0.5, 5.0),
+        1 << 20,
+        1 << 26,
+        drain_s=10.0,
+        in_use=inflight.in_use,
+    ).start()
+    runtime = EdgeRuntime(local_model, link, request_timeout_s=10.0, inflight=inflight)
     cuts = ["layer2_0_relu", "layer3_0_relu"]
     x = synthetic_images(1, local_model.input_shape, seed=4)
     with torch.inference_mode():
@@ -79,18 +92,18 @@ def test_plan_switches_under_load_fall_back_for_nothing(cloud, local_model: Load
         return outcomes
 
     try:
-        runtime.pin(cuts[0], EncodingSpec.parse("int8"))
+        runtime.pin(Placement.SPLIT, cuts[0], EncodingSpec.parse("int8"))
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(client) for _ in range(3)]
             for i in range(8):  # a switch every 0.25 s while three clients keep requests in flight
-                runtime.pin(cuts[(i + 1) % 2], EncodingSpec.parse("int8"))
+                runtime.pin(Placement.SPLIT, cuts[(i + 1) % 2], EncodingSpec.parse("int8"))
                 stop.wait(0.25)
             stop.set()
             outcomes = [o for f in futures for o in f.result(timeout=60)]
     finally:
         stop.set()
         link.close()
-    notes = {o.note for o in outcomes if o.placement != SPLIT}
+    notes = {o.note for o in outcomes if o.placement != Placement.SPLIT}
     assert len(outcomes) >= 8 and not notes, notes
     for o in outcomes:
         assert float((o.outputs[0] - ref).abs().max() / ref.abs().max()) < 0.05

@@ -239,7 +239,7 @@ def test_a_job_past_its_timeout_is_killed_and_failed(tmp_path: Path) -> None:
         assert seen.state == FAILED and "jobs.sandbox.timeout_s" in seen.message, seen
         assert not list(m.store.tmp_dir.iterdir())  # its scratch directory is gone with it
     finally:
-        m.stop()
+        m.close()
 
 
 def test_retention_deletes_old_finished_jobs_and_unused_uploads(tmp_path: Path) -> None:

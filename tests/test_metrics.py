@@ -347,7 +347,8 @@ def test_daemons_count_what_they_served(daemons) -> None:
         assert total(c, "cleave_cloud_received_bytes_total") == sent + frame_bytes
         assert total(c, "cleave_cloud_sent_bytes_total") == received + result.ByteSize()
         opened = total(c, "grpc_server_handled_total", grpc_method="OpenSession", grpc_code="OK")
-        assert opened == total(e, "cleave_edge_reconnects_total") >= 2
+        assert opened == total(e, "cleave_edge_sessions_opened_total") >= 2
+        assert total(e, "cleave_edge_reconnects_total") == 0  # every session so far opened for a new cut
         assert total(c, "grpc_server_handled_total", grpc_method="OpenSession", grpc_code="INVALID_ARGUMENT") == 1
         assert total(c, "grpc_server_handled_total", grpc_method="CloseSession", grpc_code="OK") == 1
         assert total(c, "grpc_server_handled_total", grpc_method="Infer", grpc_code="OK") >= 1  # my stream ended

@@ -149,7 +149,7 @@ def edge_status_after_idle(
     tmp_path: Path, cloud_keepalive: dict, hold_s: float = 8.0
 ) -> tuple[int, int, edge_pb2.EdgeInferResponse]:
     """A real cloud with ``cloud_keepalive`` and an edge pinging every second, the edge's stream to
-    the cloud open and idle for ``hold_s``: (reconnects before, reconnects after, an inference after)."""
+    the cloud open and idle for ``hold_s``: (sessions opened before, after, an inference after)."""
     fast = {"interval_ms": 1000, "timeout_ms": 5000}
     (tmp_path / "cloud.yaml").write_text(
         yaml.safe_dump({"models": [MODEL], "torch_threads": 1, "keepalive": cloud_keepalive})
@@ -169,9 +169,9 @@ def edge_status_after_idle(
         try:
             x = synthetic_images(1, tuple(MODEL["input_shape"]), seed=1)
             client.infer(x)  # the stream to the cloud is up and has carried a request
-            before = client.status().counters.reconnects
+            before = client.status().counters.sessions_opened
             time.sleep(hold_s)  # idle: only keepalive pings cross the link
-            after = client.status().counters.reconnects
+            after = client.status().counters.sessions_opened
             return before, after, client.infer(x)
         finally:
             client.close()

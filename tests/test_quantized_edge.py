@@ -13,10 +13,12 @@ from edge_node.autoplan import AutoPlanner
 from edge_node.cloud_link import CloudLink
 from edge_node.config import AutoPlanSettings, Reconnect
 from edge_node.link import LinkMonitor
-from edge_node.runtime import LOCAL_FALLBACK, EdgeRuntime
+from edge_node.runtime import EdgeRuntime
+from edge_node.servicer import plan_to_proto
 from partitioner.costmodel import SPLIT, Breakdown, Candidate
 from partitioner.loaded import LoadedModel
 from partitioner.models import calibration_batch
+from partitioner.placement import Placement
 from partitioner.planner import Scored
 from protos.cleave.v1 import edge_pb2
 
@@ -29,7 +31,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture()
 def runtime(local_model: LoadedModel):
-    link = CloudLink("127.0.0.1:1", local_model, LinkMonitor(), Reconnect(0.05, 0.1, 0.5), 1 << 20, 1 << 24)
+    link = CloudLink("127.0.0.1:1", local_model, LinkMonitor(), Reconnect(0.05, 0.1, 0.5), 1 << 20, 1 << 24).start()
     yield EdgeRuntime(local_model, link, request_timeout_s=2.0)
     link.close()
 
@@ -38,20 +40,20 @@ def test_int8_and_packed_heads_run_and_are_reported(runtime: EdgeRuntime, local_
     x = calibration_batch(local_model.input_shape, 1, seed=11)
     with torch.inference_mode():
         ref = local_model.module(x)
-    float_plan = runtime.pin(CUT, EncodingSpec(), weight_bits=32)
-    assert float_plan.weight_bits == {} and not float_plan.to_proto("m").weight_bits
-    plan = runtime.pin(CUT, EncodingSpec(), weight_bits=8)
+    float_plan = runtime.pin(SPLIT, CUT, weight_bits=32)
+    assert float_plan.weight_bits == {} and not plan_to_proto(float_plan, "m").weight_bits
+    plan = runtime.pin(SPLIT, CUT, weight_bits=8)
     assert plan.weight_bits and set(plan.weight_bits.values()) == {8}
-    assert dict(plan.to_proto("m").weight_bits) == plan.weight_bits
+    assert dict(plan_to_proto(plan, "m").weight_bits) == plan.weight_bits
     assert type(plan.head).__name__ == "QuantizedHead"
     out = runtime.infer([x])  # the cloud is unreachable: the float tail runs here on int8 features
-    assert out.placement == LOCAL_FALLBACK
+    assert out.placement == Placement.LOCAL_FALLBACK
     assert cosine(out.outputs[0], ref) >= 0.99 and not torch.equal(out.outputs[0], ref)
-    packed = runtime.pin(CUT, EncodingSpec(), weight_bits={next(iter(plan.weight_bits)): 4})
+    packed = runtime.pin(SPLIT, CUT, weight_bits={next(iter(plan.weight_bits)): 4})
     assert sorted(set(packed.weight_bits.values())) == [4, 32]
     assert cosine(runtime.infer([x]).outputs[0], ref) >= 0.95
     with pytest.raises(Exception, match="weight_bits"):
-        runtime.pin(CUT, EncodingSpec(), weight_bits={"no.such.layer": 8})
+        runtime.pin(SPLIT, CUT, weight_bits={"no.such.layer": 8})
 
 
 def test_autoplanner_allocates_bits_for_a_split(runtime: EdgeRuntime, local_model: LoadedModel) -> None:
@@ -61,7 +63,7 @@ def test_autoplanner_allocates_bits_for_a_split(runtime: EdgeRuntime, local_mode
     candidate = Candidate(SPLIT, cut.index, cut.name, "int8", 1000, 100, 1.0, 0.1, 0.1, 1.0, 10**9)
     bits = planner.weight_bits_for(Scored(candidate, Breakdown(), 1.0))
     assert bits and set(bits.values()) <= {2, 4, 6, 8}
-    plan = runtime.pin(cut.index, EncodingSpec.parse("int8"), weight_bits=bits)
+    plan = runtime.pin(SPLIT, cut.index, EncodingSpec.parse("int8"), weight_bits=bits)
     assert plan.weight_bits == bits
     assert planner.weight_bits_for(Scored(candidate, Breakdown(), 1.0)) == bits  # cached per model
     off = AutoPlanner(local_model, runtime, None, LinkMonitor(), AutoPlanSettings(), allocate_head_bits=False)

@@ -292,7 +292,7 @@ def test_edge_with_a_wrong_token_is_refused_not_served(cloud: DaemonProcess, pki
         64 << 20,
         tls=client_tls(pki),
         token="stolen-or-stale",
-    )
+    ).start()
     try:
         link.want(CUT)
         assert not link.reachable and "invalid bearer token" in link.last_error

@@ -58,7 +58,8 @@ class JobManager:
         self.store = JobStore(config.dir)
         self._changed = threading.Condition()
         self._version = 0
-        self._cancel: dict[str, threading.Event] = {}
+        self._cancel: dict[str, threading.Event] = {}  # running job -> its cancel event, under _cancel_lock
+        self._cancel_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._mp = multiprocessing.get_context("spawn")
@@ -102,6 +103,7 @@ class JobManager:
             log.warning("job store: removed %s", what)
 
     def start(self) -> None:
+        """Start the job workers (``jobs.concurrency``) and the retention thread; :meth:`close` stops them."""
         for i in range(self.config.concurrency):
             t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
             t.start()
@@ -110,10 +112,12 @@ class JobManager:
         t.start()
         self._threads.append(t)
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """Stop taking jobs; kill running job processes; they are re-queued for the next start."""
         self._stopping.set()
-        for event in list(self._cancel.values()):
+        with self._cancel_lock:
+            events = list(self._cancel.values())
+        for event in events:
             event.set()
         self._notify()
         for t in self._threads:
@@ -260,7 +264,8 @@ class JobManager:
             raise FailedPrecondition(f"job_id: job {job_id} is already {job.state}")
         now = time.time()
         if self.store.update(job_id, only_if=[QUEUED, RUNNING], state=CANCELLED, stage="cancelled", finished_at=now):
-            event = self._cancel.get(job_id)
+            with self._cancel_lock:
+                event = self._cancel.get(job_id)
             if event is not None:
                 event.set()
         self._notify()
@@ -437,7 +442,8 @@ class JobManager:
     def _run(self, job: JobRecord) -> None:
         workdir = self.store.temp_path()
         workdir.mkdir()
-        cancel = self._cancel.setdefault(job.id, threading.Event())
+        with self._cancel_lock:
+            cancel = self._cancel.setdefault(job.id, threading.Event())
 
         def progress(msg: tuple) -> None:
             self.store.update(job.id, only_if=[RUNNING], progress=float(msg[1]), stage=str(msg[2])[:200])
@@ -484,7 +490,8 @@ class JobManager:
             if not self.store.finish(job.id, records, report):
                 shutil.rmtree(self.store.artifacts_dir / job.id, ignore_errors=True)
         finally:
-            self._cancel.pop(job.id, None)
+            with self._cancel_lock:
+                self._cancel.pop(job.id, None)
             shutil.rmtree(workdir, ignore_errors=True)
 
     # Retention.

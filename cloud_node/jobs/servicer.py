@@ -54,7 +54,7 @@ class CompressionServicer(pb_grpc.CompressionServicer):
 
     def close(self) -> None:
         """Stop the job workers (running jobs are re-queued for the next start)."""
-        self.manager.stop()
+        self.manager.close()
 
     @maps_errors
     def UploadModel(self, request_iterator: Iterator[pb.UploadChunk], context: grpc.ServicerContext):

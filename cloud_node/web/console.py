@@ -46,7 +46,7 @@ def sessions_json(backends: Backends) -> list[dict[str, Any]]:
     now = time.monotonic()
     out = []
     for s in backends.sessions.snapshot():
-        timings = list(s.timings)
+        requests, features, feature_bytes, timings = s.recent()
         stages = ("queue_ms", "decode_ms", "compute_ms", "encode_ms")
         mean = {k: sum(t[i + 1] for t in timings) / len(timings) for i, k in enumerate(stages)} if timings else {}
         out.append(
@@ -55,9 +55,9 @@ def sessions_json(backends: Backends) -> list[dict[str, Any]]:
                 "client": s.client,
                 "model": s.model.name,
                 "cut": {"index": s.cut.index, "name": s.cut.name, "nbytes": s.cut.nbytes},
-                "features": s.features,
-                "feature_bytes": s.feature_bytes,
-                "requests": s.requests,
+                "features": features,
+                "feature_bytes": feature_bytes,
+                "requests": requests,
                 "idle_s": round(now - s.last_used, 1),
                 "cloud_ms_mean": mean,
                 "cloud_ms_history": [[round(v, 3) for v in t] for t in timings[-60:]],

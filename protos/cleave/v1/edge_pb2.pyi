@@ -146,7 +146,7 @@ class LinkStatus(_message.Message):
     def __init__(self, rtt_ms: _Optional[float] = ..., up_mbps: _Optional[float] = ..., down_mbps: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class Counters(_message.Message):
-    __slots__ = ("requests", "split", "edge_only", "cloud_only", "fallback", "errors", "bytes_up", "bytes_down", "reconnects", "plan_switches")
+    __slots__ = ("requests", "split", "edge_only", "cloud_only", "fallback", "errors", "bytes_up", "bytes_down", "reconnects", "plan_switches", "sessions_opened")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     EDGE_ONLY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class Counters(_message.Message):
     BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     RECONNECTS_FIELD_NUMBER: _ClassVar[int]
     PLAN_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
     requests: int
     split: int
     edge_only: int
@@ -167,7 +168,8 @@ class Counters(_message.Message):
     bytes_down: int
     reconnects: int
     plan_switches: int
-    def __init__(self, requests: _Optional[int] = ..., split: _Optional[int] = ..., edge_only: _Optional[int] = ..., cloud_only: _Optional[int] = ..., fallback: _Optional[int] = ..., errors: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., reconnects: _Optional[int] = ..., plan_switches: _Optional[int] = ...) -> None: ...
+    sessions_opened: int
+    def __init__(self, requests: _Optional[int] = ..., split: _Optional[int] = ..., edge_only: _Optional[int] = ..., cloud_only: _Optional[int] = ..., fallback: _Optional[int] = ..., errors: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., reconnects: _Optional[int] = ..., plan_switches: _Optional[int] = ..., sessions_opened: _Optional[int] = ...) -> None: ...
 
 class EdgeStatus(_message.Message):
     __slots__ = ("model", "fingerprint", "input_shape", "cloud", "cloud_reachable", "cloud_error", "link", "plan", "queue_depth", "counters", "mean_latency_ms", "auto_plan", "planner_error")

@@ -1,0 +1,231 @@
+"""One placement type: its spellings, its conversion to the wire (only in the servicer), the runtime's
+explicit pin arguments, and the small thread-safety pieces the runtime and autoplanner rest on."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from compressor import EncodingSpec
+from edge_node.autoplan import AutoPlanner, runtime_plan
+from edge_node.config import AutoPlanSettings
+from edge_node.runtime import BuildOnce, EdgeRuntime, Inflight
+from edge_node.servicer import pin_target, placement_from_proto, placement_to_proto, plan_to_proto
+from partitioner import costmodel
+from partitioner.loaded import LoadedModel
+from partitioner.placement import Placement, parse_pin
+from protos.cleave.v1 import edge_pb2
+from protos.errors import InvalidArgument, ResourceExhausted
+
+CUT = "layer3_0_relu"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("edge", (Placement.EDGE_ONLY, None)),
+        ("cloud", (Placement.CLOUD_ONLY, None)),
+        ("0", (Placement.CLOUD_ONLY, None)),
+        (0, (Placement.CLOUD_ONLY, None)),
+        ("12", (Placement.SPLIT, 12)),
+        (12, (Placement.SPLIT, 12)),
+        (" layer3_0_relu ", (Placement.SPLIT, "layer3_0_relu")),
+    ],
+)
+def test_cli_and_yaml_spellings_parse_once(text, expected) -> None:
+    assert parse_pin(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("auto", "not a fixed"), ("", "empty"), ("-3", "negative"), (-1, "negative"), (True, "expected")],
+)
+def test_bad_spellings_name_the_cut(text, message) -> None:
+    with pytest.raises(ValueError, match=f"cut: .*{message}"):
+        parse_pin(text)
+
+
+def test_one_type_for_the_planner_and_the_runtime() -> None:
+    # The cost model's names are the members themselves, not look-alike strings or wire ints.
+    assert costmodel.EDGE_ONLY is Placement.EDGE_ONLY and costmodel.SPLIT is Placement.SPLIT
+    assert costmodel.CLOUD_ONLY is Placement.CLOUD_ONLY
+    # Strings where strings are wanted: JSON and metric labels see "edge", "split", ...
+    assert json.dumps({"kind": Placement.EDGE_ONLY}) == '{"kind": "edge"}' and str(Placement.SPLIT) == "split"
+    assert Placement.EDGE_ONLY != edge_pb2.EDGE_ONLY  # never equal to the wire's int by accident
+
+
+def test_wire_conversion_round_trips_and_refuses_unknown_values() -> None:
+    for placement in Placement:
+        value = placement_to_proto(placement)
+        assert edge_pb2.Placement.Name(value) == placement.name
+        assert placement_from_proto(value) is placement
+    with pytest.raises(InvalidArgument, match="plan.placement: PLACEMENT_UNSPECIFIED"):
+        placement_from_proto(edge_pb2.PLACEMENT_UNSPECIFIED, "plan.placement")
+    with pytest.raises(InvalidArgument, match="placement: 99"):
+        placement_from_proto(99)
+
+
+def test_replan_messages_map_to_explicit_pins() -> None:
+    assert pin_target(edge_pb2.Plan(placement=edge_pb2.EDGE_ONLY, cut_index=5)) == (Placement.EDGE_ONLY, None)
+    assert pin_target(edge_pb2.Plan(placement=edge_pb2.CLOUD_ONLY)) == (Placement.CLOUD_ONLY, None)
+    assert pin_target(edge_pb2.Plan(placement=edge_pb2.SPLIT, cut_index=7)) == (Placement.SPLIT, 7)
+    assert pin_target(edge_pb2.Plan(placement=edge_pb2.SPLIT, cut_name="x", cut_index=7)) == (Placement.SPLIT, "x")
+    # Older clients send no placement: a cut is a split, cut index 0 alone is the input (cloud-only).
+    assert pin_target(edge_pb2.Plan(cut_index=4)) == (Placement.SPLIT, 4)
+    assert pin_target(edge_pb2.Plan()) == (Placement.CLOUD_ONLY, None)
+    with pytest.raises(InvalidArgument, match="plan.placement: LOCAL_FALLBACK"):
+        pin_target(edge_pb2.Plan(placement=edge_pb2.LOCAL_FALLBACK))
+
+
+class FakeLink:
+    """Records the sessions the runtime asks for; no network."""
+
+    def __init__(self) -> None:
+        self.wanted: list[int | None] = []
+
+    def want(self, cut_index: int | None) -> None:
+        self.wanted.append(cut_index)
+
+
+@pytest.fixture()
+def runtime(local_model: LoadedModel) -> EdgeRuntime:
+    return EdgeRuntime(local_model, FakeLink(), request_timeout_s=1.0)  # type: ignore[arg-type]
+
+
+def test_pin_takes_a_placement_and_a_cut(runtime: EdgeRuntime, local_model: LoadedModel) -> None:
+    split = runtime.pin(Placement.SPLIT, CUT, EncodingSpec.parse("int8"))
+    assert split.placement is Placement.SPLIT and split.cut.name == CUT and split.spec == EncodingSpec.parse("int8")
+    by_index = runtime.pin(Placement.SPLIT, split.cut.index)
+    assert by_index.cut == split.cut and by_index.head is split.head  # one cache of split parts
+    cloud = runtime.pin(Placement.CLOUD_ONLY)
+    assert cloud.placement is Placement.CLOUD_ONLY and cloud.cut.index == 0
+    edge = runtime.pin(Placement.EDGE_ONLY)
+    assert edge.placement is Placement.EDGE_ONLY and edge.cut is None and runtime.plan is edge
+    assert runtime.link.wanted == [split.cut.index, split.cut.index, 0, None]
+    proto = plan_to_proto(split, "m")
+    assert proto.placement == edge_pb2.SPLIT and proto.cut_index == split.cut.index and proto.cut_name == CUT
+
+
+@pytest.mark.parametrize(
+    ("placement", "cut", "message"),
+    [
+        (Placement.EDGE_ONLY, CUT, "cut: an edge-only plan has no cut"),
+        (Placement.SPLIT, None, "cut: a split plan needs a cut"),
+        (Placement.SPLIT, 0, "cut: 0 is the model's input"),
+        (Placement.SPLIT, "no_such_cut", "cut: .*no_such_cut"),
+        (Placement.CLOUD_ONLY, CUT, "cut: a cloud-only plan sends the input"),
+        (Placement.LOCAL_FALLBACK, None, "placement: .*not a plan"),
+        ("edge", None, "placement: 'edge' is not a plan"),  # the old magic string is refused, not guessed
+    ],
+)
+def test_bad_pins_name_the_argument_and_change_nothing(runtime: EdgeRuntime, placement, cut, message) -> None:
+    before = runtime.plan
+    with pytest.raises(InvalidArgument, match=message):
+        runtime.pin(placement, cut)
+    assert runtime.plan is before and runtime.link.wanted == [] and runtime.counters.plan_switches == 0
+
+
+def test_runtime_plan_of_each_candidate_kind() -> None:
+    edge = SimpleNamespace(kind=Placement.EDGE_ONLY, cut_index=-1, encoding="")
+    cloud = SimpleNamespace(kind=Placement.CLOUD_ONLY, cut_index=0, encoding="int8c")
+    split = SimpleNamespace(kind=Placement.SPLIT, cut_index=9, encoding="int4")
+    assert runtime_plan(edge) == (Placement.EDGE_ONLY, None, EncodingSpec())
+    assert runtime_plan(cloud)[:2] == (Placement.CLOUD_ONLY, 0)
+    assert runtime_plan(split) == (Placement.SPLIT, 9, EncodingSpec.parse("int4"))
+
+
+def test_build_once_builds_each_key_once_under_a_race() -> None:
+    cache: BuildOnce[object] = BuildOnce()
+    builds: list[str] = []
+    start = threading.Barrier(8)
+    results: list[object] = []
+
+    def build(key: str) -> object:
+        builds.append(key)
+        time.sleep(0.2)  # long enough for every other caller to arrive meanwhile
+        return object()
+
+    def caller(key: str) -> None:
+        start.wait()
+        results.append((key, cache.get(key, lambda: build(key))))
+
+    threads = [threading.Thread(target=caller, args=("ab"[i % 2],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(builds) == ["a", "b"]
+    for key in "ab":
+        assert len({id(v) for k, v in results if k == key}) == 1  # every caller got the one build
+    assert len(cache) == 2
+
+
+def test_build_once_does_not_cache_a_failure() -> None:
+    cache: BuildOnce[int] = BuildOnce()
+
+    def fail() -> int:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        cache.get("k", fail)
+    assert cache.get("k", lambda: 3) == 3 and cache.get("k", fail) == 3
+
+
+def test_inflight_counts_per_cut_and_the_plan_in_force() -> None:
+    inflight = Inflight(2)
+    inflight.enter(4)
+    inflight.enter(None)
+    with pytest.raises(ResourceExhausted, match="max_inflight 2"):
+        inflight.enter(4)
+    assert inflight.in_use(4) and not inflight.in_use(5) and inflight.count == 2
+    inflight.leave(4)
+    assert not inflight.in_use(4)
+    inflight.switched(4)  # the plan in force sends at 4: its stream is in use without a request
+    assert inflight.in_use(4)
+    inflight.switched(None)
+    assert not inflight.in_use(4)
+
+
+def test_a_manual_pin_comes_after_an_automatic_pin_in_flight() -> None:
+    """The planning thread checks "enabled" and pins as one step: a manual pin waits for it, then wins."""
+    pins: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_pin(placement, cut, spec, **kwargs) -> None:
+        entered.set()
+        release.wait(5)
+        pins.append(kwargs["reason"])
+
+    runtime = SimpleNamespace(pin=slow_pin, head_bits=32)
+    auto = AutoPlanner(None, runtime, None, None, AutoPlanSettings())  # type: ignore[arg-type]
+    scored = SimpleNamespace(candidate=SimpleNamespace(kind=Placement.EDGE_ONLY), predicted=None)
+    automatic = threading.Thread(target=auto.apply, args=(scored, "auto"))
+    automatic.start()
+    assert entered.wait(5)
+
+    def manual() -> None:
+        auto.pin_manually()
+        pins.append("manual")
+
+    person = threading.Thread(target=manual)
+    person.start()
+    time.sleep(0.2)
+    assert pins == [] and person.is_alive()  # waiting for the automatic pin to finish
+    release.set()
+    automatic.join(5)
+    person.join(5)
+    assert pins == ["auto", "manual"] and not auto.enabled
+    assert auto.apply(scored, "auto again") is False and pins == ["auto", "manual"]  # planning stays off
+    assert auto.apply(scored, "replan", enable=True) is True and pins[-1] == "replan" and auto.enabled
+
+
+def test_the_edge_daemon_refuses_a_bad_cut_before_it_listens() -> None:
+    from edge_node.main import parse_args, settings
+
+    assert settings(parse_args(["--model", "resnet18", "--cut", "edge"])).plan.cut == "edge"
+    with pytest.raises(ValueError, match="cut: -2 is negative"):
+        settings(parse_args(["--model", "resnet18", "--cut=-2"]))
