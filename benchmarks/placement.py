@@ -16,11 +16,12 @@ then lets the edge daemon plan by itself (``cut: auto``: its own profile, the cl
   **cloud-only JPEG** and **WebP** (quality 90), **Neurosurgeon-style** (the best cut with uncompressed fp32
   features "raw+none", or edge-only), **Cleave** and the oracle.
 
-Edge speed (``--speeds``, slowdown factors): the cloud daemon runs one torch thread, unrestricted. Before the cloud
-starts, one process in the edge namespace times the whole model on one full core, then under CPU quotas, correcting
-the quota by the measured factor until the edge's whole-model latency is that many times slower (within
-``--speed-tolerance``); the achieved factor is recorded (``speed_achieved``), and the driver also records the
-ratio of the two daemons' own profiles (``edge_slowdown``). ``--speeds none`` uses one fixed ``--edge-cpu`` quota.
+Edge speed (``--speeds``, slowdown factors): the cloud daemon runs one torch thread, unrestricted, and profiles
+itself first, alone (its whole-model latency is the reference). Then one process in the edge namespace times the
+whole model under CPU quotas, correcting the quota by the measured factor until the edge's whole-model latency is
+that many times the cloud's (within ``--speed-tolerance``); the achieved factor is recorded (``speed_achieved``),
+and the driver also records the ratio of the two daemons' own profiles (``edge_slowdown``). ``--speeds none``
+uses one fixed ``--edge-cpu`` quota.
 
 Set-up (needs root; ``benchmarks/netlab.py``): two network namespaces joined by a veth pair, shaped with tbf at
 each bandwidth in both directions. The cloud daemon runs in the cloud namespace on 127.0.0.1; a ``DelayRelay`` in
@@ -44,7 +45,7 @@ Prediction errors compare the planner's prediction with the edge daemon's own re
 which is what the latency model describes (it leaves out the app's local call into the daemon). The Cleave row is
 measured under automatic planning; ``auto/pin`` compares it with the same plan pinned.
 
-    sudo .venv/bin/python benchmarks/placement.py --cuts 6 --top 3 --repeats 3     # the 3 x 4 real grid
+    sudo .venv/bin/python benchmarks/placement.py                                  # the 3 x 4 real grid
     sudo .venv/bin/python benchmarks/placement.py --speeds 10 --bandwidths 20        # one cell
     sudo .venv/bin/python benchmarks/placement.py --speeds 30 --append ...           # add a speed to the results
     sudo .venv/bin/python benchmarks/placement.py --speeds none --edge-cpu 0.5 --models resnet50,mobilenet_v2 \
@@ -254,14 +255,14 @@ class LineChild:
         self.proc.wait()
 
 
-def calibrate_speeds(lab: NetLab, args: argparse.Namespace, entry: dict[str, Any]) -> dict[str, Any]:
-    """The CPU quota that makes the edge ``speed`` times slower than one unrestricted core, for each speed.
+def calibrate_speeds(lab: NetLab, args: argparse.Namespace, entry: dict[str, Any], cloud_ms: float) -> dict[str, Any]:
+    """The CPU quota that makes the edge ``speed`` times slower than the cloud, for each speed.
 
-    One process in the edge namespace loads the model (``--edge-threads`` torch threads, as the edge daemon runs it)
-    and times the whole model on a request input, first on one full core (the cloud's speed: the cloud daemon runs
-    one thread, unrestricted), then under quotas: starting from ``1 / speed`` core, the quota is corrected by the
-    measured factor until the achieved slowdown is within ``--speed-tolerance`` (at most ``--speed-tries`` times).
-    What was achieved is recorded, not assumed.
+    ``cloud_ms``: the cloud daemon's own profiled whole-model latency (one torch thread, unrestricted). One process
+    in the edge namespace loads the model (``--edge-threads`` torch threads, as the edge daemon runs it) and times
+    the whole model on a request input, first without a quota (recorded), then under quotas: starting from
+    ``full-core time / cloud_ms / speed`` core, the quota is corrected by the measured factor until the achieved
+    slowdown is within ``--speed-tolerance`` (at most ``--speed-tries`` times). What was achieved is recorded.
     """
     argv = [sys.executable, str(THIS_FILE), "calibrate", "--entry", json.dumps(entry)]
     argv += ["--edge-threads", str(args.edge_threads)]
@@ -270,13 +271,18 @@ def calibrate_speeds(lab: NetLab, args: argparse.Namespace, entry: dict[str, Any
     )
     child = LineChild(proc)
     try:
-        set_cfs_period(lab, proc.pid, 1.0, args.cfs_period_ms)
+        (lab_cgroup(lab, proc.pid) / "cpu.cfs_quota_us").write_text("-1")  # no quota yet
         child.ask(None, args.ready_timeout_s)  # loaded and warm
-        base_ms = child.ask("10", args.ready_timeout_s)["ms"]
-        print(f"[placement] {entry['name']}: whole model {base_ms:.1f} ms on one unrestricted core", flush=True)
+        full_ms = child.ask("10", args.ready_timeout_s)["ms"]
+        base_ms = cloud_ms
+        print(
+            f"[placement] {entry['name']}: whole model {base_ms:.1f} ms in the cloud (its profile), {full_ms:.1f} ms "
+            "in the edge's namespace without a quota",
+            flush=True,
+        )
         speeds = {}
         for speed in args.speeds:
-            quota, tries = min(1.0, 1.0 / speed), []
+            quota, tries = min(1.0, full_ms / base_ms / speed), []
             for _ in range(args.speed_tries):
                 period = set_cfs_period(lab, proc.pid, quota, args.cfs_period_ms)
                 runs = max(3, min(10, round(3000 / (base_ms * speed))))  # about 3 s of work, 3 to 10 runs
@@ -288,7 +294,7 @@ def calibrate_speeds(lab: NetLab, args: argparse.Namespace, entry: dict[str, Any
                 quota = min(1.0, max(0.01, quota * (ms / base_ms) / speed))
             best = min(tries, key=lambda t: abs(t["factor"] / speed - 1))
             speeds[f"{speed:g}"] = {"target": speed, **best, "tries": tries}
-        return {"base_ms": base_ms, "threads": args.edge_threads, "speeds": speeds}
+        return {"base_ms": base_ms, "edge_full_core_ms": full_ms, "threads": args.edge_threads, "speeds": speeds}
     finally:
         child.stop()
 
@@ -370,6 +376,30 @@ def prewarm_child(args: argparse.Namespace) -> int:
                 best = planner.best(Link(mbit * factor, mbit * factor, 2 * args.delay_ms))
             log(f"prewarm {speed:g}x {mbit:g} Mbit/s: {best.candidate.label}")
     return 0
+
+
+def cloud_profile_child(args: argparse.Namespace) -> int:
+    """The ``cloudprofile`` subcommand: ask the cloud for its profile at the edge's input shape, as the edge will
+    (it measures and caches it now), waiting for the cloud to come up. Imports no torch."""
+    import grpc
+
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
+    entry = json.loads(args.entry)
+    request = si_pb2.ProfileRequest(model=entry["name"], input_shape=entry["input_shape"])
+    deadline = time.monotonic() + args.ready_timeout_s
+    with grpc.insecure_channel(args.cloud) as channel:
+        while True:
+            try:
+                reply = si_grpc.SplitInferenceStub(channel).Profile(request, timeout=args.ready_timeout_s)
+                log(f"cloud profile of {entry['name']}: whole model {reply.total_ms:.1f} ms")
+                print(reply.total_ms, flush=True)
+                return 0
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(1.0)
 
 
 def run_model(
@@ -463,14 +493,22 @@ def run(args: argparse.Namespace) -> int:
             return 2
     earlier_s = report.get("seconds", 0.0)
     with NetLab(name="placement") as lab, open(workdir / "cloud.log", "ab") as cloud_log:
-        # Before the cloud starts: nothing else runs while the quotas are calibrated.
-        calibrations = {m: calibrate_speeds(lab, args, entries[m]) for m in args.models} if args.speeds else {}
-        report["config"]["speed_calibration"] = {**report["config"].get("speed_calibration", {}), **calibrations}
         argv = [sys.executable, "-m", "cloud_node.main", "--config", str(cloud_yaml)]
         argv += ["--threads", str(args.cloud_threads)] if args.cloud_threads else []
         env = daemon_env(workdir / "cache" / "cloud")
         lab.popen(lab.cloud_ns, argv, stdout=cloud_log, stderr=cloud_log, cwd=ROOT, env=env)
         relay = lab.relay(lab.cloud_ns, f"{lab.cloud_ip}:0", f"127.0.0.1:{CLOUD_PORT}", args.delay_ms)
+        cloud_ms = {}
+        for model in args.models:  # the cloud profiles itself now, alone, not while an edge daemon starts up
+            argv = [sys.executable, str(THIS_FILE), "cloudprofile", "--cloud", relay.address]
+            argv += ["--entry", json.dumps(entries[model])]
+            done = lab.run(lab.edge_ns, argv, timeout=args.ready_timeout_s, cwd=ROOT, env=daemon_env(workdir))
+            print(done.stderr, end="", flush=True)
+            done.check_returncode()
+            cloud_ms[model] = float(done.stdout.strip().splitlines()[-1])
+        # The cloud idles meanwhile: nothing else runs while the quotas are calibrated against its profile.
+        calibrations = {m: calibrate_speeds(lab, args, entries[m], cloud_ms[m]) for m in args.models if args.speeds}
+        report["config"]["speed_calibration"] = {**report["config"].get("speed_calibration", {}), **calibrations}
         for model in args.models:
             for speed in [calibrations[model]["speeds"][f"{v:g}"] for v in args.speeds] if args.speeds else [None]:
                 cpu = speed["quota"] if speed else args.edge_cpu
@@ -1308,7 +1346,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cmd",
         nargs="?",
         default="run",
-        choices=["run", "drive", "report", "calibrate", "prewarm"],
+        choices=["run", "drive", "report", "calibrate", "prewarm", "cloudprofile"],
         help="run (default); report: table and plots again from the JSON; drive: internal (the driver)",
     )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
@@ -1316,9 +1354,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--append", action="store_true", help="add these models to the results already at --out (same settings)"
     )
     p.add_argument("--bandwidths", default=",".join(f"{b:g}" for b in BANDWIDTHS), help="Mbit/s, comma-separated")
-    p.add_argument("--cuts", default="12", help='"all", or N: N evenly spaced cuts + --top + baselines (default 12)')
-    p.add_argument("--top", type=int, default=10, help="with --cuts N: also the planner's top placements")
-    p.add_argument("--repeats", type=int, default=5, help="measured requests per candidate (median)")
+    p.add_argument("--cuts", default="6", help='"all", or N: N evenly spaced cuts + --top + baselines (default 6)')
+    p.add_argument("--top", type=int, default=3, help="with --cuts N: also the planner's top placements")
+    p.add_argument("--repeats", type=int, default=3, help="measured requests per candidate (median)")
     p.add_argument("--warmup", type=int, default=1, help="requests per candidate before measuring")
     p.add_argument("--confirm", type=int, default=3, help="fastest candidates re-measured with the chosen plan")
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay added by the relay (RTT += 2x)")
@@ -1343,7 +1381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cloud-threads", type=int, default=1, help="cloud daemon torch threads (default 1: one core; 0: torch's)"
     )
     p.add_argument("--size", type=int, default=224, help="input height and width")
-    p.add_argument("--candidate-budget-s", type=float, default=20.0, help="stop a candidate's repeats after this")
+    p.add_argument("--candidate-budget-s", type=float, default=8.0, help="stop a candidate's repeats after this")
     p.add_argument("--request-timeout-s", type=float, default=120.0, help="per request (and the edge's deadline)")
     p.add_argument("--ready-timeout-s", type=float, default=900.0, help="for the edge daemon's first plan")
     p.add_argument("--model-timeout-s", type=float, default=5400.0, help="for one model's driver, all bandwidths")
@@ -1374,6 +1412,8 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate_child(args)
     if args.cmd == "prewarm":
         return prewarm_child(args)
+    if args.cmd == "cloudprofile":
+        return cloud_profile_child(args)
     if args.cmd == "report":
         report = json.loads(args.out.with_suffix(".json").read_text())
         write_results(report, args.out)
