@@ -68,7 +68,6 @@ import json
 import os
 import platform
 import queue
-import shutil
 import statistics
 import subprocess
 import sys
@@ -329,15 +328,16 @@ def calibrate_child(args: argparse.Namespace) -> int:
 
 def prewarm(args: argparse.Namespace, workdir: Path, entry: dict[str, Any]) -> Path:
     """Fill a disk cache with what the edge daemon's planner computes from the model and its calibration photos
-    alone: the encoded bytes at every cut, and the distortion (top-1 agreement) of the candidates it is likely to
-    check at each edge speed and bandwidth. Run once per model, unthrottled; each edge daemon starts with a copy
-    (as a device that planned before would), so a 30x-slower edge does not spend many minutes re-encoding every
-    cut before its first plan. Its profile, the link probe and any distortion not in the copy are still its own.
+    alone: the encoded bytes at every cut, and the distortion (top-1 agreement) of the candidates it and the
+    driver are likely to check at each edge speed and bandwidth. Run once per model, unthrottled; every edge daemon
+    and driver shares it (as a device that planned before would have it), so a 30x-slower edge does not spend many
+    minutes re-encoding every cut before its first plan. Its profile, the link probe and any distortion not in the
+    cache are still its own.
     Returns the cache directory (``sizes/`` and ``distortion/`` under it)."""
     cache = workdir / "cache" / f"prewarm-{entry['name']}"
     argv = [sys.executable, str(THIS_FILE), "prewarm", "--entry", json.dumps(entry)]
     argv += ["--speeds", ",".join(f"{v:g}" for v in args.speeds) or "1", "--delay-ms", str(args.delay_ms)]
-    argv += ["--bandwidths", ",".join(f"{b:g}" for b in args.bandwidths)]
+    argv += ["--bandwidths", ",".join(f"{b:g}" for b in args.bandwidths), "--cuts", args.cuts, "--top", str(args.top)]
     started = time.monotonic()
     subprocess.run(argv, env=daemon_env(cache), cwd=ROOT, check=True, timeout=args.ready_timeout_s)
     print(f"[placement] {entry['name']}: planner caches pre-filled in {time.monotonic() - started:.0f} s", flush=True)
@@ -373,8 +373,10 @@ def prewarm_child(args: argparse.Namespace) -> int:
         slow = replace(cost, cuts=cuts, edge_total_ms=cost.edge_total_ms * speed)
         planner = Planner(slow, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
         for mbit in args.bandwidths:
-            for factor in (0.8, 1.0):  # the probe reads a little under the shaped rate
-                best = planner.best(Link(mbit * factor, mbit * factor, 2 * args.delay_ms))
+            for factor in (0.9, 1.0):  # the probe reads a little under the shaped rate
+                link = Link(mbit * factor, mbit * factor, 2 * args.delay_ms)
+                best = planner.best(link)
+                select(planner, link, args.cuts, args.top, best.candidate.label)  # what the driver will check
             log(f"prewarm {speed:g}x {mbit:g} Mbit/s: {best.candidate.label}")
     return 0
 
@@ -418,10 +420,11 @@ def run_model(
     model = entry["name"]
     tag = f"{model}-x{speed['target']:g}" if speed else model
     cache = workdir / "cache" / f"edge-{tag}"
-    if prewarmed is not None:
+    if prewarmed is not None:  # one cache for every edge speed and the drivers: what one checks, all reuse
+        cache.mkdir(parents=True, exist_ok=True)
         for part in ("sizes", "distortion"):
-            if (prewarmed / part).is_dir():
-                shutil.copytree(prewarmed / part, cache / part, dirs_exist_ok=True)
+            if (prewarmed / part).is_dir() and not (cache / part).exists():
+                (cache / part).symlink_to(prewarmed / part, target_is_directory=True)
     env = daemon_env(cache)
     config = {
         "model": entry,
@@ -1223,14 +1226,22 @@ def every_encoding_within_budget(planner: Any, ordered: list[Any], keys: Iterabl
     return [s for s in map(planner._check, candidates) if not s.rejected]
 
 
-def feasible_top_placements(planner: Any, link: Any, count: int) -> tuple[list[int], float]:
-    """The planner's ``count`` best placements within the budgets (each at its best encoding), and the best cost."""
+def feasible_top_placements(planner: Any, ordered: list[Any], count: int) -> tuple[list[int], float]:
+    """The planner's ``count`` best placements within the budgets (each at its best encoding), and the best cost.
+
+    Walks the candidates in cost order as :meth:`Planner.rank` does, but checks no more encodings at a placement
+    once one fits: each check runs the tail on the calibration photos."""
     keys: list[int] = []
-    ranked = [s for s in planner.rank(link, limit=4 * count) if not s.rejected]
-    for scored in ranked:
-        if placement_key(scored.candidate) not in keys:
-            keys.append(placement_key(scored.candidate))
-    return keys[:count], ranked[0].cost_ms
+    best_ms = None
+    for scored in ordered:
+        key = placement_key(scored.candidate)
+        if key in keys or planner._check(scored).rejected:
+            continue
+        keys.append(key)
+        best_ms = scored.cost_ms if best_ms is None else best_ms
+        if len(keys) >= count:
+            break
+    return keys, best_ms if best_ms is not None else float("inf")
 
 
 def spaced(keys: list[int], count: int) -> list[int]:
@@ -1252,7 +1263,7 @@ def select(planner: Any, link: Any, cuts: str, top: int, chosen_label: str) -> d
     for scored in best_per_placement(planner, ordered, [-1, 0, *keys]).values():
         add(scored, "every cut" if cuts == "all" else "spaced")
     if cuts != "all":
-        keys, best_ms = feasible_top_placements(planner, link, top)
+        keys, best_ms = feasible_top_placements(planner, ordered, top)
         for scored in every_encoding_within_budget(planner, ordered, keys, TOP_ENCODINGS_WITHIN * best_ms):
             add(scored, f"top-{top}")
     for scored in ordered:  # every cloud-only candidate: the input lossless, as JPEG and as WebP
