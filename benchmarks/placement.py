@@ -1,52 +1,64 @@
 """Placement benchmark: does the edge daemon's own plan match the best placement measured on a real shaped link?
 
-For each model and each link bandwidth this measures, end to end, the latency of the candidates the planner
-considers (the *oracle*), then lets the edge daemon plan by itself (``cut: auto``: its own profile, the cloud's
-profile over ``SplitInference.Profile``, an active link probe) and measures the plan it chose. Reported per model
-and bandwidth:
+By default it runs on real ground: the ImageNet-pretrained EfficientNet-Lite0 (``efficientnet_lite0_pretrained``),
+real photos (``partitioner.photos``: the edge calibrates on them and the requests are other crops), an edge made
+4x, 10x and 30x slower than the cloud (``--speeds``), links of 1, 5, 20 and 100 Mbit/s. For each (edge speed,
+bandwidth) cell it measures, end to end, the candidates the planner considers pinned side by side (the *oracle*),
+then lets the edge daemon plan by itself (``cut: auto``: its own profile, the cloud's profile over
+``SplitInference.Profile``, an active link probe) and measures the plan it chose. Reported per cell:
 
-- **chosen / oracle-best latency** (both re-measured side by side in a final confirmation round);
-- **prediction error**: the plan's predicted latency (``Plan.predicted``) against its measured latency, and the
-  median absolute error over every measured candidate;
-- the latency of each strategy: **edge-only**, **cloud-only raw** (the input as 8-bit codes + zstd, "int8c"),
-  **cloud-only JPEG**, **Neurosurgeon-style** (the best cut with uncompressed fp32 features "raw+none", or
-  edge-only) and **Cleave** (the edge daemon planning by itself), next to the oracle's best.
+- **Cleave's plan**, its predicted and measured latency;
+- **the oracle within the accuracy budget** (top-1 agreement >= 99% on the calibration photos, the edge's default)
+  and **ratio** = Cleave's plan / that oracle, both pinned and re-measured side by side in a confirmation round;
+- **speed-up** of Cleave over the better of edge-only and cloud-only within the budget (lossless int8c, or a
+  JPEG/WebP whose top-1 agreement is within the budget): what a user would do without splitting;
+- the latency of each strategy: **edge-only**, **cloud-only raw** ("int8c": the input as 8-bit codes + zstd),
+  **cloud-only JPEG** and **WebP** (quality 90), **Neurosurgeon-style** (the best cut with uncompressed fp32
+  features "raw+none", or edge-only), **Cleave** and the oracle.
+
+Edge speed (``--speeds``, slowdown factors): the cloud daemon runs one torch thread, unrestricted, and profiles
+itself first, alone (its whole-model latency is the reference). Then one process in the edge namespace times the
+whole model under CPU quotas, correcting the quota by the measured factor until the edge's whole-model latency is
+that many times the cloud's (within ``--speed-tolerance``); the achieved factor is recorded (``speed_achieved``),
+and the driver also records the ratio of the two daemons' own profiles (``edge_slowdown``). ``--speeds none``
+uses one fixed ``--edge-cpu`` quota.
 
 Set-up (needs root; ``benchmarks/netlab.py``): two network namespaces joined by a veth pair, shaped with tbf at
-each bandwidth in both directions. The cloud daemon runs unrestricted in the cloud namespace on 127.0.0.1; a
-``DelayRelay`` in front of it (on the cloud's veth address) adds ``--delay-ms`` each way. The edge daemon runs in
-the edge namespace on 127.0.0.1 under a CFS CPU quota (``--edge-cpu`` cores, ``--edge-threads`` torch threads),
-emulating a device several times slower than the cloud. The request driver is this file re-invoked as
-``placement.py drive ...`` inside the edge namespace (an app on the device); it asks the parent to re-shape the
-link through a line protocol on its stdin/stdout and writes its results as JSON to a file.
+each bandwidth in both directions. The cloud daemon runs in the cloud namespace on 127.0.0.1; a ``DelayRelay`` in
+front of it (on the cloud's veth address) adds ``--delay-ms`` each way. The edge daemon runs in the edge namespace
+on 127.0.0.1 under a CFS CPU quota (``--edge-threads`` torch threads), one daemon per edge speed. The request driver
+is this file re-invoked as ``placement.py drive ...`` inside the edge namespace (an app on the device); it asks the
+parent to re-shape the link through a line protocol on its stdin/stdout and writes its results as JSON to a file.
 
 What the oracle measures (``--cuts``): ``all`` = every cut at its best encoding (best in the planner's own ranking
-for that cut at the probed link, within the accuracy budget), edge-only, cloud-only int8c and JPEG; ``N`` (default
-12) = N evenly spaced cuts, plus the planner's ``--top`` (default 10) placements by predicted cost before the accuracy
-budget, plus every baseline's cut (each at its best encoding within the budget; the Neurosurgeon cut also with
-raw+none), plus the edge's own choice. The mode that ran is printed and recorded. Checking the accuracy budget is
-the expensive part (each check runs the model on 8 calibration inputs); results are cached across bandwidths. The
-benchmark's planner is built in the driver as the edge daemon builds its own (the edge's cached profile, the
-cloud's profile, the same calibration inputs and budgets), and the driver records whether both choose the same plan.
+for that cut at the probed link, within the accuracy budget); ``N`` = N evenly spaced cuts, each at its best
+encoding within the budget, plus the planner's ``--top`` best placements within the budget, each at **every**
+encoding within the budget predicted at most 2x the best plan, plus every baseline's cut (each at its best
+encoding within the budget; the Neurosurgeon cut also with raw+none), plus the edge's own choice. Always:
+edge-only and **every cloud-only candidate** (int8c, JPEG q75/90/95, WebP q75/90/95; each marked within the
+budget or not). The mode that
+ran is printed and recorded. The benchmark's planner is built in the driver as the edge daemon builds its own (the
+edge's cached profile, the cloud's profile, the same calibration photos and budgets), and the driver records
+whether both choose the same plan.
 
 Latency is the median of ``--repeats`` requests after ``--warmup`` (client-side, app to edge daemon and back).
 Prediction errors compare the planner's prediction with the edge daemon's own request time (``timing.total_ms``),
 which is what the latency model describes (it leaves out the app's local call into the daemon). The Cleave row is
-measured under automatic planning; ``auto/pin`` compares it with the same plan pinned. ``ratio*`` is the ratio
-against the best candidate within the accuracy budget (cloud-only int8c/JPEG are baselines the budget may reject).
+measured under automatic planning; ``auto/pin`` compares it with the same plan pinned.
 
-    sudo .venv/bin/python benchmarks/placement.py                     # 4 models x 4 bandwidths: hours on 2 cores
-    sudo .venv/bin/python benchmarks/placement.py --models mobilenet_v2,resnet50 --bandwidths 5,20 --cuts 8 --top 5
-    sudo .venv/bin/python benchmarks/placement.py --models vgg16 --append ...   # add models to the same results
-    .venv/bin/python benchmarks/placement.py report                   # table and plots again from the JSON
+    sudo .venv/bin/python benchmarks/placement.py                                  # the 3 x 4 real grid
+    sudo .venv/bin/python benchmarks/placement.py --speeds 10 --bandwidths 20        # one cell
+    sudo .venv/bin/python benchmarks/placement.py --speeds 30 --append ...           # add a speed to the results
+    sudo .venv/bin/python benchmarks/placement.py --speeds none --edge-cpu 0.5 --models resnet50,mobilenet_v2 \
+        --out benchmarks/results/placement                                         # the older synthetic runs
+    .venv/bin/python benchmarks/placement.py report                                # table and plots from the JSON
 
-Results: ``benchmarks/results/placement.json``, ``placement.png`` (latency against bandwidth per model and
-strategy), ``placement_prediction.png`` (predicted against measured latency) and ``placement_cuts.png`` (measured
-and predicted latency per cut). Duration on a shared 2-core machine (edge 0.5 core, ``--cuts 8 --top 5 --repeats
-4``): mobilenet_v2 about 2.5 minutes per bandwidth, resnet50 about 5-8; the edge's first plan takes 0.5 (mobilenet_v2)
-to 4.5 minutes (resnet50) because it profiles itself and checks accuracy under the quota; vgg16 and ``--cuts all``
-take much longer. Every request, plan, daemon start and driver is bounded in time (``--*-timeout-s``). Without root
-(``NetLab.available()`` false) it prints why and exits 0.
+Results: ``benchmarks/results/placement_real.json`` (``--out``), ``placement_real.png`` (latency against bandwidth
+per edge speed and strategy), ``placement_real_prediction.png`` (predicted against measured latency) and
+``placement_real_cuts.png`` (measured and predicted latency per cut). ``benchmarks/results/placement.json`` holds
+the earlier random-weight runs (``report --out benchmarks/results/placement`` still reads it). Durations: see
+docs/placement-benchmark.md. Every request, plan, daemon start, calibration and driver is bounded in time
+(``--*-timeout-s``). Without root (``NetLab.available()`` false) it prints why and exits 0.
 """
 
 from __future__ import annotations
@@ -75,10 +87,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from netlab import NetLab  # noqa: E402  (standard library only: the no-root check stays fast)
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = ("resnet50", "mobilenet_v2", "googlenet", "vgg16")
+MODELS = ("efficientnet_lite0_pretrained",)  # real weights and real photos; torchvision names work too
 BANDWIDTHS = (1.0, 5.0, 20.0, 100.0)
+SPEEDS = (4.0, 10.0, 30.0)  # the edge's whole-model latency over the cloud's (one core each)
+MIN_QUOTA_US = 1000  # the kernel refuses a CFS quota under 1 ms
 CLOUD_PORT, EDGE_PORT = 50051, 50052  # fresh namespaces: every port is free
-STRATEGIES = ("edge-only", "cloud-raw", "cloud-jpeg", "neurosurgeon", "cleave", "oracle")
+STRATEGIES = ("edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp", "neurosurgeon", "cleave", "oracle")
 MSG = "@@ "
 DRIVER_OPTIONS = (
     "cuts",
@@ -174,17 +188,22 @@ class Driver:
         self.proc.stdin.flush()
 
 
-def set_cfs_period(lab: NetLab, pid: int, cores: float, period_ms: float) -> None:
-    """Shorten the CFS period of the cgroup NetLab put ``pid`` in, keeping its share of CPU.
+def set_cfs_period(lab: NetLab, pid: int, cores: float, period_ms: float) -> float:
+    """Set the CPU quota of the cgroup NetLab put ``pid`` in to ``cores``, with a short CFS period. Returns the
+    period used, ms.
 
     With NetLab's 100 ms period a 0.5-core quota lets a 40 ms burst run at full speed and then stalls for 50 ms: a
     single request would see a fast device, back-to-back profiling a slow one. A short period spreads the quota
-    evenly, which is what a slower CPU looks like.
+    evenly, which is what a slower CPU looks like. The period grows where the quota would fall under the kernel's
+    1 ms minimum (below 0.1 core at 10 ms).
     """
     cg = lab_cgroup(lab, pid)
-    period = int(period_ms * 1000)
+    period = max(int(period_ms * 1000), -(-MIN_QUOTA_US * 1000 // max(int(cores * 1000), 1)))
+    # Lower the quota before a longer period and raise it after a shorter one: never an invalid pair.
+    (cg / "cpu.cfs_quota_us").write_text("-1")
     (cg / "cpu.cfs_period_us").write_text(str(period))
-    (cg / "cpu.cfs_quota_us").write_text(str(int(cores * period)))
+    (cg / "cpu.cfs_quota_us").write_text(str(max(int(cores * period), MIN_QUOTA_US)))
+    return period / 1000
 
 
 def lab_cgroup(lab: NetLab, pid: int, timeout: float = 10.0) -> Path:
@@ -199,10 +218,213 @@ def lab_cgroup(lab: NetLab, pid: int, timeout: float = 10.0) -> Path:
     raise RuntimeError(f"process {pid} did not join a cpu cgroup of the lab")
 
 
-def run_model(lab: NetLab, args: argparse.Namespace, workdir: Path, entry: dict[str, Any], cloud: str) -> dict:
-    """Start an auto-planning edge daemon for one model, run the driver over every bandwidth, stop the edge."""
+class LineChild:
+    """A child process that answers ``MSG``-prefixed JSON lines on its stdout; other lines are echoed."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def ask(self, request: str | None, timeout_s: float) -> dict[str, Any]:
+        """Send ``request`` (a line; None: just wait) and return the next message, within ``timeout_s``."""
+        if request is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(request + "\n")
+            self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                raise TimeoutError(f"no answer to {request!r} in {timeout_s:.0f} s") from None
+            if line is None:
+                raise RuntimeError(f"the child exited ({self.proc.wait()}) before answering {request!r}")
+            if line.startswith(MSG):
+                return json.loads(line[len(MSG) :])
+            print(line, end="", flush=True)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def calibrate_speeds(lab: NetLab, args: argparse.Namespace, entry: dict[str, Any], cloud_ms: float) -> dict[str, Any]:
+    """The CPU quota that makes the edge ``speed`` times slower than the cloud, for each speed.
+
+    ``cloud_ms``: the cloud daemon's own profiled whole-model latency (one torch thread, unrestricted). One process
+    in the edge namespace loads the model (``--edge-threads`` torch threads, as the edge daemon runs it) and times
+    the whole model on a request input, first without a quota (recorded), then under quotas: starting from
+    ``full-core time / cloud_ms / speed`` core, the quota is corrected by the measured factor until the achieved
+    slowdown is within ``--speed-tolerance`` (at most ``--speed-tries`` times). What was achieved is recorded.
+    """
+    argv = [sys.executable, str(THIS_FILE), "calibrate", "--entry", json.dumps(entry)]
+    argv += ["--edge-threads", str(args.edge_threads)]
+    proc = lab.popen(
+        lab.edge_ns, argv, cpu_quota=1.0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    child = LineChild(proc)
+    try:
+        (lab_cgroup(lab, proc.pid) / "cpu.cfs_quota_us").write_text("-1")  # no quota yet
+        child.ask(None, args.ready_timeout_s)  # loaded and warm
+        full_ms = child.ask("10", args.ready_timeout_s)["ms"]
+        base_ms = cloud_ms
+        print(
+            f"[placement] {entry['name']}: whole model {base_ms:.1f} ms in the cloud (its profile), {full_ms:.1f} ms "
+            "in the edge's namespace without a quota",
+            flush=True,
+        )
+        speeds = {}
+        for speed in args.speeds:
+            quota, tries = min(1.0, full_ms / base_ms / speed), []
+            for _ in range(args.speed_tries):
+                period = set_cfs_period(lab, proc.pid, quota, args.cfs_period_ms)
+                runs = max(3, min(10, round(3000 / (base_ms * speed))))  # about 3 s of work, 3 to 10 runs
+                ms = child.ask(str(runs), args.ready_timeout_s + 60 * speed)["ms"]
+                tries.append({"quota": quota, "cfs_period_ms": period, "ms": ms, "factor": ms / base_ms})
+                print(f"[placement]   {speed:g}x: {quota:.4f} core -> {ms:.1f} ms ({ms / base_ms:.2f}x)", flush=True)
+                if abs(ms / base_ms / speed - 1) <= args.speed_tolerance:
+                    break
+                quota = min(1.0, max(0.01, quota * (ms / base_ms) / speed))
+            best = min(tries, key=lambda t: abs(t["factor"] / speed - 1))
+            speeds[f"{speed:g}"] = {"target": speed, **best, "tries": tries}
+        return {"base_ms": base_ms, "edge_full_core_ms": full_ms, "threads": args.edge_threads, "speeds": speeds}
+    finally:
+        child.stop()
+
+
+def calibrate_child(args: argparse.Namespace) -> int:
+    """The ``calibrate`` subcommand: load the model, then answer each line N with the median of N whole-model runs."""
+    import torch
+
+    from cleave_cli.images import synthetic_images
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec
+    from partitioner.photos import builtin_photos
+
+    torch.set_num_threads(args.edge_threads)
+    spec = ModelSpec.from_dict(json.loads(args.entry))
+    module = LoadedModel.load(spec).module
+    shape = spec.input_shape
+    x = builtin_photos(shape, 9)[8:] if spec.pretrained else synthetic_images(1, shape, seed=7)
+    with torch.inference_mode():
+        module(x)
+        print(MSG + json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            times = []
+            for _ in range(int(line)):
+                t0 = time.perf_counter()
+                module(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+            print(MSG + json.dumps({"ms": statistics.median(times)}), flush=True)
+    return 0
+
+
+def prewarm(args: argparse.Namespace, workdir: Path, entry: dict[str, Any]) -> Path:
+    """Fill a disk cache with what the edge daemon's planner computes from the model and its calibration photos
+    alone: the encoded bytes at every cut, and the distortion (top-1 agreement) of the candidates it and the
+    driver are likely to check at each edge speed and bandwidth. Run once per model, unthrottled; every edge daemon
+    and driver shares it (as a device that planned before would have it), so a 30x-slower edge does not spend many
+    minutes re-encoding every cut before its first plan. Its profile, the link probe and any distortion not in the
+    cache are still its own.
+    Returns the cache directory (``sizes/`` and ``distortion/`` under it)."""
+    cache = workdir / "cache" / f"prewarm-{entry['name']}"
+    argv = [sys.executable, str(THIS_FILE), "prewarm", "--entry", json.dumps(entry)]
+    argv += ["--speeds", ",".join(f"{v:g}" for v in args.speeds) or "1", "--delay-ms", str(args.delay_ms)]
+    argv += ["--bandwidths", ",".join(f"{b:g}" for b in args.bandwidths), "--cuts", args.cuts, "--top", str(args.top)]
+    started = time.monotonic()
+    subprocess.run(argv, env=daemon_env(cache), cwd=ROOT, check=True, timeout=args.ready_timeout_s)
+    print(f"[placement] {entry['name']}: planner caches pre-filled in {time.monotonic() - started:.0f} s", flush=True)
+    return cache
+
+
+def prewarm_child(args: argparse.Namespace) -> int:
+    """The ``prewarm`` subcommand: the edge's cost model with its cache, and its distortion checks at each speed
+    (this host's profile scaled by the speed stands in for the edge's) and nominal bandwidth."""
+    from dataclasses import replace
+
+    from edge_node.config import AutoPlanSettings
+    from partitioner.costmodel import CostModel, Link
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec
+    from partitioner.photos import calibration_inputs
+    from partitioner.planner import Budgets, Planner, cached_distortion, distortion_meter
+    from partitioner.profile import profile_model
+
+    spec = ModelSpec.from_dict(json.loads(args.entry))
+    model = LoadedModel.load(spec)
+    s = AutoPlanSettings()
+    calib = calibration_inputs(model.spec, s.calibration, s.calibration_inputs)  # as the edge calibrates
+    here = profile_model(model, repeats=3, warmup=1, head_samples=4)
+    cost = CostModel.measure(model, here, here, calib[: s.byte_samples], cache=True, workers=os.cpu_count() or 1)
+    meter = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
+    budgets = Budgets(max_rel_error=s.max_rel_error, min_top1=s.min_top1)
+    for speed in args.speeds:
+        cuts = [
+            replace(c, edge_ms=c.edge_ms * speed, encode_ms={k: v * speed for k, v in c.encode_ms.items()})
+            for c in cost.cuts
+        ]
+        slow = replace(cost, cuts=cuts, edge_total_ms=cost.edge_total_ms * speed)
+        planner = Planner(slow, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
+        for mbit in args.bandwidths:
+            for factor in (0.9, 1.0):  # the probe reads a little under the shaped rate
+                link = Link(mbit * factor, mbit * factor, 2 * args.delay_ms)
+                best = planner.best(link)
+                select(planner, link, args.cuts, args.top, best.candidate.label)  # what the driver will check
+            log(f"prewarm {speed:g}x {mbit:g} Mbit/s: {best.candidate.label}")
+    return 0
+
+
+def cloud_profile_child(args: argparse.Namespace) -> int:
+    """The ``cloudprofile`` subcommand: ask the cloud for its profile at the edge's input shape, as the edge will
+    (it measures and caches it now), waiting for the cloud to come up. Imports no torch."""
+    import grpc
+
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
+    entry = json.loads(args.entry)
+    request = si_pb2.ProfileRequest(model=entry["name"], input_shape=entry["input_shape"])
+    deadline = time.monotonic() + args.ready_timeout_s
+    with grpc.insecure_channel(args.cloud) as channel:
+        while True:
+            try:
+                reply = si_grpc.SplitInferenceStub(channel).Profile(request, timeout=args.ready_timeout_s)
+                log(f"cloud profile of {entry['name']}: whole model {reply.total_ms:.1f} ms")
+                print(reply.total_ms, flush=True)
+                return 0
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(1.0)
+
+
+def run_model(
+    lab: NetLab,
+    args: argparse.Namespace,
+    workdir: Path,
+    entry: dict[str, Any],
+    cloud: str,
+    edge_cpu: float,
+    speed: dict[str, Any] | None = None,
+    prewarmed: Path | None = None,
+) -> dict:
+    """Start an auto-planning edge daemon for one model under ``edge_cpu`` cores, run the driver over every
+    bandwidth, stop the edge. ``speed``: the calibrated speed this quota stands for (recorded)."""
     model = entry["name"]
-    cache = workdir / "cache" / f"edge-{model}"
+    tag = f"{model}-x{speed['target']:g}" if speed else model
+    cache = workdir / "cache" / f"edge-{tag}"
+    if prewarmed is not None:  # one cache for every edge speed and the drivers: what one checks, all reuse
+        cache.mkdir(parents=True, exist_ok=True)
+        for part in ("sizes", "distortion"):
+            if (prewarmed / part).is_dir() and not (cache / part).exists():
+                (cache / part).symlink_to(prewarmed / part, target_is_directory=True)
     env = daemon_env(cache)
     config = {
         "model": entry,
@@ -212,13 +434,13 @@ def run_model(lab: NetLab, args: argparse.Namespace, workdir: Path, entry: dict[
         "request_timeout_s": args.request_timeout_s,
         "torch_threads": args.edge_threads,
     }
-    edge_yaml = write_yaml(workdir / f"edge-{model}.yaml", config)
+    edge_yaml = write_yaml(workdir / f"edge-{tag}.yaml", config)
     lab.shape(args.bandwidths[0])  # the edge's first plan is made at the first bandwidth
-    with open(workdir / f"edge-{model}.log", "ab") as log:
+    with open(workdir / f"edge-{tag}.log", "ab") as log:
         argv = [sys.executable, "-m", "edge_node.main", "--config", str(edge_yaml)]
-        edge = lab.popen(lab.edge_ns, argv, cpu_quota=args.edge_cpu, stdout=log, stderr=log, cwd=ROOT, env=env)
-    set_cfs_period(lab, edge.pid, args.edge_cpu, args.cfs_period_ms)
-    out = workdir / f"result-{model}.json"
+        edge = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
+    set_cfs_period(lab, edge.pid, edge_cpu, args.cfs_period_ms)
+    out = workdir / f"result-{tag}.json"
     argv = [sys.executable, str(THIS_FILE), "drive", "--edge", f"127.0.0.1:{EDGE_PORT}", "--cloud", cloud]
     argv += ["--entry", json.dumps(entry), "--bandwidths", ",".join(f"{b:g}" for b in args.bandwidths)]
     argv += ["--out", str(out)]
@@ -235,9 +457,14 @@ def run_model(lab: NetLab, args: argparse.Namespace, workdir: Path, entry: dict[
             edge.kill()
     result = json.loads(out.read_text()) if out.exists() else {"model": model, "bandwidths": []}
     result["seconds"] = time.monotonic() - started
+    result["edge_cpu_quota"] = edge_cpu
+    if speed:
+        result["speed"] = speed["target"]
+        result["speed_achieved"] = speed["factor"]
+        result["speed_calibration"] = speed
     if code != 0:  # keep the bandwidths it finished
         result["error"] = f"driver exited with {code}"
-        result["edge_log_tail"] = (workdir / f"edge-{model}.log").read_text(errors="replace").splitlines()[-15:]
+        result["edge_log_tail"] = (workdir / f"edge-{tag}.log").read_text(errors="replace").splitlines()[-15:]
     return result
 
 
@@ -249,20 +476,22 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cleave-placement-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    edge_text = f"{args.edge_cpu:g} core" if not args.speeds else f"{','.join(f'{v:g}' for v in args.speeds)}x slower"
     print(
         f"[placement] {cuts_mode(args.cuts, args.top)}; models {', '.join(args.models)}; "
         f"bandwidths {', '.join(f'{b:g}' for b in args.bandwidths)} Mbit/s; one-way delay {args.delay_ms:g} ms; "
-        f"edge {args.edge_cpu:g} core / {args.edge_threads} thread(s); workdir {workdir}",
+        f"edge {edge_text} / {args.edge_threads} thread(s); workdir {workdir}",
         flush=True,
     )
     entries = {m: prepare_model(workdir, m, args.size) for m in args.models}
+    caches = {m: prewarm(args, workdir, entries[m]) for m in args.models} if args.prewarm else {}
     cloud_yaml = write_yaml(
         workdir / "cloud.yaml", {"models": list(entries.values()), "listen": f"127.0.0.1:{CLOUD_PORT}"}
     )
     report = {"config": run_config(args), "models": []}
     if args.append:
         try:
-            report = appended_to(args.out.with_suffix(".json"), report, args.models)
+            report = appended_to(args.out.with_suffix(".json"), report, args.models, args.speeds)
         except ValueError as exc:
             print(f"placement benchmark: --append: {exc}", file=sys.stderr)
             return 2
@@ -273,11 +502,26 @@ def run(args: argparse.Namespace) -> int:
         env = daemon_env(workdir / "cache" / "cloud")
         lab.popen(lab.cloud_ns, argv, stdout=cloud_log, stderr=cloud_log, cwd=ROOT, env=env)
         relay = lab.relay(lab.cloud_ns, f"{lab.cloud_ip}:0", f"127.0.0.1:{CLOUD_PORT}", args.delay_ms)
+        cloud_ms = {}
+        for model in args.models:  # the cloud profiles itself now, alone, not while an edge daemon starts up
+            argv = [sys.executable, str(THIS_FILE), "cloudprofile", "--cloud", relay.address]
+            argv += ["--entry", json.dumps(entries[model])]
+            done = lab.run(lab.edge_ns, argv, timeout=args.ready_timeout_s, cwd=ROOT, env=daemon_env(workdir))
+            print(done.stderr, end="", flush=True)
+            done.check_returncode()
+            cloud_ms[model] = float(done.stdout.strip().splitlines()[-1])
+        # The cloud idles meanwhile: nothing else runs while the quotas are calibrated against its profile.
+        calibrations = {m: calibrate_speeds(lab, args, entries[m], cloud_ms[m]) for m in args.models if args.speeds}
+        report["config"]["speed_calibration"] = {**report["config"].get("speed_calibration", {}), **calibrations}
         for model in args.models:
-            print(f"[placement] {model}: starting the edge daemon (cut: auto)", flush=True)
-            report["models"].append(run_model(lab, args, workdir, entries[model], relay.address))
-            report["seconds"] = earlier_s + time.monotonic() - started
-            write_results(report, args.out)  # after every model: a run cut short keeps what it measured
+            for speed in [calibrations[model]["speeds"][f"{v:g}"] for v in args.speeds] if args.speeds else [None]:
+                cpu = speed["quota"] if speed else args.edge_cpu
+                at = f", {speed['target']:g}x slower ({cpu:.4f} core)" if speed else ""
+                print(f"[placement] {model}{at}: starting the edge daemon (cut: auto)", flush=True)
+                cache = caches.get(model)
+                report["models"].append(run_model(lab, args, workdir, entries[model], relay.address, cpu, speed, cache))
+                report["seconds"] = earlier_s + time.monotonic() - started
+                write_results(report, args.out)  # after every run: a run cut short keeps what it measured
     print_table(report)
     plot_all(report, args.out)
     print(f"[placement] {time.monotonic() - started:.0f} s; wrote {args.out}.json and plots; logs in {workdir}")
@@ -289,6 +533,7 @@ SAME_SETTINGS = (
     "bandwidths_mbit",
     "one_way_delay_ms",
     "edge_cpu_quota",
+    "edge_speed",
     "edge_threads",
     "cfs_period_ms",
     "cloud_threads",
@@ -300,8 +545,9 @@ SAME_SETTINGS = (
 )
 
 
-def appended_to(path: Path, report: dict[str, Any], models: list[str]) -> dict[str, Any]:
-    """``report`` (a new run) continuing the one at ``path``: its models are kept unless measured again.
+def appended_to(path: Path, report: dict[str, Any], models: list[str], speeds: list[float]) -> dict[str, Any]:
+    """``report`` (a new run) continuing the one at ``path``: its models (at each speed) are kept unless measured
+    again.
 
     Every (model, bandwidth) cell is measured on its own, so a long matrix can be run a few models at a
     time; the settings that shape a cell must be the same. Raises ValueError naming what differs.
@@ -313,8 +559,14 @@ def appended_to(path: Path, report: dict[str, Any], models: list[str]) -> dict[s
     differs = [k for k in SAME_SETTINGS if previous["config"].get(k) != config.get(k)]
     if differs:
         raise ValueError(f"{path} was measured with other settings: {', '.join(differs)}")
-    kept = [m for m in previous["models"] if m["model"] not in models]
-    config["models"] = [m["model"] for m in kept] + list(models)
+    again = {(m, s) for m in models for s in (speeds or [None])}
+    kept = [m for m in previous["models"] if (m["model"], m.get("speed")) not in again]
+    config["models"] = list(dict.fromkeys([m["model"] for m in kept] + list(models)))
+    config["speeds"] = sorted({m["speed"] for m in kept if m.get("speed")} | set(speeds))
+    config["speed_calibration"] = {
+        **previous["config"].get("speed_calibration", {}),
+        **config.get("speed_calibration", {}),
+    }
     config["runs"] = previous["config"].get("runs", 1) + 1
     return {"config": config, "models": kept, "seconds": previous.get("seconds", 0.0)}
 
@@ -326,7 +578,9 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "models": list(args.models),
         "bandwidths_mbit": list(args.bandwidths),
         "one_way_delay_ms": args.delay_ms,
-        "edge_cpu_quota": args.edge_cpu,
+        "edge_speed": "slowdown factors, calibrated" if args.speeds else "fixed quota",
+        "speeds": list(args.speeds),
+        "edge_cpu_quota": "calibrated per speed" if args.speeds else args.edge_cpu,
         "edge_threads": args.edge_threads,
         "cfs_period_ms": args.cfs_period_ms,
         "cloud_threads": args.cloud_threads or "default",
@@ -345,10 +599,13 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cuts_mode(cuts: str, top: int) -> str:
+    always = "edge-only, every cloud-only encoding (int8c, JPEG, WebP)"
     if cuts == "all":
-        return "cuts=all: every cut at its best encoding, edge-only, cloud-only int8c and JPEG"
+        return f"cuts=all: every cut at its best encoding within the budget, {always}"
     return (
-        f"cuts={cuts}: {cuts} evenly spaced cuts + the planner's top {top} + every baseline's cut + the edge's choice"
+        f"cuts={cuts}: {cuts} evenly spaced cuts at their best encoding within the budget + the planner's top {top} "
+        f"placements at every encoding within the budget (predicted <= {TOP_ENCODINGS_WITHIN:g}x the best) + every "
+        f"baseline's cut + the edge's choice + {always}"
     )
 
 
@@ -361,10 +618,19 @@ def write_results(report: dict[str, Any], out: Path) -> None:
 
 
 def cells(report: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
-    """(model, per-bandwidth result) for every measured cell."""
+    """(model, per-bandwidth result) for every measured cell; the model is named with its edge speed, if any."""
     for m in report["models"]:
         for cell in m.get("bandwidths", []):
-            yield m["model"], cell
+            yield run_title(m), cell
+
+
+def run_title(m: dict[str, Any]) -> str:
+    """A model run's name: the model, and the edge's slowdown (target and achieved) where it was calibrated."""
+    return f"{m['model']} {m['speed']:g}x ({m['speed_achieved']:.1f}x)" if m.get("speed") else m["model"]
+
+
+def short_model(m: dict[str, Any]) -> str:
+    return m["model"].removesuffix("_pretrained")
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
@@ -377,12 +643,24 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     speedups: dict[str, list[float]] = {}
     for _, c in cells(report):
         s = c["strategies"]
-        for name in ("edge-only", "cloud-raw", "cloud-jpeg", "neurosurgeon"):
+        for name in ("edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp", "neurosurgeon"):
             if s.get(name) and s.get("cleave"):
                 speedups.setdefault(name, []).append(s[name] / s["cleave"])
     med = statistics.median
+    over_alt = [c["speedup_over_best_alternative"] for _, c in cells(report) if c.get("speedup_over_best_alternative")]
+    split_cells = [c for _, c in cells(report) if c.get("oracle_is_split") and c.get("speedup_over_best_alternative")]
+    split_speedups = [c["speedup_over_best_alternative"] for c in split_cells]
+    goals = {
+        "median_ratio_within_budget <= 1.05": bool(budget_ratios) and med(budget_ratios) <= 1.05,
+        "max_ratio_within_budget <= 1.15": bool(budget_ratios) and max(budget_ratios) <= 1.15,
+        "split cells: speed-up >= 1.5": all(v >= 1.5 for v in split_speedups) if split_speedups else None,
+    }
     return {
         "cells": len(ratios),
+        "goals": goals,
+        "cells_where_oracle_is_split": len(split_cells),
+        "speedup_over_best_alternative_in_split_cells": split_speedups,
+        "median_speedup_over_best_alternative": med(over_alt) if over_alt else None,
         "median_ratio": med(ratios) if ratios else None,
         "max_ratio": max(ratios) if ratios else None,
         "median_ratio_within_budget": med(budget_ratios) if budget_ratios else None,
@@ -401,6 +679,7 @@ def auto_vs_pinned(cell: dict[str, Any]) -> float | None:
 
 
 def print_table(report: dict[str, Any]) -> None:
+    print_real_table(report)
     head = (
         f"{'model':<13}{'Mbit/s':>7}  {'Cleave plan':<30}{'pred':>7}{'meas':>7}{'err':>6}  {'oracle best':<30}"
         f"{'ratio':>6}{'ratio*':>7}{'auto/pin':>9}" + "".join(f"{s:>13}" for s in STRATEGIES)
@@ -425,6 +704,37 @@ def print_table(report: dict[str, Any]) -> None:
         if "error" in m:
             print(f"{m['model']}: FAILED: {m['error']}")
     print("summary:", json.dumps(report.get("summary") or summarize(report)))
+
+
+def print_real_table(report: dict[str, Any]) -> None:
+    """Per cell (edge speed x bandwidth): Cleave's plan, the oracle within the budget, and what a user would do
+    without Cleave (the better of edge-only and an in-budget cloud-only)."""
+    head = (
+        f"{'model':<22}{'edge':>11}{'Mbit/s':>7}  {'Cleave plan':<28}{'pred':>7}{'meas':>7}  "
+        f"{'oracle (in budget)':<28}{'ms':>7}{'ratio':>6}  {'best of edge/cloud-only':<24}{'ms':>7}{'speed-up':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for m in report["models"]:
+        speed = f"{m['speed']:g}x/{m['speed_achieved']:.1f}x" if m.get("speed") else "-"
+        for c in m.get("bandwidths", []):
+            chosen, budget, alt = c["cleave"], c.get("oracle_within_budget") or c["oracle"], c.get("best_alternative")
+            split = "*" if c.get("oracle_is_split") else " "
+            print(
+                f"{short_model(m)[:21]:<22}{speed:>11}{c['bandwidth_mbit']:>7g}  {chosen['label'][:27]:<28}"
+                f"{chosen['predicted_ms']:>7.1f}{chosen['measured']['e2e_ms']:>7.1f}  {split}{budget['label'][:26]:<27}"
+                f"{budget['e2e_ms']:>7.1f}{_fmt(c.get('ratio_within_budget'), '.2f'):>6}  "
+                f"{(alt or {}).get('label', '-')[:23]:<24}{_fmt((alt or {}).get('e2e_ms'), '.1f'):>7}"
+                f"{_fmt(c.get('speedup_over_best_alternative'), '.2f'):>9}"
+            )
+    print(
+        "(ms, client-side medians. edge: target/achieved slowdown of the edge's whole model against one cloud core. "
+        "pred: the plan's predicted request time; meas: Cleave planning by itself. oracle: the fastest candidate "
+        "within the accuracy budget, measured pinned (* = a split); ratio: Cleave's plan pinned / oracle, "
+        "confirmation round. speed-up: the better of edge-only and in-budget cloud-only over Cleave.)"
+    )
+    summary = report.get("summary") or summarize(report)
+    print("goals:", json.dumps(summary.get("goals")))
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -472,7 +782,7 @@ def plot_strategies(models: list[dict[str, Any]], path: Path) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("link bandwidth, Mbit/s (both directions)")
         ax.set_ylabel("measured latency, ms (median)")
-        ax.set_title(m["model"])
+        ax.set_title(run_title(m), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         plain_log_axes(ax, "y")
     axes[0][0].legend(fontsize=8)
@@ -495,7 +805,7 @@ def plot_prediction(models: list[dict[str, Any]], path: Path) -> None:
                 continue
             xs, ys = zip(*pts, strict=True)
             lo, hi = min(lo, *xs, *ys), max(hi, *xs, *ys)
-            label = f"{m['model']} {c['bandwidth_mbit']:g} Mbit/s"
+            label = f"{run_title(m)} {c['bandwidth_mbit']:g} Mbit/s"
             ax.scatter(xs, ys, s=14, marker=markers[j % len(markers)], color=f"C{i}", alpha=0.6, label=label)
             ch = c["cleave"]
             ax.scatter(
@@ -552,7 +862,7 @@ def plot_cuts(models: list[dict[str, Any]], path: Path) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("cut (node index)")
             ax.set_ylabel("latency, ms")
-            ax.set_title(f"{m['model']} at {c['bandwidth_mbit']:g} Mbit/s", fontsize=9)
+            ax.set_title(f"{run_title(m)} at {c['bandwidth_mbit']:g} Mbit/s", fontsize=9)
             ax.legend(fontsize=6)
             ax.grid(True, which="both", alpha=0.3)
             plain_log_axes(ax, "y")
@@ -644,7 +954,7 @@ class Session:
         from partitioner.costmodel import CostModel
         from partitioner.loaded import LoadedModel
         from partitioner.photos import calibration_inputs
-        from partitioner.planner import Budgets, Planner, distortion_meter
+        from partitioner.planner import Budgets, Planner, cached_distortion, distortion_meter
         from partitioner.profile import from_proto
         from protos.cleave.v1 import split_inference_pb2 as si_pb2
         from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
@@ -658,9 +968,11 @@ class Session:
         cloud = from_proto(reply)
         s = AutoPlanSettings()  # the edge runs with the defaults
         calib = calibration_inputs(model.spec, s.calibration, s.calibration_inputs)  # as the edge calibrates
-        cost = CostModel.measure(model, edge, cloud, calib[:3])
+        # The edge's own disk caches (this driver shares its CLEAVE_CACHE): the same bytes and distortions.
+        cost = CostModel.measure(model, edge, cloud, calib[: s.byte_samples], cache=True)
         budgets = Budgets(max_rel_error=s.max_rel_error, min_top1=s.min_top1)
-        self.planner = Planner(cost, budgets, distortion_meter(model, calib), s.objective)
+        meter = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
+        self.planner = Planner(cost, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
         self.info = {
             "cuts": len(model.graph.cuts),
             "candidates": len(self.planner.candidates),
@@ -782,6 +1094,14 @@ class Session:
         strategies = {name: _e2e(by_label.get(label)) for name, label in baselines.items()}
         strategies["cleave"] = cleave_s["e2e_ms"]
         strategies["oracle"] = confirmed[oracle_label]["e2e_ms"]
+        # What a user would do without Cleave: run on the device, or send the image (lossless, or a JPEG/WebP that
+        # keeps top-1 within the budget). Re-measured values where the confirmation round has them.
+        alternatives = {
+            c["label"]: confirmed[c["label"]]["e2e_ms"] if c["label"] in confirmed else c["measured"]["e2e_ms"]
+            for c in candidates
+            if c["kind"] == "edge" or (c["kind"] == "cloud" and c["within_budget"])
+        }
+        best_alt = min(alternatives, key=alternatives.get) if alternatives else None
         return {
             "bandwidth_mbit": mbit,
             "nominal_rtt_ms": 2 * self.args.delay_ms,
@@ -798,6 +1118,10 @@ class Session:
             "oracle": {"label": oracle_label, **confirmed[oracle_label]},
             "ratio": chosen_conf["e2e_ms"] / confirmed[oracle_label]["e2e_ms"] if chosen_conf else None,
             "oracle_within_budget": {"label": budget_label, **confirmed[budget_label]},
+            "oracle_is_split": is_real_split(picks[budget_label].scored.candidate, self.planner),
+            "alternatives": alternatives,
+            "best_alternative": {"label": best_alt, "e2e_ms": alternatives[best_alt]} if best_alt else None,
+            "speedup_over_best_alternative": alternatives[best_alt] / cleave_s["e2e_ms"] if best_alt else None,
             "ratio_within_budget": chosen_conf["e2e_ms"] / confirmed[budget_label]["e2e_ms"] if chosen_conf else None,
             "confirm_round": confirmed,
             "baselines": baselines,
@@ -812,7 +1136,18 @@ BASELINE_NAMES = {
     "edge-only": "edge-only",
     "cloud-raw": "cloud-raw",
     "cloud-jpeg": "cloud-jpeg",
+    "cloud-webp": "cloud-webp",
 }
+
+
+#: A split whose head does less than this share of the model's edge time only re-encodes the input (e.g. cut 1 of
+#: EfficientNet-Lite0, ``size``): it counts as sending the image, not as splitting the network.
+MIN_HEAD_SHARE = 0.05
+
+
+def is_real_split(candidate: Any, planner: Any) -> bool:
+    edge_total = next(c.edge_ms for c in planner.candidates if c.kind == "edge")
+    return candidate.kind == "split" and candidate.edge_ms >= MIN_HEAD_SHARE * edge_total
 
 
 def _e2e(record: dict[str, Any] | None) -> float | None:
@@ -835,6 +1170,7 @@ def candidate_record(pick: Pick, m: Measurement) -> dict[str, Any]:
         "cut_index": c.cut_index,
         "cut_name": c.cut_name,
         "encoding": c.encoding,
+        "head_ms_predicted": c.edge_ms,
         "reasons": pick.reasons,
         "within_budget": pick.within_budget,
         "rejected": s.rejected,
@@ -878,21 +1214,34 @@ def best_per_placement(planner: Any, ordered: list[Any], keys: Iterable[int]) ->
     return out
 
 
-def top_placements(ordered: list[Any], count: int) -> list[int]:
-    """The ``count`` placements with the lowest predicted cost before the accuracy budget (cheapest encoding).
+#: At the planner's top placements, every encoding within the budget predicted at most this many times the best
+#: plan's cost is measured (slower ones cannot be the oracle, and at 1 Mbit/s fp32 features take 10 s a request).
+TOP_ENCODINGS_WITHIN = 2.0
 
-    Checking the budget is what costs (each check runs the model on the calibration inputs), and ranking by feasible
-    cost would check every cheaper low-bit candidate at dozens of cuts; so the planner's top placements are taken
-    by raw predicted cost, and each is then measured at its best encoding within the budget.
-    """
-    out: list[int] = []
+
+def every_encoding_within_budget(planner: Any, ordered: list[Any], keys: Iterable[int], max_ms: float) -> list[Any]:
+    """Every candidate at the placements ``keys`` whose encoding is within the budgets, predicted under ``max_ms``."""
+    wanted = set(keys)
+    candidates = (s for s in ordered if placement_key(s.candidate) in wanted and s.cost_ms <= max_ms)
+    return [s for s in map(planner._check, candidates) if not s.rejected]
+
+
+def feasible_top_placements(planner: Any, ordered: list[Any], count: int) -> tuple[list[int], float]:
+    """The planner's ``count`` best placements within the budgets (each at its best encoding), and the best cost.
+
+    Walks the candidates in cost order as :meth:`Planner.rank` does, but checks no more encodings at a placement
+    once one fits: each check runs the tail on the calibration photos."""
+    keys: list[int] = []
+    best_ms = None
     for scored in ordered:
         key = placement_key(scored.candidate)
-        if key not in out:
-            out.append(key)
-            if len(out) >= count:
-                break
-    return out
+        if key in keys or planner._check(scored).rejected:
+            continue
+        keys.append(key)
+        best_ms = scored.cost_ms if best_ms is None else best_ms
+        if len(keys) >= count:
+            break
+    return keys, best_ms if best_ms is not None else float("inf")
 
 
 def spaced(keys: list[int], count: int) -> list[int]:
@@ -914,8 +1263,12 @@ def select(planner: Any, link: Any, cuts: str, top: int, chosen_label: str) -> d
     for scored in best_per_placement(planner, ordered, [-1, 0, *keys]).values():
         add(scored, "every cut" if cuts == "all" else "spaced")
     if cuts != "all":
-        for scored in best_per_placement(planner, ordered, top_placements(ordered, top)).values():
+        keys, best_ms = feasible_top_placements(planner, ordered, top)
+        for scored in every_encoding_within_budget(planner, ordered, keys, TOP_ENCODINGS_WITHIN * best_ms):
             add(scored, f"top-{top}")
+    for scored in ordered:  # every cloud-only candidate: the input lossless, as JPEG and as WebP
+        if scored.candidate.kind == "cloud":
+            add(scored, "cloud-only")
     for name in BASELINE_NAMES:
         base = planner.baseline(name, link)
         add(base, f"baseline {name}")
@@ -1005,7 +1358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cmd",
         nargs="?",
         default="run",
-        choices=["run", "drive", "report"],
+        choices=["run", "drive", "report", "calibrate", "prewarm", "cloudprofile"],
         help="run (default); report: table and plots again from the JSON; drive: internal (the driver)",
     )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
@@ -1013,23 +1366,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--append", action="store_true", help="add these models to the results already at --out (same settings)"
     )
     p.add_argument("--bandwidths", default=",".join(f"{b:g}" for b in BANDWIDTHS), help="Mbit/s, comma-separated")
-    p.add_argument("--cuts", default="12", help='"all", or N: N evenly spaced cuts + --top + baselines (default 12)')
-    p.add_argument("--top", type=int, default=10, help="with --cuts N: also the planner's top placements")
-    p.add_argument("--repeats", type=int, default=5, help="measured requests per candidate (median)")
+    p.add_argument("--cuts", default="6", help='"all", or N: N evenly spaced cuts + --top + baselines (default 6)')
+    p.add_argument("--top", type=int, default=3, help="with --cuts N: also the planner's top placements")
+    p.add_argument("--repeats", type=int, default=3, help="measured requests per candidate (median)")
     p.add_argument("--warmup", type=int, default=1, help="requests per candidate before measuring")
     p.add_argument("--confirm", type=int, default=3, help="fastest candidates re-measured with the chosen plan")
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay added by the relay (RTT += 2x)")
-    p.add_argument("--edge-cpu", type=float, default=0.5, help="edge daemon CPU quota, cores")
+    p.add_argument(
+        "--speeds",
+        default=",".join(f"{v:g}" for v in SPEEDS),
+        help='edge slowdowns against one cloud core, comma-separated; each sets a calibrated CPU quota ("none": '
+        "one fixed --edge-cpu)",
+    )
+    p.add_argument(
+        "--no-prewarm",
+        dest="prewarm",
+        action="store_false",
+        help="each edge encodes every cut and checks distortions itself (slow under a small quota)",
+    )
+    p.add_argument("--speed-tolerance", type=float, default=0.08, help="accept a quota within this of its slowdown")
+    p.add_argument("--speed-tries", type=int, default=4, help="quota corrections per slowdown, at most")
+    p.add_argument("--edge-cpu", type=float, default=0.5, help="with --speeds none: edge daemon CPU quota, cores")
     p.add_argument("--cfs-period-ms", type=float, default=10.0, help="CFS period of the edge's CPU quota")
     p.add_argument("--edge-threads", type=int, default=1, help="edge daemon torch threads")
-    p.add_argument("--cloud-threads", type=int, default=0, help="cloud daemon torch threads (0: torch's default)")
+    p.add_argument(
+        "--cloud-threads", type=int, default=1, help="cloud daemon torch threads (default 1: one core; 0: torch's)"
+    )
     p.add_argument("--size", type=int, default=224, help="input height and width")
-    p.add_argument("--candidate-budget-s", type=float, default=20.0, help="stop a candidate's repeats after this")
+    p.add_argument("--candidate-budget-s", type=float, default=8.0, help="stop a candidate's repeats after this")
     p.add_argument("--request-timeout-s", type=float, default=120.0, help="per request (and the edge's deadline)")
     p.add_argument("--ready-timeout-s", type=float, default=900.0, help="for the edge daemon's first plan")
     p.add_argument("--model-timeout-s", type=float, default=5400.0, help="for one model's driver, all bandwidths")
     p.add_argument("--workdir", help="weights, configs, profile caches and logs (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=RESULTS / "placement", help="results path without suffix")
+    p.add_argument("--out", type=Path, default=RESULTS / "placement_real", help="results path without suffix")
     # the driver's own arguments (set by the parent)
     p.add_argument("--edge", help=argparse.SUPPRESS)
     p.add_argument("--cloud", help=argparse.SUPPRESS)
@@ -1037,6 +1406,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.bandwidths = [float(b) for b in args.bandwidths.split(",") if b]
+    args.speeds = [] if args.speeds == "none" else [float(v) for v in args.speeds.split(",") if v]
+    if any(v < 1 for v in args.speeds):
+        p.error("--speeds: slowdown factors >= 1 (or none)")
     if args.cuts != "all" and not (args.cuts.isdigit() and int(args.cuts) >= 2):
         p.error("--cuts: 'all' or an integer >= 2")
     if args.repeats < 1 or args.warmup < 0:
@@ -1048,6 +1420,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cmd == "drive":
         return drive(args)
+    if args.cmd == "calibrate":
+        return calibrate_child(args)
+    if args.cmd == "prewarm":
+        return prewarm_child(args)
+    if args.cmd == "cloudprofile":
+        return cloud_profile_child(args)
     if args.cmd == "report":
         report = json.loads(args.out.with_suffix(".json").read_text())
         write_results(report, args.out)

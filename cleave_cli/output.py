@@ -69,8 +69,9 @@ def encoding_text(encoding: Any) -> str:
             text += f":{encoding.clip}"
     elif encoding.encoding == t.FP16:
         text = "fp16"
-    elif encoding.encoding == t.JPEG:
-        text = f"jpeg{encoding.quality}" if encoding.quality else "jpeg"
+    elif encoding.encoding in (t.JPEG, t.WEBP):
+        name = "jpeg" if encoding.encoding == t.JPEG else "webp"
+        text = f"{name}{encoding.quality}" if encoding.quality else name
     else:
         text = "fp32"
     if encoding.codec == t.ZSTD:

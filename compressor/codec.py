@@ -86,10 +86,10 @@ def encode(x: Any, spec: EncodingSpec) -> tensor_pb2.Tensor:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
         data = _to_half(x)
-    elif spec.encoding == "jpeg":
+    elif spec.encoding in jpeg.FORMATS:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
-        data = jpeg.encode_jpeg(x, spec.quality, msg)
+        data = jpeg.encode_images(x, spec.quality, msg, spec.encoding)
     else:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
@@ -137,10 +137,10 @@ def decode_array(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) ->
         if dtype.name == "bool" and buf.size and buf.max() > 1:
             raise CodecError("tensor.payload: a BOOL byte is neither 0 nor 1")
         return buf.view(dtype.numpy).reshape(shape)
-    if msg.encoding == tensor_pb2.JPEG:
+    if msg.encoding in _IMAGE_ENCODINGS:
         if len(buf) != msg.raw_size:
             raise CodecError(f"tensor.raw_size: {msg.raw_size}, but the payload decodes to {len(buf)} bytes")
-        return jpeg.decode_jpeg(buf, msg, shape)
+        return jpeg.decode_images(buf, msg, shape, _IMAGE_ENCODINGS[msg.encoding])
     if msg.encoding == tensor_pb2.FP16:
         return _from_half(buf.view("<f2")).reshape(shape)
     q = unpack_array(buf, msg.bits, numel).reshape(shape)
@@ -188,7 +188,10 @@ _ENCODING = {
     "fp16": tensor_pb2.FP16,
     "affine": tensor_pb2.AFFINE,
     "jpeg": tensor_pb2.JPEG,
+    "webp": tensor_pb2.WEBP,
 }
+#: Wire encodings whose payload is one image file per image, and their format.
+_IMAGE_ENCODINGS = {tensor_pb2.JPEG: "jpeg", tensor_pb2.WEBP: "webp"}
 
 
 def _dtype_name(x: Any) -> str:
@@ -298,17 +301,18 @@ def _check_header(msg: tensor_pb2.Tensor, limits: CodecLimits) -> tuple[_DType, 
     if msg.encoding == tensor_pb2.AFFINE:
         _check_affine(msg, shape)
         expected = packed_size(numel, msg.bits)
-    elif msg.encoding == tensor_pb2.JPEG:
+    elif msg.encoding in _IMAGE_ENCODINGS:
+        name = jpeg.FORMATS[_IMAGE_ENCODINGS[msg.encoding]]
         if len(shape) != 4 or shape[1] not in (1, 3):
-            raise CodecError(f"tensor.shape: JPEG needs (N, 1 or 3, H, W), got {shape}")
+            raise CodecError(f"tensor.shape: {name} needs (N, 1 or 3, H, W), got {shape}")
         if msg.bits != 8 or msg.axis != 1:
             raise CodecError(
-                f"tensor.bits/axis: JPEG carries 8-bit codes per channel (axis 1), got {msg.bits}/{msg.axis}"
+                f"tensor.bits/axis: {name} carries 8-bit codes per channel (axis 1), got {msg.bits}/{msg.axis}"
             )
         _check_affine(msg, shape)
-        # The size of a JPEG is not a function of the shape; bound it instead.
+        # The size of a JPEG or WebP is not a function of the shape; bound it instead.
         if msg.raw_size > jpeg.max_payload(numel, shape[0]):
-            raise CodecError(f"tensor.raw_size: {msg.raw_size} is too large for {numel} JPEG samples")
+            raise CodecError(f"tensor.raw_size: {msg.raw_size} is too large for {numel} {name} samples")
         expected = msg.raw_size
     else:
         for field in ("bits", "scales", "zero_points"):

@@ -10,6 +10,7 @@ Text grammar (``EncodingSpec.parse`` / ``str(spec)``; no spaces)::
               | "jpeg" [QUALITY]               an image batch (N, C, H, W) as JPEGs of its 8-bit
                                                per-channel codes; QUALITY 1-100, default 90;
                                                the codec defaults to none (zstd gains nothing)
+              | "webp" [QUALITY]               the same as lossy WebPs (QUALITY default 90)
     clip     := NAME ["(" KEY "=" VALUE {"," KEY "=" VALUE} ")"]
                                                clipping method (int only; default "minmax");
                                                VALUE is an int, a float or a lowercase identifier
@@ -17,8 +18,8 @@ Text grammar (``EncodingSpec.parse`` / ``str(spec)``; no spaces)::
                                                default "zstd" at level 1, single-threaded
 
 Examples: ``raw``, ``fp16+none``, ``int8``, ``int4c``, ``int6c0``, ``int3:percentile``,
-``int4c:percentile(percentile=99.9)+zstd9t2``, ``int8+zstd-5``, ``jpeg``, ``jpeg75``. ``str`` writes the shortest form
-(defaults omitted), and ``parse(str(spec)) == spec`` for every valid spec.
+``int4c:percentile(percentile=99.9)+zstd9t2``, ``int8+zstd-5``, ``jpeg``, ``jpeg75``, ``webp80``. ``str`` writes the
+shortest form (defaults omitted), and ``parse(str(spec)) == spec`` for every valid spec.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from compressor.bitpack import BIT_WIDTHS
 from compressor.errors import CodecError
 from protos.cleave.v1 import split_inference_pb2, tensor_pb2
 
-ENCODINGS = ("raw", "fp16", "affine", "jpeg")
+ENCODINGS = ("raw", "fp16", "affine", "jpeg", "webp")
+#: Encodings that send an image batch as image files (lossy, at a quality).
+IMAGE_ENCODINGS = ("jpeg", "webp")
 DEFAULT_QUALITY = 90
 CODECS = ("zstd", "none")
 MIN_LEVEL, MAX_LEVEL = -(1 << 17), 22  # zstd's negative "fast" levels down to ZSTD_minCLevel()
@@ -47,6 +50,7 @@ _ENCODING_TO_PROTO = {
     "fp16": tensor_pb2.FP16,
     "affine": tensor_pb2.AFFINE,
     "jpeg": tensor_pb2.JPEG,
+    "webp": tensor_pb2.WEBP,
 }
 _ENCODING_FROM_PROTO = {v: k for k, v in _ENCODING_TO_PROTO.items()}
 _ENCODING_FROM_PROTO[tensor_pb2.ENCODING_UNSPECIFIED] = "raw"
@@ -57,7 +61,7 @@ _CODEC_FROM_PROTO[tensor_pb2.CODEC_UNSPECIFIED] = "none"
 
 _SPEC = re.compile(r"(?P<enc>[^:+]*)(?::(?P<clip>[^+]*))?(?:\+(?P<codec>.*))?\Z")
 _INT = re.compile(r"int(?P<bits>\d+)(?:(?P<c>c)(?P<axis>-?\d+)?)?\Z")
-_JPEG = re.compile(r"jpeg(?P<quality>\d+)?\Z")
+_IMAGE = re.compile(r"(?P<fmt>jpeg|webp)(?P<quality>\d+)?\Z")
 _ZSTD = re.compile(r"zstd(?P<level>-?\d+)?(?:t(?P<threads>\d+))?\Z")
 _CLIP = re.compile(r"(?P<name>[a-z][a-z0-9_]*)(?:\((?P<params>[^()]*)\))?\Z")
 _KEY = re.compile(r"[a-z_][a-z0-9_]*\Z")
@@ -82,7 +86,7 @@ class EncodingSpec:
         codec: ``"zstd"`` or ``"none"``.
         level: zstd level (1..22, or negative for zstd's fast modes).
         threads: zstd worker threads; 0 compresses on the calling thread.
-        quality: jpeg only: JPEG quality, 1-100.
+        quality: jpeg and webp only: image quality, 1-100.
 
     Fields an encoding or codec does not use must keep their defaults, so that equal specs
     mean equal behaviour and the text form is unambiguous. Invalid values raise
@@ -125,8 +129,8 @@ class EncodingSpec:
             fields["encoding"] = "raw"
         elif enc == "fp16":
             fields["encoding"] = "fp16"
-        elif m := _JPEG.match(enc):
-            fields.update(encoding="jpeg", codec="none")
+        elif m := _IMAGE.match(enc):
+            fields.update(encoding=m["fmt"], codec="none")
             if m["quality"] is not None:
                 fields["quality"] = int(m["quality"])
         elif m := _INT.match(enc):
@@ -135,7 +139,8 @@ class EncodingSpec:
                 fields["axis"] = int(m["axis"])
         else:
             raise CodecError(
-                f"encoding spec {text!r}: encoding {enc!r} is not raw, fp32, fp16, int<bits>[c[<axis>]] or jpeg[<q>]"
+                f"encoding spec {text!r}: encoding {enc!r} is not raw, fp32, fp16, int<bits>[c[<axis>]], "
+                "jpeg[<q>] or webp[<q>]"
             )
         if match["clip"] is not None:
             where = f"encoding spec {text!r}: clip"
@@ -156,8 +161,8 @@ class EncodingSpec:
                 out += "c" if self.axis == 1 else f"c{self.axis}"
             if self.clip != "minmax" or self.clip_params:
                 out += ":" + self.clip_text()
-        elif self.encoding == "jpeg":
-            out = "jpeg" if self.quality == DEFAULT_QUALITY else f"jpeg{self.quality}"
+        elif self.encoding in IMAGE_ENCODINGS:
+            out = self.encoding + ("" if self.quality == DEFAULT_QUALITY else str(self.quality))
             return out + (f"+{self._codec_text()}" if self.codec == "zstd" else "")
         else:
             out = self.encoding
@@ -191,7 +196,7 @@ class EncodingSpec:
             msg.clip = self.clip_text()
         if self.codec == "zstd":
             msg.level = self.level
-        if self.encoding == "jpeg":
+        if self.encoding in IMAGE_ENCODINGS:
             msg.quality = self.quality
         return msg
 
@@ -334,7 +339,7 @@ def _validate(
     if not is_int(threads) or threads < 0:
         raise fail("threads", f"{threads!r} is not a non-negative int")
     if not is_int(quality) or not 1 <= quality <= 100:
-        raise fail("quality", f"{quality!r} is not a JPEG quality in [1, 100]")
+        raise fail("quality", f"{quality!r} is not a JPEG / WebP quality in [1, 100]")
 
     # Fields the encoding / codec ignores must stay at their defaults.
     used_by = {
@@ -345,10 +350,10 @@ def _validate(
         "axis": "per-channel affine",
         "level": "zstd",
         "threads": "zstd",
-        "quality": "jpeg",
+        "quality": "jpeg or webp",
     }
     in_use = {
-        "jpeg": encoding == "jpeg",
+        "jpeg or webp": encoding in IMAGE_ENCODINGS,
         "affine": encoding == "affine",
         "per-channel affine": encoding == "affine" and per_channel,
         "zstd": codec == "zstd",

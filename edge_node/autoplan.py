@@ -35,7 +35,7 @@ from partitioner.costmodel import Candidate, CostModel, Link
 from partitioner.loaded import LoadedModel
 from partitioner.photos import calibration_inputs
 from partitioner.placement import Placement
-from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, distortion_meter
+from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, cached_distortion, distortion_meter
 from partitioner.profile import cached_profile, from_proto
 from partitioner.quantized_head import measure_speedups
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
@@ -179,7 +179,9 @@ class AutoPlanner:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
         cloud = from_proto(reply)
         calib = self._calib = calibration_inputs(self.model.spec, s.calibration, s.calibration_inputs)
-        cost = CostModel.measure(self.model, edge, cloud, calib[: s.byte_samples])
+        # Bytes and distortions depend only on the model and the calibration images: kept on disk (keyed by both,
+        # as cleave plan keeps them), so a restarted edge plans without encoding every cut again.
+        cost = CostModel.measure(self.model, edge, cloud, calib[: s.byte_samples], cache=True)
         if self.runtime.head_bits == 8:
             # Heads run on int8 kernels: the search over cuts must see their E(k), not the float one.
             cost = cost.with_quantized_heads(measure_speedups(self.model, calib, _anchor_cuts(self.model)))
@@ -188,7 +190,8 @@ class AutoPlanner:
             max_rel_error=s.max_rel_error,
             min_top1=s.min_top1,
         )
-        return Planner(cost, budgets, distortion_meter(self.model, calib), s.objective, input_is_8bit=s.input_is_8bit)
+        meter = cached_distortion(distortion_meter(self.model, calib), self.model, calib)
+        return Planner(cost, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
 
     def measure_link(self) -> Link:
         result = probe_link(self.stub)

@@ -33,7 +33,7 @@ class AutoPlanSettings:
     calibration_inputs: int = 8
     byte_samples: int = 3  # calibration inputs whose encoded features predict bytes on the wire (median)
     input_is_8bit: bool = True  # inputs are 8-bit images: sending them as 8-bit codes costs no accuracy
-    baseline: str | None = None  # plan as a baseline would: neurosurgeon, edge-only, cloud-raw, cloud-jpeg
+    baseline: str | None = None  # plan as a baseline would: neurosurgeon, edge-only, cloud-raw, cloud-jpeg, cloud-webp
     check_interval_s: float = 1.0  # how often the plan is re-evaluated against the link estimate
     probe_interval_s: float = 5.0  # active probe when no traffic has measured the link lately
     min_gain: float = 0.10  # hysteresis: switch only for a clearly faster plan ...

@@ -37,8 +37,8 @@ from .profile import Profile, cache_dir
 #: Feature encodings the planner tries at every cut: fp32, fp16, then affine 8..2 bits, all with zstd.
 FEATURE_ENCODINGS = ("raw", "fp16", "int8", "int6", "int4", "int3", "int2")
 #: Encodings of the raw input for cloud-only: 8-bit codes per channel (the uint8 image) + zstd, and JPEG
-#: at three qualities (lossy: judged by the accuracy budget like any feature encoding).
-INPUT_ENCODINGS = ("int8c", "jpeg75", "jpeg", "jpeg95")
+#: and WebP at three qualities each (lossy: judged by the accuracy budget like any feature encoding).
+INPUT_ENCODINGS = ("int8c", "jpeg75", "jpeg", "jpeg95", "webp75", "webp", "webp95")
 #: Neurosurgeon sends features as they are.
 UNCOMPRESSED = "raw+none"
 
@@ -264,6 +264,8 @@ class CostModel:
                     continue  # e.g. JPEG of something that is not an image
                 cost.feature_bytes[enc] = measured[enc]
                 key = _codec_key(enc)
+                if key == "webp" and key not in edge.codecs:
+                    key = "jpeg"  # a profile taken before WebP was profiled: the nearest codec it has
                 cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
                 cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
             cuts.append(cost)
@@ -370,8 +372,8 @@ def _codec_key(enc: str) -> str:
     spec = EncodingSpec.parse(enc)
     if spec.encoding == "affine":
         return f"int{spec.bits}" + ("+none" if spec.codec == "none" else "")
-    if spec.encoding == "jpeg":
-        return "jpeg"
+    if spec.encoding in ("jpeg", "webp"):
+        return spec.encoding
     return str(spec)
 
 

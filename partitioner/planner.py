@@ -9,7 +9,8 @@ Constraints:
 
 Objectives: ``latency`` (the sum of the stages) or ``throughput`` (the slowest pipelined stage).
 Baselines for comparison: ``neurosurgeon`` (best cut with fp32 features, no compression),
-``edge-only``, ``cloud-raw`` (the input as 8-bit codes + zstd) and ``cloud-jpeg``.
+``edge-only``, ``cloud-raw`` (the input as 8-bit codes + zstd), ``cloud-jpeg`` and ``cloud-webp`` (the
+input as JPEG / WebP at the default quality 90).
 
 :class:`SwitchPolicy` adds hysteresis for re-planning: a new plan replaces the current one only
 when it is predicted to be clearly faster, so a noisy link estimate does not make the edge flap.
@@ -36,7 +37,7 @@ from .profile import cache_dir
 
 OBJECTIVES = ("latency", "throughput")
 CLOUD_SAMPLES = 3  # replies before the cloud's measured compute corrects its profile
-BASELINES = ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg")
+BASELINES = ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp")
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,9 @@ class Planner:
             pool = [c for c in self.candidates if c.kind == EDGE_ONLY]
         elif name == "cloud-raw":
             pool = [c for c in self.candidates if c.kind == CLOUD_ONLY and c.encoding == "int8c"]
-        elif name == "cloud-jpeg":
-            pool = [c for c in self.candidates if c.kind == CLOUD_ONLY and c.encoding == "jpeg"]
+        elif name in ("cloud-jpeg", "cloud-webp"):
+            image = name.removeprefix("cloud-")
+            pool = [c for c in self.candidates if c.kind == CLOUD_ONLY and c.encoding == image]
         elif name == "neurosurgeon":
             pool = [c for c in self.candidates if c.encoding == UNCOMPRESSED or c.kind == EDGE_ONLY]
         else:

@@ -34,7 +34,7 @@ from .loaded import LoadedModel
 from .models import calibration_batch
 
 #: Encodings whose cost per byte is measured on each host (the planner's feature encodings).
-PROFILED_ENCODINGS = ("raw", "raw+none", "fp16", "int8", "int6", "int4", "int3", "int2", "jpeg")
+PROFILED_ENCODINGS = ("raw", "raw+none", "fp16", "int8", "int6", "int4", "int3", "int2", "jpeg", "webp")
 
 
 @dataclass
@@ -185,7 +185,7 @@ def measure_codecs(encodings=PROFILED_ENCODINGS, numel: int = 1 << 18, repeats: 
     costs = {}
     for text in encodings:
         spec = EncodingSpec.parse(text)
-        x = image if spec.encoding == "jpeg" else features
+        x = image if spec.encoding in ("jpeg", "webp") else features
         mb = x.numel() * 4 / 1e6
         msg = encode(x, spec)
         enc = median_ms(lambda x=x, spec=spec: encode(x, spec), repeats, 1)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
 import pytest
 import torch
+from PIL import Image
 
 from cleave_cli.images import synthetic_images
 from compressor import CodecError, EncodingSpec, decode, encode
@@ -67,3 +69,59 @@ def test_bad_payloads_are_refused(images: torch.Tensor, corrupt, field: str) -> 
     bad = corrupt(msg, bytes(msg.payload))
     with pytest.raises(CodecError, match=field):
         decode(bad)
+
+
+# WebP: the same layout and validation, each image a lossy WebP.
+
+
+def _webp_file(image: Image.Image, **save: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="WEBP", **save)
+    return buf.getvalue()
+
+
+def _replace_first_image(msg: tensor_pb2.Tensor, image: bytes) -> tensor_pb2.Tensor:
+    payload = bytes(msg.payload)
+    (first,) = struct.unpack("<I", payload[:4])
+    return reseal(msg, struct.pack("<I", len(image)) + image + payload[4 + first :])
+
+
+def test_webp_round_trips_closely_and_beats_jpeg_at_equal_quality(images: torch.Tensor) -> None:
+    msg = encode(images, EncodingSpec.parse("webp"))
+    assert msg.encoding == tensor_pb2.WEBP
+    out = decode(msg)
+    assert out.shape == images.shape and out.dtype == torch.float32
+    span = float(images.max() - images.min())
+    assert float((out - images).abs().mean()) < 0.03 * span
+    assert msg.payload_size < encode(images, EncodingSpec.parse("jpeg")).payload_size
+    assert encode(images, EncodingSpec.parse("webp30")).payload_size < msg.payload_size
+    gray = synthetic_images(1, (1, 1, 32, 48), seed=1)
+    assert decode(encode(gray, EncodingSpec.parse("webp"))).shape == (1, 1, 32, 48)
+    spec = EncodingSpec.parse("webp75")
+    assert str(spec) == "webp75" and spec.codec == "none" and EncodingSpec.from_proto(spec.to_proto()) == spec
+    with pytest.raises(CodecError, match="quality"):
+        EncodingSpec.parse("webp0")
+
+
+def test_hostile_webp_payloads_are_refused(images: torch.Tensor) -> None:
+    """A WebP message whose images are a JPEG, an animation, a huge canvas, or garbage is refused
+    naming the payload, before Pillow decodes pixels."""
+    jpeg_bytes = bytes(encode(images[:1], EncodingSpec.parse("jpeg")).payload)[4:]
+    still = Image.new("RGB", (64, 64), (10, 200, 30))
+    animation = _webp_file(still, save_all=True, append_images=[Image.new("RGB", (64, 64))], duration=10)
+    huge = _webp_file(Image.new("RGB", (4000, 4000)), quality=1)  # ~28 KB that decodes to 48 MB
+    cases = [
+        (jpeg_bytes, "not a valid WEBP"),
+        (animation, "frames"),
+        (huge, "4000x4000"),
+        (b"RIFF\xff\xff\xff\x7fWEBPVP8 " + b"\x00" * 40, "not a valid WEBP"),
+        (_webp_file(still)[:-20], "not a valid WEBP"),
+    ]
+    for image, match in cases:
+        msg = encode(images, EncodingSpec.parse("webp"))
+        with pytest.raises(CodecError, match=match):
+            decode(_replace_first_image(msg, image))
+    msg = encode(images, EncodingSpec.parse("webp"))
+    msg.raw_size = 10**9
+    with pytest.raises(CodecError, match="raw_size"):
+        decode(msg)

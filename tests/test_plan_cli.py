@@ -48,9 +48,11 @@ def test_offline_plan_writes_ranking_and_plot(tmp_path: Path, capsys: pytest.Cap
     # Lossless baselines fit any accuracy budget, so the plan is never slower than them; lossy ones
     # (JPEG) are scored without budgets and may be faster but too inaccurate.
     assert all(best <= report["baselines"][b]["cost_ms"] + 1e-9 for b in ("edge-only", "neurosurgeon"))
-    assert set(report["baselines"]) == {"neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg"}
+    assert set(report["baselines"]) == {"neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp"}
+    assert report["baselines"]["cloud-webp"]["placement"] == "cloud-only webp"
     assert (tmp_path / "plan.png").stat().st_size > 10_000
-    assert "baselines:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "baselines:" in out and "cloud-webp" in out
     assert main(["plan", *MODEL_ARGS]) == 1  # neither --cloud nor --bandwidth: a clear error
     assert "--bandwidth" in capsys.readouterr().err
 

@@ -27,8 +27,8 @@ def synthetic_cost(edge_slowdown: float = 4.0) -> CostModel:
             raw_bytes=numel * 4,
             edge_memory=(index + 1) * 1_000_000,
         )
-        for enc in ("int8c", "jpeg", "raw+none") if index == 0 else ENCODINGS:
-            per = {"int8c": 1.0, "jpeg": 0.5}.get(enc, BYTES_PER_ELEMENT.get(enc))
+        for enc in ("int8c", "jpeg", "webp", "raw+none") if index == 0 else ENCODINGS:
+            per = {"int8c": 1.0, "jpeg": 0.5, "webp": 0.4}.get(enc, BYTES_PER_ELEMENT.get(enc))
             cut.feature_bytes[enc] = int(numel * per)
             cut.encode_ms[enc] = 0.5
             cut.decode_ms[enc] = 0.2
@@ -91,23 +91,39 @@ def test_accuracy_budget_is_respected_and_checked_lazily() -> None:
 
     def distortion(c):
         seen.append((c.cut_index, c.encoding))
-        bits = {"int2": 2, "int4": 4, "int8": 8, "jpeg": 3, "int8c": 8}.get(c.encoding, 16)
+        bits = {"int2": 2, "int4": 4, "int8": 8, "jpeg": 3, "webp": 3, "int8c": 8}.get(c.encoding, 16)
         return Distortion(rel_error=2.0**-bits, top1=1.0 if bits >= 4 else 0.5)
 
     # A link where, with accuracy free, a lossy low-bit encoding wins.
     link = next(
         Link(m, m, 2)
         for m in (1, 2, 5, 10, 20, 50)
-        if Planner(cost).best(Link(m, m, 2)).candidate.encoding in ("int2", "jpeg")
+        if Planner(cost).best(Link(m, m, 2)).candidate.encoding in ("int2", "jpeg", "webp")
     )
     planner = Planner(cost, Budgets(max_rel_error=0.1, min_top1=0.99), distortion)
     best = planner.best(link)
-    assert best.candidate.encoding not in ("int2", "jpeg")
+    assert best.candidate.encoding not in ("int2", "jpeg", "webp")
     if best.candidate.kind != EDGE_ONLY:
         assert best.distortion.rel_error <= 0.1 and best.distortion.top1 >= 0.99
     allowed = {"raw", "raw+none", "fp16", "int8", "int8c", "int4", ""}
     assert best.cost_ms == pytest.approx(brute_force(cost, link, lambda c: c.encoding in allowed))
     assert len(seen) < len(planner.candidates) / 2  # only candidates that could win were measured
+
+
+def test_webp_input_is_a_cloud_only_candidate_judged_by_top1_agreement() -> None:
+    """WebP of the input wins a slow link when its top-1 agreement is within the budget, and is
+    rejected with its agreement named when it is not."""
+    cost = synthetic_cost()
+    link = Link(0.5, 0.5, 2)
+    lossy = lambda top1: lambda c: Distortion(rel_error=0.0, top1=top1 if c.encoding == "webp" else 1.0)  # noqa: E731
+    free = Planner(cost, Budgets(min_top1=0.99), lossy(1.0)).rank(link)
+    webp = next(s for s in free if s.candidate.encoding == "webp")
+    assert webp.candidate.kind == CLOUD_ONLY and webp.candidate.cut_index == 0
+    assert webp.cost_ms < next(s for s in free if s.candidate.encoding == "jpeg").cost_ms  # fewer bytes
+    strict = Planner(cost, Budgets(min_top1=0.99), lossy(0.9))
+    rejected = next(s for s in strict.rank(link) if s.candidate.encoding == "webp")
+    assert rejected.rejected and "top-1" in rejected.rejected
+    assert strict.best(link).candidate.encoding != "webp"
 
 
 def test_8_bit_images_cost_no_accuracy_when_sent_as_8_bit_codes() -> None:
@@ -138,10 +154,12 @@ def test_baselines() -> None:
     raw = planner.baseline("cloud-raw", link).candidate
     assert raw.kind == CLOUD_ONLY and raw.encoding == "int8c"
     assert planner.baseline("cloud-jpeg", link).candidate.encoding == "jpeg"
+    assert planner.baseline("cloud-webp", link).candidate.encoding == "webp"
     neuro = planner.baseline("neurosurgeon", link)
     assert neuro.candidate.kind == EDGE_ONLY or neuro.candidate.encoding == "raw+none"
     assert planner.best(link).cost_ms <= min(
-        planner.baseline(b, link).cost_ms for b in ("edge-only", "cloud-raw", "cloud-jpeg", "neurosurgeon")
+        planner.baseline(b, link).cost_ms
+        for b in ("edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp", "neurosurgeon")
     )
     with pytest.raises(ValueError, match="baseline"):
         planner.baseline("magic", link)
