@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.security import ClientTLS
-from protos.serving import open_channel
+from runtime.security import ClientTLS
+from runtime.serving import open_channel
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,12 +6,12 @@ import copy
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from partitioner.settings import SettingsError, from_mapping, load_yaml
 from partitioner.spec import ModelSpec
-from protos.admission import ServingLimits
-from protos.metrics import MetricsConfig
-from protos.security import ServerAuth, ServerTLS
-from protos.serving import Keepalive
+from runtime.admission import ServingLimits
+from runtime.metrics import MetricsConfig
+from runtime.security import ServerAuth, ServerTLS
+from runtime.serving import Keepalive
+from runtime.settings import SettingsError, from_mapping, load_yaml
 
 
 @dataclass

@@ -11,13 +11,13 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry
 
-from partitioner.settings import SettingsError
 from partitioner.spec import ModelSpec
-from protos import logsafe
 from protos.cleave.v1 import compression_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
-from protos.serving import Daemon, Service, ServiceOff
+from runtime import logsafe
+from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
+from runtime.serving import Daemon, Service, ServiceOff
+from runtime.settings import SettingsError
 
 from .config import CloudConfig
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 SPLIT_INFERENCE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
 COMPRESSION = compression_pb2.DESCRIPTOR.services_by_name["Compression"]
-#: Answered from the handler threads kept free of streams and long calls (see protos.admission).
+#: Answered from the handler threads kept free of streams and long calls (see runtime.admission).
 CONTROL_METHODS = (
     f"/{SPLIT_INFERENCE.full_name}/GetInfo",
     "/inference.GRPCInferenceService/ServerLive",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from partitioner.settings import SettingsError, from_mapping, load_yaml
 from partitioner.spec import PHOTOS, SYNTHETIC, ModelSpec
-from protos.admission import ServingLimits
-from protos.metrics import MetricsConfig
-from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
-from protos.serving import Keepalive
+from runtime.admission import ServingLimits
+from runtime.metrics import MetricsConfig
+from runtime.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
+from runtime.serving import Keepalive
+from runtime.settings import SettingsError, from_mapping, load_yaml
 
 
 @dataclass

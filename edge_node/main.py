@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from partitioner.settings import SettingsError
-from protos import logsafe
 from protos.cleave.v1 import edge_pb2
 from protos.errors import WireError
-from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
-from protos.serving import Daemon, Service
+from runtime import logsafe
+from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
+from runtime.serving import Daemon, Service
+from runtime.settings import SettingsError
 
 from .config import EdgeConfig
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8, 16, 32)  # --bits: affine 2-6 and 8 (compressor.bitpack.BIT_WIDTHS), fp16, fp32
 
 EDGE = edge_pb2.DESCRIPTOR.services_by_name["Edge"]
-#: Answered from the handler threads kept free of streams and long calls (see protos.admission).
+#: Answered from the handler threads kept free of streams and long calls (see runtime.admission).
 CONTROL_METHODS = (f"/{EDGE.full_name}/GetStatus", f"/{EDGE.full_name}/GetPlan")
 
 
@@ -69,7 +69,7 @@ def encoding_for_bits(bits: int) -> str:
 def build_config(args: argparse.Namespace, check: bool = True) -> EdgeConfig:
     data = {}
     if args.config:
-        from partitioner.settings import load_yaml
+        from runtime.settings import load_yaml
 
         data = load_yaml(args.config)
     if args.model:

@@ -17,10 +17,10 @@ from cloud_node.main import batchers_for, build_daemon
 from compressor import RAW_UNCOMPRESSED, Assembler, decode, encode
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec, calibration_batch
-from partitioner.settings import SettingsError
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import ResourceExhausted
+from runtime.settings import SettingsError
 
 from .test_daemons import frames_for
 

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from protos import errors, generate
-from protos.serving import Daemon, is_loopback
+from runtime.serving import Daemon, is_loopback
 
 
 def test_committed_stubs_are_fresh(tmp_path: Path) -> None:

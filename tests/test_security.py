@@ -32,12 +32,12 @@ from edge_node.config import EdgeConfig, Reconnect
 from edge_node.link import LinkMonitor
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
-from partitioner.settings import SettingsError
 from protos.cleave.v1 import edge_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
-from protos.serving import Daemon, open_channel
+from runtime.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
+from runtime.serving import Daemon, open_channel
+from runtime.settings import SettingsError
 
 from ._pki import Pki, make_pki
 

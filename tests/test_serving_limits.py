@@ -10,9 +10,9 @@ import pytest
 
 from cloud_node.config import CloudConfig
 from cloud_node.profiling import TurnLock
-from partitioner.settings import SettingsError
-from protos.admission import ServingLimits, client_identity
-from protos.logsafe import EscapingFilter, printable
+from runtime.admission import ServingLimits, client_identity
+from runtime.logsafe import EscapingFilter, printable
+from runtime.settings import SettingsError
 
 
 def test_turn_lock_lets_a_waiter_in_at_every_turn() -> None:

@@ -7,7 +7,7 @@ import pytest
 from cloud_node.config import CloudConfig
 from edge_node.config import EdgeConfig
 from edge_node.main import build_config, parse_args
-from partitioner.settings import SettingsError
+from runtime.settings import SettingsError
 
 
 def test_cloud_config_from_yaml(tmp_path: Path) -> None:

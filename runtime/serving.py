@@ -3,10 +3,10 @@
 A :class:`Daemon` is a gRPC server with Cleave's defaults: explicit message-size limits (never
 gRPC's 4 MiB default), ``grpc.health.v1`` and server reflection for every service it hosts, a
 refusal to bind a non-loopback address without TLS unless told so, TLS / mutual TLS and bearer
-tokens when configured (:mod:`protos.security`), one pair of keepalive settings both ends agree on
+tokens when configured (:mod:`runtime.security`), one pair of keepalive settings both ends agree on
 (:class:`Keepalive`), a clear refusal of a port another process holds, fair use of its handler
 threads (reserved threads for health and control calls, stream quotas, idle streams ended:
-:mod:`protos.admission`), and a draining stop (health
+:mod:`runtime.admission`), and a draining stop (health
 NOT_SERVING, finish in-flight calls, then close) on SIGTERM or SIGINT. Requests whose bytes do not
 decode as the expected message answer INVALID_ARGUMENT naming the type, where gRPC alone would
 answer INTERNAL.
@@ -37,8 +37,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.errors import InvalidArgument
+
 from .admission import Admission, ServingLimits
-from .errors import InvalidArgument
 from .handlers import handler_kind
 from .security import BearerAuthInterceptor, ClientTLS, ServerAuth, ServerTLS, secure_channel
 
