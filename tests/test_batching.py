@@ -338,7 +338,9 @@ def test_whole_model_requests_of_concurrent_clients_share_batches() -> None:
     from cloud_node.config import CloudLimits
     from cloud_node.openinference import InferRequest, InputTensor, OpenInference
 
-    spec = ModelSpec.from_dict({"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]})
+    spec = ModelSpec.from_dict(
+        {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+    )
     local = LoadedModel.load(spec)
     batchers = Batchers(settings(max_batch_size=4, preferred_batch_sizes=[4], max_queue_delay_ms=LONG))
     backend = OpenInference(lambda _name: local, ["tiny"], CloudLimits(), batchers)

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cleave_cli import compress_cmd
 from cleave_cli.client import EdgeClient
 from cleave_cli.errors import explain_rpc
-from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, edge_process, free_port
+from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from cleave_cli.main import build_parser, main
 from cleave_cli.output import message_dict, status_table
 from cleave_cli.wait import NotServing
@@ -41,10 +41,11 @@ from protos.cleave.v1 import compression_pb2, compression_pb2_grpc, edge_pb2, te
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from runtime.serving import open_channel
+from tests.support import ROOT
 
 pytestmark = [pytest.mark.integration]
 
-MODEL = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+MODEL = {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
 CUT = 3
 HEAVY = ("torch", "torchvision", "grpc", "numpy", "google.protobuf")
 
@@ -388,7 +389,7 @@ def test_wait_succeeds_against_a_serving_daemon(cloud: DaemonProcess, edge: Daem
 def start_gated_cloud(home: Path, name: str) -> tuple[subprocess.Popen, str, Path]:
     """A cloud whose model loads once the returned gate file exists; returns when it first answers health."""
     gate = home / f"{name}.gate"
-    model = {"name": name, "source": "tests._factories:gated_tiny_cnn", "input_shape": [1, 3, 16, 16]}
+    model = {"name": name, "source": "tests.support.factories:gated_tiny_cnn", "input_shape": [1, 3, 16, 16]}
     (home / f"{name}.yaml").write_text(yaml.safe_dump({"models": [model], "torch_threads": 1}))
     port = free_port()
     env = {**os.environ, "CLEAVE_TEST_LOAD_GATE": str(gate)}
@@ -453,7 +454,7 @@ def test_a_stop_signal_while_loading_stops_the_daemon(home: Path) -> None:
 
 
 def test_daemon_that_fails_to_load_exits_with_the_reason(home: Path) -> None:
-    model = {"name": "broken", "source": "tests._factories:not_a_module", "input_shape": [1, 3, 16, 16]}
+    model = {"name": "broken", "source": "tests.support.factories:not_a_module", "input_shape": [1, 3, 16, 16]}
     (home / "broken.yaml").write_text(yaml.safe_dump({"models": [model]}))
     done = subprocess.run(
         [sys.executable, "-m", "cloud_node.main", "--config", str(home / "broken.yaml"), "--port", str(free_port())],

@@ -260,7 +260,7 @@ def test_cloud_gauges_read_jobs_sessions_and_batches(tmp_path: Path) -> None:
 
 # -- both daemons, real processes -----------------------------------------------------------------
 
-MODEL = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+MODEL = {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cleave_cli.client import EdgeClient
 from cleave_cli.images import synthetic_images
-from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, edge_process, free_port
+from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from protos.cleave.v1 import edge_pb2
 from runtime.serving import Daemon, Keepalive, PortInUse, open_channel
+from tests.support import ROOT
 
 from .conftest import MODEL
 from .test_daemons import healthy
