@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from compressor.lapq import quantize_clipped
+from compressor.offline.lapq import quantize_clipped
 from partitioner.bitalloc import allocate_bits
 from partitioner.calibration import SplitLoss, lapq_split, quantize_features
 from partitioner.graph import trace

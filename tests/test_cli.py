@@ -237,7 +237,9 @@ def sample_status() -> edge_pb2.EdgeStatus:
             placement=edge_pb2.SPLIT,
             cut_index=34,
             cut_name="layer2_1_relu_1",
-            encoding=si_pb2.TensorEncoding(encoding=tensor_pb2.AFFINE, bits=4, per_channel=True, codec=tensor_pb2.ZSTD),
+            encoding=tensor_pb2.TensorEncoding(
+                encoding=tensor_pb2.AFFINE, bits=4, per_channel=True, codec=tensor_pb2.ZSTD
+            ),
             predicted_ms=14.0,
             predicted_bytes=25_000,
             reason="planner",
