@@ -13,7 +13,7 @@ from protos.errors import WireError
 from runtime import logsafe
 from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from runtime.serving import Daemon, Service
-from runtime.settings import SettingsError
+from runtime.settings import SettingsError, revalidate
 
 from .config import EdgeConfig
 
@@ -66,7 +66,8 @@ def encoding_for_bits(bits: int) -> str:
     return f"int{bits}"
 
 
-def build_config(args: argparse.Namespace, check: bool = True) -> EdgeConfig:
+def build_config(args: argparse.Namespace) -> EdgeConfig:
+    """The config file, then the flags over it; validated (nothing here imports torch)."""
     data = {}
     if args.config:
         from runtime.settings import load_yaml
@@ -103,21 +104,8 @@ def build_config(args: argparse.Namespace, check: bool = True) -> EdgeConfig:
         config.metrics = MetricsConfig(args.metrics)
     if args.log_level:
         config.log_level = args.log_level
-    if check:
-        check_encoding(config)
+    revalidate(config)  # the flags may have changed it since it loaded
     return config
-
-
-def settings(args: argparse.Namespace) -> EdgeConfig:
-    """:func:`build_config` without the checks that need torch (the daemon runs them before SERVING)."""
-    return build_config(args, check=False)
-
-
-def check_encoding(config: EdgeConfig) -> None:
-    """Fail at start, not on the first request: raises ValueError naming what is wrong."""
-    from compressor import EncodingSpec
-
-    EncodingSpec.parse(config.plan.encoding)
 
 
 class EdgeDaemon:
@@ -164,7 +152,6 @@ class EdgeDaemon:
         from .servicer import EdgeServicer
 
         config = self.config
-        check_encoding(config)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.model = LoadedModel.load(config.model)
@@ -214,7 +201,7 @@ class EdgeDaemon:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = settings(args)
+        config = build_config(args)
     except (SettingsError, ValueError) as exc:
         print(f"cleave-edge: {exc}", file=sys.stderr)
         return 2

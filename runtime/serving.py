@@ -42,6 +42,7 @@ from protos.errors import InvalidArgument
 from .admission import Admission, ServingLimits
 from .handlers import handler_kind
 from .security import BearerAuthInterceptor, ClientTLS, ServerAuth, ServerTLS, secure_channel
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 @dataclass(frozen=True)
-class Keepalive:
+class Keepalive(Settings):
     """The keepalive settings of a link: one pair, the client's and the server's half, that agree.
 
     gRPC core (doc/keepalive.md) answers a client that pings more often than its server permits with
@@ -82,7 +83,7 @@ class Keepalive:
     timeout_ms: int = 20_000
     max_ping_strikes: int = 2
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name, least in (("interval_ms", 2), ("timeout_ms", 1), ("max_ping_strikes", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name}: {getattr(self, name)} is under {least}")

@@ -172,7 +172,7 @@ def test_daemon_modules_import_no_torch_before_listening() -> None:
         "import sys\n"
         "import cloud_node.main, edge_node.main\n"
         "cloud_node.main.build_config(cloud_node.main.parse_args(['--model', 'resnet18']))\n"
-        "edge_node.main.settings(edge_node.main.parse_args(['--model', 'resnet18', '--encoding', 'int4']))\n"
+        "edge_node.main.build_config(edge_node.main.parse_args(['--model', 'resnet18', '--encoding', 'int4']))\n"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
