@@ -49,7 +49,7 @@ def revalidate(settings: Settings, where: str = "") -> None:
     Raises:
         SettingsError: naming the first bad key by its YAML path (``batching.max_batch_size: ...``).
     """
-    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+    for f in dataclasses.fields(settings):  # every Settings subclass is a dataclass
         value = getattr(settings, f.name)
         path = f"{where}.{f.name}" if where else f.name
         if isinstance(value, Settings):
