@@ -55,7 +55,7 @@ protos: $(STAMP)
 	$(PY) -m protos.generate
 
 bench: $(STAMP)
-	$(PY) benchmarks/overhead.py
+	$(PY) -m benchmarks.overhead
 
 # Re-resolve every dependency to the newest releases pyproject.toml and requirements/pins.in allow.
 # Commit the new requirements/dev.txt only after `make test` passes with it.

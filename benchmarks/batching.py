@@ -49,7 +49,7 @@ in the committed run) so a reader can see it is not the bottleneck, but on such 
 from the cloud: treat absolute numbers as a lower bound and the on/off ratio, measured side by side
 in one run, as the result. Writes ``benchmarks/results/batching.json`` and ``batching.png``.
 
-    python benchmarks/batching.py [--model resnet18 --size 64 --cut layer2_1_relu_1 --streams 1,4,8,16 --seconds 8]
+    python -m benchmarks.batching [--model resnet18 --size 64 --cut layer2_1_relu_1 --streams 1,4,8,16 --seconds 8]
 """
 
 from __future__ import annotations
@@ -73,16 +73,14 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from cleave_cli.launch import DaemonProcess, cloud_process, free_port
+from compressor import Assembler, EncodingSpec, decode, encode, to_chunks
+from partitioner.loaded import LoadedModel, as_tensor_list
+from partitioner.models import ModelSpec, calibration_batch
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
+from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cleave_cli.launch import DaemonProcess, cloud_process, free_port  # noqa: E402
-from compressor import Assembler, EncodingSpec, decode, encode, to_chunks  # noqa: E402
-from partitioner.loaded import LoadedModel, as_tensor_list  # noqa: E402
-from partitioner.models import ModelSpec, calibration_batch  # noqa: E402
-from protos.cleave.v1 import split_inference_pb2 as si_pb2  # noqa: E402
-from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 INFER = "/cleave.v1.SplitInference/Infer"
 FEATURE_SETS = 8  # distinct inputs per stream, cycled: request id = index into them

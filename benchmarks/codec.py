@@ -13,7 +13,7 @@ strided slices, zstd level 1 (and the same at 8 bits). A second table measures z
 on the packed 4-bit and 8-bit codes and the fp16 bytes of the same activation: compressed size and
 compress / decompress speed, which is how the default level was chosen.
 
-    python benchmarks/codec.py [--repeats 40 --cpu 0 --out benchmarks/results/codec.json]
+    python -m benchmarks.codec [--repeats 40 --cpu 0 --out benchmarks/results/codec.json]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,10 +34,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from compressor import EncodingSpec, decode, encode  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = (1, 256, 56, 56)

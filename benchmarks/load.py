@@ -24,7 +24,7 @@ earlier, that one-off step reads as negative growth. Exits non-zero on any error
 ``benchmarks/results/load.json`` and ``load.png`` (throughput in 1 s bins, memory per daemon over
 time). The default run takes about two minutes.
 
-    python benchmarks/load.py [--edges 4 --clients-per-edge 1 --seconds 60 --warmup 30]
+    python -m benchmarks.load [--edges 4 --clients-per-edge 1 --seconds 60 --warmup 30]
 """
 
 from __future__ import annotations
@@ -49,16 +49,14 @@ import psutil
 import torch
 import yaml
 
+from cleave_cli.client import EdgeClient, outputs_of
+from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
+from compressor import RAW_UNCOMPRESSED, EncodingSpec, encode
+from partitioner.loaded import LoadedModel
+from partitioner.models import ModelSpec, calibration_batch
+from protos.cleave.v1 import edge_pb2
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cleave_cli.client import EdgeClient, outputs_of  # noqa: E402
-from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port  # noqa: E402
-from compressor import RAW_UNCOMPRESSED, EncodingSpec, encode  # noqa: E402
-from partitioner.loaded import LoadedModel  # noqa: E402
-from partitioner.models import ModelSpec, calibration_batch  # noqa: E402
-from protos.cleave.v1 import edge_pb2  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 ID_STRIDE = 1_000_000  # request id = client * ID_STRIDE + seq: unique across the run
 

@@ -11,8 +11,7 @@ Two network namespaces (``edge`` and ``cloud``) joined by one veth pair, with:
 
 Typical use (as root; everything is torn down on exit, also after an exception, SIGINT or SIGTERM)::
 
-    import sys; sys.path.insert(0, "benchmarks")
-    from netlab import DelayRelay, NetLab
+    from benchmarks.netlab import DelayRelay, NetLab   # from the repository root
 
     ok, why = NetLab.available()          # skip / exit cleanly with `why` when not ok
     with NetLab() as lab:
@@ -28,9 +27,9 @@ Traffic stays inside the lab's own namespaces (a private /24) and their loopback
 
 Command line (the relay and the measuring tools run as subprocesses inside a namespace)::
 
-    python benchmarks/netlab.py --selftest          # build a lab, measure shaping, RTT and CPU quota, clean up
-    python benchmarks/netlab.py relay --listen IP:PORT --target IP:PORT --delay-ms D
-    python benchmarks/netlab.py cleanup             # remove labs left behind by processes that no longer exist
+    python -m benchmarks.netlab --selftest       # build a lab, measure shaping, RTT and CPU quota, clean up
+    python -m benchmarks.netlab relay --listen IP:PORT --target IP:PORT --delay-ms D
+    python -m benchmarks.netlab cleanup          # remove labs left behind by processes that no longer exist
 
 This module imports only the standard library, so its subprocesses start fast.
 """

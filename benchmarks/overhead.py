@@ -13,7 +13,7 @@ the cloud's stream handling) and the *app hop* (the local app's call into the ed
 the raw fp32 input). Medians over ``--repeats`` requests per configuration; JSON and a plot under
 benchmarks/results/.
 
-    python benchmarks/overhead.py [--model resnet18 --size 224 --repeats 30]
+    python -m benchmarks.overhead [--model resnet18 --size 224 --repeats 30]
 """
 
 from __future__ import annotations
@@ -30,15 +30,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from cleave_cli.client import EdgeClient
+from cleave_cli.images import synthetic_images
+from cleave_cli.launch import cloud_process, edge_process, free_port
+from partitioner.loaded import LoadedModel
+from partitioner.models import ModelSpec
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cleave_cli.client import EdgeClient  # noqa: E402
-from cleave_cli.images import synthetic_images  # noqa: E402
-from cleave_cli.launch import cloud_process, edge_process, free_port  # noqa: E402
-from partitioner.loaded import LoadedModel  # noqa: E402
-from partitioner.models import ModelSpec  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 PART_FIELDS = (
     "edge_compute_ms",

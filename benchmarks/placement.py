@@ -958,7 +958,7 @@ class Session:
         from partitioner.profile import from_proto
         from protos.cleave.v1 import split_inference_pb2 as si_pb2
         from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-        from protos.serving import open_channel
+        from runtime.serving import open_channel
 
         model = LoadedModel.load(self.spec)
         edge = edge_profile(model)

@@ -8,7 +8,7 @@ timed alternately, ``--runs`` each, medians, so that load on the machine hits bo
 benchmarks/results/pruning.{json,png}. Random weights (weights=None): the figures are about cost,
 not accuracy.
 
-    python benchmarks/pruning.py [--models resnet18,resnet50,mobilenet_v2,vgg16 --ratios 0.3,0.5,0.7 --size 224]
+    python -m benchmarks.pruning [--models resnet18,resnet50,mobilenet_v2,vgg16 --ratios 0.3,0.5,0.7 --size 224]
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from cloud_node.jobs.engines import JobContext, PruneCnn
+from cloud_node.jobs.models import ModelSource, load
+from protos.cleave.v1 import compression_pb2 as pb
 
-from cloud_node.jobs.engines import JobContext, PruneCnn  # noqa: E402
-from cloud_node.jobs.models import ModelSource, load  # noqa: E402
-from protos.cleave.v1 import compression_pb2 as pb  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def interleaved_latency(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, runs: int) -> tuple[float, float]:

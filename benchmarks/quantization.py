@@ -1,6 +1,6 @@
 """Quantization quality and speed: clipping methods, feature and weight bit-widths, the int8 head.
 
-1. **Accuracy** of the harness model (partitioner.harness: synthetic 10-class images, small ResNet
+1. **Accuracy** of the harness model (tests.support.harness: synthetic 10-class images, small ResNet
    trained in-process) split at several cuts: float vs features at 8/6/4/3/2 bits with clipping by
    min-max / percentile / ACIQ / LAPQ, per tensor and per channel (LAPQ: per tensor), with the head
    in fp32, int8 (ONNX Runtime QOperator) and 4-bit packed weights. Features are quantized per
@@ -12,7 +12,7 @@
    side, interleaved, in one run. Plus artifact sizes on disk (fp32, int8, 4-bit packed).
 4. **Bit allocation** (partitioner.bitalloc) at a few budgets, checked on the test set.
 
-    python benchmarks/quantization.py [--sections accuracy,mse,latency,bitalloc]
+    python -m benchmarks.quantization [--sections accuracy,mse,latency,bitalloc]
 
 Writes benchmarks/results/quantization.json and quantization.png.
 """
@@ -32,17 +32,15 @@ from pathlib import Path
 import torch
 import torchvision
 
+from compressor.offline.lapq import quantize_clipped
+from partitioner.bitalloc import allocate_bits
+from partitioner.calibration import SplitLoss, lapq_split, quantize_features
+from partitioner.graph import trace
+from partitioner.models import calibrate_batchnorm
+from partitioner.quantized_head import build_quantized_head, head_layers
+from tests.support.harness import trained_harness
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from compressor.lapq import quantize_clipped  # noqa: E402
-from partitioner.bitalloc import allocate_bits  # noqa: E402
-from partitioner.calibration import SplitLoss, lapq_split, quantize_features  # noqa: E402
-from partitioner.graph import trace  # noqa: E402
-from partitioner.harness import trained_harness  # noqa: E402
-from partitioner.models import calibrate_batchnorm  # noqa: E402
-from partitioner.quantized_head import build_quantized_head, head_layers  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 BITS = (8, 6, 4, 3, 2)
 CLIPS = {"minmax": {}, "percentile": {"percentile": 99.9}, "aciq": {}}

@@ -1,7 +1,7 @@
 """Start-up times of the CLI and the daemons, as a user sees them (wall clock, median of a few runs).
 
-    python benchmarks/startup.py                        # this tree; writes benchmarks/results/startup.json
-    python benchmarks/startup.py --root /other/checkout --out /tmp/before.json   # another tree, same venv
+    python -m benchmarks.startup                        # this tree; writes benchmarks/results/startup.json
+    python -m benchmarks.startup --root /other/checkout --out /tmp/before.json   # another tree, same venv
 
 Measures ``cleave --help``, ``cleave plan --help``, ``cleave info`` against a running cloud,
 ``cleave status``, ``cleave infer --random 1`` (torch makes the inputs) and ``cleave infer photo.png``

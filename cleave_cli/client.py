@@ -10,8 +10,8 @@ import numpy as np
 from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode, encode
 from partitioner.placement import Placement, parse_pin
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
-from protos.security import ClientTLS
-from protos.serving import DEFAULT_MAX_MESSAGE_BYTES, open_channel
+from runtime.security import ClientTLS
+from runtime.serving import DEFAULT_MAX_MESSAGE_BYTES, open_channel
 
 if TYPE_CHECKING:
     import torch

@@ -22,7 +22,7 @@ from .lazy import LazyModule
 from .security_args import add_security_args, channel_security
 
 if TYPE_CHECKING:
-    from protos.security import ClientTLS
+    from runtime.security import ClientTLS
 
 # Imported when a command runs, not when the parsers are built.
 pb = LazyModule("protos.cleave.v1.compression_pb2")
@@ -49,7 +49,7 @@ class CompressionClient:
     """A thin client: upload, submit, watch, download (resumable, verified)."""
 
     def __init__(self, target: str, *, tls: ClientTLS | None = None, token: str | None = None) -> None:
-        from protos.serving import open_channel
+        from runtime.serving import open_channel
 
         self.channel = open_channel(target, tls=tls, token=token)
         self.stub = pb_grpc.CompressionStub(self.channel)

@@ -1,4 +1,8 @@
-"""Start and stop the daemons as real processes (the demo, the tests and the benchmarks use this)."""
+"""Start and stop the daemons as real processes: ``make demo`` runs on this (the tests and benchmarks too).
+
+The children run ``python -m cloud_node.main`` / ``edge_node.main`` from the directory that holds
+the packages this module was imported from (a checkout, or site-packages), so they run the same code.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.security import ClientTLS
-from protos.serving import open_channel
+from runtime.security import ClientTLS
+from runtime.serving import open_channel
 
-ROOT = Path(__file__).resolve().parent.parent
+_CODE_ROOT = Path(__file__).resolve().parent.parent  # holds cleave_cli/, cloud_node/, edge_node/
 
 
 def free_port() -> int:
@@ -56,7 +60,7 @@ class DaemonProcess:
                 [sys.executable, "-m", self.module, *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=_CODE_ROOT,
                 env=self.env,
             )
         self.wait_serving(ready_timeout)

@@ -136,7 +136,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from protos.cleave.v1 import split_inference_pb2 as si_pb2
     from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-    from protos.serving import open_channel
+    from runtime.serving import open_channel
 
     from .output import message_dict
 
@@ -157,7 +157,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
-    from protos.serving import open_channel
+    from runtime.serving import open_channel
 
     from .output import message_dict, status_table
 

@@ -51,7 +51,7 @@ def _load_runtime() -> None:
     from partitioner.profile import Profile, cached_profile, from_proto, scaled
     from protos.cleave.v1 import split_inference_pb2 as si_pb2
     from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-    from protos.serving import open_channel
+    from runtime.serving import open_channel
 
 
 BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)

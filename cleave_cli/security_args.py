@@ -40,7 +40,7 @@ def _value(args: argparse.Namespace, name: str) -> str:
 
 def channel_security(args: argparse.Namespace) -> dict[str, Any]:
     """``open_channel`` keyword arguments (``tls``, ``token``) from the flags and the environment."""
-    from protos.security import ClientAuth, ClientTLS  # gRPC: not needed to build the parsers
+    from runtime.security import ClientAuth, ClientTLS  # gRPC: not needed to build the parsers
 
     tls = ClientTLS(
         enabled=bool(getattr(args, "tls", False)) or os.environ.get("CLEAVE_TLS", "") not in ("", "0"),

@@ -11,8 +11,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.security import ClientTLS
-from protos.serving import open_channel
+from runtime.security import ClientTLS
+from runtime.serving import open_channel
 
 POLL_S = 0.1
 

@@ -142,7 +142,7 @@ class DynamicBatcher:
         settings: BatchSettings,
         on_batch: BatchCallback | None = None,
     ) -> None:
-        settings.check()
+        settings.validate()
         self.key = key
         self.fn = fn
         self.settings = settings
@@ -321,7 +321,7 @@ class Batchers:
         on_batch: BatchCallback | None = None,
     ) -> None:
         if isinstance(settings_for, BatchSettings):
-            settings_for.check()
+            settings_for.validate()
             fixed = settings_for
             settings_for = lambda _model: fixed  # noqa: E731
         self._settings_for = settings_for

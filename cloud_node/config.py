@@ -6,16 +6,16 @@ import copy
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from partitioner.settings import SettingsError, from_mapping, load_yaml
 from partitioner.spec import ModelSpec
-from protos.admission import ServingLimits
-from protos.metrics import MetricsConfig
-from protos.security import ServerAuth, ServerTLS
-from protos.serving import Keepalive
+from runtime.admission import ServingLimits
+from runtime.metrics import MetricsConfig
+from runtime.security import ServerAuth, ServerTLS
+from runtime.serving import Keepalive
+from runtime.settings import LOG_LEVELS, Settings, from_mapping, load_yaml, non_negative, one_of, positive, within
 
 
 @dataclass
-class BatchSettings:
+class BatchSettings(Settings):
     """How one model is batched (Triton's ``dynamic_batching`` block)."""
 
     enabled: bool = False
@@ -28,8 +28,7 @@ class BatchSettings:
     def active(self) -> bool:
         return self.enabled and self.max_batch_size > 1
 
-    def check(self) -> None:
-        """Raise ValueError naming the first field out of range."""
+    def validate(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size: {self.max_batch_size} must be >= 1")
         for size in self.preferred_batch_sizes:
@@ -67,28 +66,31 @@ class CloudLimits(ServingLimits):
         """The most rows one request for ``model`` may carry."""
         return self.max_batch_per_model.get(model, self.max_batch)
 
-    def validate(self, max_workers: int, model_names: list[str]) -> None:
-        """Raise SettingsError naming the first limit out of range (``limits.max_batch: ...``)."""
-        try:
-            ServingLimits.check(self, max_workers)
-        except ValueError as exc:
-            raise SettingsError(f"limits.{exc}") from None
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "max_message_bytes", "max_sessions", "max_sessions_per_client", "max_pending_requests")
+        positive(self, "max_elements", "session_idle_s", "max_profile_batch", "max_profile_repeats")
+        non_negative(self, "max_profile_warmup")
         for name in ("max_request_bytes", "max_stream_bytes", "max_buffered_bytes", "max_batch"):
             if getattr(self, name) < 1:
-                raise SettingsError(f"limits.{name}: {getattr(self, name)} is not positive")
+                raise ValueError(f"{name}: {getattr(self, name)} is not positive")
         if not self.max_request_bytes <= self.max_stream_bytes <= self.max_buffered_bytes:
-            raise SettingsError("limits: need max_request_bytes <= max_stream_bytes <= max_buffered_bytes")
+            raise ValueError("need max_request_bytes <= max_stream_bytes <= max_buffered_bytes")
         if not isinstance(self.max_batch_per_model, dict):
-            raise SettingsError("limits.max_batch_per_model: expected a mapping of model name to max batch")
+            raise ValueError("max_batch_per_model: expected a mapping of model name to max batch")
         for model, limit in self.max_batch_per_model.items():
-            if model not in model_names:
-                raise SettingsError(f"limits.max_batch_per_model: {model!r} is not served")
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-                raise SettingsError(f"limits.max_batch_per_model.{model}: {limit!r} is not a positive int")
+                raise ValueError(f"max_batch_per_model.{model}: {limit!r} is not a positive int")
+
+    def check_models(self, model_names: list[str]) -> None:
+        """Raise ValueError naming a ``max_batch_per_model`` entry for a model that is not served."""
+        for model in self.max_batch_per_model:
+            if model not in model_names:
+                raise ValueError(f"max_batch_per_model: {model!r} is not served")
 
 
 @dataclass
-class Retention:
+class Retention(Settings):
     """How long finished jobs and uploads stay; the job manager's own thread deletes the rest."""
 
     max_age_s: float = 7 * 86400.0  # finished jobs and unused uploads older than this go (0: no age limit)
@@ -96,9 +98,13 @@ class Retention:
     max_uploads: int = 200  # uploads kept, newest first; one a queued or running job uses is kept
     interval_s: float = 60.0  # how often the manager sweeps
 
+    def validate(self) -> None:
+        non_negative(self, "max_age_s", "max_jobs", "max_uploads")
+        positive(self, "interval_s")
+
 
 @dataclass
-class Sandbox:
+class Sandbox(Settings):
     """Limits of every job process (and of the process that inspects a code upload)."""
 
     timeout_s: float = 3600.0  # wall clock per job; then it is killed and FAILED
@@ -110,9 +116,12 @@ class Sandbox:
     user: str = "nobody"  # the unprivileged user jobs run as (when the daemon is root)
     inspect_timeout_s: float = 120.0  # loading a code upload to check it (allow_code_uploads only)
 
+    def validate(self) -> None:
+        positive(self, "timeout_s", "cpu_seconds", "memory_bytes", "file_bytes", "open_files", "inspect_timeout_s")
+
 
 @dataclass
-class JobsConfig:
+class JobsConfig(Settings):
     """The Compression service: hosted when ``dir`` is set (its SQLite store and artifacts live there)."""
 
     dir: str = ""
@@ -140,9 +149,16 @@ class JobsConfig:
     retention: Retention = field(default_factory=Retention)
     sandbox: Sandbox = field(default_factory=Sandbox)
 
+    def validate(self) -> None:
+        positive(self, "concurrency", "queue_limit", "max_upload_bytes", "max_attempts", "sweep_parallelism")
+        positive(self, "chunk_bytes", "max_sweep_points", "max_jobs_per_client", "max_uploads_per_client")
+        positive(self, "max_upload_bytes_per_client", "max_uploads", "max_upload_store_bytes", "max_dataset_bytes")
+        positive(self, "max_dataset_samples", "max_num_classes", "max_model_parameters", "max_header_bytes")
+        non_negative(self, "job_threads", "max_sweep_parallelism")
+
 
 @dataclass
-class BatchOverride:
+class BatchOverride(Settings):
     """Settings for one model, by name; a field left out keeps the ``batching:`` default."""
 
     model: str
@@ -172,23 +188,20 @@ class BatchingConfig(BatchSettings):
                 return replace(base, **changes)
         return base
 
-    def check(self, model_names: list[str]) -> None:
-        """Raise SettingsError naming the first field out of range (``batching.max_batch_size: ...``)."""
-        try:
-            BatchSettings.check(self)
-        except ValueError as exc:
-            raise SettingsError(f"batching.{exc}") from None
+    def validate(self) -> None:
+        super().validate()
+        for i, override in enumerate(self.models):
+            within(f"models[{i}]", lambda override=override: self.for_model(override.model))  # validates on build
+
+    def check_models(self, model_names: list[str]) -> None:
+        """Raise ValueError naming an override for a model that is not served."""
         for i, override in enumerate(self.models):
             if override.model not in model_names:
-                raise SettingsError(f"batching.models[{i}].model: {override.model!r} is not served")
-            try:
-                self.for_model(override.model).check()
-            except ValueError as exc:
-                raise SettingsError(f"batching.models[{i}].{exc}") from None
+                raise ValueError(f"models[{i}].model: {override.model!r} is not served")
 
 
 @dataclass
-class HttpConfig:
+class HttpConfig(Settings):
     """``http:`` in ``cloud.yaml``: the HTTP face (KServe v2, the jobs REST API, the console).
 
     ``listen``: ``host:port``, or a bare port (bound on 127.0.0.1). Empty: off (the default). It
@@ -198,8 +211,8 @@ class HttpConfig:
 
     listen: str = ""
 
-    def __post_init__(self) -> None:
-        self.address()  # a typo fails at start, naming the key
+    def validate(self) -> None:
+        self.address()  # a typo fails at load, naming the key
 
     @property
     def enabled(self) -> bool:
@@ -214,12 +227,12 @@ class HttpConfig:
             host, port_text = "127.0.0.1", text
         host = host.strip("[]")
         if not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-            raise ValueError(f"http.listen: {text!r} is not host:port or a port in 1..65535")
+            raise ValueError(f"listen: {text!r} is not host:port or a port in 1..65535")
         return host, int(port_text)
 
 
 @dataclass
-class CloudConfig:
+class CloudConfig(Settings):
     listen: str = "127.0.0.1:50051"
     models: list[ModelSpec] = field(default_factory=list)
     limits: CloudLimits = field(default_factory=CloudLimits)
@@ -237,6 +250,17 @@ class CloudConfig:
     # Client pings the server accepts (and the cloud's own channels send): the same on every edge.
     keepalive: Keepalive = field(default_factory=Keepalive)
 
+    def validate(self) -> None:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: duplicate names in {names}")
+        positive(self, "max_workers", "chunk_bytes")
+        non_negative(self, "torch_threads")
+        one_of("log_level", self.log_level.upper(), LOG_LEVELS)
+        within("limits", lambda: self.limits.check(self.max_workers))
+        within("limits", lambda: self.limits.check_models(names))
+        within("batching", lambda: self.batching.check_models(names))
+
     @classmethod
     def from_yaml(cls, path: str) -> CloudConfig:
         config = cls.from_dict(load_yaml(path))
@@ -250,8 +274,4 @@ class CloudConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CloudConfig:
-        config = from_mapping(cls, data)
-        names = [m.name for m in config.models]
-        if len(set(names)) != len(names):
-            raise SettingsError(f"models: duplicate names in {names}")
-        return config
+        return from_mapping(cls, data)

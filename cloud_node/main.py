@@ -11,13 +11,13 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry
 
-from partitioner.settings import SettingsError
 from partitioner.spec import ModelSpec
-from protos import logsafe
 from protos.cleave.v1 import compression_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
-from protos.serving import Daemon, Service, ServiceOff
+from runtime import logsafe
+from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
+from runtime.serving import Daemon, Service, ServiceOff
+from runtime.settings import SettingsError, revalidate
 
 from .config import CloudConfig, HttpConfig
 from .web.server import start_http
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 SPLIT_INFERENCE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
 COMPRESSION = compression_pb2.DESCRIPTOR.services_by_name["Compression"]
-#: Answered from the handler threads kept free of streams and long calls (see protos.admission).
+#: Answered from the handler threads kept free of streams and long calls (see runtime.admission).
 CONTROL_METHODS = (
     f"/{SPLIT_INFERENCE.full_name}/GetInfo",
     "/inference.GRPCInferenceService/ServerLive",
@@ -94,6 +94,7 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         config.batching.max_queue_delay_ms = args.max_queue_delay_ms
     if not config.models and not config.jobs.dir:
         raise SettingsError("models: nothing to serve (give --model, --jobs-dir or a config with either)")
+    revalidate(config)  # the flags may have changed it since it loaded
     return config
 
 
@@ -137,7 +138,7 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
 
 def new_daemon(config: CloudConfig, services: list[Service], registry: CollectorRegistry | None = None) -> Daemon:
     """The server for ``services`` (pending ones: ``Service(None, descriptor)``), not started."""
-    config.limits.validate(config.max_workers, [m.name for m in config.models])
+    revalidate(config)
     interceptors: list[grpc.ServerInterceptor] = [RpcMetrics(registry)] if registry is not None else []
     if not config.jobs.dir:
         interceptors.append(ServiceOff(COMPRESSION, COMPRESSION_OFF))
@@ -160,7 +161,7 @@ def batchers_for(config: CloudConfig) -> Batchers:
     """Dynamic batchers for tails and whole models, as ``batching:`` in cloud.yaml sets them."""
     from .batching import Batchers
 
-    config.batching.check([m.name for m in config.models])
+    revalidate(config)
     return Batchers(config.batching.for_model)
 
 

@@ -1,6 +1,6 @@
 """The cloud daemon's own Prometheus metrics: tail requests, their stages and bytes, sessions, jobs.
 
-Per-RPC counts and latency come from :class:`protos.metrics.RpcMetrics`; this module adds what
+Per-RPC counts and latency come from :class:`runtime.metrics.RpcMetrics`; this module adds what
 happens inside the ``Infer`` streams (one gRPC call carries many requests, some of which fail on
 their own while the stream goes on) and the state a scrape reads directly (open sessions, jobs by
 state, the batcher's queue). Recording happens where the stream's frames and results pass through
@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from protos.metrics import STAGE_BUCKETS
+from runtime.metrics import STAGE_BUCKETS
 
 from .jobs.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from .sessions import SessionManager

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import grpc
 
 from partitioner.profile import to_proto as profile_to_proto
-from protos.admission import client_identity
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import InvalidArgument, ResourceExhausted, maps_errors
+from runtime.admission import client_identity
 
 from . import __version__
 from .metrics import CloudMetrics

@@ -27,7 +27,7 @@ from partitioner.models import ModelSpec
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import tensor_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from protos.logsafe import printable
+from runtime.logsafe import printable
 
 from .batching import Batchers, DirectRunner, DynamicBatcher
 from .config import CloudLimits

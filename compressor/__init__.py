@@ -3,10 +3,12 @@
 - :class:`EncodingSpec` says how to encode (raw / fp16 / affine 2-8 bits, clipping, zstd);
   :func:`encode` and :func:`decode` convert between ``torch.Tensor`` (or numpy arrays:
   :func:`decode_array`) and ``cleave.v1.Tensor``, with :class:`CodecLimits` bounding what a decoder
-  accepts. None of this needs torch; :mod:`compressor.lapq` (an offline optimiser) does, and is
-  imported on first use.
+  accepts. None of this needs torch (``tests/test_layers.py`` checks every module here).
 - :func:`to_chunks` and :class:`Assembler` stream tensor sequences as bounded ``TensorChunk`` groups.
 - :func:`register_clipper` adds clipping-range estimators that specs can name.
+
+The offline side, which needs torch and never runs on a request's path, is :mod:`compressor.offline`:
+structured pruning (CNN, Transformer plans), post-training weight quantization and LAPQ.
 """
 
 from compressor import aciq  # registers the "aciq" clipper
@@ -37,7 +39,6 @@ __all__ = [
     "encode",
     "encode_many",
     "get_clipper",
-    "lapq",
     "pack",
     "packed_size",
     "quantize",
@@ -45,12 +46,3 @@ __all__ = [
     "to_chunks",
     "unpack",
 ]
-
-
-def __getattr__(name: str):  # noqa: ANN202 (module attribute hook)
-    """``compressor.lapq`` on first use: it needs torch, the codec does not."""
-    if name == "lapq":
-        import importlib
-
-        return importlib.import_module("compressor.lapq")
-    raise AttributeError(f"module 'compressor' has no attribute {name!r}")

@@ -33,7 +33,7 @@ from typing import Any
 from compressor import clipping
 from compressor.bitpack import BIT_WIDTHS
 from compressor.errors import CodecError
-from protos.cleave.v1 import split_inference_pb2, tensor_pb2
+from protos.cleave.v1 import tensor_pb2
 
 ENCODINGS = ("raw", "fp16", "affine", "jpeg", "webp")
 #: Encodings that send an image batch as image files (lossy, at a quality).
@@ -56,7 +56,7 @@ _ENCODING_FROM_PROTO = {v: k for k, v in _ENCODING_TO_PROTO.items()}
 _ENCODING_FROM_PROTO[tensor_pb2.ENCODING_UNSPECIFIED] = "raw"
 _CODEC_TO_PROTO = {"zstd": tensor_pb2.ZSTD, "none": tensor_pb2.NONE}
 _CODEC_FROM_PROTO = {v: k for k, v in _CODEC_TO_PROTO.items()}
-# split_inference.proto: an unset TensorEncoding means "raw fp32, no codec".
+# tensor.proto: an unset TensorEncoding means "raw fp32, no codec".
 _CODEC_FROM_PROTO[tensor_pb2.CODEC_UNSPECIFIED] = "none"
 
 _SPEC = re.compile(r"(?P<enc>[^:+]*)(?::(?P<clip>[^+]*))?(?:\+(?P<codec>.*))?\Z")
@@ -183,13 +183,11 @@ class EncodingSpec:
             return self.clip
         return f"{self.clip}({','.join(f'{k}={_format_value(v)}' for k, v in self.clip_params)})"
 
-    def to_proto(self) -> split_inference_pb2.TensorEncoding:
+    def to_proto(self) -> tensor_pb2.TensorEncoding:
         """The wire form. ``axis`` and ``threads`` have no field there: the receiver of a
         ``TensorEncoding`` uses axis 1 and picks its own threads; clip parameters travel inside
         ``clip`` in the text syntax."""
-        msg = split_inference_pb2.TensorEncoding(
-            encoding=_ENCODING_TO_PROTO[self.encoding], codec=_CODEC_TO_PROTO[self.codec]
-        )
+        msg = tensor_pb2.TensorEncoding(encoding=_ENCODING_TO_PROTO[self.encoding], codec=_CODEC_TO_PROTO[self.codec])
         if self.encoding == "affine":
             msg.bits = self.bits
             msg.per_channel = self.per_channel
@@ -201,7 +199,7 @@ class EncodingSpec:
         return msg
 
     @classmethod
-    def from_proto(cls, msg: split_inference_pb2.TensorEncoding) -> EncodingSpec:
+    def from_proto(cls, msg: tensor_pb2.TensorEncoding) -> EncodingSpec:
         """Validate a wire ``TensorEncoding``. Unset fields take their defaults: encoding raw,
         bits 8, clip minmax, level 1, and codec **none** (the proto's "unset: raw fp32, no codec").
 

@@ -33,8 +33,8 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.cleave.v1 import tensor_pb2
 from protos.errors import Unavailable, WireError, from_rpc_error
-from protos.security import ClientTLS
-from protos.serving import KEEPALIVE, Keepalive, open_channel
+from runtime.security import ClientTLS
+from runtime.serving import KEEPALIVE, Keepalive, open_channel
 
 from .config import Reconnect
 from .link import LinkMonitor

@@ -5,22 +5,54 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from partitioner.settings import SettingsError, from_mapping, load_yaml
+from compressor.bitpack import BIT_WIDTHS
+from compressor.errors import CodecError
+from compressor.spec import EncodingSpec
+from partitioner.placement import AUTO, parse_pin
 from partitioner.spec import PHOTOS, SYNTHETIC, ModelSpec
-from protos.admission import ServingLimits
-from protos.metrics import MetricsConfig
-from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
-from protos.serving import Keepalive
+from runtime.admission import ServingLimits
+from runtime.metrics import MetricsConfig
+from runtime.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
+from runtime.serving import Keepalive
+from runtime.settings import (
+    LOG_LEVELS,
+    Settings,
+    SettingsError,
+    from_mapping,
+    load_yaml,
+    non_negative,
+    one_of,
+    positive,
+    require,
+    within,
+)
+
+#: ``autoplan.objective`` and ``autoplan.baseline`` values: partitioner.planner's OBJECTIVES and
+#: BASELINES, repeated here because the planner imports torch and a config must load without it
+#: (tests/test_settings.py checks that the two agree).
+OBJECTIVES = ("latency", "throughput")
+BASELINES = ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg")
+#: ``head.weight_bits``: 32 is the float head, 8 runs int8 kernels, the rest are packed and run in float.
+HEAD_BITS = (32, *sorted(BIT_WIDTHS, reverse=True))
 
 
 @dataclass
-class PlanSettings:
+class PlanSettings(Settings):
     cut: str = "auto"  # "auto" (the planner decides), "cloud", "edge", or a cut name / index
     encoding: str = "int8"  # feature encoding for a fixed cut, compressor.EncodingSpec grammar
 
+    def validate(self) -> None:
+        require(bool(self.cut.strip()), "cut", '"auto", "cloud", "edge", a cut name or an index', self.cut)
+        if self.cut != AUTO:
+            parse_pin(self.cut)  # raises "cut: ..." for a spelling no model could have
+        try:
+            EncodingSpec.parse(self.encoding)
+        except CodecError as exc:
+            raise ValueError(f"encoding: {exc}") from None
+
 
 @dataclass
-class AutoPlanSettings:
+class AutoPlanSettings(Settings):
     """How ``cut: auto`` plans and re-plans."""
 
     objective: str = "latency"  # or "throughput" (pipelined stages, for streams)
@@ -40,20 +72,38 @@ class AutoPlanSettings:
     min_gain_ms: float = 2.0  # ... by at least this much ...
     confirmations: int = 2  # ... on this many consecutive checks
 
+    def validate(self) -> None:
+        one_of("objective", self.objective, OBJECTIVES)
+        if self.baseline is not None:
+            one_of("baseline", self.baseline, BASELINES)
+        for key in ("memory_budget_mb", "max_rel_error"):
+            value = getattr(self, key)
+            require(value is None or value > 0, key, "> 0 or unset", value)
+        require(self.min_top1 is None or 0 <= self.min_top1 <= 1, "min_top1", "in [0, 1] or unset", self.min_top1)
+        positive(self, "calibration_inputs", "byte_samples", "check_interval_s", "probe_interval_s", "confirmations")
+        non_negative(self, "min_gain", "min_gain_ms")
+
 
 @dataclass
-class HeadSettings:
+class HeadSettings(Settings):
     """How the edge runs the head of a split."""
 
     weight_bits: int = 32  # 32: float (exact); 8: int8 kernels (ONNX Runtime); 2-6: packed, run in float
     allocate: bool = False  # with cut auto: choose per-layer bits (Auto-Split) under the autoplan budgets
 
+    def validate(self) -> None:
+        one_of("weight_bits", self.weight_bits, HEAD_BITS)
+
 
 @dataclass
-class Reconnect:
+class Reconnect(Settings):
     initial_s: float = 0.2
     max_s: float = 5.0
     connect_timeout_s: float = 3.0
+
+    def validate(self) -> None:
+        positive(self, "initial_s", "max_s", "connect_timeout_s")
+        require(self.max_s >= self.initial_s, "max_s", f">= initial_s ({self.initial_s})", self.max_s)
 
 
 @dataclass
@@ -65,9 +115,13 @@ class EdgeLimits(ServingLimits):
     stream_window: int = 8  # requests of one InferStream served concurrently
     max_batch: int = 8  # rows per Infer request, checked from the input's header before it is decoded
 
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "max_message_bytes", "max_inflight", "stream_window", "max_batch")
+
 
 @dataclass
-class EdgeConfig:
+class EdgeConfig(Settings):
     model: ModelSpec
     listen: str = "127.0.0.1:50052"
     cloud: str = "127.0.0.1:50051"
@@ -89,6 +143,12 @@ class EdgeConfig:
     auth: ServerAuth = field(default_factory=ServerAuth)  # tokens local apps must send
     log_level: str = "INFO"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus /metrics; off by default
+
+    def validate(self) -> None:
+        positive(self, "request_timeout_s", "chunk_bytes", "max_workers")
+        non_negative(self, "torch_threads")
+        one_of("log_level", self.log_level.upper(), LOG_LEVELS)
+        within("limits", lambda: self.limits.check(self.max_workers))
 
     @classmethod
     def from_yaml(cls, path: str) -> EdgeConfig:
@@ -116,11 +176,4 @@ class EdgeConfig:
     def from_dict(cls, data: dict) -> EdgeConfig:
         if "model" not in data:
             raise SettingsError("model: required")
-        config = from_mapping(cls, data)
-        try:
-            config.limits.check(config.max_workers)
-        except ValueError as exc:
-            raise SettingsError(f"limits.{exc}") from None
-        if config.limits.max_batch < 1:
-            raise SettingsError(f"limits.max_batch: {config.limits.max_batch} is not positive")
-        return config
+        return from_mapping(cls, data)

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from partitioner.placement import AUTO, parse_pin
-from partitioner.settings import SettingsError
-from protos import logsafe
 from protos.cleave.v1 import edge_pb2
 from protos.errors import WireError
-from protos.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
-from protos.serving import Daemon, Service
+from runtime import logsafe
+from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
+from runtime.serving import Daemon, Service
+from runtime.settings import SettingsError, revalidate
 
 from .config import EdgeConfig
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8, 16, 32)  # --bits: affine 2-6 and 8 (compressor.bitpack.BIT_WIDTHS), fp16, fp32
 
 EDGE = edge_pb2.DESCRIPTOR.services_by_name["Edge"]
-#: Answered from the handler threads kept free of streams and long calls (see protos.admission).
+#: Answered from the handler threads kept free of streams and long calls (see runtime.admission).
 CONTROL_METHODS = (f"/{EDGE.full_name}/GetStatus", f"/{EDGE.full_name}/GetPlan")
 
 
@@ -67,10 +67,11 @@ def encoding_for_bits(bits: int) -> str:
     return f"int{bits}"
 
 
-def build_config(args: argparse.Namespace, check: bool = True) -> EdgeConfig:
+def build_config(args: argparse.Namespace) -> EdgeConfig:
+    """The config file, then the flags over it; validated (nothing here imports torch)."""
     data = {}
     if args.config:
-        from partitioner.settings import load_yaml
+        from runtime.settings import load_yaml
 
         data = load_yaml(args.config)
     if args.model:
@@ -104,23 +105,8 @@ def build_config(args: argparse.Namespace, check: bool = True) -> EdgeConfig:
         config.metrics = MetricsConfig(args.metrics)
     if args.log_level:
         config.log_level = args.log_level
-    if config.plan.cut != AUTO:
-        parse_pin(config.plan.cut)  # torch-free: a bad cut spelling fails before the daemon listens
-    if check:
-        check_encoding(config)
+    revalidate(config)  # the flags may have changed it since it loaded
     return config
-
-
-def settings(args: argparse.Namespace) -> EdgeConfig:
-    """:func:`build_config` without the checks that need torch (the daemon runs them before SERVING)."""
-    return build_config(args, check=False)
-
-
-def check_encoding(config: EdgeConfig) -> None:
-    """Fail at start, not on the first request: raises ValueError naming what is wrong."""
-    from compressor import EncodingSpec
-
-    EncodingSpec.parse(config.plan.encoding)
 
 
 class EdgeDaemon:
@@ -167,7 +153,6 @@ class EdgeDaemon:
         from .servicer import EdgeServicer
 
         config = self.config
-        check_encoding(config)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.model = LoadedModel.load(config.model)
@@ -219,7 +204,7 @@ class EdgeDaemon:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = settings(args)
+        config = build_config(args)
     except (SettingsError, ValueError) as exc:
         print(f"cleave-edge: {exc}", file=sys.stderr)
         return 2

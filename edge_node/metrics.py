@@ -1,6 +1,6 @@
 """The edge daemon's own Prometheus metrics: where requests ran, their stages, bytes and the link.
 
-Per-RPC counts and latency come from :class:`protos.metrics.RpcMetrics`. This module adds:
+Per-RPC counts and latency come from :class:`runtime.metrics.RpcMetrics`. This module adds:
 
 - histograms, fed by the one place an outcome is recorded (``Counters.record`` calls
   :meth:`EdgeMetrics.observe` with every :class:`~edge_node.runtime.Outcome`);
@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from partitioner.placement import Placement
 from protos.cleave.v1 import edge_pb2
-from protos.metrics import RPC_BUCKETS, STAGE_BUCKETS
+from runtime.metrics import RPC_BUCKETS, STAGE_BUCKETS
 
 from .runtime import EdgeRuntime, Outcome
 

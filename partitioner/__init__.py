@@ -7,8 +7,8 @@ that edge and cloud serve.
 * :class:`ModelSpec` and :func:`load_model` build the same model in two processes;
   :func:`fingerprint` proves that they did.
 
-Names are imported on first use (PEP 562): ``import partitioner.spec`` or ``partitioner.settings``
-(what the daemons need to read their configs) must not import torch.
+Names are imported on first use (PEP 562): ``import partitioner.spec`` (what the daemons need to
+read their configs) must not import torch.
 """
 
 from __future__ import annotations

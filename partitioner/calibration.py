@@ -1,4 +1,4 @@
-"""Calibration losses of a split model, for LAPQ (:func:`compressor.lapq.lapq`) and bit allocation.
+"""Calibration losses of a split model, for LAPQ (:func:`compressor.offline.lapq.lapq`) and bit allocation.
 
 :class:`SplitLoss` turns "clipping values" into "how much worse is the quantized split than the
 float model on the calibration inputs": one clipping value per live feature tensor, plus one per
@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from compressor.clipping import clip_range
-from compressor.lapq import LapqResult, lapq, lp_clip, quantize_clipped
+from compressor.offline.lapq import LapqResult, lapq, lp_clip, quantize_clipped
 from compressor.quant import dequantize, quantize
 
 __all__ = ["SplitLoss", "lapq_split", "output_distortion", "quantize_features"]
@@ -110,5 +110,5 @@ class SplitLoss:
 
 
 def lapq_split(loss: SplitLoss, *, max_evals: int = 200, max_seconds: float = 60.0, powell: bool = True) -> LapqResult:
-    """:func:`compressor.lapq.lapq` on a split's calibration loss."""
+    """:func:`compressor.offline.lapq.lapq` on a split's calibration loss."""
     return lapq(loss, loss.init, max_evals=max_evals, max_seconds=max_seconds, powell=powell)

@@ -100,7 +100,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
 
 
 def _apply_pruning_plan(model: nn.Module, spec: ModelSpec) -> nn.Module:
-    from compressor.pruning import PlanError, apply_plan, apply_transformer_plan
+    from compressor.offline import PlanError, apply_plan, apply_transformer_plan
 
     path = _existing_file(spec, "pruning_plan", spec.pruning_plan)
     try:

@@ -17,10 +17,10 @@ from cloud_node.main import batchers_for, build_daemon
 from compressor import RAW_UNCOMPRESSED, Assembler, decode, encode
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec, calibration_batch
-from partitioner.settings import SettingsError
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import ResourceExhausted
+from runtime.settings import SettingsError
 
 from .test_daemons import frames_for
 
@@ -338,7 +338,9 @@ def test_whole_model_requests_of_concurrent_clients_share_batches() -> None:
     from cloud_node.config import CloudLimits
     from cloud_node.openinference import InferRequest, InputTensor, OpenInference
 
-    spec = ModelSpec.from_dict({"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]})
+    spec = ModelSpec.from_dict(
+        {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+    )
     local = LoadedModel.load(spec)
     batchers = Batchers(settings(max_batch_size=4, preferred_batch_sizes=[4], max_queue_delay_ms=LONG))
     backend = OpenInference(lambda _name: local, ["tiny"], CloudLimits(), batchers)

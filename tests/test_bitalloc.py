@@ -8,7 +8,7 @@ from torch import nn
 
 from partitioner.bitalloc import allocate_bits, layer_sensitivity
 from partitioner.graph import trace
-from tests._quant import harness, harness_graph
+from tests.support.quant import harness, harness_graph
 
 pytestmark = [pytest.mark.slow]
 

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cleave_cli import compress_cmd
 from cleave_cli.client import EdgeClient
 from cleave_cli.errors import explain_rpc
-from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, edge_process, free_port
+from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from cleave_cli.main import build_parser, main
 from cleave_cli.output import message_dict, status_table
 from cleave_cli.wait import NotServing
@@ -41,11 +41,12 @@ from partitioner.placement import Placement
 from protos.cleave.v1 import compression_pb2, compression_pb2_grpc, edge_pb2, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.serving import open_channel
+from runtime.serving import open_channel
+from tests.support import ROOT
 
 pytestmark = [pytest.mark.integration]
 
-MODEL = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+MODEL = {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
 CUT = 3
 HEAVY = ("torch", "torchvision", "grpc", "numpy", "google.protobuf")
 
@@ -172,7 +173,7 @@ def test_daemon_modules_import_no_torch_before_listening() -> None:
         "import sys\n"
         "import cloud_node.main, edge_node.main\n"
         "cloud_node.main.build_config(cloud_node.main.parse_args(['--model', 'resnet18']))\n"
-        "edge_node.main.settings(edge_node.main.parse_args(['--model', 'resnet18', '--encoding', 'int4']))\n"
+        "edge_node.main.build_config(edge_node.main.parse_args(['--model', 'resnet18', '--encoding', 'int4']))\n"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -237,7 +238,9 @@ def sample_status() -> edge_pb2.EdgeStatus:
             placement=edge_pb2.SPLIT,
             cut_index=34,
             cut_name="layer2_1_relu_1",
-            encoding=si_pb2.TensorEncoding(encoding=tensor_pb2.AFFINE, bits=4, per_channel=True, codec=tensor_pb2.ZSTD),
+            encoding=tensor_pb2.TensorEncoding(
+                encoding=tensor_pb2.AFFINE, bits=4, per_channel=True, codec=tensor_pb2.ZSTD
+            ),
             predicted_ms=14.0,
             predicted_bytes=25_000,
             reason="planner",
@@ -389,7 +392,7 @@ def test_wait_succeeds_against_a_serving_daemon(cloud: DaemonProcess, edge: Daem
 def start_gated_cloud(home: Path, name: str) -> tuple[subprocess.Popen, str, Path]:
     """A cloud whose model loads once the returned gate file exists; returns when it first answers health."""
     gate = home / f"{name}.gate"
-    model = {"name": name, "source": "tests._factories:gated_tiny_cnn", "input_shape": [1, 3, 16, 16]}
+    model = {"name": name, "source": "tests.support.factories:gated_tiny_cnn", "input_shape": [1, 3, 16, 16]}
     (home / f"{name}.yaml").write_text(yaml.safe_dump({"models": [model], "torch_threads": 1}))
     port = free_port()
     env = {**os.environ, "CLEAVE_TEST_LOAD_GATE": str(gate)}
@@ -454,7 +457,7 @@ def test_a_stop_signal_while_loading_stops_the_daemon(home: Path) -> None:
 
 
 def test_daemon_that_fails_to_load_exits_with_the_reason(home: Path) -> None:
-    model = {"name": "broken", "source": "tests._factories:not_a_module", "input_shape": [1, 3, 16, 16]}
+    model = {"name": "broken", "source": "tests.support.factories:not_a_module", "input_shape": [1, 3, 16, 16]}
     (home / "broken.yaml").write_text(yaml.safe_dump({"models": [model]}))
     done = subprocess.run(
         [sys.executable, "-m", "cloud_node.main", "--config", str(home / "broken.yaml"), "--port", str(free_port())],

@@ -27,7 +27,7 @@ from compressor import (
     register_clipper,
     unpack,
 )
-from protos.cleave.v1 import split_inference_pb2, tensor_pb2
+from protos.cleave.v1 import tensor_pb2
 
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -549,12 +549,12 @@ def test_spec_fields_the_encoding_ignores_must_stay_default() -> None:
 def test_spec_proto_round_trip(text: str) -> None:
     spec = EncodingSpec.parse(text)
     msg = spec.to_proto()
-    wire = split_inference_pb2.TensorEncoding.FromString(msg.SerializeToString())
+    wire = tensor_pb2.TensorEncoding.FromString(msg.SerializeToString())
     assert EncodingSpec.from_proto(wire) == spec
 
 
 def test_spec_from_proto_defaults_and_validation() -> None:
-    te = split_inference_pb2.TensorEncoding
+    te = tensor_pb2.TensorEncoding
     assert EncodingSpec.from_proto(te()) == EncodingSpec(codec="none")  # "unset: raw fp32, no codec"
     int8 = te(encoding=tensor_pb2.AFFINE, codec=tensor_pb2.ZSTD)  # bits and level unset: 8 and 3
     assert EncodingSpec.from_proto(int8) == EncodingSpec.parse("int8")

@@ -39,9 +39,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 
 from cleave_cli.compress_cmd import CompressionClient
-from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, free_port
+from cleave_cli.launch import DaemonProcess, cloud_process, free_port
 from protos.cleave.v1 import compression_pb2 as pb
-from protos.serving import open_channel
+from runtime.serving import open_channel
+from tests.support import ROOT
 
 TOKENS = [f"tok-{name}" for name in ("pt2", "ts", "sandbox", "bombs", "sweep", "cleanup", "normal", "quota")]
 RSS_BUDGET = 300 << 20

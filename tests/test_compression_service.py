@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from cleave_cli.compress_cmd import CompressionClient
 from cleave_cli.launch import cloud_process, free_port
 from cleave_cli.main import main as cli
-from compressor.pruning import apply_plan
+from compressor.offline import apply_plan
 from protos.cleave.v1 import compression_pb2 as pb
 
 pytestmark = [pytest.mark.integration]

@@ -20,14 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.netlab import NetLab
 from cleave_cli.client import EdgeClient
-from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, edge_process, free_port
-
-from ._factories import TAIL_SLEEP_ENV
-from ._load import Load, Report, references
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from netlab import NetLab  # noqa: E402
+from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
+from tests.support import ROOT
+from tests.support.factories import TAIL_SLEEP_ENV
+from tests.support.load import Load, Report, references
 
 pytestmark = [pytest.mark.integration]
 
@@ -162,7 +160,8 @@ def test_link_cut_under_load(tmp_path: Path) -> None:
         wait_healthy(lab, lab.edge_ns, f"127.0.0.1:{edge_port}")
 
         ready, resume = tmp_path / "ready", tmp_path / "resume"
-        argv = [sys.executable, "-m", "tests._load", "--edge", f"127.0.0.1:{edge_port}", "--model", json.dumps(MODEL)]
+        argv = [sys.executable, "-m", "tests.support.load", "--edge", f"127.0.0.1:{edge_port}"]
+        argv += ["--model", json.dumps(MODEL)]
         argv += ["--seconds", "90", "--ready-file", str(ready), "--ready-split", "16", "--resume-file", str(resume)]
         argv += ["--pause", "0.1"]
         driver = lab.popen(lab.edge_ns, argv, stdout=subprocess.PIPE, stderr=logs["load"], cwd=ROOT, text=True, env=env)
@@ -198,7 +197,7 @@ def test_link_cut_under_load(tmp_path: Path) -> None:
 
 
 # -- the cloud is slower than the deadline ----------------------------------------------------------------------
-SLOW = {"name": "slow", "source": "tests._factories:slow_tail_cnn", "input_shape": [1, 3, 16, 16]}
+SLOW = {"name": "slow", "source": "tests.support.factories:slow_tail_cnn", "input_shape": [1, 3, 16, 16]}
 CLOUD_SLEEP_S = 2.0
 
 
@@ -263,7 +262,7 @@ def test_limits_answer_resource_exhausted_and_the_daemon_keeps_serving() -> None
     from protos.cleave.v1 import split_inference_pb2 as si_pb2
     from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 
-    tiny = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+    tiny = {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
     limits = {"max_sessions": 2, "max_pending_requests": 2, "max_message_bytes": 64 << 10}
     config = CloudConfig.from_dict({"listen": "127.0.0.1:0", "models": [tiny], "limits": limits})
     daemon = build_daemon(config)

@@ -50,9 +50,8 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.kserve.v2 import grpc_predict_v2_pb2 as kpb
 from protos.kserve.v2 import grpc_predict_v2_pb2_grpc as kpb_grpc
-from protos.serving import open_channel
-
-from . import _fuzzing as fz
+from runtime.serving import open_channel
+from tests.support import fuzzing as fz
 
 pytestmark = [pytest.mark.integration]
 

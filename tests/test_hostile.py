@@ -29,7 +29,7 @@ from partitioner.models import ModelSpec
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.serving import open_channel
+from runtime.serving import open_channel
 
 pytestmark = [pytest.mark.integration]
 

@@ -31,14 +31,14 @@ from cloud_node.web.v2 import parse_infer
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec
 from protos.errors import InvalidArgument
-from protos.security import ClientTLS
+from runtime.security import ClientTLS
 
 from ._pki import make_pki
 
 pytestmark = [pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+TINY = {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
 TOKEN = "http-test-token-1"
 
 
@@ -360,8 +360,8 @@ class _Jobs:
 def test_http_admission_limits_streams_per_client(tmp_path: Path) -> None:
     from cloud_node.web.app import Backends, build_app
     from cloud_node.web.server import HttpServer
-    from protos.admission import ServingLimits
-    from protos.security import ServerTLS, TokenSet
+    from runtime.admission import ServingLimits
+    from runtime.security import ServerTLS, TokenSet
 
     backends = Backends(jobs=_Jobs())  # type: ignore[arg-type]
     limits = ServingLimits(max_concurrent_rpcs=8, max_streams=3, max_streams_per_client=2)
@@ -408,7 +408,7 @@ def test_http_admission_limits_streams_per_client(tmp_path: Path) -> None:
 def test_http_answers_503_until_the_models_are_loaded() -> None:
     from cloud_node.web.app import Backends, build_app
     from cloud_node.web.server import HttpServer
-    from protos.security import ServerTLS
+    from runtime.security import ServerTLS
 
     server = HttpServer(build_app(Backends(), jobs_enabled=True), "127.0.0.1", free_port(), ServerTLS())
     try:

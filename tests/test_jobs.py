@@ -19,9 +19,9 @@ from cloud_node.jobs import JobManager
 from cloud_node.jobs.datasets import DatasetError, load_dataset
 from cloud_node.jobs.engines import dispatch, pareto
 from cloud_node.jobs.store import FAILED, QUEUED, RUNNING, SUCCEEDED, ArtifactRecord, publish
-from partitioner.settings import SettingsError
 from protos.cleave.v1 import compression_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from runtime.settings import SettingsError
 
 
 def manager(root: Path, **kw) -> JobManager:

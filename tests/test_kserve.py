@@ -2,7 +2,7 @@
 
 pytestmark = [pytest.mark.integration]
 
-The clients run in subprocesses (``tests/_v2_clients.py``): tritonclient, kserve and Cleave's own
+The clients run in subprocesses (``tests/support/v2_clients.py``): tritonclient, kserve and Cleave's own
 ``inference`` stubs register the same protobuf names, so none of them is imported here. The logic
 class :class:`cloud_node.openinference.OpenInference` is also tested in-process, without a server.
 """
@@ -34,8 +34,8 @@ from protos.errors import InvalidArgument, NotFound, ResourceExhausted
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "inference.GRPCInferenceService"
 MODELS = {
-    "tiny": {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]},
-    "two": {"name": "two", "source": "tests._factories:two_heads", "input_shape": [1, 3, 8, 8]},
+    "tiny": {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]},
+    "two": {"name": "two", "source": "tests.support.factories:two_heads", "input_shape": [1, 3, 8, 8]},
 }
 
 
@@ -66,10 +66,13 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     proc.stop()
 
 
+V2_CLIENTS = ROOT / "tests" / "support" / "v2_clients.py"  # run as a script: it imports no Cleave code
+
+
 def _run_client(which: str, cloud: DaemonProcess, arrays: dict[str, np.ndarray], tmp: Path) -> dict[str, Any]:
     np.savez(tmp / "inputs.npz", **arrays)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_v2_clients.py"), which, cloud.address, str(tmp / "inputs.npz")],
+        [sys.executable, str(V2_CLIENTS), which, cloud.address, str(tmp / "inputs.npz")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from compressor import EncodingSpec, decode, encode
-from compressor.lapq import fixed_specs, lapq, lp_clip
+from compressor.offline.lapq import fixed_specs, lapq, lp_clip
 from partitioner.calibration import SplitLoss, lapq_split
-from tests._quant import harness, harness_graph
+from tests.support.quant import harness, harness_graph
 
 pytestmark = [pytest.mark.slow]
 

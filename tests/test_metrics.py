@@ -20,13 +20,13 @@ from cleave_cli.client import EdgeClient
 from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from cloud_node.jobs.store import FAILED, QUEUED, RUNNING, JobStore
 from cloud_node.metrics import CloudMetrics
-from partitioner.settings import SettingsError
 from protos.cleave.v1 import edge_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import InvalidArgument, NotFound, maps_errors
-from protos.metrics import MetricsConfig, RpcMetrics, parse_listen, serve_metrics
-from protos.serving import Daemon, Service
+from runtime.metrics import MetricsConfig, RpcMetrics, parse_listen, serve_metrics
+from runtime.serving import Daemon, Service
+from runtime.settings import SettingsError
 
 pytestmark = [pytest.mark.integration]
 
@@ -260,7 +260,7 @@ def test_cloud_gauges_read_jobs_sessions_and_batches(tmp_path: Path) -> None:
 
 # -- both daemons, real processes -----------------------------------------------------------------
 
-MODEL = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+MODEL = {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
 
 
 @pytest.fixture(scope="module")

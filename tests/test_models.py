@@ -22,7 +22,7 @@ from partitioner import (
 
 SHAPE = (1, 3, 64, 64)
 # Loading a factory by name needs tests/ on the import path whichever way pytest was started.
-FACTORY_DIR = str(Path(__file__).parent)
+FACTORY_DIR = str(Path(__file__).parent / "support")  # where a bare "factories:<function>" source resolves
 # jit.script / jit.trace warn that TorchScript is deprecated; loading it is still supported.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
@@ -131,10 +131,10 @@ def test_safetensors_weights_need_the_package(tmp_path: Path, monkeypatch) -> No
         (_spec("/nonexistent/model.ts"), "source file '/nonexistent/model.ts' not found"),
         (_spec("/nonexistent/model.pt2"), "source file '/nonexistent/model.pt2' not found"),
         (_spec("no_such_package.models:build"), "cannot import 'no_such_package.models'"),
-        (_spec("_factories:missing"), "'_factories' has no attribute 'missing'"),
-        (_spec("_factories:not_a_module"), "returned int, not a torch.nn.Module"),
-        (_spec("_factories:broken"), "factory '_factories:broken' failed: RuntimeError: factory exploded"),
-        (_spec("_factories:tiny_cnn", num_classes=3), "num_classes applies only to torchvision"),
+        (_spec("factories:missing"), "'factories' has no attribute 'missing'"),
+        (_spec("factories:not_a_module"), "returned int, not a torch.nn.Module"),
+        (_spec("factories:broken"), "factory 'factories:broken' failed: RuntimeError: factory exploded"),
+        (_spec("factories:tiny_cnn", num_classes=3), "num_classes applies only to torchvision"),
         (_spec("not a source!"), "source 'not a source!' is neither"),
     ],
 )
@@ -146,11 +146,11 @@ def test_load_errors_name_the_problem(spec: ModelSpec, message: str, monkeypatch
 
 def test_factory_source_is_seeded(monkeypatch) -> None:
     monkeypatch.syspath_prepend(FACTORY_DIR)
-    spec = _spec("_factories:tiny_cnn")
+    spec = _spec("factories:tiny_cnn")
     first, second = load_model(spec), load_model(spec)
     assert isinstance(first, nn.Sequential) and not first.training
     assert fingerprint(first) == fingerprint(second)
-    assert fingerprint(load_model(_spec("_factories:tiny_cnn", seed=1))) != fingerprint(first)
+    assert fingerprint(load_model(_spec("factories:tiny_cnn", seed=1))) != fingerprint(first)
 
 
 class _Tiny(nn.Module):

@@ -13,13 +13,13 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-from netlab import CLOUD_IF, EDGE_IF, NetLab, cpu_cgroup_parent, spin  # noqa: E402
+from benchmarks.netlab import CLOUD_IF, EDGE_IF, NetLab, cpu_cgroup_parent, spin
+from tests.support import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
 
 AVAILABLE, WHY = NetLab.available()
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.skipif(not AVAILABLE, reason=WHY)]
@@ -166,10 +166,9 @@ def test_cleanup_after_exception_kills_processes_and_removes_everything() -> Non
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cleanup_when_the_owner_is_interrupted(sig: signal.Signals) -> None:
     script = textwrap.dedent(
-        f"""
-        import sys, time
-        sys.path.insert(0, {str(BENCHMARKS)!r})
-        from netlab import NetLab
+        """
+        import time
+        from benchmarks.netlab import NetLab
         with NetLab(name="cleave-test") as lab:
             lab.shape(5)
             lab.popen(lab.edge_ns, ["sleep", "60"], cpu_quota=0.5)
@@ -177,7 +176,7 @@ def test_cleanup_when_the_owner_is_interrupted(sig: signal.Signals) -> None:
             time.sleep(30)
         """
     )
-    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     prefix = owner.stdout.readline().strip()  # type: ignore[union-attr]
     assert prefix
     owner.send_signal(sig)

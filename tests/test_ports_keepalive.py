@@ -16,9 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cleave_cli.client import EdgeClient
 from cleave_cli.images import synthetic_images
-from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, edge_process, free_port
+from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from protos.cleave.v1 import edge_pb2
-from protos.serving import Daemon, Keepalive, PortInUse, open_channel
+from runtime.serving import Daemon, Keepalive, PortInUse, open_channel
+from tests.support import ROOT
 
 from .conftest import MODEL
 from .test_daemons import healthy
@@ -134,7 +135,7 @@ def test_server_that_does_not_permit_the_pings_answers_goaway(idle_watch) -> Non
 
 
 def test_default_pair_agrees() -> None:
-    from protos.serving import KEEPALIVE
+    from runtime.serving import KEEPALIVE
 
     assert KEEPALIVE.min_ping_interval_ms < KEEPALIVE.interval_ms
     server = dict(KEEPALIVE.server_options())

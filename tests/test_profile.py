@@ -124,7 +124,7 @@ def test_cloud_profiles_at_the_input_shape_asked(cloud) -> None:
 
     from protos.cleave.v1 import split_inference_pb2 as si_pb2
     from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-    from protos.serving import open_channel
+    from runtime.serving import open_channel
 
     with open_channel(cloud.address) as channel:
         stub = si_grpc.SplitInferenceStub(channel)

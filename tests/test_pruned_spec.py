@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.pruning import CnnPruneConfig, prune_cnn
+from compressor.offline import CnnPruneConfig, prune_cnn
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelLoadError, ModelSpec, load_model
 

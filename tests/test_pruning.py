@@ -1,4 +1,4 @@
-"""compressor.pruning: CNN pruning and its replayable plan, Transformer head/FFN plans, weight PTQ."""
+"""compressor.offline: CNN pruning and its replayable plan, Transformer head/FFN plans, weight PTQ."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from compressor.pruning import (
+from compressor.offline import (
     CnnPruneConfig,
     PlanError,
     PruningPlan,
@@ -29,7 +29,7 @@ from compressor.pruning import (
     quantize_weights,
     state_digest,
 )
-from compressor.pruning.transformer import layers_of
+from compressor.offline.transformer import layers_of
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

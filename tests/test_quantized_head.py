@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from partitioner.quantized_head import PackedWeight, QuantizedHead, build_quantized_head, head_layers
-from tests._quant import harness, harness_graph
+from tests.support.quant import harness, harness_graph
 
 pytestmark = [pytest.mark.slow]
 

@@ -27,7 +27,7 @@ from partitioner.costmodel import CostModel
 from partitioner.loaded import LoadedModel
 from partitioner.photos import builtin_photos, calibration_inputs, directory_images
 from partitioner.profile import Profile
-from partitioner.settings import SettingsError
+from runtime.settings import SettingsError
 
 pytestmark = [pytest.mark.slow]
 

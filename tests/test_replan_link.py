@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cleave_cli.launch import ROOT, free_port
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from netlab import NetLab  # noqa: E402
+from benchmarks.netlab import NetLab
+from cleave_cli.launch import free_port
+from tests.support import ROOT
 
 AVAILABLE, WHY = NetLab.available()
 pytestmark = [
@@ -81,7 +80,7 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path) -> None:
         assert first["placement"] != "EDGE_ONLY", first  # fast link, slow device: use the cloud
 
         stop = tmp_path / "stop"
-        argv = [sys.executable, "-m", "tests._drive", "--edge", edge_address, "--seconds", "150"]
+        argv = [sys.executable, "-m", "tests.support.drive", "--edge", edge_address, "--seconds", "150"]
         argv += ["--shape", "1,3,128,128", "--stop-file", str(stop)]
         driver = lab.popen(lab.edge_ns, argv, stdout=-1, cwd=ROOT, text=True, env=env)
         time.sleep(8)

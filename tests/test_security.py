@@ -2,7 +2,7 @@
 
 One cloud (mutual TLS + tokens from a file) and one edge (TLS + tokens from an environment variable,
 talking to the cloud with a client certificate and a token) run as processes for the module; both
-configs name their files relative to the YAML. A throwaway PKI (tests/_pki.py) provides a CA, the
+configs name their files relative to the YAML. A throwaway PKI (tests/support/pki.py) provides a CA, the
 server certificate, a client certificate and a rogue client certificate from another CA.
 """
 
@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cleave_cli.client import EdgeClient, outputs_of
-from cleave_cli.launch import ROOT, DaemonProcess, cloud_process, edge_process, free_port
+from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from cleave_cli.main import main as cleave
 from cloud_node.config import CloudConfig
 from edge_node.cloud_link import CloudLink
@@ -32,18 +32,18 @@ from edge_node.config import EdgeConfig, Reconnect
 from edge_node.link import LinkMonitor
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
-from partitioner.settings import SettingsError
 from protos.cleave.v1 import edge_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from protos.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
-from protos.serving import Daemon, open_channel
-
-from ._pki import Pki, make_pki
+from runtime.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
+from runtime.serving import Daemon, open_channel
+from runtime.settings import SettingsError
+from tests.support import ROOT
+from tests.support.pki import Pki, make_pki
 
 pytestmark = [pytest.mark.integration]
 
-MODEL = {"name": "tiny", "source": "tests._factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
+MODEL = {"name": "tiny", "source": "tests.support.factories:tiny_cnn", "input_shape": [1, 3, 16, 16]}
 CUT = 3  # after the ReLU: the head runs here, the tail in the cloud
 CLOUD_TOKEN = "cloud-token-3f9c2a"  # what the edge sends to the cloud
 EDGE_TOKENS = ("edge-token-a17b", "edge-token-second")  # what local apps send to the edge

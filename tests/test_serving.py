@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import NotFound, maps_errors
-from protos.serving import Daemon, Service
+from runtime.serving import Daemon, Service
 
 SERVICE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
 

@@ -10,9 +10,9 @@ import pytest
 
 from cloud_node.config import CloudConfig
 from cloud_node.profiling import TurnLock
-from partitioner.settings import SettingsError
-from protos.admission import ServingLimits, client_identity
-from protos.logsafe import EscapingFilter, printable
+from runtime.admission import ServingLimits, client_identity
+from runtime.logsafe import EscapingFilter, printable
+from runtime.settings import SettingsError
 
 
 def test_turn_lock_lets_a_waiter_in_at_every_turn() -> None:
@@ -89,9 +89,8 @@ def test_client_identity_is_the_token_else_the_peer_host() -> None:
     ],
 )
 def test_cloud_limits_are_validated_naming_the_field(limits: dict, message: str) -> None:
-    config = CloudConfig.from_dict({"limits": limits})
     with pytest.raises(SettingsError, match=message.replace("[", r"\[")):
-        config.limits.validate(config.max_workers, ["m"])
+        CloudConfig.from_dict({"limits": limits, "models": [{"name": "m", "source": "resnet18"}]})
 
 
 def test_default_serving_limits_fit_the_default_workers() -> None:

@@ -7,7 +7,7 @@ import pytest
 from cloud_node.config import CloudConfig
 from edge_node.config import EdgeConfig
 from edge_node.main import build_config, parse_args
-from partitioner.settings import SettingsError
+from runtime.settings import SettingsError
 
 
 def test_cloud_config_from_yaml(tmp_path: Path) -> None:
@@ -76,3 +76,116 @@ def test_example_configs_parse() -> None:
     cloud = CloudConfig.from_yaml(str(examples / "cloud.yaml"))
     edge = EdgeConfig.from_yaml(str(examples / "edge.yaml"))
     assert cloud.models[0] == edge.model  # the fingerprint check needs the same spec on both sides
+
+
+# -- one way to validate: Settings.validate, at construction, hence at load, named by YAML path ------
+
+EDGE_MODEL = {"name": "r18", "source": "resnet18"}
+
+
+def test_a_bad_objective_fails_at_load_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "edge.yaml"
+    path.write_text("model: {name: r18, source: resnet18}\nautoplan: {objective: fastest}\n")
+    with pytest.raises(SettingsError) as caught:
+        EdgeConfig.from_yaml(str(path))
+    assert str(caught.value) == "autoplan.objective: must be one of latency, throughput; got 'fastest'"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"autoplan": {"baseline": "oracle"}}, "autoplan.baseline: must be one of neurosurgeon, edge-only"),
+        ({"autoplan": {"min_top1": 1.5}}, r"autoplan.min_top1: must be in \[0, 1\] or unset; got 1.5"),
+        ({"autoplan": {"confirmations": 0}}, "autoplan.confirmations: must be > 0; got 0"),
+        ({"head": {"weight_bits": 7}}, "head.weight_bits: must be one of 32, 8, 6, 5, 4, 3, 2; got 7"),
+        ({"plan": {"encoding": "int7"}}, "plan.encoding: "),
+        ({"reconnect": {"initial_s": 2.0, "max_s": 1.0}}, r"reconnect.max_s: must be >= initial_s \(2.0\); got 1.0"),
+        ({"limits": {"stream_window": 0}}, "limits.stream_window: must be > 0; got 0"),
+        ({"limits": {"max_streams": 40}}, "limits.max_streams: 40 must be in"),  # needs max_workers: the parent checks
+        ({"keepalive": {"interval_ms": 1}}, "keepalive.interval_ms: 1 is under 2"),
+        ({"metrics": {"listen": "nowhere"}}, "metrics.listen: 'nowhere' is not host:port or a port"),
+        ({"cloud_tls": {"cert": "c.pem"}}, "cloud_tls: cert and key go together"),
+        ({"log_level": "loud"}, "log_level: must be one of DEBUG, INFO"),
+        ({"request_timeout_s": 0}, "request_timeout_s: must be > 0; got 0"),
+    ],
+)
+def test_edge_settings_errors_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        EdgeConfig.from_dict({"model": EDGE_MODEL, **data})
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"jobs": {"sandbox": {"timeout_s": 0}}}, "jobs.sandbox.timeout_s: must be > 0; got 0"),
+        ({"jobs": {"retention": {"interval_s": -1.0}}}, "jobs.retention.interval_s: must be > 0; got -1.0"),
+        ({"jobs": {"queue_limit": 0}}, "jobs.queue_limit: must be > 0; got 0"),
+        ({"batching": {"models": [{"model": "m", "max_batch_size": 0}]}}, r"batching.models\[0\].max_batch_size: 0"),
+        ({"limits": {"max_sessions_per_client": 0}}, "limits.max_sessions_per_client: must be > 0; got 0"),
+        ({"max_workers": 0}, "max_workers: must be > 0; got 0"),
+        ({"log_level": "LOUD"}, "log_level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got 'LOUD'"),
+    ],
+)
+def test_cloud_settings_errors_name_the_key(data: dict, message: str) -> None:
+    data = {"models": [{"name": "m", "source": "resnet18"}], **data}
+    with pytest.raises(SettingsError, match=message):
+        CloudConfig.from_dict(data)
+
+
+def test_settings_built_in_code_are_checked_too() -> None:
+    from edge_node.config import AutoPlanSettings
+
+    with pytest.raises(ValueError, match="objective: must be one of latency, throughput; got 'fastest'"):
+        AutoPlanSettings(objective="fastest")
+
+
+def test_revalidate_names_a_nested_key_changed_after_load() -> None:
+    from runtime.settings import revalidate
+
+    config = EdgeConfig.from_dict({"model": EDGE_MODEL})
+    revalidate(config)
+    config.autoplan.objective = "fastest"  # what a command-line flag could do
+    with pytest.raises(SettingsError, match="^autoplan.objective: must be one of"):
+        revalidate(config)
+    cloud = CloudConfig.from_dict({"models": [{"name": "m", "source": "resnet18"}]})
+    cloud.batching.max_queue_delay_ms = -1
+    with pytest.raises(SettingsError, match="^batching.max_queue_delay_ms: -1 must be >= 0"):
+        revalidate(cloud)
+
+
+def test_edge_flags_are_validated_like_the_file() -> None:
+    with pytest.raises(SettingsError, match="^plan.encoding: "):
+        build_config(parse_args(["--model", "resnet18", "--encoding", "int7"]))
+
+
+def test_the_config_choices_are_the_planners() -> None:
+    """edge_node.config repeats the planner's choices so that loading a config needs no torch."""
+    from edge_node import config
+    from partitioner import planner
+
+    assert config.OBJECTIVES == planner.OBJECTIVES
+    assert config.BASELINES == planner.BASELINES
+
+
+def test_every_settings_dataclass_validates_the_same_way() -> None:
+    """Each dataclass a daemon's YAML reaches is a Settings (no __post_init__, check() or bare class)."""
+    import dataclasses
+    import typing
+
+    from runtime.settings import Settings
+
+    seen: set[type] = set()
+
+    def walk(cls: type) -> None:
+        if cls in seen or not dataclasses.is_dataclass(cls) or cls.__module__.startswith("partitioner."):
+            return  # ModelSpec (partitioner, below runtime) validates in its own __post_init__
+        seen.add(cls)
+        assert issubclass(cls, Settings), f"{cls.__module__}.{cls.__name__} is not a runtime.settings.Settings"
+        for hint in typing.get_type_hints(cls).values():
+            for arg in (hint, *typing.get_args(hint)):
+                if isinstance(arg, type):
+                    walk(arg)
+
+    walk(EdgeConfig)
+    walk(CloudConfig)
+    assert len(seen) >= 15

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from compressor.pruning import (
+from compressor.offline import (
     CnnPruneConfig,
     PtqConfig,
     apply_transformer_plan,
@@ -36,7 +36,7 @@ from compressor.pruning import (
     prune_cnn,
     quantize_weights,
 )
-from compressor.pruning.ptq import int8_backend, lapq_weight_clips, register_int8_backend
+from compressor.offline.ptq import int8_backend, lapq_weight_clips, register_int8_backend
 from partitioner.models import calibration_batch
 from protos.cleave.v1 import compression_pb2 as pb
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.pruning.transformer import FAMILIES, build_transformer, family_of
+from compressor.offline.transformer import FAMILIES, build_transformer, family_of
 from partitioner.models import ModelSpec, load_model
 
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)

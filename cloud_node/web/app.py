@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from protos.admission import ServingLimits
 from protos.errors import ResourceExhausted, Unavailable, WireError
-from protos.security import TokenSet
+from runtime.admission import ServingLimits
+from runtime.security import TokenSet
 
 from .. import __version__
 
@@ -114,7 +114,7 @@ class BearerAuth:
     """ASGI middleware: every path but :data:`OPEN_PATHS` needs ``Authorization: Bearer <token>``.
 
     A refused request gets 401 with ``WWW-Authenticate: Bearer`` and the v2 error body; its body is
-    never read. Tokens are checked in constant time by :class:`protos.security.TokenSet`.
+    never read. Tokens are checked in constant time by :class:`runtime.security.TokenSet`.
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]], tokens: TokenSet) -> None:

@@ -9,8 +9,8 @@ import ssl
 import threading
 from typing import TYPE_CHECKING, Any
 
-from protos.security import ServerTLS
-from protos.serving import is_loopback, port_in_use_error
+from runtime.security import ServerTLS
+from runtime.serving import is_loopback, port_in_use_error
 
 from ..config import HttpConfig
 

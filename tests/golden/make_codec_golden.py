@@ -10,7 +10,7 @@ torch. Running this on the current code reproduces the file except the ``aciq`` 
 statistics are now summed in float64 (see compressor/aciq.py; test_codec_golden compares those
 ranges with the torch implementation instead).
 
-    python tests/golden/make_codec_golden.py [OUT.json]      # defaults to the committed path
+    python -m tests.golden.make_codec_golden [OUT.json]      # from the repository root; defaults to the committed path
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).with_name("codec_golden.json")
 
 CLIPS = (
@@ -92,8 +91,6 @@ def generate() -> dict[str, dict[str, str]]:
 
 
 def main() -> None:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT
     out.write_text(json.dumps(generate(), indent=1, sort_keys=True) + "\n")
     print(f"wrote {out}")

@@ -46,14 +46,14 @@ class Plan(_message.Message):
     placement: Placement
     cut_index: int
     cut_name: str
-    encoding: _split_inference_pb2.TensorEncoding
+    encoding: _tensor_pb2.TensorEncoding
     predicted_bytes: int
     predicted_ms: float
     reason: str
     weight_bits: _containers.ScalarMap[str, int]
     predicted: PredictedLatency
     objective: str
-    def __init__(self, model: _Optional[str] = ..., placement: _Optional[_Union[Placement, str]] = ..., cut_index: _Optional[int] = ..., cut_name: _Optional[str] = ..., encoding: _Optional[_Union[_split_inference_pb2.TensorEncoding, _Mapping]] = ..., predicted_bytes: _Optional[int] = ..., predicted_ms: _Optional[float] = ..., reason: _Optional[str] = ..., weight_bits: _Optional[_Mapping[str, int]] = ..., predicted: _Optional[_Union[PredictedLatency, _Mapping]] = ..., objective: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., placement: _Optional[_Union[Placement, str]] = ..., cut_index: _Optional[int] = ..., cut_name: _Optional[str] = ..., encoding: _Optional[_Union[_tensor_pb2.TensorEncoding, _Mapping]] = ..., predicted_bytes: _Optional[int] = ..., predicted_ms: _Optional[float] = ..., reason: _Optional[str] = ..., weight_bits: _Optional[_Mapping[str, int]] = ..., predicted: _Optional[_Union[PredictedLatency, _Mapping]] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class PredictedLatency(_message.Message):
     __slots__ = ("edge_ms", "encode_ms", "upload_ms", "rtt_ms", "decode_ms", "cloud_ms", "download_ms", "total_ms")

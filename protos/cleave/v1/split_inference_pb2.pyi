@@ -146,27 +146,9 @@ class OpenSessionRequest(_message.Message):
     model: str
     fingerprint: str
     cut: str
-    result_encoding: TensorEncoding
+    result_encoding: _tensor_pb2.TensorEncoding
     client: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., cut: _Optional[str] = ..., result_encoding: _Optional[_Union[TensorEncoding, _Mapping]] = ..., client: _Optional[str] = ...) -> None: ...
-
-class TensorEncoding(_message.Message):
-    __slots__ = ("encoding", "bits", "per_channel", "clip", "codec", "level", "quality")
-    ENCODING_FIELD_NUMBER: _ClassVar[int]
-    BITS_FIELD_NUMBER: _ClassVar[int]
-    PER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
-    CLIP_FIELD_NUMBER: _ClassVar[int]
-    CODEC_FIELD_NUMBER: _ClassVar[int]
-    LEVEL_FIELD_NUMBER: _ClassVar[int]
-    QUALITY_FIELD_NUMBER: _ClassVar[int]
-    encoding: _tensor_pb2.Encoding
-    bits: int
-    per_channel: bool
-    clip: str
-    codec: _tensor_pb2.Codec
-    level: int
-    quality: int
-    def __init__(self, encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., bits: _Optional[int] = ..., per_channel: _Optional[bool] = ..., clip: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., level: _Optional[int] = ..., quality: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., cut: _Optional[str] = ..., result_encoding: _Optional[_Union[_tensor_pb2.TensorEncoding, _Mapping]] = ..., client: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "cut", "output_shape")

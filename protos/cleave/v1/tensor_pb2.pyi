@@ -50,6 +50,24 @@ CODEC_UNSPECIFIED: Codec
 NONE: Codec
 ZSTD: Codec
 
+class TensorEncoding(_message.Message):
+    __slots__ = ("encoding", "bits", "per_channel", "clip", "codec", "level", "quality")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    PER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    encoding: Encoding
+    bits: int
+    per_channel: bool
+    clip: str
+    codec: Codec
+    level: int
+    quality: int
+    def __init__(self, encoding: _Optional[_Union[Encoding, str]] = ..., bits: _Optional[int] = ..., per_channel: _Optional[bool] = ..., clip: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ..., level: _Optional[int] = ..., quality: _Optional[int] = ...) -> None: ...
+
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "encoding", "bits", "axis", "scales", "zero_points", "codec", "raw_size", "payload", "crc32", "payload_size")
     DTYPE_FIELD_NUMBER: _ClassVar[int]

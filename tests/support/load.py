@@ -7,7 +7,7 @@ is matched to its request by id and checked against the reference output of the 
 reply for one request all show up in the report. A watcher samples ``GetStatus`` meanwhile.
 
 In-process: ``Load(...).start()`` then ``.finish()``. In a network namespace (where the test process
-cannot reach the edge): ``python -m tests._load --edge ADDR --model JSON ...`` prints the report as JSON.
+cannot reach the edge): ``python -m tests.support.load --edge ADDR --model JSON ...`` prints the report as JSON.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from .handlers import handler_kind
+from .settings import Settings, positive
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 @dataclass
-class ServingLimits:
+class ServingLimits(Settings):
     """How many calls a daemon takes at once, whose they are, and how long a stream may sit idle."""
 
     max_concurrent_rpcs: int = 256  # calls in progress or queued, every method; past it gRPC answers RESOURCE_EXHAUSTED
@@ -57,6 +58,11 @@ class ServingLimits:
             reserved_workers=reserved,
             max_streams=max(1, min(cls.max_streams, max_workers - reserved)),
             max_concurrent_rpcs=max(cls.max_concurrent_rpcs, max_workers),
+        )
+
+    def validate(self) -> None:
+        positive(
+            self, "reserved_workers", "max_streams", "max_streams_per_client", "max_concurrent_rpcs", "stream_idle_s"
         )
 
     def check(self, max_workers: int) -> None:

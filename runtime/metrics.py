@@ -26,6 +26,7 @@ from prometheus_client import start_http_server as _start_http_server
 
 from .handlers import handler_kind
 from .serving import is_loopback, port_in_use_error
+from .settings import Settings
 
 # RPC latency, seconds: sub-millisecond health checks up to streams that stay open for minutes.
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -34,7 +35,7 @@ STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 
 
 @dataclass
-class MetricsConfig:
+class MetricsConfig(Settings):
     """``metrics:`` in ``cloud.yaml`` and ``edge.yaml``.
 
     ``listen``: ``host:port`` for the HTTP ``/metrics`` endpoint, or a bare port (bound on
@@ -44,7 +45,7 @@ class MetricsConfig:
 
     listen: str = ""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         parse_listen(self.listen)  # a typo fails at start, naming the key
 
     @property

@@ -3,10 +3,10 @@
 A :class:`Daemon` is a gRPC server with Cleave's defaults: explicit message-size limits (never
 gRPC's 4 MiB default), ``grpc.health.v1`` and server reflection for every service it hosts, a
 refusal to bind a non-loopback address without TLS unless told so, TLS / mutual TLS and bearer
-tokens when configured (:mod:`protos.security`), one pair of keepalive settings both ends agree on
+tokens when configured (:mod:`runtime.security`), one pair of keepalive settings both ends agree on
 (:class:`Keepalive`), a clear refusal of a port another process holds, fair use of its handler
 threads (reserved threads for health and control calls, stream quotas, idle streams ended:
-:mod:`protos.admission`), and a draining stop (health
+:mod:`runtime.admission`), and a draining stop (health
 NOT_SERVING, finish in-flight calls, then close) on SIGTERM or SIGINT. Requests whose bytes do not
 decode as the expected message answer INVALID_ARGUMENT naming the type, where gRPC alone would
 answer INTERNAL.
@@ -37,10 +37,12 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.errors import InvalidArgument
+
 from .admission import Admission, ServingLimits
-from .errors import InvalidArgument
 from .handlers import handler_kind
 from .security import BearerAuthInterceptor, ClientTLS, ServerAuth, ServerTLS, secure_channel
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 @dataclass(frozen=True)
-class Keepalive:
+class Keepalive(Settings):
     """The keepalive settings of a link: one pair, the client's and the server's half, that agree.
 
     gRPC core (doc/keepalive.md) answers a client that pings more often than its server permits with
@@ -81,7 +83,7 @@ class Keepalive:
     timeout_ms: int = 20_000
     max_ping_strikes: int = 2
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name, least in (("interval_ms", 2), ("timeout_ms", 1), ("max_ping_strikes", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name}: {getattr(self, name)} is under {least}")

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from .handlers import handler_kind
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _resolved(settings: Any, base: str | os.PathLike, names: Iterable[str]) -> A
 
 
 @dataclass(frozen=True)
-class ServerTLS:
+class ServerTLS(Settings):
     """A server's TLS: on when ``cert`` is set; mutual TLS with ``require_client_cert``.
 
     Attributes:
@@ -69,7 +70,7 @@ class ServerTLS:
     ca: str = ""
     require_client_cert: bool = False
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if bool(self.cert) != bool(self.key):
             raise ValueError("cert and key go together (give both or neither)")
         if self.require_client_cert and not self.ca:
@@ -105,7 +106,7 @@ class ServerTLS:
 
 
 @dataclass(frozen=True)
-class ClientTLS:
+class ClientTLS(Settings):
     """A client's TLS: on when ``enabled`` or any file is set.
 
     Attributes:
@@ -123,7 +124,7 @@ class ClientTLS:
     key: str = ""
     server_name: str = ""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if bool(self.cert) != bool(self.key):
             raise ValueError("cert and key go together (give both or neither)")
 
@@ -177,7 +178,7 @@ def _token_lines(text: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ServerAuth:
+class ServerAuth(Settings):
     """Bearer tokens a server accepts; on when any source is set. Tokens of all sources add up.
 
     Attributes:
@@ -211,7 +212,7 @@ class ServerAuth:
 
 
 @dataclass(frozen=True)
-class ClientAuth:
+class ClientAuth(Settings):
     """The bearer token a client sends; the first source set wins: ``token``, ``token_file``, ``token_env``."""
 
     token: str = field(default="", repr=False)

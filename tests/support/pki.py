@@ -93,7 +93,7 @@ def make_pki(folder: Path) -> Pki:
     return Pki(ca, server_cert, server_key, client_cert, client_key, rogue_ca, rogue_cert, rogue_key_path)
 
 
-if __name__ == "__main__":  # a throwaway PKI to try TLS with: python -m tests._pki /tmp/pki
+if __name__ == "__main__":  # a throwaway PKI to try TLS with: python -m tests.support.pki /tmp/pki
     import sys
 
     for name, path in vars(make_pki(Path(sys.argv[1] if len(sys.argv) > 1 else "pki"))).items():

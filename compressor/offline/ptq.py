@@ -23,7 +23,7 @@ from torch import nn
 
 from compressor.bitpack import BIT_WIDTHS, pack
 from compressor.clipping import check_params, clip_range
-from compressor.lapq import LapqResult, clip_bounds, lapq, lp_clip, quantize_clipped
+from compressor.offline.lapq import LapqResult, clip_bounds, lapq, lp_clip, quantize_clipped
 from compressor.quant import dequantize, quantize
 
 Int8Converter = Callable[[nn.Module, torch.Tensor], nn.Module]

@@ -1,6 +1,6 @@
 """Drive the cloud's Open Inference Protocol with Triton's or KServe's own client; print JSON.
 
-    python tests/_v2_clients.py triton|kserve ADDRESS INPUTS.npz
+    python tests/support/v2_clients.py triton|kserve ADDRESS INPUTS.npz
 
 Run as a subprocess by ``tests/test_kserve.py``: tritonclient, kserve and Cleave's own stubs each
 register ``inference.*`` messages in protobuf's default pool, so no two of them can share a process.

@@ -214,9 +214,9 @@ def infer_frames(session_ids: Sequence[str]) -> st.SearchStrategy[list[si_pb2.In
 CLIPS = ["", "minmax", "percentile", "percentile(percentile=99.9)", "percentile(percentile=0)", "aciq", "fixed"]
 
 
-def tensor_encodings() -> st.SearchStrategy[si_pb2.TensorEncoding]:
+def tensor_encodings() -> st.SearchStrategy[tensor_pb2.TensorEncoding]:
     return st.builds(
-        si_pb2.TensorEncoding,
+        tensor_pb2.TensorEncoding,
         encoding=ENUM,
         bits=st.one_of(st.integers(0, 10), UINT32),
         per_channel=st.booleans(),

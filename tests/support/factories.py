@@ -1,4 +1,4 @@
-"""Model factories for tests, named in ModelSpec sources as ``"_factories:<function>"``."""
+"""Model factories for tests, named in ModelSpec sources as ``"tests.support.factories:<function>"``."""
 
 import os
 import time

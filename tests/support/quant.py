@@ -7,7 +7,7 @@ import functools
 import torch
 
 from partitioner.graph import ModelGraph, trace
-from partitioner.harness import Harness, trained_harness
+from tests.support.harness import Harness, trained_harness
 
 
 @functools.cache
