@@ -31,7 +31,7 @@ from runtime.settings import (
 #: BASELINES, repeated here because the planner imports torch and a config must load without it
 #: (tests/test_settings.py checks that the two agree).
 OBJECTIVES = ("latency", "throughput")
-BASELINES = ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg")
+BASELINES = ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp")
 #: ``head.weight_bits``: 32 is the float head, 8 runs int8 kernels, the rest are packed and run in float.
 HEAD_BITS = (32, *sorted(BIT_WIDTHS, reverse=True))
 

@@ -33,7 +33,7 @@ from partitioner.models import ModelSpec
 from protos.errors import InvalidArgument
 from runtime.security import ClientTLS
 
-from ._pki import make_pki
+from .support.pki import make_pki
 
 pytestmark = [pytest.mark.integration]
 

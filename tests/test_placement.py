@@ -224,8 +224,8 @@ def test_a_manual_pin_comes_after_an_automatic_pin_in_flight() -> None:
 
 
 def test_the_edge_daemon_refuses_a_bad_cut_before_it_listens() -> None:
-    from edge_node.main import parse_args, settings
+    from edge_node.main import build_config, parse_args
 
-    assert settings(parse_args(["--model", "resnet18", "--cut", "edge"])).plan.cut == "edge"
-    with pytest.raises(ValueError, match="cut: -2 is negative"):
-        settings(parse_args(["--model", "resnet18", "--cut=-2"]))
+    assert build_config(parse_args(["--model", "resnet18", "--cut", "edge"])).plan.cut == "edge"
+    with pytest.raises(ValueError, match="plan.cut: -2 is negative"):
+        build_config(parse_args(["--model", "resnet18", "--cut=-2"]))
