@@ -9,6 +9,8 @@ is the cast. Held-out images are tinted photos of sources the fit never saw.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,8 +41,9 @@ def split() -> tuple[list[int], list[int]]:
     return split_by_group(50, [i % SOURCES for i in range(50)], 0.3)
 
 
+@functools.cache
 def classifier() -> nn.Module:
-    """The fitted resnet18 (eval mode); deterministic."""
+    """The fitted resnet18 (eval mode); deterministic, built once per process (do not modify it)."""
     torch.manual_seed(0)
     model = load_model(ModelSpec("rn", "resnet18", input_shape=SHAPE, num_classes=4, seed=0))
     x = builtin_photos(SHAPE, 50)

@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+from cloud_node.config import JobsConfig
+from cloud_node.jobs import JobManager
+from cloud_node.jobs.engines import JobContext, get_engine
+from cloud_node.jobs.models import ModelSource
+from cloud_node.jobs.store import QUEUED, RUNNING
 from compressor.entropy import EntropyTables, decode_symbols, encode_symbols, max_payload
 from compressor.errors import CodecError
 from partitioner import bottleneck as bn
 from partitioner.bottleneck.compare import int_k_points
 from partitioner.graph import trace
+from protos.cleave.v1 import compression_pb2 as pb
+from protos.errors import InvalidArgument
 from tests import _bottleneck as small
 
 CUT = "layer1_1_relu_1"  # (64, 8, 8) crossing at 32x32
@@ -111,3 +118,111 @@ def test_artifacts_round_trip_without_pickle(trained: dict, tmp_path: Path) -> N
     (tmp_path / bn.artifacts.DESCRIPTION).write_text("not json")
     with pytest.raises(ValueError, match="not JSON"):
         bn.load(tmp_path)
+
+
+def engine_context(tmp_path: Path, opts: pb.BottleneckOptions) -> JobContext:
+    """A bottleneck job on the small classifier (a safetensors upload) with the tinted photos as
+    its dataset, ordered so that the held-out tail of the dataset is photos training never saw."""
+    from safetensors.torch import save_file
+
+    model = small.classifier()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    x, y, _ = small.images()
+    train_idx, held_idx = small.split()
+    order = train_idx + held_idx
+    np.savez(tmp_path / "data.npz", inputs=x[order].numpy(), labels=y[order].numpy())
+    source = ModelSource(
+        upload_path=str(tmp_path / "model.safetensors"),
+        upload_format="SAFETENSORS",
+        upload_meta={"architecture": "resnet18", "num_classes": 4, "input_shape": list(small.SHAPE)},
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    seen: list[tuple[float, str]] = []
+    ctx = JobContext(
+        spec=pb.JobSpec(engine="bottleneck", bottleneck=opts),
+        source=source,
+        workdir=work,
+        dataset_path=str(tmp_path / "data.npz"),
+        dataset_format="npz",
+        on_progress=lambda f, s: seen.append((f, s)),
+    )
+    ctx.seen = seen  # type: ignore[attr-defined]
+    return ctx
+
+
+def test_engine_reports_bytes_agreement_costs_and_a_curve(tmp_path: Path) -> None:
+    opts = pb.BottleneckOptions(cuts=[CUT], rate_weights=[0.02], budget_s=15, holdout=0.3, augment=3)
+    ctx = engine_context(tmp_path, opts)
+    get_engine("bottleneck").run(ctx)
+    r = ctx.report
+    names = [n for n, _ in ctx.artifacts]
+    assert names[:3] == [bn.artifacts.DESCRIPTION, bn.artifacts.EDGE_FILE, bn.artifacts.CLOUD_FILE]
+    assert "curve.json" in names and "curve.png" in names
+    best = r["best"]
+    assert r["images"] == "dataset" and r["held_out_images"] == 15 and r["train_images"] == 35 * 4
+    assert best["cut"] == CUT and best["encoder_macs"] > 0 and best["edge_ms"] > 0 and best["train_seconds"] <= 16
+    assert best["bytes_mean"] < r["int8_at_best_cut"]["bytes_mean"] / 4 and r["bytes_vs_int8"] < 0.25
+    assert best["agreement"] >= 0.9
+    curve = json.loads((ctx.workdir / "curve.json").read_text())
+    methods = {p["method"] for p in curve["points"]}
+    assert {"int8+zstd", "int4+zstd", "jpeg50", f"bottleneck@{CUT}/w0.02"} <= methods
+    fractions = [f for f, _ in ctx.seen]
+    assert fractions == sorted(fractions) and any("step" in s for _, s in ctx.seen)
+    loaded = bn.load(ctx.workdir)
+    assert loaded.cut[1] == CUT and r["bottleneck_fingerprint"] == bn.fingerprint(ctx.workdir)
+
+
+def test_engine_options_are_checked_by_field(tmp_path: Path) -> None:
+    for opts, field in (
+        (pb.BottleneckOptions(holdout=1.5), "bottleneck.holdout"),
+        (pb.BottleneckOptions(stride=3), "bottleneck.stride"),
+        (pb.BottleneckOptions(rate_weights=[-1]), "bottleneck.rate_weights"),
+        (pb.BottleneckOptions(cuts=["nonesuch"]), "nonesuch"),
+        (pb.BottleneckOptions(cuts=["fc"]), "one .N, C, H, W. tensor"),
+    ):
+        with pytest.raises((ValueError, KeyError), match=field):
+            d = tmp_path / str(len(list(tmp_path.iterdir())))
+            d.mkdir()
+            get_engine("bottleneck").run(engine_context(d, opts))
+
+
+def _wait(m: JobManager, job_id: str, ok, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = m.get(job_id)
+        if ok(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never got there: {m.get(job_id)}")
+
+
+def test_a_training_job_cancels_and_survives_a_restart_like_any_job(tmp_path: Path) -> None:
+    spec = pb.JobSpec(
+        engine="bottleneck",
+        model=pb.ModelRef(torchvision="resnet18", input_shape=list(small.SHAPE), num_classes=4),
+        bottleneck=pb.BottleneckOptions(cuts=[CUT], budget_s=300, max_images=20),
+    )
+    training = lambda j: j.state == RUNNING and "step" in j.stage  # noqa: E731
+    m = JobManager(JobsConfig(dir=str(tmp_path)))
+    m.start()
+    try:
+        with pytest.raises(InvalidArgument, match="spec.bottleneck.holdout"):
+            m.submit(pb.JobSpec(engine="bottleneck", model=spec.model, bottleneck=pb.BottleneckOptions(holdout=2)))
+        job = m.submit(spec)
+        assert job.engine == "bottleneck"
+        _wait(m, job.id, training)
+    finally:
+        m.stop()  # the daemon shuts down mid-training
+    m = JobManager(JobsConfig(dir=str(tmp_path)))
+    requeued = m.get(job.id)
+    assert requeued.state == QUEUED and "re-queued" in requeued.message
+    m.start()
+    try:
+        again = _wait(m, job.id, training)
+        assert again.progress < 0.9
+        assert m.cancel(job.id).state == "CANCELLED"
+        done = _wait(m, job.id, lambda j: j.state == "CANCELLED" and not list(m.store.tmp_dir.iterdir()), 30)
+        assert not done.artifacts
+    finally:
+        m.stop()
