@@ -226,3 +226,33 @@ def test_a_training_job_cancels_and_survives_a_restart_like_any_job(tmp_path: Pa
         assert not done.artifacts
     finally:
         m.stop()
+
+
+def test_cli_builds_a_bottleneck_spec() -> None:
+    from cleave_cli.compress_cmd import build_spec
+    from cleave_cli.main import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "compress",
+            "--model",
+            "efficientnet_lite0_pretrained",
+            "--engine",
+            "bottleneck",
+            "--cuts",
+            "add_3,add_8",
+            "--rate-weights",
+            "0.01,0.1",
+            "--latent",
+            "12",
+            "--stride",
+            "2",
+            "--budget",
+            "90",
+        ]
+    )
+    opts = build_spec(args).bottleneck
+    assert list(opts.cuts) == ["add_3", "add_8"] and list(opts.rate_weights) == pytest.approx([0.01, 0.1])
+    assert (opts.latent, opts.stride, opts.budget_s) == (12, 2, 90)
+    auto = build_parser().parse_args(["compress", "--model", "resnet18", "--engine", "bottleneck", "--cuts", "auto"])
+    assert list(build_spec(auto).bottleneck.cuts) == []
