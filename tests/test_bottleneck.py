@@ -232,25 +232,9 @@ def test_cli_builds_a_bottleneck_spec() -> None:
     from cleave_cli.compress_cmd import build_spec
     from cleave_cli.main import build_parser
 
-    args = build_parser().parse_args(
-        [
-            "compress",
-            "--model",
-            "efficientnet_lite0_pretrained",
-            "--engine",
-            "bottleneck",
-            "--cuts",
-            "add_3,add_8",
-            "--rate-weights",
-            "0.01,0.1",
-            "--latent",
-            "12",
-            "--stride",
-            "2",
-            "--budget",
-            "90",
-        ]
-    )
+    flags = "--cuts add_3,add_8 --rate-weights 0.01,0.1 --latent 12 --stride 2 --budget 90"
+    argv = ["compress", "--model", "efficientnet_lite0_pretrained", "--engine", "bottleneck", *flags.split(" ")]
+    args = build_parser().parse_args(argv)
     opts = build_spec(args).bottleneck
     assert list(opts.cuts) == ["add_3", "add_8"] and list(opts.rate_weights) == pytest.approx([0.01, 0.1])
     assert (opts.latent, opts.stride, opts.budget_s) == (12, 2, 90)
