@@ -111,7 +111,7 @@ class Session:
         tensors = []
         for i, msg in enumerate(features):
             try:
-                tensors.append(decode(msg, self.codec_limits))
+                tensors.append(decode(msg, self.codec_limits, self.model.entropy_tables))
             except CodecError as exc:
                 raise InvalidArgument(f"features[{i}]: {exc}") from exc
         try:

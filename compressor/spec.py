@@ -10,6 +10,8 @@ Text grammar (``EncodingSpec.parse`` / ``str(spec)``; no spaces)::
               | "jpeg" [QUALITY]               an image batch (N, C, H, W) as JPEGs of its 8-bit
                                                per-channel codes; QUALITY 1-100, default 90;
                                                the codec defaults to none (zstd gains nothing)
+              | "entropy"                      a learned bottleneck's integer latent, range-coded with
+                                               the model's tables (see compressor.entropy); codec none
     clip     := NAME ["(" KEY "=" VALUE {"," KEY "=" VALUE} ")"]
                                                clipping method (int only; default "minmax");
                                                VALUE is an int, a float or a lowercase identifier
@@ -34,7 +36,7 @@ from compressor.bitpack import BIT_WIDTHS
 from compressor.errors import CodecError
 from protos.cleave.v1 import split_inference_pb2, tensor_pb2
 
-ENCODINGS = ("raw", "fp16", "affine", "jpeg")
+ENCODINGS = ("raw", "fp16", "affine", "jpeg", "entropy")
 DEFAULT_QUALITY = 90
 CODECS = ("zstd", "none")
 MIN_LEVEL, MAX_LEVEL = -(1 << 17), 22  # zstd's negative "fast" levels down to ZSTD_minCLevel()
@@ -47,6 +49,7 @@ _ENCODING_TO_PROTO = {
     "fp16": tensor_pb2.FP16,
     "affine": tensor_pb2.AFFINE,
     "jpeg": tensor_pb2.JPEG,
+    "entropy": tensor_pb2.ENTROPY,
 }
 _ENCODING_FROM_PROTO = {v: k for k, v in _ENCODING_TO_PROTO.items()}
 _ENCODING_FROM_PROTO[tensor_pb2.ENCODING_UNSPECIFIED] = "raw"
@@ -125,6 +128,8 @@ class EncodingSpec:
             fields["encoding"] = "raw"
         elif enc == "fp16":
             fields["encoding"] = "fp16"
+        elif enc == "entropy":
+            fields.update(encoding="entropy", codec="none")
         elif m := _JPEG.match(enc):
             fields.update(encoding="jpeg", codec="none")
             if m["quality"] is not None:
@@ -135,7 +140,8 @@ class EncodingSpec:
                 fields["axis"] = int(m["axis"])
         else:
             raise CodecError(
-                f"encoding spec {text!r}: encoding {enc!r} is not raw, fp32, fp16, int<bits>[c[<axis>]] or jpeg[<q>]"
+                f"encoding spec {text!r}: encoding {enc!r} is not raw, fp32, fp16, int<bits>[c[<axis>]], jpeg[<q>] "
+                "or entropy"
             )
         if match["clip"] is not None:
             where = f"encoding spec {text!r}: clip"
@@ -159,6 +165,8 @@ class EncodingSpec:
         elif self.encoding == "jpeg":
             out = "jpeg" if self.quality == DEFAULT_QUALITY else f"jpeg{self.quality}"
             return out + (f"+{self._codec_text()}" if self.codec == "zstd" else "")
+        elif self.encoding == "entropy":
+            return "entropy"
         else:
             out = self.encoding
         if self.codec == "none":
@@ -331,6 +339,8 @@ def _validate(
         raise fail("codec", f"{codec!r} is not one of {', '.join(CODECS)}")
     if not is_int(level) or not (MIN_LEVEL <= level <= MAX_LEVEL) or level == 0:
         raise fail("level", f"{level!r} is not a zstd level in [{MIN_LEVEL}, -1] or [1, {MAX_LEVEL}]")
+    if encoding == "entropy" and codec != "none":
+        raise fail("codec", f"{codec!r}: an entropy-coded stream takes no byte codec (none)")
     if not is_int(threads) or threads < 0:
         raise fail("threads", f"{threads!r} is not a non-negative int")
     if not is_int(quality) or not 1 <= quality <= 100:

@@ -307,7 +307,7 @@ class EdgeRuntime:
                 note = f"cloud unreachable: {self.link.last_error or f'no session at cut {plan.cut.index} yet'}"
             return self._finish_locally(features, plan, timing, started, note)
 
-        encoded = [encode(f, plan.spec) for f in features]
+        encoded = [encode(f, plan.spec, self.model.entropy_tables) for f in features]
         t_enc = time.perf_counter()
         timing.encode_ms = (t_enc - t_head) * 1e3
         request_id = self.link.next_request_id()

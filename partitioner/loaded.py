@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ class LoadedModel:
     spec: ModelSpec
     graph: ModelGraph
     fingerprint: str
+    entropy_tables: Any = None  # a bottleneck's range-coder tables (compressor.entropy), when it has one
     _parts: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -29,9 +31,15 @@ class LoadedModel:
     def load(cls, spec: ModelSpec) -> LoadedModel:
         """Load, trace and fingerprint ``spec``."""
         module = load_model(spec)
+        tables = None
+        if spec.bottleneck:
+            from partitioner.bottleneck.served import with_bottleneck
+
+            module = with_bottleneck(module, example_input(spec), spec.bottleneck)
+            tables = module.tables()
         graph = trace(module, example_input(spec))
         code = getattr(graph.module, "code", None)
-        return cls(spec=spec, graph=graph, fingerprint=fingerprint(graph.module, code))
+        return cls(spec=spec, graph=graph, fingerprint=fingerprint(graph.module, code), entropy_tables=tables)
 
     @property
     def name(self) -> str:

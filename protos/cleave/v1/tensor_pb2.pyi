@@ -25,6 +25,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FP16: _ClassVar[Encoding]
     AFFINE: _ClassVar[Encoding]
     JPEG: _ClassVar[Encoding]
+    ENTROPY: _ClassVar[Encoding]
 
 class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +45,7 @@ RAW: Encoding
 FP16: Encoding
 AFFINE: Encoding
 JPEG: Encoding
+ENTROPY: Encoding
 CODEC_UNSPECIFIED: Codec
 NONE: Codec
 ZSTD: Codec
