@@ -214,6 +214,8 @@ class SessionManager:
             )
         except (CodecError, ValueError) as exc:
             raise InvalidArgument(f"result_encoding: {exc}") from exc
+        if result_spec.encoding == "entropy":
+            raise InvalidArgument("result_encoding: entropy codes a bottleneck's latent, not a model's outputs")
         with self._lock:
             self._expire_idle()
             if len(self._sessions) >= self.limits.max_sessions:

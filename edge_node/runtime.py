@@ -237,6 +237,8 @@ class EdgeRuntime:
         except KeyError as exc:
             raise InvalidArgument(f"cut: {exc.args[0]}") from exc
         placement = CLOUD_ONLY if cut_obj.index == 0 else SPLIT
+        if spec.encoding == "entropy" and (self.model.entropy_tables is None or cut_obj.name != "bottleneck_latent"):
+            raise InvalidArgument("encoding: entropy sends a bottleneck's latent: only at the cut bottleneck_latent")
         return ActivePlan(placement, cut_obj, spec, head, tail, reason)
 
     # -- requests --------------------------------------------------------------------------------

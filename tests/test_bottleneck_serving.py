@@ -90,6 +90,9 @@ def served(tmp_path_factory: pytest.TempPathFactory):
 def test_edge_sends_the_range_coded_latent_and_the_cloud_serves_it(served: dict) -> None:
     local, held = served["local"], served["held"]
     client = EdgeClient(served["edge"].address)
+    with pytest.raises(grpc.RpcError) as err:
+        client.pin("head_layer1_1_bn2", "entropy")  # the entropy coder has tables for the latent only
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bottleneck_latent" in err.value.details()
     plan = client.pin(LATENT_CUT, "entropy")
     assert plan.placement == edge_pb2.SPLIT
     latent = local.graph.cut(LATENT_CUT)
@@ -143,6 +146,17 @@ def test_corrupt_or_oversized_bitstreams_answer_invalid_argument(served: dict) -
                     si_pb2.InferFrame(session_id=sid, request_id=rid, chunks=chunks, last=i == len(groups) - 1)
                 )
         results = {r.request_id: r for r in stub.Infer(iter(frames), timeout=30)}
+        with pytest.raises(grpc.RpcError) as err:
+            stub.OpenSession(
+                si_pb2.OpenSessionRequest(
+                    model="rnb",
+                    fingerprint=local.fingerprint,
+                    cut=LATENT_CUT,
+                    result_encoding=EncodingSpec.parse("entropy").to_proto(),
+                ),
+                timeout=10,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "result_encoding" in err.value.details()
         for rid, (_, needle) in cases.items():
             err = results[rid].error
             assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], (rid, err)
