@@ -178,3 +178,28 @@ def test_an_edge_without_the_bottleneck_is_refused(served: dict) -> None:
         LoadedModel.load(
             ModelSpec("x", "resnet18", input_shape=small.SHAPE, num_classes=4, bottleneck=str(d / "bottleneck"))
         )
+
+
+def test_planner_ranks_the_bottleneck_latent_with_its_measured_bytes(served: dict) -> None:
+    from partitioner.costmodel import SPLIT, CostModel, Link
+    from partitioner.planner import Budgets, Planner, distortion_meter
+    from partitioner.profile import profile_model, scaled
+
+    local, held = served["local"], served["held"]
+    here = profile_model(local, repeats=2, warmup=1, head_samples=4)
+    # a weak edge (20x this host) and a fast cloud, so that splitting pays
+    cost = CostModel.measure(local, scaled(here, 20.0, "edge"), scaled(here, 0.25, "cloud"), held[:4])
+    latent = next(c for c in cost.cuts if c.name == LATENT_CUT)
+    plain = next(c for c in cost.cuts if c.name == "head_layer1_1_relu_1")
+    assert "entropy" in latent.feature_bytes and "entropy" not in plain.feature_bytes
+    assert latent.feature_bytes["entropy"] < plain.feature_bytes["int8"] / 4
+    # the encoder's convolutions are profiled nodes of the head: the latent's head costs more than the cut's
+    assert latent.edge_ms >= plain.edge_ms
+    # the latent is coded exactly: entropy agrees with the served model on every calibration image
+    planner = Planner(cost, Budgets(min_top1=1.0), distortion_meter(local, held[:4]))
+    ranked = planner.rank(Link(up_mbps=0.5, down_mbps=10.0, rtt_ms=10.0))  # every budget checked
+    labels = [s.candidate.label for s in ranked]
+    assert f"{LATENT_CUT}#{latent.index} entropy" in labels
+    (ours,) = [s for s in ranked if s.candidate.encoding == "entropy"]
+    assert ours.candidate.kind == SPLIT and not ours.rejected and ours.distortion.top1 == 1.0
+    assert ours.candidate.bytes_up == latent.feature_bytes["entropy"] and ours.predicted.upload_ms > 0
