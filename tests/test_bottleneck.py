@@ -240,3 +240,16 @@ def test_cli_builds_a_bottleneck_spec() -> None:
     assert (opts.latent, opts.stride, opts.budget_s) == (12, 2, 90)
     auto = build_parser().parse_args(["compress", "--model", "resnet18", "--engine", "bottleneck", "--cuts", "auto"])
     assert list(build_spec(auto).bottleneck.cuts) == []
+
+
+def test_auto_cuts_are_single_image_tensors_early_in_the_model() -> None:
+    from cloud_node.jobs.bottleneck_engine import AUTO_CUTS, _auto_cuts
+
+    x, _, _ = small.images()
+    graph = trace(small.classifier(), x[:1])
+    cuts = _auto_cuts(graph)
+    last = max(c.index for c in graph.cuts)
+    assert len(cuts) == AUTO_CUTS
+    assert all(len(c.live) == 1 and len(c.shapes[0]) == 4 and 0 < c.index < 2 * last / 3 for c in cuts)
+    others = [c for c in graph.cuts if c not in cuts and len(c.live) == 1 and len(c.shapes[0]) == 4]
+    assert max(c.nbytes for c in cuts) <= min(c.nbytes for c in others if 0 < c.index < 2 * last / 3)
