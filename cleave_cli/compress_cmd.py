@@ -175,6 +175,17 @@ def build_spec(args: argparse.Namespace, model_id: str = "", dataset_id: str = "
             parallelism=args.parallelism,
         )
     )
+    if args.engine == "bottleneck":
+        spec.bottleneck.CopyFrom(
+            pb.BottleneckOptions(
+                cuts=[c for c in (args.cuts or "").split(",") if c and c != "auto"],
+                rate_weights=[float(w) for w in args.rate_weights.split(",")] if args.rate_weights else [],
+                target_bytes=args.target_bytes,
+                latent=args.latent,
+                stride=args.stride,
+                budget_s=args.budget,
+            )
+        )
     return spec
 
 
@@ -324,7 +335,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--input-shape", help="e.g. 1,3,224,224")
     src.add_argument("--num-classes", type=int, help="classifier outputs (default: the architecture's)")
     src.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights")
-    c.add_argument("--engine", default="prune", help="prune, prune_cnn, prune_transformer, quantize or sweep")
+    c.add_argument(
+        "--engine", default="prune", help="prune, prune_cnn, prune_transformer, quantize, sweep or bottleneck"
+    )
     c.add_argument("--ratio", type=float, default=0.5, help="CNN channel ratio removed")
     c.add_argument("--global", dest="global_pruning", action="store_true", help="rank channels across layers")
     c.add_argument(
@@ -349,6 +362,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--ratios", help="sweep: pruning ratios, e.g. 0,0.3,0.5")
     c.add_argument("--bits-grid", help="sweep: weight bits, each of 2,3,4,5,6,8,32, e.g. 32,8,4")
     c.add_argument("--parallelism", type=int, default=0, help="sweep: points run at once (0: the cloud decides)")
+    b = c.add_argument_group("bottleneck (--engine bottleneck; see docs/bottleneck.md)")
+    b.add_argument("--cuts", help="cut node names, comma-separated, or auto (default)")
+    b.add_argument("--rate-weights", help="lambda per trained point (loss per kB/image), e.g. 0.01,0.05")
+    b.add_argument("--target-bytes", type=float, default=0.0, help="steer lambda to this many bytes per image")
+    b.add_argument("--latent", type=int, default=0, help="latent channels (default 8)")
+    b.add_argument("--stride", type=int, default=0, help="1 or 2: halve the latent's height and width")
+    b.add_argument("--budget", type=float, default=0.0, help="training seconds, all points together (default 120)")
     c.add_argument("--dataset", help="evaluation data: .npz or .safetensors with inputs and labels")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     c.add_argument("--label", help="free-form label shown in `cleave jobs list`")

@@ -61,6 +61,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision name, NAME=SOURCE, or a file")
     p.add_argument("--weights", help="local state-dict file")
     p.add_argument("--input-shape", default="1,3,224,224", help="input batch shape, comma-separated")
+    p.add_argument(
+        "--bottleneck", help="a bottleneck job's artifacts directory: rank its latent (cut bottleneck_latent) too"
+    )
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
@@ -69,6 +72,8 @@ def load(args: argparse.Namespace) -> LoadedModel:
     spec = {"name": name, "source": source or name, "input_shape": [int(d) for d in args.input_shape.split(",")]}
     if args.weights:
         spec["weights"] = args.weights
+    if getattr(args, "bottleneck", None):
+        spec["bottleneck"] = args.bottleneck
     return LoadedModel.load(ModelSpec.from_dict(spec))
 
 

@@ -118,7 +118,7 @@ class Session:
         tensors = []
         for i, msg in enumerate(features):
             try:
-                tensors.append(decode(msg, self.codec_limits))
+                tensors.append(decode(msg, self.codec_limits, self.model.entropy_tables))
             except CodecError as exc:
                 raise InvalidArgument(f"features[{i}]: {exc}") from exc
         try:
@@ -237,6 +237,8 @@ class SessionManager:
             )
         except (CodecError, ValueError) as exc:
             raise InvalidArgument(f"result_encoding: {exc}") from exc
+        if result_spec.encoding == "entropy":
+            raise InvalidArgument("result_encoding: entropy codes a bottleneck's latent, not a model's outputs")
         with self._lock:
             self._expire_idle()
             if len(self._sessions) >= self.limits.max_sessions:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor import clipping, half, jpeg, zstd
+from compressor import clipping, entropy, half, jpeg, zstd
 from compressor._arrays import as_float32, is_tensor, torch_or_none
 from compressor.bitpack import BIT_WIDTHS, pack_array, packed_size, unpack_array
 from compressor.clipping import clip_range_array
@@ -61,13 +61,14 @@ _FLOAT32 = _BY_WIRE[tensor_pb2.FLOAT32]
 _WIDTHS = ",".join(map(str, BIT_WIDTHS))
 
 
-def encode(x: Any, spec: EncodingSpec) -> tensor_pb2.Tensor:
+def encode(x: Any, spec: EncodingSpec, tables: entropy.EntropyTables | None = None) -> tensor_pb2.Tensor:
     """Encode ``x`` (a torch tensor on any device with any strides, or a numpy array) as ``spec`` asks.
 
     ``raw`` keeps ``x``'s dtype (float32, float16, uint8, int8, int32, int64 or bool); ``fp16``
     and ``affine`` need a floating ``x`` and decode to float32. The math runs in numpy on the host
     (a CPU float32 tensor is used in place, without a copy), so a tensor and the equal array give
-    the same bytes, with or without torch installed.
+    the same bytes, with or without torch installed. ``entropy`` rounds ``x`` (a bottleneck's
+    latent) to integers and range-codes them with ``tables``.
 
     Raises:
         CodecError: an unsupported dtype, a non-float tensor for fp16 / affine, an axis out of
@@ -90,6 +91,12 @@ def encode(x: Any, spec: EncodingSpec) -> tensor_pb2.Tensor:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
         data = jpeg.encode_images(x, spec.quality, msg, spec.encoding)
+    elif spec.encoding == "entropy":
+        _require_float(x, spec)
+        if tables is None:
+            raise CodecError("encoding: entropy needs the bottleneck's tables (a model with a bottleneck)")
+        msg.dtype = tensor_pb2.FLOAT32
+        data = entropy.encode_symbols(np.rint(as_float32(x)).astype(np.int32), tables)
     else:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
@@ -98,20 +105,26 @@ def encode(x: Any, spec: EncodingSpec) -> tensor_pb2.Tensor:
     return msg
 
 
-def decode(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> Any:
+def decode(
+    msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits(), tables: entropy.EntropyTables | None = None
+) -> Any:
     """Decode and validate a wire tensor: a new CPU ``torch.Tensor`` where torch is installed,
     else the numpy array :func:`decode_array` returns (the same values, sharing memory).
 
     Raises:
         CodecError: whose message starts with the offending field, e.g. ``tensor.crc32``.
     """
-    out = decode_array(msg, limits)
+    out = decode_array(msg, limits, tables)
     torch = torch_or_none()
     return out if torch is None else torch.from_numpy(out)
 
 
-def decode_array(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) -> np.ndarray:
-    """:func:`decode` into a new, writable numpy array (needs no torch).
+def decode_array(
+    msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits(), tables: entropy.EntropyTables | None = None
+) -> np.ndarray:
+    """:func:`decode` into a new, writable numpy array (needs no torch). An ``ENTROPY`` tensor
+    needs the receiving model's ``tables``; its symbol count is the header's shape, which the
+    caller has checked against the session's cut.
 
     Raises:
         CodecError: whose message starts with the offending field, e.g. ``tensor.crc32``.
@@ -143,6 +156,10 @@ def decode_array(msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits()) ->
         return jpeg.decode_images(buf, msg, shape, _IMAGE_ENCODINGS[msg.encoding])
     if msg.encoding == tensor_pb2.FP16:
         return _from_half(buf.view("<f2")).reshape(shape)
+    if msg.encoding == tensor_pb2.ENTROPY:
+        if tables is None:
+            raise CodecError("tensor.encoding: ENTROPY, but this model has no bottleneck tables")
+        return entropy.decode_symbols(buf, tables, shape).astype(np.float32)
     q = unpack_array(buf, msg.bits, numel).reshape(shape)
     axis = None if msg.axis == -1 else msg.axis
     scales = np.asarray(msg.scales, np.float32)
@@ -189,6 +206,7 @@ _ENCODING = {
     "affine": tensor_pb2.AFFINE,
     "jpeg": tensor_pb2.JPEG,
     "webp": tensor_pb2.WEBP,
+    "entropy": tensor_pb2.ENTROPY,
 }
 #: Wire encodings whose payload is one image file per image, and their format.
 _IMAGE_ENCODINGS = {tensor_pb2.JPEG: "jpeg", tensor_pb2.WEBP: "webp"}
@@ -313,6 +331,15 @@ def _check_header(msg: tensor_pb2.Tensor, limits: CodecLimits) -> tuple[_DType, 
         # The size of a JPEG or WebP is not a function of the shape; bound it instead.
         if msg.raw_size > jpeg.max_payload(numel, shape[0]):
             raise CodecError(f"tensor.raw_size: {msg.raw_size} is too large for {numel} {name} samples")
+        expected = msg.raw_size
+    elif msg.encoding == tensor_pb2.ENTROPY:
+        if len(shape) != 4 or dtype is not _FLOAT32 or msg.codec != tensor_pb2.NONE:
+            raise CodecError(f"tensor.encoding: ENTROPY carries a FLOAT32 (N, C, H, W) with codec NONE, got {shape}")
+        if msg.bits or msg.scales or msg.zero_points or msg.axis:
+            raise CodecError("tensor.bits: set, but only AFFINE uses bits, axis, scales and zero points")
+        # The size of a range-coded stream is not a function of the shape; bound it instead.
+        if msg.raw_size > entropy.max_payload(shape):
+            raise CodecError(f"tensor.raw_size: {msg.raw_size} is more than {list(shape)} symbols can take")
         expected = msg.raw_size
     else:
         for field in ("bits", "scales", "zero_points"):

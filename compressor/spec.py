@@ -11,6 +11,8 @@ Text grammar (``EncodingSpec.parse`` / ``str(spec)``; no spaces)::
                                                per-channel codes; QUALITY 1-100, default 90;
                                                the codec defaults to none (zstd gains nothing)
               | "webp" [QUALITY]               the same as lossy WebPs (QUALITY default 90)
+              | "entropy"                      a learned bottleneck's integer latent, range-coded with
+                                               the model's tables (see compressor.entropy); codec none
     clip     := NAME ["(" KEY "=" VALUE {"," KEY "=" VALUE} ")"]
                                                clipping method (int only; default "minmax");
                                                VALUE is an int, a float or a lowercase identifier
@@ -35,7 +37,7 @@ from compressor.bitpack import BIT_WIDTHS
 from compressor.errors import CodecError
 from protos.cleave.v1 import tensor_pb2
 
-ENCODINGS = ("raw", "fp16", "affine", "jpeg", "webp")
+ENCODINGS = ("raw", "fp16", "affine", "jpeg", "webp", "entropy")
 #: Encodings that send an image batch as image files (lossy, at a quality).
 IMAGE_ENCODINGS = ("jpeg", "webp")
 DEFAULT_QUALITY = 90
@@ -51,6 +53,7 @@ _ENCODING_TO_PROTO = {
     "affine": tensor_pb2.AFFINE,
     "jpeg": tensor_pb2.JPEG,
     "webp": tensor_pb2.WEBP,
+    "entropy": tensor_pb2.ENTROPY,
 }
 _ENCODING_FROM_PROTO = {v: k for k, v in _ENCODING_TO_PROTO.items()}
 _ENCODING_FROM_PROTO[tensor_pb2.ENCODING_UNSPECIFIED] = "raw"
@@ -129,6 +132,8 @@ class EncodingSpec:
             fields["encoding"] = "raw"
         elif enc == "fp16":
             fields["encoding"] = "fp16"
+        elif enc == "entropy":
+            fields.update(encoding="entropy", codec="none")
         elif m := _IMAGE.match(enc):
             fields.update(encoding=m["fmt"], codec="none")
             if m["quality"] is not None:
@@ -140,7 +145,7 @@ class EncodingSpec:
         else:
             raise CodecError(
                 f"encoding spec {text!r}: encoding {enc!r} is not raw, fp32, fp16, int<bits>[c[<axis>]], "
-                "jpeg[<q>] or webp[<q>]"
+                "jpeg[<q>], webp[<q>] or entropy"
             )
         if match["clip"] is not None:
             where = f"encoding spec {text!r}: clip"
@@ -164,6 +169,8 @@ class EncodingSpec:
         elif self.encoding in IMAGE_ENCODINGS:
             out = self.encoding + ("" if self.quality == DEFAULT_QUALITY else str(self.quality))
             return out + (f"+{self._codec_text()}" if self.codec == "zstd" else "")
+        elif self.encoding == "entropy":
+            return "entropy"
         else:
             out = self.encoding
         if self.codec == "none":
@@ -334,6 +341,8 @@ def _validate(
         raise fail("codec", f"{codec!r} is not one of {', '.join(CODECS)}")
     if not is_int(level) or not (MIN_LEVEL <= level <= MAX_LEVEL) or level == 0:
         raise fail("level", f"{level!r} is not a zstd level in [{MIN_LEVEL}, -1] or [1, {MAX_LEVEL}]")
+    if encoding == "entropy" and codec != "none":
+        raise fail("codec", f"{codec!r}: an entropy-coded stream takes no byte codec (none)")
     if not is_int(threads) or threads < 0:
         raise fail("threads", f"{threads!r} is not a non-negative int")
     if not is_int(quality) or not 1 <= quality <= 100:

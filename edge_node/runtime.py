@@ -353,6 +353,8 @@ class EdgeRuntime:
             raise InvalidArgument(f"cut: a cloud-only plan sends the input (cut 0), not cut {cut!r}")
         if placement == Placement.SPLIT and cut_obj.index == 0:
             raise InvalidArgument(f"cut: {cut!r} is the model's input; sending it is a CLOUD_ONLY plan")
+        if spec.encoding == "entropy" and (self.model.entropy_tables is None or cut_obj.name != "bottleneck_latent"):
+            raise InvalidArgument("encoding: entropy sends a bottleneck's latent: only at the cut bottleneck_latent")
         return ActivePlan(placement, cut_obj, spec, head, tail, reason)
 
     # -- requests --------------------------------------------------------------------------------
@@ -417,7 +419,7 @@ class EdgeRuntime:
                 note = f"cloud unreachable: {self.link.last_error or f'no session at cut {plan.cut.index} yet'}"
             return self._finish_locally(features, plan, timing, started, note)
 
-        encoded = [encode(f, plan.spec) for f in features]
+        encoded = [encode(f, plan.spec, self.model.entropy_tables) for f in features]
         t_enc = time.perf_counter()
         timing.encode_ms = (t_enc - t_head) * 1e3
         request_id = self.link.next_request_id()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,10 @@ FEATURE_ENCODINGS = ("raw", "fp16", "int8", "int6", "int4", "int3", "int2")
 #: Encodings of the raw input for cloud-only: 8-bit codes per channel (the uint8 image) + zstd, and JPEG
 #: and WebP at three qualities each (lossy: judged by the accuracy budget like any feature encoding).
 INPUT_ENCODINGS = ("int8c", "jpeg75", "jpeg", "jpeg95", "webp75", "webp", "webp95")
+#: A learned bottleneck's latent (the cut ``bottleneck_latent`` of a model spec with a ``bottleneck``),
+#: range-coded with its tables; a candidate only where the model has one.
+ENTROPY = "entropy"
+LATENT_CUT = "bottleneck_latent"
 #: Neurosurgeon sends features as they are.
 UNCOMPRESSED = "raw+none"
 
@@ -153,6 +158,8 @@ class CostModel:
         for cut in self.cuts:
             cloud_only = cut.index == 0
             wanted = list(input_encodings if cloud_only else feature_encodings)
+            if ENTROPY in cut.feature_bytes:  # a learned bottleneck's latent: measured when the model has one
+                wanted.append(ENTROPY)
             if include_uncompressed:
                 wanted.append(UNCOMPRESSED)
             for enc in wanted:
@@ -232,7 +239,9 @@ class CostModel:
         """
         x = model.graph.example_input if x is None else x
         wanted = {
-            cut.index: (input_encodings if cut.index == 0 else feature_encodings) + (UNCOMPRESSED,)
+            cut.index: (input_encodings if cut.index == 0 else feature_encodings)
+            + (UNCOMPRESSED,)
+            + ((ENTROPY,) if model.entropy_tables is not None and cut.name == LATENT_CUT else ())
             for cut in model.graph.cuts
         }
         path = sizes_cache_path(model, x, feature_encodings, input_encodings) if cache else None
@@ -331,7 +340,7 @@ def _measure_sizes(
         out = {}
         for enc in wanted[cut.index]:
             try:
-                out[enc] = _median_bytes(live, EncodingSpec.parse(enc), len(x))
+                out[enc] = _median_bytes(live, EncodingSpec.parse(enc), len(x), model.entropy_tables)
             except ValueError:
                 continue  # e.g. JPEG of something that is not an image
         return out
@@ -358,12 +367,13 @@ def _measure_sizes(
     return {"cuts": measured, "output_bytes": out_bytes}
 
 
-def _median_bytes(live: list[torch.Tensor], spec: EncodingSpec, samples: int) -> int:
-    """Encoded size of one input's live set, the median over the ``samples`` inputs batched in ``live``."""
+def _median_bytes(live: list[torch.Tensor], spec: EncodingSpec, samples: int, tables: Any = None) -> int:
+    """Encoded size of one input's live set, the median over the ``samples`` inputs batched in ``live``
+    (``tables``: a bottleneck's entropy tables, for the ``entropy`` encoding)."""
     sizes = []
     for i in range(samples):
         parts = [v[i : i + 1] if v.ndim and v.shape[0] == samples else v for v in live]
-        sizes.append(sum(encode(v, spec).ByteSize() for v in parts))
+        sizes.append(sum(encode(v, spec, tables).ByteSize() for v in parts))
     return int(statistics.median(sizes))
 
 

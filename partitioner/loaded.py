@@ -7,6 +7,7 @@ what lets a session refuse to pair a head with a tail from a different model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,14 +22,21 @@ class LoadedModel:
     spec: ModelSpec
     graph: ModelGraph
     fingerprint: str
+    entropy_tables: Any = None  # a bottleneck's range-coder tables (compressor.entropy), when it has one
 
     @classmethod
     def load(cls, spec: ModelSpec) -> LoadedModel:
         """Load, trace and fingerprint ``spec``."""
         module = load_model(spec)
+        tables = None
+        if spec.bottleneck:
+            from partitioner.bottleneck.served import with_bottleneck
+
+            module = with_bottleneck(module, example_input(spec), spec.bottleneck)
+            tables = module.tables()
         graph = trace(module, example_input(spec))
         code = getattr(graph.module, "code", None)
-        return cls(spec=spec, graph=graph, fingerprint=fingerprint(graph.module, code))
+        return cls(spec=spec, graph=graph, fingerprint=fingerprint(graph.module, code), entropy_tables=tables)
 
     @property
     def name(self) -> str:

@@ -259,7 +259,10 @@ def distortion_meter(
         spec = EncodingSpec.parse(candidate.encoding)
         _, _, tail = model.parts(candidate.cut_index)
         with torch.inference_mode():
-            features = [decode(encode(f, spec)) for f in live.at(candidate.cut_index)]
+            features = [
+                decode(encode(f, spec, model.entropy_tables), tables=model.entropy_tables)
+                for f in live.at(candidate.cut_index)
+            ]
             out = as_tensor_list(tail(*features))[0]
         return _distortion(out, live.output)
 
@@ -306,11 +309,16 @@ def head_tail_distortion(model: LoadedModel, calib: torch.Tensor) -> Callable[[C
         spec = EncodingSpec.parse(candidate.encoding)
         _, head, tail = model.parts(candidate.cut_index)
         with torch.inference_mode():
-            features = [decode(encode(f, spec)) for f in head(calib)]
+            features = [_through_wire(f, spec, model) for f in head(calib)]
             out = as_tensor_list(tail(*features))[0]
         return _distortion(out, reference)
 
     return measure
+
+
+def _through_wire(f: torch.Tensor, spec: EncodingSpec, model: LoadedModel) -> torch.Tensor:
+    """``f`` encoded and decoded as the link would carry it (a bottleneck's tables for ``entropy``)."""
+    return decode(encode(f, spec, model.entropy_tables), tables=model.entropy_tables)
 
 
 def _distortion(out: torch.Tensor, reference: torch.Tensor) -> Distortion:

@@ -56,6 +56,10 @@ class ModelSpec:
             or a Transformer head/FFN plan), replayed on this copy of the original model after its
             weights are loaded: the edge gets the pruned model without downloading it.
         factory_args: positional arguments (strings, numbers, booleans) for a factory source.
+        bottleneck: optional directory of a learned bottleneck's artifacts (``bottleneck.json`` and
+            its safetensors, from a ``bottleneck`` compression job) trained on this model: it is
+            inserted at its cut, and the cut ``bottleneck_latent`` sends its latent (encoding
+            ``entropy``). See docs/bottleneck.md.
     """
 
     name: str
@@ -66,6 +70,7 @@ class ModelSpec:
     seed: int = 0
     pruning_plan: str | None = None
     factory_args: tuple[str | int | float | bool, ...] = ()
+    bottleneck: str | None = None
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__.
@@ -92,6 +97,7 @@ class ModelSpec:
         )
         self._require("seed", _is_int(self.seed) and 0 <= self.seed < 2**63, "a non-negative integer")
         self._require("pruning_plan", self.pruning_plan is None or _is_nonempty_str(self.pruning_plan), "a file path")
+        self._require("bottleneck", self.bottleneck is None or _is_nonempty_str(self.bottleneck), "a directory path")
         self._require(
             "factory_args",
             isinstance(self.factory_args, tuple)

@@ -2,7 +2,7 @@
 own ``tritonclient.http`` (answers equal to ``tritonclient.grpc`` on the same daemon), Triton's
 config / index / statistics on both protocols, the v2 error body, limits, and bearer tokens.
 
-The Triton clients run in a subprocess (``tests/_http_clients.py``): their ``inference.*`` protobuf
+The Triton clients run in a subprocess (``tests/support/http_clients.py``): their ``inference.*`` protobuf
 names clash with Cleave's own. Plain HTTP checks use httpx here.
 """
 
@@ -84,7 +84,8 @@ def arrays() -> dict[str, np.ndarray]:
 
 def _clients(proc: DaemonProcess, url: str, arrays: dict, tmp: Path, token: str = "") -> dict[str, Any]:
     np.savez(tmp / "inputs.npz", **arrays)
-    args = [sys.executable, str(ROOT / "tests" / "_http_clients.py"), url, proc.address, str(tmp / "inputs.npz")]
+    clients = ROOT / "tests" / "support" / "http_clients.py"
+    args = [sys.executable, str(clients), url, proc.address, str(tmp / "inputs.npz")]
     done = subprocess.run(args + ([token] if token else []), capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert done.returncode == 0, f"clients failed:\n{done.stderr[-3000:]}\ncloud log:\n{proc.log_tail()}"
     return json.loads(done.stdout)

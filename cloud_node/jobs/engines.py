@@ -3,7 +3,8 @@
 An engine is an object with a ``name`` and ``run(ctx: JobContext) -> None``; it reads the job spec
 from ``ctx``, reports progress, writes artifacts through ``ctx.write_artifact`` and fills
 ``ctx.report``. Built-in engines: ``prune_cnn`` (Torch-Pruning), ``prune_transformer`` (head/FFN
-plans), ``quantize`` (weight PTQ) and ``sweep`` (ratios x bit-widths, Pareto report). Packages add
+plans), ``quantize`` (weight PTQ), ``sweep`` (ratios x bit-widths, Pareto report) and ``bottleneck``
+(a learned encoder/decoder at a cut, :mod:`.bottleneck_engine`). Packages add
 engines through the ``cleave.engines`` entry-point group (``name = "pkg.module:EngineClass"``);
 only installed packages are consulted, never anything a request names.
 """
@@ -47,7 +48,7 @@ from .int8 import onnx_int8
 register_int8_backend(onnx_int8)  # 8-bit quantize jobs also ship a model that runs on int8 kernels
 
 ENTRY_POINT_GROUP = "cleave.engines"
-BUILTIN = ("prune_cnn", "prune_transformer", "quantize", "sweep")
+BUILTIN = ("prune_cnn", "prune_transformer", "quantize", "sweep", "bottleneck")
 
 
 class Engine(Protocol):
@@ -475,6 +476,10 @@ def get_engine(name: str) -> Engine:
     builtin = {"prune_cnn": PruneCnn, "prune_transformer": PruneTransformer, "quantize": Quantize, "sweep": Sweep}
     if name in builtin:
         return builtin[name]()
+    if name == "bottleneck":  # imported on use: it pulls the entropy coder (the `bottleneck` extra)
+        from .bottleneck_engine import BottleneckEngine
+
+        return BottleneckEngine()
     eps = user_engines()
     if name not in eps:
         raise ValueError(f"engine: {name!r} is not one of {', '.join(engine_names())}")

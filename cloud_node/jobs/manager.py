@@ -182,6 +182,13 @@ class JobManager:
             raise InvalidArgument(f"spec.quantize.bits: {spec.quantize.bits} is not one of 2,3,4,5,6,8")
         if engine == "sweep":
             self._check_sweep(spec.sweep)
+        if engine == "bottleneck":
+            from .bottleneck_engine import check_options
+
+            try:
+                check_options(spec.bottleneck)
+            except ValueError as exc:
+                raise InvalidArgument(f"spec.{exc}") from None
         # Check and insert under one lock so two submitters cannot both take the last slot.
         with self._changed:
             if self.store.count([QUEUED]) >= self.config.queue_limit:
@@ -243,6 +250,10 @@ class JobManager:
             return "transformer"
         import torchvision
 
+        from partitioner.spec import PRETRAINED_SOURCES
+
+        if ref.torchvision in PRETRAINED_SOURCES:  # built from an installed package, never downloaded
+            return "cnn"
         if ref.torchvision not in torchvision.models.list_models():
             raise InvalidArgument(f"spec.model.torchvision: unknown torchvision model {ref.torchvision!r}")
         return "cnn"

@@ -57,10 +57,17 @@ _ST_DTYPES = {
 
 
 def check_architecture(arch: str, field: str = "header.architecture") -> None:
-    """Only a torchvision model name or a supported Transformer family: never a path or a factory."""
+    """Only a torchvision model name, a pretrained model an installed package ships
+    (:data:`partitioner.spec.PRETRAINED_SOURCES`) or a supported Transformer family: never a path or a factory."""
     import torchvision
 
-    if arch in FAMILIES or (arch.isidentifier() and arch in torchvision.models.list_models()):
+    from partitioner.spec import PRETRAINED_SOURCES
+
+    if (
+        arch in FAMILIES
+        or arch in PRETRAINED_SOURCES
+        or (arch.isidentifier() and arch in torchvision.models.list_models())
+    ):
         return
     raise ValueError(f"{field}: {arch[:100]!r} is not a torchvision model name or one of {', '.join(FAMILIES)}")
 

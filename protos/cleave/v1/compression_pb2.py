@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/cleave/v1/compression.proto\x12\tcleave.v1\"\xbf\x01\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.cleave.v1.UploadFormat\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x13\n\x0binput_shape\x18\x06 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\"P\n\x0bUploadChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.cleave.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"S\n\x13UploadModelResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"\xa3\x01\n\x08ModelRef\x12\x12\n\x08model_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0btorchvision\x18\x02 \x01(\tH\x00\x12\x15\n\x0btransformer\x18\x03 \x01(\tH\x00\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x42\x08\n\x06source\"\xa8\x02\n\x0cPruneOptions\x12\r\n\x05ratio\x18\x01 \x01(\x02\x12\x16\n\x0eglobal_pruning\x18\x02 \x01(\x08\x12>\n\x0clayer_ratios\x18\x03 \x03(\x0b\x32(.cleave.v1.PruneOptions.LayerRatiosEntry\x12\x16\n\x0eignored_layers\x18\x04 \x03(\t\x12\x18\n\x10prune_classifier\x18\x05 \x01(\x08\x12\x10\n\x08round_to\x18\x06 \x01(\r\x12\x12\n\nimportance\x18\x07 \x01(\t\x12\x12\n\nhead_ratio\x18\x08 \x01(\x02\x12\x11\n\tffn_ratio\x18\t \x01(\x02\x1a\x32\n\x10LayerRatiosEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"A\n\x0fQuantizeOptions\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0c\n\x04\x63lip\x18\x02 \x01(\t\x12\x12\n\nper_tensor\x18\x03 \x01(\x08\"A\n\x0cSweepOptions\x12\x0e\n\x06ratios\x18\x01 \x03(\x02\x12\x0c\n\x04\x62its\x18\x02 \x03(\r\x12\x13\n\x0bparallelism\x18\x03 \x01(\r\"\xd6\x02\n\x07JobSpec\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.cleave.v1.ModelRef\x12&\n\x05prune\x18\x03 \x01(\x0b\x32\x17.cleave.v1.PruneOptions\x12,\n\x08quantize\x18\x04 \x01(\x0b\x32\x1a.cleave.v1.QuantizeOptions\x12&\n\x05sweep\x18\x05 \x01(\x0b\x32\x17.cleave.v1.SweepOptions\x12\x12\n\ndataset_id\x18\x06 \x01(\t\x12\r\n\x05label\x18\x07 \x01(\t\x12.\n\x06params\x18\x08 \x03(\x0b\x32\x1e.cleave.v1.JobSpec.ParamsEntry\x12\x17\n\x0fskip_evaluation\x18\t \x01(\x08\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"\xa5\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cleave.v1.JobState\x12\x10\n\x08progress\x18\x03 \x01(\x02\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12 \n\x04spec\x18\x06 \x01(\x0b\x32\x12.cleave.v1.JobSpec\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12&\n\tartifacts\x18\x08 \x03(\x0b\x32\x13.cleave.v1.Artifact\x12\x13\n\x0breport_json\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\x01\x12\x10\n\x08\x61ttempts\x18\r \x01(\r\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.cleave.v1.JobSpec\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"E\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.cleave.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cleave.v1.Job\"X\n\x0f\x44ownloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"`\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05*\x8f\x01\n\x0cUploadFormat\x12\x1d\n\x19UPLOAD_FORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTORCHSCRIPT\x10\x01\x12\x14\n\x10\x45XPORTED_PROGRAM\x10\x02\x12\x0f\n\x0bSAFETENSORS\x10\x03\x12\x0f\n\x0b\x44\x41TASET_NPZ\x10\x04\x12\x17\n\x13\x44\x41TASET_SAFETENSORS\x10\x05\x32\xc1\x03\n\x0b\x43ompression\x12G\n\x0bUploadModel\x12\x16.cleave.v1.UploadChunk\x1a\x1e.cleave.v1.UploadModelResponse(\x01\x12\x38\n\tSubmitJob\x12\x1b.cleave.v1.SubmitJobRequest\x1a\x0e.cleave.v1.Job\x12\x32\n\x06GetJob\x12\x18.cleave.v1.GetJobRequest\x1a\x0e.cleave.v1.Job\x12\x38\n\x08WatchJob\x12\x1a.cleave.v1.WatchJobRequest\x1a\x0e.cleave.v1.Job0\x01\x12\x38\n\tCancelJob\x12\x1b.cleave.v1.CancelJobRequest\x1a\x0e.cleave.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.cleave.v1.ListJobsRequest\x1a\x1b.cleave.v1.ListJobsResponse\x12\x42\n\x08\x44ownload\x12\x1a.cleave.v1.DownloadRequest\x1a\x18.cleave.v1.DownloadChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/cleave/v1/compression.proto\x12\tcleave.v1\"\xbf\x01\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.cleave.v1.UploadFormat\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x13\n\x0binput_shape\x18\x06 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\"P\n\x0bUploadChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.cleave.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"S\n\x13UploadModelResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"\xa3\x01\n\x08ModelRef\x12\x12\n\x08model_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0btorchvision\x18\x02 \x01(\tH\x00\x12\x15\n\x0btransformer\x18\x03 \x01(\tH\x00\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x42\x08\n\x06source\"\xa8\x02\n\x0cPruneOptions\x12\r\n\x05ratio\x18\x01 \x01(\x02\x12\x16\n\x0eglobal_pruning\x18\x02 \x01(\x08\x12>\n\x0clayer_ratios\x18\x03 \x03(\x0b\x32(.cleave.v1.PruneOptions.LayerRatiosEntry\x12\x16\n\x0eignored_layers\x18\x04 \x03(\t\x12\x18\n\x10prune_classifier\x18\x05 \x01(\x08\x12\x10\n\x08round_to\x18\x06 \x01(\r\x12\x12\n\nimportance\x18\x07 \x01(\t\x12\x12\n\nhead_ratio\x18\x08 \x01(\x02\x12\x11\n\tffn_ratio\x18\t \x01(\x02\x1a\x32\n\x10LayerRatiosEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"A\n\x0fQuantizeOptions\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0c\n\x04\x63lip\x18\x02 \x01(\t\x12\x12\n\nper_tensor\x18\x03 \x01(\x08\"A\n\x0cSweepOptions\x12\x0e\n\x06ratios\x18\x01 \x03(\x02\x12\x0c\n\x04\x62its\x18\x02 \x03(\r\x12\x13\n\x0bparallelism\x18\x03 \x01(\r\"\xc5\x01\n\x11\x42ottleneckOptions\x12\x0c\n\x04\x63uts\x18\x01 \x03(\t\x12\x14\n\x0crate_weights\x18\x02 \x03(\x02\x12\x14\n\x0ctarget_bytes\x18\x03 \x01(\x02\x12\x0e\n\x06latent\x18\x04 \x01(\r\x12\x0e\n\x06hidden\x18\x05 \x01(\r\x12\x0e\n\x06stride\x18\x06 \x01(\r\x12\x10\n\x08\x62udget_s\x18\x07 \x01(\x02\x12\x0f\n\x07holdout\x18\x08 \x01(\x02\x12\x0f\n\x07\x61ugment\x18\t \x01(\r\x12\x12\n\nmax_images\x18\n \x01(\r\"\x88\x03\n\x07JobSpec\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.cleave.v1.ModelRef\x12&\n\x05prune\x18\x03 \x01(\x0b\x32\x17.cleave.v1.PruneOptions\x12,\n\x08quantize\x18\x04 \x01(\x0b\x32\x1a.cleave.v1.QuantizeOptions\x12&\n\x05sweep\x18\x05 \x01(\x0b\x32\x17.cleave.v1.SweepOptions\x12\x12\n\ndataset_id\x18\x06 \x01(\t\x12\r\n\x05label\x18\x07 \x01(\t\x12.\n\x06params\x18\x08 \x03(\x0b\x32\x1e.cleave.v1.JobSpec.ParamsEntry\x12\x17\n\x0fskip_evaluation\x18\t \x01(\x08\x12\x30\n\nbottleneck\x18\n \x01(\x0b\x32\x1c.cleave.v1.BottleneckOptions\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"\xa5\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cleave.v1.JobState\x12\x10\n\x08progress\x18\x03 \x01(\x02\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12 \n\x04spec\x18\x06 \x01(\x0b\x32\x12.cleave.v1.JobSpec\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12&\n\tartifacts\x18\x08 \x03(\x0b\x32\x13.cleave.v1.Artifact\x12\x13\n\x0breport_json\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\x01\x12\x10\n\x08\x61ttempts\x18\r \x01(\r\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.cleave.v1.JobSpec\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"E\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.cleave.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cleave.v1.Job\"X\n\x0f\x44ownloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"`\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05*\x8f\x01\n\x0cUploadFormat\x12\x1d\n\x19UPLOAD_FORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTORCHSCRIPT\x10\x01\x12\x14\n\x10\x45XPORTED_PROGRAM\x10\x02\x12\x0f\n\x0bSAFETENSORS\x10\x03\x12\x0f\n\x0b\x44\x41TASET_NPZ\x10\x04\x12\x17\n\x13\x44\x41TASET_SAFETENSORS\x10\x05\x32\xc1\x03\n\x0b\x43ompression\x12G\n\x0bUploadModel\x12\x16.cleave.v1.UploadChunk\x1a\x1e.cleave.v1.UploadModelResponse(\x01\x12\x38\n\tSubmitJob\x12\x1b.cleave.v1.SubmitJobRequest\x1a\x0e.cleave.v1.Job\x12\x32\n\x06GetJob\x12\x18.cleave.v1.GetJobRequest\x1a\x0e.cleave.v1.Job\x12\x38\n\x08WatchJob\x12\x1a.cleave.v1.WatchJobRequest\x1a\x0e.cleave.v1.Job0\x01\x12\x38\n\tCancelJob\x12\x1b.cleave.v1.CancelJobRequest\x1a\x0e.cleave.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.cleave.v1.ListJobsRequest\x1a\x1b.cleave.v1.ListJobsResponse\x12\x42\n\x08\x44ownload\x12\x1a.cleave.v1.DownloadRequest\x1a\x18.cleave.v1.DownloadChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRUNEOPTIONS_LAYERRATIOSENTRY']._serialized_options = b'8\001'
   _globals['_JOBSPEC_PARAMSENTRY']._loaded_options = None
   _globals['_JOBSPEC_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2199
-  _globals['_JOBSTATE']._serialized_end=2303
-  _globals['_UPLOADFORMAT']._serialized_start=2306
-  _globals['_UPLOADFORMAT']._serialized_end=2449
+  _globals['_JOBSTATE']._serialized_start=2449
+  _globals['_JOBSTATE']._serialized_end=2553
+  _globals['_UPLOADFORMAT']._serialized_start=2556
+  _globals['_UPLOADFORMAT']._serialized_end=2699
   _globals['_UPLOADHEADER']._serialized_start=50
   _globals['_UPLOADHEADER']._serialized_end=241
   _globals['_UPLOADCHUNK']._serialized_start=243
@@ -55,30 +55,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUANTIZEOPTIONS']._serialized_end=940
   _globals['_SWEEPOPTIONS']._serialized_start=942
   _globals['_SWEEPOPTIONS']._serialized_end=1007
-  _globals['_JOBSPEC']._serialized_start=1010
-  _globals['_JOBSPEC']._serialized_end=1352
-  _globals['_JOBSPEC_PARAMSENTRY']._serialized_start=1307
-  _globals['_JOBSPEC_PARAMSENTRY']._serialized_end=1352
-  _globals['_ARTIFACT']._serialized_start=1354
-  _globals['_ARTIFACT']._serialized_end=1434
-  _globals['_JOB']._serialized_start=1437
-  _globals['_JOB']._serialized_end=1730
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1732
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1784
-  _globals['_GETJOBREQUEST']._serialized_start=1786
-  _globals['_GETJOBREQUEST']._serialized_end=1817
-  _globals['_WATCHJOBREQUEST']._serialized_start=1819
-  _globals['_WATCHJOBREQUEST']._serialized_end=1852
-  _globals['_CANCELJOBREQUEST']._serialized_start=1854
-  _globals['_CANCELJOBREQUEST']._serialized_end=1888
-  _globals['_LISTJOBSREQUEST']._serialized_start=1890
-  _globals['_LISTJOBSREQUEST']._serialized_end=1959
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1961
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2009
-  _globals['_DOWNLOADREQUEST']._serialized_start=2011
-  _globals['_DOWNLOADREQUEST']._serialized_end=2099
-  _globals['_DOWNLOADCHUNK']._serialized_start=2101
-  _globals['_DOWNLOADCHUNK']._serialized_end=2197
-  _globals['_COMPRESSION']._serialized_start=2452
-  _globals['_COMPRESSION']._serialized_end=2901
+  _globals['_BOTTLENECKOPTIONS']._serialized_start=1010
+  _globals['_BOTTLENECKOPTIONS']._serialized_end=1207
+  _globals['_JOBSPEC']._serialized_start=1210
+  _globals['_JOBSPEC']._serialized_end=1602
+  _globals['_JOBSPEC_PARAMSENTRY']._serialized_start=1557
+  _globals['_JOBSPEC_PARAMSENTRY']._serialized_end=1602
+  _globals['_ARTIFACT']._serialized_start=1604
+  _globals['_ARTIFACT']._serialized_end=1684
+  _globals['_JOB']._serialized_start=1687
+  _globals['_JOB']._serialized_end=1980
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1982
+  _globals['_SUBMITJOBREQUEST']._serialized_end=2034
+  _globals['_GETJOBREQUEST']._serialized_start=2036
+  _globals['_GETJOBREQUEST']._serialized_end=2067
+  _globals['_WATCHJOBREQUEST']._serialized_start=2069
+  _globals['_WATCHJOBREQUEST']._serialized_end=2102
+  _globals['_CANCELJOBREQUEST']._serialized_start=2104
+  _globals['_CANCELJOBREQUEST']._serialized_end=2138
+  _globals['_LISTJOBSREQUEST']._serialized_start=2140
+  _globals['_LISTJOBSREQUEST']._serialized_end=2209
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2211
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2259
+  _globals['_DOWNLOADREQUEST']._serialized_start=2261
+  _globals['_DOWNLOADREQUEST']._serialized_end=2349
+  _globals['_DOWNLOADCHUNK']._serialized_start=2351
+  _globals['_DOWNLOADCHUNK']._serialized_end=2447
+  _globals['_COMPRESSION']._serialized_start=2702
+  _globals['_COMPRESSION']._serialized_end=3151
 # @@protoc_insertion_point(module_scope)

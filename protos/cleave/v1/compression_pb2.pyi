@@ -144,8 +144,32 @@ class SweepOptions(_message.Message):
     parallelism: int
     def __init__(self, ratios: _Optional[_Iterable[float]] = ..., bits: _Optional[_Iterable[int]] = ..., parallelism: _Optional[int] = ...) -> None: ...
 
+class BottleneckOptions(_message.Message):
+    __slots__ = ("cuts", "rate_weights", "target_bytes", "latent", "hidden", "stride", "budget_s", "holdout", "augment", "max_images")
+    CUTS_FIELD_NUMBER: _ClassVar[int]
+    RATE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    cuts: _containers.RepeatedScalarFieldContainer[str]
+    rate_weights: _containers.RepeatedScalarFieldContainer[float]
+    target_bytes: float
+    latent: int
+    hidden: int
+    stride: int
+    budget_s: float
+    holdout: float
+    augment: int
+    max_images: int
+    def __init__(self, cuts: _Optional[_Iterable[str]] = ..., rate_weights: _Optional[_Iterable[float]] = ..., target_bytes: _Optional[float] = ..., latent: _Optional[int] = ..., hidden: _Optional[int] = ..., stride: _Optional[int] = ..., budget_s: _Optional[float] = ..., holdout: _Optional[float] = ..., augment: _Optional[int] = ..., max_images: _Optional[int] = ...) -> None: ...
+
 class JobSpec(_message.Message):
-    __slots__ = ("engine", "model", "prune", "quantize", "sweep", "dataset_id", "label", "params", "skip_evaluation")
+    __slots__ = ("engine", "model", "prune", "quantize", "sweep", "dataset_id", "label", "params", "skip_evaluation", "bottleneck")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +186,7 @@ class JobSpec(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     SKIP_EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_FIELD_NUMBER: _ClassVar[int]
     engine: str
     model: ModelRef
     prune: PruneOptions
@@ -171,7 +196,8 @@ class JobSpec(_message.Message):
     label: str
     params: _containers.ScalarMap[str, str]
     skip_evaluation: bool
-    def __init__(self, engine: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., prune: _Optional[_Union[PruneOptions, _Mapping]] = ..., quantize: _Optional[_Union[QuantizeOptions, _Mapping]] = ..., sweep: _Optional[_Union[SweepOptions, _Mapping]] = ..., dataset_id: _Optional[str] = ..., label: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., skip_evaluation: _Optional[bool] = ...) -> None: ...
+    bottleneck: BottleneckOptions
+    def __init__(self, engine: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., prune: _Optional[_Union[PruneOptions, _Mapping]] = ..., quantize: _Optional[_Union[QuantizeOptions, _Mapping]] = ..., sweep: _Optional[_Union[SweepOptions, _Mapping]] = ..., dataset_id: _Optional[str] = ..., label: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., skip_evaluation: _Optional[bool] = ..., bottleneck: _Optional[_Union[BottleneckOptions, _Mapping]] = ...) -> None: ...
 
 class Artifact(_message.Message):
     __slots__ = ("name", "size_bytes", "sha256", "media_type")

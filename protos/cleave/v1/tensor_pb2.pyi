@@ -26,6 +26,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AFFINE: _ClassVar[Encoding]
     JPEG: _ClassVar[Encoding]
     WEBP: _ClassVar[Encoding]
+    ENTROPY: _ClassVar[Encoding]
 
 class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +47,7 @@ FP16: Encoding
 AFFINE: Encoding
 JPEG: Encoding
 WEBP: Encoding
+ENTROPY: Encoding
 CODEC_UNSPECIFIED: Codec
 NONE: Codec
 ZSTD: Codec

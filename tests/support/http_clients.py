@@ -1,6 +1,6 @@
 """Drive one cloud daemon with ``tritonclient.http`` and ``tritonclient.grpc``; print JSON.
 
-    python tests/_http_clients.py HTTP_URL GRPC_ADDRESS INPUTS.npz [TOKEN]
+    python tests/support/http_clients.py HTTP_URL GRPC_ADDRESS INPUTS.npz [TOKEN]
 
 Run as a subprocess by ``tests/test_http.py`` (Triton's stubs register ``inference.*`` protobuf
 names that Cleave's own would clash with). ``INPUTS.npz`` holds ``fp32`` (batch 2), ``fp16`` and

@@ -1,0 +1,28 @@
+"""Supervised compression at a cut: a learned bottleneck (encoder on the edge, decoder in the
+cloud) trained by distillation with an entropy model; see docs/bottleneck.md.
+
+:mod:`.modules` holds the networks and the factorized prior, :mod:`.train` trains and measures,
+:mod:`.artifacts` writes and reads the safetensors + JSON files. The range coder is
+:mod:`compressor.entropy` (constriction), shared with the wire codec.
+"""
+
+from .artifacts import fingerprint, load, save
+from .modules import BottleneckConfig, Decoder, Encoder, FactorizedPrior
+from .train import Bottleneck, TrainConfig, augment, cut_features, evaluate, split_by_group, train
+
+__all__ = [
+    "Bottleneck",
+    "BottleneckConfig",
+    "Decoder",
+    "Encoder",
+    "FactorizedPrior",
+    "TrainConfig",
+    "augment",
+    "cut_features",
+    "evaluate",
+    "fingerprint",
+    "load",
+    "save",
+    "split_by_group",
+    "train",
+]

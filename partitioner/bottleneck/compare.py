@@ -1,0 +1,96 @@
+"""What a bottleneck is compared with, on the same held-out images: the plain cut with int-k
+features + zstd, and the input sent as JPEG (cloud-only), each as bytes per image and top-1
+agreement with the original model; and the rate-agreement plot of all of them."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor import codec
+from compressor.spec import EncodingSpec
+
+from .train import _logits, cut_features
+
+__all__ = ["int_k_points", "jpeg_points", "plot_curve"]
+
+
+def _summary(sizes: list[int], agree: int, **extra: Any) -> dict[str, Any]:
+    arr = np.asarray(sizes, dtype=np.float64)
+    return {
+        **extra,
+        "bytes_mean": float(arr.mean()),
+        "bytes_p95": float(np.percentile(arr, 95)),
+        "agreement": agree / max(1, len(sizes)),
+    }
+
+
+def int_k_points(
+    head: nn.Module, tail: nn.Module, images: torch.Tensor, bits: tuple[int, ...] = (8, 4, 2)
+) -> list[dict[str, Any]]:
+    """Per-channel affine int-k features + zstd at the cut, each image sent alone."""
+    feats = cut_features(head, images)
+    points = []
+    with torch.inference_mode():
+        teacher = _logits(tail(feats)).argmax(-1)
+        for b in bits:
+            spec = EncodingSpec(encoding="affine", bits=b, per_channel=True, codec="zstd")
+            sizes, agree = [], 0
+            for i in range(len(feats)):
+                msg = codec.encode(feats[i : i + 1], spec)
+                sizes.append(len(msg.payload))
+                agree += int(_logits(tail(codec.decode(msg))).argmax(-1).item() == teacher[i].item())
+            points.append(_summary(sizes, agree, method=f"int{b}+zstd", family="int-k+zstd at the cut"))
+    return points
+
+
+def jpeg_points(
+    model: nn.Module, images: torch.Tensor, qualities: tuple[int, ...] = (10, 30, 50, 75, 90)
+) -> list[dict[str, Any]]:
+    """The input sent as JPEG (the cloud runs the whole model), at each quality."""
+    points = []
+    with torch.inference_mode():
+        teacher = _logits(model(images)).argmax(-1)
+        for q in qualities:
+            spec = EncodingSpec(encoding="jpeg", quality=q, codec="none")
+            sizes, agree = [], 0
+            for i in range(len(images)):
+                msg = codec.encode(images[i : i + 1], spec)
+                sizes.append(len(msg.payload))
+                agree += int(_logits(model(codec.decode(msg))).argmax(-1).item() == teacher[i].item())
+            points.append(_summary(sizes, agree, method=f"jpeg{q}", family="JPEG input (cloud-only)"))
+    return points
+
+
+def plot_curve(points: list[dict[str, Any]], title: str) -> bytes | None:
+    """A PNG of agreement against bytes per image (log scale), one series per method family."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    families: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        families.setdefault(p.get("family", p["method"]), []).append(p)
+    for i, (fam, pts) in enumerate(sorted(families.items())):
+        pts = sorted(pts, key=lambda p: p["bytes_mean"])
+        xs, ys = [p["bytes_mean"] for p in pts], [p["agreement"] for p in pts]
+        ax.plot(xs, ys, "o-", color=f"C{i}", label=fam)
+        for p in pts:
+            ax.annotate(p["method"], (p["bytes_mean"], p["agreement"]), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per image (mean, held-out)")
+    ax.set_ylabel("top-1 agreement with the float model")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

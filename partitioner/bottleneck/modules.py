@@ -1,0 +1,174 @@
+"""The learned parts of a bottleneck: encoder (edge), decoder (cloud) and the factorized prior.
+
+The encoder maps the features crossing a cut, (N, C, H, W), to a small latent (N, L, H/s, W/s)
+that is rounded to integers and entropy-coded; the decoder maps the integers back to (N, C, H, W)
+for the model's frozen tail. The prior is Ballé et al.'s factorized density ("Variational image
+compression with a scale hyperprior", ICLR 2018, appendix 6.1): one small monotone network per
+latent channel gives a cumulative distribution, and the probability of an integer ``q`` is
+``cdf(q + 0.5) - cdf(q - 0.5)``. During training, additive uniform noise stands in for rounding
+(its likelihood is the rate term); at export the prior becomes a table per channel
+(:meth:`FactorizedPrior.tables`) that the range coder in :mod:`compressor.entropy` uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.entropy import EntropyTables
+
+__all__ = ["BottleneckConfig", "Decoder", "Encoder", "FactorizedPrior", "init_pca", "round_ste"]
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """The architecture of a bottleneck at a cut with ``channels`` feature channels.
+
+    Attributes:
+        channels: channels of the features at the cut (the head's single output).
+        latent: channels of the coded latent.
+        hidden: channels of the encoder's and decoder's inner layer.
+        stride: 1, or 2 to halve the latent's height and width.
+    """
+
+    channels: int
+    latent: int = 8
+    hidden: int = 32
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "latent", "hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 4096:
+                raise ValueError(f"bottleneck.{name}: {value!r} is not an integer in 1..4096")
+        if self.stride not in (1, 2):
+            raise ValueError(f"bottleneck.stride: {self.stride!r} is not 1 or 2")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Encoder(nn.Module):
+    """Runs on the edge after the head: a linear projection (1x1 conv; after 2x2 average pooling
+    when the stride is 2) plus a non-linear refinement (conv3x3 C -> hidden, stride s, ReLU,
+    conv1x1 hidden -> latent). :func:`init_pca` starts the projection at the features' principal
+    components and the refinement at zero, so training starts from linear transform coding."""
+
+    def __init__(self, config: BottleneckConfig) -> None:
+        super().__init__()
+        self.stride = config.stride
+        self.project = nn.Conv2d(config.channels, config.latent, 1)
+        self.conv1 = nn.Conv2d(config.channels, config.hidden, 3, stride=config.stride, padding=1)
+        self.conv2 = nn.Conv2d(config.hidden, config.latent, 1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.avg_pool2d(x, 2, ceil_mode=True) if self.stride != 1 else x
+        return self.project(base) + self.conv2(F.relu(self.conv1(x)))
+
+
+class Decoder(nn.Module):
+    """Runs in the cloud before the tail: [2x nearest upsampling to the cut's size] then a linear
+    projection back to C channels (1x1 conv) plus a refinement (conv1x1 latent -> hidden, ReLU,
+    conv3x3 hidden -> C, zero-initialised)."""
+
+    def __init__(self, config: BottleneckConfig) -> None:
+        super().__init__()
+        self.stride = config.stride
+        self.project = nn.Conv2d(config.latent, config.channels, 1)
+        self.conv1 = nn.Conv2d(config.latent, config.hidden, 1)
+        self.conv2 = nn.Conv2d(config.hidden, config.channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, y: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.stride != 1:
+            y = F.interpolate(y, size=size, scale_factor=None if size else float(self.stride), mode="nearest")
+        return self.project(y) + self.conv2(F.relu(self.conv1(y)))
+
+
+@torch.no_grad()
+def init_pca(encoder: Encoder, decoder: Decoder, features: torch.Tensor, levels: float = 8.0) -> None:
+    """Start both projections at the principal components of the per-pixel feature vectors: the
+    latent is the top-``latent`` components divided by one quantisation step (the first
+    component's standard deviation / ``levels``), the decoder maps them back and adds the mean."""
+    x = F.avg_pool2d(features, 2, ceil_mode=True) if encoder.stride != 1 else features
+    v = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
+    mean = v.mean(0)
+    _, s, vh = torch.linalg.svd(v - mean, full_matrices=False)
+    k = encoder.project.out_channels
+    basis = torch.zeros(k, v.shape[1], dtype=torch.float64)
+    basis[: min(k, vh.shape[0])] = vh[:k]
+    std1 = float(s[0]) / max(1.0, len(v) - 1) ** 0.5
+    step = max(std1 / levels, 1e-6)
+    encoder.project.weight.copy_((basis / step).float()[:, :, None, None])
+    encoder.project.bias.copy_((-(basis @ mean) / step).float())
+    decoder.project.weight.copy_((basis.T * step).float()[:, :, None, None])
+    decoder.project.bias.copy_(mean.float())
+
+
+def round_ste(y: torch.Tensor) -> torch.Tensor:
+    """Rounding in the forward pass, identity in the backward pass (straight-through)."""
+    return y + (torch.round(y) - y).detach()
+
+
+class FactorizedPrior(nn.Module):
+    """A learned density per latent channel (filters (3, 3, 3)), Ballé's univariate monotone CDF."""
+
+    def __init__(self, channels: int, filters: tuple[int, ...] = (3, 3, 3), init_scale: float = 10.0) -> None:
+        super().__init__()
+        dims = (1, *filters, 1)
+        scale = init_scale ** (1 / (len(filters) + 1))
+        self.matrices = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.factors = nn.ParameterList()
+        for i in range(len(filters) + 1):
+            init = math.log(math.expm1(1 / scale / dims[i + 1]))
+            self.matrices.append(nn.Parameter(torch.full((channels, dims[i + 1], dims[i]), init)))
+            self.biases.append(nn.Parameter(torch.rand(channels, dims[i + 1], 1) - 0.5))
+            if i < len(filters):
+                self.factors.append(nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
+
+    @property
+    def channels(self) -> int:
+        return int(self.matrices[0].shape[0])
+
+    def _logits_cdf(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (C, 1, M) -> the logit of each channel's CDF at each value, (C, 1, M)."""
+        for i, matrix in enumerate(self.matrices):
+            x = torch.matmul(F.softplus(matrix), x) + self.biases[i]
+            if i < len(self.factors):
+                x = x + torch.tanh(self.factors[i]) * torch.tanh(x)
+        return x
+
+    def likelihood(self, y: torch.Tensor) -> torch.Tensor:
+        """P(round(y) = y) per element of (N, C, H, W) ``y`` (y holds integers or noisy values)."""
+        n, c, h, w = y.shape
+        v = y.permute(1, 0, 2, 3).reshape(c, 1, -1)
+        lower = self._logits_cdf(v - 0.5)
+        upper = self._logits_cdf(v + 0.5)
+        sign = -torch.sign(lower + upper).detach()  # evaluate in the tail where sigmoid is accurate
+        p = (torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower)).abs()
+        return p.clamp_min(1e-9).reshape(c, n, h, w).permute(1, 0, 2, 3)
+
+    def bits(self, y: torch.Tensor) -> torch.Tensor:
+        """The code length of ``y`` in bits, summed over every element."""
+        return -torch.log2(self.likelihood(y)).sum()
+
+    @torch.no_grad()
+    def tables(self, half_width: int) -> EntropyTables:
+        """The prior on the integers -half_width..half_width, one row per channel, for the range coder."""
+        values = torch.arange(-half_width, half_width + 1, dtype=torch.float32)
+        v = values.reshape(1, 1, -1).expand(self.channels, 1, -1)
+        lower, upper = self._logits_cdf(v - 0.5), self._logits_cdf(v + 0.5)
+        sign = -torch.sign(lower + upper)
+        pmf = (torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower)).abs().reshape(self.channels, -1)
+        pmf = pmf.double().numpy()
+        pmf = np.maximum(pmf, 1e-9)  # the tails the table cuts off keep a small mass: clamped values stay codable
+        return EntropyTables(pmf=pmf, offset=-half_width)

@@ -1,0 +1,255 @@
+"""Learned bottlenecks: the range coder's bounds, training by distillation against int8 features,
+artifacts that round-trip without pickle, and the compression engine's report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cloud_node.config import JobsConfig
+from cloud_node.jobs import JobManager
+from cloud_node.jobs.engines import JobContext, get_engine
+from cloud_node.jobs.models import ModelSource
+from cloud_node.jobs.store import QUEUED, RUNNING
+from compressor.entropy import EntropyTables, decode_symbols, encode_symbols, max_payload
+from compressor.errors import CodecError
+from partitioner import bottleneck as bn
+from partitioner.bottleneck.compare import int_k_points
+from partitioner.graph import trace
+from protos.cleave.v1 import compression_pb2 as pb
+from protos.errors import InvalidArgument
+from tests import _bottleneck as small
+
+CUT = "layer1_1_relu_1"  # (64, 8, 8) crossing at 32x32
+
+
+def tables(channels: int = 3, half: int = 4, seed: int = 0) -> EntropyTables:
+    rng = np.random.default_rng(seed)
+    return EntropyTables(pmf=rng.random((channels, 2 * half + 1)) + 0.01, offset=-half)
+
+
+def test_range_coder_round_trips_and_bounds_what_it_reads() -> None:
+    t = tables()
+    rng = np.random.default_rng(1)
+    symbols = rng.integers(-4, 5, size=(2, 3, 5, 7)).astype(np.int32)
+    data = encode_symbols(symbols, t)
+    assert len(data) % 4 == 0 and len(data) <= max_payload(symbols.shape)
+    assert np.array_equal(decode_symbols(data, t, symbols.shape), symbols)
+    # the ideal code length is what the coder achieves, within the flush
+    assert len(data) * 8 <= t.bits(symbols) + 64
+    clamped = decode_symbols(encode_symbols(symbols * 10, t), t, symbols.shape)
+    assert clamped.min() == -4 and clamped.max() == 4  # out-of-table values are clamped, not lost
+    with pytest.raises(CodecError, match="tensor.payload: .* exceeds"):
+        decode_symbols(b"\0" * (max_payload(symbols.shape) + 4), t, symbols.shape)
+    with pytest.raises(CodecError, match="whole number of 32-bit words"):
+        decode_symbols(data[:-1], t, symbols.shape)
+    with pytest.raises(CodecError, match="more data than the expected shape"):
+        decode_symbols(data + data, t, symbols.shape)
+    with pytest.raises(CodecError, match="more data than the expected shape"):
+        decode_symbols(data, t, (1, 3, 5, 7))  # a stream for 2 images read as 1
+    with pytest.raises(CodecError, match="tensor.shape"):
+        decode_symbols(data, t, (2, 4, 5, 7))
+    with pytest.raises(CodecError, match="entropy.pmf"):
+        EntropyTables(pmf=np.zeros((2, 3)), offset=0)
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict:
+    """The small classifier, its cut, and a bottleneck trained on it (timed)."""
+    torch.set_num_threads(1)
+    model = small.classifier()
+    x, _, groups = small.images()
+    train_idx, held_idx = small.split()
+    graph = trace(model, x[:1])
+    head, tail = graph.split(CUT)
+    t0 = time.perf_counter()
+    config = bn.BottleneckConfig(channels=64, latent=8, hidden=32)
+    b = bn.train(
+        head,
+        tail,
+        bn.augment(x[train_idx], 3, seed=1),
+        config,
+        bn.TrainConfig(rate_weight=0.02, max_steps=100, budget_s=50),
+        cut=(graph.cut(CUT).index, CUT),
+    )
+    seconds = time.perf_counter() - t0
+    return {"model": model, "head": head, "tail": tail, "held": x[held_idx], "b": b, "seconds": seconds}
+
+
+def test_bottleneck_sends_fewer_bytes_than_int8_features_and_keeps_agreement(trained: dict) -> None:
+    b, head, tail, held = trained["b"], trained["head"], trained["tail"], trained["held"]
+    assert trained["seconds"] < 60 and b.history["steps"] == 100
+    ours = bn.evaluate(b, head, tail, held)
+    int8, int4, int2 = int_k_points(head, tail, held)
+    assert ours["images"] == len(held) == 15
+    assert ours["bytes_mean"] < int8["bytes_mean"] / 4, (ours, int8)
+    assert ours["agreement"] >= 0.9 and ours["agreement"] >= int2["agreement"], (ours, int2)
+    assert ours["bytes_p95"] >= ours["bytes_mean"] * 0.9
+
+
+def test_artifacts_round_trip_without_pickle(trained: dict, tmp_path: Path) -> None:
+    b = trained["b"]
+    feats = bn.cut_features(trained["head"], trained["held"][:3])
+    desc = bn.save(b, tmp_path, {"fingerprint": "f" * 64, "source": "resnet18"})
+    assert desc["cut"] == {"index": b.cut[0], "name": CUT} and desc["architecture"]["latent"] == 8
+    edge, cloud = bn.load(tmp_path, "edge"), bn.load(tmp_path, "cloud")
+    data = edge.encode(feats)
+    assert data == b.encode(feats)  # the edge's copy codes the same bits
+    assert torch.equal(cloud.decode(data, 3), b.decode(data, 3))
+    fp = bn.fingerprint(tmp_path)
+    assert fp == bn.fingerprint(tmp_path) and len(fp) == 64
+    # a changed weight file is caught, and so is a changed base model
+    desc_path = tmp_path / bn.artifacts.DESCRIPTION
+    other = json.loads(desc_path.read_text())
+    other["base"]["fingerprint"] = "0" * 64
+    desc_path.write_text(json.dumps(other))
+    assert bn.fingerprint(tmp_path) != fp
+    edge_file = tmp_path / bn.artifacts.EDGE_FILE
+    raw = bytearray(edge_file.read_bytes())
+    raw[-1] ^= 1
+    edge_file.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="sha256"):
+        bn.load(tmp_path, "edge")
+    (tmp_path / bn.artifacts.DESCRIPTION).write_text("not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        bn.load(tmp_path)
+
+
+def engine_context(tmp_path: Path, opts: pb.BottleneckOptions) -> JobContext:
+    """A bottleneck job on the small classifier (a safetensors upload) with the tinted photos as
+    its dataset, ordered so that the held-out tail of the dataset is photos training never saw."""
+    from safetensors.torch import save_file
+
+    model = small.classifier()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    x, y, _ = small.images()
+    train_idx, held_idx = small.split()
+    order = train_idx + held_idx
+    np.savez(tmp_path / "data.npz", inputs=x[order].numpy(), labels=y[order].numpy())
+    source = ModelSource(
+        upload_path=str(tmp_path / "model.safetensors"),
+        upload_format="SAFETENSORS",
+        upload_meta={"architecture": "resnet18", "num_classes": 4, "input_shape": list(small.SHAPE)},
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    seen: list[tuple[float, str]] = []
+    ctx = JobContext(
+        spec=pb.JobSpec(engine="bottleneck", bottleneck=opts),
+        source=source,
+        workdir=work,
+        dataset_path=str(tmp_path / "data.npz"),
+        dataset_format="npz",
+        on_progress=lambda f, s: seen.append((f, s)),
+    )
+    ctx.seen = seen  # type: ignore[attr-defined]
+    return ctx
+
+
+def test_engine_reports_bytes_agreement_costs_and_a_curve(tmp_path: Path) -> None:
+    opts = pb.BottleneckOptions(cuts=[CUT], rate_weights=[0.02], budget_s=15, holdout=0.3, augment=3)
+    ctx = engine_context(tmp_path, opts)
+    get_engine("bottleneck").run(ctx)
+    r = ctx.report
+    names = [n for n, _ in ctx.artifacts]
+    assert names[:3] == [bn.artifacts.DESCRIPTION, bn.artifacts.EDGE_FILE, bn.artifacts.CLOUD_FILE]
+    assert "curve.json" in names and "curve.png" in names
+    best = r["best"]
+    assert r["images"] == "dataset" and r["held_out_images"] == 15 and r["train_images"] == 35 * 4
+    assert best["cut"] == CUT and best["encoder_macs"] > 0 and best["edge_ms"] > 0 and best["train_seconds"] <= 16
+    assert best["bytes_mean"] < r["int8_at_best_cut"]["bytes_mean"] / 4 and r["bytes_vs_int8"] < 0.25
+    assert best["agreement"] >= 0.9
+    curve = json.loads((ctx.workdir / "curve.json").read_text())
+    methods = {p["method"] for p in curve["points"]}
+    assert {"int8+zstd", "int4+zstd", "jpeg50", f"bottleneck@{CUT}/w0.02"} <= methods
+    fractions = [f for f, _ in ctx.seen]
+    assert fractions == sorted(fractions) and any("step" in s for _, s in ctx.seen)
+    loaded = bn.load(ctx.workdir)
+    assert loaded.cut[1] == CUT and r["bottleneck_fingerprint"] == bn.fingerprint(ctx.workdir)
+
+
+def test_engine_options_are_checked_by_field(tmp_path: Path) -> None:
+    for opts, field in (
+        (pb.BottleneckOptions(holdout=1.5), "bottleneck.holdout"),
+        (pb.BottleneckOptions(stride=3), "bottleneck.stride"),
+        (pb.BottleneckOptions(rate_weights=[-1]), "bottleneck.rate_weights"),
+        (pb.BottleneckOptions(cuts=["nonesuch"]), "nonesuch"),
+        (pb.BottleneckOptions(cuts=["fc"]), "one .N, C, H, W. tensor"),
+    ):
+        with pytest.raises((ValueError, KeyError), match=field):
+            d = tmp_path / str(len(list(tmp_path.iterdir())))
+            d.mkdir()
+            get_engine("bottleneck").run(engine_context(d, opts))
+
+
+def _wait(m: JobManager, job_id: str, ok, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = m.get(job_id)
+        if ok(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never got there: {m.get(job_id)}")
+
+
+def test_a_training_job_cancels_and_survives_a_restart_like_any_job(tmp_path: Path) -> None:
+    spec = pb.JobSpec(
+        engine="bottleneck",
+        model=pb.ModelRef(torchvision="resnet18", input_shape=list(small.SHAPE), num_classes=4),
+        bottleneck=pb.BottleneckOptions(cuts=[CUT], budget_s=300, max_images=20),
+    )
+    training = lambda j: j.state == RUNNING and "step" in j.stage  # noqa: E731
+    m = JobManager(JobsConfig(dir=str(tmp_path)))
+    m.start()
+    try:
+        with pytest.raises(InvalidArgument, match="spec.bottleneck.holdout"):
+            m.submit(pb.JobSpec(engine="bottleneck", model=spec.model, bottleneck=pb.BottleneckOptions(holdout=2)))
+        job = m.submit(spec)
+        assert job.engine == "bottleneck"
+        _wait(m, job.id, training)
+    finally:
+        m.stop()  # the daemon shuts down mid-training
+    m = JobManager(JobsConfig(dir=str(tmp_path)))
+    requeued = m.get(job.id)
+    assert requeued.state == QUEUED and "re-queued" in requeued.message
+    m.start()
+    try:
+        again = _wait(m, job.id, training)
+        assert again.progress < 0.9
+        assert m.cancel(job.id).state == "CANCELLED"
+        done = _wait(m, job.id, lambda j: j.state == "CANCELLED" and not list(m.store.tmp_dir.iterdir()), 30)
+        assert not done.artifacts
+    finally:
+        m.stop()
+
+
+def test_cli_builds_a_bottleneck_spec() -> None:
+    from cleave_cli.compress_cmd import build_spec
+    from cleave_cli.main import build_parser
+
+    flags = "--cuts add_3,add_8 --rate-weights 0.01,0.1 --latent 12 --stride 2 --budget 90"
+    argv = ["compress", "--model", "efficientnet_lite0_pretrained", "--engine", "bottleneck", *flags.split(" ")]
+    args = build_parser().parse_args(argv)
+    opts = build_spec(args).bottleneck
+    assert list(opts.cuts) == ["add_3", "add_8"] and list(opts.rate_weights) == pytest.approx([0.01, 0.1])
+    assert (opts.latent, opts.stride, opts.budget_s) == (12, 2, 90)
+    auto = build_parser().parse_args(["compress", "--model", "resnet18", "--engine", "bottleneck", "--cuts", "auto"])
+    assert list(build_spec(auto).bottleneck.cuts) == []
+
+
+def test_auto_cuts_are_single_image_tensors_early_in_the_model() -> None:
+    from cloud_node.jobs.bottleneck_engine import AUTO_CUTS, _auto_cuts
+
+    x, _, _ = small.images()
+    graph = trace(small.classifier(), x[:1])
+    cuts = _auto_cuts(graph)
+    last = max(c.index for c in graph.cuts)
+    assert len(cuts) == AUTO_CUTS
+    assert all(len(c.live) == 1 and len(c.shapes[0]) == 4 and 0 < c.index < 2 * last / 3 for c in cuts)
+    others = [c for c in graph.cuts if c not in cuts and len(c.live) == 1 and len(c.shapes[0]) == 4]
+    assert max(c.nbytes for c in cuts) <= min(c.nbytes for c in others if 0 < c.index < 2 * last / 3)
