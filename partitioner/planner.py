@@ -25,10 +25,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import fx
 
-from compressor import EncodingSpec, decode, encode
+from compressor import EncodingSpec, clipping, decode, encode
+from compressor.quant import affine_params_array, dequantize_array, quantize_array
 
 from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate, CostModel, Link, calibration_key
 from .loaded import LoadedModel, as_tensor_list
@@ -337,13 +339,18 @@ class DistortionMeter:
         batched = all(len(s) > 0 and s[0] == 1 for s in cut.shapes)
         if n < 2 or reference.ndim < 2 or reference.shape[0] != n or not batched or not self._inputs_independent():
             return None
-        features = self._features(candidate)
-        if any(f.ndim == 0 or f.shape[0] != n for f in features):
+        live = self.live.at(candidate.cut_index)
+        if any(f.ndim == 0 or f.shape[0] != n for f in live):
             return None
         j = self._probe
+        spec = EncodingSpec.parse(candidate.encoding)
+        with torch.inference_mode():
+            rows = [_decoded_rows(f, spec, slice(j, j + 1)) for f in live]
+        if any(r is None for r in rows):  # not affine min-max: through the codec, the whole batch
+            rows = [f[j : j + 1] for f in self._features(candidate)]
         _, _, tail = self.model.parts(candidate.cut_index)
         with torch.inference_mode():
-            out = as_tensor_list(tail(*(f[j : j + 1] for f in features)))[0]
+            out = as_tensor_list(tail(*rows))[0]
         if out.shape != reference[j : j + 1].shape:
             return None
         scale = float(reference.abs().max().clamp_min(1e-12))
@@ -380,6 +387,27 @@ class DistortionMeter:
                 (alone - reference[:1]).abs().max() <= self.SLACK * scale / 10
             )
         return self._independent
+
+
+def _decoded_rows(x: torch.Tensor, spec: EncodingSpec, rows: slice) -> torch.Tensor | None:
+    """``decode(encode(x, spec))[rows]`` without coding the other rows, for per-tensor affine
+    encodings with min-max clipping (the planner's ``int2`` ... ``int8``): their scale and zero
+    point come from all of ``x``, their codes element by element, and bit packing and zstd lose
+    nothing, so the codec's own steps on these rows give the same values. None for other encodings.
+    """
+    plain_minmax = spec.clip == "minmax" and clipping.get_clipper("minmax") is clipping.minmax
+    if spec.encoding != "affine" or spec.per_channel or not plain_minmax or x.dtype != torch.float32 or not x.numel():
+        return None
+    xf = x.detach().contiguous().numpy()
+    lo, hi = np.asarray(xf.min(), np.float32), np.asarray(xf.max(), np.float32)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None  # the codec refuses these: let it say so
+    scales, zero_points = affine_params_array(lo, hi, spec.bits)
+    q = quantize_array(xf[rows], spec.bits, scales, zero_points, lo, hi, None, covers=True)
+    # As the wire carries them: float32 scales and int32 zero points, in lists.
+    scales = np.asarray(scales.reshape(-1).tolist(), np.float32)
+    zero_points = np.asarray(zero_points.reshape(-1).tolist(), np.int32)
+    return torch.from_numpy(dequantize_array(q, scales, zero_points, None))
 
 
 def cached_distortion(

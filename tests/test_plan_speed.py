@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cleave_cli.main import main
-from compressor import EncodingSpec, encode
+from compressor import EncodingSpec, decode, encode
 from partitioner import costmodel
 from partitioner.costmodel import SPLIT, Candidate, CostModel, Link
 from partitioner.graph import trace
@@ -21,6 +21,7 @@ from partitioner.planner import (
     DistortionMeter,
     LiveSets,
     Planner,
+    _decoded_rows,
     cached_distortion,
     distortion_meter,
     head_tail_distortion,
@@ -183,6 +184,20 @@ def test_a_screen_never_promises_less_than_the_whole_batch_gives(local_model: Lo
             assert bound.rel_error <= full.rel_error and bound.top1 >= full.top1, (cut.name, enc, bound, full)
             refused += bound.rel_error > 0.05
     assert refused  # the bound can reject
+
+
+def test_a_screen_decodes_one_input_as_the_codec_decodes_the_batch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 8, 6, 6, generator=gen), torch.randn(4, 16, generator=gen).clamp_min(0) * 7]
+    tensors.append(torch.full((4, 3), 2.5))  # a constant: its own scale
+    for x in tensors:
+        for enc in ("int8", "int6", "int4", "int3", "int2", "int4+none"):
+            spec = EncodingSpec.parse(enc)
+            whole = decode(encode(x, spec))
+            for j in range(4):
+                assert torch.equal(_decoded_rows(x, spec, slice(j, j + 1)), whole[j : j + 1]), (enc, j)
+        for enc in ("fp16", "raw", "int8c", "int4:percentile(percentile=99.9)"):
+            assert _decoded_rows(x, EncodingSpec.parse(enc), slice(0, 1)) is None  # through the codec instead
 
 
 class BatchMixer(nn.Module):
