@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 from .progress import Progress
 from .security_args import add_security_args, channel_security
 
+# The planner (and so torch) is imported inside the functions that use it: ``cleave --help`` must not pay for it.
 if TYPE_CHECKING:
-    from partitioner.costmodel import Candidate, CostModel, Link
+    from partitioner.costmodel import Candidate, Link
     from partitioner.loaded import LoadedModel
     from partitioner.planner import Distortion, Planner, Scored
     from partitioner.profile import Profile
@@ -28,30 +29,6 @@ if TYPE_CHECKING:
 
 # The rank column holds a baseline's whole name: the longest of partitioner.planner.BASELINES.
 BASELINE_WIDTH = len("neurosurgeon")
-
-
-def _load_runtime() -> None:
-    """Import the planner (and so torch) on first use: ``cleave --help`` must not pay for it."""
-    global CLOUD_ONLY, EDGE_ONLY, Candidate, CostModel, Link, LoadedModel, ModelSpec, calibration_inputs
-    global BASELINES, Budgets, Distortion, Planner, Scored, cached_distortion, distortion_meter
-    global Profile, cached_profile, from_proto, scaled, si_pb2, si_grpc, open_channel
-    from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, Candidate, CostModel, Link
-    from partitioner.loaded import LoadedModel
-    from partitioner.models import ModelSpec
-    from partitioner.photos import calibration_inputs
-    from partitioner.planner import (
-        BASELINES,
-        Budgets,
-        Distortion,
-        Planner,
-        Scored,
-        cached_distortion,
-        distortion_meter,
-    )
-    from partitioner.profile import Profile, cached_profile, from_proto, scaled
-    from protos.cleave.v1 import split_inference_pb2 as si_pb2
-    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-    from runtime.serving import open_channel
 
 
 BANDWIDTHS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -67,7 +44,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    _load_runtime()
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec
+
     name, _, source = args.model.partition("=")
     spec = {"name": name, "source": source or name, "input_shape": [int(d) for d in args.input_shape.split(",")]}
     if args.weights:
@@ -81,7 +60,12 @@ def cloud_profile(
     model: LoadedModel, target: str, security: dict | None = None
 ) -> tuple[Profile, si_grpc.SplitInferenceStub]:
     """The cloud's profile of ``model``; ``security``: ``open_channel``'s ``tls`` / ``token`` arguments."""
-    _load_runtime()
+    from protos.serving import open_channel
+
+    from partitioner.profile import from_proto
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
     stub = si_grpc.SplitInferenceStub(open_channel(target, **(security or {})))
     reply = stub.Profile(si_pb2.ProfileRequest(model=model.name), timeout=300)
     if reply.fingerprint != model.fingerprint:
@@ -90,7 +74,9 @@ def cloud_profile(
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    _load_runtime()
+    from partitioner.costmodel import CostModel
+    from partitioner.profile import cached_profile
+
     model = load(args)
     if args.cloud:
         profile, _ = cloud_profile(model, args.cloud, channel_security(args))
@@ -124,7 +110,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_cuts(args: argparse.Namespace) -> int:
     """``cleave info --cuts --model SPEC``: every node of the traced model, a cut or why it is not."""
-    _load_runtime()
     if not args.model:
         raise ValueError("--cuts needs --model (a torchvision name, NAME=SOURCE, or a file)")
     model = load(args)
@@ -163,7 +148,10 @@ def build_planner(
     Byte sizes are measured on all cores and cached on disk (the model's fingerprint and the
     calibration inputs are the key), as profiles are; ``progress`` shows the phases.
     """
-    _load_runtime()
+    from partitioner.costmodel import CostModel, Link
+    from partitioner.planner import Budgets, Planner, cached_distortion, distortion_meter
+    from partitioner.profile import cached_profile, scaled
+
     progress = progress or Progress(enabled=False)
     progress.start("profile")
     edge = cached_profile(model, role="edge")
@@ -189,7 +177,7 @@ def build_planner(
     cost = CostModel.measure(model, edge, cloud, calib[:3], workers=_cores(), cache=True, progress=progress.update)
     progress.start("accuracy")
     measure = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
-    checked = 0
+    checked = 0  # candidates whose accuracy was looked at: screened on one input, or measured on all
 
     def counted(candidate: Candidate) -> Distortion:
         nonlocal checked
@@ -197,12 +185,18 @@ def build_planner(
         progress.update(checked)
         return measure(candidate)
 
+    def screened(candidate: Candidate) -> Distortion | None:
+        nonlocal checked
+        checked += 1
+        progress.update(checked)
+        return measure.screen(candidate)
+
     budgets = Budgets(
         memory_bytes=int(args.memory_mb * 1e6) if args.memory_mb else None,
         max_rel_error=args.max_rel_error,
         min_top1=args.min_top1,
     )
-    planner = Planner(cost, budgets, counted, args.objective, input_is_8bit=not args.float_input)
+    planner = Planner(cost, budgets, counted, args.objective, input_is_8bit=not args.float_input, screen=screened)
     return planner, links, source
 
 
@@ -230,7 +224,8 @@ def calibration(args: argparse.Namespace, model: LoadedModel):
 
     ``--calibration N`` (a number) is the older form of ``--calibration synthetic --calibration-inputs N``.
     """
-    _load_runtime()
+    from partitioner.photos import calibration_inputs
+
     source, n = args.calibration, args.calibration_inputs
     if source is not None and source.isdigit():
         source, n = "synthetic", int(source)
@@ -259,7 +254,6 @@ def row(rank: str, s: Scored) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    _load_runtime()
     model = load(args)
     progress = Progress(enabled=not args.quiet)
     try:
@@ -289,6 +283,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _plan(planner: Planner, link: Link, top: int) -> dict:
     """The best plan on ``link``, the ranking shown, a few rejected candidates and the baselines."""
+    from partitioner.planner import BASELINES
+
     ranked = planner.rank(link, limit=top)
     best = planner.best(link)
     # Every candidate shown carries its top-1 agreement (lossless ones too: 100%).
@@ -299,11 +295,14 @@ def _plan(planner: Planner, link: Link, top: int) -> dict:
             baselines[name] = planner.with_distortion(planner.baseline(name, link))
         except ValueError as exc:
             baselines[name] = str(exc)
-    rejected = [s for s in ranked if s.rejected][:3]
+    # Rejected rows show their measured accuracy, not the bound of the screen that rejected them.
+    rejected = [planner.measured(s) for s in [s for s in ranked if s.rejected][:3]]
     return {"link": link, "best": best, "shown": shown, "rejected": rejected, "baselines": baselines}
 
 
 def _print_plan(planner: Planner, plan: dict) -> None:
+    from partitioner.planner import Scored
+
     best = plan["best"]
     print(
         f"{'':<{BASELINE_WIDTH}} {'placement':<36} {'cost ms':>9} {'edge':>8} {'enc':>6} {'link':>9} {'dec':>6} "
@@ -323,6 +322,8 @@ def _link_text(link: Link) -> str:
 
 
 def _plan_record(planner: Planner, plan: dict) -> dict:
+    from partitioner.planner import Scored
+
     return {
         "link": asdict(plan["link"]),
         "best": _record(plan["best"]),
@@ -344,6 +345,9 @@ def _record(s: Scored) -> dict:
 
 def plot(planner: Planner, link: Link, best: Scored, name: str, path: Path) -> None:
     import matplotlib
+
+    from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, Link
+    from partitioner.planner import BASELINES
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -331,50 +330,59 @@ def _measure_sizes(
     workers: int,
     progress: Callable[[int, int], None] | None,
 ) -> dict:
-    """Encoded bytes of every cut's live set in every wanted encoding (median over ``x``'s inputs)."""
+    """Encoded bytes of every cut's live set in every wanted encoding (median over ``x``'s inputs).
+
+    A live set's size on one input is the sum of its values' sizes, and most values are live at
+    several cuts (a residual block's input at every cut inside the block), so each value is encoded
+    once per encoding and input, and the cuts add up what their values took.
+    """
     values = _all_values(model, x)
     cuts = model.graph.cuts
-
-    def sizes_at(cut) -> dict[str, int]:
-        live = [values[name] for name in cut.live]
-        out = {}
+    samples = len(x)
+    # Every (value, encoding) some cut needs, in the order cuts need them: one unit of work each.
+    units: dict[tuple[str, str], None] = {}
+    for cut in cuts:
         for enc in wanted[cut.index]:
-            try:
-                out[enc] = _median_bytes(live, EncodingSpec.parse(enc), len(x), model.entropy_tables)
-            except ValueError:
-                continue  # e.g. JPEG of something that is not an image
-        return out
+            for name in cut.live:
+                units[(name, enc)] = None
 
-    measured: dict[int, dict[str, int]] = {}
+    def sizes_of(unit: tuple[str, str]) -> list[int] | None:
+        name, enc = unit
+        value = values[name]
+        part = (lambda i: value[i : i + 1]) if value.ndim and value.shape[0] == samples else (lambda i: value)
+        spec = EncodingSpec.parse(enc)
+        try:
+            return [encode(part(i), spec, model.entropy_tables).ByteSize() for i in range(samples)]
+        except ValueError:
+            return None  # e.g. JPEG of something that is not an image
+
+    per_value: dict[tuple[str, str], list[int] | None] = {}
     if workers > 1:
         # Small tensors encode several times faster on one kernel thread each, side by side.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(workers) as pool:
-                for cut, sizes in zip(cuts, pool.map(sizes_at, cuts), strict=True):
-                    measured[cut.index] = sizes
+                for unit, sizes in zip(units, pool.map(sizes_of, units), strict=True):
+                    per_value[unit] = sizes
                     if progress is not None:
-                        progress(len(measured), len(cuts))
+                        progress(len(per_value), len(units))
         finally:
             torch.set_num_threads(threads)
     else:
-        for cut in cuts:
-            measured[cut.index] = sizes_at(cut)
+        for unit in units:
+            per_value[unit] = sizes_of(unit)
             if progress is not None:
-                progress(len(measured), len(cuts))
-    out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"])) // len(x)
+                progress(len(per_value), len(units))
+    measured: dict[int, dict[str, int]] = {}
+    for cut in cuts:
+        out = measured[cut.index] = {}
+        for enc in wanted[cut.index]:
+            parts = [per_value[(name, enc)] for name in cut.live]
+            if all(p is not None for p in parts):
+                out[enc] = int(statistics.median([sum(p[i] for p in parts) for i in range(samples)]))
+    out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"])) // samples
     return {"cuts": measured, "output_bytes": out_bytes}
-
-
-def _median_bytes(live: list[torch.Tensor], spec: EncodingSpec, samples: int, tables: Any = None) -> int:
-    """Encoded size of one input's live set, the median over the ``samples`` inputs batched in ``live``
-    (``tables``: a bottleneck's entropy tables, for the ``entropy`` encoding)."""
-    sizes = []
-    for i in range(samples):
-        parts = [v[i : i + 1] if v.ndim and v.shape[0] == samples else v for v in live]
-        sizes.append(sum(encode(v, spec, tables).ByteSize() for v in parts))
-    return int(statistics.median(sizes))
 
 
 def _codec_key(enc: str) -> str:

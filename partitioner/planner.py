@@ -26,10 +26,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import fx
 
-from compressor import EncodingSpec, decode, encode
+from compressor import EncodingSpec, clipping, decode, encode
+from compressor.quant import affine_params_array, dequantize_array, quantize_array
 
 from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate, CostModel, Link, calibration_key
 from .loaded import LoadedModel, as_tensor_list
@@ -73,10 +75,17 @@ class Planner:
         objective: str = "latency",
         feature_encodings: tuple[str, ...] | None = None,
         input_is_8bit: bool = True,
+        screen: Callable[[Candidate], Distortion | None] | None = None,
     ) -> None:
         """``input_is_8bit``: inputs come from 8-bit images (camera frames, files), so sending them
         as 8-bit codes per channel (cloud-only ``int8c``) loses nothing against the source and is
-        not charged to the accuracy budget."""
+        not charged to the accuracy budget.
+
+        ``screen``: a cheap look at a candidate before ``distortion`` measures it, returning the
+        best distortion the full measurement could still find (a lower bound on its relative
+        error, an upper bound on its top-1 agreement; None when it cannot tell). A candidate whose
+        bound already breaks the accuracy budget is rejected without the full measurement, so
+        the budgets decide exactly as they would have (see :meth:`DistortionMeter.screen`)."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
         self.cost = cost
@@ -84,7 +93,9 @@ class Planner:
         self.objective = objective
         self._distortion = distortion
         self.input_is_8bit = input_is_8bit
+        self._screen = screen
         self._measured: dict[tuple[int, str], Distortion] = {}
+        self._bounds: dict[tuple[int, str], Distortion | None] = {}
         kwargs = {"feature_encodings": feature_encodings} if feature_encodings else {}
         self.candidates = cost.candidates(**kwargs)
         self.cloud_scale = 1.0
@@ -136,10 +147,13 @@ class Planner:
         cost = predicted.total_ms if self.objective == "latency" else predicted.bottleneck_ms
         return Scored(candidate, predicted, cost)
 
-    def distortion_of(self, candidate: Candidate) -> Distortion | None:
+    def lossless(self, candidate: Candidate) -> bool:
+        """Whether ``candidate`` sends what the model computes unchanged (no accuracy to measure)."""
         lossless = candidate.kind == EDGE_ONLY or candidate.encoding in ("raw", UNCOMPRESSED)
-        lossless |= self.input_is_8bit and candidate.kind == CLOUD_ONLY and candidate.encoding == "int8c"
-        if lossless or self._distortion is None:
+        return lossless or (self.input_is_8bit and candidate.kind == CLOUD_ONLY and candidate.encoding == "int8c")
+
+    def distortion_of(self, candidate: Candidate) -> Distortion | None:
+        if self.lossless(candidate) or self._distortion is None:
             return None if self._distortion is None else Distortion(0.0, 1.0)
         key = (candidate.cut_index, candidate.encoding)
         if key not in self._measured:
@@ -152,21 +166,39 @@ class Planner:
             return scored
         return replace(scored, distortion=self.distortion_of(scored.candidate))
 
-    def _check(self, scored: Scored) -> Scored:
+    def measured(self, scored: Scored) -> Scored:
+        """``scored`` checked against the budgets with its distortion measured in full, even when a
+        screen was enough to reject it (for display: the reason then quotes the measured values)."""
+        return self._check(scored, screen=False)
+
+    def _violation(self, d: Distortion, bound: bool = False) -> str:
+        """Why distortion ``d`` breaks the accuracy budget ("" when it does not)."""
+        b = self.budgets
+        # Top-1 agreement is the budget users state; the relative output error is the secondary guard.
+        if b.min_top1 is not None and d.top1 < b.min_top1:
+            return f"top-1 {'<= ' if bound else ''}{d.top1:.2f} < {b.min_top1}"
+        if b.max_rel_error is not None and d.rel_error > b.max_rel_error:
+            return f"rel error {'>= ' if bound else ''}{d.rel_error:.3g} > {b.max_rel_error}"
+        return ""
+
+    def _check(self, scored: Scored, screen: bool = True) -> Scored:
         b, c = self.budgets, scored.candidate
         if b.memory_bytes is not None and c.kind != CLOUD_ONLY and c.edge_memory > b.memory_bytes:
             return Scored(c, scored.predicted, scored.cost_ms, None, f"edge memory {c.edge_memory} > {b.memory_bytes}")
         if b.max_rel_error is None and b.min_top1 is None:
             return scored
+        key = (c.cut_index, c.encoding)
+        screening = screen and self._screen is not None and self._distortion is not None
+        if screening and key not in self._measured and not self.lossless(c):
+            if key not in self._bounds:
+                self._bounds[key] = self._screen(c)
+            bound = self._bounds[key]
+            if bound is not None and (reason := self._violation(bound, bound=True)):
+                return Scored(c, scored.predicted, scored.cost_ms, None, f"{reason} (screened)")
         d = self.distortion_of(c)
         if d is None:
             return scored
-        # Top-1 agreement is the budget users state; the relative output error is the secondary guard.
-        if b.min_top1 is not None and d.top1 < b.min_top1:
-            return Scored(c, scored.predicted, scored.cost_ms, d, f"top-1 {d.top1:.2f} < {b.min_top1}")
-        if b.max_rel_error is not None and d.rel_error > b.max_rel_error:
-            return Scored(c, scored.predicted, scored.cost_ms, d, f"rel error {d.rel_error:.3g} > {b.max_rel_error}")
-        return Scored(c, scored.predicted, scored.cost_ms, d)
+        return Scored(c, scored.predicted, scored.cost_ms, d, self._violation(d))
 
     def rank(self, link: Link, limit: int | None = None) -> list[Scored]:
         """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found."""
@@ -241,59 +273,192 @@ def distortion_meter(
 ) -> Callable[[Candidate], Distortion]:
     """Measure a candidate's output distortion on ``calib`` (a batch of inputs) against float.
 
-    ``record``: on the first candidate, the model runs once on ``calib`` keeping every cut's live
-    set as the head would return it (:class:`LiveSets`); each candidate then costs an encode, a
-    decode and its tail, not a head too. The snapshots hold every activation of the batch (about a
-    GB for resnet50 on 8 images), so a one-off planner (``cleave plan``) records and a daemon that
-    keeps its meter does not. Results are identical either way (:func:`head_tail_distortion`).
-    Opaque models (no graph to record) always run head and tail.
+    ``record``: a :class:`DistortionMeter`: on the first candidate, the model runs once on
+    ``calib`` keeping every cut's live set as the head would return it (:class:`LiveSets`); each
+    candidate then costs an encode, a decode and its tail, not a head too, and it can screen
+    candidates on one input (:meth:`DistortionMeter.screen`). The snapshots hold every activation
+    of the batch (about a GB for resnet50 on 8 images), so a one-off planner (``cleave plan``)
+    records and a daemon that keeps its meter does not. Results are identical either way
+    (:func:`head_tail_distortion`). Opaque models (no graph to record) always run head and tail.
     """
     if model.graph.opaque or not record:
         return head_tail_distortion(model, calib)
-    recorded: list[LiveSets] = []  # the model runs on the first candidate measured, not before
+    return DistortionMeter(model, calib)
 
-    def measure(candidate: Candidate) -> Distortion:
-        if not recorded:
-            recorded.append(LiveSets(model, calib))
-        live = recorded[0]
-        spec = EncodingSpec.parse(candidate.encoding)
-        _, _, tail = model.parts(candidate.cut_index)
+
+class DistortionMeter:
+    """Distortion of candidates on a calibration batch, from recorded live sets (see
+    :func:`distortion_meter`), with a cheap screen on one input of the batch.
+
+    Call it for a candidate's distortion on the whole batch; :meth:`screen` runs the tail on one
+    input only (about 1/n of the work) and returns the best the whole batch could still do. Most
+    candidates a planner looks at break the accuracy budget by far, and one input shows it.
+    """
+
+    #: Screens allow this much for the tail's float rounding, which may differ at another batch
+    #: size: relative error is lowered by it, and a top-1 flip is counted only past it.
+    SLACK = 1e-4
+
+    def __init__(self, model: LoadedModel, calib: torch.Tensor) -> None:
+        self.model, self.calib = model, calib
+        self._live: LiveSets | None = None  # the model runs on the first candidate measured, not before
+        self._decoded: tuple[tuple[int, str], list[torch.Tensor]] | None = None  # the last candidate's features
+        self._probe = 0  # the input screened: the one that erred most in the last full measurement
+        self._independent: bool | None = None  # whether one input alone gives what it gives in the batch
+
+    @property
+    def live(self) -> LiveSets:
+        if self._live is None:
+            self._live = LiveSets(self.model, self.calib)
+        return self._live
+
+    def __call__(self, candidate: Candidate) -> Distortion:
+        _, _, tail = self.model.parts(candidate.cut_index)
+        features = self._features(candidate)
         with torch.inference_mode():
-            features = [
-                decode(encode(f, spec, model.entropy_tables), tables=model.entropy_tables)
-                for f in live.at(candidate.cut_index)
-            ]
             out = as_tensor_list(tail(*features))[0]
-        return _distortion(out, live.output)
+        reference, n = self.live.output, len(self.calib)
+        if out.shape == reference.shape and out.ndim >= 2 and out.shape[0] == n:
+            errors = (out - reference).abs().reshape(n, -1).amax(1)
+            if out.shape[-1] > 1:  # an input whose class changed is the one to screen first
+                flipped = (out.argmax(-1) != reference.argmax(-1)).reshape(n, -1).any(1)
+                errors = torch.where(flipped, torch.inf, errors)
+            self._probe = int(errors.argmax())
+        return _distortion(out, reference)
 
-    return measure
+    def screen(self, candidate: Candidate) -> Distortion | None:
+        """The best distortion ``candidate`` could have on the whole batch, from one input's output.
+
+        Relative error is normalised by the largest output of the batch, so one input's error
+        (less :attr:`SLACK`) is a lower bound of the batch's; top-1 agreement is at most the
+        share of the batch's outputs that input did not clearly move to another class. None when the model's outputs or
+        the live set have no batch dimension to take one input from, or when one input alone
+        does not give what it gives in the batch (a model mixing inputs of a batch).
+        """
+        n = len(self.calib)
+        reference = self.live.output
+        cut = self.model.graph.cut(candidate.cut_index)
+        batched = all(len(s) > 0 and s[0] == 1 for s in cut.shapes)
+        if n < 2 or reference.ndim < 2 or reference.shape[0] != n or not batched or not self._inputs_independent():
+            return None
+        live = self.live.at(candidate.cut_index)
+        if any(f.ndim == 0 or f.shape[0] != n for f in live):
+            return None
+        j = self._probe
+        spec = EncodingSpec.parse(candidate.encoding)
+        with torch.inference_mode():
+            rows = [_decoded_rows(f, spec, slice(j, j + 1)) for f in live]
+        if any(r is None for r in rows):  # not affine min-max: through the codec, the whole batch
+            rows = [f[j : j + 1] for f in self._features(candidate)]
+        _, _, tail = self.model.parts(candidate.cut_index)
+        with torch.inference_mode():
+            out = as_tensor_list(tail(*rows))[0]
+        if out.shape != reference[j : j + 1].shape:
+            return None
+        scale = float(reference.abs().max().clamp_min(1e-12))
+        rel = max(float((out - reference[j : j + 1]).abs().max()) / scale - self.SLACK, 0.0)
+        if out.shape[-1] > 1:  # top-1 agreement is over every row of every input's output
+            rows, want = out.reshape(-1, out.shape[-1]), reference[j : j + 1].reshape(-1, out.shape[-1]).argmax(-1)
+            gap = rows.amax(-1) - rows.gather(-1, want[:, None])[:, 0]
+            flipped = int((gap > self.SLACK * scale).sum())
+            top1 = 1.0 - flipped / (reference.numel() // reference.shape[-1])
+        else:
+            top1 = 0.0 if rel >= 1e-3 else 1.0
+        return Distortion(rel, top1)
+
+    def _features(self, candidate: Candidate) -> list[torch.Tensor]:
+        """The candidate's live set on the batch, encoded and decoded (kept for the next call:
+        a screen that does not reject is followed by the full measurement)."""
+        key = (candidate.cut_index, candidate.encoding)
+        if self._decoded is None or self._decoded[0] != key:
+            spec = EncodingSpec.parse(candidate.encoding)
+            live = self.live.at(candidate.cut_index)  # recorded outside inference mode (see LiveSets)
+            with torch.inference_mode():
+                features = [_through_wire(f, spec, self.model) for f in live]
+            self._decoded = (key, features)
+        return self._decoded[1]
+
+    def _inputs_independent(self) -> bool:
+        """Whether the first input through the model alone gives its row of the batch's output."""
+        if self._independent is None:
+            with torch.inference_mode():
+                alone = as_tensor_list(self.model.module(self.calib[:1]))[0]
+            reference = self.live.output
+            scale = float(reference.abs().max().clamp_min(1e-12))
+            self._independent = alone.shape == reference[:1].shape and bool(
+                (alone - reference[:1]).abs().max() <= self.SLACK * scale / 10
+            )
+        return self._independent
+
+
+def _decoded_rows(x: torch.Tensor, spec: EncodingSpec, rows: slice) -> torch.Tensor | None:
+    """``decode(encode(x, spec))[rows]`` without coding the other rows, for per-tensor affine
+    encodings with min-max clipping (the planner's ``int2`` ... ``int8``): their scale and zero
+    point come from all of ``x``, their codes element by element, and bit packing and zstd lose
+    nothing, so the codec's own steps on these rows give the same values. None for other encodings.
+    """
+    plain_minmax = spec.clip == "minmax" and clipping.get_clipper("minmax") is clipping.minmax
+    if spec.encoding != "affine" or spec.per_channel or not plain_minmax or x.dtype != torch.float32 or not x.numel():
+        return None
+    xf = x.detach().contiguous().numpy()
+    lo, hi = np.asarray(xf.min(), np.float32), np.asarray(xf.max(), np.float32)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None  # the codec refuses these: let it say so
+    scales, zero_points = affine_params_array(lo, hi, spec.bits)
+    q = quantize_array(xf[rows], spec.bits, scales, zero_points, lo, hi, None, covers=True)
+    # As the wire carries them: float32 scales and int32 zero points, in lists.
+    scales = np.asarray(scales.reshape(-1).tolist(), np.float32)
+    zero_points = np.asarray(zero_points.reshape(-1).tolist(), np.int32)
+    return torch.from_numpy(dequantize_array(q, scales, zero_points, None))
 
 
 def cached_distortion(
     measure: Callable[[Candidate], Distortion], model: LoadedModel, calib: torch.Tensor
-) -> Callable[[Candidate], Distortion]:
+) -> CachedDistortion:
     """``measure`` with its results kept on disk, so planning the same model again measures nothing.
 
     Keyed by the model's fingerprint and the calibration batch (:func:`calibration_key`); an entry
-    is one candidate (cut index and encoding). ``measure`` must measure on ``calib``.
+    is one candidate (cut index and encoding), and one more per screened candidate when ``measure``
+    has a ``screen`` (:class:`DistortionMeter`). ``measure`` must measure on ``calib``.
     """
-    path = cache_dir().parent / "distortion" / f"{calibration_key(model, calib, str(_DISTORTION_VERSION))}.json"
-    try:
-        known = {k: Distortion(*v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, TypeError):
-        known = {}  # absent, stale or corrupt: measured again
+    return CachedDistortion(measure, model, calib)
 
-    def cached(candidate: Candidate) -> Distortion:
-        key = f"{candidate.cut_index}|{candidate.encoding}"
-        if key not in known:
-            known[key] = measure(candidate)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({k: [d.rel_error, d.top1] for k, d in known.items()}))
-            tmp.replace(path)
-        return known[key]
 
-    return cached
+class CachedDistortion:
+    """:func:`cached_distortion`'s result: call it for a distortion, :meth:`screen` for a bound."""
+
+    def __init__(self, measure: Callable[[Candidate], Distortion], model: LoadedModel, calib: torch.Tensor) -> None:
+        self._measure = measure
+        self._path = (
+            cache_dir().parent / "distortion" / f"{calibration_key(model, calib, str(_DISTORTION_VERSION))}.json"
+        )
+        try:
+            self._known = {
+                k: None if v is None else Distortion(*v) for k, v in json.loads(self._path.read_text()).items()
+            }
+        except (OSError, ValueError, TypeError):
+            self._known = {}  # absent, stale or corrupt: measured again
+
+    def __call__(self, candidate: Candidate) -> Distortion:
+        return self._lookup(f"{candidate.cut_index}|{candidate.encoding}", self._measure, candidate)
+
+    def screen(self, candidate: Candidate) -> Distortion | None:
+        """``measure.screen(candidate)``, cached; None when ``measure`` cannot screen."""
+        screen = getattr(self._measure, "screen", None)
+        if screen is None:
+            return None
+        return self._lookup(f"{candidate.cut_index}|{candidate.encoding}|screen", screen, candidate)
+
+    def _lookup(self, key: str, measure: Callable[[Candidate], Distortion | None], candidate: Candidate):
+        if key not in self._known:
+            self._known[key] = measure(candidate)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(
+                json.dumps({k: None if d is None else [d.rel_error, d.top1] for k, d in self._known.items()})
+            )
+            tmp.replace(self._path)
+        return self._known[key]
 
 
 #: Bumped when how a distortion is measured changes (the disk cache's entries are then stale).

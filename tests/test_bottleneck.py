@@ -23,7 +23,7 @@ from partitioner.bottleneck.compare import int_k_points
 from partitioner.graph import trace
 from protos.cleave.v1 import compression_pb2 as pb
 from protos.errors import InvalidArgument
-from tests import _bottleneck as small
+from tests.support import bottleneck as small
 
 CUT = "layer1_1_relu_1"  # (64, 8, 8) crossing at 32x32
 
@@ -213,7 +213,7 @@ def test_a_training_job_cancels_and_survives_a_restart_like_any_job(tmp_path: Pa
         assert job.engine == "bottleneck"
         _wait(m, job.id, training)
     finally:
-        m.stop()  # the daemon shuts down mid-training
+        m.close()  # the daemon shuts down mid-training
     m = JobManager(JobsConfig(dir=str(tmp_path)))
     requeued = m.get(job.id)
     assert requeued.state == QUEUED and "re-queued" in requeued.message
@@ -225,7 +225,7 @@ def test_a_training_job_cancels_and_survives_a_restart_like_any_job(tmp_path: Pa
         done = _wait(m, job.id, lambda j: j.state == "CANCELLED" and not list(m.store.tmp_dir.iterdir()), 30)
         assert not done.artifacts
     finally:
-        m.stop()
+        m.close()
 
 
 def test_cli_builds_a_bottleneck_spec() -> None:

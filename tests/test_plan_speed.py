@@ -10,13 +10,23 @@ import torch
 from torch import nn
 
 from cleave_cli.main import main
+from compressor import EncodingSpec, decode, encode
 from partitioner import costmodel
-from partitioner.costmodel import SPLIT, Candidate, CostModel
+from partitioner.costmodel import SPLIT, Candidate, CostModel, Link
 from partitioner.graph import trace
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec, calibration_batch, fingerprint
-from partitioner.planner import LiveSets, cached_distortion, distortion_meter, head_tail_distortion
-from partitioner.profile import profile_model
+from partitioner.planner import (
+    Budgets,
+    DistortionMeter,
+    LiveSets,
+    Planner,
+    _decoded_rows,
+    cached_distortion,
+    distortion_meter,
+    head_tail_distortion,
+)
+from partitioner.profile import profile_model, scaled
 
 MODEL_ARGS = ["--model", "resnet18", "--input-shape", "1,3,64,64", "--rtt", "20", "--quiet"]
 
@@ -101,6 +111,116 @@ def test_a_second_cost_model_build_hits_the_cache(local_model: LoadedModel, monk
     assert len(measured) == 2  # another model: measured again
     CostModel.measure(local_model, profile, profile, calib, cache=True, feature_encodings=("int8",))
     assert len(measured) == 3  # other encodings: measured again
+
+
+def test_sizes_are_what_each_cuts_head_output_encodes_to(local_model: LoadedModel) -> None:
+    """Sizes are measured per live value and added up per cut: the same bytes as encoding each
+    cut's head output input by input (the median over inputs), as the planner's model says."""
+    profile = profile_model(local_model, repeats=1, warmup=0, head_samples=2)
+    calib = calibration_batch(local_model.spec.input_shape, 3, seed=4)
+    cost = CostModel.measure(local_model, profile, profile, calib, workers=2)
+    cuts = local_model.graph.cuts
+    shared = [c for c in cuts if len(c.live) > 1]
+    assert shared  # residual cuts, whose values are live at other cuts too, are among those checked
+    for cut in [cuts[1], shared[0], shared[-1], cuts[-1]]:
+        _, head, _ = local_model.parts(cut.index)
+        with torch.inference_mode():
+            live = head(calib)
+        sizes = cost.cuts[cuts.index(cut)].feature_bytes
+        assert set(sizes) == {*costmodel.FEATURE_ENCODINGS, costmodel.UNCOMPRESSED}
+        for enc, size in sizes.items():
+            per_input = sorted(
+                sum(encode(v[i : i + 1], EncodingSpec.parse(enc)).ByteSize() for v in live) for i in range(3)
+            )
+            assert size == per_input[1], (cut.name, enc)
+
+
+def test_screening_keeps_every_ranking(local_model: LoadedModel) -> None:
+    """Screening candidates on one input rejects what measuring them on all would, and saves work."""
+    profile = profile_model(local_model, repeats=2, warmup=1, head_samples=3)
+    calib = calibration_batch(local_model.spec.input_shape, 8, seed=7)
+    cost = CostModel.measure(local_model, profile, scaled(profile, 0.25), calib[:2])
+    budgets = Budgets(max_rel_error=0.05, min_top1=0.99)
+    meter = distortion_meter(local_model, calib, record=True)
+    assert isinstance(meter, DistortionMeter)
+    calls = {"plain": 0, "screened": 0}
+
+    def counting(name: str):
+        def measure(c: Candidate):
+            calls[name] += 1
+            return meter(c)
+
+        return measure
+
+    plain = Planner(cost, budgets, counting("plain"))
+    screened = Planner(cost, budgets, counting("screened"), screen=meter.screen)
+    links = [Link(mbps, mbps, 10) for mbps in (1, 10, 100, 1000)]
+    rankings = [(plain.rank(link, limit=10), screened.rank(link, limit=10)) for link in links]
+    assert calls["screened"] < calls["plain"]  # the screen rejected some on one input
+    rejected = 0
+    for link, (want, got) in zip(links, rankings, strict=True):
+        assert [s.candidate for s in got] == [s.candidate for s in want]
+        assert [bool(s.rejected) for s in got] == [bool(s.rejected) for s in want]
+        for w, g in zip(want, got, strict=True):
+            if g.rejected:
+                rejected += 1
+                assert screened.measured(g) == w  # shown in full: the same reason and distortion
+            else:
+                assert g == w
+        assert screened.best(link) == plain.best(link)
+    assert rejected >= 3
+
+
+def test_a_screen_never_promises_less_than_the_whole_batch_gives(local_model: LoadedModel) -> None:
+    calib = calibration_batch(local_model.spec.input_shape, 4, seed=8)
+    meter = DistortionMeter(local_model, calib)
+    cuts = local_model.graph.cuts
+    refused = 0
+    for cut in [cuts[0], cuts[3], cuts[len(cuts) // 2], cuts[-2]]:
+        for enc in ("jpeg75", "int8c") if cut.index == 0 else ("int2", "int3", "int8"):
+            c = candidate(local_model, cut.index, enc)
+            bound, full = meter.screen(c), meter(c)
+            assert bound is not None
+            assert bound.rel_error <= full.rel_error and bound.top1 >= full.top1, (cut.name, enc, bound, full)
+            refused += bound.rel_error > 0.05
+    assert refused  # the bound can reject
+
+
+def test_a_screen_decodes_one_input_as_the_codec_decodes_the_batch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 8, 6, 6, generator=gen), torch.randn(4, 16, generator=gen).clamp_min(0) * 7]
+    tensors.append(torch.full((4, 3), 2.5))  # a constant: its own scale
+    for x in tensors:
+        for enc in ("int8", "int6", "int4", "int3", "int2", "int4+none"):
+            spec = EncodingSpec.parse(enc)
+            whole = decode(encode(x, spec))
+            for j in range(4):
+                assert torch.equal(_decoded_rows(x, spec, slice(j, j + 1)), whole[j : j + 1]), (enc, j)
+        for enc in ("fp16", "raw", "int8c", "int4:percentile(percentile=99.9)"):
+            assert _decoded_rows(x, EncodingSpec.parse(enc), slice(0, 1)) is None  # through the codec instead
+
+
+class BatchMixer(nn.Module):
+    """Each output depends on the other inputs of its batch: one input alone says nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        return self.fc((a - a.mean(0, keepdim=True)).mean((2, 3)))
+
+
+def test_a_model_mixing_its_batch_is_not_screened() -> None:
+    graph = trace(BatchMixer(), torch.randn(1, 3, 8, 8))
+    spec = ModelSpec.from_dict({"name": "mixer", "source": "x", "input_shape": [1, 3, 8, 8]})
+    model = LoadedModel(spec, graph, "m")
+    meter = DistortionMeter(model, torch.randn(4, 3, 8, 8))
+    c = candidate(model, graph.cuts[1].index, "int2")
+    assert meter.screen(c) is None
+    assert meter(c).rel_error > 0  # measured in full instead
 
 
 def test_distortions_are_cached_per_model_and_calibration(local_model: LoadedModel) -> None:
