@@ -60,11 +60,10 @@ def cloud_profile(
     model: LoadedModel, target: str, security: dict | None = None
 ) -> tuple[Profile, si_grpc.SplitInferenceStub]:
     """The cloud's profile of ``model``; ``security``: ``open_channel``'s ``tls`` / ``token`` arguments."""
-    from protos.serving import open_channel
-
     from partitioner.profile import from_proto
     from protos.cleave.v1 import split_inference_pb2 as si_pb2
     from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+    from runtime.serving import open_channel
 
     stub = si_grpc.SplitInferenceStub(open_channel(target, **(security or {})))
     reply = stub.Profile(si_pb2.ProfileRequest(model=model.name), timeout=300)
