@@ -200,6 +200,61 @@ def placement_summary(d: Json) -> list[list[str]]:
 
 
 # ---- pruning.json -----------------------------------------------------------------------------------------------
+def placement_real(d: Json) -> list[list[str]]:
+    """One row per cell (edge speed x link) of the real-model placement run."""
+    rows = []
+    for m in d["models"]:
+        speed = f"{m['speed']:g}x ({m['speed_achieved']:.1f}x)"
+        for c in m["bandwidths"]:
+            chosen, within = c["cleave"], c.get("oracle_within_budget") or {}
+            rows.append(
+                [
+                    speed,
+                    f"{c['bandwidth_mbit']:g}",
+                    chosen["label"],
+                    f(chosen["predicted_ms"]),
+                    f(chosen["measured"]["e2e_ms"]),
+                    plan_label(within.get("label", "-")),
+                    f(within.get("e2e_ms")),
+                    x(c.get("ratio_within_budget")),
+                    plan_label(c["best_alternative"]["label"]),
+                    x(c.get("speedup_over_best_alternative")),
+                    "yes" if c.get("oracle_is_split") else "no",
+                ]
+            )
+    return rows
+
+
+def placement_real_summary(d: Json) -> list[list[str]]:
+    s = d["summary"]
+    split = s["speedup_over_best_alternative_in_split_cells"]
+    rows = [
+        ["cells (edge speed x link)", str(s["cells"])],
+        [
+            "Cleave / fastest in-budget candidate: median, max (goals 1.05, 1.15)",
+            f"{s['median_ratio_within_budget']:.2f} / {s['max_ratio_within_budget']:.2f}",
+        ],
+        ["cells where the in-budget oracle is a split", str(s["cells_where_oracle_is_split"])],
+        [
+            "there, Cleave's speed-up over the better of edge-only and in-budget cloud-only (goal 1.5x)",
+            ", ".join(x(v) for v in split) or "-",
+        ],
+        ["prediction error of the chosen plan (median)", pct(s["median_abs_error_chosen"]) + "%"],
+        ["Cleave under automatic planning over the same plan pinned (median)", f"{s['median_auto_vs_pinned']:.2f}"],
+    ]
+    for name, v in s["median_speedup_of_cleave_over"].items():
+        rows.append([f"speed-up over {name} (median)", x(v)])
+    return rows
+
+
+def bottleneck(d: Json) -> list[list[str]]:
+    """The rate-agreement curve on held-out photos: every method, bytes per image and agreement."""
+    return [
+        [p["method"], p["family"], f(p["bytes_mean"], ".0f"), f(p["bytes_p95"], ".0f"), pct(p["agreement"], ".0f")]
+        for p in d["curve"]["points"]
+    ]
+
+
 def pruning(d: Json) -> list[list[str]]:
     rows = []
     for r in d["rows"]:
@@ -450,6 +505,30 @@ TABLES: dict[str, Table] = {
         ),
     ),
     "placement_summary": Table(("placement.json",), placement_summary, ("measure", "value")),
+    "placement_real": Table(
+        ("placement_real.json",),
+        placement_real,
+        (
+            "edge (target/achieved)",
+            "Mbit/s",
+            "Cleave's plan",
+            "predicted",
+            "measured",
+            "oracle in budget",
+            "its ms",
+            "ratio",
+            "best alternative",
+            "speed-up",
+            "oracle a split",
+        ),
+    ),
+    "placement_real_summary": Table(("placement_real.json",), placement_real_summary, ("measure", "value")),
+    "bottleneck": Table(
+        ("bottleneck.json",), bottleneck, ("method", "family", "bytes/image", "p95", "agreement %"), "llrrr"
+    ),
+    "bottleneck_long": Table(
+        ("bottleneck_long.json",), bottleneck, ("method", "family", "bytes/image", "p95", "agreement %"), "llrrr"
+    ),
     "pruning": Table(
         ("pruning.json",),
         pruning,

@@ -81,6 +81,7 @@ def trained() -> dict:
     return {"model": model, "head": head, "tail": tail, "held": x[held_idx], "b": b, "seconds": seconds}
 
 
+@pytest.mark.slow  # trains a bottleneck
 def test_bottleneck_sends_fewer_bytes_than_int8_features_and_keeps_agreement(trained: dict) -> None:
     b, head, tail, held = trained["b"], trained["head"], trained["tail"], trained["held"]
     assert trained["seconds"] < 60 and b.history["steps"] == 100
@@ -92,6 +93,7 @@ def test_bottleneck_sends_fewer_bytes_than_int8_features_and_keeps_agreement(tra
     assert ours["bytes_p95"] >= ours["bytes_mean"] * 0.9
 
 
+@pytest.mark.slow  # trains a bottleneck
 def test_artifacts_round_trip_without_pickle(trained: dict, tmp_path: Path) -> None:
     b = trained["b"]
     feats = bn.cut_features(trained["head"], trained["held"][:3])
@@ -151,6 +153,7 @@ def engine_context(tmp_path: Path, opts: pb.BottleneckOptions) -> JobContext:
     return ctx
 
 
+@pytest.mark.slow  # trains a bottleneck
 def test_engine_reports_bytes_agreement_costs_and_a_curve(tmp_path: Path) -> None:
     opts = pb.BottleneckOptions(cuts=[CUT], rate_weights=[0.02], budget_s=15, holdout=0.3, augment=3)
     ctx = engine_context(tmp_path, opts)
@@ -197,6 +200,7 @@ def _wait(m: JobManager, job_id: str, ok, timeout: float = 120.0):
     raise AssertionError(f"job {job_id} never got there: {m.get(job_id)}")
 
 
+@pytest.mark.slow  # trains a bottleneck
 def test_a_training_job_cancels_and_survives_a_restart_like_any_job(tmp_path: Path) -> None:
     spec = pb.JobSpec(
         engine="bottleneck",

@@ -93,7 +93,7 @@ def missing_names(doc: Path, root: Path = ROOT) -> list[str]:
     missing = []
     for written in PATH.findall(text):
         for path in expand(written.rstrip(".,")):
-            if not any(root.glob(path)):
+            if not any(root.glob(path)) and not any(root.glob(path + ".*")):  # or an --out prefix
                 missing.append(path)
     for module in MODULE.findall(text):
         base = root.joinpath(*module.split("."))
