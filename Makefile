@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements/dev.txt
 PYTEST := $(PY) -m pytest -q
-EXTRAS := --extra dev --extra http --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
+EXTRAS := --extra dev --extra http --extra bottleneck --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
 
 .PHONY: demo test test-fast test-integration lint docs protos bench lock clean browser
 
