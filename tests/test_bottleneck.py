@@ -23,7 +23,7 @@ from partitioner.bottleneck.compare import int_k_points
 from partitioner.graph import trace
 from protos.cleave.v1 import compression_pb2 as pb
 from protos.errors import InvalidArgument
-from tests.support import bottleneck as small
+from tests.support import tiny_bottleneck as small
 
 CUT = "layer1_1_relu_1"  # (64, 8, 8) crossing at 32x32
 

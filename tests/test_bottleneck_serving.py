@@ -25,7 +25,7 @@ from partitioner.models import ModelSpec, fingerprint
 from protos.cleave.v1 import edge_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
-from tests.support import bottleneck as small
+from tests.support import tiny_bottleneck as small
 
 pytestmark = [pytest.mark.integration]
 

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from cleave_cli.launch import DaemonProcess, cloud_process, free_port
-from cloud_node.config import HttpConfig
+from cloud_node.config import CloudConfig, HttpConfig
 from cloud_node.web.v2 import parse_infer
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec
@@ -299,8 +299,10 @@ def test_http_config_listen() -> None:
     assert HttpConfig("8000").address() == ("127.0.0.1", 8000)
     assert HttpConfig("0.0.0.0:9000").address() == ("0.0.0.0", 9000)
     assert not HttpConfig().enabled
-    with pytest.raises(ValueError, match="http.listen"):
+    with pytest.raises(ValueError, match="^listen: 'localhost:http'"):
         HttpConfig("localhost:http")
+    with pytest.raises(ValueError, match="^http.listen: 'localhost:http'"):  # at load, by its YAML path
+        CloudConfig.from_dict({"http": {"listen": "localhost:http"}})
 
 
 def test_http_uses_the_daemons_mutual_tls(tmp_path: Path) -> None:
