@@ -80,7 +80,7 @@ def sessions_json(backends: Backends) -> list[dict[str, Any]]:
 
 #: What a job's known plots show; any other PNG artifact is shown under its own name.
 PLOT_TITLES = {
-    "sweep.png": "Pareto front: accuracy against size over the sweep's pruning ratios and bits",
+    "sweep.png": "Pareto front: the sweep's metric (accuracy, or latency without a dataset) against size",
     "curve.png": "Rate-agreement curve: top-1 agreement against bytes on the wire, per cut",
 }
 MAX_PLOT_JOBS = 50
