@@ -42,7 +42,7 @@ if CHROMIUM is None or DRIVER is None:
         allow_module_level=True,
     )
 
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -170,7 +170,11 @@ def test_console_shows_models_edges_and_a_job_to_its_plot(
         # Both edges, each with measured cloud stages.
         return rows if len(rows) == 2 and all(r["stages"] for r in rows) else None
 
-    rows = WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException]).until(edge_rows)
+    try:
+        rows = WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException]).until(edge_rows)
+    except TimeoutException:
+        state = httpx.get(url + "/api/v1/console/state", headers=auth, timeout=10).json()["sessions"]
+        raise AssertionError(f"the page did not show both edges with measured stages; the cloud has {state}") from None
     pinned = next(r for r in rows if "k=3" in r["plan"])
     assert "8-bit AFFINE" in pinned["text"] and "no prediction" in pinned["predicted"], pinned
     # The planned edge: its prediction (end to end, per stage) and the cloud's part, predicted vs measured.
