@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -69,6 +70,53 @@ class ModelRegistry:
         return info
 
 
+MAX_PREDICTED_MS = 3_600_000.0  # an hour: past that a prediction is not one
+MAX_PLAN_LABEL = 200
+PREDICTED_STAGES = ("edge_ms", "encode_ms", "upload_ms", "rtt_ms", "decode_ms", "cloud_ms", "download_ms")
+
+
+@dataclass(frozen=True)
+class PlanPrediction:
+    """What an edge's plan predicts for one request, as its ``OpenSession`` reported it (for the console).
+
+    Immutable: a session's is set when it opens (each plan switch to another cut, each reconnection
+    opens a new session, so it is the plan in force when the session was opened).
+    """
+
+    label: str
+    objective: str
+    total_ms: float
+    edge_ms: float
+    encode_ms: float
+    upload_ms: float
+    rtt_ms: float
+    decode_ms: float
+    cloud_ms: float
+    download_ms: float
+
+    @classmethod
+    def from_proto(cls, message: si_pb2.PlanPrediction) -> PlanPrediction:
+        """Checked: InvalidArgument naming ``plan.<field>`` for a number that is not finite and within
+        0..MAX_PREDICTED_MS, or a label or objective over MAX_PLAN_LABEL characters."""
+        values = {}
+        for name in ("total_ms", *PREDICTED_STAGES):
+            value = getattr(message, name)
+            if not math.isfinite(value) or not 0.0 <= value <= MAX_PREDICTED_MS:
+                raise InvalidArgument(f"plan.{name}: {value} is not a latency in ms (0 to {MAX_PREDICTED_MS:.0f})")
+            values[name] = value
+        for name in ("label", "objective"):
+            if len(getattr(message, name)) > MAX_PLAN_LABEL:
+                raise InvalidArgument(f"plan.{name}: longer than {MAX_PLAN_LABEL} characters")
+        return cls(
+            label=printable(message.label, MAX_PLAN_LABEL),
+            objective=printable(message.objective, MAX_PLAN_LABEL),
+            **values,
+        )
+
+    def to_json(self) -> dict[str, float | str]:
+        return asdict(self)
+
+
 def cut_info(cut: Cut) -> si_pb2.CutInfo:
     return si_pb2.CutInfo(index=cut.index, name=cut.name, live=list(cut.live), nbytes=cut.nbytes)
 
@@ -99,6 +147,8 @@ class Session:
     # running its requests, copied by recent(); (unix time, queue, decode, compute, encode ms) of the latest.
     timings: deque = field(default_factory=lambda: deque(maxlen=120))
     features: str = ""  # how the edge encodes its features (its plan's bits and codec), from the latest request
+    # What the edge's plan predicts (None: it did not say); set once at open, immutable, so read without a lock.
+    plan: PlanPrediction | None = None
     feature_bytes: int = 0  # their bytes on the wire, latest request
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -239,6 +289,7 @@ class SessionManager:
             raise InvalidArgument(f"result_encoding: {exc}") from exc
         if result_spec.encoding == "entropy":
             raise InvalidArgument("result_encoding: entropy codes a bottleneck's latent, not a model's outputs")
+        plan = PlanPrediction.from_proto(request.plan) if request.HasField("plan") else None
         with self._lock:
             self._expire_idle()
             if len(self._sessions) >= self.limits.max_sessions:
@@ -258,6 +309,7 @@ class SessionManager:
                 codec_limits=self.codec_limits,
                 client=request.client,
                 owner=owner,
+                plan=plan,
                 max_batch=self.limits.batch_limit(model.name),
                 runner=self.batchers.runner(model.name, cut.index, tail) if self.batchers else None,
             )

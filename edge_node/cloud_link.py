@@ -252,6 +252,8 @@ class CloudLink:
         self._draining: list[InferStream] = []  # replaced by a plan switch, finishing their requests
         self._draining_lock = threading.Lock()  # guards _draining (drain threads remove, requests read)
         self._want_cut: int | None = None
+        # What the wanted plan predicts, sent with each OpenSession; replaced whole (one reference write).
+        self._prediction: si_pb2.PlanPrediction | None = None
         self._ids = itertools.count(1)  # next() on it is atomic: request ids from any thread
         self._connect_lock = threading.Lock()  # one OpenSession at a time; guards swapping _stream
         self._wake = threading.Event()
@@ -307,8 +309,14 @@ class CloudLink:
         stream = self._stream
         return stream is not None and not stream.broken
 
-    def want(self, cut_index: int | None, wait: bool = True) -> None:
-        """Ask for a session at ``cut_index`` (None: no session needed). With ``wait``, try now."""
+    def want(self, cut_index: int | None, wait: bool = True, prediction: si_pb2.PlanPrediction | None = None) -> None:
+        """Ask for a session at ``cut_index`` (None: no session needed). With ``wait``, try now.
+
+        ``prediction``: what the plan predicts, told to the cloud with every session opened from now
+        on (its console shows it beside what it measures). A session already open at ``cut_index``
+        is kept, so the cloud sees a new prediction for the same cut at the next session.
+        """
+        self._prediction = prediction
         self._want_cut = cut_index
         if cut_index is not None and wait:
             with self._connect_lock:
@@ -357,14 +365,18 @@ class CloudLink:
     def _connect(self, cut_index: int) -> None:
         """Open a session and stream at ``cut_index``; replaces the current one. Raises WireError."""
         timeout = self.reconnect.connect_timeout_s
+        request = si_pb2.OpenSessionRequest(
+            model=self.model.name,
+            fingerprint=self.model.fingerprint,
+            cut=str(cut_index),
+            client=self.client_name,
+        )
+        prediction = self._prediction
+        if prediction is not None:
+            request.plan.CopyFrom(prediction)
         try:
             reply = self._stub.OpenSession(
-                si_pb2.OpenSessionRequest(
-                    model=self.model.name,
-                    fingerprint=self.model.fingerprint,
-                    cut=str(cut_index),
-                    client=self.client_name,
-                ),
+                request,
                 timeout=timeout,
                 wait_for_ready=False,
             )

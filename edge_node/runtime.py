@@ -14,6 +14,7 @@ servicer converts them to the wire's enum.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -33,12 +34,14 @@ from partitioner.models import calibration_batch
 from partitioner.placement import Placement
 from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
 from protos.cleave.v1 import edge_pb2
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError
 
 from .cloud_link import CloudLink
 
 log = logging.getLogger(__name__)
 
+MAX_PREDICTED_MS = 3_600_000.0  # the most the cloud takes for a predicted latency (PlanPrediction)
 FALLBACK_LOG_INTERVAL_S = 60.0  # a lasting fallback is logged again this often
 
 T = TypeVar("T")
@@ -308,7 +311,7 @@ class EdgeRuntime:
         plan = self._quantize_head(plan, self.head_bits if weight_bits is None else weight_bits)
         with self._pin_lock:
             # Open the new session before switching, so requests keep going to the cloud meanwhile.
-            self.link.want(plan.cut_index)
+            self.link.want(plan.cut_index, prediction=plan_prediction(plan))
             self._plan = plan
             self.inflight_requests.switched(plan.cut_index)
             self.counters.add("plan_switches")
@@ -470,6 +473,32 @@ class EdgeRuntime:
         timing.edge_compute_ms += (t1 - t0) * 1e3
         timing.total_ms = (t1 - started) * 1e3
         return Outcome(outputs, Placement.LOCAL_FALLBACK, plan, timing, note=note, local_tail_ms=(t1 - t0) * 1e3)
+
+
+def plan_prediction(plan: ActivePlan) -> si_pb2.PlanPrediction | None:
+    """What ``plan`` predicts, as the cloud's ``OpenSession`` takes it (None: no prediction, or edge-only).
+
+    Values outside what the cloud accepts (not finite, negative, over an hour) are clamped there, so a
+    wild estimate never costs the edge its session."""
+    p = plan.predicted
+    if p is None or plan.cut is None:
+        return None
+
+    def ms(value: float) -> float:
+        return min(max(value, 0.0), MAX_PREDICTED_MS) if math.isfinite(value) else MAX_PREDICTED_MS
+
+    return si_pb2.PlanPrediction(
+        label=f"{_where(plan)}, {plan.spec}"[:200],
+        objective=plan.objective[:200],
+        total_ms=ms(p.total_ms),
+        edge_ms=ms(p.edge_ms),
+        encode_ms=ms(p.encode_ms),
+        upload_ms=ms(p.upload_ms),
+        rtt_ms=ms(p.rtt_ms),
+        decode_ms=ms(p.decode_ms),
+        cloud_ms=ms(p.cloud_ms),
+        download_ms=ms(p.download_ms),
+    )
 
 
 def _where(plan: ActivePlan) -> str:

@@ -87,7 +87,7 @@ class FakeLink:
     def __init__(self) -> None:
         self.wanted: list[int | None] = []
 
-    def want(self, cut_index: int | None) -> None:
+    def want(self, cut_index: int | None, prediction: object = None) -> None:
         self.wanted.append(cut_index)
 
 

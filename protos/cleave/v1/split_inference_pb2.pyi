@@ -137,18 +137,44 @@ class ProbeMessage(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., data: _Optional[bytes] = ..., echo: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., server_time: _Optional[float] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("model", "fingerprint", "cut", "result_encoding", "client")
+    __slots__ = ("model", "fingerprint", "cut", "result_encoding", "client", "plan")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     RESULT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     cut: str
     result_encoding: _tensor_pb2.TensorEncoding
     client: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., cut: _Optional[str] = ..., result_encoding: _Optional[_Union[_tensor_pb2.TensorEncoding, _Mapping]] = ..., client: _Optional[str] = ...) -> None: ...
+    plan: PlanPrediction
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., cut: _Optional[str] = ..., result_encoding: _Optional[_Union[_tensor_pb2.TensorEncoding, _Mapping]] = ..., client: _Optional[str] = ..., plan: _Optional[_Union[PlanPrediction, _Mapping]] = ...) -> None: ...
+
+class PlanPrediction(_message.Message):
+    __slots__ = ("label", "objective", "total_ms", "edge_ms", "encode_ms", "upload_ms", "rtt_ms", "decode_ms", "cloud_ms", "download_ms")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_MS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    objective: str
+    total_ms: float
+    edge_ms: float
+    encode_ms: float
+    upload_ms: float
+    rtt_ms: float
+    decode_ms: float
+    cloud_ms: float
+    download_ms: float
+    def __init__(self, label: _Optional[str] = ..., objective: _Optional[str] = ..., total_ms: _Optional[float] = ..., edge_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., upload_ms: _Optional[float] = ..., rtt_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., download_ms: _Optional[float] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "cut", "output_shape")
