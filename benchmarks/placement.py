@@ -46,12 +46,12 @@ Prediction errors compare the planner's prediction with the edge daemon's own re
 which is what the latency model describes (it leaves out the app's local call into the daemon). The Cleave row is
 measured under automatic planning; ``auto/pin`` compares it with the same plan pinned.
 
-    sudo .venv/bin/python benchmarks/placement.py                                  # the 3 x 4 real grid
-    sudo .venv/bin/python benchmarks/placement.py --speeds 10 --bandwidths 20        # one cell
-    sudo .venv/bin/python benchmarks/placement.py --speeds 30 --append ...           # add a speed to the results
-    sudo .venv/bin/python benchmarks/placement.py --speeds none --edge-cpu 0.5 --models resnet50,mobilenet_v2 \
+    sudo .venv/bin/python -m benchmarks.placement                                  # the 3 x 4 real grid
+    sudo .venv/bin/python -m benchmarks.placement --speeds 10 --bandwidths 20        # one cell
+    sudo .venv/bin/python -m benchmarks.placement --speeds 30 --append ...           # add a speed to the results
+    sudo .venv/bin/python -m benchmarks.placement --speeds none --edge-cpu 0.5 --models resnet50,mobilenet_v2 \
         --out benchmarks/results/placement                                         # the older synthetic runs
-    .venv/bin/python benchmarks/placement.py report                                # table and plots from the JSON
+    .venv/bin/python -m benchmarks.placement report                                # table and plots from the JSON
 
 Results: ``benchmarks/results/placement_real.json`` (``--out``), ``placement_real.png`` (latency against bandwidth
 per edge speed and strategy), ``placement_real_prediction.png`` (predicted against measured latency) and
@@ -79,12 +79,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-THIS_FILE = Path(__file__).resolve()
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.netlab import NetLab  # standard library only: the no-root check stays fast
 
-from netlab import NetLab  # noqa: E402  (standard library only: the no-root check stays fast)
+ROOT = Path(__file__).resolve().parent.parent
+#: This file again, for its sub-commands in child processes (run with ``cwd=ROOT``).
+SELF = [sys.executable, "-m", "benchmarks.placement"]
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("efficientnet_lite0_pretrained",)  # real weights and real photos; torchvision names work too
@@ -264,7 +263,7 @@ def calibrate_speeds(lab: NetLab, args: argparse.Namespace, entry: dict[str, Any
     ``full-core time / cloud_ms / speed`` core, the quota is corrected by the measured factor until the achieved
     slowdown is within ``--speed-tolerance`` (at most ``--speed-tries`` times). What was achieved is recorded.
     """
-    argv = [sys.executable, str(THIS_FILE), "calibrate", "--entry", json.dumps(entry)]
+    argv = [*SELF, "calibrate", "--entry", json.dumps(entry)]
     argv += ["--edge-threads", str(args.edge_threads)]
     proc = lab.popen(
         lab.edge_ns, argv, cpu_quota=1.0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
@@ -335,7 +334,7 @@ def prewarm(args: argparse.Namespace, workdir: Path, entry: dict[str, Any]) -> P
     cache are still its own.
     Returns the cache directory (``sizes/`` and ``distortion/`` under it)."""
     cache = workdir / "cache" / f"prewarm-{entry['name']}"
-    argv = [sys.executable, str(THIS_FILE), "prewarm", "--entry", json.dumps(entry)]
+    argv = [*SELF, "prewarm", "--entry", json.dumps(entry)]
     argv += ["--speeds", ",".join(f"{v:g}" for v in args.speeds) or "1", "--delay-ms", str(args.delay_ms)]
     argv += ["--bandwidths", ",".join(f"{b:g}" for b in args.bandwidths), "--cuts", args.cuts, "--top", str(args.top)]
     started = time.monotonic()
@@ -441,7 +440,7 @@ def run_model(
         edge = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
     set_cfs_period(lab, edge.pid, edge_cpu, args.cfs_period_ms)
     out = workdir / f"result-{tag}.json"
-    argv = [sys.executable, str(THIS_FILE), "drive", "--edge", f"127.0.0.1:{EDGE_PORT}", "--cloud", cloud]
+    argv = [*SELF, "drive", "--edge", f"127.0.0.1:{EDGE_PORT}", "--cloud", cloud]
     argv += ["--entry", json.dumps(entry), "--bandwidths", ",".join(f"{b:g}" for b in args.bandwidths)]
     argv += ["--out", str(out)]
     for name in DRIVER_OPTIONS:
@@ -504,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
         relay = lab.relay(lab.cloud_ns, f"{lab.cloud_ip}:0", f"127.0.0.1:{CLOUD_PORT}", args.delay_ms)
         cloud_ms = {}
         for model in args.models:  # the cloud profiles itself now, alone, not while an edge daemon starts up
-            argv = [sys.executable, str(THIS_FILE), "cloudprofile", "--cloud", relay.address]
+            argv = [*SELF, "cloudprofile", "--cloud", relay.address]
             argv += ["--entry", json.dumps(entries[model])]
             done = lab.run(lab.edge_ns, argv, timeout=args.ready_timeout_s, cwd=ROOT, env=daemon_env(workdir))
             print(done.stderr, end="", flush=True)
