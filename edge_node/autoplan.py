@@ -309,6 +309,11 @@ class AutoPlanner:
                 log.warning("planner not ready (%s); retrying in %.1fs", self.error, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
+            except Exception as exc:  # noqa: BLE001 - nothing may end automatic planning
+                self.error = _message(exc)
+                log.exception("planning failed; retrying in %.1fs", delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
         interval = self.settings.check_interval_s
         next_check = time.monotonic() + interval
         while not self._stop.is_set():
@@ -327,6 +332,9 @@ class AutoPlanner:
                         self._check()
                     except (grpc.RpcError, Unavailable) as exc:
                         self.error = _message(exc)  # the cloud is away; the runtime falls back by itself
+                    except Exception as exc:  # noqa: BLE001 - nothing may end automatic planning
+                        self.error = _message(exc)
+                        log.exception("re-planning check failed; the plan in force stays")
         self._refuse_waiting()
 
     def _refuse_waiting(self) -> None:

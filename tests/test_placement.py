@@ -229,3 +229,42 @@ def test_the_edge_daemon_refuses_a_bad_cut_before_it_listens() -> None:
     assert build_config(parse_args(["--model", "resnet18", "--cut", "edge"])).plan.cut == "edge"
     with pytest.raises(ValueError, match="plan.cut: -2 is negative"):
         build_config(parse_args(["--model", "resnet18", "--cut=-2"]))
+
+
+def test_an_unexpected_error_in_a_check_does_not_end_planning() -> None:
+    """A check that raises something other than an RPC error (a bug, a pin refused) is reported in
+    ``error`` and planning goes on: the next check runs on the same thread. So does a first plan
+    that fails that way: it is retried."""
+    checks: list[int] = []
+    counters = SimpleNamespace(subscribe=lambda f: None, unsubscribe=lambda f: None)
+    runtime = SimpleNamespace(counters=counters, head_bits=32)
+    auto = AutoPlanner(None, runtime, None, None, AutoPlanSettings(check_interval_s=0.02))  # type: ignore[arg-type]
+    auto.measure_link = lambda: SimpleNamespace(up_mbps=10.0, down_mbps=10.0, rtt_ms=5.0)
+    auto.use = lambda planner: setattr(auto, "planner", planner)
+    auto.apply = lambda scored, reason, **kwargs: True
+
+    def check() -> None:
+        checks.append(1)
+        if len(checks) == 1:
+            raise RuntimeError("boom")
+
+    first = [RuntimeError("not yet")]
+
+    def prepare() -> object:
+        if first:
+            raise first.pop()
+        return object()
+
+    auto.prepare = prepare
+    auto.choose = lambda link: None
+    auto._check = check
+    auto.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(checks) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(checks) >= 3 and auto._thread.is_alive()
+        assert auto.error == "boom"
+    finally:
+        auto.close()
+    assert not auto._thread.is_alive()
