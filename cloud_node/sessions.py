@@ -25,6 +25,7 @@ from compressor import (
 from partitioner.graph import Cut
 from partitioner.loaded import LoadedModel, check_features
 from partitioner.models import ModelSpec
+from protos.bounds import MAX_PLAN_LABEL, MAX_PREDICTED_MS
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import tensor_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -70,8 +71,6 @@ class ModelRegistry:
         return info
 
 
-MAX_PREDICTED_MS = 3_600_000.0  # an hour: past that a prediction is not one
-MAX_PLAN_LABEL = 200
 PREDICTED_STAGES = ("edge_ms", "encode_ms", "upload_ms", "rtt_ms", "decode_ms", "cloud_ms", "download_ms")
 
 

@@ -33,6 +33,7 @@ from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import calibration_batch
 from partitioner.placement import Placement
 from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
+from protos.bounds import MAX_PLAN_LABEL, MAX_PREDICTED_MS
 from protos.cleave.v1 import edge_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError
@@ -41,7 +42,6 @@ from .cloud_link import CloudLink
 
 log = logging.getLogger(__name__)
 
-MAX_PREDICTED_MS = 3_600_000.0  # the most the cloud takes for a predicted latency (PlanPrediction)
 FALLBACK_LOG_INTERVAL_S = 60.0  # a lasting fallback is logged again this often
 
 T = TypeVar("T")
@@ -488,8 +488,8 @@ def plan_prediction(plan: ActivePlan) -> si_pb2.PlanPrediction | None:
         return min(max(value, 0.0), MAX_PREDICTED_MS) if math.isfinite(value) else MAX_PREDICTED_MS
 
     return si_pb2.PlanPrediction(
-        label=f"{_where(plan)}, {plan.spec}"[:200],
-        objective=plan.objective[:200],
+        label=f"{_where(plan)}, {plan.spec}"[:MAX_PLAN_LABEL],
+        objective=plan.objective[:MAX_PLAN_LABEL],
         total_ms=ms(p.total_ms),
         edge_ms=ms(p.edge_ms),
         encode_ms=ms(p.encode_ms),
