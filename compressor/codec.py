@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor import clipping, entropy, half, jpeg, zstd
+from compressor import blocked, clipping, entropy, half, jpeg, zstd
 from compressor._arrays import as_float32, is_tensor, torch_or_none
 from compressor.bitpack import BIT_WIDTHS, pack_array, packed_size, unpack_array
 from compressor.clipping import clip_range_array
@@ -138,7 +138,9 @@ def decode_array(
         raise CodecError(f"tensor.crc32: {msg.crc32:#010x} does not match the payload ({crc:#010x})")
     if msg.codec == tensor_pb2.ZSTD:
         try:
-            buf = zstd.decompress(payload, msg.raw_size)
+            # RAW returns the buffer itself and FP16 may hand it to torch.from_numpy; the others only read it.
+            writable = msg.encoding in (tensor_pb2.RAW, tensor_pb2.FP16)
+            buf = zstd.decompress(payload, msg.raw_size, writable=writable)
         except ValueError as e:
             raise CodecError(f"tensor.payload: {e}") from None
     elif msg.encoding in (tensor_pb2.RAW, tensor_pb2.FP16):
@@ -275,11 +277,13 @@ def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.nda
         except (TypeError, ValueError) as e:
             raise CodecError(f"spec.clip: {e}") from None
     scales, zero_points = affine_params_array(lo, hi, spec.bits)
-    q = quantize_array(xf, spec.bits, scales, zero_points, lo, hi, axis, covers=covers)
     msg.bits = spec.bits
     msg.axis = -1 if axis is None else axis
     msg.scales.extend(scales.reshape(-1).tolist())
     msg.zero_points.extend(zero_points.reshape(-1).tolist())
+    if axis is None:  # per tensor, the default: in cache-sized blocks
+        return blocked.quantize_pack(xf.reshape(-1), spec.bits, scales, zero_points, lo, hi, covers)
+    q = quantize_array(xf, spec.bits, scales, zero_points, lo, hi, axis, covers=covers)
     return pack_array(q.reshape(-1), spec.bits)
 
 

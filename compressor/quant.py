@@ -160,10 +160,12 @@ def quantize_array(
     return q
 
 
-def _quantize_per_tensor(
-    x: np.ndarray, top: int, scale: np.ndarray, zero_point: np.ndarray, lo: np.ndarray, hi: np.ndarray, covers: bool
-) -> np.ndarray:
-    """:func:`quantize_array` for one group, with float32 scalars for the bounds (same steps)."""
+def per_tensor_steps(
+    top: int, scale: Any, zero_point: Any, lo: Any, hi: Any, covers: bool
+) -> tuple[np.float32, float, np.float32, np.float32, bool]:
+    """The per-element steps of per-tensor quantization: ``(s, z, low, high, clamp)`` such that the
+    codes are ``rint(clamp(x / s, low, high)) + z`` (the clamp only where ``clamp`` is true), as
+    :func:`quantize_array` derives them (float32 scalars)."""
     s32, z = np.float32(scale), float(zero_point)
     a, b = np.float32(lo) / s32, np.float32(hi) / s32
     a = min(a, b)
@@ -173,9 +175,17 @@ def _quantize_per_tensor(
         low = high = d
     elif b < c:
         low = high = c
+    return s32, z, np.float32(low), np.float32(high), not (covers and low == a and high == b)
+
+
+def _quantize_per_tensor(
+    x: np.ndarray, top: int, scale: np.ndarray, zero_point: np.ndarray, lo: np.ndarray, hi: np.ndarray, covers: bool
+) -> np.ndarray:
+    """:func:`quantize_array` for one group, with float32 scalars for the bounds (same steps)."""
+    s32, z, low, high, clamp = per_tensor_steps(top, scale, zero_point, lo, hi, covers)
     buf = np.divide(x, s32, out=np.empty(x.shape, np.float32))
-    if not (covers and low == a and high == b):
-        np.clip(buf, np.float32(low), np.float32(high), out=buf)
+    if clamp:
+        np.clip(buf, low, high, out=buf)
     q = np.empty(x.shape, np.uint8)
     if z == 0:
         np.rint(buf, out=q, casting="unsafe")
