@@ -28,7 +28,7 @@ _local = threading.local()
 def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This thread's (float32, uint8, uint16) block buffers, allocated once per thread."""
     bufs = getattr(_local, "bufs", None)
-    if bufs is None:
+    if bufs is None or bufs[0].size != BLOCK:
         bufs = _local.bufs = (np.empty(BLOCK, np.float32), np.empty(BLOCK, np.uint8), np.empty(BLOCK // 2, np.uint16))
     return bufs
 
