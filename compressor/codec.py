@@ -290,7 +290,7 @@ def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.nda
 def _set_payload(msg: tensor_pb2.Tensor, data: bytes | np.ndarray, spec: EncodingSpec) -> None:
     raw_size = len(data) if isinstance(data, bytes) else data.nbytes
     if spec.codec == "zstd":
-        payload = zstd.compress(data, spec.level, spec.threads)
+        payload = zstd.compress(data, spec.level, spec.threads, codes=spec.encoding == "affine")
         msg.codec = tensor_pb2.ZSTD
     else:
         payload = data if isinstance(data, bytes) else data.tobytes()
