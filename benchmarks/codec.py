@@ -7,13 +7,17 @@ and tails of real post-ReLU features). Without torchvision or scikit-image it fa
 seeded ``relu(N(0, 1))`` tensor and says so in the JSON.
 
 Each path encodes and decodes the same tensor; the paths run interleaved, one repeat each in turn,
-so machine load hits all of them alike; the median of ``--repeats`` is reported as GB/s of fp32
-input bytes. The naive baselines are the ones of issue 15: min-max, rint, nibble packing with
-strided slices, zstd level 1 (and the same at 8 bits). A second table measures zstd levels (-5 to 3)
-on the packed 4-bit and 8-bit codes and the fp16 bytes of the same activation: compressed size and
-compress / decompress speed, which is how the default level was chosen.
+so machine load hits all of them alike; the median of ``--repeats`` (process CPU time by default, so
+that waiting for a busy core does not count; ``--clock wall`` for wall time) is reported as GB/s of
+fp32 input bytes. Cleave's paths take and return torch tensors, as the torch daemons call the codec, and
+(``... numpy``) numpy arrays, as the torch-free edge does. The naive baselines are the ones of
+issue 15: min-max, rint, nibble packing with strided slices, zstd level 1 (and the same at 8 bits).
+A second table measures zstd levels (-5 to 3), Cleave's level-1 parameters for codes and 2 worker
+threads on the packed 4-bit and 8-bit codes and the fp16 bytes of the same activation: compressed
+size and compress / decompress speed, which is how the default was chosen.
 
     python -m benchmarks.codec [--repeats 40 --cpu 0 --out benchmarks/results/codec.json]
+    python -m benchmarks.codec --before old.json --label "what was measured"  # keeps old.json's paths as 'before'
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 
-from compressor import EncodingSpec, decode, encode  # noqa: E402
+from compressor import EncodingSpec, decode, decode_array, encode  # noqa: E402
+from compressor import zstd as cleave_zstd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = (1, 256, 56, 56)
-CLEAVE_SPECS = ("int4", "int4+zstd1", "int4+none", "int8", "int8+zstd1", "int8+none", "fp16")
+CLEAVE_SPECS = ("int4", "int4+none", "int4c", "int8", "int8+none", "fp16")
+NUMPY_SPECS = ("int4", "int8")  # also from and to numpy arrays, as the torch-free edge calls the codec
 # Issue 15's goals, GB/s of fp32 input per core: (encode, decode).
 GOALS = {"int4": (1.5, 3.0), "int8": (0.8, 2.5)}
 LEVELS = (-5, -3, -1, 1, 3)
@@ -134,13 +140,22 @@ def cleave_paths(x: np.ndarray) -> dict[str, tuple[Callable[[], object], Callabl
     for text in CLEAVE_SPECS:
         spec = EncodingSpec.parse(text)
         paths[f"cleave {text}"] = ((lambda spec=spec: encode(t, spec)), decode)
+    for text in NUMPY_SPECS:
+        spec = EncodingSpec.parse(text)
+        paths[f"cleave {text} numpy"] = ((lambda spec=spec: encode(x, spec)), decode_array)
     return paths
 
 
+#: What a repeat's time is: the process's CPU time (default: on a shared machine, time spent waiting
+#: for the core is not the codec's; zstd's worker threads count) or wall-clock time (``--clock wall``).
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock = CLOCKS["cpu"]
+
+
 def _time(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
+    start = _clock()
     out = fn()
-    return time.perf_counter() - start, out
+    return _clock() - start, out
 
 
 def run_paths(paths: dict, repeats: int, nbytes: int) -> dict[str, dict]:
@@ -171,30 +186,40 @@ def run_paths(paths: dict, repeats: int, nbytes: int) -> dict[str, dict]:
 
 
 def zstd_levels(x: np.ndarray, repeats: int) -> list[dict]:
-    """zstd levels on the bytes Cleave actually compresses: packed 4-bit and 8-bit codes, fp16."""
+    """zstd levels on the bytes Cleave actually compresses: packed 4-bit and 8-bit codes, fp16; for
+    codes also Cleave's level-1 parameters for codes (``compressor.zstd.CODES_PARAMS``, its default)
+    and zstd's own level 1 with 2 worker threads (threads: the goals are per core, and a frame this
+    small is one zstd job anyway)."""
     q4 = encode(as_input(x), EncodingSpec.parse("int4+none")).payload
     q8 = encode(as_input(x), EncodingSpec.parse("int8+none")).payload
     f16 = x.astype(np.float16).tobytes()
     rows = []
     dctx = zstandard.ZstdDecompressor()
     for what, raw in (("int4 codes", q4), ("int8 codes", q8), ("fp16", f16)):
-        for level in LEVELS:
-            cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
-            comp, dec = [], []
-            for _ in range(repeats):
-                te, frame = _time(lambda cctx=cctx, raw=raw: cctx.compress(raw))
-                td, _ = _time(lambda frame=frame: dctx.decompress(frame))
-                comp.append(te)
-                dec.append(td)
+        variants = [(level, "", zstandard.ZstdCompressor(level=level, write_content_size=True)) for level in LEVELS]
+        if what != "fp16":
+            variants.append((1, "codes", cleave_zstd._compressor(1, 0, codes=True)))
+            variants.append((1, "t2", zstandard.ZstdCompressor(level=1, threads=2, write_content_size=True)))
+        comp: list[list[float]] = [[] for _ in variants]
+        dec: list[list[float]] = [[] for _ in variants]
+        frames: list[bytes] = [b""] * len(variants)
+        for _ in range(repeats):  # interleaved, as the paths are
+            for k, (_, _, cctx) in enumerate(variants):
+                te, frames[k] = _time(lambda cctx=cctx, raw=raw: cctx.compress(raw))
+                td, _ = _time(lambda frame=frames[k]: dctx.decompress(frame))
+                comp[k].append(te)
+                dec[k].append(td)
+        for k, (level, variant, _) in enumerate(variants):
             rows.append(
                 {
                     "input": what,
                     "level": level,
+                    "variant": variant,
                     "raw_bytes": len(raw),
-                    "compressed_bytes": len(frame),
-                    "ratio": round(len(raw) / len(frame), 3),
-                    "compress_gbps": round(len(raw) / statistics.median(comp) / 1e9, 3),
-                    "decompress_gbps": round(len(raw) / statistics.median(dec) / 1e9, 3),
+                    "compressed_bytes": len(frames[k]),
+                    "ratio": round(len(raw) / len(frames[k]), 3),
+                    "compress_gbps": round(len(raw) / statistics.median(comp[k]) / 1e9, 3),
+                    "decompress_gbps": round(len(raw) / statistics.median(dec[k]) / 1e9, 3),
                 }
             )
     return rows
@@ -224,7 +249,8 @@ def plot(result: dict, path: Path) -> None:
         mine = [r for r in result["zstd_levels"] if r["input"] == what]
         axes[1].plot([r["compress_gbps"] for r in mine], [r["ratio"] for r in mine], "o-", label=what)
         for r in mine:
-            axes[1].annotate(f"L{r['level']}", (r["compress_gbps"], r["ratio"]), fontsize=8)
+            label = f"L{r['level']}" + (f" {r['variant']}" if r.get("variant") else "")
+            axes[1].annotate(label, (r["compress_gbps"], r["ratio"]), fontsize=8)
     axes[1].set(xlabel="zstd compress GB/s (of its input)", ylabel="compression ratio", title="zstd levels")
     axes[1].set_xscale("log")
     axes[1].legend()
@@ -239,7 +265,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "codec.json")
     ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit measured)")
     ap.add_argument("--before", type=Path, help="a JSON of this script run on older code: stored under 'before'")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time (default) or wall time")
     args = ap.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
     cpu = args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpu})
 
@@ -248,7 +277,7 @@ def main() -> None:
     paths = {**naive_paths(x), **cleave_paths(x)}
     load_before = os.getloadavg()
     measured = run_paths(paths, args.repeats, nbytes)
-    levels = zstd_levels(x, max(args.repeats // 4, 5))
+    levels = zstd_levels(x, max(args.repeats // 2, 5))
     load_after = os.getloadavg()
 
     naive = {4: measured["naive int4+zstd1"], 8: measured["naive int8+zstd1"]}
@@ -280,6 +309,7 @@ def main() -> None:
             "zstandard": zstandard.__version__,
         },
         "repeats": args.repeats,
+        "clock": {"cpu": "process CPU time", "wall": "wall-clock time"}[args.clock],
         "default_spec": {"int4": str(EncodingSpec.parse("int4").to_proto()).replace("\n", " ")},
         "paths": measured,
         "goals": goals,
@@ -304,7 +334,7 @@ def main() -> None:
         print(f"{was.get('encode_vs_naive', ''):>19}{was.get('decode_vs_naive', ''):>11}" if old else "")
     for r in levels:
         print(
-            f"zstd {r['input']:<11} level {r['level']:>3}: ratio {r['ratio']:.3f}  "
+            f"zstd {r['input']:<11} level {r['level']:>3} {r['variant']:<5}: ratio {r['ratio']:.3f}  "
             f"compress {r['compress_gbps']:.2f} GB/s  decompress {r['decompress_gbps']:.2f} GB/s"
         )
     print(f"load average {load_before} -> {load_after}; wrote {args.out}")
