@@ -330,6 +330,25 @@ def test_decode_rejects_corruption_naming_the_field(name: str) -> None:
         decode(_corrupt(mutate))
 
 
+@pytest.mark.parametrize(
+    ("scale", "zero_point", "pattern"),
+    [
+        (-0.5, 0, r"tensor\.scales: every scale must be finite and > 0"),
+        (0.0, 0, r"tensor\.scales"),
+        (float("nan"), 0, r"tensor\.scales"),
+        (float("inf"), 0, r"tensor\.scales"),
+        (0.25, 16, r"tensor\.zero_points: every zero point must be in \[0, 15\]"),
+        (0.25, -1, r"tensor\.zero_points"),
+    ],
+)
+def test_per_tensor_parameters_are_checked_like_per_channel_ones(scale: float, zero_point: int, pattern: str) -> None:
+    msg = encode(_activations(1, 4, 3, 3), EncodingSpec("affine", 4))
+    assert msg.axis == -1 and len(msg.scales) == 1
+    msg.scales[0], msg.zero_points[0] = scale, zero_point
+    with pytest.raises(CodecError, match=pattern):
+        decode(msg)
+
+
 @pytest.mark.parametrize("codec", ["zstd", "none"])
 def test_truncated_payload_with_consistent_sizes_is_still_rejected(codec: str) -> None:
     def trim_and_reseal(msg: tensor_pb2.Tensor) -> None:
