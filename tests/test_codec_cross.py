@@ -221,3 +221,13 @@ def test_blocked_encoding_equals_the_unfused_functions_at_every_block_edge(bits:
                 want = pack_array(quantize_array(x, bits, sa, za, a, b, None, covers=covers), bits)
                 got = blocked.quantize_pack(x, bits, sa, za, a, b, covers)
                 assert got.tobytes() == want.tobytes()
+
+
+def test_the_fast_crc32_is_zlibs_checksum() -> None:
+    """The codec checksums with ISA-L where installed (tests/test_codec_golden.py runs it without)."""
+    import compressor.codec
+
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 15, 16, 17, 4095, 177_076, 1 << 20):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert compressor.codec.crc32(data) == zlib.crc32(data)
