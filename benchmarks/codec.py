@@ -185,6 +185,40 @@ def run_paths(paths: dict, repeats: int, nbytes: int) -> dict[str, dict]:
     return out
 
 
+def stages(x: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
+    """Where the default 4-bit and 8-bit codecs spend their time: each stage of Cleave's encode and
+    decode alone, on the same activation (median ms, same clock), interleaved."""
+    from compressor import blocked, quant
+    from compressor.bitpack import unpack_array
+    from compressor.codec import crc32
+
+    flat = x.reshape(-1)
+    plans: dict[str, dict[str, Callable[[], object]]] = {}
+    for bits in (4, 8):
+        msg = encode(x, EncodingSpec.parse(f"int{bits}"))
+        lo, hi = np.float32(flat.min()), np.float32(flat.max())
+        s, z = quant.affine_params_array(lo, hi, bits)
+        codes = cleave_zstd.decompress(msg.payload, msg.raw_size, writable=False)
+        plans[f"int{bits}"] = {
+            "encode: min and max": lambda: (flat.min(), flat.max()),
+            "encode: quantize and pack": lambda bits=bits, s=s, z=z, lo=lo, hi=hi: blocked.quantize_pack(
+                flat, bits, s, z, lo, hi, True
+            ),
+            "encode: zstd": lambda codes=codes: cleave_zstd.compress(codes, 1, codes=True),
+            "copy the payload out of the message, crc32": lambda msg=msg: crc32(msg.payload),
+            "decode: zstd": lambda msg=msg: cleave_zstd.decompress(msg.payload, msg.raw_size, writable=False),
+            "decode: unpack and dequantize": lambda codes=codes, bits=bits, s=s, z=z: quant.dequantize_array(
+                unpack_array(codes, bits, flat.size), s, z, None
+            ),
+        }
+    times: dict[str, dict[str, list[float]]] = {k: {name: [] for name in plan} for k, plan in plans.items()}
+    for _ in range(repeats):
+        for k, plan in plans.items():
+            for name, fn in plan.items():
+                times[k][name].append(_time(fn)[0])
+    return {k: {name: round(statistics.median(t) * 1e3, 3) for name, t in v.items()} for k, v in times.items()}
+
+
 def zstd_levels(x: np.ndarray, repeats: int) -> list[dict]:
     """zstd levels on the bytes Cleave actually compresses: packed 4-bit and 8-bit codes, fp16; for
     codes also Cleave's level-1 parameters for codes (``compressor.zstd.CODES_PARAMS``, its default)
@@ -278,6 +312,7 @@ def main() -> None:
     load_before = os.getloadavg()
     measured = run_paths(paths, args.repeats, nbytes)
     levels = zstd_levels(x, max(args.repeats // 2, 5))
+    parts = stages(x, max(args.repeats // 2, 5))
     load_after = os.getloadavg()
 
     naive = {4: measured["naive int4+zstd1"], 8: measured["naive int8+zstd1"]}
@@ -314,6 +349,7 @@ def main() -> None:
         "paths": measured,
         "goals": goals,
         "zstd_levels": levels,
+        "stages_ms": parts,
     }
     if args.before:
         before = json.loads(args.before.read_text())
@@ -337,6 +373,8 @@ def main() -> None:
             f"zstd {r['input']:<11} level {r['level']:>3} {r['variant']:<5}: ratio {r['ratio']:.3f}  "
             f"compress {r['compress_gbps']:.2f} GB/s  decompress {r['decompress_gbps']:.2f} GB/s"
         )
+    for k, v in parts.items():
+        print(f"{k} stages, ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in v.items()))
     print(f"load average {load_before} -> {load_after}; wrote {args.out}")
 
 

@@ -128,6 +128,11 @@ def zstd_levels(d: Json) -> list[list[str]]:
     ]
 
 
+def codec_stages(d: Json) -> list[list[str]]:
+    parts = d["stages_ms"]
+    return [[name, *(f"{parts[k][name]:.3f}" for k in ("int4", "int8"))] for name in parts["int4"]]
+
+
 # ---- startup.json, startup-before.json --------------------------------------------------------------------------
 def startup(now: Json, before: Json) -> list[list[str]]:
     rows = []
@@ -483,6 +488,7 @@ TABLES: dict[str, Table] = {
     "zstd_levels": Table(
         ("codec.json",), zstd_levels, ("input", "zstd level", "ratio", "compress GB/s", "decompress GB/s"), "lrrrr"
     ),
+    "codec_stages": Table(("codec.json",), codec_stages, ("stage", "int4, ms", "int8, ms"), "lrr"),
     "startup": Table(
         ("startup.json", "startup-before.json"), startup, ("step", "now, s", "before, s", "faster"), "lrrr"
     ),
