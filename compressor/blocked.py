@@ -26,7 +26,8 @@ _local = threading.local()
 
 
 def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's (float32, uint8, uint16) block buffers, allocated once per thread."""
+    """This thread's (float32, uint8, uint16) block buffers, allocated once per thread (384 KiB,
+    kept while the thread lives: encoding threads are few, a request's or a stream's)."""
     bufs = getattr(_local, "bufs", None)
     if bufs is None or bufs[0].size != BLOCK:
         bufs = _local.bufs = (np.empty(BLOCK, np.float32), np.empty(BLOCK, np.uint8), np.empty(BLOCK // 2, np.uint16))
