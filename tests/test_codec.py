@@ -452,6 +452,46 @@ def test_zstd_bomb_lying_about_its_size_is_stopped_at_raw_size() -> None:
         tracemalloc.stop()
 
 
+def _affine_zstd_msg(payload: bytes, count: int) -> tensor_pb2.Tensor:
+    """8-bit affine codes of ``count`` values, per tensor, with ``payload`` as their zstd frame."""
+    msg = tensor_pb2.Tensor(
+        dtype=tensor_pb2.FLOAT32,
+        shape=[count],
+        encoding=tensor_pb2.AFFINE,
+        bits=8,
+        axis=-1,
+        scales=[0.5],
+        zero_points=[3],
+        codec=tensor_pb2.ZSTD,
+        raw_size=count,
+        payload=payload,
+    )
+    return _reseal(msg)
+
+
+def test_affine_zstd_frames_are_held_to_raw_size_too() -> None:
+    # Affine payloads decompress in one call (read-only output): the same limits must hold.
+    honest = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64 << 20))
+    header = zstandard.frame_header_size(honest)
+    liar = b"\x28\xb5\x2f\xfd" + bytes([0x40]) + honest[5:6] + (40_000 - 256).to_bytes(2, "little") + honest[header:]
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match=r"tensor\.payload: corrupt zstd data"):
+            decode(_affine_zstd_msg(liar, 40_000))
+        assert tracemalloc.get_traced_memory()[1] < 4 << 20  # nothing near 64 MiB was held
+    finally:
+        tracemalloc.stop()
+    zeros = zstandard.ZstdCompressor().compress(bytes(400))
+    for bad in (zeros + zeros, zeros + b"trailing garbage"):
+        with pytest.raises(CodecError, match=r"tensor\.payload: corrupt zstd data"):
+            decode(_affine_zstd_msg(bad, 400))
+    frame = zstandard.ZstdCompressor().compress(bytes(range(100)))
+    with pytest.raises(CodecError, match=r"tensor\.payload: zstd frame declares 100 bytes, raw_size is 99"):
+        decode(_affine_zstd_msg(frame, 99))
+    want = (torch.arange(100, dtype=torch.float32) - 3) * 0.5
+    assert torch.equal(decode(_affine_zstd_msg(frame, 100)), want)
+
+
 def test_zstd_frames_must_declare_their_size_and_end_cleanly() -> None:
     no_size = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(400))
     with pytest.raises(CodecError, match=r"tensor\.payload: zstd frame does not declare its content size"):
