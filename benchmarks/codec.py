@@ -277,11 +277,15 @@ def plot(result: dict, path: Path) -> None:
     axes[0].invert_yaxis()
     for goal, style in ((1.5, ":"), (3.0, "--")):
         axes[0].axvline(goal, color="gray", linestyle=style, linewidth=1)
-    axes[0].set(xlabel="GB/s of fp32 input, one core (median)", title="Codec throughput, 1x256x56x56 post-ReLU")
+    clock = result.get("clock", "wall-clock time")
+    axes[0].set(xlabel=f"GB/s of fp32 input, one core (median, {clock})", title="Codec, 1x256x56x56 post-ReLU")
     axes[0].legend(loc="lower right")
     for what in dict.fromkeys(r["input"] for r in result["zstd_levels"]):
         mine = [r for r in result["zstd_levels"] if r["input"] == what]
-        axes[1].plot([r["compress_gbps"] for r in mine], [r["ratio"] for r in mine], "o-", label=what)
+        levels = [r for r in mine if not r.get("variant")]  # zstd's own levels as a line, the variants as points
+        (line,) = axes[1].plot([r["compress_gbps"] for r in levels], [r["ratio"] for r in levels], "o-", label=what)
+        others = [r for r in mine if r.get("variant")]
+        axes[1].plot([r["compress_gbps"] for r in others], [r["ratio"] for r in others], "s", color=line.get_color())
         for r in mine:
             label = f"L{r['level']}" + (f" {r['variant']}" if r.get("variant") else "")
             axes[1].annotate(label, (r["compress_gbps"], r["ratio"]), fontsize=8)
