@@ -134,8 +134,9 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
     services = [Service(servicer, SPLIT_INFERENCE), kserve_service(sessions.registry, config, sessions.batchers)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager
+        from .jobs.ray_tasks import ray_jobs_for
 
-        jobs = JobManager(config.jobs)
+        jobs = JobManager(config.jobs, ray=ray_jobs_for(config.ray, config.jobs.dir))  # Ray tasks when ray.jobs says
         jobs.start()
         if metrics is not None:
             metrics.watch_jobs(jobs.store)

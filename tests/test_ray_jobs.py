@@ -195,3 +195,24 @@ def test_the_job_manager_does_not_import_ray() -> None:
     code = "import sys, cloud_node.jobs.manager, cloud_node.jobs.engines, cloud_node.jobs.ray_tasks; "
     code += "sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_cloud_yaml_ray_jobs_section_configures_the_jobs(tmp_path: Path) -> None:
+    from cloud_node.config import CloudConfig
+    from cloud_node.jobs.ray_tasks import ray_jobs_for
+    from runtime.settings import SettingsError
+
+    jobs = {"dir": str(tmp_path / "jobs")}
+    ray_section = {
+        "address": "local",
+        "local_num_cpus": 2,
+        "jobs": {"jobs_enabled": True, "job_num_cpus": 0.5, "job_memory_mb": 300, "artifact_dir": str(tmp_path)},
+    }
+    config = CloudConfig.from_dict({"jobs": jobs, "ray": ray_section})
+    made = ray_jobs_for(config.ray, config.jobs.dir)
+    assert made is not None and made.resources == RayResources(num_cpus=0.5, memory_bytes=300 << 20)
+    assert made.artifact_dir == tmp_path and made.address == "local" and made.init_options["num_cpus"] == 2
+    assert ray_jobs_for(CloudConfig.from_dict({"jobs": jobs}).ray, jobs["dir"]) is None  # off by default
+    ray_section["address"] = ""
+    with pytest.raises(SettingsError, match="ray.address"):
+        ray_jobs_for(CloudConfig.from_dict({"jobs": jobs, "ray": ray_section}).ray, jobs["dir"])

@@ -30,7 +30,10 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import RaySettings
 
 PROGRESS_FILE = "progress.json"
 
@@ -122,12 +125,20 @@ class RayJobs:
         artifact_dir: the directory every node of the cluster mounts at the same path.
         resources: what each job task and each sweep point declares.
         address: for ``ray.init`` when this process has not joined Ray yet (``None``/``""``:
-            Ray's own default, ``RAY_ADDRESS`` or a new local instance; ``auto``; ``ray://...``).
+            Ray's own default, ``RAY_ADDRESS`` or a new local instance; ``local``; ``auto``;
+            ``ray://...``).
+        init_options: more keyword arguments for that ``ray.init`` (a local instance's bounds).
     """
 
     name = "ray"
 
-    def __init__(self, artifact_dir: str | Path, resources: RayResources, address: str | None = None) -> None:
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        resources: RayResources,
+        address: str | None = None,
+        init_options: dict[str, Any] | None = None,
+    ) -> None:
         if not str(artifact_dir):
             raise ValueError("ray.artifact_dir: Ray jobs need a directory every node can reach")
         if resources.num_cpus <= 0:
@@ -137,6 +148,7 @@ class RayJobs:
         self.artifact_dir = Path(artifact_dir).absolute()
         self.resources = resources
         self.address = address or None
+        self.init_options = dict(init_options or {})
         self._lock = threading.Lock()
         self._task: Any = None
 
@@ -150,7 +162,7 @@ class RayJobs:
 
         with self._lock:
             if not ray.is_initialized():
-                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False, **self.init_options)
             if self._task is None:
                 # No Ray-level retries: the manager's own policy (jobs.max_attempts) decides.
                 self._task = _remote(run_job_task, self.resources, max_retries=0)
@@ -223,3 +235,32 @@ class RayJobs:
         if not msg or msg[0] not in ("done", "error"):
             return ("error", "the Ray task sent a malformed answer")
         return msg
+
+
+def ray_jobs_for(settings: RaySettings, jobs_dir: str) -> RayJobs | None:
+    """The :class:`RayJobs` that ``cloud.yaml``'s ``ray:`` section asks for (``ray.jobs.jobs_enabled``),
+    or None: jobs then run in local sandboxed processes and Ray is never imported.
+
+    Raises:
+        SettingsError: Ray jobs are on but ``ray.address`` is not set.
+    """
+    from runtime.settings import SettingsError
+
+    jobs = settings.jobs
+    if not jobs.jobs_enabled:
+        return None
+    if not settings.address:
+        raise SettingsError("ray.jobs.jobs_enabled: Ray jobs need ray.address (local, auto or ray://HOST:PORT)")
+    init: dict[str, Any] = {}
+    if settings.address == "local":  # a Ray instance on this machine, within the operator's bounds
+        init["include_dashboard"] = False
+        if settings.local_num_cpus:
+            init["num_cpus"] = settings.local_num_cpus
+        if settings.local_object_store_mb:
+            init["object_store_memory"] = settings.local_object_store_mb << 20
+    return RayJobs(
+        jobs.artifact_dir or jobs_dir,  # empty: the job store's own directory (one machine)
+        RayResources(num_cpus=jobs.job_num_cpus, memory_bytes=jobs.job_memory_mb << 20),
+        address=settings.address,
+        init_options=init,
+    )
