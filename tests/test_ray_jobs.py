@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_node.config import JobsConfig
+from cloud_node.config import JobsConfig, Sandbox
 from cloud_node.jobs import JobManager
 from cloud_node.jobs.ray_tasks import RayJobs, RayResources
-from cloud_node.jobs.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRecord, sha256_file
+from cloud_node.jobs.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, sha256_file
 from protos.cleave.v1 import compression_pb2 as pb
 
 CPUS = 2
@@ -147,6 +147,37 @@ def test_cancelling_a_ray_sweep_stops_its_tasks(ray_instance, tmp_path: Path) ->
         assert not list((shared).glob("*/artifacts/*"))
     finally:
         m.close()
+
+
+@pytest.mark.ray
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_ray_job_past_its_time_limit_fails_and_a_shutdown_requeues(ray_instance, tmp_path: Path) -> None:
+    ray = ray_instance
+    shared = tmp_path / "shared"
+    config = JobsConfig(dir=str(tmp_path / "ray"), sandbox=Sandbox(timeout_s=3.0))
+    m = JobManager(config, ray=ray_jobs(shared))
+    data = m.upload(dataset_chunks())
+    m.start()
+    try:
+        job = m.submit(sweep_spec(data.id, [0.0, 0.5], [32, 8]))
+        last = list(m.watch(job.id))[-1]
+        assert last.state == FAILED and "jobs.sandbox.timeout_s" in last.message, last
+        assert all_cpus_free(ray, 60), ray.available_resources()
+        config.sandbox.timeout_s = 0  # no limit: the next job is still running when the daemon stops
+        job = m.submit(sweep_spec(data.id, [0.0, 0.5], [32, 8]))
+        deadline = time.monotonic() + 60
+        while m.get(job.id).state != RUNNING or ray.available_resources().get("CPU", 0) == CPUS:
+            assert time.monotonic() < deadline, "the job never started on Ray"
+            time.sleep(0.1)
+    finally:
+        m.close()
+    assert all_cpus_free(ray, 60), ray.available_resources()
+    again = JobManager(JobsConfig(dir=str(tmp_path / "ray")), ray=ray_jobs(shared))
+    try:
+        assert again.get(job.id).state == QUEUED and "shut down" in again.get(job.id).message
+    finally:
+        again.store.close()
 
 
 def test_a_restart_requeues_a_job_that_was_running_on_ray(tmp_path: Path) -> None:
