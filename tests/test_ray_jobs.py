@@ -180,6 +180,61 @@ def test_a_ray_job_past_its_time_limit_fails_and_a_shutdown_requeues(ray_instanc
         again.store.close()
 
 
+DRIVER = """
+import sys, time
+from pathlib import Path
+import ray
+from tests.test_ray_jobs import dataset_chunks, ray_jobs, sweep_spec
+from cloud_node.config import JobsConfig
+from cloud_node.jobs import JobManager
+from cloud_node.jobs.ray_tasks import RayJobs
+root, shared, address = sys.argv[1:4]
+m = JobManager(JobsConfig(dir=root), ray=RayJobs(shared, ray_jobs(Path(shared)).resources, address=address))
+job = m.submit(sweep_spec(m.upload(dataset_chunks()).id, [0.0, 0.2, 0.4, 0.6], [32, 8, 4]))
+m.start()
+while not ray.is_initialized():  # RayJobs joins the cluster itself, with the first job
+    time.sleep(0.1)
+while ray.available_resources().get("CPU", 0) > 0:
+    time.sleep(0.1)
+print(job.id, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_daemon_killed_under_a_ray_job_leaves_no_task_and_the_job_is_requeued(ray_instance, tmp_path: Path) -> None:
+    ray = ray_instance
+    root, shared = tmp_path / "ray", tmp_path / "shared"
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(root), str(shared), address], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        job_id = proc.stdout.readline().strip()  # its sweep's points hold every CPU
+        assert job_id, "the driver never got its job running"
+    finally:
+        proc.kill()  # SIGKILL: no clean shutdown, as in a crash
+        proc.wait()
+    assert all_cpus_free(ray, 60), ray.available_resources()  # Ray ended the dead driver's tasks
+    m = JobManager(JobsConfig(dir=str(root)), ray=ray_jobs(shared))
+    try:
+        job = m.get(job_id)
+        assert job.state == QUEUED and "re-queued" in job.message, job
+        assert not list(shared.glob("*/work/*"))
+    finally:
+        m.store.close()
+
+
+def test_code_uploads_are_refused_on_the_ray_path(tmp_path: Path) -> None:
+    """No sandbox in a Ray task, so no TorchScript/.pt2 there, whatever jobs.allow_code_uploads says."""
+    from cloud_node.jobs.ray_tasks import run_job_task
+
+    outcome = json.loads(run_job_task({"workdir": str(tmp_path), "code": True}))
+    assert outcome[0] == "error" and "jobs.allow_code_uploads" in outcome[1] and "not sandboxed" in outcome[1]
+
+
 def test_a_restart_requeues_a_job_that_was_running_on_ray(tmp_path: Path) -> None:
     """No Ray needed: the manager's recovery is the same whichever executor ran the job."""
     shared = tmp_path / "shared"
