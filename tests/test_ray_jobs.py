@@ -302,3 +302,18 @@ def test_cloud_yaml_ray_jobs_section_configures_the_jobs(tmp_path: Path) -> None
     ray_section["address"] = ""
     with pytest.raises(SettingsError, match="ray.address"):
         ray_jobs_for(CloudConfig.from_dict({"jobs": jobs, "ray": ray_section}).ray, jobs["dir"])
+
+
+def test_the_daemon_gives_its_job_manager_the_ray_jobs_cloud_yaml_asks_for(tmp_path: Path) -> None:
+    from cloud_node.config import CloudConfig
+    from cloud_node.jobs import CompressionServicer
+    from cloud_node.main import load_services
+
+    ray_section = {"address": "auto", "jobs": {"jobs_enabled": True, "artifact_dir": str(tmp_path / "shared")}}
+    config = CloudConfig.from_dict({"jobs": {"dir": str(tmp_path / "jobs")}, "ray": ray_section})
+    (jobs,) = [s.servicer for s in load_services(config) if isinstance(s.servicer, CompressionServicer)]
+    try:
+        assert isinstance(jobs.manager.ray, RayJobs) and jobs.manager.ray.address == "auto"
+        assert jobs.manager.store.artifacts_dir.is_relative_to(tmp_path / "shared")
+    finally:
+        jobs.manager.close()
