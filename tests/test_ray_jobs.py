@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -225,6 +227,42 @@ def test_a_daemon_killed_under_a_ray_job_leaves_no_task_and_the_job_is_requeued(
         assert not list(shared.glob("*/work/*"))
     finally:
         m.store.close()
+
+
+def job_task_pids() -> list[int]:
+    """Processes running a job's Ray task (Ray titles its workers ``ray::<function>``); this module's own."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::run_job_task"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_ray_job_whose_worker_dies_is_requeued_and_then_succeeds(ray_instance, tmp_path: Path) -> None:
+    m = JobManager(JobsConfig(dir=str(tmp_path / "ray"), max_attempts=2), ray=ray_jobs(tmp_path / "shared"))
+    data = m.upload(dataset_chunks())
+    job = m.submit(sweep_spec(data.id, [0.0], [32]))
+    m.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not job_task_pids():
+            assert time.monotonic() < deadline, "no Ray worker ever ran the job"
+            time.sleep(0.1)
+        (pid,) = job_task_pids()
+        os.kill(pid, signal.SIGKILL)  # as if its node went away
+        seen = list(m.watch(job.id))
+        # Re-queued (and at once claimed again: the note stays), then the second attempt succeeds.
+        notes = [j.message for j in seen if j.message.startswith("re-queued: the Ray task's worker or node died")]
+        assert notes and "WorkerCrashedError" in notes[0], [(j.state, j.message[:80]) for j in seen]
+        assert seen[-1].state == SUCCEEDED and m.get(job.id).attempts == 2, seen[-1]
+    finally:
+        m.close()
 
 
 def test_code_uploads_are_refused_on_the_ray_path(tmp_path: Path) -> None:

@@ -111,16 +111,7 @@ class JobManager:
             shutil.rmtree(self.store.artifacts_dir / job.id, ignore_errors=True)
             if self._work_dir is not None:
                 shutil.rmtree(self._work_dir / job.id, ignore_errors=True)
-            if job.attempts < self.config.max_attempts:
-                note = f"re-queued: the daemon stopped while the job was running (attempt {job.attempts})"
-                self.store.update(job.id, state=QUEUED, progress=0.0, stage="queued", message=note)
-            else:
-                note = (
-                    f"the daemon stopped while the job was running, {job.attempts} times "
-                    f"(jobs.max_attempts is {self.config.max_attempts})"
-                )
-                self.store.update(job.id, state=FAILED, message=note, finished_at=time.time())
-            log.warning("job %s: %s", job.id, note)
+            self._requeue_or_fail(job, "the daemon stopped while the job was running")
         for job in self.store.list_jobs([SUCCEEDED], limit=1 << 30):
             for a in job.artifacts:
                 if not a.path.is_file() or a.path.stat().st_size != a.size or sha256_file(a.path) != a.sha256:
@@ -512,6 +503,9 @@ class JobManager:
                         attempts=job.attempts - 1,  # a clean shutdown is not the job's fault
                     )
                 return
+            if outcome[0] == "lost":  # a Ray job's worker or node died under it: like a daemon crash
+                self._requeue_or_fail(job, str(outcome[1]))
+                return
             if outcome[0] == "error":
                 if len(outcome) > 2:
                     log.warning("job %s failed:\n%s", job.id, outcome[2])
@@ -568,6 +562,16 @@ class JobManager:
         if deleted:
             log.info("retention: deleted %d finished jobs and uploads", len(deleted))
         return deleted
+
+    def _requeue_or_fail(self, job: JobRecord, why: str) -> None:
+        """A running job lost through no fault of its engine: queued again, or failed after jobs.max_attempts."""
+        if job.attempts < self.config.max_attempts:
+            note = f"re-queued: {why} (attempt {job.attempts})"
+            self.store.update(job.id, only_if=[RUNNING], state=QUEUED, progress=0.0, stage="queued", message=note)
+        else:
+            note = f"{why}, {job.attempts} times (jobs.max_attempts is {self.config.max_attempts})"
+            self.store.update(job.id, only_if=[RUNNING], state=FAILED, message=note, finished_at=time.time())
+        log.warning("job %s: %s", job.id, note)
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.update(job_id, only_if=[RUNNING], state=FAILED, message=message, finished_at=time.time())

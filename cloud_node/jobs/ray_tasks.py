@@ -179,8 +179,9 @@ class RayJobs:
     ) -> tuple | None:
         """Run the job as a Ray task until it answers, fails, times out (an ``("error", ...)``), or
         ``cancel``/``stopping`` is set or ``still_wanted()`` turns false (None); the same contract
-        as the manager's local supervisor. The task and its evaluations are cancelled on the way
-        out unless the task finished."""
+        as the manager's local supervisor, plus ``("lost", why)`` when the task's worker or node
+        died (the manager re-queues the job, as after a crash of its own). The task and its
+        evaluations are cancelled on the way out unless the task finished."""
         import ray
 
         payload = {
@@ -223,8 +224,12 @@ class RayJobs:
     def _outcome(ref: Any) -> tuple:
         import ray
 
+        lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError)
         try:
             answer = ray.get(ref)
+        except lost as exc:  # not the job's doing, as far as anyone can tell: the manager re-queues it
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return ("lost", f"the Ray task's worker or node died ({type(exc).__name__}: {first[:200]})")
         except ray.exceptions.RayError as exc:  # the worker or its node died, out of memory, ...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return ("error", f"the Ray task failed: {type(exc).__name__}: {first[:300]}")
