@@ -231,6 +231,79 @@ class HttpConfig(Settings):
         return host, int(port_text)
 
 
+RAY_ADDRESS_FORMS = "'' (off), local, auto, or ray://HOST:PORT"
+
+
+@dataclass
+class RayJobsSettings(Settings):
+    """``ray.jobs``: compression jobs as Ray tasks (read by :mod:`cloud_node.jobs`).
+
+    ``artifact_dir``: where job artifacts go, a path every node of the cluster can reach (a shared
+    mount); empty: the ``jobs.dir`` artifact directory (fine on one machine).
+    """
+
+    jobs_enabled: bool = False  # run compression jobs as Ray tasks (needs ray.address)
+    job_num_cpus: float = 1.0  # CPUs each job task declares
+    job_memory_mb: int = 0  # memory each job task declares (MB); 0: none declared
+    artifact_dir: str = ""
+
+    def validate(self) -> None:
+        positive(self, "job_num_cpus")
+        non_negative(self, "job_memory_mb")
+
+
+@dataclass
+class RaySettings(Settings):
+    """``ray:`` in ``cloud.yaml``: run the tails on Ray Serve (and jobs as Ray tasks); off by default.
+
+    ``address``: empty (off: tails run in this process, Ray is never imported), ``local`` (start a
+    Ray instance on this machine), ``auto`` (join the cluster this node belongs to) or
+    ``ray://HOST:PORT`` (Ray Client). One Serve deployment per served model, autoscaled between
+    ``min_replicas`` and ``max_replicas`` on ongoing requests per replica.
+    """
+
+    address: str = ""
+    replicas: int = 1  # replicas each model's deployment starts with
+    min_replicas: int = 1
+    max_replicas: int = 1  # > min_replicas turns autoscaling on
+    target_ongoing_requests: float = 2.0  # per replica, what the autoscaler aims for
+    max_ongoing_requests: int = 8  # per replica, beyond which the router queues (Serve's backpressure)
+    upscale_delay_s: float = 30.0  # how long load must stay high before adding a replica
+    downscale_delay_s: float = 600.0  # how long load must stay low before removing one
+    num_cpus: float = 1.0  # per replica
+    num_gpus: float = 0.0  # per replica
+    torch_threads: int = 0  # torch threads in each replica; 0: num_cpus rounded up
+    max_batch_size: int = 1  # rows per batch inside a replica (Serve's @serve.batch); 1: no batching
+    batch_wait_timeout_s: float = 0.0  # how long a replica's batch waits to fill
+    request_timeout_s: float = 30.0  # one request's deadline, retries on other replicas included
+    max_attempts: int = 3  # tries per request when a replica dies under it
+    graceful_shutdown_timeout_s: float = 20.0  # a replica scaled down finishes its in-flight requests first
+    app_name: str = "cleave"  # the Serve application (several front doors share it)
+    local_num_cpus: int = 0  # `local`: CPUs the Ray instance may use; 0: the machine's
+    local_object_store_mb: int = 0  # `local`: its object store (MB); 0: Ray's default
+    jobs: RayJobsSettings = field(default_factory=RayJobsSettings)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    def validate(self) -> None:
+        address = str(self.address or "")
+        if address and address not in ("local", "auto") and not address.startswith("ray://"):
+            raise ValueError(f"address: must be {RAY_ADDRESS_FORMS}; got {address!r}")
+        positive(self, "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests")
+        positive(self, "max_batch_size", "request_timeout_s", "max_attempts")
+        non_negative(self, "upscale_delay_s", "downscale_delay_s", "num_cpus", "num_gpus", "torch_threads")
+        non_negative(self, "batch_wait_timeout_s", "graceful_shutdown_timeout_s", "local_num_cpus")
+        non_negative(self, "local_object_store_mb")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas: {self.min_replicas} is above max_replicas {self.max_replicas}")
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(f"replicas: {self.replicas} is not in [min_replicas, max_replicas]")
+        if not self.app_name:
+            raise ValueError("app_name: required")
+
+
 @dataclass
 class CloudConfig(Settings):
     listen: str = "127.0.0.1:50051"
@@ -249,6 +322,7 @@ class CloudConfig(Settings):
     http: HttpConfig = field(default_factory=HttpConfig)  # KServe v2 over HTTP, jobs REST API, console; off by default
     # Client pings the server accepts (and the cloud's own channels send): the same on every edge.
     keepalive: Keepalive = field(default_factory=Keepalive)
+    ray: RaySettings = field(default_factory=RaySettings)  # tails on Ray Serve, jobs as Ray tasks; off by default
 
     def validate(self) -> None:
         names = [m.name for m in self.models]

@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, help="serve KServe v2 over HTTP, the jobs REST API and the console here")
     p.add_argument("--max-batch-size", type=int, help="batch concurrent requests up to this many rows (1: off)")
     p.add_argument("--max-queue-delay-ms", type=float, help="how long a request may wait for a batch to fill")
+    p.add_argument(
+        "--ray-address",
+        metavar="local|auto|ray://HOST:PORT",
+        help="run the tails on Ray Serve: local starts Ray here, auto joins this node's cluster (cloud.yaml ray:)",
+    )
     return p.parse_args(argv)
 
 
@@ -92,6 +97,8 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         config.batching.max_batch_size = max(args.max_batch_size, 1)
     if args.max_queue_delay_ms is not None:
         config.batching.max_queue_delay_ms = args.max_queue_delay_ms
+    if args.ray_address is not None:
+        config.ray.address = args.ray_address
     if not config.models and not config.jobs.dir:
         raise SettingsError("models: nothing to serve (give --model, --jobs-dir or a config with either)")
     revalidate(config)  # the flags may have changed it since it loaded
@@ -127,8 +134,9 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
     services = [Service(servicer, SPLIT_INFERENCE), kserve_service(sessions.registry, config, sessions.batchers)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager
+        from .jobs.ray_tasks import ray_jobs_for
 
-        jobs = JobManager(config.jobs)
+        jobs = JobManager(config.jobs, ray=ray_jobs_for(config.ray, config.jobs.dir))  # Ray tasks when ray.jobs says
         jobs.start()
         if metrics is not None:
             metrics.watch_jobs(jobs.store)

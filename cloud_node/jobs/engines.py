@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -43,6 +41,7 @@ from protos.cleave.v1 import compression_pb2 as pb
 
 from . import evaluate, models
 from .datasets import Dataset, DatasetLimits, load_dataset
+from .executor import Evaluations, LocalPool
 from .int8 import onnx_int8
 
 register_int8_backend(onnx_int8)  # 8-bit quantize jobs also ship a model that runs on int8 kernels
@@ -68,6 +67,7 @@ class JobContext:
     dataset_format: str = ""
     dataset_limits: DatasetLimits | None = None
     sweep_parallelism: int = 2  # processes a sweep uses (the manager has clamped the spec's ask)
+    evaluations: Evaluations | None = None  # where a sweep's points run; None: a LocalPool of sweep_parallelism
     latency_runs: int = 5  # forward passes timed per latency figure
     on_progress: Callable[[float, str], None] = lambda _f, _s: None
     report: dict[str, Any] = field(default_factory=dict)
@@ -315,7 +315,8 @@ class Quantize:
 
 
 class Sweep:
-    """Grid of pruning ratios x weight bit-widths in parallel processes; Pareto report (JSON, PNG)."""
+    """Grid of pruning ratios x weight bit-widths evaluated in parallel (local processes, or Ray
+    tasks: :mod:`.executor`); Pareto report (JSON, PNG)."""
 
     name = "sweep"
 
@@ -337,12 +338,14 @@ class Sweep:
         grid = [(round(r, 4), b) for r in ratios for b in bits]
         args = (ctx.spec.SerializeToString(), ctx.source, ctx.dataset_path, ctx.dataset_format)
         points = []
-        mp = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(grid)), mp_context=mp, initializer=die_with_parent) as ex:
-            futures = [ex.submit(sweep_point, *args, r, b) for r, b in grid]
-            for i, fut in enumerate(futures):
-                points.append(fut.result())
-                ctx.progress(0.05 + 0.85 * (i + 1) / len(futures), f"{i + 1}/{len(grid)} configurations")
+        executor = ctx.evaluations or LocalPool(workers)
+        results = executor.map(sweep_point, [(*args, r, b) for r, b in grid])
+        try:
+            for i, point in enumerate(results):
+                points.append(point)
+                ctx.progress(0.05 + 0.85 * (i + 1) / len(grid), f"{i + 1}/{len(grid)} configurations")
+        finally:
+            results.close()  # an error or a cancel stops the points not yet done
         metric = sweep_metric(points)
         front = pareto(points)
         for p in points:
@@ -356,6 +359,7 @@ class Sweep:
             engine=self.name,
             points=len(points),
             parallelism=workers,
+            executor=executor.name,
             metric=metric,
             pareto=[summary(p) for p in front],
         )

@@ -4,8 +4,10 @@ cancellation, crash recovery, change notification for WatchJob, per-client quota
 Policy lives here; persistence in :mod:`.store`; the engines run in a spawned process per job
 (:mod:`.worker`), sandboxed (:mod:`.sandbox`) and killed at ``jobs.sandbox.timeout_s``, so
 cancelling is killing that process and a crashing (or hostile) engine cannot take the daemon with
-it. A client is a bearer token (by its hash) or, without one, the peer's address; each has quotas
-of queued + running jobs and of stored uploads. Finished jobs and unused uploads are deleted by the
+it. With Ray jobs configured (``ray=``, :mod:`.ray_tasks`), a job runs as a Ray task on the cluster
+instead, its files in a directory every node mounts; the job table stays here. A client is a bearer
+token (by its hash) or, without one, the peer's address; each has quotas of queued + running jobs
+and of stored uploads. Finished jobs and unused uploads are deleted by the
 manager's own ``job-retention`` thread (``jobs.retention``).
 """
 
@@ -18,9 +20,10 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protos.cleave.v1 import compression_pb2 as pb
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -45,17 +48,39 @@ from .store import (
 )
 from .worker import inspect_model, receive, run_job
 
+if TYPE_CHECKING:
+    from .ray_tasks import RayJobs
+
 log = logging.getLogger(__name__)
 
 
+def store_id(root: str | Path) -> str:
+    """The job store's id (made once, kept in ``<jobs.dir>/store-id``): its folder in a shared directory."""
+    path = Path(root) / "store-id"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(uuid.uuid4().hex[:16])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
 class JobManager:
-    def __init__(self, config: JobsConfig) -> None:
+    """Args: config: the ``jobs:`` section. ray: run jobs as Ray tasks (None: in local sandboxed processes)."""
+
+    def __init__(self, config: JobsConfig, ray: RayJobs | None = None) -> None:
         if not config.dir:
             raise ValueError("jobs.dir: the job store needs a directory")
         if config.concurrency < 1:
             raise ValueError(f"jobs.concurrency: {config.concurrency} is not positive")
         self.config = config
-        self.store = JobStore(config.dir)
+        self.ray = ray
+        shared = ray.root(store_id(config.dir)) if ray is not None else None
+        self._work_dir = shared / "work" if shared is not None else None  # the jobs' scratch, on Ray
+        self.store = JobStore(config.dir, shared / "artifacts" if shared is not None else None)
         self._changed = threading.Condition()
         self._version = 0
         self._cancel: dict[str, threading.Event] = {}  # running job -> its cancel event, under _cancel_lock
@@ -84,16 +109,9 @@ class JobManager:
         """After a crash: re-queue (or fail) what was running; check every finished job's artifacts."""
         for job in self.store.list_jobs([RUNNING], limit=1 << 30):
             shutil.rmtree(self.store.artifacts_dir / job.id, ignore_errors=True)
-            if job.attempts < self.config.max_attempts:
-                note = f"re-queued: the daemon stopped while the job was running (attempt {job.attempts})"
-                self.store.update(job.id, state=QUEUED, progress=0.0, stage="queued", message=note)
-            else:
-                note = (
-                    f"the daemon stopped while the job was running, {job.attempts} times "
-                    f"(jobs.max_attempts is {self.config.max_attempts})"
-                )
-                self.store.update(job.id, state=FAILED, message=note, finished_at=time.time())
-            log.warning("job %s: %s", job.id, note)
+            if self._work_dir is not None:
+                shutil.rmtree(self._work_dir / job.id, ignore_errors=True)
+            self._requeue_or_fail(job, "the daemon stopped while the job was running")
         for job in self.store.list_jobs([SUCCEEDED], limit=1 << 30):
             for a in job.artifacts:
                 if not a.path.is_file() or a.path.stat().st_size != a.size or sha256_file(a.path) != a.sha256:
@@ -451,7 +469,12 @@ class JobManager:
             parent.close()
 
     def _run(self, job: JobRecord) -> None:
-        workdir = self.store.temp_path()
+        if self._work_dir is None:
+            workdir = self.store.temp_path()
+        else:  # where every node sees it; a crashed attempt's leftovers go first
+            workdir = self._work_dir / job.id
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.parent.mkdir(parents=True, exist_ok=True)
         workdir.mkdir()
         with self._cancel_lock:
             cancel = self._cancel.setdefault(job.id, threading.Event())
@@ -460,15 +483,14 @@ class JobManager:
             self.store.update(job.id, only_if=[RUNNING], progress=float(msg[1]), stage=str(msg[2])[:200])
             self._notify()
 
+        still_wanted = lambda: self.store.get_job(job.id).state == RUNNING  # noqa: E731 - cancelled before the event existed
         try:
-            outcome = self._supervise(
-                run_job,
-                self._payload(job, workdir),
-                cancel,
-                self.config.sandbox.timeout_s,
-                progress,
-                lambda: self.store.get_job(job.id).state == RUNNING,  # cancelled before the event existed
-            )
+            payload = self._payload(job, workdir)
+            timeout_s = self.config.sandbox.timeout_s
+            if self.ray is not None:
+                outcome = self.ray.supervise(payload, cancel, timeout_s, progress, still_wanted, self._stopping)
+            else:
+                outcome = self._supervise(run_job, payload, cancel, timeout_s, progress, still_wanted)
             if outcome is None:  # cancelled (or the daemon is stopping)
                 if self._stopping.is_set() and self.store.get_job(job.id).state == RUNNING:
                     self.store.update(
@@ -480,6 +502,9 @@ class JobManager:
                         message="re-queued: the daemon shut down",
                         attempts=job.attempts - 1,  # a clean shutdown is not the job's fault
                     )
+                return
+            if outcome[0] == "lost":  # a Ray job's worker or node died under it: like a daemon crash
+                self._requeue_or_fail(job, str(outcome[1]))
                 return
             if outcome[0] == "error":
                 if len(outcome) > 2:
@@ -537,6 +562,16 @@ class JobManager:
         if deleted:
             log.info("retention: deleted %d finished jobs and uploads", len(deleted))
         return deleted
+
+    def _requeue_or_fail(self, job: JobRecord, why: str) -> None:
+        """A running job lost through no fault of its engine: queued again, or failed after jobs.max_attempts."""
+        if job.attempts < self.config.max_attempts:
+            note = f"re-queued: {why} (attempt {job.attempts})"
+            self.store.update(job.id, only_if=[RUNNING], state=QUEUED, progress=0.0, stage="queued", message=note)
+        else:
+            note = f"{why}, {job.attempts} times (jobs.max_attempts is {self.config.max_attempts})"
+            self.store.update(job.id, only_if=[RUNNING], state=FAILED, message=note, finished_at=time.time())
+        log.warning("job %s: %s", job.id, note)
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.update(job_id, only_if=[RUNNING], state=FAILED, message=message, finished_at=time.time())

@@ -126,10 +126,11 @@ def publish(src: Path, dst: Path) -> str:
 class JobStore:
     """Thread-safe access to the database and the directories; no policy (that is the manager's)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, artifacts_dir: str | Path | None = None) -> None:
         self.root = Path(root)
         self.uploads_dir = self.root / "uploads"
-        self.artifacts_dir = self.root / "artifacts"
+        # Elsewhere (a directory every node of a Ray cluster mounts) when Ray tasks run the jobs.
+        self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else self.root / "artifacts"
         self.tmp_dir = self.root / "tmp"
         for d in (self.root, self.uploads_dir, self.artifacts_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -232,13 +233,20 @@ class JobStore:
             for a in artifacts:
                 db.execute(
                     "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, a.name, str(a.path.relative_to(self.root)), a.size, a.sha256, a.media_type),
+                    (job_id, a.name, self._stored_path(a.path), a.size, a.sha256, a.media_type),
                 )
             db.execute(
                 "UPDATE jobs SET state = ?, progress = 1, stage = 'done', report = ?, finished_at = ? WHERE id = ?",
                 (SUCCEEDED, report, time.time(), job_id),
             )
         return True
+
+    def _stored_path(self, path: Path) -> str:
+        """Relative to the store's root when inside it (the store can move), else absolute."""
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path.absolute())
 
     def _job(self, row: tuple) -> JobRecord:
         cols = [d[0] for d in self._db.execute("SELECT * FROM jobs LIMIT 0").description]
@@ -254,9 +262,13 @@ class JobStore:
     def delete_job(self, job_id: str) -> None:
         """Its rows, then its artifact folder (a crash in between leaves a folder reconcile removes)."""
         with self._tx() as db:
+            rows = db.execute("SELECT path FROM artifacts WHERE job_id = ?", (job_id,)).fetchall()
             db.execute("DELETE FROM artifacts WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        shutil.rmtree(self.artifacts_dir / job_id, ignore_errors=True)
+        # Its folder here, and where its artifacts were written when that was elsewhere (Ray jobs).
+        for folder in {self.artifacts_dir / job_id, *((self.root / p).parent for (p,) in rows)}:
+            if folder.name == job_id:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def finished_jobs(self) -> list[tuple[str, float]]:
         """(id, finished_at) of every finished job, newest first."""

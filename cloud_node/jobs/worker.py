@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from . import sandbox
 from .engines import JobContext, die_with_parent, get_engine
+from .executor import Evaluations
 
 MAX_MESSAGE = 64 << 20
 
@@ -52,34 +54,49 @@ def _source(payload: dict[str, Any], workdir: Path) -> Any:
     return source
 
 
+def execute(
+    payload: dict[str, Any],
+    workdir: Path,
+    on_progress: Callable[[float, str], None],
+    evaluations: Evaluations | None = None,
+    confinement: list[str] | None = None,
+) -> tuple[list[tuple[str, str]], str]:
+    """Run the payload's engine with ``workdir`` as its scratch directory (inputs in ``in/``,
+    artifacts written to ``out/``); returns the artifacts (name, media type) and the report JSON.
+    Shared by the sandboxed job process (:func:`run_job`) and the Ray task (:mod:`.ray_tasks`)."""
+    import torch
+
+    from protos.cleave.v1 import compression_pb2 as pb
+
+    if payload.get("threads"):
+        torch.set_num_threads(payload["threads"])
+    (workdir / "out").mkdir()
+    ctx = JobContext(
+        spec=pb.JobSpec.FromString(payload["spec"]),
+        source=_source(payload, workdir),
+        workdir=workdir / "out",
+        dataset_path=str(workdir / payload["dataset_path"]) if payload.get("dataset_path") else "",
+        dataset_format=payload.get("dataset_format", ""),
+        dataset_limits=payload.get("dataset_limits"),
+        sweep_parallelism=payload.get("sweep_parallelism", 2),
+        evaluations=evaluations,
+        on_progress=on_progress,
+    )
+    engine = get_engine(payload["engine"])
+    engine.run(ctx)
+    ctx.report["sandbox"] = confinement or []
+    report = json.dumps(ctx.report, default=str, indent=1)
+    ctx.write_artifact("report.json", report, "application/json")
+    return ctx.artifacts, report
+
+
 def run_job(payload: dict[str, Any], conn: Connection) -> None:
     die_with_parent()
     try:
         entered = _enter(payload)
-        import torch
-
-        from protos.cleave.v1 import compression_pb2 as pb
-
-        if payload.get("threads"):
-            torch.set_num_threads(payload["threads"])
-        workdir = entered.workdir
-        (workdir / "out").mkdir()
-        ctx = JobContext(
-            spec=pb.JobSpec.FromString(payload["spec"]),
-            source=_source(payload, workdir),
-            workdir=workdir / "out",
-            dataset_path=str(workdir / payload["dataset_path"]) if payload.get("dataset_path") else "",
-            dataset_format=payload.get("dataset_format", ""),
-            dataset_limits=payload.get("dataset_limits"),
-            sweep_parallelism=payload.get("sweep_parallelism", 2),
-            on_progress=lambda f, s: send(conn, "progress", f, s),
-        )
-        engine = get_engine(payload["engine"])
-        engine.run(ctx)
-        ctx.report["sandbox"] = entered.applied
-        report = json.dumps(ctx.report, default=str, indent=1)
-        ctx.write_artifact("report.json", report, "application/json")
-        send(conn, "done", ctx.artifacts, report)
+        progress = lambda f, s: send(conn, "progress", f, s)  # noqa: E731
+        artifacts, report = execute(payload, entered.workdir, progress, confinement=entered.applied)
+        send(conn, "done", artifacts, report)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's message
         first = str(exc).splitlines()[0] if str(exc) else ""
         send(conn, "error", f"{type(exc).__name__}: {first}", traceback.format_exc())
