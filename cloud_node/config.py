@@ -270,6 +270,7 @@ class RaySettings(Settings):
     max_ongoing_requests: int = 8  # per replica, beyond which the router queues (Serve's backpressure)
     upscale_delay_s: float = 30.0  # how long load must stay high before adding a replica
     downscale_delay_s: float = 600.0  # how long load must stay low before removing one
+    look_back_period_s: float = 30.0  # the window the autoscaler averages ongoing requests over
     num_cpus: float = 1.0  # per replica
     num_gpus: float = 0.0  # per replica
     torch_threads: int = 0  # torch threads in each replica; 0: num_cpus rounded up
@@ -293,6 +294,7 @@ class RaySettings(Settings):
             raise ValueError(f"address: must be {RAY_ADDRESS_FORMS}; got {address!r}")
         positive(self, "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests")
         positive(self, "max_batch_size", "request_timeout_s", "max_attempts")
+        positive(self, "look_back_period_s")
         non_negative(self, "upscale_delay_s", "downscale_delay_s", "num_cpus", "num_gpus", "torch_threads")
         non_negative(self, "batch_wait_timeout_s", "graceful_shutdown_timeout_s", "local_num_cpus")
         non_negative(self, "local_object_store_mb")

@@ -50,9 +50,11 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         self.profiler = Profiler()
 
     def close(self) -> None:
-        """After the drain: stop the batcher threads (queued requests run first)."""
+        """After the drain: stop the batcher threads (queued requests run first) and the Ray backend's poller."""
         if self.sessions.batchers is not None:
             self.sessions.batchers.close()
+        if self.sessions.remote is not None:
+            self.sessions.remote.close()
 
     @maps_errors
     def GetInfo(self, request: si_pb2.GetInfoRequest, context: grpc.ServicerContext) -> si_pb2.GetInfoResponse:
