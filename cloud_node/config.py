@@ -279,7 +279,8 @@ class RaySettings(Settings):
     request_timeout_s: float = 30.0  # one request's deadline, retries on other replicas included
     max_attempts: int = 3  # tries per request when a replica dies under it
     graceful_shutdown_timeout_s: float = 20.0  # a replica scaled down finishes its in-flight requests first
-    app_name: str = "cleave"  # the Serve application (several front doors share it)
+    app_name: str = "cleave"  # prefix of each model's Serve application (several front doors share them)
+    env: dict[str, str] = field(default_factory=dict)  # environment variables of every replica process
     local_num_cpus: int = 0  # `local`: CPUs the Ray instance may use; 0: the machine's
     local_object_store_mb: int = 0  # `local`: its object store (MB); 0: Ray's default
     jobs: RayJobsSettings = field(default_factory=RayJobsSettings)
@@ -304,6 +305,10 @@ class RaySettings(Settings):
             raise ValueError(f"replicas: {self.replicas} is not in [min_replicas, max_replicas]")
         if not self.app_name:
             raise ValueError("app_name: required")
+        if not isinstance(self.env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
+        ):
+            raise ValueError("env: expected a mapping of variable name to string value")
 
 
 @dataclass

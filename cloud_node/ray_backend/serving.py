@@ -84,7 +84,11 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
     """``Deployment.options`` for ``model``: replicas or autoscaling bounds, resources, drain time."""
     options: dict[str, Any] = {
         "name": model,
-        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "ray_actor_options": {
+            "num_cpus": settings.num_cpus,
+            "num_gpus": settings.num_gpus,
+            **({"runtime_env": {"env_vars": dict(settings.env)}} if settings.env else {}),
+        },
         "max_ongoing_requests": settings.max_ongoing_requests,
         "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.5,
@@ -99,6 +103,9 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
             "upscale_delay_s": settings.upscale_delay_s,
             "downscale_delay_s": settings.downscale_delay_s,
             "look_back_period_s": settings.look_back_period_s,
+            # How often handles push their queue lengths to the controller. Serve's default (10 s)
+            # dwarfs a short look-back window; half the window keeps at least two samples in it.
+            "metrics_interval_s": min(10.0, settings.look_back_period_s / 2),
         }
     else:
         options["num_replicas"] = settings.replicas
