@@ -59,11 +59,15 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
     @maps_errors
     def GetInfo(self, request: si_pb2.GetInfoRequest, context: grpc.ServicerContext) -> si_pb2.GetInfoResponse:
         models = [self.registry.get(request.model)] if request.model else list(self.registry.models.values())
-        return si_pb2.GetInfoResponse(
+        reply = si_pb2.GetInfoResponse(
             models=[self.registry.info(m, request.include_cuts) for m in models],
             version=__version__,
             host=socket.gethostname(),
         )
+        if request.include_pools:
+            reply.backend, pools = self.sessions.pools()
+            reply.pools.extend(p for p in pools if not request.model or p.model == request.model)
+        return reply
 
     @maps_errors
     def Profile(self, request: si_pb2.ProfileRequest, context: grpc.ServicerContext) -> si_pb2.ProfileResponse:

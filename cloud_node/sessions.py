@@ -53,6 +53,14 @@ class RemoteTails(Protocol):
         """Run ``part`` (a cut index) of ``model`` on encoded features; encoded outputs and timing."""
         ...
 
+    def pools(self) -> list[si_pb2.TailPool]:
+        """Each model's replicas, queue depth and recent scaling decisions."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work (after the drain)."""
+        ...
+
 
 class ModelRegistry:
     """The models this daemon serves, loaded and traced once at start."""
@@ -383,6 +391,21 @@ class SessionManager:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def pools(self) -> tuple[str, list[si_pb2.TailPool]]:
+        """Where each model's tails run: ("ray", its deployment's replicas) or ("process", this process)."""
+        if self.remote is not None:
+            return "ray", self.remote.pools()
+        return "process", [
+            si_pb2.TailPool(
+                model=name,
+                status="HEALTHY",
+                replicas={"RUNNING": 1},
+                running=1,
+                queue_depth=self.batchers.queue_depth(name) if self.batchers is not None else 0,
+            )
+            for name in self.registry.models
+        ]
 
     def snapshot(self) -> list[Session]:
         """The open sessions now (for the web console)."""

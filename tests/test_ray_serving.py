@@ -8,6 +8,7 @@ applications when done. Skipped, saying why, where Ray Serve is not installed.
 
 from __future__ import annotations
 
+import io
 import json
 import queue
 import subprocess
@@ -16,14 +17,16 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
 
+from cleave_cli.main import main as cleave
 from cloud_node.config import CloudConfig
 from cloud_node.main import build_daemon, close_services
 from compressor import RAW_UNCOMPRESSED, Assembler, EncodingSpec, decode, encode
@@ -57,11 +60,13 @@ def ray_instance() -> Iterator[None]:
 
 
 @contextmanager
-def ray_cloud(models: list[dict], app: str, **ray_settings: object) -> Iterator[tuple[int, object]]:
+def ray_cloud(
+    models: list[dict], app: str, registry: CollectorRegistry | None = None, **ray_settings: object
+) -> Iterator[tuple[int, object]]:
     """A cloud daemon in this process whose tails run on the module's Ray instance; (port, its RayTails)."""
     settings = {"address": "auto", "app_name": app, "num_cpus": 0.5, "torch_threads": 1, **ray_settings}
     config = CloudConfig.from_dict({"listen": "127.0.0.1:0", "models": models, "torch_threads": 1, "ray": settings})
-    daemon = build_daemon(config)
+    daemon = build_daemon(config, registry)
     port = daemon.start()
     tails = next(s.servicer for s in daemon.services if hasattr(s.servicer, "sessions")).sessions.remote
     try:
@@ -115,6 +120,14 @@ def run_stream(
     return got
 
 
+def cloud_status(port: int) -> dict:
+    """``cleave status --cloud ... --json``, run here."""
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cleave(["status", "--cloud", f"127.0.0.1:{port}", "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
 def test_split_inference_through_ray_tails_is_bit_exact_with_the_single_process_cloud() -> None:
     model = LoadedModel.load(ModelSpec.from_dict(RESNET))
     inputs = calibration_batch(RESNET["input_shape"], 4, seed=3)
@@ -127,9 +140,14 @@ def test_split_inference_through_ray_tails_is_bit_exact_with_the_single_process_
             cases.append((cut, spec, requests))
     with plain_cloud([RESNET]) as port:
         expected = [run_stream(port, model, cut, reqs, spec) for cut, spec, reqs in cases]
+        plain = cloud_status(port)
     with ray_cloud([RESNET], "exact") as (port, tails):
         got = [run_stream(port, model, cut, reqs, spec) for cut, spec, reqs in cases]
         pools = tails.status()
+        on_ray = cloud_status(port)
+    assert plain["backend"] == "process" and [p["model"] for p in plain["pools"]] == ["resnet18"]
+    assert on_ray["backend"] == "ray" and on_ray["pools"][0]["running"] == 1
+    assert on_ray["pools"][0]["replicas"] == {"RUNNING": 1}
     for (cut, spec, _), want, have in zip(cases, expected, got, strict=True):
         assert sorted(have) == sorted(want)
         for rid in want:
@@ -212,11 +230,12 @@ def replica_names(app: str) -> list[str]:
     )
 
 
-def wait_for(condition, timeout: float, what: str, poll: float = 0.25) -> None:
+def wait_for(condition, timeout: float, what: str, tails=None, poll: float = 0.25) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            state = [p.to_json() for p in tails.status()] if tails is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} {state}")
         time.sleep(poll)
 
 
@@ -239,8 +258,8 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing() -
             return run_stream(port, model, cut, [(i + 1, features[i]) for i in ids])
 
         def killer() -> None:
-            wait_for(lambda: tails.status()[0].requests >= streams * 3, 60, "load to build up", poll=0.02)
-            wait_for(lambda: tails.status()[0].in_flight >= 2, 10, "requests in flight", poll=0.005)
+            wait_for(lambda: tails.status()[0].requests >= streams * 3, 60, "load to build up", tails, 0.02)
+            wait_for(lambda: tails.status()[0].in_flight >= 2, 10, "requests in flight", tails, 0.005)
             victim = replica_names("kill")[0]
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             killed.set()
@@ -275,7 +294,8 @@ def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back() -> None
         "look_back_period_s": 2.0,
         "env": {"CLEAVE_TEST_TAIL_SLEEP_S": str(SLEEP_S)},
     }
-    with ray_cloud([SLOW], "scale", **scaling) as (port, tails):
+    registry = CollectorRegistry()
+    with ray_cloud([SLOW], "scale", registry, **scaling) as (port, tails):
         assert tails.status()[0].running == 1
         stop = threading.Event()
 
@@ -291,10 +311,19 @@ def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back() -> None
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(load, s) for s in range(4)]
             try:
-                wait_for(lambda: tails.status()[0].running == 2, 60, "a second replica under load")
+                wait_for(lambda: tails.status()[0].running == 2, 60, "a second replica under load", tails)
+                scaled = cloud_status(port)["pools"][0]
+                metrics = generate_latest(registry).decode()
             finally:
                 stop.set()
             assert sum(f.result() for f in futures) > 0
-        wait_for(lambda: tails.status()[0].running == 1 and len(replica_names("scale")) == 1, 60, "scale-down")
+        wait_for(lambda: tails.status()[0].running == 1 and len(replica_names("scale")) == 1, 60, "scale-down", tails)
         decisions = tails.status()[0].decisions
+        after = cloud_status(port)["pools"][0]
     assert [(d["from"], d["to"]) for d in decisions][-2:] == [(1, 2), (2, 1)]
+    assert scaled["running"] == 2 and (
+        scaled["decisions"][-1]["from_replicas"],
+        scaled["decisions"][-1]["to_replicas"],
+    ) == (1, 2)
+    assert 'cleave_ray_replicas{model="slow",state="RUNNING"} 2.0' in metrics
+    assert after["running"] == 1 and after["decisions"][-1]["to_replicas"] == 1 and after["failures"] == 0

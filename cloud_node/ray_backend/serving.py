@@ -301,6 +301,33 @@ class RayTails:
                 for p in self._pools.values()
             ]
 
+    def pools(self) -> list[si_pb2.TailPool]:
+        """:meth:`status` as ``GetInfo`` sends it (``cleave status --cloud``)."""
+        return [
+            si_pb2.TailPool(
+                model=p.model,
+                status=p.status,
+                replicas=p.replicas,
+                running=p.running,
+                queue_depth=p.in_flight,
+                requests=p.requests,
+                retries=p.retries,
+                failures=p.failures,
+                message=p.message,
+                decisions=[
+                    si_pb2.ScalingDecision(
+                        unix_time=d["time"],
+                        from_replicas=d["from"],
+                        to_replicas=d["to"],
+                        status=d["status"],
+                        trigger=d["trigger"],
+                    )
+                    for d in p.decisions
+                ],
+            )
+            for p in self.status()
+        ]
+
     def refresh(self) -> None:
         """Read ``serve.status()`` once; a change in running replicas is recorded as a scaling decision."""
         from ray import serve
