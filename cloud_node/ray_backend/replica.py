@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import defaultdict
 
@@ -56,6 +57,10 @@ class TailReplica:
                 f"door has {fingerprint[:16]}...; every node must load the same graph and weights"
             )
         self._parts: dict[int | str, tuple] = {}
+        # One tail call at a time: a replica is ``torch_threads`` cores of compute, and requests beyond
+        # the one running wait here (their decoding overlaps). More throughput comes from more
+        # replicas or from batching, not from tails contending for the same cores.
+        self._compute = threading.Lock()
         self.batching = max_batch_size > 1
         if self.batching:
             self.run_batch.set_max_batch_size(max_batch_size)
@@ -94,9 +99,10 @@ class TailReplica:
             groups[(request.part, signature)].append(i)
         for (part, _), members in groups.items():
             fn = self._part(part)[1]
-            t0 = time.perf_counter()
+            gate = time.perf_counter()
             try:
-                with torch.inference_mode():
+                with self._compute, torch.inference_mode():
+                    t0 = time.perf_counter()
                     if len(members) == 1:
                         outputs = [as_tensor_list(fn(*decoded[members[0]]))]
                     else:
@@ -116,7 +122,7 @@ class TailReplica:
                 encoded = tuple(encode(o, request.result_spec).SerializeToString() for o in produced)
                 replies[i] = TailReply(
                     outputs=encoded,
-                    queue_ms=max((started - arrived) * 1e3, 0.0),
+                    queue_ms=max((started - arrived) * 1e3, 0.0) + (t0 - gate) * 1e3,
                     decode_ms=decode_ms[i],
                     compute_ms=compute_ms,
                     encode_ms=(time.perf_counter() - t1) * 1e3,

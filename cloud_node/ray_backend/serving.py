@@ -56,28 +56,71 @@ def app_name(settings: RaySettings, model: str) -> str:
     return f"{settings.app_name}-{model}"
 
 
-def connect(settings: RaySettings) -> bool:
-    """Join (``auto``, ``ray://``) or start (``local``) Ray and make sure Serve runs; True if this started Ray.
+class LocalRay:
+    """A Ray instance this process started (``ray.address: local``), owned by a thread of its own.
+
+    Ray starts its processes (GCS, raylet, workers) so that they die with the *thread* that started
+    them (``PR_SET_PDEATHSIG``). The daemon loads its models on a thread that ends once loading is
+    done, so Ray is started here on a thread that lives until :meth:`stop`.
+    """
+
+    def __init__(self, settings: RaySettings, timeout_s: float = 300.0) -> None:
+        self._settings = settings
+        self._started = threading.Event()
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._own, name="ray-owner", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise RuntimeError(f"ray.address local: Ray did not start within {timeout_s:.0f}s")
+        if self._error is not None:
+            raise self._error
+
+    def _own(self) -> None:
+        import ray
+
+        try:
+            ray.init(
+                num_cpus=self._settings.local_num_cpus or None,
+                object_store_memory=(self._settings.local_object_store_mb << 20) or None,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor, which raises it
+            self._error = exc
+        finally:
+            self._started.set()
+        self._release.wait()
+
+    def stop(self) -> None:
+        """Shut Serve and Ray down, then let the owner thread end."""
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            self._release.set()
+            self._thread.join(timeout=10)
+
+
+def connect(settings: RaySettings) -> LocalRay | None:
+    """Join (``auto``, ``ray://``) or start (``local``) Ray and make sure Serve runs; the instance if this started it.
 
     Serve's own HTTP and gRPC proxies stay off: Cleave's gRPC server is the front door.
     """
     import ray
     from ray import serve
 
-    started = False
+    local = None
     if not ray.is_initialized():
         if settings.address == "local":
-            ray.init(
-                num_cpus=settings.local_num_cpus or None,
-                object_store_memory=(settings.local_object_store_mb << 20) or None,
-                include_dashboard=False,
-                log_to_driver=False,
-            )
-            started = True
+            local = LocalRay(settings)
         else:
             ray.init(address=settings.address, log_to_driver=False)
     serve.start(proxy_location="Disabled")
-    return started
+    return local
 
 
 def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
@@ -157,7 +200,7 @@ class RayTails:
         from ray import serve
 
         self.settings = settings
-        self.started_ray = connect(settings)
+        self.local_ray = connect(settings)
         self._lock = threading.Lock()
         self._handles: dict[str, Any] = {}
         self._pools: dict[str, PoolStatus] = {name: PoolStatus(name) for name in models}
@@ -363,14 +406,8 @@ class RayTails:
         """Stop polling; tear Ray down only if this process started it (``local``)."""
         self._stop.set()
         self._poller.join(timeout=5)
-        if self.started_ray:
-            import ray
-            from ray import serve
-
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+        if self.local_ray is not None:
+            self.local_ray.stop()
 
 
 class TailsCollector(Collector):
