@@ -327,3 +327,34 @@ def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back() -> None
     ) == (1, 2)
     assert 'cleave_ray_replicas{model="slow",state="RUNNING"} 2.0' in metrics
     assert after["running"] == 1 and after["decisions"][-1]["to_replicas"] == 1 and after["failures"] == 0
+
+
+def test_cleave_cloud_with_ray_address_local_starts_and_stops_its_own_ray(tmp_path: Path) -> None:
+    """The daemon as users start it: ``--ray-address local`` in a subprocess, Ray started and shut down by it.
+
+    Ray's processes die with the thread that started them; the daemon loads its models on a thread
+    that ends, so a request after loading only succeeds if Ray was started on a thread that lives on.
+    """
+    from cleave_cli.launch import cloud_process, free_port
+
+    model = LoadedModel.load(ModelSpec.from_dict(KSERVE_MODELS[0]))
+    _, head, tail = model.parts(2)
+    x = calibration_batch(KSERVE_MODELS[0]["input_shape"], 1, seed=2)
+    with torch.inference_mode():
+        features = as_tensor_list(head(x))
+        expected = as_tensor_list(tail(*features))
+    ray_section = {"local_num_cpus": 1, "local_object_store_mb": 100, "num_cpus": 0.5, "app_name": "own"}
+    (tmp_path / "cloud.yaml").write_text(
+        json.dumps({"models": [KSERVE_MODELS[0]], "torch_threads": 1, "ray": ray_section})
+    )
+    cloud = cloud_process(tmp_path / "cloud.yaml", free_port(), tmp_path / "cloud.log")
+    cloud.args += ["--ray-address", "local"]
+    cloud.start(ready_timeout=180)
+    try:
+        time.sleep(3)  # past the end of the loading thread
+        got = run_stream(cloud.port, model, "2", [(1, features)])
+        status = cloud_status(cloud.port)
+    finally:
+        assert cloud.stop(timeout=60) == 0, cloud.log_tail()
+    assert all(torch.equal(a, b) for a, b in zip(got[1], expected, strict=True))
+    assert status["backend"] == "ray" and status["pools"][0]["running"] == 1

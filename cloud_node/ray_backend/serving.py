@@ -17,6 +17,7 @@ snapshot it publishes (replaced whole, read without copying).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -44,6 +45,10 @@ from ..config import RaySettings
 from .messages import WHOLE_MODEL, TailReply, TailRequest
 
 log = logging.getLogger(__name__)
+
+# Ray's core worker installs a C++ handler for fatal signals that also catches SIGTERM and aborts the
+# process after Python's handler ran: the daemon could not drain on SIGTERM. Set before Ray loads.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 _ERRORS: dict[str, type[WireError]] = {
     cls.__name__: cls
