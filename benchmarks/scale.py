@@ -215,23 +215,84 @@ def plot(records: list[dict], fleet: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-async def measure_all(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> list[dict]:
+def interleaved(addresses: dict[str, str], model: LoadedModel, cut: str, features: Features, pairs: int) -> dict:
+    """One request at a time, alternating between the clouds in ``addresses`` (name -> host:port).
+
+    Both see the same machine load at the same moments, so the difference of their medians is the
+    Ray path's added latency, free of the drift between runs taken one after the other.
+    """
+    import queue
+
+    import grpc
+
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
+    from .batching import serialize_frames
+
+    links, channels = {}, []
+    for name, address in addresses.items():
+        channel = grpc.insecure_channel(address)
+        channels.append(channel)
+        stub = si_grpc.SplitInferenceStub(channel)
+        sid = stub.OpenSession(
+            si_pb2.OpenSessionRequest(model=model.name, fingerprint=model.fingerprint, cut=cut), timeout=30
+        ).session_id
+        outbox: queue.Queue = queue.Queue()
+        links[name] = (outbox, stub.Infer(iter(outbox.get, None), timeout=600), sid)
+    latencies: dict[str, list[float]] = {name: [] for name in addresses}
+    try:
+        for k in range(pairs + 10):  # the first 10 pairs warm up
+            for name, (outbox, replies, sid) in links.items():
+                frames = serialize_frames(sid, features.encoded[k % len(features.encoded)], k + 1)
+                started = time.perf_counter()
+                for frame in frames:
+                    outbox.put(si_pb2.InferFrame.FromString(frame))
+                while not (result := next(replies)).last:
+                    pass
+                if result.HasField("error") or result.request_id != k + 1:
+                    raise RuntimeError(f"{name}: request {k + 1}: {result.error.message or result.request_id}")
+                if k >= 10:
+                    latencies[name].append((time.perf_counter() - started) * 1e3)
+    finally:
+        for outbox, _, _ in links.values():
+            outbox.put(None)
+        for channel in channels:
+            channel.close()
+    return {name: float(np.median(values)) for name, values in latencies.items()}
+
+
+async def measure_all(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> dict:
     records = []
-    for name in args.configs:
-        cloud = start_cloud(work, name, entry, args)
-        try:
-            for streams in args.streams:
-                record = {"config": name, **await run_streams(cloud.address, model, args.cut, features, streams, args)}
-                records.append(record)
-                print(
-                    f"{name:>8} {streams:>3} streams: {record['throughput_rps']:7.1f} req/s  "
-                    f"p50 {record['p50_ms']:6.2f} ms  p99 {record['p99_ms']:6.2f} ms  "
-                    f"busy {record['busy_cores']:.2f} cores  errors {len(record['errors'])}",
-                    file=sys.stderr,
-                )
-        finally:
-            cloud.stop(timeout=60)
-    return records
+    hop = None
+    keep = start_cloud(work, "process", entry, args) if "process" in args.configs else None
+    try:
+        for name in args.configs:
+            cloud = keep if name == "process" else start_cloud(work, name, entry, args)
+            try:
+                for streams in args.streams:
+                    record = {
+                        "config": name,
+                        **await run_streams(cloud.address, model, args.cut, features, streams, args),
+                    }
+                    records.append(record)
+                    print(
+                        f"{name:>8} {streams:>3} streams: {record['throughput_rps']:7.1f} req/s  "
+                        f"p50 {record['p50_ms']:6.2f} ms  p99 {record['p99_ms']:6.2f} ms  "
+                        f"busy {record['busy_cores']:.2f} cores  errors {len(record['errors'])}",
+                        file=sys.stderr,
+                    )
+                if name == "ray-1" and keep is not None:
+                    both = {"process": keep.address, "ray-1": cloud.address}
+                    hop = await asyncio.to_thread(interleaved, both, model, args.cut, features, args.pairs)
+                    print(f"interleaved, one request at a time: {hop}", file=sys.stderr)
+            finally:
+                if cloud is not keep:
+                    cloud.stop(timeout=60)
+    finally:
+        if keep is not None:
+            keep.stop(timeout=60)
+    return {"records": records, "interleaved_p50_ms": hop}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edges", type=int, default=1000, help="fleet model: edges")
     p.add_argument("--edge-rps", type=float, default=5.0, help="fleet model: requests/s per edge")
     p.add_argument("--cores-per-node", type=int, default=16, help="fleet model: replicas per node")
+    p.add_argument("--pairs", type=int, default=150, help="interleaved single requests per cloud (added latency)")
     p.add_argument("--configs", default=",".join(CONFIGS), type=lambda s: s.split(","), help="a subset to run")
     p.add_argument("--work", help="keep the clouds' configs and logs here (default: a temporary folder)")
     p.add_argument("--out", default=str(RESULTS / "scale.json"))
@@ -257,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     features = prepare(model, args.cut, EncodingSpec(encoding="affine", bits=8))
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        records = asyncio.run(measure_all(model, entry, features, args, Path(args.work)))
+        measured = asyncio.run(measure_all(model, entry, features, args, Path(args.work)))
     else:
         with tempfile.TemporaryDirectory(prefix="cleave-scale-") as tmp:
-            records = asyncio.run(measure_all(model, entry, features, args, Path(tmp)))
+            measured = asyncio.run(measure_all(model, entry, features, args, Path(tmp)))
+    records, hop = measured["records"], measured["interleaved_p50_ms"]
     errors = [e for r in records for e in r["errors"]]
     by = {(r["config"], r["streams"]): r for r in records}
     best = {name: max(r["throughput_rps"] for r in records if r["config"] == name) for name in args.configs}
@@ -281,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "summary": {
             "ray_added_p50_ms_1_stream": by[("ray-1", 1)]["p50_ms"] - by[("process", 1)]["p50_ms"],
+            "interleaved_p50_ms": hop,
+            "ray_added_p50_ms_interleaved": hop["ray-1"] - hop["process"],
             "best_rps": best,
             "ray2_over_ray1": best["ray-2"] / best["ray-1"],
             "errors": len(errors),
