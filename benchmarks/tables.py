@@ -333,9 +333,11 @@ def scale_summary(d: Json) -> list[list[str]]:
     return [
         ["cores on this machine (driver, front door and replicas share them)", str(d["cpu_count"])],
         [
-            "Ray path's added median latency at 1 stream (ray-1 p50 - process p50)",
-            f"{s['ray_added_p50_ms_1_stream']:+.2f} ms",
+            "Ray path's added median latency, one request at a time, alternating between the clouds",
+            f"{s['ray_added_p50_ms_interleaved']:+.2f} ms ({s['interleaved_p50_ms']['process']:.1f} -> "
+            f"{s['interleaved_p50_ms']['ray-1']:.1f} ms)",
         ],
+        ["the same from the 1-stream rows (taken minutes apart)", f"{s['ray_added_p50_ms_1_stream']:+.2f} ms"],
         [
             "best throughput: process / ray-1 / ray-2",
             f"{best['process']:.1f} / {best['ray-1']:.1f} / {best['ray-2']:.1f} req/s",
