@@ -118,6 +118,7 @@ def start_cloud(work: Path, name: str, entry: dict, args) -> DaemonProcess:
             "max_replicas": replicas,
             "num_cpus": 1,
             "torch_threads": 1,
+            "max_ongoing_requests": args.max_ongoing,
             "local_num_cpus": max(args.ray_cpus, replicas),
             "local_object_store_mb": 200,
             "app_name": f"bench-{replicas}",
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edges", type=int, default=1000, help="fleet model: edges")
     p.add_argument("--edge-rps", type=float, default=5.0, help="fleet model: requests/s per edge")
     p.add_argument("--cores-per-node", type=int, default=16, help="fleet model: replicas per node")
+    p.add_argument("--max-ongoing", type=int, default=8, help="ray.max_ongoing_requests of each replica")
     p.add_argument("--pairs", type=int, default=150, help="interleaved single requests per cloud (added latency)")
     p.add_argument("--configs", default=",".join(CONFIGS), type=lambda s: s.split(","), help="a subset to run")
     p.add_argument("--work", help="keep the clouds' configs and logs here (default: a temporary folder)")
