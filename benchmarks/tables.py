@@ -318,6 +318,59 @@ def load(d: Json) -> list[list[str]]:
     ]
 
 
+# ---- scale.json -------------------------------------------------------------------------------------------------
+def scale(d: Json) -> list[list[str]]:
+    by = {(r["config"], r["streams"]): r for r in d["records"]}
+    rows = []
+    for streams in sorted({r["streams"] for r in d["records"]}):
+        cells = [str(streams)]
+        for config in ("process", "ray-1", "ray-2"):
+            r = by[(config, streams)]
+            cells += [f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}"]
+        cells.append(f"x{by[('ray-2', streams)]['throughput_rps'] / by[('ray-1', streams)]['throughput_rps']:.2f}")
+        rows.append(cells)
+    return rows
+
+
+def scale_summary(d: Json) -> list[list[str]]:
+    s, fleet = d["summary"], d["fleet"]
+    best = s["best_rps"]
+    return [
+        ["cores on this machine (driver, front door and replicas share them)", str(d["cpu_count"])],
+        [
+            "Ray path's added median latency, one request at a time, alternating between the clouds",
+            f"{s['ray_added_p50_ms_interleaved']:+.2f} ms ({s['interleaved_p50_ms']['process']:.1f} -> "
+            f"{s['interleaved_p50_ms']['ray-1']:.1f} ms)",
+        ],
+        ["the same from the 1-stream rows (taken minutes apart)", f"{s['ray_added_p50_ms_1_stream']:+.2f} ms"],
+        [
+            "best throughput: process / ray-1 / ray-2",
+            f"{best['process']:.1f} / {best['ray-1']:.1f} / {best['ray-2']:.1f} req/s",
+        ],
+        ["2 replicas over 1 (best throughput)", f"x{s['ray2_over_ray1']:.2f}"],
+        [
+            "one replica's capacity (fleet model input)",
+            f"{fleet['per_replica_rps']:.1f} req/s ({fleet['service_ms']:.1f} ms each)",
+        ],
+        ["errors (wrong, missing or failed replies)", str(s["errors"])],
+    ]
+
+
+def scale_fleet(d: Json) -> list[list[str]]:
+    fleet = d["fleet"]
+    return [
+        [
+            str(r["replicas"]),
+            str(r["nodes"]),
+            f"{r['capacity_rps']:,.0f}",
+            f"{r['utilisation'] * 100:.0f} %",
+            f"{r['p_wait'] * 100:.1f} %",
+            f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}",
+        ]
+        for r in fleet["rows"]
+    ]
+
+
 # ---- overhead.json ----------------------------------------------------------------------------------------------
 def overhead(d: Json) -> list[list[str]]:
     return [
@@ -567,6 +620,28 @@ TABLES: dict[str, Table] = {
             "RSS growth, edges (max)",
             "anon RSS trend (max)",
         ),
+    ),
+    "scale": Table(
+        ("scale.json",),
+        scale,
+        (
+            "streams",
+            "process: req/s",
+            "process: p50 / p99 ms",
+            "ray 1 replica: req/s",
+            "p50 / p99 ms",
+            "ray 2 replicas: req/s",
+            "p50 / p99 ms",
+            "2 replicas / 1",
+        ),
+        "rrrrrrrr",
+    ),
+    "scale_summary": Table(("scale.json",), scale_summary, ("measure", "value"), "lr"),
+    "scale_fleet": Table(
+        ("scale.json",),
+        scale_fleet,
+        ("replicas", "nodes", "capacity req/s", "utilisation", "requests that queue", "p50 / p99 ms (model)"),
+        "rrrrrr",
     ),
     "overhead": Table(
         ("overhead.json",),

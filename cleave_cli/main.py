@@ -159,8 +159,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
     from runtime.serving import open_channel
 
-    from .output import message_dict, status_table
+    from .output import message_dict, pools_table, status_table
 
+    if args.cloud:
+        from protos.cleave.v1 import split_inference_pb2 as si_pb2
+        from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+
+        with open_channel(args.cloud, **channel_security(args)) as channel:
+            info = si_grpc.SplitInferenceStub(channel).GetInfo(
+                si_pb2.GetInfoRequest(include_pools=True), timeout=args.timeout
+            )
+        print(json.dumps(message_dict(info), indent=2) if args.json else pools_table(info, args.cloud))
+        return 0
     with open_channel(args.edge, **channel_security(args)) as channel:
         status = edge_pb2_grpc.EdgeStub(channel).GetStatus(edge_pb2.GetStatusRequest(), timeout=args.timeout)
     print(json.dumps(message_dict(status), indent=2) if args.json else status_table(status, args.edge))
@@ -217,8 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(info)
     info.set_defaults(func=cmd_info)
 
-    status = sub.add_parser("status", help="an edge daemon's link, plan, reachability and counters")
+    status = sub.add_parser(
+        "status", help="an edge daemon's link, plan, reachability and counters; --cloud: a cloud's tail replicas"
+    )
     status.add_argument("--edge", default="127.0.0.1:50052", help="edge daemon host:port")
+    status.add_argument(
+        "--cloud",
+        metavar="HOST:PORT",
+        help="a cloud daemon instead: replicas per model, queue depth, scaling decisions",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output (numbers as numbers)")
     status.add_argument("--timeout", type=float, default=10.0, help="deadline, seconds")
     add_security_args(status)

@@ -133,3 +133,25 @@ def status_table(status: Any, edge: str) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def pools_table(info: Any, cloud: str) -> str:
+    """A cloud's tail pools (``GetInfo`` with ``include_pools``): replicas, queue depth, scaling decisions."""
+    import time
+
+    lines = [f"cloud {cloud}  tails: {info.backend or 'process'}"]
+    lines.append(
+        f"  {'model':<20} {'status':<12} {'running':>7} {'states':<24} {'queue':>5} {'requests':>9} {'retries':>7}"
+    )
+    for pool in info.pools:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(pool.replicas.items())) or "-"
+        lines.append(
+            f"  {pool.model:<20} {pool.status:<12} {pool.running:>7} {states:<24} {pool.queue_depth:>5} "
+            f"{pool.requests:>9} {pool.retries:>7}"
+        )
+        if pool.message:
+            lines.append(f"    {pool.message}")
+        for d in pool.decisions:
+            when = time.strftime("%H:%M:%S", time.localtime(d.unix_time))
+            lines.append(f"    {when}  {d.from_replicas} -> {d.to_replicas} replicas  ({d.status}, {d.trigger})")
+    return "\n".join(lines)

@@ -270,6 +270,7 @@ class RaySettings(Settings):
     max_ongoing_requests: int = 8  # per replica, beyond which the router queues (Serve's backpressure)
     upscale_delay_s: float = 30.0  # how long load must stay high before adding a replica
     downscale_delay_s: float = 600.0  # how long load must stay low before removing one
+    look_back_period_s: float = 30.0  # the window the autoscaler averages ongoing requests over
     num_cpus: float = 1.0  # per replica
     num_gpus: float = 0.0  # per replica
     torch_threads: int = 0  # torch threads in each replica; 0: num_cpus rounded up
@@ -278,7 +279,8 @@ class RaySettings(Settings):
     request_timeout_s: float = 30.0  # one request's deadline, retries on other replicas included
     max_attempts: int = 3  # tries per request when a replica dies under it
     graceful_shutdown_timeout_s: float = 20.0  # a replica scaled down finishes its in-flight requests first
-    app_name: str = "cleave"  # the Serve application (several front doors share it)
+    app_name: str = "cleave"  # prefix of each model's Serve application (several front doors share them)
+    env: dict[str, str] = field(default_factory=dict)  # environment variables of every replica process
     local_num_cpus: int = 0  # `local`: CPUs the Ray instance may use; 0: the machine's
     local_object_store_mb: int = 0  # `local`: its object store (MB); 0: Ray's default
     jobs: RayJobsSettings = field(default_factory=RayJobsSettings)
@@ -293,6 +295,7 @@ class RaySettings(Settings):
             raise ValueError(f"address: must be {RAY_ADDRESS_FORMS}; got {address!r}")
         positive(self, "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests")
         positive(self, "max_batch_size", "request_timeout_s", "max_attempts")
+        positive(self, "look_back_period_s")
         non_negative(self, "upscale_delay_s", "downscale_delay_s", "num_cpus", "num_gpus", "torch_threads")
         non_negative(self, "batch_wait_timeout_s", "graceful_shutdown_timeout_s", "local_num_cpus")
         non_negative(self, "local_object_store_mb")
@@ -302,6 +305,10 @@ class RaySettings(Settings):
             raise ValueError(f"replicas: {self.replicas} is not in [min_replicas, max_replicas]")
         if not self.app_name:
             raise ValueError("app_name: required")
+        if not isinstance(self.env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
+        ):
+            raise ValueError("env: expected a mapping of variable name to string value")
 
 
 @dataclass

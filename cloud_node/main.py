@@ -25,6 +25,7 @@ from .web.server import start_http
 # Torch and the models come in with load_services, after the daemon listens (health NOT_SERVING).
 if TYPE_CHECKING:
     from .batching import Batchers
+    from .ray_backend.serving import RayTails
     from .sessions import ModelRegistry
 
 SPLIT_INFERENCE = si_pb2.DESCRIPTOR.services_by_name["SplitInference"]
@@ -128,10 +129,16 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
 
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    sessions = SessionManager(ModelRegistry(config.models), config.limits, batchers_for(config))
+    models = ModelRegistry(config.models)
+    tails = ray_tails(config, models)
+    sessions = SessionManager(models, config.limits, batchers_for(config), tails)
     metrics = CloudMetrics(registry, sessions) if registry is not None else None
+    if tails is not None and registry is not None:
+        from .ray_backend.serving import TailsCollector
+
+        registry.register(TailsCollector(tails))
     servicer = SplitInferenceServicer(sessions, config.chunk_bytes, metrics)
-    services = [Service(servicer, SPLIT_INFERENCE), kserve_service(sessions.registry, config, sessions.batchers)]
+    services = [Service(servicer, SPLIT_INFERENCE), kserve_service(models, config, sessions.batchers, tails)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager
         from .jobs.ray_tasks import ray_jobs_for
@@ -173,14 +180,29 @@ def batchers_for(config: CloudConfig) -> Batchers:
     return Batchers(config.batching.for_model)
 
 
-def kserve_service(registry: ModelRegistry, config: CloudConfig, batchers: Batchers | None = None) -> Service:
+def ray_tails(config: CloudConfig, models: ModelRegistry) -> RayTails | None:
+    """The Ray backend when ``ray.address`` is set (Ray is imported only then), else None: tails run here."""
+    if not config.ray.enabled or not models.models:
+        return None
+    try:
+        from .ray_backend.serving import RayTails
+    except ImportError as exc:
+        raise SettingsError(
+            f"ray.address: {config.ray.address!r} needs Ray Serve (pip install 'cleave[ray]'): {exc}"
+        ) from exc
+    return RayTails(config.ray, models.models)
+
+
+def kserve_service(
+    registry: ModelRegistry, config: CloudConfig, batchers: Batchers | None = None, remote: RayTails | None = None
+) -> Service:
     """The KServe v2 Open Inference Protocol over every served model (whole-model inference)."""
     # Imported here: its `inference.*` stubs must stay out of processes that import this module
     # beside Triton's or KServe's client, which register the same names.
     from .kserve import SERVICE, KServeServicer
     from .openinference import OpenInference
 
-    backend = OpenInference(registry.get, list(registry.models), config.limits, batchers)
+    backend = OpenInference(registry.get, list(registry.models), config.limits, batchers, remote)
     return Service(KServeServicer(backend), SERVICE)
 
 

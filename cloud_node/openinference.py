@@ -30,10 +30,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from compressor import CodecLimits
 from partitioner.loaded import LoadedModel, as_tensor_list
 from protos.errors import InvalidArgument, NotFound, ResourceExhausted
 
@@ -188,6 +190,8 @@ class OpenInference:
         limits: the daemon's limits (elements per tensor, request and message bytes).
         batchers: the daemon's dynamic batchers; whole-model requests of concurrent clients share
             batches where the model's ``batching:`` settings turn it on (None: never batched).
+        remote: the Ray backend (:class:`~cloud_node.ray_backend.serving.RayTails`): set, the whole
+            model runs in a replica of its deployment instead of in this process.
     """
 
     def __init__(
@@ -196,11 +200,13 @@ class OpenInference:
         names: Sequence[str],
         limits: CloudLimits,
         batchers: Batchers | None = None,
+        remote: Any = None,
     ) -> None:
         self._models = models
         self.names = list(names)
         self.limits = limits
         self.batchers = batchers
+        self.remote = remote  # the Ray backend (RayTails): whole models run in its replicas
         self.statistics = Statistics()
 
     def model(self, name: str, version: str = "") -> LoadedModel:
@@ -292,6 +298,9 @@ class OpenInference:
 
     def run(self, model: LoadedModel, tensor: torch.Tensor) -> list[torch.Tensor]:
         """The one place the model runs: the whole model on one input batch, batched with others' when on."""
+        if self.remote is not None:
+            limits = CodecLimits(max_elements=self.limits.max_elements, max_payload_bytes=self.limits.max_request_bytes)
+            return self.remote.run_whole(model.name, tensor, limits)
         if self.batchers is not None:
             return self.batchers.run(model.name, WHOLE_MODEL, model.module, [tensor]).outputs
         with torch.inference_mode():

@@ -50,18 +50,24 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         self.profiler = Profiler()
 
     def close(self) -> None:
-        """After the drain: stop the batcher threads (queued requests run first)."""
+        """After the drain: stop the batcher threads (queued requests run first) and the Ray backend's poller."""
         if self.sessions.batchers is not None:
             self.sessions.batchers.close()
+        if self.sessions.remote is not None:
+            self.sessions.remote.close()
 
     @maps_errors
     def GetInfo(self, request: si_pb2.GetInfoRequest, context: grpc.ServicerContext) -> si_pb2.GetInfoResponse:
         models = [self.registry.get(request.model)] if request.model else list(self.registry.models.values())
-        return si_pb2.GetInfoResponse(
+        reply = si_pb2.GetInfoResponse(
             models=[self.registry.info(m, request.include_cuts) for m in models],
             version=__version__,
             host=socket.gethostname(),
         )
+        if request.include_pools:
+            reply.backend, pools = self.sessions.pools()
+            reply.pools.extend(p for p in pools if not request.model or p.model == request.model)
+        return reply
 
     @maps_errors
     def Profile(self, request: si_pb2.ProfileRequest, context: grpc.ServicerContext) -> si_pb2.ProfileResponse:

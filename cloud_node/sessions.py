@@ -8,7 +8,9 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -35,6 +37,29 @@ from .batching import Batchers, DirectRunner, DynamicBatcher
 from .config import CloudLimits
 
 log = logging.getLogger(__name__)
+
+
+class RemoteTails(Protocol):
+    """Where tails run when not in this process (:class:`cloud_node.ray_backend.serving.RayTails`)."""
+
+    def run(
+        self,
+        model: str,
+        part: int | str,
+        features: Sequence[tensor_pb2.Tensor],
+        result_spec: EncodingSpec,
+        limits: CodecLimits,
+    ) -> tuple[list[tensor_pb2.Tensor], si_pb2.CloudTiming]:
+        """Run ``part`` (a cut index) of ``model`` on encoded features; encoded outputs and timing."""
+        ...
+
+    def pools(self) -> list[si_pb2.TailPool]:
+        """Each model's replicas, queue depth and recent scaling decisions."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work (after the drain)."""
+        ...
 
 
 class ModelRegistry:
@@ -125,7 +150,9 @@ class Session:
     """One edge's binding to a model tail at a cut.
 
     ``runner`` runs the tail: directly on the calling thread, or through the dynamic batcher that
-    every session on the same model and cut shares (see :mod:`cloud_node.batching`). Features are
+    every session on the same model and cut shares (see :mod:`cloud_node.batching`). With ``remote``
+    (the Ray backend) the still-encoded features go to a replica instead, which decodes, runs and
+    encodes (see :mod:`cloud_node.ray_backend`). Features are
     checked against the cut (count, dtype, shape, at most ``max_batch`` rows) from their headers,
     before anything is decompressed or allocated.
     """
@@ -142,6 +169,7 @@ class Session:
     requests: int = 0  # under _lock: a client may run one session on several streams
     last_used: float = field(default_factory=time.monotonic)
     runner: DirectRunner | DynamicBatcher | None = None
+    remote: RemoteTails | None = None  # set: the tail runs there (Ray Serve), not in this process
     # For the web console, under _lock (several streams may run one session): written by the threads
     # running its requests, copied by recent(); (unix time, queue, decode, compute, encode ms) of the latest.
     timings: deque = field(default_factory=lambda: deque(maxlen=120))
@@ -164,6 +192,19 @@ class Session:
         self.last_used = time.monotonic()
         t0 = time.perf_counter()
         self.check_headers(features)
+        if self.remote is not None:  # Ray backend: the replica decodes, runs and encodes
+            encoded, timing = self.remote.run(
+                self.model.name, self.cut.index, features, self.result_spec, self.codec_limits
+            )
+        else:
+            encoded, timing = self._run_here(features, t0)
+        self._record(features, timing)
+        return encoded, timing
+
+    def _run_here(
+        self, features: list[tensor_pb2.Tensor], t0: float
+    ) -> tuple[list[tensor_pb2.Tensor], si_pb2.CloudTiming]:
+        """The single-process path: decode, run the tail through ``runner``, encode."""
         tensors = []
         for i, msg in enumerate(features):
             try:
@@ -185,6 +226,9 @@ class Session:
             compute_ms=max((t2 - t1) * 1e3 - result.queue_ms, 0.0),
             encode_ms=(t3 - t2) * 1e3,
         )
+        return encoded, timing
+
+    def _record(self, features: list[tensor_pb2.Tensor], timing: si_pb2.CloudTiming) -> None:
         first = features[0] if features else None
         described = ""
         if first is not None:
@@ -197,7 +241,6 @@ class Session:
             self.features = described or self.features
             self.feature_bytes = sent
             self.timings.append((time.time(), timing.queue_ms, timing.decode_ms, timing.compute_ms, timing.encode_ms))
-        return encoded, timing
 
     def recent(self) -> tuple[int, str, int, list[tuple[float, ...]]]:
         """A consistent copy of (requests, feature encoding, feature bytes, timings) for the console."""
@@ -247,12 +290,20 @@ class Session:
 
 
 class SessionManager:
-    """Opens, finds and expires sessions, within ``limits``; ``batchers`` batches their tails (None: never)."""
+    """Opens, finds and expires sessions, within ``limits``; ``batchers`` batches their tails (None: never);
+    ``remote`` runs them elsewhere (the Ray backend; None: in this process)."""
 
-    def __init__(self, registry: ModelRegistry, limits: CloudLimits, batchers: Batchers | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        limits: CloudLimits,
+        batchers: Batchers | None = None,
+        remote: RemoteTails | None = None,
+    ) -> None:
         self.registry = registry
         self.limits = limits
         self.batchers = batchers
+        self.remote = remote
         self.codec_limits = CodecLimits(max_elements=limits.max_elements, max_payload_bytes=limits.max_request_bytes)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -310,7 +361,8 @@ class SessionManager:
                 owner=owner,
                 plan=plan,
                 max_batch=self.limits.batch_limit(model.name),
-                runner=self.batchers.runner(model.name, cut.index, tail) if self.batchers else None,
+                runner=self.batchers.runner(model.name, cut.index, tail) if self.batchers and not self.remote else None,
+                remote=self.remote,
             )
             self._sessions[session.id] = session
         log.info(
@@ -339,6 +391,21 @@ class SessionManager:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def pools(self) -> tuple[str, list[si_pb2.TailPool]]:
+        """Where each model's tails run: ("ray", its deployment's replicas) or ("process", this process)."""
+        if self.remote is not None:
+            return "ray", self.remote.pools()
+        return "process", [
+            si_pb2.TailPool(
+                model=name,
+                status="HEALTHY",
+                replicas={"RUNNING": 1},
+                running=1,
+                queue_depth=self.batchers.queue_depth(name) if self.batchers is not None else 0,
+            )
+            for name in self.registry.models
+        ]
 
     def snapshot(self) -> list[Session]:
         """The open sessions now (for the web console)."""

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos.cleave.v1 import tensor_pb2 as protos_dot_cleave_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/cleave/v1/split_inference.proto\x12\tcleave.v1\x1a\x1dprotos/cleave/v1/tensor.proto\"D\n\x07\x43utInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x03(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x8c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12%\n\x0binput_dtype\x18\x04 \x01(\x0e\x32\x10.cleave.v1.DType\x12 \n\x04\x63uts\x18\x05 \x03(\x0b\x32\x12.cleave.v1.CutInfo\"5\n\x0eGetInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cinclude_cuts\x18\x02 \x01(\x08\"V\n\x0fGetInfoResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.cleave.v1.ModelInfo\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"u\n\x0eProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07repeats\x18\x02 \x01(\r\x12\x0e\n\x06warmup\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07refresh\x18\x05 \x01(\x08\x12\x13\n\x0binput_shape\x18\x06 \x03(\r\"<\n\nNodeTiming\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\x12\x14\n\x0coutput_bytes\x18\x03 \x01(\x04\"Q\n\tCodecCost\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x18\n\x10\x65ncode_ms_per_mb\x18\x02 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_ms_per_mb\x18\x03 \x01(\x01\"\xd5\x02\n\x0fProfileResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12$\n\x05nodes\x18\x03 \x03(\x0b\x32\x15.cleave.v1.NodeTiming\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x37\n\x07head_ms\x18\x06 \x03(\x0b\x32&.cleave.v1.ProfileResponse.HeadMsEntry\x12$\n\x06\x63odecs\x18\x07 \x03(\x0b\x32\x14.cleave.v1.CodecCost\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x15\n\rtorch_version\x18\t \x01(\t\x12\r\n\x05\x62\x61tch\x18\n \x01(\r\x12\x13\n\x0binput_shape\x18\x0b \x03(\r\x1a-\n\x0bHeadMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"y\n\x0cProbeMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04\x65\x63ho\x18\x03 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bserver_time\x18\x05 \x01(\x01\x12\x13\n\x0breply_bytes\x18\x06 \x01(\x04\"\xb2\x01\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0b\n\x03\x63ut\x18\x03 \x01(\t\x12\x32\n\x0fresult_encoding\x18\x04 \x01(\x0b\x32\x19.cleave.v1.TensorEncoding\x12\x0e\n\x06\x63lient\x18\x05 \x01(\t\x12\'\n\x04plan\x18\x06 \x01(\x0b\x32\x19.cleave.v1.PlanPrediction\"\xc5\x01\n\x0ePlanPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\tobjective\x18\x02 \x01(\t\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x65\x64ge_ms\x18\x04 \x01(\x01\x12\x11\n\tencode_ms\x18\x05 \x01(\x01\x12\x11\n\tupload_ms\x18\x06 \x01(\x01\x12\x0e\n\x06rtt_ms\x18\x07 \x01(\x01\x12\x11\n\tdecode_ms\x18\x08 \x01(\x01\x12\x10\n\x08\x63loud_ms\x18\t \x01(\x01\x12\x13\n\x0b\x64ownload_ms\x18\n \x01(\x01\"`\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x03\x63ut\x18\x02 \x01(\x0b\x32\x12.cleave.v1.CutInfo\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\"j\n\nInferFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12&\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x16.cleave.v1.TensorChunk\x12\x0c\n\x04last\x18\x04 \x01(\x08\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"Y\n\x0b\x43loudTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\"\xa7\x01\n\x0bInferResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x16.cleave.v1.TensorChunk\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12&\n\x06timing\x18\x04 \x01(\x0b\x32\x16.cleave.v1.CloudTiming\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.cleave.v1.RequestError\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08requests\x18\x01 \x01(\x04\x32\xae\x03\n\x0eSplitInference\x12@\n\x07GetInfo\x12\x19.cleave.v1.GetInfoRequest\x1a\x1a.cleave.v1.GetInfoResponse\x12@\n\x07Profile\x12\x19.cleave.v1.ProfileRequest\x1a\x1a.cleave.v1.ProfileResponse\x12=\n\x05Probe\x12\x17.cleave.v1.ProbeMessage\x1a\x17.cleave.v1.ProbeMessage(\x01\x30\x01\x12L\n\x0bOpenSession\x12\x1d.cleave.v1.OpenSessionRequest\x1a\x1e.cleave.v1.OpenSessionResponse\x12:\n\x05Infer\x12\x15.cleave.v1.InferFrame\x1a\x16.cleave.v1.InferResult(\x01\x30\x01\x12O\n\x0c\x43loseSession\x12\x1e.cleave.v1.CloseSessionRequest\x1a\x1f.cleave.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/cleave/v1/split_inference.proto\x12\tcleave.v1\x1a\x1dprotos/cleave/v1/tensor.proto\"D\n\x07\x43utInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x03(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x8c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12%\n\x0binput_dtype\x18\x04 \x01(\x0e\x32\x10.cleave.v1.DType\x12 \n\x04\x63uts\x18\x05 \x03(\x0b\x32\x12.cleave.v1.CutInfo\"L\n\x0eGetInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cinclude_cuts\x18\x02 \x01(\x08\x12\x15\n\rinclude_pools\x18\x03 \x01(\x08\"q\n\x0fScalingDecision\x12\x11\n\tunix_time\x18\x01 \x01(\x01\x12\x15\n\rfrom_replicas\x18\x02 \x01(\r\x12\x13\n\x0bto_replicas\x18\x03 \x01(\r\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0f\n\x07trigger\x18\x05 \x01(\t\"\xaa\x02\n\x08TailPool\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x33\n\x08replicas\x18\x03 \x03(\x0b\x32!.cleave.v1.TailPool.ReplicasEntry\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x0f\n\x07retries\x18\x07 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x08 \x01(\x04\x12\x0f\n\x07message\x18\t \x01(\t\x12-\n\tdecisions\x18\n \x03(\x0b\x32\x1a.cleave.v1.ScalingDecision\x1a/\n\rReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x8b\x01\n\x0fGetInfoResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.cleave.v1.ModelInfo\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\"\n\x05pools\x18\x05 \x03(\x0b\x32\x13.cleave.v1.TailPool\"u\n\x0eProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07repeats\x18\x02 \x01(\r\x12\x0e\n\x06warmup\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07refresh\x18\x05 \x01(\x08\x12\x13\n\x0binput_shape\x18\x06 \x03(\r\"<\n\nNodeTiming\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\x12\x14\n\x0coutput_bytes\x18\x03 \x01(\x04\"Q\n\tCodecCost\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x18\n\x10\x65ncode_ms_per_mb\x18\x02 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_ms_per_mb\x18\x03 \x01(\x01\"\xd5\x02\n\x0fProfileResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12$\n\x05nodes\x18\x03 \x03(\x0b\x32\x15.cleave.v1.NodeTiming\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x37\n\x07head_ms\x18\x06 \x03(\x0b\x32&.cleave.v1.ProfileResponse.HeadMsEntry\x12$\n\x06\x63odecs\x18\x07 \x03(\x0b\x32\x14.cleave.v1.CodecCost\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x15\n\rtorch_version\x18\t \x01(\t\x12\r\n\x05\x62\x61tch\x18\n \x01(\r\x12\x13\n\x0binput_shape\x18\x0b \x03(\r\x1a-\n\x0bHeadMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"y\n\x0cProbeMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04\x65\x63ho\x18\x03 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bserver_time\x18\x05 \x01(\x01\x12\x13\n\x0breply_bytes\x18\x06 \x01(\x04\"\xb2\x01\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0b\n\x03\x63ut\x18\x03 \x01(\t\x12\x32\n\x0fresult_encoding\x18\x04 \x01(\x0b\x32\x19.cleave.v1.TensorEncoding\x12\x0e\n\x06\x63lient\x18\x05 \x01(\t\x12\'\n\x04plan\x18\x06 \x01(\x0b\x32\x19.cleave.v1.PlanPrediction\"\xc5\x01\n\x0ePlanPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\tobjective\x18\x02 \x01(\t\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x65\x64ge_ms\x18\x04 \x01(\x01\x12\x11\n\tencode_ms\x18\x05 \x01(\x01\x12\x11\n\tupload_ms\x18\x06 \x01(\x01\x12\x0e\n\x06rtt_ms\x18\x07 \x01(\x01\x12\x11\n\tdecode_ms\x18\x08 \x01(\x01\x12\x10\n\x08\x63loud_ms\x18\t \x01(\x01\x12\x13\n\x0b\x64ownload_ms\x18\n \x01(\x01\"`\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x03\x63ut\x18\x02 \x01(\x0b\x32\x12.cleave.v1.CutInfo\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\"j\n\nInferFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12&\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x16.cleave.v1.TensorChunk\x12\x0c\n\x04last\x18\x04 \x01(\x08\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"Y\n\x0b\x43loudTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tdecode_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\"\xa7\x01\n\x0bInferResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x16.cleave.v1.TensorChunk\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12&\n\x06timing\x18\x04 \x01(\x0b\x32\x16.cleave.v1.CloudTiming\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.cleave.v1.RequestError\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08requests\x18\x01 \x01(\x04\x32\xae\x03\n\x0eSplitInference\x12@\n\x07GetInfo\x12\x19.cleave.v1.GetInfoRequest\x1a\x1a.cleave.v1.GetInfoResponse\x12@\n\x07Profile\x12\x19.cleave.v1.ProfileRequest\x1a\x1a.cleave.v1.ProfileResponse\x12=\n\x05Probe\x12\x17.cleave.v1.ProbeMessage\x1a\x17.cleave.v1.ProbeMessage(\x01\x30\x01\x12L\n\x0bOpenSession\x12\x1d.cleave.v1.OpenSessionRequest\x1a\x1e.cleave.v1.OpenSessionResponse\x12:\n\x05Infer\x12\x15.cleave.v1.InferFrame\x1a\x16.cleave.v1.InferResult(\x01\x30\x01\x12O\n\x0c\x43loseSession\x12\x1e.cleave.v1.CloseSessionRequest\x1a\x1f.cleave.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.cleave.v1.split_inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TAILPOOL_REPLICASENTRY']._loaded_options = None
+  _globals['_TAILPOOL_REPLICASENTRY']._serialized_options = b'8\001'
   _globals['_PROFILERESPONSE_HEADMSENTRY']._loaded_options = None
   _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_options = b'8\001'
   _globals['_CUTINFO']._serialized_start=84
@@ -39,39 +41,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=155
   _globals['_MODELINFO']._serialized_end=295
   _globals['_GETINFOREQUEST']._serialized_start=297
-  _globals['_GETINFOREQUEST']._serialized_end=350
-  _globals['_GETINFORESPONSE']._serialized_start=352
-  _globals['_GETINFORESPONSE']._serialized_end=438
-  _globals['_PROFILEREQUEST']._serialized_start=440
-  _globals['_PROFILEREQUEST']._serialized_end=557
-  _globals['_NODETIMING']._serialized_start=559
-  _globals['_NODETIMING']._serialized_end=619
-  _globals['_CODECCOST']._serialized_start=621
-  _globals['_CODECCOST']._serialized_end=702
-  _globals['_PROFILERESPONSE']._serialized_start=705
-  _globals['_PROFILERESPONSE']._serialized_end=1046
-  _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_start=1001
-  _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_end=1046
-  _globals['_PROBEMESSAGE']._serialized_start=1048
-  _globals['_PROBEMESSAGE']._serialized_end=1169
-  _globals['_OPENSESSIONREQUEST']._serialized_start=1172
-  _globals['_OPENSESSIONREQUEST']._serialized_end=1350
-  _globals['_PLANPREDICTION']._serialized_start=1353
-  _globals['_PLANPREDICTION']._serialized_end=1550
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=1552
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1648
-  _globals['_INFERFRAME']._serialized_start=1650
-  _globals['_INFERFRAME']._serialized_end=1756
-  _globals['_REQUESTERROR']._serialized_start=1758
-  _globals['_REQUESTERROR']._serialized_end=1803
-  _globals['_CLOUDTIMING']._serialized_start=1805
-  _globals['_CLOUDTIMING']._serialized_end=1894
-  _globals['_INFERRESULT']._serialized_start=1897
-  _globals['_INFERRESULT']._serialized_end=2064
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2066
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2107
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2109
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2149
-  _globals['_SPLITINFERENCE']._serialized_start=2152
-  _globals['_SPLITINFERENCE']._serialized_end=2582
+  _globals['_GETINFOREQUEST']._serialized_end=373
+  _globals['_SCALINGDECISION']._serialized_start=375
+  _globals['_SCALINGDECISION']._serialized_end=488
+  _globals['_TAILPOOL']._serialized_start=491
+  _globals['_TAILPOOL']._serialized_end=789
+  _globals['_TAILPOOL_REPLICASENTRY']._serialized_start=742
+  _globals['_TAILPOOL_REPLICASENTRY']._serialized_end=789
+  _globals['_GETINFORESPONSE']._serialized_start=792
+  _globals['_GETINFORESPONSE']._serialized_end=931
+  _globals['_PROFILEREQUEST']._serialized_start=933
+  _globals['_PROFILEREQUEST']._serialized_end=1050
+  _globals['_NODETIMING']._serialized_start=1052
+  _globals['_NODETIMING']._serialized_end=1112
+  _globals['_CODECCOST']._serialized_start=1114
+  _globals['_CODECCOST']._serialized_end=1195
+  _globals['_PROFILERESPONSE']._serialized_start=1198
+  _globals['_PROFILERESPONSE']._serialized_end=1539
+  _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_start=1494
+  _globals['_PROFILERESPONSE_HEADMSENTRY']._serialized_end=1539
+  _globals['_PROBEMESSAGE']._serialized_start=1541
+  _globals['_PROBEMESSAGE']._serialized_end=1662
+  _globals['_OPENSESSIONREQUEST']._serialized_start=1665
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1843
+  _globals['_PLANPREDICTION']._serialized_start=1846
+  _globals['_PLANPREDICTION']._serialized_end=2043
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=2045
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=2141
+  _globals['_INFERFRAME']._serialized_start=2143
+  _globals['_INFERFRAME']._serialized_end=2249
+  _globals['_REQUESTERROR']._serialized_start=2251
+  _globals['_REQUESTERROR']._serialized_end=2296
+  _globals['_CLOUDTIMING']._serialized_start=2298
+  _globals['_CLOUDTIMING']._serialized_end=2387
+  _globals['_INFERRESULT']._serialized_start=2390
+  _globals['_INFERRESULT']._serialized_end=2557
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2559
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2600
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2602
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2642
+  _globals['_SPLITINFERENCE']._serialized_start=2645
+  _globals['_SPLITINFERENCE']._serialized_end=3075
 # @@protoc_insertion_point(module_scope)

@@ -34,22 +34,73 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
-    __slots__ = ("model", "include_cuts")
+    __slots__ = ("model", "include_cuts", "include_pools")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_CUTS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_POOLS_FIELD_NUMBER: _ClassVar[int]
     model: str
     include_cuts: bool
-    def __init__(self, model: _Optional[str] = ..., include_cuts: _Optional[bool] = ...) -> None: ...
+    include_pools: bool
+    def __init__(self, model: _Optional[str] = ..., include_cuts: _Optional[bool] = ..., include_pools: _Optional[bool] = ...) -> None: ...
+
+class ScalingDecision(_message.Message):
+    __slots__ = ("unix_time", "from_replicas", "to_replicas", "status", "trigger")
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    FROM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TO_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    unix_time: float
+    from_replicas: int
+    to_replicas: int
+    status: str
+    trigger: str
+    def __init__(self, unix_time: _Optional[float] = ..., from_replicas: _Optional[int] = ..., to_replicas: _Optional[int] = ..., status: _Optional[str] = ..., trigger: _Optional[str] = ...) -> None: ...
+
+class TailPool(_message.Message):
+    __slots__ = ("model", "status", "replicas", "running", "queue_depth", "requests", "retries", "failures", "message", "decisions")
+    class ReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    status: str
+    replicas: _containers.ScalarMap[str, int]
+    running: int
+    queue_depth: int
+    requests: int
+    retries: int
+    failures: int
+    message: str
+    decisions: _containers.RepeatedCompositeFieldContainer[ScalingDecision]
+    def __init__(self, model: _Optional[str] = ..., status: _Optional[str] = ..., replicas: _Optional[_Mapping[str, int]] = ..., running: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests: _Optional[int] = ..., retries: _Optional[int] = ..., failures: _Optional[int] = ..., message: _Optional[str] = ..., decisions: _Optional[_Iterable[_Union[ScalingDecision, _Mapping]]] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("models", "version", "host")
+    __slots__ = ("models", "version", "host", "backend", "pools")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     version: str
     host: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., version: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
+    backend: str
+    pools: _containers.RepeatedCompositeFieldContainer[TailPool]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., version: _Optional[str] = ..., host: _Optional[str] = ..., backend: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[TailPool, _Mapping]]] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("model", "repeats", "warmup", "batch", "refresh", "input_shape")

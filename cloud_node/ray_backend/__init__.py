@@ -1,0 +1,11 @@
+"""The cloud's tails on Ray Serve (``ray:`` in cloud.yaml; off by default).
+
+Cleave keeps its own gRPC front door (sessions, ``Infer`` streams, KServe, health, TLS, tokens) and
+hands each request's features, still encoded, to the model's Serve deployment; a replica decodes
+them, runs the tail and encodes the outputs. Nothing here is imported unless ``ray.address`` is set,
+so a cloud without Ray installed runs exactly as before.
+
+- :mod:`.messages`: what travels between front door and replica (bytes and plain values; no ray import).
+- :mod:`.replica`: the deployment class (runs in the replica processes).
+- :mod:`.serving`: the front door's side: connect, deploy, call with retries, report status.
+"""
