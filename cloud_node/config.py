@@ -305,6 +305,8 @@ class RaySettings(Settings):
             raise ValueError(f"replicas: {self.replicas} is not in [min_replicas, max_replicas]")
         if not self.app_name:
             raise ValueError("app_name: required")
+        if self.jobs.jobs_enabled and not address:
+            raise ValueError("jobs.jobs_enabled: Ray jobs need ray.address (local, auto or ray://HOST:PORT)")
         if not isinstance(self.env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
         ):

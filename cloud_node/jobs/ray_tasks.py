@@ -32,6 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..ray_backend import before_ray_import
+
+before_ray_import()  # the daemon keeps SIGTERM (drains) when a job is what loads Ray
+
 if TYPE_CHECKING:
     from ..config import RaySettings
 

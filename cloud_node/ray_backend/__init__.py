@@ -9,3 +9,15 @@ so a cloud without Ray installed runs exactly as before.
 - :mod:`.replica`: the deployment class (runs in the replica processes).
 - :mod:`.serving`: the front door's side: connect, deploy, call with retries, report status.
 """
+
+import os
+
+
+def before_ray_import() -> None:
+    """Make the Ray this process loads leave SIGTERM to the daemon; call before ``import ray``.
+
+    Ray's core worker installs a C++ handler for fatal signals that also catches SIGTERM and aborts
+    the process after Python's handler ran, so a daemon that had joined Ray could not drain on
+    SIGTERM. Both Ray paths (serving here, jobs in :mod:`cloud_node.jobs.ray_tasks`) call this.
+    """
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")

@@ -17,7 +17,6 @@ snapshot it publishes (replaced whole, read without copying).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -42,13 +41,12 @@ from protos.errors import (
 )
 
 from ..config import RaySettings
+from . import before_ray_import
 from .messages import WHOLE_MODEL, TailReply, TailRequest
 
 log = logging.getLogger(__name__)
 
-# Ray's core worker installs a C++ handler for fatal signals that also catches SIGTERM and aborts the
-# process after Python's handler ran: the daemon could not drain on SIGTERM. Set before Ray loads.
-os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+before_ray_import()  # the daemon keeps SIGTERM (drains), whichever Ray path loads Ray first
 
 _ERRORS: dict[str, type[WireError]] = {
     cls.__name__: cls
