@@ -16,20 +16,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from compressor.errors import CodecError
 from protos.cleave.v1 import tensor_pb2
 
+# The fields a header keeps (every one but the payload) and, of those, the ones with presence: copied
+# only when set. Read from the descriptor once, so a field added to Tensor is carried without edits here.
+_HEADER_FIELDS = tuple(f.name for f in tensor_pb2.Tensor.DESCRIPTOR.fields if f.name != "payload")
+_PRESENCE = frozenset(
+    f.name for f in tensor_pb2.Tensor.DESCRIPTOR.fields if f.has_presence and f.name in _HEADER_FIELDS
+)
+
 
 def header_of(tensor: tensor_pb2.Tensor) -> tensor_pb2.Tensor:
     """A copy of ``tensor`` without its payload (the payload bytes are not copied)."""
-    header = tensor_pb2.Tensor()
-    for field, value in tensor.ListFields():
-        if field.name == "payload":
-            continue
-        if field.is_repeated:
-            getattr(header, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(header, field.name).CopyFrom(value)
-        else:
-            setattr(header, field.name, value)
-    return header
+    # One constructor call: ListFields() would also copy the payload out, only to drop it.
+    return tensor_pb2.Tensor(
+        **{name: getattr(tensor, name) for name in _HEADER_FIELDS if name not in _PRESENCE or tensor.HasField(name)}
+    )
 
 
 def to_chunks(
