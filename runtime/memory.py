@@ -2,10 +2,11 @@
 
 Every request allocates and frees the same large buffers: the received message, its payload, the
 decoded tensor, the model's activations. glibc's malloc serves blocks over its *mmap threshold*
-(128 KiB at start, raised on the fly) with fresh ``mmap`` calls and trims the free top of its heaps
-past the *trim threshold*, so the next request touches fresh pages again and pays a page fault for
-every 4 KiB of them: a 600 KB message cost 0.25 ms to parse in the daemon instead of 0.04 ms
-(docs/overhead.md). Fixing both thresholds above the per-request working set keeps those pages:
+(128 KiB at start, raised only as large blocks are freed) with fresh ``mmap`` calls and trims the
+free top of its heaps past the *trim threshold*, so until both have risen far enough the next request
+touches fresh pages again and pays a page fault for every 4 KiB of them: a bare gRPC server parsed a
+600 KB message in 0.26 ms instead of 0.04 ms (docs/overhead.md). Fixing both thresholds above the
+per-request working set keeps those pages from the start, whatever the process loaded before:
 
 - ``mmap_threshold``: blocks up to this size come from the heaps and are reused once freed;
 - ``trim_threshold``: up to this much free memory stays at the top of each heap.
