@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from partitioner.spec import ModelSpec
 from protos.cleave.v1 import compression_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from runtime import logsafe
+from runtime import logsafe, memory
 from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from runtime.serving import Daemon, Service, ServiceOff
 from runtime.settings import SettingsError, revalidate
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s cloud %(levelname)s %(message)s")
     logsafe.install()  # client-supplied text cannot forge a log line
+    memory.keep_freed_memory()  # requests reuse their buffers' pages (docs/overhead.md)
     registry = new_registry() if config.metrics.enabled else None
     try:
         # The endpoint first: a port clash fails at once, not after loading every model.

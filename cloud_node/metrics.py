@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
-from runtime.metrics import STAGE_BUCKETS
+from runtime.metrics import STAGE_BUCKETS, LabelCache
 
 from .jobs.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from .sessions import SessionManager
@@ -68,6 +68,10 @@ class CloudMetrics:
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
+        # Status codes, stages and model names: fixed sets.
+        self._requests = LabelCache(self.requests)
+        self._stage = LabelCache(self.stage)
+        self._batch_size = LabelCache(self.batch_size)
         batchers = getattr(sessions, "batchers", None)
         if batchers is not None:
             batchers.add_listener(self.on_batch)
@@ -82,7 +86,7 @@ class CloudMetrics:
 
     def on_batch(self, key: Hashable, size: int, wait_ms: float = 0.0, run_ms: float = 0.0) -> None:
         """The batcher's ``on_batch(key, size, wait_ms, run_ms)`` hook: one batch of ``size`` ran."""
-        self.batch_size.labels(getattr(key, "model", str(key))).observe(size)
+        self._batch_size(getattr(key, "model", str(key))).observe(size)
 
     # -- stream wrappers -------------------------------------------------------------------------
     def frames(self, frames: Iterable[si_pb2.InferFrame]) -> Iterator[si_pb2.InferFrame]:
@@ -101,15 +105,16 @@ class CloudMetrics:
 
     def _record(self, result: si_pb2.InferResult) -> None:
         if result.HasField("error"):
-            self.requests.labels(_CODE_NAMES.get(result.error.code, str(result.error.code))).inc()
+            # The cloud sets these codes itself (from gRPC's set), so the label values stay few.
+            self._requests(_CODE_NAMES.get(result.error.code, str(result.error.code))).inc()
             return
-        self.requests.labels("OK").inc()
+        self._requests("OK").inc()
         timing = result.timing
         if timing.queue_ms > 0:  # only a batcher measures a queue; 0 means there was none
-            self.stage.labels("queue").observe(timing.queue_ms / 1e3)
-        self.stage.labels("decode").observe(timing.decode_ms / 1e3)
-        self.stage.labels("compute").observe(timing.compute_ms / 1e3)
-        self.stage.labels("encode").observe(timing.encode_ms / 1e3)
+            self._stage("queue").observe(timing.queue_ms / 1e3)
+        self._stage("decode").observe(timing.decode_ms / 1e3)
+        self._stage("compute").observe(timing.compute_ms / 1e3)
+        self._stage("encode").observe(timing.encode_ms / 1e3)
 
 
 class _StateCollector(Collector):

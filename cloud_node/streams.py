@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
-from compressor import Assembler, BudgetExceeded, ByteBudget, CodecError, to_chunks
+from compressor import Assembler, BudgetExceeded, ByteBudget, CodecError
+from compressor.framing import add_chunks, to_pieces
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError, status_of
 
@@ -91,10 +92,12 @@ def serve_stream(
                     failed.add(rid)
                 yield _error(rid, exc)
                 continue
-            groups = list(to_chunks(outputs, chunk_bytes)) or [[]]
+            groups = list(to_pieces(outputs, chunk_bytes)) or [[]]
             for i, group in enumerate(groups):
                 last = i == len(groups) - 1
-                yield si_pb2.InferResult(request_id=rid, chunks=group, last=last, timing=timing if last else None)
+                result = si_pb2.InferResult(request_id=rid, last=last, timing=timing if last else None)
+                add_chunks(result.chunks, group)  # built in the result: the outputs' bytes are copied once
+                yield result
     finally:
         # The stream ended (or was cancelled) with requests half received: give their bytes back.
         for entry in pending.values():

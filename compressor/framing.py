@@ -12,24 +12,29 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from compressor.errors import CodecError
 from protos.cleave.v1 import tensor_pb2
 
+# The fields a header keeps (every one but the payload) and, of those, the ones with presence: copied
+# only when set. Read from the descriptor once, so a field added to Tensor is carried without edits here.
+_HEADER_FIELDS = tuple(f.name for f in tensor_pb2.Tensor.DESCRIPTOR.fields if f.name != "payload")
+_PRESENCE = frozenset(
+    f.name for f in tensor_pb2.Tensor.DESCRIPTOR.fields if f.has_presence and f.name in _HEADER_FIELDS
+)
+
 
 def header_of(tensor: tensor_pb2.Tensor) -> tensor_pb2.Tensor:
     """A copy of ``tensor`` without its payload (the payload bytes are not copied)."""
-    header = tensor_pb2.Tensor()
-    for field, value in tensor.ListFields():
-        if field.name == "payload":
-            continue
-        if field.is_repeated:
-            getattr(header, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(header, field.name).CopyFrom(value)
-        else:
-            setattr(header, field.name, value)
-    return header
+    # One constructor call: ListFields() would also copy the payload out, only to drop it.
+    return tensor_pb2.Tensor(
+        **{name: getattr(tensor, name) for name in _HEADER_FIELDS if name not in _PRESENCE or tensor.HasField(name)}
+    )
+
+
+Piece = tuple[int, tensor_pb2.Tensor | None, bytes]
+"""One chunk before it is a message: the tensor's index, its header (first chunk only, else None), the data."""
 
 
 def to_chunks(
@@ -40,15 +45,36 @@ def to_chunks(
     A group's size counts its payload slices and its headers' serialized sizes, so a frame made
     of one group is ``max_chunk_bytes`` plus a few bytes of framing per chunk. Each tensor's first
     chunk carries its header (the tensor without its payload); small tensors share a group, large
-    ones span several.
+    ones span several. A sender that puts each group in a frame builds the chunks in the frame
+    instead (:func:`to_pieces` and :func:`add_chunks`): a chunk put into a frame is copied, data included.
 
     Raises:
         CodecError: a tensor's ``payload_size`` disagrees with its payload, or a header alone is
             larger than ``max_chunk_bytes``.
     """
+    for group in to_pieces(tensors, max_chunk_bytes):
+        chunks = []
+        for index, header, data in group:
+            chunk = tensor_pb2.TensorChunk(index=index, data=data)
+            if header is not None:
+                chunk.header.CopyFrom(header)
+            chunks.append(chunk)
+        yield chunks
+
+
+def add_chunks(chunks: Any, group: list[Piece]) -> None:
+    """Build one group of :func:`to_pieces` in a frame's repeated ``chunks`` field, copying the data once."""
+    for index, header, data in group:
+        chunk = chunks.add(index=index, data=data)
+        if header is not None:
+            chunk.header.CopyFrom(header)
+
+
+def to_pieces(tensors: Sequence[tensor_pb2.Tensor], max_chunk_bytes: int = 1 << 20) -> Iterator[list[Piece]]:
+    """:func:`to_chunks`' groups, as (index, header or None, data) tuples; the same checks and errors."""
     if max_chunk_bytes < 1:
         raise ValueError(f"max_chunk_bytes: {max_chunk_bytes} is not positive")
-    group: list[tensor_pb2.TensorChunk] = []
+    group: list[Piece] = []
     used = 0
     for index, tensor in enumerate(tensors):
         payload = tensor.payload
@@ -70,13 +96,11 @@ def to_chunks(
                 yield group
                 group, used = [], 0
             room = max_chunk_bytes - used - (header_bytes if first else 0)
-            data = payload[offset : offset + room]
-            chunk = tensor_pb2.TensorChunk(index=index, data=data)
+            data = payload[offset : offset + room]  # the whole payload, not a copy, when it fits
+            group.append((index, header if first else None, data))
             if first:
-                chunk.header.CopyFrom(header)
                 used += header_bytes
                 first = False
-            group.append(chunk)
             used += len(data)
             offset += len(data)
     if group:

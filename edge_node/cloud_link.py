@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from compressor import Assembler, CodecError, to_chunks
+from compressor import Assembler, CodecError
+from compressor.framing import add_chunks, to_pieces
 from partitioner.loaded import LoadedModel
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
@@ -117,16 +118,14 @@ class InferStream:
     def submit(self, request_id: int, features: Sequence[tensor_pb2.Tensor]) -> Future:
         """Queue a request; the future resolves to a :class:`CloudReply`."""
         future: Future = Future()
-        groups = list(to_chunks(features, self.chunk_bytes)) or [[]]
-        frames = [
-            si_pb2.InferFrame(
-                session_id=self.session_id if i == 0 else "",
-                request_id=request_id,
-                chunks=group,
-                last=i == len(groups) - 1,
+        groups = list(to_pieces(features, self.chunk_bytes)) or [[]]
+        frames = []
+        for i, group in enumerate(groups):
+            frame = si_pb2.InferFrame(
+                session_id=self.session_id if i == 0 else "", request_id=request_id, last=i == len(groups) - 1
             )
-            for i, group in enumerate(groups)
-        ]
+            add_chunks(frame.chunks, group)  # built in the frame: the features' bytes are copied once
+            frames.append(frame)
         size = sum(f.ByteSize() for f in frames)
         with self._lock:  # ordered against close(): nothing is queued behind the end of the stream
             if self.broken or self.closing:

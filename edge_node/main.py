@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from partitioner.placement import AUTO, parse_pin
 from protos.cleave.v1 import edge_pb2
 from protos.errors import WireError
-from runtime import logsafe
+from runtime import logsafe, memory
 from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from runtime.serving import Daemon, Service
 from runtime.settings import SettingsError, revalidate
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s edge %(levelname)s %(message)s")
     logsafe.install()  # client-supplied text cannot forge a log line
+    memory.keep_freed_memory()  # requests reuse their buffers' pages (docs/overhead.md)
     try:
         daemon = EdgeDaemon(config)
     except (OSError, ValueError, WireError) as exc:

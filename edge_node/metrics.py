@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from partitioner.placement import Placement
 from protos.cleave.v1 import edge_pb2
-from runtime.metrics import RPC_BUCKETS, STAGE_BUCKETS
+from runtime.metrics import RPC_BUCKETS, STAGE_BUCKETS, LabelCache
 
 from .runtime import EdgeRuntime, Outcome
 
@@ -44,29 +44,31 @@ class EdgeMetrics:
             buckets=STAGE_BUCKETS,
             registry=registry,
         )
+        self._request = LabelCache(self.request_seconds)  # placements and stages: fixed sets
+        self._stage = LabelCache(self.stage_seconds)
         registry.register(_RuntimeCollector(runtime))
         runtime.counters.subscribe(self.observe)
 
     def observe(self, outcome: Outcome) -> None:
         """Record one served request's latency and stage timings."""
         t = outcome.timing
-        self.request_seconds.labels(outcome.placement.value).observe(t.total_ms / 1e3)
-        stage = self.stage_seconds
+        self._request(outcome.placement.value).observe(t.total_ms / 1e3)
+        stage = self._stage
         if outcome.placement == Placement.EDGE_ONLY:
-            stage.labels("whole_model").observe(t.edge_compute_ms / 1e3)
+            stage("whole_model").observe(t.edge_compute_ms / 1e3)
             return
         if outcome.placement == Placement.LOCAL_FALLBACK:
-            stage.labels("head").observe(max(t.edge_compute_ms - outcome.local_tail_ms, 0.0) / 1e3)
+            stage("head").observe(max(t.edge_compute_ms - outcome.local_tail_ms, 0.0) / 1e3)
             if t.encode_ms > 0:  # the cloud was tried (deadline or error) before the tail ran here
-                stage.labels("encode").observe(t.encode_ms / 1e3)
-            stage.labels("local_tail").observe(outcome.local_tail_ms / 1e3)
+                stage("encode").observe(t.encode_ms / 1e3)
+            stage("local_tail").observe(outcome.local_tail_ms / 1e3)
             return
         cloud_ms = t.cloud_queue_ms + t.cloud_decode_ms + t.cloud_compute_ms + t.cloud_encode_ms
-        stage.labels("head").observe(t.edge_compute_ms / 1e3)
-        stage.labels("encode").observe(t.encode_ms / 1e3)
-        stage.labels("transfer").observe(t.transfer_ms / 1e3)
-        stage.labels("cloud").observe(cloud_ms / 1e3)
-        stage.labels("decode").observe(t.decode_ms / 1e3)
+        stage("head").observe(t.edge_compute_ms / 1e3)
+        stage("encode").observe(t.encode_ms / 1e3)
+        stage("transfer").observe(t.transfer_ms / 1e3)
+        stage("cloud").observe(cloud_ms / 1e3)
+        stage("decode").observe(t.decode_ms / 1e3)
 
 
 class _RuntimeCollector(Collector):

@@ -8,6 +8,7 @@
 - :mod:`runtime.settings`: YAML config files into frozen dataclasses, validated at load.
 - :mod:`runtime.logsafe`: client-supplied text escaped in log lines.
 - :mod:`runtime.handlers`: gRPC's four method-handler kinds, spelled out once.
+- :mod:`runtime.memory`: glibc keeps freed request buffers' pages (no page faults per request).
 
 Imports flow one way: protos <- compressor <- partitioner <- runtime <- {edge_node, cloud_node}
 (``tests/test_layers.py`` enforces it). Nothing here imports torch.

@@ -53,6 +53,25 @@ class MetricsConfig(Settings):
         return parse_listen(self.listen) is not None
 
 
+class LabelCache:
+    """The children of one labelled metric, each looked up once: ``cache("decode").observe(x)``.
+
+    prometheus_client's ``labels()`` validates the values and takes a lock on every call; on a
+    request's path that is several lookups per request. Only for label values from a fixed set
+    (stages, methods, status codes): the cache keeps every child it hands out.
+    """
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:  # two threads may both look it up: labels() returns the same child to each
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 def new_registry() -> CollectorRegistry:
     """A daemon's own registry, with the process (CPU, memory, fds), platform and GC collectors."""
     registry = CollectorRegistry()
@@ -84,21 +103,21 @@ class _Call:
         self._metrics = metrics
         self._labels = labels
         self._done = False
-        metrics.started.labels(*labels).inc()
+        metrics.started_child(*labels).inc()
         self._started = time.perf_counter()
 
     def received(self) -> None:
-        self._metrics.msg_received.labels(*self._labels).inc()
+        self._metrics.received_child(*self._labels).inc()
 
     def sent(self) -> None:
-        self._metrics.msg_sent.labels(*self._labels).inc()
+        self._metrics.sent_child(*self._labels).inc()
 
     def finish(self, code: grpc.StatusCode) -> None:
         if self._done:
             return
         self._done = True
-        self._metrics.handling.labels(*self._labels).observe(time.perf_counter() - self._started)
-        self._metrics.handled.labels(*self._labels, code.name).inc()
+        self._metrics.handling_child(*self._labels).observe(time.perf_counter() - self._started)
+        self._metrics.handled_child(*self._labels, code.name).inc()
 
     def requests(self, requests: Iterator[Any]) -> Iterator[Any]:
         for request in requests:
@@ -165,6 +184,12 @@ class RpcMetrics(grpc.ServerInterceptor):
             "grpc_server_msg_received_total", "Request messages received.", labels, registry=registry
         )
         self.msg_sent = Counter("grpc_server_msg_sent_total", "Response messages sent.", labels, registry=registry)
+        # Label values come from the registered methods and gRPC's status codes: a fixed set.
+        self.started_child = LabelCache(self.started)
+        self.handled_child = LabelCache(self.handled)
+        self.handling_child = LabelCache(self.handling)
+        self.received_child = LabelCache(self.msg_received)
+        self.sent_child = LabelCache(self.msg_sent)
 
     def intercept_service(
         self,

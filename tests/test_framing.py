@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compressor import Assembler, CodecError, EncodingSpec, decode, encode, to_chunks
-from compressor.framing import header_of
+from compressor.framing import add_chunks, header_of, to_pieces
 from protos.cleave.v1 import split_inference_pb2, tensor_pb2
 
 RAW = EncodingSpec(codec="none")  # payload size = raw size, so the tests control chunk counts
@@ -235,3 +235,30 @@ def test_check_header_refuses_before_any_payload_is_taken() -> None:
         for group in to_chunks(msgs, 1 << 20):
             assembler.add(group)
     assert seen == [(0, (10,)), (1, (20,))] and budget.held == 0
+
+
+@pytest.mark.parametrize("sizes, max_chunk_bytes", [((7,), 1 << 20), ((300, 5, 1000), 1024), ((0, 64), 256)])
+def test_chunks_built_in_the_frame_are_the_same_bytes(sizes: tuple[int, ...], max_chunk_bytes: int) -> None:
+    """What the edge and the cloud send (to_pieces + add_chunks) is what to_chunks' groups make."""
+    msgs = [encode(x, RAW) for x in _tensors(*sizes)]
+    expected = [
+        split_inference_pb2.InferFrame(request_id=3, chunks=group).SerializeToString()
+        for group in to_chunks(msgs, max_chunk_bytes)
+    ]
+    sent = []
+    for group in to_pieces(msgs, max_chunk_bytes):
+        frame = split_inference_pb2.InferFrame(request_id=3)
+        add_chunks(frame.chunks, group)
+        sent.append(frame.SerializeToString())
+    assert sent == expected
+    assert len(sent) > 1 or max_chunk_bytes == 1 << 20  # the small limits do split
+
+
+def test_header_of_keeps_every_field_but_the_payload() -> None:
+    msg = encode(torch.randn(2, 3, 4), EncodingSpec.parse("int4"))  # scales, zero points, bits, codec set
+    header = header_of(msg)
+    assert not header.payload
+    expected = tensor_pb2.Tensor()
+    expected.CopyFrom(msg)
+    expected.ClearField("payload")
+    assert header == expected
