@@ -183,7 +183,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 # Commands that live in their own modules: each module has ``add_commands(subparsers)`` and keeps its
 # heavy imports inside the functions that run a command.
-COMMAND_MODULES: tuple[str, ...] = ("cleave_cli.plan_cmd", "cleave_cli.compress_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("cleave_cli.plan_cmd", "cleave_cli.compress_cmd", "cleave_cli.bundle_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
