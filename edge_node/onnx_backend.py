@@ -1,0 +1,210 @@
+"""The ONNX Runtime backend (see :mod:`edge_node.backend`): an edge bundle, no torch.
+
+The whole model's session opens with the backend (edge-only plans and the local fallback need it
+at once); a head's session opens when a plan first uses its cut, from bytes verified against the
+manifest as they are read. A request whose features did not reach the cloud is finished by the
+whole model on its input (a bundle carries heads, not tails): its head's work is done again, and
+its answer is the whole model's, the same as an edge-only plan's.
+
+Threads: sessions are built once per (cut, bits) under :class:`BuildOnce` semantics and then only
+read; ONNX Runtime's ``run`` is safe to call from the gRPC handler threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from compressor import decode_array
+from partitioner.bundle import BundleCut, EdgeBundle, PlanningTables
+from partitioner.profile import Profile, measure_codecs, median_ms
+from protos.cleave.v1 import tensor_pb2
+
+log = logging.getLogger(__name__)
+
+FLOAT_BITS = 32
+INT8_BITS = 8
+MAX_HEAD_SESSIONS = 4  # head sessions kept open (the plan in force holds its own besides)
+
+
+@dataclass(frozen=True)
+class InputCut:
+    """Cut 0: the input itself crosses (cloud-only plans)."""
+
+    index: int
+    name: str
+    live: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+
+class _Identity:
+    """Cut 0's head: the input as it is."""
+
+    def __repr__(self) -> str:
+        return "identity"
+
+
+class OnnxHead:
+    """One head on ONNX Runtime: float or int8 weights."""
+
+    def __init__(self, session: Any, cut: BundleCut, bits: int) -> None:
+        self.session = session
+        self.cut = cut
+        self.bits = bits
+        self._input = session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(None, {self._input: x}))
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxBackend:
+    """Serves an :class:`~partitioner.bundle.EdgeBundle` on ONNX Runtime's CPU provider."""
+
+    kind = "onnx bundle"
+    entropy_tables = None
+
+    def __init__(self, bundle: EdgeBundle, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.bundle = bundle
+        self.threads = threads
+        m = bundle.manifest
+        self.name = m.name
+        self.fingerprint = m.fingerprint
+        self.input_shape = tuple(m.input_shape)
+        self._tables: PlanningTables | None = None
+        self.whole = self._session(m.whole)
+        self._whole_input = self.whole.get_inputs()[0].name
+        costs0 = self.tables.costs[0]
+        self.input_cut = InputCut(0, costs0.name, (costs0.name,), (self.input_shape,), (m.input_dtype,))
+        self._heads: OrderedDict[tuple[int, int], OnnxHead] = OrderedDict()
+        self._building: dict[tuple[int, int], threading.Event] = {}
+        self._lock = threading.Lock()  # guards _heads and _building
+
+    @property
+    def tables(self) -> PlanningTables:
+        if self._tables is None:
+            self._tables = self.bundle.planning()
+        return self._tables
+
+    def describe(self) -> str:
+        return f"onnx bundle {self.bundle.root} (onnxruntime {self._ort.__version__})"
+
+    def _session(self, file: str):
+        data = self.bundle.read(file)  # hashed again as it is read: what runs is what the manifest lists
+        return self._ort.InferenceSession(data, session_options(self.threads), providers=["CPUExecutionProvider"])
+
+    # -- parts -----------------------------------------------------------------------------------
+    def parts(self, key: int | str) -> tuple[Any, Any, Any]:
+        if key in (0, "0", self.input_cut.name):
+            return self.input_cut, _Identity(), None
+        cut = self.bundle.cut(key)
+        return cut, self.head(cut, FLOAT_BITS), None
+
+    def head(self, cut: BundleCut, bits: int) -> OnnxHead:
+        """The head of ``cut`` at ``bits`` (32 float, 8 int8), opened once and kept (a few at most)."""
+        key = (cut.index, bits)
+        while True:
+            with self._lock:
+                head = self._heads.get(key)
+                if head is not None:
+                    self._heads.move_to_end(key)
+                    return head
+                waiting = self._building.get(key)
+                if waiting is None:
+                    self._building[key] = threading.Event()
+                    break
+            waiting.wait()
+        try:
+            session = self._session(cut.head if bits == FLOAT_BITS else cut.head_int8)
+            head = OnnxHead(session, cut, bits)
+            with self._lock:
+                self._heads[key] = head
+                while len(self._heads) > MAX_HEAD_SESSIONS:
+                    self._heads.popitem(last=False)
+            return head
+        finally:
+            with self._lock:
+                self._building.pop(key).set()
+
+    def quantized(self, cut: Any, head: Any, bits: int | dict[str, int]) -> tuple[Any, dict[str, int]]:
+        if cut.index == 0:
+            return head, {}
+        values = set(bits.values()) if isinstance(bits, dict) else {bits}
+        if values == {FLOAT_BITS}:
+            return self.head(cut, FLOAT_BITS), {}
+        if values != {INT8_BITS}:
+            raise ValueError(
+                f"the ONNX bundle has float (32) and int8 (8) heads; {sorted(values)} bits need the torch edge"
+            )
+        return self.head(cut, INT8_BITS), {"*": INT8_BITS}
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, inputs: list) -> list:
+        return list(self.whole.run(None, {self._whole_input: _array(inputs[0])}))
+
+    def run_head(self, head: Any, inputs: list) -> tuple:
+        if isinstance(head, _Identity):
+            return (inputs[0],)
+        return head(_array(inputs[0]))
+
+    def run_tail(self, cut: Any, tail: Any, inputs: list, features: tuple) -> list:
+        return self.run(inputs)
+
+    def decode(self, tensor: tensor_pb2.Tensor) -> np.ndarray:
+        return decode_array(tensor)
+
+    # -- planning --------------------------------------------------------------------------------
+    def edge_profile(self, repeats: int = 7) -> Profile:
+        """This host's profile: the bundle's per-node curve re-anchored on the heads and whole model
+        as ONNX Runtime runs them here, and this host's codec costs."""
+        x = np.random.default_rng(0).standard_normal(self.input_shape, dtype=np.float32)
+        total = median_ms(lambda: self.run([x]), repeats, 2)
+        heads = {}
+        for cut in self.bundle.manifest.cuts:
+            head = self.head(cut, FLOAT_BITS)
+            heads[cut.index] = median_ms(lambda head=head: head(x), repeats, 1)
+        base = self.tables.profile
+        return replace(
+            base,
+            host=platform.node(),
+            torch_version=f"onnxruntime {self._ort.__version__}",
+            threads=self.threads,
+            head_ms=heads,
+            total_ms=total,
+            codecs=measure_codecs(),
+        )
+
+    def speedups(self, repeats: int = 7) -> dict[int, float]:
+        """Float head time over int8 head time at each cut of the bundle, measured here."""
+        x = np.random.default_rng(0).standard_normal(self.input_shape, dtype=np.float32)
+        out = {}
+        for cut in self.bundle.manifest.cuts:
+            f, q = self.head(cut, FLOAT_BITS), self.head(cut, INT8_BITS)
+            out[cut.index] = median_ms(lambda f=f: f(x), repeats, 1) / max(
+                median_ms(lambda q=q: q(x), repeats, 1), 1e-6
+            )
+        return out
+
+
+def _array(x: Any) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
