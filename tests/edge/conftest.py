@@ -57,12 +57,17 @@ def edge_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("edge-cache")
 
 
-@pytest.fixture(scope="session")
-def edge_bundle(tmp_path_factory: pytest.TempPathFactory, edge_cache: Path) -> Path:
-    """resnet18 at 64x64 with three candidate cuts, built by the cloud's interpreter (``cleave bundle``)."""
-    out = tmp_path_factory.mktemp("bundle") / "resnet18"
-    argv = [cloud_python(), "-m", "cleave_cli.main", "bundle", "--model", "resnet18", "--input-shape", "1,3,64,64"]
-    argv += ["--max-cuts", "3", "--calibration", "synthetic", "--out", str(out)]
-    done = subprocess.run(argv, cwd=ROOT, env=child_env(edge_cache), capture_output=True, text=True, timeout=600)
+def build_bundle(out: Path, cache: Path, input_shape: list[int], max_cuts: int = 3) -> Path:
+    """resnet18 at ``input_shape`` with ``max_cuts`` candidate cuts, built by the cloud's interpreter."""
+    argv = [cloud_python(), "-m", "cleave_cli.main", "bundle", "--model", "resnet18"]
+    argv += ["--input-shape", ",".join(map(str, input_shape)), "--max-cuts", str(max_cuts)]
+    argv += ["--calibration", "synthetic", "--out", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, env=child_env(cache), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def edge_bundle(tmp_path_factory: pytest.TempPathFactory, edge_cache: Path) -> Path:
+    """resnet18 at 64x64 (:data:`MODEL`) with three candidate cuts (``cleave bundle``)."""
+    return build_bundle(tmp_path_factory.mktemp("bundle") / "resnet18", edge_cache, MODEL["input_shape"])
