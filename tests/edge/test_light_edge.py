@@ -241,3 +241,64 @@ def test_the_edge_falls_back_locally_when_the_cloud_dies(stack: Stack) -> None:
         np.testing.assert_array_equal(_out(reply), reference)
     status = client.status()
     assert not status.cloud_reachable and status.counters.fallback >= 3
+
+
+def test_mutual_tls_and_tokens_both_ways(edge_bundle: Path, edge_cache: Path, tmp_path: Path) -> None:
+    """The light edge reaches a cloud that requires mutual TLS and a token, and serves its own
+    clients over TLS with tokens: the same runtime.security code as the torch edge."""
+    from runtime.security import ClientTLS
+
+    pki = tmp_path / "pki"
+    done = subprocess.run(
+        [cloud_python(), "-m", "tests.support.pki", str(pki)], cwd=ROOT, env=child_env(edge_cache),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cloud_port = free_port()
+    config = {
+        "models": [MODEL],
+        "torch_threads": 1,
+        "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"), "ca": str(pki / "ca.crt"),
+                "require_client_cert": True},
+        "auth": {"tokens": ["to-cloud"]},
+    }  # fmt: skip
+    (tmp_path / "cloud.yaml").write_text(yaml.safe_dump(config))
+    tls = ClientTLS(ca=str(pki / "ca.crt"), cert=str(pki / "client.crt"), key=str(pki / "client.key"))
+    cloud = DaemonProcess(
+        "cloud_node.main", ["--config", str(tmp_path / "cloud.yaml"), "--port", str(cloud_port)], cloud_port,
+        tmp_path / "cloud.log", env=child_env(edge_cache), tls=tls, command=[cloud_python(), "-m", "cloud_node.main"],
+    ).start(300)  # fmt: skip
+    edge = None
+    try:
+        edge_port = free_port()
+        edge_config = {
+            "bundle": str(edge_bundle),
+            "cloud": f"127.0.0.1:{cloud_port}",
+            "cloud_tls": {
+                "ca": str(pki / "ca.crt"),
+                "cert": str(pki / "client.crt"),
+                "key": str(pki / "client.key"),
+                "server_name": "localhost",
+            },
+            "cloud_auth": {"token": "to-cloud"},
+            "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key")},
+            "auth": {"tokens": ["to-edge"]},
+            "torch_threads": 1,
+            "plan": {"cut": json.loads((edge_bundle / "manifest.json").read_text())["cuts"][0]["name"]},
+        }
+        (tmp_path / "edge.yaml").write_text(yaml.safe_dump(edge_config))
+        edge = DaemonProcess(
+            "edge_node.main", ["--config", str(tmp_path / "edge.yaml"), "--port", str(edge_port)], edge_port,
+            tmp_path / "edge.log", env=child_env(edge_cache), tls=ClientTLS(ca=str(pki / "ca.crt"),
+            server_name="localhost"), command=LIGHT_EDGE,
+        ).start(120)  # fmt: skip
+        client = EdgeClient(
+            edge.address, tls=ClientTLS(ca=str(pki / "ca.crt"), server_name="localhost"), token="to-edge"
+        )
+        reply = client.infer(_x())
+        assert reply.placement == edge_pb2.SPLIT, (reply.note, edge.log_tail())
+        assert client.status().cloud_reachable
+    finally:
+        if edge is not None:
+            edge.stop()
+        cloud.stop()
