@@ -7,8 +7,10 @@ edge, side by side in one run.
 For each edge: the installed size of what it needs (the packages of ``pip install cleave``, against
 those of ``pip install cleave[cloud]``, summed from each environment's installed files), the edge
 daemon's resident memory serving resnet18 at 224x224 split at a middle cut (after warm-up
-requests; peak too), and the time from exec to health SERVING. One cloud daemon (torch) serves
-both. Goals (issue 15): <= 300 MB installed, <= 200 MB RSS, <= 3 s to SERVING.
+requests; peak too), and the time from exec to health SERVING. The bundle edge opens its whole
+model on first use (a fallback, an edge-only plan); "preload" is the same edge with it opened at
+start. One cloud daemon (torch) serves them all.
+Goals (issue 15): <= 300 MB installed, <= 200 MB RSS, <= 3 s to SERVING.
 """
 
 from __future__ import annotations
@@ -184,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                     "light", [args.edge_python, "-m", "edge_node.main"], {**common, "bundle": str(bundle.resolve())},
                     work, cache, args.requests, args.starts,
                 ),
+                "onnx bundle, preload": measure_edge(
+                    "preload", [args.edge_python, "-m", "edge_node.main"],
+                    {**common, "bundle": str(bundle.resolve()), "preload": True}, work, cache, args.requests, 1,
+                ),
                 "torch": measure_edge(
                     "torch", [args.torch_python, "-m", "edge_node.main"], {**common, "model": model},
                     work, cache, args.requests, args.starts,
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             cloud.terminate()
             cloud.wait(60)
             cloud_log.close()
+    sizes["onnx bundle, preload"] = sizes["onnx bundle"]
     for name, sizes_of in sizes.items():
         edges[name]["install_mb"] = sum(sizes_of.values()) / 1e6
         edges[name]["largest_packages_mb"] = {
@@ -233,7 +240,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     for ax, (key, title) in zip(axes, metrics, strict=True):
         values = [edges[n][key] for n in names]
-        ax.bar(names, values, color=["tab:green", "tab:gray"])
+        ax.bar(names, values, color=["tab:green", "tab:olive", "tab:gray"][: len(names)])
+        ax.tick_params(axis="x", labelsize=7)
         ax.axhline(result["goals"][key], color="tab:red", linestyle="--", linewidth=1, label="goal")
         ax.set_title(title)
         ax.set_yscale("log" if max(values) / max(min(values), 1e-9) > 20 else "linear")

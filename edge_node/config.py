@@ -126,6 +126,7 @@ class EdgeConfig(Settings):
     # directory from `cleave bundle`: the torch-free edge runs its ONNX heads on ONNX Runtime).
     model: ModelSpec | None = None
     bundle: str | None = None
+    preload: bool = False  # with a bundle: open the whole model at start, not at its first use (fallback, edge-only)
     listen: str = "127.0.0.1:50052"
     cloud: str = "127.0.0.1:50051"
     cloud_tls: ClientTLS = field(default_factory=ClientTLS)  # how the edge checks the cloud (and shows itself)

@@ -215,7 +215,7 @@ def load_backend(config: EdgeConfig) -> Backend:
             raise ValueError(
                 f"bundle: {config.bundle} holds {bundle.manifest.name!r}, model.name is {config.model.name!r}"
             )
-        return OnnxBackend(bundle, threads=config.torch_threads)
+        return OnnxBackend(bundle, threads=config.torch_threads, preload_whole=config.preload)
     import torch
 
     from partitioner.loaded import LoadedModel

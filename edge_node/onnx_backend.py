@@ -1,10 +1,14 @@
 """The ONNX Runtime backend (see :mod:`edge_node.backend`): an edge bundle, no torch.
 
-The whole model's session opens with the backend (edge-only plans and the local fallback need it
-at once); a head's session opens when a plan first uses its cut, from bytes verified against the
-manifest as they are read. A request whose features did not reach the cloud is finished by the
-whole model on its input (a bundle carries heads, not tails): its head's work is done again, and
-its answer is the whole model's, the same as an edge-only plan's.
+Sessions open on first use, from bytes verified against the manifest as they are read: a head's
+when a plan first uses its cut, the whole model's when an edge-only plan, the planner's profile or
+the first local fallback needs it (about 0.2 s for resnet18, once). An edge serving a split keeps
+only its head in memory (:mod:`benchmarks.edge_footprint` measures what that saves);
+``preload_whole`` (``preload: true`` in edge.yaml) opens the whole model at start instead.
+
+A request whose features did not reach the cloud is finished by the whole model on its input (a
+bundle carries heads, not tails): its head's work is done again, and its answer is the whole
+model's, the same as an edge-only plan's.
 
 Threads: sessions are built once per (cut, bits) under :class:`BuildOnce` semantics and then only
 read; ONNX Runtime's ``run`` is safe to call from the gRPC handler threads at once.
@@ -82,7 +86,7 @@ class OnnxBackend:
     kind = "onnx bundle"
     entropy_tables = None
 
-    def __init__(self, bundle: EdgeBundle, threads: int = 0) -> None:
+    def __init__(self, bundle: EdgeBundle, threads: int = 0, preload_whole: bool = False) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -93,13 +97,29 @@ class OnnxBackend:
         self.fingerprint = m.fingerprint
         self.input_shape = tuple(m.input_shape)
         self._tables: PlanningTables | None = None
-        self.whole = self._session(m.whole)
-        self._whole_input = self.whole.get_inputs()[0].name
+        self._whole = None
+        self._whole_input = ""
+        self._whole_lock = threading.Lock()  # one open of the whole model's session
         costs0 = self.tables.costs[0]
         self.input_cut = InputCut(0, costs0.name, (costs0.name,), (self.input_shape,), (m.input_dtype,))
         self._heads: OrderedDict[tuple[int, int], OnnxHead] = OrderedDict()
         self._building: dict[tuple[int, int], threading.Event] = {}
         self._lock = threading.Lock()  # guards _heads and _building
+        if preload_whole:
+            self.whole  # noqa: B018 - opens the session now
+
+    @property
+    def whole(self):
+        """The whole model's session, opened on first use."""
+        whole = self._whole
+        if whole is None:
+            with self._whole_lock:
+                if self._whole is None:
+                    session = self._session(self.bundle.manifest.whole)
+                    self._whole_input = session.get_inputs()[0].name
+                    self._whole = session
+                whole = self._whole
+        return whole
 
     @property
     def tables(self) -> PlanningTables:
@@ -112,7 +132,12 @@ class OnnxBackend:
 
     def _session(self, file: str):
         data = self.bundle.read(file)  # hashed again as it is read: what runs is what the manifest lists
-        return self._ort.InferenceSession(data, session_options(self.threads), providers=["CPUExecutionProvider"])
+        session = self._ort.InferenceSession(data, session_options(self.threads), providers=["CPUExecutionProvider"])
+        # ORT's Python wrapper keeps the model's bytes (to rebuild the session on a provider change, which
+        # this backend never asks for): a second copy of every weight, freed here.
+        if getattr(session, "_model_bytes", None) is not None:
+            session._model_bytes = None
+        return session
 
     # -- parts -----------------------------------------------------------------------------------
     def parts(self, key: int | str) -> tuple[Any, Any, Any]:
@@ -161,7 +186,8 @@ class OnnxBackend:
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, inputs: list) -> list:
-        return list(self.whole.run(None, {self._whole_input: _array(inputs[0])}))
+        whole = self.whole
+        return list(whole.run(None, {self._whole_input: _array(inputs[0])}))
 
     def run_head(self, head: Any, inputs: list) -> tuple:
         if isinstance(head, _Identity):
