@@ -6,7 +6,7 @@ edge, side by side in one run.
 
 For each edge: the installed size of what it needs (the packages of ``pip install cleave``, against
 those of ``pip install cleave[cloud]``, summed from each environment's installed files), the edge
-daemon's resident memory serving resnet18 at 224x224 split at a middle cut (after warm-up
+daemon's resident memory serving resnet18 at 224x224 split at one cut, float heads (after warm-up
 requests; peak too), and the time from exec to health SERVING. The bundle edge opens its whole
 model on first use (a fallback, an edge-only plan); "preload" is the same edge with it opened at
 start. One cloud daemon (torch) serves them all.
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edge-python", default=str(ROOT / ".venv-edge" / "bin" / "python"), help="the torch-free venv")
     p.add_argument("--torch-python", default=sys.executable, help="an environment with cleave[cloud]")
     p.add_argument("--bundle", type=Path, help="resnet18 224x224 bundle (default: built into the cache)")
+    p.add_argument("--cut", help="where both edges split (default: the bundle's second cut, add_4 for resnet18)")
     p.add_argument("--requests", type=int, default=30)
     p.add_argument("--starts", type=int, default=3, help="starts of each edge, for the time to SERVING")
     p.add_argument("--out", type=Path, default=RESULTS / "edge_footprint.json")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             [*cmd, "--input-shape", ",".join(map(str, SHAPE)), "--max-cuts", "4"], env=env(cache), check=True
         )
     manifest = json.loads((bundle / "manifest.json").read_text())
-    cut = manifest["cuts"][len(manifest["cuts"]) // 2]["name"]
+    cut = args.cut or manifest["cuts"][1]["name"]
 
     sizes = {
         "onnx bundle": closure_bytes(args.edge_python, ""),
