@@ -74,12 +74,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     status = client.status(timeout=args.timeout)
     shape = tuple(status.input_shape)
     if args.random:
-        from .images import synthetic_images  # torch
-
-        inputs = [
-            (f"random[{i}]", x.unsqueeze(0).numpy())
-            for i, x in enumerate(synthetic_images(args.random, shape, args.seed))
-        ]
+        try:
+            from .images import synthetic_images  # torch
+        except ImportError:  # a torch-free edge's environment: uniform noise in [0, 1) instead of image-like inputs
+            rng = np.random.default_rng(args.seed)
+            inputs = [(f"random[{i}]", rng.random((1, *shape[1:]), dtype=np.float32)) for i in range(args.random)]
+        else:
+            inputs = [
+                (f"random[{i}]", x.unsqueeze(0).numpy())
+                for i, x in enumerate(synthetic_images(args.random, shape, args.seed))
+            ]
     elif args.images:
         inputs = [(path, load_array(path, shape)) for path in args.images]
     else:

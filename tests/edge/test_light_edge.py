@@ -130,6 +130,14 @@ def test_status_names_the_onnx_backend_and_tokens_are_required(stack: Stack) -> 
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_cleave_infer_runs_where_the_edge_runs(stack: Stack) -> None:
+    """The CLI's client commands need no torch either (random inputs are plain noise without it)."""
+    argv = [sys.executable, "-m", "cleave_cli.main", "infer", "--edge", stack.edge.address, "--token", TOKEN]
+    done = subprocess.run([*argv, "--random", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "random[0]" in done.stdout and "random[1]" in done.stdout
+
+
 def test_split_inference_from_the_bundle_against_the_cloud(stack: Stack) -> None:
     client, x = stack.client, _x()
     client.pin("edge", "fp32")
