@@ -6,9 +6,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements/dev.txt
 PYTEST := $(PY) -m pytest -q
-EXTRAS := --extra dev --extra http --extra bottleneck --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
+EXTRAS := --extra cloud --extra dev --extra http --extra bottleneck --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
 
-.PHONY: demo test test-fast test-integration lint docs protos bench lock clean browser
+.PHONY: demo test test-edge test-fast test-integration lint docs protos bench lock clean browser
+
+# The torch-free edge's environment: what `pip install cleave` (no extra) installs, plus pytest, from
+# requirements/edge.txt (compiled from pyproject.toml's base dependencies, pinned to dev.txt's versions).
+EDGE_VENV := .venv-edge
+EDGE_PY := $(EDGE_VENV)/bin/python
+EDGE_STAMP := $(EDGE_VENV)/.installed
+EDGE_LOCK := requirements/edge.txt
 
 $(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +23,14 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(PY) -m pip install --quiet -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(EDGE_STAMP): $(EDGE_LOCK) $(LOCK) pyproject.toml
+	$(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_PY) -m pip install --quiet "$$(grep "^pip==" $(LOCK))"
+	$(EDGE_PY) -m pip install --quiet -r $(EDGE_LOCK)
+	$(EDGE_PY) -m pip install --quiet --no-deps -e .
+	$(EDGE_PY) -m pip check   # the lock holds every base dependency of the package
+	touch $(EDGE_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m cleave_cli.demo
@@ -32,9 +47,19 @@ browser:
 		echo "browser: not root, so chromium is not installed: tests/test_console.py will skip (run 'sudo make browser')"; \
 	fi
 
-# Everything: unit, integration (real daemons), root (namespaces, tc, cgroups) and slow tests.
+# Everything: unit, integration (real daemons), root (namespaces, tc, cgroups) and slow tests; then the
+# torch-free edge's own tests in its own environment (test-edge).
 test: $(STAMP) browser
-	$(PYTEST)
+	$(PYTEST) --ignore=tests/edge
+	$(MAKE) test-edge
+
+# The edge's own tests (tests/edge) in .venv-edge, which has no torch: the edge daemon serves an edge
+# bundle there against a cloud daemon (and a bundle) from .venv. tests/conftest.py imports torch, so
+# conftest files are read from tests/edge down only.
+test-edge: $(STAMP) $(EDGE_STAMP)
+	@if $(EDGE_PY) -c "import torch" 2>/dev/null; then echo "test-edge: torch imports in $(EDGE_VENV); it must not"; exit 1; fi
+	@echo "test-edge: $(EDGE_VENV) has no torch ($$(du -sm $(EDGE_VENV) | cut -f1) MB installed)"
+	CLEAVE_CLOUD_PYTHON=$(abspath $(PY)) $(EDGE_PY) -m pytest -q -p no:cacheprovider --confcutdir=tests/edge -m edge tests/edge
 
 # Unit tests only: no daemons, no root, no training (under 2 minutes on 2 cores).
 test-fast: $(STAMP)
@@ -65,6 +90,8 @@ lock: $(STAMP)
 	$(VENV)/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
 		$(EXTRAS) -o $(LOCK).new pyproject.toml requirements/pins.in
 	mv $(LOCK).new $(LOCK)
+	$(VENV)/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		--extra edge-test -c $(LOCK) -o $(EDGE_LOCK) pyproject.toml
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(EDGE_VENV) build *.egg-info

@@ -149,6 +149,23 @@ def startup(now: Json, before: Json) -> list[list[str]]:
     return rows
 
 
+# ---- edge_footprint.json ---------------------------------------------------------------------------------------
+def edge_footprint(d: Json) -> list[list[str]]:
+    goals = d["goals"]
+    rows = []
+    for name, e in d["edges"].items():
+        rows.append(
+            [
+                name,
+                f"{e['install_mb']:.0f}",
+                f"{e['rss_mb']:.0f} (peak {e['peak_rss_mb']:.0f})",
+                f"{e['serving_s']:.2f}",
+            ]
+        )
+    rows.append(["goal", f"<= {goals['install_mb']}", f"<= {goals['rss_mb']}", f"<= {goals['serving_s']:g}"])
+    return rows
+
+
 # ---- placement.json ---------------------------------------------------------------------------------------------
 PLACEMENT_STRATEGIES = ("edge-only", "cloud-raw", "cloud-jpeg", "neurosurgeon")
 
@@ -549,6 +566,12 @@ TABLES: dict[str, Table] = {
     "codec_stages": Table(("codec.json",), codec_stages, ("stage", "int4, ms", "int8, ms"), "lrr"),
     "startup": Table(
         ("startup.json", "startup-before.json"), startup, ("step", "now, s", "before, s", "faster"), "lrrr"
+    ),
+    "edge_footprint": Table(
+        ("edge_footprint.json",),
+        edge_footprint,
+        ("edge", "installed, MB", "RSS serving, MB", "start to SERVING, s"),
+        "lrrr",
     ),
     "placement": Table(
         ("placement.json",),

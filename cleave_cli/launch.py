@@ -43,8 +43,12 @@ class DaemonProcess:
         log_path: Path,
         env: dict | None = None,
         tls: ClientTLS | None = None,
+        command: list[str] | None = None,
     ) -> None:
+        """``command``: what runs before ``args`` (default ``[sys.executable, "-m", module]``): another
+        interpreter, e.g. the torch-free edge's virtual environment."""
         self.module = module
+        self.command = command or [sys.executable, "-m", module]
         self.args = args
         self.port = port
         self.address = f"127.0.0.1:{port}"
@@ -57,7 +61,7 @@ class DaemonProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, *self.args],
+                [*self.command, *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=_CODE_ROOT,

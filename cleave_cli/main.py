@@ -74,12 +74,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     status = client.status(timeout=args.timeout)
     shape = tuple(status.input_shape)
     if args.random:
-        from .images import synthetic_images  # torch
-
-        inputs = [
-            (f"random[{i}]", x.unsqueeze(0).numpy())
-            for i, x in enumerate(synthetic_images(args.random, shape, args.seed))
-        ]
+        try:
+            from .images import synthetic_images  # torch
+        except ImportError:  # a torch-free edge's environment: uniform noise in [0, 1) instead of image-like inputs
+            rng = np.random.default_rng(args.seed)
+            inputs = [(f"random[{i}]", rng.random((1, *shape[1:]), dtype=np.float32)) for i in range(args.random)]
+        else:
+            inputs = [
+                (f"random[{i}]", x.unsqueeze(0).numpy())
+                for i, x in enumerate(synthetic_images(args.random, shape, args.seed))
+            ]
     elif args.images:
         inputs = [(path, load_array(path, shape)) for path in args.images]
     else:
@@ -193,7 +197,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 # Commands that live in their own modules: each module has ``add_commands(subparsers)`` and keeps its
 # heavy imports inside the functions that run a command.
-COMMAND_MODULES: tuple[str, ...] = ("cleave_cli.plan_cmd", "cleave_cli.compress_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("cleave_cli.plan_cmd", "cleave_cli.compress_cmd", "cleave_cli.bundle_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,6 +113,7 @@ def status_table(status: Any, edge: str) -> str:
     rows = [
         ("edge", edge),
         ("model", f"{status.model}  input {shape}  fingerprint {status.fingerprint[:16]}"),
+        ("backend", status.backend or "-"),
         ("cloud", cloud),
         ("link", link_text),
         ("plan", where),

@@ -26,18 +26,15 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from compressor import EncodingSpec
-from partitioner.bitalloc import allocate_bits
 from partitioner.costmodel import Candidate, CostModel, Link
-from partitioner.loaded import LoadedModel
-from partitioner.photos import calibration_inputs
 from partitioner.placement import Placement
-from partitioner.planner import Budgets, Planner, Scored, SwitchPolicy, cached_distortion, distortion_meter
-from partitioner.profile import cached_profile, from_proto
-from partitioner.quantized_head import measure_speedups
+from partitioner.planner import Budgets, Distortion, Planner, Scored, SwitchPolicy
+from partitioner.profile import from_proto
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import Unavailable
@@ -46,6 +43,12 @@ from .config import AutoPlanSettings
 from .link import LinkMonitor
 from .probe import probe_link
 from .runtime import EdgeRuntime, Outcome
+
+if TYPE_CHECKING:
+    from partitioner.bundle import PlanningTables
+    from partitioner.loaded import LoadedModel
+
+    from .backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +85,19 @@ class AutoPlanner:
 
     def __init__(
         self,
-        model: LoadedModel,
+        model: LoadedModel | Backend,
         runtime: EdgeRuntime,
         stub: si_grpc.SplitInferenceStub,
         monitor: LinkMonitor,
         settings: AutoPlanSettings,
         allocate_head_bits: bool = False,
     ) -> None:
-        self.model = model
+        # The loaded torch model (its graph is profiled and measured here), or a bundle's backend
+        # (the tables in the bundle stand for those measurements: see prepare).
+        self.model = getattr(model, "loaded", model)
         self.allocate_head_bits = allocate_head_bits
         self._calib = None
+        self._calibration_count = 0  # calibration images behind the distortion in a plan's reason
         self.runtime = runtime
         self.stub = stub
         self.monitor = monitor
@@ -170,6 +176,13 @@ class AutoPlanner:
     # -- planning --------------------------------------------------------------------------------
     def prepare(self) -> Planner:
         """Profiles (edge: measured here; cloud: over the wire), cost model and planner."""
+        if hasattr(self.model, "bundle"):
+            return self._prepare_from_bundle(self.model)
+        from partitioner.photos import calibration_inputs
+        from partitioner.planner import cached_distortion, distortion_meter
+        from partitioner.profile import cached_profile
+        from partitioner.quantized_head import measure_speedups
+
         s = self.settings
         edge = cached_profile(self.model, role="edge")
         # At the edge's input shape: the tail runs on what the edge sends, whatever the cloud's config says.
@@ -179,6 +192,7 @@ class AutoPlanner:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
         cloud = from_proto(reply)
         calib = self._calib = calibration_inputs(self.model.spec, s.calibration, s.calibration_inputs)
+        self._calibration_count = len(calib)
         # Bytes and distortions depend only on the model and the calibration images: kept on disk (keyed by both,
         # as cleave plan keeps them), so a restarted edge plans without encoding every cut again.
         cost = CostModel.measure(self.model, edge, cloud, calib[: s.byte_samples], cache=True)
@@ -192,6 +206,29 @@ class AutoPlanner:
         )
         meter = cached_distortion(distortion_meter(self.model, calib), self.model, calib)
         return Planner(cost, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
+
+    def _prepare_from_bundle(self, backend: Any) -> Planner:
+        """The same planner from an edge bundle, without torch: the bundle's tables hold the bytes and
+        distortions measured at build time; E(k) is timed here on the bundle's heads (ONNX Runtime),
+        C(k) comes from the cloud as for the torch edge."""
+        s = self.settings
+        tables = backend.tables
+        request = si_pb2.ProfileRequest(model=backend.name, input_shape=backend.input_shape)
+        reply = self.stub.Profile(request, timeout=120)
+        if reply.fingerprint != backend.fingerprint:
+            raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
+        cloud = from_proto(reply)
+        edge = backend.edge_profile()
+        cost = tables.cost_model(edge, cloud, backend.name)
+        if self.runtime.head_bits == 8:
+            cost = cost.with_quantized_heads(backend.speedups())
+        budgets = Budgets(
+            memory_bytes=int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else None,
+            max_rel_error=s.max_rel_error,
+            min_top1=s.min_top1,
+        )
+        self._calibration_count = int(tables.calibration.get("inputs", 0))
+        return Planner(cost, budgets, table_distortion(tables), s.objective, input_is_8bit=s.input_is_8bit)
 
     def measure_link(self) -> Link:
         result = probe_link(self.stub)
@@ -217,13 +254,12 @@ class AutoPlanner:
         On the planning thread. Returns whether it pinned.
         """
         placement, cut, spec = runtime_plan(scored.candidate)
-        if self.planner is not None and self._calib is not None:
+        if self.planner is not None and self._calibration_count:
             # The plan's accuracy in user terms, in the reason that `cleave status` shows.
             scored = self.planner.with_distortion(scored)
             if scored.distortion is not None:
-                reason += (
-                    f"; top-1 agreement {scored.distortion.top1 * 100:.1f}% on {len(self._calib)} calibration images"
-                )
+                top1, count = scored.distortion.top1 * 100, self._calibration_count
+                reason += f"; top-1 agreement {top1:.1f}% on {count} calibration images"
         weight_bits = self.weight_bits_for(scored)
         with self._lock:  # against pin_manually: checking the flag and pinning are one step
             if enable:
@@ -251,6 +287,8 @@ class AutoPlanner:
         c = scored.candidate
         if not self.allocate_head_bits or c.kind != Placement.SPLIT or self._calib is None:
             return None
+        from partitioner.bitalloc import allocate_bits
+
         s = self.settings
         budget = int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else c.edge_memory
         allocation = allocate_bits(self.model, c.cut_index, self._calib, budget, (s.max_rel_error or 0.05) ** 2)
@@ -362,6 +400,20 @@ class AutoPlanner:
             )
             self.apply(best, reason=f"re-planned at {_describe(link)}")
         self.error = ""
+
+
+def table_distortion(tables: PlanningTables):
+    """A planner's distortion measure that reads a bundle's table: a candidate the table lacks is
+    reported as breaking any accuracy budget (never chosen on a guess)."""
+
+    def measure(candidate: Candidate) -> Distortion:
+        found = tables.distortion.get(f"{candidate.cut_index}|{candidate.encoding}")
+        if found is None:
+            log.debug("no distortion for %s in the bundle: not a candidate", candidate.label)
+            return Distortion(float("inf"), 0.0)
+        return Distortion(*found)
+
+    return measure
 
 
 def runtime_plan(candidate: Candidate) -> tuple[Placement, int | None, EncodingSpec]:

@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
 from compressor import Assembler, CodecError
 from compressor.framing import add_chunks, to_pieces
-from partitioner.loaded import LoadedModel
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.cleave.v1 import tensor_pb2
@@ -40,6 +40,9 @@ from runtime.serving import KEEPALIVE, Keepalive, open_channel
 from .config import Reconnect
 from .link import LinkMonitor
 from .probe import probe_rtt
+
+if TYPE_CHECKING:  # the link reads the model's name and fingerprint only: any backend (edge_node.backend) will do
+    from .backend import Backend as LoadedModel
 
 log = logging.getLogger(__name__)
 

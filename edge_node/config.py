@@ -122,7 +122,11 @@ class EdgeLimits(ServingLimits):
 
 @dataclass
 class EdgeConfig(Settings):
-    model: ModelSpec
+    # What runs here: a model spec (the torch edge loads and traces it), or an edge bundle (a
+    # directory from `cleave bundle`: the torch-free edge runs its ONNX heads on ONNX Runtime).
+    model: ModelSpec | None = None
+    bundle: str | None = None
+    preload: bool = False  # with a bundle: open the whole model at start, not at its first use (fallback, edge-only)
     listen: str = "127.0.0.1:50052"
     cloud: str = "127.0.0.1:50051"
     cloud_tls: ClientTLS = field(default_factory=ClientTLS)  # how the edge checks the cloud (and shows itself)
@@ -145,6 +149,14 @@ class EdgeConfig(Settings):
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus /metrics; off by default
 
     def validate(self) -> None:
+        if self.model is None and self.bundle is None:
+            raise SettingsError("model: required (a model spec), unless bundle names an edge bundle directory")
+        if self.bundle is not None:
+            require(bool(self.bundle.strip()), "bundle", "an edge bundle directory", self.bundle)
+            require(not self.head.allocate, "head.allocate", "false with a bundle (its heads are float or int8)", True)
+            require(
+                self.head.weight_bits in (8, 32), "head.weight_bits", "8 or 32 with a bundle", self.head.weight_bits
+            )
         positive(self, "request_timeout_s", "chunk_bytes", "max_workers")
         non_negative(self, "torch_threads")
         one_of("log_level", self.log_level.upper(), LOG_LEVELS)
@@ -162,6 +174,8 @@ class EdgeConfig(Settings):
         self.auth = self.auth.resolved(base)
         self.cloud_tls = self.cloud_tls.resolved(base)
         self.cloud_auth = self.cloud_auth.resolved(base)
+        if self.bundle is not None and not Path(self.bundle).expanduser().is_absolute():
+            self.bundle = str(base / Path(self.bundle).expanduser())
         calibration = self.autoplan.calibration
         if calibration is not None and calibration not in (PHOTOS, SYNTHETIC):
             folder = Path(calibration).expanduser()
@@ -174,6 +188,6 @@ class EdgeConfig(Settings):
 
     @classmethod
     def from_dict(cls, data: dict) -> EdgeConfig:
-        if "model" not in data:
-            raise SettingsError("model: required")
+        if "model" not in data and "bundle" not in data:
+            raise SettingsError("model: required (a model spec), unless bundle names an edge bundle directory")
         return from_mapping(cls, data)

@@ -18,9 +18,12 @@ from runtime.settings import SettingsError, revalidate
 
 from .config import EdgeConfig
 
+log = logging.getLogger(__name__)
+
 # Torch, the model and the rest of the edge come in with EdgeDaemon.load, after the daemon listens.
 if TYPE_CHECKING:
     from .autoplan import AutoPlanner
+    from .backend import Backend
     from .cloud_link import CloudLink
 
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8, 16, 32)  # --bits: affine 2-6 and 8 (compressor.bitpack.BIT_WIDTHS), fp16, fp32
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cloud", help="cloud daemon host:port")
     p.add_argument("--model", help="model source: torchvision name, NAME=SOURCE, or a file")
     p.add_argument("--weights", help="local state-dict file for --model")
+    p.add_argument("--bundle", help="an edge bundle directory (cleave bundle): run it on ONNX Runtime, without torch")
     p.add_argument("--input-shape", help="e.g. 1,3,224,224")
     p.add_argument(
         "--cut", help='"auto" (default: the planner decides), "cloud" (send the input), "edge", or a cut name or index'
@@ -53,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--encoding", help="feature encoding, e.g. int8, int4c, fp16, fp32+none")
     p.add_argument("--timeout", type=float, help="per-request deadline for the cloud, seconds")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, help="intra-op threads (torch, or ONNX Runtime with a bundle)")
     p.add_argument("--metrics", metavar="[HOST:]PORT", help="serve Prometheus /metrics here (a port: on 127.0.0.1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     return p.parse_args(argv)
@@ -82,6 +86,8 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
         if args.input_shape:
             model["input_shape"] = [int(d) for d in args.input_shape.split(",")]
         data["model"] = model
+    if args.bundle:
+        data["bundle"] = str(Path(args.bundle).resolve())
     config = EdgeConfig.from_dict(data)
     if args.config:
         config.resolve_paths(Path(args.config).parent)
@@ -140,10 +146,7 @@ class EdgeDaemon:
 
     def load(self) -> None:
         """Load the model, connect to the cloud, plan; then serve the Edge service."""
-        import torch
-
         from compressor import EncodingSpec
-        from partitioner.loaded import LoadedModel
 
         from .autoplan import AutoPlanner
         from .cloud_link import CloudLink
@@ -153,9 +156,8 @@ class EdgeDaemon:
         from .servicer import EdgeServicer
 
         config = self.config
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
-        self.model = LoadedModel.load(config.model)
+        self.model = load_backend(config)
+        log.info("model %s (%s) runs on %s", self.model.name, self.model.fingerprint[:12], self.model.describe())
         # Running requests: the runtime counts them, the link drains a replaced stream until its cut has none.
         inflight = Inflight(config.limits.max_inflight)
         self.link = CloudLink(
@@ -199,6 +201,30 @@ class EdgeDaemon:
             self.link.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
+
+
+def load_backend(config: EdgeConfig) -> Backend:
+    """The backend ``config`` asks for: the bundle on ONNX Runtime (no torch), else the model on torch."""
+    if config.bundle is not None:
+        from partitioner.bundle import EdgeBundle
+
+        from .onnx_backend import OnnxBackend
+
+        bundle = EdgeBundle.open(config.bundle)  # every file's sha256, before anything runs
+        if config.model is not None and config.model.name != bundle.manifest.name:
+            raise ValueError(
+                f"bundle: {config.bundle} holds {bundle.manifest.name!r}, model.name is {config.model.name!r}"
+            )
+        return OnnxBackend(bundle, threads=config.torch_threads, preload_whole=config.preload)
+    import torch
+
+    from partitioner.loaded import LoadedModel
+
+    from .torch_backend import TorchBackend
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    return TorchBackend(LoadedModel.load(config.model))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,9 @@ Threads (see docs/threads.md): requests run on the gRPC handler threads that cal
 plans are put in force by :meth:`EdgeRuntime.pin`, from a ``Replan`` handler or the autoplanner,
 one at a time under the pin lock. Placements are :class:`~partitioner.placement.Placement`; the
 servicer converts them to the wire's enum.
+
+The model runs through a :class:`~edge_node.backend.Backend`: torch (a traced model) or ONNX
+Runtime (an edge bundle); this module imports neither.
 """
 
 from __future__ import annotations
@@ -22,23 +25,23 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import torch
-
-from compressor import EncodingSpec, decode, encode
+from compressor import EncodingSpec, encode
 from partitioner.costmodel import Breakdown
-from partitioner.graph import Cut
-from partitioner.loaded import LoadedModel, as_tensor_list
-from partitioner.models import calibration_batch
 from partitioner.placement import Placement
-from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
 from protos.bounds import MAX_PLAN_LABEL, MAX_PREDICTED_MS
 from protos.cleave.v1 import edge_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError
 
+from .backend import Backend
 from .cloud_link import CloudLink
+
+if TYPE_CHECKING:
+    from partitioner.loaded import LoadedModel
+
+FLOAT_BITS = 32  # a head at 32 "bits" is the float head (partitioner.quantized_head.FLOAT_BITS)
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,10 @@ class ActivePlan:
     """A plan with its executable parts."""
 
     placement: Placement  # SPLIT, CLOUD_ONLY or EDGE_ONLY
-    cut: Cut | None  # None for edge-only
+    cut: Any | None  # the backend's cut (index, name, live, ...); None for edge-only
     spec: EncodingSpec
-    head: torch.nn.Module | None
-    tail: torch.nn.Module | None
+    head: Any  # what the backend runs for the head (a module, an ONNX session); None for edge-only
+    tail: Any  # what the backend finishes a fallback with (None where it runs the whole model)
     reason: str = ""
     predicted: Breakdown | None = None
     objective: str = ""
@@ -69,7 +72,7 @@ class ActivePlan:
 
 @dataclass
 class Outcome:
-    outputs: list[torch.Tensor]
+    outputs: list  # the backend's arrays: torch tensors or numpy arrays
     placement: Placement  # where it ran: the plan's, or LOCAL_FALLBACK
     plan: ActivePlan
     timing: edge_pb2.StageTiming
@@ -254,15 +257,20 @@ class EdgeRuntime:
 
     def __init__(
         self,
-        model: LoadedModel,
+        model: Backend | LoadedModel,
         link: CloudLink,
         request_timeout_s: float,
         inflight: Inflight | None = None,
         head_bits: int = FLOAT_BITS,
     ) -> None:
-        self.model = model
+        """``model``: a :class:`~edge_node.backend.Backend`, or a loaded torch model (run by the torch backend)."""
+        if hasattr(model, "graph"):  # a LoadedModel
+            from .torch_backend import TorchBackend
+
+            model = TorchBackend(model)
+        self.model: Backend = model
         self.head_bits = head_bits  # default weight bits for heads of pinned plans
-        self._quantized: BuildOnce[torch.nn.Module] = BuildOnce()  # per (cut, per-layer bits)
+        self._quantized: BuildOnce[tuple[Any, dict[str, int]]] = BuildOnce()  # per (cut, per-layer bits)
         self.inflight_requests = inflight if inflight is not None else Inflight()
         self.link = link
         self.request_timeout_s = request_timeout_s
@@ -322,20 +330,16 @@ class EdgeRuntime:
         """Swap in a quantized head (built once per cut and bits); edge-only and cloud-only keep theirs."""
         if plan.placement != Placement.SPLIT or bits == FLOAT_BITS or bits == {}:
             return plan
-        layers = list(head_layers(plan.head))
-        per_layer = (
-            {name: bits for name in layers} if isinstance(bits, int) else {**dict.fromkeys(layers, FLOAT_BITS), **bits}
-        )
-        key = (plan.cut.index, tuple(sorted(per_layer.items())))
+        key = (plan.cut.index, bits if isinstance(bits, int) else tuple(sorted(bits.items())))
 
-        def build() -> torch.nn.Module:
-            calib = calibration_batch(self.model.input_shape, 8)
+        def build() -> tuple[Any, dict[str, int]]:
             try:
-                return build_quantized_head(plan.head, calib, per_layer)
+                return self.model.quantized(plan.cut, plan.head, bits)
             except ValueError as exc:
                 raise InvalidArgument(f"weight_bits: {exc}") from exc
 
-        return replace(plan, head=self._quantized.get(key, build), weight_bits=per_layer)
+        head, per_layer = self._quantized.get(key, build)
+        return replace(plan, head=head, weight_bits=per_layer)
 
     def _make_plan(self, placement: Placement, cut: int | str | None, spec: EncodingSpec, reason: str) -> ActivePlan:
         if not isinstance(placement, Placement) or placement == Placement.LOCAL_FALLBACK:
@@ -369,19 +373,19 @@ class EdgeRuntime:
         """Whether a running request took a plan at ``cut_index``."""
         return self.inflight_requests.in_use(cut_index)
 
-    def check_inputs(self, inputs: list[torch.Tensor]) -> None:
+    def check_inputs(self, inputs: list) -> None:
         expected = self.model.input_shape
         if len(inputs) != 1:
             raise InvalidArgument(f"inputs: model {self.model.name!r} takes 1 tensor, got {len(inputs)}")
         x = inputs[0]
-        if x.dtype != torch.float32:
+        if str(x.dtype).removeprefix("torch.") != "float32":
             raise InvalidArgument(f"inputs[0].dtype: expected float32, got {x.dtype}")
-        if x.dim() != len(expected) or tuple(x.shape[1:]) != tuple(expected[1:]) or x.shape[0] < 1:
+        if x.ndim != len(expected) or tuple(x.shape[1:]) != tuple(expected[1:]) or x.shape[0] < 1:
             raise InvalidArgument(
                 f"inputs[0].shape: expected (N, {', '.join(map(str, expected[1:]))}), got {tuple(x.shape)}"
             )
 
-    def infer(self, inputs: list[torch.Tensor]) -> Outcome:
+    def infer(self, inputs: list) -> Outcome:
         """Run one request under the current plan; never fails because of the cloud."""
         self.check_inputs(inputs)
         while True:
@@ -400,17 +404,15 @@ class EdgeRuntime:
         self.counters.record(outcome)
         return outcome
 
-    def _run(self, inputs: list[torch.Tensor], plan: ActivePlan) -> Outcome:
+    def _run(self, inputs: list, plan: ActivePlan) -> Outcome:
         timing = edge_pb2.StageTiming()
         started = time.perf_counter()
         if plan.placement == Placement.EDGE_ONLY:
-            with torch.inference_mode():
-                outputs = as_tensor_list(self.model.module(*inputs))
+            outputs = self.model.run(inputs)
             timing.edge_compute_ms = timing.total_ms = (time.perf_counter() - started) * 1e3
             return Outcome(outputs, Placement.EDGE_ONLY, plan, timing)
 
-        with torch.inference_mode():
-            features = plan.head(*inputs)
+        features = self.model.run_head(plan.head, inputs)
         t_head = time.perf_counter()
         timing.edge_compute_ms = (t_head - started) * 1e3
 
@@ -420,7 +422,7 @@ class EdgeRuntime:
                 note = f"cloud refused the session: {self.link.refusal}"
             else:
                 note = f"cloud unreachable: {self.link.last_error or f'no session at cut {plan.cut.index} yet'}"
-            return self._finish_locally(features, plan, timing, started, note)
+            return self._finish_locally(inputs, features, plan, timing, started, note)
 
         encoded = [encode(f, plan.spec, self.model.entropy_tables) for f in features]
         t_enc = time.perf_counter()
@@ -435,9 +437,9 @@ class EdgeRuntime:
             waited_ms = (time.perf_counter() - t_enc) * 1e3
             self.link.monitor.record_stall(sum(t.ByteSize() for t in encoded), waited_ms)
             note = f"cloud missed the {self.request_timeout_s:.1f}s deadline"
-            return self._finish_locally(features, plan, timing, started, note)
+            return self._finish_locally(inputs, features, plan, timing, started, note)
         except WireError as exc:
-            return self._finish_locally(features, plan, timing, started, f"cloud failed: {exc.message}")
+            return self._finish_locally(inputs, features, plan, timing, started, f"cloud failed: {exc.message}")
         t_back = time.perf_counter()
         cloud = reply.timing
         cloud_ms = cloud.queue_ms + cloud.decode_ms + cloud.compute_ms + cloud.encode_ms
@@ -446,7 +448,7 @@ class EdgeRuntime:
         timing.cloud_decode_ms = cloud.decode_ms
         timing.cloud_compute_ms = cloud.compute_ms
         timing.cloud_encode_ms = cloud.encode_ms
-        outputs = [decode(t) for t in reply.outputs]
+        outputs = [self.model.decode(t) for t in reply.outputs]
         t_end = time.perf_counter()
         timing.decode_ms = (t_end - t_back) * 1e3
         timing.total_ms = (t_end - started) * 1e3
@@ -463,12 +465,11 @@ class EdgeRuntime:
         log.warning("falling back to the local tail (plan %s, %s): %s", _where(plan), plan.reason, note)
 
     def _finish_locally(
-        self, features: tuple, plan: ActivePlan, timing: edge_pb2.StageTiming, started: float, note: str
+        self, inputs: list, features: tuple, plan: ActivePlan, timing: edge_pb2.StageTiming, started: float, note: str
     ) -> Outcome:
         self._log_fallback(plan, note)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            outputs = as_tensor_list(plan.tail(*features))
+        outputs = self.model.run_tail(plan.cut, plan.tail, inputs, features)
         t1 = time.perf_counter()
         timing.edge_compute_ms += (t1 - t0) * 1e3
         timing.total_ms = (t1 - started) * 1e3

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, check_header, decode, encode
+from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, check_header, encode
 from partitioner.placement import Placement
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
@@ -122,7 +122,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
         inputs = []
         for i, tensor in enumerate(request.inputs):
             try:
-                inputs.append(decode(tensor))
+                inputs.append(model.decode(tensor))  # the backend's array: no torch on the ONNX edge
             except CodecError as exc:
                 raise InvalidArgument(f"inputs[{i}]: {exc}") from exc
         outcome = self.runtime.infer(inputs)
@@ -150,7 +150,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
     def _response(self, request_id: int, outcome: Outcome) -> edge_pb2.EdgeInferResponse:
         return edge_pb2.EdgeInferResponse(
             request_id=request_id,
-            outputs=[encode(o.contiguous(), RAW_UNCOMPRESSED) for o in outcome.outputs],
+            outputs=[encode(o, RAW_UNCOMPRESSED) for o in outcome.outputs],
             placement=placement_to_proto(outcome.placement),
             plan=plan_to_proto(outcome.plan, self.runtime.model.name),
             timing=outcome.timing,
@@ -226,6 +226,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
             mean_latency_ms=counters.recent_mean_ms,
             auto_plan=auto is not None and auto.enabled,
             planner_error=auto.error if auto is not None else "",
+            backend=runtime.model.describe(),
         )
 
     @maps_errors

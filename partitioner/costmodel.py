@@ -14,6 +14,7 @@ measured, not guessed). Edge-only is ``E(N)``; cloud-only is the split at the in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,17 +23,19 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import zstandard
-from torch import fx
 
 from compressor import EncodingSpec, encode
 
-from .loaded import LoadedModel, as_tensor_list
+from ._lazy import fx, torch  # imported on first use: a cost model as data needs no torch (the light edge)
 from .placement import Placement
 from .profile import Profile, cache_dir
+
+if TYPE_CHECKING:
+    from .loaded import LoadedModel
 
 #: Feature encodings the planner tries at every cut: fp32, fp16, then affine 8..2 bits, all with zstd.
 FEATURE_ENCODINGS = ("raw", "fp16", "int8", "int6", "int4", "int3", "int2")
@@ -381,6 +384,8 @@ def _measure_sizes(
             parts = [per_value[(name, enc)] for name in cut.live]
             if all(p is not None for p in parts):
                 out[enc] = int(statistics.median([sum(p[i] for p in parts) for i in range(samples)]))
+    from .loaded import as_tensor_list
+
     out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"])) // samples
     return {"cuts": measured, "output_bytes": out_bytes}
 
@@ -395,18 +400,24 @@ def _codec_key(enc: str) -> str:
     return str(spec)
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule) -> None:
-        super().__init__(module)
-        self.values: dict[str, object] = {}
+@functools.cache
+def _recorder() -> type:
+    """The fx Interpreter that keeps every value (a class made on first use: fx is torch)."""
 
-    def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        if n.op == "output":
-            self.values["__output__"] = value
-        elif isinstance(value, torch.Tensor):
-            self.values[n.name] = value.clone()  # in-place ops later must not change what crossed
-        return value
+    class _Recorder(fx.Interpreter):
+        def __init__(self, module: fx.GraphModule) -> None:
+            super().__init__(module)
+            self.values: dict[str, object] = {}
+
+        def run_node(self, n: fx.Node):
+            value = super().run_node(n)
+            if n.op == "output":
+                self.values["__output__"] = value
+            elif isinstance(value, torch.Tensor):
+                self.values[n.name] = value.clone()  # in-place ops later must not change what crossed
+            return value
+
+    return _Recorder
 
 
 def _all_values(model: LoadedModel, x: torch.Tensor) -> dict[str, object]:
@@ -414,7 +425,7 @@ def _all_values(model: LoadedModel, x: torch.Tensor) -> dict[str, object]:
         if model.graph.opaque:
             out = model.module(x)
             return {model.graph.cuts[0].live[0]: x, model.graph.cuts[-1].live[0]: out, "__output__": out}
-        recorder = _Recorder(model.graph.module)
+        recorder = _recorder()(model.graph.module)
         recorder.run(x)
         return recorder.values
 

@@ -18,6 +18,7 @@ when it is predicted to be clearly faster, so a noisy link estimate does not mak
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -25,17 +26,19 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import fx
 
 from compressor import EncodingSpec, clipping, decode, encode
 from compressor.quant import affine_params_array, dequantize_array, quantize_array
 
+from ._lazy import fx, torch  # imported on first use: ranking candidates needs no torch (the light edge)
 from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate, CostModel, Link, calibration_key
-from .loaded import LoadedModel, as_tensor_list
 from .profile import cache_dir
+
+if TYPE_CHECKING:
+    from .loaded import LoadedModel
 
 OBJECTIVES = ("latency", "throughput")
 CLOUD_SAMPLES = 3  # replies before the cloud's measured compute corrects its profile
@@ -508,7 +511,7 @@ class LiveSets:
         gm = model.graph.module
         if model.graph.opaque or not isinstance(gm, fx.GraphModule):
             raise ValueError(f"{model.name}: an opaque model has no recorded live sets")
-        recorder = _LiveRecorder(gm, {c.index: c for c in model.graph.cuts})
+        recorder = _live_recorder()(gm, {c.index: c for c in model.graph.cuts})
         with torch.no_grad():  # not inference_mode: version counters reveal in-place updates
             self.output = as_tensor_list(recorder.run(x))[0]
         self._sets = recorder.sets
@@ -518,28 +521,41 @@ class LiveSets:
         return self._sets[cut_index]
 
 
-class _LiveRecorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, cuts: dict) -> None:
-        super().__init__(module)
-        self._cuts = cuts
-        self._index = {node: i for i, node in enumerate(module.graph.nodes)}
-        self._named = {node.name: node for node in module.graph.nodes}
-        self._copies: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
-        self.sets: dict[int, tuple[torch.Tensor, ...]] = {}
+@functools.cache
+def _live_recorder() -> type:
+    """The fx Interpreter behind :class:`LiveSets` (a class made on first use: fx is torch)."""
 
-    def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        cut = self._cuts.get(self._index[n])
-        if cut is not None:
-            self.sets[cut.index] = tuple(
-                self._copy(name, value if name == n.name else self.env[self._named[name]]) for name in cut.live
-            )
-        return value
+    class _LiveRecorder(fx.Interpreter):
+        def __init__(self, module: fx.GraphModule, cuts: dict) -> None:
+            super().__init__(module)
+            self._cuts = cuts
+            self._index = {node: i for i, node in enumerate(module.graph.nodes)}
+            self._named = {node.name: node for node in module.graph.nodes}
+            self._copies: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
+            self.sets: dict[int, tuple[torch.Tensor, ...]] = {}
 
-    def _copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        known = self._copies.get(name)
-        if known is not None and known[0]() is tensor and known[1] == tensor._version:
-            return known[2]
-        copy = tensor.clone()
-        self._copies[name] = (weakref.ref(tensor), tensor._version, copy)
-        return copy
+        def run_node(self, n: fx.Node):
+            value = super().run_node(n)
+            cut = self._cuts.get(self._index[n])
+            if cut is not None:
+                self.sets[cut.index] = tuple(
+                    self._copy(name, value if name == n.name else self.env[self._named[name]]) for name in cut.live
+                )
+            return value
+
+        def _copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+            known = self._copies.get(name)
+            if known is not None and known[0]() is tensor and known[1] == tensor._version:
+                return known[2]
+            copy = tensor.clone()
+            self._copies[name] = (weakref.ref(tensor), tensor._version, copy)
+            return copy
+
+    return _LiveRecorder
+
+
+def as_tensor_list(value: object) -> list:
+    """:func:`partitioner.loaded.as_tensor_list`, imported on first use (that module imports torch)."""
+    from .loaded import as_tensor_list as flatten
+
+    return flatten(value)

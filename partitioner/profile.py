@@ -14,6 +14,7 @@ at another input, says nothing about here.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import os
@@ -23,15 +24,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import fx
+import numpy as np
 
 from compressor import EncodingSpec, decode, encode
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 
-from .loaded import LoadedModel
-from .models import calibration_batch
+from ._lazy import fx, torch  # imported on first use: profiles as data need no torch (the light edge)
+
+if TYPE_CHECKING:
+    from .loaded import LoadedModel
 
 #: Encodings whose cost per byte is measured on each host (the planner's feature encodings).
 PROFILED_ENCODINGS = ("raw", "raw+none", "fp16", "int8", "int6", "int4", "int3", "int2", "jpeg", "webp")
@@ -121,18 +124,24 @@ class LatencyCurve:
         return max(self.total_ms - self.head_ms(index), 0.0)
 
 
-class _TimingInterpreter(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule) -> None:
-        super().__init__(module)
-        self.times: dict[str, float] = {}
-        self.sizes: dict[str, int] = {}
+@functools.cache
+def _timing_interpreter() -> type:
+    """The fx Interpreter that times every node (a class made on first use: fx is torch)."""
 
-    def run_node(self, n: fx.Node):
-        started = time.perf_counter()
-        value = super().run_node(n)
-        self.times[n.name] = (time.perf_counter() - started) * 1e3
-        self.sizes[n.name] = _nbytes(value)
-        return value
+    class _TimingInterpreter(fx.Interpreter):
+        def __init__(self, module: fx.GraphModule) -> None:
+            super().__init__(module)
+            self.times: dict[str, float] = {}
+            self.sizes: dict[str, int] = {}
+
+        def run_node(self, n: fx.Node):
+            started = time.perf_counter()
+            value = super().run_node(n)
+            self.times[n.name] = (time.perf_counter() - started) * 1e3
+            self.sizes[n.name] = _nbytes(value)
+            return value
+
+    return _TimingInterpreter
 
 
 def _nbytes(value: object) -> int:
@@ -177,16 +186,17 @@ def sample_cut_indices(model: LoadedModel, count: int) -> list[int]:
 
 def measure_codecs(encodings=PROFILED_ENCODINGS, numel: int = 1 << 18, repeats: int = 5) -> dict[str, CodecCost]:
     """Encode/decode cost of each encoding on ReLU-like data (1 MB of float32 by default)."""
-    gen = torch.Generator().manual_seed(0)
-    features = torch.randn(1, 64, numel // 64, generator=gen).clamp_min(0)
+    # numpy, not torch: the light edge measures its codec costs too (the codec gives the same bytes for both).
+    rng = np.random.default_rng(0)
+    features = np.maximum(rng.standard_normal((1, 64, numel // 64), dtype=np.float32), 0)
     side = int((numel // 3) ** 0.5)
-    ramp = torch.linspace(-2, 2, side)
-    image = (ramp.view(1, 1, side, 1) + ramp.view(1, 1, 1, side)).expand(1, 3, side, side).contiguous()
+    ramp = np.linspace(-2, 2, side, dtype=np.float32)
+    image = np.ascontiguousarray(np.broadcast_to(ramp[:, None] + ramp[None, :], (1, 3, side, side)))
     costs = {}
     for text in encodings:
         spec = EncodingSpec.parse(text)
         x = image if spec.encoding in ("jpeg", "webp") else features
-        mb = x.numel() * 4 / 1e6
+        mb = x.size * 4 / 1e6
         msg = encode(x, spec)
         enc = median_ms(lambda x=x, spec=spec: encode(x, spec), repeats, 1)
         dec = median_ms(lambda msg=msg: decode(msg), repeats, 1)
@@ -204,6 +214,8 @@ def profile_input(model: LoadedModel, input_shape: Sequence[int] | None = None) 
         raise ValueError(
             f"input_shape: {list(input_shape)} does not fit {model.name!r}, whose inputs are {list(x.shape)}"
         )
+    from .models import calibration_batch
+
     return calibration_batch(tuple(int(d) for d in input_shape), int(input_shape[0])).to(x.dtype)
 
 
@@ -231,7 +243,7 @@ def profile_model(
             runs = []
             for _ in range(max(repeats // 2, 3)):
                 between()
-                interp = _TimingInterpreter(module)
+                interp = _timing_interpreter()(module)
                 interp.run(x)
                 runs.append(interp)
             names = [n.name for n in module.graph.nodes if n.op != "output"]

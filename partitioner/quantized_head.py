@@ -184,6 +184,13 @@ class QuantizedHead:
         return self._bytes
 
     @property
+    def onnx_bytes(self) -> bytes:
+        """The ONNX graph ONNX Runtime runs (without the sub-8-bit weights, which travel packed)."""
+        if self.packed:
+            raise ValueError("onnx_bytes: this head has packed sub-8-bit layers; its graph alone is incomplete")
+        return self._onnx
+
+    @property
     def op_types(self) -> dict[str, int]:
         """How many nodes of each ONNX op type the graph has (``QLinearConv`` are the int8 convolutions)."""
         import onnx

@@ -10,10 +10,20 @@ import threading
 import time
 
 import grpc
+import numpy as np
 
 from cleave_cli.client import EdgeClient
-from partitioner.models import calibration_batch
 from protos.cleave.v1 import edge_pb2
+
+
+def _input(shape: tuple[int, ...]):
+    """A synthetic input: the planner's own where torch is installed, plain noise where it is not
+    (the torch-free edge's environment, tests/edge)."""
+    try:
+        from partitioner.models import calibration_batch
+    except ImportError:
+        return np.random.default_rng(3).random(shape, dtype=np.float32)
+    return calibration_batch(shape, 1, seed=3)
 
 
 def main() -> None:
@@ -24,7 +34,7 @@ def main() -> None:
     parser.add_argument("--shape", default="1,3,64,64")
     args = parser.parse_args()
     client = EdgeClient(args.edge)
-    x = calibration_batch(tuple(int(d) for d in args.shape.split(",")), 1, seed=3)
+    x = _input(tuple(int(d) for d in args.shape.split(",")))
     plans, replies, errors = [], [], []
     stop = threading.Event()
 

@@ -172,7 +172,7 @@ class Counters(_message.Message):
     def __init__(self, requests: _Optional[int] = ..., split: _Optional[int] = ..., edge_only: _Optional[int] = ..., cloud_only: _Optional[int] = ..., fallback: _Optional[int] = ..., errors: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., reconnects: _Optional[int] = ..., plan_switches: _Optional[int] = ..., sessions_opened: _Optional[int] = ...) -> None: ...
 
 class EdgeStatus(_message.Message):
-    __slots__ = ("model", "fingerprint", "input_shape", "cloud", "cloud_reachable", "cloud_error", "link", "plan", "queue_depth", "counters", "mean_latency_ms", "auto_plan", "planner_error")
+    __slots__ = ("model", "fingerprint", "input_shape", "cloud", "cloud_reachable", "cloud_error", "link", "plan", "queue_depth", "counters", "mean_latency_ms", "auto_plan", "planner_error", "backend")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class EdgeStatus(_message.Message):
     MEAN_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     AUTO_PLAN_FIELD_NUMBER: _ClassVar[int]
     PLANNER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -199,7 +200,8 @@ class EdgeStatus(_message.Message):
     mean_latency_ms: float
     auto_plan: bool
     planner_error: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., cloud: _Optional[str] = ..., cloud_reachable: _Optional[bool] = ..., cloud_error: _Optional[str] = ..., link: _Optional[_Union[LinkStatus, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., mean_latency_ms: _Optional[float] = ..., auto_plan: _Optional[bool] = ..., planner_error: _Optional[str] = ...) -> None: ...
+    backend: str
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., cloud: _Optional[str] = ..., cloud_reachable: _Optional[bool] = ..., cloud_error: _Optional[str] = ..., link: _Optional[_Union[LinkStatus, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., queue_depth: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., mean_latency_ms: _Optional[float] = ..., auto_plan: _Optional[bool] = ..., planner_error: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class GetPlanRequest(_message.Message):
     __slots__ = ()

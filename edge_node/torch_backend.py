@@ -1,0 +1,74 @@
+"""The torch backend (see :mod:`edge_node.backend`): a model loaded and traced with torch.fx.
+
+For development and for models ONNX cannot express: any cut of the graph, heads quantized at any
+bit width per layer, bottleneck latents with their entropy coder, and the exact invariant
+``tail(*head(x)) == model(x)`` on the local fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from compressor import decode
+from partitioner.loaded import LoadedModel, as_tensor_list
+from partitioner.models import calibration_batch
+from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
+from protos.cleave.v1 import tensor_pb2
+
+
+class TorchBackend:
+    kind = "torch"
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.loaded = model
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.loaded.fingerprint
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.loaded.input_shape
+
+    @property
+    def entropy_tables(self) -> Any:
+        return self.loaded.entropy_tables
+
+    def describe(self) -> str:
+        return f"torch {torch.__version__} (model {self.loaded.spec.source})"
+
+    def parts(self, key: int | str) -> tuple[Any, Any, Any]:
+        return self.loaded.parts(key)
+
+    def quantized(self, cut: Any, head: Any, bits: int | dict[str, int]) -> tuple[Any, dict[str, int]]:
+        layers = list(head_layers(head))
+        per_layer = (
+            {name: bits for name in layers} if isinstance(bits, int) else {**dict.fromkeys(layers, FLOAT_BITS), **bits}
+        )
+        calib = calibration_batch(self.loaded.input_shape, 8)
+        return build_quantized_head(head, calib, per_layer), per_layer
+
+    def run(self, inputs: list) -> list:
+        with torch.inference_mode():
+            return as_tensor_list(self.loaded.module(*map(_tensor, inputs)))
+
+    def run_head(self, head: Any, inputs: list) -> tuple:
+        with torch.inference_mode():
+            return tuple(head(*map(_tensor, inputs)))
+
+    def run_tail(self, cut: Any, tail: Any, inputs: list, features: tuple) -> list:
+        with torch.inference_mode():
+            return as_tensor_list(tail(*features))
+
+    def decode(self, tensor: tensor_pb2.Tensor) -> torch.Tensor:
+        return decode(tensor)
+
+
+def _tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(x)

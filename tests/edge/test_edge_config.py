@@ -1,0 +1,33 @@
+"""edge.yaml with a bundle: no model spec needed, bundle paths relative to the file, head bits the bundle has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_node.config import EdgeConfig
+from runtime.settings import SettingsError
+
+pytestmark = pytest.mark.edge
+
+
+def test_a_bundle_stands_for_the_model_and_resolves_next_to_the_yaml(tmp_path: Path) -> None:
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump({"bundle": "bundles/resnet18", "preload": True}))
+    config = EdgeConfig.from_yaml(str(tmp_path / "edge.yaml"))
+    assert config.model is None and config.preload
+    assert config.bundle == str(tmp_path / "bundles" / "resnet18")
+
+
+def test_neither_model_nor_bundle_is_refused() -> None:
+    with pytest.raises(SettingsError, match="model: required .* unless bundle"):
+        EdgeConfig.from_dict({"listen": "127.0.0.1:0"})
+
+
+@pytest.mark.parametrize(
+    ("head", "field"), [({"weight_bits": 4}, "head.weight_bits"), ({"allocate": True}, "head.allocate")]
+)
+def test_head_settings_a_bundle_cannot_serve_are_refused_at_load(head: dict, field: str) -> None:
+    with pytest.raises((SettingsError, ValueError), match=field):
+        EdgeConfig.from_dict({"bundle": "/b", "head": head})
