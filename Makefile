@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements/dev.txt
 PYTEST := $(PY) -m pytest -q
-EXTRAS := --extra cloud --extra dev --extra http --extra bottleneck --extra pretrained --extra onnx --extra plot --extra bench --extra transformers
+EXTRAS := --extra cloud --extra dev --extra http --extra bottleneck --extra pretrained --extra onnx --extra plot --extra bench --extra transformers --extra ray
 
 .PHONY: demo test test-edge test-fast test-integration lint docs protos bench lock clean browser
 
@@ -89,6 +89,7 @@ lock: $(STAMP)
 	rm -f $(LOCK).new
 	$(VENV)/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
 		$(EXTRAS) -o $(LOCK).new pyproject.toml requirements/pins.in
+	sed -i '/^cleave @ file:/,+1d' $(LOCK).new   # dev pulls cleave[cloud]: the package itself is installed with -e
 	mv $(LOCK).new $(LOCK)
 	$(VENV)/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
 		--extra edge-test -c $(LOCK) -o $(EDGE_LOCK) pyproject.toml
