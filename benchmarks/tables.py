@@ -166,6 +166,47 @@ def edge_footprint(d: Json) -> list[list[str]]:
     return rows
 
 
+# ---- plan_time.json ---------------------------------------------------------------------------------------------
+def plan_time(d: Json) -> list[list[str]]:
+    def phases(run: Json) -> str:
+        parts = []
+        for p in PLAN_PHASES:
+            phase = run["phases"].get(p)
+            parts.append(
+                "-"
+                if phase is None
+                else f"{phase['s']:.1f}" + (f" ({phase['count']})" if p == "accuracy" and "count" in phase else "")
+            )
+        return " / ".join(parts)
+
+    rows = []
+    for m in d["models"]:
+        now, before = m["now"], m.get("before")
+        rows.append(
+            [
+                m["model"],
+                f"{now['cold']['wall_s']:.1f}",
+                f"{before['cold']['wall_s']:.1f}" if before else "-",
+                x(before["cold"]["wall_s"] / now["cold"]["wall_s"], ".1f") if before else "-",
+                phases(now["cold"]),
+                phases(before["cold"]) if before else "-",
+                f"{now['warm']['wall_s']:.1f}",
+                f"{before['warm']['wall_s']:.1f}" if before else "-",
+                f"{m['load_avg_1m_before']:.1f}-{m['load_avg_1m_after']:.1f}",
+                f"`{now['cold']['best']}`"
+                + (
+                    ""
+                    if not before or before["cold"]["best"] == now["cold"]["best"]
+                    else f" (before: `{before['cold']['best']}`)"
+                ),
+            ]
+        )
+    return rows
+
+
+PLAN_PHASES = ("profile", "encodings", "accuracy")
+
+
 # ---- placement.json ---------------------------------------------------------------------------------------------
 PLACEMENT_STRATEGIES = ("edge-only", "cloud-raw", "cloud-jpeg", "neurosurgeon")
 
@@ -572,6 +613,23 @@ TABLES: dict[str, Table] = {
         edge_footprint,
         ("edge", "installed, MB", "RSS serving, MB", "start to SERVING, s"),
         "lrrr",
+    ),
+    "plan_time": Table(
+        ("plan_time.json",),
+        plan_time,
+        (
+            "model",
+            "cold, s",
+            "before, s",
+            "faster",
+            "phases now, s",
+            "phases before, s",
+            "warm, s",
+            "warm before, s",
+            "load",
+            "best placement",
+        ),
+        "lrrrrrrrrl",
     ),
     "placement": Table(
         ("placement.json",),

@@ -430,7 +430,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--float-input", action="store_true", help="inputs are not 8-bit images: charge 8-bit input codes to accuracy"
     )
-    plan.add_argument("--top", type=int, default=10, help="placements to list")
+    plan.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        help="placements to list, each checked on every calibration input (more take longer: see docs/plan.md)",
+    )
     plan.add_argument("--json", help="write the ranking as JSON here")
     plan.add_argument("--png", help="write the plot here (for the first bandwidth)")
     plan.add_argument("--quiet", action="store_true", help="no progress line on stderr")

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torchvision
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from partitioner.vision import torchvision  # not `import torchvision`: see partitioner.vision
 
 __all__ = ["Cut", "ModelGraph", "NotACut", "TraceError", "trace"]
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import fx, nn
 
 from partitioner.spec import (  # defined without torch: the daemons parse configs before importing it
@@ -31,6 +30,7 @@ from partitioner.spec import (  # defined without torch: the daemons parse confi
     PRETRAINED_SOURCES,
     ModelSpec,
 )
+from partitioner.vision import torchvision  # not `import torchvision`: see partitioner.vision
 
 __all__ = [
     "PRETRAINED",
