@@ -5,6 +5,7 @@ serves under ``fetch_bundle.model``:
 
 * a valid bundle already there whose fingerprint is the cloud's (``GetInfo``) is used as it is;
   one that is valid while the cloud cannot be reached is used too (an edge restarts offline);
+  without one, the edge waits up to ``fetch_bundle.timeout_s`` for a cloud that is not up yet;
 * otherwise the bundle is streamed by ``GetBundle`` over the same channel settings as the cloud
   link (TLS, token) into a new directory beside ``bundle:``, under the limits of
   :class:`~edge_node.config.FetchBundle` (:class:`~partitioner.bundle_wire.BundleReceiver`),
@@ -18,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -55,21 +57,30 @@ def ensure_bundle(config: EdgeConfig) -> Path:
     )
     try:
         stub = si_grpc.SplitInferenceStub(channel)
-        try:
-            info = stub.GetInfo(
-                si_pb2.GetInfoRequest(model=settings.model),
-                timeout=config.reconnect.connect_timeout_s,
-                wait_for_ready=True,
-            )
-        except grpc.RpcError as exc:
-            if local is not None and exc.code() in UNREACHABLE:
-                log.warning(
-                    "fetch_bundle: the cloud %s is not reachable (%s): using the bundle already in %s (%s)",
-                    config.cloud, exc.code().name, dest, local.manifest.fingerprint[:12],
-                )  # fmt: skip
-                return dest
-            raise BundleFetchError(f"fetch_bundle: cannot ask {config.cloud} for {settings.model!r}: "
-                                   f"{from_rpc_error(exc).message}") from None  # fmt: skip
+        # Without a bundle the edge has nothing to run: wait (up to timeout_s) for a cloud still starting.
+        deadline = time.monotonic() + settings.timeout_s
+        while True:
+            try:
+                info = stub.GetInfo(
+                    si_pb2.GetInfoRequest(model=settings.model),
+                    timeout=config.reconnect.connect_timeout_s,
+                    wait_for_ready=True,
+                )
+                break
+            except grpc.RpcError as exc:
+                unreachable = exc.code() in UNREACHABLE
+                if local is not None and unreachable:
+                    log.warning(
+                        "fetch_bundle: the cloud %s is not reachable (%s): using the bundle already in %s (%s)",
+                        config.cloud, exc.code().name, dest, local.manifest.fingerprint[:12],
+                    )  # fmt: skip
+                    return dest
+                if not unreachable or time.monotonic() >= deadline:
+                    raise BundleFetchError(
+                        f"fetch_bundle: cannot ask {config.cloud} for {settings.model!r}: {from_rpc_error(exc).message}"
+                    ) from None
+                log.info("fetch_bundle: waiting for the cloud %s (%s)", config.cloud, exc.code().name)
+                time.sleep(config.reconnect.initial_s)
         fingerprint = info.models[0].fingerprint
         if local is not None and local.manifest.fingerprint == fingerprint:
             log.info("fetch_bundle: %s already holds %s (%s): not fetched", dest, settings.model, fingerprint[:12])

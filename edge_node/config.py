@@ -117,7 +117,7 @@ class FetchBundle(Settings):
     model: str = ""  # the model name the cloud serves
     max_bytes: int = 4 << 30  # a manifest declaring more file bytes than this is refused
     max_files: int = 256  # ... or more files
-    timeout_s: float = 600.0  # the whole transfer
+    timeout_s: float = 600.0  # waiting for a cloud not up yet (with no bundle here), then the whole transfer
 
     @property
     def enabled(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,6 +206,18 @@ def test_get_bundle_answers_typed_errors(cloud: Cloud) -> None:
         chunks = list(stub.GetBundle(si_pb2.GetBundleRequest(model="resnet18"), timeout=120))
     assert chunks[0].manifest == (cloud.bundles / "resnet18" / MANIFEST).read_bytes()
     assert max(len(c.data) for c in chunks) == 65536  # bounded by the cloud's chunk_bytes
+
+
+@pytest.mark.integration
+def test_with_no_bundle_and_no_cloud_the_edge_waits_then_refuses_to_start(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    dest = tmp_path / "edge" / "resnet18"
+    config = _edge_config(tmp_path, "edge", dead, dest, fetch_bundle={"model": "resnet18", "timeout_s": 3})
+    started = time.monotonic()
+    done = _run_edge(config)
+    assert done.returncode != 0 and time.monotonic() - started >= 3
+    assert f"fetch_bundle: cannot ask {dead} for 'resnet18'" in done.stderr, done.stderr[-2000:]
+    assert "waiting for the cloud" in done.stderr and not dest.exists()
 
 
 @pytest.mark.integration
