@@ -231,6 +231,21 @@ class HttpConfig(Settings):
         return host, int(port_text)
 
 
+@dataclass
+class BundlesConfig(Settings):
+    """``bundles:`` in ``cloud.yaml``: edge bundles (``cleave bundle``) the edges may fetch (``GetBundle``).
+
+    ``dir``: one subdirectory per served model, named after it (relative to the YAML file). Each is
+    verified at start (every sha256) and must carry the served model's fingerprint. Empty: off.
+    """
+
+    dir: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dir)
+
+
 RAY_ADDRESS_FORMS = "'' (off), local, auto, or ray://HOST:PORT"
 
 
@@ -332,6 +347,7 @@ class CloudConfig(Settings):
     # Client pings the server accepts (and the cloud's own channels send): the same on every edge.
     keepalive: Keepalive = field(default_factory=Keepalive)
     ray: RaySettings = field(default_factory=RaySettings)  # tails on Ray Serve, jobs as Ray tasks; off by default
+    bundles: BundlesConfig = field(default_factory=BundlesConfig)  # edge bundles edges fetch; off by default
 
     def validate(self) -> None:
         names = [m.name for m in self.models]
@@ -354,6 +370,8 @@ class CloudConfig(Settings):
         """Take the relative paths of ``tls`` and ``auth`` relative to ``base`` (the YAML file's folder)."""
         self.tls = self.tls.resolved(base)
         self.auth = self.auth.resolved(base)
+        if self.bundles.dir and not Path(self.bundles.dir).expanduser().is_absolute():
+            self.bundles.dir = str(base / Path(self.bundles.dir).expanduser())
 
     @classmethod
     def from_dict(cls, data: dict) -> CloudConfig:

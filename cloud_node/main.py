@@ -123,6 +123,7 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
     """Load every model and build the servicers of :func:`hosted`'s services (the slow part of a start)."""
     import torch
 
+    from .bundles import BundleStore
     from .metrics import CloudMetrics
     from .servicer import SplitInferenceServicer
     from .sessions import ModelRegistry, SessionManager
@@ -137,7 +138,8 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
         from .ray_backend.serving import TailsCollector
 
         registry.register(TailsCollector(tails))
-    servicer = SplitInferenceServicer(sessions, config.chunk_bytes, metrics)
+    bundles = BundleStore(config.bundles.dir or None, {n: m.fingerprint for n, m in models.models.items()})
+    servicer = SplitInferenceServicer(sessions, config.chunk_bytes, metrics, bundles)
     services = [Service(servicer, SPLIT_INFERENCE), kserve_service(models, config, sessions.batchers, tails)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager

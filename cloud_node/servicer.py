@@ -16,6 +16,7 @@ from protos.errors import InvalidArgument, ResourceExhausted, maps_errors
 from runtime.admission import client_identity
 
 from . import __version__
+from .bundles import BundleStore
 from .metrics import CloudMetrics
 from .profiling import Profiler
 from .sessions import SessionManager, cut_info
@@ -42,8 +43,15 @@ def profile_shape(request: si_pb2.ProfileRequest, configured: tuple[int, ...]) -
 
 
 class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
-    def __init__(self, sessions: SessionManager, chunk_bytes: int, metrics: CloudMetrics | None = None) -> None:
+    def __init__(
+        self,
+        sessions: SessionManager,
+        chunk_bytes: int,
+        metrics: CloudMetrics | None = None,
+        bundles: BundleStore | None = None,
+    ) -> None:
         self.sessions = sessions
+        self.bundles = bundles if bundles is not None else BundleStore(None, {})
         self.metrics = metrics
         self.registry = sessions.registry
         self.chunk_bytes = chunk_bytes
@@ -121,6 +129,13 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
             return
         frames = self.metrics.frames(request_iterator)
         yield from self.metrics.results(serve_stream(frames, self.sessions, self.chunk_bytes))
+
+    @maps_errors
+    def GetBundle(self, request: si_pb2.GetBundleRequest, context: grpc.ServicerContext):
+        if not request.model:
+            raise InvalidArgument("model: required (the model whose edge bundle to send)")
+        self.registry.get(request.model)  # NotFound naming the served models
+        yield from self.bundles.chunks(request.model, self.chunk_bytes)
 
     @maps_errors
     def Probe(self, request_iterator: Iterator[si_pb2.ProbeMessage], context: grpc.ServicerContext):

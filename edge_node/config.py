@@ -107,6 +107,27 @@ class Reconnect(Settings):
 
 
 @dataclass
+class FetchBundle(Settings):
+    """``fetch_bundle:``: at start, fetch ``model``'s bundle from the cloud into ``bundle:`` (edge_node.bundle_fetch).
+
+    Off while ``model`` is empty. A valid bundle already in ``bundle:`` with the cloud's fingerprint
+    (or any valid one while the cloud is unreachable) is used without fetching.
+    """
+
+    model: str = ""  # the model name the cloud serves
+    max_bytes: int = 4 << 30  # a manifest declaring more file bytes than this is refused
+    max_files: int = 256  # ... or more files
+    timeout_s: float = 600.0  # waiting for a cloud not up yet (with no bundle here), then the whole transfer
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model)
+
+    def validate(self) -> None:
+        positive(self, "max_bytes", "max_files", "timeout_s")
+
+
+@dataclass
 class EdgeLimits(ServingLimits):
     """What the edge's local clients may take (the ``ServingLimits`` fields too)."""
 
@@ -126,6 +147,7 @@ class EdgeConfig(Settings):
     # directory from `cleave bundle`: the torch-free edge runs its ONNX heads on ONNX Runtime).
     model: ModelSpec | None = None
     bundle: str | None = None
+    fetch_bundle: FetchBundle = field(default_factory=FetchBundle)  # fill `bundle` from the cloud at start
     preload: bool = False  # with a bundle: open the whole model at start, not at its first use (fallback, edge-only)
     listen: str = "127.0.0.1:50052"
     cloud: str = "127.0.0.1:50051"
@@ -151,6 +173,12 @@ class EdgeConfig(Settings):
     def validate(self) -> None:
         if self.model is None and self.bundle is None:
             raise SettingsError("model: required (a model spec), unless bundle names an edge bundle directory")
+        if self.fetch_bundle.enabled:
+            require(self.bundle is not None, "bundle", "the directory fetch_bundle fills", None)
+            if self.model is not None and self.model.name != self.fetch_bundle.model:
+                raise SettingsError(
+                    f"fetch_bundle.model: {self.fetch_bundle.model!r} is not model.name {self.model.name!r}"
+                )
         if self.bundle is not None:
             require(bool(self.bundle.strip()), "bundle", "an edge bundle directory", self.bundle)
             require(not self.head.allocate, "head.allocate", "false with a bundle (its heads are float or int8)", True)

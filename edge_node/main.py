@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="model source: torchvision name, NAME=SOURCE, or a file")
     p.add_argument("--weights", help="local state-dict file for --model")
     p.add_argument("--bundle", help="an edge bundle directory (cleave bundle): run it on ONNX Runtime, without torch")
+    p.add_argument(
+        "--fetch-bundle",
+        metavar="MODEL",
+        help="at start, fetch MODEL's bundle from the cloud into --bundle (unless it already holds it)",
+    )
     p.add_argument("--input-shape", help="e.g. 1,3,224,224")
     p.add_argument(
         "--cut", help='"auto" (default: the planner decides), "cloud" (send the input), "edge", or a cut name or index'
@@ -88,6 +93,8 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
         data["model"] = model
     if args.bundle:
         data["bundle"] = str(Path(args.bundle).resolve())
+    if args.fetch_bundle:
+        data["fetch_bundle"] = {**(data.get("fetch_bundle") or {}), "model": args.fetch_bundle}
     config = EdgeConfig.from_dict(data)
     if args.config:
         config.resolve_paths(Path(args.config).parent)
@@ -210,6 +217,10 @@ def load_backend(config: EdgeConfig) -> Backend:
 
         from .onnx_backend import OnnxBackend
 
+        if config.fetch_bundle.enabled:
+            from .bundle_fetch import ensure_bundle
+
+            ensure_bundle(config)  # a verified bundle in config.bundle, fetched or already there
         bundle = EdgeBundle.open(config.bundle)  # every file's sha256, before anything runs
         if config.model is not None and config.model.name != bundle.manifest.name:
             raise ValueError(

@@ -31,3 +31,14 @@ def test_neither_model_nor_bundle_is_refused() -> None:
 def test_head_settings_a_bundle_cannot_serve_are_refused_at_load(head: dict, field: str) -> None:
     with pytest.raises((SettingsError, ValueError), match=field):
         EdgeConfig.from_dict({"bundle": "/b", "head": head})
+
+
+def test_fetch_bundle_needs_the_directory_to_fill_and_the_same_model_name() -> None:
+    model = {"name": "resnet18", "source": "resnet18"}
+    with pytest.raises((SettingsError, ValueError), match="bundle: must be the directory fetch_bundle fills"):
+        EdgeConfig.from_dict({"model": model, "fetch_bundle": {"model": "resnet18"}})
+    with pytest.raises(SettingsError, match="fetch_bundle.model: 'resnet50' is not model.name 'resnet18'"):
+        EdgeConfig.from_dict({"model": model, "bundle": "/b", "fetch_bundle": {"model": "resnet50"}})
+    with pytest.raises((SettingsError, ValueError), match="max_files"):
+        EdgeConfig.from_dict({"bundle": "/b", "fetch_bundle": {"model": "resnet18", "max_files": 0}})
+    assert EdgeConfig.from_dict({"bundle": "/b", "fetch_bundle": {"model": "resnet18"}}).fetch_bundle.enabled

@@ -64,6 +64,11 @@ class SplitInferenceStub:
                 request_serializer=protos_dot_cleave_dot_v1_dot_split__inference__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_cleave_dot_v1_dot_split__inference__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.GetBundle = channel.unary_stream(
+                '/cleave.v1.SplitInference/GetBundle',
+                request_serializer=protos_dot_cleave_dot_v1_dot_split__inference__pb2.GetBundleRequest.SerializeToString,
+                response_deserializer=protos_dot_cleave_dot_v1_dot_split__inference__pb2.BundleChunk.FromString,
+                _registered_method=True)
 
 
 class SplitInferenceServicer:
@@ -110,6 +115,14 @@ class SplitInferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBundle(self, request, context):
+        """A model's edge bundle (cloud.yaml `bundles: {dir}`): the manifest first, then every listed file
+        in order, in chunks of at most the cloud's chunk_bytes. The edge verifies every size and sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_SplitInferenceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=protos_dot_cleave_dot_v1_dot_split__inference__pb2.CloseSessionRequest.FromString,
                     response_serializer=protos_dot_cleave_dot_v1_dot_split__inference__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'GetBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBundle,
+                    request_deserializer=protos_dot_cleave_dot_v1_dot_split__inference__pb2.GetBundleRequest.FromString,
+                    response_serializer=protos_dot_cleave_dot_v1_dot_split__inference__pb2.BundleChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +324,33 @@ class SplitInference:
             '/cleave.v1.SplitInference/CloseSession',
             protos_dot_cleave_dot_v1_dot_split__inference__pb2.CloseSessionRequest.SerializeToString,
             protos_dot_cleave_dot_v1_dot_split__inference__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cleave.v1.SplitInference/GetBundle',
+            protos_dot_cleave_dot_v1_dot_split__inference__pb2.GetBundleRequest.SerializeToString,
+            protos_dot_cleave_dot_v1_dot_split__inference__pb2.BundleChunk.FromString,
             options,
             channel_credentials,
             insecure,
