@@ -272,6 +272,7 @@ class AutoPlanner:
                 spec,
                 reason=reason,
                 predicted=scored.predicted,
+                predicted_bytes=scored.candidate.bytes_up,
                 objective=self.settings.objective,
                 weight_bits=weight_bits,
             )

@@ -61,6 +61,7 @@ class ActivePlan:
     tail: Any  # what the backend finishes a fallback with (None where it runs the whole model)
     reason: str = ""
     predicted: Breakdown | None = None
+    predicted_bytes: int = 0  # what the planner expects each request to send up (0: not planned)
     objective: str = ""
     weight_bits: dict[str, int] = field(default_factory=dict)  # quantized head layers; empty: float head
 
@@ -301,6 +302,7 @@ class EdgeRuntime:
         predicted: Breakdown | None = None,
         objective: str = "",
         weight_bits: int | dict[str, int] | None = None,
+        predicted_bytes: int = 0,
     ) -> ActivePlan:
         """Put a plan in force and return it; requests already running finish under theirs.
 
@@ -315,7 +317,7 @@ class EdgeRuntime:
         """
         # Built outside the lock (a quantized head takes a while): pins racing for one share the build.
         plan = self._make_plan(placement, cut, spec or EncodingSpec(), reason)
-        plan = replace(plan, predicted=predicted, objective=objective)
+        plan = replace(plan, predicted=predicted, predicted_bytes=predicted_bytes, objective=objective)
         plan = self._quantize_head(plan, self.head_bits if weight_bits is None else weight_bits)
         with self._pin_lock:
             # Open the new session before switching, so requests keep going to the cloud meanwhile.

@@ -57,6 +57,7 @@ def plan_to_proto(plan: ActivePlan, model: str) -> edge_pb2.Plan:
     if plan.predicted is not None:
         p = plan.predicted
         message.predicted_ms = p.total_ms
+        message.predicted_bytes = plan.predicted_bytes
         message.predicted.CopyFrom(
             edge_pb2.PredictedLatency(
                 edge_ms=p.edge_ms,

@@ -47,6 +47,8 @@ def test_edge_plans_by_itself(cloud: DaemonProcess, daemon_dir: Path, local_mode
         assert status.auto_plan and status.planner_error == ""
         assert plan.objective == "latency" and plan.predicted.total_ms > 0
         assert plan.predicted_ms == pytest.approx(plan.predicted.total_ms)
+        # What the plan sends per request: nothing from the edge alone, the planner's measured bytes otherwise.
+        assert (plan.predicted_bytes == 0) == (plan.placement == edge_pb2.EDGE_ONLY), plan
         # The accuracy of the plan in user terms, measured on the calibration images.
         assert "top-1 agreement" in plan.reason and "on 8 calibration images" in plan.reason
         assert status.link.rtt_ms > 0 and status.link.up_mbps > 0 and status.link.down_mbps > 0
