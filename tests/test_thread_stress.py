@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from cleave_cli.client import EdgeClient, outputs_of
 from cleave_cli.images import synthetic_images
 from cleave_cli.launch import DaemonProcess
-from edge_node import runtime as runtime_module
+from edge_node import torch_backend as backend_module  # where the torch edge builds its quantized heads
 from edge_node.autoplan import AutoPlanner
 from edge_node.cloud_link import CloudLink
 from edge_node.config import AutoPlanSettings, Reconnect
@@ -94,14 +94,14 @@ def test_replan_requests_and_link_changes_at_once(
 
     # The quantized-head cache: count builds per (cut, bits), slowly, so that racing pins overlap.
     builds: Counter = Counter()
-    real_build = runtime_module.build_quantized_head
+    real_build = backend_module.build_quantized_head
 
     def counting_build(head, calib, per_layer):
         builds[(id(head), tuple(sorted(per_layer.items())))] += 1
         time.sleep(0.3)
         return real_build(head, calib, per_layer)
 
-    monkeypatch.setattr(runtime_module, "build_quantized_head", counting_build)
+    monkeypatch.setattr(backend_module, "build_quantized_head", counting_build)
 
     inputs = [synthetic_images(1, local_model.input_shape, seed=100 + i) for i in range(4)]
     with torch.inference_mode():
