@@ -15,6 +15,7 @@ Each layer has its own per-test timeout (a test's own ``@pytest.mark.timeout`` w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,10 @@ import yaml
 from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
+
+# Before any test module imports ray: a Serve handle left over from a Ray test module must not start
+# a whole new local Ray cluster (Ray's auto-connect) that then runs beside the rest of the suite.
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 
 def pytest_configure(config: pytest.Config) -> None:

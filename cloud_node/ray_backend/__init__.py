@@ -21,3 +21,7 @@ def before_ray_import() -> None:
     SIGTERM. Both Ray paths (serving here, jobs in :mod:`cloud_node.jobs.ray_tasks`) call this.
     """
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # Ray starts a whole local cluster (dashboard included) when an API is used before ray.init;
+    # a Serve handle's metrics pusher outliving its session did just that. Cleave joins Ray only
+    # through connect() and RayJobs, explicitly.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
