@@ -202,7 +202,7 @@ def test_a_manual_pin_comes_after_an_automatic_pin_in_flight() -> None:
 
     runtime = SimpleNamespace(pin=slow_pin, head_bits=32)
     auto = AutoPlanner(None, runtime, None, None, AutoPlanSettings())  # type: ignore[arg-type]
-    scored = SimpleNamespace(candidate=SimpleNamespace(kind=Placement.EDGE_ONLY), predicted=None)
+    scored = SimpleNamespace(candidate=SimpleNamespace(kind=Placement.EDGE_ONLY, bytes_up=0), predicted=None)
     automatic = threading.Thread(target=auto.apply, args=(scored, "auto"))
     automatic.start()
     assert entered.wait(5)
