@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.startup import git_commit  # the measured checkout's commit, "+dirty" when changed
+
 ROOT = Path(__file__).resolve().parent.parent
 PHASE = re.compile(r"(?P<name>profile|encodings|accuracy) (?P<s>[0-9.]+) s(?: \((?P<count>[^)]*)\))?")
 
@@ -61,12 +63,6 @@ def measure(trees: dict[str, Path], python: str, models: list[str], bandwidth: s
         row["load_avg_1m_after"] = os.getloadavg()[0]
         rows.append(row)
     return rows
-
-
-def git_commit(root: Path) -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
-    return done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main(argv: list[str] | None = None) -> int:
