@@ -16,6 +16,7 @@ import yaml
 from benchmarks.netlab import NetLab
 from cleave_cli.launch import free_port
 from tests.support import ROOT
+from tests.support.nsprobe import HEALTH, poll
 
 AVAILABLE, WHY = NetLab.available()
 pytestmark = [
@@ -33,23 +34,6 @@ STATUS = (
     "print(json.dumps({'reason':s.plan.reason,'placement':e.Placement.Name(s.plan.placement),"
     "'error':s.planner_error}))"
 )
-HEALTH = (
-    "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;"
-    "r=g.HealthStub(grpc.insecure_channel(sys.argv[1])).Check(h.HealthCheckRequest(),timeout=2);"
-    "sys.exit(0 if r.status==1 else 1)"
-)
-
-
-def poll(lab: NetLab, ns: str, script: str, address: str, done, timeout: float) -> str:
-    """Run ``script`` in ``ns`` until ``done(stdout)``; returns the last stdout."""
-    deadline, out = time.monotonic() + timeout, ""
-    while time.monotonic() < deadline:
-        result = lab.run(ns, [sys.executable, "-c", script, address], timeout=30, cwd=ROOT)
-        out = result.stdout
-        if result.returncode == 0 and done(out):
-            return out
-        time.sleep(0.5)
-    raise TimeoutError(f"{ns}: condition not met after {timeout}s; last output: {out!r}")
 
 
 def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import yaml
 
 from benchmarks.netlab import NetLab
 from cleave_cli.launch import free_port
+from tests.support.nsprobe import HEALTH, poll
 
 from .conftest import LIGHT_EDGE, ROOT, build_bundle, child_env, cloud_python
 
@@ -35,22 +36,6 @@ STATUS = (
     "print(json.dumps({'reason':s.plan.reason,'placement':e.Placement.Name(s.plan.placement),"
     "'cut':s.plan.cut_index,'upload_ms':s.plan.predicted.upload_ms,'backend':s.backend,'error':s.planner_error}))"
 )
-HEALTH = (
-    "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;"
-    "r=g.HealthStub(grpc.insecure_channel(sys.argv[1])).Check(h.HealthCheckRequest(),timeout=2);"
-    "sys.exit(0 if r.status==1 else 1)"
-)
-
-
-def poll(lab: NetLab, ns: str, script: str, address: str, done, timeout: float) -> str:
-    deadline, out = time.monotonic() + timeout, ""
-    while time.monotonic() < deadline:
-        result = lab.run(ns, [sys.executable, "-c", script, address], timeout=30, cwd=ROOT)
-        out = result.stdout
-        if result.returncode == 0 and done(out):
-            return out
-        time.sleep(0.5)
-    raise TimeoutError(f"{ns}: condition not met after {timeout}s; last output: {out!r}")
 
 
 def test_the_light_edge_replans_on_a_shaped_link(edge_cache: Path, tmp_path: Path) -> None:

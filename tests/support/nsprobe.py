@@ -1,0 +1,30 @@
+"""Probing daemons inside a :class:`benchmarks.netlab.NetLab` namespace: run a short client script there
+until its output says what a test waits for. Standard library only (the torch-free edge's tests use it)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from benchmarks.netlab import NetLab
+from tests.support import ROOT
+
+#: Exits 0 when the gRPC health service at ``sys.argv[1]`` answers SERVING.
+HEALTH = (
+    "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;"
+    "r=g.HealthStub(grpc.insecure_channel(sys.argv[1])).Check(h.HealthCheckRequest(),timeout=2);"
+    "sys.exit(0 if r.status==1 else 1)"
+)
+
+
+def poll(lab: NetLab, ns: str, script: str, address: str, done: Callable[[str], bool], timeout: float) -> str:
+    """Run ``script`` in ``ns`` until ``done(stdout)``; returns the last stdout."""
+    deadline, out = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        result = lab.run(ns, [sys.executable, "-c", script, address], timeout=30, cwd=ROOT)
+        out = result.stdout
+        if result.returncode == 0 and done(out):
+            return out
+        time.sleep(0.5)
+    raise TimeoutError(f"{ns}: condition not met after {timeout}s; last output: {out!r}")
