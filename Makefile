@@ -50,7 +50,7 @@ browser:
 # Everything: unit, integration (real daemons), root (namespaces, tc, cgroups) and slow tests; then the
 # torch-free edge's own tests in its own environment (test-edge).
 test: $(STAMP) browser
-	$(PYTEST) --ignore=tests/edge
+	$(PYTEST) --durations=25 --ignore=tests/edge
 	$(MAKE) test-edge
 
 # The edge's own tests (tests/edge) in .venv-edge, which has no torch: the edge daemon serves an edge
