@@ -136,18 +136,27 @@ class IdleWatchdog:
         self._watched: set[_Watched] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.ended = 0  # streams ended for idleness, for tests and logs
+        self._closed = threading.Event()
+        self.ended = 0  # streams ended for idleness, for tests and logs (written by the watchdog thread only)
 
     def watch(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         watched = _Watched(requests, context)
         with self._lock:
             self._watched.add(watched)
-            if self._thread is None:
+            if self._thread is None and not self._closed.is_set():
                 self._thread = threading.Thread(target=self._run, name="idle-streams", daemon=True)
                 self._thread.start()
         if not context.add_callback(lambda: self._forget(watched)):
             self._forget(watched)
         return watched
+
+    def close(self) -> None:
+        """Stop the watchdog thread (the daemon's stop calls it once its server has drained)."""
+        self._closed.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
     def _forget(self, watched: _Watched) -> None:
         with self._lock:
@@ -155,8 +164,7 @@ class IdleWatchdog:
 
     def _run(self) -> None:
         period = min(max(self.idle_s / 4, 0.05), 1.0)
-        while True:
-            time.sleep(period)
+        while not self._closed.wait(period):
             now = time.monotonic()
             with self._lock:
                 idle = [w for w in self._watched if w.waiting_since is not None and now - w.waiting_since > self.idle_s]

@@ -424,6 +424,7 @@ class Daemon:
         self._draining.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(grace).wait()
+        self.admission.watchdog.close()
         self._stopped.set()
 
     def wait(self) -> None:

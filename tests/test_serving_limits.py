@@ -96,3 +96,49 @@ def test_cloud_limits_are_validated_naming_the_field(limits: dict, message: str)
 def test_default_serving_limits_fit_the_default_workers() -> None:
     ServingLimits().check(32)
     assert CloudConfig().limits.batch_limit("any") == 8
+
+
+class _StreamContext:
+    """The two ServicerContext calls the watchdog makes: a done-callback and, when idle, cancel."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def add_callback(self, _callback) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def invocation_metadata(self):
+        return ()
+
+
+def test_idle_watchdog_ends_an_idle_stream_and_its_thread_stops_on_close() -> None:
+    from runtime.admission import IdleWatchdog
+
+    release = threading.Event()
+
+    def requests():
+        release.wait(5)
+        yield "late"
+
+    watchdog = IdleWatchdog(0.2)
+    context = _StreamContext()
+    stream = watchdog.watch(requests(), context)
+    reader = threading.Thread(target=lambda: next(stream, None))
+    reader.start()
+    assert context.cancelled.wait(5), "an idle stream was not ended"
+    assert watchdog.ended == 1
+    release.set()
+    reader.join(5)
+    thread = watchdog._thread
+    assert thread is not None and thread.is_alive()
+    watchdog.close()
+    assert not thread.is_alive()
+    # A closed watchdog starts no new thread.
+    watchdog.watch(iter(()), _StreamContext())
+    assert watchdog._thread is thread and not thread.is_alive()
