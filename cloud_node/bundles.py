@@ -1,6 +1,7 @@
 """The edge bundles this cloud hands out (``bundles.dir`` in cloud.yaml; ``GetBundle``).
 
-:class:`BundleStore` opens ``DIR/<model>`` for every served model that has one, at start:
+:class:`BundleStore` opens ``DIR/<model>`` for every served model that has one, at start (a
+directory that names no served model is logged as a warning, not handed out):
 :meth:`EdgeBundle.open` checks every file's size and sha256, and a bundle whose fingerprint is not
 the served model's is refused (the daemon does not start), so the cloud never hands out a bundle
 its own sessions would refuse. Immutable after construction: no lock needed.
@@ -29,6 +30,7 @@ class BundleStore:
         """``fingerprints``: served model name -> its fingerprint. ValueError naming a bad bundle."""
         self.root = Path(root) if root else None
         self.bundles: dict[str, EdgeBundle] = {}
+        self.unserved: list[str] = []  # directories under root that no served model names
         if self.root is None:
             return
         if not self.root.is_dir():
@@ -45,6 +47,13 @@ class BundleStore:
                 raise ValueError(f"bundles.dir: {path} holds {bundle.manifest.name!r}, not {name!r}")
             self.bundles[name] = bundle
             log.info("bundle %s (%s, %d bytes) from %s", name, fingerprint[:12], bundle.size_bytes, path)
+        self.unserved = sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name not in fingerprints)
+        if self.unserved:  # most likely a typo in a model name: say so rather than answer NotFound later
+            log.warning(
+                "bundles.dir: %s not handed out: no served model has that name (served: %s)",
+                ", ".join(self.unserved),
+                ", ".join(sorted(fingerprints)) or "none",
+            )
 
     def chunks(self, model: str, chunk_bytes: int) -> Iterator[si_pb2.BundleChunk]:
         """``model``'s bundle as ``GetBundle`` messages; FailedPrecondition when off, NotFound without one."""

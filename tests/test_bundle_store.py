@@ -24,6 +24,20 @@ def test_a_bundle_of_the_served_model_is_handed_out_manifest_first(tmp_path: Pat
         store.chunks("other", 16)
 
 
+def test_a_bundle_directory_that_names_no_served_model_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_bundle(tmp_path / "m")
+    write_bundle(tmp_path / "resnet_18")  # a typo of the served model's name
+    (tmp_path / "notes.txt").write_text("not a bundle")
+    with caplog.at_level("WARNING", logger="cloud_node.bundles"):
+        store = BundleStore(tmp_path, {"m": FP, "resnet18": "cd" * 32})
+    assert store.unserved == ["resnet_18"]
+    assert "bundles.dir: resnet_18 not handed out: no served model has that name (served: m, resnet18)" in caplog.text
+    with pytest.raises(NotFound, match=r"no bundle of 'resnet_18'"):
+        store.chunks("resnet_18", 16)
+
+
 def test_a_bundle_whose_fingerprint_is_not_the_served_models_is_refused_at_start(tmp_path: Path) -> None:
     write_bundle(tmp_path / "m")
     with pytest.raises(
