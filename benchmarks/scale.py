@@ -31,6 +31,11 @@ how many nodes of ``--cores-per-node`` cores that takes (one replica per core).
 
 Writes ``benchmarks/results/scale.json`` and ``scale.png``; ``python -m benchmarks.tables`` renders
 the tables in ``docs/ray.md``.
+
+``--quick`` (about 2 minutes) measures only the Ray path's added latency: the process cloud, a
+1-replica Ray cloud with Cleave's settings and one with Serve's defaults (``ray-1-serve-defaults``:
+``transport: actor``, access log on, replica methods on their own event loop) all up at once, one
+request at a time in turn (``--pairs`` each). It prints the medians and writes no file.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ from .batching import Features, edge_stream, prepare
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ("process", "ray-1", "ray-2")
+#: ``ray:`` keys that put a cloud back on Ray Serve's own defaults (what Cleave's settings are measured against).
+SERVE_DEFAULTS = {
+    "transport": "actor",
+    "access_log": True,
+    "env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"},
+}
 
 
 def busy_cores() -> tuple[float, float]:
@@ -112,6 +123,7 @@ def start_cloud(work: Path, name: str, entry: dict, args) -> DaemonProcess:
     if name.startswith("ray-"):
         replicas = int(name.split("-")[1])
         config["ray"] = {
+            **(SERVE_DEFAULTS if name.endswith("-serve-defaults") else {}),
             "address": "local",
             "replicas": replicas,
             "min_replicas": replicas,
@@ -121,7 +133,7 @@ def start_cloud(work: Path, name: str, entry: dict, args) -> DaemonProcess:
             "max_ongoing_requests": args.max_ongoing,
             "local_num_cpus": max(args.ray_cpus, replicas),
             "local_object_store_mb": 200,
-            "app_name": f"bench-{replicas}",
+            "app_name": f"bench-{name}",
         }
     path = work / f"cloud-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -296,6 +308,27 @@ async def measure_all(model: LoadedModel, entry: dict, features: Features, args,
     return {"records": records, "interleaved_p50_ms": hop}
 
 
+def quick(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> dict:
+    """The Ray path's added median latency, Cleave's settings and Serve's defaults side by side."""
+    names = ("process", "ray-1", "ray-1-serve-defaults")
+    clouds: dict[str, DaemonProcess] = {}
+    try:
+        for name in names:
+            clouds[name] = start_cloud(work, name, entry, args)
+        p50 = interleaved({n: c.address for n, c in clouds.items()}, model, args.cut, features, args.pairs)
+    finally:
+        for cloud in clouds.values():
+            cloud.stop(timeout=60)
+    return {
+        "what": "one request at a time, alternating between the clouds; median ms",
+        "pairs": args.pairs,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
+        "p50_ms": p50,
+        "added_p50_ms": {n: p50[n] - p50["process"] for n in names[1:]},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet18")
@@ -314,11 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), type=lambda s: s.split(","), help="a subset to run")
     p.add_argument("--work", help="keep the clouds' configs and logs here (default: a temporary folder)")
     p.add_argument("--out", default=str(RESULTS / "scale.json"))
+    p.add_argument("--quick", action="store_true", help="only the added latency (about 2 minutes; writes no file)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the reference tails run with the replicas' and the cloud's thread count
     entry = {"name": args.model, "source": args.model, "input_shape": [1, 3, args.size, args.size]}
     model = LoadedModel.load(ModelSpec.from_dict(entry))
     features = prepare(model, args.cut, EncodingSpec(encoding="affine", bits=8))
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="cleave-scale-") as tmp:
+            print(json.dumps(quick(model, entry, features, args, Path(args.work or tmp)), indent=2))
+        return 0
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         measured = asyncio.run(measure_all(model, entry, features, args, Path(args.work)))
