@@ -232,7 +232,10 @@ def interleaved(addresses: dict[str, str], model: LoadedModel, cut: str, feature
     """One request at a time, alternating between the clouds in ``addresses`` (name -> host:port).
 
     Both see the same machine load at the same moments, so the difference of their medians is the
-    Ray path's added latency, free of the drift between runs taken one after the other.
+    Ray path's added latency, free of the drift between runs taken one after the other. Returns the
+    medians of the round trip (``p50_ms``) and of each cloud's own timing of a request: ``queue_ms``
+    is, for a Ray cloud, its front door's call minus the replica's decode + tail + encode (the hop
+    to the replica and back), ``work_ms`` that decode + tail + encode.
     """
     import queue
 
@@ -254,6 +257,8 @@ def interleaved(addresses: dict[str, str], model: LoadedModel, cut: str, feature
         outbox: queue.Queue = queue.Queue()
         links[name] = (outbox, stub.Infer(iter(outbox.get, None), timeout=600), sid)
     latencies: dict[str, list[float]] = {name: [] for name in addresses}
+    queue: dict[str, list[float]] = {name: [] for name in addresses}
+    work: dict[str, list[float]] = {name: [] for name in addresses}
     try:
         for k in range(pairs + 10):  # the first 10 pairs warm up
             for name, (outbox, replies, sid) in links.items():
@@ -267,12 +272,17 @@ def interleaved(addresses: dict[str, str], model: LoadedModel, cut: str, feature
                     raise RuntimeError(f"{name}: request {k + 1}: {result.error.message or result.request_id}")
                 if k >= 10:
                     latencies[name].append((time.perf_counter() - started) * 1e3)
+                    queue[name].append(result.timing.queue_ms)
+                    work[name].append(result.timing.decode_ms + result.timing.compute_ms + result.timing.encode_ms)
     finally:
         for outbox, _, _ in links.values():
             outbox.put(None)
         for channel in channels:
             channel.close()
-    return {name: float(np.median(values)) for name, values in latencies.items()}
+    return {
+        part: {name: float(np.median(values)) for name, values in series.items()}
+        for part, series in (("p50_ms", latencies), ("queue_ms", queue), ("work_ms", work))
+    }
 
 
 async def measure_all(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> dict:
@@ -305,7 +315,7 @@ async def measure_all(model: LoadedModel, entry: dict, features: Features, args,
     finally:
         if keep is not None:
             keep.stop(timeout=60)
-    return {"records": records, "interleaved_p50_ms": hop}
+    return {"records": records, "interleaved": hop}
 
 
 def quick(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> dict:
@@ -315,7 +325,7 @@ def quick(model: LoadedModel, entry: dict, features: Features, args, work: Path)
     try:
         for name in names:
             clouds[name] = start_cloud(work, name, entry, args)
-        p50 = interleaved({n: c.address for n, c in clouds.items()}, model, args.cut, features, args.pairs)
+        medians = interleaved({n: c.address for n, c in clouds.items()}, model, args.cut, features, args.pairs)
     finally:
         for cloud in clouds.values():
             cloud.stop(timeout=60)
@@ -324,8 +334,8 @@ def quick(model: LoadedModel, entry: dict, features: Features, args, work: Path)
         "pairs": args.pairs,
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],
-        "p50_ms": p50,
-        "added_p50_ms": {n: p50[n] - p50["process"] for n in names[1:]},
+        **medians,
+        "added_p50_ms": {n: medians["p50_ms"][n] - medians["p50_ms"]["process"] for n in names[1:]},
     }
 
 
@@ -363,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="cleave-scale-") as tmp:
             measured = asyncio.run(measure_all(model, entry, features, args, Path(tmp)))
-    records, hop = measured["records"], measured["interleaved_p50_ms"]
+    records, hop = measured["records"], measured["interleaved"]
     errors = [e for r in records for e in r["errors"]]
     by = {(r["config"], r["streams"]): r for r in records}
     best = {name: max(r["throughput_rps"] for r in records if r["config"] == name) for name in args.configs}
@@ -384,8 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "summary": {
             "ray_added_p50_ms_1_stream": by[("ray-1", 1)]["p50_ms"] - by[("process", 1)]["p50_ms"],
-            "interleaved_p50_ms": hop,
-            "ray_added_p50_ms_interleaved": hop["ray-1"] - hop["process"],
+            "interleaved_p50_ms": hop["p50_ms"],
+            "interleaved_cloud_queue_ms": hop["queue_ms"],
+            "interleaved_cloud_work_ms": hop["work_ms"],
+            "ray_added_p50_ms_interleaved": hop["p50_ms"]["ray-1"] - hop["p50_ms"]["process"],
             "best_rps": best,
             "ray2_over_ray1": best["ray-2"] / best["ray-1"],
             "errors": len(errors),
