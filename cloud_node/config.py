@@ -298,7 +298,7 @@ class RaySettings(Settings):
     app_name: str = "cleave"  # prefix of each model's Serve application (several front doors share them)
     # How a request reaches a replica: ``grpc``, Serve's direct gRPC data plane (the transport
     # RAY_SERVE_THROUGHPUT_OPTIMIZED turns on), or ``actor``, Serve's default (a Ray actor call whose
-    # first reply only says "accepted"). grpc saves about 1.5 ms a request; see docs/ray.md.
+    # first reply only says "accepted"; always so through Ray Client, ray://). See docs/ray.md.
     transport: str = "grpc"
     access_log: bool = False  # Serve's per-request access log line in each replica (off: one write less per request)
     env: dict[str, str] = field(default_factory=dict)  # environment variables of every replica process

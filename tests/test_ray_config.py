@@ -89,6 +89,7 @@ def test_the_transport_picks_how_the_front_door_calls_the_deployment() -> None:
 
     handle = Handle()
     assert request_handle(handle, RaySettings(address="auto", transport="actor")) is handle  # Serve's default
+    assert request_handle(handle, RaySettings(address="ray://head:10001")) is handle  # Ray Client: actor calls
     assert request_handle(handle, RaySettings(address="auto")) == {
         "_by_reference": False,
         "request_serialization": "pickle",

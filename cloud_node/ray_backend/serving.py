@@ -174,9 +174,11 @@ def request_handle(handle: Any, settings: RaySettings) -> Any:
     carries the result in its body, instead of an actor call whose first streamed reply only says
     "accepted" (Serve's default, ``actor``). Its payloads are pickled with the standard library's
     pickler, not cloudpickle: what crosses is plain dataclasses of bytes and numbers
-    (:mod:`.messages`). A replica lost under a call still raises an actor error (retried).
+    (:mod:`.messages`). A replica lost under a call still raises an actor error (retried). Through
+    Ray Client (``ray://``) every call goes through the client server, and the replicas' own ports
+    are not reachable from outside the cluster: actor calls there, whatever ``transport`` says.
     """
-    if settings.transport == "actor":
+    if settings.transport == "actor" or settings.address.startswith("ray://"):
         return handle
     return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
 
