@@ -31,6 +31,11 @@ how many nodes of ``--cores-per-node`` cores that takes (one replica per core).
 
 Writes ``benchmarks/results/scale.json`` and ``scale.png``; ``python -m benchmarks.tables`` renders
 the tables in ``docs/ray.md``.
+
+``--quick`` (about 2 minutes) measures only the Ray path's added latency: the process cloud, a
+1-replica Ray cloud with Cleave's settings and one with Serve's defaults (``ray-1-serve-defaults``:
+``transport: actor``, access log on, replica methods on their own event loop) all up at once, one
+request at a time in turn (``--pairs`` each). It prints the medians and writes no file.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ from .batching import Features, edge_stream, prepare
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ("process", "ray-1", "ray-2")
+#: ``ray:`` keys that put a cloud back on Ray Serve's own defaults (what Cleave's settings are measured against).
+SERVE_DEFAULTS = {
+    "transport": "actor",
+    "access_log": True,
+    "env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"},
+}
 
 
 def busy_cores() -> tuple[float, float]:
@@ -112,6 +123,7 @@ def start_cloud(work: Path, name: str, entry: dict, args) -> DaemonProcess:
     if name.startswith("ray-"):
         replicas = int(name.split("-")[1])
         config["ray"] = {
+            **(SERVE_DEFAULTS if name.endswith("-serve-defaults") else {}),
             "address": "local",
             "replicas": replicas,
             "min_replicas": replicas,
@@ -121,7 +133,7 @@ def start_cloud(work: Path, name: str, entry: dict, args) -> DaemonProcess:
             "max_ongoing_requests": args.max_ongoing,
             "local_num_cpus": max(args.ray_cpus, replicas),
             "local_object_store_mb": 200,
-            "app_name": f"bench-{replicas}",
+            "app_name": f"bench-{name}",
         }
     path = work / f"cloud-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -220,7 +232,10 @@ def interleaved(addresses: dict[str, str], model: LoadedModel, cut: str, feature
     """One request at a time, alternating between the clouds in ``addresses`` (name -> host:port).
 
     Both see the same machine load at the same moments, so the difference of their medians is the
-    Ray path's added latency, free of the drift between runs taken one after the other.
+    Ray path's added latency, free of the drift between runs taken one after the other. Returns the
+    medians of the round trip (``p50_ms``) and of each cloud's own timing of a request: ``queue_ms``
+    is, for a Ray cloud, its front door's call minus the replica's decode + tail + encode (the hop
+    to the replica and back), ``work_ms`` that decode + tail + encode.
     """
     import queue
 
@@ -242,6 +257,8 @@ def interleaved(addresses: dict[str, str], model: LoadedModel, cut: str, feature
         outbox: queue.Queue = queue.Queue()
         links[name] = (outbox, stub.Infer(iter(outbox.get, None), timeout=600), sid)
     latencies: dict[str, list[float]] = {name: [] for name in addresses}
+    queue: dict[str, list[float]] = {name: [] for name in addresses}
+    work: dict[str, list[float]] = {name: [] for name in addresses}
     try:
         for k in range(pairs + 10):  # the first 10 pairs warm up
             for name, (outbox, replies, sid) in links.items():
@@ -255,12 +272,17 @@ def interleaved(addresses: dict[str, str], model: LoadedModel, cut: str, feature
                     raise RuntimeError(f"{name}: request {k + 1}: {result.error.message or result.request_id}")
                 if k >= 10:
                     latencies[name].append((time.perf_counter() - started) * 1e3)
+                    queue[name].append(result.timing.queue_ms)
+                    work[name].append(result.timing.decode_ms + result.timing.compute_ms + result.timing.encode_ms)
     finally:
         for outbox, _, _ in links.values():
             outbox.put(None)
         for channel in channels:
             channel.close()
-    return {name: float(np.median(values)) for name, values in latencies.items()}
+    return {
+        part: {name: float(np.median(values)) for name, values in series.items()}
+        for part, series in (("p50_ms", latencies), ("queue_ms", queue), ("work_ms", work))
+    }
 
 
 async def measure_all(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> dict:
@@ -293,7 +315,28 @@ async def measure_all(model: LoadedModel, entry: dict, features: Features, args,
     finally:
         if keep is not None:
             keep.stop(timeout=60)
-    return {"records": records, "interleaved_p50_ms": hop}
+    return {"records": records, "interleaved": hop}
+
+
+def quick(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> dict:
+    """The Ray path's added median latency, Cleave's settings and Serve's defaults side by side."""
+    names = ("process", "ray-1", "ray-1-serve-defaults")
+    clouds: dict[str, DaemonProcess] = {}
+    try:
+        for name in names:
+            clouds[name] = start_cloud(work, name, entry, args)
+        medians = interleaved({n: c.address for n, c in clouds.items()}, model, args.cut, features, args.pairs)
+    finally:
+        for cloud in clouds.values():
+            cloud.stop(timeout=60)
+    return {
+        "what": "one request at a time, alternating between the clouds; median ms",
+        "pairs": args.pairs,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
+        **medians,
+        "added_p50_ms": {n: medians["p50_ms"][n] - medians["p50_ms"]["process"] for n in names[1:]},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,18 +357,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), type=lambda s: s.split(","), help="a subset to run")
     p.add_argument("--work", help="keep the clouds' configs and logs here (default: a temporary folder)")
     p.add_argument("--out", default=str(RESULTS / "scale.json"))
+    p.add_argument("--quick", action="store_true", help="only the added latency (about 2 minutes; writes no file)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the reference tails run with the replicas' and the cloud's thread count
     entry = {"name": args.model, "source": args.model, "input_shape": [1, 3, args.size, args.size]}
     model = LoadedModel.load(ModelSpec.from_dict(entry))
     features = prepare(model, args.cut, EncodingSpec(encoding="affine", bits=8))
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="cleave-scale-") as tmp:
+            print(json.dumps(quick(model, entry, features, args, Path(args.work or tmp)), indent=2))
+        return 0
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         measured = asyncio.run(measure_all(model, entry, features, args, Path(args.work)))
     else:
         with tempfile.TemporaryDirectory(prefix="cleave-scale-") as tmp:
             measured = asyncio.run(measure_all(model, entry, features, args, Path(tmp)))
-    records, hop = measured["records"], measured["interleaved_p50_ms"]
+    records, hop = measured["records"], measured["interleaved"]
     errors = [e for r in records for e in r["errors"]]
     by = {(r["config"], r["streams"]): r for r in records}
     best = {name: max(r["throughput_rps"] for r in records if r["config"] == name) for name in args.configs}
@@ -346,8 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "summary": {
             "ray_added_p50_ms_1_stream": by[("ray-1", 1)]["p50_ms"] - by[("process", 1)]["p50_ms"],
-            "interleaved_p50_ms": hop,
-            "ray_added_p50_ms_interleaved": hop["ray-1"] - hop["process"],
+            "interleaved_p50_ms": hop["p50_ms"],
+            "interleaved_cloud_queue_ms": hop["queue_ms"],
+            "interleaved_cloud_work_ms": hop["work_ms"],
+            "ray_added_p50_ms_interleaved": hop["p50_ms"]["ray-1"] - hop["p50_ms"]["process"],
             "best_rps": best,
             "ray2_over_ray1": best["ray-2"] / best["ray-1"],
             "errors": len(errors),

@@ -247,6 +247,7 @@ class BundlesConfig(Settings):
 
 
 RAY_ADDRESS_FORMS = "'' (off), local, auto, or ray://HOST:PORT"
+RAY_TRANSPORTS = ("grpc", "actor")
 
 
 @dataclass
@@ -295,6 +296,11 @@ class RaySettings(Settings):
     max_attempts: int = 3  # tries per request when a replica dies under it
     graceful_shutdown_timeout_s: float = 20.0  # a replica scaled down finishes its in-flight requests first
     app_name: str = "cleave"  # prefix of each model's Serve application (several front doors share them)
+    # How a request reaches a replica: ``grpc``, Serve's direct gRPC data plane (the transport
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED turns on), or ``actor``, Serve's default (a Ray actor call whose
+    # first reply only says "accepted"; always so through Ray Client, ray://). See docs/ray.md.
+    transport: str = "grpc"
+    access_log: bool = False  # Serve's per-request access log line in each replica (off: one write less per request)
     env: dict[str, str] = field(default_factory=dict)  # environment variables of every replica process
     local_num_cpus: int = 0  # `local`: CPUs the Ray instance may use; 0: the machine's
     local_object_store_mb: int = 0  # `local`: its object store (MB); 0: Ray's default
@@ -320,6 +326,8 @@ class RaySettings(Settings):
             raise ValueError(f"replicas: {self.replicas} is not in [min_replicas, max_replicas]")
         if not self.app_name:
             raise ValueError("app_name: required")
+        if self.transport not in RAY_TRANSPORTS:
+            raise ValueError(f"transport: must be one of {', '.join(RAY_TRANSPORTS)}; got {self.transport!r}")
         if self.jobs.jobs_enabled and not address:
             raise ValueError("jobs.jobs_enabled: Ray jobs need ray.address (local, auto or ray://HOST:PORT)")
         if not isinstance(self.env, dict) or not all(

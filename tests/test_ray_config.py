@@ -14,7 +14,7 @@ import pytest
 from cleave_cli.main import main as cleave
 from cloud_node.config import CloudConfig, RaySettings
 from cloud_node.main import build_config, build_daemon, close_services, parse_args
-from cloud_node.ray_backend.serving import app_name, deployment_options
+from cloud_node.ray_backend.serving import app_name, deployment_options, request_handle
 from runtime.settings import SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,7 @@ def test_ray_is_off_by_default_and_the_flag_turns_it_on() -> None:
         ({"num_gpus": -1}, "ray.num_gpus: must be >= 0"),
         ({"replica": 2}, "ray.replica: unknown key"),
         ({"env": {"A": 1}}, "ray.env"),
+        ({"transport": "http"}, "ray.transport: must be one of grpc, actor; got 'http'"),
         ({"jobs": {"job_num_cpus": 0}}, "ray.jobs.job_num_cpus: must be > 0"),
     ],
 )
@@ -50,15 +51,21 @@ def test_a_bad_ray_section_fails_at_load_naming_the_key(ray: dict, message: str)
 def test_deployment_options_follow_the_section() -> None:
     fixed = deployment_options(RaySettings(address="auto", replicas=2, min_replicas=2, max_replicas=2), "m")
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
-    assert fixed["name"] == "m" and fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert fixed["name"] == "m" and fixed["ray_actor_options"] == {
+        "num_cpus": 1.0,
+        "num_gpus": 0.0,
+        "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+    }
+    assert fixed["logging_config"] == {"enable_access_log": False}
     scaled = deployment_options(
         RaySettings(
             address="auto",
             max_replicas=4,
             target_ongoing_requests=3,
             num_gpus=0.5,
-            env={"X": "1"},
+            env={"X": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"},
             look_back_period_s=8,
+            access_log=True,
         ),
         "m",
     )
@@ -67,8 +74,27 @@ def test_deployment_options_follow_the_section() -> None:
     assert (auto["min_replicas"], auto["initial_replicas"], auto["max_replicas"]) == (1, 1, 4)
     assert auto["target_ongoing_requests"] == 3 and auto["metrics_interval_s"] == 4
     assert scaled["ray_actor_options"]["num_gpus"] == 0.5
-    assert scaled["ray_actor_options"]["runtime_env"] == {"env_vars": {"X": "1"}}
+    # ray.env adds variables and overrides Cleave's replica settings
+    assert scaled["ray_actor_options"]["runtime_env"] == {
+        "env_vars": {"X": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
+    }
+    assert scaled["logging_config"] == {"enable_access_log": True}
     assert app_name(RaySettings(app_name="fleet"), "resnet18") == "fleet-resnet18"
+
+
+def test_the_transport_picks_how_the_front_door_calls_the_deployment() -> None:
+    class Handle:
+        def options(self, **kwargs: object) -> dict:
+            return kwargs
+
+    handle = Handle()
+    assert request_handle(handle, RaySettings(address="auto", transport="actor")) is handle  # Serve's default
+    assert request_handle(handle, RaySettings(address="ray://head:10001")) is handle  # Ray Client: actor calls
+    assert request_handle(handle, RaySettings(address="auto")) == {
+        "_by_reference": False,
+        "request_serialization": "pickle",
+        "response_serialization": "pickle",
+    }
 
 
 @pytest.mark.integration

@@ -126,6 +126,14 @@ def connect(settings: RaySettings) -> LocalRay | None:
     return local
 
 
+#: Serve settings of every replica process (``ray.env`` overrides them). Serve runs a replica's
+#: methods on an event loop of their own, in a thread beside the loop that receives requests; a
+#: tail replica's ``__call__`` only hands the request to a worker thread, so it runs on the receiving
+#: loop instead, one thread hand-off less each way (one of the settings RAY_SERVE_THROUGHPUT_OPTIMIZED
+#: makes). Measured in docs/ray.md.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
 def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
     """``Deployment.options`` for ``model``: replicas or autoscaling bounds, resources, drain time."""
     options: dict[str, Any] = {
@@ -133,12 +141,13 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
         "ray_actor_options": {
             "num_cpus": settings.num_cpus,
             "num_gpus": settings.num_gpus,
-            **({"runtime_env": {"env_vars": dict(settings.env)}} if settings.env else {}),
+            "runtime_env": {"env_vars": {**REPLICA_ENV, **settings.env}},
         },
         "max_ongoing_requests": settings.max_ongoing_requests,
         "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.5,
         "health_check_period_s": 2.0,
+        "logging_config": {"enable_access_log": settings.access_log},
     }
     if settings.max_replicas > settings.min_replicas:
         options["autoscaling_config"] = {
@@ -156,6 +165,22 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
     else:
         options["num_replicas"] = settings.replicas
     return options
+
+
+def request_handle(handle: Any, settings: RaySettings) -> Any:
+    """``handle`` as the front door calls it, per ``ray.transport``.
+
+    ``grpc``: Serve's direct gRPC data plane, one unary call that says "accepted" in its headers and
+    carries the result in its body, instead of an actor call whose first streamed reply only says
+    "accepted" (Serve's default, ``actor``). Its payloads are pickled with the standard library's
+    pickler, not cloudpickle: what crosses is plain dataclasses of bytes and numbers
+    (:mod:`.messages`). A replica lost under a call still raises an actor error (retried). Through
+    Ray Client (``ray://``) every call goes through the client server, and the replicas' own ports
+    are not reachable from outside the cluster: actor calls there, whatever ``transport`` says.
+    """
+    if settings.transport == "actor" or settings.address.startswith("ray://"):
+        return handle
+    return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
 
 
 @dataclass
@@ -225,7 +250,7 @@ class RayTails:
                 started = time.perf_counter()
                 handle = serve.run(app_graph, name=app, route_prefix=None)
                 log.info("ray: model %s deployed as %s in %.1fs", name, app, time.perf_counter() - started)
-            self._handles[name] = handle
+            self._handles[name] = request_handle(handle, settings)
         self._stop = threading.Event()
         self._poll_s = poll_s
         self.refresh()
