@@ -97,7 +97,9 @@ DRIVER_OPTIONS = (
     "cuts",
     "top",
     "repeats",
+    "passes",
     "warmup",
+    "settle_s",
     "confirm",
     "edge_threads",
     "candidate_budget_s",
@@ -145,12 +147,23 @@ def daemon_env(cache: Path) -> dict[str, str]:
 class Driver:
     """The ``drive`` subprocess in the edge namespace, and the parent's side of its line protocol."""
 
-    def __init__(self, lab: NetLab, argv: list[str], env: dict[str, str], deadline_s: float) -> None:
+    def __init__(
+        self,
+        lab: NetLab,
+        argv: list[str],
+        env: dict[str, str],
+        deadline_s: float,
+        edge_cgroup: Path | None = None,
+        cores: str = "",
+    ) -> None:
         self.lab = lab
         self.proc = lab.popen(
             lab.edge_ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
         )
+        set_affinity(self.proc.pid, cores)
         self.deadline = time.monotonic() + deadline_s
+        self.edge_cgroup = edge_cgroup
+        self.cpu_stats: list[dict[str, int]] = []  # the edge's cgroup at each re-shape (a cell's start) and at the end
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -176,15 +189,57 @@ class Driver:
                 continue
             self._answer(json.loads(line[len(MSG) :]))
 
+    def snapshot_cpu(self) -> None:
+        if self.edge_cgroup is not None:
+            self.cpu_stats.append(cgroup_cpu(self.edge_cgroup))
+
     def _answer(self, message: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
         if "shape" in message:
             self.lab.shape(float(message["shape"]))
+            self.snapshot_cpu()
             reply = "ok"
         else:
             reply = f"error: unknown request {message}"
         self.proc.stdin.write(reply + "\n")
         self.proc.stdin.flush()
+
+
+def set_affinity(pid: int, cores: str) -> None:
+    """Run every thread of ``pid`` (and what it starts later) on ``cores`` ("1", "0,1"; "": leave it)."""
+    if cores:
+        subprocess.run(["taskset", "-a", "-p", "-c", cores, str(pid)], check=True, capture_output=True)
+
+
+def cgroup_cpu(cg: Path) -> dict[str, int]:
+    """The quota, period and counters of a v1 cpu cgroup (``cpu.stat``; ``cpuacct.usage`` where co-mounted)."""
+    out = {
+        "quota_us": int((cg / "cpu.cfs_quota_us").read_text()),
+        "period_us": int((cg / "cpu.cfs_period_us").read_text()),
+    }
+    for line in (cg / "cpu.stat").read_text().splitlines():
+        key, value = line.split()
+        out[key] = int(value)
+    usage = cg / "cpuacct.usage"
+    if usage.exists():
+        out["usage_ns"] = int(usage.read_text())
+    return out
+
+
+def cpu_check(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, Any]:
+    """What the edge's CPU quota did over one cell: the quota in force, how often it throttled, the CPU used."""
+    periods = after.get("nr_periods", 0) - before.get("nr_periods", 0)
+    throttled = after.get("nr_throttled", 0) - before.get("nr_throttled", 0)
+    out: dict[str, Any] = {
+        "quota_cores": after["quota_us"] / after["period_us"] if after["quota_us"] > 0 else None,
+        "period_ms": after["period_us"] / 1e3,
+        "periods": periods,
+        "throttled_share": throttled / periods if periods else 0.0,
+        "throttled_s": (after.get("throttled_time", 0) - before.get("throttled_time", 0)) / 1e9,
+    }
+    if "usage_ns" in after and seconds > 0:
+        out["cpu_cores_used"] = (after["usage_ns"] - before["usage_ns"]) / 1e9 / seconds
+    return out
 
 
 def set_cfs_period(lab: NetLab, pid: int, cores: float, period_ms: float) -> float:
@@ -268,6 +323,7 @@ def calibrate_speeds(lab: NetLab, args: argparse.Namespace, entry: dict[str, Any
     proc = lab.popen(
         lab.edge_ns, argv, cpu_quota=1.0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
+    set_affinity(proc.pid, args.edge_cores)  # where the edge daemon will run
     child = LineChild(proc)
     try:
         (lab_cgroup(lab, proc.pid) / "cpu.cfs_quota_us").write_text("-1")  # no quota yet
@@ -438,7 +494,9 @@ def run_model(
     with open(workdir / f"edge-{tag}.log", "ab") as log:
         argv = [sys.executable, "-m", "edge_node.main", "--config", str(edge_yaml)]
         edge = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
+    set_affinity(edge.pid, args.edge_cores)
     set_cfs_period(lab, edge.pid, edge_cpu, args.cfs_period_ms)
+    edge_cgroup = lab_cgroup(lab, edge.pid)
     out = workdir / f"result-{tag}.json"
     argv = [*SELF, "drive", "--edge", f"127.0.0.1:{EDGE_PORT}", "--cloud", cloud]
     argv += ["--entry", json.dumps(entry), "--bandwidths", ",".join(f"{b:g}" for b in args.bandwidths)]
@@ -446,8 +504,11 @@ def run_model(
     for name in DRIVER_OPTIONS:
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     started = time.monotonic()
+    driver = None
     try:
-        code = Driver(lab, argv, env, args.model_timeout_s).serve()
+        driver = Driver(lab, argv, env, args.model_timeout_s, edge_cgroup, args.edge_cores)
+        code = driver.serve()
+        driver.snapshot_cpu()
     finally:
         edge.terminate()
         try:
@@ -455,6 +516,11 @@ def run_model(
         except subprocess.TimeoutExpired:
             edge.kill()
     result = json.loads(out.read_text()) if out.exists() else {"model": model, "bandwidths": []}
+    # The quota each cell really ran under, and how hard it throttled (a check that the edge was the device asked).
+    stats = driver.cpu_stats if driver is not None else []
+    for i, cell in enumerate(result["bandwidths"]):
+        if i + 1 < len(stats):
+            cell["edge_cpu"] = cpu_check(stats[i], stats[i + 1], cell.get("seconds", 0.0))
     result["seconds"] = time.monotonic() - started
     result["edge_cpu_quota"] = edge_cpu
     if speed:
@@ -499,8 +565,11 @@ def run(args: argparse.Namespace) -> int:
         argv = [sys.executable, "-m", "cloud_node.main", "--config", str(cloud_yaml)]
         argv += ["--threads", str(args.cloud_threads)] if args.cloud_threads else []
         env = daemon_env(workdir / "cache" / "cloud")
-        lab.popen(lab.cloud_ns, argv, stdout=cloud_log, stderr=cloud_log, cwd=ROOT, env=env)
+        cloud_proc = lab.popen(lab.cloud_ns, argv, stdout=cloud_log, stderr=cloud_log, cwd=ROOT, env=env)
+        set_affinity(cloud_proc.pid, args.cloud_cores)
         relay = lab.relay(lab.cloud_ns, f"{lab.cloud_ip}:0", f"127.0.0.1:{CLOUD_PORT}", args.delay_ms)
+        if relay.proc is not None:
+            set_affinity(relay.proc.pid, args.cloud_cores)
         cloud_ms = {}
         for model in args.models:  # the cloud profiles itself now, alone, not while an edge daemon starts up
             argv = [*SELF, "cloudprofile", "--cloud", relay.address]
@@ -583,6 +652,8 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "edge_threads": args.edge_threads,
         "cfs_period_ms": args.cfs_period_ms,
         "cloud_threads": args.cloud_threads or "default",
+        "cores": {"cloud": args.cloud_cores or "any", "edge": args.edge_cores or "any"},
+        "passes": args.passes,
         "cuts": args.cuts,
         "cuts_mode": cuts_mode(args.cuts, args.top),
         "warmup": args.warmup,
@@ -945,6 +1016,9 @@ class Session:
         self.planner: Any = None
         self.info: dict[str, Any] = {}
         self._n = 0
+        from edge_node.link import LinkMonitor
+
+        self.monitor = LinkMonitor(window=9)  # the link as the edge sees it: its probe, and the requests' overhead
 
     # -- start-up --------------------------------------------------------------------------------------------
     def build_planner(self) -> None:
@@ -994,29 +1068,77 @@ class Session:
         reply = self.client.infer(x, timeout=self.args.request_timeout_s)
         return (time.perf_counter() - t0) * 1e3, reply
 
-    def measure(self, repeats: int) -> Measurement:
-        """Warm-up, then up to ``repeats`` requests (fewer when the candidate budget runs out; at least one)."""
+    def measure(self, repeats: int, into: Measurement | None = None) -> Measurement:
+        """Warm-up, then up to ``repeats`` requests (fewer when the candidate budget runs out; at least one).
+
+        Every answered request also teaches the benchmark's planner (:meth:`learn`), as it teaches the edge's."""
         from protos.cleave.v1 import edge_pb2
 
         started = time.monotonic()
         for _ in range(self.args.warmup):
-            self.request()
+            self.learn(self.request()[1])
             if time.monotonic() - started > self.args.candidate_budget_s / 2:
                 break
-        m, started = Measurement(), time.monotonic()
+        m, started = into or Measurement(), time.monotonic()
         for _ in range(repeats):
             ms, reply = self.request()
             m.add(ms, reply, edge_pb2.Placement.Name(reply.placement), plan_label(reply.plan))
+            self.learn(reply)
             if time.monotonic() - started > self.args.candidate_budget_s:
                 break
         return m
 
-    def measure_pinned(self, candidate: Any, repeats: int) -> Measurement:
+    def pin(self, candidate: Any) -> None:
         if candidate.kind == "edge":
             self.client.pin("edge", "fp32")
         else:
             self.client.pin(candidate.cut_index if candidate.kind == "split" else "cloud", candidate.encoding)
-        return self.measure(repeats)
+
+    def measure_pinned(self, candidates: dict[str, Any], repeats: int) -> dict[str, Measurement]:
+        """Each of ``candidates`` (label -> Candidate) pinned and measured, side by side: ``--passes`` round-robin
+        passes over all of them, each pass pinning a candidate, ``--warmup`` requests, then its share of ``repeats``.
+
+        Interleaved, a host whose speed drifts (other work, the edge's CPU quota, a probe) moves every candidate
+        alike instead of whichever happened to be measured then. A candidate whose requests have taken
+        ``--candidate-budget-s`` in all is not measured again (it keeps at least one request)."""
+        passes = max(1, min(self.args.passes, repeats))
+        shares = [repeats // passes + (1 if i < repeats % passes else 0) for i in range(passes)]
+        out = {label: Measurement() for label in candidates}
+        spent = dict.fromkeys(candidates, 0.0)
+        for share in shares:
+            for label, candidate in candidates.items():
+                if out[label].e2e and spent[label] > self.args.candidate_budget_s:
+                    continue
+                started = time.monotonic()
+                self.pin(candidate)
+                self.measure(share, into=out[label])
+                spent[label] += time.monotonic() - started
+        return out
+
+    def learn(self, reply: Any) -> None:
+        """What one answered request measured, into the benchmark's planner and link estimate, as the edge daemon
+        feeds its own (edge and cloud compute against their profiles; the per-request overhead on the wire)."""
+        from protos.cleave.v1 import edge_pb2
+
+        t = reply.timing
+        if reply.placement == edge_pb2.EDGE_ONLY:
+            self.planner.observe_edge(-1, t.edge_compute_ms)
+            return
+        if reply.placement not in (edge_pb2.SPLIT, edge_pb2.CLOUD_ONLY):
+            return  # a local fallback says nothing about the cloud
+        cut = 0 if reply.placement == edge_pb2.CLOUD_ONLY else reply.plan.cut_index
+        if cut:
+            self.planner.observe_edge(cut, t.edge_compute_ms)
+        self.planner.observe_cloud(cut, t.cloud_compute_ms)
+        self.monitor.record_transfer(reply.bytes_up, reply.bytes_down, t.transfer_ms)
+
+    def corrections(self) -> dict[str, float]:
+        """What the requests so far taught the benchmark's planner (recorded with each cell)."""
+        return {
+            "edge_scale": self.planner.edge_scale,
+            "cloud_scale": self.planner.cloud_scale,
+            "overhead_ms": self.monitor.snapshot().overhead_ms,
+        }
 
     # -- one bandwidth ---------------------------------------------------------------------------------------
     def shape(self, mbit: float) -> None:
@@ -1035,21 +1157,26 @@ class Session:
         # A Replan without a plan: the edge probes the link and plans now, from its own profiles.
         plan = self.client.stub.Replan(edge_pb2.ReplanRequest(), timeout=self.args.ready_timeout_s)
         status = self.client.status()
-        link = Link(status.link.up_mbps, status.link.down_mbps, status.link.rtt_ms)
+        self.monitor.record_probe(status.link.rtt_ms, status.link.up_mbps, status.link.down_mbps)
+        time.sleep(self.args.settle_s)  # what the re-plan started (its probe's last bytes, a new session) settles
         chosen_label = plan_label(plan)
         log(
-            f"{mbit:g} Mbit/s: edge probed {link.up_mbps:.2f}/{link.down_mbps:.2f} Mbit/s, RTT {link.rtt_ms:.1f} ms;"
+            f"{mbit:g} Mbit/s: edge probed {status.link.up_mbps:.2f}/{status.link.down_mbps:.2f} Mbit/s, RTT "
+            f"{status.link.rtt_ms:.1f} ms;"
             f" planned {chosen_label} (predicted {plan.predicted.total_ms:.1f} ms)"
         )
         cleave = self.measure(self.args.repeats)  # still under automatic planning (re-plans would show in .plans)
+        # Predictions with what the requests so far taught (this cell's Cleave requests, earlier cells): the
+        # overhead per request comes from the requests' wire times against the edge's probe.
+        link = Link(status.link.up_mbps, status.link.down_mbps, status.link.rtt_ms, self.monitor.snapshot().overhead_ms)
+        learned = self.corrections()
         mine = self.planner.best(link)
         picks = select(self.planner, link, self.args.cuts, self.args.top, chosen_label)
-        log(f"{mbit:g} Mbit/s: measuring {len(picks)} candidates ({self.args.cuts})")
-        measured: dict[str, Measurement] = {}
-        for label, pick in picks.items():
-            measured[label] = self.measure_pinned(pick.scored.candidate, self.args.repeats)
+        log(f"{mbit:g} Mbit/s: measuring {len(picks)} candidates ({self.args.cuts}), interleaved")
+        measured = self.measure_pinned({k: p.scored.candidate for k, p in picks.items()}, self.args.repeats)
         confirm = self.confirm(picks, measured, chosen_label)
         cell = self.cell(mbit, link, plan, cleave, picks, measured, confirm)
+        cell["corrections"] = learned
         cell["benchmark_planner_choice"] = mine.candidate.label
         cell["benchmark_planner_agrees"] = mine.candidate.label == chosen_label
         cell["seconds"] = time.monotonic() - started
@@ -1065,7 +1192,7 @@ class Session:
         ranked = sorted(measured, key=lambda k: statistics.median(measured[k].e2e))
         feasible = [k for k in ranked if picks[k].within_budget]
         labels = list(dict.fromkeys([*ranked[: self.args.confirm], *feasible[: self.args.confirm], chosen]))
-        return {k: self.measure_pinned(picks[k].scored.candidate, self.args.repeats) for k in labels if k in picks}
+        return self.measure_pinned({k: picks[k].scored.candidate for k in labels if k in picks}, self.args.repeats)
 
     def cell(
         self,
@@ -1367,8 +1494,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bandwidths", default=",".join(f"{b:g}" for b in BANDWIDTHS), help="Mbit/s, comma-separated")
     p.add_argument("--cuts", default="6", help='"all", or N: N evenly spaced cuts + --top + baselines (default 6)')
     p.add_argument("--top", type=int, default=3, help="with --cuts N: also the planner's top placements")
-    p.add_argument("--repeats", type=int, default=3, help="measured requests per candidate (median)")
-    p.add_argument("--warmup", type=int, default=1, help="requests per candidate before measuring")
+    p.add_argument("--repeats", type=int, default=4, help="measured requests per candidate (median)")
+    p.add_argument(
+        "--passes", type=int, default=2, help="round-robin passes over a cell's candidates; repeats split among them"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="requests per candidate and pass before measuring")
+    p.add_argument("--settle-s", type=float, default=1.0, help="pause after each re-plan before measuring")
     p.add_argument("--confirm", type=int, default=3, help="fastest candidates re-measured with the chosen plan")
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay added by the relay (RTT += 2x)")
     p.add_argument(
@@ -1388,6 +1519,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edge-cpu", type=float, default=0.5, help="with --speeds none: edge daemon CPU quota, cores")
     p.add_argument("--cfs-period-ms", type=float, default=10.0, help="CFS period of the edge's CPU quota")
     p.add_argument("--edge-threads", type=int, default=1, help="edge daemon torch threads")
+    p.add_argument(
+        "--cloud-cores", default="", help='cores for the cloud daemon and the relay (taskset list, "0"; default: any)'
+    )
+    p.add_argument(
+        "--edge-cores", default="", help='cores for the edge daemon, its calibration and the driver ("1"; default: any)'
+    )
     p.add_argument(
         "--cloud-threads", type=int, default=1, help="cloud daemon torch threads (default 1: one core; 0: torch's)"
     )
