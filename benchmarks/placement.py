@@ -132,6 +132,11 @@ def prepare_model(workdir: Path, model: str, size: int) -> dict[str, Any]:
     return {"name": model, "source": model, "weights": str(weights), "input_shape": list(shape)}
 
 
+def bottleneck_entry(entry: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """The model ``entry`` with the learned bottleneck in ``directory`` inserted (both daemons serve it so)."""
+    return {**entry, "name": f"{entry['name']}_bneck", "bottleneck": str(Path(directory).resolve())}
+
+
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     import yaml
 
@@ -460,6 +465,60 @@ def cloud_profile_child(args: argparse.Namespace) -> int:
                 time.sleep(1.0)
 
 
+def start_bottleneck_edge(
+    lab: NetLab,
+    args: argparse.Namespace,
+    workdir: Path,
+    entry: dict[str, Any],
+    cloud: str,
+    edge_cpu: float,
+    tag: str,
+) -> subprocess.Popen[bytes]:
+    """A second edge daemon in the edge namespace, under the same CPU quota (its own cgroup) and cores, serving
+    the model with the learned bottleneck (``--bottleneck``), its plan fixed at the latent. Started and ready
+    before the edge under test starts profiling itself, so the two never compete for the CPU meanwhile."""
+    config = {
+        "model": bottleneck_entry(entry, args.bottleneck),
+        "listen": f"127.0.0.1:{EDGE_PORT + 1}",
+        "cloud": cloud,
+        "plan": {"cut": "bottleneck_latent", "encoding": "entropy"},
+        "request_timeout_s": args.request_timeout_s,
+        "torch_threads": args.edge_threads,
+    }
+    path = write_yaml(workdir / f"edge-{tag}-bneck.yaml", config)
+    with open(workdir / f"edge-{tag}-bneck.log", "ab") as log:
+        argv = [sys.executable, "-m", "edge_node.main", "--config", str(path)]
+        env = daemon_env(workdir / "cache" / f"edge-{tag}-bneck")
+        proc = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
+    set_affinity(proc.pid, args.edge_cores)
+    set_cfs_period(lab, proc.pid, edge_cpu, args.cfs_period_ms)
+    argv = [*SELF, "waitready", "--edge", f"127.0.0.1:{EDGE_PORT + 1}", "--ready-timeout-s", str(args.ready_timeout_s)]
+    lab.run(lab.edge_ns, argv, timeout=args.ready_timeout_s + 30, cwd=ROOT, env=daemon_env(workdir)).check_returncode()
+    print(f"[placement] bottleneck edge ready ({config['model']['bottleneck']})", flush=True)
+    return proc
+
+
+def wait_ready_child(args: argparse.Namespace) -> int:
+    """The ``waitready`` subcommand: wait until the edge daemon at ``--edge`` has a plan in force (no torch)."""
+    import grpc
+
+    from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
+
+    deadline = time.monotonic() + args.ready_timeout_s
+    with grpc.insecure_channel(args.edge) as channel:
+        while True:
+            try:
+                status = edge_pb2_grpc.EdgeStub(channel).GetStatus(edge_pb2.GetStatusRequest(), timeout=10)
+                if status.cloud_reachable:
+                    return 0
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                log(f"edge {args.edge} not ready in {args.ready_timeout_s:.0f} s")
+                return 1
+            time.sleep(1.0)
+
+
 def run_model(
     lab: NetLab,
     args: argparse.Namespace,
@@ -491,6 +550,7 @@ def run_model(
     }
     edge_yaml = write_yaml(workdir / f"edge-{tag}.yaml", config)
     lab.shape(args.bandwidths[0])  # the edge's first plan is made at the first bandwidth
+    bneck = start_bottleneck_edge(lab, args, workdir, entry, cloud, edge_cpu, tag) if args.bottleneck else None
     with open(workdir / f"edge-{tag}.log", "ab") as log:
         argv = [sys.executable, "-m", "edge_node.main", "--config", str(edge_yaml)]
         edge = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
@@ -503,6 +563,9 @@ def run_model(
     argv += ["--out", str(out)]
     for name in DRIVER_OPTIONS:
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if bneck is not None:
+        argv += ["--bottleneck-edge", f"127.0.0.1:{EDGE_PORT + 1}"]
+        argv += ["--bottleneck-entry", json.dumps(bottleneck_entry(entry, args.bottleneck))]
     started = time.monotonic()
     driver = None
     try:
@@ -510,11 +573,12 @@ def run_model(
         code = driver.serve()
         driver.snapshot_cpu()
     finally:
-        edge.terminate()
-        try:
-            edge.wait(30)
-        except subprocess.TimeoutExpired:
-            edge.kill()
+        for proc in (edge, bneck) if bneck is not None else (edge,):
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     result = json.loads(out.read_text()) if out.exists() else {"model": model, "bandwidths": []}
     # The quota each cell really ran under, and how hard it throttled (a check that the edge was the device asked).
     stats = driver.cpu_stats if driver is not None else []
@@ -550,9 +614,10 @@ def run(args: argparse.Namespace) -> int:
     )
     entries = {m: prepare_model(workdir, m, args.size) for m in args.models}
     caches = {m: prewarm(args, workdir, entries[m]) for m in args.models} if args.prewarm else {}
-    cloud_yaml = write_yaml(
-        workdir / "cloud.yaml", {"models": list(entries.values()), "listen": f"127.0.0.1:{CLOUD_PORT}"}
-    )
+    served = list(entries.values())
+    if args.bottleneck:  # the cloud serves the bottlenecked variant too, for the second edge daemon
+        served += [bottleneck_entry(e, args.bottleneck) for e in entries.values()]
+    cloud_yaml = write_yaml(workdir / "cloud.yaml", {"models": served, "listen": f"127.0.0.1:{CLOUD_PORT}"})
     report = {"config": run_config(args), "models": []}
     if args.append:
         try:
@@ -1008,6 +1073,9 @@ class Session:
         self.args = args
         self.spec = ModelSpec.from_dict(json.loads(args.entry))
         self.client = EdgeClient(args.edge)
+        # A second edge daemon serving the model with the learned bottleneck, its plan fixed at the latent.
+        self.bclient = EdgeClient(args.bottleneck_edge) if getattr(args, "bottleneck_edge", "") else None
+        self.bottleneck: Any = None  # (Candidate, Distortion) once build_planner has measured it
         if self.spec.pretrained:
             # Real photos, other crops than the 8 calibration inputs the planner measures on.
             self.inputs = builtin_photos(self.spec.input_shape, 12)[8:]
@@ -1046,6 +1114,8 @@ class Session:
         budgets = Budgets(max_rel_error=s.max_rel_error, min_top1=s.min_top1)
         meter = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
         self.planner = Planner(cost, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
+        if self.bclient is not None:
+            self.bottleneck = load_bottleneck(model, self.args, edge.total_ms / cloud.total_ms, calib)
         self.info = {
             "cuts": len(model.graph.cuts),
             "candidates": len(self.planner.candidates),
@@ -1061,29 +1131,32 @@ class Session:
         )
 
     # -- requests --------------------------------------------------------------------------------------------
-    def request(self) -> tuple[float, Any]:
+    def request(self, client: Any = None) -> tuple[float, Any]:
         x = self.inputs[self._n % len(self.inputs)].unsqueeze(0)
         self._n += 1
         t0 = time.perf_counter()
-        reply = self.client.infer(x, timeout=self.args.request_timeout_s)
+        reply = (client or self.client).infer(x, timeout=self.args.request_timeout_s)
         return (time.perf_counter() - t0) * 1e3, reply
 
-    def measure(self, repeats: int, into: Measurement | None = None) -> Measurement:
+    def measure(self, repeats: int, into: Measurement | None = None, client: Any = None) -> Measurement:
         """Warm-up, then up to ``repeats`` requests (fewer when the candidate budget runs out; at least one).
 
-        Every answered request also teaches the benchmark's planner (:meth:`learn`), as it teaches the edge's."""
+        Every answered request of the edge daemon under test also teaches the benchmark's planner (:meth:`learn`),
+        as it teaches the edge's. ``client``: another edge daemon (the bottleneck's), whose answers teach nothing."""
         from protos.cleave.v1 import edge_pb2
 
+        learn = self.learn if client is None else (lambda _reply: None)
         started = time.monotonic()
         for _ in range(self.args.warmup):
-            self.learn(self.request()[1])
+            learn(self.request(client)[1])
             if time.monotonic() - started > self.args.candidate_budget_s / 2:
                 break
         m, started = into or Measurement(), time.monotonic()
         for _ in range(repeats):
-            ms, reply = self.request()
-            m.add(ms, reply, edge_pb2.Placement.Name(reply.placement), plan_label(reply.plan))
-            self.learn(reply)
+            ms, reply = self.request(client)
+            label = plan_label(reply.plan)
+            m.add(ms, reply, edge_pb2.Placement.Name(reply.placement), label)
+            learn(reply)
             if time.monotonic() - started > self.args.candidate_budget_s:
                 break
         return m
@@ -1110,8 +1183,11 @@ class Session:
                 if out[label].e2e and spent[label] > self.args.candidate_budget_s:
                     continue
                 started = time.monotonic()
-                self.pin(candidate)
-                self.measure(share, into=out[label])
+                if is_bottleneck(candidate):  # its own daemon, its plan fixed at the latent: nothing to pin
+                    self.measure(share, into=out[label], client=self.bclient)
+                else:
+                    self.pin(candidate)
+                    self.measure(share, into=out[label])
                 spent[label] += time.monotonic() - started
         return out
 
@@ -1172,11 +1248,14 @@ class Session:
         learned = self.corrections()
         mine = self.planner.best(link)
         picks = select(self.planner, link, self.args.cuts, self.args.top, chosen_label)
+        offered = self.offer_bottleneck(link, picks, mine)
         log(f"{mbit:g} Mbit/s: measuring {len(picks)} candidates ({self.args.cuts}), interleaved")
         measured = self.measure_pinned({k: p.scored.candidate for k, p in picks.items()}, self.args.repeats)
         confirm = self.confirm(picks, measured, chosen_label)
         cell = self.cell(mbit, link, plan, cleave, picks, measured, confirm)
         cell["corrections"] = learned
+        if offered is not None:
+            cell["bottleneck"] = self.bottleneck_record(offered, measured, confirm)
         cell["benchmark_planner_choice"] = mine.candidate.label
         cell["benchmark_planner_agrees"] = mine.candidate.label == chosen_label
         cell["seconds"] = time.monotonic() - started
@@ -1186,6 +1265,42 @@ class Session:
             f"{cell['chosen_error']:+.1%} ({cell['seconds']:.0f} s)"
         )
         return cell
+
+    def offer_bottleneck(self, link: Any, picks: dict[str, Pick], best: Any) -> dict[str, Any] | None:
+        """Offer the learned bottleneck's candidate to the benchmark's planner beside its best plan: scored with the
+        same corrections, judged by the same accuracy budget (top-1 agreement with the plain model). Adds it to
+        ``picks`` (measured like the others). Returns what the planner then plans, or None without a bottleneck."""
+        if self.bottleneck is None:
+            return None
+        candidate, distortion = self.bottleneck
+        b = self.planner.budgets
+        rejected = ""
+        if b.min_top1 is not None and distortion.top1 < b.min_top1:
+            rejected = f"top-1 {distortion.top1:.2f} < {b.min_top1}"
+        elif b.max_rel_error is not None and distortion.rel_error > b.max_rel_error:
+            rejected = f"rel error {distortion.rel_error:.3g} > {b.max_rel_error}"
+        from partitioner.planner import Scored
+
+        scored = self.planner.score(candidate, link)
+        scored = Scored(candidate, scored.predicted, scored.cost_ms, distortion, rejected)
+        picks[candidate.label] = Pick(scored, ["bottleneck"], within_budget=not rejected)
+        plan = scored if not rejected and scored.cost_ms < best.cost_ms else best
+        return {"label": candidate.label, "plan": plan.candidate.label, "plan_predicted_ms": plan.predicted.total_ms}
+
+    def bottleneck_record(
+        self, offered: dict[str, Any], measured: dict[str, Measurement], confirm: dict[str, Measurement]
+    ) -> dict[str, Any]:
+        label = offered["label"]
+        m = confirm.get(label) or measured.get(label)
+        plan = confirm.get(offered["plan"]) or measured.get(offered["plan"])
+        return {
+            **offered,
+            "becomes_plan": offered["plan"] == label,
+            "top1": self.bottleneck[1].top1,
+            "bytes_up_predicted": self.bottleneck[0].bytes_up,
+            "measured_ms": m.summary()["e2e_ms"] if m and m.e2e else None,
+            "plan_measured_ms": plan.summary()["e2e_ms"] if plan and plan.e2e else None,
+        }
 
     def confirm(self, picks: dict[str, Pick], measured: dict[str, Measurement], chosen: str) -> dict[str, Measurement]:
         """Re-measure the first pass's fastest few and the chosen plan: the best of many noisy medians is biased low."""
@@ -1410,6 +1525,61 @@ def select(planner: Any, link: Any, cuts: str, top: int, chosen_label: str) -> d
     return dict(sorted(picks.items(), key=lambda kv: (placement_key(kv[1].scored.candidate), kv[0])))
 
 
+def is_bottleneck(candidate: Any) -> bool:
+    """Whether ``candidate`` is a learned bottleneck's latent (served by its own edge daemon in this benchmark)."""
+    return getattr(candidate, "encoding", "") == "entropy"
+
+
+def bottleneck_candidate(model: Any, bmodel: Any, cloud: Any, edge_slowdown: float, calib: Any) -> tuple[Any, Any]:
+    """The learned bottleneck's candidate for the plain ``model``'s planner, and its distortion against that model.
+
+    ``bmodel``: the model with the bottleneck inserted; ``cloud``: the cloud's profile of it. E and C come from that
+    profile, the head's part scaled by ``edge_slowdown`` (the edge's whole-model time over the cloud's, from their
+    profiles of the plain model); bytes from range-coding the latent of the calibration photos. Distortion: top-1
+    agreement and relative output error of ``bmodel`` against ``model`` on those photos, which is what the accuracy
+    budget means for every other candidate.
+    """
+    import torch
+
+    from edge_node.config import AutoPlanSettings
+    from partitioner.costmodel import ENTROPY, CostModel
+    from partitioner.planner import Distortion
+    from partitioner.profile import scaled
+
+    edge = scaled(cloud, edge_slowdown, host="edge (the cloud's profile scaled)")
+    samples = calib[: AutoPlanSettings().byte_samples]
+    cost = CostModel.measure(bmodel, edge, cloud, samples, feature_encodings=(), input_encodings=())
+    candidate = next(c for c in cost.candidates((), (), include_uncompressed=False) if c.encoding == ENTROPY)
+    with torch.inference_mode():
+        ref, out = model.module(calib), bmodel.module(calib)
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    top1 = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    return candidate, Distortion(rel, top1)
+
+
+def load_bottleneck(model: Any, args: argparse.Namespace, edge_slowdown: float, calib: Any) -> tuple[Any, Any]:
+    """:func:`bottleneck_candidate` for ``--bottleneck-entry``, the cloud profiling the bottlenecked model (asked over
+    ``Profile``, as the edge asks for the plain one)."""
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec
+    from partitioner.profile import from_proto
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+    from runtime.serving import open_channel
+
+    spec = ModelSpec.from_dict(json.loads(args.bottleneck_entry))
+    bmodel = LoadedModel.load(spec)
+    reply = si_grpc.SplitInferenceStub(open_channel(args.cloud)).Profile(
+        si_pb2.ProfileRequest(model=bmodel.name, input_shape=list(spec.input_shape)), timeout=600
+    )
+    candidate, distortion = bottleneck_candidate(model, bmodel, from_proto(reply), edge_slowdown, calib)
+    log(
+        f"bottleneck {candidate.label}: {candidate.bytes_up} B, top-1 agreement {distortion.top1:.2f} with the plain"
+        " model"
+    )
+    return candidate, distortion
+
+
 def edge_profile(model: Any) -> Any:
     """The profile the edge daemon measured of itself, read from its cache directory (this driver's CLEAVE_CACHE).
 
@@ -1484,7 +1654,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cmd",
         nargs="?",
         default="run",
-        choices=["run", "drive", "report", "calibrate", "prewarm", "cloudprofile"],
+        choices=["run", "drive", "report", "calibrate", "prewarm", "cloudprofile", "waitready"],
         help="run (default); report: table and plots again from the JSON; drive: internal (the driver)",
     )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
@@ -1529,6 +1699,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cloud-threads", type=int, default=1, help="cloud daemon torch threads (default 1: one core; 0: torch's)"
     )
     p.add_argument("--size", type=int, default=224, help="input height and width")
+    p.add_argument(
+        "--bottleneck",
+        type=Path,
+        help="artifacts of a bottleneck compression job (docs/bottleneck.md): its latent is a candidate, served by a "
+        "second edge daemon under the same quota and offered to the planner",
+    )
     p.add_argument("--candidate-budget-s", type=float, default=8.0, help="stop a candidate's repeats after this")
     p.add_argument("--request-timeout-s", type=float, default=120.0, help="per request (and the edge's deadline)")
     p.add_argument("--ready-timeout-s", type=float, default=900.0, help="for the edge daemon's first plan")
@@ -1539,6 +1715,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edge", help=argparse.SUPPRESS)
     p.add_argument("--cloud", help=argparse.SUPPRESS)
     p.add_argument("--entry", help=argparse.SUPPRESS)
+    p.add_argument("--bottleneck-edge", default="", help=argparse.SUPPRESS)
+    p.add_argument("--bottleneck-entry", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.bandwidths = [float(b) for b in args.bandwidths.split(",") if b]
@@ -1562,6 +1740,8 @@ def main(argv: list[str] | None = None) -> int:
         return prewarm_child(args)
     if args.cmd == "cloudprofile":
         return cloud_profile_child(args)
+    if args.cmd == "waitready":
+        return wait_ready_child(args)
     if args.cmd == "report":
         report = json.loads(args.out.with_suffix(".json").read_text())
         write_results(report, args.out)

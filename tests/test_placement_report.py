@@ -125,3 +125,103 @@ def test_the_edges_cpu_quota_is_checked_per_cell(placement, tmp_path: Path) -> N
         "nr_throttled": 3,
         "throttled_time": 99,
     }
+
+
+def _offer(placement, distortion, mbit: float) -> tuple[dict, dict]:
+    from types import SimpleNamespace
+
+    from partitioner.costmodel import SPLIT, Candidate, Link
+    from partitioner.planner import Budgets, Planner
+
+    from .test_planner import synthetic_cost
+
+    session = placement.Session.__new__(placement.Session)
+    session.planner = Planner(synthetic_cost(), Budgets(min_top1=0.99, max_rel_error=0.05))
+    # A latent of 300 bytes after a head as long as the synthetic model's cut 2, the tail as long as its rest.
+    cut2 = next(c for c in session.planner.candidates if c.kind == SPLIT and c.cut_index == 2)
+    latent = Candidate(SPLIT, 40, "bottleneck_latent", "entropy", 300, 400, cut2.edge_ms, 0.5, 0.2, cut2.cloud_ms, 0)
+    session.bottleneck = (latent, distortion)
+    link = Link(mbit, mbit, 5.0)
+    best = session.planner.best(link)
+    picks: dict = {}
+    offered = session.offer_bottleneck(link, picks, best)
+    assert offered is not None and picks[latent.label].reasons == ["bottleneck"]  # measured like the others
+    session.args = SimpleNamespace()
+    return offered, picks[latent.label].__dict__
+
+
+def test_a_bottleneck_within_the_budget_is_offered_to_the_planner_and_wins_on_a_slow_link(placement) -> None:
+    from partitioner.planner import Distortion
+
+    offered, pick = _offer(placement, Distortion(0.01, 1.0), mbit=0.5)
+    assert offered["plan"] == "bottleneck_latent#40 entropy" and pick["within_budget"]
+    offered, _ = _offer(placement, Distortion(0.01, 1.0), mbit=1000.0)
+    assert offered["plan"] != "bottleneck_latent#40 entropy"  # on a fast link its head costs more than it saves
+    # Out of the accuracy budget (top-1 agreement with the plain model), it is measured but never the plan.
+    offered, pick = _offer(placement, Distortion(0.3, 0.5), mbit=0.5)
+    assert offered["plan"] != "bottleneck_latent#40 entropy" and not pick["within_budget"]
+    assert pick["scored"].rejected == "top-1 0.50 < 0.99"
+
+
+@pytest.mark.slow
+def test_a_trained_bottleneck_becomes_a_candidate_of_the_plain_models_planner(placement, tmp_path: Path) -> None:
+    """A small bottleneck trained with the engine's API: its latent's bytes, E and C, and its top-1 agreement."""
+    import torch
+    from safetensors.torch import save_file
+
+    from compressor import EncodingSpec, encode
+    from partitioner import bottleneck as bn
+    from partitioner.graph import trace
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec, fingerprint
+    from partitioner.profile import profile_model
+    from tests.support import tiny_bottleneck as small
+
+    torch.set_num_threads(1)
+    cut = "layer1_1_relu_1"
+    classifier = small.classifier()
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    x, _, _ = small.images()
+    train_idx, held_idx = small.split()
+    graph = trace(classifier, x[:1])
+    head, tail = graph.split(cut)
+    trained = bn.train(
+        head,
+        tail,
+        bn.augment(x[train_idx], 2, seed=1),
+        bn.BottleneckConfig(channels=64),
+        bn.TrainConfig(rate_weight=0.02, max_steps=20, budget_s=30),
+        cut=(graph.cut(cut).index, cut),
+    )
+    base = {"fingerprint": fingerprint(classifier), "source": "resnet18", "input_shape": list(small.SHAPE)}
+    bn.save(trained, tmp_path / "bneck", base)
+    spec = {"name": "rn", "source": "resnet18", "weights": str(tmp_path / "model.safetensors")}
+    spec |= {"input_shape": list(small.SHAPE), "num_classes": 4}
+    plain = LoadedModel.load(ModelSpec.from_dict(spec))
+    bspec = placement.bottleneck_entry(spec, tmp_path / "bneck")
+    assert bspec["name"] == "rn_bneck" and bspec["bottleneck"] == str((tmp_path / "bneck").resolve())
+    bmodel = LoadedModel.load(ModelSpec.from_dict(bspec))
+    cloud = profile_model(bmodel, repeats=3, warmup=1, head_samples=3)
+    calib = x[held_idx][:6]
+    candidate, distortion = placement.bottleneck_candidate(plain, bmodel, cloud, 4.0, calib)
+
+    assert candidate.label.startswith("bottleneck_latent#") and candidate.encoding == "entropy"
+    index = candidate.cut_index
+    assert candidate.edge_ms == pytest.approx(4.0 * cloud.curve().head_ms(index))  # the cloud's head, 4x slower
+    assert candidate.cloud_ms == pytest.approx(cloud.curve().tail_ms(index))
+    # Bytes: the range-coded latent of the calibration images the edge measures bytes on (median), as it will send it.
+    import statistics
+
+    from edge_node.config import AutoPlanSettings
+
+    _, latent_head, _ = bmodel.parts(index)
+    spec_e, n = EncodingSpec.parse("entropy"), AutoPlanSettings().byte_samples
+    with torch.inference_mode():
+        sizes = [
+            sum(encode(v, spec_e, bmodel.entropy_tables).ByteSize() for v in latent_head(calib[i : i + 1]))
+            for i in range(n)
+        ]
+        agree = (bmodel.module(calib).argmax(-1) == plain.module(calib).argmax(-1)).float().mean().item()
+    assert candidate.bytes_up == int(statistics.median(sizes))
+    assert candidate.bytes_up < 0.5 * 64 * 8 * 8  # far under int8 features at that cut
+    assert distortion.top1 == pytest.approx(agree) and distortion.rel_error >= 0
