@@ -872,6 +872,65 @@ def print_real_table(report: dict[str, Any]) -> None:
     print("goals:", json.dumps(summary.get("goals")))
 
 
+STAGES = ("edge", "encode", "link", "cloud")
+
+
+def stage_errors(report: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Where predictions go wrong: per edge speed and stage, measured minus predicted (ms) and measured over predicted,
+    medians over every measured candidate.
+
+    Stages as the edge daemon times them: edge (head or whole model), encode, link (round trip minus the cloud's
+    time: upload + RTT + download + per-request overhead), cloud (decode + tail); plus ``other`` (the daemon's time
+    not in a stage) and ``client`` (the app's call into the daemon, not predicted).
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for m in report["models"]:
+        rows: dict[str, list[tuple[float, float]]] = {}
+        for cell in m.get("bandwidths", []):
+            for c in cell["candidates"]:
+                me = c.get("measured") or {}
+                if not me.get("samples"):
+                    continue
+                p, st = c["predicted"], me["stages_ms"]
+                pairs = {
+                    "edge": (p["edge_ms"], st["edge_ms"]),
+                    "encode": (p["encode_ms"], st["encode_ms"]),
+                    "link": (p["upload_ms"] + p["rtt_ms"] + p["download_ms"], st["link_ms"]),
+                    "cloud": (p["decode_ms"] + p["cloud_ms"], st["decode_ms"] + st["cloud_ms"]),
+                }
+                if c["kind"] == "edge":
+                    pairs = {"edge": pairs["edge"]}
+                elif p["edge_ms"] <= 0.5:
+                    del pairs["edge"]  # no head to speak of (cloud-only, a cut at the input)
+                for k, v in pairs.items():
+                    rows.setdefault(k, []).append(v)
+                staged = sum(st.values())
+                rows.setdefault("other", []).append((0.0, me["edge_ms"] - staged))
+                rows.setdefault("client", []).append((0.0, me["e2e_ms"] - me["edge_ms"]))
+                rows.setdefault("total", []).append((c["predicted_ms"], me["edge_ms"]))
+        out[run_title(m)] = {
+            k: {
+                "n": len(v),
+                "meas_minus_pred_ms": statistics.median(b - a for a, b in v),
+                "meas_over_pred": statistics.median(b / a for a, b in v if a > 0.5)
+                if any(a > 0.5 for a, _ in v)
+                else None,
+            }
+            for k, v in rows.items()
+        }
+    return out
+
+
+def print_stage_errors(report: dict[str, Any]) -> None:
+    print(f"{'run':<40}{'stage':<8}{'n':>5}{'meas-pred ms':>14}{'meas/pred':>11}")
+    for run_name, stages in stage_errors(report).items():
+        for stage, e in stages.items():
+            print(
+                f"{run_name[:39]:<40}{stage:<8}{e['n']:>5}{e['meas_minus_pred_ms']:>+14.1f}"
+                f"{_fmt(e['meas_over_pred'], '.2f'):>11}"
+            )
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -1654,8 +1713,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cmd",
         nargs="?",
         default="run",
-        choices=["run", "drive", "report", "calibrate", "prewarm", "cloudprofile", "waitready"],
-        help="run (default); report: table and plots again from the JSON; drive: internal (the driver)",
+        choices=["run", "drive", "report", "stages", "calibrate", "prewarm", "cloudprofile", "waitready"],
+        help="run (default); report: table and plots again from the JSON; stages: predicted vs measured per stage; "
+        "drive: internal (the driver)",
     )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
     p.add_argument(
@@ -1747,6 +1807,9 @@ def main(argv: list[str] | None = None) -> int:
         write_results(report, args.out)
         print_table(report)
         plot_all(report, args.out)
+        return 0
+    if args.cmd == "stages":
+        print_stage_errors(json.loads(args.out.with_suffix(".json").read_text()))
         return 0
     return run(args)
 

@@ -225,3 +225,25 @@ def test_a_trained_bottleneck_becomes_a_candidate_of_the_plain_models_planner(pl
     assert candidate.bytes_up == int(statistics.median(sizes))
     assert candidate.bytes_up < 0.5 * 64 * 8 * 8  # far under int8 features at that cut
     assert distortion.top1 == pytest.approx(agree) and distortion.rel_error >= 0
+
+
+def test_stage_errors_say_which_stage_a_prediction_missed(placement) -> None:
+    """A cloud that takes 12 ms more than predicted, everything else on time: the cloud stage says so."""
+
+    def candidate(kind: str, edge: float, cloud: float) -> dict:
+        predicted = {"edge_ms": edge, "encode_ms": 1.0, "upload_ms": 10.0, "rtt_ms": 10.0, "download_ms": 1.0}
+        predicted |= {"decode_ms": 0.5, "cloud_ms": cloud}
+        stages = {"edge_ms": edge, "encode_ms": 1.0, "link_ms": 21.0, "decode_ms": 0.5, "cloud_ms": cloud + 12.0}
+        stages["result_decode_ms"] = 0.0
+        total = sum(stages.values())
+        measured = {"samples": 4, "stages_ms": stages, "edge_ms": total, "e2e_ms": total + 3.0}
+        return {"kind": kind, "predicted": predicted, "predicted_ms": total - 12.0, "measured": measured}
+
+    cells = [{"candidates": [candidate("split", 50.0, 10.0), candidate("cloud", 0.0, 30.0)]}]
+    errors = placement.stage_errors({"models": [run(4.0, cells)]})
+    stages = errors["efficientnet_lite0_pretrained 4x (3.9x)"]
+    assert stages["cloud"]["meas_minus_pred_ms"] == pytest.approx(12.0)
+    assert stages["link"]["meas_minus_pred_ms"] == pytest.approx(0.0)
+    assert stages["edge"]["n"] == 1  # cloud-only has no head to judge
+    assert stages["client"]["meas_minus_pred_ms"] == pytest.approx(3.0)
+    assert stages["other"]["meas_minus_pred_ms"] == pytest.approx(0.0)
