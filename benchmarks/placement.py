@@ -1730,7 +1730,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=1, help="requests per candidate and pass before measuring")
     p.add_argument("--settle-s", type=float, default=1.0, help="pause after each re-plan before measuring")
-    p.add_argument("--confirm", type=int, default=3, help="fastest candidates re-measured with the chosen plan")
+    p.add_argument("--confirm", type=int, default=2, help="fastest candidates re-measured with the chosen plan")
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay added by the relay (RTT += 2x)")
     p.add_argument(
         "--speeds",
