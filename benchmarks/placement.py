@@ -1300,7 +1300,10 @@ class Session:
             f"{status.link.rtt_ms:.1f} ms;"
             f" planned {chosen_label} (predicted {plan.predicted.total_ms:.1f} ms)"
         )
-        cleave = self.measure(self.args.repeats)  # still under automatic planning (re-plans would show in .plans)
+        # Cleave planning by itself, in two halves: now and after the pinned candidates (re-planned then), so the
+        # drift that interleaving spreads over the candidates does not all land on, or miss, Cleave's block.
+        first = max(self.args.repeats // 2, 1)
+        cleave = self.measure(first)  # still under automatic planning (re-plans would show in .plans)
         # Predictions with what the requests so far taught (this cell's Cleave requests, earlier cells): the
         # overhead per request comes from the requests' wire times against the edge's probe.
         link = Link(status.link.up_mbps, status.link.down_mbps, status.link.rtt_ms, self.monitor.snapshot().overhead_ms)
@@ -1311,6 +1314,10 @@ class Session:
         log(f"{mbit:g} Mbit/s: measuring {len(picks)} candidates ({self.args.cuts}), interleaved")
         measured = self.measure_pinned({k: p.scored.candidate for k, p in picks.items()}, self.args.repeats)
         confirm = self.confirm(picks, measured, chosen_label)
+        if self.args.repeats > first:
+            self.client.stub.Replan(edge_pb2.ReplanRequest(), timeout=self.args.ready_timeout_s)
+            time.sleep(self.args.settle_s)
+            self.measure(self.args.repeats - first, into=cleave)
         cell = self.cell(mbit, link, plan, cleave, picks, measured, confirm)
         cell["corrections"] = learned
         if offered is not None:
