@@ -1703,6 +1703,9 @@ def drive(args: argparse.Namespace) -> int:
     log(f"edge planned after {time.monotonic() - started:.0f} s: {status.plan.reason}")
     session = Session(args)
     session.build_planner()
+    # A device serves before anyone measures it: a few requests under the edge's first plan teach both planners
+    # what serving costs here (the edge's speed against its profile, the per-request overhead).
+    session.measure(args.repeats)
     result: dict[str, Any] = {"model": session.spec.name, **session.info, "bandwidths": []}
     for mbit in args.bandwidths:
         result["bandwidths"].append(session.run_bandwidth(mbit))
