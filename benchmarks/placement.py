@@ -874,6 +874,13 @@ def print_real_table(report: dict[str, Any]) -> None:
                 f"{(alt or {}).get('label', '-')[:23]:<24}{_fmt((alt or {}).get('e2e_ms'), '.1f'):>7}"
                 f"{_fmt(c.get('speedup_over_best_alternative'), '.2f'):>9}"
             )
+            if b := c.get("bottleneck"):
+                plan = "it is the plan" if b["becomes_plan"] else f"the plan stays {b['plan']}"
+                print(
+                    f"{'':<40}bottleneck {b['label']}: {_fmt(b['measured_ms'], '.1f')} ms, "
+                    f"{b['bytes_up_predicted']} B, "
+                    f"top-1 {b['top1']:.2f}; offered to the planner, {plan}"
+                )
     print(
         "(ms, client-side medians. edge: target/achieved slowdown of the edge's whole model against one cloud core. "
         "pred: the plan's predicted request time; meas: Cleave planning by itself. oracle: the fastest candidate "
