@@ -326,6 +326,11 @@ def cpu_quota() -> str:
     return "none"
 
 
+#: Bumped when how a profile is measured changes, so cached profiles are measured again (2: heads and the whole model
+#: timed round-robin).
+PROFILE_VERSION = 2
+
+
 def cache_key(model: LoadedModel, batch: int, role: str = "", input_shape: Sequence[int] | None = None) -> str:
     """The cache entry of ``model``'s profile here: everything that changes its timings is in it."""
     x = model.graph.example_input
@@ -340,6 +345,7 @@ def cache_key(model: LoadedModel, batch: int, role: str = "", input_shape: Seque
         str(batch),
         "x".join(str(int(d)) for d in sample),
         str(x.dtype),
+        str(PROFILE_VERSION),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
