@@ -97,7 +97,9 @@ DRIVER_OPTIONS = (
     "cuts",
     "top",
     "repeats",
+    "passes",
     "warmup",
+    "settle_s",
     "confirm",
     "edge_threads",
     "candidate_budget_s",
@@ -130,6 +132,11 @@ def prepare_model(workdir: Path, model: str, size: int) -> dict[str, Any]:
     return {"name": model, "source": model, "weights": str(weights), "input_shape": list(shape)}
 
 
+def bottleneck_entry(entry: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """The model ``entry`` with the learned bottleneck in ``directory`` inserted (both daemons serve it so)."""
+    return {**entry, "name": f"{entry['name']}_bneck", "bottleneck": str(Path(directory).resolve())}
+
+
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     import yaml
 
@@ -145,12 +152,23 @@ def daemon_env(cache: Path) -> dict[str, str]:
 class Driver:
     """The ``drive`` subprocess in the edge namespace, and the parent's side of its line protocol."""
 
-    def __init__(self, lab: NetLab, argv: list[str], env: dict[str, str], deadline_s: float) -> None:
+    def __init__(
+        self,
+        lab: NetLab,
+        argv: list[str],
+        env: dict[str, str],
+        deadline_s: float,
+        edge_cgroup: Path | None = None,
+        cores: str = "",
+    ) -> None:
         self.lab = lab
         self.proc = lab.popen(
             lab.edge_ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
         )
+        set_affinity(self.proc.pid, cores)
         self.deadline = time.monotonic() + deadline_s
+        self.edge_cgroup = edge_cgroup
+        self.cpu_stats: list[dict[str, int]] = []  # the edge's cgroup at each re-shape (a cell's start) and at the end
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -176,15 +194,57 @@ class Driver:
                 continue
             self._answer(json.loads(line[len(MSG) :]))
 
+    def snapshot_cpu(self) -> None:
+        if self.edge_cgroup is not None:
+            self.cpu_stats.append(cgroup_cpu(self.edge_cgroup))
+
     def _answer(self, message: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
         if "shape" in message:
             self.lab.shape(float(message["shape"]))
+            self.snapshot_cpu()
             reply = "ok"
         else:
             reply = f"error: unknown request {message}"
         self.proc.stdin.write(reply + "\n")
         self.proc.stdin.flush()
+
+
+def set_affinity(pid: int, cores: str) -> None:
+    """Run every thread of ``pid`` (and what it starts later) on ``cores`` ("1", "0,1"; "": leave it)."""
+    if cores:
+        subprocess.run(["taskset", "-a", "-p", "-c", cores, str(pid)], check=True, capture_output=True)
+
+
+def cgroup_cpu(cg: Path) -> dict[str, int]:
+    """The quota, period and counters of a v1 cpu cgroup (``cpu.stat``; ``cpuacct.usage`` where co-mounted)."""
+    out = {
+        "quota_us": int((cg / "cpu.cfs_quota_us").read_text()),
+        "period_us": int((cg / "cpu.cfs_period_us").read_text()),
+    }
+    for line in (cg / "cpu.stat").read_text().splitlines():
+        key, value = line.split()
+        out[key] = int(value)
+    usage = cg / "cpuacct.usage"
+    if usage.exists():
+        out["usage_ns"] = int(usage.read_text())
+    return out
+
+
+def cpu_check(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, Any]:
+    """What the edge's CPU quota did over one cell: the quota in force, how often it throttled, the CPU used."""
+    periods = after.get("nr_periods", 0) - before.get("nr_periods", 0)
+    throttled = after.get("nr_throttled", 0) - before.get("nr_throttled", 0)
+    out: dict[str, Any] = {
+        "quota_cores": after["quota_us"] / after["period_us"] if after["quota_us"] > 0 else None,
+        "period_ms": after["period_us"] / 1e3,
+        "periods": periods,
+        "throttled_share": throttled / periods if periods else 0.0,
+        "throttled_s": (after.get("throttled_time", 0) - before.get("throttled_time", 0)) / 1e9,
+    }
+    if "usage_ns" in after and seconds > 0:
+        out["cpu_cores_used"] = (after["usage_ns"] - before["usage_ns"]) / 1e9 / seconds
+    return out
 
 
 def set_cfs_period(lab: NetLab, pid: int, cores: float, period_ms: float) -> float:
@@ -268,6 +328,7 @@ def calibrate_speeds(lab: NetLab, args: argparse.Namespace, entry: dict[str, Any
     proc = lab.popen(
         lab.edge_ns, argv, cpu_quota=1.0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
+    set_affinity(proc.pid, args.edge_cores)  # where the edge daemon will run
     child = LineChild(proc)
     try:
         (lab_cgroup(lab, proc.pid) / "cpu.cfs_quota_us").write_text("-1")  # no quota yet
@@ -376,8 +437,20 @@ def prewarm_child(args: argparse.Namespace) -> int:
                 link = Link(mbit * factor, mbit * factor, 2 * args.delay_ms)
                 best = planner.best(link)
                 select(planner, link, args.cuts, args.top, best.candidate.label)  # what the driver will check
+                # What the edge checks once served requests have corrected its planner (a slower edge and cloud
+                # than profiled, a per-request overhead): each candidate it checks runs the model on the
+                # calibration photos under its quota, minutes at 30x, and a re-plan waits for them.
+                for edge_scale, cloud_scale, overhead in PREWARM_CORRECTIONS:
+                    planner.edge_scale, planner.cloud_scale = edge_scale, cloud_scale
+                    planner.best(replace(link, overhead_ms=overhead))
+                planner.edge_scale = planner.cloud_scale = 1.0
             log(f"prewarm {speed:g}x {mbit:g} Mbit/s: {best.candidate.label}")
     return 0
+
+
+#: (edge scale, cloud scale, per-request overhead ms) the edge's planner may learn from served requests (the real-ground
+#: run measured edge-only at 1.15-1.4x its profile, the cloud at +10-13 ms, the link at +1 to +24 ms a request).
+PREWARM_CORRECTIONS = ((1.3, 1.0, 0.0), (1.0, 1.5, 0.0), (1.3, 1.5, 10.0), (1.3, 1.5, 25.0), (1.5, 2.0, 25.0))
 
 
 def cloud_profile_child(args: argparse.Namespace) -> int:
@@ -402,6 +475,60 @@ def cloud_profile_child(args: argparse.Namespace) -> int:
                 if time.monotonic() > deadline or exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 time.sleep(1.0)
+
+
+def start_bottleneck_edge(
+    lab: NetLab,
+    args: argparse.Namespace,
+    workdir: Path,
+    entry: dict[str, Any],
+    cloud: str,
+    edge_cpu: float,
+    tag: str,
+) -> subprocess.Popen[bytes]:
+    """A second edge daemon in the edge namespace, under the same CPU quota (its own cgroup) and cores, serving
+    the model with the learned bottleneck (``--bottleneck``), its plan fixed at the latent. Started and ready
+    before the edge under test starts profiling itself, so the two never compete for the CPU meanwhile."""
+    config = {
+        "model": bottleneck_entry(entry, args.bottleneck),
+        "listen": f"127.0.0.1:{EDGE_PORT + 1}",
+        "cloud": cloud,
+        "plan": {"cut": "bottleneck_latent", "encoding": "entropy"},
+        "request_timeout_s": args.request_timeout_s,
+        "torch_threads": args.edge_threads,
+    }
+    path = write_yaml(workdir / f"edge-{tag}-bneck.yaml", config)
+    with open(workdir / f"edge-{tag}-bneck.log", "ab") as log:
+        argv = [sys.executable, "-m", "edge_node.main", "--config", str(path)]
+        env = daemon_env(workdir / "cache" / f"edge-{tag}-bneck")
+        proc = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
+    set_affinity(proc.pid, args.edge_cores)
+    set_cfs_period(lab, proc.pid, edge_cpu, args.cfs_period_ms)
+    argv = [*SELF, "waitready", "--edge", f"127.0.0.1:{EDGE_PORT + 1}", "--ready-timeout-s", str(args.ready_timeout_s)]
+    lab.run(lab.edge_ns, argv, timeout=args.ready_timeout_s + 30, cwd=ROOT, env=daemon_env(workdir)).check_returncode()
+    print(f"[placement] bottleneck edge ready ({config['model']['bottleneck']})", flush=True)
+    return proc
+
+
+def wait_ready_child(args: argparse.Namespace) -> int:
+    """The ``waitready`` subcommand: wait until the edge daemon at ``--edge`` has a plan in force (no torch)."""
+    import grpc
+
+    from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
+
+    deadline = time.monotonic() + args.ready_timeout_s
+    with grpc.insecure_channel(args.edge) as channel:
+        while True:
+            try:
+                status = edge_pb2_grpc.EdgeStub(channel).GetStatus(edge_pb2.GetStatusRequest(), timeout=10)
+                if status.cloud_reachable:
+                    return 0
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                log(f"edge {args.edge} not ready in {args.ready_timeout_s:.0f} s")
+                return 1
+            time.sleep(1.0)
 
 
 def run_model(
@@ -435,26 +562,41 @@ def run_model(
     }
     edge_yaml = write_yaml(workdir / f"edge-{tag}.yaml", config)
     lab.shape(args.bandwidths[0])  # the edge's first plan is made at the first bandwidth
+    bneck = start_bottleneck_edge(lab, args, workdir, entry, cloud, edge_cpu, tag) if args.bottleneck else None
     with open(workdir / f"edge-{tag}.log", "ab") as log:
         argv = [sys.executable, "-m", "edge_node.main", "--config", str(edge_yaml)]
         edge = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
+    set_affinity(edge.pid, args.edge_cores)
     set_cfs_period(lab, edge.pid, edge_cpu, args.cfs_period_ms)
+    edge_cgroup = lab_cgroup(lab, edge.pid)
     out = workdir / f"result-{tag}.json"
     argv = [*SELF, "drive", "--edge", f"127.0.0.1:{EDGE_PORT}", "--cloud", cloud]
     argv += ["--entry", json.dumps(entry), "--bandwidths", ",".join(f"{b:g}" for b in args.bandwidths)]
     argv += ["--out", str(out)]
     for name in DRIVER_OPTIONS:
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if bneck is not None:
+        argv += ["--bottleneck-edge", f"127.0.0.1:{EDGE_PORT + 1}"]
+        argv += ["--bottleneck-entry", json.dumps(bottleneck_entry(entry, args.bottleneck))]
     started = time.monotonic()
+    driver = None
     try:
-        code = Driver(lab, argv, env, args.model_timeout_s).serve()
+        driver = Driver(lab, argv, env, args.model_timeout_s, edge_cgroup, args.edge_cores)
+        code = driver.serve()
+        driver.snapshot_cpu()
     finally:
-        edge.terminate()
-        try:
-            edge.wait(30)
-        except subprocess.TimeoutExpired:
-            edge.kill()
+        for proc in (edge, bneck) if bneck is not None else (edge,):
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     result = json.loads(out.read_text()) if out.exists() else {"model": model, "bandwidths": []}
+    # The quota each cell really ran under, and how hard it throttled (a check that the edge was the device asked).
+    stats = driver.cpu_stats if driver is not None else []
+    for i, cell in enumerate(result["bandwidths"]):
+        if i + 1 < len(stats):
+            cell["edge_cpu"] = cpu_check(stats[i], stats[i + 1], cell.get("seconds", 0.0))
     result["seconds"] = time.monotonic() - started
     result["edge_cpu_quota"] = edge_cpu
     if speed:
@@ -484,9 +626,10 @@ def run(args: argparse.Namespace) -> int:
     )
     entries = {m: prepare_model(workdir, m, args.size) for m in args.models}
     caches = {m: prewarm(args, workdir, entries[m]) for m in args.models} if args.prewarm else {}
-    cloud_yaml = write_yaml(
-        workdir / "cloud.yaml", {"models": list(entries.values()), "listen": f"127.0.0.1:{CLOUD_PORT}"}
-    )
+    served = list(entries.values())
+    if args.bottleneck:  # the cloud serves the bottlenecked variant too, for the second edge daemon
+        served += [bottleneck_entry(e, args.bottleneck) for e in entries.values()]
+    cloud_yaml = write_yaml(workdir / "cloud.yaml", {"models": served, "listen": f"127.0.0.1:{CLOUD_PORT}"})
     report = {"config": run_config(args), "models": []}
     if args.append:
         try:
@@ -499,8 +642,11 @@ def run(args: argparse.Namespace) -> int:
         argv = [sys.executable, "-m", "cloud_node.main", "--config", str(cloud_yaml)]
         argv += ["--threads", str(args.cloud_threads)] if args.cloud_threads else []
         env = daemon_env(workdir / "cache" / "cloud")
-        lab.popen(lab.cloud_ns, argv, stdout=cloud_log, stderr=cloud_log, cwd=ROOT, env=env)
+        cloud_proc = lab.popen(lab.cloud_ns, argv, stdout=cloud_log, stderr=cloud_log, cwd=ROOT, env=env)
+        set_affinity(cloud_proc.pid, args.cloud_cores)
         relay = lab.relay(lab.cloud_ns, f"{lab.cloud_ip}:0", f"127.0.0.1:{CLOUD_PORT}", args.delay_ms)
+        if relay.proc is not None:
+            set_affinity(relay.proc.pid, args.cloud_cores)
         cloud_ms = {}
         for model in args.models:  # the cloud profiles itself now, alone, not while an edge daemon starts up
             argv = [*SELF, "cloudprofile", "--cloud", relay.address]
@@ -583,6 +729,8 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "edge_threads": args.edge_threads,
         "cfs_period_ms": args.cfs_period_ms,
         "cloud_threads": args.cloud_threads or "default",
+        "cores": {"cloud": args.cloud_cores or "any", "edge": args.edge_cores or "any"},
+        "passes": args.passes,
         "cuts": args.cuts,
         "cuts_mode": cuts_mode(args.cuts, args.top),
         "warmup": args.warmup,
@@ -726,6 +874,13 @@ def print_real_table(report: dict[str, Any]) -> None:
                 f"{(alt or {}).get('label', '-')[:23]:<24}{_fmt((alt or {}).get('e2e_ms'), '.1f'):>7}"
                 f"{_fmt(c.get('speedup_over_best_alternative'), '.2f'):>9}"
             )
+            if b := c.get("bottleneck"):
+                plan = "it is the plan" if b["becomes_plan"] else f"the plan stays {b['plan']}"
+                print(
+                    f"{'':<40}bottleneck {b['label']}: {_fmt(b['measured_ms'], '.1f')} ms, "
+                    f"{b['bytes_up_predicted']} B, "
+                    f"top-1 {b['top1']:.2f}; offered to the planner, {plan}"
+                )
     print(
         "(ms, client-side medians. edge: target/achieved slowdown of the edge's whole model against one cloud core. "
         "pred: the plan's predicted request time; meas: Cleave planning by itself. oracle: the fastest candidate "
@@ -734,6 +889,65 @@ def print_real_table(report: dict[str, Any]) -> None:
     )
     summary = report.get("summary") or summarize(report)
     print("goals:", json.dumps(summary.get("goals")))
+
+
+STAGES = ("edge", "encode", "link", "cloud")
+
+
+def stage_errors(report: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Where predictions go wrong: per edge speed and stage, measured minus predicted (ms) and measured over predicted,
+    medians over every measured candidate.
+
+    Stages as the edge daemon times them: edge (head or whole model), encode, link (round trip minus the cloud's
+    time: upload + RTT + download + per-request overhead), cloud (decode + tail); plus ``other`` (the daemon's time
+    not in a stage) and ``client`` (the app's call into the daemon, not predicted).
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for m in report["models"]:
+        rows: dict[str, list[tuple[float, float]]] = {}
+        for cell in m.get("bandwidths", []):
+            for c in cell["candidates"]:
+                me = c.get("measured") or {}
+                if not me.get("samples"):
+                    continue
+                p, st = c["predicted"], me["stages_ms"]
+                pairs = {
+                    "edge": (p["edge_ms"], st["edge_ms"]),
+                    "encode": (p["encode_ms"], st["encode_ms"]),
+                    "link": (p["upload_ms"] + p["rtt_ms"] + p["download_ms"], st["link_ms"]),
+                    "cloud": (p["decode_ms"] + p["cloud_ms"], st["decode_ms"] + st["cloud_ms"]),
+                }
+                if c["kind"] == "edge":
+                    pairs = {"edge": pairs["edge"]}
+                elif p["edge_ms"] <= 0.5:
+                    del pairs["edge"]  # no head to speak of (cloud-only, a cut at the input)
+                for k, v in pairs.items():
+                    rows.setdefault(k, []).append(v)
+                staged = sum(st.values())
+                rows.setdefault("other", []).append((0.0, me["edge_ms"] - staged))
+                rows.setdefault("client", []).append((0.0, me["e2e_ms"] - me["edge_ms"]))
+                rows.setdefault("total", []).append((c["predicted_ms"], me["edge_ms"]))
+        out[run_title(m)] = {
+            k: {
+                "n": len(v),
+                "meas_minus_pred_ms": statistics.median(b - a for a, b in v),
+                "meas_over_pred": statistics.median(b / a for a, b in v if a > 0.5)
+                if any(a > 0.5 for a, _ in v)
+                else None,
+            }
+            for k, v in rows.items()
+        }
+    return out
+
+
+def print_stage_errors(report: dict[str, Any]) -> None:
+    print(f"{'run':<40}{'stage':<8}{'n':>5}{'meas-pred ms':>14}{'meas/pred':>11}")
+    for run_name, stages in stage_errors(report).items():
+        for stage, e in stages.items():
+            print(
+                f"{run_name[:39]:<40}{stage:<8}{e['n']:>5}{e['meas_minus_pred_ms']:>+14.1f}"
+                f"{_fmt(e['meas_over_pred'], '.2f'):>11}"
+            )
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -937,6 +1151,9 @@ class Session:
         self.args = args
         self.spec = ModelSpec.from_dict(json.loads(args.entry))
         self.client = EdgeClient(args.edge)
+        # A second edge daemon serving the model with the learned bottleneck, its plan fixed at the latent.
+        self.bclient = EdgeClient(args.bottleneck_edge) if getattr(args, "bottleneck_edge", "") else None
+        self.bottleneck: Any = None  # (Candidate, Distortion) once build_planner has measured it
         if self.spec.pretrained:
             # Real photos, other crops than the 8 calibration inputs the planner measures on.
             self.inputs = builtin_photos(self.spec.input_shape, 12)[8:]
@@ -945,6 +1162,9 @@ class Session:
         self.planner: Any = None
         self.info: dict[str, Any] = {}
         self._n = 0
+        from edge_node.link import LinkMonitor
+
+        self.monitor = LinkMonitor(window=9)  # the link as the edge sees it: its probe, and the requests' overhead
 
     # -- start-up --------------------------------------------------------------------------------------------
     def build_planner(self) -> None:
@@ -972,6 +1192,8 @@ class Session:
         budgets = Budgets(max_rel_error=s.max_rel_error, min_top1=s.min_top1)
         meter = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
         self.planner = Planner(cost, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
+        if self.bclient is not None:
+            self.bottleneck = load_bottleneck(model, self.args, edge.total_ms / cloud.total_ms, calib)
         self.info = {
             "cuts": len(model.graph.cuts),
             "candidates": len(self.planner.candidates),
@@ -987,36 +1209,90 @@ class Session:
         )
 
     # -- requests --------------------------------------------------------------------------------------------
-    def request(self) -> tuple[float, Any]:
+    def request(self, client: Any = None) -> tuple[float, Any]:
         x = self.inputs[self._n % len(self.inputs)].unsqueeze(0)
         self._n += 1
         t0 = time.perf_counter()
-        reply = self.client.infer(x, timeout=self.args.request_timeout_s)
+        reply = (client or self.client).infer(x, timeout=self.args.request_timeout_s)
         return (time.perf_counter() - t0) * 1e3, reply
 
-    def measure(self, repeats: int) -> Measurement:
-        """Warm-up, then up to ``repeats`` requests (fewer when the candidate budget runs out; at least one)."""
+    def measure(self, repeats: int, into: Measurement | None = None, client: Any = None) -> Measurement:
+        """Warm-up, then up to ``repeats`` requests (fewer when the candidate budget runs out; at least one).
+
+        Every answered request of the edge daemon under test also teaches the benchmark's planner (:meth:`learn`),
+        as it teaches the edge's. ``client``: another edge daemon (the bottleneck's), whose answers teach nothing."""
         from protos.cleave.v1 import edge_pb2
 
+        learn = self.learn if client is None else (lambda _reply: None)
         started = time.monotonic()
         for _ in range(self.args.warmup):
-            self.request()
+            learn(self.request(client)[1])
             if time.monotonic() - started > self.args.candidate_budget_s / 2:
                 break
-        m, started = Measurement(), time.monotonic()
+        m, started = into or Measurement(), time.monotonic()
         for _ in range(repeats):
-            ms, reply = self.request()
-            m.add(ms, reply, edge_pb2.Placement.Name(reply.placement), plan_label(reply.plan))
+            ms, reply = self.request(client)
+            label = plan_label(reply.plan)
+            m.add(ms, reply, edge_pb2.Placement.Name(reply.placement), label)
+            learn(reply)
             if time.monotonic() - started > self.args.candidate_budget_s:
                 break
         return m
 
-    def measure_pinned(self, candidate: Any, repeats: int) -> Measurement:
+    def pin(self, candidate: Any) -> None:
         if candidate.kind == "edge":
             self.client.pin("edge", "fp32")
         else:
             self.client.pin(candidate.cut_index if candidate.kind == "split" else "cloud", candidate.encoding)
-        return self.measure(repeats)
+
+    def measure_pinned(self, candidates: dict[str, Any], repeats: int) -> dict[str, Measurement]:
+        """Each of ``candidates`` (label -> Candidate) pinned and measured, side by side: ``--passes`` round-robin
+        passes over all of them, each pass pinning a candidate, ``--warmup`` requests, then its share of ``repeats``.
+
+        Interleaved, a host whose speed drifts (other work, the edge's CPU quota, a probe) moves every candidate
+        alike instead of whichever happened to be measured then. A candidate whose requests have taken
+        ``--candidate-budget-s`` in all is not measured again (it keeps at least one request)."""
+        passes = max(1, min(self.args.passes, repeats))
+        shares = [repeats // passes + (1 if i < repeats % passes else 0) for i in range(passes)]
+        out = {label: Measurement() for label in candidates}
+        spent = dict.fromkeys(candidates, 0.0)
+        for share in shares:
+            for label, candidate in candidates.items():
+                if out[label].e2e and spent[label] > self.args.candidate_budget_s:
+                    continue
+                started = time.monotonic()
+                if is_bottleneck(candidate):  # its own daemon, its plan fixed at the latent: nothing to pin
+                    self.measure(share, into=out[label], client=self.bclient)
+                else:
+                    self.pin(candidate)
+                    self.measure(share, into=out[label])
+                spent[label] += time.monotonic() - started
+        return out
+
+    def learn(self, reply: Any) -> None:
+        """What one answered request measured, into the benchmark's planner and link estimate, as the edge daemon
+        feeds its own (edge and cloud compute against their profiles; the per-request overhead on the wire)."""
+        from protos.cleave.v1 import edge_pb2
+
+        t = reply.timing
+        if reply.placement == edge_pb2.EDGE_ONLY:
+            self.planner.observe_edge(-1, t.edge_compute_ms)
+            return
+        if reply.placement not in (edge_pb2.SPLIT, edge_pb2.CLOUD_ONLY):
+            return  # a local fallback says nothing about the cloud
+        cut = 0 if reply.placement == edge_pb2.CLOUD_ONLY else reply.plan.cut_index
+        if cut:
+            self.planner.observe_edge(cut, t.edge_compute_ms)
+        self.planner.observe_cloud(cut, t.cloud_compute_ms)
+        self.monitor.record_transfer(reply.bytes_up, reply.bytes_down, t.transfer_ms)
+
+    def corrections(self) -> dict[str, float]:
+        """What the requests so far taught the benchmark's planner (recorded with each cell)."""
+        return {
+            "edge_scale": self.planner.edge_scale,
+            "cloud_scale": self.planner.cloud_scale,
+            "overhead_ms": self.monitor.snapshot().overhead_ms,
+        }
 
     # -- one bandwidth ---------------------------------------------------------------------------------------
     def shape(self, mbit: float) -> None:
@@ -1035,21 +1311,36 @@ class Session:
         # A Replan without a plan: the edge probes the link and plans now, from its own profiles.
         plan = self.client.stub.Replan(edge_pb2.ReplanRequest(), timeout=self.args.ready_timeout_s)
         status = self.client.status()
-        link = Link(status.link.up_mbps, status.link.down_mbps, status.link.rtt_ms)
+        self.monitor.record_probe(status.link.rtt_ms, status.link.up_mbps, status.link.down_mbps)
+        time.sleep(self.args.settle_s)  # what the re-plan started (its probe's last bytes, a new session) settles
         chosen_label = plan_label(plan)
         log(
-            f"{mbit:g} Mbit/s: edge probed {link.up_mbps:.2f}/{link.down_mbps:.2f} Mbit/s, RTT {link.rtt_ms:.1f} ms;"
+            f"{mbit:g} Mbit/s: edge probed {status.link.up_mbps:.2f}/{status.link.down_mbps:.2f} Mbit/s, RTT "
+            f"{status.link.rtt_ms:.1f} ms;"
             f" planned {chosen_label} (predicted {plan.predicted.total_ms:.1f} ms)"
         )
-        cleave = self.measure(self.args.repeats)  # still under automatic planning (re-plans would show in .plans)
+        # Cleave planning by itself, in two halves: now and after the pinned candidates (re-planned then), so the
+        # drift that interleaving spreads over the candidates does not all land on, or miss, Cleave's block.
+        first = max(self.args.repeats // 2, 1)
+        cleave = self.measure(first)  # still under automatic planning (re-plans would show in .plans)
+        # Predictions with what the requests so far taught (this cell's Cleave requests, earlier cells): the
+        # overhead per request comes from the requests' wire times against the edge's probe.
+        link = Link(status.link.up_mbps, status.link.down_mbps, status.link.rtt_ms, self.monitor.snapshot().overhead_ms)
+        learned = self.corrections()
         mine = self.planner.best(link)
         picks = select(self.planner, link, self.args.cuts, self.args.top, chosen_label)
-        log(f"{mbit:g} Mbit/s: measuring {len(picks)} candidates ({self.args.cuts})")
-        measured: dict[str, Measurement] = {}
-        for label, pick in picks.items():
-            measured[label] = self.measure_pinned(pick.scored.candidate, self.args.repeats)
+        offered = self.offer_bottleneck(link, picks, mine)
+        log(f"{mbit:g} Mbit/s: measuring {len(picks)} candidates ({self.args.cuts}), interleaved")
+        measured = self.measure_pinned({k: p.scored.candidate for k, p in picks.items()}, self.args.repeats)
         confirm = self.confirm(picks, measured, chosen_label)
+        if self.args.repeats > first:
+            self.client.stub.Replan(edge_pb2.ReplanRequest(), timeout=self.args.ready_timeout_s)
+            time.sleep(self.args.settle_s)
+            self.measure(self.args.repeats - first, into=cleave)
         cell = self.cell(mbit, link, plan, cleave, picks, measured, confirm)
+        cell["corrections"] = learned
+        if offered is not None:
+            cell["bottleneck"] = self.bottleneck_record(offered, measured, confirm)
         cell["benchmark_planner_choice"] = mine.candidate.label
         cell["benchmark_planner_agrees"] = mine.candidate.label == chosen_label
         cell["seconds"] = time.monotonic() - started
@@ -1060,12 +1351,48 @@ class Session:
         )
         return cell
 
+    def offer_bottleneck(self, link: Any, picks: dict[str, Pick], best: Any) -> dict[str, Any] | None:
+        """Offer the learned bottleneck's candidate to the benchmark's planner beside its best plan: scored with the
+        same corrections, judged by the same accuracy budget (top-1 agreement with the plain model). Adds it to
+        ``picks`` (measured like the others). Returns what the planner then plans, or None without a bottleneck."""
+        if self.bottleneck is None:
+            return None
+        candidate, distortion = self.bottleneck
+        b = self.planner.budgets
+        rejected = ""
+        if b.min_top1 is not None and distortion.top1 < b.min_top1:
+            rejected = f"top-1 {distortion.top1:.2f} < {b.min_top1}"
+        elif b.max_rel_error is not None and distortion.rel_error > b.max_rel_error:
+            rejected = f"rel error {distortion.rel_error:.3g} > {b.max_rel_error}"
+        from partitioner.planner import Scored
+
+        scored = self.planner.score(candidate, link)
+        scored = Scored(candidate, scored.predicted, scored.cost_ms, distortion, rejected)
+        picks[candidate.label] = Pick(scored, ["bottleneck"], within_budget=not rejected)
+        plan = scored if not rejected and scored.cost_ms < best.cost_ms else best
+        return {"label": candidate.label, "plan": plan.candidate.label, "plan_predicted_ms": plan.predicted.total_ms}
+
+    def bottleneck_record(
+        self, offered: dict[str, Any], measured: dict[str, Measurement], confirm: dict[str, Measurement]
+    ) -> dict[str, Any]:
+        label = offered["label"]
+        m = confirm.get(label) or measured.get(label)
+        plan = confirm.get(offered["plan"]) or measured.get(offered["plan"])
+        return {
+            **offered,
+            "becomes_plan": offered["plan"] == label,
+            "top1": self.bottleneck[1].top1,
+            "bytes_up_predicted": self.bottleneck[0].bytes_up,
+            "measured_ms": m.summary()["e2e_ms"] if m and m.e2e else None,
+            "plan_measured_ms": plan.summary()["e2e_ms"] if plan and plan.e2e else None,
+        }
+
     def confirm(self, picks: dict[str, Pick], measured: dict[str, Measurement], chosen: str) -> dict[str, Measurement]:
         """Re-measure the first pass's fastest few and the chosen plan: the best of many noisy medians is biased low."""
         ranked = sorted(measured, key=lambda k: statistics.median(measured[k].e2e))
         feasible = [k for k in ranked if picks[k].within_budget]
         labels = list(dict.fromkeys([*ranked[: self.args.confirm], *feasible[: self.args.confirm], chosen]))
-        return {k: self.measure_pinned(picks[k].scored.candidate, self.args.repeats) for k in labels if k in picks}
+        return self.measure_pinned({k: picks[k].scored.candidate for k in labels if k in picks}, self.args.repeats)
 
     def cell(
         self,
@@ -1283,6 +1610,61 @@ def select(planner: Any, link: Any, cuts: str, top: int, chosen_label: str) -> d
     return dict(sorted(picks.items(), key=lambda kv: (placement_key(kv[1].scored.candidate), kv[0])))
 
 
+def is_bottleneck(candidate: Any) -> bool:
+    """Whether ``candidate`` is a learned bottleneck's latent (served by its own edge daemon in this benchmark)."""
+    return getattr(candidate, "encoding", "") == "entropy"
+
+
+def bottleneck_candidate(model: Any, bmodel: Any, cloud: Any, edge_slowdown: float, calib: Any) -> tuple[Any, Any]:
+    """The learned bottleneck's candidate for the plain ``model``'s planner, and its distortion against that model.
+
+    ``bmodel``: the model with the bottleneck inserted; ``cloud``: the cloud's profile of it. E and C come from that
+    profile, the head's part scaled by ``edge_slowdown`` (the edge's whole-model time over the cloud's, from their
+    profiles of the plain model); bytes from range-coding the latent of the calibration photos. Distortion: top-1
+    agreement and relative output error of ``bmodel`` against ``model`` on those photos, which is what the accuracy
+    budget means for every other candidate.
+    """
+    import torch
+
+    from edge_node.config import AutoPlanSettings
+    from partitioner.costmodel import ENTROPY, CostModel
+    from partitioner.planner import Distortion
+    from partitioner.profile import scaled
+
+    edge = scaled(cloud, edge_slowdown, host="edge (the cloud's profile scaled)")
+    samples = calib[: AutoPlanSettings().byte_samples]
+    cost = CostModel.measure(bmodel, edge, cloud, samples, feature_encodings=(), input_encodings=())
+    candidate = next(c for c in cost.candidates((), (), include_uncompressed=False) if c.encoding == ENTROPY)
+    with torch.inference_mode():
+        ref, out = model.module(calib), bmodel.module(calib)
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    top1 = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    return candidate, Distortion(rel, top1)
+
+
+def load_bottleneck(model: Any, args: argparse.Namespace, edge_slowdown: float, calib: Any) -> tuple[Any, Any]:
+    """:func:`bottleneck_candidate` for ``--bottleneck-entry``, the cloud profiling the bottlenecked model (asked over
+    ``Profile``, as the edge asks for the plain one)."""
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec
+    from partitioner.profile import from_proto
+    from protos.cleave.v1 import split_inference_pb2 as si_pb2
+    from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+    from runtime.serving import open_channel
+
+    spec = ModelSpec.from_dict(json.loads(args.bottleneck_entry))
+    bmodel = LoadedModel.load(spec)
+    reply = si_grpc.SplitInferenceStub(open_channel(args.cloud)).Profile(
+        si_pb2.ProfileRequest(model=bmodel.name, input_shape=list(spec.input_shape)), timeout=600
+    )
+    candidate, distortion = bottleneck_candidate(model, bmodel, from_proto(reply), edge_slowdown, calib)
+    log(
+        f"bottleneck {candidate.label}: {candidate.bytes_up} B, top-1 agreement {distortion.top1:.2f} with the plain"
+        " model"
+    )
+    return candidate, distortion
+
+
 def edge_profile(model: Any) -> Any:
     """The profile the edge daemon measured of itself, read from its cache directory (this driver's CLEAVE_CACHE).
 
@@ -1340,6 +1722,9 @@ def drive(args: argparse.Namespace) -> int:
     log(f"edge planned after {time.monotonic() - started:.0f} s: {status.plan.reason}")
     session = Session(args)
     session.build_planner()
+    # A device serves before anyone measures it: a few requests under the edge's first plan teach both planners
+    # what serving costs here (the edge's speed against its profile, the per-request overhead).
+    session.measure(args.repeats)
     result: dict[str, Any] = {"model": session.spec.name, **session.info, "bandwidths": []}
     for mbit in args.bandwidths:
         result["bandwidths"].append(session.run_bandwidth(mbit))
@@ -1357,8 +1742,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cmd",
         nargs="?",
         default="run",
-        choices=["run", "drive", "report", "calibrate", "prewarm", "cloudprofile"],
-        help="run (default); report: table and plots again from the JSON; drive: internal (the driver)",
+        choices=["run", "drive", "report", "stages", "calibrate", "prewarm", "cloudprofile", "waitready"],
+        help="run (default); report: table and plots again from the JSON; stages: predicted vs measured per stage; "
+        "drive: internal (the driver)",
     )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
     p.add_argument(
@@ -1367,9 +1753,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bandwidths", default=",".join(f"{b:g}" for b in BANDWIDTHS), help="Mbit/s, comma-separated")
     p.add_argument("--cuts", default="6", help='"all", or N: N evenly spaced cuts + --top + baselines (default 6)')
     p.add_argument("--top", type=int, default=3, help="with --cuts N: also the planner's top placements")
-    p.add_argument("--repeats", type=int, default=3, help="measured requests per candidate (median)")
-    p.add_argument("--warmup", type=int, default=1, help="requests per candidate before measuring")
-    p.add_argument("--confirm", type=int, default=3, help="fastest candidates re-measured with the chosen plan")
+    p.add_argument("--repeats", type=int, default=4, help="measured requests per candidate (median)")
+    p.add_argument(
+        "--passes", type=int, default=2, help="round-robin passes over a cell's candidates; repeats split among them"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="requests per candidate and pass before measuring")
+    p.add_argument("--settle-s", type=float, default=1.0, help="pause after each re-plan before measuring")
+    p.add_argument("--confirm", type=int, default=2, help="fastest candidates re-measured with the chosen plan")
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay added by the relay (RTT += 2x)")
     p.add_argument(
         "--speeds",
@@ -1389,9 +1779,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfs-period-ms", type=float, default=10.0, help="CFS period of the edge's CPU quota")
     p.add_argument("--edge-threads", type=int, default=1, help="edge daemon torch threads")
     p.add_argument(
+        "--cloud-cores", default="", help='cores for the cloud daemon and the relay (taskset list, "0"; default: any)'
+    )
+    p.add_argument(
+        "--edge-cores", default="", help='cores for the edge daemon, its calibration and the driver ("1"; default: any)'
+    )
+    p.add_argument(
         "--cloud-threads", type=int, default=1, help="cloud daemon torch threads (default 1: one core; 0: torch's)"
     )
     p.add_argument("--size", type=int, default=224, help="input height and width")
+    p.add_argument(
+        "--bottleneck",
+        type=Path,
+        help="artifacts of a bottleneck compression job (docs/bottleneck.md): its latent is a candidate, served by a "
+        "second edge daemon under the same quota and offered to the planner",
+    )
     p.add_argument("--candidate-budget-s", type=float, default=8.0, help="stop a candidate's repeats after this")
     p.add_argument("--request-timeout-s", type=float, default=120.0, help="per request (and the edge's deadline)")
     p.add_argument("--ready-timeout-s", type=float, default=900.0, help="for the edge daemon's first plan")
@@ -1402,6 +1804,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edge", help=argparse.SUPPRESS)
     p.add_argument("--cloud", help=argparse.SUPPRESS)
     p.add_argument("--entry", help=argparse.SUPPRESS)
+    p.add_argument("--bottleneck-edge", default="", help=argparse.SUPPRESS)
+    p.add_argument("--bottleneck-entry", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.bandwidths = [float(b) for b in args.bandwidths.split(",") if b]
@@ -1425,11 +1829,16 @@ def main(argv: list[str] | None = None) -> int:
         return prewarm_child(args)
     if args.cmd == "cloudprofile":
         return cloud_profile_child(args)
+    if args.cmd == "waitready":
+        return wait_ready_child(args)
     if args.cmd == "report":
         report = json.loads(args.out.with_suffix(".json").read_text())
         write_results(report, args.out)
         print_table(report)
         plot_all(report, args.out)
+        return 0
+    if args.cmd == "stages":
+        print_stage_errors(json.loads(args.out.with_suffix(".json").read_text()))
         return 0
     return run(args)
 

@@ -283,9 +283,18 @@ def placement_real(d: Json) -> list[list[str]]:
                     plan_label(c["best_alternative"]["label"]),
                     x(c.get("speedup_over_best_alternative")),
                     "yes" if c.get("oracle_is_split") else "no",
+                    bottleneck_cell(c.get("bottleneck")),
                 ]
             )
     return rows
+
+
+def bottleneck_cell(b: Json | None) -> str:
+    """The learned bottleneck's latent in a placement cell (``--bottleneck``): its measured ms, its top-1 agreement
+    with the plain model, and whether the planner, offered it, makes it the plan."""
+    if not b:
+        return "-"
+    return f"{f(b.get('measured_ms'))}, top-1 {b['top1']:.2f}" + (", the plan" if b.get("becomes_plan") else "")
 
 
 def placement_real_summary(d: Json) -> list[list[str]]:
@@ -665,6 +674,7 @@ TABLES: dict[str, Table] = {
             "best alternative",
             "speed-up",
             "oracle a split",
+            "learned bottleneck",
         ),
     ),
     "placement_real_summary": Table(("placement_real.json",), placement_real_summary, ("measure", "value")),

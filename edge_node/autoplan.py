@@ -60,10 +60,11 @@ REPLAN_TIMEOUT_S = 120.0  # how long Edge.Replan waits for the planning thread's
 class _Observation:
     """What one answered request measured, for the planner (posted by the request's thread)."""
 
-    cut_index: int
+    cut_index: int  # -1: edge-only
     spec: EncodingSpec
     cloud_compute_ms: float
     bytes_up: int
+    edge_compute_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,17 @@ class AutoPlanner:
     def _observe(self, outcome: Outcome) -> None:
         """Every answered request (on its own thread): post what it measured to the planning thread."""
         plan = outcome.plan
-        if not self._ready.is_set() or plan.cut is None or outcome.placement == Placement.LOCAL_FALLBACK:
+        if not self._ready.is_set() or outcome.placement == Placement.LOCAL_FALLBACK:
             return
-        observation = _Observation(plan.cut.index, plan.spec, outcome.timing.cloud_compute_ms, outcome.bytes_up)
+        edge_ms = outcome.timing.edge_compute_ms
+        if outcome.placement == Placement.EDGE_ONLY:
+            observation = _Observation(-1, plan.spec, 0.0, 0, edge_ms)
+        elif plan.cut is None:
+            return
+        else:
+            observation = _Observation(
+                plan.cut.index, plan.spec, outcome.timing.cloud_compute_ms, outcome.bytes_up, edge_ms
+            )
         try:
             self._inbox.put_nowait(observation)
         except queue.Full:
@@ -161,6 +170,10 @@ class AutoPlanner:
         planner = self.planner
         if planner is None:
             return
+        if observation.cut_index != 0:  # a head ran here (cloud-only sends the input as it is)
+            planner.observe_edge(observation.cut_index, observation.edge_compute_ms)
+        if observation.cut_index < 0:
+            return  # edge-only: nothing crossed
         planner.observe_cloud(observation.cut_index, observation.cloud_compute_ms)
         candidate = self._by_plan.get((observation.cut_index, observation.spec))
         if candidate is not None:  # also under a manual pin: bytes depend on the inputs, not on who chose
@@ -233,14 +246,15 @@ class AutoPlanner:
     def measure_link(self) -> Link:
         result = probe_link(self.stub)
         self.monitor.record_probe(result.rtt_ms, result.up_mbps, result.down_mbps)
-        return Link(result.up_mbps, result.down_mbps, result.rtt_ms)
+        # The probe measures the link's rates; the per-request overhead comes from requests served so far.
+        return Link(result.up_mbps, result.down_mbps, result.rtt_ms, self.monitor.snapshot().overhead_ms)
 
     def current_link(self) -> Link:
         """The live estimate, refreshed by an active probe when traffic has not measured it lately."""
         if time.monotonic() - self.monitor.updated > self.settings.probe_interval_s:
             return self.measure_link()
         e = self.monitor.snapshot()
-        return Link(max(e.up_mbps, 1e-3), max(e.down_mbps, 1e-3), e.rtt_ms)
+        return Link(max(e.up_mbps, 1e-3), max(e.down_mbps, 1e-3), e.rtt_ms, e.overhead_ms)
 
     def choose(self, link: Link) -> Scored:
         assert self.planner is not None

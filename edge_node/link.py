@@ -15,6 +15,7 @@ class LinkEstimate:
     up_mbps: float = 0.0
     down_mbps: float = 0.0
     samples: int = 0
+    overhead_ms: float = 0.0  # what a request spends on the wire beyond one RTT and its bytes at the probed rates
 
 
 class LinkMonitor:
@@ -26,14 +27,26 @@ class LinkMonitor:
     request yet follows a real step change (a link dropping 100x) within a few requests, where a
     slow moving average would take dozens. Requests too small to say anything about bandwidth are
     ignored. An active probe is a deliberate measurement over more bytes: it replaces the window.
+
+    A request also pays a fixed cost that a probe does not see: its messages' framing and flow
+    control, the serving threads on both sides (slow on a throttled device). Measured against the
+    last probe's rates, what a request spent beyond one RTT and its bytes is that overhead (median
+    of the last ``window``); it is kept apart from the bandwidth, so a small request's time does not
+    read as a slow link, and the planner adds it to every request that goes to the cloud. A residual
+    over ``OVERHEAD_CAP_RTTS`` RTTs (at least ``OVERHEAD_CAP_MS``) is the link changing, not
+    overhead: it counts as bandwidth only.
     """
 
     MIN_BYTES = 16 << 10
+    OVERHEAD_CAP_RTTS = 2.0
+    OVERHEAD_CAP_MS = 10.0
 
     def __init__(self, window: int = 5) -> None:
         self._rtt: deque[float] = deque(maxlen=window)
         self._up: deque[float] = deque(maxlen=window)
         self._down: deque[float] = deque(maxlen=window)
+        self._overhead: deque[float] = deque(maxlen=window)
+        self._probed: tuple[float, float] | None = None  # the last probe's (up, down) Mbit/s
         self._samples = 0
         self._lock = threading.Lock()
         self.updated = 0.0  # monotonic time of the last throughput measurement (probe or traffic)
@@ -47,6 +60,7 @@ class LinkMonitor:
             for window, value in ((self._rtt, rtt_ms), (self._up, up_mbps), (self._down, down_mbps)):
                 window.clear()
                 window.append(value)
+            self._probed = (up_mbps, down_mbps) if up_mbps > 0 and down_mbps > 0 else None
             self._samples += 1
             self.updated = time.monotonic()
 
@@ -54,6 +68,12 @@ class LinkMonitor:
         """``wire_ms``: round trip minus the cloud's processing time."""
         with self._lock:
             rtt = statistics.median(self._rtt) if self._rtt else 0.0
+            if self._probed is not None:
+                up, down = self._probed
+                residual = wire_ms - rtt - bytes_up * 8 / (up * 1e3) - bytes_down * 8 / (down * 1e3)
+                if residual <= max(self.OVERHEAD_CAP_RTTS * rtt, self.OVERHEAD_CAP_MS):
+                    self._overhead.append(max(residual, 0.0))
+            wire_ms -= statistics.median(self._overhead) if self._overhead else 0.0
             if wire_ms - rtt < max(1.0, 0.25 * rtt):
                 return  # the transfer hid inside the RTT (or timer noise): it says nothing about bandwidth
             seconds = (wire_ms - rtt) / 1e3
@@ -89,4 +109,5 @@ class LinkMonitor:
                 statistics.median(self._up) if self._up else 0.0,
                 statistics.median(self._down) if self._down else 0.0,
                 self._samples,
+                statistics.median(self._overhead) if self._overhead else 0.0,
             )

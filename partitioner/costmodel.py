@@ -57,15 +57,21 @@ SPLIT = Placement.SPLIT
 
 @dataclass(frozen=True)
 class Link:
-    """A link as the planner sees it."""
+    """A link as the planner sees it.
+
+    ``overhead_ms``: what each request spends on the wire beyond one RTT and its bytes at these rates
+    (framing, flow control, the serving threads at both ends), measured from live requests; predicted
+    in every request that goes to the cloud, inside ``Breakdown.rtt_ms``.
+    """
 
     up_mbps: float
     down_mbps: float
     rtt_ms: float
+    overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.up_mbps <= 0 or self.down_mbps <= 0 or self.rtt_ms < 0:
-            raise ValueError(f"link: bandwidths must be > 0 and RTT >= 0, got {self}")
+        if self.up_mbps <= 0 or self.down_mbps <= 0 or self.rtt_ms < 0 or self.overhead_ms < 0:
+            raise ValueError(f"link: bandwidths must be > 0, RTT and overhead >= 0, got {self}")
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,7 @@ class Candidate:
             edge_ms=self.edge_ms,
             encode_ms=self.encode_ms,
             upload_ms=self.bytes_up * 8 / (link.up_mbps * 1e6) * 1e3,
-            rtt_ms=link.rtt_ms,
+            rtt_ms=link.rtt_ms + link.overhead_ms,
             decode_ms=self.decode_ms,
             cloud_ms=self.cloud_ms,
             download_ms=self.bytes_down * 8 / (link.down_mbps * 1e6) * 1e3,

@@ -100,11 +100,10 @@ class LatencyCurve:
             if 0 <= index < len(self._prefix) and self._prefix[index] < end:
                 anchors[self._prefix[index]] = min(ms, profile.total_ms)
         xs = sorted(anchors)
-        ys = [anchors[x] for x in xs]
-        # Head time never decreases with k; clamp noise so the curve stays monotone.
-        for i in range(1, len(ys)):
-            ys[i] = max(ys[i], ys[i - 1])
-        self._xs, self._ys = xs, ys
+        # Head time never decreases with k. Noisy anchors are made monotone by their least-squares monotone fit,
+        # which pools a high outlier with the lower anchors after it; carrying the running maximum forward instead
+        # let one slow head measurement flatten every later head (and so every later tail) to its value.
+        self._xs, self._ys = xs, monotone_fit([anchors[x] for x in xs])
 
     def head_ms(self, index: int) -> float:
         """Edge compute for cut ``index`` (nodes 0..index)."""
@@ -122,6 +121,17 @@ class LatencyCurve:
     def tail_ms(self, index: int) -> float:
         """Cloud compute for cut ``index`` (nodes index+1..end)."""
         return max(self.total_ms - self.head_ms(index), 0.0)
+
+
+def monotone_fit(values: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2]
+    return [m for m, n in blocks for _ in range(int(n))]
 
 
 @functools.cache
@@ -173,6 +183,27 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int, between: Call
 
 def _nothing() -> None:
     pass
+
+
+def interleaved_ms(
+    parts: dict[int, Callable[[object], object]], x: object, rounds: int, between: Callable[[], None] | None = None
+) -> dict[int, float]:
+    """Median wall time in ms of each ``parts[k](x)``, timed in ``rounds`` rounds that run every part once.
+
+    One warm-up round first. Timing the parts round-robin rather than one after another puts every part under
+    the same conditions: a host whose speed drifts (other work, a CPU quota's periods, frequency) moves all of
+    them together, so their ratios, which is what the latency curve uses, stay right.
+    """
+    between = between or _nothing
+    samples: dict[int, list[float]] = {k: [] for k in parts}
+    for r in range(rounds + 1):
+        for k, fn in parts.items():
+            between()
+            started = time.perf_counter()
+            fn(x)
+            if r:
+                samples[k].append((time.perf_counter() - started) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def sample_cut_indices(model: LoadedModel, count: int) -> list[int]:
@@ -251,10 +282,11 @@ def profile_model(
             out_bytes = [runs[0].sizes.get(name, 0) for name in names]
         else:  # opaque graph: one node, the whole model
             names, node_ms, out_bytes = ["input", "output"], [0.0, total], [_nbytes(x), 0]
-        heads = {}
-        for index in sample_cut_indices(model, head_samples):
-            _, head, _ = model.parts(index)
-            heads[index] = median_ms(lambda head=head: head(x), max(repeats // 2, 3), 1, between)
+        # The whole model (key -1) is timed in the same rounds as the heads: the curve's end anchor and its other
+        # anchors then come from the same conditions (timed apart, a faster whole-model run flattened the tails).
+        parts = {-1: module, **{index: model.parts(index)[1] for index in sample_cut_indices(model, head_samples)}}
+        heads = interleaved_ms(parts, x, max(repeats // 2, 3), between)
+        total = heads.pop(-1)
     return Profile(
         model=model.name,
         fingerprint=model.fingerprint,
@@ -294,6 +326,11 @@ def cpu_quota() -> str:
     return "none"
 
 
+#: Bumped when how a profile is measured changes, so cached profiles are measured again (2: heads and the whole model
+#: timed round-robin).
+PROFILE_VERSION = 2
+
+
 def cache_key(model: LoadedModel, batch: int, role: str = "", input_shape: Sequence[int] | None = None) -> str:
     """The cache entry of ``model``'s profile here: everything that changes its timings is in it."""
     x = model.graph.example_input
@@ -308,6 +345,7 @@ def cache_key(model: LoadedModel, batch: int, role: str = "", input_shape: Seque
         str(batch),
         "x".join(str(int(d)) for d in sample),
         str(x.dtype),
+        str(PROFILE_VERSION),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 

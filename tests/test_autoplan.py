@@ -136,3 +136,35 @@ def test_cloud_replies_teach_the_planner_about_the_candidate_that_served_them() 
     assert planner.cloud_scale == pytest.approx(2.0)
     assert planner.score(split, link).predicted.upload_ms == pytest.approx(3 * split.predict(link).upload_ms)
     assert planner.byte_scale(cloud_only) == 1.0
+
+
+def test_requests_served_on_the_edge_teach_the_planner_the_devices_real_speed() -> None:
+    """Edge-only and split requests report their edge compute; cloud-only ones ran no head and say nothing."""
+    from types import SimpleNamespace
+
+    from compressor import EncodingSpec
+    from edge_node.autoplan import AutoPlanner
+    from edge_node.config import AutoPlanSettings
+    from edge_node.runtime import ActivePlan, Counters, Outcome
+    from partitioner.costmodel import EDGE_ONLY, Link
+    from partitioner.placement import Placement
+    from partitioner.planner import Planner
+
+    from .test_planner import synthetic_cost
+
+    runtime = SimpleNamespace(counters=Counters())
+    auto = AutoPlanner(None, runtime, None, None, AutoPlanSettings())  # type: ignore[arg-type]
+    auto._thread = SimpleNamespace(start=lambda: None)  # listen, without the planning loop
+    auto.start()
+    auto.use(planner := Planner(synthetic_cost()))
+    edge_only = next(c for c in planner.candidates if c.kind == EDGE_ONLY)
+    local = ActivePlan(Placement.EDGE_ONLY, None, EncodingSpec(), None, None)
+    cloud = ActivePlan(Placement.CLOUD_ONLY, SimpleNamespace(index=0), EncodingSpec.parse("int8c"), None, None)
+    for _ in range(3):
+        timing = edge_pb2.StageTiming(edge_compute_ms=edge_only.edge_ms * 1.3, total_ms=edge_only.edge_ms * 1.3)
+        runtime.counters.record(Outcome([], Placement.EDGE_ONLY, local, timing))
+        runtime.counters.record(Outcome([], Placement.CLOUD_ONLY, cloud, edge_pb2.StageTiming(edge_compute_ms=0.05)))
+    while not auto._inbox.empty():
+        auto._handle(auto._inbox.get_nowait())
+    assert planner.edge_scale == pytest.approx(1.3)
+    assert planner.score(edge_only, Link(10, 10, 5.0)).cost_ms == pytest.approx(1.3 * edge_only.edge_ms)

@@ -44,3 +44,20 @@ def test_a_request_that_times_out_bounds_the_uplink() -> None:
     assert snap.up_mbps == pytest.approx(0.1)
     assert snap.samples == before + 1
     assert snap.down_mbps == 100.0  # nothing was learnt about the downlink
+
+
+def test_a_fixed_cost_per_request_is_kept_apart_from_the_bandwidth() -> None:
+    """Small requests that each pay 10 ms more than the probe's RTT and rates: overhead, not a slow link."""
+    monitor = LinkMonitor(window=5)
+    monitor.record_probe(rtt_ms=10.0, up_mbps=20.0, down_mbps=20.0)
+    nbytes = 50_000  # 20 ms at 20 Mbit/s
+    for _ in range(5):
+        monitor.record_transfer(nbytes, 2_000, wire_ms=10.0 + 20.0 + 0.8 + 10.0)
+    snap = monitor.snapshot()
+    assert snap.overhead_ms == pytest.approx(10.0)
+    assert snap.up_mbps == pytest.approx(20.0 * 20.0 / 20.8, rel=0.01)  # without it: 9.8 Mbit/s
+    # A residual far over the RTT is the link changing: bandwidth, not overhead.
+    for _ in range(3):
+        monitor.record_transfer(nbytes, 2_000, wire_ms=10.0 + 400.0)
+    snap = monitor.snapshot()
+    assert snap.overhead_ms == pytest.approx(10.0) and snap.up_mbps < 1.1

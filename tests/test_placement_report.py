@@ -70,3 +70,180 @@ def test_append_keeps_the_other_speeds(placement, tmp_path: Path) -> None:
     merged = placement.appended_to(path, new, ["efficientnet_lite0_pretrained"], [30.0])
     assert [m["speed"] for m in merged["models"]] == [4]  # 30x is measured again
     assert merged["config"]["speeds"] == [4, 30.0] and merged["config"]["speed_calibration"] == {"m": {"old": 1}}
+
+
+def test_candidates_are_measured_round_robin_with_a_warm_up_after_each_pin(placement) -> None:
+    """Two passes over three candidates: A B C A B C, each pin followed by its warm-up, then its share of requests."""
+    from types import SimpleNamespace
+
+    from protos.cleave.v1 import edge_pb2
+
+    events: list[str] = []
+
+    class Client:
+        def pin(self, where, encoding) -> None:
+            events.append(f"pin {where}")
+
+        def infer(self, x, timeout):
+            events.append("request")
+            timing = edge_pb2.StageTiming(edge_compute_ms=1.0, total_ms=1.0)
+            return SimpleNamespace(timing=timing, placement=edge_pb2.EDGE_ONLY, plan=edge_pb2.Plan(), bytes_up=0)
+
+    observed = []
+    session = placement.Session.__new__(placement.Session)
+    session.args = SimpleNamespace(passes=2, warmup=1, candidate_budget_s=60.0, request_timeout_s=5.0)
+    session.client, session._n = Client(), 0
+    session.inputs = [SimpleNamespace(unsqueeze=lambda _: None)]  # stands for an image
+    session.planner = SimpleNamespace(observe_edge=lambda cut, ms: observed.append((cut, ms)))
+    candidates = {k: SimpleNamespace(kind="split", cut_index=i, encoding="int8") for i, k in enumerate("ABC", 1)}
+    measured = session.measure_pinned(candidates, repeats=5)
+    pins = [e for e in events if e.startswith("pin")]
+    assert pins == ["pin 1", "pin 2", "pin 3"] * 2  # interleaved, not all of A's requests first
+    # Pass 1 takes 3 of the 5 repeats, pass 2 the other 2; each pin is followed by one warm-up request.
+    first = events.index("pin 2")
+    assert events[:first] == ["pin 1", "request", "request", "request", "request"]
+    assert all(m.summary()["samples"] == 5 for m in measured.values())
+    assert len(observed) == 3 * (5 + 2)  # every answer, warm-ups included, teaches the planner
+
+
+def test_the_edges_cpu_quota_is_checked_per_cell(placement, tmp_path: Path) -> None:
+    before = {"quota_us": 2000, "period_us": 10000, "nr_periods": 100, "nr_throttled": 10, "throttled_time": 0}
+    after = {**before, "nr_periods": 600, "nr_throttled": 260, "throttled_time": 2 * 10**9, "usage_ns": 10**9}
+    check = placement.cpu_check({**before, "usage_ns": 0}, after, seconds=5.0)
+    assert check["quota_cores"] == pytest.approx(0.2) and check["period_ms"] == 10.0
+    assert check["throttled_share"] == pytest.approx(0.5) and check["throttled_s"] == pytest.approx(2.0)
+    assert check["cpu_cores_used"] == pytest.approx(0.2)
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "cpu.cfs_quota_us").write_text("2000\n")
+    (cg / "cpu.cfs_period_us").write_text("10000\n")
+    (cg / "cpu.stat").write_text("nr_periods 7\nnr_throttled 3\nthrottled_time 99\n")
+    assert placement.cgroup_cpu(cg) == {
+        "quota_us": 2000,
+        "period_us": 10000,
+        "nr_periods": 7,
+        "nr_throttled": 3,
+        "throttled_time": 99,
+    }
+
+
+def _offer(placement, distortion, mbit: float) -> tuple[dict, dict]:
+    from types import SimpleNamespace
+
+    from partitioner.costmodel import SPLIT, Candidate, Link
+    from partitioner.planner import Budgets, Planner
+
+    from .test_planner import synthetic_cost
+
+    session = placement.Session.__new__(placement.Session)
+    session.planner = Planner(synthetic_cost(), Budgets(min_top1=0.99, max_rel_error=0.05))
+    # A latent of 300 bytes after a head as long as the synthetic model's cut 2, the tail as long as its rest.
+    cut2 = next(c for c in session.planner.candidates if c.kind == SPLIT and c.cut_index == 2)
+    latent = Candidate(SPLIT, 40, "bottleneck_latent", "entropy", 300, 400, cut2.edge_ms, 0.5, 0.2, cut2.cloud_ms, 0)
+    session.bottleneck = (latent, distortion)
+    link = Link(mbit, mbit, 5.0)
+    best = session.planner.best(link)
+    picks: dict = {}
+    offered = session.offer_bottleneck(link, picks, best)
+    assert offered is not None and picks[latent.label].reasons == ["bottleneck"]  # measured like the others
+    session.args = SimpleNamespace()
+    return offered, picks[latent.label].__dict__
+
+
+def test_a_bottleneck_within_the_budget_is_offered_to_the_planner_and_wins_on_a_slow_link(placement) -> None:
+    from partitioner.planner import Distortion
+
+    offered, pick = _offer(placement, Distortion(0.01, 1.0), mbit=0.5)
+    assert offered["plan"] == "bottleneck_latent#40 entropy" and pick["within_budget"]
+    offered, _ = _offer(placement, Distortion(0.01, 1.0), mbit=1000.0)
+    assert offered["plan"] != "bottleneck_latent#40 entropy"  # on a fast link its head costs more than it saves
+    # Out of the accuracy budget (top-1 agreement with the plain model), it is measured but never the plan.
+    offered, pick = _offer(placement, Distortion(0.3, 0.5), mbit=0.5)
+    assert offered["plan"] != "bottleneck_latent#40 entropy" and not pick["within_budget"]
+    assert pick["scored"].rejected == "top-1 0.50 < 0.99"
+
+
+@pytest.mark.slow
+def test_a_trained_bottleneck_becomes_a_candidate_of_the_plain_models_planner(placement, tmp_path: Path) -> None:
+    """A small bottleneck trained with the engine's API: its latent's bytes, E and C, and its top-1 agreement."""
+    import torch
+    from safetensors.torch import save_file
+
+    from compressor import EncodingSpec, encode
+    from partitioner import bottleneck as bn
+    from partitioner.graph import trace
+    from partitioner.loaded import LoadedModel
+    from partitioner.models import ModelSpec, fingerprint
+    from partitioner.profile import profile_model
+    from tests.support import tiny_bottleneck as small
+
+    torch.set_num_threads(1)
+    cut = "layer1_1_relu_1"
+    classifier = small.classifier()
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    x, _, _ = small.images()
+    train_idx, held_idx = small.split()
+    graph = trace(classifier, x[:1])
+    head, tail = graph.split(cut)
+    trained = bn.train(
+        head,
+        tail,
+        bn.augment(x[train_idx], 2, seed=1),
+        bn.BottleneckConfig(channels=64),
+        bn.TrainConfig(rate_weight=0.02, max_steps=20, budget_s=30),
+        cut=(graph.cut(cut).index, cut),
+    )
+    base = {"fingerprint": fingerprint(classifier), "source": "resnet18", "input_shape": list(small.SHAPE)}
+    bn.save(trained, tmp_path / "bneck", base)
+    spec = {"name": "rn", "source": "resnet18", "weights": str(tmp_path / "model.safetensors")}
+    spec |= {"input_shape": list(small.SHAPE), "num_classes": 4}
+    plain = LoadedModel.load(ModelSpec.from_dict(spec))
+    bspec = placement.bottleneck_entry(spec, tmp_path / "bneck")
+    assert bspec["name"] == "rn_bneck" and bspec["bottleneck"] == str((tmp_path / "bneck").resolve())
+    bmodel = LoadedModel.load(ModelSpec.from_dict(bspec))
+    cloud = profile_model(bmodel, repeats=3, warmup=1, head_samples=3)
+    calib = x[held_idx][:6]
+    candidate, distortion = placement.bottleneck_candidate(plain, bmodel, cloud, 4.0, calib)
+
+    assert candidate.label.startswith("bottleneck_latent#") and candidate.encoding == "entropy"
+    index = candidate.cut_index
+    assert candidate.edge_ms == pytest.approx(4.0 * cloud.curve().head_ms(index))  # the cloud's head, 4x slower
+    assert candidate.cloud_ms == pytest.approx(cloud.curve().tail_ms(index))
+    # Bytes: the range-coded latent of the calibration images the edge measures bytes on (median), as it will send it.
+    import statistics
+
+    from edge_node.config import AutoPlanSettings
+
+    _, latent_head, _ = bmodel.parts(index)
+    spec_e, n = EncodingSpec.parse("entropy"), AutoPlanSettings().byte_samples
+    with torch.inference_mode():
+        sizes = [
+            sum(encode(v, spec_e, bmodel.entropy_tables).ByteSize() for v in latent_head(calib[i : i + 1]))
+            for i in range(n)
+        ]
+        agree = (bmodel.module(calib).argmax(-1) == plain.module(calib).argmax(-1)).float().mean().item()
+    assert candidate.bytes_up == int(statistics.median(sizes))
+    assert candidate.bytes_up < 0.5 * 64 * 8 * 8  # far under int8 features at that cut
+    assert distortion.top1 == pytest.approx(agree) and distortion.rel_error >= 0
+
+
+def test_stage_errors_say_which_stage_a_prediction_missed(placement) -> None:
+    """A cloud that takes 12 ms more than predicted, everything else on time: the cloud stage says so."""
+
+    def candidate(kind: str, edge: float, cloud: float) -> dict:
+        predicted = {"edge_ms": edge, "encode_ms": 1.0, "upload_ms": 10.0, "rtt_ms": 10.0, "download_ms": 1.0}
+        predicted |= {"decode_ms": 0.5, "cloud_ms": cloud}
+        stages = {"edge_ms": edge, "encode_ms": 1.0, "link_ms": 21.0, "decode_ms": 0.5, "cloud_ms": cloud + 12.0}
+        stages["result_decode_ms"] = 0.0
+        total = sum(stages.values())
+        measured = {"samples": 4, "stages_ms": stages, "edge_ms": total, "e2e_ms": total + 3.0}
+        return {"kind": kind, "predicted": predicted, "predicted_ms": total - 12.0, "measured": measured}
+
+    cells = [{"candidates": [candidate("split", 50.0, 10.0), candidate("cloud", 0.0, 30.0)]}]
+    errors = placement.stage_errors({"models": [run(4.0, cells)]})
+    stages = errors["efficientnet_lite0_pretrained 4x (3.9x)"]
+    assert stages["cloud"]["meas_minus_pred_ms"] == pytest.approx(12.0)
+    assert stages["link"]["meas_minus_pred_ms"] == pytest.approx(0.0)
+    assert stages["edge"]["n"] == 1  # cloud-only has no head to judge
+    assert stages["client"]["meas_minus_pred_ms"] == pytest.approx(3.0)
+    assert stages["other"]["meas_minus_pred_ms"] == pytest.approx(0.0)

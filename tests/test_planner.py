@@ -271,3 +271,50 @@ def test_quantized_heads_enter_the_search_over_cuts() -> None:
     assert Planner(quantized).best(link).candidate.cut_index > Planner(cost).best(link).candidate.cut_index
     with pytest.raises(ValueError, match="speedups"):
         cost.with_quantized_heads({})
+
+
+def test_edge_timings_from_requests_rescale_every_head_and_edge_only() -> None:
+    planner = Planner(synthetic_cost())
+    link = Link(20, 20, 5.0)
+    split = next(c for c in planner.candidates if c.kind == SPLIT and c.cut_index == 2 and c.encoding == "int8")
+    edge_only = next(c for c in planner.candidates if c.kind == EDGE_ONLY)
+    cloud_only = next(c for c in planner.candidates if c.kind == CLOUD_ONLY)
+    for _ in range(2):
+        planner.observe_edge(-1, edge_only.edge_ms * 1.5)
+    assert planner.score(edge_only, link).cost_ms == edge_only.predict(link).total_ms  # two are not enough
+    planner.observe_edge(-1, edge_only.edge_ms * 1.5)
+    assert planner.score(edge_only, link).cost_ms == pytest.approx(1.5 * edge_only.edge_ms)
+    # The device is slower at every cut, not only where it was measured; the cloud's share is untouched.
+    after = planner.score(split, link).predicted
+    assert after.edge_ms == pytest.approx(1.5 * split.edge_ms)
+    assert after.cloud_ms == split.cloud_ms and after.upload_ms == split.predict(link).upload_ms
+    assert planner.score(cloud_only, link).predicted == cloud_only.predict(link)  # no head, nothing to scale
+    planner.observe_edge(2, 0.0)  # nothing measured: ignored
+    assert planner.edge_scale == pytest.approx(1.5)
+
+
+def test_a_per_request_overhead_counts_against_every_placement_that_sends() -> None:
+    cost = synthetic_cost()
+    planner = Planner(cost)
+    plain, slow = Link(50, 50, 2.0), Link(50, 50, 2.0, overhead_ms=30.0)
+    edge_only = next(c for c in planner.candidates if c.kind == EDGE_ONLY)
+    for c in planner.candidates:
+        extra = 0.0 if c.kind == EDGE_ONLY else 30.0
+        assert c.predict(slow).total_ms == pytest.approx(c.predict(plain).total_ms + extra)
+    # Without the overhead a split wins; paying 30 ms a request, the device keeps everything.
+    assert planner.best(plain).candidate.kind != EDGE_ONLY
+    assert planner.best(slow).candidate == edge_only
+    with pytest.raises(ValueError, match="overhead"):
+        Link(1, 1, 1, overhead_ms=-1.0)
+
+
+def test_noisy_head_anchors_do_not_flatten_the_tails_after_them() -> None:
+    # Five equal nodes; the head at node 2 was timed high (30 ms where the others say ~20-25).
+    anchors = {1: 10.0, 2: 30.0, 3: 20.0, 4: 30.0}
+    profile = Profile("m", "f", "h", "t", 1, 1, list("abcdef"), [0.0] + [10.0] * 5, [0] * 6, anchors, 50.0)
+    curve = LatencyCurve(profile)
+    heads = [curve.head_ms(i) for i in range(6)]
+    assert heads == sorted(heads)  # still monotone
+    # The outlier is pooled with the low anchor after it (least squares), not carried forward to node 4.
+    assert curve.head_ms(2) == pytest.approx(25.0) and curve.head_ms(3) == pytest.approx(25.0)
+    assert curve.head_ms(4) == pytest.approx(30.0) and curve.tail_ms(3) > curve.tail_ms(4)

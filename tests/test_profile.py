@@ -142,3 +142,31 @@ def test_cloud_profiles_at_the_input_shape_asked(cloud) -> None:
             stub.Profile(si_pb2.ProfileRequest(input_shape=[1, 4, 32, 32], **ask), timeout=60)  # 4 channels, not 3
         assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input_shape" in wrong.value.details()
         assert stub.Profile(si_pb2.ProfileRequest(**ask), timeout=300).input_shape == [1, 3, 64, 64]  # still serving
+
+
+def test_parts_are_timed_round_robin_so_a_drifting_host_moves_them_together() -> None:
+    """A host that becomes 3x slower halfway: timed one after the other, the second part would look 6x the first."""
+    import time
+
+    from partitioner.profile import interleaved_ms
+
+    calls = [0]
+
+    def part(ms: float):
+        def run(_x: object) -> None:
+            calls[0] += 1
+            time.sleep(ms * (3 if calls[0] > 8 else 1) / 1e3)
+
+        return run
+
+    timed = interleaved_ms({0: part(4.0), 1: part(8.0)}, None, rounds=7)
+    assert calls[0] == 16  # a warm-up round, then 7 rounds of both
+    assert timed[1] / timed[0] == pytest.approx(2.0, rel=0.25)
+
+
+def test_monotone_fit_is_the_least_squares_non_decreasing_sequence() -> None:
+    from partitioner.profile import monotone_fit
+
+    assert monotone_fit([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert monotone_fit([1.0, 4.0, 2.0, 3.0]) == pytest.approx([1.0, 3.0, 3.0, 3.0])
+    assert monotone_fit([5.0, 1.0]) == pytest.approx([3.0, 3.0])
