@@ -195,8 +195,13 @@ def test_console_shows_models_edges_and_a_job_to_its_plot(
     while time.monotonic() < deadline:
         found = browser.find_elements(By.CSS_SELECTOR, row)
         if found:
-            states.add(found[0].get_attribute("data-state"))
-            progress.add(found[0].find_elements(By.CSS_SELECTOR, "td")[3].text)
+            try:
+                state = found[0].get_attribute("data-state")
+                shown = found[0].find_elements(By.CSS_SELECTOR, "td")[3].text
+            except StaleElementReferenceException:  # the page redrew the table between find and read
+                continue
+            states.add(state)
+            progress.add(shown)
             if states & {"SUCCEEDED", "FAILED"}:
                 break
         time.sleep(0.3)
