@@ -47,9 +47,6 @@ DAEMON_FIXTURES = frozenset({"cloud", "edge"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    ray_users = [item for item in items if "ray_instance" in getattr(item, "fixturenames", ())]
-    if ray_users:
-        ray_users[-1].stash[LAST_RAY_USER] = True
     for item in items:
         if DAEMON_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
@@ -91,6 +88,13 @@ def ray_instance() -> Iterator[object]:
         yield ray
     finally:
         stop_shared_ray()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The items that will run, in order: after -k/-m deselection (which happens in modifyitems hooks).
+    ray_users = [item for item in session.items if "ray_instance" in getattr(item, "fixturenames", ())]
+    if ray_users:
+        ray_users[-1].stash[LAST_RAY_USER] = True
 
 
 @pytest.hookimpl(hookwrapper=True)
