@@ -58,6 +58,52 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(max(LAYER_TIMEOUTS_S[name] for name in layers)))
 
 
+# One local Ray instance for every test module that needs one (test_ray_jobs, test_ray_serving): starting
+# and stopping Ray costs seconds each time. Started by the first test that asks for ``ray_instance``,
+# shut down right after the last one (not at the end of the session: the modules after it run without
+# Ray's processes beside them).
+RAY_CPUS = 2
+LAST_RAY_USER = pytest.StashKey[bool]()
+
+
+def stop_shared_ray() -> None:
+    """Shut Serve (if a test started it) and the shared Ray instance down; a no-op when none is up."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    if "ray.serve" in sys.modules:
+        sys.modules["ray.serve"].shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[object]:
+    """The ``ray`` module, initialised on a local instance with bounded resources (2 CPUs, a 200 MB
+    object store, no dashboard). Tests delete what they deploy on it. Skipped, saying why, without Ray."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cleave[ray]')")
+    ray.init(num_cpus=RAY_CPUS, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        stop_shared_ray()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The items that will run, in order: after -k/-m deselection (which happens in modifyitems hooks).
+    ray_users = [item for item in session.items if "ray_instance" in getattr(item, "fixturenames", ())]
+    if ray_users:
+        ray_users[-1].stash[LAST_RAY_USER] = True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield
+    if item.stash.get(LAST_RAY_USER, False):
+        stop_shared_ray()
+
+
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 64, 64]}
 
 

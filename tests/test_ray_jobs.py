@@ -1,7 +1,8 @@
-"""Compression jobs as Ray tasks (issue 16, item 2) on a local Ray instance this module starts with
-bounded resources: a sweep job runs as Ray tasks with the same results as the local pool, reports
-progress, lands its artifacts in the shared directory, survives a restart of the job table, and
-can be cancelled (its tasks stop). Skipped, saying why, where Ray is not installed."""
+"""Compression jobs as Ray tasks (issue 16, item 2) on a local Ray instance with bounded resources
+(tests/conftest.py's ``ray_instance``, shared with the other Ray modules): a sweep job runs as Ray
+tasks with the same results as the local pool, reports progress, lands its artifacts in the shared
+directory, survives a restart of the job table, and can be cancelled (its tasks stop). Skipped,
+saying why, where Ray is not installed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +24,9 @@ from cloud_node.jobs.ray_tasks import RayJobs, RayResources
 from cloud_node.jobs.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, sha256_file
 from protos.cleave.v1 import compression_pb2 as pb
 
-CPUS = 2
+CPUS = 2  # the shared Ray instance's (tests/conftest.py: ray_instance)
 # Deterministic for a seeded model on one thread: everything a sweep point reports but its latency.
 SAME = ("ratio", "bits", "size_bytes", "macs", "parameters", "accuracy")
-
-
-@pytest.fixture(scope="module")
-def ray_instance() -> Iterator[object]:
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cleave[ray]')")
-    ray.init(num_cpus=CPUS, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def ray_jobs(shared: Path) -> RayJobs:

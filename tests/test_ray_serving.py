@@ -1,7 +1,7 @@
 """The cloud's tails on Ray Serve (issue 16): exactness, KServe, a replica killed under load, autoscaling.
 
-One local Ray instance for the whole module, started here with bounded resources (2 CPUs, a 200 MB
-object store, no dashboard) and shut down at the end. Each test runs its own in-process cloud daemon
+One local Ray instance with bounded resources (2 CPUs, a 200 MB object store, no dashboard), shared
+with the other Ray modules: tests/conftest.py's ``ray_instance``. Each test runs its own in-process cloud daemon
 with ``ray.address: auto`` (it joins this instance) under its own application name, and deletes its
 applications when done. Skipped, saying why, where Ray Serve is not installed.
 """
@@ -40,23 +40,17 @@ from .test_daemons import frames_for
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'cleave[ray]')")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'cleave[ray]')")
 
-pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.integration,
+    pytest.mark.timeout(240),
+    pytest.mark.usefixtures("ray_instance"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 64, 64]}
 SLOW = {"name": "slow", "source": "tests.support.factories:slow_tail_cnn", "input_shape": [1, 3, 16, 16]}
 SLEEP_S = 0.05  # the slow model's tail, in its replicas only
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance() -> Iterator[None]:
-    torch.set_num_threads(1)
-    ray.init(num_cpus=2, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @contextmanager
