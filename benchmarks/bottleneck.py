@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from cloud_node.jobs import evaluate
 from cloud_node.jobs.engines import JobContext, get_engine
 from cloud_node.jobs.models import ModelSource
 from partitioner.bottleneck.compare import int_k_points, plot_curve
@@ -43,8 +42,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 #: Agreement a point must keep: at most 1 point of top-1 agreement lost.
 MAX_LOSS = 0.01
-#: Block outputs of EfficientNet-Lite0 (each stage's last block, and the pooled vector).
-BLOCK_OUTPUT = re.compile(r"^(add(_\d+)?|_blocks_\d+__bn2|_avg_pooling)$")
+#: Block outputs of EfficientNet-Lite0 (every residual sum, the last block, the pooled vector).
+BLOCK_OUTPUT = re.compile(r"^(add(_\d+)?|_blocks_15__bn2|_avg_pooling)$")
 
 
 def _cheapest(points: list[dict], family: str, level: float) -> dict | None:
@@ -101,17 +100,28 @@ def goals(points: list[dict], level: float = 1 - MAX_LOSS) -> dict:
 def reference_cuts(graph: Any, held: torch.Tensor, pattern: re.Pattern[str]) -> list[dict[str, Any]]:
     """int-k + zstd (per channel and per tensor) on ``held`` at every cut whose name matches,
     with the share of the model's MACs the edge runs there."""
-    model_macs = evaluate.count_macs(graph.module, held[:1])
+    model_flops = _flops(graph.module, held[:1])
     points = []
     for cut in graph.cuts:
         if not pattern.match(cut.name) or len(cut.live) != 1 or len(cut.shapes[0]) != 4:
             continue
         head, tail = graph.split(cut)
-        share = round(evaluate.count_macs(head, held[:1]) / model_macs, 3)
+        share = round(_flops(head, held[:1]) / model_flops, 3)
         for p in int_k_points(head, tail, held, (8, 4, 3, 2), per_tensor=True):
             points.append(dict(p, cut=cut.name, edge_mac_share=share))
         print(f"reference {cut.name}: edge runs {share:.0%} of the MACs", flush=True)
     return points
+
+
+def _flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass, counted on the aten ops (functional
+    convolutions included, which module hooks miss)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        module(x)
+    return counter.get_total_flops()
 
 
 def run_engine(source: ModelSource, opts: pb.BottleneckOptions) -> tuple[dict, dict]:
@@ -192,7 +202,7 @@ def main() -> int:
         "train_images": held["trained_on"] if held else None,
         "reports": reports,
         "goals": goals(points),
-        "points": points,
+        "curve": {"points": points},
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     g = result["goals"]

@@ -94,10 +94,15 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
-def init_pca(encoder: Encoder, decoder: Decoder, features: torch.Tensor, levels: float = 8.0) -> None:
+def init_pca(
+    encoder: Encoder, decoder: Decoder, features: torch.Tensor, levels: float = 8.0, min_levels: float = 2.0
+) -> None:
     """Start both projections at the principal components of the per-pixel feature vectors: the
-    latent is the top-``latent`` components divided by one quantisation step (the first
-    component's standard deviation / ``levels``), the decoder maps them back and adds the mean."""
+    latent is the top-``latent`` components divided by one quantisation step, the decoder maps
+    them back and adds the mean. The step is the first component's standard deviation /
+    ``levels``, or smaller so that the last kept component still spans ``min_levels`` steps per
+    standard deviation: a wide latent starts from every kept component coded, not rounded to 0
+    (top-1 agreement on real photos needs most of them)."""
     x = F.avg_pool2d(features, 2, ceil_mode=True) if encoder.stride != 1 else features
     v = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
     mean = v.mean(0)
@@ -105,8 +110,11 @@ def init_pca(encoder: Encoder, decoder: Decoder, features: torch.Tensor, levels:
     k = encoder.project.out_channels
     basis = torch.zeros(k, v.shape[1], dtype=torch.float64)
     basis[: min(k, vh.shape[0])] = vh[:k]
-    std1 = float(s[0]) / max(1.0, len(v) - 1) ** 0.5
-    step = max(std1 / levels, 1e-6)
+    std = s / max(1.0, len(v) - 1) ** 0.5
+    last = float(std[min(k, len(std)) - 1])
+    fine = last / min_levels if min_levels > 0 else math.inf
+    # never finer than 1/128 of the first component's deviation (a near-empty component would blow it up)
+    step = max(min(float(std[0]) / levels, fine), float(std[0]) / 128, 1e-6)
     encoder.project.weight.copy_((basis / step).float()[:, :, None, None])
     encoder.project.bias.copy_((-(basis @ mean) / step).float())
     decoder.project.weight.copy_((basis.T * step).float()[:, :, None, None])
