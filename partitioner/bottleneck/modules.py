@@ -67,10 +67,13 @@ class Encoder(nn.Module):
         self.conv2 = nn.Conv2d(config.hidden, config.latent, 1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
+        # 1 / the quantisation step, fixed: the weights stay O(1) whatever the features' scale, so
+        # the optimiser's steps are relative ones (a step folded into the weights made them tiny or huge)
+        self.register_buffer("scale", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.avg_pool2d(x, 2, ceil_mode=True) if self.stride != 1 else x
-        return self.project(base) + self.conv2(F.relu(self.conv1(x)))
+        return (self.project(base) + self.conv2(F.relu(self.conv1(x)))) * self.scale
 
 
 class Decoder(nn.Module):
@@ -86,8 +89,10 @@ class Decoder(nn.Module):
         self.conv2 = nn.Conv2d(config.hidden, config.channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
+        self.register_buffer("scale", torch.ones(()))  # the quantisation step (see Encoder)
 
     def forward(self, y: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        y = y * self.scale
         if self.stride != 1:
             y = F.interpolate(y, size=size, scale_factor=None if size else float(self.stride), mode="nearest")
         return self.project(y) + self.conv2(F.relu(self.conv1(y)))
@@ -115,10 +120,12 @@ def init_pca(
     fine = last / min_levels if min_levels > 0 else math.inf
     # never finer than 1/128 of the first component's deviation (a near-empty component would blow it up)
     step = max(min(float(std[0]) / levels, fine), float(std[0]) / 128, 1e-6)
-    encoder.project.weight.copy_((basis / step).float()[:, :, None, None])
-    encoder.project.bias.copy_((-(basis @ mean) / step).float())
-    decoder.project.weight.copy_((basis.T * step).float()[:, :, None, None])
+    encoder.project.weight.copy_(basis.float()[:, :, None, None])
+    encoder.project.bias.copy_((-(basis @ mean)).float())
+    encoder.scale.fill_(1 / step)
+    decoder.project.weight.copy_(basis.T.float()[:, :, None, None])
     decoder.project.bias.copy_(mean.float())
+    decoder.scale.fill_(step)
 
 
 def round_ste(y: torch.Tensor) -> torch.Tensor:
