@@ -118,8 +118,8 @@ def init_pca(
     std = s / max(1.0, len(v) - 1) ** 0.5
     last = float(std[min(k, len(std)) - 1])
     fine = last / min_levels if min_levels > 0 else math.inf
-    # never finer than 1/128 of the first component's deviation (a near-empty component would blow it up)
-    step = max(min(float(std[0]) / levels, fine), float(std[0]) / 128, 1e-6)
+    # never finer than 1/32 of the first component's deviation: its symbols stay inside the coder's +-255
+    step = max(min(float(std[0]) / levels, fine), float(std[0]) / 32, 1e-6)
     encoder.project.weight.copy_(basis.float()[:, :, None, None])
     encoder.project.bias.copy_((-(basis @ mean)).float())
     encoder.scale.fill_(1 / step)

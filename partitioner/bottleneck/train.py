@@ -64,7 +64,7 @@ class TrainConfig:
     budget_s: float = 60.0
     max_steps: int = 0
     batch: int = 16
-    lr: float = 3e-3
+    lr: float = 3e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
