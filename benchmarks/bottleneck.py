@@ -14,7 +14,7 @@ Writes ``--out``.{json,png} with the goals evaluated per bottleneck cut: at <= 1
 agreement lost, bytes <= 0.5x the best plain int-k + zstd cut and <= 0.5x the JPEG (and WebP)
 quality that reaches the same agreement.
 
-    python -m benchmarks.bottleneck [--cuts add_3/32/200,_avg_pooling/64/60 --rate-weights 0.01]
+    python -m benchmarks.bottleneck [--cuts add_3/64/240,_avg_pooling/256/60 --rate-weights 0.005 --augment 24]
 """
 
 from __future__ import annotations
@@ -141,10 +141,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--cuts",
-        default="add_3/32/200,_avg_pooling/64/60",
+        default="add_3/64/240,_avg_pooling/256/60",
         help="CUT/LATENT[/SECONDS], comma-separated (SECONDS: that cut's training budget; else --budget shared)",
     )
-    ap.add_argument("--rate-weights", default="0.01")
+    ap.add_argument("--rate-weights", default="0.005")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--augment", type=int, default=24, help="random crops per training crop")
     ap.add_argument("--budget", type=float, default=240.0, help="training seconds of the cuts without their own")
