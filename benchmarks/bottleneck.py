@@ -99,7 +99,7 @@ def goals(points: list[dict], level: float = 1 - MAX_LOSS) -> dict:
 
 def reference_cuts(graph: Any, held: torch.Tensor, pattern: re.Pattern[str]) -> list[dict[str, Any]]:
     """int-k + zstd (per channel and per tensor) on ``held`` at every cut whose name matches,
-    with the share of the model's MACs the edge runs there."""
+    with the share of the model's FLOPs the edge runs there."""
     model_flops = _flops(graph.module, held[:1])
     points = []
     for cut in graph.cuts:
@@ -108,8 +108,8 @@ def reference_cuts(graph: Any, held: torch.Tensor, pattern: re.Pattern[str]) -> 
         head, tail = graph.split(cut)
         share = round(_flops(head, held[:1]) / model_flops, 3)
         for p in int_k_points(head, tail, held, (8, 4, 3, 2), per_tensor=True):
-            points.append(dict(p, cut=cut.name, edge_mac_share=share))
-        print(f"reference {cut.name}: edge runs {share:.0%} of the MACs", flush=True)
+            points.append(dict(p, cut=cut.name, edge_flop_share=share))
+        print(f"reference {cut.name}: edge runs {share:.0%} of the FLOPs", flush=True)
     return points
 
 
