@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from compressor import EncodingSpec, decode, encode
+from compressor.errors import CodecError
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 
 from ._lazy import fx, torch  # imported on first use: profiles as data need no torch (the light edge)
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from .loaded import LoadedModel
 
 #: Encodings whose cost per byte is measured on each host (the planner's feature encodings).
-PROFILED_ENCODINGS = ("raw", "raw+none", "fp16", "int8", "int6", "int4", "int3", "int2", "jpeg", "webp")
+PROFILED_ENCODINGS = ("raw", "raw+none", "fp16", "int8", "int6", "int4", "int3", "int2", "jpeg", "webp", "entropy")
 
 
 @dataclass
@@ -226,13 +227,31 @@ def measure_codecs(encodings=PROFILED_ENCODINGS, numel: int = 1 << 18, repeats: 
     costs = {}
     for text in encodings:
         spec = EncodingSpec.parse(text)
-        x = image if spec.encoding in ("jpeg", "webp") else features
+        x, tables = (image if spec.encoding in ("jpeg", "webp") else features), None
+        if spec.encoding == "entropy":  # a bottleneck's latent: range coding of rounded Laplace values
+            try:
+                x, tables = _latent_and_tables(rng, min(numel, 1 << 14))  # decoding is slow: 64 KB is enough
+            except CodecError:  # the coder (constriction, the `bottleneck` extra) is not installed
+                continue
         mb = x.size * 4 / 1e6
-        msg = encode(x, spec)
-        enc = median_ms(lambda x=x, spec=spec: encode(x, spec), repeats, 1)
-        dec = median_ms(lambda msg=msg: decode(msg), repeats, 1)
+        msg = encode(x, spec, tables)
+        enc = median_ms(lambda x=x, spec=spec, t=tables: encode(x, spec, t), repeats, 1)
+        dec = median_ms(lambda msg=msg, t=tables: decode(msg, tables=t), repeats, 1)
         costs[text] = CodecCost(text, enc / mb, dec / mb)
     return costs
+
+
+def _latent_and_tables(rng: np.random.Generator, numel: int) -> tuple[np.ndarray, Any]:
+    """A latent of ``numel`` values like a bottleneck's (64 channels of rounded Laplace values,
+    scale 2) and tables that fit them, for timing the range coder per MB of float32 latent."""
+    from compressor.entropy import EntropyTables, _constriction
+
+    _constriction()  # CodecError without the coder
+    half = 16
+    values = np.arange(-half, half + 1)
+    pmf = np.exp(-np.abs(values) / 2.0)
+    latent = np.clip(np.round(rng.laplace(0.0, 2.0, (1, 64, 64, numel // 4096))), -half, half).astype(np.float32)
+    return latent, EntropyTables(pmf=np.tile(pmf / pmf.sum(), (64, 1)), offset=-half)
 
 
 def profile_input(model: LoadedModel, input_shape: Sequence[int] | None = None) -> torch.Tensor:

@@ -257,3 +257,21 @@ def test_auto_cuts_are_single_image_tensors_early_in_the_model() -> None:
     assert all(len(c.live) == 1 and len(c.shapes[0]) == 4 and 0 < c.index < 2 * last / 3 for c in cuts)
     others = [c for c in graph.cuts if c not in cuts and len(c.live) == 1 and len(c.shapes[0]) == 4]
     assert max(c.nbytes for c in cuts) <= min(c.nbytes for c in others if 0 < c.index < 2 * last / 3)
+
+
+def test_training_pool_never_holds_a_held_out_photo_and_crops_are_seeded() -> None:
+    from partitioner.bottleneck import data
+
+    everything = dict(data.pool())
+    pool = data.pool(held_out=["retina", "china", "flower"])
+    names = [n for n, _ in pool]
+    assert not {"retina", "china", "flower"} & set(names) and len(names) == len(everything) - 3
+    assert len(names) >= 20 and all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 for _, p in pool)
+    held_pixels = [everything[n] for n in ("retina", "china", "flower")]
+    assert not any(p.shape == h.shape and np.array_equal(p, h) for _, p in pool for h in held_pixels)
+    with pytest.raises(ValueError, match="held_out"):
+        data.pool(held_out=["nonesuch"])
+    a = data.random_crops(pool, (1, 3, 32, 32), 24, seed=3)
+    assert torch.equal(a, data.random_crops(pool, (1, 3, 32, 32), 24, seed=3))  # reproducible
+    assert a.shape == (24, 3, 32, 32) and not torch.equal(a, data.random_crops(pool, (1, 3, 32, 32), 24, seed=4))
+    assert len({tuple(x.flatten()[:64].tolist()) for x in a}) == 24  # distinct crops

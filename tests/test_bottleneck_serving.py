@@ -203,3 +203,9 @@ def test_planner_ranks_the_bottleneck_latent_with_its_measured_bytes(served: dic
     (ours,) = [s for s in ranked if s.candidate.encoding == "entropy"]
     assert ours.candidate.kind == SPLIT and not ours.rejected and ours.distortion.top1 == 1.0
     assert ours.candidate.bytes_up == latent.feature_bytes["entropy"] and ours.predicted.upload_ms > 0
+    # range coding is profiled like every codec (it was counted as 0 ms) and priced per MB of latent
+    assert here.codecs["entropy"].encode_ms_per_mb > 0 and here.codecs["entropy"].decode_ms_per_mb > 0
+    mb = latent.raw_bytes / 1e6
+    assert latent.encode_ms["entropy"] == pytest.approx(20.0 * here.codecs["entropy"].encode_ms_per_mb * mb)
+    assert latent.decode_ms["entropy"] == pytest.approx(0.25 * here.codecs["entropy"].decode_ms_per_mb * mb)
+    assert ours.predicted.encode_ms == latent.encode_ms["entropy"] > 0

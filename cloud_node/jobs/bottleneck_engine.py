@@ -2,10 +2,14 @@
 
 For each cut and each rate weight it trains a bottleneck (:mod:`partitioner.bottleneck`) on the
 training images, then measures it on held-out images that training never saw (whole image
-sources are held out: no crop of a held-out photo is trained on). The best point (highest held-out
-agreement, then fewest bytes) ships as artifacts: ``bottleneck.json``, ``bottleneck.edge.safetensors``
-and ``bottleneck.cloud.safetensors``; ``curve.json`` and ``curve.png`` hold every point with int-k
-features at the same cuts and the input as JPEG on the same images.
+sources are held out: no crop of a held-out photo is trained on). With the built-in photos, the
+training set is the training photos' crops plus ``augment`` random crops per crop, cut from every
+picture the installed packages ship except the held-out photographs
+(:mod:`partitioner.bottleneck.data`); an uploaded dataset's training part is augmented in place.
+The best point (highest held-out agreement, then fewest bytes) ships as artifacts:
+``bottleneck.json``, ``bottleneck.edge.safetensors`` and ``bottleneck.cloud.safetensors``;
+``curve.json`` and ``curve.png`` hold every point with int-k features (per channel and per tensor)
+at the same cuts and the input as JPEG and WebP on the same images.
 
 Progress goes through ``ctx.progress``; cancellation and restarts are the job manager's (the job
 process is killed and the job re-queued or marked CANCELLED like any other).
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from partitioner import bottleneck as bn
+from partitioner.bottleneck import data as bn_data
 from partitioner.bottleneck.compare import int_k_points, jpeg_points, plot_curve
 from partitioner.graph import trace
 from partitioner.models import fingerprint
@@ -31,8 +36,10 @@ if TYPE_CHECKING:
     from .engines import JobContext
 
 DEFAULT_RATE_WEIGHTS = (0.05,)
+#: Input qualities of the JPEG and WebP references (the high ones: real photos need them to agree).
+IMAGE_QUALITIES = (10, 30, 50, 75, 90, 95, 100)
 MAX_POINTS = 16
-MAX_AUGMENT = 16
+MAX_AUGMENT = 64
 AUTO_CUTS = 2
 
 
@@ -107,7 +114,17 @@ class BottleneckEngine:
             raise ValueError(f"bottleneck: {len(cuts)} cuts x {len(rate_weights)} rate weights is over {MAX_POINTS}")
         images, sources, origin = _images(ctx, tuple(example.shape), opts.max_images or 50)
         train_idx, held_idx = bn.split_by_group(len(images), sources, holdout)
-        train_x = bn.augment(images[train_idx], opts.augment or 3, seed=1)
+        copies = opts.augment or 3
+        if origin == "photos":  # more pictures than the training photos: every one not held out
+            names = bn_data.photo_names()
+            held_names = sorted({names[sources[i]] for i in held_idx})
+            ctx.progress(0.03, f"cutting {copies * len(train_idx)} random crops (held out: {', '.join(held_names)})")
+            extra = bn_data.random_crops(
+                bn_data.pool(held_out=held_names), tuple(example.shape), copies * len(train_idx), seed=1
+            )
+            train_x = torch.cat([images[train_idx], extra])
+        else:
+            train_x = bn.augment(images[train_idx], copies, seed=1)
         held_x = images[held_idx]
         base = {
             "fingerprint": fingerprint(model),
@@ -115,7 +132,9 @@ class BottleneckEngine:
             "input_shape": list(example.shape),
         }
         ctx.progress(0.08, "JPEG reference on the held-out images")
-        points: list[dict[str, Any]] = [dict(p, cut=None) for p in jpeg_points(model, held_x)]
+        points: list[dict[str, Any]] = [
+            dict(p, cut=None) for fmt in ("jpeg", "webp") for p in jpeg_points(model, held_x, IMAGE_QUALITIES, fmt)
+        ]
         trained: list[tuple[dict[str, Any], bn.Bottleneck]] = []
         per_point = budget / (len(cuts) * len(rate_weights))
         total = len(cuts) * len(rate_weights)
@@ -123,7 +142,9 @@ class BottleneckEngine:
         for cut in cuts:
             head, tail = graph.split(cut)
             bn.cut_features(head, images[:1])  # the cut crosses one 4-D tensor (ValueError otherwise)
-            points += [dict(p, cut=cut.name) for p in int_k_points(head, tail, held_x)]
+            points += [dict(p, cut=cut.name) for p in int_k_points(head, tail, held_x, (8, 4, 3, 2), per_tensor=True)]
+            ctx.progress(0.1 + 0.8 * done / total, f"cut {cut.name}: features of {len(train_x)} training images")
+            features = bn.teacher_features(head, tail, train_x)
             for w in rate_weights:
                 lo, span = 0.1 + 0.8 * done / total, 0.8 / total
                 stage = f"cut {cut.name}, rate weight {w:g}"
@@ -142,6 +163,7 @@ class BottleneckEngine:
                     tc,
                     progress=lambda f, s, lo=lo, span=span, stage=stage: ctx.progress(lo + span * f, f"{stage}: {s}"),
                     cut=(cut.index, cut.name),
+                    features=features,
                 )
                 measured = bn.evaluate(model_b, head, tail, held_x)
                 point = {

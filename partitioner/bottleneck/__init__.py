@@ -8,7 +8,7 @@ cloud) trained by distillation with an entropy model; see docs/bottleneck.md.
 
 from .artifacts import fingerprint, load, save
 from .modules import BottleneckConfig, Decoder, Encoder, FactorizedPrior
-from .train import Bottleneck, TrainConfig, augment, cut_features, evaluate, split_by_group, train
+from .train import Bottleneck, TrainConfig, augment, cut_features, evaluate, split_by_group, teacher_features, train
 
 __all__ = [
     "Bottleneck",
@@ -24,5 +24,6 @@ __all__ = [
     "load",
     "save",
     "split_by_group",
+    "teacher_features",
     "train",
 ]

@@ -130,6 +130,8 @@ def load(directory: str | Path, part: str = "both") -> Bottleneck:
             groups.setdefault(prefix, {})[rest] = value
         modules = {"encoder": encoder, "decoder": decoder, "prior": prior}
         for prefix, state in groups.items():
+            if prefix in ("encoder", "decoder"):  # written before the step became a buffer: folded in
+                state.setdefault("scale", torch.ones(()))
             if prefix not in modules:
                 raise ValueError(f"bottleneck: {name} holds unexpected tensors {prefix}.*")
             try:

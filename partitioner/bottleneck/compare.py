@@ -1,6 +1,10 @@
 """What a bottleneck is compared with, on the same held-out images: the plain cut with int-k
-features + zstd, and the input sent as JPEG (cloud-only), each as bytes per image and top-1
-agreement with the original model; and the rate-agreement plot of all of them."""
+features + zstd, and the input sent as JPEG or WebP (cloud-only), each as bytes per image and top-1
+agreement with the original model; and the rate-agreement plot of all of them.
+
+Bytes are the whole encoded tensor message (payload plus the scales and zero points it carries),
+what a frame puts on the wire, so per-channel codes at a cut with many channels pay for their
+parameters."""
 
 from __future__ import annotations
 
@@ -30,39 +34,50 @@ def _summary(sizes: list[int], agree: int, **extra: Any) -> dict[str, Any]:
 
 
 def int_k_points(
-    head: nn.Module, tail: nn.Module, images: torch.Tensor, bits: tuple[int, ...] = (8, 4, 2)
+    head: nn.Module,
+    tail: nn.Module,
+    images: torch.Tensor,
+    bits: tuple[int, ...] = (8, 4, 2),
+    per_tensor: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per-channel affine int-k features + zstd at the cut, each image sent alone."""
+    """Per-channel affine int-k features + zstd at the cut, each image coded alone (the decoded
+    images go through the tail as one batch); with
+    ``per_tensor`` also one scale for the whole tensor (``int{b}t``), often fewer bytes."""
     feats = cut_features(head, images)
     points = []
+    layouts = ((True, ""), (False, "t")) if per_tensor else ((True, ""),)
     with torch.inference_mode():
         teacher = _logits(tail(feats)).argmax(-1)
-        for b in bits:
-            spec = EncodingSpec(encoding="affine", bits=b, per_channel=True, codec="zstd")
-            sizes, agree = [], 0
-            for i in range(len(feats)):
-                msg = codec.encode(feats[i : i + 1], spec)
-                sizes.append(len(msg.payload))
-                agree += int(_logits(tail(codec.decode(msg))).argmax(-1).item() == teacher[i].item())
-            points.append(_summary(sizes, agree, method=f"int{b}+zstd", family="int-k+zstd at the cut"))
+        for per_channel, suffix in layouts:
+            for b in bits:
+                spec = EncodingSpec(encoding="affine", bits=b, per_channel=per_channel, codec="zstd")
+                msgs = [codec.encode(feats[i : i + 1], spec) for i in range(len(feats))]
+                decoded = torch.cat([torch.as_tensor(codec.decode(m)) for m in msgs])
+                agree = int((_logits(tail(decoded)).argmax(-1) == teacher).sum())
+                sizes = [m.ByteSize() for m in msgs]
+                method = f"int{b}{suffix}+zstd"
+                points.append(_summary(sizes, agree, method=method, family="int-k+zstd at the cut"))
     return points
 
 
 def jpeg_points(
-    model: nn.Module, images: torch.Tensor, qualities: tuple[int, ...] = (10, 30, 50, 75, 90)
+    model: nn.Module,
+    images: torch.Tensor,
+    qualities: tuple[int, ...] = (10, 30, 50, 75, 90),
+    fmt: str = "jpeg",
 ) -> list[dict[str, Any]]:
-    """The input sent as JPEG (the cloud runs the whole model), at each quality."""
+    """The input sent as JPEG (or WebP: ``fmt="webp"``; the cloud runs the whole model), at each quality."""
     points = []
+    family = {"jpeg": "JPEG input (cloud-only)", "webp": "WebP input (cloud-only)"}[fmt]
     with torch.inference_mode():
         teacher = _logits(model(images)).argmax(-1)
         for q in qualities:
-            spec = EncodingSpec(encoding="jpeg", quality=q, codec="none")
-            sizes, agree = [], 0
-            for i in range(len(images)):
-                msg = codec.encode(images[i : i + 1], spec)
-                sizes.append(len(msg.payload))
-                agree += int(_logits(model(codec.decode(msg))).argmax(-1).item() == teacher[i].item())
-            points.append(_summary(sizes, agree, method=f"jpeg{q}", family="JPEG input (cloud-only)"))
+            spec = EncodingSpec(encoding=fmt, quality=q, codec="none")
+            msgs = [codec.encode(images[i : i + 1], spec) for i in range(len(images))]
+            decoded = torch.cat([torch.as_tensor(codec.decode(m)) for m in msgs])
+            agree = int((_logits(model(decoded)).argmax(-1) == teacher).sum())
+            sizes = [m.ByteSize() for m in msgs]
+            points.append(_summary(sizes, agree, method=f"{fmt}{q}", family=family))
     return points
 
 

@@ -67,10 +67,13 @@ class Encoder(nn.Module):
         self.conv2 = nn.Conv2d(config.hidden, config.latent, 1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
+        # 1 / the quantisation step, fixed: the weights stay O(1) whatever the features' scale, so
+        # the optimiser's steps are relative ones (a step folded into the weights made them tiny or huge)
+        self.register_buffer("scale", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.avg_pool2d(x, 2, ceil_mode=True) if self.stride != 1 else x
-        return self.project(base) + self.conv2(F.relu(self.conv1(x)))
+        return (self.project(base) + self.conv2(F.relu(self.conv1(x)))) * self.scale
 
 
 class Decoder(nn.Module):
@@ -86,18 +89,25 @@ class Decoder(nn.Module):
         self.conv2 = nn.Conv2d(config.hidden, config.channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
+        self.register_buffer("scale", torch.ones(()))  # the quantisation step (see Encoder)
 
     def forward(self, y: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        y = y * self.scale
         if self.stride != 1:
             y = F.interpolate(y, size=size, scale_factor=None if size else float(self.stride), mode="nearest")
         return self.project(y) + self.conv2(F.relu(self.conv1(y)))
 
 
 @torch.no_grad()
-def init_pca(encoder: Encoder, decoder: Decoder, features: torch.Tensor, levels: float = 8.0) -> None:
+def init_pca(
+    encoder: Encoder, decoder: Decoder, features: torch.Tensor, levels: float = 8.0, min_levels: float = 2.0
+) -> None:
     """Start both projections at the principal components of the per-pixel feature vectors: the
-    latent is the top-``latent`` components divided by one quantisation step (the first
-    component's standard deviation / ``levels``), the decoder maps them back and adds the mean."""
+    latent is the top-``latent`` components divided by one quantisation step, the decoder maps
+    them back and adds the mean. The step is the first component's standard deviation /
+    ``levels``, or smaller so that the last kept component still spans ``min_levels`` steps per
+    standard deviation: a wide latent starts from every kept component coded, not rounded to 0
+    (top-1 agreement on real photos needs most of them)."""
     x = F.avg_pool2d(features, 2, ceil_mode=True) if encoder.stride != 1 else features
     v = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
     mean = v.mean(0)
@@ -105,12 +115,17 @@ def init_pca(encoder: Encoder, decoder: Decoder, features: torch.Tensor, levels:
     k = encoder.project.out_channels
     basis = torch.zeros(k, v.shape[1], dtype=torch.float64)
     basis[: min(k, vh.shape[0])] = vh[:k]
-    std1 = float(s[0]) / max(1.0, len(v) - 1) ** 0.5
-    step = max(std1 / levels, 1e-6)
-    encoder.project.weight.copy_((basis / step).float()[:, :, None, None])
-    encoder.project.bias.copy_((-(basis @ mean) / step).float())
-    decoder.project.weight.copy_((basis.T * step).float()[:, :, None, None])
+    std = s / max(1.0, len(v) - 1) ** 0.5
+    last = float(std[min(k, len(std)) - 1])
+    fine = last / min_levels if min_levels > 0 else math.inf
+    # never finer than 1/32 of the first component's deviation: its symbols stay inside the coder's +-255
+    step = max(min(float(std[0]) / levels, fine), float(std[0]) / 32, 1e-6)
+    encoder.project.weight.copy_(basis.float()[:, :, None, None])
+    encoder.project.bias.copy_((-(basis @ mean)).float())
+    encoder.scale.fill_(1 / step)
+    decoder.project.weight.copy_(basis.T.float()[:, :, None, None])
     decoder.project.bias.copy_(mean.float())
+    decoder.scale.fill_(step)
 
 
 def round_ste(y: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,16 @@ from compressor.entropy import EntropyTables, decode_symbols, encode_symbols
 
 from .modules import BottleneckConfig, Decoder, Encoder, FactorizedPrior, init_pca, round_ste
 
-__all__ = ["Bottleneck", "TrainConfig", "augment", "cut_features", "evaluate", "split_by_group", "train"]
+__all__ = [
+    "Bottleneck",
+    "TrainConfig",
+    "augment",
+    "cut_features",
+    "evaluate",
+    "split_by_group",
+    "teacher_features",
+    "train",
+]
 
 
 @dataclass
@@ -55,7 +64,7 @@ class TrainConfig:
     budget_s: float = 60.0
     max_steps: int = 0
     batch: int = 16
-    lr: float = 3e-3
+    lr: float = 3e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -175,6 +184,15 @@ def split_by_group(n: int, groups: list[int], holdout: float) -> tuple[list[int]
     return train_idx, held_idx
 
 
+def teacher_features(head: nn.Module, tail: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features at the cut and the frozen model's logits over ``images``: computed once, the
+    training set of every bottleneck at that cut."""
+    feats = cut_features(head, images)
+    with torch.inference_mode():
+        teacher = torch.cat([_logits(tail(feats[i : i + 32])) for i in range(0, len(feats), 32)])
+    return feats.clone(), teacher.clone()
+
+
 def _logits(out: Any) -> torch.Tensor:
     t = out if isinstance(out, torch.Tensor) else out[0]
     return t.reshape(t.shape[0], -1)
@@ -188,19 +206,20 @@ def train(
     train_config: TrainConfig | None = None,
     progress: Callable[[float, str], None] = lambda _f, _s: None,
     cut: tuple[int, str] = (0, ""),
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Bottleneck:
     """Train a bottleneck between ``head`` and ``tail`` (both frozen) on ``images``.
 
     ``config`` defaults to 8 latent channels at the cut's channel count. ``progress`` gets the
-    fraction of the budget used and a stage line.
+    fraction of the budget used and a stage line. ``features``: the (features, teacher logits)
+    of ``images`` from :func:`teacher_features`, when several bottlenecks train at one cut.
     """
     tc = train_config or TrainConfig()
     torch.manual_seed(tc.seed)
-    progress(0.0, f"computing features at the cut over {len(images)} images")
-    feats = cut_features(head, images)
-    with torch.inference_mode():
-        teacher = torch.cat([_logits(tail(feats[i : i + 32])) for i in range(0, len(feats), 32)])
-    feats, teacher = feats.clone(), teacher.clone()
+    if features is None:
+        progress(0.0, f"computing features at the cut over {len(images)} images")
+        features = teacher_features(head, tail, images)
+    feats, teacher = features
     c, h, w = feats.shape[1:]
     config = config or BottleneckConfig(channels=int(c))
     if config.channels != c:
@@ -265,7 +284,7 @@ def train(
         "steps": step,
         "train_seconds": round(train_s, 3),
         "final_rate_weight": rate_weight,
-        "train_images": len(images),
+        "train_images": len(feats),
         "half_width": half_width,
         "curve": hist,
     }
