@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -124,8 +125,9 @@ def _flops(module: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def run_engine(source: ModelSource, opts: pb.BottleneckOptions) -> tuple[dict, dict]:
-    """One bottleneck job in-process; its curve and report."""
+def run_engine(source: ModelSource, opts: pb.BottleneckOptions, keep: Path | None = None) -> tuple[dict, dict]:
+    """One bottleneck job in-process; its curve and report. ``keep``: copy the job's artifacts there
+    (e.g. for ``benchmarks.placement --bottleneck``)."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx = JobContext(
             spec=pb.JobSpec(engine="bottleneck", bottleneck=opts),
@@ -134,6 +136,9 @@ def run_engine(source: ModelSource, opts: pb.BottleneckOptions) -> tuple[dict, d
             on_progress=lambda f, s: print(f"{f:5.2f} {s}", flush=True),
         )
         get_engine("bottleneck").run(ctx)
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(tmp, keep)
         return json.loads((Path(tmp) / "curve.json").read_text()), ctx.report
 
 
@@ -152,6 +157,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "bottleneck"))
+    ap.add_argument("--keep", help="keep each cut's job artifacts in KEEP/<cut> (benchmarks.placement --bottleneck)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -172,7 +178,7 @@ def main() -> int:
             holdout=0.3,
             augment=args.augment,
         )
-        curve, report = run_engine(source, opts)
+        curve, report = run_engine(source, opts, Path(args.keep) / cut if args.keep else None)
         reports[cut] = report
         ours = [p for p in curve["points"] if p["family"] == "bottleneck"]
         if not points:  # JPEG/WebP: the same held-out images in every job
