@@ -358,10 +358,13 @@ class DistortionMeter:
         return self._live
 
     def __call__(self, candidate: Candidate) -> Distortion:
-        _, _, tail = self.model.parts(candidate.cut_index)
         features = self._features(candidate)
         with torch.inference_mode():
-            out = as_tensor_list(tail(*features))[0]
+            if self.model.graph.cut(candidate.cut_index).recomputed:
+                _, _, tail = self.model.parts(candidate.cut_index)
+                out = as_tensor_list(tail(*features))[0]
+            else:  # the tail's very nodes, without building a tail module for this cut
+                out = as_tensor_list(run_from_cuts(self.model.graph, [(candidate.cut_index, features)]))[0]
         reference, n = self.live.output, len(self.calib)
         if out.shape == reference.shape and out.ndim >= 2 and out.shape[0] == n:
             errors = (out - reference).abs().reshape(n, -1).amax(1)
