@@ -190,12 +190,26 @@ def build_planner(
         progress.update(checked)
         return measure.screen(candidate)
 
+    def screened_many(candidates: list[Candidate]) -> list[Distortion | None]:
+        nonlocal checked
+        checked += len(candidates)
+        progress.update(checked)
+        return measure.screen_many(candidates)
+
     budgets = Budgets(
         memory_bytes=int(args.memory_mb * 1e6) if args.memory_mb else None,
         max_rel_error=args.max_rel_error,
         min_top1=args.min_top1,
     )
-    planner = Planner(cost, budgets, counted, args.objective, input_is_8bit=not args.float_input, screen=screened)
+    planner = Planner(
+        cost,
+        budgets,
+        counted,
+        args.objective,
+        input_is_8bit=not args.float_input,
+        screen=screened,
+        screen_many=screened_many,
+    )
     return planner, links, source
 
 

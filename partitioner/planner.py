@@ -38,6 +38,7 @@ from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate
 from .profile import cache_dir
 
 if TYPE_CHECKING:
+    from .graph import ModelGraph
     from .loaded import LoadedModel
 
 OBJECTIVES = ("latency", "throughput")
@@ -70,6 +71,9 @@ class Budgets:
 class Planner:
     """Ranks every candidate of a :class:`CostModel` for a link under budgets."""
 
+    #: The most candidates :meth:`rank` screens in one batch (``screen_many``).
+    LOOKAHEAD = 32
+
     def __init__(
         self,
         cost: CostModel,
@@ -79,6 +83,7 @@ class Planner:
         feature_encodings: tuple[str, ...] | None = None,
         input_is_8bit: bool = True,
         screen: Callable[[Candidate], Distortion | None] | None = None,
+        screen_many: Callable[[list[Candidate]], list[Distortion | None]] | None = None,
     ) -> None:
         """``input_is_8bit``: inputs come from 8-bit images (camera frames, files), so sending them
         as 8-bit codes per channel (cloud-only ``int8c``) loses nothing against the source and is
@@ -88,7 +93,13 @@ class Planner:
         best distortion the full measurement could still find (a lower bound on its relative
         error, an upper bound on its top-1 agreement; None when it cannot tell). A candidate whose
         bound already breaks the accuracy budget is rejected without the full measurement, so
-        the budgets decide exactly as they would have (see :meth:`DistortionMeter.screen`)."""
+        the budgets decide exactly as they would have (see :meth:`DistortionMeter.screen`).
+
+        ``screen_many``: ``screen`` for several candidates at once (one batched pass through the
+        model: :meth:`DistortionMeter.screen_many`). When given, :meth:`rank` screens the next few
+        unscreened candidates of its walk together, 4 at first and twice as many each time the
+        walk goes on (at most :attr:`LOOKAHEAD`); a bound is a bound however it was found, so the
+        same candidates are rejected and accepted."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
         self.cost = cost
@@ -97,6 +108,8 @@ class Planner:
         self._distortion = distortion
         self.input_is_8bit = input_is_8bit
         self._screen = screen
+        self._screen_many = screen_many
+        self._lookahead = 4
         self._measured: dict[tuple[int, str], Distortion] = {}
         self._bounds: dict[tuple[int, str], Distortion | None] = {}
         kwargs = {"feature_encodings": feature_encodings} if feature_encodings else {}
@@ -214,8 +227,7 @@ class Planner:
         if b.max_rel_error is None and b.min_top1 is None:
             return scored
         key = (c.cut_index, c.encoding)
-        screening = screen and self._screen is not None and self._distortion is not None
-        if screening and key not in self._measured and not self.lossless(c):
+        if screen and self._needs_screen(c):
             if key not in self._bounds:
                 self._bounds[key] = self._screen(c)
             bound = self._bounds[key]
@@ -226,14 +238,44 @@ class Planner:
             return scored
         return Scored(c, scored.predicted, scored.cost_ms, d, self._violation(d))
 
+    def _needs_screen(self, c: Candidate) -> bool:
+        """Whether :meth:`_check` would screen ``c`` now (a screen is on, and ``c`` is lossy, fits
+        the memory budget and has neither been measured nor bounded)."""
+        b = self.budgets
+        if self._screen is None or self._distortion is None or (b.max_rel_error is None and b.min_top1 is None):
+            return False
+        if b.memory_bytes is not None and c.kind != CLOUD_ONLY and c.edge_memory > b.memory_bytes:
+            return False
+        key = (c.cut_index, c.encoding)
+        return key not in self._measured and not self.lossless(c)
+
+    def _screen_ahead(self, ordered: list[Scored], start: int) -> None:
+        """Bound ``ordered[start]`` and the next unscreened candidates of the walk in one batch."""
+        if self._screen_many is None or not self._needs_screen(ordered[start].candidate):
+            return
+        if (ordered[start].candidate.cut_index, ordered[start].candidate.encoding) in self._bounds:
+            return
+        batch: dict[tuple[int, str], Candidate] = {}
+        for scored in ordered[start:]:
+            c = scored.candidate
+            key = (c.cut_index, c.encoding)
+            if key not in self._bounds and key not in batch and self._needs_screen(c):
+                batch[key] = c
+                if len(batch) >= self._lookahead:
+                    break
+        self._lookahead = min(2 * self._lookahead, self.LOOKAHEAD)
+        for key, bound in zip(batch, self._screen_many(list(batch.values())), strict=True):
+            self._bounds[key] = bound
+
     def rank(self, link: Link, limit: int | None = None) -> list[Scored]:
         """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found."""
         ordered = sorted((self.score(c, link) for c in self.candidates), key=lambda s: s.cost_ms)
         out, feasible = [], 0
-        for scored in ordered:
+        for i, scored in enumerate(ordered):
             if limit is not None and feasible >= limit:
                 out.append(scored)
                 continue
+            self._screen_ahead(ordered, i)
             checked = self._check(scored)
             out.append(checked)
             feasible += not checked.rejected
@@ -339,10 +381,13 @@ class DistortionMeter:
         return self._live
 
     def __call__(self, candidate: Candidate) -> Distortion:
-        _, _, tail = self.model.parts(candidate.cut_index)
         features = self._features(candidate)
         with torch.inference_mode():
-            out = as_tensor_list(tail(*features))[0]
+            if self.model.graph.cut(candidate.cut_index).recomputed:
+                _, _, tail = self.model.parts(candidate.cut_index)
+                out = as_tensor_list(tail(*features))[0]
+            else:  # the tail's very nodes, without building a tail module for this cut
+                out = as_tensor_list(run_from_cuts(self.model.graph, [(candidate.cut_index, features)]))[0]
         reference, n = self.live.output, len(self.calib)
         if out.shape == reference.shape and out.ndim >= 2 and out.shape[0] == n:
             errors = (out - reference).abs().reshape(n, -1).amax(1)
@@ -361,11 +406,60 @@ class DistortionMeter:
         the live set have no batch dimension to take one input from, or when one input alone
         does not give what it gives in the batch (a model mixing inputs of a batch).
         """
+        rows = self._screen_rows(candidate) if self._screenable() else None
+        if rows is None:
+            return None
+        _, _, tail = self.model.parts(candidate.cut_index)
+        with torch.inference_mode():
+            out = as_tensor_list(tail(*rows))[0]
+        return self._bound(out)
+
+    def screen_many(self, candidates: list[Candidate]) -> list[Distortion | None]:
+        """:meth:`screen` for each of ``candidates``, their tails run as one batch.
+
+        Every candidate adds its one input (its live set at its cut, encoded and decoded) to a
+        single run of the traced graph, which starts at the earliest of their cuts and takes in
+        each later candidate's input right after its cut's node (:func:`run_from_cuts`): tails
+        from different cuts share the nodes they have in common, and the batch makes each node's
+        kernels work on several inputs at once. A batch gives an input's output up to float
+        rounding, as the one-input screen does (:attr:`SLACK` covers both). Candidates whose cut
+        recomputes shape arithmetic (their batch size could be read before the inputs joined)
+        are screened one by one.
+        """
+        if not self._screenable():
+            return [None] * len(candidates)
+        out: list[Distortion | None] = [None] * len(candidates)
+        joined: list[tuple[int, int, list[torch.Tensor]]] = []  # (cut index, position, rows)
+        for i, c in enumerate(candidates):
+            if self.model.graph.cut(c.cut_index).recomputed:
+                out[i] = self.screen(c)
+            elif (rows := self._screen_rows(c)) is not None:
+                joined.append((c.cut_index, i, rows))
+        joined.sort(key=lambda e: e[0])  # stable: rows enter the batch in cut order
+        for chunk in range(0, len(joined), self.BATCH):
+            part = joined[chunk : chunk + self.BATCH]
+            with torch.inference_mode():
+                result = as_tensor_list(run_from_cuts(self.model.graph, [(k, rows) for k, _, rows in part]))[0]
+            if result.ndim < 1 or result.shape[0] != len(part):
+                continue  # not one output row per input: no bound (None)
+            for row, (_, i, _) in enumerate(part):
+                out[i] = self._bound(result[row : row + 1])
+        return out
+
+    #: The most inputs :meth:`screen_many` runs in one batch.
+    BATCH = 32
+
+    def _screenable(self) -> bool:
+        """Whether the batch's outputs have a batch dimension and its inputs do not mix."""
+        n, reference = len(self.calib), self.live.output
+        return n >= 2 and reference.ndim >= 2 and reference.shape[0] == n and self._inputs_independent()
+
+    def _screen_rows(self, candidate: Candidate) -> list[torch.Tensor] | None:
+        """The live set of the probed input at ``candidate``'s cut, encoded and decoded as the
+        candidate sends it (None when the live set has no batch dimension to take it from)."""
         n = len(self.calib)
-        reference = self.live.output
         cut = self.model.graph.cut(candidate.cut_index)
-        batched = all(len(s) > 0 and s[0] == 1 for s in cut.shapes)
-        if n < 2 or reference.ndim < 2 or reference.shape[0] != n or not batched or not self._inputs_independent():
+        if not all(len(s) > 0 and s[0] == 1 for s in cut.shapes):
             return None
         live = self.live.at(candidate.cut_index)
         if any(f.ndim == 0 or f.shape[0] != n for f in live):
@@ -375,10 +469,12 @@ class DistortionMeter:
         with torch.inference_mode():
             rows = [_decoded_rows(f, spec, slice(j, j + 1)) for f in live]
         if any(r is None for r in rows):  # not affine min-max: through the codec, the whole batch
-            rows = [f[j : j + 1] for f in self._features(candidate)]
-        _, _, tail = self.model.parts(candidate.cut_index)
-        with torch.inference_mode():
-            out = as_tensor_list(tail(*rows))[0]
+            rows = [f[j : j + 1].clone() for f in self._features(candidate)]  # a tail may change its input in place
+        return rows
+
+    def _bound(self, out: torch.Tensor) -> Distortion | None:
+        """The screen's bound from ``out``, the model's output on the probed input alone."""
+        reference, j = self.live.output, self._probe
         if out.shape != reference[j : j + 1].shape:
             return None
         scale = float(reference.abs().max().clamp_min(1e-12))
@@ -475,16 +571,32 @@ class CachedDistortion:
             return None
         return self._lookup(f"{candidate.cut_index}|{candidate.encoding}|screen", screen, candidate)
 
+    def screen_many(self, candidates: list[Candidate]) -> list[Distortion | None]:
+        """:meth:`screen` for each of ``candidates``; those not cached are screened together
+        (``measure.screen_many``, or one by one when ``measure`` has only ``screen``)."""
+        screen = getattr(self._measure, "screen", None)
+        if screen is None:
+            return [None] * len(candidates)
+        keys = [f"{c.cut_index}|{c.encoding}|screen" for c in candidates]
+        todo = [(k, c) for k, c in zip(keys, candidates, strict=True) if k not in self._known]
+        if todo:
+            many = getattr(self._measure, "screen_many", None)
+            found = many([c for _, c in todo]) if many is not None else [screen(c) for _, c in todo]
+            self._known.update((k, d) for (k, _), d in zip(todo, found, strict=True))
+            self._save()
+        return [self._known[k] for k in keys]
+
     def _lookup(self, key: str, measure: Callable[[Candidate], Distortion | None], candidate: Candidate):
         if key not in self._known:
             self._known[key] = measure(candidate)
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(
-                json.dumps({k: None if d is None else [d.rel_error, d.top1] for k, d in self._known.items()})
-            )
-            tmp.replace(self._path)
+            self._save()
         return self._known[key]
+
+    def _save(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: None if d is None else [d.rel_error, d.top1] for k, d in self._known.items()}))
+        tmp.replace(self._path)
 
 
 #: Bumped when how a distortion is measured changes (the disk cache's entries are then stale).
@@ -519,6 +631,56 @@ def _distortion(out: torch.Tensor, reference: torch.Tensor) -> Distortion:
     else:
         top1 = 1.0 if rel < 1e-3 else 0.0
     return Distortion(rel, top1)
+
+
+def run_from_cuts(graph: ModelGraph, entries: list[tuple[int, list[torch.Tensor]]]) -> object:
+    """The tails of several cuts run as one batch: the model's output, one row per input.
+
+    ``entries`` are ``(cut index, live set)`` pairs, live sets batched along their first
+    dimension, in cut order (a live set given as its cut's tail takes it). The traced graph runs
+    from the first entry's cut; after each later entry's cut node, the entry's live values join
+    the batch (concatenated after the rows already there), so the output holds the first entry's
+    rows first. Each row is what its cut's tail gives on its live set alone, up to float
+    rounding where a kernel sums in another order at another batch size, provided the model
+    treats the inputs of a batch independently and no cut of the entries recomputes shape
+    arithmetic (:attr:`Cut.recomputed`: a size read before the rows joined would be stale).
+    """
+    gm = graph.module
+    if graph.opaque or not isinstance(gm, fx.GraphModule):
+        raise ValueError("run_from_cuts: an opaque model has no graph to run from a cut")
+    nodes = list(gm.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    named = {node.name: node for node in nodes}
+    joins: dict[int, list[list[torch.Tensor]]] = {}
+    for index, rows in entries:
+        joins.setdefault(index, []).append(rows)
+    start = min(joins)
+    # When each value is read for the last time: dropped then, as fx's Interpreter drops them.
+    dies: dict[int, list[fx.Node]] = {}
+    for node in nodes:
+        if node.users:
+            dies.setdefault(max(position[u] for u in node.users), []).append(node)
+    runner = fx.Interpreter(gm, garbage_collect_values=False)
+    env = runner.env
+    for i, node in enumerate(nodes):
+        if i < start:
+            # Attributes are read where they are used, as a tail does; nothing else before the start runs.
+            if node.op == "get_attr" and any(position[u] > start for u in node.users):
+                env[node] = runner.fetch_attr(node.target)
+            continue
+        if i > start:
+            value = runner.run_node(node)
+            if node.op == "output":
+                return value
+            env[node] = value
+        if i in joins:
+            for k, name in enumerate(graph.cut(i).live):
+                value = named[name]
+                parts = ([env[value]] if i > start else []) + [rows[k] for rows in joins[i]]
+                env[value] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        for done in dies.get(i, ()):
+            env.pop(done, None)
+    raise ValueError("run_from_cuts: the graph has no output node")
 
 
 class LiveSets:

@@ -25,6 +25,7 @@ from partitioner.planner import (
     cached_distortion,
     distortion_meter,
     head_tail_distortion,
+    run_from_cuts,
 )
 from partitioner.profile import profile_model, scaled
 
@@ -154,21 +155,30 @@ def test_screening_keeps_every_ranking(local_model: LoadedModel) -> None:
 
     plain = Planner(cost, budgets, counting("plain"))
     screened = Planner(cost, budgets, counting("screened"), screen=meter.screen)
+    batches: list[int] = []
+
+    def screen_many(cs: list[Candidate]):
+        batches.append(len(cs))
+        return meter.screen_many(cs)
+
+    batched = Planner(cost, budgets, meter, screen=meter.screen, screen_many=screen_many)
     links = [Link(mbps, mbps, 10) for mbps in (1, 10, 100, 1000)]
     rankings = [(plain.rank(link, limit=10), screened.rank(link, limit=10)) for link in links]
     assert calls["screened"] < calls["plain"]  # the screen rejected some on one input
     rejected = 0
     for link, (want, got) in zip(links, rankings, strict=True):
-        assert [s.candidate for s in got] == [s.candidate for s in want]
-        assert [bool(s.rejected) for s in got] == [bool(s.rejected) for s in want]
-        for w, g in zip(want, got, strict=True):
-            if g.rejected:
-                rejected += 1
-                assert screened.measured(g) == w  # shown in full: the same reason and distortion
-            else:
-                assert g == w
-        assert screened.best(link) == plain.best(link)
+        for planner, ranked in ((screened, got), (batched, batched.rank(link, limit=10))):
+            assert [s.candidate for s in ranked] == [s.candidate for s in want]
+            assert [bool(s.rejected) for s in ranked] == [bool(s.rejected) for s in want]
+            for w, g in zip(want, ranked, strict=True):
+                if g.rejected:
+                    rejected += planner is screened
+                    assert planner.measured(g) == w  # shown in full: the same reason and distortion
+                else:
+                    assert g == w
+            assert planner.best(link) == plain.best(link)
     assert rejected >= 3
+    assert max(batches) > 1  # candidates were screened together
 
 
 def test_a_screen_never_promises_less_than_the_whole_batch_gives(local_model: LoadedModel) -> None:
@@ -184,6 +194,50 @@ def test_a_screen_never_promises_less_than_the_whole_batch_gives(local_model: Lo
             assert bound.rel_error <= full.rel_error and bound.top1 >= full.top1, (cut.name, enc, bound, full)
             refused += bound.rel_error > 0.05
     assert refused  # the bound can reject
+
+
+def test_batched_screens_decide_as_one_by_one_screens(local_model: LoadedModel) -> None:
+    """Screening candidates of several cuts in one batch gives each the bound it gets alone (up to
+    float rounding), so the budgets accept and reject the same ones."""
+    calib = calibration_batch(local_model.spec.input_shape, 8, seed=9)
+    meter = DistortionMeter(local_model, calib)
+    cuts = local_model.graph.cuts
+    picked = [cuts[0], cuts[1], cuts[4], cuts[len(cuts) // 3], cuts[len(cuts) // 2], cuts[-3], cuts[-1]]
+    candidates = [
+        candidate(local_model, cut.index, enc)
+        for cut in picked
+        for enc in (("jpeg75", "webp75", "int8c") if cut.index == 0 else ("int2", "int3", "int4", "int8"))
+    ]
+    alone = [meter.screen(c) for c in candidates]
+    together = meter.screen_many(candidates[::-1])[::-1]  # rows enter in cut order whatever the order given
+    decisions = set()
+    for c, one, many in zip(candidates, alone, together, strict=True):
+        assert one is not None and many is not None, c.label
+        assert many.top1 == one.top1, c.label
+        assert many.rel_error == pytest.approx(one.rel_error, rel=1e-4, abs=1e-6), c.label
+        decision = many.top1 < 0.99 or many.rel_error > 0.05  # what the budgets of cleave plan reject
+        assert decision == (one.top1 < 0.99 or one.rel_error > 0.05), (c.label, one, many)
+        decisions.add(decision)
+    assert decisions == {True, False}  # some rejected, some not: the comparison can fail
+
+
+def test_tails_run_together_give_each_tails_output(local_model: LoadedModel) -> None:
+    calib = calibration_batch(local_model.spec.input_shape, 3, seed=10)
+    live = LiveSets(local_model, calib)
+    cuts = local_model.graph.cuts
+    picked = [cuts[0], cuts[2], cuts[len(cuts) // 2], cuts[len(cuts) // 2], cuts[-2]]
+    alone = []
+    for cut in picked:
+        _, _, tail = local_model.parts(cut.index)
+        with torch.inference_mode():
+            alone.append(tail(*live.at(cut.index)))
+            # One cut alone runs the tail's very nodes: exactly the tail's output.
+            assert torch.equal(run_from_cuts(local_model.graph, [(cut.index, list(live.at(cut.index)))]), alone[-1])
+    with torch.inference_mode():
+        together = run_from_cuts(local_model.graph, [(c.index, [v.clone() for v in live.at(c.index)]) for c in picked])
+    assert together.shape[0] == 3 * len(picked)
+    for i, want in enumerate(alone):
+        torch.testing.assert_close(together[3 * i : 3 * i + 3], want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_screen_decodes_one_input_as_the_codec_decodes_the_batch() -> None:
