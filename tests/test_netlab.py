@@ -147,7 +147,10 @@ def test_relay_carries_bulk_data_at_the_shaped_rate(lab: NetLab) -> None:
 def test_cpu_quota_slows_a_cpu_bound_process(lab: NetLab) -> None:
     (free_wall, free_cpu), (slow_wall, slow_cpu) = spin(lab, None), spin(lab, 0.25)
     # Against the loop's CPU time (not its wall time) so that other load on the machine does not blur the ratio.
-    assert 2.5 < slow_wall / free_cpu < 9, (free_wall, free_cpu, slow_wall, slow_cpu)
+    # The same loop's CPU time itself varies with what the other hyperthread runs (a fresh-clone run measured
+    # 0.50 s free and 0.30 s throttled), so the loop's cost is the smaller of its two measurements.
+    work_cpu = min(free_cpu, slow_cpu)
+    assert 2.5 < slow_wall / work_cpu < 9, (free_wall, free_cpu, slow_wall, slow_cpu)
     assert 0.18 < slow_cpu / slow_wall < 0.3, (slow_wall, slow_cpu)  # it ran on about a quarter of a core
 
 
