@@ -11,17 +11,14 @@ import grpc
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from cleave_cli.client import EdgeClient, outputs_of
 from cleave_cli.launch import cloud_process, edge_process, free_port
 from compressor import EncodingSpec, encode, to_chunks
 from compressor.entropy import max_payload
-from partitioner import bottleneck as bn
 from partitioner.bottleneck.served import LATENT_CUT
-from partitioner.graph import trace
 from partitioner.loaded import LoadedModel
-from partitioner.models import ModelSpec, fingerprint
+from partitioner.models import ModelSpec
 from protos.cleave.v1 import edge_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
@@ -37,22 +34,10 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     """Artifacts of a small trained bottleneck, both daemons serving it, and the model as they load it."""
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("bneck")
-    model = small.classifier()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    small.train_artifacts(d, CUT, augment_copies=3, max_steps=80, budget_s=40)
     x, _, _ = small.images()
-    train_idx, held_idx = small.split()
-    graph = trace(model, x[:1])
-    head, tail = graph.split(CUT)
-    b = bn.train(
-        head,
-        tail,
-        bn.augment(x[train_idx], 3, seed=1),
-        bn.BottleneckConfig(channels=64),
-        bn.TrainConfig(rate_weight=0.02, max_steps=80, budget_s=40),
-        cut=(graph.cut(CUT).index, CUT),
-    )
-    base = {"fingerprint": fingerprint(model), "source": "resnet18", "input_shape": list(small.SHAPE)}
-    bn.save(b, d / "bottleneck", base)
+    _, held_idx = small.split()
+    model = small.classifier()
     spec = {
         "name": "rnb",
         "source": "resnet18",

@@ -167,39 +167,22 @@ def test_a_bottleneck_within_the_budget_is_offered_to_the_planner_and_wins_on_a_
 def test_a_trained_bottleneck_becomes_a_candidate_of_the_plain_models_planner(placement, tmp_path: Path) -> None:
     """A small bottleneck trained with the engine's API: its latent's bytes, E and C, and its top-1 agreement."""
     import torch
-    from safetensors.torch import save_file
 
     from compressor import EncodingSpec, encode
-    from partitioner import bottleneck as bn
-    from partitioner.graph import trace
     from partitioner.loaded import LoadedModel
-    from partitioner.models import ModelSpec, fingerprint
+    from partitioner.models import ModelSpec
     from partitioner.profile import profile_model
     from tests.support import tiny_bottleneck as small
 
     torch.set_num_threads(1)
-    cut = "layer1_1_relu_1"
-    classifier = small.classifier()
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    artifacts = small.train_artifacts(tmp_path, "layer1_1_relu_1", augment_copies=2, max_steps=20, budget_s=30)
     x, _, _ = small.images()
-    train_idx, held_idx = small.split()
-    graph = trace(classifier, x[:1])
-    head, tail = graph.split(cut)
-    trained = bn.train(
-        head,
-        tail,
-        bn.augment(x[train_idx], 2, seed=1),
-        bn.BottleneckConfig(channels=64),
-        bn.TrainConfig(rate_weight=0.02, max_steps=20, budget_s=30),
-        cut=(graph.cut(cut).index, cut),
-    )
-    base = {"fingerprint": fingerprint(classifier), "source": "resnet18", "input_shape": list(small.SHAPE)}
-    bn.save(trained, tmp_path / "bneck", base)
+    _, held_idx = small.split()
     spec = {"name": "rn", "source": "resnet18", "weights": str(tmp_path / "model.safetensors")}
     spec |= {"input_shape": list(small.SHAPE), "num_classes": 4}
     plain = LoadedModel.load(ModelSpec.from_dict(spec))
-    bspec = placement.bottleneck_entry(spec, tmp_path / "bneck")
-    assert bspec["name"] == "rn_bneck" and bspec["bottleneck"] == str((tmp_path / "bneck").resolve())
+    bspec = placement.bottleneck_entry(spec, artifacts)
+    assert bspec["name"] == "rn_bneck" and bspec["bottleneck"] == str(artifacts.resolve())
     bmodel = LoadedModel.load(ModelSpec.from_dict(bspec))
     cloud = profile_model(bmodel, repeats=3, warmup=1, head_samples=3)
     calib = x[held_idx][:6]

@@ -70,3 +70,35 @@ def classifier() -> nn.Module:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def train_artifacts(directory, cut: str, *, augment_copies: int, max_steps: int, budget_s: float):
+    """Train a bottleneck for :func:`classifier` at ``cut`` on the training images and save, in ``directory``,
+    the classifier's weights (``model.safetensors``) and the bottleneck's artifacts (``bottleneck/``).
+    Returns the artifacts' directory."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from partitioner import bottleneck as bn
+    from partitioner.graph import trace
+    from partitioner.models import fingerprint
+
+    directory = Path(directory)
+    model = classifier()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    x, _, _ = images()
+    train_idx, _ = split()
+    graph = trace(model, x[:1])
+    head, tail = graph.split(cut)
+    trained = bn.train(
+        head,
+        tail,
+        bn.augment(x[train_idx], augment_copies, seed=1),
+        bn.BottleneckConfig(channels=64),
+        bn.TrainConfig(rate_weight=0.02, max_steps=max_steps, budget_s=budget_s),
+        cut=(graph.cut(cut).index, cut),
+    )
+    base = {"fingerprint": fingerprint(model), "source": "resnet18", "input_shape": list(SHAPE)}
+    bn.save(trained, directory / "bottleneck", base)
+    return directory / "bottleneck"
