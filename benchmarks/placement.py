@@ -477,6 +477,24 @@ def cloud_profile_child(args: argparse.Namespace) -> int:
                 time.sleep(1.0)
 
 
+def start_edge(
+    lab: NetLab,
+    args: argparse.Namespace,
+    config: Path,
+    log_path: Path,
+    env: dict[str, str],
+    edge_cpu: float,
+) -> subprocess.Popen[bytes]:
+    """An edge daemon in the edge namespace with ``config``, under ``edge_cpu`` cores (its own cgroup, the
+    quota's CFS period) on ``--edge-cores``, logging to ``log_path``."""
+    with open(log_path, "ab") as log:
+        argv = [sys.executable, "-m", "edge_node.main", "--config", str(config)]
+        proc = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
+    set_affinity(proc.pid, args.edge_cores)
+    set_cfs_period(lab, proc.pid, edge_cpu, args.cfs_period_ms)
+    return proc
+
+
 def start_bottleneck_edge(
     lab: NetLab,
     args: argparse.Namespace,
@@ -498,12 +516,8 @@ def start_bottleneck_edge(
         "torch_threads": args.edge_threads,
     }
     path = write_yaml(workdir / f"edge-{tag}-bneck.yaml", config)
-    with open(workdir / f"edge-{tag}-bneck.log", "ab") as log:
-        argv = [sys.executable, "-m", "edge_node.main", "--config", str(path)]
-        env = daemon_env(workdir / "cache" / f"edge-{tag}-bneck")
-        proc = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
-    set_affinity(proc.pid, args.edge_cores)
-    set_cfs_period(lab, proc.pid, edge_cpu, args.cfs_period_ms)
+    env = daemon_env(workdir / "cache" / f"edge-{tag}-bneck")
+    proc = start_edge(lab, args, path, workdir / f"edge-{tag}-bneck.log", env, edge_cpu)
     argv = [*SELF, "waitready", "--edge", f"127.0.0.1:{EDGE_PORT + 1}", "--ready-timeout-s", str(args.ready_timeout_s)]
     lab.run(lab.edge_ns, argv, timeout=args.ready_timeout_s + 30, cwd=ROOT, env=daemon_env(workdir)).check_returncode()
     print(f"[placement] bottleneck edge ready ({config['model']['bottleneck']})", flush=True)
@@ -563,11 +577,7 @@ def run_model(
     edge_yaml = write_yaml(workdir / f"edge-{tag}.yaml", config)
     lab.shape(args.bandwidths[0])  # the edge's first plan is made at the first bandwidth
     bneck = start_bottleneck_edge(lab, args, workdir, entry, cloud, edge_cpu, tag) if args.bottleneck else None
-    with open(workdir / f"edge-{tag}.log", "ab") as log:
-        argv = [sys.executable, "-m", "edge_node.main", "--config", str(edge_yaml)]
-        edge = lab.popen(lab.edge_ns, argv, cpu_quota=min(edge_cpu, 1.0), stdout=log, stderr=log, cwd=ROOT, env=env)
-    set_affinity(edge.pid, args.edge_cores)
-    set_cfs_period(lab, edge.pid, edge_cpu, args.cfs_period_ms)
+    edge = start_edge(lab, args, edge_yaml, workdir / f"edge-{tag}.log", env, edge_cpu)
     edge_cgroup = lab_cgroup(lab, edge.pid)
     out = workdir / f"result-{tag}.json"
     argv = [*SELF, "drive", "--edge", f"127.0.0.1:{EDGE_PORT}", "--cloud", cloud]
