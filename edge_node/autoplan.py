@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INBOX_SIZE = 1024  # observations waiting for the planning thread; past this, new ones are dropped
+PROFILE_TIMEOUT_S = 120.0  # the cloud profiles its tails at the edge's input shape on the first request
+PROBE_TIMEOUT_S = 15.0  # the longest an active probe holds the planning thread
+SILENT_MBPS = 1e-3  # the rate a probe that got no answer at all stands for
+SLOW_WALK_S = 2.0  # a re-plan check longer than this is logged, with the accuracy checks it ran
 REPLAN_TIMEOUT_S = 120.0  # how long Edge.Replan waits for the planning thread's answer
 
 
@@ -197,27 +201,43 @@ class AutoPlanner:
         from partitioner.quantized_head import measure_speedups
 
         s = self.settings
-        edge = cached_profile(self.model, role="edge")
+        phases, started = {}, time.monotonic()
+
+        def phase(name: str) -> None:  # how long each step took, for the log: a slow device's first plan takes minutes
+            nonlocal started
+            phases[name], started = time.monotonic() - started, time.monotonic()
+
         # At the edge's input shape: the tail runs on what the edge sends, whatever the cloud's config says.
+        # Asked for first: the cloud profiles itself (once per shape) while this device profiles itself.
         request = si_pb2.ProfileRequest(model=self.model.name, input_shape=self.model.input_shape)
-        reply = self.stub.Profile(request, timeout=120)
+        asked = self.stub.Profile.future(request, timeout=PROFILE_TIMEOUT_S)
+        try:
+            edge = cached_profile(self.model, role="edge")
+            phase("profile")
+            reply = asked.result()
+        finally:
+            asked.cancel()  # a no-op once answered; an edge profile that raised must not leave the call behind
         if reply.fingerprint != self.model.fingerprint:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
         cloud = from_proto(reply)
+        phase("waiting for the cloud's profile")
         calib = self._calib = calibration_inputs(self.model.spec, s.calibration, s.calibration_inputs)
         self._calibration_count = len(calib)
         # Bytes and distortions depend only on the model and the calibration images: kept on disk (keyed by both,
         # as cleave plan keeps them), so a restarted edge plans without encoding every cut again.
         cost = CostModel.measure(self.model, edge, cloud, calib[: s.byte_samples], cache=True)
+        phase("bytes")
         if self.runtime.head_bits == 8:
             # Heads run on int8 kernels: the search over cuts must see their E(k), not the float one.
             cost = cost.with_quantized_heads(measure_speedups(self.model, calib, _anchor_cuts(self.model)))
+            phase("int8 heads")
         budgets = Budgets(
             memory_bytes=int(s.memory_budget_mb * 1e6) if s.memory_budget_mb else None,
             max_rel_error=s.max_rel_error,
             min_top1=s.min_top1,
         )
         meter = cached_distortion(distortion_meter(self.model, calib), self.model, calib)
+        log.info("planner ready: %s", ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()))
         return Planner(cost, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
 
     def _prepare_from_bundle(self, backend: Any) -> Planner:
@@ -227,7 +247,7 @@ class AutoPlanner:
         s = self.settings
         tables = backend.tables
         request = si_pb2.ProfileRequest(model=backend.name, input_shape=backend.input_shape)
-        reply = self.stub.Profile(request, timeout=120)
+        reply = self.stub.Profile(request, timeout=PROFILE_TIMEOUT_S)
         if reply.fingerprint != backend.fingerprint:
             raise Unavailable("cloud profile is for another fingerprint; edge and cloud models differ")
         cloud = from_proto(reply)
@@ -244,7 +264,23 @@ class AutoPlanner:
         return Planner(cost, budgets, table_distortion(tables), s.objective, input_is_8bit=s.input_is_8bit)
 
     def measure_link(self) -> Link:
-        result = probe_link(self.stub)
+        """Probe the link now (on the planning thread; at most ``PROBE_TIMEOUT_S``).
+
+        A probe that the cloud refuses raises (the cloud is away: the runtime falls back by itself and
+        the plan stays). A probe whose every message, echoes included, stays unanswered until its
+        deadline is a measurement: the link is buried (requests queued behind a collapsed rate) or
+        drops everything, and nothing sent to the cloud now comes back sooner. It counts as a round
+        trip of the whole deadline at next to no throughput, so the plan moves to the edge, and the
+        next probe that gets through moves it back."""
+        try:
+            result = probe_link(self.stub, timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            log.info("link probe: no answer within %.0f s; planning as if nothing gets through", PROBE_TIMEOUT_S)
+            rtt_ms = PROBE_TIMEOUT_S * 1e3
+            self.monitor.record_probe(rtt_ms, SILENT_MBPS, SILENT_MBPS)
+            return Link(SILENT_MBPS, SILENT_MBPS, rtt_ms, self.monitor.snapshot().overhead_ms)
         self.monitor.record_probe(result.rtt_ms, result.up_mbps, result.down_mbps)
         # The probe measures the link's rates; the per-request overhead comes from requests served so far.
         return Link(result.up_mbps, result.down_mbps, result.rtt_ms, self.monitor.snapshot().overhead_ms)
@@ -355,7 +391,12 @@ class AutoPlanner:
                 planner = self.prepare()
                 link = self.measure_link()
                 self.use(planner)
-                self.apply(self.choose(link), reason=f"planned at {_describe(link)}")
+                started = time.monotonic()
+                best = self.choose(link)
+                log.info(
+                    "first plan chosen in %.1f s (%d accuracy checks)", time.monotonic() - started, planner.measurements
+                )
+                self.apply(best, reason=f"planned at {_describe(link)}")
                 self.error = ""
             except (grpc.RpcError, Unavailable, ValueError) as exc:
                 self.error = _message(exc)
@@ -407,13 +448,25 @@ class AutoPlanner:
         if samples == self._evidence:
             return  # nothing new about the link: re-counting old evidence would defeat hysteresis
         self._evidence = samples
+        started, measured = time.monotonic(), self.planner.measurements if self.planner else 0
         best = self.choose(link)
+        took = time.monotonic() - started
+        if took > SLOW_WALK_S:  # accuracy checks of candidates not measured before, on this device's CPU
+            checks = (self.planner.measurements if self.planner else 0) - measured
+            log.info("re-plan check at %s took %.1f s (%d accuracy checks)", _describe(link), took, checks)
         current = self.current.candidate if self.current else None
         if self.policy.should_switch(self.planner, current, best, link):
             log.info(
                 "re-plan at %s: %s -> %s", _describe(link), current.label if current else "-", best.candidate.label
             )
             self.apply(best, reason=f"re-planned at {_describe(link)}")
+        elif self.policy.pending:
+            log.info(
+                "re-plan check at %s: %s is clearly faster than %s; waiting for the next check to confirm",
+                _describe(link),
+                best.candidate.label,
+                current.label if current else "-",
+            )
         self.error = ""
 
 

@@ -121,6 +121,11 @@ class Planner:
         self._edge_ratios: deque[float] = deque(maxlen=9)
         self._byte_ratios: dict[tuple[int, str], deque[float]] = {}  # (cut index, encoding) -> sent / predicted
 
+    @property
+    def measurements(self) -> int:
+        """How many candidates' distortions this planner has measured (or looked up) so far."""
+        return len(self._measured)
+
     def observe_cloud(self, cut_index: int, compute_ms: float) -> None:
         """Correct the cloud's predicted compute from what it reports doing (every reply carries it).
 
@@ -315,6 +320,11 @@ class SwitchPolicy:
     confirmations: int = 2  # consecutive checks that must agree
     _streak: int = 0
     _pending: str = ""
+
+    @property
+    def pending(self) -> str:
+        """The label of the plan a streak of checks is confirming ("" when none)."""
+        return self._pending
 
     def should_switch(self, planner: Planner, current: Candidate | None, best: Scored, link: Link) -> bool:
         if current is None:

@@ -71,3 +71,35 @@ class _DeadStub:
 def test_a_cloud_that_never_answers_is_still_an_error() -> None:
     with pytest.raises(grpc.RpcError):
         probe_link(_DeadStub(), timeout=0.2)
+
+
+class _Refused(_DeadlineExceeded):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+
+class _RefusingStub:
+    def Probe(self, requests: Iterator[si_pb2.ProbeMessage], timeout: float):  # noqa: N802 - gRPC name
+        raise _Refused()
+
+
+def test_the_planner_reads_an_unanswered_probe_as_a_link_that_moves_nothing(monkeypatch) -> None:
+    """On a link buried under queued requests not even an echo comes back before the deadline: the
+    planner must not give up its check (the plan would stay on the cloud, each request waiting for
+    its own deadline), but plan as if nothing gets through. A cloud that refuses stays an error."""
+    from edge_node import autoplan
+    from edge_node.config import AutoPlanSettings
+    from edge_node.link import LinkMonitor
+
+    monkeypatch.setattr(autoplan, "PROBE_TIMEOUT_S", 0.2)
+    monitor = LinkMonitor()
+    monitor.record_probe(5.0, 80.0, 80.0)  # the link as it was
+    auto = autoplan.AutoPlanner(None, None, _DeadStub(), monitor, AutoPlanSettings())  # type: ignore[arg-type]
+    link = auto.measure_link()
+    assert link.rtt_ms == pytest.approx(200.0) and link.up_mbps == link.down_mbps == autoplan.SILENT_MBPS
+    seen = monitor.snapshot()
+    assert seen.rtt_ms == pytest.approx(200.0) and seen.up_mbps == autoplan.SILENT_MBPS and seen.samples == 2
+
+    auto.stub = _RefusingStub()
+    with pytest.raises(grpc.RpcError):
+        auto.measure_link()
