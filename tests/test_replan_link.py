@@ -25,7 +25,9 @@ pytestmark = [
     pytest.mark.skipif(not AVAILABLE, reason=f"needs network namespaces and tc: {WHY}"),
 ]
 
-# Big enough that a device with a tenth of a core is clearly slower than sending the work away.
+# Big enough that a device with a quarter of a core (EDGE_CPU) is clearly slower than sending the work away
+# over 100 Mbit/s: about 4x the cloud's time, where the link adds a few ms.
+EDGE_CPU = 0.25
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 128, 128]}
 
 STATUS = (
@@ -48,7 +50,7 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path) -> None:
         lab.shape(up_mbit=100, down_mbit=100)
         argv = [sys.executable, "-m", "cloud_node.main", "--config", str(tmp_path / "cloud.yaml")]
         lab.popen(lab.cloud_ns, argv, stdout=cloud_log, stderr=cloud_log, cwd=ROOT, env=env)
-        poll(lab, lab.cloud_ns, HEALTH, f"127.0.0.1:{cloud_port}", lambda _: True, 120)
+        poll(lab, lab.cloud_ns, HEALTH, f"127.0.0.1:{cloud_port}", lambda _: True, 120, tmp_path / "cloud.log")
         relay = lab.relay(lab.cloud_ns, listen=f"{lab.cloud_ip}:0", target=f"127.0.0.1:{cloud_port}", delay_ms=2)
         config = {
             "model": MODEL,
@@ -58,9 +60,11 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path) -> None:
         }
         (tmp_path / "edge.yaml").write_text(yaml.safe_dump(config))
         argv = [sys.executable, "-m", "edge_node.main", "--config", str(tmp_path / "edge.yaml")]
-        lab.popen(lab.edge_ns, argv, cpu_quota=0.1, stdout=edge_log, stderr=edge_log, cwd=ROOT, env=env)
-        poll(lab, lab.edge_ns, HEALTH, edge_address, lambda _: True, 120)
-        first = json.loads(poll(lab, lab.edge_ns, STATUS, edge_address, lambda o: "planned" in o, 240))
+        lab.popen(lab.edge_ns, argv, cpu_quota=EDGE_CPU, stdout=edge_log, stderr=edge_log, cwd=ROOT, env=env)
+        poll(lab, lab.edge_ns, HEALTH, edge_address, lambda _: True, 120, log=tmp_path / "edge.log")
+        first = json.loads(
+            poll(lab, lab.edge_ns, STATUS, edge_address, lambda o: "planned" in o, 240, tmp_path / "edge.log")
+        )
         assert first["placement"] != "EDGE_ONLY", first  # fast link, slow device: use the cloud
 
         stop = tmp_path / "stop"
@@ -68,10 +72,10 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path) -> None:
         argv += ["--shape", "1,3,128,128", "--stop-file", str(stop)]
         driver = lab.popen(lab.edge_ns, argv, stdout=-1, cwd=ROOT, text=True, env=env)
         time.sleep(8)
-        # 0.1 Mbit/s: sending even the 8-bit input takes ~1 s, several times the throttled edge's compute.
+        # 0.1 Mbit/s: sending even the 8-bit input (49 KB before zstd) takes seconds, many times the edge's compute.
         lab.shape(up_mbit=0.1, down_mbit=0.1)
         shaped_at = time.monotonic()
-        poll(lab, lab.edge_ns, STATUS, edge_address, lambda o: "EDGE_ONLY" in o, 100)
+        poll(lab, lab.edge_ns, STATUS, edge_address, lambda o: "EDGE_ONLY" in o, 100, tmp_path / "edge.log")
         time.sleep(5)  # keep streaming on the new plan: it must not switch back
         stop.touch()
         out, _ = driver.communicate(timeout=120)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from benchmarks.netlab import NetLab
 from tests.support import ROOT
@@ -18,8 +19,19 @@ HEALTH = (
 )
 
 
-def poll(lab: NetLab, ns: str, script: str, address: str, done: Callable[[str], bool], timeout: float) -> str:
-    """Run ``script`` in ``ns`` until ``done(stdout)``; returns the last stdout."""
+def poll(
+    lab: NetLab,
+    ns: str,
+    script: str,
+    address: str,
+    done: Callable[[str], bool],
+    timeout: float,
+    log: Path | None = None,
+) -> str:
+    """Run ``script`` in ``ns`` until ``done(stdout)``; returns the last stdout.
+
+    ``log``: the daemon's log file, whose tail the TimeoutError quotes (what the daemon was doing
+    when the condition did not come is the first thing a CI failure needs)."""
     deadline, out = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         result = lab.run(ns, [sys.executable, "-c", script, address], timeout=30, cwd=ROOT)
@@ -27,4 +39,8 @@ def poll(lab: NetLab, ns: str, script: str, address: str, done: Callable[[str], 
         if result.returncode == 0 and done(out):
             return out
         time.sleep(0.5)
-    raise TimeoutError(f"{ns}: condition not met after {timeout}s; last output: {out!r}")
+    tail = ""
+    if log is not None:
+        lines = log.read_text(errors="replace").splitlines()[-40:]
+        tail = f"\n--- last lines of {log.name} ---\n" + "\n".join(lines)
+    raise TimeoutError(f"{ns}: condition not met after {timeout}s; last output: {out!r}{tail}")
