@@ -112,6 +112,7 @@ class AutoPlanner:
         self.planner: Planner | None = None
         self.current: Scored | None = None
         self._evidence = -1  # link samples seen at the last check: only new evidence confirms a switch
+        self._walk_complete = True  # whether the last check's walk measured all it needed (see Planner.rank)
         # The runtime's (cut, encoding) of each candidate that sends: which candidate a served request was.
         self._by_plan: dict[tuple[int, EncodingSpec], Candidate] = {}
         # Written by the planning thread only; GetStatus reads it.
@@ -292,11 +293,12 @@ class AutoPlanner:
         e = self.monitor.snapshot()
         return Link(max(e.up_mbps, 1e-3), max(e.down_mbps, 1e-3), e.rtt_ms, e.overhead_ms)
 
-    def choose(self, link: Link) -> Scored:
+    def choose(self, link: Link, deadline: float | None = None) -> Scored:
+        """The plan for ``link`` (``deadline``: see :meth:`Planner.rank`)."""
         assert self.planner is not None
         if self.settings.baseline:
             return self.planner.baseline(self.settings.baseline, link)
-        return self.planner.best(link)
+        return self.planner.best(link, deadline)
 
     def apply(self, scored: Scored, reason: str, enable: bool = False) -> bool:
         """Pin ``scored`` unless a manual pin turned planning off (``enable``: turn it back on first).
@@ -445,15 +447,21 @@ class AutoPlanner:
         link = self.current_link()
         # New evidence: link samples, or cloud timings that re-scale the cloud's compute.
         samples = self.monitor.snapshot().samples + (self.planner.cloud_observations if self.planner else 0)
-        if samples == self._evidence:
+        fresh = samples != self._evidence
+        if not fresh and self._walk_complete:
             return  # nothing new about the link: re-counting old evidence would defeat hysteresis
         self._evidence = samples
         started, measured = time.monotonic(), self.planner.measurements if self.planner else 0
-        best = self.choose(link)
+        # Accuracy checks for at most measure_budget_s: the best plan known to fit is used meanwhile, and the
+        # next checks measure what this one could not (also without new evidence, but only new evidence switches).
+        best = self.choose(link, deadline=started + self.settings.measure_budget_s)
+        self._walk_complete = self.planner.walk_complete if self.planner else True
         took = time.monotonic() - started
         if took > SLOW_WALK_S:  # accuracy checks of candidates not measured before, on this device's CPU
             checks = (self.planner.measurements if self.planner else 0) - measured
             log.info("re-plan check at %s took %.1f s (%d accuracy checks)", _describe(link), took, checks)
+        if not fresh:
+            return
         current = self.current.candidate if self.current else None
         if self.policy.should_switch(self.planner, current, best, link):
             log.info(

@@ -71,6 +71,9 @@ class AutoPlanSettings(Settings):
     min_gain: float = 0.10  # hysteresis: switch only for a clearly faster plan ...
     min_gain_ms: float = 2.0  # ... by at least this much ...
     confirmations: int = 2  # ... on this many consecutive checks
+    # A re-plan check measures candidates' accuracy (the model on every calibration input, seconds each on a
+    # slow device) for at most this long; the best plan known to fit is used meanwhile, the rest measured later.
+    measure_budget_s: float = 5.0
 
     def validate(self) -> None:
         one_of("objective", self.objective, OBJECTIVES)
@@ -80,7 +83,15 @@ class AutoPlanSettings(Settings):
             value = getattr(self, key)
             require(value is None or value > 0, key, "> 0 or unset", value)
         require(self.min_top1 is None or 0 <= self.min_top1 <= 1, "min_top1", "in [0, 1] or unset", self.min_top1)
-        positive(self, "calibration_inputs", "byte_samples", "check_interval_s", "probe_interval_s", "confirmations")
+        positive(
+            self,
+            "calibration_inputs",
+            "byte_samples",
+            "check_interval_s",
+            "probe_interval_s",
+            "confirmations",
+            "measure_budget_s",
+        )
         non_negative(self, "min_gain", "min_gain_ms")
 
 

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import statistics
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 OBJECTIVES = ("latency", "throughput")
 CLOUD_SAMPLES = 3  # replies before the cloud's measured compute corrects its profile
 BASELINES = ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp")
+#: Why :meth:`Planner.rank` passed over a candidate whose accuracy it had no time left to measure.
+UNMEASURED = "accuracy not measured yet (the walk's time ran out)"
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class Planner:
         self.edge_scale = 1.0
         self._edge_ratios: deque[float] = deque(maxlen=9)
         self._byte_ratios: dict[tuple[int, str], deque[float]] = {}  # (cut index, encoding) -> sent / predicted
+        #: False when the last :meth:`rank` ran out of time before a candidate it had to measure
+        #: (see its ``deadline``): a later walk, measuring what this one could not, may find better.
+        self.walk_complete = True
 
     @property
     def measurements(self) -> int:
@@ -272,13 +278,24 @@ class Planner:
         for key, bound in zip(batch, self._screen_many(list(batch.values())), strict=True):
             self._bounds[key] = bound
 
-    def rank(self, link: Link, limit: int | None = None) -> list[Scored]:
-        """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found."""
+    def rank(self, link: Link, limit: int | None = None, deadline: float | None = None) -> list[Scored]:
+        """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found.
+
+        ``deadline`` (``time.monotonic()``): past it, a candidate whose accuracy is not known yet is
+        passed over (rejected as :data:`UNMEASURED`) instead of measured, so the walk ends on the
+        cheapest candidate already known to fit: on a slow device each measurement runs the model
+        on every calibration input, seconds apiece, and a re-plan must not wait minutes for them.
+        What was measured is kept; :attr:`walk_complete` says whether anything was passed over."""
         ordered = sorted((self.score(c, link) for c in self.candidates), key=lambda s: s.cost_ms)
         out, feasible = [], 0
+        self.walk_complete = True
         for i, scored in enumerate(ordered):
             if limit is not None and feasible >= limit:
                 out.append(scored)
+                continue
+            if deadline is not None and self._unknown(scored.candidate) and time.monotonic() >= deadline:
+                out.append(replace(scored, rejected=UNMEASURED))
+                self.walk_complete = False
                 continue
             self._screen_ahead(ordered, i)
             checked = self._check(scored)
@@ -286,9 +303,24 @@ class Planner:
             feasible += not checked.rejected
         return out
 
-    def best(self, link: Link) -> Scored:
-        """The plan: the cheapest candidate within budgets (edge-only always qualifies on accuracy)."""
-        for scored in self.rank(link, limit=1):
+    def _unknown(self, c: Candidate) -> bool:
+        """Whether :meth:`_check` would have to measure (or screen) ``c`` to decide on it."""
+        b = self.budgets
+        if self._distortion is None or (b.max_rel_error is None and b.min_top1 is None) or self.lossless(c):
+            return False
+        if b.memory_bytes is not None and c.kind != CLOUD_ONLY and c.edge_memory > b.memory_bytes:
+            return False  # rejected on memory, before any measurement
+        key = (c.cut_index, c.encoding)
+        if key in self._measured:
+            return False
+        bound = self._bounds.get(key)
+        return bound is None or not self._violation(bound, bound=True)
+
+    def best(self, link: Link, deadline: float | None = None) -> Scored:
+        """The plan: the cheapest candidate within budgets (edge-only always qualifies on accuracy).
+
+        ``deadline``: as for :meth:`rank`; the plan is then the cheapest of those known to fit."""
+        for scored in self.rank(link, limit=1, deadline=deadline):
             if not scored.rejected:
                 return scored
         raise ValueError("no candidate fits the budgets (edge memory too small even for edge-only?)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from partitioner.costmodel import CLOUD_ONLY, EDGE_ONLY, SPLIT, CostModel, CutCost, Link
-from partitioner.planner import Budgets, Distortion, Planner, SwitchPolicy
+from partitioner.planner import UNMEASURED, Budgets, Distortion, Planner, SwitchPolicy
 from partitioner.profile import LatencyCurve, Profile
 
 ENCODINGS = ("raw", "fp16", "int8", "int4", "int2", "raw+none")
@@ -108,6 +108,40 @@ def test_accuracy_budget_is_respected_and_checked_lazily() -> None:
     allowed = {"raw", "raw+none", "fp16", "int8", "int8c", "int4", ""}
     assert best.cost_ms == pytest.approx(brute_force(cost, link, lambda c: c.encoding in allowed))
     assert len(seen) < len(planner.candidates) / 2  # only candidates that could win were measured
+
+
+def test_a_walk_past_its_deadline_plans_on_what_is_known_and_the_next_one_goes_on() -> None:
+    """On a slow device every accuracy measurement takes seconds: a re-plan with a deadline ends on the
+    cheapest candidate already known to fit, and later walks measure what it passed over."""
+    cost = synthetic_cost()
+    link = Link(5, 5, 2)
+    seen = []
+
+    def distortion(c):
+        seen.append((c.cut_index, c.encoding))
+        return Distortion(rel_error=0.0, top1=1.0)  # every candidate fits: only the deadline holds the walk back
+
+    budgets = Budgets(max_rel_error=0.1, min_top1=0.99)
+    unhurried = Planner(cost, budgets, lambda c: Distortion(0.0, 1.0)).best(link)
+    assert unhurried.candidate.encoding not in (
+        "raw",
+        "raw+none",
+        "int8c",
+        "",
+    )  # the best is lossy: it must be measured
+
+    planner = Planner(cost, budgets, distortion)
+    hurried = planner.best(link, deadline=0.0)  # long past: measure nothing
+    assert seen == [] and not planner.walk_complete
+    assert planner.lossless(hurried.candidate) and hurried.cost_ms > unhurried.cost_ms
+    passed = [s for s in planner.rank(link, deadline=0.0) if s.rejected == UNMEASURED]
+    assert passed and all(not planner.lossless(s.candidate) for s in passed)
+
+    planner.best(link)  # no deadline: the walk measures what it needs
+    assert planner.walk_complete and seen
+    measured = len(seen)
+    again = planner.best(link, deadline=0.0)  # what is measured is known: past the deadline, still the best
+    assert again.candidate == unhurried.candidate and len(seen) == measured and planner.walk_complete
 
 
 def test_webp_input_is_a_cloud_only_candidate_judged_by_top1_agreement() -> None:
