@@ -167,8 +167,9 @@ def decode_array(
         if tables is None:
             raise CodecError("tensor.encoding: ENTROPY, but this model has no bottleneck tables")
         return entropy.decode_symbols(buf, tables, shape).astype(np.float32)
-    if msg.bits == 4 and msg.axis == -1:  # the default encoding: unpacked and scaled in cache-sized blocks
-        return blocked.dequantize4(buf, numel, msg.scales[0], msg.zero_points[0]).reshape(shape)
+    if msg.bits in (4, 8) and msg.axis == -1:  # the defaults, per tensor: unpacked and scaled in blocks
+        dequantize = blocked.dequantize4 if msg.bits == 4 else blocked.dequantize8
+        return dequantize(buf, numel, msg.scales[0], msg.zero_points[0]).reshape(shape)
     q = unpack_array(buf, msg.bits, numel).reshape(shape)
     axis = None if msg.axis == -1 else msg.axis
     scales = np.asarray(msg.scales, np.float32)

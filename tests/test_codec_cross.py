@@ -224,15 +224,18 @@ def test_blocked_encoding_equals_the_unfused_functions_at_every_block_edge(bits:
                 assert got.tobytes() == want.tobytes()
 
 
-@pytest.mark.parametrize("count", [0, 1, 39, 40, 41, 79, 80, 81, 1001])
+@pytest.mark.parametrize("count", [0, 1, 39, 40, 41, 79, 80, 81, 159, 160, 161, 1001])
 @pytest.mark.parametrize("zero_point", [0, 7, 15])
-def test_blocked_4bit_decoding_equals_torch_at_every_block_edge(count: int, zero_point: int) -> None:
-    """Blocks of 40 codes (20 bytes): counts that end mid-block, on a block's edge and on a padding nibble."""
-    rng = np.random.default_rng(count + 100 * zero_point)
-    codes = torch.from_numpy(rng.integers(0, 16, count, dtype=np.uint8))
-    payload = torch_pack(codes, 4)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blocked_decoding_equals_torch_at_every_block_edge(count: int, zero_point: int, bits: int) -> None:
+    """Blocks of 80 codes (40 bytes at 4 bits, 80 at 8): counts that end mid-block, on a block's edge
+    and on a padding nibble."""
+    rng = np.random.default_rng(count + 100 * zero_point + bits)
+    codes = torch.from_numpy(rng.integers(0, 1 << bits, count, dtype=np.uint8))
+    payload = torch_pack(codes, bits)
     scale = float(np.float32(0.3712))
-    got = blocked.dequantize4(np.frombuffer(payload, np.uint8), count, scale, zero_point)
+    dequantize = blocked.dequantize4 if bits == 4 else blocked.dequantize8
+    got = dequantize(np.frombuffer(payload, np.uint8), count, scale, zero_point)
     want = torch_dequantize(codes, [scale], [zero_point], None, (count,)).numpy()
     assert got.dtype == np.float32 and got.shape == (count,)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
