@@ -16,6 +16,12 @@ A second table measures zstd levels (-5 to 3), Cleave's level-1 parameters for c
 threads on the packed 4-bit and 8-bit codes and the fp16 bytes of the same activation: compressed
 size and compress / decompress speed, which is how the default was chosen.
 
+The process takes the daemons' malloc settings (:func:`runtime.memory.keep_freed_memory`, as
+:mod:`benchmarks.grpc_floor` does): with glibc's defaults, which path pays the page faults of
+re-growing a trimmed heap depends on the order the paths run in, and in one run the same decode
+took 1.7 ms or 3.7 ms (1,043 faults per call) by its place in the rotation. ``--malloc default``
+measures with glibc's defaults instead.
+
     python -m benchmarks.codec [--repeats 40 --cpu 0 --out benchmarks/results/codec.json]
     python -m benchmarks.codec --before old.json --label "what was measured"  # keeps old.json's paths as 'before'
 """
@@ -40,6 +46,7 @@ import zstandard  # noqa: E402
 
 from compressor import EncodingSpec, decode, decode_array, encode  # noqa: E402
 from compressor import zstd as cleave_zstd  # noqa: E402
+from runtime import memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,27 +196,26 @@ def stages(x: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
     """Where the default 4-bit and 8-bit codecs spend their time: each stage of Cleave's encode and
     decode alone, on the same activation (median ms, same clock), interleaved."""
     from compressor import blocked, quant
-    from compressor.bitpack import unpack_array
     from compressor.codec import crc32
 
     flat = x.reshape(-1)
     plans: dict[str, dict[str, Callable[[], object]]] = {}
     for bits in (4, 8):
         msg = encode(x, EncodingSpec.parse(f"int{bits}"))
-        lo, hi = np.float32(flat.min()), np.float32(flat.max())
+        lo, hi = blocked.min_max(flat)
         s, z = quant.affine_params_array(lo, hi, bits)
         codes = cleave_zstd.decompress(msg.payload, msg.raw_size, writable=False)
+        out = np.empty(codes.size, np.uint8)  # reused by every repeat, as the codec reuses its thread's buffer
+        dequantize = blocked.dequantize4 if bits == 4 else blocked.dequantize8  # as decode: in blocks
         plans[f"int{bits}"] = {
-            "encode: min and max": lambda: (flat.min(), flat.max()),
-            "encode: quantize and pack": lambda bits=bits, s=s, z=z, lo=lo, hi=hi: blocked.quantize_pack(
-                flat, bits, s, z, lo, hi, True
+            "encode: min and max": lambda: blocked.min_max(flat),
+            "encode: quantize and pack": lambda bits=bits, s=s, z=z, lo=lo, hi=hi, out=out: blocked.quantize_pack(
+                flat, bits, s, z, lo, hi, True, out
             ),
             "encode: zstd": lambda codes=codes: cleave_zstd.compress(codes, 1, codes=True),
             "copy the payload out of the message, crc32": lambda msg=msg: crc32(msg.payload),
             "decode: zstd": lambda msg=msg: cleave_zstd.decompress(msg.payload, msg.raw_size, writable=False),
-            "decode: unpack and dequantize": lambda codes=codes, bits=bits, s=s, z=z: quant.dequantize_array(
-                unpack_array(codes, bits, flat.size), s, z, None
-            ),
+            "decode: unpack and dequantize": lambda codes=codes, s=s, z=z, f=dequantize: f(codes, flat.size, s, z),
         }
     times: dict[str, dict[str, list[float]]] = {k: {name: [] for name in plan} for k, plan in plans.items()}
     for _ in range(repeats):
@@ -304,7 +310,14 @@ def main() -> None:
     ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit measured)")
     ap.add_argument("--before", type=Path, help="a JSON of this script run on older code: stored under 'before'")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time (default) or wall time")
+    ap.add_argument(
+        "--malloc",
+        choices=("daemon", "default"),
+        default="daemon",
+        help="glibc's thresholds as the daemons set them (default: runtime.memory.keep_freed_memory) or glibc's own",
+    )
     args = ap.parse_args()
+    kept = args.malloc == "daemon" and memory.keep_freed_memory()
     global _clock
     _clock = CLOCKS[args.clock]
     cpu = args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))
@@ -349,6 +362,7 @@ def main() -> None:
         },
         "repeats": args.repeats,
         "clock": {"cpu": "process CPU time", "wall": "wall-clock time"}[args.clock],
+        "malloc": "the daemons' thresholds (keep_freed_memory)" if kept else "glibc's defaults",
         "default_spec": {"int4": str(EncodingSpec.parse("int4").to_proto()).replace("\n", " ")},
         "paths": measured,
         "goals": goals,

@@ -167,6 +167,9 @@ def decode_array(
         if tables is None:
             raise CodecError("tensor.encoding: ENTROPY, but this model has no bottleneck tables")
         return entropy.decode_symbols(buf, tables, shape).astype(np.float32)
+    if msg.bits in (4, 8) and msg.axis == -1:  # the defaults, per tensor: unpacked and scaled in blocks
+        dequantize = blocked.dequantize4 if msg.bits == 4 else blocked.dequantize8
+        return dequantize(buf, numel, msg.scales[0], msg.zero_points[0]).reshape(shape)
     q = unpack_array(buf, msg.bits, numel).reshape(shape)
     axis = None if msg.axis == -1 else msg.axis
     scales = np.asarray(msg.scales, np.float32)
@@ -265,7 +268,8 @@ def _from_half(h: np.ndarray) -> np.ndarray:
 def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.ndarray:
     xf = as_float32(x)
     if xf.size:
-        mn, mx = xf.min(), xf.max()  # NaN and inf both propagate into min / max
+        # NaN and inf both propagate into min / max; a contiguous tensor in cache-sized blocks.
+        mn, mx = blocked.min_max(xf.reshape(-1)) if xf.flags.c_contiguous else (xf.min(), xf.max())
         if not (np.isfinite(mn) and np.isfinite(mx)):
             raise CodecError("x: affine encoding needs finite values (found NaN or inf)")
     axis = None
@@ -286,8 +290,10 @@ def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.nda
     msg.axis = -1 if axis is None else axis
     msg.scales.extend(scales.reshape(-1).tolist())
     msg.zero_points.extend(zero_points.reshape(-1).tolist())
-    if axis is None:  # per tensor, the default: in cache-sized blocks
-        return blocked.quantize_pack(xf.reshape(-1), spec.bits, scales, zero_points, lo, hi, covers)
+    if axis is None:  # per tensor, the default: in cache-sized blocks, into this thread's reused buffer
+        flat = xf.reshape(-1)
+        out = blocked.reusable_output(packed_size(flat.size, spec.bits))  # _set_payload copies it out
+        return blocked.quantize_pack(flat, spec.bits, scales, zero_points, lo, hi, covers, out)
     q = quantize_array(xf, spec.bits, scales, zero_points, lo, hi, axis, covers=covers)
     return pack_array(q.reshape(-1), spec.bits)
 

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from compressor import EncodingSpec, blocked, clip_range, decode, decode_array, encode, zstd
 from compressor.bitpack import BIT_WIDTHS
+from compressor.errors import CodecError
 from protos.cleave.v1 import tensor_pb2
 
 torch = pytest.importorskip("torch")
@@ -221,6 +222,48 @@ def test_blocked_encoding_equals_the_unfused_functions_at_every_block_edge(bits:
                 want = pack_array(quantize_array(x, bits, sa, za, a, b, None, covers=covers), bits)
                 got = blocked.quantize_pack(x, bits, sa, za, a, b, covers)
                 assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("count", [0, 1, 39, 40, 41, 79, 80, 81, 159, 160, 161, 1001])
+@pytest.mark.parametrize("zero_point", [0, 7, 15])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blocked_decoding_equals_torch_at_every_block_edge(count: int, zero_point: int, bits: int) -> None:
+    """Blocks of 80 codes (40 bytes at 4 bits, 80 at 8): counts that end mid-block, on a block's edge
+    and on a padding nibble."""
+    rng = np.random.default_rng(count + 100 * zero_point + bits)
+    codes = torch.from_numpy(rng.integers(0, 1 << bits, count, dtype=np.uint8))
+    payload = torch_pack(codes, bits)
+    scale = float(np.float32(0.3712))
+    dequantize = blocked.dequantize4 if bits == 4 else blocked.dequantize8
+    got = dequantize(np.frombuffer(payload, np.uint8), count, scale, zero_point)
+    want = torch_dequantize(codes, [scale], [zero_point], None, (count,)).numpy()
+    assert got.dtype == np.float32 and got.shape == (count,)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("count", [1, 39, 40, 41, 79, 80, 81, 1001])
+def test_blocked_min_max_is_the_tensors_and_propagates_nan_and_inf(count: int) -> None:
+    x = np.random.default_rng(count).standard_normal(count).astype(np.float32)
+    assert blocked.min_max(x) == (x.min(), x.max())
+    for bad, where in ((np.nan, count - 1), (np.inf, count // 2), (-np.inf, 0)):
+        y = x.copy()
+        y[where] = bad
+        lo, hi = blocked.min_max(y)
+        np.testing.assert_array_equal([lo, hi], [y.min(), y.max()])  # NaN equals NaN here
+        assert not (np.isfinite(lo) and np.isfinite(hi))
+        with pytest.raises(CodecError, match="finite"):
+            encode(y.reshape(1, -1), EncodingSpec.parse("int4"))
+
+
+def test_packed_codes_in_the_reused_buffer_are_copied_out_before_the_next_encode() -> None:
+    """Per-tensor codes go through one buffer per thread: each message must keep its own payload."""
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((2, 300)).astype(np.float32) * (k + 1) for k in range(3)]
+    for text in ("int4", "int4+none", "int8+none"):
+        msgs = [encode(x, EncodingSpec.parse(text)) for x in xs]
+        for x, msg in zip(xs, msgs, strict=True):
+            assert msg.SerializeToString() == encode(x, EncodingSpec.parse(text)).SerializeToString()
+            assert np.abs(decode_array(msg) - x).max() <= msg.scales[0] / 2 * 1.001
 
 
 def test_the_fast_crc32_is_zlibs_checksum() -> None:
