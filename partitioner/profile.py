@@ -12,7 +12,7 @@ until the period's share is spent, then stops the process until the next period,
 codec call lands either whole in a share (its CPU time) or across a stop (a period longer). Medians of
 such timings came out at full speed for some nodes and codecs and throttled for others (int4 encoding
 1.0 ms/MB against int8's 40 ms/MB on an edge 24x slower than the cloud, and the heads up to the first
-block at 1.8% of the model where they do 9%). There, per-node and codec costs are their CPU time times
+block at 1.3% of the model where they do 9%). There, per-node and codec costs are their CPU time times
 the host's wall time per CPU second over many periods (:func:`wall_per_cpu_ms`), what they cost in a
 sustained run.
 
