@@ -32,9 +32,13 @@ class LinkMonitor:
     control, the serving threads on both sides (slow on a throttled device). Measured against the
     last probe's rates, what a request spent beyond one RTT and its bytes is that overhead (median
     of the last ``window``); it is kept apart from the bandwidth, so a small request's time does not
-    read as a slow link, and the planner adds it to every request that goes to the cloud. A residual
-    over ``OVERHEAD_CAP_RTTS`` RTTs (at least ``OVERHEAD_CAP_MS``) is the link changing, not
-    overhead: it counts as bandwidth only.
+    read as a slow link, and the planner adds it to every request that goes to the cloud. The overhead
+    is capped at ``OVERHEAD_CAP_RTTS`` RTTs (at least ``OVERHEAD_CAP_MS``). A residual over the cap but
+    within twice it is a slow request of an overhead near the cap (a throttled edge spends about 2 RTTs
+    per request, and half its requests more): it counts as the cap, so the median stays that of the
+    residuals as long as fewer than half are over it (dropped, they left only the faster half, and the
+    edge 24x slower than the cloud learnt 12.6 ms where its requests paid a median 20.4). A residual
+    over twice the cap is the link changing, not overhead: it counts as bandwidth only.
     """
 
     MIN_BYTES = 16 << 10
@@ -71,8 +75,9 @@ class LinkMonitor:
             if self._probed is not None:
                 up, down = self._probed
                 residual = wire_ms - rtt - bytes_up * 8 / (up * 1e3) - bytes_down * 8 / (down * 1e3)
-                if residual <= max(self.OVERHEAD_CAP_RTTS * rtt, self.OVERHEAD_CAP_MS):
-                    self._overhead.append(max(residual, 0.0))
+                cap = max(self.OVERHEAD_CAP_RTTS * rtt, self.OVERHEAD_CAP_MS)
+                if residual <= 2 * cap:
+                    self._overhead.append(min(max(residual, 0.0), cap))
             wire_ms -= statistics.median(self._overhead) if self._overhead else 0.0
             if wire_ms - rtt < max(1.0, 0.25 * rtt):
                 return  # the transfer hid inside the RTT (or timer noise): it says nothing about bandwidth

@@ -76,6 +76,8 @@ class Planner:
 
     #: The most candidates :meth:`rank` screens in one batch (``screen_many``).
     LOOKAHEAD = 32
+    #: The smallest head, as a share of the whole model's edge time, whose served time corrects E(k).
+    MIN_EDGE_SHARE = 0.02
 
     def __init__(
         self,
@@ -155,12 +157,17 @@ class Planner:
         every cut: measured 1.15-1.4x the profile for the whole model under CFS quotas. As for the
         cloud, the median ratio of measured to predicted over the last few requests scales E(k) for
         every candidate, edge-only included.
+
+        A head predicted under ``MIN_EDGE_SHARE`` of the whole model says nothing about the edge's speed:
+        under a CPU quota it runs whole in the period's share, at full speed (at 30x, the head of
+        ``size#1``, predicted at its sustained 0.3 ms, took 0.1), and elsewhere it times the timer. Its
+        ratio, a third, would have scaled every head by a third while such a plan was served.
         """
         if cut_index < 0:
             predicted = self.cost.edge_total_ms
         else:
             predicted = next((c.edge_ms for c in self.cost.cuts if c.index == cut_index), 0.0)
-        if predicted <= 0.05 or compute_ms <= 0:
+        if predicted <= max(0.05, self.MIN_EDGE_SHARE * self.cost.edge_total_ms) or compute_ms <= 0:
             return  # too small to give a meaningful ratio
         self._edge_ratios.append(compute_ms / predicted)
         if len(self._edge_ratios) >= CLOUD_SAMPLES:

@@ -6,6 +6,16 @@ run faster than alone. So whole heads are also timed at a few cuts, and :class:`
 the cumulative per-node sum onto those measurements (piecewise linear between them). That is what
 the planner uses: ``head_ms(k)`` for the edge, ``tail_ms(k) = total - head_ms(k)`` for the cloud.
 
+On a host that gets less than one core per wall second (a CPU quota, or other work on its cores), short
+timings are not what the same work costs inside a request: a CFS quota lets a burst run at full speed
+until the period's share is spent, then stops the process until the next period, so one node or one
+codec call lands either whole in a share (its CPU time) or across a stop (a period longer). Medians of
+such timings came out at full speed for some nodes and codecs and throttled for others (int4 encoding
+1.0 ms/MB against int8's 40 ms/MB on an edge 24x slower than the cloud, and the heads up to the first
+block at 1.3% of the model where they do 9%). There, per-node and codec costs are their CPU time times
+the host's wall time per CPU second over many periods (:func:`wall_per_cpu_ms`), what they cost in a
+sustained run.
+
 Profiles are cached on disk, keyed by model fingerprint, role (edge or cloud), host, CPU quota,
 torch version, thread count, input shape (batch included) and dtype: a profile taken elsewhere, or
 at another input, says nothing about here.
@@ -142,13 +152,15 @@ def _timing_interpreter() -> type:
     class _TimingInterpreter(fx.Interpreter):
         def __init__(self, module: fx.GraphModule) -> None:
             super().__init__(module)
-            self.times: dict[str, float] = {}
+            self.times: dict[str, float] = {}  # wall ms
+            self.cpu_times: dict[str, float] = {}  # the process's CPU ms (every torch thread)
             self.sizes: dict[str, int] = {}
 
         def run_node(self, n: fx.Node):
-            started = time.perf_counter()
+            cpu, started = time.process_time(), time.perf_counter()
             value = super().run_node(n)
             self.times[n.name] = (time.perf_counter() - started) * 1e3
+            self.cpu_times[n.name] = (time.process_time() - cpu) * 1e3
             self.sizes[n.name] = _nbytes(value)
             return value
 
@@ -186,6 +198,33 @@ def _nothing() -> None:
     pass
 
 
+def wall_per_cpu_ms(
+    fn: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    between: Callable[[], None] | None = None,
+) -> tuple[float, float]:
+    """``fn()``'s median wall time in ms over ``repeats`` calls, and the host's wall time per CPU second
+    over all of them (their summed wall time over the process's CPU time in them).
+
+    Over calls that span many CPU-quota periods the ratio is what a CPU second costs here in a sustained run:
+    about 1 on a free core, 1/quota under a CFS quota of less than a core, more under other work; under 1
+    when torch's threads run in parallel.
+    """
+    between = between or _nothing
+    for _ in range(warmup):
+        between()
+        fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        between()
+        cpu, started = time.process_time(), time.perf_counter()
+        fn()
+        walls.append((time.perf_counter() - started) * 1e3)
+        cpus.append((time.process_time() - cpu) * 1e3)
+    return statistics.median(walls), sum(walls) / max(sum(cpus), 1e-6)
+
+
 def interleaved_ms(
     parts: dict[int, Callable[[object], object]], x: object, rounds: int, between: Callable[[], None] | None = None
 ) -> dict[int, float]:
@@ -207,6 +246,20 @@ def interleaved_ms(
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def node_costs(walls: Sequence[Sequence[float]], cpus: Sequence[Sequence[float]], per_cpu: float) -> list[float]:
+    """Each node's cost in ms from its runs' wall and CPU times, ``per_cpu`` the host's wall per CPU second.
+
+    On a host that gets less than a core (``per_cpu`` > 1: a CPU quota, other work), a node's wall time
+    is its CPU time, or that plus a wait for the quota's next period when the share ran out inside it:
+    the median then takes small nodes at full speed and big ones throttled, which bends the curve
+    between its anchors. Their CPU time times ``per_cpu`` is what each costs in a sustained run. With
+    a core or more (torch's threads in parallel) the wall time is the cost, as it was.
+    """
+    if per_cpu > 1.0:
+        return [statistics.median(c) * per_cpu for c in cpus]
+    return [statistics.median(w) for w in walls]
+
+
 def sample_cut_indices(model: LoadedModel, count: int) -> list[int]:
     """``count`` cut indices spread evenly over the graph (the whole-head correction points)."""
     cuts = model.graph.cuts
@@ -217,14 +270,21 @@ def sample_cut_indices(model: LoadedModel, count: int) -> list[int]:
 
 
 def measure_codecs(encodings=PROFILED_ENCODINGS, numel: int = 1 << 18, repeats: int = 5) -> dict[str, CodecCost]:
-    """Encode/decode cost of each encoding on ReLU-like data (1 MB of float32 by default)."""
+    """Encode/decode cost of each encoding on ReLU-like data (1 MB of float32 by default).
+
+    Each cost is the median CPU time of its calls (on this thread: the codec runs on the calling thread)
+    times this host's wall time per CPU second over every timed call (at least 1): a codec call of a
+    millisecond under a CPU quota either fits in the period's share or waits a period, so its wall time
+    says little about what it costs inside a request, where the edge's head has spent the share already.
+    """
     # numpy, not torch: the light edge measures its codec costs too (the codec gives the same bytes for both).
     rng = np.random.default_rng(0)
     features = np.maximum(rng.standard_normal((1, 64, numel // 64), dtype=np.float32), 0)
     side = int((numel // 3) ** 0.5)
     ramp = np.linspace(-2, 2, side, dtype=np.float32)
     image = np.ascontiguousarray(np.broadcast_to(ramp[:, None] + ramp[None, :], (1, 3, side, side)))
-    costs = {}
+    cpu_ms: dict[str, tuple[float, float]] = {}  # encoding -> (encode, decode) CPU ms per MB
+    spent = [0.0, 0.0]  # wall and CPU ms over every timed call
     for text in encodings:
         spec = EncodingSpec.parse(text)
         x, tables = (image if spec.encoding in ("jpeg", "webp") else features), None
@@ -235,10 +295,25 @@ def measure_codecs(encodings=PROFILED_ENCODINGS, numel: int = 1 << 18, repeats: 
                 continue
         mb = x.size * 4 / 1e6
         msg = encode(x, spec, tables)
-        enc = median_ms(lambda x=x, spec=spec, t=tables: encode(x, spec, t), repeats, 1)
-        dec = median_ms(lambda msg=msg, t=tables: decode(msg, tables=t), repeats, 1)
-        costs[text] = CodecCost(text, enc / mb, dec / mb)
-    return costs
+        enc = _cpu_ms(lambda x=x, spec=spec, t=tables: encode(x, spec, t), repeats, 1, spent)
+        dec = _cpu_ms(lambda msg=msg, t=tables: decode(msg, tables=t), repeats, 1, spent)
+        cpu_ms[text] = (enc / mb, dec / mb)
+    per_cpu = max(spent[0] / max(spent[1], 1e-6), 1.0)  # single-threaded codecs: a CPU ms costs at least a wall ms
+    return {text: CodecCost(text, enc * per_cpu, dec * per_cpu) for text, (enc, dec) in cpu_ms.items()}
+
+
+def _cpu_ms(fn: Callable[[], object], repeats: int, warmup: int, spent: list[float]) -> float:
+    """Median CPU time of ``fn()`` on this thread in ms; adds the calls' wall and CPU ms to ``spent``."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        cpu, started = time.thread_time(), time.perf_counter()
+        fn()
+        samples.append((time.thread_time() - cpu) * 1e3)
+        spent[0] += (time.perf_counter() - started) * 1e3
+        spent[1] += samples[-1]
+    return statistics.median(samples)
 
 
 def _latent_and_tables(rng: np.random.Generator, numel: int) -> tuple[np.ndarray, Any]:
@@ -288,7 +363,7 @@ def profile_model(
         x = x[:1].expand(batch, *x.shape[1:]).contiguous()
     module = model.graph.module
     with torch.inference_mode():
-        total = median_ms(lambda: module(x), repeats, warmup, between)
+        total, per_cpu = wall_per_cpu_ms(lambda: module(x), repeats, warmup, between)
         if isinstance(module, fx.GraphModule) and not model.graph.opaque:
             runs = []
             for _ in range(max(repeats // 2, 3)):
@@ -297,7 +372,11 @@ def profile_model(
                 interp.run(x)
                 runs.append(interp)
             names = [n.name for n in module.graph.nodes if n.op != "output"]
-            node_ms = [statistics.median(r.times.get(name, 0.0) for r in runs) for name in names]
+            node_ms = node_costs(
+                [[r.times.get(name, 0.0) for r in runs] for name in names],
+                [[r.cpu_times.get(name, 0.0) for r in runs] for name in names],
+                per_cpu,
+            )
             out_bytes = [runs[0].sizes.get(name, 0) for name in names]
         else:  # opaque graph: one node, the whole model
             names, node_ms, out_bytes = ["input", "output"], [0.0, total], [_nbytes(x), 0]
@@ -346,8 +425,8 @@ def cpu_quota() -> str:
 
 
 #: Bumped when how a profile is measured changes, so cached profiles are measured again (2: heads and the whole model
-#: timed round-robin).
-PROFILE_VERSION = 2
+#: timed round-robin; 3: node and codec costs from CPU time on a host that gets less than a core).
+PROFILE_VERSION = 3
 
 
 def cache_key(model: LoadedModel, batch: int, role: str = "", input_shape: Sequence[int] | None = None) -> str:

@@ -61,3 +61,15 @@ def test_a_fixed_cost_per_request_is_kept_apart_from_the_bandwidth() -> None:
         monitor.record_transfer(nbytes, 2_000, wire_ms=10.0 + 400.0)
     snap = monitor.snapshot()
     assert snap.overhead_ms == pytest.approx(10.0) and snap.up_mbps < 1.1
+
+
+def test_slow_requests_of_an_overhead_near_the_cap_count_at_the_cap() -> None:
+    """A throttled edge pays about 2 RTTs per request, half its requests more: not the median of the fast half."""
+    monitor = LinkMonitor(window=5)
+    monitor.record_probe(rtt_ms=10.0, up_mbps=100.0, down_mbps=100.0)  # overhead cap: 2 RTTs, 20 ms
+    for residual in (12.0, 25.0, 14.0, 26.0, 27.0):  # median 25; dropping those over the cap left 13
+        monitor.record_transfer(0, 0, wire_ms=10.0 + residual)
+    assert monitor.snapshot().overhead_ms == pytest.approx(20.0)
+    for residual in (12.0, 14.0, 16.0):  # a faster majority: their median, not the cap
+        monitor.record_transfer(0, 0, wire_ms=10.0 + residual)
+    assert monitor.snapshot().overhead_ms == pytest.approx(16.0)

@@ -327,6 +327,20 @@ def test_edge_timings_from_requests_rescale_every_head_and_edge_only() -> None:
     assert planner.edge_scale == pytest.approx(1.5)
 
 
+def test_a_tiny_head_served_at_full_speed_does_not_rescale_the_others() -> None:
+    # Under a CPU quota a head of 0.5% of the model runs whole in the period's share, at full speed: a third of
+    # its sustained (predicted) cost. That says nothing of the bigger heads, which the quota throttles.
+    cost = synthetic_cost()
+    cost.cuts[1].edge_ms = 0.005 * cost.edge_total_ms
+    planner = Planner(cost)
+    for _ in range(5):
+        planner.observe_edge(1, cost.cuts[1].edge_ms / 3)
+    assert planner.edge_scale == 1.0
+    for _ in range(3):  # a head of nearly half the model does
+        planner.observe_edge(2, cost.cuts[2].edge_ms * 1.2)
+    assert planner.edge_scale == pytest.approx(1.2)
+
+
 def test_a_per_request_overhead_counts_against_every_placement_that_sends() -> None:
     cost = synthetic_cost()
     planner = Planner(cost)
