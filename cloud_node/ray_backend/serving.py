@@ -16,10 +16,12 @@ snapshot it publishes (replaced whole, read without copying).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,6 +169,67 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
     return options
 
 
+def calls_on_own_loop(settings: RaySettings) -> bool:
+    """Whether the front door runs its handles' routers on an event loop of its own (not through Ray Client).
+
+    Called from a gRPC thread, a handle hands the request to Serve's router loop, waits for the
+    routing, hands the wait for the reply to that loop again and waits once more: two round trips
+    between threads per call. With the router on a loop the front door holds (``RayCalls``), the
+    thread hands the whole call over once and waits once. Through Ray Client (``ray://``) handles
+    keep Serve's own arrangement.
+    """
+    return not settings.address.startswith("ray://")
+
+
+class RayCalls:
+    """An event loop on a thread of its own that the front door's handles route and wait on.
+
+    A gRPC thread submits a call with :meth:`submit` and blocks on the returned future; the loop
+    routes it (Serve's router runs on this loop, ``_run_router_in_separate_loop=False``), sends it
+    and awaits the reply. The loop and the handles' routers belong to the loop's thread.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ray-calls", daemon=True)
+        self._thread.start()
+
+    def handle(self, name: str, app: str, settings: RaySettings) -> Any:
+        """A handle to ``name`` in ``app`` whose router runs on this loop, as :func:`request_handle` sets it."""
+
+        async def attach() -> Any:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(name, app_name=app)
+            handle._init(_run_router_in_separate_loop=False)
+            return request_handle(handle, settings)
+
+        return asyncio.run_coroutine_threadsafe(attach(), self.loop).result()
+
+    def submit(self, handle: Any, request: TailRequest) -> concurrent.futures.Future:
+        """Send ``request`` through ``handle``; the future holds the reply (cancel it to cancel the call)."""
+
+        async def call() -> TailReply:
+            return await handle.remote(request)
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop)
+
+    def close(self, handles: Sequence[Any]) -> None:
+        """Shut the handles' routers down on the loop, then stop it."""
+
+        async def shutdown() -> None:
+            for handle in handles:
+                await handle.shutdown_async()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
+        except Exception as exc:  # noqa: BLE001 - closing: a router that will not stop is logged, not raised
+            log.warning("ray: shutting the front door's handles down: %s", exc)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+
 def request_handle(handle: Any, settings: RaySettings) -> Any:
     """``handle`` as the front door calls it, per ``ray.transport``.
 
@@ -181,6 +244,46 @@ def request_handle(handle: Any, settings: RaySettings) -> Any:
     if settings.transport == "actor" or settings.address.startswith("ray://"):
         return handle
     return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    """One deployment as the Serve controller reports it."""
+
+    status: str  # HEALTHY, UPSCALING, DOWNSCALING, ...
+    trigger: str  # why it has that status (AUTOSCALING, CONFIG_UPDATE_COMPLETED, ...)
+    message: str
+    replicas: dict[str, int]  # replica state -> count (RUNNING, STARTING, ...)
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "value", value))  # an enum member or its value
+
+
+def deployment_states(apps: Sequence[str]) -> dict[tuple[str, str], DeploymentState]:
+    """(application, deployment) -> its state, for the deployments of ``apps``.
+
+    Reads the controller's details as the plain dictionary it sends (what ``serve.status()``
+    builds on): ``serve.status()`` also validates them into pydantic models, which cloudpickles each
+    deployment's request router class, about 35 ms of the front door's CPU (and of its GIL) per
+    poll on the 2-core machine under load, once a second while requests wait for that GIL.
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return {}
+    details = client.get_serve_details().get("applications", {})
+    found = {}
+    for app in apps:
+        for name, deployment in ((details.get(app) or {}).get("deployments") or {}).items():
+            found[(app, name)] = DeploymentState(
+                status=_name(deployment.get("status", "UNKNOWN")),
+                trigger=_name(deployment.get("status_trigger", "")),
+                message=str(deployment.get("message", "")),
+                replicas=dict(Counter(_name(r.get("state", "UNKNOWN")) for r in deployment.get("replicas", []))),
+            )
+    return found
 
 
 @dataclass
@@ -233,6 +336,7 @@ class RayTails:
         self._handles: dict[str, Any] = {}
         self._pools: dict[str, PoolStatus] = {name: PoolStatus(name) for name in models}
         self._decisions: dict[str, deque] = {name: deque(maxlen=20) for name in models}
+        self._calls = RayCalls() if calls_on_own_loop(settings) else None
         existing = serve.status().applications
         for name, model in models.items():
             app = app_name(settings, name)
@@ -250,7 +354,10 @@ class RayTails:
                 started = time.perf_counter()
                 handle = serve.run(app_graph, name=app, route_prefix=None)
                 log.info("ray: model %s deployed as %s in %.1fs", name, app, time.perf_counter() - started)
-            self._handles[name] = request_handle(handle, settings)
+            if self._calls is not None:
+                self._handles[name] = self._calls.handle(name, app, settings)
+            else:
+                self._handles[name] = request_handle(handle, settings)
         self._stop = threading.Event()
         self._poll_s = poll_s
         self.refresh()
@@ -335,7 +442,7 @@ class RayTails:
                 if remaining <= 0:
                     break
                 try:
-                    return handle.remote(request).result(timeout_s=remaining)
+                    return self._send(handle, request, remaining)
                 except TimeoutError as exc:
                     last = exc
                     break
@@ -361,6 +468,17 @@ class RayTails:
         finally:
             with self._lock:
                 pool.in_flight -= 1
+
+    def _send(self, handle: Any, request: TailRequest, timeout_s: float) -> TailReply:
+        """One attempt: through the front door's own loop (:class:`RayCalls`), or Serve's (Ray Client)."""
+        if self._calls is None:
+            return handle.remote(request).result(timeout_s=timeout_s)
+        future = self._calls.submit(handle, request)
+        try:
+            return future.result(timeout=timeout_s)
+        except TimeoutError:
+            future.cancel()  # cancels the routing or the call on the loop
+            raise
 
     # Status.
 
@@ -400,28 +518,29 @@ class RayTails:
         ]
 
     def refresh(self) -> None:
-        """Read ``serve.status()`` once; a change in running replicas is recorded as a scaling decision."""
-        from ray import serve
-
-        apps = serve.status().applications
+        """Read the deployments' states once; a change in running replicas is recorded as a scaling decision."""
+        states = deployment_states([app_name(self.settings, m) for m in self._pools])
         now = time.time()
         for model in self._pools:
-            app = apps.get(app_name(self.settings, model))
-            deployment = app.deployments.get(model) if app is not None else None
-            if deployment is None:
+            state = states.get((app_name(self.settings, model), model))
+            if state is None:
                 continue
-            replicas = {str(getattr(k, "value", k)): int(v) for k, v in deployment.replica_states.items()}
-            status = str(getattr(deployment.status, "value", deployment.status))
             with self._lock:
                 pool = self._pools[model]
-                before, after = pool.running, replicas.get("RUNNING", 0)
+                before, after = pool.running, state.replicas.get("RUNNING", 0)
                 if before != after and pool.status != "UNKNOWN":
-                    trigger = str(getattr(deployment.status_trigger, "value", deployment.status_trigger))
                     self._decisions[model].append(
-                        {"time": now, "from": before, "to": after, "status": status, "trigger": trigger}
+                        {"time": now, "from": before, "to": after, "status": state.status, "trigger": state.trigger}
                     )
-                    log.info("ray: model %s: %d -> %d running replicas (%s, %s)", model, before, after, status, trigger)
-                pool.replicas, pool.status, pool.message = replicas, status, deployment.message
+                    log.info(
+                        "ray: model %s: %d -> %d running replicas (%s, %s)",
+                        model,
+                        before,
+                        after,
+                        state.status,
+                        state.trigger,
+                    )
+                pool.replicas, pool.status, pool.message = state.replicas, state.status, state.message
 
     def _poll(self) -> None:
         while not self._stop.wait(self._poll_s):
@@ -434,6 +553,8 @@ class RayTails:
         """Stop polling; tear Ray down only if this process started it (``local``)."""
         self._stop.set()
         self._poller.join(timeout=5)
+        if self._calls is not None:
+            self._calls.close(list(self._handles.values()))
         if self.local_ray is not None:
             self.local_ray.stop()
 
