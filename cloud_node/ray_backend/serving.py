@@ -21,7 +21,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,46 +244,6 @@ def request_handle(handle: Any, settings: RaySettings) -> Any:
     if settings.transport == "actor" or settings.address.startswith("ray://"):
         return handle
     return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
-
-
-@dataclass(frozen=True)
-class DeploymentState:
-    """One deployment as the Serve controller reports it."""
-
-    status: str  # HEALTHY, UPSCALING, DOWNSCALING, ...
-    trigger: str  # why it has that status (AUTOSCALING, CONFIG_UPDATE_COMPLETED, ...)
-    message: str
-    replicas: dict[str, int]  # replica state -> count (RUNNING, STARTING, ...)
-
-
-def _name(value: Any) -> str:
-    return str(getattr(value, "value", value))  # an enum member or its value
-
-
-def deployment_states(apps: Sequence[str]) -> dict[tuple[str, str], DeploymentState]:
-    """(application, deployment) -> its state, for the deployments of ``apps``.
-
-    Reads the controller's details as the plain dictionary it sends (what ``serve.status()``
-    builds on): ``serve.status()`` also validates them into pydantic models, which cloudpickles each
-    deployment's request router class, about 35 ms of the front door's CPU (and of its GIL) per
-    poll on the 2-core machine under load, once a second while requests wait for that GIL.
-    """
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        return {}
-    details = client.get_serve_details().get("applications", {})
-    found = {}
-    for app in apps:
-        for name, deployment in ((details.get(app) or {}).get("deployments") or {}).items():
-            found[(app, name)] = DeploymentState(
-                status=_name(deployment.get("status", "UNKNOWN")),
-                trigger=_name(deployment.get("status_trigger", "")),
-                message=str(deployment.get("message", "")),
-                replicas=dict(Counter(_name(r.get("state", "UNKNOWN")) for r in deployment.get("replicas", []))),
-            )
-    return found
 
 
 @dataclass
@@ -518,29 +478,28 @@ class RayTails:
         ]
 
     def refresh(self) -> None:
-        """Read the deployments' states once; a change in running replicas is recorded as a scaling decision."""
-        states = deployment_states([app_name(self.settings, m) for m in self._pools])
+        """Read ``serve.status()`` once; a change in running replicas is recorded as a scaling decision."""
+        from ray import serve
+
+        apps = serve.status().applications
         now = time.time()
         for model in self._pools:
-            state = states.get((app_name(self.settings, model), model))
-            if state is None:
+            app = apps.get(app_name(self.settings, model))
+            deployment = app.deployments.get(model) if app is not None else None
+            if deployment is None:
                 continue
+            replicas = {str(getattr(k, "value", k)): int(v) for k, v in deployment.replica_states.items()}
+            status = str(getattr(deployment.status, "value", deployment.status))
             with self._lock:
                 pool = self._pools[model]
-                before, after = pool.running, state.replicas.get("RUNNING", 0)
+                before, after = pool.running, replicas.get("RUNNING", 0)
                 if before != after and pool.status != "UNKNOWN":
+                    trigger = str(getattr(deployment.status_trigger, "value", deployment.status_trigger))
                     self._decisions[model].append(
-                        {"time": now, "from": before, "to": after, "status": state.status, "trigger": state.trigger}
+                        {"time": now, "from": before, "to": after, "status": status, "trigger": trigger}
                     )
-                    log.info(
-                        "ray: model %s: %d -> %d running replicas (%s, %s)",
-                        model,
-                        before,
-                        after,
-                        state.status,
-                        state.trigger,
-                    )
-                pool.replicas, pool.status, pool.message = state.replicas, state.status, state.message
+                    log.info("ray: model %s: %d -> %d running replicas (%s, %s)", model, before, after, status, trigger)
+                pool.replicas, pool.status, pool.message = replicas, status, deployment.message
 
     def _poll(self) -> None:
         while not self._stop.wait(self._poll_s):
