@@ -35,7 +35,11 @@ the tables in ``docs/ray.md``.
 ``--quick`` (about 2 minutes) measures only the Ray path's added latency: the process cloud, a
 1-replica Ray cloud with Cleave's settings and one with Serve's defaults (``ray-1-serve-defaults``:
 ``transport: actor``, access log on, replica methods on their own event loop) all up at once, one
-request at a time in turn (``--pairs`` each). It prints the medians and writes no file.
+request at a time in turn (``--pairs`` each). It prints the medians, and writes them to ``--out``
+only when that is given. ``--baseline-tree DIR`` replaces the Serve-defaults cloud with
+``ray-1-baseline``: the same 1-replica Ray cloud run from another Cleave source tree (an older
+commit, e.g. ``git worktree add DIR COMMIT``), so a change to the Ray path is measured against the
+code before it, side by side in one run.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from compressor import EncodingSpec
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
 
-from .batching import Features, edge_stream, prepare
+from .batching import Features, cpu_seconds, edge_stream, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -112,7 +116,11 @@ async def run_streams(address: str, model: LoadedModel, cut: str, features: Feat
     }
 
 
-def start_cloud(work: Path, name: str, entry: dict, args) -> DaemonProcess:
+def start_cloud(work: Path, name: str, entry: dict, args, tree: str | None = None) -> DaemonProcess:
+    """Start the cloud ``name`` (a ``CONFIGS`` name, ``ray-1-serve-defaults`` or ``ray-1-baseline``).
+
+    ``tree``: run it from that Cleave source tree (``PYTHONPATH``) instead of this one.
+    """
     streams = max(args.streams) + 4
     config: dict = {
         "models": [entry],
@@ -137,7 +145,8 @@ def start_cloud(work: Path, name: str, entry: dict, args) -> DaemonProcess:
         }
     path = work / f"cloud-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return cloud_process(path, free_port(), work / f"cloud-{name}.log").start(ready_timeout=300)
+    env = {"PYTHONPATH": str(Path(tree).resolve())} if tree else None
+    return cloud_process(path, free_port(), work / f"cloud-{name}.log", env=env).start(ready_timeout=300)
 
 
 def erlang_c(c: int, a: float) -> float:
@@ -260,8 +269,13 @@ def interleaved(addresses: dict[str, str], model: LoadedModel, cut: str, feature
     queue: dict[str, list[float]] = {name: [] for name in addresses}
     work: dict[str, list[float]] = {name: [] for name in addresses}
     try:
+        order = list(links)
         for k in range(pairs + 10):  # the first 10 pairs warm up
-            for name, (outbox, replies, sid) in links.items():
+            # Each round starts at the next cloud, so that no cloud is always the one asked right after
+            # the process cloud's tail (three runs had the cloud in that place 0.6-1.9 ms slower in its
+            # replica's own decode + tail + encode, with the same replica code).
+            for name in order[k % len(order) :] + order[: k % len(order)]:
+                outbox, replies, sid = links[name]
                 frames = serialize_frames(sid, features.encoded[k % len(features.encoded)], k + 1)
                 started = time.perf_counter()
                 for frame in frames:
@@ -318,23 +332,49 @@ async def measure_all(model: LoadedModel, entry: dict, features: Features, args,
     return {"records": records, "interleaved": hop}
 
 
+def replica_pids(app: str) -> list[int]:
+    """Processes of Serve application ``app``'s replicas here (Ray titles them ``ServeReplica:APP:...``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"ServeReplica:{app}:".encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
 def quick(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> dict:
     """The Ray path's added median latency, Cleave's settings and Serve's defaults side by side."""
-    names = ("process", "ray-1", "ray-1-serve-defaults")
+    names = ("process", "ray-1", "ray-1-baseline" if args.baseline_tree else "ray-1-serve-defaults")
     clouds: dict[str, DaemonProcess] = {}
     try:
         for name in names:
-            clouds[name] = start_cloud(work, name, entry, args)
+            tree = args.baseline_tree if name.endswith("-baseline") else None
+            clouds[name] = start_cloud(work, name, entry, args, tree=tree)
+        # CPU time per request, front door and replicas apart: unlike the medians, it hardly moves with
+        # the machine's other load, so it shows a change of per-request work where the noise hides it.
+        pids = {
+            n: {"front_door": [c.proc.pid], "replica": replica_pids(f"bench-{n}-{model.name}")}
+            for n, c in clouds.items()
+        }
+        before = {n: {k: sum(map(cpu_seconds, v)) for k, v in p.items()} for n, p in pids.items()}
         medians = interleaved({n: c.address for n, c in clouds.items()}, model, args.cut, features, args.pairs)
+        cpu_ms = {
+            n: {k: (sum(map(cpu_seconds, v)) - before[n][k]) / (args.pairs + 10) * 1e3 for k, v in p.items()}
+            for n, p in pids.items()
+        }
     finally:
         for cloud in clouds.values():
             cloud.stop(timeout=60)
     return {
         "what": "one request at a time, alternating between the clouds; median ms",
         "pairs": args.pairs,
+        "baseline_tree": args.baseline_tree,
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],
         **medians,
+        "cpu_ms_per_request": cpu_ms,
         "added_p50_ms": {n: medians["p50_ms"][n] - medians["p50_ms"]["process"] for n in names[1:]},
     }
 
@@ -356,19 +396,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=150, help="interleaved single requests per cloud (added latency)")
     p.add_argument("--configs", default=",".join(CONFIGS), type=lambda s: s.split(","), help="a subset to run")
     p.add_argument("--work", help="keep the clouds' configs and logs here (default: a temporary folder)")
-    p.add_argument("--out", default=str(RESULTS / "scale.json"))
-    p.add_argument("--quick", action="store_true", help="only the added latency (about 2 minutes; writes no file)")
+    p.add_argument("--out", help=f"where the JSON goes (default {RESULTS / 'scale.json'}; --quick: only if given)")
+    p.add_argument("--quick", action="store_true", help="only the added latency (about 2 minutes)")
+    p.add_argument(
+        "--baseline-tree",
+        metavar="DIR",
+        help="--quick: also run a 1-replica Ray cloud from this Cleave source tree (instead of Serve's defaults)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the reference tails run with the replicas' and the cloud's thread count
     entry = {"name": args.model, "source": args.model, "input_shape": [1, 3, args.size, args.size]}
     model = LoadedModel.load(ModelSpec.from_dict(entry))
     features = prepare(model, args.cut, EncodingSpec(encoding="affine", bits=8))
-    if args.quick:
-        with tempfile.TemporaryDirectory(prefix="cleave-scale-") as tmp:
-            print(json.dumps(quick(model, entry, features, args, Path(args.work or tmp)), indent=2))
-        return 0
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="cleave-scale-") as tmp:
+            measured = quick(model, entry, features, args, Path(args.work or tmp))
+        print(json.dumps(measured, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(measured, indent=2) + "\n")
+        return 0
+    if args.work:
         measured = asyncio.run(measure_all(model, entry, features, args, Path(args.work)))
     else:
         with tempfile.TemporaryDirectory(prefix="cleave-scale-") as tmp:
@@ -404,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "fleet": fleet,
     }
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / "scale.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(records, fleet, out.with_suffix(".png"))

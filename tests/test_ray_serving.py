@@ -29,11 +29,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from cleave_cli.main import main as cleave
 from cloud_node.config import CloudConfig
 from cloud_node.main import build_daemon, close_services
-from compressor import RAW_UNCOMPRESSED, Assembler, EncodingSpec, decode, encode
+from compressor import RAW_UNCOMPRESSED, Assembler, CodecLimits, EncodingSpec, decode, encode
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec, calibration_batch
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
+from protos.errors import DeadlineExceeded
 
 from .test_daemons import frames_for
 
@@ -271,6 +272,23 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing() -
             assert torch.equal(a, b), f"request {rid} got another input's answer or a wrong one"
     assert pool_status.retries >= 1, "the kill hit no request in flight: the test proved nothing"
     assert pool_status.failures == 0
+
+
+def test_a_request_past_its_deadline_answers_deadline_exceeded_and_leaves_nothing_in_flight() -> None:
+    """A tail slower than ``request_timeout_s`` answers DEADLINE_EXCEEDED at the deadline, not when the tail ends."""
+    model = LoadedModel.load(ModelSpec.from_dict(SLOW))
+    cut, head, _ = model.parts("relu")
+    with torch.inference_mode():
+        features = [encode(t, RAW_UNCOMPRESSED) for t in as_tensor_list(head(calibration_batch([1, 3, 16, 16], 1)))]
+    env = {"CLEAVE_TEST_TAIL_SLEEP_S": "1.0"}
+    with ray_cloud([SLOW], "deadline", request_timeout_s=0.3, env=env) as (_port, tails):
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="request_timeout_s"):
+            tails.run("slow", cut.index, features, RAW_UNCOMPRESSED, CodecLimits())
+        waited = time.monotonic() - started
+        pool = tails.status()[0]
+    assert 0.3 <= waited < 1.0, f"answered after {waited:.2f}s: the deadline was not kept"
+    assert (pool.requests, pool.failures, pool.in_flight) == (1, 1, 0)
 
 
 def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back() -> None:

@@ -16,6 +16,8 @@ snapshot it publishes (replaced whole, read without copying).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -167,6 +169,67 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
     return options
 
 
+def calls_on_own_loop(settings: RaySettings) -> bool:
+    """Whether the front door runs its handles' routers on an event loop of its own (not through Ray Client).
+
+    Called from a gRPC thread, a handle hands the request to Serve's router loop, waits for the
+    routing, hands the wait for the reply to that loop again and waits once more: two round trips
+    between threads per call. With the router on a loop the front door holds (``RayCalls``), the
+    thread hands the whole call over once and waits once. Through Ray Client (``ray://``) handles
+    keep Serve's own arrangement.
+    """
+    return not settings.address.startswith("ray://")
+
+
+class RayCalls:
+    """An event loop on a thread of its own that the front door's handles route and wait on.
+
+    A gRPC thread submits a call with :meth:`submit` and blocks on the returned future; the loop
+    routes it (Serve's router runs on this loop, ``_run_router_in_separate_loop=False``), sends it
+    and awaits the reply. The loop and the handles' routers belong to the loop's thread.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ray-calls", daemon=True)
+        self._thread.start()
+
+    def handle(self, name: str, app: str, settings: RaySettings) -> Any:
+        """A handle to ``name`` in ``app`` whose router runs on this loop, as :func:`request_handle` sets it."""
+
+        async def attach() -> Any:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(name, app_name=app)
+            handle._init(_run_router_in_separate_loop=False)
+            return request_handle(handle, settings)
+
+        return asyncio.run_coroutine_threadsafe(attach(), self.loop).result()
+
+    def submit(self, handle: Any, request: TailRequest) -> concurrent.futures.Future:
+        """Send ``request`` through ``handle``; the future holds the reply (cancel it to cancel the call)."""
+
+        async def call() -> TailReply:
+            return await handle.remote(request)
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop)
+
+    def close(self, handles: Sequence[Any]) -> None:
+        """Shut the handles' routers down on the loop, then stop it."""
+
+        async def shutdown() -> None:
+            for handle in handles:
+                await handle.shutdown_async()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
+        except Exception as exc:  # noqa: BLE001 - closing: a router that will not stop is logged, not raised
+            log.warning("ray: shutting the front door's handles down: %s", exc)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+
 def request_handle(handle: Any, settings: RaySettings) -> Any:
     """``handle`` as the front door calls it, per ``ray.transport``.
 
@@ -233,6 +296,7 @@ class RayTails:
         self._handles: dict[str, Any] = {}
         self._pools: dict[str, PoolStatus] = {name: PoolStatus(name) for name in models}
         self._decisions: dict[str, deque] = {name: deque(maxlen=20) for name in models}
+        self._calls = RayCalls() if calls_on_own_loop(settings) else None
         existing = serve.status().applications
         for name, model in models.items():
             app = app_name(settings, name)
@@ -250,7 +314,10 @@ class RayTails:
                 started = time.perf_counter()
                 handle = serve.run(app_graph, name=app, route_prefix=None)
                 log.info("ray: model %s deployed as %s in %.1fs", name, app, time.perf_counter() - started)
-            self._handles[name] = request_handle(handle, settings)
+            if self._calls is not None:
+                self._handles[name] = self._calls.handle(name, app, settings)
+            else:
+                self._handles[name] = request_handle(handle, settings)
         self._stop = threading.Event()
         self._poll_s = poll_s
         self.refresh()
@@ -335,7 +402,7 @@ class RayTails:
                 if remaining <= 0:
                     break
                 try:
-                    return handle.remote(request).result(timeout_s=remaining)
+                    return self._send(handle, request, remaining)
                 except TimeoutError as exc:
                     last = exc
                     break
@@ -361,6 +428,17 @@ class RayTails:
         finally:
             with self._lock:
                 pool.in_flight -= 1
+
+    def _send(self, handle: Any, request: TailRequest, timeout_s: float) -> TailReply:
+        """One attempt: through the front door's own loop (:class:`RayCalls`), or Serve's (Ray Client)."""
+        if self._calls is None:
+            return handle.remote(request).result(timeout_s=timeout_s)
+        future = self._calls.submit(handle, request)
+        try:
+            return future.result(timeout=timeout_s)
+        except TimeoutError:
+            future.cancel()  # cancels the routing or the call on the loop
+            raise
 
     # Status.
 
@@ -434,6 +512,8 @@ class RayTails:
         """Stop polling; tear Ray down only if this process started it (``local``)."""
         self._stop.set()
         self._poller.join(timeout=5)
+        if self._calls is not None:
+            self._calls.close(list(self._handles.values()))
         if self.local_ray is not None:
             self.local_ray.stop()
 
