@@ -1,10 +1,11 @@
 """Learned bottleneck on the pretrained EfficientNet-Lite0 with held-out real photos.
 
 Runs the ``bottleneck`` engine in-process exactly as a job does, once per ``--cuts`` entry
-(``CUT/LATENT``): the built-in photos (10 photographs, 5 crops each), 3 of the 10 photographs held
-out whole (15 images training never sees); training on the other 7 photographs' crops plus
-``--augment`` random crops per crop from every picture the installed packages ship except the
-held-out photographs. On the same held-out images it measures the references of issue 18:
+(``CUT/LATENT[/SECONDS]``; LATENT ``affine``: a step and offset per channel): the built-in
+photos (10 photographs, 5 crops each), 3 of the 10 photographs held out whole (15 images
+training never sees); training on the other 7 photographs' crops plus ``--augment`` random crops
+per crop from every picture the installed packages ship except the held-out photographs. On the
+same held-out images it measures the references of issue 18:
 
 * plain int-k + zstd (k = 8, 4, 3, 2; per channel and per tensor; whole message bytes) at every
   block output of the network (``--ref-cuts``), so "the best plain cut" is the best over all cuts;
@@ -15,6 +16,7 @@ agreement lost, bytes <= 0.5x the best plain int-k + zstd cut and <= 0.5x the JP
 quality that reaches the same agreement.
 
     python -m benchmarks.bottleneck [--cuts add_3/64/240,_avg_pooling/256/60 --rate-weights 0.005 --augment 24]
+    python -m benchmarks.bottleneck --cuts _avg_pooling/affine/150 --rate-weights 0.05,0.2,0.5,1,2 --out /tmp/b
 """
 
 from __future__ import annotations
@@ -147,16 +149,20 @@ def main() -> int:
     ap.add_argument(
         "--cuts",
         default="add_3/64/240,_avg_pooling/256/60",
-        help="CUT/LATENT[/SECONDS], comma-separated (SECONDS: that cut's training budget; else --budget shared)",
+        help="CUT/LATENT[/SECONDS], comma-separated (LATENT affine: a step and offset per channel; "
+        "SECONDS: that cut's training budget; else --budget shared)",
     )
     ap.add_argument("--rate-weights", default="0.005")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--augment", type=int, default=24, help="random crops per training crop")
+    ap.add_argument("--temperature", type=float, default=0.0, help="distillation temperature (0: 1)")
+    ap.add_argument("--margin-weight", type=float, default=0.0, help="weight of the top-1 margin hinge")
+    ap.add_argument("--mixup", type=float, default=0.0, help="share of batches mixed pairwise at the cut")
     ap.add_argument("--budget", type=float, default=240.0, help="training seconds of the cuts without their own")
     ap.add_argument("--ref-cuts", default=BLOCK_OUTPUT.pattern, help="regex of the plain int-k reference cuts")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "bottleneck"))
+    ap.add_argument("--out", default=str(RESULTS / "bottleneck"), help="writes OUT.json and OUT.png")
     ap.add_argument("--keep", help="keep each cut's job artifacts in KEEP/<cut> (benchmarks.placement --bottleneck)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,10 +175,15 @@ def main() -> int:
     reports = {}
     held = None
     for cut, *rest in specs:
+        affine = bool(rest) and rest[0] == "affine"
         opts = pb.BottleneckOptions(
             cuts=[cut],
             rate_weights=weights,
-            latent=int(rest[0]) if rest else 16,
+            kind="affine" if affine else "",
+            temperature=args.temperature,
+            margin_weight=args.margin_weight,
+            mixup=args.mixup,
+            latent=0 if affine else int(rest[0]) if rest else 16,
             hidden=args.hidden,
             budget_s=float(rest[1]) if len(rest) > 1 else args.budget / len(specs),
             holdout=0.3,

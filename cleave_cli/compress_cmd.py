@@ -184,6 +184,10 @@ def build_spec(args: argparse.Namespace, model_id: str = "", dataset_id: str = "
                 latent=args.latent,
                 stride=args.stride,
                 budget_s=args.budget,
+                kind=args.kind or "",
+                temperature=args.temperature,
+                margin_weight=args.margin_weight,
+                mixup=args.mixup,
             )
         )
     return spec
@@ -369,6 +373,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--latent", type=int, default=0, help="latent channels (default 8)")
     b.add_argument("--stride", type=int, default=0, help="1 or 2: halve the latent's height and width")
     b.add_argument("--budget", type=float, default=0.0, help="training seconds, all points together (default 120)")
+    b.add_argument("--kind", choices=["conv", "affine"], help="conv (default) or affine: a step and offset per channel")
+    b.add_argument("--temperature", type=float, default=0.0, help="distillation temperature (default 1)")
+    b.add_argument("--margin-weight", type=float, default=0.0, help="weight of a hinge on the top-1 logit margin")
+    b.add_argument("--mixup", type=float, default=0.0, help="share of batches mixed pairwise at the cut (0-1)")
     c.add_argument("--dataset", help="evaluation data: .npz or .safetensors with inputs and labels")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     c.add_argument("--label", help="free-form label shown in `cleave jobs list`")

@@ -89,6 +89,16 @@ def check_options(opts: Any) -> None:
             raise ValueError(f"bottleneck.{name}: {getattr(opts, name)} is over 4096")
     if opts.max_images > 4096:
         raise ValueError(f"bottleneck.max_images: {opts.max_images} is over 4096")
+    if opts.kind not in ("", *bn.KINDS):
+        raise ValueError(f"bottleneck.kind: {opts.kind!r} is not one of {', '.join(bn.KINDS)}")
+    if opts.kind == "affine" and opts.stride not in (0, 1):
+        raise ValueError("bottleneck.stride: an affine bottleneck codes at stride 1")
+    if not 0 <= opts.temperature <= 100:
+        raise ValueError(f"bottleneck.temperature: {opts.temperature} is not in (0, 100] (0: 1)")
+    if not 0 <= opts.margin_weight <= 1e3:
+        raise ValueError(f"bottleneck.margin_weight: {opts.margin_weight} is not in [0, 1000]")
+    if not 0 <= opts.mixup <= 1:
+        raise ValueError(f"bottleneck.mixup: {opts.mixup} is not in [0, 1]")
 
 
 class BottleneckEngine:
@@ -148,13 +158,23 @@ class BottleneckEngine:
             for w in rate_weights:
                 lo, span = 0.1 + 0.8 * done / total, 0.8 / total
                 stage = f"cut {cut.name}, rate weight {w:g}"
+                kind = opts.kind or "conv"
+                channels = cut.shapes[0][1]
                 config = bn.BottleneckConfig(
-                    channels=cut.shapes[0][1],
-                    latent=opts.latent or 8,
+                    channels=channels,
+                    latent=channels if kind == "affine" else opts.latent or 8,
                     hidden=opts.hidden or 32,
                     stride=opts.stride or 1,
+                    kind=kind,
                 )
-                tc = bn.TrainConfig(rate_weight=w, target_bytes=opts.target_bytes, budget_s=per_point)
+                tc = bn.TrainConfig(
+                    rate_weight=w,
+                    target_bytes=opts.target_bytes,
+                    budget_s=per_point,
+                    temperature=opts.temperature or 1.0,
+                    margin_weight=opts.margin_weight,
+                    mixup=opts.mixup,
+                )
                 model_b = bn.train(
                     head,
                     tail,
@@ -167,8 +187,9 @@ class BottleneckEngine:
                 )
                 measured = bn.evaluate(model_b, head, tail, held_x)
                 point = {
-                    "method": f"bottleneck@{cut.name}/w{w:g}",
+                    "method": f"bottleneck{'' if kind == 'conv' else '-' + kind}@{cut.name}/w{w:g}",
                     "family": "bottleneck",
+                    "kind": kind,
                     "cut": cut.name,
                     "rate_weight": w,
                     **measured,

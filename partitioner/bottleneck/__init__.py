@@ -7,10 +7,24 @@ cloud) trained by distillation with an entropy model; see docs/bottleneck.md.
 """
 
 from .artifacts import fingerprint, load, save
-from .modules import BottleneckConfig, Decoder, Encoder, FactorizedPrior
-from .train import Bottleneck, TrainConfig, augment, cut_features, evaluate, split_by_group, teacher_features, train
+from .modules import KINDS, AffineDecoder, AffineEncoder, BottleneckConfig, Decoder, Encoder, FactorizedPrior
+from .train import (
+    Bottleneck,
+    TrainConfig,
+    augment,
+    channel_importance,
+    cut_features,
+    empirical_tables,
+    evaluate,
+    split_by_group,
+    teacher_features,
+    train,
+)
 
 __all__ = [
+    "KINDS",
+    "AffineDecoder",
+    "AffineEncoder",
     "Bottleneck",
     "BottleneckConfig",
     "Decoder",
@@ -18,7 +32,9 @@ __all__ = [
     "FactorizedPrior",
     "TrainConfig",
     "augment",
+    "channel_importance",
     "cut_features",
+    "empirical_tables",
     "evaluate",
     "fingerprint",
     "load",

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from compressor.entropy import EntropyTables
 
-from .modules import BottleneckConfig, Decoder, Encoder, FactorizedPrior
+from .modules import BottleneckConfig, FactorizedPrior, make_modules
 from .train import Bottleneck
 
 __all__ = ["CLOUD_FILE", "DESCRIPTION", "EDGE_FILE", "FORMAT", "fingerprint", "load", "save"]
@@ -60,7 +60,11 @@ def save(bneck: Bottleneck, directory: str | Path, base: dict[str, Any]) -> dict
         "format": FORMAT,
         "base": base,
         "cut": {"index": bneck.cut[0], "name": bneck.cut[1]},
-        "architecture": {"encoder": "Encoder", "decoder": "Decoder", **bneck.config.to_dict()},
+        "architecture": {
+            "encoder": type(bneck.encoder).__name__,
+            "decoder": type(bneck.decoder).__name__,
+            **bneck.config.to_dict(),
+        },
         "feature_shape": list(bneck.feature_shape),
         "latent_shape": list(bneck.latent_shape(1)[1:]),
         "prior": {"kind": "factorized", "filters": [3, 3, 3], "table_offset": bneck.tables.offset},
@@ -105,7 +109,11 @@ def load(directory: str | Path, part: str = "both") -> Bottleneck:
     arch = desc.get("architecture", {})
     try:
         config = BottleneckConfig(
-            channels=arch["channels"], latent=arch["latent"], hidden=arch["hidden"], stride=arch["stride"]
+            channels=arch["channels"],
+            latent=arch["latent"],
+            hidden=arch["hidden"],
+            stride=arch["stride"],
+            kind=arch.get("kind", "conv"),  # descriptions before the affine kind are conv ones
         )
         feature_shape = tuple(int(v) for v in desc["feature_shape"])
         cut = (int(desc["cut"]["index"]), str(desc["cut"]["name"]))
@@ -113,7 +121,8 @@ def load(directory: str | Path, part: str = "both") -> Bottleneck:
         raise ValueError(f"bottleneck.architecture: incomplete description ({exc})") from exc
     if len(feature_shape) != 3 or feature_shape[0] != config.channels:
         raise ValueError(f"bottleneck.feature_shape: {list(feature_shape)} does not fit {config.channels} channels")
-    encoder, decoder, prior = Encoder(config), Decoder(config), FactorizedPrior(config.latent)
+    encoder, decoder = make_modules(config)
+    prior = FactorizedPrior(config.latent)
     pmf = None
     names = [EDGE_FILE] if part == "edge" else [CLOUD_FILE] if part == "cloud" else [EDGE_FILE, CLOUD_FILE]
     for name in names:
@@ -130,7 +139,7 @@ def load(directory: str | Path, part: str = "both") -> Bottleneck:
             groups.setdefault(prefix, {})[rest] = value
         modules = {"encoder": encoder, "decoder": decoder, "prior": prior}
         for prefix, state in groups.items():
-            if prefix in ("encoder", "decoder"):  # written before the step became a buffer: folded in
+            if config.kind == "conv" and prefix in ("encoder", "decoder"):  # written before the step was a buffer
                 state.setdefault("scale", torch.ones(()))
             if prefix not in modules:
                 raise ValueError(f"bottleneck: {name} holds unexpected tensors {prefix}.*")

