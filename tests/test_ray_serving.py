@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESNET = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 64, 64]}
 SLOW = {"name": "slow", "source": "tests.support.factories:slow_tail_cnn", "input_shape": [1, 3, 16, 16]}
 SLEEP_S = 0.05  # the slow model's tail, in its replicas only
+KILL_SLEEP_S = 0.2  # the same for the replica-kill test (see there)
 
 
 @contextmanager
@@ -243,7 +244,9 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing() -
     with torch.inference_mode():
         features = [as_tensor_list(head(inputs[i : i + 1])) for i in range(len(inputs))]
         expected = [as_tensor_list(tail(*f)) for f in features]  # no sleep here: the variable is the replicas'
-    env = {"CLEAVE_TEST_TAIL_SLEEP_S": str(SLEEP_S)}
+    # Each request sits in a replica for most of its life (routing and the stream take a few ms), so once every
+    # stream has one in flight, spread over both replicas by the router, the victim holds one when it dies.
+    env = {"CLEAVE_TEST_TAIL_SLEEP_S": str(KILL_SLEEP_S)}
     with ray_cloud([SLOW], "kill", replicas=2, min_replicas=2, max_replicas=2, env=env) as (port, tails):
         assert len(replica_names("kill")) == 2
         killed = threading.Event()
@@ -254,7 +257,7 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing() -
 
         def killer() -> None:
             wait_for(lambda: tails.status()[0].requests >= streams * 3, 60, "load to build up", tails, 0.02)
-            wait_for(lambda: tails.status()[0].in_flight >= 2, 10, "requests in flight", tails, 0.005)
+            wait_for(lambda: tails.status()[0].in_flight >= streams, 10, "requests in flight", tails, 0.005)
             victim = replica_names("kill")[0]
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             killed.set()
