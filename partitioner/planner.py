@@ -34,7 +34,18 @@ from compressor import EncodingSpec, clipping, decode, encode
 from compressor.quant import affine_params_array, dequantize_array, quantize_array
 
 from ._lazy import fx, torch  # imported on first use: ranking candidates needs no torch (the light edge)
-from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate, CostModel, Link, calibration_key
+from .costmodel import (
+    CLOUD_ONLY,
+    EDGE_ONLY,
+    SPLIT,
+    UNCOMPRESSED,
+    Breakdown,
+    Candidate,
+    CostModel,
+    CutCost,
+    Link,
+    calibration_key,
+)
 from .profile import cache_dir
 
 if TYPE_CHECKING:
@@ -112,14 +123,50 @@ class Planner:
         self._lookahead = 4
         self._measured: dict[tuple[int, str], Distortion] = {}
         self._bounds: dict[tuple[int, str], Distortion | None] = {}
-        kwargs = {"feature_encodings": feature_encodings} if feature_encodings else {}
-        self.candidates = cost.candidates(**kwargs)
+        self._encodings = {"feature_encodings": feature_encodings} if feature_encodings else {}
+        self.candidates = cost.candidates(**self._encodings)
         self.cloud_scale = 1.0
         self.cloud_observations = 0
         self._cloud_ratios: deque[float] = deque(maxlen=9)
         self.edge_scale = 1.0
         self._edge_ratios: deque[float] = deque(maxlen=9)
         self._byte_ratios: dict[tuple[int, str], deque[float]] = {}  # (cut index, encoding) -> sent / predicted
+
+    def use(self, cost: CostModel) -> None:
+        """Rank ``cost``'s candidates from now on: the same model on the same hosts, with the sizes of
+        more cuts measured (:meth:`CostModel.measure`'s ``cuts``). Accuracy measured so far is kept:
+        it depends on the cut and the encoding, not on sizes."""
+        self.cost = cost
+        self.candidates = cost.candidates(**self._encodings)
+
+    def floor(self, cut: CutCost, link: Link) -> float:
+        """The least any candidate at ``cut`` can cost on ``link``: its compute at both ends, the RTT and
+        the reply, with nothing to encode, send or decode (a prediction only grows with the bytes sent
+        and the codec's time; ``tests/test_plan_speed.py`` checks it against every candidate)."""
+        kind = CLOUD_ONLY if cut.index == 0 else SPLIT
+        bare = Candidate(
+            kind, cut.index, cut.name, "", 0, self.cost.output_bytes, cut.edge_ms, 0.0, 0.0, cut.cloud_ms, 0
+        )
+        return self.score(bare, link).cost_ms
+
+    def reachable_cuts(self, links: list[Link], limit: int) -> set[int]:
+        """The cuts whose candidates :meth:`rank` ``(link, limit)`` could check on some of ``links``,
+        had their sizes been measured: those whose :meth:`floor` is at most the cost where the walk
+        over the candidates known now stops (its ``limit``-th feasible candidate; every cut when it
+        finds fewer). Measuring more cuts only adds candidates, so the walk can only stop earlier:
+        once every reachable cut is measured, the candidates of the others cost more than anything
+        the walk checks, and leaving them out changes no ranking, plan or rejected candidate shown.
+        """
+        reach: set[int] = set()
+        for link in links:
+            stop, feasible = float("inf"), 0
+            for scored in self.rank(link, limit=limit):
+                feasible += not scored.rejected
+                if feasible >= limit:
+                    stop = scored.cost_ms
+                    break
+            reach.update(cut.index for cut in self.cost.cuts if self.floor(cut, link) <= stop)
+        return reach
 
     def observe_cloud(self, cut_index: int, compute_ms: float) -> None:
         """Correct the cloud's predicted compute from what it reports doing (every reply carries it).
@@ -334,6 +381,26 @@ class SwitchPolicy:
             self._streak, self._pending = 0, ""
             return True
         return False
+
+
+def measure_reachable(
+    planner: Planner, links: list[Link], limit: int, measure: Callable[[frozenset[int]], CostModel]
+) -> frozenset[int]:
+    """Give ``planner`` the sizes of every cut its walks on ``links`` can reach, and no more.
+
+    ``measure(cuts)``: the cost model with every encoding measured at ``cuts`` (cut 0, the input,
+    always among them) and the rest uncompressed only (:meth:`CostModel.measure`'s ``cuts``). Starting
+    from the input alone, the cuts :meth:`Planner.reachable_cuts` names are measured until it names
+    no new one; ``rank(link, limit)``, and so ``best(link)``, the first ``limit`` feasible candidates
+    and the rejected ones before them, then come out as with every cut measured. Returns the cuts
+    measured. The walks along the way measure accuracy; the planner keeps it for the next walks.
+    """
+    measured = frozenset({0})
+    planner.use(measure(measured))
+    while new := planner.reachable_cuts(links, max(limit, 1)) - measured:
+        measured |= new
+        planner.use(measure(measured))
+    return measured
 
 
 def distortion_meter(

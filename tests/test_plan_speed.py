@@ -25,6 +25,7 @@ from partitioner.planner import (
     cached_distortion,
     distortion_meter,
     head_tail_distortion,
+    measure_reachable,
     run_from_cuts,
 )
 from partitioner.profile import profile_model, scaled
@@ -179,6 +180,64 @@ def test_screening_keeps_every_ranking(local_model: LoadedModel) -> None:
             assert planner.best(link) == plain.best(link)
     assert rejected >= 3
     assert max(batches) > 1  # candidates were screened together
+
+
+def test_no_candidate_costs_less_than_its_cuts_floor(local_model: LoadedModel) -> None:
+    """The floor that decides which cuts ``cleave plan`` measures is below every candidate's cost,
+    whatever the link and objective (a prediction grows with bytes and codec time)."""
+    profile = profile_model(local_model, repeats=1, warmup=0, head_samples=3)
+    cost = CostModel.measure(local_model, profile, scaled(profile, 0.25), calibration_batch((1, 3, 64, 64), 2))
+    cuts = {cut.index: cut for cut in cost.cuts}
+    for objective in ("latency", "throughput"):
+        planner = Planner(cost, objective=objective)
+        for link in (Link(0.5, 0.5, 0), Link(10, 5, 20), Link(1000, 1000, 1, overhead_ms=3)):
+            tight = 0
+            for c in planner.candidates:
+                if c.cut_index >= 0:
+                    floor = planner.floor(cuts[c.cut_index], link)
+                    assert floor <= planner.score(c, link).cost_ms, (objective, link, c.label)
+                    tight += floor > 0.5 * planner.score(c, link).cost_ms
+            assert tight  # not a bound of zero: it can leave cuts out
+
+
+@pytest.mark.parametrize("top", [1, 5])
+def test_measuring_the_reachable_cuts_plans_as_measuring_all(local_model: LoadedModel, top: int) -> None:
+    """``cleave plan`` measures sizes only at the cuts its walks can reach (measure_reachable): the
+    plans, the rankings up to where the walks stop and the baselines are those of every cut measured,
+    and fewer cuts are encoded."""
+    profile = profile_model(local_model, repeats=2, warmup=1, head_samples=3)
+    calib = calibration_batch(local_model.spec.input_shape, 8, seed=7)
+    edge, cloud = scaled(profile, 8.0), scaled(profile, 0.25)  # a slow edge: splits and cloud-only compete
+    budgets = Budgets(max_rel_error=0.05, min_top1=0.99)
+    meter = distortion_meter(local_model, calib, record=True)
+    full = Planner(CostModel.measure(local_model, edge, cloud, calib[:2]), budgets, meter, screen=meter.screen)
+    memo: dict = {}
+    asked: list[frozenset[int]] = []
+
+    def measure(cuts: frozenset[int]) -> CostModel:
+        asked.append(cuts)
+        return CostModel.measure(local_model, edge, cloud, calib[:2], cuts=cuts, memo=memo)
+
+    split, rejected = set(), 0
+    for links in ([Link(1, 1, 20)], [Link(5, 5, 10), Link(100, 100, 5)], [Link(1000, 1000, 1)]):
+        lazy = Planner(full.cost, budgets, meter, screen=meter.screen, screen_many=meter.screen_many)
+        asked.clear()
+        reached = measure_reachable(lazy, links, top, measure)
+        assert asked[0] == {0} and asked[-1] == reached
+        assert len(reached) < len(local_model.graph.cuts)  # cuts left out
+        split |= reached - {0}
+        for link in links:
+            want, got = full.rank(link, limit=top), lazy.rank(link, limit=top)
+            stop = [i for i, s in enumerate(want) if not s.rejected][top - 1]
+            assert [s.candidate for s in got[: stop + 1]] == [s.candidate for s in want[: stop + 1]]
+            for w, g in zip(want[: stop + 1], got, strict=False):
+                assert bool(g.rejected) == bool(w.rejected) and full.measured(w) == lazy.measured(g)
+                rejected += bool(w.rejected)
+            assert lazy.best(link) == full.best(link)
+            for name in ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp"):
+                assert lazy.baseline(name, link) == full.baseline(name, link), name
+    assert memo["values"]  # one run of the model for every build
+    assert split and rejected  # the walks reached split cuts and rejected candidates on the way
 
 
 def test_a_screen_never_promises_less_than_the_whole_batch_gives(local_model: LoadedModel) -> None:
