@@ -123,6 +123,8 @@ class Planner:
         self._lookahead = 4
         self._measured: dict[tuple[int, str], Distortion] = {}
         self._bounds: dict[tuple[int, str], Distortion | None] = {}
+        self._misses = 0  # full measurements that broke the accuracy budget (screens passed them)
+        self._bounded_at: dict[tuple[int, str], int] = {}  # a bound's key -> self._misses when it was found
         self._encodings = {"feature_encodings": feature_encodings} if feature_encodings else {}
         self.candidates = cost.candidates(**self._encodings)
         self.cloud_scale = 1.0
@@ -276,14 +278,23 @@ class Planner:
         key = (c.cut_index, c.encoding)
         if screen and self._needs_screen(c):
             if key not in self._bounds:
-                self._bounds[key] = self._screen(c)
+                self._keep_bound(key, self._screen(c))
             bound = self._bounds[key]
             if bound is not None and (reason := self._violation(bound, bound=True)):
                 return Scored(c, scored.predicted, scored.cost_ms, None, f"{reason} (screened)")
+            if key not in self._measured and self._bounded_at[key] < self._misses:
+                # Screened before a full measurement broke the budget, which moved the screens to the input
+                # that broke it (DistortionMeter): one input again, then the whole batch only if it passes.
+                bound = self._keep_bound(key, self._screen(c))
+                if bound is not None and (reason := self._violation(bound, bound=True)):
+                    return Scored(c, scored.predicted, scored.cost_ms, None, f"{reason} (screened)")
+        new = key not in self._measured
         d = self.distortion_of(c)
         if d is None:
             return scored
-        return Scored(c, scored.predicted, scored.cost_ms, d, self._violation(d))
+        reason = self._violation(d)
+        self._misses += bool(new and reason)
+        return Scored(c, scored.predicted, scored.cost_ms, d, reason)
 
     def _needs_screen(self, c: Candidate) -> bool:
         """Whether :meth:`_check` would screen ``c`` now (a screen is on, and ``c`` is lossy, fits
@@ -312,7 +323,11 @@ class Planner:
                     break
         self._lookahead = min(2 * self._lookahead, self.LOOKAHEAD)
         for key, bound in zip(batch, self._screen_many(list(batch.values())), strict=True):
-            self._bounds[key] = bound
+            self._keep_bound(key, bound)
+
+    def _keep_bound(self, key: tuple[int, str], bound: Distortion | None) -> Distortion | None:
+        self._bounds[key], self._bounded_at[key] = bound, self._misses
+        return bound
 
     def rank(self, link: Link, limit: int | None = None) -> list[Scored]:
         """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found."""
@@ -440,6 +455,15 @@ class DistortionMeter:
         self._decoded: tuple[tuple[int, str], list[torch.Tensor]] | None = None  # the last candidate's features
         self._probe = 0  # the input screened: the one that erred most in the last full measurement
         self._independent: bool | None = None  # whether one input alone gives what it gives in the batch
+
+    @property
+    def probe(self) -> int:
+        """The calibration input screens run on: the one that erred most in the last full measurement."""
+        return self._probe
+
+    @probe.setter
+    def probe(self, index: int) -> None:
+        self._probe = index
 
     @property
     def live(self) -> LiveSets:
@@ -607,8 +631,9 @@ def cached_distortion(
     """``measure`` with its results kept on disk, so planning the same model again measures nothing.
 
     Keyed by the model's fingerprint and the calibration batch (:func:`calibration_key`); an entry
-    is one candidate (cut index and encoding), and one more per screened candidate when ``measure``
-    has a ``screen`` (:class:`DistortionMeter`). ``measure`` must measure on ``calib``.
+    is one candidate (cut index and encoding), and one more per screened candidate and input screened
+    when ``measure`` has a ``screen`` and a ``probe`` (:class:`DistortionMeter`); a full measurement
+    keeps the probe it left, and sets it again when read back. ``measure`` must measure on ``calib``.
     """
     return CachedDistortion(measure, model, calib)
 
@@ -621,22 +646,39 @@ class CachedDistortion:
         self._path = (
             cache_dir().parent / "distortion" / f"{calibration_key(model, calib, str(_DISTORTION_VERSION))}.json"
         )
+        self._probes: dict[str, int] = {}  # a full measurement's entry -> the probe it left (DistortionMeter.probe)
         try:
-            self._known = {
-                k: None if v is None else Distortion(*v) for k, v in json.loads(self._path.read_text()).items()
-            }
+            self._known = {}
+            for k, v in json.loads(self._path.read_text()).items():
+                self._known[k] = None if v is None else Distortion(*v[:2])
+                if v is not None and len(v) > 2:
+                    self._probes[k] = int(v[2])
         except (OSError, ValueError, TypeError):
-            self._known = {}  # absent, stale or corrupt: measured again
+            self._known, self._probes = {}, {}  # absent, stale or corrupt: measured again
 
     def __call__(self, candidate: Candidate) -> Distortion:
-        return self._lookup(f"{candidate.cut_index}|{candidate.encoding}", self._measure, candidate)
+        key = f"{candidate.cut_index}|{candidate.encoding}"
+        if key not in self._known:
+            d = self._measure(candidate)
+            self._known[key] = d
+            if hasattr(self._measure, "probe"):  # where it moved the screens: a run from the cache moves them too
+                self._probes[key] = self._measure.probe
+            self._save()
+        elif key in self._probes:
+            self._measure.probe = self._probes[key]
+        return self._known[key]
+
+    def _screen_key(self, candidate: Candidate) -> str:
+        """A screen's entry: its candidate, and the input screened when ``measure`` says (its ``probe``)."""
+        probe = getattr(self._measure, "probe", None)
+        return f"{candidate.cut_index}|{candidate.encoding}|screen" + ("" if probe is None else f"|{probe}")
 
     def screen(self, candidate: Candidate) -> Distortion | None:
         """``measure.screen(candidate)``, cached; None when ``measure`` cannot screen."""
         screen = getattr(self._measure, "screen", None)
         if screen is None:
             return None
-        return self._lookup(f"{candidate.cut_index}|{candidate.encoding}|screen", screen, candidate)
+        return self._lookup(self._screen_key(candidate), screen, candidate)
 
     def screen_many(self, candidates: list[Candidate]) -> list[Distortion | None]:
         """:meth:`screen` for each of ``candidates``; those not cached are screened together
@@ -644,7 +686,7 @@ class CachedDistortion:
         screen = getattr(self._measure, "screen", None)
         if screen is None:
             return [None] * len(candidates)
-        keys = [f"{c.cut_index}|{c.encoding}|screen" for c in candidates]
+        keys = [self._screen_key(c) for c in candidates]
         todo = [(k, c) for k, c in zip(keys, candidates, strict=True) if k not in self._known]
         if todo:
             many = getattr(self._measure, "screen_many", None)
@@ -662,12 +704,17 @@ class CachedDistortion:
     def _save(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({k: None if d is None else [d.rel_error, d.top1] for k, d in self._known.items()}))
+        entries = {
+            k: None if d is None else [d.rel_error, d.top1, *([self._probes[k]] if k in self._probes else [])]
+            for k, d in self._known.items()
+        }
+        tmp.write_text(json.dumps(entries))
         tmp.replace(self._path)
 
 
-#: Bumped when how a distortion is measured changes (the disk cache's entries are then stale).
-_DISTORTION_VERSION = 1
+#: Bumped when how a distortion is measured changes (the disk cache's entries are then stale; 2: screens
+#: keyed by the input screened, full measurements with the input they move the screens to).
+_DISTORTION_VERSION = 2
 
 
 def head_tail_distortion(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candidate], Distortion]:

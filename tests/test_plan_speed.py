@@ -18,6 +18,7 @@ from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec, calibration_batch, fingerprint
 from partitioner.planner import (
     Budgets,
+    Distortion,
     DistortionMeter,
     LiveSets,
     Planner,
@@ -218,14 +219,14 @@ def test_measuring_the_reachable_cuts_plans_as_measuring_all(local_model: Loaded
         asked.append(cuts)
         return CostModel.measure(local_model, edge, cloud, calib[:2], cuts=cuts, memo=memo)
 
-    split, rejected = set(), 0
+    split, rejected, left_out = set(), 0, 0
     for links in ([Link(1, 1, 20)], [Link(5, 5, 10), Link(100, 100, 5)], [Link(1000, 1000, 1)]):
         lazy = Planner(full.cost, budgets, meter, screen=meter.screen, screen_many=meter.screen_many)
         asked.clear()
         reached = measure_reachable(lazy, links, top, measure)
         assert asked[0] == {0} and asked[-1] == reached
-        assert len(reached) < len(local_model.graph.cuts)  # cuts left out
         split |= reached - {0}
+        left_out += len(reached) < len(local_model.graph.cuts)
         for link in links:
             want, got = full.rank(link, limit=top), lazy.rank(link, limit=top)
             stop = [i for i, s in enumerate(want) if not s.rejected][top - 1]
@@ -238,6 +239,44 @@ def test_measuring_the_reachable_cuts_plans_as_measuring_all(local_model: Loaded
                 assert lazy.baseline(name, link) == full.baseline(name, link), name
     assert memo["values"]  # one run of the model for every build
     assert split and rejected  # the walks reached split cuts and rejected candidates on the way
+    assert left_out  # and cuts were left out (how many depends on the profile measured here)
+
+
+def test_a_screen_passed_before_a_miss_is_screened_again_on_the_input_that_missed() -> None:
+    """Candidates screened together on one input, which a full measurement then shows to be the wrong
+    input, are screened again on the input that broke the budget before any is measured in full: the
+    same rankings, with one full measurement of a rejected candidate instead of one per candidate."""
+    from tests.test_planner import synthetic_cost
+
+    cost = synthetic_cost()
+    link = Link(2, 2, 10)
+    good = {c for c in cost.candidates() if c.encoding in ("webp", "fp16", "raw", "int8c", "raw+none", "")}
+    state = {"probe": 0}
+    fulls: list[Candidate] = []
+
+    class Meter:  # input 1 flips under every bad candidate; input 0 never does
+        probe = property(lambda self: state["probe"])
+
+        def __call__(self, c: Candidate) -> Distortion:
+            fulls.append(c)
+            if c in good:
+                return Distortion(0.001, 1.0)
+            state["probe"] = 1
+            return Distortion(0.01, 0.5)
+
+        def screen(self, c: Candidate) -> Distortion:
+            return Distortion(0.0, 1.0 if c in good or state["probe"] == 0 else 0.5)
+
+    meter = Meter()
+    budgets = Budgets(max_rel_error=0.05, min_top1=0.99)
+    plain = Planner(cost, budgets, lambda c: Distortion(0.001, 1.0) if c in good else Distortion(0.01, 0.5))
+    screened = Planner(cost, budgets, meter, screen=meter.screen, screen_many=lambda cs: [meter.screen(c) for c in cs])
+    want, got = plain.rank(link, limit=3), screened.rank(link, limit=3)
+    assert [s.candidate for s in got] == [s.candidate for s in want]
+    assert [bool(s.rejected) for s in got] == [bool(s.rejected) for s in want]
+    walked = [s for s in want[: [i for i, s in enumerate(want) if not s.rejected][2] + 1]]
+    assert sum(bool(s.rejected) for s in walked) >= 3  # several bad ones passed the first screen together
+    assert len([c for c in fulls if c not in good]) == 1
 
 
 def test_a_screen_never_promises_less_than_the_whole_batch_gives(local_model: LoadedModel) -> None:
@@ -349,6 +388,28 @@ def test_distortions_are_cached_per_model_and_calibration(local_model: LoadedMod
     assert cached_distortion(meter, local_model, calib)(c) == first and len(calls) == 1
     cached_distortion(meter, local_model, calib[:1])(c)
     assert len(calls) == 2  # another calibration batch: measured again
+
+
+def test_a_cached_full_measurement_moves_the_screens_as_measuring_did(local_model: LoadedModel) -> None:
+    """A warm run replays the cold one: a full measurement read from the cache moves the meter's
+    screens to the input it moved them to when measured, so the screens that follow hit the cache."""
+    calib = calibration_batch(local_model.spec.input_shape, 8, seed=7)
+    cold = DistortionMeter(local_model, calib)
+    cached = cached_distortion(cold, local_model, calib)
+    moved = []
+    for cut in local_model.graph.cuts[1:12]:
+        c = candidate(local_model, cut.index, "int2")
+        d = cached(c)
+        bound = cached.screen(c)
+        if cold.probe:
+            moved.append((c, d, cold.probe, bound))
+    assert moved  # some measurement moved the screens off the first input
+    for c, d, probe, bound in moved:
+        warm = DistortionMeter(local_model, calib)
+        replay = cached_distortion(warm, local_model, calib)
+        assert replay(c) == d and warm.probe == probe
+        assert replay.screen(c) == bound
+        assert warm._live is None  # nothing was run: all from the cache
 
 
 def test_several_bandwidths_give_one_plan_each(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
