@@ -148,7 +148,7 @@ def build_planner(
     calibration inputs are the key), as profiles are; ``progress`` shows the phases.
     """
     from partitioner.costmodel import CostModel, Link
-    from partitioner.planner import Budgets, Planner, cached_distortion, distortion_meter, measure_reachable
+    from partitioner.planner import Budgets, Planner, cached_distortion, distortion_meter
     from partitioner.profile import cached_profile, scaled
 
     progress = progress or Progress(enabled=False)
@@ -175,13 +175,13 @@ def build_planner(
     progress.start("encodings")
     memo: dict = {}  # the model's values on the calibration inputs, for each build below
 
-    def measure_sizes(cuts: frozenset[int] | None) -> CostModel:
+    def measure_sizes(cuts: dict[int, frozenset[str]] | None) -> CostModel:
         return CostModel.measure(
             model, edge, cloud, calib[:3], workers=_cores(), cache=True, progress=progress.update, cuts=cuts, memo=memo
         )
 
-    # The plot ranks every cut at every bandwidth; a plan needs the cuts its walks can reach (measure_reachable).
-    cost = measure_sizes(None if args.png else frozenset({0}))
+    # The plot ranks every cut at every bandwidth; a plan, the candidates its walks reach (measure_on_demand).
+    cost = measure_sizes(None if args.png else {})
     progress.start("accuracy")
     measure = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
     checked = 0  # candidates whose accuracy was looked at: screened on one input, or measured on all
@@ -219,19 +219,15 @@ def build_planner(
         screen_many=screened_many,
     )
     if not args.png:
-        reached = {0}
 
-        def more_cuts(cuts: frozenset[int]) -> CostModel:
-            if cuts <= reached:
-                return measure_sizes(cuts)
-            reached.update(cuts)
-            progress.start("encodings")  # sizes to measure at more cuts, then accuracy again
-            cost = measure_sizes(cuts)
+        def more_sizes(asked: dict[int, frozenset[str]]) -> CostModel:
+            progress.start("encodings")  # sizes of more candidates, then accuracy again
+            cost = measure_sizes(asked)
             progress.start("accuracy")
             progress.update(checked)
             return cost
 
-        measure_reachable(planner, links, args.top, more_cuts)
+        planner.measure_on_demand(more_sizes)
     return planner, links, source
 
 

@@ -232,7 +232,7 @@ class CostModel:
         workers: int = 1,
         cache: bool = False,
         progress: Callable[[int, int], None] | None = None,
-        cuts: Collection[int] | None = None,
+        cuts: Mapping[int, Collection[str]] | None = None,
         memo: dict | None = None,
     ) -> CostModel:
         """Build from the two hosts' profiles, encoding ``x``'s real features at every cut.
@@ -247,12 +247,13 @@ class CostModel:
         encodings), so a second build for the same model and calibration inputs encodes nothing.
         ``progress(done, total)`` is called as cuts are encoded.
 
-        ``cuts``: measure every encoding only at these cuts (and the input, cut 0); the others are
-        measured uncompressed only (:data:`UNCOMPRESSED`, the Neurosurgeon baseline's encoding), so
-        their other candidates are left out. A planner that knows which cuts it can reach measures
-        those alone, and more later (:meth:`partitioner.planner.Planner.reachable_cuts`); the disk
-        cache keeps what each build measured. ``memo``: a dict the caller keeps between builds for
-        the same model and ``x``, so a later build for more cuts runs the model on ``x`` only once.
+        ``cuts``: measure only these encodings at these cuts (cut index -> encodings), every encoding
+        at the input (cut 0) and :data:`UNCOMPRESSED` (the Neurosurgeon baseline's) at every cut; the
+        candidates not measured are left out, though each cut's codec times are there for all. A
+        planner that knows which candidates it can reach measures those alone, and more later
+        (:meth:`partitioner.planner.Planner.measure_on_demand`); the disk cache keeps what each build measured.
+        ``memo``: a dict the caller keeps between builds for the same model and ``x``, so a later
+        build for more cuts runs the model on ``x`` only once.
         """
         x = model.graph.example_input if x is None else x
         wanted = {
@@ -261,8 +262,12 @@ class CostModel:
             + ((ENTROPY,) if model.entropy_tables is not None and cut.name == LATENT_CUT else ())
             for cut in model.graph.cuts
         }
+        every = wanted
         if cuts is not None:
-            wanted = {k: encs if k == 0 or k in cuts else (UNCOMPRESSED,) for k, encs in wanted.items()}
+            wanted = {
+                k: encs if k == 0 else tuple(e for e in encs if e == UNCOMPRESSED or e in cuts.get(k, ()))
+                for k, encs in wanted.items()
+            }
         path = sizes_cache_path(model, x, feature_encodings, input_encodings) if cache else None
         sizes = (_read_sizes(path) if path is not None else None) or {"cuts": {}, "output_bytes": 0}
         known = sizes["cuts"]
@@ -292,15 +297,14 @@ class CostModel:
             )
             mb = cut.nbytes / 1e6
             measured = known.get(cut.index, {})
-            for enc in wanted[cut.index]:
-                if measured.get(enc) is None:
-                    continue  # e.g. JPEG of something that is not an image
-                cost.feature_bytes[enc] = measured[enc]
+            for enc in every[cut.index]:
                 key = _codec_key(enc)
                 if key == "webp" and key not in edge.codecs:
                     key = "jpeg"  # a profile taken before WebP was profiled: the nearest codec it has
                 cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
                 cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
+                if measured.get(enc) is not None:  # not measured (``cuts``), or e.g. JPEG of a non-image
+                    cost.feature_bytes[enc] = measured[enc]
             cuts.append(cost)
         all_weights = sum(p.numel() * p.element_size() for p in model.module.state_dict().values())
         return cls(model.name, cuts, edge.total_ms, all_weights + peak, sizes["output_bytes"])

@@ -18,6 +18,7 @@ when it is predicted to be clearly faster, so a noisy link estimate does not mak
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import os
@@ -123,6 +124,10 @@ class Planner:
         self._lookahead = 4
         self._measured: dict[tuple[int, str], Distortion] = {}
         self._bounds: dict[tuple[int, str], Distortion | None] = {}
+        self._more: Callable[[dict[int, frozenset[str]]], CostModel] | None = None  # see measure_on_demand
+        self._asked: dict[int, set[str]] = {}
+        self._pending: dict[Link, list[tuple[float, int, str]]] = {}
+        self._chunk = 0
         self._misses = 0  # full measurements that broke the accuracy budget (screens passed them)
         self._bounded_at: dict[tuple[int, str], int] = {}  # a bound's key -> self._misses when it was found
         self._encodings = {"feature_encodings": feature_encodings} if feature_encodings else {}
@@ -141,34 +146,27 @@ class Planner:
         self.cost = cost
         self.candidates = cost.candidates(**self._encodings)
 
-    def floor(self, cut: CutCost, link: Link) -> float:
-        """The least any candidate at ``cut`` can cost on ``link``: its compute at both ends, the RTT and
-        the reply, with nothing to encode, send or decode (a prediction only grows with the bytes sent
-        and the codec's time; ``tests/test_plan_speed.py`` checks it against every candidate)."""
+    def floor(self, cut: CutCost, link: Link, encoding: str = "") -> float:
+        """The least a candidate at ``cut`` sending ``encoding`` can cost on ``link``, its size unknown:
+        its compute at both ends, its codec's times (none when ``encoding`` is not given), the RTT
+        and the reply, with no bytes to send (a prediction only grows with the bytes sent and the
+        codec's time; ``tests/test_plan_speed.py`` checks it against every candidate)."""
         kind = CLOUD_ONLY if cut.index == 0 else SPLIT
+        encode_ms, decode_ms = cut.encode_ms.get(encoding, 0.0), cut.decode_ms.get(encoding, 0.0)
         bare = Candidate(
-            kind, cut.index, cut.name, "", 0, self.cost.output_bytes, cut.edge_ms, 0.0, 0.0, cut.cloud_ms, 0
+            kind,
+            cut.index,
+            cut.name,
+            encoding,
+            0,
+            self.cost.output_bytes,
+            cut.edge_ms,
+            encode_ms,
+            decode_ms,
+            cut.cloud_ms,
+            0,
         )
         return self.score(bare, link).cost_ms
-
-    def reachable_cuts(self, links: list[Link], limit: int) -> set[int]:
-        """The cuts whose candidates :meth:`rank` ``(link, limit)`` could check on some of ``links``,
-        had their sizes been measured: those whose :meth:`floor` is at most the cost where the walk
-        over the candidates known now stops (its ``limit``-th feasible candidate; every cut when it
-        finds fewer). Measuring more cuts only adds candidates, so the walk can only stop earlier:
-        once every reachable cut is measured, the candidates of the others cost more than anything
-        the walk checks, and leaving them out changes no ranking, plan or rejected candidate shown.
-        """
-        reach: set[int] = set()
-        for link in links:
-            stop, feasible = float("inf"), 0
-            for scored in self.rank(link, limit=limit):
-                feasible += not scored.rejected
-                if feasible >= limit:
-                    stop = scored.cost_ms
-                    break
-            reach.update(cut.index for cut in self.cost.cuts if self.floor(cut, link) <= stop)
-        return reach
 
     def observe_cloud(self, cut_index: int, compute_ms: float) -> None:
         """Correct the cloud's predicted compute from what it reports doing (every reply carries it).
@@ -307,12 +305,13 @@ class Planner:
         key = (c.cut_index, c.encoding)
         return key not in self._measured and not self.lossless(c)
 
-    def _screen_ahead(self, ordered: list[Scored], start: int) -> None:
-        """Bound ``ordered[start]`` and the next unscreened candidates of the walk in one batch."""
+    def _ahead(self, ordered: list[Scored], start: int) -> tuple[dict[tuple[int, str], Candidate], float]:
+        """``ordered[start]`` and the next unscreened candidates of the walk, to screen in one batch
+        (none when ``ordered[start]`` needs no screen), and the highest cost among them."""
         if self._screen_many is None or not self._needs_screen(ordered[start].candidate):
-            return
+            return {}, ordered[start].cost_ms
         if (ordered[start].candidate.cut_index, ordered[start].candidate.encoding) in self._bounds:
-            return
+            return {}, ordered[start].cost_ms
         batch: dict[tuple[int, str], Candidate] = {}
         for scored in ordered[start:]:
             c = scored.candidate
@@ -321,6 +320,12 @@ class Planner:
                 batch[key] = c
                 if len(batch) >= self._lookahead:
                     break
+        return batch, scored.cost_ms
+
+    def _screen_ahead(self, batch: dict[tuple[int, str], Candidate]) -> None:
+        """Bound the candidates of ``batch`` (:meth:`_ahead`) in one call of ``screen_many``."""
+        if not batch:
+            return
         self._lookahead = min(2 * self._lookahead, self.LOOKAHEAD)
         for key, bound in zip(batch, self._screen_many(list(batch.values())), strict=True):
             self._keep_bound(key, bound)
@@ -330,18 +335,67 @@ class Planner:
         return bound
 
     def rank(self, link: Link, limit: int | None = None) -> list[Scored]:
-        """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found."""
-        ordered = sorted((self.score(c, link) for c in self.candidates), key=lambda s: s.cost_ms)
-        out, feasible = [], 0
-        for i, scored in enumerate(ordered):
-            if limit is not None and feasible >= limit:
-                out.append(scored)
-                continue
-            self._screen_ahead(ordered, i)
-            checked = self._check(scored)
-            out.append(checked)
-            feasible += not checked.rejected
-        return out
+        """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found.
+
+        With sizes measured on demand (:meth:`measure_on_demand`), every candidate whose size is
+        not known yet and that could cost less than the candidates about to be checked (or screened
+        ahead) is measured first, and the walk starts again with it in order: the same candidates
+        are checked, in the same batches, as with every size measured beforehand."""
+        while True:
+            ordered = sorted((self.score(c, link) for c in self.candidates), key=lambda s: s.cost_ms)
+            out, feasible = [], 0
+            for i, scored in enumerate(ordered):
+                if limit is not None and feasible >= limit:
+                    out.append(scored)
+                    continue
+                batch, horizon = self._ahead(ordered, i)
+                if self._grow(link, horizon):
+                    break  # more candidates could come before these: walk again
+                self._screen_ahead(batch)
+                checked = self._check(scored)
+                out.append(checked)
+                feasible += not checked.rejected
+            else:
+                return out
+
+    def measure_on_demand(
+        self, measure: Callable[[dict[int, frozenset[str]]], CostModel], first: int = 64
+    ) -> dict[int, set[str]]:
+        """Measure the sizes of candidates when a walk (:meth:`rank`) reaches them, not before.
+
+        ``measure(asked)``: the cost model with the encodings ``asked`` names measured at each cut,
+        besides every encoding at the input (cut 0) and :data:`UNCOMPRESSED` at every cut
+        (:meth:`CostModel.measure`'s ``cuts``); the planner's cost model is one of those. Before a
+        walk checks or screens a candidate, the unmeasured candidates whose :meth:`floor` is at most
+        its predicted cost are measured, with the next lowest floors up to ``first`` candidates
+        (twice as many each time: sizes cost far less than a screen). Returns what is asked (live).
+        """
+        self._more, self._chunk, self._pending = measure, first, {}
+        return self._asked
+
+    def _grow(self, link: Link, horizon: float) -> bool:
+        """Measure the sizes a walk on ``link`` needs before it looks at candidates costing up to
+        ``horizon`` (:meth:`measure_on_demand`); whether any were measured."""
+        if self._more is None:
+            return False
+        pending = self._pending.get(link)
+        if pending is None:
+            pending = self._pending[link] = sorted(
+                (self.floor(cut, link, e), cut.index, e)
+                for cut in self.cost.cuts
+                if cut.index != 0
+                for e in cut.encode_ms
+                if e != UNCOMPRESSED and e not in self._asked.get(cut.index, ())
+            )
+        if not pending or pending[0][0] > horizon:
+            return False
+        take = max(bisect.bisect_right(pending, (horizon, float("inf"), "")), self._chunk)
+        for _, index, e in pending[:take]:
+            self._asked.setdefault(index, set()).add(e)
+        self._chunk *= 2
+        self._pending.clear()
+        self.use(self._more({k: frozenset(v) for k, v in self._asked.items()}))
+        return True
 
     def best(self, link: Link) -> Scored:
         """The plan: the cheapest candidate within budgets (edge-only always qualifies on accuracy)."""
@@ -396,26 +450,6 @@ class SwitchPolicy:
             self._streak, self._pending = 0, ""
             return True
         return False
-
-
-def measure_reachable(
-    planner: Planner, links: list[Link], limit: int, measure: Callable[[frozenset[int]], CostModel]
-) -> frozenset[int]:
-    """Give ``planner`` the sizes of every cut its walks on ``links`` can reach, and no more.
-
-    ``measure(cuts)``: the cost model with every encoding measured at ``cuts`` (cut 0, the input,
-    always among them) and the rest uncompressed only (:meth:`CostModel.measure`'s ``cuts``). Starting
-    from the input alone, the cuts :meth:`Planner.reachable_cuts` names are measured until it names
-    no new one; ``rank(link, limit)``, and so ``best(link)``, the first ``limit`` feasible candidates
-    and the rejected ones before them, then come out as with every cut measured. Returns the cuts
-    measured. The walks along the way measure accuracy; the planner keeps it for the next walks.
-    """
-    measured = frozenset({0})
-    planner.use(measure(measured))
-    while new := planner.reachable_cuts(links, max(limit, 1)) - measured:
-        measured |= new
-        planner.use(measure(measured))
-    return measured
 
 
 def distortion_meter(

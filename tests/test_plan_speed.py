@@ -26,7 +26,6 @@ from partitioner.planner import (
     cached_distortion,
     distortion_meter,
     head_tail_distortion,
-    measure_reachable,
     run_from_cuts,
 )
 from partitioner.profile import profile_model, scaled
@@ -195,51 +194,59 @@ def test_no_candidate_costs_less_than_its_cuts_floor(local_model: LoadedModel) -
             tight = 0
             for c in planner.candidates:
                 if c.cut_index >= 0:
-                    floor = planner.floor(cuts[c.cut_index], link)
-                    assert floor <= planner.score(c, link).cost_ms, (objective, link, c.label)
+                    floor = planner.floor(cuts[c.cut_index], link, c.encoding)
+                    assert planner.floor(cuts[c.cut_index], link) <= floor <= planner.score(c, link).cost_ms, c.label
                     tight += floor > 0.5 * planner.score(c, link).cost_ms
             assert tight  # not a bound of zero: it can leave cuts out
 
 
 @pytest.mark.parametrize("top", [1, 5])
-def test_measuring_the_reachable_cuts_plans_as_measuring_all(local_model: LoadedModel, top: int) -> None:
-    """``cleave plan`` measures sizes only at the cuts its walks can reach (measure_reachable): the
-    plans, the rankings up to where the walks stop and the baselines are those of every cut measured,
-    and fewer cuts are encoded."""
+def test_sizes_measured_on_demand_plan_as_sizes_measured_first(local_model: LoadedModel, top: int) -> None:
+    """``cleave plan`` measures the sizes of candidates only as its walks reach them
+    (measure_on_demand): the plans, rankings up to where the walks stop, the batches screened and
+    the baselines are those of every size measured first, and fewer sizes are measured."""
     profile = profile_model(local_model, repeats=2, warmup=1, head_samples=3)
     calib = calibration_batch(local_model.spec.input_shape, 8, seed=7)
     edge, cloud = scaled(profile, 8.0), scaled(profile, 0.25)  # a slow edge: splits and cloud-only compete
     budgets = Budgets(max_rel_error=0.05, min_top1=0.99)
-    meter = distortion_meter(local_model, calib, record=True)
-    full = Planner(CostModel.measure(local_model, edge, cloud, calib[:2]), budgets, meter, screen=meter.screen)
     memo: dict = {}
-    asked: list[frozenset[int]] = []
+    asked: list[dict[int, frozenset[str]]] = []
 
-    def measure(cuts: frozenset[int]) -> CostModel:
+    def measure(cuts: dict[int, frozenset[str]] | None) -> CostModel:
         asked.append(cuts)
         return CostModel.measure(local_model, edge, cloud, calib[:2], cuts=cuts, memo=memo)
 
     split, rejected, left_out = set(), 0, 0
     for links in ([Link(1, 1, 20)], [Link(5, 5, 10), Link(100, 100, 5)], [Link(1000, 1000, 1)]):
-        lazy = Planner(full.cost, budgets, meter, screen=meter.screen, screen_many=meter.screen_many)
-        asked.clear()
-        reached = measure_reachable(lazy, links, top, measure)
-        assert asked[0] == {0} and asked[-1] == reached
-        split |= reached - {0}
-        left_out += len(reached) < len(local_model.graph.cuts)
+        batches: dict[str, list[list[str]]] = {"full": [], "lazy": []}
+        planners = {}
+        for name, cuts in (("full", None), ("lazy", {})):
+            meter = DistortionMeter(local_model, calib)  # one each: screens follow each planner's misses
+
+            def screen_many(cs: list[Candidate], meter=meter, seen=batches[name]) -> list:
+                seen.append([c.label for c in cs])
+                return meter.screen_many(cs)
+
+            planners[name] = Planner(measure(cuts), budgets, meter, screen=meter.screen, screen_many=screen_many)
+        full, lazy = planners["full"], planners["lazy"]
+        wanted = lazy.measure_on_demand(measure, first=4)
         for link in links:
             want, got = full.rank(link, limit=top), lazy.rank(link, limit=top)
             stop = [i for i, s in enumerate(want) if not s.rejected][top - 1]
             assert [s.candidate for s in got[: stop + 1]] == [s.candidate for s in want[: stop + 1]]
             for w, g in zip(want[: stop + 1], got, strict=False):
-                assert bool(g.rejected) == bool(w.rejected) and full.measured(w) == lazy.measured(g)
+                assert g == w
                 rejected += bool(w.rejected)
             assert lazy.best(link) == full.best(link)
             for name in ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp"):
                 assert lazy.baseline(name, link) == full.baseline(name, link), name
+        assert batches["lazy"] == batches["full"]  # the same candidates screened together
+        split |= {c.cut_index for c in lazy.candidates if c.cut_index > 0 and c.encoding != "raw+none"}
+        left_out += len(lazy.candidates) < len(full.candidates)
+        assert asked[-1] == {k: frozenset(v) for k, v in wanted.items()}
     assert memo["values"]  # one run of the model for every build
     assert split and rejected  # the walks reached split cuts and rejected candidates on the way
-    assert left_out  # and cuts were left out (how many depends on the profile measured here)
+    assert left_out  # and sizes were left out (how many depends on the profile measured here)
 
 
 def test_a_screen_passed_before_a_miss_is_screened_again_on_the_input_that_missed() -> None:
