@@ -85,6 +85,8 @@ class Planner:
 
     #: The most candidates :meth:`rank` screens in one batch (``screen_many``).
     LOOKAHEAD = 32
+    #: The most sizes measured ahead of the walk at once (:meth:`measure_on_demand`).
+    MOST_SIZES = 256
 
     def __init__(
         self,
@@ -305,13 +307,12 @@ class Planner:
         key = (c.cut_index, c.encoding)
         return key not in self._measured and not self.lossless(c)
 
-    def _ahead(self, ordered: list[Scored], start: int) -> tuple[dict[tuple[int, str], Candidate], float]:
-        """``ordered[start]`` and the next unscreened candidates of the walk, to screen in one batch
-        (none when ``ordered[start]`` needs no screen), and the highest cost among them."""
+    def _screen_ahead(self, ordered: list[Scored], start: int) -> None:
+        """Bound ``ordered[start]`` and the next unscreened candidates of the walk in one batch."""
         if self._screen_many is None or not self._needs_screen(ordered[start].candidate):
-            return {}, ordered[start].cost_ms
+            return
         if (ordered[start].candidate.cut_index, ordered[start].candidate.encoding) in self._bounds:
-            return {}, ordered[start].cost_ms
+            return
         batch: dict[tuple[int, str], Candidate] = {}
         for scored in ordered[start:]:
             c = scored.candidate
@@ -320,12 +321,6 @@ class Planner:
                 batch[key] = c
                 if len(batch) >= self._lookahead:
                     break
-        return batch, scored.cost_ms
-
-    def _screen_ahead(self, batch: dict[tuple[int, str], Candidate]) -> None:
-        """Bound the candidates of ``batch`` (:meth:`_ahead`) in one call of ``screen_many``."""
-        if not batch:
-            return
         self._lookahead = min(2 * self._lookahead, self.LOOKAHEAD)
         for key, bound in zip(batch, self._screen_many(list(batch.values())), strict=True):
             self._keep_bound(key, bound)
@@ -338,9 +333,11 @@ class Planner:
         """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found.
 
         With sizes measured on demand (:meth:`measure_on_demand`), every candidate whose size is
-        not known yet and that could cost less than the candidates about to be checked (or screened
-        ahead) is measured first, and the walk starts again with it in order: the same candidates
-        are checked, in the same batches, as with every size measured beforehand."""
+        not known yet and that could cost less than the candidate about to be checked is measured
+        first, and the walk starts again with it in order: the same candidates are checked as with
+        every size measured beforehand. Screens ahead take the next candidates known; a batch of
+        other candidates gives a candidate the same bound up to float rounding
+        (:attr:`DistortionMeter.SLACK`), so the same ones are rejected."""
         while True:
             ordered = sorted((self.score(c, link) for c in self.candidates), key=lambda s: s.cost_ms)
             out, feasible = [], 0
@@ -348,10 +345,9 @@ class Planner:
                 if limit is not None and feasible >= limit:
                     out.append(scored)
                     continue
-                batch, horizon = self._ahead(ordered, i)
-                if self._grow(link, horizon):
-                    break  # more candidates could come before these: walk again
-                self._screen_ahead(batch)
+                if self._grow(link, scored.cost_ms):
+                    break  # more candidates could come before this one: walk again
+                self._screen_ahead(ordered, i)
                 checked = self._check(scored)
                 out.append(checked)
                 feasible += not checked.rejected
@@ -366,9 +362,10 @@ class Planner:
         ``measure(asked)``: the cost model with the encodings ``asked`` names measured at each cut,
         besides every encoding at the input (cut 0) and :data:`UNCOMPRESSED` at every cut
         (:meth:`CostModel.measure`'s ``cuts``); the planner's cost model is one of those. Before a
-        walk checks or screens a candidate, the unmeasured candidates whose :meth:`floor` is at most
-        its predicted cost are measured, with the next lowest floors up to ``first`` candidates
-        (twice as many each time: sizes cost far less than a screen). Returns what is asked (live).
+        walk checks a candidate, the unmeasured candidates whose :meth:`floor` is at most its
+        predicted cost are measured, with the next lowest floors up to ``first`` candidates
+        (twice as many each time, up to :attr:`MOST_SIZES`: a size costs far less than a screen, but
+        a walk that stops early needs few). Returns what is asked (live).
         """
         self._more, self._chunk, self._pending = measure, first, {}
         return self._asked
@@ -392,7 +389,7 @@ class Planner:
         take = max(bisect.bisect_right(pending, (horizon, float("inf"), "")), self._chunk)
         for _, index, e in pending[:take]:
             self._asked.setdefault(index, set()).add(e)
-        self._chunk *= 2
+        self._chunk = min(2 * self._chunk, self.MOST_SIZES)
         self._pending.clear()
         self.use(self._more({k: frozenset(v) for k, v in self._asked.items()}))
         return True
