@@ -86,7 +86,7 @@ class Planner:
     #: The most candidates :meth:`rank` screens in one batch (``screen_many``).
     LOOKAHEAD = 32
     #: The most sizes measured ahead of the walk at once (:meth:`measure_on_demand`).
-    MOST_SIZES = 256
+    MOST_SIZES = 1024
 
     def __init__(
         self,
@@ -355,7 +355,7 @@ class Planner:
                 return out
 
     def measure_on_demand(
-        self, measure: Callable[[dict[int, frozenset[str]]], CostModel], first: int = 64
+        self, measure: Callable[[dict[int, frozenset[str]]], CostModel], first: int = 256
     ) -> dict[int, set[str]]:
         """Measure the sizes of candidates when a walk (:meth:`rank`) reaches them, not before.
 
