@@ -7,7 +7,8 @@ Each run is ``cleave plan --model M --bandwidth 10`` in a new process: cold with
 ``CLEAVE_CACHE`` (profile, encoded sizes and accuracy all measured), then warm on the cache it
 filled. With ``--before``, the other tree's cold and warm runs come right after this tree's, so
 both see the same machine load; each side keeps its own cache. The phases (profile, encodings,
-accuracy) are what ``cleave plan`` prints on stderr without ``--quiet``; the best placement is
+accuracy) are what ``cleave plan`` prints on stderr without ``--quiet``, each summed over its
+rounds (sizes are measured at more cuts as the walk reaches them); the best placement is
 recorded too. Writes ``benchmarks/results/plan_time.json``. Numbers depend on the load: the load
 average before and after each pair of runs is recorded with it.
 """
@@ -42,10 +43,12 @@ def plan_once(root: Path, python: str, model: str, cache: Path, bandwidth: str, 
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"cleave plan --model {model} in {root} exited {done.returncode}:\n{done.stderr[-2000:]}")
-    phases = {
-        m["name"]: {"s": float(m["s"])} | ({"count": m["count"]} if m["count"] else {})
-        for m in PHASE.finditer(done.stderr)
-    }
+    phases: dict[str, dict] = {}
+    for m in PHASE.finditer(done.stderr):  # encodings and accuracy alternate when more cuts are measured
+        phase = phases.setdefault(m["name"], {"s": 0.0})
+        phase["s"] = round(phase["s"] + float(m["s"]), 1)
+        if m["count"]:
+            phase["count"] = m["count"]
     best = next((line.split()[1:3] for line in done.stdout.splitlines() if line.startswith("*")), [])
     return {"wall_s": round(elapsed, 2), "phases": phases, "best": " ".join(best)}
 

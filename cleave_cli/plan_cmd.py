@@ -173,7 +173,15 @@ def build_planner(
         source = f"offline, cloud assumed {args.cloud_speedup:g}x faster than this host"
     calib = calibration(args, model)
     progress.start("encodings")
-    cost = CostModel.measure(model, edge, cloud, calib[:3], workers=_cores(), cache=True, progress=progress.update)
+    memo: dict = {}  # the model's values on the calibration inputs, for each build below
+
+    def measure_sizes(cuts: dict[int, frozenset[str]] | None) -> CostModel:
+        return CostModel.measure(
+            model, edge, cloud, calib[:3], workers=_cores(), cache=True, progress=progress.update, cuts=cuts, memo=memo
+        )
+
+    # The plot ranks every cut at every bandwidth; a plan, the candidates its walks reach (measure_on_demand).
+    cost = measure_sizes(None if args.png else {})
     progress.start("accuracy")
     measure = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
     checked = 0  # candidates whose accuracy was looked at: screened on one input, or measured on all
@@ -210,6 +218,16 @@ def build_planner(
         screen=screened,
         screen_many=screened_many,
     )
+    if not args.png:
+
+        def more_sizes(asked: dict[int, frozenset[str]]) -> CostModel:
+            progress.start("encodings")  # sizes of more candidates, then accuracy again
+            cost = measure_sizes(asked)
+            progress.start("accuracy")
+            progress.update(checked)
+            return cost
+
+        planner.measure_on_demand(more_sizes)
     return planner, links, source
 
 

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -232,6 +232,8 @@ class CostModel:
         workers: int = 1,
         cache: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        cuts: Mapping[int, Collection[str]] | None = None,
+        memo: dict | None = None,
     ) -> CostModel:
         """Build from the two hosts' profiles, encoding ``x``'s real features at every cut.
 
@@ -244,6 +246,14 @@ class CostModel:
         disk cache (:func:`sizes_cache_path`: the model's fingerprint, ``x`` itself and the
         encodings), so a second build for the same model and calibration inputs encodes nothing.
         ``progress(done, total)`` is called as cuts are encoded.
+
+        ``cuts``: measure only these encodings at these cuts (cut index -> encodings), every encoding
+        at the input (cut 0) and :data:`UNCOMPRESSED` (the Neurosurgeon baseline's) at every cut; the
+        candidates not measured are left out, though each cut's codec times are there for all. A
+        planner that knows which candidates it can reach measures those alone, and more later
+        (:meth:`partitioner.planner.Planner.measure_on_demand`); the disk cache keeps what each build measured.
+        ``memo``: a dict the caller keeps between builds for the same model and ``x``, so a later
+        build for more cuts runs the model on ``x`` only once.
         """
         x = model.graph.example_input if x is None else x
         wanted = {
@@ -252,10 +262,21 @@ class CostModel:
             + ((ENTROPY,) if model.entropy_tables is not None and cut.name == LATENT_CUT else ())
             for cut in model.graph.cuts
         }
+        every = wanted
+        if cuts is not None:
+            wanted = {
+                k: encs if k == 0 else tuple(e for e in encs if e == UNCOMPRESSED or e in cuts.get(k, ()))
+                for k, encs in wanted.items()
+            }
         path = sizes_cache_path(model, x, feature_encodings, input_encodings) if cache else None
-        sizes = _read_sizes(path) if path is not None else None
-        if sizes is None:
-            sizes = _measure_sizes(model, x, wanted, workers, progress)
+        sizes = (_read_sizes(path) if path is not None else None) or {"cuts": {}, "output_bytes": 0}
+        known = sizes["cuts"]
+        todo = {k: tuple(e for e in encs if e not in known.get(k, {})) for k, encs in wanted.items()}
+        if any(todo.values()):
+            new = _measure_sizes(model, x, todo, workers, progress, memo)
+            for k, measured in new["cuts"].items():
+                known.setdefault(k, {}).update(measured)
+            sizes["output_bytes"] = new["output_bytes"]
             if path is not None:
                 _write_sizes(path, sizes)
         elif progress is not None:
@@ -275,23 +296,23 @@ class CostModel:
                 weight_bytes=weights.get(cut.index, 0),
             )
             mb = cut.nbytes / 1e6
-            measured = sizes["cuts"][cut.index]
-            for enc in wanted[cut.index]:
-                if enc not in measured:
-                    continue  # e.g. JPEG of something that is not an image
-                cost.feature_bytes[enc] = measured[enc]
+            measured = known.get(cut.index, {})
+            for enc in every[cut.index]:
                 key = _codec_key(enc)
                 if key == "webp" and key not in edge.codecs:
                     key = "jpeg"  # a profile taken before WebP was profiled: the nearest codec it has
                 cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
                 cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
+                if measured.get(enc) is not None:  # not measured (``cuts``), or e.g. JPEG of a non-image
+                    cost.feature_bytes[enc] = measured[enc]
             cuts.append(cost)
         all_weights = sum(p.numel() * p.element_size() for p in model.module.state_dict().values())
         return cls(model.name, cuts, edge.total_ms, all_weights + peak, sizes["output_bytes"])
 
 
-#: Bumped when what the size cache holds, or how sizes are measured, changes.
-_SIZES_VERSION = 1
+#: Bumped when what the size cache holds, or how sizes are measured, changes (2: some cuts only, and
+#: null for an encoding that does not apply).
+_SIZES_VERSION = 2
 
 
 def sizes_cache_path(model: LoadedModel, x: torch.Tensor, feature_encodings, input_encodings) -> Path:
@@ -338,15 +359,22 @@ def _measure_sizes(
     wanted: dict[int, tuple[str, ...]],
     workers: int,
     progress: Callable[[int, int], None] | None,
+    memo: dict | None = None,
 ) -> dict:
-    """Encoded bytes of every cut's live set in every wanted encoding (median over ``x``'s inputs).
+    """Encoded bytes of every cut's live set in every wanted encoding (median over ``x``'s inputs;
+    None where the encoding does not apply). ``memo``: see :meth:`CostModel.measure`.
 
     A live set's size on one input is the sum of its values' sizes, and most values are live at
     several cuts (a residual block's input at every cut inside the block), so each value is encoded
     once per encoding and input, and the cuts add up what their values took.
     """
-    values = _all_values(model, x)
-    cuts = model.graph.cuts
+    if memo is not None and memo.get("x") is x:
+        values = memo["values"]
+    else:
+        values = _all_values(model, x)
+        if memo is not None:
+            memo.update(x=x, values=values)
+    cuts = [cut for cut in model.graph.cuts if wanted.get(cut.index)]
     samples = len(x)
     # Every (value, encoding) some cut needs, in the order cuts need them: one unit of work each.
     units: dict[tuple[str, str], None] = {}
@@ -388,8 +416,8 @@ def _measure_sizes(
         out = measured[cut.index] = {}
         for enc in wanted[cut.index]:
             parts = [per_value[(name, enc)] for name in cut.live]
-            if all(p is not None for p in parts):
-                out[enc] = int(statistics.median([sum(p[i] for p in parts) for i in range(samples)]))
+            good = all(p is not None for p in parts)
+            out[enc] = int(statistics.median([sum(p[i] for p in parts) for i in range(samples)])) if good else None
     from .loaded import as_tensor_list
 
     out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"])) // samples

@@ -18,6 +18,7 @@ when it is predicted to be clearly faster, so a noisy link estimate does not mak
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import os
@@ -35,7 +36,18 @@ from compressor import EncodingSpec, clipping, decode, encode
 from compressor.quant import affine_params_array, dequantize_array, quantize_array
 
 from ._lazy import fx, torch  # imported on first use: ranking candidates needs no torch (the light edge)
-from .costmodel import CLOUD_ONLY, EDGE_ONLY, UNCOMPRESSED, Breakdown, Candidate, CostModel, Link, calibration_key
+from .costmodel import (
+    CLOUD_ONLY,
+    EDGE_ONLY,
+    SPLIT,
+    UNCOMPRESSED,
+    Breakdown,
+    Candidate,
+    CostModel,
+    CutCost,
+    Link,
+    calibration_key,
+)
 from .profile import cache_dir
 
 if TYPE_CHECKING:
@@ -78,6 +90,8 @@ class Planner:
     LOOKAHEAD = 32
     #: The smallest head, as a share of the whole model's edge time, whose served time corrects E(k).
     MIN_EDGE_SHARE = 0.02
+    #: The most sizes measured ahead of the walk at once (:meth:`measure_on_demand`).
+    MOST_SIZES = 1024
 
     def __init__(
         self,
@@ -117,8 +131,14 @@ class Planner:
         self._lookahead = 4
         self._measured: dict[tuple[int, str], Distortion] = {}
         self._bounds: dict[tuple[int, str], Distortion | None] = {}
-        kwargs = {"feature_encodings": feature_encodings} if feature_encodings else {}
-        self.candidates = cost.candidates(**kwargs)
+        self._more: Callable[[dict[int, frozenset[str]]], CostModel] | None = None  # see measure_on_demand
+        self._asked: dict[int, set[str]] = {}
+        self._pending: dict[Link, list[tuple[float, int, str]]] = {}
+        self._chunk = 0
+        self._misses = 0  # full measurements that broke the accuracy budget (screens passed them)
+        self._bounded_at: dict[tuple[int, str], int] = {}  # a bound's key -> self._misses when it was found
+        self._encodings = {"feature_encodings": feature_encodings} if feature_encodings else {}
+        self.candidates = cost.candidates(**self._encodings)
         self.cloud_scale = 1.0
         self.cloud_observations = 0
         self._cloud_ratios: deque[float] = deque(maxlen=9)
@@ -133,6 +153,35 @@ class Planner:
     def measurements(self) -> int:
         """How many candidates' distortions this planner has measured (or looked up) so far."""
         return len(self._measured)
+
+    def use(self, cost: CostModel) -> None:
+        """Rank ``cost``'s candidates from now on: the same model on the same hosts, with the sizes of
+        more cuts measured (:meth:`CostModel.measure`'s ``cuts``). Accuracy measured so far is kept:
+        it depends on the cut and the encoding, not on sizes."""
+        self.cost = cost
+        self.candidates = cost.candidates(**self._encodings)
+
+    def floor(self, cut: CutCost, link: Link, encoding: str = "") -> float:
+        """The least a candidate at ``cut`` sending ``encoding`` can cost on ``link``, its size unknown:
+        its compute at both ends, its codec's times (none when ``encoding`` is not given), the RTT
+        and the reply, with no bytes to send (a prediction only grows with the bytes sent and the
+        codec's time; ``tests/test_plan_speed.py`` checks it against every candidate)."""
+        kind = CLOUD_ONLY if cut.index == 0 else SPLIT
+        encode_ms, decode_ms = cut.encode_ms.get(encoding, 0.0), cut.decode_ms.get(encoding, 0.0)
+        bare = Candidate(
+            kind,
+            cut.index,
+            cut.name,
+            encoding,
+            0,
+            self.cost.output_bytes,
+            cut.edge_ms,
+            encode_ms,
+            decode_ms,
+            cut.cloud_ms,
+            0,
+        )
+        return self.score(bare, link).cost_ms
 
     def observe_cloud(self, cut_index: int, compute_ms: float) -> None:
         """Correct the cloud's predicted compute from what it reports doing (every reply carries it).
@@ -247,14 +296,23 @@ class Planner:
         key = (c.cut_index, c.encoding)
         if screen and self._needs_screen(c):
             if key not in self._bounds:
-                self._bounds[key] = self._screen(c)
+                self._keep_bound(key, self._screen(c))
             bound = self._bounds[key]
             if bound is not None and (reason := self._violation(bound, bound=True)):
                 return Scored(c, scored.predicted, scored.cost_ms, None, f"{reason} (screened)")
+            if key not in self._measured and self._bounded_at[key] < self._misses:
+                # Screened before a full measurement broke the budget, which moved the screens to the input
+                # that broke it (DistortionMeter): one input again, then the whole batch only if it passes.
+                bound = self._keep_bound(key, self._screen(c))
+                if bound is not None and (reason := self._violation(bound, bound=True)):
+                    return Scored(c, scored.predicted, scored.cost_ms, None, f"{reason} (screened)")
+        new = key not in self._measured
         d = self.distortion_of(c)
         if d is None:
             return scored
-        return Scored(c, scored.predicted, scored.cost_ms, d, self._violation(d))
+        reason = self._violation(d)
+        self._misses += bool(new and reason)
+        return Scored(c, scored.predicted, scored.cost_ms, d, reason)
 
     def _needs_screen(self, c: Candidate) -> bool:
         """Whether :meth:`_check` would screen ``c`` now (a screen is on, and ``c`` is lossy, fits
@@ -283,32 +341,87 @@ class Planner:
                     break
         self._lookahead = min(2 * self._lookahead, self.LOOKAHEAD)
         for key, bound in zip(batch, self._screen_many(list(batch.values())), strict=True):
-            self._bounds[key] = bound
+            self._keep_bound(key, bound)
+
+    def _keep_bound(self, key: tuple[int, str], bound: Distortion | None) -> Distortion | None:
+        self._bounds[key], self._bounded_at[key] = bound, self._misses
+        return bound
 
     def rank(self, link: Link, limit: int | None = None, deadline: float | None = None) -> list[Scored]:
         """Candidates by cost; budgets are checked in order until ``limit`` feasible ones are found.
+
+        With sizes measured on demand (:meth:`measure_on_demand`), every candidate whose size is
+        not known yet and that could cost less than the candidate about to be checked is measured
+        first, and the walk starts again with it in order: the same candidates are checked as with
+        every size measured beforehand. Screens ahead take the next candidates known; a batch of
+        other candidates gives a candidate the same bound up to float rounding
+        (:attr:`DistortionMeter.SLACK`), so the same ones are rejected.
 
         ``deadline`` (``time.monotonic()``): past it, a candidate whose accuracy is not known yet is
         passed over (rejected as :data:`UNMEASURED`) instead of measured, so the walk ends on the
         cheapest candidate already known to fit: on a slow device each measurement runs the model
         on every calibration input, seconds apiece, and a re-plan must not wait minutes for them.
         What was measured is kept; :attr:`walk_complete` says whether anything was passed over."""
-        ordered = sorted((self.score(c, link) for c in self.candidates), key=lambda s: s.cost_ms)
-        out, feasible = [], 0
-        self.walk_complete = True
-        for i, scored in enumerate(ordered):
-            if limit is not None and feasible >= limit:
-                out.append(scored)
-                continue
-            if deadline is not None and self._unknown(scored.candidate) and time.monotonic() >= deadline:
-                out.append(replace(scored, rejected=UNMEASURED))
-                self.walk_complete = False
-                continue
-            self._screen_ahead(ordered, i)
-            checked = self._check(scored)
-            out.append(checked)
-            feasible += not checked.rejected
-        return out
+        while True:
+            ordered = sorted((self.score(c, link) for c in self.candidates), key=lambda s: s.cost_ms)
+            out, feasible = [], 0
+            self.walk_complete = True
+            for i, scored in enumerate(ordered):
+                if limit is not None and feasible >= limit:
+                    out.append(scored)
+                    continue
+                if self._grow(link, scored.cost_ms):
+                    break  # more candidates could come before this one: walk again
+                if deadline is not None and self._unknown(scored.candidate) and time.monotonic() >= deadline:
+                    out.append(replace(scored, rejected=UNMEASURED))
+                    self.walk_complete = False
+                    continue
+                self._screen_ahead(ordered, i)
+                checked = self._check(scored)
+                out.append(checked)
+                feasible += not checked.rejected
+            else:
+                return out
+
+    def measure_on_demand(
+        self, measure: Callable[[dict[int, frozenset[str]]], CostModel], first: int = 256
+    ) -> dict[int, set[str]]:
+        """Measure the sizes of candidates when a walk (:meth:`rank`) reaches them, not before.
+
+        ``measure(asked)``: the cost model with the encodings ``asked`` names measured at each cut,
+        besides every encoding at the input (cut 0) and :data:`UNCOMPRESSED` at every cut
+        (:meth:`CostModel.measure`'s ``cuts``); the planner's cost model is one of those. Before a
+        walk checks a candidate, the unmeasured candidates whose :meth:`floor` is at most its
+        predicted cost are measured, with the next lowest floors up to ``first`` candidates
+        (twice as many each time, up to :attr:`MOST_SIZES`: a size costs far less than a screen, but
+        a walk that stops early needs few). Returns what is asked (live).
+        """
+        self._more, self._chunk, self._pending = measure, first, {}
+        return self._asked
+
+    def _grow(self, link: Link, horizon: float) -> bool:
+        """Measure the sizes a walk on ``link`` needs before it looks at candidates costing up to
+        ``horizon`` (:meth:`measure_on_demand`); whether any were measured."""
+        if self._more is None:
+            return False
+        pending = self._pending.get(link)
+        if pending is None:
+            pending = self._pending[link] = sorted(
+                (self.floor(cut, link, e), cut.index, e)
+                for cut in self.cost.cuts
+                if cut.index != 0
+                for e in cut.encode_ms
+                if e != UNCOMPRESSED and e not in self._asked.get(cut.index, ())
+            )
+        if not pending or pending[0][0] > horizon:
+            return False
+        take = max(bisect.bisect_right(pending, (horizon, float("inf"), "")), self._chunk)
+        for _, index, e in pending[:take]:
+            self._asked.setdefault(index, set()).add(e)
+        self._chunk = min(2 * self._chunk, self.MOST_SIZES)
+        self._pending.clear()
+        self.use(self._more({k: frozenset(v) for k, v in self._asked.items()}))
+        return True
 
     def _unknown(self, c: Candidate) -> bool:
         """Whether :meth:`_check` would have to measure (or screen) ``c`` to decide on it."""
@@ -422,6 +535,15 @@ class DistortionMeter:
         self._decoded: tuple[tuple[int, str], list[torch.Tensor]] | None = None  # the last candidate's features
         self._probe = 0  # the input screened: the one that erred most in the last full measurement
         self._independent: bool | None = None  # whether one input alone gives what it gives in the batch
+
+    @property
+    def probe(self) -> int:
+        """The calibration input screens run on: the one that erred most in the last full measurement."""
+        return self._probe
+
+    @probe.setter
+    def probe(self, index: int) -> None:
+        self._probe = index
 
     @property
     def live(self) -> LiveSets:
@@ -589,8 +711,9 @@ def cached_distortion(
     """``measure`` with its results kept on disk, so planning the same model again measures nothing.
 
     Keyed by the model's fingerprint and the calibration batch (:func:`calibration_key`); an entry
-    is one candidate (cut index and encoding), and one more per screened candidate when ``measure``
-    has a ``screen`` (:class:`DistortionMeter`). ``measure`` must measure on ``calib``.
+    is one candidate (cut index and encoding), and one more per screened candidate and input screened
+    when ``measure`` has a ``screen`` and a ``probe`` (:class:`DistortionMeter`); a full measurement
+    keeps the probe it left, and sets it again when read back. ``measure`` must measure on ``calib``.
     """
     return CachedDistortion(measure, model, calib)
 
@@ -603,22 +726,39 @@ class CachedDistortion:
         self._path = (
             cache_dir().parent / "distortion" / f"{calibration_key(model, calib, str(_DISTORTION_VERSION))}.json"
         )
+        self._probes: dict[str, int] = {}  # a full measurement's entry -> the probe it left (DistortionMeter.probe)
         try:
-            self._known = {
-                k: None if v is None else Distortion(*v) for k, v in json.loads(self._path.read_text()).items()
-            }
+            self._known = {}
+            for k, v in json.loads(self._path.read_text()).items():
+                self._known[k] = None if v is None else Distortion(*v[:2])
+                if v is not None and len(v) > 2:
+                    self._probes[k] = int(v[2])
         except (OSError, ValueError, TypeError):
-            self._known = {}  # absent, stale or corrupt: measured again
+            self._known, self._probes = {}, {}  # absent, stale or corrupt: measured again
 
     def __call__(self, candidate: Candidate) -> Distortion:
-        return self._lookup(f"{candidate.cut_index}|{candidate.encoding}", self._measure, candidate)
+        key = f"{candidate.cut_index}|{candidate.encoding}"
+        if key not in self._known:
+            d = self._measure(candidate)
+            self._known[key] = d
+            if hasattr(self._measure, "probe"):  # where it moved the screens: a run from the cache moves them too
+                self._probes[key] = self._measure.probe
+            self._save()
+        elif key in self._probes:
+            self._measure.probe = self._probes[key]
+        return self._known[key]
+
+    def _screen_key(self, candidate: Candidate) -> str:
+        """A screen's entry: its candidate, and the input screened when ``measure`` says (its ``probe``)."""
+        probe = getattr(self._measure, "probe", None)
+        return f"{candidate.cut_index}|{candidate.encoding}|screen" + ("" if probe is None else f"|{probe}")
 
     def screen(self, candidate: Candidate) -> Distortion | None:
         """``measure.screen(candidate)``, cached; None when ``measure`` cannot screen."""
         screen = getattr(self._measure, "screen", None)
         if screen is None:
             return None
-        return self._lookup(f"{candidate.cut_index}|{candidate.encoding}|screen", screen, candidate)
+        return self._lookup(self._screen_key(candidate), screen, candidate)
 
     def screen_many(self, candidates: list[Candidate]) -> list[Distortion | None]:
         """:meth:`screen` for each of ``candidates``; those not cached are screened together
@@ -626,7 +766,7 @@ class CachedDistortion:
         screen = getattr(self._measure, "screen", None)
         if screen is None:
             return [None] * len(candidates)
-        keys = [f"{c.cut_index}|{c.encoding}|screen" for c in candidates]
+        keys = [self._screen_key(c) for c in candidates]
         todo = [(k, c) for k, c in zip(keys, candidates, strict=True) if k not in self._known]
         if todo:
             many = getattr(self._measure, "screen_many", None)
@@ -644,12 +784,17 @@ class CachedDistortion:
     def _save(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({k: None if d is None else [d.rel_error, d.top1] for k, d in self._known.items()}))
+        entries = {
+            k: None if d is None else [d.rel_error, d.top1, *([self._probes[k]] if k in self._probes else [])]
+            for k, d in self._known.items()
+        }
+        tmp.write_text(json.dumps(entries))
         tmp.replace(self._path)
 
 
-#: Bumped when how a distortion is measured changes (the disk cache's entries are then stale).
-_DISTORTION_VERSION = 1
+#: Bumped when how a distortion is measured changes (the disk cache's entries are then stale; 2: screens
+#: keyed by the input screened, full measurements with the input they move the screens to).
+_DISTORTION_VERSION = 2
 
 
 def head_tail_distortion(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candidate], Distortion]:

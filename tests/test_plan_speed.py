@@ -18,6 +18,7 @@ from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec, calibration_batch, fingerprint
 from partitioner.planner import (
     Budgets,
+    Distortion,
     DistortionMeter,
     LiveSets,
     Planner,
@@ -181,6 +182,112 @@ def test_screening_keeps_every_ranking(local_model: LoadedModel) -> None:
     assert max(batches) > 1  # candidates were screened together
 
 
+def test_no_candidate_costs_less_than_its_cuts_floor(local_model: LoadedModel) -> None:
+    """The floor that decides which cuts ``cleave plan`` measures is below every candidate's cost,
+    whatever the link and objective (a prediction grows with bytes and codec time)."""
+    profile = profile_model(local_model, repeats=1, warmup=0, head_samples=3)
+    cost = CostModel.measure(local_model, profile, scaled(profile, 0.25), calibration_batch((1, 3, 64, 64), 2))
+    cuts = {cut.index: cut for cut in cost.cuts}
+    for objective in ("latency", "throughput"):
+        planner = Planner(cost, objective=objective)
+        for link in (Link(0.5, 0.5, 0), Link(10, 5, 20), Link(1000, 1000, 1, overhead_ms=3)):
+            tight = 0
+            for c in planner.candidates:
+                if c.cut_index >= 0:
+                    floor = planner.floor(cuts[c.cut_index], link, c.encoding)
+                    assert planner.floor(cuts[c.cut_index], link) <= floor <= planner.score(c, link).cost_ms, c.label
+                    tight += floor > 0.5 * planner.score(c, link).cost_ms
+            assert tight  # not a bound of zero: it can leave cuts out
+
+
+@pytest.mark.parametrize("top", [1, 5])
+def test_sizes_measured_on_demand_plan_as_sizes_measured_first(local_model: LoadedModel, top: int) -> None:
+    """``cleave plan`` measures the sizes of candidates only as its walks reach them
+    (measure_on_demand): the plans, rankings up to where the walks stop (with the measured accuracy
+    of each) and the baselines are those of every size measured first, and fewer sizes are measured
+    (screens ahead take the candidates known, so their batches may differ)."""
+    profile = profile_model(local_model, repeats=2, warmup=1, head_samples=3)
+    calib = calibration_batch(local_model.spec.input_shape, 8, seed=7)
+    edge, cloud = scaled(profile, 8.0), scaled(profile, 0.25)  # a slow edge: splits and cloud-only compete
+    budgets = Budgets(max_rel_error=0.05, min_top1=0.99)
+    memo: dict = {}
+    asked: list[dict[int, frozenset[str]]] = []
+
+    def measure(cuts: dict[int, frozenset[str]] | None) -> CostModel:
+        asked.append(cuts)
+        return CostModel.measure(local_model, edge, cloud, calib[:2], cuts=cuts, memo=memo)
+
+    split, rejected, left_out, batched = set(), 0, 0, 0
+    for links in ([Link(1, 1, 20)], [Link(5, 5, 10), Link(100, 100, 5)], [Link(1000, 1000, 1)]):
+        batches: dict[str, list[list[str]]] = {"full": [], "lazy": []}
+        planners = {}
+        for name, cuts in (("full", None), ("lazy", {})):
+            meter = DistortionMeter(local_model, calib)  # one each: screens follow each planner's misses
+
+            def screen_many(cs: list[Candidate], meter=meter, seen=batches[name]) -> list:
+                seen.append([c.label for c in cs])
+                return meter.screen_many(cs)
+
+            planners[name] = Planner(measure(cuts), budgets, meter, screen=meter.screen, screen_many=screen_many)
+        full, lazy = planners["full"], planners["lazy"]
+        wanted = lazy.measure_on_demand(measure, first=4)
+        for link in links:
+            want, got = full.rank(link, limit=top), lazy.rank(link, limit=top)
+            stop = [i for i, s in enumerate(want) if not s.rejected][top - 1]
+            assert [s.candidate for s in got[: stop + 1]] == [s.candidate for s in want[: stop + 1]]
+            for w, g in zip(want[: stop + 1], got, strict=False):
+                assert bool(g.rejected) == bool(w.rejected) and lazy.measured(g) == full.measured(w)
+                rejected += bool(w.rejected)
+            assert lazy.best(link) == full.best(link)
+            for name in ("neurosurgeon", "edge-only", "cloud-raw", "cloud-jpeg", "cloud-webp"):
+                assert lazy.baseline(name, link) == full.baseline(name, link), name
+        split |= {c.cut_index for c in lazy.candidates if c.cut_index > 0 and c.encoding != "raw+none"}
+        left_out += len(lazy.candidates) < len(full.candidates)
+        batched += any(len(b) > 1 for b in batches["lazy"])
+        assert asked[-1] == {k: frozenset(v) for k, v in wanted.items()}
+    assert memo["values"]  # one run of the model for every build
+    assert split and rejected  # the walks reached split cuts and rejected candidates on the way
+    assert left_out  # and sizes were left out (how many depends on the profile measured here)
+    assert batched  # screens ahead still run together
+
+
+def test_a_screen_passed_before_a_miss_is_screened_again_on_the_input_that_missed() -> None:
+    """Candidates screened together on one input, which a full measurement then shows to be the wrong
+    input, are screened again on the input that broke the budget before any is measured in full: the
+    same rankings, with one full measurement of a rejected candidate instead of one per candidate."""
+    from tests.test_planner import synthetic_cost
+
+    cost = synthetic_cost()
+    link = Link(2, 2, 10)
+    good = {c for c in cost.candidates() if c.encoding in ("webp", "fp16", "raw", "int8c", "raw+none", "")}
+    state = {"probe": 0}
+    fulls: list[Candidate] = []
+
+    class Meter:  # input 1 flips under every bad candidate; input 0 never does
+        probe = property(lambda self: state["probe"])
+
+        def __call__(self, c: Candidate) -> Distortion:
+            fulls.append(c)
+            if c in good:
+                return Distortion(0.001, 1.0)
+            state["probe"] = 1
+            return Distortion(0.01, 0.5)
+
+        def screen(self, c: Candidate) -> Distortion:
+            return Distortion(0.0, 1.0 if c in good or state["probe"] == 0 else 0.5)
+
+    meter = Meter()
+    budgets = Budgets(max_rel_error=0.05, min_top1=0.99)
+    plain = Planner(cost, budgets, lambda c: Distortion(0.001, 1.0) if c in good else Distortion(0.01, 0.5))
+    screened = Planner(cost, budgets, meter, screen=meter.screen, screen_many=lambda cs: [meter.screen(c) for c in cs])
+    want, got = plain.rank(link, limit=3), screened.rank(link, limit=3)
+    assert [s.candidate for s in got] == [s.candidate for s in want]
+    assert [bool(s.rejected) for s in got] == [bool(s.rejected) for s in want]
+    walked = [s for s in want[: [i for i, s in enumerate(want) if not s.rejected][2] + 1]]
+    assert sum(bool(s.rejected) for s in walked) >= 3  # several bad ones passed the first screen together
+    assert len([c for c in fulls if c not in good]) == 1
+
+
 def test_a_screen_never_promises_less_than_the_whole_batch_gives(local_model: LoadedModel) -> None:
     calib = calibration_batch(local_model.spec.input_shape, 4, seed=8)
     meter = DistortionMeter(local_model, calib)
@@ -290,6 +397,28 @@ def test_distortions_are_cached_per_model_and_calibration(local_model: LoadedMod
     assert cached_distortion(meter, local_model, calib)(c) == first and len(calls) == 1
     cached_distortion(meter, local_model, calib[:1])(c)
     assert len(calls) == 2  # another calibration batch: measured again
+
+
+def test_a_cached_full_measurement_moves_the_screens_as_measuring_did(local_model: LoadedModel) -> None:
+    """A warm run replays the cold one: a full measurement read from the cache moves the meter's
+    screens to the input it moved them to when measured, so the screens that follow hit the cache."""
+    calib = calibration_batch(local_model.spec.input_shape, 8, seed=7)
+    cold = DistortionMeter(local_model, calib)
+    cached = cached_distortion(cold, local_model, calib)
+    moved = []
+    for cut in local_model.graph.cuts[1:12]:
+        c = candidate(local_model, cut.index, "int2")
+        d = cached(c)
+        bound = cached.screen(c)
+        if cold.probe:
+            moved.append((c, d, cold.probe, bound))
+    assert moved  # some measurement moved the screens off the first input
+    for c, d, probe, bound in moved:
+        warm = DistortionMeter(local_model, calib)
+        replay = cached_distortion(warm, local_model, calib)
+        assert replay(c) == d and warm.probe == probe
+        assert replay.screen(c) == bound
+        assert warm._live is None  # nothing was run: all from the cache
 
 
 def test_several_bandwidths_give_one_plan_each(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
