@@ -702,6 +702,9 @@ TABLES: dict[str, Table] = {
     "bottleneck_long": Table(
         ("bottleneck_long.json",), bottleneck, ("method", "family", "bytes/image", "p95", "agreement %"), "llrrr"
     ),
+    "bottleneck_affine": Table(
+        ("bottleneck_affine.json",), bottleneck, ("method", "family", "bytes/image", "p95", "agreement %"), "llrrr"
+    ),
     "pruning": Table(
         ("pruning.json",),
         pruning,
