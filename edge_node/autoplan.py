@@ -112,7 +112,6 @@ class AutoPlanner:
         self.planner: Planner | None = None
         self.current: Scored | None = None
         self._evidence = -1  # link samples seen at the last check: only new evidence confirms a switch
-        self._walk_complete = True  # whether the last check's walk measured all it needed (see Planner.rank)
         # The runtime's (cut, encoding) of each candidate that sends: which candidate a served request was.
         self._by_plan: dict[tuple[int, EncodingSpec], Candidate] = {}
         # Written by the planning thread only; GetStatus reads it.
@@ -275,16 +274,15 @@ class AutoPlanner:
         next probe that gets through moves it back."""
         try:
             result = probe_link(self.stub, timeout=PROBE_TIMEOUT_S)
+            rtt_ms, up, down = result.rtt_ms, result.up_mbps, result.down_mbps
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
             log.info("link probe: no answer within %.0f s; planning as if nothing gets through", PROBE_TIMEOUT_S)
-            rtt_ms = PROBE_TIMEOUT_S * 1e3
-            self.monitor.record_probe(rtt_ms, SILENT_MBPS, SILENT_MBPS)
-            return Link(SILENT_MBPS, SILENT_MBPS, rtt_ms, self.monitor.snapshot().overhead_ms)
-        self.monitor.record_probe(result.rtt_ms, result.up_mbps, result.down_mbps)
+            rtt_ms, up, down = PROBE_TIMEOUT_S * 1e3, SILENT_MBPS, SILENT_MBPS
+        self.monitor.record_probe(rtt_ms, up, down)
         # The probe measures the link's rates; the per-request overhead comes from requests served so far.
-        return Link(result.up_mbps, result.down_mbps, result.rtt_ms, self.monitor.snapshot().overhead_ms)
+        return Link(up, down, rtt_ms, self.monitor.snapshot().overhead_ms)
 
     def current_link(self) -> Link:
         """The live estimate, refreshed by an active probe when traffic has not measured it lately."""
@@ -448,14 +446,13 @@ class AutoPlanner:
         # New evidence: link samples, or cloud timings that re-scale the cloud's compute.
         samples = self.monitor.snapshot().samples + (self.planner.cloud_observations if self.planner else 0)
         fresh = samples != self._evidence
-        if not fresh and self._walk_complete:
+        if not fresh and (self.planner is None or self.planner.walk_complete):
             return  # nothing new about the link: re-counting old evidence would defeat hysteresis
         self._evidence = samples
         started, measured = time.monotonic(), self.planner.measurements if self.planner else 0
         # Accuracy checks for at most measure_budget_s: the best plan known to fit is used meanwhile, and the
         # next checks measure what this one could not (also without new evidence, but only new evidence switches).
         best = self.choose(link, deadline=started + self.settings.measure_budget_s)
-        self._walk_complete = self.planner.walk_complete if self.planner else True
         took = time.monotonic() - started
         if took > SLOW_WALK_S:  # accuracy checks of candidates not measured before, on this device's CPU
             checks = (self.planner.measurements if self.planner else 0) - measured
