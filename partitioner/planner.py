@@ -294,18 +294,16 @@ class Planner:
         if b.max_rel_error is None and b.min_top1 is None:
             return scored
         key = (c.cut_index, c.encoding)
-        if screen and self._needs_screen(c):
-            if key not in self._bounds:
-                self._keep_bound(key, self._screen(c))
-            bound = self._bounds[key]
-            if bound is not None and (reason := self._violation(bound, bound=True)):
-                return Scored(c, scored.predicted, scored.cost_ms, None, f"{reason} (screened)")
-            if key not in self._measured and self._bounded_at[key] < self._misses:
+        if screen and self._needs_screen(c):  # (neither measured nor lossless)
+            bound = self._bounds[key] if key in self._bounds else self._keep_bound(key, self._screen(c))
+            reason = "" if bound is None else self._violation(bound, bound=True)
+            if not reason and self._bounded_at[key] < self._misses:
                 # Screened before a full measurement broke the budget, which moved the screens to the input
                 # that broke it (DistortionMeter): one input again, then the whole batch only if it passes.
                 bound = self._keep_bound(key, self._screen(c))
-                if bound is not None and (reason := self._violation(bound, bound=True)):
-                    return Scored(c, scored.predicted, scored.cost_ms, None, f"{reason} (screened)")
+                reason = "" if bound is None else self._violation(bound, bound=True)
+            if reason:
+                return Scored(c, scored.predicted, scored.cost_ms, None, f"{reason} (screened)")
         new = key not in self._measured
         d = self.distortion_of(c)
         if d is None:
