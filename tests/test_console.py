@@ -152,8 +152,11 @@ def test_console_shows_models_edges_and_a_job_to_its_plot(
     browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
 
     # The model and its cuts; the pinned edge's plan (cut 3, int8 features) with the cloud's measured stages.
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-model="tiny"]'))
-    assert "7 cuts" in browser.find_element(By.CSS_SELECTOR, 'tr[data-model="tiny"]').text
+    # The page redraws each second: the row is found and read in one step, again if a redraw came between.
+    model_row = WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, 'tr[data-model="tiny"]').text
+    )
+    assert "7 cuts" in model_row
 
     # The page redraws each second: read each edge row whole (plan cell, prediction cell, text, plots).
     def edge_rows(d: webdriver.Chrome) -> list[dict] | None:
