@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -103,3 +104,53 @@ def test_the_planner_reads_an_unanswered_probe_as_a_link_that_moves_nothing(monk
     auto.stub = _RefusingStub()
     with pytest.raises(grpc.RpcError):
         auto.measure_link()
+
+
+class _ShapedCall:
+    """A link at ``mbps`` each way, with no latency of its own; ``stalls`` are seconds lost, once
+    each, before the first bulk messages (this host's threads not being scheduled)."""
+
+    def __init__(self, requests: Iterator[si_pb2.ProbeMessage], mbps: float, stalls: list[float]) -> None:
+        self._requests = requests
+        self._bytes_per_s = mbps * 1e6 / 8
+        self._stalls = list(stalls)
+
+    def __iter__(self) -> _ShapedCall:
+        return self
+
+    def __next__(self) -> si_pb2.ProbeMessage:
+        message = next(self._requests)
+        if message.echo:
+            return si_pb2.ProbeMessage(seq=message.seq, echo=True)
+        if self._stalls:
+            time.sleep(self._stalls.pop(0))
+        if message.reply_bytes:
+            time.sleep(message.reply_bytes / self._bytes_per_s)
+            return si_pb2.ProbeMessage(seq=message.seq, data=bytes(message.reply_bytes))
+        time.sleep(len(message.data) / self._bytes_per_s)
+        return si_pb2.ProbeMessage(seq=message.seq)
+
+    def cancel(self) -> None:
+        pass
+
+
+class _ShapedStub:
+    def __init__(self, mbps: float, stalls: list[float] = ()) -> None:
+        self.mbps, self.stalls = mbps, list(stalls)
+
+    def Probe(self, requests: Iterator[si_pb2.ProbeMessage], timeout: float) -> _ShapedCall:  # noqa: N802 - gRPC name
+        return _ShapedCall(requests, self.mbps, self.stalls)
+
+
+def test_a_stall_on_the_first_piece_does_not_read_as_a_slow_link() -> None:
+    """The first 8 KB piece held up 80 ms (a busy edge) on a 100 Mbit/s link reads as 0.8 Mbit/s
+    alone: a probe that stopped there planned a 100 Mbit/s uplink as a 1 Mbit/s one."""
+    result = probe_link(_ShapedStub(100.0, stalls=[0.08]))
+    assert result.up_mbps > 50 and result.down_mbps > 50
+
+
+def test_a_slow_link_still_reads_as_slow_and_costs_a_fraction_of_a_second() -> None:
+    started = time.perf_counter()
+    result = probe_link(_ShapedStub(1.0))
+    assert result.up_mbps == pytest.approx(1.0, rel=0.2) and result.down_mbps == pytest.approx(1.0, rel=0.2)
+    assert time.perf_counter() - started < 2.0  # 8 KB then ~32 KB each way at 1 Mbit/s: ~0.65 s
