@@ -394,7 +394,10 @@ class AutoPlanner:
                 started = time.monotonic()
                 best = self.choose(link)
                 log.info(
-                    "first plan chosen in %.1f s (%d accuracy checks)", time.monotonic() - started, planner.measurements
+                    "first plan chosen in %.1f s (%d accuracy checks); predicted, fastest of each kind: %s",
+                    time.monotonic() - started,
+                    planner.measurements,
+                    _fastest_by_kind(planner, link),
                 )
                 self.apply(best, reason=f"planned at {_describe(link)}")
                 self.error = ""
@@ -503,6 +506,23 @@ def _anchor_cuts(model: LoadedModel, count: int = 3) -> list[int]:
     if len(splits) <= count:
         return splits
     return sorted({splits[round(i * (len(splits) - 1) / (count - 1))] for i in range(count)})
+
+
+def _fastest_by_kind(planner: Planner, link: Link) -> str:
+    """Each placement kind's fastest predicted candidate, accuracy aside (for the log: why this plan)."""
+    fastest: dict[Placement, Scored] = {}
+    for c in planner.candidates:
+        scored = planner.score(c, link)
+        if c.kind not in fastest or scored.cost_ms < fastest[c.kind].cost_ms:
+            fastest[c.kind] = scored
+    parts = []
+    for kind, s in sorted(fastest.items(), key=lambda item: item[1].cost_ms):
+        p = s.predicted
+        link_ms = p.upload_ms + p.rtt_ms + p.download_ms
+        parts.append(
+            f"{kind.value} {s.cost_ms:.1f} ms (edge {p.edge_ms:.1f}, link {link_ms:.1f}, cloud {p.cloud_ms:.1f})"
+        )
+    return ", ".join(parts)
 
 
 def _describe(link: Link) -> str:
