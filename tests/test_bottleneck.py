@@ -13,6 +13,7 @@ import torch
 
 from cloud_node.config import JobsConfig
 from cloud_node.jobs import JobManager
+from cloud_node.jobs.bottleneck_engine import BottleneckEngine
 from cloud_node.jobs.engines import JobContext, get_engine
 from cloud_node.jobs.models import ModelSource
 from cloud_node.jobs.store import QUEUED, RUNNING
@@ -158,6 +159,9 @@ def test_an_affine_bottleneck_at_the_pooled_vector_codes_each_channel_and_round_
     feats = bn.cut_features(head, x[held_idx][:3])
     data = edge.encode(feats)
     assert data == b.encode(feats) and torch.equal(cloud.decode(data, 3), b.decode(data, 3))
+    assert float(edge.encoder.dead_zone) == pytest.approx(0.1)  # set after training, shipped to the edge
+    costs = BottleneckEngine._costs(b, head, x[:1])
+    assert costs["encoder_macs"] == costs["decoder_macs"] == 512  # one multiply-add per channel each way
     served = with_bottleneck(model, x[:1], tmp_path)
     assert LATENT_CUT in [c.name for c in trace(served, x[:1]).cuts]
     with torch.inference_mode():
@@ -244,6 +248,29 @@ def test_entropy_messages_carry_a_short_header_and_old_frames_still_decode() -> 
         codec.check_header(other)
 
 
+def test_the_affine_dead_zone_rounds_towards_zero_and_old_artifacts_load_without_one(tmp_path: Path) -> None:
+    config = bn.BottleneckConfig(channels=4, latent=4, kind="affine")
+    encoder, decoder = make_modules(config)
+    y = torch.tensor([0.55, 1.55, 1.65, -0.55]).reshape(1, 4, 1, 1)
+    assert torch.round(encoder(y)).flatten().tolist() == [1, 2, 2, -1]  # none while training: plain rounding
+    encoder.dead_zone.fill_(0.1)
+    assert torch.round(encoder(y)).flatten().tolist() == [0, 1, 2, 0]  # up only past n + 0.5 + 0.1
+    t = bn.empirical_tables(np.zeros((3, 4, 1, 1), np.int64), half_width=4, low=-1)
+    b = bn.Bottleneck(config, (4, 1, 1), encoder, decoder, FactorizedPrior(4), t, (1, "x"))
+    bn.save(b, tmp_path, {"fingerprint": "f" * 64, "source": "t"})
+    assert float(bn.load(tmp_path).encoder.dead_zone) == pytest.approx(0.1) and bn.load(tmp_path).tables.offset == -1
+    from safetensors.torch import load_file, save_file
+
+    edge = tmp_path / bn.artifacts.EDGE_FILE  # as written before the dead zone existed
+    save_file({k: v for k, v in load_file(str(edge)).items() if k != "encoder.dead_zone"}, str(edge))
+    desc = json.loads((tmp_path / bn.artifacts.DESCRIPTION).read_text())
+    desc["sha256"][bn.artifacts.EDGE_FILE] = bn.artifacts._sha256(edge)
+    (tmp_path / bn.artifacts.DESCRIPTION).write_text(json.dumps(desc))
+    assert float(bn.load(tmp_path, "edge").encoder.dead_zone) == 0
+    with pytest.raises(ValueError, match="bottleneck.dead_zone"):
+        bn.TrainConfig(dead_zone=0.5)
+
+
 def test_channel_importance_of_a_linear_tail_is_its_column_norm() -> None:
     torch.manual_seed(0)
     fc = torch.nn.Linear(16, 40)
@@ -260,6 +287,9 @@ def test_empirical_tables_keep_unseen_symbols_codable() -> None:
     t = bn.empirical_tables(symbols, half_width=4)
     assert t.offset == -4 and t.symbols == 9 and t.channels == 3
     zero, four = np.zeros((1, 3, 1, 1), np.int64), np.full((1, 3, 1, 1), 4)
+    above = bn.empirical_tables(symbols + 1, half_width=4, low=-1)  # never below 0: no room there
+    assert above.offset == -1 and above.symbols == 6
+    assert above.bits(np.ones((1, 3, 1, 1), np.int64)) < t.bits(zero)  # less mass spent on the unseen
     assert t.bits(zero) < 2 * np.log2(3) + 0.1 and 20 < t.bits(four) < 3 * 24  # 0 is nearly free on channel 0
     assert np.array_equal(decode_symbols(encode_symbols(four, t), t, four.shape), four)
 
