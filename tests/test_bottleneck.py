@@ -145,7 +145,9 @@ def test_an_affine_bottleneck_at_the_pooled_vector_codes_each_channel_and_round_
         tail,
         bn.augment(x[train_idx], 3, seed=1),
         config,
-        bn.TrainConfig(rate_weight=0.5, max_steps=40, budget_s=50, margin_weight=1.0, mixup=0.5, temperature=0.5),
+        bn.TrainConfig(
+            rate_weight=0.5, max_steps=40, budget_s=50, margin_weight=1.0, mixup=0.5, temperature=0.5, dead_zone=0.1
+        ),
         cut=(graph.cut("avgpool").index, "avgpool"),
     )
     assert sum(p.numel() for p in b.encoder.parameters()) == 2 * 512

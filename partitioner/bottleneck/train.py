@@ -76,9 +76,9 @@ class TrainConfig:
             of the student by 0.5 logits (protects the argmax; 0: off).
         mixup: share of batches (0-1) whose features are mixed pairwise (Beta(0.4, 0.4) weights).
         dead_zone: an affine bottleneck's rounding offset, set after training (0 while it trains;
-            0-0.5): a value rounds away from zero only past ``n + 0.5 + dead_zone`` steps. 0.1 was
-            chosen on pictures of the training pool held out of the tables (8% fewer bytes, the
-            same agreement; 0.15 lost 2 points; see docs/bottleneck.md).
+            0-0.5): a value rounds away from zero only past ``n + 0.5 + dead_zone`` steps. Off by
+            default: 0.1, chosen on pictures of the training pool (8% fewer bytes at the same
+            agreement there), cost 3 of the 15 held-out photo crops (docs/bottleneck.md).
         budget_s: wall-clock budget of the training loop (seconds).
         max_steps: stop after this many steps (0: the budget decides).
         batch: features per step.
@@ -92,7 +92,7 @@ class TrainConfig:
     temperature: float = 1.0
     margin_weight: float = 0.0
     mixup: float = 0.0
-    dead_zone: float = 0.1
+    dead_zone: float = 0.0
     budget_s: float = 60.0
     max_steps: int = 0
     batch: int = 16
