@@ -100,8 +100,13 @@ def encode(x: Any, spec: EncodingSpec, tables: entropy.EntropyTables | None = No
         _require_float(x, spec)
         if tables is None:
             raise CodecError("encoding: entropy needs the bottleneck's tables (a model with a bottleneck)")
-        msg.dtype = tensor_pb2.FLOAT32
         data = entropy.encode_symbols(np.rint(as_float32(x)).astype(np.int32), tables)
+        # The short header: dtype (FLOAT32), codec (NONE) and raw_size (= payload_size) are implied
+        # by the encoding, so they are left unset (7 of a pooled latent's ~28 header bytes).
+        _set_payload(msg, data, spec)
+        for implied in ("codec", "raw_size"):
+            msg.ClearField(implied)
+        return msg
     else:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
@@ -314,12 +319,14 @@ def _set_payload(msg: tensor_pb2.Tensor, data: bytes | np.ndarray, spec: Encodin
 
 def _check_header(msg: tensor_pb2.Tensor, limits: CodecLimits) -> tuple[_DType, tuple[int, ...], int]:
     """Everything but the payload bytes; returns (dtype, shape, element count)."""
-    dtype = _BY_WIRE.get(msg.dtype)
+    short = msg.encoding == tensor_pb2.ENTROPY  # dtype and codec may be left unset (implied)
+    dtype = _FLOAT32 if short and msg.dtype == tensor_pb2.DTYPE_UNSPECIFIED else _BY_WIRE.get(msg.dtype)
     if dtype is None:
         raise CodecError(f"tensor.dtype: {msg.dtype} is not a known DType")
     if msg.encoding not in _ENCODING.values():
         raise CodecError(f"tensor.encoding: {msg.encoding} is not a known Encoding")
-    if msg.codec not in (tensor_pb2.NONE, tensor_pb2.ZSTD):
+    implied_codec = short and msg.codec == tensor_pb2.CODEC_UNSPECIFIED
+    if msg.codec not in (tensor_pb2.NONE, tensor_pb2.ZSTD) and not implied_codec:
         raise CodecError(f"tensor.codec: {msg.codec} is not a known Codec")
     shape = tuple(msg.shape)
     if len(shape) > limits.max_dims:
@@ -348,13 +355,17 @@ def _check_header(msg: tensor_pb2.Tensor, limits: CodecLimits) -> tuple[_DType, 
             raise CodecError(f"tensor.raw_size: {msg.raw_size} is too large for {numel} {name} samples")
         expected = msg.raw_size
     elif msg.encoding == tensor_pb2.ENTROPY:
-        if len(shape) != 4 or dtype is not _FLOAT32 or msg.codec != tensor_pb2.NONE:
+        if len(shape) != 4 or dtype is not _FLOAT32 or msg.codec == tensor_pb2.ZSTD:
             raise CodecError(f"tensor.encoding: ENTROPY carries a FLOAT32 (N, C, H, W) with codec NONE, got {shape}")
         if msg.bits or msg.scales or msg.zero_points or msg.axis:
             raise CodecError("tensor.bits: set, but only AFFINE uses bits, axis, scales and zero points")
-        # The size of a range-coded stream is not a function of the shape; bound it instead.
-        if msg.raw_size > entropy.max_payload(shape):
-            raise CodecError(f"tensor.raw_size: {msg.raw_size} is more than {list(shape)} symbols can take")
+        # The size of a range-coded stream is not a function of the shape; bound it instead. An
+        # unset raw_size (the short header) is the payload_size: there is no byte codec.
+        size, field = (msg.raw_size, "raw_size") if msg.raw_size else (msg.payload_size, "payload_size")
+        if size > entropy.max_payload(shape):
+            raise CodecError(f"tensor.{field}: {size} is more than {list(shape)} symbols can take")
+        if msg.raw_size and msg.payload_size != msg.raw_size:
+            raise CodecError(f"tensor.payload_size: {msg.payload_size}, but codec NONE needs {msg.raw_size}")
         expected = msg.raw_size
     else:
         for field in ("bits", "scales", "zero_points"):

@@ -13,13 +13,16 @@ import torch
 
 from cloud_node.config import JobsConfig
 from cloud_node.jobs import JobManager
+from cloud_node.jobs.bottleneck_engine import BottleneckEngine
 from cloud_node.jobs.engines import JobContext, get_engine
 from cloud_node.jobs.models import ModelSource
 from cloud_node.jobs.store import QUEUED, RUNNING
 from compressor.entropy import EntropyTables, decode_symbols, encode_symbols, max_payload
 from compressor.errors import CodecError
+from compressor.spec import EncodingSpec
 from partitioner import bottleneck as bn
 from partitioner.bottleneck.compare import int_k_points
+from partitioner.bottleneck.modules import FactorizedPrior, make_modules
 from partitioner.graph import trace
 from protos.cleave.v1 import compression_pb2 as pb
 from protos.errors import InvalidArgument
@@ -142,7 +145,9 @@ def test_an_affine_bottleneck_at_the_pooled_vector_codes_each_channel_and_round_
         tail,
         bn.augment(x[train_idx], 3, seed=1),
         config,
-        bn.TrainConfig(rate_weight=0.5, max_steps=40, budget_s=50, margin_weight=1.0, mixup=0.5, temperature=0.5),
+        bn.TrainConfig(
+            rate_weight=0.5, max_steps=40, budget_s=50, margin_weight=1.0, mixup=0.5, temperature=0.5, dead_zone=0.1
+        ),
         cut=(graph.cut("avgpool").index, "avgpool"),
     )
     assert sum(p.numel() for p in b.encoder.parameters()) == 2 * 512
@@ -156,6 +161,9 @@ def test_an_affine_bottleneck_at_the_pooled_vector_codes_each_channel_and_round_
     feats = bn.cut_features(head, x[held_idx][:3])
     data = edge.encode(feats)
     assert data == b.encode(feats) and torch.equal(cloud.decode(data, 3), b.decode(data, 3))
+    assert float(edge.encoder.dead_zone) == pytest.approx(0.1)  # set after training, shipped to the edge
+    costs = BottleneckEngine._costs(b, head, x[:1])
+    assert costs["encoder_macs"] == costs["decoder_macs"] == 512  # one multiply-add per channel each way
     served = with_bottleneck(model, x[:1], tmp_path)
     assert LATENT_CUT in [c.name for c in trace(served, x[:1]).cuts]
     with torch.inference_mode():
@@ -166,6 +174,103 @@ def test_an_affine_bottleneck_at_the_pooled_vector_codes_each_channel_and_round_
         bn.BottleneckConfig(channels=512, latent=8, kind="affine")
     with pytest.raises(ValueError, match="bottleneck.kind"):
         bn.BottleneckConfig(channels=512, kind="nonesuch")
+
+
+def test_the_served_model_clamps_the_latent_into_the_tables_as_the_wire_does(tmp_path: Path) -> None:
+    """A latent value outside the coder's tables reaches the cloud clamped (the wire codes only the
+    tables' symbols); the model run whole must decode the same values, or a local run and a split
+    run answer differently."""
+    from compressor import codec
+    from partitioner.bottleneck.served import with_bottleneck
+    from partitioner.models import fingerprint
+
+    torch.set_num_threads(1)
+    model = small.classifier()
+    x, _, _ = small.images()
+    graph = trace(model, x[:1])
+    head, tail = graph.split("avgpool")
+    config = bn.BottleneckConfig(channels=512, latent=512, kind="affine")
+    encoder, decoder = make_modules(config)
+    with torch.no_grad():  # a fine step: the latent spans tens of symbols, the tables only -2..2
+        for m in (encoder, decoder):
+            m.log_step.fill_(float(np.log(0.02)))
+    t = EntropyTables(pmf=np.ones((512, 5)), offset=-2)
+    b = bn.Bottleneck(config, (512, 1, 1), encoder.eval(), decoder.eval(), FactorizedPrior(512), t)
+    b.cut = (graph.cut("avgpool").index, "avgpool")
+    bn.save(b, tmp_path, {"fingerprint": fingerprint(model), "source": "rn", "input_shape": list(small.SHAPE)})
+    served = with_bottleneck(model, x[:1], tmp_path)
+    with torch.inference_mode():
+        feats = bn.cut_features(head, x[:4])
+        latent = torch.round(encoder(feats))
+        assert latent.abs().max() > 2  # the tables cannot code these: the wire clamps them
+        msg = codec.encode(latent, EncodingSpec(encoding="entropy", codec="none"), t)
+        wire = tail(decoder(codec.decode(msg, tables=t)))
+        wire = wire if isinstance(wire, torch.Tensor) else wire[0]
+        assert torch.allclose(served(x[:4]), wire, atol=1e-5)
+
+
+def test_entropy_messages_carry_a_short_header_and_old_frames_still_decode() -> None:
+    """dtype (FLOAT32), codec (NONE) and raw_size (= payload_size) are implied by the encoding and
+    left off the wire; frames that carry them still decode, and the bounds hold either way."""
+    from compressor import codec
+    from protos.cleave.v1 import tensor_pb2
+
+    t = tables(channels=8)
+    rng = np.random.default_rng(2)
+    latent = rng.integers(-4, 5, size=(1, 8, 1, 1)).astype(np.float32)
+    msg = codec.encode(latent, EncodingSpec(encoding="entropy", codec="none"), t)
+    assert (msg.dtype, msg.codec, msg.raw_size) == (0, 0, 0) and msg.payload_size == len(msg.payload)
+    old = tensor_pb2.Tensor()
+    old.CopyFrom(msg)
+    old.dtype, old.codec, old.raw_size = tensor_pb2.FLOAT32, tensor_pb2.NONE, len(msg.payload)
+    assert old.ByteSize() - msg.ByteSize() == 2 + 2 + 2  # three fields of 2 bytes each at this size
+    for frame in (msg, old):
+        assert codec.check_header(frame) == ("float32", (1, 8, 1, 1))
+        assert np.array_equal(codec.decode_array(frame, tables=t), latent)
+    huge = tensor_pb2.Tensor()
+    huge.CopyFrom(msg)
+    huge.payload = b"\0" * (max_payload(latent.shape) + 4)
+    huge.payload_size = len(huge.payload)
+    with pytest.raises(CodecError, match="tensor.payload_size: .* symbols can take"):
+        codec.check_header(huge)
+    lying = tensor_pb2.Tensor()
+    lying.CopyFrom(msg)
+    lying.raw_size = len(msg.payload) + 4
+    with pytest.raises(CodecError, match="tensor.payload_size"):
+        codec.check_header(lying)
+    zstd = tensor_pb2.Tensor()
+    zstd.CopyFrom(msg)
+    zstd.codec = tensor_pb2.ZSTD
+    with pytest.raises(CodecError, match="codec NONE"):
+        codec.check_header(zstd)
+    other = tensor_pb2.Tensor()
+    other.CopyFrom(old)
+    other.encoding, other.dtype = tensor_pb2.RAW, 0
+    with pytest.raises(CodecError, match="tensor.dtype"):  # only ENTROPY implies its dtype
+        codec.check_header(other)
+
+
+def test_the_affine_dead_zone_rounds_towards_zero_and_old_artifacts_load_without_one(tmp_path: Path) -> None:
+    config = bn.BottleneckConfig(channels=4, latent=4, kind="affine")
+    encoder, decoder = make_modules(config)
+    y = torch.tensor([0.55, 1.55, 1.65, -0.55]).reshape(1, 4, 1, 1)
+    assert torch.round(encoder(y)).flatten().tolist() == [1, 2, 2, -1]  # none while training: plain rounding
+    encoder.dead_zone.fill_(0.1)
+    assert torch.round(encoder(y)).flatten().tolist() == [0, 1, 2, 0]  # up only past n + 0.5 + 0.1
+    t = bn.empirical_tables(np.zeros((3, 4, 1, 1), np.int64), half_width=4, low=-1)
+    b = bn.Bottleneck(config, (4, 1, 1), encoder, decoder, FactorizedPrior(4), t, (1, "x"))
+    bn.save(b, tmp_path, {"fingerprint": "f" * 64, "source": "t"})
+    assert float(bn.load(tmp_path).encoder.dead_zone) == pytest.approx(0.1) and bn.load(tmp_path).tables.offset == -1
+    from safetensors.torch import load_file, save_file
+
+    edge = tmp_path / bn.artifacts.EDGE_FILE  # as written before the dead zone existed
+    save_file({k: v for k, v in load_file(str(edge)).items() if k != "encoder.dead_zone"}, str(edge))
+    desc = json.loads((tmp_path / bn.artifacts.DESCRIPTION).read_text())
+    desc["sha256"][bn.artifacts.EDGE_FILE] = bn.artifacts._sha256(edge)
+    (tmp_path / bn.artifacts.DESCRIPTION).write_text(json.dumps(desc))
+    assert float(bn.load(tmp_path, "edge").encoder.dead_zone) == 0
+    with pytest.raises(ValueError, match="bottleneck.dead_zone"):
+        bn.TrainConfig(dead_zone=0.5)
 
 
 def test_channel_importance_of_a_linear_tail_is_its_column_norm() -> None:
@@ -184,6 +289,9 @@ def test_empirical_tables_keep_unseen_symbols_codable() -> None:
     t = bn.empirical_tables(symbols, half_width=4)
     assert t.offset == -4 and t.symbols == 9 and t.channels == 3
     zero, four = np.zeros((1, 3, 1, 1), np.int64), np.full((1, 3, 1, 1), 4)
+    above = bn.empirical_tables(symbols + 1, half_width=4, low=-1)  # never below 0: no room there
+    assert above.offset == -1 and above.symbols == 6
+    assert above.bits(np.ones((1, 3, 1, 1), np.int64)) < t.bits(zero)  # less mass spent on the unseen
     assert t.bits(zero) < 2 * np.log2(3) + 0.1 and 20 < t.bits(four) < 3 * 24  # 0 is nearly free on channel 0
     assert np.array_equal(decode_symbols(encode_symbols(four, t), t, four.shape), four)
 

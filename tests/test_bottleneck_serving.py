@@ -19,7 +19,7 @@ from compressor.entropy import max_payload
 from partitioner.bottleneck.served import LATENT_CUT
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
-from protos.cleave.v1 import edge_pb2
+from protos.cleave.v1 import edge_pb2, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from tests.support import tiny_bottleneck as small
@@ -117,7 +117,11 @@ def test_corrupt_or_oversized_bitstreams_answer_invalid_argument(served: dict) -
         2: (tampered(good.payload[:-1]), "32-bit words"),
         3: (tampered(huge), "raw_size"),
         4: (tampered(good.payload, raw_size=len(good.payload) + 4), "payload_size"),
+        5: (tampered(huge, raw_size=0), "payload_size"),  # the short header: bounded all the same
     }
+    assert good.raw_size == 0  # the short header (raw_size, dtype and codec implied)
+    old = tampered(good.payload)  # a frame from before the short header, raw_size set
+    old.dtype, old.codec = tensor_pb2.FLOAT32, tensor_pb2.NONE
     with grpc.insecure_channel(served["cloud"].address) as channel:
         stub = si_grpc.SplitInferenceStub(channel)
         sid = stub.OpenSession(
@@ -125,7 +129,7 @@ def test_corrupt_or_oversized_bitstreams_answer_invalid_argument(served: dict) -
             timeout=10,
         ).session_id
         frames = []
-        for rid, (msg, _) in [*cases.items(), (9, (good, ""))]:
+        for rid, (msg, _) in [*cases.items(), (8, (old, "")), (9, (good, ""))]:
             for i, chunks in enumerate(groups := list(to_chunks([msg], 1 << 20))):
                 frames.append(
                     si_pb2.InferFrame(session_id=sid, request_id=rid, chunks=chunks, last=i == len(groups) - 1)
@@ -147,6 +151,7 @@ def test_corrupt_or_oversized_bitstreams_answer_invalid_argument(served: dict) -
             assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], (rid, err)
             assert needle in err.message, (rid, err.message)
         assert not results[9].HasField("error") and results[9].chunks  # the stream kept serving
+        assert not results[8].HasField("error") and results[8].chunks == results[9].chunks
 
 
 def test_an_edge_without_the_bottleneck_is_refused(served: dict) -> None:

@@ -101,6 +101,13 @@ def check_options(opts: Any) -> None:
         raise ValueError(f"bottleneck.mixup: {opts.mixup} is not in [0, 1]")
 
 
+def _macs(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """A module's multiply-adds over ``x``: its own count where it has one (an affine bottleneck's
+    per-channel steps, which ``count_macs`` does not see: it counts convolutions and linears)."""
+    own = getattr(module, "macs", None)
+    return own(x) if callable(own) else evaluate.count_macs(module, x)
+
+
 class BottleneckEngine:
     """Learned bottleneck; artifacts bottleneck.{json,edge.safetensors,cloud.safetensors}, curve.{json,png}."""
 
@@ -246,8 +253,8 @@ class BottleneckEngine:
                 model_b.decode(data, 1)
                 dec.append((time.perf_counter() - t) * 1e3)
         return {
-            "encoder_macs": evaluate.count_macs(model_b.encoder, feats),
-            "decoder_macs": evaluate.count_macs(model_b.decoder, torch.zeros(model_b.latent_shape(1))),
+            "encoder_macs": _macs(model_b.encoder, feats),
+            "decoder_macs": _macs(model_b.decoder, torch.zeros(model_b.latent_shape(1))),
             "edge_ms": round(statistics.median(times[1:]), 3),
             "decoder_ms": round(statistics.median(dec), 3),
         }

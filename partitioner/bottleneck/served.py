@@ -26,9 +26,12 @@ LATENT_CUT = "bottleneck_latent"
 
 
 @fx.wrap
-def bottleneck_latent(y: torch.Tensor) -> torch.Tensor:
-    """The encoder's output rounded to the integers that go on the wire (one traced node: the cut)."""
-    return torch.round(y)
+def bottleneck_latent(y: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """The encoder's output rounded to the integers that go on the wire (one traced node: the cut),
+    clamped into the coder's tables ``low .. high`` as the wire clamps them
+    (:func:`compressor.entropy.encode_symbols`): the model run whole and the model split across the
+    link decode the same values."""
+    return torch.round(y).clamp(low, high)
 
 
 class Bottlenecked(nn.Module):
@@ -41,11 +44,13 @@ class Bottlenecked(nn.Module):
         self.encoder, self.decoder = b.encoder, b.decoder
         self.register_buffer("pmf", torch.from_numpy(b.tables.pmf.copy()))
         self.table_offset = b.tables.offset
+        self.table_high = b.tables.offset + b.tables.symbols - 1  # the last symbol the tables code
         self.size = tuple(b.feature_shape[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.head(x)[0]
-        return self.tail(self.decoder(bottleneck_latent(self.encoder(z)), size=self.size))
+        latent = bottleneck_latent(self.encoder(z), self.table_offset, self.table_high)
+        return self.tail(self.decoder(latent, size=self.size))
 
     def tables(self) -> EntropyTables:
         return EntropyTables(pmf=self.pmf.double().numpy(), offset=self.table_offset)
