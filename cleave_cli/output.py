@@ -97,7 +97,8 @@ def status_table(status: Any, edge: str) -> str:
         where += f" at {plan.cut_name or '?'} (cut #{plan.cut_index}), features {encoding_text(plan.encoding)}"
     predicted = f"{plan.predicted_ms:.2f} ms, {_mb(plan.predicted_bytes)} up" if plan.predicted_ms else "-"
     if status.auto_plan:
-        planner = "automatic" + (f" (not running: {status.planner_error})" if status.planner_error else "")
+        # The planning thread keeps running and retrying: its error says what it waits for, not that it stopped.
+        planner = "automatic" + (f" ({status.planner_error})" if status.planner_error else "")
     else:
         planner = "pinned" + (f" ({status.planner_error})" if status.planner_error else "")
     cloud = f"{status.cloud}  " + (

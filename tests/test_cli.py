@@ -31,6 +31,7 @@ from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_p
 from cleave_cli.main import STAGES, build_parser, main
 from cleave_cli.output import infer_table, input_names, message_dict, status_table
 from cleave_cli.wait import NotServing
+from edge_node.autoplan import FIRST_PLAN
 from edge_node.cloud_link import CloudLink
 from edge_node.config import Reconnect
 from edge_node.link import LinkMonitor
@@ -269,6 +270,16 @@ def test_status_table_reads_at_a_glance() -> None:
     assert "3000000000000 total: 5 split" in table
     assert "10.0.0.2:50051  connected" in table
     assert not table.lstrip().startswith("{")
+
+
+def test_status_table_while_the_first_plan_is_made() -> None:
+    # The planner works from the start; the table said "not running: planning has not started" for the
+    # 90 s the pretrained Lite0's first plan took.
+    status = sample_status()
+    status.auto_plan, status.planner_error = True, FIRST_PLAN
+    line = next(row for row in status_table(status, "127.0.0.1:50052").splitlines() if row.startswith("planner"))
+    assert line.split(None, 1)[1].startswith("automatic (first plan in progress: profiles")
+    assert "not running" not in line and "not started" not in line
 
 
 def _infer_record(name: str, label: str = "") -> dict:
