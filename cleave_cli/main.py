@@ -171,9 +171,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     from .wait import NotServing, wait_serving
 
-    target = args.cloud or args.edge
+    # The daemon's own service, so `--edge` pointed at a cloud (or the reverse) fails at once instead of passing.
+    target, service = (args.cloud, "cleave.v1.SplitInference") if args.cloud else (args.edge, "cleave.v1.Edge")
     try:
-        seconds = wait_serving(target, args.timeout, **channel_security(args))
+        seconds = wait_serving(target, args.timeout, service=service, **channel_security(args))
     except NotServing as exc:
         print(f"cleave wait: {exc}", file=sys.stderr)
         return 1

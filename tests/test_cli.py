@@ -428,6 +428,19 @@ def test_wait_succeeds_against_a_serving_daemon(cloud: DaemonProcess, edge: Daem
     assert main(["wait", "--edge", edge.address, "--timeout", "30"]) == 0
 
 
+def test_wait_on_the_wrong_daemon_fails_at_once(
+    cloud: DaemonProcess, edge: DaemonProcess, capsys: pytest.CaptureFixture
+) -> None:
+    # `cleave wait --edge` on the cloud's port said SERVING: the next call then failed UNIMPLEMENTED.
+    started = time.monotonic()
+    assert main(["wait", "--edge", cloud.address, "--timeout", "30"]) == 1
+    assert main(["wait", "--cloud", edge.address, "--timeout", "30"]) == 1
+    assert time.monotonic() - started < 10  # not the 30 s timeout: the answer cannot change
+    err = capsys.readouterr().err
+    assert f"{cloud.address} does not serve cleave.v1.Edge: is it the right daemon" in err
+    assert f"{edge.address} does not serve cleave.v1.SplitInference" in err
+
+
 def start_gated_cloud(home: Path, name: str) -> tuple[subprocess.Popen, str, Path]:
     """A cloud whose model loads once the returned gate file exists; returns when it first answers health."""
     gate = home / f"{name}.gate"
