@@ -69,7 +69,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from .client import EdgeClient
     from .labels import load_labels, name_of
+    from .output import infer_table
 
+    labels = load_labels(args.labels) if args.labels else None  # a wrong --labels fails before any work
     client = EdgeClient(args.edge, **channel_security(args))
     status = client.status(timeout=args.timeout)
     shape = tuple(status.input_shape)
@@ -89,7 +91,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     else:
         print("cleave infer: give image files or --random N", file=sys.stderr)
         return 2
-    labels = load_labels(args.labels) if args.labels else None
     records = []
     for name, x in inputs:
         reply = client.infer(x, timeout=args.timeout)
@@ -114,21 +115,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    header = (
-        f"{'input':<14} {'where':<15} {'top-1':>6} "
-        + " ".join(f"{label:>7}" for _, label in STAGES)
-        + f" {'bytes up':>9}"
-    )
-    print(header)
-    for r in records:
-        t = r["timing_ms"]
-        print(
-            f"{r['input'][-14:]:<14} {r['placement']:<15} {r['top'][0]['class']:>6} "
-            + " ".join(f"{t[key]:>7.2f}" for key, _ in STAGES)
-            + f" {r['bytes_up']:>9}"
-            + (f"  {r['top'][0]['label']}" if r["top"][0].get("label") else "")
-            + (f"  ({r['note']})" if r["note"] else "")
-        )
+    print(infer_table(records, STAGES))
     return 0
 
 
@@ -184,9 +171,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     from .wait import NotServing, wait_serving
 
-    target = args.cloud or args.edge
+    # The daemon's own service, so `--edge` pointed at a cloud (or the reverse) fails at once instead of passing.
+    target, service = (args.cloud, "cleave.v1.SplitInference") if args.cloud else (args.edge, "cleave.v1.Edge")
     try:
-        seconds = wait_serving(target, args.timeout, **channel_security(args))
+        seconds = wait_serving(target, args.timeout, service=service, **channel_security(args))
     except NotServing as exc:
         print(f"cleave wait: {exc}", file=sys.stderr)
         return 1

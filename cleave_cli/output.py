@@ -7,6 +7,7 @@ wants numbers, and every field. :func:`message_dict` gives both.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -96,7 +97,8 @@ def status_table(status: Any, edge: str) -> str:
         where += f" at {plan.cut_name or '?'} (cut #{plan.cut_index}), features {encoding_text(plan.encoding)}"
     predicted = f"{plan.predicted_ms:.2f} ms, {_mb(plan.predicted_bytes)} up" if plan.predicted_ms else "-"
     if status.auto_plan:
-        planner = "automatic" + (f" (not running: {status.planner_error})" if status.planner_error else "")
+        # The planning thread keeps running and retrying: its error says what it waits for, not that it stopped.
+        planner = "automatic" + (f" ({status.planner_error})" if status.planner_error else "")
     else:
         planner = "pinned" + (f" ({status.planner_error})" if status.planner_error else "")
     cloud = f"{status.cloud}  " + (
@@ -155,4 +157,38 @@ def pools_table(info: Any, cloud: str) -> str:
         for d in pool.decisions:
             when = time.strftime("%H:%M:%S", time.localtime(d.unix_time))
             lines.append(f"    {when}  {d.from_replicas} -> {d.to_replicas} replicas  ({d.status}, {d.trigger})")
+    return "\n".join(lines)
+
+
+INPUT_WIDTH = 32  # the widest input name the table shows; a longer one keeps its end, after "..."
+
+
+def input_names(names: list[str]) -> list[str]:
+    """How ``cleave infer`` names each input in its table: the file's base name when base names tell
+    the inputs apart (photos passed by absolute path), else the name as given; a name wider than
+    :data:`INPUT_WIDTH` keeps its end (the file name) after ``...``."""
+    base = [os.path.basename(n) or n for n in names]
+    shown = base if len(set(base)) == len(base) else names
+    return [n if len(n) <= INPUT_WIDTH else "..." + n[-(INPUT_WIDTH - 3) :] for n in shown]
+
+
+def infer_table(records: list[dict[str, Any]], stages: list[tuple[str, str]]) -> str:
+    """``cleave infer``'s records as a table: input, where it ran, top-1 class, each stage's ms,
+    bytes sent up, and the class name and the edge's note when there are any."""
+    names = input_names([r["input"] for r in records])
+    width = max([len("input"), *map(len, names)])
+    lines = [
+        f"{'input':<{width}} {'where':<15} {'top-1':>6} "
+        + " ".join(f"{label:>7}" for _, label in stages)
+        + f" {'bytes up':>9}"
+    ]
+    for name, r in zip(names, records, strict=True):
+        t = r["timing_ms"]
+        lines.append(
+            f"{name:<{width}} {r['placement']:<15} {r['top'][0]['class']:>6} "
+            + " ".join(f"{t[key]:>7.2f}" for key, _ in stages)
+            + f" {r['bytes_up']:>9}"
+            + (f"  {r['top'][0]['label']}" if r["top"][0].get("label") else "")
+            + (f"  ({r['note']})" if r["note"] else "")
+        )
     return "\n".join(lines)

@@ -130,12 +130,13 @@ def cmd_cuts(args: argparse.Namespace) -> int:
         print(json.dumps({"model": model.name, "cuts": len(cuts), "nodes": len(rows), "rows": rows}, indent=2))
         return 0
     print(f"{model.name}: {len(cuts)} cuts of {len(rows)} nodes")
+    width = max([36, *(len(r["name"]) for r in rows)])  # Lite0's padding nodes run to 40 characters
     for r in rows:
         if r["cut"]:
             extra = f"  (recomputes {', '.join(r['recomputed'])})" if "recomputed" in r else ""
-            print(f"  {r['index']:>5}  {r['name']:<36} cut  {len(r['live']):>2} live {r['nbytes']:>10} B{extra}")
+            print(f"  {r['index']:>5}  {r['name']:<{width}} cut  {len(r['live']):>2} live {r['nbytes']:>10} B{extra}")
         else:
-            print(f"  {r['index']:>5}  {r['name']:<36} no   {r['reason']}")
+            print(f"  {r['index']:>5}  {r['name']:<{width}} no   {r['reason']}")
     return 0
 
 

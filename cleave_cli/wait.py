@@ -24,7 +24,10 @@ class NotServing(TimeoutError):
 def wait_serving(
     target: str, timeout: float, *, tls: ClientTLS | None = None, token: str | None = None, service: str = ""
 ) -> float:
-    """Poll ``target``'s health until SERVING; returns the seconds waited. Raises :class:`NotServing`."""
+    """Poll ``target``'s health until SERVING; returns the seconds waited. Raises :class:`NotServing`.
+
+    ``service`` (a full gRPC service name): wait for that service, and fail at once on a daemon that
+    does not host it; "" waits for the daemon as a whole."""
     with open_channel(target, tls=tls, token=token) as channel:
         return wait_channel_serving(channel, timeout, target, service)
 
@@ -48,5 +51,10 @@ def wait_channel_serving(channel: grpc.Channel, timeout: float, target: str, ser
             last = f"{exc.code().name}: {exc.details()}"
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 break  # waiting will not change the answer
+            if exc.code() == grpc.StatusCode.NOT_FOUND and service:
+                # A daemon reports every service it hosts from the moment it listens, loading or not.
+                raise NotServing(
+                    f"{target} does not serve {service}: is it the right daemon (cloud or edge)?"
+                ) from None
         time.sleep(min(POLL_S, max(deadline - time.monotonic(), 0)))
     raise NotServing(f"{target} not SERVING after {timeout:g} s; last answer: {last}")

@@ -58,6 +58,7 @@ PROBE_TIMEOUT_S = 15.0  # the longest an active probe holds the planning thread
 SILENT_MBPS = 1e-3  # the rate a probe that got no answer at all stands for
 SLOW_WALK_S = 2.0  # a re-plan check longer than this is logged, with the accuracy checks it ran
 REPLAN_TIMEOUT_S = 120.0  # how long Edge.Replan waits for the planning thread's answer
+FIRST_PLAN = "first plan in progress: profiles, calibration images, link probe (requests run on the edge meanwhile)"
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ class AutoPlanner:
         # The runtime's (cut, encoding) of each candidate that sends: which candidate a served request was.
         self._by_plan: dict[tuple[int, EncodingSpec], Candidate] = {}
         # Written by the planning thread only; GetStatus reads it.
-        self.error = "planning has not started"
+        # Until the first plan: the thread is already at work (a slow device's first plan takes minutes).
+        self.error = FIRST_PLAN
         self._lock = threading.Lock()  # guards _enabled; held by the planning thread while it pins
         self._enabled = True
         self._ready = threading.Event()  # set once the planner exists: requests may post observations

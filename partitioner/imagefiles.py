@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
@@ -37,11 +37,14 @@ def load_array(path: str | Path, input_shape: Sequence[int]) -> np.ndarray:
     """A (1, C, H, W) float32 input from an image file (see :func:`to_array`).
 
     Raises:
-        ValueError: naming the file that cannot be decoded.
+        ValueError: naming the file that cannot be read (missing, a directory, not readable) or
+            decoded (not an image, truncated).
     """
     try:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: cannot decode image ({exc})") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's answer (missing, a directory, no permission): nothing was read
+            raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        raise ValueError(f"{path}: cannot decode image ({exc})") from exc  # not an image, or truncated
     return to_array(pixels, input_shape)

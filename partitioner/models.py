@@ -82,7 +82,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
     elif ":" in source:
         model = _build_from_factory(spec)
     elif source.isidentifier():
-        model = _build_torchvision(spec, source)
+        model = _build_torchvision(spec, source, suggest_pretrained=True)
     else:
         raise ModelLoadError(
             f"model {spec.name!r}: source {source!r} is neither a torchvision model name, a pretrained "
@@ -206,10 +206,12 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _build_torchvision(spec: ModelSpec, arch: str) -> nn.Module:
+def _build_torchvision(spec: ModelSpec, arch: str, suggest_pretrained: bool = False) -> nn.Module:
     available = torchvision.models.list_models()
     if arch not in available:
-        close = difflib.get_close_matches(arch, available, n=3)
+        # A bare name may be a misspelt pretrained source too ("efficientnet_lite0_pretrainde"): those come first.
+        close = difflib.get_close_matches(arch, sorted(PRETRAINED), n=1) if suggest_pretrained else []
+        close += difflib.get_close_matches(arch, available, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelLoadError(f"model {spec.name!r}: unknown torchvision model {arch!r}{hint}")
     kwargs: dict[str, Any] = {}

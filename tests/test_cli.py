@@ -28,9 +28,10 @@ from cleave_cli import compress_cmd
 from cleave_cli.client import EdgeClient
 from cleave_cli.errors import explain_rpc
 from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
-from cleave_cli.main import build_parser, main
-from cleave_cli.output import message_dict, status_table
+from cleave_cli.main import STAGES, build_parser, main
+from cleave_cli.output import infer_table, input_names, message_dict, status_table
 from cleave_cli.wait import NotServing
+from edge_node.autoplan import FIRST_PLAN
 from edge_node.cloud_link import CloudLink
 from edge_node.config import Reconnect
 from edge_node.link import LinkMonitor
@@ -271,6 +272,44 @@ def test_status_table_reads_at_a_glance() -> None:
     assert not table.lstrip().startswith("{")
 
 
+def test_status_table_while_the_first_plan_is_made() -> None:
+    # The planner works from the start; the table said "not running: planning has not started" for the
+    # 90 s the pretrained Lite0's first plan took.
+    status = sample_status()
+    status.auto_plan, status.planner_error = True, FIRST_PLAN
+    line = next(row for row in status_table(status, "127.0.0.1:50052").splitlines() if row.startswith("planner"))
+    assert line.split(None, 1)[1].startswith("automatic (first plan in progress: profiles")
+    assert "not running" not in line and "not started" not in line
+
+
+def _infer_record(name: str, label: str = "") -> dict:
+    stages = {key: 1.0 for key, _ in STAGES}
+    top = {"class": 285, "score": 9.0, **({"label": label} if label else {})}
+    return {"input": name, "placement": "EDGE_ONLY", "top": [top], "timing_ms": stages, "bytes_up": 0, "note": ""}
+
+
+def test_infer_table_names_photos_by_file_name() -> None:
+    # Photos passed by absolute path (README's tour): the table showed the last 14 characters, "ta/chelsea.png".
+    site = "/usr/lib/python3.11/site-packages/skimage/data"
+    rows = [_infer_record(f"{site}/chelsea.png", "Egyptian cat"), _infer_record(f"{site}/coffee.png")]
+    lines = infer_table(rows, STAGES).splitlines()
+    assert lines[1].startswith("chelsea.png ") and lines[1].endswith("  Egyptian cat")
+    assert lines[2].startswith("coffee.png ")
+    assert [line.index("EDGE_ONLY") for line in lines[1:]] == [lines[0].index("where")] * 2  # columns line up
+    # Base names that do not tell inputs apart: the paths; a long one keeps its end after "...".
+    same = [_infer_record("a/x.png"), _infer_record("b" * 40 + "/x.png")]
+    assert input_names([r["input"] for r in same]) == ["a/x.png", "..." + ("b" * 40 + "/x.png")[-29:]]
+
+
+def test_infer_checks_labels_before_it_calls_the_edge(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A wrong --labels used to surface after every input was made and sent (16 s with --random under load).
+    port = free_port()  # nothing listens: an edge call would fail UNAVAILABLE instead
+    missing = tmp_path / "labels.txt"
+    assert main(["infer", "--edge", f"127.0.0.1:{port}", "--labels", str(missing), "--random", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--labels: cannot read" in err and "UNAVAILABLE" not in err
+
+
 def test_status_against_a_daemon_table_and_json(edge: DaemonProcess, capsys: pytest.CaptureFixture) -> None:
     assert main(["status", "--edge", edge.address]) == 0
     table = capsys.readouterr().out
@@ -387,6 +426,19 @@ def test_wait_fails_on_a_closed_port_with_the_reason(capsys: pytest.CaptureFixtu
 def test_wait_succeeds_against_a_serving_daemon(cloud: DaemonProcess, edge: DaemonProcess) -> None:
     assert main(["wait", "--cloud", cloud.address, "--quiet"]) == 0
     assert main(["wait", "--edge", edge.address, "--timeout", "30"]) == 0
+
+
+def test_wait_on_the_wrong_daemon_fails_at_once(
+    cloud: DaemonProcess, edge: DaemonProcess, capsys: pytest.CaptureFixture
+) -> None:
+    # `cleave wait --edge` on the cloud's port said SERVING: the next call then failed UNIMPLEMENTED.
+    started = time.monotonic()
+    assert main(["wait", "--edge", cloud.address, "--timeout", "30"]) == 1
+    assert main(["wait", "--cloud", edge.address, "--timeout", "30"]) == 1
+    assert time.monotonic() - started < 10  # not the 30 s timeout: the answer cannot change
+    err = capsys.readouterr().err
+    assert f"{cloud.address} does not serve cleave.v1.Edge: is it the right daemon" in err
+    assert f"{edge.address} does not serve cleave.v1.SplitInference" in err
 
 
 def start_gated_cloud(home: Path, name: str) -> tuple[subprocess.Popen, str, Path]:

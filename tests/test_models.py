@@ -128,6 +128,9 @@ def test_safetensors_weights_need_the_package(tmp_path: Path, monkeypatch) -> No
         (_spec(weights="/nonexistent/w.pth"), "model 'm': weights file '/nonexistent/w.pth' not found"),
         (_spec("resnet19"), "unknown torchvision model 'resnet19' \\(did you mean resnet18"),
         (_spec("torchvision:no_such_net"), "unknown torchvision model 'no_such_net'"),
+        # The README's pretrained model, misspelt or half-remembered: it is suggested, not only torchvision's.
+        (_spec("efficientnet_lite0_pretrainde"), "\\(did you mean efficientnet_lite0_pretrained, efficientnet_"),
+        (_spec("efficientnet_lite0"), "\\(did you mean efficientnet_lite0_pretrained, "),
         (_spec("/nonexistent/model.ts"), "source file '/nonexistent/model.ts' not found"),
         (_spec("/nonexistent/model.pt2"), "source file '/nonexistent/model.pt2' not found"),
         (_spec("no_such_package.models:build"), "cannot import 'no_such_package.models'"),

@@ -4,6 +4,7 @@ calibration from image files, and accuracy budgets in top-1 agreement."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -271,7 +272,11 @@ def test_info_lists_every_node_a_cut_or_why_not(capsys: pytest.CaptureFixture) -
     assert refused and all("get_attr" in r["reason"] for r in refused)
     assert any(r.get("recomputed") for r in report["rows"])  # the batch size, read on the tail side
     assert main(args) == 0
-    assert f"{report['cuts']} cuts of {report['nodes']} nodes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{report['cuts']} cuts of {report['nodes']} nodes" in out
+    # Columns line up past the longest name (_blocks_0__depthwise_conv_static_padding, 40 characters).
+    verdicts = {re.match(r"\s+\d+\s+\S+\s+", line).end() for line in out.splitlines()[1:]}
+    assert len(verdicts) == 1, verdicts
 
 
 def test_labels(tmp_path: Path) -> None:
