@@ -27,6 +27,7 @@ import bisect
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -43,6 +44,8 @@ from compressor.errors import CodecError
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 
 from ._lazy import fx, torch  # imported on first use: profiles as data need no torch (the light edge)
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .loaded import LoadedModel
@@ -448,6 +451,24 @@ def cache_key(model: LoadedModel, batch: int, role: str = "", input_shape: Seque
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
+#: A profile measured while more tasks wanted the CPUs than there are (the 1-minute load average per
+#: CPU above this, before or after measuring) is used but not cached: its timings are this moment's
+#: contention, not what the host costs later, and a cached one would be reused as if they were
+#: (a whole Lite0 timed at 831 ms under load 8 on 2 cores, 20 ms on the quiet machine).
+#: ``CLEAVE_PROFILE_MAX_LOAD`` sets another limit (``inf``: always cache).
+MAX_LOAD_PER_CPU = 1.0
+
+
+def busy_load() -> float | None:
+    """The 1-minute load average when it is above the limit per CPU (the machine is busy), else None."""
+    try:
+        limit = float(os.environ.get("CLEAVE_PROFILE_MAX_LOAD", MAX_LOAD_PER_CPU))
+        load = os.getloadavg()[0]
+    except (OSError, ValueError):
+        return None
+    return load if load > limit * (os.cpu_count() or 1) else None
+
+
 def cached_profile(
     model: LoadedModel,
     batch: int | None = None,
@@ -470,7 +491,18 @@ def cached_profile(
             return Profile.from_json(path.read_text())
         except (ValueError, TypeError, KeyError):
             pass  # a stale or corrupt cache entry is simply measured again
+    before = busy_load()
     profile = profile_model(model, batch=batch, input_shape=x.shape, **kwargs)
+    load = max(before or 0.0, busy_load() or 0.0)
+    if load:
+        log.warning(
+            "profile of %s measured while the machine was busy (load %.1f on %d CPUs): used now, not cached;"
+            " it is measured again next time",
+            model.name,
+            load,
+            os.cpu_count() or 1,
+        )
+        return profile
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(profile.to_json())

@@ -30,6 +30,9 @@ from partitioner.models import ModelSpec
 # Before any test module imports ray: a Serve handle left over from a Ray test module must not start
 # a whole new local Ray cluster (Ray's auto-connect) that then runs beside the rest of the suite.
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+# Profiles are cached whatever the load (partitioner.profile.busy_load): tests that read a profile back, in
+# this process or in a daemon they start, must not depend on how busy the machine is.
+os.environ.setdefault("CLEAVE_PROFILE_MAX_LOAD", "inf")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,25 @@ def test_monotone_fit_is_the_least_squares_non_decreasing_sequence() -> None:
     assert monotone_fit([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert monotone_fit([1.0, 4.0, 2.0, 3.0]) == pytest.approx([1.0, 3.0, 3.0, 3.0])
     assert monotone_fit([5.0, 1.0]) == pytest.approx([3.0, 3.0])
+
+
+def test_a_profile_measured_on_a_busy_machine_is_used_but_not_cached(
+    local_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A profile timed under other work is this moment's contention: cached, every later plan would
+    reuse it (a cloud that timed its model at 40x its quiet cost kept planning edge-only)."""
+    import partitioner.profile as profile_mod
+
+    monkeypatch.setenv("CLEAVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CLEAVE_PROFILE_MAX_LOAD", "1.0")
+    cpus = os.cpu_count() or 1
+    monkeypatch.setattr(profile_mod.os, "getloadavg", lambda: (4.0 * cpus, 0.0, 0.0))
+    with caplog.at_level("WARNING", logger="partitioner.profile"):
+        busy = cached_profile(local_model, repeats=2, warmup=1, head_samples=3)
+    assert busy.total_ms > 0 and "busy" in caplog.text
+    assert not list((tmp_path / "profiles").glob("*.json"))  # used, not cached
+
+    monkeypatch.setattr(profile_mod.os, "getloadavg", lambda: (0.5 * cpus, 0.0, 0.0))
+    quiet = cached_profile(local_model, repeats=2, warmup=1, head_samples=3)
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
+    assert cached_profile(local_model) == quiet  # the quiet one is read back

@@ -28,6 +28,8 @@ LIGHT_EDGE = [
 ]
 
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 64, 64]}
+# As in tests/conftest.py: profiles (the cloud's, the bundle's) are cached whatever the load.
+os.environ.setdefault("CLEAVE_PROFILE_MAX_LOAD", "inf")
 
 
 def pytest_configure(config: pytest.Config) -> None:
