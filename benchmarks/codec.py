@@ -6,10 +6,10 @@ photos (no downloaded weights are needed; random convolutions with calibrated BN
 and tails of real post-ReLU features). Without torchvision or scikit-image it falls back to a
 seeded ``relu(N(0, 1))`` tensor and says so in the JSON.
 
-Each path encodes and decodes the same tensor; the paths run interleaved, one repeat each in turn,
-so machine load hits all of them alike; the median of ``--repeats`` (process CPU time by default, so
-that waiting for a busy core does not count; ``--clock wall`` for wall time) is reported as GB/s of
-fp32 input bytes. Cleave's paths take and return torch tensors, as the torch daemons call the codec, and
+Each path encodes and decodes the same tensor; the paths run interleaved, one repeat each in a
+shuffled (seeded) order, so machine load and cache state hit all of them alike; the median of
+``--repeats`` (process CPU time by default, so that waiting for a busy core does not count;
+``--clock wall`` for wall time) is reported as GB/s of fp32 input bytes. Cleave's paths take and return torch tensors, as the torch daemons call the codec, and
 (``... numpy``) numpy arrays, as the torch-free edge does. The naive baselines are the ones of
 issue 15: min-max, rint, nibble packing with strided slices, zstd level 1 (and the same at 8 bits).
 A second table measures zstd levels (-5 to 3), Cleave's level-1 parameters for codes and 2 worker
@@ -36,6 +36,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -171,8 +172,12 @@ def run_paths(paths: dict, repeats: int, nbytes: int) -> dict[str, dict]:
     sizes: dict[str, int] = {}
     for enc, dec in paths.values():  # warm-up: caches, zstd contexts, lazy imports
         dec(enc())
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, (enc, dec) in paths.items():
+        order = list(paths)
+        rng.shuffle(order)  # no path always runs after the same one (a fixed order biased identical paths by ~10%)
+        for name in order:
+            enc, dec = paths[name]
             te, msg = _time(enc)
             td, _ = _time(lambda dec=dec, msg=msg: dec(msg))
             enc_t[name].append(te)
@@ -218,10 +223,13 @@ def stages(x: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
             "decode: unpack and dequantize": lambda codes=codes, s=s, z=z, f=dequantize: f(codes, flat.size, s, z),
         }
     times: dict[str, dict[str, list[float]]] = {k: {name: [] for name in plan} for k, plan in plans.items()}
+    rng = random.Random(1)
     for _ in range(repeats):
         for k, plan in plans.items():
-            for name, fn in plan.items():
-                times[k][name].append(_time(fn)[0])
+            order = list(plan)
+            rng.shuffle(order)  # in a fixed order, the stage right after min-max ran ~0.1 ms slower
+            for name in order:
+                times[k][name].append(_time(plan[name])[0])
     return {k: {name: round(statistics.median(t) * 1e3, 3) for name, t in v.items()} for k, v in times.items()}
 
 
