@@ -9,8 +9,9 @@ seeded ``relu(N(0, 1))`` tensor and says so in the JSON.
 Each path encodes and decodes the same tensor; the paths run interleaved, one repeat each in a
 shuffled (seeded) order, so machine load and cache state hit all of them alike; the median of
 ``--repeats`` (process CPU time by default, so that waiting for a busy core does not count;
-``--clock wall`` for wall time) is reported as GB/s of fp32 input bytes. Cleave's paths take and return torch tensors, as the torch daemons call the codec, and
-(``... numpy``) numpy arrays, as the torch-free edge does. The naive baselines are the ones of
+``--clock wall`` for wall time) is reported as GB/s of fp32 input bytes. Cleave's paths take and
+return torch tensors, as the torch daemons call the codec, and (``... numpy``) numpy arrays, as the
+torch-free edge does. The naive baselines are the ones of
 issue 15: min-max, rint, nibble packing with strided slices, zstd level 1 (and the same at 8 bits).
 A second table measures zstd levels (-5 to 3), Cleave's level-1 parameters for codes and 2 worker
 threads on the packed 4-bit and 8-bit codes and the fp16 bytes of the same activation: compressed
