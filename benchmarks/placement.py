@@ -9,7 +9,8 @@ then lets the edge daemon plan by itself (``cut: auto``: its own profile, the cl
 
 - **Cleave's plan**, its predicted and measured latency;
 - **the oracle within the accuracy budget** (top-1 agreement >= 99% on the calibration photos, the edge's default)
-  and **ratio** = Cleave's plan / that oracle, both pinned and re-measured side by side in a confirmation round;
+  and **ratio** = Cleave's plan / that oracle, both pinned and re-measured side by side in a confirmation round,
+  then the two alone, back to back, in a final round (the median of its paired ratios);
 - **speed-up** of Cleave over the better of edge-only and cloud-only within the budget (lossless int8c, or a
   JPEG/WebP whose top-1 agreement is within the budget): what a user would do without splitting;
 - the latency of each strategy: **edge-only**, **cloud-only raw** ("int8c": the input as 8-bit codes + zstd),
@@ -101,6 +102,8 @@ DRIVER_OPTIONS = (
     "warmup",
     "settle_s",
     "confirm",
+    "final_passes",
+    "final_repeats",
     "edge_threads",
     "candidate_budget_s",
     "request_timeout_s",
@@ -444,6 +447,15 @@ def prewarm_child(args: argparse.Namespace) -> int:
                     planner.edge_scale, planner.cloud_scale = edge_scale, cloud_scale
                     planner.best(replace(link, overhead_ms=overhead))
                 planner.edge_scale = planner.cloud_scale = 1.0
+                # The edge corrects E(k) cut by cut (Planner.edge_ms): in the grid, heads to the middle of the network
+                # served at 0.67-0.8x their profile, late heads and the whole model at up to 1.26x.
+                shaped = Planner(slow, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
+                middle = min(slow.cuts, key=lambda c: abs(c.edge_ms - 0.45 * slow.edge_total_ms))
+                for _ in range(3):
+                    shaped.observe_edge(middle.index, 0.75 * middle.edge_ms)
+                    shaped.observe_edge(-1, 1.2 * slow.edge_total_ms)
+                for overhead in (0.0, 25.0):
+                    shaped.best(replace(link, overhead_ms=overhead))
             log(f"prewarm {speed:g}x {mbit:g} Mbit/s: {best.candidate.label}")
     return 0
 
@@ -746,6 +758,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "confirm_top": args.confirm,
+        "final_round": {"passes": args.final_passes, "repeats": args.final_repeats},
         "size": args.size,
         "host": platform.node(),
         "cpus": os.cpu_count(),
@@ -895,7 +908,7 @@ def print_real_table(report: dict[str, Any]) -> None:
         "(ms, client-side medians. edge: target/achieved slowdown of the edge's whole model against one cloud core. "
         "pred: the plan's predicted request time; meas: Cleave planning by itself. oracle: the fastest candidate "
         "within the accuracy budget, measured pinned (* = a split); ratio: Cleave's plan pinned / oracle, "
-        "confirmation round. speed-up: the better of edge-only and in-budget cloud-only over Cleave.)"
+        "paired final round. speed-up: the better of edge-only and in-budget cloud-only over Cleave.)"
     )
     summary = report.get("summary") or summarize(report)
     print("goals:", json.dumps(summary.get("goals")))
@@ -1343,12 +1356,14 @@ class Session:
         log(f"{mbit:g} Mbit/s: measuring {len(picks)} candidates ({self.args.cuts}), interleaved")
         measured = self.measure_pinned({k: p.scored.candidate for k, p in picks.items()}, self.args.repeats)
         confirm = self.confirm(picks, measured, chosen_label)
+        final = self.final_round(picks, chosen_label, budget_oracle(picks, confirm))
         if self.args.repeats > first:
             self.client.stub.Replan(edge_pb2.ReplanRequest(), timeout=self.args.ready_timeout_s)
             time.sleep(self.args.settle_s)
             self.measure(self.args.repeats - first, into=cleave)
         cell = self.cell(mbit, link, plan, cleave, picks, measured, confirm)
         cell["corrections"] = learned
+        with_final_round(cell, final)
         if offered is not None:
             cell["bottleneck"] = self.bottleneck_record(offered, measured, confirm)
         cell["benchmark_planner_choice"] = mine.candidate.label
@@ -1403,6 +1418,34 @@ class Session:
         feasible = [k for k in ranked if picks[k].within_budget]
         labels = list(dict.fromkeys([*ranked[: self.args.confirm], *feasible[: self.args.confirm], chosen]))
         return self.measure_pinned({k: picks[k].scored.candidate for k in labels if k in picks}, self.args.repeats)
+
+    def final_round(self, picks: dict[str, Pick], chosen: str, oracle: str | None) -> dict[str, Any] | None:
+        """Cleave's plan against the in-budget oracle alone, in ``--final-passes`` passes, the two back to back
+        (their order alternating), each after a warm-up, ``--final-repeats`` requests each. Per pass the ratio of
+        their medians (paired: a host whose speed drifts moves both); the result is the median of those ratios.
+        None when the plan is the oracle (or either is not a measured candidate)."""
+        if not oracle or chosen == oracle or chosen not in picks or oracle not in picks or self.args.final_passes < 1:
+            return None
+        passes = []
+        for i in range(self.args.final_passes):
+            times = {}
+            for label in (chosen, oracle) if i % 2 == 0 else (oracle, chosen):
+                candidate = picks[label].scored.candidate
+                if is_bottleneck(candidate):
+                    m = self.measure(self.args.final_repeats, client=self.bclient)
+                else:
+                    self.pin(candidate)
+                    m = self.measure(self.args.final_repeats)
+                times[label] = statistics.median(m.e2e)
+            passes.append(times)
+        ratios = [p[chosen] / p[oracle] for p in passes]
+        return {
+            "chosen": chosen,
+            "oracle": oracle,
+            "passes": passes,
+            "paired_ratios": ratios,
+            "ratio": statistics.median(ratios),
+        }
 
     def cell(
         self,
@@ -1620,6 +1663,26 @@ def select(planner: Any, link: Any, cuts: str, top: int, chosen_label: str) -> d
     return dict(sorted(picks.items(), key=lambda kv: (placement_key(kv[1].scored.candidate), kv[0])))
 
 
+def budget_oracle(picks: dict[str, Pick], confirm: dict[str, Measurement]) -> str | None:
+    """The fastest candidate of the confirmation round within the accuracy budget (None when none is)."""
+    feasible = {k: statistics.median(m.e2e) for k, m in confirm.items() if m.e2e and picks[k].within_budget}
+    return min(feasible, key=feasible.get) if feasible else None
+
+
+def with_final_round(cell: dict[str, Any], final: dict[str, Any] | None) -> dict[str, Any]:
+    """``cell`` with its in-budget ratio from the final round (see :meth:`Session.final_round`), when there was one.
+
+    The oracle is the fastest of the confirmation round, so its median there is biased low, and one median of 4
+    moved by up to 1.5x between rounds (conv2d_17#75 int6 at 10x, 5 Mbit/s: 182.8 ms, then 273.9): fresh paired
+    samples say how much slower the plan is. The confirmation round's ratio is kept beside it. A final ratio under
+    1 means the plan was the oracle after all: 1.0."""
+    if final is not None:
+        cell["final_round"] = final
+        cell["ratio_within_budget_confirm"] = cell["ratio_within_budget"]
+        cell["ratio_within_budget"] = max(final["ratio"], 1.0)
+    return cell
+
+
 def is_bottleneck(candidate: Any) -> bool:
     """Whether ``candidate`` is a learned bottleneck's latent (served by its own edge daemon in this benchmark)."""
     return getattr(candidate, "encoding", "") == "entropy"
@@ -1770,6 +1833,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="requests per candidate and pass before measuring")
     p.add_argument("--settle-s", type=float, default=1.0, help="pause after each re-plan before measuring")
     p.add_argument("--confirm", type=int, default=2, help="fastest candidates re-measured with the chosen plan")
+    p.add_argument(
+        "--final-passes",
+        type=int,
+        default=3,
+        help="passes of the final round: the plan and the in-budget oracle alone, back to back (0: none; the ratio "
+        "then comes from the confirmation round)",
+    )
+    p.add_argument(
+        "--final-repeats", type=int, default=2, help="requests per candidate and final pass, after a warm-up"
+    )
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay added by the relay (RTT += 2x)")
     p.add_argument(
         "--speeds",

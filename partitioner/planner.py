@@ -48,7 +48,7 @@ from .costmodel import (
     Link,
     calibration_key,
 )
-from .profile import cache_dir
+from .profile import cache_dir, monotone_fit
 
 if TYPE_CHECKING:
     from .graph import ModelGraph
@@ -90,6 +90,8 @@ class Planner:
     LOOKAHEAD = 32
     #: The smallest head, as a share of the whole model's edge time, whose served time corrects E(k).
     MIN_EDGE_SHARE = 0.02
+    #: A cut's served edge times stop shaping E(k) (:meth:`edge_ms`) once this many edge observations came after them.
+    EDGE_MEMORY = 256
     #: The most sizes measured ahead of the walk at once (:meth:`measure_on_demand`).
     MOST_SIZES = 1024
 
@@ -144,6 +146,11 @@ class Planner:
         self._cloud_ratios: deque[float] = deque(maxlen=9)
         self.edge_scale = 1.0
         self._edge_ratios: deque[float] = deque(maxlen=9)
+        # Per cut observed (-1: edge-only): (its predicted E(k), the last few served/predicted ratios, the count of
+        # edge observations when it was last served). See edge_ms.
+        self._edge_at: dict[int, tuple[float, deque[float], int]] = {}
+        self._edge_seen = 0
+        self._edge_points: tuple[list[float], list[float]] | None = None  # the corrected curve, until the next one
         self._byte_ratios: dict[tuple[int, str], deque[float]] = {}  # (cut index, encoding) -> sent / predicted
         #: False when the last :meth:`rank` ran out of time before a candidate it had to measure
         #: (see its ``deadline``): a later walk, measuring what this one could not, may find better.
@@ -218,9 +225,51 @@ class Planner:
             predicted = next((c.edge_ms for c in self.cost.cuts if c.index == cut_index), 0.0)
         if predicted <= max(0.05, self.MIN_EDGE_SHARE * self.cost.edge_total_ms) or compute_ms <= 0:
             return  # too small to give a meaningful ratio
-        self._edge_ratios.append(compute_ms / predicted)
+        ratio = compute_ms / predicted
+        self._edge_ratios.append(ratio)
         if len(self._edge_ratios) >= CLOUD_SAMPLES:
             self.edge_scale = min(max(statistics.median(self._edge_ratios), 0.1), 10.0)
+        self._edge_seen += 1
+        _, ratios, _ = self._edge_at.get(cut_index, (predicted, deque(maxlen=9), 0))
+        ratios.append(ratio)
+        self._edge_at[cut_index] = (predicted, ratios, self._edge_seen)
+        self._edge_points = None
+
+    def edge_ms(self, predicted_ms: float) -> float:
+        """A head predicted to take ``predicted_ms`` on the edge (its profile's E(k)), corrected by served requests.
+
+        The profile's shape is not the served one: under a CPU quota the heads up to the middle of
+        EfficientNet-Lite0 served in 0.67-0.8x their profile at 4x and 30x while the late heads and the whole
+        model took 0.9-1.26x (placement_real.json), so one scale for every cut, the median of whichever cuts
+        were served last, ranked a late cut over a middle one that was 1.3x faster (4x, 5 Mbit/s). Each cut
+        served at least ``CLOUD_SAMPLES`` times (within the last ``EDGE_MEMORY`` edge observations) is a point
+        (E(k), its median ratio x E(k)); the corrected E is piecewise linear through those points (made
+        monotone), and beyond the first or last it keeps that point's ratio. With no such cut yet, the global
+        ``edge_scale``; with one, the same as that scale.
+        """
+        if predicted_ms <= 0:
+            return predicted_ms
+        if self._edge_points is None:
+            recent = [
+                (x, statistics.median(r) * x)
+                for x, r, last in self._edge_at.values()
+                if len(r) >= CLOUD_SAMPLES and self._edge_seen - last < self.EDGE_MEMORY
+            ]
+            recent.sort()
+            xs = [x for x, _ in recent]
+            self._edge_points = (xs, monotone_fit([y for _, y in recent]) if recent else [])
+        xs, ys = self._edge_points
+        if not xs:
+            return predicted_ms * self.edge_scale
+        if predicted_ms <= xs[0]:
+            ratio = ys[0] / xs[0]
+        elif predicted_ms >= xs[-1]:
+            ratio = ys[-1] / xs[-1]
+        else:
+            i = bisect.bisect_right(xs, predicted_ms)
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (predicted_ms - x0) / (x1 - x0)
+        return predicted_ms * min(max(ratio, 0.1), 10.0)
 
     def observe_bytes(self, candidate: Candidate, bytes_up: int) -> None:
         """Correct one candidate's predicted upload from the bytes its requests really sent.
@@ -246,8 +295,8 @@ class Planner:
         predicted = candidate.predict(link)
         if self.cloud_scale != 1.0 and candidate.kind != EDGE_ONLY:
             predicted = replace(predicted, cloud_ms=predicted.cloud_ms * self.cloud_scale)
-        if self.edge_scale != 1.0:
-            predicted = replace(predicted, edge_ms=predicted.edge_ms * self.edge_scale)
+        if self.edge_scale != 1.0 or self._edge_at:
+            predicted = replace(predicted, edge_ms=self.edge_ms(predicted.edge_ms))
         if self._byte_ratios and (scale := self.byte_scale(candidate)) != 1.0:
             predicted = replace(predicted, upload_ms=predicted.upload_ms * scale)
         cost = predicted.total_ms if self.objective == "latency" else predicted.bottleneck_ms

@@ -230,3 +230,48 @@ def test_stage_errors_say_which_stage_a_prediction_missed(placement) -> None:
     assert stages["edge"]["n"] == 1  # cloud-only has no head to judge
     assert stages["client"]["meas_minus_pred_ms"] == pytest.approx(3.0)
     assert stages["other"]["meas_minus_pred_ms"] == pytest.approx(0.0)
+
+
+def test_the_final_round_pairs_the_plan_with_the_oracle(placement) -> None:
+    """The in-budget ratio comes from the plan and the oracle measured alone, back to back: the confirmation round
+    picked the oracle as its fastest (biased low), and a median of 4 moved by up to 1.5x between rounds. Here the
+    host slows by 1.5x between passes; each pass pairs the two, so the ratio stays the plan's 1.1x."""
+    from types import SimpleNamespace
+
+    session = placement.Session.__new__(placement.Session)
+    session.args = SimpleNamespace(final_passes=3, final_repeats=2, warmup=1)
+    session.bclient = None
+    plan, oracle = SimpleNamespace(encoding="int6"), SimpleNamespace(encoding="int8")
+    picks = {
+        "plan": placement.Pick(SimpleNamespace(candidate=plan), []),
+        "oracle": placement.Pick(SimpleNamespace(candidate=oracle), []),
+    }
+    order: list[str] = []
+    drift = iter([1.0, 1.0, 1.5, 1.5, 1.0, 1.0])  # the host's speed during each pinned block
+
+    def pin(candidate) -> None:
+        order.append("plan" if candidate is plan else "oracle")
+
+    def measure(repeats: int, client=None):
+        base = 110.0 if order[-1] == "plan" else 100.0
+        slow = next(drift)
+        return SimpleNamespace(e2e=[base * slow] * repeats)
+
+    session.pin, session.measure = pin, measure
+    final = session.final_round(picks, "plan", "oracle")
+    assert order == ["plan", "oracle", "oracle", "plan", "plan", "oracle"]  # back to back, the order alternating
+    assert final["ratio"] == pytest.approx(1.1) and len(final["paired_ratios"]) == 3
+    assert session.final_round(picks, "plan", "plan") is None  # the plan is the oracle: nothing to pair
+
+    c = cell(5, 150, 100, 200, True)  # 1.5 from the confirmation round
+    placement.with_final_round(c, final)
+    assert c["ratio_within_budget"] == pytest.approx(1.1) and c["ratio_within_budget_confirm"] == pytest.approx(1.5)
+    placement.with_final_round(c, {**final, "ratio": 0.9})  # the plan was faster: it was the oracle after all
+    assert c["ratio_within_budget"] == 1.0
+    confirm = {
+        "plan": placement.Measurement(e2e=[120.0]),
+        "oracle": placement.Measurement(e2e=[100.0]),
+        "jpeg": placement.Measurement(e2e=[50.0]),
+    }
+    picks["jpeg"] = placement.Pick(SimpleNamespace(candidate=None), [], within_budget=False)
+    assert placement.budget_oracle(picks, confirm) == "oracle"

@@ -341,6 +341,44 @@ def test_a_tiny_head_served_at_full_speed_does_not_rescale_the_others() -> None:
     assert planner.edge_scale == pytest.approx(1.2)
 
 
+def test_served_heads_correct_the_profiles_shape_cut_by_cut() -> None:
+    """Under a CPU quota the heads up to the middle of EfficientNet-Lite0 served in 0.67-0.8x their profile while
+    the late heads and the whole model took 0.9-1.26x (placement_real.json). One scale for every cut, the median
+    of the cuts served last, then ranked a late cut over a middle one that was 1.3x faster. Each cut served often
+    enough is a point of the corrected E(k); between them it is interpolated, beyond them their ratio holds."""
+    cost = synthetic_cost()  # heads: cut 1 8 ms, 2 20, 3 32, 4 40; the whole model 44
+
+    def served(x: float) -> float:  # the device: 0.7x its profile up to cut 2, rising to 1.0x at cut 4
+        return 0.7 * x if x <= 20 else 14 + (x - 20) * 26 / 20 if x <= 40 else x
+
+    planner = Planner(cost)
+    for cut, x in ((2, 20.0), (4, 40.0), (-1, 44.0)):
+        for _ in range(3):
+            planner.observe_edge(cut, served(x))
+    assert planner.edge_scale == pytest.approx(1.0)  # the last nine: six at 1.0, three at 0.7
+    link = Link(3, 3, 5.0)
+    by_cut = {c.cut_index: c for c in planner.candidates if c.kind == SPLIT and c.encoding == "int8"}
+    assert planner.score(by_cut[2], link).predicted.edge_ms == pytest.approx(14.0)
+    assert planner.score(by_cut[3], link).predicted.edge_ms == pytest.approx(served(32.0))  # interpolated
+    assert planner.score(by_cut[1], link).predicted.edge_ms == pytest.approx(0.7 * 8)  # the first point's ratio
+    edge_only = next(c for c in planner.candidates if c.kind == EDGE_ONLY)
+    assert planner.score(edge_only, link).predicted.edge_ms == pytest.approx(44.0)
+    # The plan is the one the served times favour (one scale, 1.0, kept edge-only here).
+    truth = min(planner.candidates, key=lambda c: c.predict(link).total_ms - c.edge_ms + served(c.edge_ms))
+    assert planner.best(link).candidate == truth and truth.kind == SPLIT
+
+    # Served only at one cut, the correction is that cut's ratio everywhere, as the one scale was.
+    single = Planner(cost)
+    for _ in range(3):
+        single.observe_edge(2, 30.0)
+    assert single.score(by_cut[4], link).predicted.edge_ms == pytest.approx(60.0)
+    # A cut not served for EDGE_MEMORY observations no longer shapes the curve.
+    single.EDGE_MEMORY = 6
+    for _ in range(6):
+        single.observe_edge(4, 40.0)
+    assert single.score(by_cut[2], link).predicted.edge_ms == pytest.approx(20.0)
+
+
 def test_a_per_request_overhead_counts_against_every_placement_that_sends() -> None:
     cost = synthetic_cost()
     planner = Planner(cost)
