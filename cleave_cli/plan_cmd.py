@@ -174,10 +174,11 @@ def build_planner(
     calib = calibration(args, model)
     progress.start("encodings")
     memo: dict = {}  # the model's values on the calibration inputs, for each build below
+    sized = calib[:3]  # sizes are the median over 3 inputs
 
     def measure_sizes(cuts: dict[int, frozenset[str]] | None) -> CostModel:
         return CostModel.measure(
-            model, edge, cloud, calib[:3], workers=_cores(), cache=True, progress=progress.update, cuts=cuts, memo=memo
+            model, edge, cloud, sized, workers=_cores(), cache=True, progress=progress.update, cuts=cuts, memo=memo
         )
 
     # The plot ranks every cut at every bandwidth; a plan, the candidates its walks reach (measure_on_demand).

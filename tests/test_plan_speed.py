@@ -251,6 +251,29 @@ def test_sizes_measured_on_demand_plan_as_sizes_measured_first(local_model: Load
     assert batched  # screens ahead still run together
 
 
+def test_later_builds_reuse_the_model_run_on_an_equal_slice_of_inputs(
+    local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cleave plan`` measures sizes in rounds on ``calib[:3]``, a new tensor each time it is sliced:
+    the memo takes an equal tensor as the same inputs, so the model runs once for every round, and
+    the sizes are those measured without it. Other inputs run the model again."""
+    profile = profile_model(local_model, repeats=1, warmup=0, head_samples=2)
+    calib = calibration_batch(local_model.spec.input_shape, 4, seed=5)
+    runs = []
+    all_values = costmodel._all_values
+    monkeypatch.setattr(costmodel, "_all_values", lambda m, x: runs.append(x) or all_values(m, x))
+    cuts = [c.index for c in local_model.graph.cuts]
+    first, later = {cuts[1]: frozenset({"int8"})}, {cuts[1]: frozenset({"int8"}), cuts[-2]: frozenset({"int4"})}
+    memo: dict = {}
+    CostModel.measure(local_model, profile, profile, calib[:3], cuts=first, memo=memo)
+    again = CostModel.measure(local_model, profile, profile, calib[:3], cuts=later, memo=memo)
+    assert len(runs) == 1  # the second build's slice is another tensor with the same values
+    fresh = CostModel.measure(local_model, profile, profile, calib[:3], cuts=later)
+    assert [c.feature_bytes for c in again.cuts] == [c.feature_bytes for c in fresh.cuts]
+    CostModel.measure(local_model, profile, profile, calib[1:4], cuts=later, memo=memo)
+    assert len(runs) == 3  # other inputs: the model runs on them
+
+
 def test_a_screen_passed_before_a_miss_is_screened_again_on_the_input_that_missed() -> None:
     """Candidates screened together on one input, which a full measurement then shows to be the wrong
     input, are screened again on the input that broke the budget before any is measured in full: the
