@@ -94,6 +94,70 @@ def test_recorded_live_sets_follow_in_place_updates() -> None:
         assert torch.equal(live.output, model.module(calib))
 
 
+def hidden_write(x: torch.Tensor) -> torch.Tensor:
+    """Halves ``x`` in place where fx cannot see it: the graph records a call named ``hidden_write``."""
+    x.mul_(0.5)
+    return x
+
+
+torch.fx.wrap("hidden_write")
+
+
+class HiddenWrite(InPlace):
+    """As :class:`InPlace`, with the in-place update inside a function the graph does not look into."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        b = a * 2
+        a = hidden_write(a)
+        return self.fc((b + a).mean((2, 3)))
+
+
+def test_a_write_no_rule_foresees_records_again_copying_every_value() -> None:
+    """Held values are copied only before a node that may write them: a write the rules miss moves a
+    held value's version counter, and the live sets are recorded again, copying each value."""
+    x = torch.randn(1, 3, 8, 8)
+    spec = ModelSpec.from_dict({"name": "inplace", "source": "x", "input_shape": [1, 3, 8, 8]})
+    calib = torch.randn(3, 3, 8, 8)
+    for module, hidden in ((InPlace(), False), (HiddenWrite(), True)):
+        graph = trace(module, x)
+        live = LiveSets(LoadedModel(spec, graph, "f"), calib)
+        assert live.copied_all == hidden, type(module).__name__
+        for cut in graph.cuts:
+            head, _ = graph.split(cut)
+            with torch.inference_mode():
+                expected = head(calib)
+            assert all(torch.equal(a, b) for a, b in zip(live.at(cut.index), expected, strict=True)), cut.name
+
+
+def test_live_sets_copy_only_the_values_a_later_node_may_write(
+    local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resnet18: in-place ReLUs and ``out += identity`` write some values after a cut; only those are
+    copied (17 copies here, against 70 when every value was copied), and every cut's live set is
+    what copying every value gave."""
+    from partitioner.planner import _live_recorder
+
+    calib = calibration_batch(local_model.spec.input_shape, 2, seed=4)
+    cuts = {c.index: c for c in local_model.graph.cuts}
+    copies = [0]
+    clone = torch.Tensor.clone
+
+    def counted(self, *args, **kwargs):
+        copies[0] += 1
+        return clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", counted)
+    live = LiveSets(local_model, calib)
+    held_copies, copies[0] = copies[0], 0
+    every = _live_recorder()(local_model.graph.module, cuts, copy_all=True)
+    with torch.no_grad():
+        every.run(calib)
+    assert not live.copied_all and 0 < held_copies < copies[0] / 2
+    for index in cuts:
+        assert all(torch.equal(a, b) for a, b in zip(live.at(index), every.sets[index], strict=True)), index
+
+
 def test_a_second_cost_model_build_hits_the_cache(local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     profile = profile_model(local_model, repeats=2, warmup=1, head_samples=3)
     calib = calibration_batch(local_model.spec.input_shape, 2, seed=5)
