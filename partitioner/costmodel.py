@@ -253,7 +253,8 @@ class CostModel:
         planner that knows which candidates it can reach measures those alone, and more later
         (:meth:`partitioner.planner.Planner.measure_on_demand`); the disk cache keeps what each build measured.
         ``memo``: a dict the caller keeps between builds for the same model and ``x``, so a later
-        build for more cuts runs the model on ``x`` only once.
+        build for more cuts runs the model on ``x`` only once (``x`` the same inputs: an equal
+        tensor will do, such as the same slice taken again).
         """
         x = model.graph.example_input if x is None else x
         wanted = {
@@ -368,7 +369,7 @@ def _measure_sizes(
     several cuts (a residual block's input at every cut inside the block), so each value is encoded
     once per encoding and input, and the cuts add up what their values took.
     """
-    if memo is not None and memo.get("x") is x:
+    if memo is not None and _same_inputs(memo.get("x"), x):
         values = memo["values"]
     else:
         values = _all_values(model, x)
@@ -422,6 +423,14 @@ def _measure_sizes(
 
     out_bytes = sum(t.numel() * 4 for t in as_tensor_list(values["__output__"])) // samples
     return {"cuts": measured, "output_bytes": out_bytes}
+
+
+def _same_inputs(known: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether ``x`` holds the inputs ``known`` holds: the same tensor, or one equal to it in shape,
+    dtype and every value (``calib[:3]`` is a new tensor each time it is sliced)."""
+    if known is None:
+        return False
+    return known is x or (known.shape == x.shape and known.dtype == x.dtype and bool(torch.equal(known, x)))
 
 
 def _codec_key(enc: str) -> str:

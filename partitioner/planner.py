@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import operator
 import os
 import statistics
 import time
@@ -928,23 +929,73 @@ class LiveSets:
     """Every cut's live set on one input batch, from a single run of the traced model.
 
     At cut ``k`` the head returns the live values as they are after node ``k`` ran, in-place
-    updates by nodes up to ``k`` included. One interpreter run snapshots them at every cut: a
-    value is copied when it is first seen and copied again only when an in-place operation has
-    changed it since (its version counter moved), so unchanged values are shared between cuts.
+    updates by nodes up to ``k`` included. One interpreter run snapshots them at every cut. A
+    snapshot holds the value itself, shared by every cut it is live at, and is copied only
+    before a node that may write its inputs in place (:func:`_may_write`: an in-place module,
+    operator or method, or a leaf module of the model's own) reads that value or another view
+    of its memory: values nothing writes (most of them) are never copied. Should a value held
+    change anyway (its version counter moved: a write no rule foresaw), the model runs again
+    copying every value when first seen and again whenever its version moved.
     """
 
     def __init__(self, model: LoadedModel, x: torch.Tensor) -> None:
         gm = model.graph.module
         if model.graph.opaque or not isinstance(gm, fx.GraphModule):
             raise ValueError(f"{model.name}: an opaque model has no recorded live sets")
-        recorder = _live_recorder()(gm, {c.index: c for c in model.graph.cuts})
+        cuts = {c.index: c for c in model.graph.cuts}
+        recorder = _live_recorder()(gm, cuts)
         with torch.no_grad():  # not inference_mode: version counters reveal in-place updates
             self.output = as_tensor_list(recorder.run(x))[0]
-        self._sets = recorder.sets
+            self.copied_all = recorder.written_unseen()
+            if self.copied_all:
+                recorder = _live_recorder()(gm, cuts, copy_all=True)
+                self.output = as_tensor_list(recorder.run(x))[0]
+        self._sets = {k: tuple(v) for k, v in recorder.sets.items()}
 
     def at(self, cut_index: int) -> tuple[torch.Tensor, ...]:
         """The live values at cut ``cut_index``, in :attr:`Cut.live` order."""
         return self._sets[cut_index]
+
+
+#: Python's in-place operators (``out += identity``) and item assignment, as fx records them.
+_WRITING_OPERATORS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.imatmul,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+        operator.setitem,
+    }
+)
+
+
+def _may_write(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may change a tensor it reads in place (erring on yes): a torch.nn module with
+    ``inplace`` set, a leaf module of the model's own (its code is not in the graph), an in-place
+    operator, a function or method whose name ends in ``_`` (``relu_``, ``add_``), or a call given
+    ``inplace=True`` or any positional ``True`` (``F.relu(x, True)``)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module).__module__.startswith("torch.nn.modules"):
+            return getattr(module, "inplace", False) is True
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.kwargs.get("inplace") is True or any(a is True for a in node.args[1:]):
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.target in _WRITING_OPERATORS or (
+        isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+    )
 
 
 @functools.cache
@@ -952,22 +1003,57 @@ def _live_recorder() -> type:
     """The fx Interpreter behind :class:`LiveSets` (a class made on first use: fx is torch)."""
 
     class _LiveRecorder(fx.Interpreter):
-        def __init__(self, module: fx.GraphModule, cuts: dict) -> None:
+        def __init__(self, module: fx.GraphModule, cuts: dict, copy_all: bool = False) -> None:
             super().__init__(module)
             self._cuts = cuts
             self._index = {node: i for i, node in enumerate(module.graph.nodes)}
             self._named = {node.name: node for node in module.graph.nodes}
+            self._copy_all = copy_all
+            self._writes = {node for node in module.graph.nodes if _may_write(module, node)}
+            # copy_all: a value's name -> (the value, its version then, its copy)
             self._copies: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
-            self.sets: dict[int, tuple[torch.Tensor, ...]] = {}
+            # otherwise: id of a value held as it is -> (the value, its version then, where sets hold it)
+            self._held: dict[int, tuple[torch.Tensor, int, list[tuple[int, int]]]] = {}
+            self._unseen = False  # a held value changed before it was copied
+            self.sets: dict[int, list[torch.Tensor]] = {}
 
         def run_node(self, n: fx.Node):
+            if self._held and n in self._writes:
+                self._copy_read_by(n)
             value = super().run_node(n)
             cut = self._cuts.get(self._index[n])
             if cut is not None:
-                self.sets[cut.index] = tuple(
-                    self._copy(name, value if name == n.name else self.env[self._named[name]]) for name in cut.live
-                )
+                live = [value if name == n.name else self.env[self._named[name]] for name in cut.live]
+                if self._copy_all:
+                    self.sets[cut.index] = [self._copy(name, t) for name, t in zip(cut.live, live, strict=True)]
+                else:
+                    self.sets[cut.index] = [self._hold(t, cut.index, i) for i, t in enumerate(live)]
             return value
+
+        def written_unseen(self) -> bool:
+            """Whether a value held as it is changed in place (a write :func:`_may_write` did not foresee)."""
+            return self._unseen or any(t._version != v for t, v, _ in self._held.values())
+
+        def _hold(self, tensor: torch.Tensor, cut_index: int, position: int) -> torch.Tensor:
+            held = self._held.get(id(tensor))
+            if held is not None and held[1] != tensor._version:
+                self._unseen = True
+            if held is None:
+                held = self._held[id(tensor)] = (tensor, tensor._version, [])
+            held[2].append((cut_index, position))
+            return tensor
+
+        def _copy_read_by(self, n: fx.Node) -> None:
+            """Copy every held value that shares memory with a tensor ``n`` reads, where sets hold it."""
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            read = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+            for key, (tensor, version, places) in list(self._held.items()):
+                if tensor.untyped_storage().data_ptr() in read:
+                    self._unseen |= tensor._version != version
+                    copy = tensor.clone()
+                    for cut_index, position in places:
+                        self.sets[cut_index][position] = copy
+                    del self._held[key]
 
         def _copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
             known = self._copies.get(name)
@@ -978,6 +1064,17 @@ def _live_recorder() -> type:
             return copy
 
     return _LiveRecorder
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    """The tensors in ``value`` (nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 def as_tensor_list(value: object) -> list:

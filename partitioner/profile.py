@@ -13,8 +13,9 @@ codec call lands either whole in a share (its CPU time) or across a stop (a peri
 such timings came out at full speed for some nodes and codecs and throttled for others (int4 encoding
 1.0 ms/MB against int8's 40 ms/MB on an edge 24x slower than the cloud, and the heads up to the first
 block at 1.3% of the model where they do 9%). There, per-node and codec costs are their CPU time times
-the host's wall time per CPU second over many periods (:func:`wall_per_cpu_ms`), what they cost in a
-sustained run.
+the host's wall time per CPU second over many periods (what they cost in a sustained run), taken over
+the timed runs of the heads and the whole model (:func:`interleaved_ms`'s ``spent``, the ratio
+:func:`wall_per_cpu_ms` gives for one function).
 
 Profiles are cached on disk, keyed by model fingerprint, role (edge or cloud), host, CPU quota,
 torch version, thread count, input shape (batch included) and dtype: a profile taken elsewhere, or
@@ -228,24 +229,50 @@ def wall_per_cpu_ms(
     return statistics.median(walls), sum(walls) / max(sum(cpus), 1e-6)
 
 
+#: :func:`interleaved_ms` with ``min_rounds`` stops once no part's median moved by more than this share of
+#: itself in the last round.
+STABLE = 0.02
+
+
 def interleaved_ms(
-    parts: dict[int, Callable[[object], object]], x: object, rounds: int, between: Callable[[], None] | None = None
+    parts: dict[int, Callable[[object], object]],
+    x: object,
+    rounds: int,
+    between: Callable[[], None] | None = None,
+    *,
+    min_rounds: int | None = None,
+    spent: list[float] | None = None,
 ) -> dict[int, float]:
     """Median wall time in ms of each ``parts[k](x)``, timed in ``rounds`` rounds that run every part once.
 
     One warm-up round first. Timing the parts round-robin rather than one after another puts every part under
     the same conditions: a host whose speed drifts (other work, a CPU quota's periods, frequency) moves all of
     them together, so their ratios, which is what the latency curve uses, stay right.
+
+    ``min_rounds``: stop after that many rounds (at least 2) or more, once no part's median has moved by more
+    than :data:`STABLE` of itself in the last round: on a steady host the rounds after that change next to
+    nothing, and a drifting one runs them all. ``spent``: ``[wall ms, CPU ms]``, to which every timed call's
+    wall time and the process's CPU time in it are added (their ratio is :func:`wall_per_cpu_ms`'s).
     """
     between = between or _nothing
     samples: dict[int, list[float]] = {k: [] for k in parts}
+    last: dict[int, float] | None = None
     for r in range(rounds + 1):
         for k, fn in parts.items():
             between()
-            started = time.perf_counter()
+            cpu, started = time.process_time(), time.perf_counter()
             fn(x)
             if r:
                 samples[k].append((time.perf_counter() - started) * 1e3)
+                if spent is not None:
+                    spent[0] += samples[k][-1]
+                    spent[1] += (time.process_time() - cpu) * 1e3
+        if r and min_rounds is not None:
+            medians = {k: statistics.median(v) for k, v in samples.items()}
+            steady = last is not None and all(abs(m - last[k]) <= STABLE * m for k, m in medians.items())
+            if steady and r >= max(min_rounds, 2):
+                break
+            last = medians
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -358,6 +385,11 @@ def profile_model(
 ) -> Profile:
     """Profile ``model`` on this host at its example input (or ``input_shape``; or ``batch`` copies of it).
 
+    The whole model and the heads at ``head_samples`` cuts are timed round-robin (:func:`interleaved_ms`)
+    in ``repeats // 2`` rounds (at least 3; fewer than asked once their medians hold still), after
+    ``warmup - 1`` untimed runs of the whole model and a warm-up round; then every node is timed in as
+    many interpreted runs.
+
     ``between`` is called before each run of the model or a part of it (see :func:`median_ms`).
     """
     between = between or _nothing
@@ -366,7 +398,18 @@ def profile_model(
         x = x[:1].expand(batch, *x.shape[1:]).contiguous()
     module = model.graph.module
     with torch.inference_mode():
-        total, per_cpu = wall_per_cpu_ms(lambda: module(x), repeats, warmup, between)
+        for _ in range(max(warmup - 1, 0)):  # the rounds below begin with a warm-up round of every part
+            between()
+            module(x)
+        # The whole model (key -1) is timed in the same rounds as the heads: the curve's end anchor and its other
+        # anchors then come from the same conditions (timed apart, a faster whole-model run flattened the tails).
+        # The same calls give the host's wall time per CPU second, which node costs need: the whole model is
+        # not timed again on its own for it.
+        parts = {-1: module, **{index: model.parts(index)[1] for index in sample_cut_indices(model, head_samples)}}
+        spent = [0.0, 0.0]
+        heads = interleaved_ms(parts, x, max(repeats // 2, 3), between, min_rounds=3, spent=spent)
+        total = heads.pop(-1)
+        per_cpu = spent[0] / max(spent[1], 1e-6)
         if isinstance(module, fx.GraphModule) and not model.graph.opaque:
             runs = []
             for _ in range(max(repeats // 2, 3)):
@@ -383,11 +426,6 @@ def profile_model(
             out_bytes = [runs[0].sizes.get(name, 0) for name in names]
         else:  # opaque graph: one node, the whole model
             names, node_ms, out_bytes = ["input", "output"], [0.0, total], [_nbytes(x), 0]
-        # The whole model (key -1) is timed in the same rounds as the heads: the curve's end anchor and its other
-        # anchors then come from the same conditions (timed apart, a faster whole-model run flattened the tails).
-        parts = {-1: module, **{index: model.parts(index)[1] for index in sample_cut_indices(model, head_samples)}}
-        heads = interleaved_ms(parts, x, max(repeats // 2, 3), between)
-        total = heads.pop(-1)
     return Profile(
         model=model.name,
         fingerprint=model.fingerprint,

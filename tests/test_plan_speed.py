@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +92,70 @@ def test_recorded_live_sets_follow_in_place_updates() -> None:
     assert mutated  # the cuts after an in-place update were checked
     with torch.inference_mode():
         assert torch.equal(live.output, model.module(calib))
+
+
+def hidden_write(x: torch.Tensor) -> torch.Tensor:
+    """Halves ``x`` in place where fx cannot see it: the graph records a call named ``hidden_write``."""
+    x.mul_(0.5)
+    return x
+
+
+torch.fx.wrap("hidden_write")
+
+
+class HiddenWrite(InPlace):
+    """As :class:`InPlace`, with the in-place update inside a function the graph does not look into."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        b = a * 2
+        a = hidden_write(a)
+        return self.fc((b + a).mean((2, 3)))
+
+
+def test_a_write_no_rule_foresees_records_again_copying_every_value() -> None:
+    """Held values are copied only before a node that may write them: a write the rules miss moves a
+    held value's version counter, and the live sets are recorded again, copying each value."""
+    x = torch.randn(1, 3, 8, 8)
+    spec = ModelSpec.from_dict({"name": "inplace", "source": "x", "input_shape": [1, 3, 8, 8]})
+    calib = torch.randn(3, 3, 8, 8)
+    for module, hidden in ((InPlace(), False), (HiddenWrite(), True)):
+        graph = trace(module, x)
+        live = LiveSets(LoadedModel(spec, graph, "f"), calib)
+        assert live.copied_all == hidden, type(module).__name__
+        for cut in graph.cuts:
+            head, _ = graph.split(cut)
+            with torch.inference_mode():
+                expected = head(calib)
+            assert all(torch.equal(a, b) for a, b in zip(live.at(cut.index), expected, strict=True)), cut.name
+
+
+def test_live_sets_copy_only_the_values_a_later_node_may_write(
+    local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resnet18: in-place ReLUs and ``out += identity`` write some values after a cut; only those are
+    copied (17 copies here, against 70 when every value was copied), and every cut's live set is
+    what copying every value gave."""
+    from partitioner.planner import _live_recorder
+
+    calib = calibration_batch(local_model.spec.input_shape, 2, seed=4)
+    cuts = {c.index: c for c in local_model.graph.cuts}
+    copies = [0]
+    clone = torch.Tensor.clone
+
+    def counted(self, *args, **kwargs):
+        copies[0] += 1
+        return clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", counted)
+    live = LiveSets(local_model, calib)
+    held_copies, copies[0] = copies[0], 0
+    every = _live_recorder()(local_model.graph.module, cuts, copy_all=True)
+    with torch.no_grad():
+        every.run(calib)
+    assert not live.copied_all and 0 < held_copies < copies[0] / 2
+    for index in cuts:
+        assert all(torch.equal(a, b) for a, b in zip(live.at(index), every.sets[index], strict=True)), index
 
 
 def test_a_second_cost_model_build_hits_the_cache(local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,6 +317,85 @@ def test_sizes_measured_on_demand_plan_as_sizes_measured_first(local_model: Load
     assert split and rejected  # the walks reached split cuts and rejected candidates on the way
     assert left_out  # and sizes were left out (how many depends on the profile measured here)
     assert batched  # screens ahead still run together
+
+
+def test_later_builds_reuse_the_model_run_on_an_equal_slice_of_inputs(
+    local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cleave plan`` measures sizes in rounds on ``calib[:3]``, a new tensor each time it is sliced:
+    the memo takes an equal tensor as the same inputs, so the model runs once for every round, and
+    the sizes are those measured without it. Other inputs run the model again."""
+    profile = profile_model(local_model, repeats=1, warmup=0, head_samples=2)
+    calib = calibration_batch(local_model.spec.input_shape, 4, seed=5)
+    runs = []
+    all_values = costmodel._all_values
+    monkeypatch.setattr(costmodel, "_all_values", lambda m, x: runs.append(x) or all_values(m, x))
+    cuts = [c.index for c in local_model.graph.cuts]
+    first, later = {cuts[1]: frozenset({"int8"})}, {cuts[1]: frozenset({"int8"}), cuts[-2]: frozenset({"int4"})}
+    memo: dict = {}
+    CostModel.measure(local_model, profile, profile, calib[:3], cuts=first, memo=memo)
+    again = CostModel.measure(local_model, profile, profile, calib[:3], cuts=later, memo=memo)
+    assert len(runs) == 1  # the second build's slice is another tensor with the same values
+    fresh = CostModel.measure(local_model, profile, profile, calib[:3], cuts=later)
+    assert [c.feature_bytes for c in again.cuts] == [c.feature_bytes for c in fresh.cuts]
+    CostModel.measure(local_model, profile, profile, calib[1:4], cuts=later, memo=memo)
+    assert len(runs) == 3  # other inputs: the model runs on them
+
+
+def test_plan_and_profile_keep_freed_pages_before_they_load_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cleave plan`` and ``cleave profile`` set glibc's thresholds first, so every run of the model
+    after the first reuses the pages of the one before (:func:`cleave_cli.plan_cmd.keep_pages`)."""
+    import runtime.memory
+    from cleave_cli import plan_cmd
+
+    order: list = []
+    monkeypatch.setattr(runtime.memory, "keep_freed_memory", lambda **kw: order.append(kw) or True)
+
+    def load(args):
+        order.append("load")
+        raise ValueError("not loaded in this test")
+
+    monkeypatch.setattr(plan_cmd, "load", load)
+    want = {"mmap_threshold": plan_cmd.PLAN_MMAP_THRESHOLD, "trim_threshold": plan_cmd.PLAN_TRIM_THRESHOLD}
+    for argv in (["plan", "--model", "resnet18", "--bandwidth", "5"], ["profile", "--model", "resnet18"]):
+        order.clear()
+        assert main(argv) == 1  # the error from load, on one line
+        assert order == [want, "load"], argv
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the thresholds are glibc's"
+)
+def test_glibc_takes_the_plan_thresholds_and_a_model_run_s_blocks_fault_no_pages_again() -> None:
+    """glibc accepts the thresholds (32 MB is its largest mmap threshold); blocks of a model run's sizes
+    (up to 25 MB: resnet50's first activations on 8 inputs), held together and freed, then fault in no
+    page when the next run allocates them again. With glibc's defaults each such run faults ~19,000."""
+    churn = """
+import resource, sys
+if sys.argv[1] == "keep":
+    from cleave_cli.plan_cmd import keep_pages
+    print(keep_pages())
+SIZES = [25, 12, 6, 25, 3, 12, 1, 6, 25, 2]  # MB: a run's activations, held together, then freed
+def run():
+    held = [bytearray(s << 20) for s in SIZES]
+    del held
+for _ in range(3):
+    run()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    run()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+
+    def faults(mode: str) -> list[str]:
+        run = [sys.executable, "-c", churn, mode]
+        return subprocess.run(run, capture_output=True, text=True, env=env, check=True, timeout=120).stdout.split()
+
+    kept, keep_faults = faults("keep")
+    assert kept == "True" and float(keep_faults) < 100  # 0 here: every block from pages kept
+    assert float(faults("defaults")[0]) > 1000  # the check can fail: glibc's defaults do fault here
 
 
 def test_a_screen_passed_before_a_miss_is_screened_again_on_the_input_that_missed() -> None:

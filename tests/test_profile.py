@@ -165,6 +165,72 @@ def test_parts_are_timed_round_robin_so_a_drifting_host_moves_them_together() ->
     assert timed[1] / timed[0] == pytest.approx(2.0, rel=0.25)
 
 
+class StepClock:
+    """Wall and CPU clocks (seconds, as ``time``'s) that move only when a part says how long it took."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def take(self, wall_ms: float, cpu_ms: float) -> None:
+        self.wall += wall_ms / 1e3
+        self.cpu += cpu_ms / 1e3
+
+    def module(self):
+        import types
+
+        return types.SimpleNamespace(perf_counter=lambda: self.wall, process_time=lambda: self.cpu)
+
+
+def test_rounds_stop_once_every_median_holds_still(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a steady host the rounds after ``min_rounds`` are not run; a drifting host runs them all;
+    ``spent`` adds up every timed call's wall and CPU time (the host's wall time per CPU second)."""
+    from partitioner import profile as profile_mod
+    from partitioner.profile import interleaved_ms
+
+    clock = StepClock()
+    monkeypatch.setattr(profile_mod, "time", clock.module())
+    calls = [0]
+
+    def part(ms: float, drift: float = 0.0):
+        def run(_x: object) -> None:
+            calls[0] += 1
+            clock.take(ms * (1 + drift * calls[0]), ms / 2)  # half a CPU ms per wall ms
+
+        return run
+
+    spent = [0.0, 0.0]
+    steady = interleaved_ms({0: part(4.0), 1: part(8.0)}, None, rounds=5, min_rounds=3, spent=spent)
+    assert calls[0] == 2 * (1 + 3)  # a warm-up round and 3 of 5 rounds
+    assert steady == {0: pytest.approx(4.0), 1: pytest.approx(8.0)}
+    assert spent[0] == pytest.approx(3 * 12.0) and spent[0] / spent[1] == pytest.approx(2.0)
+    calls[0] = 0
+    interleaved_ms({0: part(4.0, drift=0.05), 1: part(8.0, drift=0.05)}, None, rounds=5, min_rounds=3)
+    assert calls[0] == 2 * (1 + 5)  # each round 10% slower than the last: every round runs
+    calls[0] = 0
+    interleaved_ms({0: part(4.0), 1: part(8.0)}, None, rounds=5)
+    assert calls[0] == 2 * (1 + 5)  # without min_rounds, as many rounds as asked
+
+
+def test_the_whole_model_is_timed_only_in_the_rounds_with_the_heads(local_model: LoadedModel) -> None:
+    """The host's wall time per CPU second comes from the rounds that time the heads and the whole
+    model together: the whole model is not also run 3 + 10 more times on its own to find it."""
+    module = local_model.graph.module
+    calls = [0]
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    module.forward = counted
+    try:
+        profile = profile_model(local_model, repeats=10, warmup=3, head_samples=3)
+    finally:
+        del module.forward
+    assert 1 + 2 + 3 <= calls[0] <= 2 + 1 + 5  # warm-up runs, the warm-up round, 3 to 5 rounds
+    assert profile.total_ms > 0 and len(profile.node_ms) == len(profile.node_names)
+
+
 def test_monotone_fit_is_the_least_squares_non_decreasing_sequence() -> None:
     from partitioner.profile import monotone_fit
 
