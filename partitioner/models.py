@@ -213,6 +213,9 @@ def _build_torchvision(spec: ModelSpec, arch: str, suggest_pretrained: bool = Fa
         close = difflib.get_close_matches(arch, sorted(PRETRAINED), n=1) if suggest_pretrained else []
         close += difflib.get_close_matches(arch, available, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        if not close and spec.name == arch:  # a bare name: the user may have meant it as a name for another source
+            example = next(iter(sorted(PRETRAINED)), "resnet18")
+            hint = f"; a model under a name of your own is NAME=SOURCE, e.g. {arch}={example}"
         raise ModelLoadError(f"model {spec.name!r}: unknown torchvision model {arch!r}{hint}")
     kwargs: dict[str, Any] = {}
     if spec.num_classes is not None:

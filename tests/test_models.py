@@ -131,6 +131,11 @@ def test_safetensors_weights_need_the_package(tmp_path: Path, monkeypatch) -> No
         # The README's pretrained model, misspelt or half-remembered: it is suggested, not only torchvision's.
         (_spec("efficientnet_lite0_pretrainde"), "\\(did you mean efficientnet_lite0_pretrained, efficientnet_"),
         (_spec("efficientnet_lite0"), "\\(did you mean efficientnet_lite0_pretrained, "),
+        # `cleave profile --model lite0`: a name meant for another source says how to give one.
+        (
+            ModelSpec(name="lite0", source="lite0", input_shape=SHAPE),
+            "unknown torchvision model 'lite0'; a model under a name of your own is NAME=SOURCE, e.g. lite0=",
+        ),
         (_spec("/nonexistent/model.ts"), "source file '/nonexistent/model.ts' not found"),
         (_spec("/nonexistent/model.pt2"), "source file '/nonexistent/model.pt2' not found"),
         (_spec("no_such_package.models:build"), "cannot import 'no_such_package.models'"),
