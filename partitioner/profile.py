@@ -14,8 +14,7 @@ such timings came out at full speed for some nodes and codecs and throttled for 
 1.0 ms/MB against int8's 40 ms/MB on an edge 24x slower than the cloud, and the heads up to the first
 block at 1.3% of the model where they do 9%). There, per-node and codec costs are their CPU time times
 the host's wall time per CPU second over many periods (what they cost in a sustained run), taken over
-the timed runs of the heads and the whole model (:func:`interleaved_ms`'s ``spent``, the ratio
-:func:`wall_per_cpu_ms` gives for one function).
+the timed runs of the heads and the whole model (:func:`interleaved_ms`'s ``spent``).
 
 Profiles are cached on disk, keyed by model fingerprint, role (edge or cloud), host, CPU quota,
 torch version, thread count, input shape (batch included) and dtype: a profile taken elsewhere, or
@@ -202,33 +201,6 @@ def _nothing() -> None:
     pass
 
 
-def wall_per_cpu_ms(
-    fn: Callable[[], object],
-    repeats: int,
-    warmup: int,
-    between: Callable[[], None] | None = None,
-) -> tuple[float, float]:
-    """``fn()``'s median wall time in ms over ``repeats`` calls, and the host's wall time per CPU second
-    over all of them (their summed wall time over the process's CPU time in them).
-
-    Over calls that span many CPU-quota periods the ratio is what a CPU second costs here in a sustained run:
-    about 1 on a free core, 1/quota under a CFS quota of less than a core, more under other work; under 1
-    when torch's threads run in parallel.
-    """
-    between = between or _nothing
-    for _ in range(warmup):
-        between()
-        fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        between()
-        cpu, started = time.process_time(), time.perf_counter()
-        fn()
-        walls.append((time.perf_counter() - started) * 1e3)
-        cpus.append((time.process_time() - cpu) * 1e3)
-    return statistics.median(walls), sum(walls) / max(sum(cpus), 1e-6)
-
-
 #: :func:`interleaved_ms` with ``min_rounds`` stops once no part's median moved by more than this share of
 #: itself in the last round.
 STABLE = 0.02
@@ -252,7 +224,10 @@ def interleaved_ms(
     ``min_rounds``: stop after that many rounds (at least 2) or more, once no part's median has moved by more
     than :data:`STABLE` of itself in the last round: on a steady host the rounds after that change next to
     nothing, and a drifting one runs them all. ``spent``: ``[wall ms, CPU ms]``, to which every timed call's
-    wall time and the process's CPU time in it are added (their ratio is :func:`wall_per_cpu_ms`'s).
+    wall time and the process's CPU time in it are added. Their ratio is the host's wall time per CPU
+    second: over calls that span many CPU-quota periods, what a CPU second costs here in a sustained run
+    (about 1 on a free core, 1/quota under a CFS quota of less than a core, more under other work; under
+    1 when torch's threads run in parallel).
     """
     between = between or _nothing
     samples: dict[int, list[float]] = {k: [] for k in parts}

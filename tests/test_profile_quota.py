@@ -15,7 +15,7 @@ import types
 import pytest
 
 from partitioner import profile as profile_mod
-from partitioner.profile import Profile, measure_codecs, node_costs, wall_per_cpu_ms
+from partitioner.profile import Profile, interleaved_ms, measure_codecs, node_costs
 
 
 class CfsClock:
@@ -103,7 +103,9 @@ def test_codec_costs_on_a_free_core_are_their_times(monkeypatch: pytest.MonkeyPa
 
 
 def test_wall_per_cpu_is_one_over_the_quota_over_many_periods(quota: CfsClock) -> None:
-    median, per_cpu = wall_per_cpu_ms(lambda: quota.work(7.0), repeats=10, warmup=1)
+    spent = [0.0, 0.0]
+    median = interleaved_ms({0: lambda _: quota.work(7.0)}, None, rounds=10, spent=spent)[0]
+    per_cpu = spent[0] / spent[1]
     assert per_cpu == pytest.approx(1 / quota.cores, rel=0.1)
     assert median == pytest.approx(7.0 / quota.cores, rel=0.15)
 
