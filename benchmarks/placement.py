@@ -1462,8 +1462,7 @@ class Session:
         by_label = {c["label"]: c for c in candidates}
         confirmed = {k: m.summary() for k, m in confirm.items()}
         oracle_label = min(confirmed, key=lambda k: confirmed[k]["e2e_ms"])
-        feasible = [k for k in confirmed if picks[k].within_budget]
-        budget_label = min(feasible, key=lambda k: confirmed[k]["e2e_ms"]) if feasible else oracle_label
+        budget_label = budget_oracle(picks, confirm) or oracle_label
         chosen_label = plan_label(plan)
         chosen_conf = confirmed.get(chosen_label)
         cleave_s = cleave.summary()
