@@ -58,6 +58,7 @@ PROBE_TIMEOUT_S = 15.0  # the longest an active probe holds the planning thread
 SILENT_MBPS = 1e-3  # the rate a probe that got no answer at all stands for
 SLOW_WALK_S = 2.0  # a re-plan check longer than this is logged, with the accuracy checks it ran
 REPLAN_TIMEOUT_S = 120.0  # how long Edge.Replan waits for the planning thread's answer
+LONGEST_CHECK_GAP_S = 30.0  # max_check_share never spaces re-plan checks further apart than this
 FIRST_PLAN = "first plan in progress: profiles, calibration images, link probe (requests run on the edge meanwhile)"
 
 
@@ -425,7 +426,7 @@ class AutoPlanner:
             self._handle(message)
             # Checked after every message, so a steady flow of observations cannot starve the checks.
             if time.monotonic() >= next_check:
-                next_check = time.monotonic() + interval
+                busy = _busy_s()
                 if self.enabled:
                     try:
                         self._check()
@@ -434,7 +435,19 @@ class AutoPlanner:
                     except Exception as exc:  # noqa: BLE001 - nothing may end automatic planning
                         self.error = _message(exc)
                         log.exception("re-planning check failed; the plan in force stays")
+                next_check = time.monotonic() + self.check_gap(_busy_s() - busy)
         self._refuse_waiting()
+
+    def check_gap(self, busy_s: float) -> float:
+        """Seconds from the end of a check that kept this thread busy for ``busy_s`` to the next one.
+
+        ``check_interval_s``, or more where the check took over ``max_check_share`` of that: at 30x slower
+        than the cloud under a CPU quota, a check's 17 ms of CPU kept it busy for ~400 ms (most of it
+        waiting for the quota's next period), and one check a second held 1.7x the latency of the same
+        plan pinned (placement_real.json). Never past ``LONGEST_CHECK_GAP_S``, so a link change is still
+        seen."""
+        s = self.settings
+        return max(s.check_interval_s, min(busy_s / s.max_check_share, LONGEST_CHECK_GAP_S))
 
     def _refuse_waiting(self) -> None:
         """After the loop: answer the re-plans still in the inbox."""
@@ -500,6 +513,17 @@ def runtime_plan(candidate: Candidate) -> tuple[Placement, int | None, EncodingS
         return Placement.EDGE_ONLY, None, EncodingSpec()
     cut = 0 if candidate.kind == Placement.CLOUD_ONLY else candidate.cut_index
     return candidate.kind, cut, EncodingSpec.parse(candidate.encoding)
+
+
+def _busy_s() -> float:
+    """Seconds this thread has run or waited, ready, for a CPU (Linux's schedstat: under a CPU quota
+    the wait for the next period is most of it); its CPU time where schedstat is not available."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            running_ns, waiting_ns = f.read().split()[:2]
+        return (int(running_ns) + int(waiting_ns)) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time()
 
 
 def _anchor_cuts(model: LoadedModel, count: int = 3) -> list[int]:

@@ -74,6 +74,10 @@ class AutoPlanSettings(Settings):
     # A re-plan check measures candidates' accuracy (the model on every calibration input, seconds each on a
     # slow device) for at most this long; the best plan known to fit is used meanwhile, the rest measured later.
     measure_budget_s: float = 5.0
+    # The share of this device's time the re-plan checks may take: after a check that kept the planning thread
+    # busy (running, or ready and waiting for a CPU) for t seconds, the next comes no sooner than t / this.
+    # On a throttled device a check's few ms of CPU take hundreds of ms of its quota, which requests need.
+    max_check_share: float = 0.05
 
     def validate(self) -> None:
         one_of("objective", self.objective, OBJECTIVES)
@@ -91,7 +95,9 @@ class AutoPlanSettings(Settings):
             "probe_interval_s",
             "confirmations",
             "measure_budget_s",
+            "max_check_share",
         )
+        require(self.max_check_share <= 1, "max_check_share", "in (0, 1]", self.max_check_share)
         non_negative(self, "min_gain", "min_gain_ms")
 
 

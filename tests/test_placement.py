@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
+from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
 
 from compressor import EncodingSpec
-from edge_node.autoplan import AutoPlanner, runtime_plan
+from edge_node.autoplan import LONGEST_CHECK_GAP_S, AutoPlanner, runtime_plan
 from edge_node.config import AutoPlanSettings
 from edge_node.runtime import BuildOnce, EdgeRuntime, Inflight
 from edge_node.servicer import pin_target, placement_from_proto, placement_to_proto, plan_to_proto
@@ -268,3 +270,50 @@ def test_an_unexpected_error_in_a_check_does_not_end_planning() -> None:
     finally:
         auto.close()
     assert not auto._thread.is_alive()
+
+
+def _planner_with_checks(check: Callable[[], None], **settings: float) -> AutoPlanner:
+    counters = SimpleNamespace(subscribe=lambda f: None, unsubscribe=lambda f: None)
+    runtime = SimpleNamespace(counters=counters, head_bits=32)
+    auto = AutoPlanner(None, runtime, None, None, AutoPlanSettings(**settings))  # type: ignore[arg-type]
+    auto.measure_link = lambda: SimpleNamespace(up_mbps=10.0, down_mbps=10.0, rtt_ms=5.0)
+    auto.use = lambda planner: setattr(auto, "planner", planner)
+    auto.apply = lambda scored, reason, **kwargs: True
+    auto.prepare = lambda: object()
+    auto.choose = lambda link: None
+    auto._check = check
+    return auto
+
+
+def test_checks_that_keep_the_device_busy_are_spaced_to_their_share() -> None:
+    """A re-plan check that keeps the planning thread busy for t seconds is followed by at least
+    t / max_check_share seconds without one (a throttled edge's checks took its requests' CPU);
+    a cheap check keeps check_interval_s."""
+    auto = AutoPlanner(None, None, None, None, AutoPlanSettings(check_interval_s=1.0))  # type: ignore[arg-type]
+    assert auto.check_gap(0.004) == 1.0  # 4 ms: the interval
+    assert auto.check_gap(0.4) == pytest.approx(8.0)  # at the default share, 0.05
+    assert auto.check_gap(60.0) == LONGEST_CHECK_GAP_S
+
+    def runs_for(settings: dict[str, float], seconds: float = 1.5) -> list[float]:
+        started: list[float] = []
+
+        def check() -> None:  # 30 ms of CPU, as a throttled device's check takes
+            started.append(time.monotonic())
+            end = time.thread_time() + 0.03
+            while time.thread_time() < end:
+                pass
+
+        auto = _planner_with_checks(check, check_interval_s=0.01, **settings)
+        auto.start()
+        try:
+            time.sleep(seconds)
+        finally:
+            auto.close()
+        return started
+
+    spaced = runs_for({"max_check_share": 0.1})
+    free = runs_for({"max_check_share": 1.0})
+    # At a tenth, each 30 ms check is followed by >= 0.3 s (more where the host made it wait for a CPU).
+    gaps = [b - a for a, b in pairwise(spaced)]
+    assert gaps and min(gaps) >= 0.3, gaps
+    assert len(free) > 3 * len(spaced), (len(free), len(spaced))
