@@ -247,7 +247,7 @@ class BundlesConfig(Settings):
 
 
 RAY_ADDRESS_FORMS = "'' (off), local, auto, or ray://HOST:PORT"
-RAY_TRANSPORTS = ("grpc", "actor")
+RAY_TRANSPORTS = ("grpc", "actor", "direct")
 
 
 @dataclass
@@ -298,7 +298,8 @@ class RaySettings(Settings):
     app_name: str = "cleave"  # prefix of each model's Serve application (several front doors share them)
     # How a request reaches a replica: ``grpc``, Serve's direct gRPC data plane (the transport
     # RAY_SERVE_THROUGHPUT_OPTIMIZED turns on), or ``actor``, Serve's default (a Ray actor call whose
-    # first reply only says "accepted"; always so through Ray Client, ray://). See docs/ray.md.
+    # first reply only says "accepted"; always so through Ray Client, ray://), or ``direct``: a socket
+    # of each replica's own, Serve still owning the replicas (lane.py). See docs/ray.md.
     transport: str = "grpc"
     access_log: bool = False  # Serve's per-request access log line in each replica (off: one write less per request)
     env: dict[str, str] = field(default_factory=dict)  # environment variables of every replica process

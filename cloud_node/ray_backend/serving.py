@@ -43,7 +43,8 @@ from protos.errors import (
 )
 
 from ..config import RaySettings
-from . import before_ray_import
+from . import autoscale, before_ray_import
+from .lane import KV_PREFIX, LaneLost, Lanes
 from .messages import WHOLE_MODEL, TailReply, TailRequest
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,18 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
             # dwarfs a short look-back window; half the window keeps at least two samples in it.
             "metrics_interval_s": min(10.0, settings.look_back_period_s / 2),
         }
+        if uses_lanes(settings):
+            # Lane requests bypass the handles whose counts Serve's default policy reads: the replicas
+            # report them, and this policy (Serve's own rule otherwise) counts them in.
+            options["autoscaling_config"]["policy"] = {"policy_function": f"{autoscale.__name__}:ongoing_requests"}
     else:
         options["num_replicas"] = settings.replicas
     return options
+
+
+def uses_lanes(settings: RaySettings) -> bool:
+    """Whether requests go over the direct lane (``transport: direct``; not through Ray Client, ``ray://``)."""
+    return settings.transport == "direct" and not settings.address.startswith("ray://")
 
 
 def calls_on_own_loop(settings: RaySettings) -> bool:
@@ -309,7 +319,13 @@ class RayTails:
                 threads = settings.torch_threads or max(1, int(-(-settings.num_cpus // 1)))
                 deployment = serve.deployment(TailReplica).options(**deployment_options(settings, name))
                 app_graph = deployment.bind(
-                    model.spec, model.fingerprint, threads, settings.max_batch_size, settings.batch_wait_timeout_s
+                    model.spec,
+                    model.fingerprint,
+                    threads,
+                    settings.max_batch_size,
+                    settings.batch_wait_timeout_s,
+                    lane=uses_lanes(settings),
+                    drain_s=max(0.0, settings.graceful_shutdown_timeout_s - 1.0),
                 )
                 started = time.perf_counter()
                 handle = serve.run(app_graph, name=app, route_prefix=None)
@@ -318,6 +334,13 @@ class RayTails:
                 self._handles[name] = self._calls.handle(name, app, settings)
             else:
                 self._handles[name] = request_handle(handle, settings)
+        self._lanes = None
+        if uses_lanes(settings):
+            self._lanes = Lanes(
+                {name: f"{KV_PREFIX}SERVE_REPLICA::{app_name(settings, name)}#{name}#" for name in models},
+                _lane_entries,
+                _alive_replicas,
+            )
         self._stop = threading.Event()
         self._poll_s = poll_s
         self.refresh()
@@ -402,11 +425,12 @@ class RayTails:
                 if remaining <= 0:
                     break
                 try:
-                    return self._send(handle, request, remaining)
+                    reply = self._lanes.call(model, request, remaining) if self._lanes is not None else None
+                    return reply if reply is not None else self._send(handle, request, remaining)
                 except TimeoutError as exc:
                     last = exc
                     break
-                except (ray.exceptions.RayActorError, ReplicaUnavailableError) as exc:
+                except (ray.exceptions.RayActorError, ReplicaUnavailableError, LaneLost) as exc:
                     last = exc
                     log.warning(
                         "ray: model %s: replica lost under a request (attempt %d of %d): %s",
@@ -481,6 +505,8 @@ class RayTails:
         """Read ``serve.status()`` once; a change in running replicas is recorded as a scaling decision."""
         from ray import serve
 
+        if self._lanes is not None:
+            self._lanes.refresh()
         apps = serve.status().applications
         now = time.time()
         for model in self._pools:
@@ -512,10 +538,32 @@ class RayTails:
         """Stop polling; tear Ray down only if this process started it (``local``)."""
         self._stop.set()
         self._poller.join(timeout=5)
+        if self._lanes is not None:
+            self._lanes.close()
         if self._calls is not None:
             self._calls.close(list(self._handles.values()))
         if self.local_ray is not None:
             self.local_ray.stop()
+
+
+def _lane_entries(prefix: str) -> dict[str, bytes]:
+    """The lane entries under ``prefix`` in Ray's key-value store: replica id -> entry."""
+    from ray.experimental import internal_kv
+
+    found = {}
+    for key in internal_kv._internal_kv_list(prefix):
+        value = internal_kv._internal_kv_get(key)
+        if value is not None:
+            found[key.decode()[len(KV_PREFIX) :]] = value
+    return found
+
+
+def _alive_replicas() -> set[str]:
+    """Serve replica ids whose actor is alive (a killed replica leaves its lane entry behind)."""
+    import ray
+
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"] for a in actors if a["name"].startswith("SERVE_REPLICA::")}
 
 
 class TailsCollector(Collector):
