@@ -268,6 +268,7 @@ class PoolStatus:
     requests: int = 0
     retries: int = 0  # calls sent again after a replica died under them
     failures: int = 0  # requests that ran out of attempts or time
+    lane_requests: int = 0  # requests answered over the direct lane (transport: direct), not Serve's handle
     decisions: list[dict] = field(default_factory=list)  # recent replica-count changes, oldest first
 
     @property
@@ -285,6 +286,7 @@ class PoolStatus:
             "requests": self.requests,
             "retries": self.retries,
             "failures": self.failures,
+            "lane_requests": self.lane_requests,
             "decisions": list(self.decisions),
         }
 
@@ -426,7 +428,11 @@ class RayTails:
                     break
                 try:
                     reply = self._lanes.call(model, request, remaining) if self._lanes is not None else None
-                    return reply if reply is not None else self._send(handle, request, remaining)
+                    if reply is None:
+                        return self._send(handle, request, remaining)
+                    with self._lock:
+                        pool.lane_requests += 1
+                    return reply
                 except TimeoutError as exc:
                     last = exc
                     break
