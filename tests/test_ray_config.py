@@ -83,6 +83,8 @@ def test_deployment_options_follow_the_section() -> None:
     assert auto["policy"] == {"policy_function": "cloud_node.ray_backend.autoscale:ongoing_requests"}
     grpc = deployment_options(RaySettings(address="auto", max_replicas=4, transport="grpc"), "m")
     assert "policy" not in grpc["autoscaling_config"]  # Serve's own default policy
+    batched = deployment_options(RaySettings(address="auto", max_replicas=4, max_batch_size=8), "m")
+    assert "policy" not in batched["autoscaling_config"]  # @serve.batch needs Serve's path: no lane
     assert app_name(RaySettings(app_name="fleet"), "resnet18") == "fleet-resnet18"
 
 

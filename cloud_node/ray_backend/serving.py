@@ -175,8 +175,13 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
 
 
 def uses_lanes(settings: RaySettings) -> bool:
-    """Whether requests go over the direct lane (``transport: direct``; not through Ray Client, ``ray://``)."""
-    return settings.transport == "direct" and not settings.address.startswith("ray://")
+    """Whether requests go over the direct lane (``transport: direct``).
+
+    Not through Ray Client (``ray://``: the replicas' ports are inside the cluster), and not with
+    batching (``max_batch_size`` > 1): Serve's ``@serve.batch`` queue lives on the replica's event
+    loop, which lane requests do not pass; those deployments use Serve's gRPC transport.
+    """
+    return settings.transport == "direct" and not settings.address.startswith("ray://") and settings.max_batch_size <= 1
 
 
 def calls_on_own_loop(settings: RaySettings) -> bool:
