@@ -28,9 +28,29 @@ def echo(req: TailRequest) -> TailReply:
     return TailReply(outputs=(req.features[0][::-1], b""), decode_ms=1.5, batch_size=1, replica="r1")
 
 
+class Directory:
+    """Published entries and live replica ids, as Ray's key-value store and named actors would hold them."""
+
+    def __init__(self, entries: dict[str, bytes], alive: set[str]) -> None:
+        self.entries, self.live, self.reads = entries, alive, 0
+
+    def replicas(self, prefix: str) -> list[str]:
+        return [r for r in self.entries if r.startswith(prefix)]
+
+    def entry(self, replica: str) -> bytes | None:
+        self.reads += 1
+        return self.entries.get(replica)
+
+    def forget(self, replica: str) -> None:
+        del self.entries[replica]
+
+    def alive(self) -> set[str]:
+        return set(self.live)
+
+
 def lanes_for(*servers: LaneServer) -> Lanes:
-    entries = {f"SERVE_REPLICA::app#m#r{i}": s.entry() for i, s in enumerate(servers)}
-    return Lanes({"m": "p/"}, lambda prefix: dict(entries), lambda: set(entries))
+    entries = {f"app#m#r{i}": s.entry() for i, s in enumerate(servers)}
+    return Lanes({"m": "app#m#"}, Directory(entries, set(entries)))
 
 
 def test_a_request_and_its_reply_cross_the_lane_intact() -> None:
@@ -150,13 +170,20 @@ def test_requests_go_to_the_replica_with_fewest_in_flight() -> None:
             s.close(1)
 
 
-def test_a_dead_replicas_entry_is_ignored() -> None:
+def test_a_dead_replicas_entry_is_ignored_and_deleted_and_live_entries_are_read_once() -> None:
     server = LaneServer(echo)
-    entries = {"SERVE_REPLICA::app#m#dead": server.entry(), "SERVE_REPLICA::app#m#live": server.entry()}
-    lanes = Lanes({"m": "p/"}, lambda prefix: entries, lambda: {"SERVE_REPLICA::app#m#live"})
+    entries = {"app#m#dead": server.entry(), "app#m#live": server.entry(), "app#other#x": server.entry()}
+    directory = Directory(entries, {"app#m#live", "app#other#x"})
+    lanes = Lanes({"m": "app#m#"}, directory)
     try:
         lanes.refresh()
-        assert lanes.endpoints("m") == ["SERVE_REPLICA::app#m#live"]
+        assert lanes.endpoints("m") == ["app#m#live"]
+        assert sorted(entries) == ["app#m#live", "app#other#x"]  # the dead one's entry is gone
+        lanes.refresh()
+        assert directory.reads == 1  # a known replica's entry is not read again
+        directory.live.discard("app#m#live")
+        lanes.refresh()
+        assert lanes.endpoints("m") == []
     finally:
         server.close(0)
 

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from compressor import EncodingSpec
 from protos.cleave.v1 import tensor_pb2
@@ -230,24 +231,33 @@ class Endpoint:
     idle: list[socket.socket] = field(default_factory=list)
 
 
+class Directory(Protocol):
+    """Where replicas publish their lanes (Ray's key-value store and named actors, in serving.py)."""
+
+    def replicas(self, prefix: str) -> list[str]:
+        """Replica ids with an entry under ``prefix``."""
+
+    def entry(self, replica: str) -> bytes | None:
+        """That replica's published entry (None: gone meanwhile)."""
+
+    def forget(self, replica: str) -> None:
+        """Delete a dead replica's entry (a killed replica cannot delete its own)."""
+
+    def alive(self) -> set[str]:
+        """Ids of the replicas whose actor is alive."""
+
+
 class Lanes:
     """The front door's lanes to every live replica of each model, and the calls over them.
 
-    ``list_entries(prefix) -> {replica id: entry bytes}`` and ``alive() -> set of replica ids`` read
-    Ray (the key-value store, the named actors); :meth:`refresh` replaces a model's endpoints with
-    what they say. Every piece of state is under ``self._lock``; sockets are used by one call at a time.
+    :meth:`refresh` reads ``directory``: it adds the lanes of new live replicas, drops those of
+    replicas gone, and deletes the entries that dead replicas left behind. Every piece of state is
+    under ``self._lock``; a socket is used by one call at a time.
     """
 
-    def __init__(
-        self,
-        prefixes: dict[str, str],
-        list_entries: Callable[[str], dict[str, bytes]],
-        alive: Callable[[], set[str]],
-        connect_timeout_s: float = 2.0,
-    ) -> None:
+    def __init__(self, prefixes: dict[str, str], directory: Directory, connect_timeout_s: float = 2.0) -> None:
         self._prefixes = prefixes  # model -> the key prefix of its replicas' entries
-        self._list_entries = list_entries
-        self._alive = alive
+        self._directory = directory
         self._connect_timeout_s = connect_timeout_s
         self._lock = threading.Lock()
         self._endpoints: dict[str, dict[str, Endpoint]] = {m: {} for m in prefixes}
@@ -255,8 +265,17 @@ class Lanes:
 
     def refresh(self) -> None:
         """Re-read every model's live replicas; keep the connections of those still there."""
-        alive = self._alive()
-        found = {m: {r: e for r, e in self._list_entries(p).items() if r in alive} for m, p in self._prefixes.items()}
+        directory = self._directory
+        alive = directory.alive()
+        found: dict[str, dict[str, bytes | None]] = {}
+        for model, prefix in self._prefixes.items():
+            listed = directory.replicas(prefix)
+            for dead in (r for r in listed if r not in alive):
+                directory.forget(dead)
+            with self._lock:
+                known = set(self._endpoints[model])
+            # Only new replicas' entries are read: an entry never changes while its replica lives.
+            found[model] = {r: None if r in known else directory.entry(r) for r in listed if r in alive}
         closing = []
         with self._lock:
             self._refreshed = time.monotonic()
@@ -265,7 +284,7 @@ class Lanes:
                 for gone in set(now) - set(entries):
                     closing += now.pop(gone).idle
                 for replica, raw in entries.items():
-                    if replica in now:
+                    if replica in now or raw is None:
                         continue
                     try:
                         entry = json.loads(raw)

@@ -344,9 +344,7 @@ class RayTails:
         self._lanes = None
         if uses_lanes(settings):
             self._lanes = Lanes(
-                {name: f"{KV_PREFIX}SERVE_REPLICA::{app_name(settings, name)}#{name}#" for name in models},
-                _lane_entries,
-                _alive_replicas,
+                {name: f"SERVE_REPLICA::{app_name(settings, name)}#{name}#" for name in models}, RayDirectory()
             )
         self._stop = threading.Event()
         self._poll_s = poll_s
@@ -557,24 +555,34 @@ class RayTails:
             self.local_ray.stop()
 
 
-def _lane_entries(prefix: str) -> dict[str, bytes]:
-    """The lane entries under ``prefix`` in Ray's key-value store: replica id -> entry."""
-    from ray.experimental import internal_kv
+class RayDirectory:
+    """The replicas' lane entries in Ray's key-value store (``KV_PREFIX`` + replica id) and their actors.
 
-    found = {}
-    for key in internal_kv._internal_kv_list(prefix):
-        value = internal_kv._internal_kv_get(key)
-        if value is not None:
-            found[key.decode()[len(KV_PREFIX) :]] = value
-    return found
+    Ray's key-value store has no public Python API; ``ray.experimental.internal_kv`` is what Serve
+    and Ray's own libraries use for the same purpose.
+    """
 
+    def replicas(self, prefix: str) -> list[str]:
+        from ray.experimental import internal_kv
 
-def _alive_replicas() -> set[str]:
-    """Serve replica ids whose actor is alive (a killed replica leaves its lane entry behind)."""
-    import ray
+        return [key.decode()[len(KV_PREFIX) :] for key in internal_kv._internal_kv_list(KV_PREFIX + prefix)]
 
-    actors = ray.util.list_named_actors(all_namespaces=True)
-    return {a["name"] for a in actors if a["name"].startswith("SERVE_REPLICA::")}
+    def entry(self, replica: str) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(KV_PREFIX + replica)
+
+    def forget(self, replica: str) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(KV_PREFIX + replica)
+
+    def alive(self) -> set[str]:
+        """Serve replica ids whose actor is alive (a replica's id is its actor's name)."""
+        import ray
+
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        return {a["name"] for a in actors if a["name"].startswith("SERVE_REPLICA::")}
 
 
 class TailsCollector(Collector):
