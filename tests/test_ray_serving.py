@@ -283,6 +283,62 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing(tra
         assert pool_status.lane_requests >= streams * per_stream
 
 
+def test_replicas_replaced_under_load_lose_nothing_on_the_lane() -> None:
+    """Serve replaces both replicas while 4 streams run over their lanes: every request answered once, exact.
+
+    Redeploying with one replica makes Serve replace the two (a deployment without a fixed ``version``
+    gets a new one each time) by one new replica: each old one drains (Serve's requests, then its
+    lane's in ``__del__``) while the front door moves to the new one, over Serve's handle until it
+    knows the new lane.
+    """
+    from cloud_node.ray_backend.replica import TailReplica
+    from cloud_node.ray_backend.serving import app_name, deployment_options
+
+    model = LoadedModel.load(ModelSpec.from_dict(SLOW))
+    _, head, tail = model.parts("relu")
+    streams, per_stream = 4, 15
+    inputs = calibration_batch(SLOW["input_shape"], streams * per_stream, seed=13)
+    with torch.inference_mode():
+        features = [as_tensor_list(head(inputs[i : i + 1])) for i in range(len(inputs))]
+        expected = [as_tensor_list(tail(*f)) for f in features]
+    env = {"CLEAVE_TEST_TAIL_SLEEP_S": str(KILL_SLEEP_S)}
+    settings = {"replicas": 2, "min_replicas": 2, "max_replicas": 2, "env": env, "graceful_shutdown_timeout_s": 6}
+    with ray_cloud([SLOW], "drain", **settings) as (port, tails):
+        assert len(replica_names("drain")) == 2
+        shrunk = threading.Event()
+
+        def stream(s: int) -> dict[int, list[torch.Tensor]]:
+            ids = range(s * per_stream, (s + 1) * per_stream)
+            return run_stream(port, model, "relu", [(i + 1, features[i]) for i in ids])
+
+        def shrink() -> None:
+            wait_for(lambda: tails.status()[0].in_flight >= streams, 60, "requests in flight", tails, 0.005)
+            options = {**deployment_options(tails.settings, "slow"), "num_replicas": 1}
+            lanes = tails.settings.graceful_shutdown_timeout_s - 1.0
+            app = (
+                serve.deployment(TailReplica)
+                .options(**options)
+                .bind(model.spec, model.fingerprint, 1, 1, 0.0, lane=True, drain_s=lanes)
+            )
+            serve.run(app, name=app_name(tails.settings, "slow"), route_prefix=None)
+            wait_for(lambda: len(replica_names("drain")) == 1, 60, "one replica to be removed", tails)
+            shrunk.set()
+
+        with ThreadPoolExecutor(streams + 1) as pool:
+            done = pool.submit(shrink)
+            replies = list(pool.map(stream, range(streams)))
+            done.result()
+        status = tails.status()[0]
+    assert shrunk.is_set()
+    answered = {rid: out for got in replies for rid, out in got.items()}
+    assert sorted(answered) == list(range(1, streams * per_stream + 1))
+    for rid, outputs in answered.items():
+        for a, b in zip(outputs, expected[rid - 1], strict=True):
+            assert torch.equal(a, b), f"request {rid} got another input's answer or a wrong one"
+    assert status.failures == 0 and status.requests == streams * per_stream
+    assert status.lane_requests > 0 and status.running == 1
+
+
 def test_a_request_past_its_deadline_answers_deadline_exceeded_and_leaves_nothing_in_flight() -> None:
     """A tail slower than ``request_timeout_s`` answers DEADLINE_EXCEEDED at the deadline, not when the tail ends."""
     model = LoadedModel.load(ModelSpec.from_dict(SLOW))
