@@ -33,10 +33,11 @@ Writes ``benchmarks/results/scale.json`` and ``scale.png``; ``python -m benchmar
 the tables in ``docs/ray.md``.
 
 ``--quick`` (about 2 minutes) measures only the Ray path's added latency: the process cloud, a
-1-replica Ray cloud with Cleave's settings and one with Serve's defaults (``ray-1-serve-defaults``:
-``transport: actor``, access log on, replica methods on their own event loop) all up at once, one
-request at a time in turn (``--pairs`` each). It prints the medians, and writes them to ``--out``
-only when that is given. ``--baseline-tree DIR`` replaces the Serve-defaults cloud with
+1-replica Ray cloud with Cleave's settings (the direct lane) and a third one, ``--versus``: the same
+over Serve's gRPC data plane (``ray-1-grpc``, the default) or with Serve's defaults
+(``ray-1-serve-defaults``: ``transport: actor``, access log on, replica methods on their own event
+loop), all up at once, one request at a time in turn (``--pairs`` each). It prints the medians, and
+writes them to ``--out`` only when that is given. ``--baseline-tree DIR`` replaces the third cloud with
 ``ray-1-baseline``: the same 1-replica Ray cloud run from another Cleave source tree (an older
 commit, e.g. ``git worktree add DIR COMMIT``), so a change to the Ray path is measured against the
 code before it, side by side in one run.
@@ -132,6 +133,7 @@ def start_cloud(work: Path, name: str, entry: dict, args, tree: str | None = Non
         replicas = int(name.split("-")[1])
         config["ray"] = {
             **(SERVE_DEFAULTS if name.endswith("-serve-defaults") else {}),
+            **({"transport": "grpc"} if name.endswith("-grpc") else {}),
             "address": "local",
             "replicas": replicas,
             "min_replicas": replicas,
@@ -346,7 +348,7 @@ def replica_pids(app: str) -> list[int]:
 
 def quick(model: LoadedModel, entry: dict, features: Features, args, work: Path) -> dict:
     """The Ray path's added median latency, Cleave's settings and Serve's defaults side by side."""
-    names = ("process", "ray-1", "ray-1-baseline" if args.baseline_tree else "ray-1-serve-defaults")
+    names = ("process", "ray-1", "ray-1-baseline" if args.baseline_tree else f"ray-1-{args.versus}")
     clouds: dict[str, DaemonProcess] = {}
     try:
         for name in names:
@@ -402,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-tree",
         metavar="DIR",
         help="--quick: also run a 1-replica Ray cloud from this Cleave source tree (instead of Serve's defaults)",
+    )
+    p.add_argument(
+        "--versus",
+        choices=("grpc", "serve-defaults"),
+        default="grpc",
+        help="--quick: the third cloud: transport grpc (Serve's gRPC data plane, Cleave's other settings) "
+        "or Serve's defaults; ray-1 uses the default transport, direct",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the reference tails run with the replicas' and the cloud's thread count

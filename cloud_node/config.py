@@ -247,7 +247,7 @@ class BundlesConfig(Settings):
 
 
 RAY_ADDRESS_FORMS = "'' (off), local, auto, or ray://HOST:PORT"
-RAY_TRANSPORTS = ("grpc", "actor")
+RAY_TRANSPORTS = ("grpc", "actor", "direct")
 
 
 @dataclass
@@ -296,10 +296,11 @@ class RaySettings(Settings):
     max_attempts: int = 3  # tries per request when a replica dies under it
     graceful_shutdown_timeout_s: float = 20.0  # a replica scaled down finishes its in-flight requests first
     app_name: str = "cleave"  # prefix of each model's Serve application (several front doors share them)
-    # How a request reaches a replica: ``grpc``, Serve's direct gRPC data plane (the transport
+    # How a request reaches a replica: ``direct`` (default), a socket of each replica's own, Serve still
+    # owning the replicas (lane.py); ``grpc``, Serve's direct gRPC data plane (the transport
     # RAY_SERVE_THROUGHPUT_OPTIMIZED turns on), or ``actor``, Serve's default (a Ray actor call whose
     # first reply only says "accepted"; always so through Ray Client, ray://). See docs/ray.md.
-    transport: str = "grpc"
+    transport: str = "direct"
     access_log: bool = False  # Serve's per-request access log line in each replica (off: one write less per request)
     env: dict[str, str] = field(default_factory=dict)  # environment variables of every replica process
     local_num_cpus: int = 0  # `local`: CPUs the Ray instance may use; 0: the machine's

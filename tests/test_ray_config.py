@@ -38,7 +38,7 @@ def test_ray_is_off_by_default_and_the_flag_turns_it_on() -> None:
         ({"num_gpus": -1}, "ray.num_gpus: must be >= 0"),
         ({"replica": 2}, "ray.replica: unknown key"),
         ({"env": {"A": 1}}, "ray.env"),
-        ({"transport": "http"}, "ray.transport: must be one of grpc, actor; got 'http'"),
+        ({"transport": "http"}, "ray.transport: must be one of grpc, actor, direct; got 'http'"),
         ({"jobs": {"job_num_cpus": 0}}, "ray.jobs.job_num_cpus: must be > 0"),
     ],
 )
@@ -79,6 +79,12 @@ def test_deployment_options_follow_the_section() -> None:
         "env_vars": {"X": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
     }
     assert scaled["logging_config"] == {"enable_access_log": True}
+    # direct (the default): lane requests bypass the handles, so the policy that counts them in decides
+    assert auto["policy"] == {"policy_function": "cloud_node.ray_backend.autoscale:ongoing_requests"}
+    grpc = deployment_options(RaySettings(address="auto", max_replicas=4, transport="grpc"), "m")
+    assert "policy" not in grpc["autoscaling_config"]  # Serve's own default policy
+    batched = deployment_options(RaySettings(address="auto", max_replicas=4, max_batch_size=8), "m")
+    assert "policy" not in batched["autoscaling_config"]  # @serve.batch needs Serve's path: no lane
     assert app_name(RaySettings(app_name="fleet"), "resnet18") == "fleet-resnet18"
 
 
@@ -90,7 +96,8 @@ def test_the_transport_picks_how_the_front_door_calls_the_deployment() -> None:
     handle = Handle()
     assert request_handle(handle, RaySettings(address="auto", transport="actor")) is handle  # Serve's default
     assert request_handle(handle, RaySettings(address="ray://head:10001")) is handle  # Ray Client: actor calls
-    assert request_handle(handle, RaySettings(address="auto")) == {
+    # grpc, and direct's fallback when no lane is known yet
+    assert request_handle(handle, RaySettings(address="auto", transport="grpc")) == {
         "_by_reference": False,
         "request_serialization": "pickle",
         "response_serialization": "pickle",

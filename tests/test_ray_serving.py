@@ -151,6 +151,7 @@ def test_split_inference_through_ray_tails_is_bit_exact_with_the_single_process_
                 assert torch.equal(a, b), f"cut {cut}, {spec.encoding}: request {rid} differs"
     assert [p.model for p in pools] == ["resnet18"] and pools[0].running == 1
     assert pools[0].requests == sum(len(reqs) for _, _, reqs in cases) and pools[0].failures == 0
+    assert pools[0].lane_requests == pools[0].requests  # all over the direct lane (the default transport)
 
 
 KSERVE_MODELS = [
@@ -235,7 +236,8 @@ def wait_for(condition, timeout: float, what: str, tails=None, poll: float = 0.2
         time.sleep(poll)
 
 
-def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing() -> None:
+@pytest.mark.parametrize("transport", ["grpc", "direct"])
+def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing(transport: str) -> None:
     model = LoadedModel.load(ModelSpec.from_dict(SLOW))
     cut = "relu"
     _, head, tail = model.parts(cut)
@@ -247,8 +249,10 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing() -
     # Each request sits in a replica for most of its life (routing and the stream take a few ms), so once every
     # stream has one in flight, spread over both replicas by the router, the victim holds one when it dies.
     env = {"CLEAVE_TEST_TAIL_SLEEP_S": str(KILL_SLEEP_S)}
-    with ray_cloud([SLOW], "kill", replicas=2, min_replicas=2, max_replicas=2, env=env) as (port, tails):
-        assert len(replica_names("kill")) == 2
+    app = f"kill{transport}"
+    settings = {"replicas": 2, "min_replicas": 2, "max_replicas": 2, "env": env, "transport": transport}
+    with ray_cloud([SLOW], app, **settings) as (port, tails):
+        assert len(replica_names(app)) == 2
         killed = threading.Event()
 
         def stream(s: int) -> dict[int, list[torch.Tensor]]:
@@ -258,7 +262,7 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing() -
         def killer() -> None:
             wait_for(lambda: tails.status()[0].requests >= streams * 3, 60, "load to build up", tails, 0.02)
             wait_for(lambda: tails.status()[0].in_flight >= streams, 10, "requests in flight", tails, 0.005)
-            victim = replica_names("kill")[0]
+            victim = replica_names(app)[0]
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             killed.set()
 
@@ -275,6 +279,64 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing() -
             assert torch.equal(a, b), f"request {rid} got another input's answer or a wrong one"
     assert pool_status.retries >= 1, "the kill hit no request in flight: the test proved nothing"
     assert pool_status.failures == 0
+    if transport == "direct":  # the requests went over the lanes, not Serve's handle
+        assert pool_status.lane_requests >= streams * per_stream
+
+
+def test_replicas_replaced_under_load_lose_nothing_on_the_lane() -> None:
+    """Serve replaces both replicas while 4 streams run over their lanes: every request answered once, exact.
+
+    Redeploying with one replica makes Serve replace the two (a deployment without a fixed ``version``
+    gets a new one each time) by one new replica: each old one drains (Serve's requests, then its
+    lane's in ``__del__``) while the front door moves to the new one, over Serve's handle until it
+    knows the new lane.
+    """
+    from cloud_node.ray_backend.replica import TailReplica
+    from cloud_node.ray_backend.serving import app_name, deployment_options
+
+    model = LoadedModel.load(ModelSpec.from_dict(SLOW))
+    _, head, tail = model.parts("relu")
+    streams, per_stream = 4, 15
+    inputs = calibration_batch(SLOW["input_shape"], streams * per_stream, seed=13)
+    with torch.inference_mode():
+        features = [as_tensor_list(head(inputs[i : i + 1])) for i in range(len(inputs))]
+        expected = [as_tensor_list(tail(*f)) for f in features]
+    env = {"CLEAVE_TEST_TAIL_SLEEP_S": str(KILL_SLEEP_S)}
+    settings = {"replicas": 2, "min_replicas": 2, "max_replicas": 2, "env": env, "graceful_shutdown_timeout_s": 6}
+    with ray_cloud([SLOW], "drain", **settings) as (port, tails):
+        assert len(replica_names("drain")) == 2
+        shrunk = threading.Event()
+
+        def stream(s: int) -> dict[int, list[torch.Tensor]]:
+            ids = range(s * per_stream, (s + 1) * per_stream)
+            return run_stream(port, model, "relu", [(i + 1, features[i]) for i in ids])
+
+        def shrink() -> None:
+            wait_for(lambda: tails.status()[0].in_flight >= streams, 60, "requests in flight", tails, 0.005)
+            options = {**deployment_options(tails.settings, "slow"), "num_replicas": 1}
+            lanes = tails.settings.graceful_shutdown_timeout_s - 1.0
+            app = (
+                serve.deployment(TailReplica)
+                .options(**options)
+                .bind(model.spec, model.fingerprint, 1, 1, 0.0, lane=True, drain_s=lanes)
+            )
+            serve.run(app, name=app_name(tails.settings, "slow"), route_prefix=None)
+            wait_for(lambda: len(replica_names("drain")) == 1, 60, "one replica to be removed", tails)
+            shrunk.set()
+
+        with ThreadPoolExecutor(streams + 1) as pool:
+            done = pool.submit(shrink)
+            replies = list(pool.map(stream, range(streams)))
+            done.result()
+        status = tails.status()[0]
+    assert shrunk.is_set()
+    answered = {rid: out for got in replies for rid, out in got.items()}
+    assert sorted(answered) == list(range(1, streams * per_stream + 1))
+    for rid, outputs in answered.items():
+        for a, b in zip(outputs, expected[rid - 1], strict=True):
+            assert torch.equal(a, b), f"request {rid} got another input's answer or a wrong one"
+    assert status.failures == 0 and status.requests == streams * per_stream
+    assert status.lane_requests > 0 and status.running == 1
 
 
 def test_a_request_past_its_deadline_answers_deadline_exceeded_and_leaves_nothing_in_flight() -> None:
@@ -294,7 +356,8 @@ def test_a_request_past_its_deadline_answers_deadline_exceeded_and_leaves_nothin
     assert (pool.requests, pool.failures, pool.in_flight) == (1, 1, 0)
 
 
-def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back() -> None:
+@pytest.mark.parametrize("transport", ["grpc", "direct"])
+def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back(transport: str) -> None:
     model = LoadedModel.load(ModelSpec.from_dict(SLOW))
     _, head, _ = model.parts("relu")
     with torch.inference_mode():
@@ -308,9 +371,11 @@ def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back() -> None
         "downscale_delay_s": 3.0,
         "look_back_period_s": 2.0,
         "env": {"CLEAVE_TEST_TAIL_SLEEP_S": str(SLEEP_S)},
+        "transport": transport,
     }
     registry = CollectorRegistry()
-    with ray_cloud([SLOW], "scale", registry, **scaling) as (port, tails):
+    app = f"scale{transport}"
+    with ray_cloud([SLOW], app, registry, **scaling) as (port, tails):
         assert tails.status()[0].running == 1
         stop = threading.Event()
 
@@ -332,7 +397,7 @@ def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back() -> None
             finally:
                 stop.set()
             assert sum(f.result() for f in futures) > 0
-        wait_for(lambda: tails.status()[0].running == 1 and len(replica_names("scale")) == 1, 60, "scale-down", tails)
+        wait_for(lambda: tails.status()[0].running == 1 and len(replica_names(app)) == 1, 60, "scale-down", tails)
         decisions = tails.status()[0].decisions
         after = cloud_status(port)["pools"][0]
     assert [(d["from"], d["to"]) for d in decisions][-2:] == [(1, 2), (2, 1)]
@@ -342,6 +407,8 @@ def test_autoscaling_goes_from_one_to_two_replicas_under_load_and_back() -> None
     ) == (1, 2)
     assert 'cleave_ray_replicas{model="slow",state="RUNNING"} 2.0' in metrics
     assert after["running"] == 1 and after["decisions"][-1]["to_replicas"] == 1 and after["failures"] == 0
+    if transport == "direct":  # the load the autoscaler saw went over the lanes, not Serve's handle
+        assert tails.status()[0].lane_requests == tails.status()[0].requests > 0
 
 
 def test_cleave_cloud_with_ray_address_local_starts_and_stops_its_own_ray(tmp_path: Path) -> None:

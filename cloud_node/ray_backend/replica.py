@@ -28,6 +28,8 @@ from partitioner.models import ModelSpec
 from protos.cleave.v1 import tensor_pb2
 from protos.errors import InvalidArgument, WireError
 
+from .autoscale import LANE_METRIC
+from .lane import KV_PREFIX, LaneServer
 from .messages import WHOLE_MODEL, TailReply, TailRequest
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ class TailReplica:
         torch_threads: int = 1,
         max_batch_size: int = 1,
         batch_wait_timeout_s: float = 0.0,
+        lane: bool = False,
+        drain_s: float = 20.0,
     ) -> None:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -66,9 +70,43 @@ class TailReplica:
             self.run_batch.set_max_batch_size(max_batch_size)
             self.run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
+            replica_id = serve.get_replica_context().replica_id
+            self.replica, full_id = replica_id.unique_id, replica_id.to_full_id_str()
         except Exception:  # noqa: BLE001 - outside Serve (a unit test builds the class directly)
-            self.replica = "local"
+            self.replica, full_id = "local", ""
+        # The direct lane (ray.transport: direct): front doors send requests to this replica's own
+        # port, found under its replica id in Ray's key-value store (see lane.py).
+        self._lane: LaneServer | None = None
+        self._lane_key = KV_PREFIX + full_id
+        self._drain_s = drain_s
+        if lane:
+            import ray
+            from ray.experimental import internal_kv
+
+            self._lane = LaneServer(self._run_one, host=ray.util.get_node_ip_address())
+            internal_kv._internal_kv_put(self._lane_key, self._lane.entry())
+
+    def _run_one(self, request: TailRequest) -> TailReply:
+        return self.run_many([(request, time.perf_counter())])[0]
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for custom autoscaling metrics: requests on the direct lane, which Serve does not see."""
+        return {LANE_METRIC: float(self._lane.in_flight if self._lane is not None else 0)}
+
+    def __del__(self) -> None:
+        """Serve calls this once it has drained its own requests: drain the lane's too, then close it."""
+        lane, self._lane = getattr(self, "_lane", None), None
+        if lane is None:
+            return
+        try:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_del(self._lane_key)
+        except Exception as exc:  # noqa: BLE001 - shutting down: front doors also drop lanes of dead actors
+            log.warning("lane: could not remove this replica's entry: %s", exc)
+        left = lane.close(self._drain_s)
+        if left:
+            log.warning("lane: %d requests still running after %.0fs of draining", left, self._drain_s)
 
     async def __call__(self, request: TailRequest) -> TailReply:
         if self.batching:

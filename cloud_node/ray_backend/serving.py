@@ -43,7 +43,8 @@ from protos.errors import (
 )
 
 from ..config import RaySettings
-from . import before_ray_import
+from . import autoscale, before_ray_import
+from .lane import KV_PREFIX, LaneLost, Lanes
 from .messages import WHOLE_MODEL, TailReply, TailRequest
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,23 @@ def deployment_options(settings: RaySettings, model: str) -> dict[str, Any]:
             # dwarfs a short look-back window; half the window keeps at least two samples in it.
             "metrics_interval_s": min(10.0, settings.look_back_period_s / 2),
         }
+        if uses_lanes(settings):
+            # Lane requests bypass the handles whose counts Serve's default policy reads: the replicas
+            # report them, and this policy (Serve's own rule otherwise) counts them in.
+            options["autoscaling_config"]["policy"] = {"policy_function": f"{autoscale.__name__}:ongoing_requests"}
     else:
         options["num_replicas"] = settings.replicas
     return options
+
+
+def uses_lanes(settings: RaySettings) -> bool:
+    """Whether requests go over the direct lane (``transport: direct``).
+
+    Not through Ray Client (``ray://``: the replicas' ports are inside the cluster), and not with
+    batching (``max_batch_size`` > 1): Serve's ``@serve.batch`` queue lives on the replica's event
+    loop, which lane requests do not pass; those deployments use Serve's gRPC transport.
+    """
+    return settings.transport == "direct" and not settings.address.startswith("ray://") and settings.max_batch_size <= 1
 
 
 def calls_on_own_loop(settings: RaySettings) -> bool:
@@ -258,6 +273,7 @@ class PoolStatus:
     requests: int = 0
     retries: int = 0  # calls sent again after a replica died under them
     failures: int = 0  # requests that ran out of attempts or time
+    lane_requests: int = 0  # requests answered over the direct lane (transport: direct), not Serve's handle
     decisions: list[dict] = field(default_factory=list)  # recent replica-count changes, oldest first
 
     @property
@@ -275,6 +291,7 @@ class PoolStatus:
             "requests": self.requests,
             "retries": self.retries,
             "failures": self.failures,
+            "lane_requests": self.lane_requests,
             "decisions": list(self.decisions),
         }
 
@@ -309,7 +326,13 @@ class RayTails:
                 threads = settings.torch_threads or max(1, int(-(-settings.num_cpus // 1)))
                 deployment = serve.deployment(TailReplica).options(**deployment_options(settings, name))
                 app_graph = deployment.bind(
-                    model.spec, model.fingerprint, threads, settings.max_batch_size, settings.batch_wait_timeout_s
+                    model.spec,
+                    model.fingerprint,
+                    threads,
+                    settings.max_batch_size,
+                    settings.batch_wait_timeout_s,
+                    lane=uses_lanes(settings),
+                    drain_s=max(0.0, settings.graceful_shutdown_timeout_s - 1.0),
                 )
                 started = time.perf_counter()
                 handle = serve.run(app_graph, name=app, route_prefix=None)
@@ -318,6 +341,11 @@ class RayTails:
                 self._handles[name] = self._calls.handle(name, app, settings)
             else:
                 self._handles[name] = request_handle(handle, settings)
+        self._lanes = None
+        if uses_lanes(settings):
+            self._lanes = Lanes(
+                {name: f"SERVE_REPLICA::{app_name(settings, name)}#{name}#" for name in models}, RayDirectory()
+            )
         self._stop = threading.Event()
         self._poll_s = poll_s
         self.refresh()
@@ -402,11 +430,16 @@ class RayTails:
                 if remaining <= 0:
                     break
                 try:
-                    return self._send(handle, request, remaining)
+                    reply = self._lanes.call(model, request, remaining) if self._lanes is not None else None
+                    if reply is None:
+                        return self._send(handle, request, remaining)
+                    with self._lock:
+                        pool.lane_requests += 1
+                    return reply
                 except TimeoutError as exc:
                     last = exc
                     break
-                except (ray.exceptions.RayActorError, ReplicaUnavailableError) as exc:
+                except (ray.exceptions.RayActorError, ReplicaUnavailableError, LaneLost) as exc:
                     last = exc
                     log.warning(
                         "ray: model %s: replica lost under a request (attempt %d of %d): %s",
@@ -481,6 +514,8 @@ class RayTails:
         """Read ``serve.status()`` once; a change in running replicas is recorded as a scaling decision."""
         from ray import serve
 
+        if self._lanes is not None:
+            self._lanes.refresh()
         apps = serve.status().applications
         now = time.time()
         for model in self._pools:
@@ -512,10 +547,42 @@ class RayTails:
         """Stop polling; tear Ray down only if this process started it (``local``)."""
         self._stop.set()
         self._poller.join(timeout=5)
+        if self._lanes is not None:
+            self._lanes.close()
         if self._calls is not None:
             self._calls.close(list(self._handles.values()))
         if self.local_ray is not None:
             self.local_ray.stop()
+
+
+class RayDirectory:
+    """The replicas' lane entries in Ray's key-value store (``KV_PREFIX`` + replica id) and their actors.
+
+    Ray's key-value store has no public Python API; ``ray.experimental.internal_kv`` is what Serve
+    and Ray's own libraries use for the same purpose.
+    """
+
+    def replicas(self, prefix: str) -> list[str]:
+        from ray.experimental import internal_kv
+
+        return [key.decode()[len(KV_PREFIX) :] for key in internal_kv._internal_kv_list(KV_PREFIX + prefix)]
+
+    def entry(self, replica: str) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(KV_PREFIX + replica)
+
+    def forget(self, replica: str) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(KV_PREFIX + replica)
+
+    def alive(self) -> set[str]:
+        """Serve replica ids whose actor is alive (a replica's id is its actor's name)."""
+        import ray
+
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        return {a["name"] for a in actors if a["name"].startswith("SERVE_REPLICA::")}
 
 
 class TailsCollector(Collector):
