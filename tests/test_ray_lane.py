@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from cloud_node.ray_backend import lane
 from cloud_node.ray_backend.lane import DRAINING, LaneLost, Lanes, LaneServer, pack_request, unpack_request
 from cloud_node.ray_backend.messages import TailReply, TailRequest
 from compressor import EncodingSpec
@@ -84,6 +85,75 @@ def test_a_connection_with_a_wrong_token_is_closed_unanswered() -> None:
         server.close(0)
 
 
+def test_a_connection_that_never_gives_its_token_is_closed_at_the_auth_deadline(monkeypatch) -> None:
+    monkeypatch.setattr(lane, "AUTH_TIMEOUT_S", 0.3)
+    server = LaneServer(echo)
+    try:
+        host, port = server.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), 5) as sock:
+            sock.sendall(b"\x01" * 5)  # part of a token, then nothing
+            sock.settimeout(5)
+            t0 = time.monotonic()
+            assert sock.recv(1) == b""  # closed by the replica, not kept waiting
+            assert time.monotonic() - t0 < 3
+    finally:
+        server.close(0)
+
+
+def test_connections_past_the_cap_are_closed_unread(monkeypatch) -> None:
+    monkeypatch.setattr(lane, "MAX_CONNECTIONS", 2)
+    server = LaneServer(echo)
+    host, port = server.address.rsplit(":", 1)
+    held = [socket.create_connection((host, int(port)), 5) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both accepted and waiting for their tokens
+        with socket.create_connection((host, int(port)), 5) as third:
+            third.settimeout(5)
+            assert third.recv(1) == b""
+        lanes = lanes_for(server)  # the held ones still count: this one is refused too
+        with pytest.raises(LaneLost):
+            lanes.call("m", request(b"x"), timeout_s=5)
+    finally:
+        for sock in held:
+            sock.close()
+        server.close(0)
+
+
+@pytest.mark.parametrize(
+    ("header", "field"),
+    [
+        ({"part": [1], "max_elements": 9, "max_payload_bytes": 99}, "part"),
+        ({"part": True, "max_elements": 9, "max_payload_bytes": 99}, "part"),
+        ({"part": 3, "max_elements": "9", "max_payload_bytes": 99}, "max_elements"),
+        ({"part": 3, "max_elements": 9, "max_payload_bytes": -1}, "max_payload_bytes"),
+        ({"part": 3, "max_elements": 9}, "max_payload_bytes"),
+    ],
+)
+def test_a_request_frame_with_a_field_of_the_wrong_type_is_refused_naming_it(header: dict, field: str) -> None:
+    _, blobs = pack_request(request(b"abc"))
+    with pytest.raises(ValueError, match=field):
+        unpack_request(header, blobs)
+
+
+def test_a_bad_frame_from_an_authenticated_peer_ends_only_its_connection() -> None:
+    server = LaneServer(echo)
+    host, port = server.address.rsplit(":", 1)
+    try:
+        for payload in (b"[1,2]", b'{"part":{"x":1},"max_elements":1,"max_payload_bytes":1,"blobs":[2]}xx'):
+            with socket.create_connection((host, int(port)), 5) as sock:
+                head = payload.split(b"xx")[0]
+                sock.sendall(server.token + len(head).to_bytes(4, "big") + payload)
+                sock.settimeout(5)
+                assert sock.recv(1) == b""
+        assert lanes_for(server).call("m", request(b"ok"), timeout_s=5).outputs[0] == b"ko"  # still serving
+        deadline = time.monotonic() + 5  # counted down once the reply is sent, a moment after the caller has it
+        while server.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.in_flight == 0
+    finally:
+        server.close(0)
+
+
 def test_a_lost_replica_raises_lanelost_and_leaves_the_lanes() -> None:
     server = LaneServer(echo)
     lanes = lanes_for(server)
@@ -111,7 +181,8 @@ def test_closing_waits_for_requests_in_flight_and_answers_later_ones_draining() 
     # Another front door asking during the drain is turned away (port closed): it goes elsewhere.
     other = lanes_for(server)
     host, port = server.address.rsplit(":", 1)
-    closing = threading.Thread(target=lambda: replies.append(server.close(10)))
+    still_running: list[int] = []  # close()'s answer: the caller's reply and it race to their lists
+    closing = threading.Thread(target=lambda: still_running.append(server.close(10)))
     t0 = time.monotonic()
     closing.start()
     time.sleep(0.2)
@@ -121,7 +192,7 @@ def test_closing_waits_for_requests_in_flight_and_answers_later_ones_draining() 
     release.set()
     caller.join(5)
     closing.join(5)
-    assert replies[0].outputs[0] == b"thgilfni" and replies[1] == 0 and time.monotonic() - t0 < 5
+    assert replies[0].outputs[0] == b"thgilfni" and still_running == [0] and time.monotonic() - t0 < 5
     assert server.in_flight == 0
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), 1).close()

@@ -42,6 +42,10 @@ KV_PREFIX = "cleave-lane/"
 #: The error kind a draining replica answers with: not a failure, the front door goes elsewhere.
 DRAINING = "Draining"
 TOKEN_BYTES = 16
+#: A connection must present its token within this long: one that says nothing is closed, not kept waiting.
+AUTH_TIMEOUT_S = 5.0
+#: Connections a replica keeps at once (each has a thread); past it, new ones are closed unread.
+MAX_CONNECTIONS = 256
 MAX_HEADER = 1 << 16
 MAX_BLOBS = 1 << 31  # what one frame may carry in all (the codec limits apply again when decoding)
 _LEN = struct.Struct(">I")
@@ -76,6 +80,8 @@ def recv_frame(sock: socket.socket) -> tuple[dict, list[bytes]]:
     if n > MAX_HEADER:
         raise ValueError(f"lane frame header of {n} bytes (at most {MAX_HEADER})")
     header = json.loads(_recv_exact(sock, n))
+    if not isinstance(header, dict):
+        raise ValueError(f"lane frame header is a {type(header).__name__}, not an object")
     sizes = header.pop("blobs", [])
     if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes) or sum(sizes) > MAX_BLOBS:
         raise ValueError("lane frame: bad blob sizes")
@@ -97,17 +103,21 @@ def pack_request(request: TailRequest) -> tuple[dict, list[bytes]]:
 
 
 def unpack_request(header: dict, blobs: list[bytes]) -> TailRequest:
+    """The request a frame carries; ValueError naming the field that is missing or of the wrong type."""
     if not blobs:
         raise ValueError("lane request without its result spec")
+    part = header.get("part")
+    if isinstance(part, bool) or not isinstance(part, (int, str)):
+        raise ValueError(f"lane request: part must be a cut index or name, got {type(part).__name__}")
+    limits = {}
+    for key in ("max_elements", "max_payload_bytes"):
+        value = header.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"lane request: {key} must be an integer >= 0, got {value!r}")
+        limits[key] = value
     spec = tensor_pb2.TensorEncoding()
     spec.ParseFromString(blobs[0])
-    return TailRequest(
-        part=header["part"],
-        features=tuple(blobs[1:]),
-        result_spec=EncodingSpec.from_proto(spec),
-        max_elements=int(header["max_elements"]),
-        max_payload_bytes=int(header["max_payload_bytes"]),
-    )
+    return TailRequest(part=part, features=tuple(blobs[1:]), result_spec=EncodingSpec.from_proto(spec), **limits)
 
 
 _TIMINGS = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "batch_size", "replica")
@@ -166,7 +176,7 @@ class LaneServer:
                 return  # closed
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
-                if self._draining:
+                if self._draining or len(self._conns) >= MAX_CONNECTIONS:
                     conn.close()
                     continue
                 self._conns.add(conn)
@@ -174,9 +184,11 @@ class LaneServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            conn.settimeout(AUTH_TIMEOUT_S)
             if not hmac.compare_digest(_recv_exact(conn, TOKEN_BYTES), self.token):
                 log.warning("lane: a connection opened with a wrong token; closed")
                 return
+            conn.settimeout(None)  # a front door keeps its connection open between requests
             while True:
                 header, blobs = recv_frame(conn)
                 with self._lock:
@@ -193,8 +205,11 @@ class LaneServer:
                     with self._lock:
                         self._in_flight -= 1
                         self._idle.notify_all()
-        except (OSError, ValueError, KeyError, LaneLost):
-            pass  # the front door went away or spoke nonsense: its connection ends, the replica lives on
+        except (OSError, ValueError, KeyError, LaneLost) as exc:
+            # The front door went away, or spoke nonsense (or never gave its token): its connection ends, the
+            # replica lives on.
+            if isinstance(exc, ValueError):
+                log.warning("lane: a connection sent a bad frame (%s); closed", exc)
         finally:
             with self._lock:
                 self._conns.discard(conn)
