@@ -490,7 +490,14 @@ def overhead_summary(d: Json) -> list[list[str]]:
         ["floor: bare gRPC stream round trip, same bytes", median_max("floor_split_overhead_ms_p50_under_1MB")],
         ["Cleave above the floor, request by request: both hops", median_max("excess_overhead_ms_p50_under_1MB")],
         ["Cleave above the floor, request by request: split", median_max("split_excess_overhead_ms_p50_under_1MB")],
-    ]
+    ] + (
+        [  # runs whose floor does the parts' work also measure the instant echo, for reference
+            ["echo: bare gRPC, both hops, no work", median_max("echo_overhead_ms_p50_under_1MB")],
+            ["echo: bare gRPC stream round trip, no work", median_max("echo_split_overhead_ms_p50_under_1MB")],
+        ]
+        if "echo_overhead_ms_p50_under_1MB_median" in s
+        else []
+    )
 
 
 # ---- quantization.json ------------------------------------------------------------------------------------------
