@@ -196,9 +196,11 @@ def plot(records: list[dict], path: Path) -> None:
     kb = [r["bytes_up"] / 1e3 for r in small]
     for key, label, style in (
         ("overhead_ms_p50", "Cleave overhead (app hop + split path)", "o-"),
-        ("floor_ms_p50", "floor: bare gRPC, both hops", "o--"),
+        ("floor_ms_p50", "floor: bare gRPC, both hops, same work", "o--"),
+        ("echo_ms_p50", "echo: bare gRPC, both hops, no work", "o:"),
         ("edge_internal_overhead_ms_p50", "Cleave split path", "x-"),
-        ("floor_split_ms_p50", "floor: bare gRPC stream round trip", "x--"),
+        ("floor_split_ms_p50", "floor: bare gRPC stream round trip, same work", "x--"),
+        ("echo_split_ms_p50", "echo: bare gRPC stream round trip, no work", "x:"),
     ):
         ax[1].plot(kb, [r[key] for r in small], style, label=label)
     ax[1].axhline(1.0, color="grey", ls=":", lw=1, label="1 ms goal")
