@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         edge.stop()
         cloud.stop()
+    shutil.rmtree(work, ignore_errors=True)  # the daemons' configs and logs (kept when the run failed)
     summary = summarize(records)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
