@@ -11,6 +11,14 @@ protobuf, interceptors, codec or Python work beyond moving the bytes:
   over one long-lived stream to the ``cloud`` server (fed by a queue, as the edge feeds its stream),
   waits for the answer, and returns a message of the size it asks for.
 
+A message may also ask for *work*: CPU time spent where a split request spends it (the edge's head
+and encode before the stream, its decode after, the cloud's decode, tail and encode before its
+answer), in calls that release the GIL as a model's kernels do. A reply that follows 40 ms of work
+costs more to deliver than an instant echo (the waiting threads and their caches have gone cold:
+0.15 ms against 0.5 ms from the floor cloud's send to the floor edge's wake-up in one traced run),
+and that is the machine's cost, not Cleave's; so :mod:`benchmarks.overhead` asks the floor for the
+same work a configuration's requests do, in the same places, and subtracts it.
+
 Both take the daemons' process settings (:func:`runtime.memory.keep_freed_memory`). A client's
 unary call to ``edge`` crosses the same two hops with the same bytes as a split request (input up
 to the edge, features up to the cloud, result back, outputs back); a client's round trip on the
@@ -30,6 +38,8 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+import zlib
 from concurrent import futures
 from pathlib import Path
 
@@ -41,28 +51,50 @@ from runtime.serving import DEFAULT_MAX_MESSAGE_BYTES, KEEPALIVE, message_option
 SERVICE = "cleave.floor.Floor"
 STREAM = f"/{SERVICE}/Stream"
 CALL = f"/{SERVICE}/Call"
-_HEADER = struct.Struct("<III")  # reply bytes, then (edge calls only) feature and result bytes
+# Reply bytes and cloud work (microseconds); then, in edge calls only, feature and result bytes and
+# the edge's work before sending its features and after receiving the result.
+_HEADER = struct.Struct("<IIIIII")
+# Steps of work: CRC-32s (GIL released) of 1 MB (a few hundred microseconds) while over 2 ms
+# is left, so another thread of the process that wants the GIL gets it between two, and of 16 KB (a few
+# microseconds) for the rest, so the work ends within a few microseconds of its time.
+_WORK_BLOCK = memoryview(bytes(1 << 20))
+_WORK_TAIL = _WORK_BLOCK[: 16 << 10]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def message(size: int, reply: int, feature: int = 0, result: int = 0) -> bytes:
-    """A message of ``size`` bytes (at least the 12-byte header) asking for ``reply`` bytes back."""
-    return _HEADER.pack(reply, feature, result) + bytes(max(size - _HEADER.size, 0))
+def message(
+    size: int, reply: int, feature: int = 0, result: int = 0, work_us: tuple[int, int, int] = (0, 0, 0)
+) -> bytes:
+    """A message of ``size`` bytes (at least the header) asking for ``reply`` bytes back.
+
+    ``work_us``: microseconds of work (cloud, edge before sending, edge after the result), see the module docstring.
+    """
+    cloud, before, after = work_us
+    return _HEADER.pack(reply, cloud, feature, result, before, after) + bytes(max(size - _HEADER.size, 0))
+
+
+def work(us: int) -> None:
+    """Keep one core busy for ``us`` microseconds without holding the GIL (as a model's kernels do)."""
+    if us <= 0:
+        return
+    end = time.perf_counter() + us / 1e6
+    while (left := end - time.perf_counter()) > 0:
+        zlib.crc32(_WORK_BLOCK if left > 2e-3 else _WORK_TAIL)
 
 
 class _Sizes:
     """Messages by size, built once: the floor does not count building them."""
 
     def __init__(self) -> None:
-        self._made: dict[tuple[int, int, int, int], bytes] = {}
+        self._made: dict[tuple, bytes] = {}
         self._lock = threading.Lock()
 
-    def get(self, size: int, reply: int, feature: int = 0, result: int = 0) -> bytes:
-        key = (size, reply, feature, result)
+    def get(self, size: int, reply: int, feature: int = 0, result: int = 0, work_us: tuple = (0, 0, 0)) -> bytes:
+        key = (size, reply, feature, result, work_us)
         with self._lock:
             made = self._made.get(key)
             if made is None:
-                made = self._made[key] = message(size, reply, feature, result)
+                made = self._made[key] = message(size, reply, feature, result, work_us)
         return made
 
 
@@ -98,7 +130,8 @@ def serve_cloud(port: int) -> grpc.Server:
 
     def stream(requests, _context):
         for data in requests:
-            reply = _HEADER.unpack_from(data)[0]
+            reply, cloud_us = _HEADER.unpack_from(data)[:2]
+            work(cloud_us)
             yield data if reply == len(data) else sizes.get(reply, 0)
 
     return _server(port, {"Stream": grpc.stream_stream_rpc_method_handler(stream)})
@@ -111,8 +144,10 @@ def serve_edge(port: int, cloud: str) -> grpc.Server:
     link = StreamClient(channel)
 
     def call(data: bytes, _context) -> bytes:
-        reply, feature, result = _HEADER.unpack_from(data)
-        link.roundtrip(sizes.get(feature, result))
+        reply, cloud_us, feature, result, before_us, after_us = _HEADER.unpack_from(data)
+        work(before_us)
+        link.roundtrip(sizes.get(feature, result, work_us=(cloud_us, 0, 0)))
+        work(after_us)
         return sizes.get(reply, 0)
 
     return _server(port, {"Call": grpc.unary_unary_rpc_method_handler(call)})
@@ -135,9 +170,16 @@ class Floor:
         self._call = self._edge.unary_unary(CALL)
         self._stream = StreamClient(self._cloud)
 
-    def prepare(self, request: int, feature: int, result: int, response: int) -> tuple[bytes, bytes]:
-        """The messages of one request of these sizes: (edge call, cloud stream), built outside the timing."""
-        return self._sizes.get(request, response, feature, result), self._sizes.get(feature, result)
+    def prepare(
+        self, request: int, feature: int, result: int, response: int, work_us: tuple[int, int, int] = (0, 0, 0)
+    ) -> tuple[bytes, bytes]:
+        """The messages of one request of these sizes: (edge call, cloud stream), built outside the timing.
+
+        ``work_us``: (cloud, edge before sending, edge after the result) microseconds of work; the cloud's
+        work is done on the stream round trip too.
+        """
+        call = self._sizes.get(request, response, feature, result, work_us)
+        return call, self._sizes.get(feature, result, work_us=(work_us[0], 0, 0))
 
     def call(self, data: bytes) -> bytes:
         """Both hops: the client's unary call to the floor edge, which crosses its stream to the floor cloud."""

@@ -7,8 +7,9 @@ and sends requests from a client in this process. For every request
     overhead  = end-to-end (measured by the client) - parts
 
 so the overhead is everything that is not model compute or codec work: the app-to-edge call, the
-edge-to-cloud stream, protobuf (de)serialisation, chunking, thread hand-offs. The client builds its
-request once (the app's own encoding of its input is not the daemons' overhead). The overhead is
+edge-to-cloud stream, protobuf (de)serialisation, chunking, thread hand-offs. The client serializes
+its request once and parses each reply after the clock stops, as the floor's client sends and
+receives bytes (the app's own encoding of its input is not the daemons' overhead). The overhead is
 reported in two parts: the *split path* (inside the edge daemon's own request time: the edge-to-cloud
 round trip and the cloud's stream handling) and the *app hop* (the local app's call into the edge
 daemon, carrying the raw fp32 input).
@@ -20,6 +21,10 @@ long-lived stream to a floor cloud and gets the result bytes back (*floor*, agai
 and a round trip on that stream alone (*floor split*, against the split path). Cleave, floor and
 floor split take turns request by request, so the noise of a shared machine hits all three alike;
 the *excess* is the median over requests of each one's overhead minus the floor measured right after it.
+The floor servers spend the same CPU time as the configuration's parts (medians of its warm-up
+requests), in the same places, and the floor is its call's time minus that work: a reply that comes
+after 40 ms of work costs more to deliver than an instant echo, on any server. The instant echo
+(no work) is measured beside it too (*echo*, *echo split*), for reference.
 Medians over ``--repeats`` requests per configuration; JSON and a plot under benchmarks/results/.
 
     python -m benchmarks.overhead [--model resnet18 --size 224 --repeats 40]
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,7 +51,7 @@ from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_p
 from compressor import RAW_UNCOMPRESSED, encode
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
-from protos.cleave.v1 import edge_pb2, edge_pb2_grpc
+from protos.cleave.v1 import edge_pb2
 from runtime.serving import open_channel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,37 +88,57 @@ def ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1e3
 
 
-def measure(
-    stub: edge_pb2_grpc.EdgeStub, request: edge_pb2.EdgeInferRequest, floor: Floor, repeats: int, warmup: int
-) -> dict:
-    """Cleave's requests, each followed by the floor's two measurements with the same bytes."""
-    replies = [stub.Infer(request, timeout=60) for _ in range(warmup)]
+def work_us(replies: list[edge_pb2.EdgeInferResponse]) -> tuple[int, int, int]:
+    """The parts' medians as the floor's work: (cloud, edge before sending, edge after the result), in us."""
+
+    def us(*fields: str) -> int:
+        return round(p50([sum(getattr(r.timing, f) for f in fields) for r in replies]) * 1e3)
+
+    cloud = us("cloud_decode_ms", "cloud_compute_ms", "cloud_encode_ms")
+    return cloud, us("edge_compute_ms", "encode_ms"), us("decode_ms")
+
+
+def measure(infer, request: bytes, floor: Floor, repeats: int, warmup: int) -> dict:
+    """Cleave's requests, each followed by the floor's measurements with the same bytes.
+
+    ``infer``: ``Edge/Infer`` taking and returning bytes; ``request``: an ``EdgeInferRequest``, serialized.
+    """
+    replies = [edge_pb2.EdgeInferResponse.FromString(infer(request, timeout=60)) for _ in range(warmup)]
     sizes = {
-        "request": request.ByteSize(),
+        "request": len(request),
         "feature": int(p50([r.bytes_up for r in replies])),
         "result": int(p50([r.bytes_down for r in replies])),
         "response": int(p50([r.ByteSize() for r in replies])),
     }
-    call, split = floor.prepare(sizes["request"], sizes["feature"], sizes["result"], sizes["response"])
+    work = work_us(replies)
+    work_ms, cloud_work_ms = sum(work) / 1e3, work[0] / 1e3
+    call, split = floor.prepare(sizes["request"], sizes["feature"], sizes["result"], sizes["response"], work)
+    echo_call, echo_split = floor.prepare(sizes["request"], sizes["feature"], sizes["result"], sizes["response"])
     for _ in range(warmup):
-        floor.call(call)
-        floor.split(split)
-    e2e, parts, edge_total, up, floor_ms, floor_split_ms = [], [], [], [], [], []
+        for message in (call, echo_call):
+            floor.call(message)
+        for message in (split, echo_split):
+            floor.split(message)
+    e2e, parts, edge_total, up, floor_ms, floor_split_ms, echo_ms, echo_split_ms = ([] for _ in range(8))
     for _ in range(repeats):
         started = time.perf_counter()
-        reply = stub.Infer(request, timeout=60)
+        data = infer(request, timeout=60)
         e2e.append(ms_since(started))
+        reply = edge_pb2.EdgeInferResponse.FromString(data)
         if reply.note:
             raise RuntimeError(f"request did not run as planned: {reply.note}")
         parts.append(sum(getattr(reply.timing, f) for f in PART_FIELDS))
         edge_total.append(reply.timing.total_ms)
         up.append(reply.bytes_up)
-        started = time.perf_counter()
-        floor.call(call)
-        floor_ms.append(ms_since(started))
-        started = time.perf_counter()
-        floor.split(split)
-        floor_split_ms.append(ms_since(started))
+        for run, message, spent, into in (
+            (floor.call, call, work_ms, floor_ms),
+            (floor.split, split, cloud_work_ms, floor_split_ms),
+            (floor.call, echo_call, 0.0, echo_ms),
+            (floor.split, echo_split, 0.0, echo_split_ms),
+        ):
+            started = time.perf_counter()
+            run(message)
+            into.append(ms_since(started) - spent)
     overhead = [a - b for a, b in zip(e2e, parts, strict=True)]
     split_path = [t - p for t, p in zip(edge_total, parts, strict=True)]
     # Each request against the floor measured right after it: on a busy machine the pairs see the same load.
@@ -126,6 +152,9 @@ def measure(
         "edge_internal_overhead_ms_p50": p50(split_path),
         "floor_ms_p50": p50(floor_ms),
         "floor_split_ms_p50": p50(floor_split_ms),
+        "echo_ms_p50": p50(echo_ms),
+        "echo_split_ms_p50": p50(echo_split_ms),
+        "floor_work_us": list(work),
         "excess_ms_p50": p50(excess),
         "split_excess_ms_p50": p50(split_excess),
         "bytes_up": int(p50(up)),
@@ -168,9 +197,11 @@ def plot(records: list[dict], path: Path) -> None:
     kb = [r["bytes_up"] / 1e3 for r in small]
     for key, label, style in (
         ("overhead_ms_p50", "Cleave overhead (app hop + split path)", "o-"),
-        ("floor_ms_p50", "floor: bare gRPC, both hops", "o--"),
+        ("floor_ms_p50", "floor: bare gRPC, both hops, same work", "o--"),
+        ("echo_ms_p50", "echo: bare gRPC, both hops, no work", "o:"),
         ("edge_internal_overhead_ms_p50", "Cleave split path", "x-"),
-        ("floor_split_ms_p50", "floor: bare gRPC stream round trip", "x--"),
+        ("floor_split_ms_p50", "floor: bare gRPC stream round trip, same work", "x--"),
+        ("echo_split_ms_p50", "echo: bare gRPC stream round trip, no work", "x:"),
     ):
         ax[1].plot(kb, [r[key] for r in small], style, label=label)
     ax[1].axhline(1.0, color="grey", ls=":", lw=1, label="1 ms goal")
@@ -193,6 +224,8 @@ def summarize(records: list[dict]) -> dict:
         ("split_path", "edge_internal_overhead_ms_p50"),
         ("floor", "floor_ms_p50"),
         ("floor_split", "floor_split_ms_p50"),
+        ("echo", "echo_ms_p50"),
+        ("echo_split", "echo_split_ms_p50"),
         ("excess", "excess_ms_p50"),
         ("split_excess", "split_excess_ms_p50"),
     ]:
@@ -218,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = {"name": args.model, "source": args.model, "input_shape": [1, 3, args.size, args.size]}
     model = LoadedModel.load(ModelSpec.from_dict(entry))
     x = synthetic_images(1, model.input_shape, seed=0)
-    request = edge_pb2.EdgeInferRequest(inputs=[encode(x.contiguous(), RAW_UNCOMPRESSED)])
+    request = edge_pb2.EdgeInferRequest(inputs=[encode(x.contiguous(), RAW_UNCOMPRESSED)]).SerializeToString()
     work = Path(tempfile.mkdtemp(prefix="cleave-overhead-"))
     (work / "cloud.yaml").write_text(yaml.safe_dump({"models": [entry]}))
     # A fixed starting cut: every configuration is pinned, and a planner running meanwhile would skew timings.
@@ -234,20 +267,22 @@ def main(argv: list[str] | None = None) -> int:
         from cleave_cli.client import EdgeClient
 
         client = EdgeClient(edge.address)
-        stub = edge_pb2_grpc.EdgeStub(open_channel(edge.address))
+        service = edge_pb2.DESCRIPTOR.services_by_name["Edge"].full_name
+        infer = open_channel(edge.address).unary_unary(f"/{service}/Infer")  # bytes in, bytes out, as the floor's
         with Floor(free_port(), free_port()) as floor:
             for cut in pick_cuts(model, args.cuts):
                 for encoding in args.encodings.split(","):
                     client.pin(cut, encoding)
-                    measured = measure(stub, request, floor, args.repeats, args.warmup)
+                    measured = measure(infer, request, floor, args.repeats, args.warmup)
                     record = {"cut": cut, "encoding": encoding, **measured}
                     records.append(record)
                     print(
                         f"{cut:<16} {encoding:<5} e2e {record['e2e_ms_p50']:6.2f}"
                         f"  parts {record['parts_ms_p50']:6.2f}"
-                        f"  overhead {record['overhead_ms_p50']:5.2f} (floor {record['floor_ms_p50']:4.2f})"
+                        f"  overhead {record['overhead_ms_p50']:5.2f} (floor {record['floor_ms_p50']:4.2f},"
+                        f" echo {record['echo_ms_p50']:4.2f})"
                         f"  split path {record['edge_internal_overhead_ms_p50']:4.2f}"
-                        f" (floor {record['floor_split_ms_p50']:4.2f})"
+                        f" (floor {record['floor_split_ms_p50']:4.2f}, echo {record['echo_split_ms_p50']:4.2f})"
                         f"  bytes {record['bytes_up']:>9}",
                         flush=True,
                     )
@@ -255,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         edge.stop()
         cloud.stop()
+    shutil.rmtree(work, ignore_errors=True)  # the daemons' configs and logs (kept when the run failed)
     summary = summarize(records)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,11 @@ shapes past the batch dimension) and dispatches them as one batch as soon as the
 
 Nothing here knows about gRPC. When batching is off for a key (``enabled: false`` or
 ``max_batch_size <= 1``), :meth:`Batchers.runner` hands out a :class:`DirectRunner`: the function is
-called on the caller's thread exactly as before, with no queue and no thread hop.
+called on the caller's thread exactly as before, with no queue and no thread hop. With batching on
+and ``max_queue_delay_ms: 0``, a request that finds the batcher idle and its queue empty would go
+alone at once anyway: :meth:`DynamicBatcher.run` runs it on the caller's thread (a batch of one, with
+the same stats and callbacks), saving the two thread hand-offs to the worker and back; requests that
+arrive meanwhile queue for the worker, which starts once that run is over, as behind one of its own.
 
 Exactness: batching changes nothing but the batch size each kernel sees. CPU convolution and GEMM
 kernels pick different blockings for different batch sizes, so a request's outputs in a batch may
@@ -152,6 +156,7 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._running = False  # a batch is running (the worker's, or a caller's own: see run); under _cond
         self._stats = BatchStats()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{key}", daemon=True)
 
@@ -165,20 +170,42 @@ class DynamicBatcher:
         """Queue one request (each tensor with its leading batch dimension); the future gives its outputs."""
         request = _Request(tensors)
         with self._cond:
-            if self._closed:
-                raise Unavailable(f"batcher {self.key}: shutting down")
-            if len(self._queue) >= self.settings.max_queue_size:
-                raise ResourceExhausted(
-                    f"batching queue for {self.key}: {self.settings.max_queue_size} requests already waiting"
-                )
-            self._queue.append(request)
-            self._stats.max_queue_depth = max(self._stats.max_queue_depth, len(self._queue))
-            self._cond.notify()
+            self._enqueue(request)
         return request.future
 
+    def _enqueue(self, request: _Request) -> None:
+        """Under ``_cond``: queue ``request`` for the worker, or refuse it (closed, queue full)."""
+        if self._closed:
+            raise Unavailable(f"batcher {self.key}: shutting down")
+        if len(self._queue) >= self.settings.max_queue_size:
+            raise ResourceExhausted(
+                f"batching queue for {self.key}: {self.settings.max_queue_size} requests already waiting"
+            )
+        self._queue.append(request)
+        self._stats.max_queue_depth = max(self._stats.max_queue_depth, len(self._queue))
+        self._cond.notify()
+
     def run(self, tensors: Sequence[torch.Tensor]) -> RunResult:
-        """Submit and wait: the same contract as :meth:`DirectRunner.run`."""
-        future = self.submit(tensors)
+        """Submit and wait: the same contract as :meth:`DirectRunner.run`.
+
+        With no queue delay, a request that finds nothing running and nothing queued runs here, on the
+        caller's thread, as the batch of one the worker would have made of it at once.
+        """
+        request = _Request(tensors)
+        with self._cond:
+            alone = self._delay_s == 0 and not self._running and not self._queue and not self._closed
+            if alone:
+                self._running = True
+            else:
+                self._enqueue(request)
+        if alone:
+            try:
+                self._execute([request])
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify()  # the worker: requests that queued meanwhile
+        future = request.future
         outputs = future.result()
         return RunResult(outputs, future.queue_ms, future.run_ms, future.batch_size)
 
@@ -211,13 +238,17 @@ class DynamicBatcher:
     # -- worker ------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            finally:
+                with self._cond:
+                    self._running = False
 
     def _next_batch(self) -> list[_Request] | None:
         with self._cond:
             while True:
-                if not self._queue:
-                    if self._closed:
+                if not self._queue or self._running:  # nothing to do, or a caller runs its own batch of one
+                    if self._closed and not self._queue:
                         return None
                     self._cond.wait()
                     continue
@@ -226,6 +257,7 @@ class DynamicBatcher:
                 if ready or wait <= 0 or self._closed:
                     for request in take:
                         self._queue.remove(request)
+                    self._running = True
                     return take
                 self._cond.wait(wait)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from compressor import Assembler, CodecError
 from compressor.framing import add_chunks, to_pieces
@@ -76,12 +77,22 @@ sends nothing for its ``limits.stream_idle_s`` (120 s by default): without heart
 stream would be ended, and reopened, every two minutes. Keep it well under the cloud's setting."""
 
 
+INFER = "/" + si_pb2.DESCRIPTOR.services_by_name["SplitInference"].full_name + "/Infer"
+_HEARTBEAT = si_pb2.InferFrame().SerializeToString()  # request id 0, nothing else
+
+
 class InferStream:
-    """One ``Infer`` stream bound to one session."""
+    """One ``Infer`` stream bound to one session.
+
+    Frames travel as bytes, serialized on the submitting thread: their size is the request's
+    ``bytes_up`` without serializing them a second time (upb's ``ByteSize`` encodes the whole
+    message: 42 us for a 444 KB frame), and gRPC's request-iterator thread only writes them.
+    Results arrive as bytes too and are parsed on the receiver thread, which counts their size.
+    """
 
     def __init__(
         self,
-        stub: si_grpc.SplitInferenceStub,
+        channel: grpc.Channel,
         session_id: str,
         cut_index: int,
         chunk_bytes: int,
@@ -94,25 +105,26 @@ class InferStream:
         self.broken = False
         self.closing = False  # half-closed: takes no more requests
         self._on_broken = on_broken
-        self._outbox: queue.Queue = queue.Queue()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[int, tuple[Future, int]] = {}
         self._lock = threading.Lock()  # guards _pending, broken and closing
-        self._stub = stub
+        self._channel = channel
         self._call = None
         self._receiver = threading.Thread(target=self._receive, name=f"infer-{session_id[:8]}", daemon=True)
 
     def start(self) -> InferStream:
         """Open the ``Infer`` call and start the receiver thread; returns self."""
-        self._call = self._stub.Infer(self._frames())
+        infer = self._channel.stream_stream(INFER)  # bytes both ways: see the class docstring
+        self._call = infer(self._frames())
         self._receiver.start()
         return self
 
-    def _frames(self) -> Iterator[si_pb2.InferFrame]:
+    def _frames(self) -> Iterator[bytes]:
         while True:
             try:
                 frames = self._outbox.get(timeout=HEARTBEAT_S)
             except queue.Empty:
-                yield si_pb2.InferFrame()  # heartbeat: request id 0, nothing else
+                yield _HEARTBEAT
                 continue
             if frames is None:
                 return
@@ -128,8 +140,8 @@ class InferStream:
                 session_id=self.session_id if i == 0 else "", request_id=request_id, last=i == len(groups) - 1
             )
             add_chunks(frame.chunks, group)  # built in the frame: the features' bytes are copied once
-            frames.append(frame)
-        size = sum(f.ByteSize() for f in frames)
+            frames.append(frame.SerializeToString())
+        size = sum(map(len, frames))
         with self._lock:  # ordered against close(): nothing is queued behind the end of the stream
             if self.broken or self.closing:
                 raise Unavailable("cloud stream is down" if self.broken else "cloud stream is closing")
@@ -164,10 +176,15 @@ class InferStream:
     def _receive(self) -> None:
         partial: dict[int, tuple[Assembler, int]] = {}
         try:
-            for result in self._call:
+            for data in self._call:
+                try:
+                    result = si_pb2.InferResult.FromString(data)
+                except DecodeError as exc:
+                    self._call.cancel()
+                    raise CodecError(f"not an InferResult ({exc})") from None
                 rid = result.request_id
                 assembler, down = partial.pop(rid, (None, 0))
-                down += result.ByteSize()
+                down += len(data)
                 if result.HasField("error"):
                     self._resolve(rid, error=RequestFailed(result.error.message))
                     continue
@@ -391,7 +408,7 @@ class CloudLink:
             else:
                 self.refusal = ""
             raise error from None
-        stream = InferStream(self._stub, reply.session_id, cut_index, self.chunk_bytes, self._on_broken).start()
+        stream = InferStream(self._channel, reply.session_id, cut_index, self.chunk_bytes, self._on_broken).start()
         old, self._stream = self._stream, stream
         if old is not None:
             self._retire(old)

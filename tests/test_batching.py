@@ -104,6 +104,45 @@ def test_zero_delay_never_waits_for_company(make) -> None:
     assert fn.sizes == [1]
 
 
+def test_zero_delay_runs_a_lone_request_on_the_callers_thread(make) -> None:
+    """Alone and with nothing to wait for, run() skips the worker (two thread hops); requests arriving
+    while it runs still queue for the worker and go together once it is over, never beside it."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[tuple[str, int]] = []
+    running = threading.Semaphore(1)  # held while fn runs: a second concurrent call would fail to take it
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        assert running.acquire(blocking=False), "two batches of one key ran at once"
+        try:
+            calls.append((threading.current_thread().name, x.shape[0]))
+            if x[0, 0] == 0:
+                entered.set()
+                release.wait(10)
+            return x * 2
+        finally:
+            running.release()
+
+    b = make(fn, max_batch_size=8, max_queue_delay_ms=0)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(b.run, row(0))
+        assert entered.wait(5)
+        later = [pool.submit(b.run, row(v)) for v in (1, 2, 3)]
+        deadline = time.monotonic() + 5
+        while b.queue_depth() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert b.queue_depth() == 3  # queued behind the caller's own run, not run beside it
+        release.set()
+        results = [first.result(timeout=5), *(f.result(timeout=5) for f in later)]
+    assert [float(r.outputs[0][0, 0]) for r in results] == [0.0, 2.0, 4.0, 6.0]
+    assert calls[0][0].startswith("ThreadPoolExecutor") and calls[0][1] == 1  # the caller's thread, alone
+    assert calls[1:] == [(f"batcher-{b.key}", 3)]  # the worker, the three that queued, together
+    assert [r.batch_size for r in results] == [1, 3, 3, 3]
+    stats = b.stats()
+    assert (stats.batches, stats.requests, stats.sizes) == (2, 4, {1: 1, 3: 1})
+    alone = b.run(row(5))  # idle again: the caller's thread
+    assert float(alone.outputs[0][0, 0]) == 10.0 and calls[-1] == (threading.current_thread().name, 1)
+
+
 def test_incompatible_requests_are_not_merged(make) -> None:
     fn = Recorder()
     b = make(fn, max_batch_size=8, max_queue_delay_ms=200)

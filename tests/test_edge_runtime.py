@@ -107,3 +107,19 @@ def test_plan_switches_under_load_fall_back_for_nothing(cloud, local_model: Load
     assert len(outcomes) >= 8 and not notes, notes
     for o in outcomes:
         assert float((o.outputs[0] - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+def test_replies_report_the_plan_each_request_ran_under(runtime: EdgeRuntime, local_model: LoadedModel) -> None:
+    """The servicer builds a plan's message once and reuses it; a pin in between changes what replies say."""
+    from edge_node.servicer import EdgeServicer, plan_to_proto
+
+    servicer = EdgeServicer(runtime, "127.0.0.1:1", stream_window=2)
+    x = synthetic_images(1, local_model.input_shape, seed=3)
+    split = runtime.pin(Placement.SPLIT, "layer3_0_relu", EncodingSpec.parse("int4"), reason="first")
+    first = [servicer._response(i, runtime.infer([x])) for i in range(2)]  # fall back locally: no cloud
+    runtime.pin(Placement.EDGE_ONLY, reason="second")
+    second = servicer._response(3, runtime.infer([x]))
+    assert [r.plan.cut_name for r in first] == ["layer3_0_relu"] * 2 and first[0].plan.reason == "first"
+    assert first[0].plan == first[1].plan == plan_to_proto(split, local_model.name)
+    assert second.plan.placement != first[0].plan.placement and second.plan.reason == "second"
+    assert second.plan == plan_to_proto(runtime.plan, local_model.name)

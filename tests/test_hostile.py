@@ -317,7 +317,7 @@ def test_an_idle_edge_stream_lives_on_heartbeats(
         stub = si_grpc.SplitInferenceStub(ch)
         broken = threading.Event()
         stream = cloud_link.InferStream(
-            stub, open_session(stub, model, cut), model.graph.cut(cut).index, 1 << 20, on_broken=lambda s: broken.set()
+            ch, open_session(stub, model, cut), model.graph.cut(cut).index, 1 << 20, on_broken=lambda s: broken.set()
         ).start()
         try:
             time.sleep(IDLE_S * 2.5)
