@@ -628,9 +628,12 @@ class DistortionMeter:
         rows = self._screen_rows(candidate) if self._screenable() else None
         if rows is None:
             return None
-        _, _, tail = self.model.parts(candidate.cut_index)
         with torch.inference_mode():
-            out = as_tensor_list(tail(*rows))[0]
+            if self.model.graph.cut(candidate.cut_index).recomputed:
+                _, _, tail = self.model.parts(candidate.cut_index)
+                out = as_tensor_list(tail(*rows))[0]
+            else:  # the tail's very nodes, as a full measurement runs them: no tail module built for one screen
+                out = as_tensor_list(run_from_cuts(self.model.graph, [(candidate.cut_index, rows)]))[0]
         return self._bound(out)
 
     def screen_many(self, candidates: list[Candidate]) -> list[Distortion | None]:
