@@ -194,7 +194,10 @@ def build_planner(
         source = f"offline, cloud assumed {args.cloud_speedup:g}x faster than this host"
     calib = calibration(args, model)
     progress.start("encodings")
-    memo: dict = {}  # the model's values on the calibration inputs, for each build below
+    meter = distortion_meter(model, calib, record=True)
+    # The model's values on the calibration inputs, for each build below: the accuracy checks' recording of
+    # the whole batch, so that sizes and accuracy share one run of the model (``DistortionMeter.values``).
+    memo: dict = {"recorded": getattr(meter, "values", None)}
     sized = calib[:3]  # sizes are the median over 3 inputs
 
     def measure_sizes(cuts: dict[int, frozenset[str]] | None) -> CostModel:
@@ -205,7 +208,7 @@ def build_planner(
     # The plot ranks every cut at every bandwidth; a plan, the candidates its walks reach (measure_on_demand).
     cost = measure_sizes(None if args.png else {})
     progress.start("accuracy")
-    measure = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
+    measure = cached_distortion(meter, model, calib)
     checked = 0  # candidates whose accuracy was looked at: screened on one input, or measured on all
 
     def counted(candidate: Candidate) -> Distortion:

@@ -254,7 +254,9 @@ class CostModel:
         (:meth:`partitioner.planner.Planner.measure_on_demand`); the disk cache keeps what each build measured.
         ``memo``: a dict the caller keeps between builds for the same model and ``x``, so a later
         build for more cuts runs the model on ``x`` only once (``x`` the same inputs: an equal
-        tensor will do, such as the same slice taken again).
+        tensor will do, such as the same slice taken again). ``memo["recorded"]``, when set, is
+        asked first for the values of ``x`` (name -> value, None when it has none): a recording
+        of the model on a batch that ``x`` begins (:meth:`partitioner.planner.DistortionMeter.values`).
         """
         x = model.graph.example_input if x is None else x
         wanted = {
@@ -372,7 +374,8 @@ def _measure_sizes(
     if memo is not None and _same_inputs(memo.get("x"), x):
         values = memo["values"]
     else:
-        values = _all_values(model, x)
+        recorded = memo.get("recorded") if memo is not None else None
+        values = (recorded(x) if recorded is not None else None) or _all_values(model, x)
         if memo is not None:
             memo.update(x=x, values=values)
     cuts = [cut for cut in model.graph.cuts if wanted.get(cut.index)]

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from partitioner.vision import torchvision  # not `import torchvision`: see partitioner.vision
 
@@ -368,24 +368,54 @@ def _user_source_line(error: BaseException) -> str | None:
     return f"{os.path.basename(frame.filename)}:{frame.lineno}: {(frame.line or '').strip()}"
 
 
-class _ShapeProp(ShapeProp):
-    """ShapeProp that names the node when the example input makes it fail."""
+class _ShapeProp(fx.Interpreter):
+    """torch's ShapeProp without fake tensors, naming the node the example input makes fail.
+
+    Each node's ``meta`` gets what ShapeProp records: ``tensor_meta`` (shape, dtype, ...) and ``type``.
+    ShapeProp itself imports torch's symbolic-shape machinery (and so sympy) on its first node, for
+    fake tensors this never runs: half a second of every model load, most of it sympy.
+    """
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            return super().run_node(n)
+            result = super().run_node(n)
         except Exception as e:
             raise TraceError(
                 f"traced graph fails on the example input at node {n.name!r} "
                 f"({n.format_node()}): {type(e).__name__}: {e}"
             ) from e
+        found = False
+
+        def metadata(value: Any) -> Any:
+            nonlocal found
+            if not isinstance(value, torch.Tensor):
+                return value
+            found = True
+            return _tensor_metadata(value)
+
+        meta = fx.node.map_aggregate(result, metadata)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """ShapeProp's record of ``t``, found without ``torch._check`` (which imports the symbolic-shape
+    machinery) for the dense, unquantized tensors of a model's forward; others as ShapeProp finds them."""
+    if t.layout != torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    formats = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+    dims = {torch.contiguous_format: t.dim(), torch.channels_last: 4, torch.channels_last_3d: 5}
+    memory_format = next((f for f in formats if t.dim() == dims[f] and t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
 
 
 def _propagate(gm: fx.GraphModule, example_input: torch.Tensor) -> Any:
     """Record shape, dtype and Python type of every node's value at the example input."""
     with torch.no_grad():
         # clone: an in-place op on the input must not alter the caller's tensor.
-        return _ShapeProp(gm).propagate(example_input.clone())
+        return _ShapeProp(gm).run(example_input.clone())
 
 
 @dataclass

@@ -599,6 +599,25 @@ class DistortionMeter:
             self._live = LiveSets(self.model, self.calib)
         return self._live
 
+    def values(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Every cut's live values on ``x``, the first rows of the calibration batch, from the live sets
+        (recorded now if not yet): what :meth:`CostModel.measure` encodes (its ``memo``), so sizes and
+        accuracy share one run of the model. None when ``x`` is not the batch's first rows, or when a value
+        is held as it was at one cut and changed at another (an in-place write while it was live: sizes
+        take one value per name)."""
+        n = len(x)
+        if x.ndim == 0 or not 0 < n <= len(self.calib) or not torch.equal(self.calib[:n], x):
+            return None
+        live = self.live
+        if live.output.ndim == 0 or live.output.shape[0] != len(self.calib):
+            return None
+        held: dict[str, torch.Tensor] = {}
+        for cut in self.model.graph.cuts:
+            for name, value in zip(cut.live, live.at(cut.index), strict=True):
+                if held.setdefault(name, value) is not value or value.ndim == 0 or value.shape[0] != len(self.calib):
+                    return None
+        return {name: value[:n] for name, value in held.items()} | {"__output__": live.output[:n]}
+
     def __call__(self, candidate: Candidate) -> Distortion:
         features = self._features(candidate)
         with torch.inference_mode():
@@ -628,9 +647,12 @@ class DistortionMeter:
         rows = self._screen_rows(candidate) if self._screenable() else None
         if rows is None:
             return None
-        _, _, tail = self.model.parts(candidate.cut_index)
         with torch.inference_mode():
-            out = as_tensor_list(tail(*rows))[0]
+            if self.model.graph.cut(candidate.cut_index).recomputed:
+                _, _, tail = self.model.parts(candidate.cut_index)
+                out = as_tensor_list(tail(*rows))[0]
+            else:  # the tail's very nodes, as a full measurement runs them: no tail module built for one screen
+                out = as_tensor_list(run_from_cuts(self.model.graph, [(candidate.cut_index, rows)]))[0]
         return self._bound(out)
 
     def screen_many(self, candidates: list[Candidate]) -> list[Distortion | None]:

@@ -382,3 +382,41 @@ def test_opaque_model_with_tuple_output_only_offers_the_input_cut() -> None:
     assert [c.index for c in graph.cuts] == [0]
     with pytest.raises(KeyError, match="returns tuple"):
         graph.cut("output")
+
+
+def test_tracing_records_what_torch_shapeprop_records() -> None:
+    """The cut finder reads each node's ``tensor_meta`` and ``type``: recorded as torch's ShapeProp records them."""
+    import torch.fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    class Pair(nn.Module):  # a tuple output, an int, a channels-last tensor
+        def forward(self, x: torch.Tensor):
+            y = torch.relu(x).contiguous(memory_format=torch.channels_last)
+            return y, x.size(1) * 2, y.flatten(1)
+
+    x = torch.randn(2, 3, 16, 16)
+    for model in (torchvision.models.resnet18().eval(), Pair()):
+        ours = trace(model, x).module
+        theirs = torch.fx.symbolic_trace(model)
+        with torch.no_grad():
+            ShapeProp(theirs).propagate(x.clone())
+        got = [(n.name, n.meta.get("tensor_meta"), n.meta.get("type")) for n in ours.graph.nodes]
+        want = [(n.name, n.meta.get("tensor_meta"), n.meta.get("type")) for n in theirs.graph.nodes]
+        assert got == want
+        assert any(m is not None for _, m, _ in got)
+
+
+def test_loading_a_model_does_not_import_sympy() -> None:
+    """ShapeProp imports torch's symbolic shapes (sympy) on its first node: half a second of every model load."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom partitioner.loaded import LoadedModel\nfrom partitioner.models import ModelSpec\n"
+        "spec = {'name': 'resnet18', 'source': 'resnet18', 'input_shape': [1, 3, 64, 64]}\n"
+        "LoadedModel.load(ModelSpec.from_dict(spec))\n"
+        "print('sympy' in sys.modules, 'torch.fx.experimental.symbolic_shapes' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]

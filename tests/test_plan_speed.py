@@ -342,6 +342,32 @@ def test_later_builds_reuse_the_model_run_on_an_equal_slice_of_inputs(
     assert len(runs) == 3  # other inputs: the model runs on them
 
 
+def test_sizes_and_accuracy_share_one_run_of_the_model(
+    local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cleave plan`` measures sizes on the first rows of the batch whose live sets the accuracy checks
+    record (``memo["recorded"]``): the model runs once for both, and the sizes are those of a run of its own."""
+    profile = profile_model(local_model, repeats=1, warmup=0, head_samples=2)
+    calib = calibration_batch(local_model.spec.input_shape, 4, seed=5)
+    runs = []
+    all_values = costmodel._all_values
+    monkeypatch.setattr(costmodel, "_all_values", lambda m, x: runs.append(x) or all_values(m, x))
+    meter = DistortionMeter(local_model, calib)
+    shared = CostModel.measure(local_model, profile, profile, calib[:3], memo={"recorded": meter.values})
+    assert not runs  # the sizes came from the live sets, recorded for the accuracy checks
+    fresh = CostModel.measure(local_model, profile, profile, calib[:3])
+    assert len(runs) == 1
+    assert [c.feature_bytes for c in shared.cuts] == [c.feature_bytes for c in fresh.cuts]
+    assert shared.output_bytes == fresh.output_bytes
+    assert meter.values(calib[1:4]) is None  # not the batch's first rows: the model runs on them
+    # A value changed in place while live has another value at each cut: sizes, one per name, run the model.
+    spec = ModelSpec.from_dict({"name": "inplace", "source": "x", "input_shape": [1, 3, 8, 8]})
+    inplace = DistortionMeter(
+        LoadedModel(spec, trace(InPlace(), torch.randn(1, 3, 8, 8)), "f"), torch.randn(3, 3, 8, 8)
+    )
+    assert inplace.values(inplace.calib[:2]) is None
+
+
 def test_plan_and_profile_keep_freed_pages_before_they_load_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """``cleave plan`` and ``cleave profile`` set glibc's thresholds first, so every run of the model
     after the first reuses the pages of the one before (:func:`cleave_cli.plan_cmd.keep_pages`)."""
