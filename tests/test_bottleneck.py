@@ -486,3 +486,14 @@ def test_benchmark_goals_pick_the_cheapest_point_within_a_point_and_say_among_ho
     assert not g["goal_vs_int_k_met"] and g["goal_vs_jpeg_met"]
     points[1]["bytes_mean"] = 159.0
     assert goals(points)["per_cut"]["pool"]["goal_vs_int_k_met"]
+
+
+def test_fold_benchmark_configs_name_train_config_fields() -> None:
+    from benchmarks.bottleneck_folds import parse_config
+
+    assert parse_config("1.5") == {"rate_weight": 1.5}
+    cfg = parse_config("2:0:0.5")
+    assert cfg == {"rate_weight": 2.0, "feature_weight": 0.0, "temperature": 0.5}
+    assert bn.TrainConfig(**cfg).temperature == 0.5
+    with pytest.raises(ValueError, match="--configs"):
+        parse_config("1:2:3:4")
