@@ -457,3 +457,43 @@ def test_training_pool_never_holds_a_held_out_photo_and_crops_are_seeded() -> No
     assert torch.equal(a, data.random_crops(pool, (1, 3, 32, 32), 24, seed=3))  # reproducible
     assert a.shape == (24, 3, 32, 32) and not torch.equal(a, data.random_crops(pool, (1, 3, 32, 32), 24, seed=4))
     assert len({tuple(x.flatten()[:64].tolist()) for x in a}) == 24  # distinct crops
+
+
+def test_benchmark_goals_pick_the_cheapest_point_within_a_point_and_say_among_how_many() -> None:
+    from benchmarks.bottleneck import goals
+
+    def pt(family: str, nbytes: float, agreement: float, cut: str | None = "pool") -> dict:
+        return {
+            "family": family,
+            "method": f"{family}-{nbytes}",
+            "bytes_mean": nbytes,
+            "agreement": agreement,
+            "cut": cut,
+        }
+
+    points = [
+        pt("bottleneck", 339.0, 1.0),
+        pt("bottleneck", 179.0, 1.0),
+        pt("bottleneck", 122.0, 13 / 15),  # cheaper, but 2 of 15 lost: not within a point
+        pt("int-k+zstd at the cut", 319.0, 1.0),
+        pt("int-k+zstd at the cut", 200.0, 0.9),
+        pt("JPEG input (cloud-only)", 37240.0, 1.0, None),
+    ]
+    g = goals(points)["per_cut"]["pool"]
+    assert g["bottleneck"]["bytes_mean"] == 179.0
+    assert g["points_tried"] == 3
+    assert g["ratio_vs_best_int_k"] == round(179 / 319, 4)
+    assert not g["goal_vs_int_k_met"] and g["goal_vs_jpeg_met"]
+    points[1]["bytes_mean"] = 159.0
+    assert goals(points)["per_cut"]["pool"]["goal_vs_int_k_met"]
+
+
+def test_fold_benchmark_configs_name_train_config_fields() -> None:
+    from benchmarks.bottleneck_folds import parse_config
+
+    assert parse_config("1.5") == {"rate_weight": 1.5}
+    cfg = parse_config("2:0:0.5")
+    assert cfg == {"rate_weight": 2.0, "feature_weight": 0.0, "temperature": 0.5}
+    assert bn.TrainConfig(**cfg).temperature == 0.5
+    with pytest.raises(ValueError, match="--configs"):
+        parse_config("1:2:3:4")
