@@ -210,12 +210,18 @@ def test_console_shows_models_edges_and_a_job_to_its_plot(
         time.sleep(0.3)
     assert "SUCCEEDED" in states, (states, httpx.get(f"{url}/api/v1/jobs/{job['id']}", headers=auth).json())
     assert "RUNNING" in states and len(progress) >= 3, (states, progress)
-    plot = WebDriverWait(browser, 60).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, f'img.plot[data-job="{job["id"]}"]')
+    # The details may be redrawn meanwhile (when the console state lists the job's plots): find the image anew.
+    img = f'img.plot[data-job="{job["id"]}"]'
+    WebDriverWait(browser, 60, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: d.execute_script("return arguments[0].naturalWidth", d.find_element(By.CSS_SELECTOR, img)) > 100
     )
-    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return arguments[0].naturalWidth", plot) > 100)
     assert "pareto" in browser.find_element(By.CSS_SELECTOR, "pre.report").text
-    assert "Pareto front" in browser.find_element(By.CSS_SELECTOR, f'div.details[data-job="{job["id"]}"]').text
+    # The caption is the plot's title once the console state lists it (the next poll, if the job finished
+    # between the state's fetch and the jobs' fetch).
+    details = f'div.details[data-job="{job["id"]}"]'
+    WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: "Pareto front" in d.find_element(By.CSS_SELECTOR, details).text
+    )
     plots = httpx.get(url + "/api/v1/console/state", headers=auth, timeout=10).json()["plots"]
     assert {"job": job["id"], "name": "sweep.png"}.items() <= next(p for p in plots if p["job"] == job["id"]).items()
     browser.execute_script("arguments[0].scrollIntoView()", browser.find_element(By.ID, "models-section"))
