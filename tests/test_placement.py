@@ -238,12 +238,6 @@ def test_an_unexpected_error_in_a_check_does_not_end_planning() -> None:
     ``error`` and planning goes on: the next check runs on the same thread. So does a first plan
     that fails that way: it is retried."""
     checks: list[int] = []
-    counters = SimpleNamespace(subscribe=lambda f: None, unsubscribe=lambda f: None)
-    runtime = SimpleNamespace(counters=counters, head_bits=32)
-    auto = AutoPlanner(None, runtime, None, None, AutoPlanSettings(check_interval_s=0.02))  # type: ignore[arg-type]
-    auto.measure_link = lambda: SimpleNamespace(up_mbps=10.0, down_mbps=10.0, rtt_ms=5.0)
-    auto.use = lambda planner: setattr(auto, "planner", planner)
-    auto.apply = lambda scored, reason, **kwargs: True
 
     def check() -> None:
         checks.append(1)
@@ -257,9 +251,8 @@ def test_an_unexpected_error_in_a_check_does_not_end_planning() -> None:
             raise first.pop()
         return object()
 
+    auto = _planner_with_checks(check, check_interval_s=0.02)
     auto.prepare = prepare
-    auto.choose = lambda link: None
-    auto._check = check
     auto.start()
     try:
         deadline = time.monotonic() + 5

@@ -124,6 +124,15 @@ def cloud_status(port: int) -> dict:
     return json.loads(out.getvalue())
 
 
+def assert_each_answered_once_exactly(replies: list[dict[int, list[torch.Tensor]]], expected: list) -> None:
+    """Request ids 1..len(expected), each answered once (run_stream checks) and bit-exact with its own reference."""
+    answered = {rid: out for got in replies for rid, out in got.items()}
+    assert sorted(answered) == list(range(1, len(expected) + 1))
+    for rid, outputs in answered.items():
+        for a, b in zip(outputs, expected[rid - 1], strict=True):
+            assert torch.equal(a, b), f"request {rid} got another input's answer or a wrong one"
+
+
 def test_split_inference_through_ray_tails_is_bit_exact_with_the_single_process_cloud() -> None:
     model = LoadedModel.load(ModelSpec.from_dict(RESNET))
     inputs = calibration_batch(RESNET["input_shape"], 4, seed=3)
@@ -272,11 +281,7 @@ def test_a_replica_killed_under_concurrent_load_loses_and_duplicates_nothing(tra
             kill.result()
         pool_status = tails.status()[0]
     assert killed.is_set()
-    answered = {rid: out for got in replies for rid, out in got.items()}
-    assert sorted(answered) == list(range(1, streams * per_stream + 1))  # every request, each once (run_stream checks)
-    for rid, outputs in answered.items():
-        for a, b in zip(outputs, expected[rid - 1], strict=True):
-            assert torch.equal(a, b), f"request {rid} got another input's answer or a wrong one"
+    assert_each_answered_once_exactly(replies, expected)
     assert pool_status.retries >= 1, "the kill hit no request in flight: the test proved nothing"
     assert pool_status.failures == 0
     if transport == "direct":  # the requests went over the lanes, not Serve's handle
@@ -330,11 +335,7 @@ def test_replicas_replaced_under_load_lose_nothing_on_the_lane() -> None:
             done.result()
         status = tails.status()[0]
     assert shrunk.is_set()
-    answered = {rid: out for got in replies for rid, out in got.items()}
-    assert sorted(answered) == list(range(1, streams * per_stream + 1))
-    for rid, outputs in answered.items():
-        for a, b in zip(outputs, expected[rid - 1], strict=True):
-            assert torch.equal(a, b), f"request {rid} got another input's answer or a wrong one"
+    assert_each_answered_once_exactly(replies, expected)
     assert status.failures == 0 and status.requests == streams * per_stream
     assert status.lane_requests > 0 and status.running == 1
 
