@@ -39,11 +39,18 @@ class LinkMonitor:
     residuals as long as fewer than half are over it (dropped, they left only the faster half, and the
     edge 24x slower than the cloud learnt 12.6 ms where its requests paid a median 20.4). A residual
     over twice the cap is the link changing, not overhead: it counts as bandwidth only.
+
+    A request too small to be a bandwidth sample can still confirm the estimate: when its bytes take
+    measurably long at the estimated rates and it took that long (within ``CONFIRM_RATIO``), the
+    estimate is as fresh as this request, so a slow link carrying small payloads (a JPEG at 1 Mbit/s)
+    is not probed every ``probe_interval_s`` with more bytes than its requests send. A request that
+    disagrees, or whose bytes hide in the timer's noise, confirms nothing and the probe still runs.
     """
 
     MIN_BYTES = 16 << 10
     OVERHEAD_CAP_RTTS = 2.0
     OVERHEAD_CAP_MS = 10.0
+    CONFIRM_RATIO = 1.5
 
     def __init__(self, window: int = 5) -> None:
         self._rtt: deque[float] = deque(maxlen=window)
@@ -87,9 +94,23 @@ class LinkMonitor:
             elif bytes_down >= self.MIN_BYTES:
                 self._down.append(bytes_down * 8 / seconds / 1e6)
             else:
+                if self._confirms(bytes_up, bytes_down, wire_ms - rtt, rtt):
+                    self.updated = time.monotonic()
                 return
             self._samples += 1
             self.updated = time.monotonic()
+
+    def _confirms(self, bytes_up: int, bytes_down: int, transfer_ms: float, rtt: float) -> bool:
+        """Whether a small request's ``transfer_ms`` says the estimated rates still hold (lock held)."""
+        if not (self._up and self._down):
+            return False
+        up, down = statistics.median(self._up), statistics.median(self._down)
+        if up <= 0 or down <= 0:
+            return False
+        expected = bytes_up * 8 / (up * 1e3) + bytes_down * 8 / (down * 1e3)
+        if expected < max(1.0, 0.25 * rtt):
+            return False  # the bytes take too little time at these rates to tell a change apart from noise
+        return expected / self.CONFIRM_RATIO <= transfer_ms <= expected * self.CONFIRM_RATIO
 
     def record_stall(self, bytes_up: int, waited_ms: float) -> None:
         """A request sent ``bytes_up`` and got no answer within ``waited_ms``: an upper bound on the uplink.

@@ -73,3 +73,23 @@ def test_slow_requests_of_an_overhead_near_the_cap_count_at_the_cap() -> None:
     for residual in (12.0, 14.0, 16.0):  # a faster majority: their median, not the cap
         monitor.record_transfer(0, 0, wire_ms=10.0 + residual)
     assert monitor.snapshot().overhead_ms == pytest.approx(16.0)
+
+
+def test_small_requests_that_match_the_estimate_keep_it_fresh() -> None:
+    """A 9 KB image at 1 Mbit/s (72 ms on the wire) confirms the estimate; nothing else does."""
+    monitor = LinkMonitor(window=5)
+    monitor.record_probe(rtt_ms=10.0, up_mbps=1.0, down_mbps=1.0)
+    probed_at = monitor.updated
+    samples = monitor.snapshot().samples
+    monitor.record_transfer(9_000, 100, wire_ms=10.0 + 73.0)  # as the estimate says: 72.8 ms
+    confirmed_at = monitor.updated
+    assert confirmed_at > probed_at
+    assert monitor.snapshot().samples == samples  # fresher, but not a bandwidth sample
+    monitor.record_transfer(9_000, 100, wire_ms=10.0 + 4.0)  # 18x faster: the link changed
+    monitor.record_transfer(9_000, 100, wire_ms=10.0 + 400.0)  # 5x slower: changed too
+    assert monitor.updated == confirmed_at
+    fast = LinkMonitor(window=5)
+    fast.record_probe(rtt_ms=10.0, up_mbps=100.0, down_mbps=100.0)
+    probed_at = fast.updated
+    fast.record_transfer(9_000, 100, wire_ms=10.0 + 0.8)  # 0.7 ms expected: lost in the timer's noise
+    assert fast.updated == probed_at
