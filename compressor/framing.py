@@ -70,6 +70,44 @@ def add_chunks(chunks: Any, group: list[Piece]) -> None:
             chunk.header.CopyFrom(header)
 
 
+def chunks_wire(field_number: int, group: list[Piece]) -> list[bytes]:
+    """The serialized form of :func:`add_chunks`' chunks as field ``field_number`` of a message, in
+    pieces for ``b"".join``: each chunk's data is referenced, so the join copies it once (building the
+    chunks in a message and serializing it copies it twice: a 293 KB frame took 31 us against 43 us,
+    interleaved; under ~70 KB both take the same within 1 us).
+
+    Protobuf writes a message's fields in field-number order, and a message's serialization followed
+    by more fields parses as one message. So ``InferFrame(session_id=s, request_id=r)``'s bytes,
+    then these pieces for ``chunks`` (field 3), then ``InferFrame(last=True)``'s bytes are exactly what
+    ``SerializeToString()`` of the whole frame gives (``tests/test_framing.py`` checks this).
+    """
+    tag = _varint(field_number << 3 | _LENGTH_DELIMITED)
+    pieces = []
+    for index, header, data in group:
+        # data is TensorChunk's last field: the chunk's bytes are these, then data's key, length and bytes.
+        head = tensor_pb2.TensorChunk(index=index, header=header).SerializeToString()
+        data_key = _DATA_KEY + _varint(len(data)) if data else b""  # an empty bytes field is not written
+        pieces += (tag + _varint(len(head) + len(data_key) + len(data)), head, data_key, data)
+    return pieces
+
+
+_LENGTH_DELIMITED = 2  # protobuf's wire type of bytes, strings and messages
+_DATA_FIELD = tensor_pb2.TensorChunk.DESCRIPTOR.fields_by_name["data"]
+
+
+def _varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_DATA_KEY = _varint(_DATA_FIELD.number << 3 | _LENGTH_DELIMITED)
+
+
 def to_pieces(tensors: Sequence[tensor_pb2.Tensor], max_chunk_bytes: int = 1 << 20) -> Iterator[list[Piece]]:
     """:func:`to_chunks`' groups, as (index, header or None, data) tuples; the same checks and errors."""
     if max_chunk_bytes < 1:
