@@ -11,6 +11,7 @@ that names the field.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -229,11 +230,19 @@ _IMAGE_ENCODINGS = {tensor_pb2.JPEG: "jpeg", tensor_pb2.WEBP: "webp"}
 
 def _dtype_name(x: Any) -> str:
     """``float32``, ``bool``, ...: torch's dtype name, or numpy's whatever the byte order."""
-    return str(x.dtype).removeprefix("torch.") if is_tensor(x) else x.dtype.name
+    return str(x.dtype).removeprefix("torch.") if is_tensor(x) else _numpy_name(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _numpy_name(dtype: np.dtype) -> str:
+    """``dtype.name``, remembered: numpy computes it in Python, ~4.5 us a call (a third of encoding a
+    1x1000 output raw)."""
+    return dtype.name
 
 
 def _require_float(x: Any, spec: EncodingSpec) -> None:
-    floating = x.is_floating_point() if is_tensor(x) else np.issubdtype(x.dtype, np.floating)
+    # kind "f": numpy's floating types, as np.issubdtype(dtype, np.floating) says, in 0.06 us instead of 1.7.
+    floating = x.is_floating_point() if is_tensor(x) else x.dtype.kind == "f"
     if not floating:
         raise CodecError(f"x.dtype: {spec.encoding} encodes floating tensors, got {x.dtype}")
 
