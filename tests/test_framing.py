@@ -255,12 +255,13 @@ def test_chunks_built_in_the_frame_are_the_same_bytes(sizes: tuple[int, ...], ma
 
 
 @pytest.mark.parametrize(
-    "sizes, max_chunk_bytes", [((7,), 1 << 20), ((300, 5, 1000), 1024), ((0, 64), 256), ((40_000,), 1 << 20)]
+    "sizes, max_chunk_bytes",
+    [((7,), 1 << 20), ((300, 5, 1000), 1024), ((0, 64), 256), ((40_000,), 1 << 20), ((1,) * 130, 1 << 20)],
 )
 def test_chunks_serialized_in_pieces_are_the_frames_bytes(sizes: tuple[int, ...], max_chunk_bytes: int) -> None:
     """The edge's frames (head, chunks_wire, last, joined) are the bytes of the InferFrame built whole,
-    for the first frame (session id) and the others, last or not, empty data and 2-byte lengths
-    included (40,000 floats: a 160,000-byte chunk, a 3-byte varint)."""
+    for the first frame (session id) and the others, last or not, with empty data, a 160,000-byte
+    chunk (a 3-byte length) and tensor indices past 127 (2-byte varints) included."""
     msgs = [encode(x, RAW) for x in _tensors(*sizes)]
     groups = list(to_pieces(msgs, max_chunk_bytes))
     assert any(not data for group in groups for _, _, data in group) == (0 in sizes)
