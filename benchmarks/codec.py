@@ -274,6 +274,71 @@ def zstd_levels(x: np.ndarray, repeats: int) -> list[dict]:
     return rows
 
 
+def frame_blocks(frame: bytes) -> list[dict[str, int]]:
+    """The blocks of one zstd frame, from their headers (RFC 8878, sections 3.1.1.2 to 3.1.1.3.2.1):
+    each block's type and size, and for a compressed block how its literals are stored (raw, RLE,
+    Huffman-coded), how many output bytes are literals, the literals section's size and the number of
+    sequences (LZ matches; each copies earlier output)."""
+    magic, descriptor = int.from_bytes(frame[:4], "little"), frame[4]
+    if magic != 0xFD2FB528:
+        raise ValueError("not a zstd frame")
+    single_segment, fcs_flag = descriptor >> 5 & 1, descriptor >> 6
+    pos = 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3] + (single_segment, 2, 4, 8)[fcs_flag]
+    blocks = []
+    while True:
+        header = int.from_bytes(frame[pos : pos + 3], "little")
+        last, kind, size = header & 1, header >> 1 & 3, header >> 3
+        pos += 3
+        block = {"type": ("raw", "rle", "compressed", "reserved")[kind], "size": size}
+        if kind == 2:
+            b = frame[pos : pos + size]
+            lit_type, size_format = b[0] & 3, b[0] >> 2 & 3
+            if lit_type < 2:  # raw or RLE literals: a 1-3 byte header, then the bytes or one byte
+                head = (1, 2, 1, 3)[size_format]
+                regen = int.from_bytes(b[:head], "little") >> (3 if size_format in (0, 2) else 4)
+                section = head + (regen if lit_type == 0 else 1)
+            else:  # Huffman-coded (2) or with the previous block's table (3)
+                head = (3, 3, 4, 5)[size_format]
+                bits = (10, 10, 14, 18)[size_format]
+                v = int.from_bytes(b[:head], "little") >> 4
+                regen, section = v & ((1 << bits) - 1), head + (v >> bits)
+            n = b[section]
+            sequences = (
+                n
+                if n < 128
+                else ((n - 128) << 8) + b[section + 1]
+                if n < 255
+                else b[section + 1] + (b[section + 2] << 8) + 0x7F00
+            )
+            block.update(literals=("raw", "rle", "huffman", "huffman")[lit_type], literal_bytes=regen)
+            block.update(literals_section=section, sequences=sequences)
+        blocks.append(block)
+        pos += 1 if kind == 1 else size
+        if last:
+            return blocks
+
+
+def zstd_frames(x: np.ndarray) -> dict[str, dict]:
+    """What the default 4-bit and 8-bit frames are made of: the bytes that zstd's Huffman stage decodes
+    (literals) against those LZ matches copy. Decompressing them is mostly decoding Huffman literals, so
+    the LZ stage's parameters (window, match table, minimum match, strategy) barely move decode speed."""
+    out = {}
+    for text in ("int4", "int8"):
+        msg = encode(x, EncodingSpec.parse(text))
+        blocks = frame_blocks(msg.payload)
+        huffman = sum(b.get("literal_bytes", 0) for b in blocks if b.get("literals") == "huffman")
+        out[text] = {
+            "raw_bytes": msg.raw_size,
+            "frame_bytes": len(msg.payload),
+            "blocks": len(blocks),
+            "huffman_literal_bytes": huffman,
+            "huffman_literal_fraction": round(huffman / msg.raw_size, 3),
+            "literal_section_bytes": sum(b.get("literals_section", 0) for b in blocks),
+            "sequences": sum(b.get("sequences", 0) for b in blocks),
+        }
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -339,6 +404,7 @@ def main() -> None:
     measured = run_paths(paths, args.repeats, nbytes)
     levels = zstd_levels(x, max(args.repeats // 2, 5))
     parts = stages(x, max(args.repeats // 2, 5))
+    frames = zstd_frames(x)
     load_after = os.getloadavg()
 
     naive = {4: measured["naive int4+zstd1"], 8: measured["naive int8+zstd1"]}
@@ -377,6 +443,7 @@ def main() -> None:
         "goals": goals,
         "zstd_levels": levels,
         "stages_ms": parts,
+        "zstd_frames": frames,
     }
     if args.before:
         before = json.loads(args.before.read_text())
@@ -402,6 +469,12 @@ def main() -> None:
         )
     for k, v in parts.items():
         print(f"{k} stages, ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in v.items()))
+    for k, f in frames.items():
+        print(
+            f"{k} frame: {f['frame_bytes']} bytes in {f['blocks']} blocks for {f['raw_bytes']}; "
+            f"Huffman-coded literals {f['huffman_literal_bytes']} bytes ({f['huffman_literal_fraction']:.0%} of "
+            f"the output, in {f['literal_section_bytes']} of the frame's bytes), {f['sequences']} matches"
+        )
     print(f"load average {load_before} -> {load_after}; wrote {args.out}")
 
 

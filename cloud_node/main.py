@@ -140,7 +140,8 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
         registry.register(TailsCollector(tails))
     bundles = BundleStore(config.bundles.dir or None, {n: m.fingerprint for n, m in models.models.items()})
     servicer = SplitInferenceServicer(sessions, config.chunk_bytes, metrics, bundles)
-    services = [Service(servicer, SPLIT_INFERENCE), kserve_service(models, config, sessions.batchers, tails)]
+    split = Service(servicer, SPLIT_INFERENCE, metrics.wire_bytes() if metrics is not None else {})
+    services = [split, kserve_service(models, config, sessions.batchers, tails)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager
         from .jobs.ray_tasks import ray_jobs_for

@@ -3,8 +3,10 @@
 Per-RPC counts and latency come from :class:`runtime.metrics.RpcMetrics`; this module adds what
 happens inside the ``Infer`` streams (one gRPC call carries many requests, some of which fail on
 their own while the stream goes on) and the state a scrape reads directly (open sessions, jobs by
-state, the batcher's queue). Recording happens where the stream's frames and results pass through
-the servicer, so the session and batching logic stay free of metrics code.
+state, the batcher's queue). Outcomes and stage timings are recorded where the stream's results
+pass through the servicer, so the session and batching logic stay free of metrics code; bytes are
+counted where gRPC parses and serializes the stream's messages (:meth:`CloudMetrics.wire_bytes`),
+from the bytes themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from runtime.metrics import STAGE_BUCKETS, LabelCache
+from runtime.serving import WireBytes
 
 from .jobs.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from .sessions import SessionManager
@@ -88,17 +91,15 @@ class CloudMetrics:
         """The batcher's ``on_batch(key, size, wait_ms, run_ms)`` hook: one batch of ``size`` ran."""
         self._batch_size(getattr(key, "model", str(key))).observe(size)
 
-    # -- stream wrappers -------------------------------------------------------------------------
-    def frames(self, frames: Iterable[si_pb2.InferFrame]) -> Iterator[si_pb2.InferFrame]:
-        """Pass an Infer stream's incoming frames through, counting their bytes."""
-        for frame in frames:
-            self.received_bytes.inc(frame.ByteSize())
-            yield frame
+    # -- the Infer stream ------------------------------------------------------------------------
+    def wire_bytes(self) -> dict[str, WireBytes]:
+        """``Service(..., wire_bytes=...)`` for SplitInference: ``Infer``'s frames and results counted
+        by the length of their bytes as they arrive and leave, without encoding them again."""
+        return {"Infer": WireBytes(received=self.received_bytes.inc, sent=self.sent_bytes.inc)}
 
     def results(self, results: Iterable[si_pb2.InferResult]) -> Iterator[si_pb2.InferResult]:
-        """Pass an Infer stream's results through, counting bytes, outcomes and stage timings."""
+        """Pass an Infer stream's results through, counting outcomes and stage timings."""
         for result in results:
-            self.sent_bytes.inc(result.ByteSize())
             if result.last:
                 self._record(result)
             yield result

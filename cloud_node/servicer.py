@@ -127,8 +127,8 @@ class SplitInferenceServicer(si_grpc.SplitInferenceServicer):
         if self.metrics is None:
             yield from serve_stream(request_iterator, self.sessions, self.chunk_bytes)
             return
-        frames = self.metrics.frames(request_iterator)
-        yield from self.metrics.results(serve_stream(frames, self.sessions, self.chunk_bytes))
+        # Bytes are counted as gRPC parses and serializes the messages (CloudMetrics.wire_bytes).
+        yield from self.metrics.results(serve_stream(request_iterator, self.sessions, self.chunk_bytes))
 
     @maps_errors
     def GetBundle(self, request: si_pb2.GetBundleRequest, context: grpc.ServicerContext):

@@ -124,7 +124,10 @@ def clip_range_array(
             torch = torch_or_none()
             if torch is None:
                 raise ValueError(f"clipping method {method!r} is a torch estimator, and torch is not installed")
-            lo, hi = entry.fn(torch.from_numpy(np.ascontiguousarray(rows)), bits, **params)
+            rows = np.ascontiguousarray(rows)
+            if not rows.flags.writeable:  # a read-only input (a received RAW tensor): torch.from_numpy warns
+                rows = rows.copy()
+            lo, hi = entry.fn(torch.from_numpy(rows), bits, **params)
         lo, hi = _checked(method, lo, hi, groups)
     if axis is None:
         return lo.reshape(()), hi.reshape(())

@@ -11,6 +11,7 @@ that names the field.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -130,11 +131,19 @@ def decode(
 
 
 def decode_array(
-    msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits(), tables: entropy.EntropyTables | None = None
+    msg: tensor_pb2.Tensor,
+    limits: CodecLimits = CodecLimits(),
+    tables: entropy.EntropyTables | None = None,
+    *,
+    writable: bool = True,
 ) -> np.ndarray:
     """:func:`decode` into a new, writable numpy array (needs no torch). An ``ENTROPY`` tensor
     needs the receiving model's ``tables``; its symbol count is the header's shape, which the
     caller has checked against the session's cut.
+
+    ``writable=False``, for a caller that only reads the result (e.g. hands it to ONNX Runtime): a
+    ``RAW`` tensor comes back as a read-only view over the message's payload (or its decompressed
+    bytes) instead of a copy; numpy refuses writes to it. Other encodings build a new array anyway.
 
     Raises:
         CodecError: whose message starts with the offending field, e.g. ``tensor.crc32``.
@@ -149,14 +158,14 @@ def decode_array(
     if msg.codec == tensor_pb2.ZSTD:
         try:
             # RAW returns the buffer itself and FP16 may hand it to torch.from_numpy; the others only read it.
-            writable = msg.encoding in (tensor_pb2.RAW, tensor_pb2.FP16)
-            buf = zstd.decompress(payload, msg.raw_size, writable=writable)
+            own = msg.encoding == tensor_pb2.FP16 or (writable and msg.encoding == tensor_pb2.RAW)
+            buf = zstd.decompress(payload, msg.raw_size, writable=own)
         except ValueError as e:
             raise CodecError(f"tensor.payload: {e}") from None
-    elif msg.encoding in (tensor_pb2.RAW, tensor_pb2.FP16):
+    elif msg.encoding == tensor_pb2.FP16 or (writable and msg.encoding == tensor_pb2.RAW):
         buf = np.frombuffer(bytearray(payload), np.uint8)  # a writable copy: the result owns its memory
     else:
-        buf = np.frombuffer(payload, np.uint8)  # read in place: decoding writes a new array
+        buf = np.frombuffer(payload, np.uint8)  # read in place: decoding writes a new array, or RAW's reader only reads
 
     if msg.encoding == tensor_pb2.RAW:
         if dtype.name == "bool" and buf.size and buf.max() > 1:
@@ -229,11 +238,19 @@ _IMAGE_ENCODINGS = {tensor_pb2.JPEG: "jpeg", tensor_pb2.WEBP: "webp"}
 
 def _dtype_name(x: Any) -> str:
     """``float32``, ``bool``, ...: torch's dtype name, or numpy's whatever the byte order."""
-    return str(x.dtype).removeprefix("torch.") if is_tensor(x) else x.dtype.name
+    return str(x.dtype).removeprefix("torch.") if is_tensor(x) else _numpy_name(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _numpy_name(dtype: np.dtype) -> str:
+    """``dtype.name``, remembered: numpy computes it in Python, ~4.5 us a call (a third of encoding a
+    1x1000 output raw)."""
+    return dtype.name
 
 
 def _require_float(x: Any, spec: EncodingSpec) -> None:
-    floating = x.is_floating_point() if is_tensor(x) else np.issubdtype(x.dtype, np.floating)
+    # kind "f": numpy's floating types, as np.issubdtype(dtype, np.floating) says, in 0.06 us instead of 1.7.
+    floating = x.is_floating_point() if is_tensor(x) else x.dtype.kind == "f"
     if not floating:
         raise CodecError(f"x.dtype: {spec.encoding} encodes floating tensors, got {x.dtype}")
 
@@ -257,8 +274,9 @@ def _to_half(x: Any) -> np.ndarray:
     if is_tensor(x):
         return _host_bytes(x.to(torch.float16))
     if torch is not None:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return t.to(torch.float16).numpy().reshape(-1).view(np.uint8)
+        xf = np.ascontiguousarray(x, dtype=np.float32)
+        if xf.flags.writeable:  # torch.from_numpy warns on a read-only array (a received RAW input)
+            return torch.from_numpy(xf).to(torch.float16).numpy().reshape(-1).view(np.uint8)
     return half.to_half_bits(x).astype("<u2", copy=False).view(np.uint8)
 
 

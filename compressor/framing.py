@@ -70,6 +70,54 @@ def add_chunks(chunks: Any, group: list[Piece]) -> None:
             chunk.header.CopyFrom(header)
 
 
+def chunks_wire(field_number: int, group: list[Piece]) -> list[bytes]:
+    """The serialized form of :func:`add_chunks`' chunks as field ``field_number`` of a message, in
+    pieces for ``b"".join``: each chunk's data is referenced, so the join copies it once (building the
+    chunks in a message and serializing it copies it twice). Measured per frame, interleaved, with
+    one tensor of int4 / int8 / fp32 codes: 26 KB 13.5 us against 13.1, 67 KB 15.5 against 17.5,
+    293 KB 30.4 against 46.3.
+
+    Protobuf writes a message's fields in field-number order, and a message's serialization followed
+    by more fields parses as one message. So ``InferFrame(session_id=s, request_id=r)``'s bytes,
+    then these pieces for ``chunks`` (field 3), then ``InferFrame(last=True)``'s bytes are exactly what
+    ``SerializeToString()`` of the whole frame gives (``tests/test_framing.py`` checks this).
+    """
+    tag = _key(field_number)
+    pieces = []
+    for index, header, data in group:
+        # A TensorChunk's fields in number order (index, header, data), each left out when unset or empty.
+        head = _INDEX_KEY + _varint(index) if index else b""
+        if header is not None:
+            header_bytes = header.SerializeToString()
+            head += _HEADER_KEY + _varint(len(header_bytes)) + header_bytes
+        data_key = _DATA_KEY + _varint(len(data)) if data else b""
+        pieces += (tag + _varint(len(head) + len(data_key) + len(data)), head, data_key, data)
+    return pieces
+
+
+def _varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field_number: int, wire_type: int = 2) -> bytes:
+    """A field's key: its number and wire type (2: length-delimited; 0: varint)."""
+    return _varint(field_number << 3 | wire_type)
+
+
+_CHUNK_FIELDS = tensor_pb2.TensorChunk.DESCRIPTOR.fields_by_name
+if [f.name for f in sorted(_CHUNK_FIELDS.values(), key=lambda f: f.number)] != ["index", "header", "data"]:
+    raise RuntimeError("TensorChunk's fields changed: chunks_wire writes index, header and data only, in that order")
+_INDEX_KEY = _key(_CHUNK_FIELDS["index"].number, 0)
+_HEADER_KEY = _key(_CHUNK_FIELDS["header"].number)
+_DATA_KEY = _key(_CHUNK_FIELDS["data"].number)
+
+
 def to_pieces(tensors: Sequence[tensor_pb2.Tensor], max_chunk_bytes: int = 1 << 20) -> Iterator[list[Piece]]:
     """:func:`to_chunks`' groups, as (index, header or None, data) tuples; the same checks and errors."""
     if max_chunk_bytes < 1:

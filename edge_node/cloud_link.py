@@ -30,7 +30,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from compressor import Assembler, CodecError
-from compressor.framing import add_chunks, to_pieces
+from compressor.framing import chunks_wire, to_pieces
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.cleave.v1 import tensor_pb2
@@ -79,6 +79,8 @@ stream would be ended, and reopened, every two minutes. Keep it well under the c
 
 INFER = "/" + si_pb2.DESCRIPTOR.services_by_name["SplitInference"].full_name + "/Infer"
 _HEARTBEAT = si_pb2.InferFrame().SerializeToString()  # request id 0, nothing else
+_CHUNKS_FIELD = si_pb2.InferFrame.DESCRIPTOR.fields_by_name["chunks"].number
+_LAST = si_pb2.InferFrame(last=True).SerializeToString()  # a frame's last field, appended to its chunks
 
 
 class InferStream:
@@ -136,11 +138,11 @@ class InferStream:
         groups = list(to_pieces(features, self.chunk_bytes)) or [[]]
         frames = []
         for i, group in enumerate(groups):
-            frame = si_pb2.InferFrame(
-                session_id=self.session_id if i == 0 else "", request_id=request_id, last=i == len(groups) - 1
-            )
-            add_chunks(frame.chunks, group)  # built in the frame: the features' bytes are copied once
-            frames.append(frame.SerializeToString())
+            # Serialized in pieces, the features' bytes copied once: the same bytes as building the
+            # InferFrame (fields in number order: session_id, request_id, chunks, last) and serializing it.
+            head = si_pb2.InferFrame(session_id=self.session_id if i == 0 else "", request_id=request_id)
+            last = _LAST if i == len(groups) - 1 else b""
+            frames.append(b"".join([head.SerializeToString(), *chunks_wire(_CHUNKS_FIELD, group), last]))
         size = sum(map(len, frames))
         with self._lock:  # ordered against close(): nothing is queued behind the end of the stream
             if self.broken or self.closing:

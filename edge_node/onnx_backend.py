@@ -198,7 +198,9 @@ class OnnxBackend:
         return self.run(inputs)
 
     def decode(self, tensor: tensor_pb2.Tensor) -> np.ndarray:
-        return decode_array(tensor)
+        # Read-only (a RAW tensor is a view over its payload, not a copy): a request's inputs and the
+        # cloud's outputs are only read here (ONNX Runtime's run, encode, the reply's raw encode).
+        return decode_array(tensor, writable=False)
 
     # -- planning --------------------------------------------------------------------------------
     def edge_profile(self) -> Profile:

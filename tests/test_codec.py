@@ -19,6 +19,7 @@ from compressor import (
     clip_range,
     clipper_names,
     decode,
+    decode_array,
     decode_many,
     encode,
     encode_many,
@@ -630,3 +631,86 @@ def test_spec_from_proto_defaults_and_validation() -> None:
     for msg, pattern in cases:
         with pytest.raises(CodecError, match=pattern):
             EncodingSpec.from_proto(msg)
+
+
+# ------------------------------------------------------------------ read-only arrays (the ONNX edge)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd1"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.uint8, np.bool_])
+def test_read_only_raw_decode_is_a_view_that_refuses_writes(dtype: type, codec: str) -> None:
+    x = (np.arange(2 * 3 * 5) % 2 if dtype is np.bool_ else np.arange(2 * 3 * 5) - 7).astype(dtype).reshape(2, 3, 5)
+    msg = encode(x, EncodingSpec.parse(f"raw+{codec}"))
+    view = decode_array(msg, writable=False)
+    assert view.dtype == x.dtype and np.array_equal(view, x)
+    assert not view.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        view[0, 0, 0] = 1
+    # The default still hands back an array the caller owns: writing to it changes nothing else.
+    owned = decode_array(msg)
+    assert owned.flags.writeable
+    owned[...] = 0
+    assert np.array_equal(decode_array(msg, writable=False), x)
+
+
+@pytest.mark.parametrize("text", ["fp16", "fp16+none", "int8", "int4", "int4c+none"])
+def test_read_only_decode_of_other_encodings_gives_the_same_values(text: str) -> None:
+    msg = encode(_activations(1, 4, 6, 6).numpy(), EncodingSpec.parse(text))
+    assert np.array_equal(decode_array(msg, writable=False), decode_array(msg))
+
+
+def _torch_minmax(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.aminmax(rows, dim=1)
+
+
+@pytest.fixture()
+def from_numpy_needs_writable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.from_numpy refuses a read-only array here (torch itself only warns, once a process)."""
+    from_numpy = torch.from_numpy
+
+    def checked(a: np.ndarray) -> torch.Tensor:
+        assert a.flags.writeable, "torch.from_numpy was handed a read-only array"
+        return from_numpy(a)
+
+    monkeypatch.setattr(torch, "from_numpy", checked)
+
+
+@pytest.mark.usefixtures("from_numpy_needs_writable")
+@pytest.mark.parametrize(
+    "text",
+    [
+        "raw",
+        "raw+zstd1",
+        "fp16",
+        "fp16+none",
+        "int8",
+        "int4",
+        "int4+zstd1",
+        "int4c",
+        "int3:percentile",
+        "int8:aciq",
+        "int4:test_torch_minmax",
+        "int4c:test_torch_minmax",
+        "jpeg",
+        "webp",
+    ],
+)
+def test_every_encoding_reads_a_received_raw_tensor_without_writing_to_it(text: str) -> None:
+    """What the ONNX edge does with a request's RAW input (a read-only view over the message's
+    bytes): encode it for the cloud. Same bytes as from a writable copy; nothing writes into it."""
+    register_clipper("test_torch_minmax", _torch_minmax, replace=True)  # a torch estimator: gets a tensor
+    x = _activations(1, 3, 16, 16).clamp(0, 1).numpy()
+    received = decode_array(encode(x, EncodingSpec.parse("raw")), writable=False)
+    assert not received.flags.writeable
+    spec = EncodingSpec.parse(text)
+    assert encode(received, spec).SerializeToString() == encode(x.copy(), spec).SerializeToString()
+    assert np.array_equal(received, x)
+
+
+@pytest.mark.usefixtures("from_numpy_needs_writable")
+def test_the_torch_decode_still_gets_a_writable_tensor() -> None:
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    for text in ("raw", "raw+zstd1", "fp16"):
+        y = decode(encode(x, EncodingSpec.parse(text)))
+        y += 1  # in place: torch's tensor owns writable memory
+        assert torch.equal(y, x + 1)

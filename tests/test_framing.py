@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compressor import Assembler, CodecError, EncodingSpec, decode, encode, to_chunks
-from compressor.framing import add_chunks, header_of, to_pieces
+from compressor.framing import add_chunks, chunks_wire, header_of, to_pieces
 from protos.cleave.v1 import split_inference_pb2, tensor_pb2
 
 RAW = EncodingSpec(codec="none")  # payload size = raw size, so the tests control chunk counts
@@ -252,6 +252,28 @@ def test_chunks_built_in_the_frame_are_the_same_bytes(sizes: tuple[int, ...], ma
         sent.append(frame.SerializeToString())
     assert sent == expected
     assert len(sent) > 1 or max_chunk_bytes == 1 << 20  # the small limits do split
+
+
+@pytest.mark.parametrize(
+    "sizes, max_chunk_bytes",
+    [((7,), 1 << 20), ((300, 5, 1000), 1024), ((0, 64), 256), ((40_000,), 1 << 20), ((1,) * 130, 1 << 20)],
+)
+def test_chunks_serialized_in_pieces_are_the_frames_bytes(sizes: tuple[int, ...], max_chunk_bytes: int) -> None:
+    """The edge's frames (head, chunks_wire, last, joined) are the bytes of the InferFrame built whole,
+    for the first frame (session id) and the others, last or not, with empty data, a 160,000-byte
+    chunk (a 3-byte length) and tensor indices past 127 (2-byte varints) included."""
+    msgs = [encode(x, RAW) for x in _tensors(*sizes)]
+    groups = list(to_pieces(msgs, max_chunk_bytes))
+    assert any(not data for group in groups for _, _, data in group) == (0 in sizes)
+    for i, group in enumerate(groups):
+        session, last = ("abc" if i == 0 else ""), i == len(groups) - 1
+        whole = split_inference_pb2.InferFrame(session_id=session, request_id=300 + i, last=last)
+        add_chunks(whole.chunks, group)
+        head = split_inference_pb2.InferFrame(session_id=session, request_id=300 + i).SerializeToString()
+        tail = split_inference_pb2.InferFrame(last=last).SerializeToString()
+        sent = b"".join([head, *chunks_wire(3, group), tail])
+        assert sent == whole.SerializeToString()
+        assert split_inference_pb2.InferFrame.FromString(sent) == whole
 
 
 def test_header_of_keeps_every_field_but_the_payload() -> None:

@@ -20,7 +20,7 @@ from cleave_cli.client import EdgeClient
 from cleave_cli.launch import DaemonProcess, cloud_process, edge_process, free_port
 from cloud_node.jobs.store import FAILED, QUEUED, RUNNING, JobStore
 from cloud_node.metrics import CloudMetrics
-from protos.cleave.v1 import edge_pb2
+from protos.cleave.v1 import edge_pb2, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
 from protos.errors import InvalidArgument, NotFound, maps_errors
@@ -167,6 +167,53 @@ def test_streams_count_once_with_their_final_status(served) -> None:
     assert registry.get_sample_value("grpc_server_handling_seconds_count", labels) == 4
     assert registry.get_sample_value("grpc_server_msg_received_total", labels) == 4 + 1 + 1 + 2
     assert registry.get_sample_value("grpc_server_msg_sent_total", labels) >= 4 + 2 + 1
+
+
+class Echo(si_grpc.SplitInferenceServicer):
+    """Infer: one result per frame, carrying the frame's chunks back."""
+
+    @maps_errors
+    def Infer(self, request_iterator, context):
+        for frame in request_iterator:
+            yield si_pb2.InferResult(request_id=frame.request_id, chunks=frame.chunks, last=frame.last)
+
+
+def test_cloud_counts_the_infer_bytes_that_crossed_the_wire() -> None:
+    registry = CollectorRegistry()
+    metrics = CloudMetrics(registry)
+    daemon = Daemon("127.0.0.1:0", [Service(Echo(), SERVICE, metrics.wire_bytes())], max_workers=4)
+    daemon.start()
+
+    def counted() -> tuple[float, float]:
+        return (
+            registry.get_sample_value("cleave_cloud_received_bytes_total"),
+            registry.get_sample_value("cleave_cloud_sent_bytes_total"),
+        )
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+            infer = channel.stream_stream(f"/{SI}/Infer")  # bytes both ways: what crossed the wire, exactly
+            frames = [
+                si_pb2.InferFrame(
+                    session_id="s", request_id=i, chunks=[tensor_pb2.TensorChunk(data=bytes(n))], last=True
+                ).SerializeToString()
+                for i, n in enumerate((0, 1000, 300_000))
+            ]
+            # request_id 1 as a 2-byte varint: valid, but re-encoding the parsed frame gives 2 bytes, not 3.
+            frames.append(b"\x10\x81\x00")
+            assert len(si_pb2.InferFrame.FromString(frames[-1]).SerializeToString()) == 2
+            results = list(infer(iter(frames), timeout=10))
+            assert len(results) == len(frames) and len(results[2]) > 300_000
+            assert counted() == (sum(map(len, frames)), sum(map(len, results)))
+
+            # Bytes that are not an InferFrame arrived too: counted, and the stream is refused.
+            received, sent = counted()
+            with pytest.raises(grpc.RpcError) as err:
+                list(infer(iter([b"\x0a\xff\xff\xff\xff\x0f"]), timeout=10))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert counted() == (received + 6, sent)
+    finally:
+        daemon.stop(0)
 
 
 # -- the endpoint and its configuration -----------------------------------------------------------

@@ -21,7 +21,9 @@ import yaml
 
 from cleave_cli.client import EdgeClient
 from cleave_cli.launch import DaemonProcess, free_port
-from compressor import decode_array
+from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode_array, encode
+from edge_node.onnx_backend import OnnxBackend
+from partitioner.bundle import EdgeBundle
 from protos.cleave.v1 import edge_pb2
 
 from .conftest import LIGHT_EDGE, MODEL, ROOT, child_env, cloud_python
@@ -51,6 +53,33 @@ def _x(seed: int = 0) -> np.ndarray:
 def _out(reply: edge_pb2.EdgeInferResponse) -> np.ndarray:
     assert not reply.HasField("error"), reply.error
     return decode_array(reply.outputs[0])
+
+
+def test_a_raw_input_reaches_onnx_runtime_as_a_read_only_view(edge_bundle: Path) -> None:
+    """The request's RAW input is not copied on its way to ONNX Runtime: decoded as a read-only view
+    over the message's bytes, it gives the same answers as a writable copy on every path (whole model,
+    float and int8 heads, the features encoded for the cloud), and nothing on the way writes to it."""
+    backend = OnnxBackend(EdgeBundle.open(edge_bundle), threads=1)
+    x = _x(3)
+    wire = edge_pb2.EdgeInferRequest(inputs=[encode(x, RAW_UNCOMPRESSED)]).SerializeToString()
+    received = backend.decode(edge_pb2.EdgeInferRequest.FromString(wire).inputs[0])
+    assert not received.flags.writeable and np.array_equal(received, x)
+
+    def same(a: list | tuple, b: list | tuple) -> None:
+        assert len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+
+    same(backend.run([received]), backend.run([x.copy()]))
+    cut, head, _ = backend.parts(backend.bundle.manifest.cuts[0].index)
+    int8_head, _ = backend.quantized(cut, head, 8)
+    for h in (head, int8_head):
+        features = backend.run_head(h, [received])
+        same(features, backend.run_head(h, [x.copy()]))
+    _, identity, _ = backend.parts(0)  # cloud-only: the input itself is the cloud's features
+    (features,) = backend.run_head(identity, [received])
+    for text in ("int8", "int4", "fp16", "raw+zstd1"):
+        spec = EncodingSpec.parse(text)
+        assert encode(features, spec).SerializeToString() == encode(x.copy(), spec).SerializeToString()
+    assert np.array_equal(received, x)
 
 
 class Stack:
