@@ -571,3 +571,20 @@ def test_fold_benchmark_configs_name_train_config_fields() -> None:
     assert bn.TrainConfig(**cfg).temperature == 0.5
     with pytest.raises(ValueError, match="--configs"):
         parse_config("1:2:3:4")
+    assert parse_config("L13:0.2") == {"levels": 13.0, "dead_zone": 0.2}
+    assert bn.TrainConfig(**parse_config("L13")).levels == 13
+    with pytest.raises(ValueError, match="--configs"):
+        parse_config("L1:2:3")
+
+
+def test_fold_benchmark_picks_the_cheapest_config_at_the_reference_agreement() -> None:
+    from benchmarks.bottleneck_folds import pick
+
+    rows = [
+        {"method": "int3t+zstd", "agree": 80, "bytes_mean": 300.0},
+        {"method": "affine L10", "agree": 79, "bytes_mean": 150.0},  # cheaper, one crop short: not it
+        {"method": "affine L13 dead_zone=0.2", "agree": 80, "bytes_mean": 180.0},
+        {"method": "affine L13", "agree": 82, "bytes_mean": 200.0},
+    ]
+    assert pick(rows)["method"] == "affine L13 dead_zone=0.2"
+    assert pick(rows[:2]) is None and pick(rows[1:]) is None  # none reaches it, or no reference
