@@ -164,6 +164,8 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="distillation temperature (0: 1)")
     ap.add_argument("--margin-weight", type=float, default=0.0, help="weight of the top-1 margin hinge")
     ap.add_argument("--mixup", type=float, default=0.0, help="share of batches mixed pairwise at the cut")
+    ap.add_argument("--levels", default="", help="affine cuts: untrained points with fixed steps, e.g. 14")
+    ap.add_argument("--dead-zone", type=float, default=0.0, help="affine cuts: rounding offset in steps (0-0.5)")
     ap.add_argument("--budget", type=float, default=240.0, help="training seconds of the cuts without their own")
     ap.add_argument("--ref-cuts", default=BLOCK_OUTPUT.pattern, help="regex of the plain int-k reference cuts")
     ap.add_argument("--size", type=int, default=224)
@@ -174,7 +176,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     specs = [c.split("/") for c in args.cuts.split(",")]
-    weights = [float(w) for w in args.rate_weights.split(",")]
+    weights = [float(w) for w in args.rate_weights.split(",") if w]
+    levels = [float(v) for v in args.levels.split(",") if v]
     source = ModelSource(torchvision="efficientnet_lite0_pretrained", input_shape=(1, 3, args.size, args.size))
     t0 = time.perf_counter()
     points: list[dict] = []
@@ -189,6 +192,8 @@ def main() -> int:
             temperature=args.temperature,
             margin_weight=args.margin_weight,
             mixup=args.mixup,
+            levels=levels if affine else [],
+            dead_zone=args.dead_zone if affine else 0.0,
             latent=0 if affine else int(rest[0]) if rest else 16,
             hidden=args.hidden,
             budget_s=float(rest[1]) if len(rest) > 1 else args.budget / len(specs),

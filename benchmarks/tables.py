@@ -715,6 +715,9 @@ TABLES: dict[str, Table] = {
     "bottleneck_affine": Table(
         ("bottleneck_affine.json",), bottleneck, ("method", "family", "bytes/image", "p95", "agreement %"), "llrrr"
     ),
+    "bottleneck_levels": Table(
+        ("bottleneck_levels.json",), bottleneck, ("method", "family", "bytes/image", "p95", "agreement %"), "llrrr"
+    ),
     "pruning": Table(
         ("pruning.json",),
         pruning,

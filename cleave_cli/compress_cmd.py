@@ -188,6 +188,8 @@ def build_spec(args: argparse.Namespace, model_id: str = "", dataset_id: str = "
                 temperature=args.temperature,
                 margin_weight=args.margin_weight,
                 mixup=args.mixup,
+                levels=[float(v) for v in args.levels.split(",")] if args.levels else [],
+                dead_zone=args.dead_zone,
             )
         )
     return spec
@@ -377,6 +379,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--temperature", type=float, default=0.0, help="distillation temperature (default 1)")
     b.add_argument("--margin-weight", type=float, default=0.0, help="weight of a hinge on the top-1 logit margin")
     b.add_argument("--mixup", type=float, default=0.0, help="share of batches mixed pairwise at the cut (0-1)")
+    b.add_argument(
+        "--levels", help="affine: untrained points with fixed steps (the largest feature / levels), e.g. 12,14"
+    )
+    b.add_argument("--dead-zone", type=float, default=0.0, help="affine: rounding offset in steps, 0-0.5 (default 0)")
     c.add_argument("--dataset", help="evaluation data: .npz or .safetensors with inputs and labels")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     c.add_argument("--label", help="free-form label shown in `cleave jobs list`")

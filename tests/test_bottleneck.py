@@ -176,6 +176,70 @@ def test_an_affine_bottleneck_at_the_pooled_vector_codes_each_channel_and_round_
         bn.BottleneckConfig(channels=512, kind="nonesuch")
 
 
+def test_fixed_steps_train_nothing_decode_at_bin_centres_and_round_trip(tmp_path: Path) -> None:
+    """levels: an untrained affine bottleneck (each channel's step the largest training feature /
+    levels, over its importance), with a dead zone the decoder mirrors; it still sends under half
+    int8's bytes at the same answers, its artifacts rebuild it on both sides, and the cloud's
+    decode refuses a corrupt bitstream."""
+    import zlib
+
+    from compressor import codec
+    from partitioner.bottleneck.served import with_bottleneck
+    from partitioner.bottleneck.train import _ENTROPY
+    from partitioner.models import fingerprint
+
+    torch.set_num_threads(1)
+    model = small.classifier()
+    x, _, _ = small.images()
+    train_idx, held_idx = small.split()
+    graph = trace(model, x[:1])
+    head, tail = graph.split("avgpool")
+    config = bn.BottleneckConfig(channels=512, latent=512, kind="affine")
+    train_x = bn.augment(x[train_idx], 3, seed=1)
+    b = bn.train(
+        head,
+        tail,
+        train_x,
+        config,
+        bn.TrainConfig(levels=12, dead_zone=0.2),
+        cut=(graph.cut("avgpool").index, "avgpool"),
+    )
+    assert b.history["steps"] == 0 and b.history["levels"] == 12
+    feats = bn.cut_features(head, train_x)
+    importance = bn.channel_importance(tail, feats)
+    step = float(feats.amax()) / 12 / (importance / importance.mean()).clamp(0.25, 4)
+    for m in (b.encoder, b.decoder):
+        assert torch.allclose(m.log_step.exp(), step, rtol=1e-5) and not m.offset.any()
+    ours = bn.evaluate(b, head, tail, x[held_idx])
+    int8 = int_k_points(head, tail, x[held_idx])[0]
+    assert ours["bytes_mean"] < int8["bytes_mean"] / 2 and ours["agreement"] >= 0.9, (ours, int8)
+    symbols = torch.tensor([0.0, 1.0, 2.0, 3.0]).repeat(128).reshape(1, 512, 1, 1)
+    centre = (symbols + 0.2 * symbols.sign()) * step.reshape(1, -1, 1, 1)
+    assert torch.allclose(b.reconstruct(symbols), centre, rtol=1e-5)  # n > 0 decodes at n + 0.2 steps
+    bn.save(b, tmp_path, {"fingerprint": fingerprint(model), "source": "rn", "input_shape": list(small.SHAPE)})
+    edge, cloud = bn.load(tmp_path, "edge"), bn.load(tmp_path, "cloud")
+    assert float(edge.encoder.dead_zone) == float(cloud.decoder.dead_zone) == pytest.approx(0.2)
+    held = bn.cut_features(head, x[held_idx][:3])
+    data = edge.encode(held)
+    assert data == b.encode(held) and torch.equal(cloud.decode(data, 3), b.decode(data, 3))
+    served = with_bottleneck(model, x[:1], tmp_path)
+    with torch.inference_mode():
+        out = tail(b.reconstruct(torch.round(b.encoder(held))))
+        assert torch.allclose(served(x[held_idx][:3]), out if isinstance(out, torch.Tensor) else out[0], atol=1e-5)
+    good = codec.encode(torch.round(edge.encoder(held[:1])), _ENTROPY, edge.tables)
+    assert torch.equal(torch.as_tensor(codec.decode(good, tables=cloud.tables)), torch.round(edge.encoder(held[:1])))
+    for payload, field in ((good.payload + good.payload, "more data"), (good.payload[:-2], "32-bit words")):
+        bad = type(good)()
+        bad.CopyFrom(good)
+        bad.payload, bad.payload_size, bad.crc32 = payload, len(payload), zlib.crc32(payload)
+        with pytest.raises(CodecError, match=field):
+            codec.decode(bad, tables=cloud.tables)
+    with pytest.raises(ValueError, match="bottleneck.levels"):
+        bn.train(head, tail, train_x[:4], bn.BottleneckConfig(channels=512), bn.TrainConfig(levels=12))
+    with pytest.raises(ValueError, match="bottleneck.levels"):
+        bn.TrainConfig(levels=0.5)
+
+
 def test_the_served_model_clamps_the_latent_into_the_tables_as_the_wire_does(tmp_path: Path) -> None:
     """A latent value outside the coder's tables reaches the cloud clamped (the wire codes only the
     tables' symbols); the model run whole must decode the same values, or a local run and a split
@@ -269,6 +333,11 @@ def test_the_affine_dead_zone_rounds_towards_zero_and_old_artifacts_load_without
     desc["sha256"][bn.artifacts.EDGE_FILE] = bn.artifacts._sha256(edge)
     (tmp_path / bn.artifacts.DESCRIPTION).write_text(json.dumps(desc))
     assert float(bn.load(tmp_path, "edge").encoder.dead_zone) == 0
+    cloud = tmp_path / bn.artifacts.CLOUD_FILE  # a decoder from before it decodes at n steps
+    save_file({k: v for k, v in load_file(str(cloud)).items() if k != "decoder.dead_zone"}, str(cloud))
+    desc["sha256"][bn.artifacts.CLOUD_FILE] = bn.artifacts._sha256(cloud)
+    (tmp_path / bn.artifacts.DESCRIPTION).write_text(json.dumps(desc))
+    assert float(bn.load(tmp_path, "cloud").decoder.dead_zone) == 0
     with pytest.raises(ValueError, match="bottleneck.dead_zone"):
         bn.TrainConfig(dead_zone=0.5)
 
@@ -362,6 +431,9 @@ def test_engine_options_are_checked_by_field(tmp_path: Path) -> None:
         (pb.BottleneckOptions(mixup=1.5), "bottleneck.mixup"),
         (pb.BottleneckOptions(margin_weight=-1), "bottleneck.margin_weight"),
         (pb.BottleneckOptions(temperature=-1), "bottleneck.temperature"),
+        (pb.BottleneckOptions(levels=[12]), "bottleneck.levels"),  # fixed steps: affine only
+        (pb.BottleneckOptions(kind="affine", levels=[0.5]), "bottleneck.levels"),
+        (pb.BottleneckOptions(kind="affine", dead_zone=0.5), "bottleneck.dead_zone"),
     ):
         with pytest.raises((ValueError, KeyError), match=field):
             d = tmp_path / str(len(list(tmp_path.iterdir())))
@@ -422,8 +494,10 @@ def test_cli_builds_a_bottleneck_spec() -> None:
     assert list(opts.cuts) == ["add_3", "add_8"] and list(opts.rate_weights) == pytest.approx([0.01, 0.1])
     assert (opts.latent, opts.stride, opts.budget_s) == (12, 2, 90)
     argv = [*argv[:5], "--kind", "affine", "--temperature", "0.5", "--margin-weight", "2", "--mixup", "0.5"]
+    argv += ["--levels", "12,14", "--dead-zone", "0.25"]
     opts = build_spec(build_parser().parse_args(argv)).bottleneck
     assert (opts.kind, opts.temperature, opts.margin_weight, opts.mixup) == ("affine", 0.5, 2, 0.5)
+    assert list(opts.levels) == [12, 14] and opts.dead_zone == 0.25
     auto = build_parser().parse_args(["compress", "--model", "resnet18", "--engine", "bottleneck", "--cuts", "auto"])
     assert list(build_spec(auto).bottleneck.cuts) == []
 
@@ -497,3 +571,20 @@ def test_fold_benchmark_configs_name_train_config_fields() -> None:
     assert bn.TrainConfig(**cfg).temperature == 0.5
     with pytest.raises(ValueError, match="--configs"):
         parse_config("1:2:3:4")
+    assert parse_config("L13:0.2") == {"levels": 13.0, "dead_zone": 0.2}
+    assert bn.TrainConfig(**parse_config("L13")).levels == 13
+    with pytest.raises(ValueError, match="--configs"):
+        parse_config("L1:2:3")
+
+
+def test_fold_benchmark_picks_the_cheapest_config_at_the_reference_agreement() -> None:
+    from benchmarks.bottleneck_folds import pick
+
+    rows = [
+        {"method": "int3t+zstd", "agree": 80, "bytes_mean": 300.0},
+        {"method": "affine L10", "agree": 79, "bytes_mean": 150.0},  # cheaper, one crop short: not it
+        {"method": "affine L13 dead_zone=0.2", "agree": 80, "bytes_mean": 180.0},
+        {"method": "affine L13", "agree": 82, "bytes_mean": 200.0},
+    ]
+    assert pick(rows)["method"] == "affine L13 dead_zone=0.2"
+    assert pick(rows[:2]) is None and pick(rows[1:]) is None  # none reaches it, or no reference

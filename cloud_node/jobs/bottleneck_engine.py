@@ -78,10 +78,9 @@ def check_options(opts: Any) -> None:
         raise ValueError(f"bottleneck.augment: {opts.augment} is over {MAX_AUGMENT}")
     if opts.budget_s < 0 or opts.target_bytes < 0:
         raise ValueError("bottleneck.budget_s: negative" if opts.budget_s < 0 else "bottleneck.target_bytes: negative")
-    if len(opts.cuts) * max(1, len(opts.rate_weights)) > MAX_POINTS:
-        raise ValueError(
-            f"bottleneck: {len(opts.cuts)} cuts x {len(opts.rate_weights)} rate weights is over {MAX_POINTS}"
-        )
+    per_cut = len(opts.rate_weights) + len(opts.levels)
+    if len(opts.cuts) * max(1, per_cut) > MAX_POINTS:
+        raise ValueError(f"bottleneck: {len(opts.cuts)} cuts x {per_cut} rate weights and levels is over {MAX_POINTS}")
     if opts.stride not in (0, 1, 2):
         raise ValueError(f"bottleneck.stride: {opts.stride} is not 1 or 2")
     for name in ("latent", "hidden"):
@@ -99,6 +98,13 @@ def check_options(opts: Any) -> None:
         raise ValueError(f"bottleneck.margin_weight: {opts.margin_weight} is not in [0, 1000]")
     if not 0 <= opts.mixup <= 1:
         raise ValueError(f"bottleneck.mixup: {opts.mixup} is not in [0, 1]")
+    for level in opts.levels:
+        if not 1 <= level <= 1e4:
+            raise ValueError(f"bottleneck.levels: {level} is not in [1, 10000]")
+    if not 0 <= opts.dead_zone < 0.5:
+        raise ValueError(f"bottleneck.dead_zone: {opts.dead_zone} is not in [0, 0.5)")
+    if (opts.levels or opts.dead_zone) and opts.kind != "affine":
+        raise ValueError("bottleneck.levels: fixed steps and a dead zone need kind affine")
 
 
 def _macs(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -116,7 +122,9 @@ class BottleneckEngine:
     def run(self, ctx: JobContext) -> None:
         opts = ctx.spec.bottleneck
         check_options(opts)
-        rate_weights = list(opts.rate_weights) or list(DEFAULT_RATE_WEIGHTS)
+        # each point: a rate weight (trained) or a number of levels (affine, untrained: fixed steps)
+        settings = [("rate_weight", w) for w in opts.rate_weights] + [("levels", v) for v in opts.levels]
+        settings = settings or [("rate_weight", w) for w in DEFAULT_RATE_WEIGHTS]
         holdout = opts.holdout or 0.3
         budget = opts.budget_s or 120.0
         ctx.progress(0.02, "loading the model")
@@ -127,8 +135,10 @@ class BottleneckEngine:
         cuts = [graph.cut(int(c) if c.isdigit() else c) for c in opts.cuts] if opts.cuts else _auto_cuts(graph)
         if not cuts:
             raise ValueError("bottleneck.cuts: the model has no cut with a single (N, C, H, W) tensor crossing")
-        if len(cuts) * len(rate_weights) > MAX_POINTS:
-            raise ValueError(f"bottleneck: {len(cuts)} cuts x {len(rate_weights)} rate weights is over {MAX_POINTS}")
+        if len(cuts) * len(settings) > MAX_POINTS:
+            raise ValueError(
+                f"bottleneck: {len(cuts)} cuts x {len(settings)} rate weights and levels is over {MAX_POINTS}"
+            )
         images, sources, origin = _images(ctx, tuple(example.shape), opts.max_images or 50)
         train_idx, held_idx = bn.split_by_group(len(images), sources, holdout)
         copies = opts.augment or 3
@@ -153,8 +163,8 @@ class BottleneckEngine:
             dict(p, cut=None) for fmt in ("jpeg", "webp") for p in jpeg_points(model, held_x, IMAGE_QUALITIES, fmt)
         ]
         trained: list[tuple[dict[str, Any], bn.Bottleneck]] = []
-        per_point = budget / (len(cuts) * len(rate_weights))
-        total = len(cuts) * len(rate_weights)
+        per_point = budget / (len(cuts) * len(settings))
+        total = len(cuts) * len(settings)
         done = 0
         for cut in cuts:
             head, tail = graph.split(cut)
@@ -162,9 +172,12 @@ class BottleneckEngine:
             points += [dict(p, cut=cut.name) for p in int_k_points(head, tail, held_x, (8, 4, 3, 2), per_tensor=True)]
             ctx.progress(0.1 + 0.8 * done / total, f"cut {cut.name}: features of {len(train_x)} training images")
             features = bn.teacher_features(head, tail, train_x)
-            for w in rate_weights:
+            for setting, value in settings:
+                w = value if setting == "rate_weight" else 0.0
                 lo, span = 0.1 + 0.8 * done / total, 0.8 / total
-                stage = f"cut {cut.name}, rate weight {w:g}"
+                stage = f"cut {cut.name}, " + (
+                    f"rate weight {w:g}" if setting == "rate_weight" else f"{value:g} levels"
+                )
                 kind = opts.kind or "conv"
                 channels = cut.shapes[0][1]
                 config = bn.BottleneckConfig(
@@ -181,6 +194,8 @@ class BottleneckEngine:
                     temperature=opts.temperature or 1.0,
                     margin_weight=opts.margin_weight,
                     mixup=opts.mixup,
+                    levels=value if setting == "levels" else 0.0,
+                    dead_zone=opts.dead_zone,
                 )
                 model_b = bn.train(
                     head,
@@ -193,12 +208,16 @@ class BottleneckEngine:
                     features=features,
                 )
                 measured = bn.evaluate(model_b, head, tail, held_x)
+                tag = f"w{w:g}" if setting == "rate_weight" else f"L{value:g}"
                 point = {
-                    "method": f"bottleneck{'' if kind == 'conv' else '-' + kind}@{cut.name}/w{w:g}",
+                    "method": f"bottleneck{'' if kind == 'conv' else '-' + kind}@{cut.name}/{tag}"
+                    + (f"/dz{opts.dead_zone:g}" if opts.dead_zone else ""),
                     "family": "bottleneck",
                     "kind": kind,
                     "cut": cut.name,
                     "rate_weight": w,
+                    "levels": value if setting == "levels" else 0.0,
+                    "dead_zone": opts.dead_zone,
                     **measured,
                     **self._costs(model_b, head, images[:1]),
                     "train_seconds": model_b.history["train_seconds"],

@@ -141,7 +141,7 @@ def load(directory: str | Path, part: str = "both") -> Bottleneck:
         for prefix, state in groups.items():
             if config.kind == "conv" and prefix in ("encoder", "decoder"):  # written before the step was a buffer
                 state.setdefault("scale", torch.ones(()))
-            if config.kind == "affine" and prefix == "encoder":  # written before the dead zone: none
+            if config.kind == "affine" and prefix in ("encoder", "decoder"):  # written before the dead zone: none
                 state.setdefault("dead_zone", torch.zeros(()))
             if prefix not in modules:
                 raise ValueError(f"bottleneck: {name} holds unexpected tensors {prefix}.*")

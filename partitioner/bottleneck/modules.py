@@ -151,14 +151,20 @@ class AffineEncoder(nn.Module):
 
 class AffineDecoder(nn.Module):
     """The inverse affine map, with its own step and offset per channel (trained apart from the
-    encoder's, so a bin can decode to where its features lie rather than to its centre)."""
+    encoder's, so a bin can decode to where its features lie rather than to its centre).
+
+    ``dead_zone`` (a buffer, the encoder's) decodes a non-zero symbol ``n`` at ``n + dead_zone``
+    steps (``n - dead_zone`` below zero): the centre of the bin the encoder's dead zone sends to
+    ``n``. 0 for artifacts written before it (their decoders learned their steps without one)."""
 
     def __init__(self, config: BottleneckConfig) -> None:
         super().__init__()
         self.log_step = nn.Parameter(torch.zeros(config.channels))
         self.offset = nn.Parameter(torch.zeros(config.channels))
+        self.register_buffer("dead_zone", torch.zeros(()))
 
     def forward(self, y: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        y = y + self.dead_zone * y.sign()
         return y * torch.exp(self.log_step)[:, None, None] + self.offset[:, None, None]
 
     def macs(self, y: torch.Tensor) -> int:

@@ -79,6 +79,11 @@ class TrainConfig:
             0-0.5): a value rounds away from zero only past ``n + 0.5 + dead_zone`` steps. Off by
             default: 0.1, chosen on pictures of the training pool (8% fewer bytes at the same
             agreement there), cost 3 of the 15 held-out photo crops (docs/bottleneck.md).
+        levels: when > 0, an affine bottleneck is not trained: each channel's step is the largest
+            training feature / ``levels``, divided by the tail's sensitivity to the channel (the
+            start :func:`~.modules.init_affine` gives a trained one), and the decoder is its
+            inverse. On picture folds of the training pool such fixed steps kept as many crops as
+            trained ones at fewer bytes (docs/bottleneck.md); the rate is then set by ``levels``.
         budget_s: wall-clock budget of the training loop (seconds).
         max_steps: stop after this many steps (0: the budget decides).
         batch: features per step.
@@ -93,6 +98,7 @@ class TrainConfig:
     margin_weight: float = 0.0
     mixup: float = 0.0
     dead_zone: float = 0.0
+    levels: float = 0.0
     budget_s: float = 60.0
     max_steps: int = 0
     batch: int = 16
@@ -108,6 +114,7 @@ class TrainConfig:
             "margin_weight": self.margin_weight >= 0,
             "mixup": 0 <= self.mixup <= 1,
             "dead_zone": 0 <= self.dead_zone < 0.5,
+            "levels": self.levels == 0 or 1 <= self.levels <= 1e4,
             "budget_s": self.budget_s > 0,
             "max_steps": self.max_steps >= 0,
             "batch": self.batch >= 1,
@@ -270,9 +277,12 @@ def train(
     for p in tail.parameters():
         p.requires_grad_(False)
     tail.eval()
+    if tc.levels and not isinstance(encoder, AffineEncoder):
+        raise ValueError(f"bottleneck.levels: fixed steps ({tc.levels:g} levels) need kind affine, not {config.kind}")
     if isinstance(encoder, AffineEncoder):
         progress(0.0, "weighing each channel by the tail's sensitivity to it")
-        init_affine(encoder, decoder, feats, channel_importance(tail, feats, seed=tc.seed))
+        importance = channel_importance(tail, feats, seed=tc.seed)
+        init_affine(encoder, decoder, feats, importance, **({"levels": tc.levels} if tc.levels else {}))
     else:
         init_pca(encoder, decoder, feats)
     lr = tc.lr * (AFFINE_LR_SCALE if isinstance(encoder, AffineEncoder) else 1)
@@ -291,7 +301,7 @@ def train(
     tau = tc.temperature
     while True:
         elapsed = time.perf_counter() - t0
-        if elapsed >= tc.budget_s or (tc.max_steps and step >= tc.max_steps):
+        if elapsed >= tc.budget_s or (tc.max_steps and step >= tc.max_steps) or tc.levels:
             break
         idx = torch.randint(0, len(feats), (min(tc.batch, len(feats)),), generator=g)
         z, t = feats[idx], teacher[idx]
@@ -329,6 +339,7 @@ def train(
     encoder.eval(), decoder.eval(), prior.eval()
     if isinstance(encoder, AffineEncoder):
         encoder.dead_zone.fill_(tc.dead_zone)  # the symbols the tables count are the ones sent
+        decoder.dead_zone.fill_(tc.dead_zone)  # non-zero symbols decode at their bins' centres
     with torch.no_grad():
         symbols = torch.cat([torch.round(encoder(feats[i : i + 256])) for i in range(0, len(feats), 256)])
     peak = max(1, int(symbols.abs().max().item()))
@@ -345,6 +356,8 @@ def train(
         "steps": step,
         "train_seconds": round(train_s, 3),
         "final_rate_weight": rate_weight,
+        "levels": tc.levels,
+        "dead_zone": tc.dead_zone,
         "train_images": len(feats),
         "half_width": half_width,
         "curve": hist,

@@ -145,7 +145,7 @@ class SweepOptions(_message.Message):
     def __init__(self, ratios: _Optional[_Iterable[float]] = ..., bits: _Optional[_Iterable[int]] = ..., parallelism: _Optional[int] = ...) -> None: ...
 
 class BottleneckOptions(_message.Message):
-    __slots__ = ("cuts", "rate_weights", "target_bytes", "latent", "hidden", "stride", "budget_s", "holdout", "augment", "max_images", "kind", "temperature", "margin_weight", "mixup")
+    __slots__ = ("cuts", "rate_weights", "target_bytes", "latent", "hidden", "stride", "budget_s", "holdout", "augment", "max_images", "kind", "temperature", "margin_weight", "mixup", "levels", "dead_zone")
     CUTS_FIELD_NUMBER: _ClassVar[int]
     RATE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     TARGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,8 @@ class BottleneckOptions(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MARGIN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MIXUP_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_ZONE_FIELD_NUMBER: _ClassVar[int]
     cuts: _containers.RepeatedScalarFieldContainer[str]
     rate_weights: _containers.RepeatedScalarFieldContainer[float]
     target_bytes: float
@@ -174,7 +176,9 @@ class BottleneckOptions(_message.Message):
     temperature: float
     margin_weight: float
     mixup: float
-    def __init__(self, cuts: _Optional[_Iterable[str]] = ..., rate_weights: _Optional[_Iterable[float]] = ..., target_bytes: _Optional[float] = ..., latent: _Optional[int] = ..., hidden: _Optional[int] = ..., stride: _Optional[int] = ..., budget_s: _Optional[float] = ..., holdout: _Optional[float] = ..., augment: _Optional[int] = ..., max_images: _Optional[int] = ..., kind: _Optional[str] = ..., temperature: _Optional[float] = ..., margin_weight: _Optional[float] = ..., mixup: _Optional[float] = ...) -> None: ...
+    levels: _containers.RepeatedScalarFieldContainer[float]
+    dead_zone: float
+    def __init__(self, cuts: _Optional[_Iterable[str]] = ..., rate_weights: _Optional[_Iterable[float]] = ..., target_bytes: _Optional[float] = ..., latent: _Optional[int] = ..., hidden: _Optional[int] = ..., stride: _Optional[int] = ..., budget_s: _Optional[float] = ..., holdout: _Optional[float] = ..., augment: _Optional[int] = ..., max_images: _Optional[int] = ..., kind: _Optional[str] = ..., temperature: _Optional[float] = ..., margin_weight: _Optional[float] = ..., mixup: _Optional[float] = ..., levels: _Optional[_Iterable[float]] = ..., dead_zone: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("engine", "model", "prune", "quantize", "sweep", "dataset_id", "label", "params", "skip_evaluation", "bottleneck")
