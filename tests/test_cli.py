@@ -272,6 +272,15 @@ def test_status_table_reads_at_a_glance() -> None:
     assert not table.lstrip().startswith("{")
 
 
+def test_status_table_says_which_link_direction_is_unmeasured() -> None:
+    # A pinned split edge whose replies are small never measures its downlink: the table read
+    # "down 0.0 Mbit/s", a dead link, while 16 KB had come down.
+    status = sample_status()
+    status.link.down_mbps = 0.0
+    line = next(row for row in status_table(status, "127.0.0.1:50052").splitlines() if row.startswith("link"))
+    assert "up 48.0 Mbit/s, down not measured yet" in line and "0.0 Mbit/s" not in line
+
+
 def test_status_table_while_the_first_plan_is_made() -> None:
     # The planner works from the start; the table said "not running: planning has not started" for the
     # 90 s the pretrained Lite0's first plan took.
