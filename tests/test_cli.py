@@ -378,6 +378,55 @@ def test_ctrl_c_in_compress_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, 
     assert "Traceback" not in err
 
 
+class _JobsClient:
+    """A Compression client whose job reports one training step per update, as a bottleneck job does."""
+
+    def __init__(self, steps: int) -> None:
+        stage = "cut _avg_pooling, rate weight 0.1: step {}: KL 0.0123"
+        self.jobs = [
+            compression_pb2.Job(id="j1", state=compression_pb2.RUNNING, progress=i / steps, stage=stage.format(i))
+            for i in range(steps)
+        ]
+        self.jobs.append(compression_pb2.Job(id="j1", state=compression_pb2.SUCCEEDED, progress=1.0, stage="done"))
+
+    def get(self, _job_id: str) -> compression_pb2.Job:
+        return self.jobs[0]
+
+    def watch(self, _job_id: str) -> Iterator[compression_pb2.Job]:
+        yield from self.jobs
+
+
+def test_compress_progress_in_a_log_prints_whole_lines_per_tenth() -> None:
+    # Piped or logged, the bar wrote one carriage-return frame per training step (hundreds, one
+    # "line"), each cut at 100 characters: the stage ended "KL 0." mid-number.
+    import io
+
+    log = io.StringIO()
+    job = compress_cmd.follow(_JobsClient(steps=200), "j1", stream=log)
+    lines = log.getvalue().splitlines()
+    assert job.state == compression_pb2.SUCCEEDED and "\r" not in log.getvalue()
+    assert 10 <= len(lines) <= 12  # one per tenth of progress, plus the final state
+    assert all(line.split()[-1] == "0.0123" for line in lines[:-1])  # the stage whole
+    assert "SUCCEEDED" in lines[-1]
+
+
+def test_compress_progress_on_a_terminal_fits_its_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 100-character line on an 80-column terminal wraps, and each rewrite then starts a new line.
+    import io
+    import os
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(compress_cmd.shutil, "get_terminal_size", lambda *_: os.terminal_size((80, 24)))
+    term = Terminal()
+    compress_cmd.follow(_JobsClient(steps=5), "j1", stream=term)
+    frames = term.getvalue().split("\r\033[K")[1:]
+    assert len(frames) == 6 and all(len(frame.rstrip("\n")) <= 79 for frame in frames)
+    assert frames[-1].rstrip("\n").endswith("SUCCEEDED done")
+
+
 # -- errors that say what to do ---------------------------------------------------------------------------
 
 
