@@ -440,6 +440,15 @@ def test_compression_off_says_how_to_turn_it_on(cloud: DaemonProcess, capsys: py
     assert "Compression service is off" in message and "--jobs-dir" in message and "Method not found" not in message
 
 
+def test_an_input_shape_the_model_cannot_take_is_one_line_naming_it(capsys: pytest.CaptureFixture) -> None:
+    # `--input-shape 1,3,64` for resnet18 stopped cleave plan/info, cleave-cloud and cleave-edge with two
+    # tracebacks (the trace's error was no ValueError) and torch's "While executing ... tlparse" lines.
+    assert main(["info", "--cuts", "--model", "resnet18", "--input-shape", "1,3,64"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cleave info: model 'resnet18' (input shape 1,3,64): ") and "at node 'conv1'" in err
+    assert "Traceback" not in err and "While executing" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_method_not_found_from_an_older_cloud_is_explained() -> None:
     args = argparse.Namespace(command="compress", cloud="10.0.0.1:50051")
     message = explain_rpc("UNIMPLEMENTED", "Method not found!", args)
