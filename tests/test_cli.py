@@ -319,6 +319,19 @@ def test_infer_checks_labels_before_it_calls_the_edge(tmp_path: Path, capsys: py
     assert "--labels: cannot read" in err and "UNAVAILABLE" not in err
 
 
+def test_labels_imagenet_without_torchvision_says_what_to_give_instead(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # On the torch-free edge the error said only that torchvision is missing: not what works there.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    assert main(["infer", "--edge", f"127.0.0.1:{free_port()}", "--labels", "imagenet", "--random", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "torchvision, which is not installed" in err and "--labels FILE, one class name per line" in err
+
+
 def test_status_against_a_daemon_table_and_json(edge: DaemonProcess, capsys: pytest.CaptureFixture) -> None:
     assert main(["status", "--edge", edge.address]) == 0
     table = capsys.readouterr().out
