@@ -214,6 +214,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not (args.model or args.upload or args.transformer):
         print("cleave compress: give --model, --transformer or --upload", file=sys.stderr)
         return 2
+    for flag, value in (("--upload", args.upload), ("--dataset", args.dataset)):
+        # Checked before the cloud is called: a missing file was a bare "[Errno 2] No such file ...".
+        if value and not Path(value).is_file():
+            why = "is a directory" if Path(value).is_dir() else "no such file"
+            print(f"cleave compress: {flag} {value}: {why}", file=sys.stderr)
+            return 2
     client = CompressionClient(args.cloud, **channel_security(args))
     try:
         model_id = dataset_id = ""

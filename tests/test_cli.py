@@ -409,6 +409,18 @@ class _JobsClient:
         yield from self.jobs
 
 
+@pytest.mark.parametrize("flag", ["--upload", "--dataset"])
+def test_compress_names_a_missing_upload_or_dataset(tmp_path: Path, flag: str, capsys) -> None:
+    # A missing --upload printed "cleave compress: [Errno 2] No such file or directory: '...'", no flag named.
+    missing = tmp_path / "weights.safetensors"
+    model = ["--upload", str(missing), "--arch", "resnet18"] if flag == "--upload" else ["--model", "resnet18"]
+    extra = ["--dataset", str(tmp_path / "data.npz")] if flag == "--dataset" else []
+    cloud = f"127.0.0.1:{free_port()}"  # nothing listens: a call to the cloud would fail UNAVAILABLE instead
+    assert main(["compress", "--cloud", cloud, *model, *extra, "--engine", "quantize"]) == 2
+    err = capsys.readouterr().err
+    assert f"cleave compress: {flag} {tmp_path}/" in err and "no such file" in err and "Errno" not in err
+
+
 def test_compress_progress_in_a_log_prints_whole_lines_per_tenth() -> None:
     # Piped or logged, the bar wrote one carriage-return frame per training step (hundreds, one
     # "line"), each cut at 100 characters: the stage ended "KL 0." mid-number.
