@@ -332,6 +332,31 @@ def test_labels_imagenet_without_torchvision_says_what_to_give_instead(
     assert "torchvision, which is not installed" in err and "--labels FILE, one class name per line" in err
 
 
+def test_infer_random_makes_each_input_as_it_is_sent(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # `--random 100000` made every input before the first request: 60 GB for Lite0's 224x224.
+    from types import SimpleNamespace
+
+    from cleave_cli.images import synthetic_images
+
+    sent: list[np.ndarray] = []
+
+    class Client:
+        def __init__(self, *_args, **_kwargs) -> None:
+            pass
+
+        def status(self, timeout: float) -> SimpleNamespace:
+            return SimpleNamespace(input_shape=[1, 3, 8, 8])
+
+        def infer(self, x: np.ndarray, timeout: float) -> None:
+            sent.append(x)
+            raise KeyboardInterrupt  # the user's Ctrl-C, during the first request
+
+    monkeypatch.setattr("cleave_cli.client.EdgeClient", Client)
+    assert main(["infer", "--edge", "127.0.0.1:1", "--random", str(10**9)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(sent) == 1 and np.array_equal(sent[0], synthetic_images(1, (1, 3, 8, 8)).numpy())
+
+
 def test_status_against_a_daemon_table_and_json(edge: DaemonProcess, capsys: pytest.CaptureFixture) -> None:
     assert main(["status", "--edge", edge.address]) == 0
     table = capsys.readouterr().out
