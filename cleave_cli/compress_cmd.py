@@ -13,10 +13,11 @@ import argparse
 import hashlib
 import json
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from .lazy import LazyModule
 from .security_args import add_security_args, channel_security
@@ -117,17 +118,33 @@ def _sha256(path: Path) -> str:
 def progress_bar(job: pb.Job, width: int = 30) -> str:
     done = int(job.progress * width)
     state = pb.JobState.Name(job.state)
-    return f"[{'#' * done}{'.' * (width - done)}] {job.progress * 100:5.1f}% {state:<9} {job.stage}"[:100]
+    return f"[{'#' * done}{'.' * (width - done)}] {job.progress * 100:5.1f}% {state:<9} {job.stage}"
 
 
-def follow(client: CompressionClient, job_id: str, quiet: bool = False) -> pb.Job:
-    """Watch a job to its end, drawing a progress bar on stderr."""
+def follow(client: CompressionClient, job_id: str, quiet: bool = False, stream: TextIO | None = None) -> pb.Job:
+    """Watch a job to its end, showing its progress on ``stream`` (stderr).
+
+    On a terminal one line is rewritten in place, cut to the terminal's width (a line wider than the
+    terminal wraps, and each update then starts a new line). Elsewhere (a pipe, a log file) a line is
+    printed, whole, when the state changes or the progress enters a new tenth: a bottleneck job sends
+    an update per training step, and the log got one line of hundreds of carriage-return frames.
+    """
+    stream = stream or sys.stderr
+    tty = stream.isatty()
+    columns = shutil.get_terminal_size((101, 24)).columns - 1
+    last: tuple[int, int] | None = None
     job = client.get(job_id)
     for job in client.watch(job_id):
-        if not quiet:
-            print("\r" + progress_bar(job).ljust(100), end="", file=sys.stderr, flush=True)
-    if not quiet:
-        print(file=sys.stderr)
+        if quiet:
+            continue
+        if tty:
+            stream.write("\r\033[K" + progress_bar(job)[:columns])
+            stream.flush()
+        elif (key := (job.state, int(job.progress * 10))) != last:
+            last = key
+            print(progress_bar(job), file=stream, flush=True)
+    if not quiet and tty:
+        print(file=stream, flush=True)
     return job
 
 
@@ -199,6 +216,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not (args.model or args.upload or args.transformer):
         print("cleave compress: give --model, --transformer or --upload", file=sys.stderr)
         return 2
+    for flag, value in (("--upload", args.upload), ("--dataset", args.dataset)):
+        # Checked before the cloud is called: a missing file was a bare "[Errno 2] No such file ...".
+        if value and not Path(value).is_file():
+            why = "is a directory" if Path(value).is_dir() else "no such file"
+            print(f"cleave compress: {flag} {value}: {why}", file=sys.stderr)
+            return 2
     client = CompressionClient(args.cloud, **channel_security(args))
     try:
         model_id = dataset_id = ""

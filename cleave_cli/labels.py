@@ -41,7 +41,10 @@ def imagenet_categories() -> list[str]:
 
     spec = importlib.util.find_spec("torchvision")  # locates the package without running it
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("--labels imagenet: the names come from torchvision, which is not installed")
+        raise ValueError(
+            "--labels imagenet: the names come from torchvision, which is not installed "
+            "(the torch-free edge): give --labels FILE, one class name per line, line i naming class i"
+        )
     meta = Path(next(iter(spec.submodule_search_locations))) / "models" / "_meta.py"
     try:
         tree = ast.parse(meta.read_text())

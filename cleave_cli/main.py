@@ -75,17 +75,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     client = EdgeClient(args.edge, **channel_security(args))
     status = client.status(timeout=args.timeout)
     shape = tuple(status.input_shape)
+    # --random's inputs are made as they are sent: one at a time in memory, whatever N.
     if args.random:
         try:
-            from .images import synthetic_images  # torch
+            from .images import iter_synthetic_images  # torch
         except ImportError:  # a torch-free edge's environment: uniform noise in [0, 1) instead of image-like inputs
             rng = np.random.default_rng(args.seed)
-            inputs = [(f"random[{i}]", rng.random((1, *shape[1:]), dtype=np.float32)) for i in range(args.random)]
+            inputs = ((f"random[{i}]", rng.random((1, *shape[1:]), dtype=np.float32)) for i in range(args.random))
         else:
-            inputs = [
-                (f"random[{i}]", x.unsqueeze(0).numpy())
-                for i, x in enumerate(synthetic_images(args.random, shape, args.seed))
-            ]
+            images = iter_synthetic_images(args.random, shape, args.seed)
+            inputs = ((f"random[{i}]", x.numpy()) for i, x in enumerate(images))
     elif args.images:
         inputs = [(path, load_array(path, shape)) for path in args.images]
     else:

@@ -107,7 +107,13 @@ def status_table(status: Any, edge: str) -> str:
     link = status.link
     link_text = f"RTT {link.rtt_ms:.2f} ms" if link.rtt_ms else "RTT not measured yet"
     if link.samples:
-        link_text += f", up {link.up_mbps:.1f} Mbit/s, down {link.down_mbps:.1f} Mbit/s ({link.samples} samples)"
+        # A direction with no sample yet reads 0.0; printed as "0.0 Mbit/s" it looked like a dead link
+        # (a pinned split edge's small replies never measure the downlink).
+        rates = ", ".join(
+            f"{way} {mbps:.1f} Mbit/s" if mbps > 0 else f"{way} not measured yet"
+            for way, mbps in (("up", link.up_mbps), ("down", link.down_mbps))
+        )
+        link_text += f", {rates} ({link.samples} samples)"
     else:
         link_text += ", bandwidth not measured yet (no traffic)"
     c = status.counters

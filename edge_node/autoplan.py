@@ -138,14 +138,19 @@ class AutoPlanner:
         self.runtime.counters.subscribe(self._observe)
         self._thread.start()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the planning thread; a re-plan still waiting is answered Unavailable."""
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop the planning thread; a re-plan still waiting is answered Unavailable.
+
+        Returns False when the thread is still at work after ``timeout`` (in the middle of a
+        measurement, which it does not interrupt): the caller must not let the interpreter finalize
+        under it (see ``edge_node.main``)."""
         self.runtime.counters.unsubscribe(self._observe)
         self._stop.set()
         with contextlib.suppress(queue.Full):  # when full, the thread sees _stop after its next message
             self._inbox.put_nowait(_STOP)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        return not self._thread.is_alive() or threading.current_thread() is self._thread
 
     def use(self, planner: Planner) -> None:
         """Plan with ``planner`` from now on (set once, when profiles and the first probe are in)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,6 +138,7 @@ class EdgeDaemon:
         )
         self.link: CloudLink | None = None
         self.autoplanner: AutoPlanner | None = None
+        self.unfinished = ""  # after close: what is still running (the interpreter must not finalize under it)
         self.server = Daemon(
             config.listen,
             [Service(None, EDGE)],
@@ -202,8 +204,8 @@ class EdgeDaemon:
         self.server.run_until_signal(on_stop=self.close, load=self.load)
 
     def close(self) -> None:
-        if self.autoplanner is not None:
-            self.autoplanner.close()
+        if self.autoplanner is not None and not self.autoplanner.close():
+            self.unfinished = "the planner (in the middle of a measurement)"
         if self.link is not None:
             self.link.close()
         if self.metrics_endpoint is not None:
@@ -259,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleave-edge: {exc}", file=sys.stderr)
         daemon.close()
         return 1
+    if daemon.unfinished:
+        # Served and drained; a thread still inside torch would abort the interpreter's exit ("terminate
+        # called without an active exception", status 134): a SIGTERM during the first plan did so.
+        log.info("stopped; not waiting for %s", daemon.unfinished)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

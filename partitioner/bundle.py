@@ -224,7 +224,7 @@ class EdgeBundle:
         root = Path(path)
         if not root.is_dir():
             raise BundleError(f"bundle {root}: not a directory")
-        manifest = parse_manifest(_read_small(root / MANIFEST))
+        manifest = parse_manifest(_read_small(root / MANIFEST), str(root / MANIFEST))  # errors name the bundle
         for name, entry in manifest.files.items():
             _verify(root, name, entry)
         listed = set(manifest.files) | {MANIFEST}

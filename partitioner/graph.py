@@ -41,10 +41,12 @@ __all__ = ["Cut", "ModelGraph", "NotACut", "TraceError", "trace"]
 _MAX_LEAF_RETRIES = 32
 
 
-class TraceError(Exception):
+class TraceError(ValueError):
     """A model could not be turned into a splittable graph.
 
-    The message names the module path, node or construct that failed.
+    The message names the module path, node or construct that failed. A ValueError: the model or its
+    input shape, as given, is what is wrong, and the daemons and the CLI report a ValueError in one
+    line (as a TraceError, a wrong ``--input-shape`` stopped each of them with two tracebacks).
     """
 
 
@@ -415,7 +417,12 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor) -> Any:
     """Record shape, dtype and Python type of every node's value at the example input."""
     with torch.no_grad():
         # clone: an in-place op on the input must not alter the caller's tensor.
-        return _ShapeProp(gm).run(example_input.clone())
+        try:
+            return _ShapeProp(gm).run(example_input.clone())
+        except TraceError as exc:
+            # torch's Interpreter appends "While executing <node> ... Original traceback: None / Use
+            # tlparse ..." to the message: five lines of noise after the one that names the node.
+            raise TraceError(str(exc).split("\n\nWhile executing ", 1)[0]) from exc.__cause__
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from partitioner.graph import Cut, ModelGraph, trace
+from partitioner.graph import Cut, ModelGraph, TraceError, trace
 from partitioner.models import ModelSpec, example_input, fingerprint, load_model
 
 
@@ -34,7 +34,11 @@ class LoadedModel:
 
             module = with_bottleneck(module, example_input(spec), spec.bottleneck)
             tables = module.tables()
-        graph = trace(module, example_input(spec))
+        try:
+            graph = trace(module, example_input(spec))
+        except TraceError as exc:
+            shape = ",".join(map(str, spec.input_shape))
+            raise TraceError(f"model {spec.name!r} (input shape {shape}): {exc}") from exc
         code = getattr(graph.module, "code", None)
         return cls(spec=spec, graph=graph, fingerprint=fingerprint(graph.module, code), entropy_tables=tables)
 

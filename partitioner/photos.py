@@ -27,7 +27,7 @@ import torch
 
 from partitioner import imagefiles
 from partitioner.models import ModelSpec, calibration_batch
-from partitioner.spec import PHOTOS, SYNTHETIC
+from partitioner.spec import IMAGE_SUFFIXES, PHOTOS, SYNTHETIC
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -39,8 +39,6 @@ __all__ = [
     "load_image",
     "to_input",
 ]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
 # scikit-image's bundled colour photographs (the ones that need no download).

@@ -21,6 +21,8 @@ _FILE_SUFFIXES = (*_TORCHSCRIPT_SUFFIXES, _EXPORT_SUFFIX, _ONNX_SUFFIX)
 #: scikit-learn (:mod:`partitioner.photos`), or synthetic images.
 PHOTOS = "photos"
 SYNTHETIC = "synthetic"
+#: The files of a calibration directory that are read, by suffix (here, without torch, for config checks).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 #: Names of the pretrained models :data:`partitioner.models.PRETRAINED` builds (kept here, without torch).
 PRETRAINED_SOURCES = frozenset({"efficientnet_lite0_pretrained"})

@@ -272,6 +272,15 @@ def test_status_table_reads_at_a_glance() -> None:
     assert not table.lstrip().startswith("{")
 
 
+def test_status_table_says_which_link_direction_is_unmeasured() -> None:
+    # A pinned split edge whose replies are small never measures its downlink: the table read
+    # "down 0.0 Mbit/s", a dead link, while 16 KB had come down.
+    status = sample_status()
+    status.link.down_mbps = 0.0
+    line = next(row for row in status_table(status, "127.0.0.1:50052").splitlines() if row.startswith("link"))
+    assert "up 48.0 Mbit/s, down not measured yet" in line and "0.0 Mbit/s" not in line
+
+
 def test_status_table_while_the_first_plan_is_made() -> None:
     # The planner works from the start; the table said "not running: planning has not started" for the
     # 90 s the pretrained Lite0's first plan took.
@@ -308,6 +317,44 @@ def test_infer_checks_labels_before_it_calls_the_edge(tmp_path: Path, capsys: py
     assert main(["infer", "--edge", f"127.0.0.1:{port}", "--labels", str(missing), "--random", "1"]) == 1
     err = capsys.readouterr().err
     assert "--labels: cannot read" in err and "UNAVAILABLE" not in err
+
+
+def test_labels_imagenet_without_torchvision_says_what_to_give_instead(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # On the torch-free edge the error said only that torchvision is missing: not what works there.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    assert main(["infer", "--edge", f"127.0.0.1:{free_port()}", "--labels", "imagenet", "--random", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "torchvision, which is not installed" in err and "--labels FILE, one class name per line" in err
+
+
+def test_infer_random_makes_each_input_as_it_is_sent(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # `--random 100000` made every input before the first request: 60 GB for Lite0's 224x224.
+    from types import SimpleNamespace
+
+    from cleave_cli.images import synthetic_images
+
+    sent: list[np.ndarray] = []
+
+    class Client:
+        def __init__(self, *_args, **_kwargs) -> None:
+            pass
+
+        def status(self, timeout: float) -> SimpleNamespace:
+            return SimpleNamespace(input_shape=[1, 3, 8, 8])
+
+        def infer(self, x: np.ndarray, timeout: float) -> None:
+            sent.append(x)
+            raise KeyboardInterrupt  # the user's Ctrl-C, during the first request
+
+    monkeypatch.setattr("cleave_cli.client.EdgeClient", Client)
+    assert main(["infer", "--edge", "127.0.0.1:1", "--random", str(10**9)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(sent) == 1 and np.array_equal(sent[0], synthetic_images(1, (1, 3, 8, 8)).numpy())
 
 
 def test_status_against_a_daemon_table_and_json(edge: DaemonProcess, capsys: pytest.CaptureFixture) -> None:
@@ -369,6 +416,67 @@ def test_ctrl_c_in_compress_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, 
     assert "Traceback" not in err
 
 
+class _JobsClient:
+    """A Compression client whose job reports one training step per update, as a bottleneck job does."""
+
+    def __init__(self, steps: int) -> None:
+        stage = "cut _avg_pooling, rate weight 0.1: step {}: KL 0.0123"
+        self.jobs = [
+            compression_pb2.Job(id="j1", state=compression_pb2.RUNNING, progress=i / steps, stage=stage.format(i))
+            for i in range(steps)
+        ]
+        self.jobs.append(compression_pb2.Job(id="j1", state=compression_pb2.SUCCEEDED, progress=1.0, stage="done"))
+
+    def get(self, _job_id: str) -> compression_pb2.Job:
+        return self.jobs[0]
+
+    def watch(self, _job_id: str) -> Iterator[compression_pb2.Job]:
+        yield from self.jobs
+
+
+@pytest.mark.parametrize("flag", ["--upload", "--dataset"])
+def test_compress_names_a_missing_upload_or_dataset(tmp_path: Path, flag: str, capsys) -> None:
+    # A missing --upload printed "cleave compress: [Errno 2] No such file or directory: '...'", no flag named.
+    missing = tmp_path / "weights.safetensors"
+    model = ["--upload", str(missing), "--arch", "resnet18"] if flag == "--upload" else ["--model", "resnet18"]
+    extra = ["--dataset", str(tmp_path / "data.npz")] if flag == "--dataset" else []
+    cloud = f"127.0.0.1:{free_port()}"  # nothing listens: a call to the cloud would fail UNAVAILABLE instead
+    assert main(["compress", "--cloud", cloud, *model, *extra, "--engine", "quantize"]) == 2
+    err = capsys.readouterr().err
+    assert f"cleave compress: {flag} {tmp_path}/" in err and "no such file" in err and "Errno" not in err
+
+
+def test_compress_progress_in_a_log_prints_whole_lines_per_tenth() -> None:
+    # Piped or logged, the bar wrote one carriage-return frame per training step (hundreds, one
+    # "line"), each cut at 100 characters: the stage ended "KL 0." mid-number.
+    import io
+
+    log = io.StringIO()
+    job = compress_cmd.follow(_JobsClient(steps=200), "j1", stream=log)
+    lines = log.getvalue().splitlines()
+    assert job.state == compression_pb2.SUCCEEDED and "\r" not in log.getvalue()
+    assert 10 <= len(lines) <= 12  # one per tenth of progress, plus the final state
+    assert all(line.split()[-1] == "0.0123" for line in lines[:-1])  # the stage whole
+    assert "SUCCEEDED" in lines[-1]
+
+
+def test_compress_progress_on_a_terminal_fits_its_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 100-character line on an 80-column terminal wraps, and each rewrite then starts a new line.
+    import io
+    import os
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(compress_cmd.shutil, "get_terminal_size", lambda *_: os.terminal_size((80, 24)))
+    term = Terminal()
+    compress_cmd.follow(_JobsClient(steps=5), "j1", stream=term)
+    frames = term.getvalue().split("\r\033[K")[1:]
+    assert len(frames) == 6 and all(len(frame.rstrip("\n")) <= 79 for frame in frames)
+    assert frames[-1].rstrip("\n").endswith("SUCCEEDED done")
+
+
 # -- errors that say what to do ---------------------------------------------------------------------------
 
 
@@ -380,6 +488,15 @@ def test_compression_off_says_how_to_turn_it_on(cloud: DaemonProcess, capsys: py
     assert main(["jobs", "list", "--cloud", cloud.address]) == 1
     message = capsys.readouterr().err
     assert "Compression service is off" in message and "--jobs-dir" in message and "Method not found" not in message
+
+
+def test_an_input_shape_the_model_cannot_take_is_one_line_naming_it(capsys: pytest.CaptureFixture) -> None:
+    # `--input-shape 1,3,64` for resnet18 stopped cleave plan/info, cleave-cloud and cleave-edge with two
+    # tracebacks (the trace's error was no ValueError) and torch's "While executing ... tlparse" lines.
+    assert main(["info", "--cuts", "--model", "resnet18", "--input-shape", "1,3,64"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cleave info: model 'resnet18' (input shape 1,3,64): ") and "at node 'conv1'" in err
+    assert "Traceback" not in err and "While executing" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_method_not_found_from_an_older_cloud_is_explained() -> None:

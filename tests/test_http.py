@@ -276,6 +276,7 @@ def test_parse_infer_binary_and_json() -> None:
 
 
 _BINARY_HEAD = b'{"inputs": [{"shape": [1], "parameters": {"binary_data_size": 8}}]}'
+_FP32_HEAD = b'{"inputs": [{"shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}'
 
 
 @pytest.mark.parametrize(
@@ -288,6 +289,9 @@ _BINARY_HEAD = b'{"inputs": [{"shape": [1], "parameters": {"binary_data_size": 8
         (b'{"inputs": [{"shape": [1], "data": [true]}]}', None, "is not a number"),
         (b'{"inputs": []}', "99", "Inference-Header-Content-Length"),
         (_BINARY_HEAD + b"abcd", str(len(_BINARY_HEAD)), "binary_data_size: 8 does not fit the 4"),
+        # The HTTP field, not the gRPC one ("contents.fp32_contents ... or send raw_input_contents").
+        (b'{"inputs": [{"shape": [1, 3], "datatype": "FP32", "data": [0.5]}]}', None, "inputs[0].data: 1 values"),
+        (_FP32_HEAD + b"abcdefgh", str(len(_FP32_HEAD)), "binary_data_size: 8 bytes, expected 4"),
     ],
 )
 def test_parse_infer_refuses_bad_bodies(body: bytes, header: str | None, message: str) -> None:

@@ -194,3 +194,18 @@ def test_sweep_with_a_dataset_trades_accuracy_against_size(tmp_path: Path) -> No
     assert {(p["ratio"], p["bits"]): p["accuracy"] for p in report["pareto"]} == {
         k: points[k]["accuracy"] for k in front
     }
+
+
+def test_an_input_shape_the_model_cannot_take_names_the_field(tmp_path: Path) -> None:
+    # `cleave compress --model resnet18 --input-shape 1,3,64` failed "RuntimeError: Given groups=1, weight of
+    # size [64, 3, 7, 7], expected input[1, 1, 3, 64] to have 3 channels", naming no option.
+    source = ModelSource(torchvision="resnet18", input_shape=(1, 3, 64))
+    ctx = context(tmp_path, pb.JobSpec(engine="quantize"), source)
+    with pytest.raises(
+        ValueError, match=r"^spec\.model\.input_shape: the model cannot run on an input of shape 1,3,64 "
+    ):
+        ctx.load_model()
+    model, example = context(
+        tmp_path, pb.JobSpec(), ModelSource(torchvision="resnet18", input_shape=(1, 3, 32, 32))
+    ).load_model()
+    assert tuple(example.shape) == (1, 3, 32, 32) and not model.training

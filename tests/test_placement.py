@@ -310,3 +310,56 @@ def test_checks_that_keep_the_device_busy_are_spaced_to_their_share() -> None:
     gaps = [b - a for a, b in pairwise(spaced)]
     assert gaps and min(gaps) >= 0.3, gaps
     assert len(free) > 3 * len(spaced), (len(free), len(spaced))
+
+
+def test_closing_the_planner_mid_measurement_says_it_is_still_running() -> None:
+    # A SIGTERM during the first plan: close() waited 5 s, returned, and the interpreter's exit under the
+    # planning thread (inside torch) aborted the edge ("terminate called without an active exception", 134).
+    import threading
+    from types import SimpleNamespace
+
+    from edge_node.autoplan import AutoPlanner
+    from edge_node.config import AutoPlanSettings
+    from edge_node.runtime import Counters
+
+    auto = AutoPlanner(None, SimpleNamespace(counters=Counters()), None, None, AutoPlanSettings())  # type: ignore[arg-type]
+    measuring, release = threading.Event(), threading.Event()
+
+    def prepare():  # a profile that does not look at the stop flag until it is done
+        measuring.set()
+        release.wait(30)
+        raise RuntimeError("stopped")
+
+    auto.prepare = prepare  # type: ignore[method-assign]
+    auto.start()
+    assert measuring.wait(10)
+    assert auto.close(timeout=0.2) is False
+    release.set()
+    assert auto.close(timeout=10) is True
+
+
+def test_the_edge_exits_cleanly_past_a_planner_still_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_node import main as edge_main
+
+    class Daemon:
+        def __init__(self, _config) -> None:
+            self.unfinished = ""
+
+        def run(self) -> None:  # served, drained, closed: the planner did not stop in time
+            self.unfinished = "the planner (in the middle of a measurement)"
+
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(edge_main, "EdgeDaemon", Daemon)
+    monkeypatch.setattr(edge_main.os, "_exit", exit_now)
+    # The daemon's process-wide set-up and log shutdown stay out of the test process.
+    for name in ("logsafe.install", "memory.keep_freed_memory", "logging.basicConfig", "logging.shutdown"):
+        module, attr = name.split(".")
+        monkeypatch.setattr(getattr(edge_main, module), attr, lambda *a, **k: None)
+    with pytest.raises(SystemExit):
+        edge_main.main(["--model", "resnet18", "--port", "0"])
+    assert exits == [0]  # skips the interpreter's finalization, which aborts under a thread inside torch

@@ -78,7 +78,21 @@ class JobContext:
         self.on_progress(max(0.0, min(1.0, fraction)), stage)
 
     def load_model(self) -> tuple[nn.Module, Any]:
-        return models.load(self.source)
+        """The model (eval mode) and its example input, run once: an input shape the model cannot take
+        fails here naming ``spec.model.input_shape`` (it failed later as a bare "RuntimeError: Given
+        groups=1, weight of size ..." from the engine's first pass)."""
+        model, example = models.load(self.source)
+        try:
+            with torch.inference_mode():
+                evaluate.run(model, example)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            x = example["input_ids"] if isinstance(example, dict) else example
+            shape = ",".join(map(str, x.shape))
+            raise ValueError(
+                f"spec.model.input_shape: the model cannot run on an input of shape {shape} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+        return model, example
 
     def dataset(self) -> Dataset | None:
         if self._dataset is None and self.dataset_path:

@@ -31,7 +31,7 @@ def count_macs(model: nn.Module, example: Any) -> int:
     hooks = [m.register_forward_hook(hook) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
     try:
         with torch.inference_mode():
-            _run(model, example)
+            run(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -50,10 +50,10 @@ def latency_ms(model: nn.Module, example: Any, runs: int = 5) -> float:
     """Median CPU latency of one forward pass, after one warm-up."""
     times = []
     with torch.inference_mode():
-        _run(model, example)
+        run(model, example)
         for _ in range(runs):
             t = time.perf_counter()
-            _run(model, example)
+            run(model, example)
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
@@ -65,7 +65,7 @@ def accuracy(model: nn.Module, data: Dataset, batch: int = 64) -> float | None:
         for i in range(0, len(data), batch):
             x = torch.from_numpy(data.inputs[i : i + batch])
             x = x.float() if x.is_floating_point() or x.dtype == torch.uint8 else x
-            out = _logits(_run(model, x))
+            out = _logits(run(model, x))
             if out is None or out.ndim != 2 or out.shape[0] != x.shape[0]:
                 return None
             correct += int((out.argmax(1) == torch.from_numpy(data.labels[i : i + batch])).sum())
@@ -85,7 +85,8 @@ def measure(model: nn.Module, example: Any, data: Dataset | None, runs: int = 5)
     return report
 
 
-def _run(model: nn.Module, x: Any) -> Any:
+def run(model: nn.Module, x: Any) -> Any:
+    """One forward pass of ``model`` on ``x`` (keyword inputs when ``x`` is a dict)."""
     if isinstance(x, dict):
         return model(**x)
     return model(x)

@@ -15,6 +15,7 @@ the same header.
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,10 +81,22 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
                 )
             if "data" in item:
                 raise InvalidArgument(f"{where}.data: give data or parameters.binary_data_size, not both")
+            known = DATATYPES.get(datatype)
+            count = math.prod(shape)
+            if known is not None and all(d >= 0 for d in shape) and size != count * known.dtype.itemsize:
+                raise InvalidArgument(
+                    f"{where}.parameters.binary_data_size: {size} bytes, expected {count * known.dtype.itemsize} "
+                    f"({count} {datatype} values of {known.dtype.itemsize} bytes for shape {shape})"
+                )
             raw.append(bytes(binary[offset : offset + size]))
             offset += size
         else:
             values = _flatten(item.get("data"), f"{where}.data")
+            count = math.prod(shape)
+            if all(d >= 0 for d in shape) and len(values) != count:
+                # Named here, in this protocol's terms: the shared check names the gRPC fields
+                # (contents.fp32_contents, "or send raw_input_contents"), which an HTTP client never sends.
+                raise InvalidArgument(f"{where}.data: {len(values)} values, expected {count} for shape {shape}")
             known = DATATYPES.get(datatype)
             if known is not None and known.contents is None:  # FP16: no typed field; its JSON values travel raw
                 raw.append(np.asarray(values, dtype=known.dtype).tobytes())

@@ -42,3 +42,16 @@ def test_fetch_bundle_needs_the_directory_to_fill_and_the_same_model_name() -> N
     with pytest.raises((SettingsError, ValueError), match="max_files"):
         EdgeConfig.from_dict({"bundle": "/b", "fetch_bundle": {"model": "resnet18", "max_files": 0}})
     assert EdgeConfig.from_dict({"bundle": "/b", "fetch_bundle": {"model": "resnet18"}}).fetch_bundle.enabled
+
+
+def test_a_calibration_directory_without_images_is_refused_at_load(tmp_path: Path) -> None:
+    # Found only by the planner, the edge started, served edge-only and re-profiled the model at every
+    # retry ("planner not ready (calibration: ... holds no image file)") without ever planning.
+    (tmp_path / "camera").mkdir()
+    (tmp_path / "camera" / "notes.txt").write_text("not an image")
+    edge = {"model": {"name": "resnet18", "source": "resnet18"}, "autoplan": {"calibration": "camera"}}
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump(edge))
+    with pytest.raises(SettingsError, match=r"autoplan.calibration: .*camera' holds no image file \(.jpg"):
+        EdgeConfig.from_yaml(str(tmp_path / "edge.yaml"))
+    (tmp_path / "camera" / "frame.JPG").write_bytes(b"")  # by suffix, as the planner reads them
+    assert EdgeConfig.from_yaml(str(tmp_path / "edge.yaml")).autoplan.calibration == str(tmp_path / "camera")
