@@ -374,32 +374,22 @@ class Planner:
         return key not in self._measured and not self.lossless(c)
 
     def _screen_ahead(self, ordered: list[Scored], start: int) -> None:
-        """Bound ``ordered[start]`` and the next candidates of the walk that need a screen in one batch:
-        those not screened yet, and those whose bound passed before a full measurement broke the
-        budget (:meth:`_check` screens them again on the input that broke it)."""
+        """Bound ``ordered[start]`` and the next unscreened candidates of the walk in one batch."""
         if self._screen_many is None or not self._needs_screen(ordered[start].candidate):
             return
-        if not self._stale((ordered[start].candidate.cut_index, ordered[start].candidate.encoding)):
+        if (ordered[start].candidate.cut_index, ordered[start].candidate.encoding) in self._bounds:
             return
         batch: dict[tuple[int, str], Candidate] = {}
         for scored in ordered[start:]:
             c = scored.candidate
             key = (c.cut_index, c.encoding)
-            if key not in batch and self._stale(key) and self._needs_screen(c):
+            if key not in self._bounds and key not in batch and self._needs_screen(c):
                 batch[key] = c
                 if len(batch) >= self._lookahead:
                     break
         self._lookahead = min(2 * self._lookahead, self.LOOKAHEAD)
         for key, bound in zip(batch, self._screen_many(list(batch.values())), strict=True):
             self._keep_bound(key, bound)
-
-    def _stale(self, key: tuple[int, str]) -> bool:
-        """Whether :meth:`_check` would screen ``key`` (now): never screened, or passed by a screen on an
-        input that a full measurement since showed was not the one to screen (see :attr:`_misses`)."""
-        if key not in self._bounds:
-            return True
-        bound = self._bounds[key]
-        return self._bounded_at[key] < self._misses and (bound is None or not self._violation(bound, bound=True))
 
     def _keep_bound(self, key: tuple[int, str], bound: Distortion | None) -> Distortion | None:
         self._bounds[key], self._bounded_at[key] = bound, self._misses

@@ -461,56 +461,6 @@ def test_a_screen_passed_before_a_miss_is_screened_again_on_the_input_that_misse
     assert len([c for c in fulls if c not in good]) == 1
 
 
-def test_screens_passed_before_a_miss_are_screened_again_together() -> None:
-    """After a full measurement breaks the budget (the screens move to the input that broke it), the
-    candidates whose screens passed before are screened again in batches as the walk reaches them, not
-    one by one; none is screened twice on one input, none is measured in full on a stale screen, and
-    the rankings are those of every candidate measured in full."""
-    from tests.test_planner import synthetic_cost
-
-    cost = synthetic_cost()
-    link = Link(2, 2, 10)
-    good = {c for c in cost.candidates() if c.encoding in ("webp", "fp16", "raw", "int8c", "raw+none", "")}
-    state = {"probe": 0}
-    fulls: list[Candidate] = []
-    singles: list[Candidate] = []
-    batched: list[tuple[Candidate, int]] = []
-
-    class Meter:  # input 1 flips under every bad candidate; input 0 never does
-        probe = property(lambda self: state["probe"])
-
-        def __call__(self, c: Candidate) -> Distortion:
-            fulls.append(c)
-            if c in good:
-                return Distortion(0.001, 1.0)
-            state["probe"] = 1
-            return Distortion(0.01, 0.5)
-
-        def bound(self, c: Candidate) -> Distortion:
-            return Distortion(0.0, 1.0 if c in good or state["probe"] == 0 else 0.5)
-
-        def screen(self, c: Candidate) -> Distortion:
-            singles.append(c)
-            return self.bound(c)
-
-        def screen_many(self, cs: list[Candidate]) -> list[Distortion]:
-            batched.extend((c, state["probe"]) for c in cs)
-            return [self.bound(c) for c in cs]
-
-    meter = Meter()
-    budgets = Budgets(max_rel_error=0.05, min_top1=0.99)
-    plain = Planner(cost, budgets, lambda c: Distortion(0.001, 1.0) if c in good else Distortion(0.01, 0.5))
-    screened = Planner(cost, budgets, meter, screen=meter.screen, screen_many=meter.screen_many)
-    want, got = plain.rank(link, limit=3), screened.rank(link, limit=3)
-    assert [s.candidate for s in got] == [s.candidate for s in want]
-    assert [bool(s.rejected) for s in got] == [bool(s.rejected) for s in want]
-    assert len([c for c in fulls if c not in good]) == 1  # the miss; every other bad one rejected by a screen
-    again = [c for c, probe in batched if probe == 1 and (c, 0) in batched]
-    assert len(again) >= 2  # screens passed on input 0 were screened again on input 1, together
-    assert not singles  # and none one by one
-    assert len(batched) == len(set(batched))  # no candidate screened twice on the same input
-
-
 def test_a_screen_never_promises_less_than_the_whole_batch_gives(local_model: LoadedModel) -> None:
     calib = calibration_batch(local_model.spec.input_shape, 4, seed=8)
     meter = DistortionMeter(local_model, calib)
