@@ -306,7 +306,10 @@ class CostModel:
                     key = "jpeg"  # a profile taken before WebP was profiled: the nearest codec it has
                 cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
                 cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
-                if measured.get(enc) is not None:  # not measured (``cuts``), or e.g. JPEG of a non-image
+                # Not measured (``cuts``), or e.g. JPEG of a non-image. A size the disk cache holds but ``cuts``
+                # does not ask for is left out too: a walk then sees what it asked for, whatever an earlier
+                # walk measured, so a warm run walks (and screens, from the cache) as the cold one did.
+                if measured.get(enc) is not None and enc in wanted[cut.index]:
                     cost.feature_bytes[enc] = measured[enc]
             cuts.append(cost)
         all_weights = sum(p.numel() * p.element_size() for p in model.module.state_dict().values())

@@ -183,6 +183,28 @@ def test_a_second_cost_model_build_hits_the_cache(local_model: LoadedModel, monk
     assert len(measured) == 3  # other encodings: measured again
 
 
+def test_a_build_for_some_cuts_takes_from_the_cache_only_what_it_asks(
+    local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size cache keeps what every build measured; a build for some cuts (a walk's round,
+    ``measure_on_demand``) has the candidates it asks for and no more, whatever an earlier build left
+    in the cache: a warm ``cleave plan`` then walks, and screens from the cache, as the cold one did."""
+    profile = profile_model(local_model, repeats=1, warmup=0, head_samples=2)
+    calib = calibration_batch(local_model.spec.input_shape, 2, seed=5)
+    cuts = [c.index for c in local_model.graph.cuts]
+    few = {cuts[1]: frozenset({"int8"})}
+    more = {cuts[1]: frozenset({"int8", "int4"}), cuts[-2]: frozenset({"int2"})}
+    far = CostModel.measure(local_model, profile, profile, calib, cuts=more, cache=True)  # a walk that went further
+    measured = []
+    real = costmodel._measure_sizes
+    monkeypatch.setattr(costmodel, "_measure_sizes", lambda *a: measured.append(a[1]) or real(*a))
+    warm = CostModel.measure(local_model, profile, profile, calib, cuts=few, cache=True)
+    assert measured == []  # every size asked for is in the cache
+    assert warm == CostModel.measure(local_model, profile, profile, calib, cuts=few)  # as if nothing was cached
+    labels = {c.label for c in warm.candidates()}
+    assert {c.label for c in far.candidates()} - labels  # the further walk's candidates are not there
+
+
 def test_sizes_are_what_each_cuts_head_output_encodes_to(local_model: LoadedModel) -> None:
     """Sizes are measured per live value and added up per cut: the same bytes as encoding each
     cut's head output input by input (the median over inputs), as the planner's model says."""
