@@ -173,6 +173,10 @@ def build_planner(
     from partitioner.profile import cached_profile, scaled
 
     progress = progress or Progress(enabled=False)
+    # The arguments and the calibration images first: a mistake in them fails at once, not after the profile.
+    if not args.cloud and not args.bandwidth:
+        raise ValueError("give --cloud HOST:PORT, or --bandwidth (Mbit/s) and --rtt (ms) to plan offline")
+    calib = calibration(args, model)
     progress.start("profile")
     edge = cached_profile(model, role="edge")
     if args.cloud:
@@ -187,12 +191,9 @@ def build_planner(
             links = [Link(r.up_mbps, r.down_mbps, r.rtt_ms)]
         source = f"cloud {args.cloud} ({cloud.host})"
     else:
-        if not args.bandwidth:
-            raise ValueError("give --cloud HOST:PORT, or --bandwidth (Mbit/s) and --rtt (ms) to plan offline")
         cloud = scaled(edge, 1 / args.cloud_speedup, host="cloud (estimated)")
         links = [Link(bw, args.down or bw, args.rtt) for bw in args.bandwidth]
         source = f"offline, cloud assumed {args.cloud_speedup:g}x faster than this host"
-    calib = calibration(args, model)
     progress.start("encodings")
     meter = distortion_meter(model, calib, record=True)
     # The model's values on the calibration inputs, for each build below: the accuracy checks' recording of

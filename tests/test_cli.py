@@ -637,3 +637,27 @@ def test_daemon_that_fails_to_load_exits_with_the_reason(home: Path) -> None:
     )
     assert done.returncode == 1
     assert "cleave-cloud:" in done.stderr and "broken" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--bandwidth", "20", "--calibration", "EMPTY"], "calibration"),
+        ([], "give --cloud HOST:PORT, or --bandwidth"),
+    ],
+)
+def test_plan_checks_its_arguments_before_profiling(
+    extra: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # A directory without images, or neither --cloud nor --bandwidth, failed only after the profile (a minute
+    # on a busy machine).
+    import partitioner.profile
+
+    def no_profile(*_a, **_k):
+        raise AssertionError("profiled before checking the arguments")
+
+    monkeypatch.setattr(partitioner.profile, "cached_profile", no_profile)
+    extra = [str(tmp_path) if a == "EMPTY" else a for a in extra]
+    assert main(["plan", "--model", "resnet18", "--input-shape", "1,3,64,64", *extra]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "profiled before" not in err and "Traceback" not in err
