@@ -209,6 +209,10 @@ def test_edge_config_takes_a_calibration_directory(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     path = tmp_path / "edge.yaml"
     path.write_text("model: {name: lite0, source: efficientnet_lite0_pretrained}\nautoplan: {calibration: images}\n")
+    # A directory without an image file is refused at load, naming the key (the planner found it only later).
+    with pytest.raises(SettingsError, match="autoplan.calibration: .* holds no image file"):
+        EdgeConfig.from_yaml(str(path))
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "black.png")
     assert EdgeConfig.from_yaml(str(path)).autoplan.calibration == str(tmp_path / "images")
     path.write_text("model: {name: lite0, source: efficientnet_lite0_pretrained}\nautoplan: {calibration: photos}\n")
     assert EdgeConfig.from_yaml(str(path)).autoplan.calibration == "photos"
