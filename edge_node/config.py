@@ -9,7 +9,7 @@ from compressor.bitpack import BIT_WIDTHS
 from compressor.errors import CodecError
 from compressor.spec import EncodingSpec
 from partitioner.placement import AUTO, parse_pin
-from partitioner.spec import IMAGE_SUFFIXES, PHOTOS, SYNTHETIC, ModelSpec
+from partitioner.spec import IMAGE_SUFFIXES, PHOTOS, SYNTHETIC, ModelSpec, image_files
 from runtime.admission import ServingLimits
 from runtime.metrics import MetricsConfig
 from runtime.security import ClientAuth, ClientTLS, ServerAuth, ServerTLS
@@ -229,7 +229,7 @@ class EdgeConfig(Settings):
                 raise SettingsError(
                     f"autoplan.calibration: {calibration!r} is neither {PHOTOS!r}, {SYNTHETIC!r} nor a directory"
                 )
-            if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+            if not image_files(folder):
                 # Found only by the planner, the edge served edge-only and re-profiled the model at every retry.
                 raise SettingsError(
                     f"autoplan.calibration: {str(folder)!r} holds no image file ({', '.join(IMAGE_SUFFIXES)})"

@@ -27,7 +27,7 @@ import torch
 
 from partitioner import imagefiles
 from partitioner.models import ModelSpec, calibration_batch
-from partitioner.spec import IMAGE_SUFFIXES, PHOTOS, SYNTHETIC
+from partitioner.spec import IMAGE_SUFFIXES, PHOTOS, SYNTHETIC, image_files
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -80,7 +80,7 @@ def directory_images(directory: str | Path, input_shape: Sequence[int], n: int |
     folder = Path(directory).expanduser()
     if not folder.is_dir():
         raise ValueError(f"calibration: {str(directory)!r} is not a directory of images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise ValueError(f"calibration: {str(directory)!r} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
     return torch.cat([load_image(p, input_shape) for p in files[:n]])

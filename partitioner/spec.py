@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 _TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript", ".pt", ".jit")
@@ -23,6 +24,12 @@ PHOTOS = "photos"
 SYNTHETIC = "synthetic"
 #: The files of a calibration directory that are read, by suffix (here, without torch, for config checks).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` that a calibration directory reads (by :data:`IMAGE_SUFFIXES`), in name order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
 
 #: Names of the pretrained models :data:`partitioner.models.PRETRAINED` builds (kept here, without torch).
 PRETRAINED_SOURCES = frozenset({"efficientnet_lite0_pretrained"})
