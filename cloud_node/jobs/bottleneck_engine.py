@@ -122,9 +122,9 @@ class BottleneckEngine:
     def run(self, ctx: JobContext) -> None:
         opts = ctx.spec.bottleneck
         check_options(opts)
-        # each point: a rate weight (trained) or a number of levels (affine, untrained: fixed steps)
-        settings = [("rate_weight", w) for w in opts.rate_weights] + [("levels", v) for v in opts.levels]
-        settings = settings or [("rate_weight", w) for w in DEFAULT_RATE_WEIGHTS]
+        # each point (rate weight, levels): trained at a rate weight, or (levels >= 1) untrained, fixed steps
+        settings = [(w, 0.0) for w in opts.rate_weights] + [(0.0, v) for v in opts.levels]
+        settings = settings or [(w, 0.0) for w in DEFAULT_RATE_WEIGHTS]
         holdout = opts.holdout or 0.3
         budget = opts.budget_s or 120.0
         ctx.progress(0.02, "loading the model")
@@ -172,12 +172,9 @@ class BottleneckEngine:
             points += [dict(p, cut=cut.name) for p in int_k_points(head, tail, held_x, (8, 4, 3, 2), per_tensor=True)]
             ctx.progress(0.1 + 0.8 * done / total, f"cut {cut.name}: features of {len(train_x)} training images")
             features = bn.teacher_features(head, tail, train_x)
-            for setting, value in settings:
-                w = value if setting == "rate_weight" else 0.0
+            for w, levels in settings:
                 lo, span = 0.1 + 0.8 * done / total, 0.8 / total
-                stage = f"cut {cut.name}, " + (
-                    f"rate weight {w:g}" if setting == "rate_weight" else f"{value:g} levels"
-                )
+                stage = f"cut {cut.name}, " + (f"{levels:g} levels" if levels else f"rate weight {w:g}")
                 kind = opts.kind or "conv"
                 channels = cut.shapes[0][1]
                 config = bn.BottleneckConfig(
@@ -194,7 +191,7 @@ class BottleneckEngine:
                     temperature=opts.temperature or 1.0,
                     margin_weight=opts.margin_weight,
                     mixup=opts.mixup,
-                    levels=value if setting == "levels" else 0.0,
+                    levels=levels,
                     dead_zone=opts.dead_zone,
                 )
                 model_b = bn.train(
@@ -208,7 +205,7 @@ class BottleneckEngine:
                     features=features,
                 )
                 measured = bn.evaluate(model_b, head, tail, held_x)
-                tag = f"w{w:g}" if setting == "rate_weight" else f"L{value:g}"
+                tag = f"L{levels:g}" if levels else f"w{w:g}"
                 point = {
                     "method": f"bottleneck{'' if kind == 'conv' else '-' + kind}@{cut.name}/{tag}"
                     + (f"/dz{opts.dead_zone:g}" if opts.dead_zone else ""),
@@ -216,7 +213,7 @@ class BottleneckEngine:
                     "kind": kind,
                     "cut": cut.name,
                     "rate_weight": w,
-                    "levels": value if setting == "levels" else 0.0,
+                    "levels": levels,
                     "dead_zone": opts.dead_zone,
                     **measured,
                     **self._costs(model_b, head, images[:1]),

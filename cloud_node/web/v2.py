@@ -72,6 +72,8 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
             raise InvalidArgument(f"{where}.shape: expected a list of integers, got {shape!r}")
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
+        known = DATATYPES.get(datatype)
+        count = math.prod(shape) if all(d >= 0 for d in shape) else None  # None: a dynamic dimension
         contents: dict[str, Any] = {}
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -81,9 +83,7 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
                 )
             if "data" in item:
                 raise InvalidArgument(f"{where}.data: give data or parameters.binary_data_size, not both")
-            known = DATATYPES.get(datatype)
-            count = math.prod(shape)
-            if known is not None and all(d >= 0 for d in shape) and size != count * known.dtype.itemsize:
+            if known is not None and count is not None and size != count * known.dtype.itemsize:
                 raise InvalidArgument(
                     f"{where}.parameters.binary_data_size: {size} bytes, expected {count * known.dtype.itemsize} "
                     f"({count} {datatype} values of {known.dtype.itemsize} bytes for shape {shape})"
@@ -92,12 +92,10 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
             offset += size
         else:
             values = _flatten(item.get("data"), f"{where}.data")
-            count = math.prod(shape)
-            if all(d >= 0 for d in shape) and len(values) != count:
+            if count is not None and len(values) != count:
                 # Named here, in this protocol's terms: the shared check names the gRPC fields
                 # (contents.fp32_contents, "or send raw_input_contents"), which an HTTP client never sends.
                 raise InvalidArgument(f"{where}.data: {len(values)} values, expected {count} for shape {shape}")
-            known = DATATYPES.get(datatype)
             if known is not None and known.contents is None:  # FP16: no typed field; its JSON values travel raw
                 raw.append(np.asarray(values, dtype=known.dtype).tobytes())
             else:
