@@ -125,6 +125,19 @@ def test_artifacts_round_trip_without_pickle(trained: dict, tmp_path: Path) -> N
         bn.load(tmp_path)
 
 
+def _affine_at_avgpool():
+    """The small classifier, its images and split, traced and split at the pooled vector, and an
+    affine bottleneck's config there (one thread: the tests' timings and budgets assume it)."""
+    torch.set_num_threads(1)
+    model = small.classifier()
+    x, _, _ = small.images()
+    train_idx, held_idx = small.split()
+    graph = trace(model, x[:1])
+    head, tail = graph.split("avgpool")
+    config = bn.BottleneckConfig(channels=512, latent=512, kind="affine")
+    return model, x, train_idx, held_idx, graph, head, tail, config
+
+
 @pytest.mark.slow  # trains a bottleneck
 def test_an_affine_bottleneck_at_the_pooled_vector_codes_each_channel_and_round_trips(tmp_path: Path) -> None:
     """kind affine: a step and offset per channel (2C parameters), steps scaled by the classifier's
@@ -133,13 +146,7 @@ def test_an_affine_bottleneck_at_the_pooled_vector_codes_each_channel_and_round_
     from partitioner.bottleneck.served import LATENT_CUT, with_bottleneck
     from partitioner.models import fingerprint
 
-    torch.set_num_threads(1)
-    model = small.classifier()
-    x, _, _ = small.images()
-    train_idx, held_idx = small.split()
-    graph = trace(model, x[:1])
-    head, tail = graph.split("avgpool")
-    config = bn.BottleneckConfig(channels=512, latent=512, kind="affine")
+    model, x, train_idx, held_idx, graph, head, tail, config = _affine_at_avgpool()
     b = bn.train(
         head,
         tail,
@@ -188,13 +195,7 @@ def test_fixed_steps_train_nothing_decode_at_bin_centres_and_round_trip(tmp_path
     from partitioner.bottleneck.train import _ENTROPY
     from partitioner.models import fingerprint
 
-    torch.set_num_threads(1)
-    model = small.classifier()
-    x, _, _ = small.images()
-    train_idx, held_idx = small.split()
-    graph = trace(model, x[:1])
-    head, tail = graph.split("avgpool")
-    config = bn.BottleneckConfig(channels=512, latent=512, kind="affine")
+    model, x, train_idx, held_idx, graph, head, tail, config = _affine_at_avgpool()
     train_x = bn.augment(x[train_idx], 3, seed=1)
     b = bn.train(
         head,
