@@ -11,14 +11,16 @@ sample says (:func:`compress_codes`):
   (``ZSTD_compressSequences`` given no sequences) through zstandard's CFFI backend. Packed codes
   of a post-ReLU activation are a small, skewed alphabet with few repeats: at level 1, 94% of the
   8-bit output bytes and 88% of the 4-bit ones were literals anyway, and the ~7,500 matches per
-  frame cost more to decode than the literals they replace. Measured on resnet50's layer1
-  activation (``python -m benchmarks.codec``), one core, interleaved: 8-bit codes 492,833 B against
-  492,532 B, decompressed in 0.63 ms against 0.74 ms and compressed in 1.4 ms against 3.0 ms;
-  4-bit codes 172,300 B against 171,263 B (+0.6%), 0.26 ms against 0.34 ms and 0.47 against
-  1.05 ms. On layer2-layer4 of the same network it is within 1% of the size at 4 and 8 bits.
+  frame (mostly runs of zeros) cost more to decode than the literals they replace. Measured on
+  resnet50's layer1 activation, one core, interleaved (the ``zstd_levels`` table of ``python -m
+  benchmarks.codec`` has both frames): 8-bit codes 492,833 B against 492,532 B, decompressed in
+  0.63 ms against 0.74 ms, compressed (the sample included) in ~40% less time; 4-bit codes
+  172,301 B against 171,263 B (+0.6%), 0.26 ms against 0.34 ms, ~35% less time to compress. The
+  same network's layer2-layer4 codes are within 0.4% of their size with matches at 4 and 8 bits.
 - *with LZ matches*: zstd's level-1 strategy with :data:`CODES_PARAMS` (matches of at least 7
-  bytes, the smallest match table zstd allows), for codes that repeat: an image's codes are 6-55%
-  larger as literals only, resnet50's stem (after max-pooling) 10-17%.
+  bytes, the smallest match table zstd allows), for codes that repeat (an image's codes are 6-55%
+  larger as literals only, resnet50's max-pooled stem 10-17%; most 2-bit codes), and for codes under
+  :data:`MIN_LITERALS_BYTES`, where choosing costs more time than it can save.
 
 Either is a choice of the sender only: any zstd decoder reads both. Without the CFFI backend (no
 ``cffi``) every frame of codes has matches. Raw and fp16 bytes keep zstd's own levels.
@@ -49,11 +51,15 @@ _local = threading.local()
 CODES_PARAMS = {"window_log": 17, "hash_log": 6, "chain_log": 6, "min_match": 7}
 CODES_LEVEL = 1
 
-#: A frame of codes is literals only when, on a sample of the codes (:data:`SAMPLE_PIECES` pieces of
-#: :data:`SAMPLE_PIECE` bytes, evenly spaced), that frame is at most this much larger than one with
-#: LZ matches. The gain it buys: ~15% (8-bit) to ~25% (4-bit) less time to decompress, half to compress.
+#: A frame of codes is literals only when, on a sample of the codes (:data:`SAMPLE_PIECES` evenly
+#: spaced pieces, together at most a quarter of the codes and :data:`SAMPLE_BYTES`), that frame is at
+#: most this much larger than one with LZ matches. What it buys on a resnet50 activation: 10-15% less
+#: time to decode the tensor, 12-20% less to encode it (see above).
 LITERALS_TOLERANCE = 0.03
-SAMPLE_PIECES, SAMPLE_PIECE = 4, 16 << 10
+SAMPLE_PIECES, SAMPLE_BYTES = 4, 32 << 10
+#: Codes shorter than this keep their matches: sampling them costs more time than the literals save
+#: (measured on 16-50 KB of codes: encode +25-35% when both frames were made, decode -0-9%).
+MIN_LITERALS_BYTES = 64 << 10
 
 #: The largest literals-only output buffer kept per thread for reuse; larger frames get a new one.
 MAX_REUSED_BYTES = 8 << 20
@@ -102,17 +108,21 @@ def compress(data: bytes | memoryview | np.ndarray, level: int = 3, threads: int
 
 def compress_codes(data: bytes | memoryview | np.ndarray) -> bytes:
     """Packed quantization codes as one level-1 zstd frame: literals only where that costs at most
-    :data:`LITERALS_TOLERANCE` more bytes on a sample of ``data`` than LZ matches, else with matches
-    (:data:`CODES_PARAMS`). Data of at most the sample's size is compressed both ways, and the frame
-    chosen by the same rule is returned. Needs zstandard's CFFI backend (see :func:`compress`)."""
+    :data:`LITERALS_TOLERANCE` more bytes than LZ matches on a sample of ``data`` (or the sample's
+    matches cover under 1% of it), and ``data`` has at least :data:`MIN_LITERALS_BYTES`; else with
+    matches (:data:`CODES_PARAMS`). The choice depends on the bytes only: the same codes give the same
+    frame. Needs zstandard's CFFI backend (see :func:`compress`)."""
     flat = np.frombuffer(data, np.uint8)
     matches = _compressor(CODES_LEVEL, 0, codes=True)
-    if flat.size <= SAMPLE_PIECES * SAMPLE_PIECE:
-        literal_frame, match_frame = compress_literals(flat), matches.compress(flat)
-        return literal_frame if _literals_win(len(literal_frame), len(match_frame)) else match_frame
+    if flat.size < MIN_LITERALS_BYTES:
+        return matches.compress(flat)
+    piece = min(SAMPLE_BYTES, flat.size // 4) // SAMPLE_PIECES
     step = flat.size // SAMPLE_PIECES
-    sample = np.concatenate([flat[i * step : i * step + SAMPLE_PIECE] for i in range(SAMPLE_PIECES)])
-    if _literals_win(len(compress_literals(sample)), len(matches.compress(sample))):
+    sample = np.concatenate([flat[i * step : i * step + piece] for i in range(SAMPLE_PIECES)])
+    with_matches = matches.compress(sample)
+    literals = sum(block.get("literal_bytes", 0) for block in frame_blocks(with_matches))
+    # Matches for under 1% of the sample: the frames are alike, and one without matches decodes faster.
+    if literals >= 0.99 * sample.size or _literals_win(len(compress_literals(sample)), len(with_matches)):
         return compress_literals(flat)
     return matches.compress(flat)
 

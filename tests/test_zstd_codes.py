@@ -48,13 +48,21 @@ def test_activation_codes_become_literals_only_at_about_the_same_size(bits: int)
     assert zstd.decompress(frame, codes.size).tobytes() == codes.tobytes()
 
 
-@pytest.mark.parametrize("n", [1 << 18, 3000])  # sampled, and small enough to be compressed both ways
-def test_repeating_codes_keep_their_matches(n: int) -> None:
+def test_repeating_codes_keep_their_matches() -> None:
+    n = 1 << 18
     codes = _smooth_codes(n)
     frame = zstd.compress(codes, 1, codes=True)
     assert frame == _matches_frame(codes)
     assert len(frame) < len(zstd.compress_literals(codes)) / 2
     assert zstd.decompress(frame, n).tobytes() == codes.tobytes()
+
+
+def test_short_codes_keep_their_matches_however_they_compress() -> None:
+    for n in (1000, zstd.MIN_LITERALS_BYTES - 1):
+        codes = _relu_codes(8, n)
+        assert zstd.compress(codes, 1, codes=True) == _matches_frame(codes)
+    codes = _relu_codes(8, zstd.MIN_LITERALS_BYTES)
+    assert _sequences(zstd.compress(codes, 1, codes=True)) == 0
 
 
 @pytest.mark.parametrize(
