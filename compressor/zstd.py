@@ -61,8 +61,9 @@ SAMPLE_PIECES, SAMPLE_BYTES = 4, 32 << 10
 #: (measured on 16-50 KB of codes: encode +25-35% when both frames were made, decode -0-9%).
 MIN_LITERALS_BYTES = 64 << 10
 
-#: The largest literals-only output buffer kept per thread for reuse; larger frames get a new one.
-MAX_REUSED_BYTES = 8 << 20
+#: The largest literals-only output buffer kept per thread for reuse (as blocked.MAX_REUSED_BYTES: a
+#: daemon has many threads); larger frames get a new one.
+MAX_REUSED_BYTES = 2 << 20
 
 
 def _compressor(level: int, threads: int, codes: bool = False) -> zstandard.ZstdCompressor:

@@ -86,6 +86,15 @@ def test_both_producers_frames_decode_bit_identically_with_both_decoders(codes: 
         assert zstd.decompress(frame, codes.size, writable=False).tobytes() == codes.tobytes()
 
 
+def test_frames_outlive_the_reused_output_buffer() -> None:
+    small, large = _relu_codes(8, seed=1), _relu_codes(8, n=3 << 20, seed=2)  # reused buffer, and one past its cap
+    assert zstd.compress_bound(large.size) > zstd.MAX_REUSED_BYTES
+    first = zstd.compress_literals(small)
+    later = [zstd.compress_literals(_relu_codes(8, seed=3)), zstd.compress_literals(large)]
+    assert zstd.decompress(first, small.size).tobytes() == small.tobytes()
+    assert zstd.decompress(later[1], large.size).tobytes() == large.tobytes()
+
+
 def test_literals_frames_keep_the_codes_window() -> None:
     frame = zstd.compress_literals(_relu_codes(8))
     assert zstandard.get_frame_parameters(frame).window_size == 1 << zstd.CODES_PARAMS["window_log"]
