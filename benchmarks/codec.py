@@ -11,7 +11,9 @@ shuffled (seeded) order, so machine load and cache state hit all of them alike; 
 ``--repeats`` (process CPU time by default, so that waiting for a busy core does not count;
 ``--clock wall`` for wall time) is reported as GB/s of fp32 input bytes. Cleave's paths take and
 return torch tensors, as the torch daemons call the codec, and (``... numpy``) numpy arrays, as the
-torch-free edge does. The naive baselines are the ones of
+torch-free edge does; ``..., LZ matches`` is the default with zstd frames of codes that keep their LZ
+matches (what ``compressor.zstd.compress_codes`` chooses for codes that repeat), side by side with
+the literals-only frames it chooses for this activation. The naive baselines are the ones of
 issue 15: min-max, rint, nibble packing with strided slices, zstd level 1 (and the same at 8 bits).
 A second table measures zstd levels (-5 to 3), Cleave's level-1 frames for codes (its default, and
 the same with LZ matches) and 2 worker threads on the packed 4-bit and 8-bit codes and the fp16
@@ -57,6 +59,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = (1, 256, 56, 56)
 CLEAVE_SPECS = ("int4", "int4+none", "int4c", "int8", "int8+none", "fp16")
 NUMPY_SPECS = ("int4", "int8")  # also from and to numpy arrays, as the torch-free edge calls the codec
+MATCHES_SPECS = ("int4", "int8")  # also with the frames of codes that keep LZ matches (compressor/zstd.py)
 # Issue 15's goals, GB/s of fp32 input per core: (encode, decode).
 GOALS = {"int4": (1.5, 3.0), "int8": (0.8, 2.5)}
 LEVELS = (-5, -3, -1, 1, 3)
@@ -153,7 +156,20 @@ def cleave_paths(x: np.ndarray) -> dict[str, tuple[Callable[[], object], Callabl
     for text in NUMPY_SPECS:
         spec = EncodingSpec.parse(text)
         paths[f"cleave {text} numpy"] = ((lambda spec=spec: encode(x, spec)), decode_array)
+    for text in MATCHES_SPECS:
+        spec = EncodingSpec.parse(text)
+        paths[f"cleave {text}, LZ matches"] = ((lambda spec=spec: with_matches(lambda: encode(t, spec))), decode)
     return paths
+
+
+def with_matches(fn: Callable[[], object]) -> object:
+    """``fn()`` with every zstd frame of codes made with LZ matches (``compressor.zstd.CODES_PARAMS``),
+    as Cleave made them before literals-only frames and does without zstandard's CFFI backend."""
+    lib, cleave_zstd._lib = cleave_zstd._lib, None
+    try:
+        return fn()
+    finally:
+        cleave_zstd._lib = lib
 
 
 #: What a repeat's time is: the process's CPU time (default: on a shared machine, time spent waiting
