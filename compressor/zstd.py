@@ -271,3 +271,21 @@ def frame_blocks(frame: bytes) -> list[dict[str, int]]:
         pos += 1 if kind == 1 else size
         if last:
             return blocks
+
+
+def literals_frames_work() -> bool:
+    """Whether zstandard's CFFI backend here makes literals-only frames that zstandard decodes:
+    ``ZSTD_compressSequences`` is in libzstd's experimental API, which a later zstandard (bundling a
+    later libzstd) may change. Checked once at import; where it fails, frames of codes keep matches."""
+    if _lib is None:
+        return False
+    data = bytes(range(64)) * 64
+    try:
+        frame = compress_literals(data)
+        return zstandard.ZstdDecompressor().decompress(frame) == data and frame_blocks(frame)[0]["sequences"] == 0
+    except Exception:  # noqa: BLE001 - any failure of the binding means: do not use it
+        return False
+
+
+if not literals_frames_work():
+    _ffi = _lib = None

@@ -126,3 +126,17 @@ def test_worker_threads_and_other_levels_are_zstandards_frames() -> None:
         codes
     )
     assert _sequences(zstd.compress(codes, 1, 2, codes=True)) > 0
+
+
+def test_a_binding_that_cannot_make_literals_frames_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert zstd.literals_frames_work()
+
+    class NoSequenceApi:  # a libzstd binding without (or with a changed) ZSTD_compressSequences
+        def __getattr__(self, name: str) -> object:
+            if name == "ZSTD_compressSequences":
+                raise AttributeError(name)
+            return getattr(zstd._lib, name)
+
+    monkeypatch.setattr(zstd._local, "literals", None, raising=False)
+    monkeypatch.setattr(zstd, "_lib", NoSequenceApi())
+    assert not zstd.literals_frames_work()
