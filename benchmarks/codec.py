@@ -11,11 +11,14 @@ shuffled (seeded) order, so machine load and cache state hit all of them alike; 
 ``--repeats`` (process CPU time by default, so that waiting for a busy core does not count;
 ``--clock wall`` for wall time) is reported as GB/s of fp32 input bytes. Cleave's paths take and
 return torch tensors, as the torch daemons call the codec, and (``... numpy``) numpy arrays, as the
-torch-free edge does. The naive baselines are the ones of
+torch-free edge does; ``..., LZ matches`` is the default with zstd frames of codes that keep their LZ
+matches (what ``compressor.zstd.compress_codes`` chooses for codes that repeat), side by side with
+the literals-only frames it chooses for this activation. The naive baselines are the ones of
 issue 15: min-max, rint, nibble packing with strided slices, zstd level 1 (and the same at 8 bits).
-A second table measures zstd levels (-5 to 3), Cleave's level-1 parameters for codes and 2 worker
-threads on the packed 4-bit and 8-bit codes and the fp16 bytes of the same activation: compressed
-size and compress / decompress speed, which is how the default was chosen.
+A second table measures zstd levels (-5 to 3), Cleave's level-1 frames for codes (its default, and
+the same with LZ matches) and 2 worker threads on the packed 4-bit and 8-bit codes and the fp16
+bytes of the same activation: compressed size and compress / decompress speed, which is how the
+default was chosen.
 
 The process takes the daemons' malloc settings (:func:`runtime.memory.keep_freed_memory`, as
 :mod:`benchmarks.grpc_floor` does): with glibc's defaults, which path pays the page faults of
@@ -56,6 +59,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = (1, 256, 56, 56)
 CLEAVE_SPECS = ("int4", "int4+none", "int4c", "int8", "int8+none", "fp16")
 NUMPY_SPECS = ("int4", "int8")  # also from and to numpy arrays, as the torch-free edge calls the codec
+MATCHES_SPECS = ("int4", "int8")  # also with the frames of codes that keep LZ matches (compressor/zstd.py)
 # Issue 15's goals, GB/s of fp32 input per core: (encode, decode).
 GOALS = {"int4": (1.5, 3.0), "int8": (0.8, 2.5)}
 LEVELS = (-5, -3, -1, 1, 3)
@@ -152,7 +156,20 @@ def cleave_paths(x: np.ndarray) -> dict[str, tuple[Callable[[], object], Callabl
     for text in NUMPY_SPECS:
         spec = EncodingSpec.parse(text)
         paths[f"cleave {text} numpy"] = ((lambda spec=spec: encode(x, spec)), decode_array)
+    for text in MATCHES_SPECS:
+        spec = EncodingSpec.parse(text)
+        paths[f"cleave {text}, LZ matches"] = ((lambda spec=spec: with_matches(lambda: encode(t, spec))), decode)
     return paths
+
+
+def with_matches(fn: Callable[[], object]) -> object:
+    """``fn()`` with every zstd frame of codes made with LZ matches (``compressor.zstd.CODES_PARAMS``),
+    as Cleave made them before literals-only frames and does without zstandard's CFFI backend."""
+    lib, cleave_zstd._lib = cleave_zstd._lib, None
+    try:
+        return fn()
+    finally:
+        cleave_zstd._lib = lib
 
 
 #: What a repeat's time is: the process's CPU time (default: on a shared machine, time spent waiting
@@ -234,11 +251,19 @@ def stages(x: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
     return {k: {name: round(statistics.median(t) * 1e3, 3) for name, t in v.items()} for k, v in times.items()}
 
 
+class _Codes:
+    """Cleave's level-1 frame for codes (``compressor.zstd.compress(..., codes=True)``), as a compressor."""
+
+    def compress(self, data: bytes) -> bytes:
+        return cleave_zstd.compress(data, 1, codes=True)
+
+
 def zstd_levels(x: np.ndarray, repeats: int) -> list[dict]:
     """zstd levels on the bytes Cleave actually compresses: packed 4-bit and 8-bit codes, fp16; for
-    codes also Cleave's level-1 parameters for codes (``compressor.zstd.CODES_PARAMS``, its default)
-    and zstd's own level 1 with 2 worker threads (threads: the goals are per core, and a frame this
-    small is one zstd job anyway)."""
+    codes also Cleave's level-1 frame for codes (its default: literals only where a sample says it
+    costs at most ~3% more bytes, ``compressor.zstd.compress_codes``), the same with LZ matches
+    (``compressor.zstd.CODES_PARAMS``) and zstd's own level 1 with 2 worker threads (threads: the
+    goals are per core, and a frame this small is one zstd job anyway)."""
     q4 = encode(as_input(x), EncodingSpec.parse("int4+none")).payload
     q8 = encode(as_input(x), EncodingSpec.parse("int8+none")).payload
     f16 = x.astype(np.float16).tobytes()
@@ -247,7 +272,8 @@ def zstd_levels(x: np.ndarray, repeats: int) -> list[dict]:
     for what, raw in (("int4 codes", q4), ("int8 codes", q8), ("fp16", f16)):
         variants = [(level, "", zstandard.ZstdCompressor(level=level, write_content_size=True)) for level in LEVELS]
         if what != "fp16":
-            variants.append((1, "codes", cleave_zstd._compressor(1, 0, codes=True)))
+            variants.append((1, "codes", _Codes()))  # Cleave's default for codes: here literals only
+            variants.append((1, "matches", cleave_zstd._compressor(1, 0, codes=True)))  # with LZ matches
             variants.append((1, "t2", zstandard.ZstdCompressor(level=1, threads=2, write_content_size=True)))
         comp: list[list[float]] = [[] for _ in variants]
         dec: list[list[float]] = [[] for _ in variants]
@@ -274,50 +300,6 @@ def zstd_levels(x: np.ndarray, repeats: int) -> list[dict]:
     return rows
 
 
-def frame_blocks(frame: bytes) -> list[dict[str, int]]:
-    """The blocks of one zstd frame, from their headers (RFC 8878, sections 3.1.1.2 to 3.1.1.3.2.1):
-    each block's type and size, and for a compressed block how its literals are stored (raw, RLE,
-    Huffman-coded), how many output bytes are literals, the literals section's size and the number of
-    sequences (LZ matches; each copies earlier output)."""
-    magic, descriptor = int.from_bytes(frame[:4], "little"), frame[4]
-    if magic != 0xFD2FB528:
-        raise ValueError("not a zstd frame")
-    single_segment, fcs_flag = descriptor >> 5 & 1, descriptor >> 6
-    pos = 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3] + (single_segment, 2, 4, 8)[fcs_flag]
-    blocks = []
-    while True:
-        header = int.from_bytes(frame[pos : pos + 3], "little")
-        last, kind, size = header & 1, header >> 1 & 3, header >> 3
-        pos += 3
-        block = {"type": ("raw", "rle", "compressed", "reserved")[kind], "size": size}
-        if kind == 2:
-            b = frame[pos : pos + size]
-            lit_type, size_format = b[0] & 3, b[0] >> 2 & 3
-            if lit_type < 2:  # raw or RLE literals: a 1-3 byte header, then the bytes or one byte
-                head = (1, 2, 1, 3)[size_format]
-                regen = int.from_bytes(b[:head], "little") >> (3 if size_format in (0, 2) else 4)
-                section = head + (regen if lit_type == 0 else 1)
-            else:  # Huffman-coded (2) or with the previous block's table (3)
-                head = (3, 3, 4, 5)[size_format]
-                bits = (10, 10, 14, 18)[size_format]
-                v = int.from_bytes(b[:head], "little") >> 4
-                regen, section = v & ((1 << bits) - 1), head + (v >> bits)
-            n = b[section]
-            sequences = (
-                n
-                if n < 128
-                else ((n - 128) << 8) + b[section + 1]
-                if n < 255
-                else b[section + 1] + (b[section + 2] << 8) + 0x7F00
-            )
-            block.update(literals=("raw", "rle", "huffman", "huffman")[lit_type], literal_bytes=regen)
-            block.update(literals_section=section, sequences=sequences)
-        blocks.append(block)
-        pos += 1 if kind == 1 else size
-        if last:
-            return blocks
-
-
 def zstd_frames(x: np.ndarray) -> dict[str, dict]:
     """What the default 4-bit and 8-bit frames are made of: the bytes that zstd's Huffman stage decodes
     (literals) against those LZ matches copy. Decompressing them is mostly decoding Huffman literals, so
@@ -325,7 +307,7 @@ def zstd_frames(x: np.ndarray) -> dict[str, dict]:
     out = {}
     for text in ("int4", "int8"):
         msg = encode(x, EncodingSpec.parse(text))
-        blocks = frame_blocks(msg.payload)
+        blocks = cleave_zstd.frame_blocks(msg.payload)
         huffman = sum(b.get("literal_bytes", 0) for b in blocks if b.get("literals") == "huffman")
         out[text] = {
             "raw_bytes": msg.raw_size,

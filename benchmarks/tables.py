@@ -115,11 +115,14 @@ def codec(d: Json) -> list[list[str]]:
     return rows
 
 
+ZSTD_VARIANTS = {"": "", "codes": " (Cleave's for codes)", "matches": ", Cleave's LZ parameters", "t2": ", 2 threads"}
+
+
 def zstd_levels(d: Json) -> list[list[str]]:
     return [
         [
             z["input"],
-            str(z["level"]) + {"": "", "codes": " (Cleave's for codes)", "t2": ", 2 threads"}[z.get("variant", "")],
+            str(z["level"]) + ZSTD_VARIANTS[z.get("variant", "")],
             x(z["ratio"]),
             f"{z['compress_gbps']:.3f}",
             f"{z['decompress_gbps']:.3f}",
