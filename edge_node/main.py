@@ -15,7 +15,7 @@ from protos.errors import WireError
 from runtime import logsafe, memory
 from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from runtime.serving import Daemon, Service
-from runtime.settings import SettingsError, revalidate
+from runtime.settings import SettingsError, parse_shape, revalidate
 
 from .config import EdgeConfig
 
@@ -90,7 +90,7 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
         if args.weights:
             model["weights"] = args.weights
         if args.input_shape:
-            model["input_shape"] = [int(d) for d in args.input_shape.split(",")]
+            model["input_shape"] = parse_shape(args.input_shape)
         data["model"] = model
     if args.bundle:
         data["bundle"] = str(Path(args.bundle).resolve())
