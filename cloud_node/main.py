@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     logsafe.install()  # client-supplied text cannot forge a log line
     memory.keep_freed_memory()  # requests reuse their buffers' pages (docs/overhead.md)
     registry = new_registry() if config.metrics.enabled else None
+    endpoint = None  # a metrics port in use fails before it is bound: the message, not an UnboundLocalError
     try:
         # The endpoint first: a port clash fails at once, not after loading every model.
         endpoint = serve_metrics(config.metrics.listen, registry, allow_insecure_public=config.allow_insecure_public)
