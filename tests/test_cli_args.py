@@ -61,3 +61,11 @@ def test_a_bad_input_shape_names_the_flag(argv: list[str], capsys) -> None:
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "--input-shape: '1,3,x' is not a shape: integers > 0, comma-separated" in err, err
+
+
+def test_bundle_names_a_cut_the_model_does_not_have(tmp_path: Path, capsys) -> None:
+    argv = ["bundle", "--model", "resnet18", "--input-shape", "1,3,32,32", "--cuts", "layer1,nosuch"]
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cleave bundle: cuts: no cut 'layer1'; valid cuts include 0 ('x'),"), err
+    assert not (tmp_path / "b").exists()
