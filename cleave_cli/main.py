@@ -95,6 +95,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for name, x in inputs:
         reply = client.infer(x, timeout=args.timeout)
         logits = decode_array(reply.outputs[0]).reshape(-1)
+        if (
+            labels is not None and len(labels) != logits.size
+        ):  # off by one (a "background" first) names every class wrong
+            raise ValueError(
+                f"--labels: {args.labels} names {len(labels)} classes; the model has {logits.size} outputs "
+                "(line i must name class i)"
+            )
         order = np.argsort(-logits, kind="stable")[: min(args.top, logits.size)]
         top = [(float(logits[i]), int(i)) for i in order]
         records.append(

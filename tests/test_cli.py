@@ -319,6 +319,17 @@ def test_infer_checks_labels_before_it_calls_the_edge(tmp_path: Path, capsys: py
     assert "--labels: cannot read" in err and "UNAVAILABLE" not in err
 
 
+def test_infer_refuses_labels_that_do_not_match_the_outputs(
+    edge: DaemonProcess, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # A 1001-line list (TensorFlow's ImageNet labels: "background" first) named every class one off, silently.
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(["background", "a", "b", "c", "d"]))  # the tiny model has 4 classes
+    assert main(["infer", "--edge", edge.address, "--labels", str(labels), "--random", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"cleave infer: --labels: {labels} names 5 classes; the model has 4 outputs" in err, err
+
+
 def test_labels_imagenet_without_torchvision_says_what_to_give_instead(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
