@@ -16,6 +16,9 @@ COMPRESSION_OFF = (
     "the Compression service is off on {target} (or it is not a cleave-cloud): "
     "start cleave-cloud with --jobs-dir DIR (or a jobs: section with dir: in cloud.yaml) to enable it"
 )
+#: What `pip install cleave` leaves out and the `cloud` extra brings (docs/edge-bundle.md): `cleave bundle`,
+#: `plan`, `profile` and `info --cuts` need them; on the torch-free edge they failed with a traceback.
+CLOUD_EXTRA = ("torch", "torchvision", "scipy", "onnx", "torch_pruning", "safetensors")
 _HANDSHAKE_HINTS = ("socket closed", "handshake", "ssl", "tls", "certificate", "connection reset")
 
 
@@ -81,6 +84,11 @@ def explain(exc: BaseException, args: argparse.Namespace) -> str | None:
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         code: Any = exc.code()
         return explain_rpc(code.name if code is not None else "UNKNOWN", exc.details() or "", args)
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] in CLOUD_EXTRA:
+        return (
+            f"this command needs {exc.name}, which is not installed here (the torch-free edge installs none of "
+            f"{', '.join(CLOUD_EXTRA)}): pip install 'cleave[cloud]', or run it where the cloud runs"
+        )
     if isinstance(exc, (ValueError, OSError)):
         return str(exc)
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -120,6 +121,12 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
     if args.log_level:
         config.log_level = args.log_level
     revalidate(config)  # the flags may have changed it since it loaded
+    if config.bundle is None and importlib.util.find_spec("torch") is None:  # found, not imported
+        raise SettingsError(
+            f"model: {config.model.source!r} runs on the torch edge, and torch is not installed here: "
+            "run an edge bundle instead (--bundle DIR from `cleave bundle`, or --fetch-bundle MODEL with --bundle), "
+            "or pip install 'cleave[cloud]'"
+        )
     return config
 
 

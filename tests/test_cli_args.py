@@ -69,3 +69,15 @@ def test_bundle_names_a_cut_the_model_does_not_have(tmp_path: Path, capsys) -> N
     err = capsys.readouterr().err
     assert err.startswith("cleave bundle: cuts: no cut 'layer1'; valid cuts include 0 ('x'),"), err
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_commands_that_need_torch_say_so_where_it_is_missing() -> None:
+    import argparse
+
+    from cleave_cli.errors import explain
+
+    missing = ModuleNotFoundError("No module named 'torch'", name="torch")
+    message = explain(missing, argparse.Namespace(command="bundle"))
+    assert message is not None and "needs torch, which is not installed here" in message
+    assert "pip install 'cleave[cloud]'" in message
+    assert explain(ModuleNotFoundError("No module named 'mine'", name="mine"), argparse.Namespace()) is None

@@ -228,3 +228,15 @@ def test_a_bad_input_shape_flag_is_named(shape: str) -> None:
         build_config(parse_args(["--model", "resnet18", "--input-shape", shape]))
     with pytest.raises(ValueError, match=message):
         cloud_config(cloud_args(["--model", "resnet18", "--input-shape", shape]))
+
+
+def test_a_model_spec_without_torch_says_to_run_a_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The torch-free edge (`pip install cleave`) given --model failed after listening, with a traceback
+    # ending in "No module named 'torch'".
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(SettingsError, match=r"^model: 'resnet18' runs on the torch edge, and torch is not installed"):
+        build_config(parse_args(["--model", "resnet18"]))
+    assert build_config(parse_args(["--bundle", "/nowhere/lite0"])).bundle == "/nowhere/lite0"  # checked at load
