@@ -22,6 +22,20 @@ CLOUD_EXTRA = ("torch", "torchvision", "scipy", "onnx", "torch_pruning", "safete
 _HANDSHAKE_HINTS = ("socket closed", "handshake", "ssl", "tls", "certificate", "connection reset")
 
 
+def speaks_no_grpc(details: str) -> bool:
+    """Whether gRPC's ``details`` say the port answered in something other than HTTP/2 (an HTTP/1 server):
+    something listens there, but it is no gRPC daemon."""
+    return "failed parsing http/2" in details.lower()
+
+
+def not_grpc(target: str) -> str:
+    """What to say of a ``target`` that answers but not in gRPC (the cloud's --http-port, a web server)."""
+    return (
+        f"{target} answers, but not in gRPC (HTTP/1?): is it the cloud's --http-port (KServe over HTTP, "
+        "the console)? give the daemon's gRPC port (--port, or listen: in its YAML)"
+    )
+
+
 def target_of(args: argparse.Namespace) -> str:
     """The daemon a command talks to."""
     return getattr(args, "cloud", None) or getattr(args, "edge", None) or "the daemon"
@@ -43,6 +57,8 @@ def explain_rpc(code: str, details: str, args: argparse.Namespace) -> str:
         if args.command in ("compress", "jobs"):
             return f"UNIMPLEMENTED: {COMPRESSION_OFF.format(target=target)}"
         return f"UNIMPLEMENTED: {target} does not serve this call: is it the right daemon (cloud or edge) and version?"
+    if code == "UNAVAILABLE" and speaks_no_grpc(details):  # "nothing answers" would send the user looking for a daemon
+        return f"UNAVAILABLE: {not_grpc(target)}"
     if code == "UNAVAILABLE":
         tls, cert = _speaks_tls(args)
         handshake = any(hint in lowered for hint in _HANDSHAKE_HINTS)

@@ -523,6 +523,33 @@ def test_nothing_listening_says_so() -> None:
     assert "nothing answers on 127.0.0.1:1" in message and "cleave wait --cloud 127.0.0.1:1" in message
 
 
+def test_a_port_that_answers_http1_is_not_called_empty(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # The cloud's --http-port given where its gRPC port belongs: "nothing answers on ...: is the daemon
+    # running?" for status/infer/jobs, and `cleave wait` polled it until its timeout.
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main(["status", "--edge", target]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"cleave status: UNAVAILABLE: {target} answers, but not in gRPC (HTTP/1?): "), err
+        assert "--http-port" in err
+        started = time.monotonic()
+        assert main(["wait", "--cloud", target, "--timeout", "30"]) == 1
+        assert time.monotonic() - started < 10
+        assert capsys.readouterr().err.startswith(f"cleave wait: {target} answers, but not in gRPC")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_edge_whose_model_the_cloud_does_not_serve_says_so(cloud: DaemonProcess, caplog) -> None:
     model = LoadedModel.load(ModelSpec.from_dict({**MODEL, "name": "other"}))
     link = CloudLink(cloud.address, model, LinkMonitor(), Reconnect(initial_s=5.0, max_s=5.0), 1 << 20, 64 << 20)
