@@ -206,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--edge", default="127.0.0.1:50052", help="edge daemon host:port")
     infer.add_argument("--random", type=argtypes.count, default=0, metavar="N", help="send N synthetic inputs instead")
     infer.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
-    infer.add_argument("--top", type=argtypes.positive_int, default=5, help="classes to report per input")
+    infer.add_argument(
+        "--top",
+        type=argtypes.positive_int,
+        default=5,
+        help="classes to report per input in --json (the table shows the top-1)",
+    )
     infer.add_argument("--json", action="store_true", help="machine-readable output")
     infer.add_argument(
         "--labels", metavar="imagenet|FILE", help="class names: ImageNet's, or one per line in FILE (default: none)"
