@@ -153,8 +153,15 @@ def download_all(client: CompressionClient, job: pb.Job, out: Path) -> list[tupl
     return [(a.name, client.download(job.id, a.name, out / a.name)) for a in job.artifacts]
 
 
+def not_a_directory(out: str | None) -> bool:
+    """Whether ``--out`` names something that is there and is not a directory (the artifacts cannot go in)."""
+    return bool(out) and Path(out).exists() and not Path(out).is_dir()
+
+
 def _shape(text: str | None) -> list[int]:
-    return [int(d) for d in text.split(",")] if text else []
+    from runtime.settings import parse_shape
+
+    return parse_shape(text) if text else []
 
 
 def build_spec(args: argparse.Namespace, model_id: str = "", dataset_id: str = "") -> pb.JobSpec:
@@ -222,6 +229,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             why = "is a directory" if Path(value).is_dir() else "no such file"
             print(f"cleave compress: {flag} {value}: {why}", file=sys.stderr)
             return 2
+    if not args.no_download and not_a_directory(args.out):  # found after the job ran, it cost the whole job
+        print(f"cleave compress: --out {args.out}: exists and is not a directory", file=sys.stderr)
+        return 2
     client = CompressionClient(args.cloud, **channel_security(args))
     try:
         model_id = dataset_id = ""
@@ -340,6 +350,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"job {job.id}: {pb.JobState.Name(job.state)} {job.message}")
             warn_from_report(job)
         else:
+            if not_a_directory(args.out):
+                print(f"cleave jobs download: --out {args.out}: exists and is not a directory", file=sys.stderr)
+                return 2
             job = client.get(args.job_id)
             out = Path(args.out or job.id)
             out.mkdir(parents=True, exist_ok=True)

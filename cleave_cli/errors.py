@@ -16,7 +16,24 @@ COMPRESSION_OFF = (
     "the Compression service is off on {target} (or it is not a cleave-cloud): "
     "start cleave-cloud with --jobs-dir DIR (or a jobs: section with dir: in cloud.yaml) to enable it"
 )
+#: What `pip install cleave` leaves out and the `cloud` extra brings (docs/edge-bundle.md): `cleave bundle`,
+#: `plan`, `profile` and `info --cuts` need them; on the torch-free edge they failed with a traceback.
+CLOUD_EXTRA = ("torch", "torchvision", "scipy", "onnx", "torch_pruning", "safetensors")
 _HANDSHAKE_HINTS = ("socket closed", "handshake", "ssl", "tls", "certificate", "connection reset")
+
+
+def speaks_no_grpc(details: str) -> bool:
+    """Whether gRPC's ``details`` say the port answered in something other than HTTP/2 (an HTTP/1 server):
+    something listens there, but it is no gRPC daemon."""
+    return "failed parsing http/2" in details.lower()
+
+
+def not_grpc(target: str) -> str:
+    """What to say of a ``target`` that answers but not in gRPC (the cloud's --http-port, a web server)."""
+    return (
+        f"{target} answers, but not in gRPC (HTTP/1?): is it the cloud's --http-port (KServe over HTTP, "
+        "the console)? give the daemon's gRPC port (--port, or listen: in its YAML)"
+    )
 
 
 def target_of(args: argparse.Namespace) -> str:
@@ -40,6 +57,8 @@ def explain_rpc(code: str, details: str, args: argparse.Namespace) -> str:
         if args.command in ("compress", "jobs"):
             return f"UNIMPLEMENTED: {COMPRESSION_OFF.format(target=target)}"
         return f"UNIMPLEMENTED: {target} does not serve this call: is it the right daemon (cloud or edge) and version?"
+    if code == "UNAVAILABLE" and speaks_no_grpc(details):  # "nothing answers" would send the user looking for a daemon
+        return f"UNAVAILABLE: {not_grpc(target)}"
     if code == "UNAVAILABLE":
         tls, cert = _speaks_tls(args)
         handshake = any(hint in lowered for hint in _HANDSHAKE_HINTS)
@@ -81,6 +100,11 @@ def explain(exc: BaseException, args: argparse.Namespace) -> str | None:
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         code: Any = exc.code()
         return explain_rpc(code.name if code is not None else "UNKNOWN", exc.details() or "", args)
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] in CLOUD_EXTRA:
+        return (
+            f"this command needs {exc.name}, which is not installed here (the torch-free edge installs none of "
+            f"{', '.join(CLOUD_EXTRA)}): pip install 'cleave[cloud]', or run it where the cloud runs"
+        )
     if isinstance(exc, (ValueError, OSError)):
         return str(exc)
     return None

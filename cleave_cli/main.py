@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from . import argtypes
 from .errors import explain
 from .security_args import add_security_args, channel_security
 
@@ -94,6 +95,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for name, x in inputs:
         reply = client.infer(x, timeout=args.timeout)
         logits = decode_array(reply.outputs[0]).reshape(-1)
+        if (
+            labels is not None and len(labels) != logits.size
+        ):  # off by one (a "background" first) names every class wrong
+            raise ValueError(
+                f"--labels: {args.labels} names {len(labels)} classes; the model has {logits.size} outputs "
+                "(line i must name class i)"
+            )
         order = np.argsort(-logits, kind="stable")[: min(args.top, logits.size)]
         top = [(float(logits[i]), int(i)) for i in order]
         records.append(
@@ -196,14 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     infer = sub.add_parser("infer", help="send inputs to an edge daemon; print results and stage timing")
     infer.add_argument("images", nargs="*", help="image files (decoded, resized to the model's input)")
     infer.add_argument("--edge", default="127.0.0.1:50052", help="edge daemon host:port")
-    infer.add_argument("--random", type=int, default=0, metavar="N", help="send N synthetic inputs instead")
+    infer.add_argument("--random", type=argtypes.count, default=0, metavar="N", help="send N synthetic inputs instead")
     infer.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
-    infer.add_argument("--top", type=int, default=5, help="classes to report per input")
+    infer.add_argument(
+        "--top",
+        type=argtypes.positive_int,
+        default=5,
+        help="classes to report per input in --json (the table shows the top-1)",
+    )
     infer.add_argument("--json", action="store_true", help="machine-readable output")
     infer.add_argument(
         "--labels", metavar="imagenet|FILE", help="class names: ImageNet's, or one per line in FILE (default: none)"
     )
-    infer.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds")
+    infer.add_argument("--timeout", type=argtypes.positive, default=60.0, help="per-request deadline, seconds")
     add_security_args(infer)
     infer.set_defaults(func=cmd_infer)
 
@@ -214,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--weights", help="with --cuts: local state-dict file (default: none)")
     info.add_argument("--input-shape", default="1,3,224,224", help="with --cuts: input shape")
     info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.add_argument("--timeout", type=float, default=10.0, help="deadline, seconds")
+    info.add_argument("--timeout", type=argtypes.positive, default=10.0, help="deadline, seconds")
     add_security_args(info)
     info.set_defaults(func=cmd_info)
 
@@ -228,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a cloud daemon instead: replicas per model, queue depth, scaling decisions",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output (numbers as numbers)")
-    status.add_argument("--timeout", type=float, default=10.0, help="deadline, seconds")
+    status.add_argument("--timeout", type=argtypes.positive, default=10.0, help="deadline, seconds")
     add_security_args(status)
     status.set_defaults(func=cmd_status)
 
@@ -241,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = wait.add_mutually_exclusive_group(required=True)
     which.add_argument("--cloud", metavar="HOST:PORT", help="a cloud daemon")
     which.add_argument("--edge", metavar="HOST:PORT", help="an edge daemon")
-    wait.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    wait.add_argument("--timeout", type=argtypes.positive, default=120.0, help="give up after this many seconds")
     wait.add_argument("--quiet", action="store_true", help="print nothing on success")
     add_security_args(wait)
     wait.set_defaults(func=cmd_wait)

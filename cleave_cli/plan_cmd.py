@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import argtypes
 from .progress import Progress
 from .security_args import add_security_args, channel_security
 
@@ -65,9 +66,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace) -> LoadedModel:
     from partitioner.loaded import LoadedModel
     from partitioner.models import ModelSpec
+    from runtime.settings import parse_shape
 
     name, _, source = args.model.partition("=")
-    spec = {"name": name, "source": source or name, "input_shape": [int(d) for d in args.input_shape.split(",")]}
+    spec = {"name": name, "source": source or name, "input_shape": parse_shape(args.input_shape)}
     if args.weights:
         spec["weights"] = args.weights
     if getattr(args, "bottleneck", None):
@@ -296,7 +298,9 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
         help="calibration images for bytes and accuracy: a directory of image files, 'photos' (real photos "
         "from scikit-image and scikit-learn) or 'synthetic' (default: photos for a pretrained model)",
     )
-    p.add_argument("--calibration-inputs", type=int, default=8, metavar="N", help="how many (default 8)")
+    p.add_argument(
+        "--calibration-inputs", type=argtypes.positive_int, default=8, metavar="N", help="how many (default 8)"
+    )
 
 
 def row(rank: str, s: Scored) -> str:
@@ -469,19 +473,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="uplink Mbit/s (offline, or to override the probe); several, comma-separated, give one plan "
         "each from the same measurements (--json then holds {'plans': [one per bandwidth]})",
     )
-    plan.add_argument("--down", type=float, help="downlink Mbit/s (default: = each --bandwidth)")
-    plan.add_argument("--rtt", type=float, default=10.0, help="round trip ms (default 10)")
-    plan.add_argument("--cloud-speedup", type=float, default=4.0, help="offline: how much faster the cloud is")
+    plan.add_argument("--down", type=argtypes.positive, help="downlink Mbit/s (default: = each --bandwidth)")
+    plan.add_argument("--rtt", type=argtypes.non_negative, default=10.0, help="round trip ms (default 10)")
+    plan.add_argument(
+        "--cloud-speedup", type=argtypes.positive, default=4.0, help="offline: how much faster the cloud is"
+    )
     plan.add_argument(
         "--objective", choices=["latency", "throughput"], default="latency", help="what the ranking minimises"
     )
-    plan.add_argument("--memory-mb", type=float, help="edge memory budget (head weights + activations)")
+    plan.add_argument("--memory-mb", type=argtypes.positive, help="edge memory budget (head weights + activations)")
     plan.add_argument(
-        "--max-rel-error", type=float, default=0.05, help="secondary guard: max |y - y_float| / max |y_float|"
+        "--max-rel-error",
+        type=argtypes.non_negative,
+        default=0.05,
+        help="secondary guard: max |y - y_float| / max |y_float|",
     )
     plan.add_argument(
         "--min-top1",
-        type=float,
+        type=argtypes.fraction,
         default=0.99,
         help="accuracy budget: top-1 agreement with the float model on the calibration images (default 0.99)",
     )
@@ -491,7 +500,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument(
         "--top",
-        type=int,
+        type=argtypes.positive_int,
         default=5,
         help="placements to list, each checked on every calibration input (more take longer: see docs/plan.md)",
     )

@@ -11,6 +11,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cleave_cli.errors import not_grpc, speaks_no_grpc
 from runtime.security import ClientTLS
 from runtime.serving import open_channel
 
@@ -51,6 +52,8 @@ def wait_channel_serving(channel: grpc.Channel, timeout: float, target: str, ser
             last = f"{exc.code().name}: {exc.details()}"
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 break  # waiting will not change the answer
+            if speaks_no_grpc(exc.details() or ""):  # nor will it make a web server speak gRPC
+                raise NotServing(not_grpc(target)) from None
             if exc.code() == grpc.StatusCode.NOT_FOUND and service:
                 # A daemon reports every service it hosts from the moment it listens, loading or not.
                 raise NotServing(

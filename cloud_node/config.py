@@ -11,7 +11,17 @@ from runtime.admission import ServingLimits
 from runtime.metrics import MetricsConfig
 from runtime.security import ServerAuth, ServerTLS
 from runtime.serving import Keepalive
-from runtime.settings import LOG_LEVELS, Settings, from_mapping, load_yaml, non_negative, one_of, positive, within
+from runtime.settings import (
+    LOG_LEVELS,
+    Settings,
+    from_mapping,
+    host_port,
+    load_yaml,
+    non_negative,
+    one_of,
+    positive,
+    within,
+)
 
 
 @dataclass
@@ -362,6 +372,7 @@ class CloudConfig(Settings):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: duplicate names in {names}")
+        host_port("listen", self.listen)
         positive(self, "max_workers", "chunk_bytes")
         non_negative(self, "torch_threads")
         one_of("log_level", self.log_level.upper(), LOG_LEVELS)

@@ -17,7 +17,7 @@ from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from runtime import logsafe, memory
 from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from runtime.serving import Daemon, Service, ServiceOff
-from runtime.settings import SettingsError, revalidate
+from runtime.settings import SettingsError, parse_shape, revalidate
 
 from .config import CloudConfig, HttpConfig
 from .web.server import start_http
@@ -76,7 +76,7 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         config.listen = args.listen
     if args.port:
         config.listen = f"127.0.0.1:{args.port}"
-    shape = tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape else None
+    shape = tuple(parse_shape(args.input_shape)) if args.input_shape else None
     for entry in args.model:
         name, _, source = entry.partition("=")
         spec = {"name": name, "source": source or name}
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     logsafe.install()  # client-supplied text cannot forge a log line
     memory.keep_freed_memory()  # requests reuse their buffers' pages (docs/overhead.md)
     registry = new_registry() if config.metrics.enabled else None
+    endpoint = None  # a metrics port in use fails before it is bound: the message, not an UnboundLocalError
     try:
         # The endpoint first: a port clash fails at once, not after loading every model.
         endpoint = serve_metrics(config.metrics.listen, registry, allow_insecure_public=config.allow_insecure_public)

@@ -19,6 +19,7 @@ from runtime.settings import (
     Settings,
     SettingsError,
     from_mapping,
+    host_port,
     load_yaml,
     non_negative,
     one_of,
@@ -202,6 +203,7 @@ class EdgeConfig(Settings):
             require(
                 self.head.weight_bits in (8, 32), "head.weight_bits", "8 or 32 with a bundle", self.head.weight_bits
             )
+        host_port("listen", self.listen)
         positive(self, "request_timeout_s", "chunk_bytes", "max_workers")
         non_negative(self, "torch_threads")
         one_of("log_level", self.log_level.upper(), LOG_LEVELS)

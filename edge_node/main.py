@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from protos.errors import WireError
 from runtime import logsafe, memory
 from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from runtime.serving import Daemon, Service
-from runtime.settings import SettingsError, revalidate
+from runtime.settings import SettingsError, parse_shape, revalidate
 
 from .config import EdgeConfig
 
@@ -90,7 +91,7 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
         if args.weights:
             model["weights"] = args.weights
         if args.input_shape:
-            model["input_shape"] = [int(d) for d in args.input_shape.split(",")]
+            model["input_shape"] = parse_shape(args.input_shape)
         data["model"] = model
     if args.bundle:
         data["bundle"] = str(Path(args.bundle).resolve())
@@ -120,6 +121,12 @@ def build_config(args: argparse.Namespace) -> EdgeConfig:
     if args.log_level:
         config.log_level = args.log_level
     revalidate(config)  # the flags may have changed it since it loaded
+    if config.bundle is None and importlib.util.find_spec("torch") is None:  # found, not imported
+        raise SettingsError(
+            f"model: {config.model.source!r} runs on the torch edge, and torch is not installed here: "
+            "run an edge bundle instead (--bundle DIR from `cleave bundle`, or --fetch-bundle MODEL with --bundle), "
+            "or pip install 'cleave[cloud]'"
+        )
     return config
 
 

@@ -71,7 +71,10 @@ def build_bundle(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"out: {out} exists and is not empty")
-    chosen = [model.graph.cut(c) for c in cuts] if cuts else candidate_cuts(model, max_cuts)
+    try:
+        chosen = [model.graph.cut(c) for c in cuts] if cuts else candidate_cuts(model, max_cuts)
+    except KeyError as exc:  # a cut the model does not have: the line saying why, not a traceback
+        raise ValueError(f"cuts: {exc.args[0]}") from None
     if any(c.index == 0 for c in chosen):
         raise ValueError("cuts: cut 0 is the input (cloud-only needs no head); name split points")
     chosen = sorted({c.index: c for c in chosen}.values(), key=lambda c: c.index)

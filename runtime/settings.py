@@ -88,6 +88,27 @@ def non_negative(owner: object, *keys: str) -> None:
         require(getattr(owner, key) >= 0, key, ">= 0", getattr(owner, key))
 
 
+def host_port(key: str, value: Any) -> None:
+    """Raise ``ValueError("key: ...")`` unless ``value`` is ``host:port`` (``[v6]:port``), port 0..65535.
+
+    gRPC binds what it is given: port 99999 wraps to 34463, a missing port means 443 and -1 means 65535.
+    """
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{key}: {value!r} is not host:port with a port in 0..65535 (e.g. 127.0.0.1:50051)")
+
+
+def parse_shape(text: str, key: str = "--input-shape") -> list[int]:
+    """``1,3,224,224`` -> ``[1, 3, 224, 224]``; a ``ValueError`` naming ``key`` unless every part is an int > 0."""
+    try:
+        dims = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        dims = []
+    if not dims or any(d <= 0 for d in dims):
+        raise ValueError(f"{key}: {text!r} is not a shape: integers > 0, comma-separated (e.g. 1,3,224,224)")
+    return dims
+
+
 def within(prefix: str, check: Callable[[], None]) -> None:
     """Run ``check``; a ``ValueError`` it raises comes out with ``prefix`` in front of its key."""
     try:
@@ -112,7 +133,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text()
     except OSError as exc:
         raise SettingsError(f"config {path}: {exc.strerror}") from exc
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:  # a typo in the file: where it is, not a parser's traceback
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SettingsError(f"config {path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise SettingsError(f"config {path}: top level must be a mapping, got {type(data).__name__}")
     return data

@@ -130,8 +130,9 @@ def test_status_and_info_do_not_import_torch(edge: DaemonProcess, cloud: DaemonP
 
 
 def test_infer_on_an_image_file_imports_no_torch(edge: DaemonProcess, tmp_path: Path) -> None:
-    """``cleave infer photo.png --labels imagenet``: numpy preprocessing and codec, labels read from
-    torchvision's files without importing it; the answer is the model's own top-1 on that input."""
+    """``cleave infer photo.png --labels FILE``: numpy preprocessing and codec, and ``--labels imagenet``'s
+    names read from torchvision's files without importing it; the answer is the model's own top-1 on that
+    input. (The tiny model has 4 classes: ImageNet's 1000 names do not fit it, and are refused.)"""
     from PIL import Image
 
     from cleave_cli.labels import imagenet_categories
@@ -141,10 +142,15 @@ def test_infer_on_an_image_file_imports_no_torch(edge: DaemonProcess, tmp_path: 
     pixels = np.stack([ramp, ramp[::-1], 255 - ramp], axis=-1)
     path = tmp_path / "photo.png"
     Image.fromarray(pixels.astype(np.uint8)).save(path)
+    names = ["north", "east", "south", "west"]
+    (tmp_path / "labels.txt").write_text("\n".join(names))
     check = (
         "import sys, json\n"
+        "from cleave_cli.labels import load_labels\n"
         "from cleave_cli.main import main\n"
-        f"assert main(['infer', {str(path)!r}, '--edge', {edge.address!r}, '--json', '--labels', 'imagenet']) == 0\n"
+        f"assert main(['infer', {str(path)!r}, '--edge', {edge.address!r}, '--json', '--labels', "
+        f"{str(tmp_path / 'labels.txt')!r}]) == 0\n"
+        "assert len(load_labels('imagenet')) == 1000\n"
         "print('torch' in sys.modules, 'torchvision' in sys.modules)\n"
     )
     client = EdgeClient(edge.address)
@@ -162,7 +168,7 @@ def test_infer_on_an_image_file_imports_no_torch(edge: DaemonProcess, tmp_path: 
         logits = model.module(torch.from_numpy(load_array(path, model.input_shape)))
     best = int(logits.argmax())
     assert record["top"][0]["class"] == best, record
-    assert record["top"][0]["label"] == imagenet_categories()[best]
+    assert record["top"][0]["label"] == names[best]
     from torchvision.models import ResNet18_Weights
 
     assert imagenet_categories() == list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
@@ -317,6 +323,19 @@ def test_infer_checks_labels_before_it_calls_the_edge(tmp_path: Path, capsys: py
     assert main(["infer", "--edge", f"127.0.0.1:{port}", "--labels", str(missing), "--random", "1"]) == 1
     err = capsys.readouterr().err
     assert "--labels: cannot read" in err and "UNAVAILABLE" not in err
+
+
+def test_infer_refuses_labels_that_do_not_match_the_outputs(
+    edge: DaemonProcess, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # A 1001-line list (TensorFlow's ImageNet labels: "background" first) named every class one off, silently.
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(["background", "a", "b", "c", "d"]))  # the tiny model has 4 classes
+    assert main(["infer", "--edge", edge.address, "--labels", str(labels), "--random", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"cleave infer: --labels: {labels} names 5 classes; the model has 4 outputs" in err, err
+    assert main(["infer", "--edge", edge.address, "--labels", "imagenet", "--random", "1"]) == 1
+    assert "--labels: imagenet names 1000 classes; the model has 4 outputs" in capsys.readouterr().err
 
 
 def test_labels_imagenet_without_torchvision_says_what_to_give_instead(
@@ -510,6 +529,33 @@ def test_nothing_listening_says_so() -> None:
     details = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused"
     message = explain_rpc("UNAVAILABLE", details, args)
     assert "nothing answers on 127.0.0.1:1" in message and "cleave wait --cloud 127.0.0.1:1" in message
+
+
+def test_a_port_that_answers_http1_is_not_called_empty(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # The cloud's --http-port given where its gRPC port belongs: "nothing answers on ...: is the daemon
+    # running?" for status/infer/jobs, and `cleave wait` polled it until its timeout.
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main(["status", "--edge", target]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"cleave status: UNAVAILABLE: {target} answers, but not in gRPC (HTTP/1?): "), err
+        assert "--http-port" in err
+        started = time.monotonic()
+        assert main(["wait", "--cloud", target, "--timeout", "30"]) == 1
+        assert time.monotonic() - started < 10
+        assert capsys.readouterr().err.startswith(f"cleave wait: {target} answers, but not in gRPC")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_edge_whose_model_the_cloud_does_not_serve_says_so(cloud: DaemonProcess, caplog) -> None:

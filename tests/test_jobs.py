@@ -112,12 +112,24 @@ def test_submit_validation_names_fields(tmp_path: Path) -> None:
             InvalidArgument,
             "spec.quantize.bits",
         ),
+        (
+            pb.JobSpec(model=ref, engine="quantize", quantize=pb.QuantizeOptions(clip="aciq_laplace")),
+            InvalidArgument,
+            "spec.quantize.clip: 'aciq_laplace' is not one of lapq, aciq, fixed, minmax, percentile",
+        ),
+        (
+            pb.JobSpec(model=ref, engine="sweep", quantize=pb.QuantizeOptions(clip="nosuch")),
+            InvalidArgument,
+            "spec.quantize.clip: 'nosuch'",
+        ),
         (pb.JobSpec(model=pb.ModelRef(transformer="t5")), InvalidArgument, "spec.model.transformer"),
         (pb.JobSpec(model=pb.ModelRef(transformer="bert", config_json="{")), InvalidArgument, "config_json"),
     ]:
         with pytest.raises(error, match=match):
             m.submit(spec)
     assert m.list([], 0) == []
+    for clip in ("lapq", "aciq", ""):  # the optimiser, a registered clipper, the engine's default
+        assert m.submit(pb.JobSpec(model=ref, engine="quantize", quantize=pb.QuantizeOptions(clip=clip))).engine
 
 
 def test_queue_limit_cancel_and_states(tmp_path: Path) -> None:

@@ -100,3 +100,27 @@ def test_bad_inputs_are_refused(split, tmp_path) -> None:
     (tmp_path / "bad").write_bytes(buf.getvalue())
     with pytest.raises(ValueError, match="artifact"):
         QuantizedHead.load(tmp_path / "bad")
+
+
+def test_quantizing_a_head_with_shape_arithmetic_logs_nothing(caplog) -> None:
+    """onnxruntime's quantizer warns (on the root logger, several lines each) for every integer tensor it
+    rightly leaves alone: `cleave bundle` on Lite0, whose padding computes sizes, printed 250 of them."""
+    import logging
+
+    from torch import fx, nn
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            h, w = x.size()[-2:]
+            return (self.conv(F.pad(x, [0, h % 2, 0, w % 2])),)
+
+    head = fx.symbolic_trace(Padded().eval())
+    x = torch.rand(4, 3, 9, 9)
+    with caplog.at_level(logging.WARNING):
+        quantized = build_quantized_head(head, x, threads=1)
+    assert quantized.op_types.get("QLinearConv", 0) == 1  # the convolution is int8; the size arithmetic is not
+    assert [r.getMessage() for r in caplog.records] == []

@@ -1,5 +1,6 @@
 """YAML configs become dataclasses, and every mistake names its key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,53 @@ def test_every_settings_dataclass_validates_the_same_way() -> None:
     walk(EdgeConfig)
     walk(CloudConfig)
     assert len(seen) >= 15
+
+
+# -- what a careless user types: each fails at start, naming the key or flag ----------------------
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:99999", "127.0.0.1", "localhost:-1", "nonsense", ":50051"])
+def test_a_listen_address_gRPC_would_bind_wrongly_is_refused(listen: str) -> None:
+    # gRPC binds 127.0.0.1:99999 on port 34463, a missing port on 443 and -1 on 65535, without a word.
+    message = f"^listen: '{re.escape(listen)}' is not host:port with a port in 0..65535"
+    with pytest.raises(SettingsError, match=message):
+        CloudConfig.from_dict({"listen": listen, "models": [EDGE_MODEL]})
+    with pytest.raises(SettingsError, match=message):
+        EdgeConfig.from_dict({"listen": listen, "model": EDGE_MODEL})
+    with pytest.raises(SettingsError, match="^listen: '127.0.0.1:99999' is not host:port"):
+        build_config(parse_args(["--model", "resnet18", "--port", "99999"]))
+    for good in ("127.0.0.1:0", "[::1]:50051", "localhost:65535"):
+        assert CloudConfig.from_dict({"listen": good, "models": [EDGE_MODEL]}).listen == good
+
+
+def test_a_config_that_is_not_yaml_says_where(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text("listen: 127.0.0.1:6000\nmodels: [{name: r, source: resnet18\n")
+    with pytest.raises(SettingsError, match=r"^config .*cloud.yaml: not valid YAML at line 3, column 1: expected"):
+        CloudConfig.from_yaml(str(path))
+    with pytest.raises(SettingsError, match="not valid YAML"):
+        EdgeConfig.from_yaml(str(path))
+
+
+@pytest.mark.parametrize("shape", ["1,3,x", "1,3,-5,64", "1,,3"])
+def test_a_bad_input_shape_flag_is_named(shape: str) -> None:
+    from cloud_node.main import build_config as cloud_config
+    from cloud_node.main import parse_args as cloud_args
+
+    message = f"^--input-shape: '{re.escape(shape)}' is not a shape: integers > 0"
+    with pytest.raises(ValueError, match=message):
+        build_config(parse_args(["--model", "resnet18", "--input-shape", shape]))
+    with pytest.raises(ValueError, match=message):
+        cloud_config(cloud_args(["--model", "resnet18", "--input-shape", shape]))
+
+
+def test_a_model_spec_without_torch_says_to_run_a_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The torch-free edge (`pip install cleave`) given --model failed after listening, with a traceback
+    # ending in "No module named 'torch'".
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(SettingsError, match=r"^model: 'resnet18' runs on the torch edge, and torch is not installed"):
+        build_config(parse_args(["--model", "resnet18"]))
+    assert build_config(parse_args(["--bundle", "/nowhere/lite0"])).bundle == "/nowhere/lite0"  # checked at load

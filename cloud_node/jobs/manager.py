@@ -198,6 +198,13 @@ class JobManager:
                     raise InvalidArgument(f"spec.prune.{name}: {getattr(p, name)} is not in [0, 1)")
         if engine == "quantize" and spec.quantize.bits not in (0, 2, 3, 4, 5, 6, 8):
             raise InvalidArgument(f"spec.quantize.bits: {spec.quantize.bits} is not one of 2,3,4,5,6,8")
+        clip = spec.quantize.clip
+        if engine in ("quantize", "sweep") and clip and clip != "lapq":  # a typo failed the job once it ran
+            from compressor.clipping import clipper_names
+
+            if clip not in clipper_names():
+                known = ", ".join(["lapq", *clipper_names()])
+                raise InvalidArgument(f"spec.quantize.clip: {clip!r} is not one of {known}")
         if engine == "sweep":
             self._check_sweep(spec.sweep)
         if engine == "bottleneck":
