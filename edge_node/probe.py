@@ -111,11 +111,13 @@ def probe_link(
             return len(reply.data), time.perf_counter() - t0
 
         rates = []
+        fastest = float("inf")  # the quickest transfer's round trip, in s: it bounds the RTT from above
         for measure in (upload, download):
             size, moved, shown = PIECE, 0, 0
             while True:
                 n, seconds = measure(size)
                 moved += n
+                fastest = min(fastest, seconds)
                 # A transfer that hides inside the RTT says nothing about bandwidth (one 8 KB piece
                 # on a fast link would read as hundreds of Mbit/s): grow it until it clearly shows.
                 wire = seconds - rtt / 1e3
@@ -136,7 +138,11 @@ def probe_link(
                 sent += moved
             else:
                 received += moved
-            rates.append(n * 8 / max(wire, 1e-3) / 1e6)
+            # A transfer that never showed beyond the RTT (the echoes stalled, so the RTT reads high, and
+            # max_bytes crossed within it) bounds the rate from below: n bytes and a round trip took `seconds`.
+            # Divided by what is left after the inflated RTT, it read as 16,777 Mbit/s (2 MiB in 1 ms).
+            rates.append(n * 8 / (wire if shown else seconds) / 1e6)
+        rtt = min(rtt, fastest * 1e3)
         return ProbeResult(rtt, rates[0], rates[1], sent, received, time.perf_counter() - started)
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED or rtt is None or not transfer[0]:

@@ -202,6 +202,34 @@ def test_a_slow_link_still_reads_as_slow_and_costs_a_fraction_of_a_second() -> N
     assert time.perf_counter() - started < 2.0  # 8 KB then ~32 KB each way at 1 Mbit/s: ~0.65 s
 
 
+class _StalledEchoStub(_ShapedStub):
+    """A fast link whose echoes were held up ``echo_s`` (this host stalling while the RTT was measured)."""
+
+    def __init__(self, mbps: float, echo_s: float) -> None:
+        super().__init__(mbps)
+        self.echo_s = echo_s
+
+    def Probe(self, requests: Iterator[si_pb2.ProbeMessage], timeout: float) -> _ShapedCall:  # noqa: N802 - gRPC name
+        echo_s = self.echo_s
+
+        def delayed() -> Iterator[si_pb2.ProbeMessage]:
+            for message in requests:
+                if message.echo:
+                    time.sleep(echo_s)
+                yield message
+
+        return _ShapedCall(delayed(), self.mbps, [])
+
+
+def test_echoes_that_stalled_do_not_turn_a_fast_link_into_an_impossible_one() -> None:
+    """The echoes took 150 ms, so 2 MiB at 1 Gbit/s (17 ms) crossed well within the RTT they read: the rate was
+    2 MiB over the 1 ms floor, 16,777 Mbit/s, on an edge under load. Now the whole round trip bounds it from
+    below, and the transfers bound the RTT from above."""
+    result = probe_link(_StalledEchoStub(1000.0, echo_s=0.15))
+    assert 200 < result.up_mbps <= 1000 and 200 < result.down_mbps <= 1000
+    assert result.rtt_ms < 100
+
+
 class _TokenBucketStub:
     def __init__(self, mbit: float, burst: int, rtt_s: float) -> None:
         self.rate, self.burst, self.rtt_s = mbit * 1e6 / 8, burst, rtt_s
