@@ -204,6 +204,7 @@ class EdgeConfig(Settings):
                 self.head.weight_bits in (8, 32), "head.weight_bits", "8 or 32 with a bundle", self.head.weight_bits
             )
         host_port("listen", self.listen)
+        host_port("cloud", self.cloud)  # without a port gRPC dials 443, and the edge served edge-only
         positive(self, "request_timeout_s", "chunk_bytes", "max_workers")
         non_negative(self, "torch_threads")
         one_of("log_level", self.log_level.upper(), LOG_LEVELS)

@@ -209,6 +209,17 @@ def test_a_listen_address_gRPC_would_bind_wrongly_is_refused(listen: str) -> Non
         assert CloudConfig.from_dict({"listen": good, "models": [EDGE_MODEL]}).listen == good
 
 
+@pytest.mark.parametrize("cloud", ["cloud.example", "10.0.0.2:99999", "10.0.0.2:port"])
+def test_a_cloud_address_without_a_usable_port_is_refused(cloud: str) -> None:
+    # gRPC dials a target without a port on 443: the edge served edge-only, its status saying only "unavailable".
+    message = f"^cloud: '{re.escape(cloud)}' is not host:port"
+    with pytest.raises(SettingsError, match=message):
+        EdgeConfig.from_dict({"cloud": cloud, "model": EDGE_MODEL})
+    with pytest.raises(SettingsError, match=message):
+        build_config(parse_args(["--model", "resnet18", "--cloud", cloud]))
+    assert EdgeConfig.from_dict({"cloud": "[::1]:50051", "model": EDGE_MODEL}).cloud == "[::1]:50051"
+
+
 def test_a_config_that_is_not_yaml_says_where(tmp_path: Path) -> None:
     path = tmp_path / "cloud.yaml"
     path.write_text("listen: 127.0.0.1:6000\nmodels: [{name: r, source: resnet18\n")
