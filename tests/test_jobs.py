@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from safetensors.torch import save
 
 from cloud_node.config import CloudConfig, JobsConfig, Retention, Sandbox
@@ -95,6 +96,16 @@ def test_bad_uploads_are_refused_and_change_nothing(tmp_path: Path) -> None:
     with pytest.raises(PermissionDenied, match="jobs.allow_code_uploads"):
         strict.upload(chunks(ts, pb.TORCHSCRIPT))
     assert strict.store.count_uploads() == 1
+
+
+def test_a_state_dict_with_other_classes_names_the_classes_flag(tmp_path: Path) -> None:
+    m = manager(tmp_path)
+    ten = save(torchvision.models.resnet18(num_classes=10).state_dict())
+    match = r"fc.weight is F32\[10, 512\] in the file, 'resnet18' needs F32\[1000, 512\] \(a classifier of 10 classes"
+    with pytest.raises(InvalidArgument, match=match):
+        m.upload(chunks(ten, pb.SAFETENSORS, architecture="resnet18"))
+    assert m.upload(chunks(ten, pb.SAFETENSORS, architecture="resnet18", num_classes=10)).kind == "cnn"
+    m.store.close()
 
 
 def test_submit_validation_names_fields(tmp_path: Path) -> None:

@@ -109,12 +109,19 @@ def check_state_dict(meta: dict[str, Any], declared: dict[str, Any]) -> nn.Modul
             f"header.architecture: the state dict does not fit {arch!r} "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    classifier = list(state)[-2:]  # the last layer's weight and bias: its rows are the classes
     for name, tensor in state.items():
         info = declared[name]
         if tuple(tensor.shape) != tuple(info.shape) or _ST_DTYPES.get(tensor.dtype) != info.dtype:
+            other_classes = name in classifier and tuple(info.shape[1:]) == tuple(tensor.shape[1:])
             raise ValueError(
                 f"header.architecture: {name} is {info.dtype}{list(info.shape)} in the file, "
                 f"{arch!r} needs {_ST_DTYPES.get(tensor.dtype, tensor.dtype)}{list(tensor.shape)}"
+                + (
+                    f" (a classifier of {info.shape[0]} classes: header.num_classes, --num-classes)"
+                    if other_classes
+                    else ""
+                )
             )
     return model
 
