@@ -7,15 +7,19 @@ bit width per layer, bottleneck latents with their entropy coder, and the exact 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
-from compressor import decode
+from compressor import decode_array
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import calibration_batch
 from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
 from protos.cleave.v1 import tensor_pb2
+
+# decode() hands torch a read-only array (see there); torch warns about such arrays once per process.
+warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning, __name__)
 
 
 class TorchBackend:
@@ -67,7 +71,11 @@ class TorchBackend:
             return as_tensor_list(tail(*features))
 
     def decode(self, tensor: tensor_pb2.Tensor) -> torch.Tensor:
-        return decode(tensor)
+        # A RAW tensor (a request's input) is read in place: a view over the bytes that reading the
+        # message's payload made, which nothing else holds, not a second copy of them (0.6 MB for a
+        # 224x224 image). The runtime only reads it (the head, encode, the reply's raw encode); torch
+        # cannot mark a tensor read-only, so a model that wrote to its input would write to those bytes.
+        return torch.from_numpy(decode_array(tensor, writable=False))
 
 
 def _tensor(x: Any) -> torch.Tensor:
