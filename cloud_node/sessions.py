@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -145,6 +146,15 @@ def cut_info(cut: Cut) -> si_pb2.CutInfo:
     return si_pb2.CutInfo(index=cut.index, name=cut.name, live=list(cut.live), nbytes=cut.nbytes)
 
 
+@functools.lru_cache(maxsize=256)
+def _described(encoding: int, bits: int, codec: int) -> str:
+    """How a request's features are encoded, for the console: ``8-bit AFFINE + ZSTD``. Once per kind:
+    it runs after the tail, on every request, where the name lookups cost tens of microseconds."""
+    prefix = f"{bits}-bit " if encoding == tensor_pb2.AFFINE else ""
+    codec_name = tensor_pb2.Codec.Name(codec) if codec else "NONE"
+    return f"{prefix}{tensor_pb2.Encoding.Name(encoding)} + {codec_name}"
+
+
 @dataclass
 class Session:
     """One edge's binding to a model tail at a cut.
@@ -229,12 +239,7 @@ class Session:
         return encoded, timing
 
     def _record(self, features: list[tensor_pb2.Tensor], timing: si_pb2.CloudTiming) -> None:
-        first = features[0] if features else None
-        described = ""
-        if first is not None:
-            bits = f"{first.bits}-bit " if first.encoding == tensor_pb2.AFFINE else ""
-            codec = tensor_pb2.Codec.Name(first.codec) if first.codec else "NONE"
-            described = f"{bits}{tensor_pb2.Encoding.Name(first.encoding)} + {codec}"
+        described = _described(features[0].encoding, features[0].bits, features[0].codec) if features else ""
         sent = sum(f.payload_size or len(f.payload) for f in features)
         with self._lock:
             self.requests += 1

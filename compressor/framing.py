@@ -25,8 +25,19 @@ _PRESENCE = frozenset(
 )
 
 
+# Under this many payload bytes, header_of copies the whole tensor and clears its payload: two calls
+# into protobuf cost less than listing the fields in Python, most of all with the caches cold after a
+# model's compute (a 4 KB result: 29 us against 67; 50 KB of int8 codes: 38 against 74; at 180 KB about even).
+_COPY_UNDER = 128 << 10
+
+
 def header_of(tensor: tensor_pb2.Tensor) -> tensor_pb2.Tensor:
-    """A copy of ``tensor`` without its payload (the payload bytes are not copied)."""
+    """A copy of ``tensor`` without its payload (a large payload's bytes are not copied)."""
+    if tensor.payload_size < _COPY_UNDER:
+        header = tensor_pb2.Tensor()
+        header.CopyFrom(tensor)
+        header.ClearField("payload")
+        return header
     # One constructor call: ListFields() would also copy the payload out, only to drop it.
     return tensor_pb2.Tensor(
         **{name: getattr(tensor, name) for name in _HEADER_FIELDS if name not in _PRESENCE or tensor.HasField(name)}
@@ -82,20 +93,20 @@ def chunks_wire(field_number: int, group: list[Piece]) -> list[bytes]:
     then these pieces for ``chunks`` (field 3), then ``InferFrame(last=True)``'s bytes are exactly what
     ``SerializeToString()`` of the whole frame gives (``tests/test_framing.py`` checks this).
     """
-    tag = _key(field_number)
+    tag = field_key(field_number)
     pieces = []
     for index, header, data in group:
         # A TensorChunk's fields in number order (index, header, data), each left out when unset or empty.
-        head = _INDEX_KEY + _varint(index) if index else b""
+        head = _INDEX_KEY + varint(index) if index else b""
         if header is not None:
             header_bytes = header.SerializeToString()
-            head += _HEADER_KEY + _varint(len(header_bytes)) + header_bytes
-        data_key = _DATA_KEY + _varint(len(data)) if data else b""
-        pieces += (tag + _varint(len(head) + len(data_key) + len(data)), head, data_key, data)
+            head += _HEADER_KEY + varint(len(header_bytes)) + header_bytes
+        data_key = _DATA_KEY + varint(len(data)) if data else b""
+        pieces += (tag + varint(len(head) + len(data_key) + len(data)), head, data_key, data)
     return pieces
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
     """``value`` (>= 0) as a protobuf base-128 varint."""
     out = bytearray()
     while value > 0x7F:
@@ -105,17 +116,17 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _key(field_number: int, wire_type: int = 2) -> bytes:
+def field_key(field_number: int, wire_type: int = 2) -> bytes:
     """A field's key: its number and wire type (2: length-delimited; 0: varint)."""
-    return _varint(field_number << 3 | wire_type)
+    return varint(field_number << 3 | wire_type)
 
 
 _CHUNK_FIELDS = tensor_pb2.TensorChunk.DESCRIPTOR.fields_by_name
 if [f.name for f in sorted(_CHUNK_FIELDS.values(), key=lambda f: f.number)] != ["index", "header", "data"]:
     raise RuntimeError("TensorChunk's fields changed: chunks_wire writes index, header and data only, in that order")
-_INDEX_KEY = _key(_CHUNK_FIELDS["index"].number, 0)
-_HEADER_KEY = _key(_CHUNK_FIELDS["header"].number)
-_DATA_KEY = _key(_CHUNK_FIELDS["data"].number)
+_INDEX_KEY = field_key(_CHUNK_FIELDS["index"].number, 0)
+_HEADER_KEY = field_key(_CHUNK_FIELDS["header"].number)
+_DATA_KEY = field_key(_CHUNK_FIELDS["data"].number)
 
 
 def to_pieces(tensors: Sequence[tensor_pb2.Tensor], max_chunk_bytes: int = 1 << 20) -> Iterator[list[Piece]]:

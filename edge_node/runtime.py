@@ -31,7 +31,7 @@ from compressor import EncodingSpec, encode
 from partitioner.costmodel import Breakdown
 from partitioner.placement import Placement
 from protos.bounds import MAX_PLAN_LABEL, MAX_PREDICTED_MS
-from protos.cleave.v1 import edge_pb2
+from protos.cleave.v1 import edge_pb2, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError
 
@@ -41,6 +41,7 @@ from .cloud_link import CloudLink
 if TYPE_CHECKING:
     from partitioner.loaded import LoadedModel
 
+_RAW, _NONE = tensor_pb2.RAW, tensor_pb2.NONE  # a cloud result as encoding it RAW, uncompressed, gives
 FLOAT_BITS = 32  # a head at 32 "bits" is the float head (partitioner.quantized_head.FLOAT_BITS)
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class Outcome:
     bytes_down: int = 0
     note: str = ""
     local_tail_ms: float = 0.0  # the tail's run here after a fallback (also inside timing.edge_compute_ms)
+    # The outputs as the cloud sent them, when they are what encoding ``outputs`` RAW and uncompressed
+    # gives (checked by their decode): a reply carries them as they are. None: encode ``outputs``.
+    raw_outputs: list[tensor_pb2.Tensor] | None = None
 
 
 _COUNTED = {
@@ -455,7 +459,8 @@ class EdgeRuntime:
         timing.decode_ms = (t_end - t_back) * 1e3
         timing.total_ms = (t_end - started) * 1e3
         self.link.monitor.record_transfer(reply.bytes_up, reply.bytes_down, timing.transfer_ms)
-        return Outcome(outputs, plan.placement, plan, timing, reply.bytes_up, reply.bytes_down)
+        raw = reply.outputs if all(t.encoding == _RAW and t.codec == _NONE for t in reply.outputs) else None
+        return Outcome(outputs, plan.placement, plan, timing, reply.bytes_up, reply.bytes_down, raw_outputs=raw)
 
     def _log_fallback(self, plan: ActivePlan, note: str) -> None:
         """Say why requests run the tail here: when the reason changes, and once a minute while it lasts."""

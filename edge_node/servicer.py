@@ -163,7 +163,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
     def _response(self, request_id: int, outcome: Outcome) -> edge_pb2.EdgeInferResponse:
         return edge_pb2.EdgeInferResponse(
             request_id=request_id,
-            outputs=[encode(o, RAW_UNCOMPRESSED) for o in outcome.outputs],
+            # As the cloud sent them when they are RAW already: encoding the decoded arrays again gives
+            # the same tensors (and cost 0.2 ms per request with the caches cold after the tail).
+            outputs=outcome.raw_outputs
+            if outcome.raw_outputs is not None
+            else [encode(o, RAW_UNCOMPRESSED) for o in outcome.outputs],
             placement=placement_to_proto(outcome.placement),
             plan=self._plan_message(outcome.plan),
             timing=outcome.timing,

@@ -7,15 +7,32 @@ bit width per layer, bottleneck latents with their entropy coder, and the exact 
 
 from __future__ import annotations
 
+import threading
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
-from compressor import decode
+from compressor import decode_array
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import calibration_batch
 from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
 from protos.cleave.v1 import tensor_pb2
+
+# decode() hands torch read-only arrays (see there). torch warns about the first one in a process and
+# never again: that first conversion is made with the warning filtered, once, under this lock.
+_READ_ONLY_LOCK = threading.Lock()
+_read_only_seen = False
+
+
+def _over_read_only(array: np.ndarray) -> torch.Tensor:
+    global _read_only_seen
+    with _READ_ONLY_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        tensor = torch.from_numpy(array)
+        _read_only_seen = True
+    return tensor
 
 
 class TorchBackend:
@@ -67,7 +84,14 @@ class TorchBackend:
             return as_tensor_list(tail(*features))
 
     def decode(self, tensor: tensor_pb2.Tensor) -> torch.Tensor:
-        return decode(tensor)
+        # A RAW tensor (a request's input) is read in place: a view over the bytes that reading the
+        # message's payload made, which nothing else holds, not a second copy of them (0.6 MB for a
+        # 224x224 image). The runtime only reads it (the head, encode, the reply's raw encode); torch
+        # cannot mark a tensor read-only, so a model that wrote to its input would write to those bytes.
+        array = decode_array(tensor, writable=False)
+        if array.flags.writeable or _read_only_seen:
+            return torch.from_numpy(array)
+        return _over_read_only(array)
 
 
 def _tensor(x: Any) -> torch.Tensor:

@@ -85,8 +85,14 @@ def test_chunks_can_arrive_one_at_a_time() -> None:
     assert assembler.finish() == []  # finish() leaves the assembler empty for the next sequence
 
 
-def test_header_of_drops_only_the_payload() -> None:
-    msg = encode(torch.randn(2, 3, 4), EncodingSpec.parse("int5c"))
+# A small payload, and one over framing._COPY_UNDER (header_of builds those two ways).
+_HEADER_CASES = [((2, 3, 4), "c"), ((1, 64, 64, 64), "c+none")]
+
+
+@pytest.mark.parametrize(("shape", "tail"), _HEADER_CASES)
+def test_header_of_drops_only_the_payload(shape: tuple[int, ...], tail: str) -> None:
+    msg = encode(torch.randn(shape), EncodingSpec.parse(f"int5{tail}"))
+    assert (msg.payload_size > 128 << 10) == (tail == "c+none")
     header = header_of(msg)
     assert header.payload == b"" and msg.payload != b""
     header.payload = msg.payload
@@ -276,8 +282,32 @@ def test_chunks_serialized_in_pieces_are_the_frames_bytes(sizes: tuple[int, ...]
         assert split_inference_pb2.InferFrame.FromString(sent) == whole
 
 
-def test_header_of_keeps_every_field_but_the_payload() -> None:
-    msg = encode(torch.randn(2, 3, 4), EncodingSpec.parse("int4"))  # scales, zero points, bits, codec set
+@pytest.mark.parametrize("request_id", [1, 127, 128, 300, 2**40])
+def test_an_edge_requests_frames_are_the_inferframes_bytes(request_id: int) -> None:
+    """What InferStream.submit queues (its session's field serialized once, the request id written by
+    hand) is the bytes of each InferFrame built whole, over several frames."""
+    from edge_node.cloud_link import InferStream
+
+    msgs = [encode(x, RAW) for x in _tensors(3000, 10, 5000)]
+    stream = InferStream(None, "0123456789abcdef" * 2, 3, 8000, lambda _stream: None)
+    stream.submit(request_id, msgs)
+    frames = stream._outbox.get_nowait()
+    groups = list(to_chunks(msgs, 8000))
+    assert len(groups) > 2
+    expected = [
+        split_inference_pb2.InferFrame(
+            session_id=stream.session_id if i == 0 else "", request_id=request_id, chunks=g, last=i == len(groups) - 1
+        ).SerializeToString()
+        for i, g in enumerate(groups)
+    ]
+    assert frames == expected
+
+
+@pytest.mark.parametrize(("shape", "tail"), _HEADER_CASES)
+def test_header_of_keeps_every_field_but_the_payload(shape: tuple[int, ...], tail: str) -> None:
+    # Scales, zero points, bits, axis and codec set.
+    msg = encode(torch.randn(shape), EncodingSpec.parse(f"int6{tail}"))
+    assert (msg.payload_size > 128 << 10) == (tail == "c+none")
     header = header_of(msg)
     assert not header.payload
     expected = tensor_pb2.Tensor()
