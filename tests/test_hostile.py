@@ -276,11 +276,16 @@ def test_idle_streams_cannot_take_the_workers(cloud: DaemonProcess, model: Loade
         assert len(idle) == LIMITS["max_streams_per_client"], [(s.code, s.details) for s in streams]
         assert len(refused) == 32 - len(idle) and "max_streams_per_client" in refused[0].details
         assert_exact(cloud, model)  # another client is still served
-        # Another client takes the other stream slots: now every one is busy.
+        # Its stream's slot is freed by a callback when the call ends, which may run after the client has the
+        # status (at load 6 one of the streams below was refused while it still counted).
+        time.sleep(0.5)
+        # Another client takes the other stream slots: now every one is busy, and one more is refused. The calls
+        # start together, so which one arrives last is up to the network: count them.
         theirs = [IdleStream(good) for _ in range(LIMITS["max_streams"] - len(idle) + 1)]
         time.sleep(1.0)
-        assert [s.code for s in theirs[:-1]] == [None] * (len(theirs) - 1)
-        assert theirs[-1].code == grpc.StatusCode.RESOURCE_EXHAUSTED and "(max_streams)" in theirs[-1].details
+        over = [s for s in theirs if s.code is not None]
+        assert len(over) == 1 and over[0].code == grpc.StatusCode.RESOURCE_EXHAUSTED, [s.code for s in theirs]
+        assert "(max_streams)" in over[0].details
         # GetInfo answers within 2 s (health too: the watch checks it throughout), and unary calls are served.
         started = time.monotonic()
         good.GetInfo(si_pb2.GetInfoRequest(), timeout=HEALTH_S)
@@ -292,7 +297,7 @@ def test_idle_streams_cannot_take_the_workers(cloud: DaemonProcess, model: Loade
             s.thread.join(IDLE_S + 10)
             s.release.set()
         assert all(s.code == grpc.StatusCode.DEADLINE_EXCEEDED and "no message" in s.details for s in idle)
-        assert all(s.code == grpc.StatusCode.DEADLINE_EXCEEDED for s in theirs[:-1])
+        assert all(s.code == grpc.StatusCode.DEADLINE_EXCEEDED for s in theirs if s is not over[0])
         assert all(IDLE_S <= s.ended_at - opened < IDLE_S + 5 for s in idle)
         # Their slots are free again.
         again = IdleStream(stub)
