@@ -62,15 +62,18 @@ def min_max(flat: np.ndarray) -> tuple[np.float32, np.float32]:
     return los.min(), his.max()
 
 
-def reusable_output(nbytes: int) -> np.ndarray:
+def reusable_output(nbytes: int, slot: str = "out") -> np.ndarray:
     """A uint8 buffer of ``nbytes`` owned by this thread and handed out again by its next call: for
     packed codes that the caller copies out (zstd, ``tobytes``) before it encodes again. Saves the
-    page faults of a fresh buffer per tensor (~100 for a 400 KB payload, 5-10% of an encode)."""
+    page faults of a fresh buffer per tensor (~100 for a 400 KB payload, 5-10% of an encode).
+    ``slot``: one buffer per name, for outputs alive at the same time (the packed codes, and the
+    zstd frame made from them: :func:`compressor.zstd.compress_literals`)."""
     if nbytes > MAX_REUSED_BYTES:
         return np.empty(nbytes, np.uint8)
-    buf = getattr(_local, "out", None)
+    buf = getattr(_local, slot, None)
     if buf is None or buf.size < nbytes:
-        buf = _local.out = np.empty(max(nbytes, 1 << 16), np.uint8)
+        buf = np.empty(max(nbytes, 1 << 16), np.uint8)
+        setattr(_local, slot, buf)
     return buf[:nbytes]
 
 

@@ -33,6 +33,8 @@ import threading
 import numpy as np
 import zstandard
 
+from compressor.blocked import reusable_output
+
 try:  # zstandard's CFFI backend: its binding of libzstd's whole API, here for ZSTD_compressSequences
     from zstandard.backend_cffi import ffi as _ffi
     from zstandard.backend_cffi import lib as _lib
@@ -60,10 +62,6 @@ SAMPLE_PIECES, SAMPLE_BYTES = 4, 32 << 10
 #: Codes shorter than this keep their matches: sampling them costs more time than the literals save
 #: (measured on 16-50 KB of codes: encode +25-35% when both frames were made, decode -0-9%).
 MIN_LITERALS_BYTES = 64 << 10
-
-#: The largest literals-only output buffer kept per thread for reuse (as blocked.MAX_REUSED_BYTES: a
-#: daemon has many threads); larger frames get a new one.
-MAX_REUSED_BYTES = 2 << 20
 
 
 def _compressor(level: int, threads: int, codes: bool = False) -> zstandard.ZstdCompressor:
@@ -140,7 +138,7 @@ def compress_literals(data: bytes | memoryview | np.ndarray) -> bytes:
         raise RuntimeError("zstd literals-only frames need zstandard's CFFI backend (install cffi)")
     src = _ffi.from_buffer(data)
     bound = compress_bound(len(src))
-    out = _literals_output(bound)
+    out = reusable_output(bound, slot="literals")  # the frame is copied out of it
     cctx = _literals_context()
     written = _check(_lib.ZSTD_compressSequences(cctx, _ffi.from_buffer(out), bound, _ffi.NULL, 0, src, len(src)))
     return out[:written].tobytes()
@@ -165,17 +163,6 @@ def _literals_context() -> object:
         _check(_lib.ZSTD_CCtx_setParameter(cctx, _lib.ZSTD_c_contentSizeFlag, 1))
         _local.literals = cctx
     return cctx
-
-
-def _literals_output(nbytes: int) -> np.ndarray:
-    """A uint8 buffer of ``nbytes`` that this thread reuses (the frame is copied out of it) up to
-    :data:`MAX_REUSED_BYTES`: no fresh pages, no zeroing."""
-    if nbytes > MAX_REUSED_BYTES:
-        return np.empty(nbytes, np.uint8)
-    buf = getattr(_local, "literals_out", None)
-    if buf is None or buf.size < nbytes:
-        buf = _local.literals_out = np.empty(max(nbytes, 1 << 16), np.uint8)
-    return buf[:nbytes]
 
 
 def decompress(payload: bytes, size: int, *, writable: bool = True) -> np.ndarray:
