@@ -176,6 +176,28 @@ class IdleWatchdog:
                 end_stream(w.context, grpc.StatusCode.DEADLINE_EXCEEDED, f"stream: no message for {self.idle_s:g} s")
 
 
+class _Once:
+    """Calls ``action`` the first time it is called, from whichever thread comes first."""
+
+    def __init__(self, action: Callable[[], None] | None) -> None:
+        self._action = action
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            action, self._action = self._action, None
+        if action is not None:
+            action()
+
+
+def _leaving_after(responses: Iterator[Any], leave: _Once) -> Iterator[Any]:
+    """The handler's responses, then ``leave()`` once they end (or the stream is closed early)."""
+    try:
+        yield from responses
+    finally:
+        leave()
+
+
 class Admission(grpc.ServerInterceptor):
     """Admits work calls within the limits of :class:`ServingLimits`; control methods always pass."""
 
@@ -210,11 +232,21 @@ class Admission(grpc.ServerInterceptor):
                 # DEBUG: a flood of refused calls must not become a flood of log lines.
                 log.debug("refused %s from %s: %s", method, client or client_identity(context), refusal)
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-            if not context.add_callback(lambda: self._leave(client, streaming)):
-                self._leave(client, streaming)
+            leave = _Once(lambda: self._leave(client, streaming))
+            # The callback frees the slot of a call that ends before its handler runs to the end (a
+            # cancelled call, or a response stream the client stops reading). Otherwise the slot is
+            # freed when the handler finishes, before gRPC sends the status: a client that has its
+            # status may at once call again without being refused for a slot that is still held.
+            if not context.add_callback(leave):
+                leave()
             if reads_stream:
                 request = self.watchdog.watch(request, context)
-            return behaviour(request, context)
+            if handler.response_streaming:
+                return _leaving_after(behaviour(request, context), leave)
+            try:
+                return behaviour(request, context)
+            finally:
+                leave()
 
         return kind.make(
             admitted,

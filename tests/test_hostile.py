@@ -276,9 +276,8 @@ def test_idle_streams_cannot_take_the_workers(cloud: DaemonProcess, model: Loade
         assert len(idle) == LIMITS["max_streams_per_client"], [(s.code, s.details) for s in streams]
         assert len(refused) == 32 - len(idle) and "max_streams_per_client" in refused[0].details
         assert_exact(cloud, model)  # another client is still served
-        # Its stream's slot is freed by a callback when the call ends, which may run after the client has the
-        # status (at load 6 one of the streams below was refused while it still counted).
-        time.sleep(0.5)
+        # That client's stream slot is free by the time it has its status (runtime.admission frees it when the
+        # handler ends, not in gRPC's done-callback, which may run later), so all the slots below are free.
         # Another client takes the other stream slots: now every one is busy, and one more is refused. The calls
         # start together, so which one arrives last is up to the network: count them.
         theirs = [IdleStream(good) for _ in range(LIMITS["max_streams"] - len(idle) + 1)]

@@ -142,3 +142,77 @@ def test_idle_watchdog_ends_an_idle_stream_and_its_thread_stops_on_close() -> No
     # A closed watchdog starts no new thread.
     watchdog.watch(iter(()), _StreamContext())
     assert watchdog._thread is thread and not thread.is_alive()
+
+
+class _LateCallbackContext(_StreamContext):
+    """gRPC runs done-callbacks when the call has ended, possibly after the client has its status:
+    this context keeps them, to run them late (or never)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks: list = []
+
+    def add_callback(self, callback) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+
+@pytest.mark.parametrize("kind", ["unary_unary", "stream_unary", "unary_stream", "stream_stream"])
+def test_a_call_frees_its_slot_when_its_handler_ends_not_when_a_late_callback_runs(kind: str) -> None:
+    import grpc
+
+    from runtime.admission import Admission
+
+    def unary(request, context):
+        return "answer"
+
+    def stream(request, context):
+        yield "one"
+        yield "two"
+
+    behaviour = stream if kind.endswith("_stream") else unary
+    handler = getattr(grpc, f"{kind}_rpc_method_handler")(behaviour)
+    admission = Admission(ServingLimits(reserved_workers=1, max_streams=1, max_streams_per_client=1), 4)
+
+    class Details:
+        method = "/cleave.SplitInference/Infer"
+
+    for _ in range(2):  # the second call would be refused if the first still held the only stream slot
+        wrapped = admission.intercept_service(lambda _details: handler, Details())
+        context = _LateCallbackContext()
+        request = iter(["request"]) if kind.startswith("stream_") else "request"
+        answer = getattr(wrapped, kind)(request, context)
+        if kind.endswith("_stream"):
+            assert admission.in_progress == (1, 1)
+            assert list(answer) == ["one", "two"]
+        else:
+            assert answer == "answer"
+        assert admission.in_progress == (0, 0)
+        for callback in context.callbacks:  # the late callback frees nothing twice
+            callback()
+        assert admission.in_progress == (0, 0)
+    admission.watchdog.close()
+
+
+def test_a_response_stream_closed_before_it_started_is_freed_by_the_callback() -> None:
+    import grpc
+
+    from runtime.admission import Admission
+
+    def stream(request, context):
+        yield "never read"
+
+    handler = grpc.unary_stream_rpc_method_handler(stream)
+    admission = Admission(ServingLimits(reserved_workers=1, max_streams=1, max_streams_per_client=1), 4)
+
+    class Details:
+        method = "/cleave.SplitInference/Infer"
+
+    context = _LateCallbackContext()
+    answer = admission.intercept_service(lambda _details: handler, Details()).unary_stream("request", context)
+    answer.close()  # the client went away before the first response
+    assert admission.in_progress == (1, 1)
+    for callback in context.callbacks:
+        callback()
+    assert admission.in_progress == (0, 0)
+    admission.watchdog.close()
