@@ -23,6 +23,7 @@ class Backend(Protocol):
     """The model as the edge runtime runs it."""
 
     kind: str  # "torch" or "onnx bundle": what `cleave status` reports
+    fallback: str  # what finishing a request locally runs, for the fallback log ("the tail here", ...)
     name: str
     fingerprint: str
     input_shape: tuple[int, ...]

@@ -84,6 +84,7 @@ class OnnxBackend:
     """Serves an :class:`~partitioner.bundle.EdgeBundle` on ONNX Runtime's CPU provider."""
 
     kind = "onnx bundle"
+    fallback = "the whole model here (the bundle has no tails)"
     entropy_tables = None
 
     def __init__(self, bundle: EdgeBundle, threads: int = 0, preload_whole: bool = False) -> None:

@@ -469,7 +469,7 @@ class EdgeRuntime:
             if note == self._fallback_note and now - self._fallback_logged < FALLBACK_LOG_INTERVAL_S:
                 return
             self._fallback_note, self._fallback_logged = note, now
-        log.warning("falling back to the local tail (plan %s, %s): %s", _where(plan), plan.reason, note)
+        log.warning("falling back to %s (plan %s, %s): %s", self.model.fallback, _where(plan), plan.reason, note)
 
     def _finish_locally(
         self, inputs: list, features: tuple, plan: ActivePlan, timing: edge_pb2.StageTiming, started: float, note: str

@@ -37,6 +37,7 @@ def _over_read_only(array: np.ndarray) -> torch.Tensor:
 
 class TorchBackend:
     kind = "torch"
+    fallback = "the tail here, on the head's features"
 
     def __init__(self, model: LoadedModel) -> None:
         self.loaded = model

@@ -571,7 +571,7 @@ def test_edge_whose_model_the_cloud_does_not_serve_says_so(cloud: DaemonProcess,
         assert "unreachable" not in outcome.note
         logged = caplog.text
         assert "refused the session: NOT_FOUND" in logged
-        assert "falling back to the local tail" in logged and "pinned by test" in logged
+        assert "falling back to the tail here" in logged and "pinned by test" in logged
     finally:
         link.close()
 

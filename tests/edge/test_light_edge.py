@@ -278,6 +278,8 @@ def test_the_edge_falls_back_locally_when_the_cloud_dies(stack: Stack) -> None:
         np.testing.assert_array_equal(_out(reply), reference)
     status = client.status()
     assert not status.cloud_reachable and status.counters.fallback >= 3
+    # Its log says what ran: the bundle has no tails, so the whole model.
+    assert "falling back to the whole model here" in stack.edge.log_tail(200)
 
 
 def test_mutual_tls_and_tokens_both_ways(edge_bundle: Path, edge_cache: Path, tmp_path: Path) -> None:
