@@ -29,7 +29,7 @@ class BatchSettings(Settings):
     """How one model is batched (Triton's ``dynamic_batching`` block)."""
 
     enabled: bool = False
-    max_batch_size: int = 8  # rows per batch; <= 1 turns batching off
+    max_batch_size: int = 8  # rows per batch; 1 turns batching off
     preferred_batch_sizes: list[int] = field(default_factory=list)  # dispatch at once on reaching one of these
     max_queue_delay_ms: float = 0.0  # how long the oldest request may wait for company; 0: never wait
     max_queue_size: int = 128  # queued requests per key beyond which submit answers RESOURCE_EXHAUSTED

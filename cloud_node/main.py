@@ -67,7 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="local|auto|ray://HOST:PORT",
         help="run the tails on Ray Serve: local starts Ray here, auto joins this node's cluster (cloud.yaml ray:)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        p.error(f"argument --max-batch-size: {args.max_batch_size} is not an integer >= 1 (1: batching off)")
+    return args
 
 
 def build_config(args: argparse.Namespace) -> CloudConfig:
@@ -95,7 +98,7 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         config.http = HttpConfig(f"127.0.0.1:{args.http_port}")
     if args.max_batch_size is not None:
         config.batching.enabled = args.max_batch_size > 1
-        config.batching.max_batch_size = max(args.max_batch_size, 1)
+        config.batching.max_batch_size = args.max_batch_size
     if args.max_queue_delay_ms is not None:
         config.batching.max_queue_delay_ms = args.max_queue_delay_ms
     if args.ray_address is not None:

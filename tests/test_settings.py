@@ -251,3 +251,17 @@ def test_a_model_spec_without_torch_says_to_run_a_bundle(monkeypatch: pytest.Mon
     with pytest.raises(SettingsError, match=r"^model: 'resnet18' runs on the torch edge, and torch is not installed"):
         build_config(parse_args(["--model", "resnet18"]))
     assert build_config(parse_args(["--bundle", "/nowhere/lite0"])).bundle == "/nowhere/lite0"  # checked at load
+
+
+def test_cloud_max_batch_size_flag_is_checked_not_silently_off(capsys: pytest.CaptureFixture) -> None:
+    from cloud_node.main import build_config as cloud_config
+    from cloud_node.main import parse_args as cloud_args
+
+    with pytest.raises(SystemExit) as exit_:
+        cloud_args(["--model", "resnet18", "--max-batch-size", "0"])
+    assert exit_.value.code == 2
+    assert "--max-batch-size: 0 is not an integer >= 1 (1: batching off)" in capsys.readouterr().err
+    off = cloud_config(cloud_args(["--model", "resnet18", "--max-batch-size", "1"])).batching
+    assert not off.active and off.max_batch_size == 1
+    on = cloud_config(cloud_args(["--model", "resnet18", "--max-batch-size", "4"])).batching
+    assert on.active and on.max_batch_size == 4
