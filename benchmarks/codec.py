@@ -219,19 +219,19 @@ def stages(x: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
     """Where the default 4-bit and 8-bit codecs spend their time: each stage of Cleave's encode and
     decode alone, on the same activation (median ms, same clock), interleaved."""
     from compressor import blocked, quant
-    from compressor.codec import crc32
+    from compressor.codec import _value_range, crc32
 
     flat = x.reshape(-1)
     plans: dict[str, dict[str, Callable[[], object]]] = {}
     for bits in (4, 8):
         msg = encode(x, EncodingSpec.parse(f"int{bits}"))
-        lo, hi = blocked.min_max(flat)
+        lo, hi = _value_range(x)  # as the codec: the max alone for a non-negative tensor (lo 0)
         s, z = quant.affine_params_array(lo, hi, bits)
         codes = cleave_zstd.decompress(msg.payload, msg.raw_size, writable=False)
         out = np.empty(codes.size, np.uint8)  # reused by every repeat, as the codec reuses its thread's buffer
         dequantize = blocked.dequantize4 if bits == 4 else blocked.dequantize8  # as decode: in blocks
         plans[f"int{bits}"] = {
-            "encode: min and max": lambda: blocked.min_max(flat),
+            "encode: value range (the max alone if non-negative)": lambda: _value_range(x),
             "encode: quantize and pack": lambda bits=bits, s=s, z=z, lo=lo, hi=hi, out=out: blocked.quantize_pack(
                 flat, bits, s, z, lo, hi, True, out
             ),

@@ -62,6 +62,31 @@ def min_max(flat: np.ndarray) -> tuple[np.float32, np.float32]:
     return los.min(), his.max()
 
 
+def non_negative_max(flat: np.ndarray) -> np.float32 | None:
+    """``flat.max()`` when every value of a contiguous 1-d float32 ``flat`` is finite and has no sign bit
+    (``-0.0`` has one), else None. ``flat`` must not be empty.
+
+    One reduction per block, of the values' uint32 bit patterns: finite floats without a sign bit are the
+    patterns below +inf's and order as those do, so the largest pattern is the largest float, bit for bit.
+    The first block with a sign bit, inf or NaN ends the loop (a signed tensor pays for one block). Half
+    of :func:`min_max`'s reductions, and integer ones. A post-ReLU 1x256x56x56 activation, one core,
+    interleaved, load 6: 0.48 ms against 0.57 for :func:`min_max` read from memory, 0.15 against 0.23
+    from L3 (a signed one: 0.61 against 0.57, 0.23 against 0.23); where memory is not contended, both
+    are bound by the one read from memory (0.28-0.33 ms against 0.27-0.30 in ``benchmarks.codec``)."""
+    patterns = flat.view(np.uint32)
+    top = 0
+    for start in range(0, flat.size, BLOCK):
+        block_top = int(np.maximum.reduce(patterns[start : start + BLOCK]))
+        if block_top >= _INF_BITS:
+            return None
+        top = max(top, block_top)
+    return np.array(top, np.uint32).view(np.float32)[()]
+
+
+#: +inf's float32 bit pattern: the patterns below it are the finite floats without a sign bit.
+_INF_BITS = 0x7F800000
+
+
 def reusable_output(nbytes: int, slot: str = "out") -> np.ndarray:
     """A uint8 buffer of ``nbytes`` owned by this thread and handed out again by its next call: for
     packed codes that the caller copies out (zstd, ``tobytes``) before it encodes again. Saves the

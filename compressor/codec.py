@@ -291,8 +291,7 @@ def _from_half(h: np.ndarray) -> np.ndarray:
 def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.ndarray:
     xf = as_float32(x)
     if xf.size:
-        # NaN and inf both propagate into min / max; a contiguous tensor in cache-sized blocks.
-        mn, mx = blocked.min_max(xf.reshape(-1)) if xf.flags.c_contiguous else (xf.min(), xf.max())
+        mn, mx = _value_range(xf)
         if not (np.isfinite(mn) and np.isfinite(mx)):
             raise CodecError("x: affine encoding needs finite values (found NaN or inf)")
     axis = None
@@ -319,6 +318,28 @@ def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.nda
         return blocked.quantize_pack(flat, spec.bits, scales, zero_points, lo, hi, covers, out)
     q = quantize_array(xf, spec.bits, scales, zero_points, lo, hi, axis, covers=covers)
     return pack_array(q.reshape(-1), spec.bits)
+
+
+def _value_range(xf: np.ndarray) -> tuple[np.float32, np.float32]:
+    """``(lo, hi)``: ``xf``'s least and largest values (NaN and inf propagate into both), except that
+    for a finite tensor without negative values that is not constant, ``lo`` is 0.
+
+    That ``lo`` gives the same message as the least value would: per-tensor parameters widen the range
+    to include 0 (the grid starts at 0 either way), the zero point is 0, and ``[0, hi]`` still covers
+    every value, so the codes are the same (see :func:`quant.per_tensor_steps`). Only a constant tensor
+    ``c > 0`` needs its least value (it gets ``scale = c``), and one value below the max rules that
+    out. So a post-ReLU activation, the usual input, costs one reduction, not two
+    (:func:`blocked.non_negative_max`)."""
+    if not xf.flags.c_contiguous:
+        return xf.min(), xf.max()
+    flat = xf.reshape(-1)
+    hi = blocked.non_negative_max(flat)
+    if hi is None:  # negative values, inf or NaN: both reductions, in cache-sized blocks
+        return blocked.min_max(flat)
+    zero = np.float32(0.0)
+    if hi == 0 or flat[0] != hi or flat[-1] != hi:  # all +0.0, or a value below the max: not a constant c > 0
+        return zero, hi
+    return flat.min(), hi
 
 
 def _set_payload(msg: tensor_pb2.Tensor, data: bytes | np.ndarray, spec: EncodingSpec) -> None:

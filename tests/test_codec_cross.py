@@ -255,6 +255,52 @@ def test_blocked_min_max_is_the_tensors_and_propagates_nan_and_inf(count: int) -
             encode(y.reshape(1, -1), EncodingSpec.parse("int4"))
 
 
+def _non_negative_inputs() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    relu = np.maximum(rng.standard_normal(203), 0).astype(np.float32)
+    ends_at_max = relu.copy()
+    ends_at_max[0] = ends_at_max[-1] = relu.max()  # the ends probe sees the max: the least value decides
+    inputs = [relu, ends_at_max, relu[:1], np.zeros(130, np.float32), np.float32(1e-3) * relu]
+    inputs += [np.full(121, c, np.float32) for c in (1.5, 1e-30, 1e-45, 3e38)]
+    lifted = relu + np.float32(2.0)  # no zero at all: the least value is 2, lo is widened to 0 anyway
+    inputs += [lifted, np.where(relu > 0, relu, np.float32(-0.0))]  # -0.0 has a sign bit: both reductions
+    return inputs
+
+
+@pytest.mark.parametrize("case", range(len(_non_negative_inputs())))
+@pytest.mark.parametrize("text", ["int2", "int4", "int8", "int3+none", "int6", "int4c", "int4c1", "int8:percentile"])
+def test_one_reduction_for_non_negative_tensors_gives_the_two_reductions_bytes(
+    case: int, text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finite tensor without negative values is encoded from its max alone (lo 0 unless it is
+    constant): the message must be the one its exact min and max give, for constants too."""
+    x = _non_negative_inputs()[case].reshape(1, -1)
+    spec = EncodingSpec.parse(text)
+    fast = encode(x, spec)
+    monkeypatch.setattr(blocked, "non_negative_max", lambda flat: None)  # always min and max, as before
+    assert fast == encode(x, spec)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 45, 202])
+def test_non_finite_values_are_refused_wherever_they_are(bad: float, where: int) -> None:
+    x = np.maximum(np.random.default_rng(where).standard_normal(203), 0).astype(np.float32)
+    x[where] = bad
+    assert blocked.non_negative_max(x) is None
+    with pytest.raises(CodecError, match="finite"):
+        encode(x.reshape(1, -1), EncodingSpec.parse("int4"))
+
+
+def test_non_negative_max_is_the_max_bit_for_bit() -> None:
+    x = np.abs(np.random.default_rng(3).standard_normal(1001)).astype(np.float32)
+    x[500] = np.float32(7.25)
+    got = blocked.non_negative_max(x)
+    assert got.dtype == np.float32 and got == x.max() == np.float32(7.25)
+    assert blocked.non_negative_max(np.zeros(3, np.float32)) == 0
+    x[999] = np.float32(-0.0)
+    assert blocked.non_negative_max(x) is None
+
+
 def test_packed_codes_in_the_reused_buffer_are_copied_out_before_the_next_encode() -> None:
     """Per-tensor codes go through one buffer per thread: each message must keep its own payload."""
     rng = np.random.default_rng(5)
