@@ -15,6 +15,7 @@ from partitioner.spec import ModelSpec
 from protos.cleave.v1 import compression_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from runtime import logsafe, memory
+from runtime.cpus import model_threads
 from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from runtime.serving import Daemon, Service, ServiceOff
 from runtime.settings import SettingsError, parse_shape, revalidate
@@ -131,8 +132,7 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
     from .servicer import SplitInferenceServicer
     from .sessions import ModelRegistry, SessionManager
 
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    torch.set_num_threads(model_threads(config.torch_threads))
     models = ModelRegistry(config.models)
     tails = ray_tails(config, models)
     sessions = SessionManager(models, config.limits, batchers_for(config), tails)

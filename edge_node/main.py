@@ -14,6 +14,7 @@ from partitioner.placement import AUTO, parse_pin
 from protos.cleave.v1 import edge_pb2
 from protos.errors import WireError
 from runtime import logsafe, memory
+from runtime.cpus import model_threads
 from runtime.metrics import MetricsConfig, RpcMetrics, new_registry, serve_metrics
 from runtime.serving import Daemon, Service
 from runtime.settings import SettingsError, parse_shape, revalidate
@@ -235,15 +236,14 @@ def load_backend(config: EdgeConfig) -> Backend:
             raise ValueError(
                 f"bundle: {config.bundle} holds {bundle.manifest.name!r}, model.name is {config.model.name!r}"
             )
-        return OnnxBackend(bundle, threads=config.torch_threads, preload_whole=config.preload)
+        return OnnxBackend(bundle, threads=model_threads(config.torch_threads), preload_whole=config.preload)
     import torch
 
     from partitioner.loaded import LoadedModel
 
     from .torch_backend import TorchBackend
 
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    torch.set_num_threads(model_threads(config.torch_threads))
     return TorchBackend(LoadedModel.load(config.model))
 
 
