@@ -354,7 +354,7 @@ class CloudConfig(Settings):
     limits: CloudLimits = field(default_factory=CloudLimits)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    torch_threads: int = 0  # 0: the CPUs this process may use (runtime.cpus: affinity, cgroup quota)
+    torch_threads: int = 0  # 0: torch's default, within the CPUs this process may use (runtime.cpus)
     max_workers: int = 32  # gRPC handler threads
     chunk_bytes: int = 1 << 20  # payload bytes per result frame
     allow_insecure_public: bool = False  # bind a non-loopback address without TLS

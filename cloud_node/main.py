@@ -132,7 +132,9 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
     from .servicer import SplitInferenceServicer
     from .sessions import ModelRegistry, SessionManager
 
-    torch.set_num_threads(model_threads(config.torch_threads))
+    threads = model_threads(config.torch_threads)
+    if threads:
+        torch.set_num_threads(threads)
     models = ModelRegistry(config.models)
     tails = ray_tails(config, models)
     sessions = SessionManager(models, config.limits, batchers_for(config), tails)

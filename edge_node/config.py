@@ -180,7 +180,7 @@ class EdgeConfig(Settings):
     limits: EdgeLimits = field(default_factory=EdgeLimits)
     request_timeout_s: float = 10.0  # past this the cloud's answer is abandoned and the tail runs here
     chunk_bytes: int = 1 << 20
-    torch_threads: int = 0  # the model's threads (torch or ONNX Runtime); 0: the CPUs this process may use (runtime.cpus)
+    torch_threads: int = 0  # model threads (torch or ONNX Runtime); 0: its default, within CPU limits (runtime.cpus)
     max_workers: int = 32
     allow_insecure_public: bool = False
     tls: ServerTLS = field(default_factory=ServerTLS)  # the edge's own server (its local API)

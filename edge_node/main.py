@@ -236,14 +236,16 @@ def load_backend(config: EdgeConfig) -> Backend:
             raise ValueError(
                 f"bundle: {config.bundle} holds {bundle.manifest.name!r}, model.name is {config.model.name!r}"
             )
-        return OnnxBackend(bundle, threads=model_threads(config.torch_threads), preload_whole=config.preload)
+        return OnnxBackend(bundle, threads=model_threads(config.torch_threads) or 0, preload_whole=config.preload)
     import torch
 
     from partitioner.loaded import LoadedModel
 
     from .torch_backend import TorchBackend
 
-    torch.set_num_threads(model_threads(config.torch_threads))
+    threads = model_threads(config.torch_threads)
+    if threads:
+        torch.set_num_threads(threads)
     return TorchBackend(LoadedModel.load(config.model))
 
 

@@ -4,7 +4,8 @@ CPU quota on its cgroup (a container's ``--cpus``, a CFS quota on a weak edge) r
 torch and ONNX Runtime size their thread pools by the host's cores. Inside a quota of a fraction of a
 core, two threads wait on each other at every period's end: an edge limited to 0.1 core took 167 s to
 profile resnet18 with torch's default of 2 threads on a 2-core host, 19-22 s with 1. The daemons
-therefore default their model threads (``torch_threads: 0``) to :func:`usable_cpus`.
+therefore default their model threads (``torch_threads: 0``) to :func:`usable_cpus` when it is below the
+host's cores (:func:`model_threads`), and otherwise leave the libraries' defaults.
 
 Both cgroup versions are read: v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` and v2's ``cpu.max``,
 at the process's own cgroup and every ancestor (a parent's quota limits its children too); the
@@ -80,6 +81,15 @@ def _v2_quota(cgroup: Path) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
-def model_threads(configured: int) -> int:
-    """The threads a daemon's model runs on: ``configured`` when set (> 0), else :func:`usable_cpus`."""
-    return configured if configured > 0 else usable_cpus()
+def limited_threads(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> int | None:
+    """The model threads a limit calls for: :func:`usable_cpus` when an affinity mask or a CPU quota leaves
+    this process fewer CPUs than the host has, else None (nothing limits it: torch's and ONNX Runtime's
+    own defaults, one thread per physical core, are right)."""
+    usable = usable_cpus(proc_cgroup, root)
+    return usable if usable < (os.cpu_count() or 1) else None
+
+
+def model_threads(configured: int) -> int | None:
+    """The threads a daemon's model runs on: ``configured`` when set (> 0), else :func:`limited_threads`
+    (None: leave the library's default)."""
+    return configured if configured > 0 else limited_threads()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cpus import cgroup_cpu_quota, model_threads, usable_cpus
+from runtime.cpus import cgroup_cpu_quota, limited_threads, model_threads, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = len(os.sched_getaffinity(0))
@@ -73,9 +73,12 @@ def test_no_quota_means_every_core_of_the_affinity_mask(tmp_path: Path, layout: 
     assert usable_cpus(proc, root) == HOST
 
 
-def test_a_configured_thread_count_wins() -> None:
+def test_a_configured_thread_count_wins_and_no_limit_leaves_the_default(tmp_path: Path) -> None:
     assert model_threads(3) == 3
-    assert model_threads(0) == usable_cpus()
+    proc, root = _v1(tmp_path, "/edge", {"edge": (-1, 100_000)})
+    assert limited_threads(proc, root) is None  # unless this very process runs under a limit
+    limited = _v1(tmp_path / "q", "/edge", {"edge": (10_000, 100_000)})
+    assert limited_threads(*limited) == (1 if os.cpu_count() > 1 else None)
 
 
 def _cpu_cgroup_parent() -> Path | None:
@@ -99,7 +102,7 @@ def test_a_process_started_in_a_real_quota_sees_it(tmp_path: Path) -> None:
     try:
         (cg / "cpu.cfs_period_us").write_text("100000")
         (cg / "cpu.cfs_quota_us").write_text("10000")
-        code = "from runtime.cpus import usable_cpus, cgroup_cpu_quota; print(usable_cpus(), cgroup_cpu_quota())"
+        code = "from runtime.cpus import model_threads, cgroup_cpu_quota; print(model_threads(0), cgroup_cpu_quota())"
         run = [sys.executable, "-c", code]
         limited = subprocess.run(
             ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg / "cgroup.procs"), *run],
@@ -113,4 +116,4 @@ def test_a_process_started_in_a_real_quota_sees_it(tmp_path: Path) -> None:
     finally:
         cg.rmdir()
     assert limited == ["1", "0.1"]
-    assert free[0] == str(HOST)
+    assert free[0] == ("None" if os.cpu_count() == HOST else str(HOST))
