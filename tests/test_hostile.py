@@ -525,19 +525,19 @@ def test_one_client_cannot_take_every_session_nor_forge_logs(cloud: DaemonProces
 
 
 def test_profile_stops_at_its_deadline_and_takes_turns(cloud: DaemonProcess, model: LoadedModel) -> None:
-    # The small profile takes ~40 turns, each one waiting for one of the big profile's runs (~0.2 s at
-    # 64 rows): ~12 s here. The big one has far more than 25 s of work, so it is still running then.
-    big_deadline_s = 25.0
+    # The small profile takes ~40 turns, each one waiting for one of the big profile's runs (~0.06 s at
+    # 8 rows): ~4 s here. The big one has far more than 12 s of work, so it is still running then.
+    big_deadline_s = 12.0
     with watched(cloud) as watch, channel(cloud, ATTACKER) as ch, channel(cloud, GOOD) as good:
         stub = si_grpc.SplitInferenceStub(ch)
         with pytest.raises(grpc.RpcError) as info:
             stub.Profile(si_pb2.ProfileRequest(model=model.name, batch=1024, repeats=1000), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limits.max_profile" in info.value.details()
-        # Far over big_deadline_s of work on any CPU: 64 rows (~10 GFLOP a run), 2000 untimed runs on one
-        # thread (~0.2 s each here) before any timed one. The warm-up is what makes the work: the timed rounds
-        # stop early once their medians hold still, and 50 untimed plus 100 timed runs finished inside the
-        # deadline on CI's faster CPU.
-        big = si_pb2.ProfileRequest(model=model.name, batch=64, repeats=100, warmup=2000, refresh=True)
+        # Far over big_deadline_s of work on any CPU: 8 rows (~1.2 GFLOP a run), 2000 untimed runs on one
+        # thread (~0.06 s each here, 120 s in all) before any timed one. The warm-up is what makes the work: the
+        # timed rounds stop early once their medians hold still, and 50 untimed plus 100 timed runs (at 64 rows)
+        # finished inside a 25 s deadline on CI's faster CPU.
+        big = si_pb2.ProfileRequest(model=model.name, batch=8, repeats=100, warmup=2000, refresh=True)
         outcome: dict[str, object] = {}
 
         def run_big() -> None:

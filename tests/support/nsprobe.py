@@ -27,8 +27,9 @@ def poll(
     done: Callable[[str], bool],
     timeout: float,
     log: Path | None = None,
+    interval: float = 0.5,
 ) -> str:
-    """Run ``script`` in ``ns`` until ``done(stdout)``; returns the last stdout.
+    """Run ``script`` in ``ns`` until ``done(stdout)``, every ``interval`` seconds; returns the last stdout.
 
     ``log``: the daemon's log file, whose tail the TimeoutError quotes (what the daemon was doing
     when the condition did not come is the first thing a CI failure needs)."""
@@ -38,7 +39,7 @@ def poll(
         out = result.stdout
         if result.returncode == 0 and done(out):
             return out
-        time.sleep(0.5)
+        time.sleep(interval)
     tail = ""
     if log is not None:
         lines = log.read_text(errors="replace").splitlines()[-40:]
