@@ -14,9 +14,12 @@ tightest one counts. Anything unreadable counts as no quota.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -92,4 +95,14 @@ def limited_threads(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = 
 def model_threads(configured: int) -> int | None:
     """The threads a daemon's model runs on: ``configured`` when set (> 0), else :func:`limited_threads`
     (None: leave the library's default)."""
-    return configured if configured > 0 else limited_threads()
+    if configured > 0:
+        return configured
+    threads = limited_threads()
+    if threads is not None:
+        log.info(
+            "model threads: %d, the CPUs this process may use (of %d cores; CPU quota %s); torch_threads sets them",
+            threads,
+            os.cpu_count() or 1,
+            cgroup_cpu_quota(),
+        )
+    return threads

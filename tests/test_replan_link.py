@@ -30,8 +30,9 @@ pytestmark = [
 # quota no longer binds, the cloud slows as much as the edge, and served requests rightly move the plan to the
 # edge before the link drops.
 EDGE_CPU = 0.1
-# One torch thread, as a weak device has one slow core: torch's default here (a thread per host core) spins its
-# threads in turn inside the tenth of a core, and the edge's profile before its first plan took 167 s instead of 22.
+# One torch thread, as a weak device has one slow core: the edge daemon sees its tenth of a core and runs its model
+# on one thread by itself (runtime.cpus; torch's default, a thread per host core, spun its threads in turn inside the
+# quota, and the edge's profile before its first plan took 167 s instead of 22). The pre-warm computes as it does.
 EDGE_THREADS = 1
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 128, 128]}
 
@@ -104,7 +105,6 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path, monkeypat
             "model": MODEL,
             "listen": edge_address,
             "cloud": relay.address,
-            "torch_threads": EDGE_THREADS,
             "autoplan": {"check_interval_s": 0.5, "probe_interval_s": 1.0, "confirmations": 2},
         }
         (tmp_path / "edge.yaml").write_text(yaml.safe_dump(config))
