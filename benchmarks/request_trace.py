@@ -65,8 +65,8 @@ def install(module: str) -> None:
 
     lenient = serving._lenient
 
-    def traced_lenient(message_class):
-        deserialize = lenient(message_class)
+    def traced_lenient(message_class, parse=None):
+        deserialize = lenient(message_class, parse)
         name = f"parse {message_class.DESCRIPTOR.name}"
 
         def traced(data: bytes):

@@ -136,6 +136,7 @@ def decode_array(
     tables: entropy.EntropyTables | None = None,
     *,
     writable: bool = True,
+    payload: bytes | memoryview | None = None,
 ) -> np.ndarray:
     """:func:`decode` into a new, writable numpy array (needs no torch). An ``ENTROPY`` tensor
     needs the receiving model's ``tables``; its symbol count is the header's shape, which the
@@ -149,7 +150,8 @@ def decode_array(
         CodecError: whose message starts with the offending field, e.g. ``tensor.crc32``.
     """
     dtype, shape, numel = _check_header(msg, limits)
-    payload = msg.payload
+    if payload is None:
+        payload = msg.payload
     if len(payload) != msg.payload_size:
         raise CodecError(f"tensor.payload_size: {msg.payload_size}, but the payload has {len(payload)} bytes")
     crc = crc32(payload)

@@ -1,0 +1,102 @@
+"""An app's request parsed with its inputs' payloads read in place (compressor.framing.split_payloads):
+the same message and payloads protobuf gives, and protobuf's own parse for anything unusual."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from google.protobuf.message import DecodeError
+
+from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode_array, encode
+from compressor.framing import field_key, split_payloads, varint
+from edge_node.servicer import PayloadsApart, parse_infer_request
+from protos.cleave.v1 import edge_pb2, tensor_pb2
+
+INPUTS = 2  # EdgeInferRequest.inputs
+PAYLOAD = field_key(10)  # Tensor.payload, length-delimited
+
+
+def _tensor(spec: str = "fp32", shape: tuple[int, ...] = (1, 3, 8, 8)) -> tensor_pb2.Tensor:
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    return encode(x, RAW_UNCOMPRESSED if spec == "raw" else EncodingSpec.parse(spec))
+
+
+def _same_as_protobuf(data: bytes) -> None:
+    """split_payloads gives protobuf's message (payloads cleared) and protobuf's payloads."""
+    whole = edge_pb2.EdgeInferRequest.FromString(data)
+    split = split_payloads(data, INPUTS)
+    assert split is not None
+    stripped, payloads = split
+    apart = edge_pb2.EdgeInferRequest.FromString(stripped)
+    assert [bytes(p) for p in payloads] == [t.payload for t in whole.inputs]
+    for tensor in whole.inputs:
+        tensor.ClearField("payload")
+    assert apart == whole
+    assert apart.SerializeToString() == whole.SerializeToString()
+
+
+@pytest.mark.parametrize("spec", ["raw", "fp16", "int8", "int4+zstd"])
+def test_requests_split_into_protobufs_message_and_payloads(spec: str) -> None:
+    t = _tensor(spec)
+    _same_as_protobuf(edge_pb2.EdgeInferRequest(request_id=9, inputs=[t], model="m").SerializeToString())
+    _same_as_protobuf(edge_pb2.EdgeInferRequest(inputs=[t, _tensor(spec, (2, 3, 4, 4))]).SerializeToString())
+    _same_as_protobuf(edge_pb2.EdgeInferRequest(request_id=1).SerializeToString())  # no inputs
+    _same_as_protobuf(edge_pb2.EdgeInferRequest(inputs=[tensor_pb2.Tensor(shape=[1])]).SerializeToString())
+
+
+def test_a_tensor_with_two_payloads_keeps_the_last_as_protobuf_does() -> None:
+    t = _tensor()
+    body = t.SerializeToString() + PAYLOAD + varint(3) + b"abc"
+    data = edge_pb2.EdgeInferRequest(request_id=4).SerializeToString() + field_key(INPUTS) + varint(len(body)) + body
+    _same_as_protobuf(data)
+    assert bytes(split_payloads(data, INPUTS)[1][0]) == b"abc"
+
+
+def test_fields_out_of_order_and_unknown_fields_are_kept() -> None:
+    t = _tensor()
+    payload = t.payload
+    t.ClearField("payload")
+    unknown = field_key(15, 0) + varint(300) + field_key(14, 5) + b"\x01\x02\x03\x04" + field_key(13, 1) + bytes(8)
+    body = PAYLOAD + varint(len(payload)) + payload + unknown + t.SerializeToString()
+    data = field_key(INPUTS) + varint(len(body)) + body + field_key(20) + varint(2) + b"hi"
+    _same_as_protobuf(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        field_key(INPUTS, 0) + varint(5),  # inputs as a varint
+        field_key(INPUTS) + varint(2) + field_key(10, 0) + varint(1),  # a payload that is a varint
+        field_key(INPUTS) + varint(50) + b"short",  # a tensor longer than the message
+        field_key(INPUTS) + varint(3) + PAYLOAD + varint(9) + b"x",  # a payload longer than its tensor
+        b"\x80\x80",  # a truncated varint
+        field_key(7, 3),  # a group
+        b"\x00\x01",  # field 0
+    ],
+)
+def test_anything_unusual_is_left_to_protobuf(data: bytes) -> None:
+    assert split_payloads(data, INPUTS) is None
+
+
+@pytest.mark.parametrize("data", [field_key(INPUTS) + varint(50) + b"short", b"\x80\x80", b"\x00\x01"])
+def test_the_edge_answers_bad_bytes_with_protobufs_error(data: bytes) -> None:
+    with pytest.raises(DecodeError) as apart:
+        parse_infer_request(data)
+    with pytest.raises(DecodeError) as whole:
+        edge_pb2.EdgeInferRequest.FromString(data)
+    assert str(apart.value) == str(whole.value)
+
+
+def test_the_edge_reads_the_payload_in_place_and_checks_it() -> None:
+    t = _tensor("raw")
+    data = edge_pb2.EdgeInferRequest(inputs=[t]).SerializeToString()
+    parsed = parse_infer_request(data)
+    assert isinstance(parsed, PayloadsApart)
+    (payload,) = parsed.payloads
+    assert isinstance(payload, memoryview) and payload.obj is data  # a view, not a copy
+    assert (decode_array(parsed.message.inputs[0], payload=payload) == decode_array(t)).all()
+    corrupt = bytearray(data)
+    corrupt[-20] ^= 1  # a byte of the payload
+    parsed = parse_infer_request(bytes(corrupt))
+    with pytest.raises(Exception, match="tensor.crc32"):
+        decode_array(parsed.message.inputs[0], payload=parsed.payloads[0])
