@@ -117,15 +117,20 @@ def encode(x: Any, spec: EncodingSpec, tables: entropy.EntropyTables | None = No
 
 
 def decode(
-    msg: tensor_pb2.Tensor, limits: CodecLimits = CodecLimits(), tables: entropy.EntropyTables | None = None
+    msg: tensor_pb2.Tensor,
+    limits: CodecLimits = CodecLimits(),
+    tables: entropy.EntropyTables | None = None,
+    *,
+    payload: bytes | memoryview | None = None,
 ) -> Any:
     """Decode and validate a wire tensor: a new CPU ``torch.Tensor`` where torch is installed,
     else the numpy array :func:`decode_array` returns (the same values, sharing memory).
+    ``payload``: as :func:`decode_array` takes it.
 
     Raises:
         CodecError: whose message starts with the offending field, e.g. ``tensor.crc32``.
     """
-    out = decode_array(msg, limits, tables)
+    out = decode_array(msg, limits, tables, payload=payload)
     torch = torch_or_none()
     return out if torch is None else torch.from_numpy(out)
 

@@ -251,9 +251,10 @@ class Assembler:
             assert self.budget is not None
             self.budget.give(self._taken)
             self._taken = 0
-        self._done: list[tensor_pb2.Tensor] = []
+        self._done: list[tensor_pb2.Tensor] = []  # complete tensors, their payloads apart:
+        self._payloads: list[bytes | memoryview] = []  # one each
         self._header: tensor_pb2.Tensor | None = None  # the tensor being received
-        self._pieces: list[bytes] = []
+        self._pieces: list[bytes | memoryview] = []
         self._received = 0
         self._held = 0  # bytes held for the whole sequence, headers included
         self._chunks = 0
@@ -263,20 +264,23 @@ class Assembler:
         """Payload and header bytes received so far in this sequence."""
         return self._held
 
-    def add(self, chunks: Iterable[tensor_pb2.TensorChunk]) -> None:
+    def add(self, chunks: Iterable[tensor_pb2.TensorChunk], datas: Sequence[bytes | memoryview] | None = None) -> None:
         """Take the next chunks of the sequence (e.g. one frame's ``chunks``).
+
+        ``datas``: each chunk's data, when it is held apart from the chunk (views over the bytes a
+        frame arrived in: :func:`split_payloads`); None: each chunk's ``data``.
 
         On a CodecError the sequence is dropped (memory released) and the assembler starts over.
         """
         try:
-            for chunk in chunks:
-                self._add(chunk)
+            for i, chunk in enumerate(chunks):
+                self._add(chunk, chunk.data if datas is None else datas[i])
                 self._chunks += 1
         except Exception:  # CodecError, BudgetExceeded, or whatever check_header raises
             self._reset()
             raise
 
-    def _add(self, chunk: tensor_pb2.TensorChunk) -> None:
+    def _add(self, chunk: tensor_pb2.TensorChunk, data: bytes | memoryview) -> None:
         where = f"chunk {self._chunks}"
         current = len(self._done)  # index of the tensor being received, if any
         if self._header is not None and chunk.index == current:
@@ -291,7 +295,7 @@ class Assembler:
         else:
             expected = f"{current} or {current + 1}" if self._header is not None else f"{current}"
             raise CodecError(f"{where}: tensor index {chunk.index} out of order (expected {expected})")
-        self._receive(where, chunk.data)
+        self._receive(where, data)
 
     def _start(self, where: str, header: tensor_pb2.Tensor) -> None:
         index = len(self._done)
@@ -316,7 +320,7 @@ class Assembler:
         self._pieces = []
         self._received = 0
 
-    def _receive(self, where: str, data: bytes) -> None:
+    def _receive(self, where: str, data: bytes | memoryview) -> None:
         if not data:
             return
         assert self._header is not None
@@ -338,9 +342,9 @@ class Assembler:
             raise CodecError(
                 f"{where}: tensor {index} got {self._received} of its payload_size {self._header.payload_size} bytes"
             )
-        tensor = self._header
-        tensor.payload = b"".join(self._pieces)
-        self._done.append(tensor)
+        pieces = self._pieces
+        self._done.append(self._header)
+        self._payloads.append(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         self._header, self._pieces, self._received = None, [], 0
 
     def finish(self) -> list[tensor_pb2.Tensor]:
@@ -349,18 +353,28 @@ class Assembler:
         Raises:
             CodecError: the last tensor is short of its ``payload_size``.
         """
+        tensors, payloads = self.finish_apart()
+        for tensor, payload in zip(tensors, payloads, strict=True):
+            tensor.payload = payload if isinstance(payload, bytes) else bytes(payload)
+        return tensors
+
+    def finish_apart(self) -> tuple[list[tensor_pb2.Tensor], list[bytes | memoryview]]:
+        """:meth:`finish`, each tensor's payload apart from it (its ``payload`` left empty): a tensor
+        that came in one chunk keeps that chunk's data as it was given (a view over a frame's bytes,
+        not copied again). Decode them with ``decode(tensor, payload=...)``."""
         if self._header is not None:
             try:
                 self._complete(f"end after chunk {self._chunks - 1}")
             except CodecError:
                 self._reset()
                 raise
-        done = self._done
+        done = self._done, self._payloads
         self._reset()
         return done
 
 
 _PAYLOAD_FIELD = tensor_pb2.Tensor.DESCRIPTOR.fields_by_name["payload"].number
+CHUNK_DATA_FIELD = _CHUNK_FIELDS["data"].number
 
 
 def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -403,9 +417,13 @@ def _next_field(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
     return number, wire_type, pos, after
 
 
-def split_payloads(data: bytes, tensors_field: int) -> tuple[bytes, list[memoryview]] | None:
+def split_payloads(
+    data: bytes, tensors_field: int, payload_field: int = _PAYLOAD_FIELD
+) -> tuple[bytes, list[memoryview]] | None:
     """A message's bytes without the payloads of the tensors in its repeated field ``tensors_field``,
-    and those payloads, in order, as views over ``data``: read without copying them.
+    and those payloads, in order, as views over ``data``: read without copying them. A "tensor" is
+    any message whose bytes field ``payload_field`` is its payload: a ``Tensor`` (``payload``, the
+    default) or a ``TensorChunk`` (its ``data``: ``payload_field=CHUNK_DATA_FIELD``).
 
     Parsing a message copies every bytes field into protobuf's memory, and reading a bytes field
     copies it again into a Python object: twice 0.6 MB for an app's 224x224 image, with the caches
@@ -432,7 +450,7 @@ def split_payloads(data: bytes, tensors_field: int) -> tuple[bytes, list[memoryv
                 inner = kept_from = start
                 while inner < after:
                     field, inner_type, value, inner_after = _next_field(data, inner, after)
-                    if field == _PAYLOAD_FIELD:
+                    if field == payload_field:
                         if inner_type != 2:
                             return None
                         kept.append(data[kept_from:inner])

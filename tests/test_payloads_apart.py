@@ -1,5 +1,6 @@
-"""An app's request parsed with its inputs' payloads read in place (compressor.framing.split_payloads):
-the same message and payloads protobuf gives, and protobuf's own parse for anything unusual."""
+"""An app's request, and the cloud's feature frames, parsed with their payloads read in place
+(compressor.framing.split_payloads): the same message and payloads protobuf gives, protobuf's own parse
+for anything unusual, and the Assembler's checks on data held apart."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-from compressor import RAW_UNCOMPRESSED, EncodingSpec, decode_array, encode
+from cloud_node.streams import DataApart, parse_infer_frame
+from compressor import RAW_UNCOMPRESSED, Assembler, CodecError, EncodingSpec, decode, decode_array, encode
 from compressor.framing import field_key, split_payloads, varint
 from edge_node.servicer import PayloadsApart, parse_infer_request
 from protos.cleave.v1 import edge_pb2, tensor_pb2
+from protos.cleave.v1 import split_inference_pb2 as si_pb2
 
 INPUTS = 2  # EdgeInferRequest.inputs
 PAYLOAD = field_key(10)  # Tensor.payload, length-delimited
@@ -100,3 +103,57 @@ def test_the_edge_reads_the_payload_in_place_and_checks_it() -> None:
     parsed = parse_infer_request(bytes(corrupt))
     with pytest.raises(Exception, match="tensor.crc32"):
         decode_array(parsed.message.inputs[0], payload=parsed.payloads[0])
+
+
+def _frame(spec: str, max_chunk_bytes: int = 1 << 20) -> si_pb2.InferFrame:
+    from compressor.framing import add_chunks, to_pieces
+
+    frame = si_pb2.InferFrame(session_id="s" * 16, request_id=3, last=True)
+    tensors = [_tensor(spec, (1, 8, 16, 16)), _tensor(spec, (1, 4, 8, 8))]
+    for group in to_pieces(tensors, max_chunk_bytes):
+        add_chunks(frame.chunks, group)
+    return frame
+
+
+@pytest.mark.parametrize("spec", ["raw", "int8", "int4+zstd"])
+@pytest.mark.parametrize("max_chunk_bytes", [1 << 20, 700])
+def test_a_frames_chunks_assemble_the_same_with_their_data_apart(spec: str, max_chunk_bytes: int) -> None:
+    frame = _frame(spec, max_chunk_bytes)
+    parsed = parse_infer_frame(frame.SerializeToString())
+    assert isinstance(parsed, DataApart)
+    assert len(parsed.datas) == len(frame.chunks)
+    whole = Assembler()
+    whole.add(frame.chunks)
+    expected = whole.finish()
+    apart = Assembler()
+    apart.add(parsed.message.chunks, parsed.datas)
+    headers, payloads = apart.finish_apart()
+    assert [bytes(p) for p in payloads] == [t.payload for t in expected]
+    assert all(not h.payload for h in headers)
+    for header, payload, tensor in zip(headers, payloads, expected, strict=True):
+        assert (decode(header, payload=payload) == decode(tensor)).all()
+        header.payload = bytes(payload)
+        assert header == tensor
+    again = Assembler()  # finish() still gives whole tensors from data held apart
+    again.add(parsed.message.chunks, parsed.datas)
+    assert again.finish() == expected
+
+
+def test_data_apart_is_checked_as_chunk_data_is() -> None:
+    frame = _frame("raw")
+    parsed = parse_infer_frame(frame.SerializeToString())
+    short = [*parsed.datas[:-1], parsed.datas[-1][:-4]]  # the last tensor 4 bytes short
+    assembler = Assembler()
+    assembler.add(parsed.message.chunks, short)
+    with pytest.raises(CodecError, match="tensor 1 got 1020 of its payload_size 1024 bytes"):
+        assembler.finish_apart()
+    long = [*parsed.datas[:-1], bytes(parsed.datas[-1]) + b"xx"]
+    with pytest.raises(CodecError, match="data for tensor 1 beyond its payload_size 1024"):
+        Assembler().add(parsed.message.chunks, long)
+
+
+def test_an_unusual_frame_is_parsed_whole() -> None:
+    data = _frame("raw").SerializeToString() + field_key(3, 0) + varint(1)  # chunks as a varint
+    assert isinstance(parse_infer_frame(data), si_pb2.InferFrame)
+    with pytest.raises(DecodeError):
+        parse_infer_frame(b"\x80\x80")
