@@ -68,7 +68,20 @@ _WIDTHS = ",".join(map(str, BIT_WIDTHS))
 
 
 def encode(x: Any, spec: EncodingSpec, tables: entropy.EntropyTables | None = None) -> tensor_pb2.Tensor:
-    """Encode ``x`` (a torch tensor on any device with any strides, or a numpy array) as ``spec`` asks.
+    """:func:`encode_apart`, the payload put in the tensor."""
+    msg, payload = encode_apart(x, spec, tables)
+    msg.payload = payload
+    return msg
+
+
+def encode_apart(
+    x: Any, spec: EncodingSpec, tables: entropy.EntropyTables | None = None
+) -> tuple[tensor_pb2.Tensor, bytes]:
+    """The tensor :func:`encode` gives, its ``payload`` left empty, and the payload: a sender that
+    writes the bytes itself (the edge's frames, :func:`compressor.framing.chunks_wire`) copies the
+    payload once, where putting it in the message and reading it back out copied it twice more.
+
+    Encode ``x`` (a torch tensor on any device with any strides, or a numpy array) as ``spec`` asks.
 
     ``raw`` keeps ``x``'s dtype (float32, float16, uint8, int8, int32, int64 or bool); ``fp16``
     and ``affine`` need a floating ``x`` and decode to float32. The math runs in numpy on the host
@@ -104,16 +117,15 @@ def encode(x: Any, spec: EncodingSpec, tables: entropy.EntropyTables | None = No
         data = entropy.encode_symbols(np.rint(as_float32(x)).astype(np.int32), tables)
         # The short header: dtype (FLOAT32), codec (NONE) and raw_size (= payload_size) are implied
         # by the encoding, so they are left unset (7 of a pooled latent's ~28 header bytes).
-        _set_payload(msg, data, spec)
+        payload = _set_payload(msg, data, spec)
         for implied in ("codec", "raw_size"):
             msg.ClearField(implied)
-        return msg
+        return msg, payload
     else:
         _require_float(x, spec)
         msg.dtype = tensor_pb2.FLOAT32
         data = _encode_affine(x, spec, msg)
-    _set_payload(msg, data, spec)
-    return msg
+    return msg, _set_payload(msg, data, spec)
 
 
 def decode(
@@ -328,7 +340,8 @@ def _encode_affine(x: Any, spec: EncodingSpec, msg: tensor_pb2.Tensor) -> np.nda
     return pack_array(q.reshape(-1), spec.bits)
 
 
-def _set_payload(msg: tensor_pb2.Tensor, data: bytes | np.ndarray, spec: EncodingSpec) -> None:
+def _set_payload(msg: tensor_pb2.Tensor, data: bytes | np.ndarray, spec: EncodingSpec) -> bytes:
+    """Compress ``data`` as ``spec`` asks and describe it in ``msg``; the payload, not put in ``msg``."""
     raw_size = len(data) if isinstance(data, bytes) else data.nbytes
     if spec.codec == "zstd":
         payload = zstd.compress(data, spec.level, spec.threads, codes=spec.encoding == "affine")
@@ -337,9 +350,9 @@ def _set_payload(msg: tensor_pb2.Tensor, data: bytes | np.ndarray, spec: Encodin
         payload = data if isinstance(data, bytes) else data.tobytes()
         msg.codec = tensor_pb2.NONE
     msg.raw_size = raw_size
-    msg.payload = payload
     msg.payload_size = len(payload)
     msg.crc32 = crc32(payload)
+    return payload
 
 
 def _check_header(msg: tensor_pb2.Tensor, limits: CodecLimits) -> tuple[_DType, tuple[int, ...], int]:

@@ -129,19 +129,30 @@ _HEADER_KEY = field_key(_CHUNK_FIELDS["header"].number)
 _DATA_KEY = field_key(_CHUNK_FIELDS["data"].number)
 
 
-def to_pieces(tensors: Sequence[tensor_pb2.Tensor], max_chunk_bytes: int = 1 << 20) -> Iterator[list[Piece]]:
-    """:func:`to_chunks`' groups, as (index, header or None, data) tuples; the same checks and errors."""
+def to_pieces(
+    tensors: Sequence[tensor_pb2.Tensor], max_chunk_bytes: int = 1 << 20, payloads: Sequence[bytes] | None = None
+) -> Iterator[list[Piece]]:
+    """:func:`to_chunks`' groups, as (index, header or None, data) tuples; the same checks and errors.
+
+    ``payloads``: the tensors' payloads, when they are apart (``compressor.encode_apart``): each
+    tensor, its ``payload`` empty, is then its own header.
+    """
     if max_chunk_bytes < 1:
         raise ValueError(f"max_chunk_bytes: {max_chunk_bytes} is not positive")
     group: list[Piece] = []
     used = 0
     for index, tensor in enumerate(tensors):
-        payload = tensor.payload
+        payload = tensor.payload if payloads is None else payloads[index]
         if tensor.payload_size != len(payload):
             raise CodecError(
                 f"tensors[{index}].payload_size: {tensor.payload_size}, but the payload has {len(payload)} bytes"
             )
-        header = header_of(tensor)
+        if payloads is None:
+            header = header_of(tensor)
+        elif tensor.payload:
+            raise CodecError(f"tensors[{index}].payload: set, but its payload was given apart")
+        else:
+            header = tensor
         header_bytes = header.ByteSize()
         if header_bytes > max_chunk_bytes:
             raise CodecError(
