@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from cloud_node.streams import parse_infer_frame
-from compressor import RAW_UNCOMPRESSED, Assembler, EncodingSpec, decode, encode
-from compressor.framing import _HEADER_FIELDS, _PRESENCE, add_chunks, header_of, to_pieces
+from compressor import RAW_UNCOMPRESSED, Assembler, EncodingSpec, decode, encode, encode_apart
+from compressor.framing import _HEADER_FIELDS, _PRESENCE, add_chunks, chunks_wire, header_of, to_pieces
 from edge_node.cloud_link import Answer
 from edge_node.link import LinkMonitor
 from edge_node.servicer import parse_infer_request
@@ -76,6 +76,11 @@ def _frame_apart(data: bytes) -> object:
     return assembler.finish_apart()
 
 
+def _frames(features: list, payloads: list | None) -> list[bytes]:
+    """The edge's frames of one request (InferStream.submit), from whole tensors (before) or apart."""
+    return [b"".join(chunks_wire(3, group)) for group in to_pieces(features, 1 << 20, payloads)]
+
+
 def _transfer_statistics(monitor: LinkMonitor) -> None:
     """Item 7 before: the RTT's median taken with statistics.median on every request."""
     statistics.median(monitor._rtt)
@@ -95,6 +100,8 @@ def steps() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     for group in to_pieces([encode(torch.rand(1, 64, 56, 56), EncodingSpec.parse("fp16"))]):
         add_chunks(frame.chunks, group)  # 401 KB of features, as the edge sends at layer1 in fp16
     frame_bytes = frame.SerializeToString()
+    x = torch.rand(1, 128, 28, 28)  # 100 KB of int8 codes
+    whole, (header, payload) = encode(x, EncodingSpec.parse("int8")), encode_apart(x, EncodingSpec.parse("int8"))
     monitor = LinkMonitor()
     monitor.record_probe(0.5, 1000.0, 1000.0)
     for rtt in (0.4, 0.6, 0.5):
@@ -113,6 +120,10 @@ def steps() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
             lambda: _frame_whole(frame_bytes),
             lambda: _frame_apart(frame_bytes),
         ),
+        "frame 100 KB of int8 codes (whole / apart)": (
+            lambda: _frames([whole], None),
+            lambda: _frames([header], [payload]),
+        ),
         "record_transfer (+median / kept median)": (
             lambda: _transfer_statistics(monitor),
             lambda: monitor.record_transfer(20_000, 4_000, 3.0),
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     torch.set_num_threads(1)
     flush = np.ones(48 << 20, np.uint8)
-    print(f"{'step':<42} {'before us':>9} {'now us':>7}")
+    print(f"{'step':<50} {'before us':>9} {'now us':>7}")
     for name, pair in steps().items():
         times: tuple[list[float], list[float]] = ([], [])
         for _ in range(args.samples):
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 run()
                 into.append((time.perf_counter() - started) * 1e6)
         before, now = (statistics.median(t) for t in times)
-        print(f"{name:<42} {before:>9.1f} {now:>7.1f}")
+        print(f"{name:<50} {before:>9.1f} {now:>7.1f}")
     return 0
 
 
