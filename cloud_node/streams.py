@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from compressor import Assembler, BudgetExceeded, ByteBudget, CodecError
-from compressor.framing import CHUNK_DATA_FIELD, add_chunks, split_payloads, to_pieces
+from compressor.framing import CHUNK_DATA_FIELD, WALK_FROM, add_chunks, split_payloads, to_pieces
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError, status_of
 
@@ -42,12 +42,13 @@ class DataApart:
         self.datas = datas
 
 
-def parse_infer_frame(data: bytes) -> si_pb2.InferFrame | DataApart:
+def parse_infer_frame(data: bytes, walk_from: int = WALK_FROM) -> si_pb2.InferFrame | DataApart:
     """A feature frame, its chunks' data read in place: protobuf's parse copied the features, reading
     each chunk's ``data`` copied them again, and the assembled tensor's payload once more (with the
     caches cold after the previous request's tail). Bytes the walk leaves to protobuf (anything
-    unusual) are parsed whole, as before, with protobuf's errors (``DecodeError``)."""
-    split = split_payloads(data, _CHUNKS_FIELD, CHUNK_DATA_FIELD)
+    unusual), and frames under ``walk_from`` bytes (where walking costs more than the copies), are
+    parsed whole, as before, with protobuf's errors (``DecodeError``)."""
+    split = split_payloads(data, _CHUNKS_FIELD, CHUNK_DATA_FIELD) if len(data) >= walk_from else None
     if split is not None:
         try:
             return DataApart(si_pb2.InferFrame.FromString(split[0]), split[1])

@@ -428,6 +428,13 @@ def _next_field(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
     return number, wire_type, pos, after
 
 
+WALK_FROM = 64 << 10
+"""Messages under this many bytes are parsed whole: the walk is Python, protobuf's parse and copies are
+C, and with the caches cold the walk costs what copying about 64 KB three times does (an Infer frame
+parsed and assembled, one run: 8 KB 140 us whole against 162 walked, 64 KB 231 against 234, 256 KB
+305 against 216)."""
+
+
 def split_payloads(
     data: bytes, tensors_field: int, payload_field: int = _PAYLOAD_FIELD
 ) -> tuple[bytes, list[memoryview]] | None:

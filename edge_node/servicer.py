@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, check_header, encode
-from compressor.framing import split_payloads
+from compressor.framing import WALK_FROM, split_payloads
 from partitioner.placement import Placement
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
@@ -114,11 +114,12 @@ class PayloadsApart:
         self.payloads = payloads
 
 
-def parse_infer_request(data: bytes) -> edge_pb2.EdgeInferRequest | PayloadsApart:
+def parse_infer_request(data: bytes, walk_from: int = WALK_FROM) -> edge_pb2.EdgeInferRequest | PayloadsApart:
     """An app's ``Infer`` request, its inputs' payloads read in place: neither protobuf's parse nor
     reading the field copies them (twice 0.6 MB for a 224x224 image). Bytes the walk leaves to protobuf
-    (anything unusual) are parsed whole, as before, with protobuf's errors (``DecodeError``)."""
-    split = split_payloads(data, _INPUTS_FIELD)
+    (anything unusual), and requests under ``walk_from`` bytes (where walking costs more than the
+    copies), are parsed whole, as before, with protobuf's errors (``DecodeError``)."""
+    split = split_payloads(data, _INPUTS_FIELD) if len(data) >= walk_from else None
     if split is not None:
         try:
             return PayloadsApart(edge_pb2.EdgeInferRequest.FromString(split[0]), split[1])

@@ -84,7 +84,7 @@ def test_anything_unusual_is_left_to_protobuf(data: bytes) -> None:
 @pytest.mark.parametrize("data", [field_key(INPUTS) + varint(50) + b"short", b"\x80\x80", b"\x00\x01"])
 def test_the_edge_answers_bad_bytes_with_protobufs_error(data: bytes) -> None:
     with pytest.raises(DecodeError) as apart:
-        parse_infer_request(data)
+        parse_infer_request(data, walk_from=0)
     with pytest.raises(DecodeError) as whole:
         edge_pb2.EdgeInferRequest.FromString(data)
     assert str(apart.value) == str(whole.value)
@@ -93,14 +93,14 @@ def test_the_edge_answers_bad_bytes_with_protobufs_error(data: bytes) -> None:
 def test_the_edge_reads_the_payload_in_place_and_checks_it() -> None:
     t = _tensor("raw")
     data = edge_pb2.EdgeInferRequest(inputs=[t]).SerializeToString()
-    parsed = parse_infer_request(data)
+    parsed = parse_infer_request(data, walk_from=0)
     assert isinstance(parsed, PayloadsApart)
     (payload,) = parsed.payloads
     assert isinstance(payload, memoryview) and payload.obj is data  # a view, not a copy
     assert (decode_array(parsed.message.inputs[0], payload=payload) == decode_array(t)).all()
     corrupt = bytearray(data)
     corrupt[-20] ^= 1  # a byte of the payload
-    parsed = parse_infer_request(bytes(corrupt))
+    parsed = parse_infer_request(bytes(corrupt), walk_from=0)
     with pytest.raises(Exception, match="tensor.crc32"):
         decode_array(parsed.message.inputs[0], payload=parsed.payloads[0])
 
@@ -119,7 +119,7 @@ def _frame(spec: str, max_chunk_bytes: int = 1 << 20) -> si_pb2.InferFrame:
 @pytest.mark.parametrize("max_chunk_bytes", [1 << 20, 700])
 def test_a_frames_chunks_assemble_the_same_with_their_data_apart(spec: str, max_chunk_bytes: int) -> None:
     frame = _frame(spec, max_chunk_bytes)
-    parsed = parse_infer_frame(frame.SerializeToString())
+    parsed = parse_infer_frame(frame.SerializeToString(), walk_from=0)
     assert isinstance(parsed, DataApart)
     assert len(parsed.datas) == len(frame.chunks)
     whole = Assembler()
@@ -141,7 +141,7 @@ def test_a_frames_chunks_assemble_the_same_with_their_data_apart(spec: str, max_
 
 def test_data_apart_is_checked_as_chunk_data_is() -> None:
     frame = _frame("raw")
-    parsed = parse_infer_frame(frame.SerializeToString())
+    parsed = parse_infer_frame(frame.SerializeToString(), walk_from=0)
     short = [*parsed.datas[:-1], parsed.datas[-1][:-4]]  # the last tensor 4 bytes short
     assembler = Assembler()
     assembler.add(parsed.message.chunks, short)
@@ -154,6 +154,19 @@ def test_data_apart_is_checked_as_chunk_data_is() -> None:
 
 def test_an_unusual_frame_is_parsed_whole() -> None:
     data = _frame("raw").SerializeToString() + field_key(3, 0) + varint(1)  # chunks as a varint
-    assert isinstance(parse_infer_frame(data), si_pb2.InferFrame)
+    assert isinstance(parse_infer_frame(data, walk_from=0), si_pb2.InferFrame)
     with pytest.raises(DecodeError):
-        parse_infer_frame(b"\x80\x80")
+        parse_infer_frame(b"\x80\x80", walk_from=0)
+
+
+def test_small_messages_are_parsed_whole() -> None:
+    """Under WALK_FROM bytes the walk costs more than protobuf's copies: protobuf parses them."""
+    from compressor.framing import WALK_FROM
+
+    frame = _frame("raw").SerializeToString()
+    assert len(frame) < WALK_FROM
+    assert isinstance(parse_infer_frame(frame), si_pb2.InferFrame)
+    small = edge_pb2.EdgeInferRequest(inputs=[_tensor("raw")]).SerializeToString()
+    assert isinstance(parse_infer_request(small), edge_pb2.EdgeInferRequest)
+    large = edge_pb2.EdgeInferRequest(inputs=[_tensor("raw", (1, 3, 128, 128))]).SerializeToString()
+    assert len(large) >= WALK_FROM and isinstance(parse_infer_request(large), PayloadsApart)
