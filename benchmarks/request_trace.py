@@ -65,8 +65,8 @@ def install(module: str) -> None:
 
     lenient = serving._lenient
 
-    def traced_lenient(message_class):
-        deserialize = lenient(message_class)
+    def traced_lenient(message_class, parse=None):
+        deserialize = lenient(message_class, parse)
         name = f"parse {message_class.DESCRIPTOR.name}"
 
         def traced(data: bytes):
@@ -93,7 +93,7 @@ def install(module: str) -> None:
     _wrap(servicer.EdgeServicer, "_check_headers", "edge check input")
     _wrap(servicer.EdgeServicer, "_response", "edge build reply")
     _wrap(runtime.EdgeRuntime, "infer", "edge runtime")
-    _wrap(runtime, "encode", "edge encode")
+    _wrap(runtime, "encode_apart", "edge encode")
     _wrap(cloud_link.InferStream, "submit", "edge submit")
     _wrap(cloud_link, "CloudReply", "edge result in")  # built on the receiver thread, right before set_result
     _wrap(runtime.Counters, "record", "edge record")

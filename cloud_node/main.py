@@ -131,6 +131,7 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
     from .metrics import CloudMetrics
     from .servicer import SplitInferenceServicer
     from .sessions import ModelRegistry, SessionManager
+    from .streams import PARSERS as STREAM_PARSERS
 
     threads = model_threads(config.torch_threads)
     if threads:
@@ -145,7 +146,9 @@ def load_services(config: CloudConfig, registry: CollectorRegistry | None = None
         registry.register(TailsCollector(tails))
     bundles = BundleStore(config.bundles.dir or None, {n: m.fingerprint for n, m in models.models.items()})
     servicer = SplitInferenceServicer(sessions, config.chunk_bytes, metrics, bundles)
-    split = Service(servicer, SPLIT_INFERENCE, metrics.wire_bytes() if metrics is not None else {})
+    split = Service(
+        servicer, SPLIT_INFERENCE, metrics.wire_bytes() if metrics is not None else {}, parsers=STREAM_PARSERS
+    )
     services = [split, kserve_service(models, config, sessions.batchers, tails)]
     if config.jobs.dir:
         from .jobs import CompressionServicer, JobManager

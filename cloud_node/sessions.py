@@ -193,8 +193,12 @@ class Session:
         if self.runner is None:
             self.runner = DirectRunner(self.tail)
 
-    def run(self, features: list[tensor_pb2.Tensor]) -> tuple[list[tensor_pb2.Tensor], si_pb2.CloudTiming]:
+    def run(
+        self, features: list[tensor_pb2.Tensor], payloads: Sequence[bytes | memoryview] | None = None
+    ) -> tuple[list[tensor_pb2.Tensor], si_pb2.CloudTiming]:
         """Decode features, run the tail, encode the outputs. Bad input raises InvalidArgument.
+
+        ``payloads``: the features' payloads, when they are held apart (``Assembler.finish_apart``).
 
         ``queue_ms`` is the time spent waiting for a batch; ``compute_ms`` the rest of the tail's
         wall time (the whole batch's run when batched), so the four stages add up to the cloud's time.
@@ -203,22 +207,26 @@ class Session:
         t0 = time.perf_counter()
         self.check_headers(features)
         if self.remote is not None:  # Ray backend: the replica decodes, runs and encodes
+            if payloads is not None:  # it takes whole tensors
+                for msg, payload in zip(features, payloads, strict=True):
+                    msg.payload = bytes(payload)
             encoded, timing = self.remote.run(
                 self.model.name, self.cut.index, features, self.result_spec, self.codec_limits
             )
         else:
-            encoded, timing = self._run_here(features, t0)
+            encoded, timing = self._run_here(features, t0, payloads)
         self._record(features, timing)
         return encoded, timing
 
     def _run_here(
-        self, features: list[tensor_pb2.Tensor], t0: float
+        self, features: list[tensor_pb2.Tensor], t0: float, payloads: Sequence[bytes | memoryview] | None
     ) -> tuple[list[tensor_pb2.Tensor], si_pb2.CloudTiming]:
         """The single-process path: decode, run the tail through ``runner``, encode."""
         tensors = []
         for i, msg in enumerate(features):
             try:
-                tensors.append(decode(msg, self.codec_limits, self.model.entropy_tables))
+                payload = None if payloads is None else payloads[i]
+                tensors.append(decode(msg, self.codec_limits, self.model.entropy_tables, payload=payload))
             except CodecError as exc:
                 raise InvalidArgument(f"features[{i}]: {exc}") from exc
         try:

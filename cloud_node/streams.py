@@ -16,15 +16,49 @@ import logging
 from collections.abc import Iterable, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from compressor import Assembler, BudgetExceeded, ByteBudget, CodecError
-from compressor.framing import add_chunks, to_pieces
+from compressor.framing import CHUNK_DATA_FIELD, WALK_FROM, add_chunks, split_payloads, to_pieces
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError, status_of
 
 from .sessions import Session, SessionManager
 
 log = logging.getLogger(__name__)
+
+
+_CHUNKS_FIELD = si_pb2.InferFrame.DESCRIPTOR.fields_by_name["chunks"].number
+
+
+class DataApart:
+    """An ``InferFrame`` parsed without its chunks' data, and that data, one per chunk, as views over
+    the bytes the frame arrived in (see :func:`~compressor.framing.split_payloads`)."""
+
+    __slots__ = ("message", "datas")
+
+    def __init__(self, message: si_pb2.InferFrame, datas: list[memoryview]) -> None:
+        self.message = message
+        self.datas = datas
+
+
+def parse_infer_frame(data: bytes, walk_from: int = WALK_FROM) -> si_pb2.InferFrame | DataApart:
+    """A feature frame, its chunks' data read in place: protobuf's parse copied the features, reading
+    each chunk's ``data`` copied them again, and the assembled tensor's payload once more (with the
+    caches cold after the previous request's tail). Bytes the walk leaves to protobuf (anything
+    unusual), and frames under ``walk_from`` bytes (where walking costs more than the copies), are
+    parsed whole, as before, with protobuf's errors (``DecodeError``)."""
+    split = split_payloads(data, _CHUNKS_FIELD, CHUNK_DATA_FIELD) if len(data) >= walk_from else None
+    if split is not None:
+        try:
+            return DataApart(si_pb2.InferFrame.FromString(split[0]), split[1])
+        except DecodeError:
+            pass  # the whole frame's own error, below
+    return si_pb2.InferFrame.FromString(data)
+
+
+PARSERS = {"Infer": parse_infer_frame}
+"""What ``Service(..., parsers=...)`` takes for ``SplitInference``."""
 
 
 class _Pending:
@@ -41,15 +75,16 @@ class _Pending:
 
 
 def serve_stream(
-    frames: Iterable[si_pb2.InferFrame], sessions: SessionManager, chunk_bytes: int
+    frames: Iterable[si_pb2.InferFrame | DataApart], sessions: SessionManager, chunk_bytes: int
 ) -> Iterator[si_pb2.InferResult]:
-    """Turn a stream of feature frames into a stream of results, one request at a time."""
+    """Turn a stream of feature frames (or :class:`DataApart`) into a stream of results, one request at a time."""
     limits = sessions.limits
     budget = ByteBudget(limits.max_stream_bytes, "limits.max_stream_bytes", parent=sessions.buffered)
     pending: dict[int, _Pending] = {}
     failed: set[int] = set()  # requests already answered with an error; ignore their later frames
     try:
-        for frame in frames:
+        for item in frames:
+            frame, datas = (item.message, item.datas) if isinstance(item, DataApart) else (item, None)
             rid = frame.request_id
             if not rid and not frame.session_id and not frame.chunks and not frame.last:
                 continue  # a heartbeat from an idle client (it keeps limits.stream_idle_s from ending the stream)
@@ -69,7 +104,7 @@ def serve_stream(
                     session = sessions.get(frame.session_id)
                     entry = pending[rid] = _Pending(session, limits.max_request_bytes, budget)
                 try:
-                    entry.assembler.add(frame.chunks)
+                    entry.assembler.add(frame.chunks, datas)
                 except CodecError as exc:
                     raise InvalidArgument(f"chunks: {exc}") from exc
                 except BudgetExceeded as exc:
@@ -78,10 +113,10 @@ def serve_stream(
                     continue
                 del pending[rid]
                 try:
-                    features = entry.assembler.finish()
+                    features, payloads = entry.assembler.finish_apart()
                 except CodecError as exc:
                     raise InvalidArgument(f"chunks: {exc}") from exc
-                outputs, timing = entry.session.run(features)
+                outputs, timing = entry.session.run(features, payloads)
             except Exception as exc:  # noqa: BLE001 - one request's failure must not end the stream
                 if not isinstance(exc, WireError):
                     log.error("request %d failed", rid, exc_info=exc)

@@ -14,7 +14,16 @@ structured pruning (CNN, Transformer plans), post-training weight quantization a
 from compressor import aciq  # registers the "aciq" clipper
 from compressor.bitpack import pack, packed_size, unpack
 from compressor.clipping import clip_range, clipper_names, get_clipper, register_clipper
-from compressor.codec import CodecLimits, check_header, decode, decode_array, decode_many, encode, encode_many
+from compressor.codec import (
+    CodecLimits,
+    check_header,
+    decode,
+    decode_array,
+    decode_many,
+    encode,
+    encode_apart,
+    encode_many,
+)
 from compressor.errors import CodecError
 from compressor.framing import Assembler, BudgetExceeded, ByteBudget, to_chunks
 from compressor.quant import dequantize, quantize
@@ -37,6 +46,7 @@ __all__ = [
     "decode_many",
     "dequantize",
     "encode",
+    "encode_apart",
     "encode_many",
     "get_clipper",
     "pack",

@@ -52,5 +52,6 @@ class Backend(Protocol):
     def run_tail(self, cut: Any, tail: Any, inputs: list, features: tuple) -> list:
         """Finish locally a request whose features did not reach the cloud: its outputs."""
 
-    def decode(self, tensor: tensor_pb2.Tensor) -> Any:
-        """A wire tensor as this backend's array (CodecError as :func:`compressor.decode_array` raises it)."""
+    def decode(self, tensor: tensor_pb2.Tensor, payload: bytes | memoryview | None = None) -> Any:
+        """A wire tensor as this backend's array (CodecError as :func:`compressor.decode_array` raises it);
+        ``payload``: its payload, held apart from ``tensor`` (None: ``tensor.payload``)."""

@@ -169,10 +169,13 @@ class InferStream:
                 return
             yield from frames
 
-    def submit(self, request_id: int, features: Sequence[tensor_pb2.Tensor]) -> Answer:
-        """Queue a request; its answer resolves to a :class:`CloudReply`."""
+    def submit(
+        self, request_id: int, features: Sequence[tensor_pb2.Tensor], payloads: Sequence[bytes] | None = None
+    ) -> Answer:
+        """Queue a request; its answer resolves to a :class:`CloudReply`. ``payloads``: the features'
+        payloads when they are apart (``compressor.encode_apart``; copied once, into the frames)."""
         answer = Answer()
-        groups = list(to_pieces(features, self.chunk_bytes)) or [[]]
+        groups = list(to_pieces(features, self.chunk_bytes, payloads)) or [[]]
         frames = []
         request = _REQUEST_ID_KEY + varint(request_id) if request_id else b""
         for i, group in enumerate(groups):

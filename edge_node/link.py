@@ -18,6 +18,16 @@ class LinkEstimate:
     overhead_ms: float = 0.0  # what a request spends on the wire beyond one RTT and its bytes at the probed rates
 
 
+def _median(window: deque[float]) -> float:
+    """``statistics.median`` of a short window (0.0 when empty), without its call: a request runs this
+    with the caches cold after a model's compute."""
+    n = len(window)
+    if n == 0:
+        return 0.0
+    values = sorted(window)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
 class LinkMonitor:
     """The link as measured most recently.
 
@@ -54,6 +64,7 @@ class LinkMonitor:
 
     def __init__(self, window: int = 5) -> None:
         self._rtt: deque[float] = deque(maxlen=window)
+        self._rtt_p50 = 0.0  # the median of _rtt, kept as _rtt changes (probes): requests only read it
         self._up: deque[float] = deque(maxlen=window)
         self._down: deque[float] = deque(maxlen=window)
         self._overhead: deque[float] = deque(maxlen=window)
@@ -65,12 +76,14 @@ class LinkMonitor:
     def record_rtt(self, rtt_ms: float) -> None:
         with self._lock:
             self._rtt.append(rtt_ms)
+            self._rtt_p50 = _median(self._rtt)
 
     def record_probe(self, rtt_ms: float, up_mbps: float, down_mbps: float) -> None:
         with self._lock:
             for window, value in ((self._rtt, rtt_ms), (self._up, up_mbps), (self._down, down_mbps)):
                 window.clear()
                 window.append(value)
+            self._rtt_p50 = rtt_ms
             self._probed = (up_mbps, down_mbps) if up_mbps > 0 and down_mbps > 0 else None
             self._samples += 1
             self.updated = time.monotonic()
@@ -78,14 +91,14 @@ class LinkMonitor:
     def record_transfer(self, bytes_up: int, bytes_down: int, wire_ms: float) -> None:
         """``wire_ms``: round trip minus the cloud's processing time."""
         with self._lock:
-            rtt = statistics.median(self._rtt) if self._rtt else 0.0
+            rtt = self._rtt_p50
             if self._probed is not None:
                 up, down = self._probed
                 residual = wire_ms - rtt - bytes_up * 8 / (up * 1e3) - bytes_down * 8 / (down * 1e3)
                 cap = max(self.OVERHEAD_CAP_RTTS * rtt, self.OVERHEAD_CAP_MS)
                 if residual <= 2 * cap:
                     self._overhead.append(min(max(residual, 0.0), cap))
-            wire_ms -= statistics.median(self._overhead) if self._overhead else 0.0
+            wire_ms -= _median(self._overhead)
             if wire_ms - rtt < max(1.0, 0.25 * rtt):
                 return  # the transfer hid inside the RTT (or timer noise): it says nothing about bandwidth
             seconds = (wire_ms - rtt) / 1e3

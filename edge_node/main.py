@@ -170,7 +170,7 @@ class EdgeDaemon:
         from .link import LinkMonitor
         from .metrics import EdgeMetrics
         from .runtime import EdgeRuntime, Inflight
-        from .servicer import EdgeServicer
+        from .servicer import PARSERS, EdgeServicer
 
         config = self.config
         self.model = load_backend(config)
@@ -204,7 +204,7 @@ class EdgeDaemon:
         servicer = EdgeServicer(
             self.runtime, config.cloud, config.limits.stream_window, self.autoplanner, config.limits.max_batch
         )
-        self.server.attach(Service(servicer, EDGE))
+        self.server.attach(Service(servicer, EDGE, parsers=PARSERS))
         if self.autoplanner is not None:
             self.autoplanner.start()
 

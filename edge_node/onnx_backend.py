@@ -198,10 +198,10 @@ class OnnxBackend:
     def run_tail(self, cut: Any, tail: Any, inputs: list, features: tuple) -> list:
         return self.run(inputs)
 
-    def decode(self, tensor: tensor_pb2.Tensor) -> np.ndarray:
+    def decode(self, tensor: tensor_pb2.Tensor, payload: bytes | memoryview | None = None) -> np.ndarray:
         # Read-only (a RAW tensor is a view over its payload, not a copy): a request's inputs and the
         # cloud's outputs are only read here (ONNX Runtime's run, encode, the reply's raw encode).
-        return decode_array(tensor, writable=False)
+        return decode_array(tensor, writable=False, payload=payload)
 
     # -- planning --------------------------------------------------------------------------------
     def edge_profile(self) -> Profile:

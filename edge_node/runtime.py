@@ -27,7 +27,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from compressor import EncodingSpec, encode
+from compressor import EncodingSpec, encode_apart
+from compressor.framing import field_key, varint
 from partitioner.costmodel import Breakdown
 from partitioner.placement import Placement
 from protos.bounds import MAX_PLAN_LABEL, MAX_PREDICTED_MS
@@ -41,6 +42,8 @@ from .cloud_link import CloudLink
 if TYPE_CHECKING:
     from partitioner.loaded import LoadedModel
 
+# A tensor's bytes with its payload: its header's, then the payload field's key, length and bytes.
+_PAYLOAD_KEY = len(field_key(tensor_pb2.Tensor.DESCRIPTOR.fields_by_name["payload"].number))
 _RAW, _NONE = tensor_pb2.RAW, tensor_pb2.NONE  # a cloud result as encoding it RAW, uncompressed, gives
 FLOAT_BITS = 32  # a head at 32 "bits" is the float head (partitioner.quantized_head.FLOAT_BITS)
 
@@ -430,18 +433,21 @@ class EdgeRuntime:
                 note = f"cloud unreachable: {self.link.last_error or f'no session at cut {plan.cut.index} yet'}"
             return self._finish_locally(inputs, features, plan, timing, started, note)
 
-        encoded = [encode(f, plan.spec, self.model.entropy_tables) for f in features]
+        # Each payload apart from its tensor: the frames copy it once (see encode_apart).
+        apart = [encode_apart(f, plan.spec, self.model.entropy_tables) for f in features]
+        encoded, payloads = [t for t, _ in apart], [p for _, p in apart]
         t_enc = time.perf_counter()
         timing.encode_ms = (t_enc - t_head) * 1e3
         request_id = self.link.next_request_id()
         remaining = self.request_timeout_s - (t_enc - started)
         try:
-            reply = stream.submit(request_id, encoded).result(timeout=max(remaining, 0.0))
+            reply = stream.submit(request_id, encoded, payloads).result(timeout=max(remaining, 0.0))
         except FutureTimeout:
             stream.forget(request_id)
             # No answer in time is evidence too: the uplink moved these bytes no faster than this.
             waited_ms = (time.perf_counter() - t_enc) * 1e3
-            self.link.monitor.record_stall(sum(t.ByteSize() for t in encoded), waited_ms)
+            sent = sum(t.ByteSize() + (_PAYLOAD_KEY + len(varint(len(p))) + len(p) if p else 0) for t, p in apart)
+            self.link.monitor.record_stall(sent, waited_ms)
             note = f"cloud missed the {self.request_timeout_s:.1f}s deadline"
             return self._finish_locally(inputs, features, plan, timing, started, note)
         except WireError as exc:

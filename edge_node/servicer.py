@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from compressor import RAW_UNCOMPRESSED, CodecError, EncodingSpec, check_header, encode
+from compressor.framing import WALK_FROM, split_payloads
 from partitioner.placement import Placement
 from protos.cleave.v1 import edge_pb2, edge_pb2_grpc, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
@@ -98,6 +100,38 @@ def pin_target(wanted: edge_pb2.Plan) -> tuple[Placement, int | str | None]:
     return placement, wanted.cut_name or wanted.cut_index
 
 
+_INPUTS_FIELD = edge_pb2.EdgeInferRequest.DESCRIPTOR.fields_by_name["inputs"].number
+
+
+class PayloadsApart:
+    """An ``EdgeInferRequest`` parsed without its inputs' payloads, and those payloads, as views over
+    the bytes the request arrived in (see :func:`~compressor.framing.split_payloads`)."""
+
+    __slots__ = ("message", "payloads")
+
+    def __init__(self, message: edge_pb2.EdgeInferRequest, payloads: list[memoryview]) -> None:
+        self.message = message
+        self.payloads = payloads
+
+
+def parse_infer_request(data: bytes, walk_from: int = WALK_FROM) -> edge_pb2.EdgeInferRequest | PayloadsApart:
+    """An app's ``Infer`` request, its inputs' payloads read in place: neither protobuf's parse nor
+    reading the field copies them (twice 0.6 MB for a 224x224 image). Bytes the walk leaves to protobuf
+    (anything unusual), and requests under ``walk_from`` bytes (where walking costs more than the
+    copies), are parsed whole, as before, with protobuf's errors (``DecodeError``)."""
+    split = split_payloads(data, _INPUTS_FIELD) if len(data) >= walk_from else None
+    if split is not None:
+        try:
+            return PayloadsApart(edge_pb2.EdgeInferRequest.FromString(split[0]), split[1])
+        except DecodeError:
+            pass  # the whole message's own error, below
+    return edge_pb2.EdgeInferRequest.FromString(data)
+
+
+PARSERS = {"Infer": parse_infer_request, "InferStream": parse_infer_request}
+"""What ``Service(..., parsers=...)`` takes for the ``Edge`` service."""
+
+
 class EdgeServicer(edge_pb2_grpc.EdgeServicer):
     """Serves local apps; ``max_batch`` bounds the rows of one request's input (checked from its header)."""
 
@@ -118,15 +152,19 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
         # rarely, and building the message took 40% of a reply's time (9 of 22 us).
         self._reply_plan: tuple[ActivePlan, edge_pb2.Plan] | None = None
 
-    def _serve(self, request: edge_pb2.EdgeInferRequest) -> edge_pb2.EdgeInferResponse:
+    def _serve(self, request: edge_pb2.EdgeInferRequest | PayloadsApart) -> edge_pb2.EdgeInferResponse:
         model = self.runtime.model
+        payloads: list[memoryview] | None = None
+        if isinstance(request, PayloadsApart):
+            request, payloads = request.message, request.payloads
         if request.model and request.model != model.name:
             raise NotFound(f"model: {request.model!r} is not served here (serving {model.name!r})")
         self._check_headers(request.inputs)
         inputs = []
         for i, tensor in enumerate(request.inputs):
             try:
-                inputs.append(model.decode(tensor))  # the backend's array: no torch on the ONNX edge
+                # The backend's array (no torch on the ONNX edge), over the payload as it arrived.
+                inputs.append(model.decode(tensor, None if payloads is None else payloads[i]))
             except CodecError as exc:
                 raise InvalidArgument(f"inputs[{i}]: {exc}") from exc
         outcome = self.runtime.infer(inputs)
@@ -177,7 +215,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
         )
 
     @maps_errors
-    def Infer(self, request: edge_pb2.EdgeInferRequest, context: grpc.ServicerContext):
+    def Infer(self, request: edge_pb2.EdgeInferRequest | PayloadsApart, context: grpc.ServicerContext):
         return self._serve(request)
 
     @maps_errors
@@ -187,11 +225,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeServicer):
         window = threading.Semaphore(self.stream_window)
         done = object()
 
-        def one(request: edge_pb2.EdgeInferRequest) -> None:
+        def one(request: edge_pb2.EdgeInferRequest | PayloadsApart) -> None:
             try:
                 replies.put(self._serve(request))
             except Exception as exc:  # noqa: BLE001 - a bad request answers alone; the stream goes on
                 code, message = status_of(exc)
+                if isinstance(request, PayloadsApart):
+                    request = request.message
                 replies.put(
                     edge_pb2.EdgeInferResponse(
                         request_id=request.request_id,

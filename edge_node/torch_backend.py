@@ -84,12 +84,12 @@ class TorchBackend:
         with torch.inference_mode():
             return as_tensor_list(tail(*features))
 
-    def decode(self, tensor: tensor_pb2.Tensor) -> torch.Tensor:
+    def decode(self, tensor: tensor_pb2.Tensor, payload: bytes | memoryview | None = None) -> torch.Tensor:
         # A RAW tensor (a request's input) is read in place: a view over the bytes that reading the
         # message's payload made, which nothing else holds, not a second copy of them (0.6 MB for a
         # 224x224 image). The runtime only reads it (the head, encode, the reply's raw encode); torch
         # cannot mark a tensor read-only, so a model that wrote to its input would write to those bytes.
-        array = decode_array(tensor, writable=False)
+        array = decode_array(tensor, writable=False, payload=payload)
         if array.flags.writeable or _read_only_seen:
             return torch.from_numpy(array)
         return _over_read_only(array)

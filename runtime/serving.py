@@ -200,11 +200,14 @@ class Service:
 
     ``servicer=None``: pending, the daemon listens and answers UNAVAILABLE for it until attached.
     ``wire_bytes``: per method name, a :class:`WireBytes` told the size of its messages.
+    ``parsers``: per method name, what turns a request's bytes into the object its handler takes,
+    instead of the request message's ``FromString`` (it raises ``DecodeError`` as that does).
     """
 
     servicer: Any
     descriptor: ServiceDescriptor
     wire_bytes: Mapping[str, WireBytes] = field(default_factory=dict, compare=False)
+    parsers: Mapping[str, Callable[[bytes], Any]] = field(default_factory=dict, compare=False)
 
     @property
     def full_name(self) -> str:
@@ -218,10 +221,12 @@ class _Undecodable:
         self.message = f"request: not a valid {type_name} ({error})"
 
 
-def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+def _lenient(message_class: Any, parse: Callable[[bytes], Any] | None = None) -> Callable[[bytes], Any]:
+    parse = parse or message_class.FromString
+
     def deserialize(data: bytes) -> Any:
         try:
-            return message_class.FromString(data)
+            return parse(data)
         except DecodeError as exc:
             return _Undecodable(message_class.DESCRIPTOR.full_name, exc)
 
@@ -280,7 +285,8 @@ def service_handler(service: Service) -> grpc.GenericRpcHandler:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         make = handler_kind(method.client_streaming, method.server_streaming).make
-        deserialize, serialize = _lenient(request_class), response_class.SerializeToString
+        deserialize = _lenient(request_class, service.parsers.get(method.name))
+        serialize = response_class.SerializeToString
         counter = service.wire_bytes.get(method.name)
         if counter is not None:
             deserialize, serialize = _counted(deserialize, serialize, counter)

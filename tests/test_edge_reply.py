@@ -29,7 +29,7 @@ class _Stream:
     def __init__(self, outputs: list[tensor_pb2.Tensor]) -> None:
         self.outputs = outputs
 
-    def submit(self, request_id: int, features: list) -> Future:
+    def submit(self, request_id: int, features: list, payloads: list | None = None) -> Future:
         future: Future = Future()
         future.set_result(CloudReply(self.outputs, si_pb2.CloudTiming(compute_ms=1.0), 100, 200))
         return future

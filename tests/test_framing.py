@@ -314,3 +314,22 @@ def test_header_of_keeps_every_field_but_the_payload(shape: tuple[int, ...], tai
     expected.CopyFrom(msg)
     expected.ClearField("payload")
     assert header == expected
+
+
+@pytest.mark.parametrize("spec", ["fp32", "int8", "int4+zstd"])
+@pytest.mark.parametrize("max_chunk_bytes", [1 << 20, 300])
+def test_payloads_apart_give_the_same_frames(spec: str, max_chunk_bytes: int) -> None:
+    from compressor import encode_apart
+
+    xs = _tensors(1000, 37, 0)
+    whole = [encode(x, EncodingSpec.parse(spec)) for x in xs]
+    apart = [encode_apart(x, EncodingSpec.parse(spec)) for x in xs]
+    headers, payloads = [h for h, _ in apart], [p for _, p in apart]
+    assert [h.payload for h in headers] == [b""] * 3
+    assert [p for p in payloads] == [t.payload for t in whole]
+    framed = [b"".join(chunks_wire(3, g)) for g in to_pieces(whole, max_chunk_bytes)]
+    assert [b"".join(chunks_wire(3, g)) for g in to_pieces(headers, max_chunk_bytes, payloads)] == framed
+    with pytest.raises(CodecError, match=r"tensors\[0\].payload_size"):
+        list(to_pieces(headers, max_chunk_bytes, [b"x", *payloads[1:]]))
+    with pytest.raises(CodecError, match=r"tensors\[0\].payload: set"):
+        list(to_pieces(whole, max_chunk_bytes, payloads))

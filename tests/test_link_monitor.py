@@ -93,3 +93,22 @@ def test_small_requests_that_match_the_estimate_keep_it_fresh() -> None:
     probed_at = fast.updated
     fast.record_transfer(9_000, 100, wire_ms=10.0 + 0.8)  # 0.7 ms expected: lost in the timer's noise
     assert fast.updated == probed_at
+
+
+def test_the_running_medians_are_statistics_medians() -> None:
+    import random
+    import statistics
+    from collections import deque
+
+    from edge_node.link import _median
+
+    rng = random.Random(3)
+    for n in range(12):
+        window = deque((rng.uniform(0, 50) for _ in range(n)), maxlen=5)
+        assert _median(window) == (statistics.median(window) if window else 0.0)
+    monitor = LinkMonitor(window=4)
+    for rtt in (5.0, 1.0, 9.0, 2.0, 7.0, 3.0):
+        monitor.record_rtt(rtt)
+        assert monitor._rtt_p50 == statistics.median(monitor._rtt) == monitor.snapshot().rtt_ms
+    monitor.record_probe(4.0, 100.0, 100.0)
+    assert monitor._rtt_p50 == 4.0 == monitor.snapshot().rtt_ms
