@@ -47,9 +47,15 @@ def parse_infer_frame(data: bytes, walk_from: int = WALK_FROM) -> si_pb2.InferFr
     each chunk's ``data`` copied them again, and the assembled tensor's payload once more (with the
     caches cold after the previous request's tail). Bytes the walk leaves to protobuf (anything
     unusual), and frames under ``walk_from`` bytes (where walking costs more than the copies), are
-    parsed whole, as before, with protobuf's errors (``DecodeError``)."""
+    parsed whole, as before, with protobuf's errors (``DecodeError``).
+
+    So are frames whose chunks' data is under half their bytes: the views keep the whole frame alive
+    while its request is pending, and the request's budget counts only its data (a frame padded with
+    an unknown field, or with a chunk's data sent twice, would hold up to limits.max_message_bytes per
+    pending request against a budget charged a few bytes); protobuf's parse is dropped after the chunks'
+    data is copied out, and that data is small."""
     split = split_payloads(data, _CHUNKS_FIELD, CHUNK_DATA_FIELD) if len(data) >= walk_from else None
-    if split is not None:
+    if split is not None and 2 * sum(map(len, split[1])) >= len(data):
         try:
             return DataApart(si_pb2.InferFrame.FromString(split[0]), split[1])
         except DecodeError:

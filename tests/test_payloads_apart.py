@@ -207,3 +207,25 @@ def test_a_message_of_many_tiny_fields_is_left_to_protobuf(field: bytes) -> None
     edge_pb2.EdgeInferRequest.FromString(data)  # protobuf parses it
     assert split_payloads(data, INPUTS) is None
 
+
+def test_a_frame_padded_around_its_data_is_not_held_by_views() -> None:
+    """A pending request's data views keep their whole frame alive, but its budget counts only the data:
+    64 pending requests of 64 MB frames with a byte of data each held 4 GB against max_stream_bytes."""
+    header = tensor_pb2.Tensor(dtype=tensor_pb2.UINT8, shape=[1], payload_size=1)
+    frame = si_pb2.InferFrame(session_id="s", request_id=1)
+    frame.chunks.add(index=0, header=header, data=b"x")
+    chunk = frame.chunks[0].SerializeToString()
+    chunk = chunk.replace(b"\x1a\x01x", b"\x1a" + varint(1 << 20) + bytes(1 << 20) + b"\x1a\x01x")  # data twice
+    padded = [
+        frame.SerializeToString() + field_key(15) + varint(1 << 20) + bytes(1 << 20),  # an unknown field
+        si_pb2.InferFrame(session_id="s", request_id=1).SerializeToString() + b"\x1a" + varint(len(chunk)) + chunk,
+    ]
+    for data in padded:
+        whole = si_pb2.InferFrame.FromString(data)
+        assert [c.data for c in whole.chunks] == [b"x"]
+        parsed = parse_infer_frame(data)
+        if isinstance(parsed, DataApart):
+            held = sum(len(d) for d in parsed.datas)
+            assert all(len(d.obj) <= 2 * held for d in parsed.datas), "views pin a frame 2x over their data"
+        else:
+            assert parsed == whole
