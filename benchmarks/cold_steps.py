@@ -72,7 +72,7 @@ def _frame_whole(data: bytes) -> object:
 def _frame_apart(data: bytes) -> object:
     parsed = parse_infer_frame(data)
     assembler = Assembler()
-    assembler.add(parsed.message.chunks, parsed.datas)  # type: ignore[union-attr]
+    assembler.add(parsed.message.chunks, parsed.payloads)  # type: ignore[union-attr]
     return assembler.finish_apart()
 
 

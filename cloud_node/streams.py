@@ -16,10 +16,9 @@ import logging
 from collections.abc import Iterable, Iterator
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from compressor import Assembler, BudgetExceeded, ByteBudget, CodecError
-from compressor.framing import CHUNK_DATA_FIELD, WALK_FROM, add_chunks, split_payloads, to_pieces
+from compressor.framing import CHUNK_DATA_FIELD, WALK_FROM, PayloadsApart, add_chunks, parse_apart, to_pieces
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.errors import InvalidArgument, ResourceExhausted, WireError, status_of
 
@@ -31,36 +30,17 @@ log = logging.getLogger(__name__)
 _CHUNKS_FIELD = si_pb2.InferFrame.DESCRIPTOR.fields_by_name["chunks"].number
 
 
-class DataApart:
-    """An ``InferFrame`` parsed without its chunks' data, and that data, one per chunk, as views over
-    the bytes the frame arrived in (see :func:`~compressor.framing.split_payloads`)."""
+def parse_infer_frame(data: bytes, walk_from: int = WALK_FROM) -> si_pb2.InferFrame | PayloadsApart:
+    """A feature frame, its chunks' data read in place (:func:`~compressor.framing.parse_apart`): protobuf's
+    parse copied the features, reading each chunk's ``data`` copied them again, and the assembled tensor's
+    payload once more (with the caches cold after the previous request's tail).
 
-    __slots__ = ("message", "datas")
-
-    def __init__(self, message: si_pb2.InferFrame, datas: list[memoryview]) -> None:
-        self.message = message
-        self.datas = datas
-
-
-def parse_infer_frame(data: bytes, walk_from: int = WALK_FROM) -> si_pb2.InferFrame | DataApart:
-    """A feature frame, its chunks' data read in place: protobuf's parse copied the features, reading
-    each chunk's ``data`` copied them again, and the assembled tensor's payload once more (with the
-    caches cold after the previous request's tail). Bytes the walk leaves to protobuf (anything
-    unusual), and frames under ``walk_from`` bytes (where walking costs more than the copies), are
-    parsed whole, as before, with protobuf's errors (``DecodeError``).
-
-    So are frames whose chunks' data is under half their bytes: the views keep the whole frame alive
-    while its request is pending, and the request's budget counts only its data (a frame padded with
+    A frame whose chunks' data is under half its bytes is parsed whole: the views keep the whole frame
+    alive while its request is pending, and the request's budget counts only its data (a frame padded with
     an unknown field, or with a chunk's data sent twice, would hold up to limits.max_message_bytes per
     pending request against a budget charged a few bytes); protobuf's parse is dropped after the chunks'
     data is copied out, and that data is small."""
-    split = split_payloads(data, _CHUNKS_FIELD, CHUNK_DATA_FIELD) if len(data) >= walk_from else None
-    if split is not None and 2 * sum(map(len, split[1])) >= len(data):
-        try:
-            return DataApart(si_pb2.InferFrame.FromString(split[0]), split[1])
-        except DecodeError:
-            pass  # the whole frame's own error, below
-    return si_pb2.InferFrame.FromString(data)
+    return parse_apart(si_pb2.InferFrame, data, _CHUNKS_FIELD, CHUNK_DATA_FIELD, walk_from, min_payload_share=0.5)
 
 
 PARSERS = {"Infer": parse_infer_frame}
@@ -81,16 +61,16 @@ class _Pending:
 
 
 def serve_stream(
-    frames: Iterable[si_pb2.InferFrame | DataApart], sessions: SessionManager, chunk_bytes: int
+    frames: Iterable[si_pb2.InferFrame | PayloadsApart], sessions: SessionManager, chunk_bytes: int
 ) -> Iterator[si_pb2.InferResult]:
-    """Turn a stream of feature frames (or :class:`DataApart`) into a stream of results, one request at a time."""
+    """Turn a stream of feature frames (or their ``PayloadsApart``) into a stream of results, one request at a time."""
     limits = sessions.limits
     budget = ByteBudget(limits.max_stream_bytes, "limits.max_stream_bytes", parent=sessions.buffered)
     pending: dict[int, _Pending] = {}
     failed: set[int] = set()  # requests already answered with an error; ignore their later frames
     try:
         for item in frames:
-            frame, datas = (item.message, item.datas) if isinstance(item, DataApart) else (item, None)
+            frame, datas = (item.message, item.payloads) if isinstance(item, PayloadsApart) else (item, None)
             rid = frame.request_id
             if not rid and not frame.session_id and not frame.chunks and not frame.last:
                 continue  # a heartbeat from an idle client (it keeps limits.stream_idle_s from ending the stream)

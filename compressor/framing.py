@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from compressor.errors import CodecError
 from protos.cleave.v1 import tensor_pb2
 
@@ -507,3 +509,36 @@ def split_payloads(
         return data, payloads
     pieces.append(data[copied:])
     return b"".join(pieces), payloads
+
+
+class PayloadsApart:
+    """A message parsed without its tensors' payloads, and those payloads, one per tensor, as views over
+    the bytes it arrived in (:func:`split_payloads`). What :func:`parse_apart` gives a handler."""
+
+    __slots__ = ("message", "payloads")
+
+    def __init__(self, message: Any, payloads: list[memoryview]) -> None:
+        self.message = message
+        self.payloads = payloads
+
+
+def parse_apart(
+    message_type: Any,
+    data: bytes,
+    tensors_field: int,
+    payload_field: int = _PAYLOAD_FIELD,
+    walk_from: int = WALK_FROM,
+    min_payload_share: float = 0.0,
+) -> Any:
+    """``message_type`` parsed from ``data`` with its tensors' payloads read in place (a
+    :class:`PayloadsApart`), or parsed whole, as protobuf parses it, with protobuf's errors
+    (``DecodeError``): a message under ``walk_from`` bytes (walking costs more than the copies there),
+    one the walk leaves to protobuf (anything unusual), and one whose payloads are under
+    ``min_payload_share`` of its bytes (views over the rest would keep it alive uncounted)."""
+    split = split_payloads(data, tensors_field, payload_field) if len(data) >= walk_from else None
+    if split is not None and sum(map(len, split[1])) >= min_payload_share * len(data):
+        try:
+            return PayloadsApart(message_type.FromString(split[0]), split[1])
+        except DecodeError:
+            pass  # the whole message's own error, below
+    return message_type.FromString(data)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-from cloud_node.streams import DataApart, parse_infer_frame
+from cloud_node.streams import parse_infer_frame
 from compressor import RAW_UNCOMPRESSED, Assembler, CodecError, EncodingSpec, decode, decode_array, encode
-from compressor.framing import field_key, split_payloads, varint
-from edge_node.servicer import PayloadsApart, parse_infer_request
+from compressor.framing import PayloadsApart, field_key, split_payloads, varint
+from edge_node.servicer import parse_infer_request
 from protos.cleave.v1 import edge_pb2, tensor_pb2
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 
@@ -120,13 +120,13 @@ def _frame(spec: str, max_chunk_bytes: int = 1 << 20) -> si_pb2.InferFrame:
 def test_a_frames_chunks_assemble_the_same_with_their_data_apart(spec: str, max_chunk_bytes: int) -> None:
     frame = _frame(spec, max_chunk_bytes)
     parsed = parse_infer_frame(frame.SerializeToString(), walk_from=0)
-    assert isinstance(parsed, DataApart)
-    assert len(parsed.datas) == len(frame.chunks)
+    assert isinstance(parsed, PayloadsApart)
+    assert len(parsed.payloads) == len(frame.chunks)
     whole = Assembler()
     whole.add(frame.chunks)
     expected = whole.finish()
     apart = Assembler()
-    apart.add(parsed.message.chunks, parsed.datas)
+    apart.add(parsed.message.chunks, parsed.payloads)
     headers, payloads = apart.finish_apart()
     assert [bytes(p) for p in payloads] == [t.payload for t in expected]
     assert all(not h.payload for h in headers)
@@ -135,19 +135,19 @@ def test_a_frames_chunks_assemble_the_same_with_their_data_apart(spec: str, max_
         header.payload = bytes(payload)
         assert header == tensor
     again = Assembler()  # finish() still gives whole tensors from data held apart
-    again.add(parsed.message.chunks, parsed.datas)
+    again.add(parsed.message.chunks, parsed.payloads)
     assert again.finish() == expected
 
 
 def test_data_apart_is_checked_as_chunk_data_is() -> None:
     frame = _frame("raw")
     parsed = parse_infer_frame(frame.SerializeToString(), walk_from=0)
-    short = [*parsed.datas[:-1], parsed.datas[-1][:-4]]  # the last tensor 4 bytes short
+    short = [*parsed.payloads[:-1], parsed.payloads[-1][:-4]]  # the last tensor 4 bytes short
     assembler = Assembler()
     assembler.add(parsed.message.chunks, short)
     with pytest.raises(CodecError, match="tensor 1 got 1020 of its payload_size 1024 bytes"):
         assembler.finish_apart()
-    long = [*parsed.datas[:-1], bytes(parsed.datas[-1]) + b"xx"]
+    long = [*parsed.payloads[:-1], bytes(parsed.payloads[-1]) + b"xx"]
     with pytest.raises(CodecError, match="data for tensor 1 beyond its payload_size 1024"):
         Assembler().add(parsed.message.chunks, long)
 
@@ -224,8 +224,8 @@ def test_a_frame_padded_around_its_data_is_not_held_by_views() -> None:
         whole = si_pb2.InferFrame.FromString(data)
         assert [c.data for c in whole.chunks] == [b"x"]
         parsed = parse_infer_frame(data)
-        if isinstance(parsed, DataApart):
-            held = sum(len(d) for d in parsed.datas)
-            assert all(len(d.obj) <= 2 * held for d in parsed.datas), "views pin a frame 2x over their data"
+        if isinstance(parsed, PayloadsApart):
+            held = sum(len(d) for d in parsed.payloads)
+            assert all(len(d.obj) <= 2 * held for d in parsed.payloads), "views pin a frame 2x over their data"
         else:
             assert parsed == whole
