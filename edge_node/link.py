@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections import deque
@@ -19,8 +18,8 @@ class LinkEstimate:
 
 
 def _median(window: deque[float]) -> float:
-    """``statistics.median`` of a short window (0.0 when empty), without its call: a request runs this
-    with the caches cold after a model's compute."""
+    """The median of a short window (0.0 when empty), as ``statistics.median`` gives it, without its
+    call: a request runs this with the caches cold after a model's compute. The monitor's one median."""
     n = len(window)
     if n == 0:
         return 0.0
@@ -117,7 +116,7 @@ class LinkMonitor:
         """Whether a small request's ``transfer_ms`` says the estimated rates still hold (lock held)."""
         if not (self._up and self._down):
             return False
-        up, down = statistics.median(self._up), statistics.median(self._down)
+        up, down = _median(self._up), _median(self._down)
         if up <= 0 or down <= 0:
             return False
         expected = bytes_up * 8 / (up * 1e3) + bytes_down * 8 / (down * 1e3)
@@ -135,7 +134,7 @@ class LinkMonitor:
             return
         bound = bytes_up * 8 / (waited_ms / 1e3) / 1e6
         with self._lock:
-            if self._up and bound < 0.5 * statistics.median(self._up):
+            if self._up and bound < 0.5 * _median(self._up):
                 self._up.clear()  # a hard bound far under the estimate: older, faster samples are stale
             self._up.append(bound)
             self._samples += 1
@@ -144,9 +143,9 @@ class LinkMonitor:
     def snapshot(self) -> LinkEstimate:
         with self._lock:
             return LinkEstimate(
-                statistics.median(self._rtt) if self._rtt else 0.0,
-                statistics.median(self._up) if self._up else 0.0,
-                statistics.median(self._down) if self._down else 0.0,
+                self._rtt_p50,
+                _median(self._up),
+                _median(self._down),
                 self._samples,
-                statistics.median(self._overhead) if self._overhead else 0.0,
+                _median(self._overhead),
             )
