@@ -81,21 +81,14 @@ def test_a_configured_thread_count_wins_and_no_limit_leaves_the_default(tmp_path
     assert limited_threads(*limited) == (1 if os.cpu_count() > 1 else None)
 
 
-def _cpu_cgroup_parent() -> Path | None:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
-            return base if (base / "cpu.cfs_quota_us").exists() else None
-    return None
-
-
 @pytest.mark.root
 def test_a_process_started_in_a_real_quota_sees_it(tmp_path: Path) -> None:
     """The daemons' default, on the kernel's own files: a process put in a 0.1-core cgroup before it starts
     (as netlab and the placement benchmark start a weak edge) gets one thread; one outside it, every core."""
-    parent = _cpu_cgroup_parent()
-    if os.geteuid() != 0 or parent is None:
+    from benchmarks.netlab import cpu_cgroup_parent
+
+    parent = cpu_cgroup_parent()
+    if os.geteuid() != 0 or not (parent / "cpu.cfs_quota_us").exists():
         pytest.skip("needs root and the cgroup-v1 cpu controller (as tests/test_netlab.py)")
     cg = parent / f"cleave-test-cpus-{os.getpid()}"
     cg.mkdir()
