@@ -18,7 +18,7 @@ from compressor import EncodingSpec, decode, encode
 from partitioner import costmodel
 from partitioner.costmodel import SPLIT, Candidate, CostModel, Link
 from partitioner.graph import trace
-from partitioner.loaded import LoadedModel
+from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec, calibration_batch, fingerprint
 from partitioner.planner import (
     Budgets,
@@ -548,16 +548,17 @@ def test_tails_run_together_give_each_tails_output(local_model: LoadedModel) -> 
         torch.testing.assert_close(together[3 * i : 3 * i + 3], want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_screen_decodes_one_input_as_the_codec_decodes_the_batch() -> None:
+def test_a_screen_decodes_one_input_as_the_codec_decodes_it_alone() -> None:
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(4, 8, 6, 6, generator=gen), torch.randn(4, 16, generator=gen).clamp_min(0) * 7]
     tensors.append(torch.full((4, 3), 2.5))  # a constant: its own scale
+    tensors.append(torch.randn(4, 8, generator=gen) * torch.tensor([[100.0], [1], [1], [1]]))  # one wide input
     for x in tensors:
         for enc in ("int8", "int6", "int4", "int3", "int2", "int4+none"):
             spec = EncodingSpec.parse(enc)
-            whole = decode(encode(x, spec))
             for j in range(4):
-                assert torch.equal(_decoded_rows(x, spec, slice(j, j + 1)), whole[j : j + 1]), (enc, j)
+                alone = decode(encode(x[j : j + 1], spec))  # as a request sends it: its own range
+                assert torch.equal(_decoded_rows(x, spec, slice(j, j + 1)), alone), (enc, j)
         for enc in ("fp16", "raw", "int8c", "int4:percentile(percentile=99.9)"):
             assert _decoded_rows(x, EncodingSpec.parse(enc), slice(0, 1)) is None  # through the codec instead
 
@@ -647,3 +648,36 @@ def test_plan_shows_its_phases_on_stderr(capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", *MODEL_ARGS[:-1], "--bandwidth", "5", "--top", "2"]) == 0
     err = capsys.readouterr().err
     assert all(phase in err for phase in ("profile", "encodings", "accuracy")), err
+
+
+class Classifier(nn.Module):
+    """Two linear layers; a cut between them carries 16 features per input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_accuracy_is_judged_on_each_input_coded_alone_as_its_request_sends_it() -> None:
+    # One calibration input 1000x wider than the others: coded with the batch's range, 2 bits would flatten
+    # the others; each request codes its own features with its own range, so the budget must judge that.
+    graph = trace(Classifier(), torch.randn(1, 8))
+    model = LoadedModel(ModelSpec.from_dict({"name": "clf", "source": "x", "input_shape": [1, 8]}), graph, "m")
+    calib = torch.randn(6, 8, generator=torch.Generator().manual_seed(4)) * torch.tensor([[1000.0]] + [[1.0]] * 5)
+    c = candidate(model, graph.cuts[1].index, "int4")
+    with torch.inference_mode():
+        _, head, tail = model.parts(c.cut_index)
+        (features,) = as_tensor_list(head(calib))
+        spec = EncodingSpec.parse("int4")
+        alone = torch.cat([decode(encode(features[i : i + 1], spec)) for i in range(6)])
+        batch = decode(encode(features, spec))
+        reference = model.module(calib)
+        expected_top1 = float((tail(alone).argmax(-1) == reference.argmax(-1)).float().mean())
+        old_top1 = float((tail(batch).argmax(-1) == reference.argmax(-1)).float().mean())
+    assert old_top1 < expected_top1  # the batch's range: the old judgement
+    for meter in (head_tail_distortion(model, calib), DistortionMeter(model, calib)):
+        assert meter(c).top1 == pytest.approx(expected_top1)

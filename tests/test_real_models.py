@@ -24,9 +24,10 @@ from cleave_cli.main import main
 from compressor import EncodingSpec, decode, encode
 from edge_node.config import EdgeConfig
 from partitioner import ModelLoadError, ModelSpec, load_model, trace
-from partitioner.costmodel import CostModel
+from partitioner.costmodel import CostModel, Link
 from partitioner.loaded import LoadedModel
 from partitioner.photos import builtin_photos, calibration_inputs, directory_images
+from partitioner.planner import Budgets, Planner, distortion_meter
 from partitioner.profile import Profile
 from runtime.settings import SettingsError
 
@@ -347,3 +348,21 @@ def test_recomputed_shape_values_survive_hostile_frames() -> None:
     for msg in hostile.values():  # each refused with INVALID_ARGUMENT naming the field, before the tail runs
         with pytest.raises(InvalidArgument, match=r"features\[0\]"):
             session.run([msg])
+
+
+def test_per_channel_4_bits_keep_the_budget_where_per_tensor_4_bits_break_it() -> None:
+    # At Lite0's middle cuts one scale for every channel is set by the widest channel, and 4 bits of it flip
+    # top-1 on the calibration photos; a scale per channel keeps every photo's class (and the relative error
+    # guard), each photo coded alone as its request sends it, at fewer bytes than int6.
+    spec = ModelSpec(name="lite0", source=LITE0, input_shape=(1, 3, 224, 224))
+    model = LoadedModel.load(spec)
+    calib = calibration_inputs(spec, None, 8)
+    encodings = {"feature_encodings": ("int6", "int4c", "int4"), "input_encodings": ()}
+    cost = CostModel.measure(model, _flat_profile(model), _flat_profile(model), calib, **encodings)
+    planner = Planner(cost, Budgets(max_rel_error=0.05, min_top1=0.99), distortion_meter(model, calib))
+    at = {c.encoding: c for c in cost.candidates() if c.cut_name == "conv2d_17"}
+    checked = {enc: planner._check(planner.score(at[enc], Link(5, 5, 10))) for enc in ("int6", "int4c", "int4")}
+    assert checked["int4"].rejected.startswith("top-1"), checked["int4"].distortion
+    assert not checked["int4c"].rejected and checked["int4c"].distortion.top1 == 1.0
+    assert not checked["int6"].rejected
+    assert at["int4c"].bytes_up < 0.75 * at["int6"].bytes_up
