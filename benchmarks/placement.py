@@ -781,6 +781,8 @@ def cuts_mode(cuts: str, top: int) -> str:
 
 def write_results(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    for _, c in cells(report):
+        c["split_bound"] = split_bound(c)
     report["summary"] = summarize(report)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1))
@@ -820,6 +822,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     over_alt = [c["speedup_over_best_alternative"] for _, c in cells(report) if c.get("speedup_over_best_alternative")]
     split_cells = [c for _, c in cells(report) if c.get("oracle_is_split") and c.get("speedup_over_best_alternative")]
     split_speedups = [c["speedup_over_best_alternative"] for c in split_cells]
+    bounds = [(c, b) for _, c in cells(report) if (b := split_bound(c)) and b["max_speedup"]]
     goals = {
         "median_ratio_within_budget <= 1.05": bool(budget_ratios) and med(budget_ratios) <= 1.05,
         "max_ratio_within_budget <= 1.15": bool(budget_ratios) and max(budget_ratios) <= 1.15,
@@ -830,6 +833,12 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "goals": goals,
         "cells_where_oracle_is_split": len(split_cells),
         "speedup_over_best_alternative_in_split_cells": split_speedups,
+        "split_speedup_bound": {
+            "in_split_cells": [b["max_speedup"] for c, b in bounds if c.get("oracle_is_split")],
+            "max": max((b["max_speedup"] for _, b in bounds), default=None),
+            "zero_byte_max": max((b["any_zero_byte"]["max_speedup"] for _, b in bounds), default=None),
+            "cells_reaching_1.5": sum(1 for _, b in bounds if b["max_speedup"] >= 1.5),
+        },
         "median_speedup_over_best_alternative": med(over_alt) if over_alt else None,
         "median_ratio": med(ratios) if ratios else None,
         "max_ratio": max(ratios) if ratios else None,
@@ -839,6 +848,67 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "median_abs_error_all_candidates": med(all_errors) if all_errors else None,
         "median_speedup_of_cleave_over": {k: med(v) for k, v in speedups.items()},
         "median_auto_vs_pinned": med(auto) if auto else None,
+    }
+
+
+def split_bound(cell: dict[str, Any]) -> dict[str, Any] | None:
+    """How fast any split measured in ``cell`` could be at best, and its speed-up over the cell's best alternative
+    (the better of edge-only and in-budget cloud-only) then: an upper bound on what a split can win in this cell.
+
+    Every measured split within the accuracy budget is bounded below by its measured edge, encode, decode and cloud
+    stages plus a wire that costs only the cell's nominal RTT and its measured bytes at the nominal bandwidth
+    (``bound_ms``); the bound leaves out the link's per-request overhead and download, the result's decoding and
+    the client's call into the edge daemon, which the alternative's client-side median includes. The zero-byte
+    bound also drops the bytes: of the best split (``zero_byte_*``), and the lowest of any split
+    (``any_zero_byte``). A split is a real one as the report's ``oracle_is_split`` decides it
+    (:func:`splits_the_network`, from ``head_ms_predicted`` and the edge-only candidate's): a cut that only
+    re-encodes the input is sending the image. None when the cell measured no such split, and in results from
+    before candidates recorded ``head_ms_predicted`` (``placement.json``), where that cannot be decided.
+    """
+    candidates = cell.get("candidates", [])
+    if not any(c["kind"] == "split" for c in candidates):
+        return None
+    edge = next((c for c in candidates if c["kind"] == "edge"), None)
+    if edge is None:
+        raise ValueError(f"cell at {cell.get('bandwidth_mbit')} Mbit/s: no edge-only candidate (head_ms_predicted)")
+    if "head_ms_predicted" not in edge:
+        return None
+    for key in ("nominal_rtt_ms", "bandwidth_mbit"):
+        if cell.get(key) is None:
+            raise ValueError(f"cell at {cell.get('bandwidth_mbit')} Mbit/s lacks {key!r}")
+    rtt, mbit = cell["nominal_rtt_ms"], cell["bandwidth_mbit"]
+    bounds = []
+    for c in candidates:
+        measured = c.get("measured") or {}
+        if not (
+            measured.get("samples")
+            and c.get("within_budget")
+            and splits_the_network(c["kind"], c["head_ms_predicted"], edge["head_ms_predicted"])
+        ):
+            continue
+        st = measured["stages_ms"]
+        compute = st["edge_ms"] + st["encode_ms"] + st["decode_ms"] + st["cloud_ms"] + rtt
+        wire = measured["bytes_up"] * 8 / (mbit * 1000.0)  # bytes at Mbit/s, in ms
+        bounds.append((compute + wire, compute, c["label"], measured["bytes_up"]))
+    if not bounds:
+        return None
+    bound, zero_byte, label, bytes_up = min(bounds)
+    any_zero_byte, any_label = min((b[1], b[2]) for b in bounds)
+    alt = (cell.get("best_alternative") or {}).get("e2e_ms")
+    return {
+        "label": label,
+        "bytes_up": bytes_up,
+        "bound_ms": bound,
+        "max_speedup": alt / bound if alt else None,
+        "zero_byte_bound_ms": zero_byte,
+        "zero_byte_max_speedup": alt / zero_byte if alt else None,
+        # Were bytes free, another split (a larger tensor, a costlier codec) may bound lower: the lowest of them.
+        "any_zero_byte": {
+            "label": any_label,
+            "bound_ms": any_zero_byte,
+            "max_speedup": alt / any_zero_byte if alt else None,
+        },
+        "splits": len(bounds),
     }
 
 
@@ -912,6 +982,36 @@ def print_real_table(report: dict[str, Any]) -> None:
     )
     summary = report.get("summary") or summarize(report)
     print("goals:", json.dumps(summary.get("goals")))
+    print_split_bounds(report)
+
+
+def print_split_bounds(report: dict[str, Any]) -> None:
+    """Per cell, the fastest any measured in-budget split could be (:func:`split_bound`) and its speed-up over the
+    best alternative then: whether the 1.5x goal is within any split's reach."""
+    head = (
+        f"{'model':<22}{'edge':>11}{'Mbit/s':>7}{'split?':>7}  {'best alternative':<18}{'ms':>7}  "
+        f"{'best split bound':<30}{'ms':>7}{'max':>7}{'0 B':>7}{'any 0 B':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for m in report["models"]:
+        speed = f"{m['speed']:g}x/{m['speed_achieved']:.1f}x" if m.get("speed") else "-"
+        for c in m.get("bandwidths", []):
+            alt, b = c.get("best_alternative") or {}, split_bound(c) or {}
+            print(
+                f"{short_model(m)[:21]:<22}{speed:>11}{c['bandwidth_mbit']:>7g}"
+                f"{'yes' if c.get('oracle_is_split') else 'no':>7}  {alt.get('label', '-')[:17]:<18}"
+                f"{_fmt(alt.get('e2e_ms'), '.1f'):>7}  {b.get('label', '-')[:29]:<30}"
+                f"{_fmt(b.get('bound_ms'), '.1f'):>7}"
+                f"{_fmt(b.get('max_speedup'), '.2f'):>7}{_fmt(b.get('zero_byte_max_speedup'), '.2f'):>7}"
+                f"{_fmt((b.get('any_zero_byte') or {}).get('max_speedup'), '.2f'):>8}"
+            )
+    print(
+        "(split?: the in-budget oracle is a split. best split bound: the measured in-budget split with the lowest "
+        "edge + encode + decode + cloud stages + nominal RTT + its bytes at the nominal bandwidth; max: the best "
+        "alternative over that bound, the most any split could win here; 0 B: the same split with no bytes to send; "
+        "any 0 B: the most any split could win with no bytes to send.)"
+    )
 
 
 STAGES = ("edge", "encode", "link", "cloud")
@@ -1525,7 +1625,13 @@ MIN_HEAD_SHARE = 0.05
 
 def is_real_split(candidate: Any, planner: Any) -> bool:
     edge_total = next(c.edge_ms for c in planner.candidates if c.kind == "edge")
-    return candidate.kind == "split" and candidate.edge_ms >= MIN_HEAD_SHARE * edge_total
+    return splits_the_network(candidate.kind, candidate.edge_ms, edge_total)
+
+
+def splits_the_network(kind: str, head_ms: float, edge_total_ms: float) -> bool:
+    """Whether a candidate whose head takes ``head_ms`` (predicted) of a model whose edge-only run takes
+    ``edge_total_ms`` (predicted) is a real split (:data:`MIN_HEAD_SHARE`)."""
+    return kind == "split" and head_ms >= MIN_HEAD_SHARE * edge_total_ms
 
 
 def _e2e(record: dict[str, Any] | None) -> float | None:

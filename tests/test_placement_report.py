@@ -275,3 +275,76 @@ def test_the_final_round_pairs_the_plan_with_the_oracle(placement) -> None:
     }
     picks["jpeg"] = placement.Pick(SimpleNamespace(candidate=None), [], within_budget=False)
     assert placement.budget_oracle(picks, confirm) == "oracle"
+
+
+def measured_candidate(label: str, head_ms: float, stages: tuple[float, float, float, float], bytes_up: int, **kw):
+    """A measured candidate: ``stages`` = edge, encode, decode, cloud (ms); its link and result decoding are slow, so
+    a bound that counted them would show."""
+    edge, encode, decode, cloud = stages
+    st = {"edge_ms": edge, "encode_ms": encode, "link_ms": 500.0, "decode_ms": decode, "cloud_ms": cloud}
+    st["result_decode_ms"] = 40.0
+    measured = {"samples": 4, "stages_ms": st, "bytes_up": bytes_up, "e2e_ms": sum(st.values()) + 20.0}
+    return {"label": label, "kind": "split", "head_ms_predicted": head_ms, "within_budget": True, "measured": measured}
+
+
+def bound_cell(candidates: list[dict], alt_ms: float = 200.0, split: bool = True) -> dict:
+    c = cell(8, 150, 150, alt_ms, split)
+    edge = measured_candidate("edge-only", 100.0, (100.0, 0.0, 0.0, 0.0), 0)
+    c["candidates"] = [{**edge, "kind": "edge"}, *candidates]
+    c["nominal_rtt_ms"] = 10.0
+    return c
+
+
+def test_the_split_bound_is_the_fastest_any_in_budget_split_could_be(placement, tmp_path, capsys) -> None:
+    """Per cell: a split's measured edge, codec and cloud stages, the nominal RTT and its bytes at the nominal rate."""
+    late = measured_candidate("late#9 int8", 40.0, (50.0, 2.0, 1.0, 7.0), 10_000)  # 10 kB at 8 Mbit/s: 10 ms
+    early = measured_candidate("early#4 int8", 20.0, (30.0, 1.0, 1.0, 8.0), 50_000)  # 50 ms on the wire
+    # Faster, but not counted: a cut that only re-encodes the input (head < 5% of edge-only), a split out of the
+    # accuracy budget, a split never measured, and cloud-only.
+    image = measured_candidate("size#1 int8", 1.0, (0.1, 1.0, 1.0, 20.0), 1000)
+    lossy = {**measured_candidate("late#9 int2", 40.0, (5.0, 1.0, 1.0, 1.0), 10), "within_budget": False}
+    unmeasured = {**measured_candidate("late#9 int4", 40.0, (5.0, 1.0, 1.0, 1.0), 10), "measured": {"samples": 0}}
+    cloud = {**measured_candidate("cloud-only int8c", 0.0, (0.0, 1.0, 1.0, 20.0), 1000), "kind": "cloud"}
+    c = bound_cell([early, image, late, lossy, unmeasured, cloud])
+    b = placement.split_bound(c)
+    assert b["label"] == "late#9 int8" and b["splits"] == 2
+    assert b["bound_ms"] == pytest.approx(50 + 2 + 1 + 7 + 10 + 10)  # 80 against early's 30+1+1+8+10+50 = 100
+    assert b["max_speedup"] == pytest.approx(200 / 80)
+    assert b["zero_byte_bound_ms"] == pytest.approx(70) and b["zero_byte_max_speedup"] == pytest.approx(200 / 70)
+    # With free bytes, the early cut's 50 ms would bound lower.
+    assert b["any_zero_byte"] == {"label": "early#4 int8", "bound_ms": pytest.approx(50), "max_speedup": 4.0}
+
+    no_split = bound_cell([image, lossy, cloud], alt_ms=60.0, split=False)
+    assert placement.split_bound(no_split) is None
+    assert placement.split_bound(cell(5, 100, 100, 100, False)) is None  # nothing measured at all
+
+    report = {"config": {}, "models": [run(4, [c, no_split])]}
+    summary = placement.summarize(report)["split_speedup_bound"]
+    assert summary["in_split_cells"] == [pytest.approx(2.5)] and summary["cells_reaching_1.5"] == 1
+    assert summary["max"] == pytest.approx(2.5) and summary["zero_byte_max"] == pytest.approx(4.0)
+    # The report records it per cell (write_results also serves `report`, from the JSON alone).
+    placement.write_results(report, tmp_path / "r")
+    written = json.loads((tmp_path / "r.json").read_text())["models"][0]["bandwidths"]
+    assert written[0]["split_bound"]["label"] == "late#9 int8" and written[1]["split_bound"] is None
+    placement.print_split_bounds(report)
+    out = capsys.readouterr().out
+    assert "late#9 int8" in out and "2.50" in out and "4.00" in out
+
+
+def test_the_split_bound_judges_a_split_as_the_report_does(placement) -> None:
+    """The same rule as ``oracle_is_split``: the planner's candidates there, the recorded head times here."""
+    from types import SimpleNamespace
+
+    planner = SimpleNamespace(candidates=[SimpleNamespace(kind="edge", edge_ms=100.0)])
+    for kind, head in (("split", 4.9), ("split", 5.0), ("cloud", 50.0), ("split", 60.0)):
+        candidate = SimpleNamespace(kind=kind, edge_ms=head)
+        assert placement.is_real_split(candidate, planner) == placement.splits_the_network(kind, head, 100.0)
+    assert placement.splits_the_network("split", 5.0, 100.0) and not placement.splits_the_network("split", 4.9, 100.0)
+    c = bound_cell([measured_candidate("late#9 int8", 40.0, (50.0, 2.0, 1.0, 7.0), 10_000)])
+    old = json.loads(json.dumps(c))
+    del c["nominal_rtt_ms"]
+    with pytest.raises(ValueError, match="nominal_rtt_ms"):
+        placement.split_bound(c)
+    for candidate in old["candidates"]:  # results from before head times were recorded (placement.json)
+        del candidate["head_ms_predicted"]
+    assert placement.split_bound(old) is None
