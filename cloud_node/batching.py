@@ -199,12 +199,7 @@ class DynamicBatcher:
             else:
                 self._enqueue(request)
         if alone:
-            try:
-                self._execute([request])
-            finally:
-                with self._cond:
-                    self._running = False
-                    self._cond.notify()  # the worker: requests that queued meanwhile
+            self._execute([request])  # clears _running and wakes the worker (requests that queued meanwhile)
         future = request.future
         outputs = future.result()
         return RunResult(outputs, future.queue_ms, future.run_ms, future.batch_size)
@@ -238,11 +233,7 @@ class DynamicBatcher:
     # -- worker ------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            try:
-                self._execute(batch)
-            finally:
-                with self._cond:
-                    self._running = False
+            self._execute(batch)
 
     def _next_batch(self) -> list[_Request] | None:
         with self._cond:
@@ -288,6 +279,9 @@ class DynamicBatcher:
         return take, False
 
     def _execute(self, batch: list[_Request]) -> None:
+        """Run ``batch`` (``_running`` set by whoever took it), then clear ``_running`` before the results go
+        out: a request that arrives once its caller has an answer finds the batcher idle, even while this
+        thread is still handing out the other results and calling the metrics hook."""
         started = time.perf_counter()
         rows = [r.rows for r in batch]
         size = sum(rows)
@@ -301,18 +295,21 @@ class DynamicBatcher:
                     parts = _split(as_tensor_list(self.fn(*inputs)), rows)
         except BaseException as exc:  # noqa: BLE001 - a failed batch fails its own requests, not the worker
             error = exc
-        finished = time.perf_counter()
-        run_ms = (finished - started) * 1e3
-        waits = [(started - r.enqueued) * 1e3 for r in batch]
-        with self._cond:
-            s = self._stats
-            s.batches += 1
-            s.requests += len(batch)
-            s.rows += size
-            s.sizes[size] += 1
-            s.failed_batches += error is not None
-            s.wait_ms_total += sum(waits)
-            s.run_ms_total += run_ms
+        finally:
+            finished = time.perf_counter()
+            run_ms = (finished - started) * 1e3
+            waits = [(started - r.enqueued) * 1e3 for r in batch]
+            with self._cond:
+                s = self._stats
+                s.batches += 1
+                s.requests += len(batch)
+                s.rows += size
+                s.sizes[size] += 1
+                s.failed_batches += error is not None
+                s.wait_ms_total += sum(waits)
+                s.run_ms_total += run_ms
+                self._running = False  # the model is done with this batch: the next may start
+                self._cond.notify()  # the worker, when a caller ran its own batch of one
         for i, (request, wait_ms) in enumerate(zip(batch, waits, strict=True)):
             future = request.future
             future.queue_ms, future.run_ms, future.batch_size = wait_ms, run_ms, size

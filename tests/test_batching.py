@@ -143,6 +143,34 @@ def test_zero_delay_runs_a_lone_request_on_the_callers_thread(make) -> None:
     assert float(alone.outputs[0][0, 0]) == 10.0 and calls[-1] == (threading.current_thread().name, 1)
 
 
+def test_a_request_after_an_answer_finds_the_batcher_idle_while_the_worker_still_reports() -> None:
+    """The worker hands out results and calls the metrics hook after the model is done; a request sent once
+    an answer came back must not wait behind that (it used to queue for the worker until the hook returned)."""
+    in_hook, leave_hook = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def hook(key, size, wait_ms, run_ms) -> None:
+        if threading.current_thread().name.startswith("batcher-"):
+            in_hook.set()
+            leave_hook.wait(10)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(threading.current_thread().name)
+        return x * 2
+
+    b = DynamicBatcher(BatchKey("m", 1), fn, settings(max_queue_delay_ms=0), on_batch=hook).start()
+    try:
+        queued = b.submit(row(1))  # through the worker, whose hook then holds it
+        assert float(queued.result(timeout=5)[0][0, 0]) == 2.0
+        assert in_hook.wait(5)
+        alone = b.run(row(5))  # the caller's thread: the worker is only reporting
+        assert float(alone.outputs[0][0, 0]) == 10.0
+        assert calls == ["batcher-m/1", threading.current_thread().name]
+    finally:
+        leave_hook.set()
+        b.close()
+
+
 def test_incompatible_requests_are_not_merged(make) -> None:
     fn = Recorder()
     b = make(fn, max_batch_size=8, max_queue_delay_ms=200)
