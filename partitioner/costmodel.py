@@ -39,9 +39,10 @@ if TYPE_CHECKING:
 
 #: Feature encodings the planner tries at every cut: fp32, fp16, then affine 8..2 bits, all with zstd;
 #: at 4 bits also one scale per channel (``int4c``). On the pretrained EfficientNet-Lite0 and the built-in
-#: photos, per-tensor 4 bits loses top-1 agreement at middle cuts (6 of 8 calibration photos at
-#: ``conv2d_11``) where per channel keeps it at 0.6x int6's bytes (13.3 against 21.4 KB there; 7.4 against
-#: 10.4 at ``conv2d_17``): a channel's range is then its own, not the widest channel's.
+#: photos, per-tensor 4 bits breaks the default budget at middle cuts (6 of 8 calibration photos at
+#: ``conv2d_11``; a relative output error of 0.19 at ``conv2d_17``) where per channel keeps it at 0.7x
+#: int6's bytes (``conv2d_17``: 7.4 against 10.4 KB, every photo, error 0.040): a channel's range is then
+#: its own, not the widest channel's.
 FEATURE_ENCODINGS = ("raw", "fp16", "int8", "int6", "int4c", "int4", "int3", "int2")
 #: Encodings of the raw input for cloud-only: 8-bit codes per channel (the uint8 image) + zstd, and JPEG
 #: and WebP at three qualities each (lossy: judged by the accuracy budget like any feature encoding).
