@@ -946,6 +946,11 @@ def print_table(report: dict[str, Any]) -> None:
     print("summary:", json.dumps(report.get("summary") or summarize(report)))
 
 
+def _speed_label(m: dict[str, Any]) -> str:
+    """A model run's edge speed for the tables: ``target/achieved`` slowdown, ``-`` for a fixed quota."""
+    return f"{m['speed']:g}x/{m['speed_achieved']:.1f}x" if m.get("speed") else "-"
+
+
 def print_real_table(report: dict[str, Any]) -> None:
     """Per cell (edge speed x bandwidth): Cleave's plan, the oracle within the budget, and what a user would do
     without Cleave (the better of edge-only and an in-budget cloud-only)."""
@@ -956,7 +961,7 @@ def print_real_table(report: dict[str, Any]) -> None:
     print(head)
     print("-" * len(head))
     for m in report["models"]:
-        speed = f"{m['speed']:g}x/{m['speed_achieved']:.1f}x" if m.get("speed") else "-"
+        speed = _speed_label(m)
         for c in m.get("bandwidths", []):
             chosen, budget, alt = c["cleave"], c.get("oracle_within_budget") or c["oracle"], c.get("best_alternative")
             split = "*" if c.get("oracle_is_split") else " "
@@ -995,7 +1000,7 @@ def print_split_bounds(report: dict[str, Any]) -> None:
     print(head)
     print("-" * len(head))
     for m in report["models"]:
-        speed = f"{m['speed']:g}x/{m['speed_achieved']:.1f}x" if m.get("speed") else "-"
+        speed = _speed_label(m)
         for c in m.get("bandwidths", []):
             alt, b = c.get("best_alternative") or {}, split_bound(c) or {}
             print(

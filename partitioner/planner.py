@@ -27,7 +27,7 @@ import statistics
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -701,12 +701,8 @@ class DistortionMeter:
     def _screen_rows(self, candidate: Candidate) -> list[torch.Tensor] | None:
         """The live set of the probed input at ``candidate``'s cut, encoded and decoded as the
         candidate sends it (None when the live set has no batch dimension to take it from)."""
-        n = len(self.calib)
-        cut = self.model.graph.cut(candidate.cut_index)
-        if not all(len(s) > 0 and s[0] == 1 for s in cut.shapes):
-            return None
         live = self.live.at(candidate.cut_index)
-        if any(f.ndim == 0 or f.shape[0] != n for f in live):
+        if not _one_row_per_input(self.model.graph.cut(candidate.cut_index), live, len(self.calib)):
             return None
         j = self._probe
         spec = EncodingSpec.parse(candidate.encoding)
@@ -740,7 +736,8 @@ class DistortionMeter:
             spec = EncodingSpec.parse(candidate.encoding)
             live = self.live.at(candidate.cut_index)  # recorded outside inference mode (see LiveSets)
             with torch.inference_mode():
-                features = _through_wire(live, spec, self.model, self.model.graph.cut(candidate.cut_index))
+                cut = self.model.graph.cut(candidate.cut_index)
+                features = _through_wire(live, spec, self.model, cut, len(self.calib))
             self._decoded = (key, features)
         return self._decoded[1]
 
@@ -882,26 +879,34 @@ def head_tail_distortion(model: LoadedModel, calib: torch.Tensor) -> Callable[[C
         spec = EncodingSpec.parse(candidate.encoding)
         _, head, tail = model.parts(candidate.cut_index)
         with torch.inference_mode():
-            features = _through_wire(as_tensor_list(head(calib)), spec, model, model.graph.cut(candidate.cut_index))
+            live = as_tensor_list(head(calib))
+            features = _through_wire(live, spec, model, model.graph.cut(candidate.cut_index), len(calib))
             out = as_tensor_list(tail(*features))[0]
         return _distortion(out, reference)
 
     return measure
 
 
-def _through_wire(live: list[torch.Tensor], spec: EncodingSpec, model: LoadedModel, cut: Cut) -> list[torch.Tensor]:
-    """A cut's live set on a calibration batch, encoded and decoded as the link would carry it (a
-    bottleneck's tables for ``entropy``): one input at a time, as each request sends its own, where the
-    cut's values have a batch dimension. An affine encoding's range is then one input's, as on the wire,
-    not the widest of the batch (which judged per-channel 4 bits at Lite0's ``conv2d_11`` at 7 of 8
-    photos and a relative error of 0.076, where the requests keep 8 of 8 at 0.062)."""
+def _one_row_per_input(cut: Cut, live: Sequence[torch.Tensor], n: int) -> bool:
+    """Whether ``live``, a cut's live set on a batch of ``n`` inputs, holds one row per input along the
+    first dimension of every value (the cut's values keep the model's batch dimension of 1)."""
+    return all(len(s) > 0 and s[0] == 1 for s in cut.shapes) and all(f.ndim > 0 and f.shape[0] == n for f in live)
+
+
+def _through_wire(
+    live: Sequence[torch.Tensor], spec: EncodingSpec, model: LoadedModel, cut: Cut, n: int
+) -> list[torch.Tensor]:
+    """A cut's live set on a calibration batch of ``n`` inputs, encoded and decoded as the link would carry
+    it (a bottleneck's tables for ``entropy``): one input at a time, as each request sends its own, where
+    the cut's values have a batch dimension (:func:`_one_row_per_input`). An affine encoding's range is
+    then one input's, as on the wire, not the widest of the batch (which judged per-channel 4 bits at
+    Lite0's ``conv2d_11`` at 7 of 8 photos and a relative error of 0.076, where the requests keep 8 of 8
+    at 0.062)."""
 
     def wire(f: torch.Tensor) -> torch.Tensor:
         return decode(encode(f, spec, model.entropy_tables), tables=model.entropy_tables)
 
-    n = live[0].shape[0] if live and live[0].ndim else 0
-    batched = n > 1 and all(len(s) > 0 and s[0] == 1 for s in cut.shapes)
-    if not batched or any(f.ndim == 0 or f.shape[0] != n for f in live):
+    if n <= 1 or not _one_row_per_input(cut, live, n):
         return [wire(f) for f in live]
     return [torch.cat([wire(f[i : i + 1]) for i in range(n)]) for f in live]
 
