@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.message import DecodeError
 
-from compressor import Assembler, CodecError
+from compressor import Assembler, CodecError, EncodingSpec
 from compressor.framing import chunks_wire, field_key, to_pieces, varint
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 from protos.cleave.v1 import split_inference_pb2_grpc as si_grpc
@@ -134,12 +134,15 @@ class InferStream:
         cut_index: int,
         chunk_bytes: int,
         on_broken: Callable[[InferStream], None],
+        reply: str = "",
     ) -> None:
-        """Not yet open: :meth:`start` opens the call and starts the receiver."""
+        """Not yet open: :meth:`start` opens the call and starts the receiver. ``reply``: how the session's
+        cloud codes results ("": float32), part of what a request asks for with its cut."""
         self.session_id = session_id
         # A request's first frame starts with this (InferFrame's first field), serialized once per stream.
         self._session_field = si_pb2.InferFrame(session_id=session_id).SerializeToString()
         self.cut_index = cut_index
+        self.reply = reply
         self.chunk_bytes = chunk_bytes
         self.broken = False
         self.closing = False  # half-closed: takes no more requests
@@ -313,7 +316,9 @@ class CloudLink:
         self._stream: InferStream | None = None
         self._draining: list[InferStream] = []  # replaced by a plan switch, finishing their requests
         self._draining_lock = threading.Lock()  # guards _draining (drain threads remove, requests read)
-        self._want_cut: int | None = None
+        # The session wanted: (cut index, reply encoding), or None; replaced whole (one reference write), so the
+        # supervisor never pairs one want's cut with another's reply.
+        self._wanted: tuple[int, str] | None = None
         # What the wanted plan predicts, sent with each OpenSession; replaced whole (one reference write).
         self._prediction: si_pb2.PlanPrediction | None = None
         self._ids = itertools.count(1)  # next() on it is atomic: request ids from any thread
@@ -347,22 +352,23 @@ class CloudLink:
     def next_request_id(self) -> int:
         return next(self._ids)
 
-    def stream_for(self, cut_index: int) -> InferStream | None:
-        """The live stream at ``cut_index``, or None when there is none right now.
+    def stream_for(self, cut_index: int, reply: str = "") -> InferStream | None:
+        """The live stream at ``cut_index`` whose results come coded as ``reply`` ("": float32), or None when
+        there is none right now.
 
         Right after a plan switch that is still the previous stream for requests that took their
         plan before the switch: they finish in split mode instead of falling back.
         """
-        stream = self._current_for(cut_index)
+        stream = self._current_for((cut_index, reply))
         if stream is not None:
             return stream
         with self._draining_lock:
             draining = list(self._draining)
-        return next((s for s in draining if s.cut_index == cut_index and not s.broken), None)
+        return next((s for s in draining if (s.cut_index, s.reply) == (cut_index, reply) and not s.broken), None)
 
-    def _current_for(self, cut_index: int) -> InferStream | None:
+    def _current_for(self, wanted: tuple[int, str]) -> InferStream | None:
         stream = self._stream
-        if stream is None or stream.broken or stream.cut_index != cut_index:
+        if stream is None or stream.broken or (stream.cut_index, stream.reply) != wanted:
             return None
         return stream
 
@@ -371,20 +377,29 @@ class CloudLink:
         stream = self._stream
         return stream is not None and not stream.broken
 
-    def want(self, cut_index: int | None, wait: bool = True, prediction: si_pb2.PlanPrediction | None = None) -> None:
+    def want(
+        self,
+        cut_index: int | None,
+        wait: bool = True,
+        prediction: si_pb2.PlanPrediction | None = None,
+        reply: str = "",
+    ) -> None:
         """Ask for a session at ``cut_index`` (None: no session needed). With ``wait``, try now.
+
+        ``reply``: how the cloud is to code the session's results (an encoding spec's text; "": float32). A
+        session at the same cut with another reply coding is replaced, as one at another cut is.
 
         ``prediction``: what the plan predicts, told to the cloud with every session opened from now
         on (its console shows it beside what it measures). A session already open at ``cut_index``
         is kept, so the cloud sees a new prediction for the same cut at the next session.
         """
         self._prediction = prediction
-        self._want_cut = cut_index
-        if cut_index is not None and wait:
+        wanted = self._wanted = None if cut_index is None else (cut_index, reply)
+        if wanted is not None and wait:
             with self._connect_lock:
-                if self._current_for(cut_index) is None:
+                if self._current_for(wanted) is None:
                     try:
-                        self._connect(cut_index)
+                        self._connect(wanted)
                     except WireError as exc:
                         self.last_error = exc.message
         self._wake.set()
@@ -407,11 +422,11 @@ class CloudLink:
     def _supervise(self) -> None:
         delay = self.reconnect.initial_s
         while not self._closed.is_set():
-            want = self._want_cut
+            want = self._wanted
             if want is not None and self._current_for(want) is None:
                 with self._connect_lock:
                     try:
-                        if self._current_for(want) is None and want == self._want_cut:
+                        if self._current_for(want) is None and want == self._wanted:
                             self._connect(want)
                         delay = self.reconnect.initial_s
                         continue
@@ -424,8 +439,10 @@ class CloudLink:
             self._wake.wait(1.0)
             self._wake.clear()
 
-    def _connect(self, cut_index: int) -> None:
-        """Open a session and stream at ``cut_index``; replaces the current one. Raises WireError."""
+    def _connect(self, wanted: tuple[int, str]) -> None:
+        """Open a session and stream at ``wanted`` (cut index, reply coding); replaces the current one.
+        Raises WireError."""
+        cut_index, reply_coding = wanted
         timeout = self.reconnect.connect_timeout_s
         request = si_pb2.OpenSessionRequest(
             model=self.model.name,
@@ -433,6 +450,8 @@ class CloudLink:
             cut=str(cut_index),
             client=self.client_name,
         )
+        if reply_coding:
+            request.result_encoding.CopyFrom(EncodingSpec.parse(reply_coding).to_proto())
         prediction = self._prediction
         if prediction is not None:
             request.plan.CopyFrom(prediction)
@@ -451,7 +470,9 @@ class CloudLink:
             else:
                 self.refusal = ""
             raise error from None
-        stream = InferStream(self._channel, reply.session_id, cut_index, self.chunk_bytes, self._on_broken).start()
+        stream = InferStream(
+            self._channel, reply.session_id, cut_index, self.chunk_bytes, self._on_broken, reply_coding
+        ).start()
         old, self._stream = self._stream, stream
         if old is not None:
             self._retire(old)
@@ -460,7 +481,7 @@ class CloudLink:
             self._reconnects += self._lost
             self._lost = False
         self.last_error = self.refusal = ""
-        log.info("cloud session %s at cut %d", reply.session_id[:8], cut_index)
+        log.info("cloud session %s at cut %d, results %s", reply.session_id[:8], cut_index, reply_coding or "float32")
         self._probe_rtt()
 
     def _on_broken(self, stream: InferStream) -> None:

@@ -190,7 +190,14 @@ class EdgeDaemon:
             keepalive=config.keepalive,
             in_use=inflight.in_use,
         ).start()
-        self.runtime = EdgeRuntime(self.model, self.link, config.request_timeout_s, inflight, config.head.weight_bits)
+        self.runtime = EdgeRuntime(
+            self.model,
+            self.link,
+            config.request_timeout_s,
+            inflight,
+            config.head.weight_bits,
+            input_is_8bit=config.autoplan.input_is_8bit,
+        )
         if self.registry is not None:
             EdgeMetrics(self.registry, self.runtime)
         if config.plan.cut == AUTO:

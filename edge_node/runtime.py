@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from compressor import EncodingSpec, encode_apart
 from compressor.framing import field_key, varint
-from partitioner.costmodel import Breakdown
+from partitioner.costmodel import Breakdown, reply_encoding
 from partitioner.placement import Placement
 from protos.bounds import MAX_PLAN_LABEL, MAX_PREDICTED_MS
 from protos.cleave.v1 import edge_pb2, tensor_pb2
@@ -68,6 +68,7 @@ class ActivePlan:
     predicted_bytes: int = 0  # what the planner expects each request to send up (0: not planned)
     objective: str = ""
     weight_bits: dict[str, int] = field(default_factory=dict)  # quantized head layers; empty: float head
+    reply: str = ""  # how the cloud codes the outputs it sends back (costmodel.reply_encoding); "": float32
 
     @property
     def cut_index(self) -> int | None:
@@ -270,14 +271,20 @@ class EdgeRuntime:
         request_timeout_s: float,
         inflight: Inflight | None = None,
         head_bits: int = FLOAT_BITS,
+        input_is_8bit: bool = True,
     ) -> None:
-        """``model``: a :class:`~edge_node.backend.Backend`, or a loaded torch model (run by the torch backend)."""
+        """``model``: a :class:`~edge_node.backend.Backend`, or a loaded torch model (run by the torch backend).
+
+        ``input_is_8bit``: inputs are 8-bit images, so a cloud-only plan sending 8-bit codes is lossless and gets
+        its reply as float32; every lossy plan gets it coded (:func:`~partitioner.costmodel.reply_encoding`), as
+        the planner measured its accuracy."""
         if hasattr(model, "graph"):  # a LoadedModel
             from .torch_backend import TorchBackend
 
             model = TorchBackend(model)
         self.model: Backend = model
         self.head_bits = head_bits  # default weight bits for heads of pinned plans
+        self.input_is_8bit = input_is_8bit
         self._quantized: BuildOnce[tuple[Any, dict[str, int]]] = BuildOnce()  # per (cut, per-layer bits)
         self.inflight_requests = inflight if inflight is not None else Inflight()
         self.link = link
@@ -328,7 +335,7 @@ class EdgeRuntime:
         plan = self._quantize_head(plan, self.head_bits if weight_bits is None else weight_bits)
         with self._pin_lock:
             # Open the new session before switching, so requests keep going to the cloud meanwhile.
-            self.link.want(plan.cut_index, prediction=plan_prediction(plan))
+            self.link.want(plan.cut_index, prediction=plan_prediction(plan), reply=plan.reply)
             self._plan = plan
             self.inflight_requests.switched(plan.cut_index)
             self.counters.add("plan_switches")
@@ -371,7 +378,8 @@ class EdgeRuntime:
             raise InvalidArgument(f"cut: {cut!r} is the model's input; sending it is a CLOUD_ONLY plan")
         if spec.encoding == "entropy" and (self.model.entropy_tables is None or cut_obj.name != "bottleneck_latent"):
             raise InvalidArgument("encoding: entropy sends a bottleneck's latent: only at the cut bottleneck_latent")
-        return ActivePlan(placement, cut_obj, spec, head, tail, reason)
+        reply = reply_encoding(placement, str(spec), self.input_is_8bit)
+        return ActivePlan(placement, cut_obj, spec, head, tail, reason, reply=reply)
 
     # -- requests --------------------------------------------------------------------------------
     @property
@@ -425,7 +433,7 @@ class EdgeRuntime:
         t_head = time.perf_counter()
         timing.edge_compute_ms = (t_head - started) * 1e3
 
-        stream = self.link.stream_for(plan.cut.index)
+        stream = self.link.stream_for(plan.cut.index, plan.reply)
         if stream is None:
             if self.link.refusal:
                 note = f"cloud refused the session: {self.link.refusal}"

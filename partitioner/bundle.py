@@ -149,6 +149,7 @@ class PlanningTables:
     edge_model_memory: int
     distortion: dict[str, tuple[float, float]]
     calibration: dict[str, Any]
+    reply_bytes: int = 0  # the outputs coded as a lossy plan's reply (CostModel.reply_bytes); 0: not measured
 
     def to_json(self) -> str:
         from dataclasses import asdict
@@ -160,6 +161,7 @@ class PlanningTables:
                     "profile": json.loads(self.profile.to_json()),
                     "costs": [asdict(c) for c in self.costs],
                     "output_bytes": self.output_bytes,
+                    "reply_bytes": self.reply_bytes,
                     "edge_model_memory": self.edge_model_memory,
                     "distortion": {k: list(v) for k, v in sorted(self.distortion.items())},
                     "calibration": self.calibration,
@@ -196,7 +198,7 @@ class PlanningTables:
                 cost.encode_ms[enc] = edge.codecs[key].encode_ms_per_mb * mb if key in edge.codecs else 0.0
                 cost.decode_ms[enc] = cloud.codecs[key].decode_ms_per_mb * mb if key in cloud.codecs else 0.0
             cuts.append(cost)
-        return CostModel(name, cuts, edge.total_ms, self.edge_model_memory, self.output_bytes)
+        return CostModel(name, cuts, edge.total_ms, self.edge_model_memory, self.output_bytes, self.reply_bytes)
 
 
 def _codec_key(enc: str) -> str:
@@ -461,6 +463,8 @@ def parse_planning(data: bytes, where: str = PLANNING) -> PlanningTables:
         edge_model_memory=_get(doc, "edge_model_memory", int, where),
         distortion=distortion,
         calibration=dict(_get(doc, "calibration", dict, where)),
+        # Optional: bundles made before replies were coded price every reply as float32.
+        reply_bytes=_get(doc, "reply_bytes", int, where) if "reply_bytes" in doc else 0,
     )
 
 

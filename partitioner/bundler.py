@@ -153,6 +153,7 @@ def planning_tables(
         profile=profile,
         costs=costs,
         output_bytes=cost.output_bytes,
+        reply_bytes=cost.reply_bytes,
         edge_model_memory=cost.edge_model_memory,
         distortion=distortion,
         calibration={

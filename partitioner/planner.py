@@ -40,6 +40,7 @@ from ._lazy import fx, torch  # imported on first use: ranking candidates needs 
 from .costmodel import (
     CLOUD_ONLY,
     EDGE_ONLY,
+    REPLY_ENCODING,
     SPLIT,
     UNCOMPRESSED,
     Breakdown,
@@ -48,6 +49,7 @@ from .costmodel import (
     CutCost,
     Link,
     calibration_key,
+    is_lossless,
 )
 from .profile import cache_dir, monotone_fit
 
@@ -141,6 +143,7 @@ class Planner:
         self._misses = 0  # full measurements that broke the accuracy budget (screens passed them)
         self._bounded_at: dict[tuple[int, str], int] = {}  # a bound's key -> self._misses when it was found
         self._encodings = {"feature_encodings": feature_encodings} if feature_encodings else {}
+        self._encodings["input_is_8bit"] = input_is_8bit
         self.candidates = cost.candidates(**self._encodings)
         self.cloud_scale = 1.0
         self.cloud_observations = 0
@@ -182,7 +185,7 @@ class Planner:
             cut.name,
             encoding,
             0,
-            self.cost.output_bytes,
+            min(self.cost.output_bytes, self.cost.reply_bytes or self.cost.output_bytes),
             cut.edge_ms,
             encode_ms,
             decode_ms,
@@ -305,8 +308,7 @@ class Planner:
 
     def lossless(self, candidate: Candidate) -> bool:
         """Whether ``candidate`` sends what the model computes unchanged (no accuracy to measure)."""
-        lossless = candidate.kind == EDGE_ONLY or candidate.encoding in ("raw", UNCOMPRESSED)
-        return lossless or (self.input_is_8bit and candidate.kind == CLOUD_ONLY and candidate.encoding == "int8c")
+        return is_lossless(candidate.kind, candidate.encoding, self.input_is_8bit)
 
     def distortion_of(self, candidate: Candidate) -> Distortion | None:
         if self.lossless(candidate) or self._distortion is None:
@@ -630,6 +632,7 @@ class DistortionMeter:
             else:  # the tail's very nodes, without building a tail module for this cut
                 out = as_tensor_list(run_from_cuts(self.model.graph, [(candidate.cut_index, features)]))[0]
         reference, n = self.live.output, len(self.calib)
+        out = _as_replied(out, n)
         if out.shape == reference.shape and out.ndim >= 2 and out.shape[0] == n:
             errors = (out - reference).abs().reshape(n, -1).amax(1)
             if out.shape[-1] > 1:  # an input whose class changed is the one to screen first
@@ -713,16 +716,21 @@ class DistortionMeter:
         return rows
 
     def _bound(self, out: torch.Tensor) -> Distortion | None:
-        """The screen's bound from ``out``, the model's output on the probed input alone."""
+        """The screen's bound from ``out``, the model's output on the probed input alone.
+
+        ``out`` is taken before the reply's coding (:func:`_as_replied`), which moves each value by at most
+        half a code step: the bound allows a whole step besides :attr:`SLACK`, since the full measurement's
+        row, equal up to float rounding, may round to the neighbouring code."""
         reference, j = self.live.output, self._probe
         if out.shape != reference[j : j + 1].shape:
             return None
         scale = float(reference.abs().max().clamp_min(1e-12))
-        rel = max(float((out - reference[j : j + 1]).abs().max()) / scale - self.SLACK, 0.0)
+        step = _reply_step(out)
+        rel = max((float((out - reference[j : j + 1]).abs().max()) - step) / scale - self.SLACK, 0.0)
         if out.shape[-1] > 1:  # top-1 agreement is over every row of every input's output
             rows, want = out.reshape(-1, out.shape[-1]), reference[j : j + 1].reshape(-1, out.shape[-1]).argmax(-1)
             gap = rows.amax(-1) - rows.gather(-1, want[:, None])[:, 0]
-            flipped = int((gap > self.SLACK * scale).sum())
+            flipped = int((gap > self.SLACK * scale + step).sum())
             top1 = 1.0 - flipped / (reference.numel() // reference.shape[-1])
         else:
             top1 = 0.0 if rel >= 1e-3 else 1.0
@@ -866,8 +874,8 @@ class CachedDistortion:
 
 #: Bumped when how a distortion is measured changes (the disk cache's entries are then stale; 2: screens
 #: keyed by the input screened, full measurements with the input they move the screens to; 3: encoded one
-#: input at a time, as requests send them).
-_DISTORTION_VERSION = 3
+#: input at a time, as requests send them; 4: the output coded as a lossy plan's reply, REPLY_ENCODING).
+_DISTORTION_VERSION = 4
 
 
 def head_tail_distortion(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candidate], Distortion]:
@@ -881,7 +889,7 @@ def head_tail_distortion(model: LoadedModel, calib: torch.Tensor) -> Callable[[C
         with torch.inference_mode():
             live = as_tensor_list(head(calib))
             features = _through_wire(live, spec, model, model.graph.cut(candidate.cut_index), len(calib))
-            out = as_tensor_list(tail(*features))[0]
+            out = _as_replied(as_tensor_list(tail(*features))[0], len(calib))
         return _distortion(out, reference)
 
     return measure
@@ -909,6 +917,27 @@ def _through_wire(
     if n <= 1 or not _one_row_per_input(cut, live, n):
         return [wire(f) for f in live]
     return [torch.cat([wire(f[i : i + 1]) for i in range(n)]) for f in live]
+
+
+def _as_replied(out: torch.Tensor, n: int) -> torch.Tensor:
+    """The model's output ``out`` on ``n`` inputs as a lossy plan's replies bring it back: each input's row coded
+    alone in :data:`~partitioner.costmodel.REPLY_ENCODING` (the whole output at once when it has no batch
+    dimension). Only lossy candidates are measured, so every measured candidate's reply is coded so."""
+    spec = EncodingSpec.parse(REPLY_ENCODING)
+
+    def wire(t: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(decode(encode(t, spec))).reshape(t.shape).to(t.dtype)
+
+    if out.ndim == 0 or out.shape[0] != n or n <= 1:
+        return wire(out)
+    return torch.cat([wire(out[i : i + 1]) for i in range(n)])
+
+
+def _reply_step(out: torch.Tensor) -> float:
+    """One code step of ``out`` coded as a reply (:data:`~partitioner.costmodel.REPLY_ENCODING`, min-max affine):
+    the most the coding of a value can differ between two runs equal up to float rounding."""
+    spec = EncodingSpec.parse(REPLY_ENCODING)
+    return float(out.max() - out.min()) / (2**spec.bits - 1) if out.numel() else 0.0
 
 
 def _distortion(out: torch.Tensor, reference: torch.Tensor) -> Distortion:

@@ -42,7 +42,7 @@ class _Link:
         self.stream = stream
         self.monitor = LinkMonitor()
 
-    def stream_for(self, cut_index: int) -> _Stream:
+    def stream_for(self, cut_index: int, reply: str = "") -> _Stream:
         return self.stream
 
     def next_request_id(self) -> int:

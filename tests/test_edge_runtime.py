@@ -123,3 +123,26 @@ def test_replies_report_the_plan_each_request_ran_under(runtime: EdgeRuntime, lo
     assert first[0].plan == first[1].plan == plan_to_proto(split, local_model.name)
     assert second.plan.placement != first[0].plan.placement and second.plan.reason == "second"
     assert second.plan == plan_to_proto(runtime.plan, local_model.name)
+
+
+def test_a_lossy_plan_gets_its_reply_coded_and_an_exact_one_gets_float32(cloud, local_model: LoadedModel) -> None:
+    link = CloudLink(cloud.address, local_model, LinkMonitor(), Reconnect(0.05, 0.5, 5.0), 1 << 20, 1 << 26).start()
+    runtime = EdgeRuntime(local_model, link, request_timeout_s=10.0)
+    x = synthetic_images(1, local_model.input_shape, seed=5)
+    try:
+        with torch.inference_mode():
+            ref = local_model.module(x)
+        runtime.pin(Placement.SPLIT, "layer3_0_relu", EncodingSpec.parse("raw"))
+        exact = runtime.infer([x])
+        opened = link.sessions_opened
+        runtime.pin(Placement.SPLIT, "layer3_0_relu", EncodingSpec.parse("int8"))  # same cut, another reply
+        lossy = runtime.infer([x])
+        assert link.sessions_opened == opened + 1
+        runtime.pin(Placement.SPLIT, "layer3_0_relu", EncodingSpec.parse("raw"))
+        again = runtime.infer([x])
+    finally:
+        link.close()
+    assert exact.placement == lossy.placement == again.placement == Placement.SPLIT
+    assert torch.equal(torch.as_tensor(exact.outputs[0]), ref) and torch.equal(torch.as_tensor(again.outputs[0]), ref)
+    assert lossy.bytes_down < exact.bytes_down / 2  # 8-bit codes of the outputs instead of float32
+    assert 0 < float((torch.as_tensor(lossy.outputs[0]) - ref).abs().max() / ref.abs().max()) < 0.05

@@ -18,6 +18,7 @@ from edge_node.config import AutoPlanSettings
 from edge_node.runtime import BuildOnce, EdgeRuntime, Inflight
 from edge_node.servicer import pin_target, placement_from_proto, placement_to_proto, plan_to_proto
 from partitioner import costmodel
+from partitioner.costmodel import REPLY_ENCODING
 from partitioner.loaded import LoadedModel
 from partitioner.placement import Placement, parse_pin
 from protos.cleave.v1 import edge_pb2
@@ -88,9 +89,11 @@ class FakeLink:
 
     def __init__(self) -> None:
         self.wanted: list[int | None] = []
+        self.replies: list[str] = []
 
-    def want(self, cut_index: int | None, prediction: object = None) -> None:
+    def want(self, cut_index: int | None, prediction: object = None, reply: str = "") -> None:
         self.wanted.append(cut_index)
+        self.replies.append(reply)
 
 
 @pytest.fixture()
@@ -108,8 +111,23 @@ def test_pin_takes_a_placement_and_a_cut(runtime: EdgeRuntime, local_model: Load
     edge = runtime.pin(Placement.EDGE_ONLY)
     assert edge.placement is Placement.EDGE_ONLY and edge.cut is None and runtime.plan is edge
     assert runtime.link.wanted == [split.cut.index, split.cut.index, 0, None]
+    # A lossy plan asks for its results coded (as the planner measured its accuracy); exact plans get float32.
+    assert runtime.link.replies == ["int8", "", "", ""] and split.reply == "int8" and by_index.reply == ""
     proto = plan_to_proto(split, "m")
     assert proto.placement == edge_pb2.SPLIT and proto.cut_index == split.cut.index and proto.cut_name == CUT
+
+
+@pytest.mark.parametrize("input_is_8bit", [True, False])
+def test_the_reply_is_coded_for_lossy_plans_only(local_model: LoadedModel, input_is_8bit: bool) -> None:
+    runtime = EdgeRuntime(local_model, FakeLink(), request_timeout_s=1.0, input_is_8bit=input_is_8bit)  # type: ignore[arg-type]
+    codes = runtime.pin(Placement.CLOUD_ONLY, None, EncodingSpec.parse("int8c"))
+    assert codes.reply == ("" if input_is_8bit else REPLY_ENCODING)  # 8-bit codes of an 8-bit image: exact
+    for lossy in ("jpeg", "int4c", "fp16"):
+        where = (Placement.CLOUD_ONLY, None) if lossy == "jpeg" else (Placement.SPLIT, CUT)
+        assert runtime.pin(*where, EncodingSpec.parse(lossy)).reply == REPLY_ENCODING
+    for exact in ("raw", "raw+none", "raw+zstd1"):
+        assert runtime.pin(Placement.SPLIT, CUT, EncodingSpec.parse(exact)).reply == ""
+    assert runtime.link.replies[-1] == ""
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from torch import nn
 from cleave_cli.main import main
 from compressor import EncodingSpec, decode, encode
 from partitioner import costmodel
-from partitioner.costmodel import SPLIT, Candidate, CostModel, Link
+from partitioner.costmodel import REPLY_ENCODING, SPLIT, Candidate, CostModel, CutCost, Link
 from partitioner.graph import trace
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec, calibration_batch, fingerprint
@@ -681,3 +681,60 @@ def test_accuracy_is_judged_on_each_input_coded_alone_as_its_request_sends_it() 
     assert old_top1 < expected_top1  # the batch's range: the old judgement
     for meter in (head_tail_distortion(model, calib), DistortionMeter(model, calib)):
         assert meter(c).top1 == pytest.approx(expected_top1)
+
+
+class NearTie(nn.Module):
+    """Logits 9.99 and 10.0 at classes 0 and 1, the rest -10: half an 8-bit step of their range (0.039) apart
+    is more than their gap, so coding the reply in 8 bits ties them and argmax takes class 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = self.a(x)[:, :1] * 0.0  # the cut after ``a`` carries the features; the logits do not depend on them
+        return torch.cat([zero + 9.99, zero + 10.0, zero.expand(-1, 8) - 10.0], dim=1)
+
+
+def test_a_lossy_plans_accuracy_counts_the_coding_of_its_reply() -> None:
+    graph = trace(NearTie(), torch.randn(1, 8))
+    model = LoadedModel(ModelSpec.from_dict({"name": "tie", "source": "x", "input_shape": [1, 8]}), graph, "m")
+    calib = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    c = candidate(model, graph.cuts[1].index, "fp16")  # exact here: the features are multiplied by 0
+    with torch.inference_mode():
+        reference = model.module(calib)
+        replied = torch.cat(
+            [decode(encode(reference[i : i + 1], EncodingSpec.parse(REPLY_ENCODING))) for i in range(4)]
+        )
+    assert (reference.argmax(-1) == 1).all() and (replied.argmax(-1) == 0).all()
+    meter = DistortionMeter(model, calib)
+    for measure in (head_tail_distortion(model, calib), meter):
+        d = measure(c)
+        assert d.top1 == 0.0 and 0 < d.rel_error < 0.01, d  # every reply flips; its values move by < 1%
+    bound = meter.screen(c)  # a bound, not an estimate: it must not reject what the measurement keeps
+    assert bound is not None and bound.top1 >= 0.0 and bound.rel_error <= meter(c).rel_error
+
+
+def test_a_lossy_candidate_is_priced_with_its_coded_reply() -> None:
+    cuts = [
+        CutCost(0, "x", 0.0, 10.0, 4_000, 0, feature_bytes={"int8c": 1_000, "jpeg": 300, "raw+none": 4_000}),
+        CutCost(1, "a", 5.0, 5.0, 2_000, 100, feature_bytes={"int4": 250, "raw": 2_000, "raw+none": 2_000}),
+    ]
+    for c in cuts:
+        c.encode_ms = dict.fromkeys(c.feature_bytes, 0.0)
+        c.decode_ms = dict.fromkeys(c.feature_bytes, 0.0)
+    cost = CostModel("m", cuts, 20.0, 1_000, output_bytes=4_000, reply_bytes=1_050)
+    for eight_bit in (True, False):
+        down = {c.label: c.bytes_down for c in Planner(cost, input_is_8bit=eight_bit).candidates}
+        assert down == {
+            "edge-only": 0,
+            "cloud-only int8c": 4_000 if eight_bit else 1_050,  # 8-bit codes of an 8-bit image are exact
+            "cloud-only jpeg": 1_050,
+            "cloud-only raw+none": 4_000,
+            "a#1 int4": 1_050,
+            "a#1 raw": 4_000,
+            "a#1 raw+none": 4_000,
+        }
+    # Not measured (a bundle of an older Cleave): the float32 reply, as before.
+    unmeasured = CostModel("m", cuts, 20.0, 1_000, output_bytes=4_000)
+    assert {c.bytes_down for c in Planner(unmeasured).candidates} == {0, 4_000}

@@ -68,6 +68,7 @@ def write_bundle(root: Path, fingerprint: str = FP) -> Path:
             CutCost(2, "b", 0, 0, 16, 100, 80, {"int8": 6, "raw": 16, "raw+none": 16}),
         ],
         output_bytes=8,
+        reply_bytes=5,
         edge_model_memory=200,
         distortion={"2|int8": (0.01, 1.0)},
         calibration={"source": "synthetic", "inputs": 8},
@@ -83,6 +84,7 @@ def test_a_well_formed_bundle_opens_and_reads_back(tmp_path: Path) -> None:
     assert bundle.manifest.name == "m" and bundle.cut("b").index == 2 and bundle.cut(2).name == "b"
     assert bundle.read("cuts/2.onnx") == b"h" * 50
     assert bundle.planning().distortion == {"2|int8": (0.01, 1.0)}
+    assert bundle.planning().reply_bytes == 5  # a lossy plan's coded reply, priced by the planner on the edge
     with pytest.raises(KeyError, match=r"b \(#2\)"):
         bundle.cut("nope")
 
