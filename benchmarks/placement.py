@@ -104,6 +104,8 @@ DRIVER_OPTIONS = (
     "confirm",
     "final_passes",
     "final_repeats",
+    "speedup_passes",
+    "speedup_repeats",
     "edge_threads",
     "candidate_budget_s",
     "request_timeout_s",
@@ -759,6 +761,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "confirm_top": args.confirm,
         "final_round": {"passes": args.final_passes, "repeats": args.final_repeats},
+        "speedup_round": {"passes": args.speedup_passes, "repeats": args.speedup_repeats},
         "size": args.size,
         "host": platform.node(),
         "cpus": os.cpu_count(),
@@ -983,7 +986,8 @@ def print_real_table(report: dict[str, Any]) -> None:
         "(ms, client-side medians. edge: target/achieved slowdown of the edge's whole model against one cloud core. "
         "pred: the plan's predicted request time; meas: Cleave planning by itself. oracle: the fastest candidate "
         "within the accuracy budget, measured pinned (* = a split); ratio: Cleave's plan pinned / oracle, "
-        "paired final round. speed-up: the better of edge-only and in-budget cloud-only over Cleave.)"
+        "paired final round. speed-up: the better of edge-only and in-budget cloud-only over Cleave's plan, the three "
+        "side by side in the paired speed-up round.)"
     )
     summary = report.get("summary") or summarize(report)
     print("goals:", json.dumps(summary.get("goals")))
@@ -1462,6 +1466,7 @@ class Session:
         measured = self.measure_pinned({k: p.scored.candidate for k, p in picks.items()}, self.args.repeats)
         confirm = self.confirm(picks, measured, chosen_label)
         final = self.final_round(picks, chosen_label, budget_oracle(picks, confirm))
+        speedup = self.speedup_round(picks, chosen_label, alternatives_of(picks, measured, confirm))
         if self.args.repeats > first:
             self.client.stub.Replan(edge_pb2.ReplanRequest(), timeout=self.args.ready_timeout_s)
             time.sleep(self.args.settle_s)
@@ -1469,6 +1474,7 @@ class Session:
         cell = self.cell(mbit, link, plan, cleave, picks, measured, confirm)
         cell["corrections"] = learned
         with_final_round(cell, final)
+        with_speedup_round(cell, speedup)
         if offered is not None:
             cell["bottleneck"] = self.bottleneck_record(offered, measured, confirm)
         cell["benchmark_planner_choice"] = mine.candidate.label
@@ -1550,6 +1556,36 @@ class Session:
             "passes": passes,
             "paired_ratios": ratios,
             "ratio": statistics.median(ratios),
+        }
+
+    def speedup_round(
+        self, picks: dict[str, Pick], chosen: str, alternatives: dict[str, float]
+    ) -> dict[str, Any] | None:
+        """Cleave's plan against what a user would do without it, side by side: the plan, edge-only and the best
+        in-budget cloud-only of the earlier rounds (``alternatives``, label -> median ms), in ``--speedup-passes``
+        passes, each pinned after a warm-up for ``--speedup-repeats`` requests, their order rotating. Per pass the
+        speed-up is the better alternative's median over the plan's (paired: a host whose speed drifts moves all
+        three); the result is the median of those. None without alternatives, or when the plan is one of them."""
+        edge = [k for k in alternatives if picks[k].scored.candidate.kind == "edge"]
+        cloud = sorted((k for k in alternatives if k not in edge), key=alternatives.get)
+        rivals = edge[:1] + cloud[:1]
+        if not rivals or chosen in rivals or chosen not in picks or self.args.speedup_passes < 1:
+            return None
+        labels, passes = [chosen, *rivals], []
+        for i in range(self.args.speedup_passes):
+            times = {}
+            for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
+                self.pin(picks[label].scored.candidate)
+                times[label] = statistics.median(self.measure(self.args.speedup_repeats).e2e)
+            passes.append(times)
+        speedups = [min(p[k] for k in rivals) / p[chosen] for p in passes]
+        return {
+            "chosen": chosen,
+            "alternatives": rivals,
+            "passes": passes,
+            "paired_speedups": speedups,
+            "speedup": statistics.median(speedups),
+            "medians_ms": {k: statistics.median(p[k] for p in passes) for k in labels},
         }
 
     def cell(
@@ -1779,6 +1815,32 @@ def budget_oracle(picks: dict[str, Pick], confirm: dict[str, Measurement]) -> st
     return min(feasible, key=feasible.get) if feasible else None
 
 
+def alternatives_of(
+    picks: dict[str, Pick], measured: dict[str, Measurement], confirm: dict[str, Measurement]
+) -> dict[str, float]:
+    """What a user would do without Cleave, label -> median ms: edge-only, and every cloud-only candidate within the
+    accuracy budget (the confirmation round's median where it has one, else the candidates' round's)."""
+    out = {}
+    for label, pick in picks.items():
+        kind = pick.scored.candidate.kind
+        if kind == "edge" or (kind == "cloud" and pick.within_budget):
+            m = confirm.get(label) if confirm.get(label) and confirm[label].e2e else measured.get(label)
+            if m is not None and m.e2e:
+                out[label] = statistics.median(m.e2e)
+    return out
+
+
+def with_speedup_round(cell: dict[str, Any], round_: dict[str, Any] | None) -> dict[str, Any]:
+    """``cell`` with its speed-up over the best alternative from the speed-up round (see :meth:`Session.speedup_round`)
+    when there was one; the speed-up of Cleave planning by itself over the alternatives' own rounds is kept beside
+    it (``speedup_unpaired``)."""
+    if round_ is not None:
+        cell["speedup_round"] = round_
+        cell["speedup_unpaired"] = cell["speedup_over_best_alternative"]
+        cell["speedup_over_best_alternative"] = round_["speedup"]
+    return cell
+
+
 def with_final_round(cell: dict[str, Any], final: dict[str, Any] | None) -> dict[str, Any]:
     """``cell`` with its in-budget ratio from the final round (see :meth:`Session.final_round`), when there was one.
 
@@ -1952,6 +2014,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--final-repeats", type=int, default=2, help="requests per candidate and final pass, after a warm-up"
+    )
+    p.add_argument(
+        "--speedup-passes",
+        type=int,
+        default=3,
+        help="passes of the speed-up round: the plan, edge-only and the best in-budget cloud-only back to back "
+        "(0: none; the speed-up then sets Cleave planning by itself against the candidates' own rounds)",
+    )
+    p.add_argument(
+        "--speedup-repeats", type=int, default=3, help="requests per candidate and speed-up pass, after a warm-up"
     )
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay added by the relay (RTT += 2x)")
     p.add_argument(

@@ -277,6 +277,46 @@ def test_the_final_round_pairs_the_plan_with_the_oracle(placement) -> None:
     assert placement.budget_oracle(picks, confirm) == "oracle"
 
 
+def test_the_speedup_round_pairs_the_plan_with_edge_only_and_the_best_in_budget_cloud_only(placement) -> None:
+    """What a user would do without Cleave is measured beside the plan: edge-only and the fastest cloud-only within
+    the budget of the earlier rounds (not the lossy JPEG, faster but out of budget). The host slows by 2x for the
+    second pass; every pass holds all three, so the speed-up stays min(130, 150) / 100 = 1.3."""
+    from types import SimpleNamespace
+
+    session = placement.Session.__new__(placement.Session)
+    session.args = SimpleNamespace(speedup_passes=3, speedup_repeats=2, warmup=1)
+    kinds = {"plan": "split", "edge-only": "edge", "int8c": "cloud", "raw": "cloud", "jpeg": "cloud"}
+    cands = {k: SimpleNamespace(kind=v, label=k) for k, v in kinds.items()}
+    picks = {k: placement.Pick(SimpleNamespace(candidate=c), [], within_budget=k != "jpeg") for k, c in cands.items()}
+    ms = {"plan": 100.0, "edge-only": 150.0, "int8c": 130.0, "raw": 400.0, "jpeg": 60.0}
+    measured = {k: placement.Measurement(e2e=[v]) for k, v in ms.items()}
+    confirm = {"int8c": placement.Measurement(e2e=[140.0])}  # re-measured: its median there counts
+    alternatives = placement.alternatives_of(picks, measured, confirm)
+    assert alternatives == {"edge-only": 150.0, "int8c": 140.0, "raw": 400.0}
+    order: list[str] = []
+    drift = iter([1.0] * 3 + [2.0] * 3 + [1.0] * 3)
+
+    def pin(candidate) -> None:
+        order.append(candidate.label)
+
+    def measure(repeats: int, client=None):
+        return SimpleNamespace(e2e=[ms[order[-1]] * next(drift)] * repeats)
+
+    session.pin, session.measure = pin, measure
+    result = session.speedup_round(picks, "plan", alternatives)
+    assert order == ["plan", "edge-only", "int8c", "edge-only", "int8c", "plan", "int8c", "plan", "edge-only"]
+    assert result["alternatives"] == ["edge-only", "int8c"] and result["speedup"] == pytest.approx(1.3)
+    assert result["paired_speedups"] == pytest.approx([1.3, 1.3, 1.3])
+    assert session.speedup_round(picks, "edge-only", alternatives) is None  # the plan is an alternative
+
+    c = cell(5, 120, 100, 150, True)  # Cleave planning by itself: 150 / 120
+    placement.with_speedup_round(c, result)
+    assert c["speedup_over_best_alternative"] == pytest.approx(1.3) and c["speedup_unpaired"] == pytest.approx(1.25)
+    assert placement.summarize({"models": [run(4, [c])]})["speedup_over_best_alternative_in_split_cells"] == [
+        pytest.approx(1.3)
+    ]
+
+
 def measured_candidate(label: str, head_ms: float, stages: tuple[float, float, float, float], bytes_up: int, **kw):
     """A measured candidate: ``stages`` = edge, encode, decode, cloud (ms); its link and result decoding are slow, so
     a bound that counted them would show."""
