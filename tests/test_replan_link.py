@@ -30,9 +30,11 @@ pytestmark = [
 # quota no longer binds, the cloud slows as much as the edge, and served requests rightly move the plan to the
 # edge before the link drops.
 EDGE_CPU = 0.1
-# One torch thread, as a weak device has one slow core: the edge daemon sees its tenth of a core and runs its model
-# on one thread by itself (runtime.cpus; torch's default, a thread per host core, spun its threads in turn inside the
-# quota, and the edge's profile before its first plan took 167 s instead of 22). The pre-warm computes as it does.
+# One torch thread, as a weak device has one slow core (torch's default, a thread per host core, spins its threads in
+# turn inside the quota: the edge's profile before its first plan took 167 s instead of 22). Set in edge.yaml: a
+# daemon sizes its threads by its cgroup's quota (runtime.cpus), but `ip netns exec` mounts a fresh /sys, so inside
+# the edge's namespace no cgroup is visible, and the edge ran 2 threads (its profile: 62 s, 1.3 s a request). The
+# pre-warm computes as the edge does.
 EDGE_THREADS = 1
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 128, 128]}
 
@@ -105,6 +107,7 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path, monkeypat
             "model": MODEL,
             "listen": edge_address,
             "cloud": relay.address,
+            "torch_threads": EDGE_THREADS,
             "autoplan": {"check_interval_s": 0.5, "probe_interval_s": 1.0, "confirmations": 2},
         }
         (tmp_path / "edge.yaml").write_text(yaml.safe_dump(config))
