@@ -55,7 +55,8 @@ LATENT_CUT = "bottleneck_latent"
 UNCOMPRESSED = "raw+none"
 #: How the cloud codes a lossy plan's reply (the model's outputs, each request's alone): 8-bit affine codes +
 #: zstd, a quarter of float32 (the pretrained EfficientNet-Lite0's 1,000 logits: 977 B against 3,775, no top-1
-#: changed on the 50 built-in photos, relative error at most 0.014). The planner measures a lossy candidate's
+#: changed on the 50 built-in photos, relative error at most 0.014: ``pytest tests/test_real_models.py -k
+#: coded_reply``). The planner measures a lossy candidate's
 #: accuracy on the reply so coded; a plan that keeps the model's values exact gets them back as float32.
 REPLY_ENCODING = "int8"
 

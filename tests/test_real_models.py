@@ -24,7 +24,7 @@ from cleave_cli.main import main
 from compressor import EncodingSpec, decode, encode
 from edge_node.config import EdgeConfig
 from partitioner import ModelLoadError, ModelSpec, load_model, trace
-from partitioner.costmodel import CostModel, Link
+from partitioner.costmodel import REPLY_ENCODING, CostModel, Link
 from partitioner.loaded import LoadedModel
 from partitioner.photos import builtin_photos, calibration_inputs, directory_images
 from partitioner.planner import Budgets, Planner, distortion_meter
@@ -366,3 +366,20 @@ def test_per_channel_4_bits_keep_the_budget_where_per_tensor_4_bits_break_it() -
     assert not checked["int4c"].rejected and checked["int4c"].distortion.top1 == 1.0
     assert not checked["int6"].rejected
     assert at["int4c"].bytes_up < 0.75 * at["int6"].bytes_up
+
+
+def test_a_lossy_plans_coded_reply_keeps_every_photos_class_at_a_quarter_of_the_bytes() -> None:
+    # What costmodel.REPLY_ENCODING says of the pretrained Lite0: its 1,000 logits on each of the 50 built-in
+    # photos, coded alone as a reply, keep their class, move by at most 0.014 of their norm, and take about a
+    # quarter of float32's bytes (977 B against 3,775).
+    model = load_model(ModelSpec(name="lite0", source=LITE0))
+    with torch.inference_mode():
+        logits = model(builtin_photos((1, 3, 224, 224), 50))
+    spec, exact = EncodingSpec.parse(REPLY_ENCODING), EncodingSpec.parse("raw")
+    coded = [encode(logits[i : i + 1], spec) for i in range(50)]
+    replied = torch.cat([torch.as_tensor(decode(m)).reshape(1, -1) for m in coded])
+    assert torch.equal(replied.argmax(-1), logits.argmax(-1))
+    assert float(((replied - logits).norm(dim=-1) / logits.norm(dim=-1)).max()) < 0.015
+    sizes = [m.ByteSize() for m in coded]
+    floats = [encode(logits[i : i + 1], exact).ByteSize() for i in range(50)]
+    assert statistics.median(sizes) < statistics.median(floats) / 3.5
