@@ -499,12 +499,24 @@ class CloudLink:
                 self._draining.append(old)
         threading.Thread(target=self._drain, args=(old,), name=f"drain-{old.session_id[:8]}", daemon=True).start()
 
+    #: A replaced stream whose (cut, reply coding) the current stream serves again closes after this long with
+    #: nothing pending, even while requests at its cut run: those use the current stream. Only a request that
+    #: took the old stream before the switch back may still submit to it, within its encoding's few milliseconds.
+    #: (Waiting for its cut to be idle instead kept an edge switching back and forth between two cuts every 0.25 s
+    #: on up to one stream per switch for ``drain_s``, past the cloud's max_streams_per_client.)
+    REPLACED_GRACE_S = 0.5
+
     def _drain(self, old: InferStream) -> None:
         """Keep ``old`` taking requests while its cut's requests run (at most ``drain_s``), half-close it,
         and close its session once its last result is in: closing the session first would fail them."""
-        deadline = time.monotonic() + self.drain_s
+        started = time.monotonic()
+        deadline = started + self.drain_s
+        key = (old.cut_index, old.reply)
         while not old.broken and time.monotonic() < deadline and not self._closed.is_set():
             if old.pending == 0 and not self._in_use(old.cut_index):
+                break
+            served = self._current_for(key) is not None
+            if old.pending == 0 and served and time.monotonic() - started >= self.REPLACED_GRACE_S:
                 break
             self._closed.wait(0.05)
         with self._draining_lock, contextlib.suppress(ValueError):

@@ -146,3 +146,36 @@ def test_a_lossy_plan_gets_its_reply_coded_and_an_exact_one_gets_float32(cloud, 
     assert torch.equal(torch.as_tensor(exact.outputs[0]), ref) and torch.equal(torch.as_tensor(again.outputs[0]), ref)
     assert lossy.bytes_down < exact.bytes_down / 2  # 8-bit codes of the outputs instead of float32
     assert 0 < float((torch.as_tensor(lossy.outputs[0]) - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+def test_a_replaced_stream_closes_once_the_current_one_serves_its_cut_again(cloud, local_model: LoadedModel) -> None:
+    """An edge switching back and forth between two cuts, requests running at both all along (``in_use`` always
+    true): the stream replaced at a cut the current stream serves again closes within its grace, not after all of
+    ``drain_s``; the other cut's keeps draining. Waiting for its cut to be idle kept one stream per switch open
+    and ran into the cloud's max_streams_per_client."""
+    import time
+
+    a, b = (local_model.graph.cut(name).index for name in ("layer2_0_relu", "layer3_0_relu"))
+    link = CloudLink(
+        cloud.address,
+        local_model,
+        LinkMonitor(),
+        Reconnect(0.05, 0.5, 5.0),
+        1 << 20,
+        1 << 26,
+        drain_s=30.0,
+        in_use=lambda _cut: True,
+    ).start()
+    try:
+        link.want(a)
+        first = link.stream_for(a)
+        link.want(b)
+        second = link.stream_for(b)
+        link.want(a)
+        assert link.stream_for(a) is not first and not first.closing  # replaced, still draining
+        deadline = time.monotonic() + 5.0
+        while not first.closing and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.closing and not second.closing  # b's requests may still need theirs
+    finally:
+        link.close()
