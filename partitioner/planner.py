@@ -914,9 +914,8 @@ def _through_wire(
     def wire(f: torch.Tensor) -> torch.Tensor:
         return decode(encode(f, spec, model.entropy_tables), tables=model.entropy_tables)
 
-    if n <= 1 or not _one_row_per_input(cut, live, n):
-        return [wire(f) for f in live]
-    return [torch.cat([wire(f[i : i + 1]) for i in range(n)]) for f in live]
+    alone = _one_row_per_input(cut, live, n)
+    return [_each_input_alone(f, n, wire) if alone else wire(f) for f in live]
 
 
 def _as_replied(out: torch.Tensor, n: int) -> torch.Tensor:
@@ -924,13 +923,15 @@ def _as_replied(out: torch.Tensor, n: int) -> torch.Tensor:
     alone in :data:`~partitioner.costmodel.REPLY_ENCODING` (the whole output at once when it has no batch
     dimension). Only lossy candidates are measured, so every measured candidate's reply is coded so."""
     spec = EncodingSpec.parse(REPLY_ENCODING)
+    return _each_input_alone(out, n, lambda t: decode(encode(t, spec)))
 
-    def wire(t: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(decode(encode(t, spec))).reshape(t.shape).to(t.dtype)
 
-    if out.ndim == 0 or out.shape[0] != n or n <= 1:
-        return wire(out)
-    return torch.cat([wire(out[i : i + 1]) for i in range(n)])
+def _each_input_alone(t: torch.Tensor, n: int, wire: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``wire`` (an encode and decode) applied to each of ``t``'s ``n`` rows alone, as each request codes its own,
+    when ``t`` holds one row per input; to the whole of ``t`` otherwise (or when there is one input)."""
+    if n <= 1 or t.ndim == 0 or t.shape[0] != n:
+        return wire(t)
+    return torch.cat([wire(t[i : i + 1]) for i in range(n)])
 
 
 def _reply_step(out: torch.Tensor) -> float:
