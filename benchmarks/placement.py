@@ -1393,12 +1393,31 @@ class Session:
                 if out[label].e2e and spent[label] > self.args.candidate_budget_s:
                     continue
                 started = time.monotonic()
-                if is_bottleneck(candidate):  # its own daemon, its plan fixed at the latent: nothing to pin
-                    self.measure(share, into=out[label], client=self.bclient)
-                else:
-                    self.pin(candidate)
-                    self.measure(share, into=out[label])
+                self.measure_candidate(candidate, share, into=out[label])
                 spent[label] += time.monotonic() - started
+        return out
+
+    def measure_candidate(self, candidate: Any, repeats: int, into: Measurement | None = None) -> Measurement:
+        """``candidate`` pinned, then :meth:`measure`; a bottleneck's latent is measured on its own daemon, whose plan
+        is fixed at the latent (nothing to pin)."""
+        if is_bottleneck(candidate):
+            return self.measure(repeats, into=into, client=self.bclient)
+        self.pin(candidate)
+        return self.measure(repeats, into=into)
+
+    def paired_passes(self, picks: dict[str, Pick], labels: list[str], passes: int, repeats: int) -> list[dict]:
+        """``passes`` passes over ``labels``, each candidate measured back to back (:meth:`measure_candidate`,
+        ``repeats`` requests after a warm-up), the order rotating by one each pass (two labels: alternating).
+        Per pass, label -> median ms: a host whose speed drifts moves every candidate of a pass alike."""
+        out = []
+        for i in range(passes):
+            k = i % len(labels)
+            out.append(
+                {
+                    label: statistics.median(self.measure_candidate(picks[label].scored.candidate, repeats).e2e)
+                    for label in labels[k:] + labels[:k]
+                }
+            )
         return out
 
     def learn(self, reply: Any) -> None:
@@ -1537,18 +1556,7 @@ class Session:
         None when the plan is the oracle (or either is not a measured candidate)."""
         if not oracle or chosen == oracle or chosen not in picks or oracle not in picks or self.args.final_passes < 1:
             return None
-        passes = []
-        for i in range(self.args.final_passes):
-            times = {}
-            for label in (chosen, oracle) if i % 2 == 0 else (oracle, chosen):
-                candidate = picks[label].scored.candidate
-                if is_bottleneck(candidate):
-                    m = self.measure(self.args.final_repeats, client=self.bclient)
-                else:
-                    self.pin(candidate)
-                    m = self.measure(self.args.final_repeats)
-                times[label] = statistics.median(m.e2e)
-            passes.append(times)
+        passes = self.paired_passes(picks, [chosen, oracle], self.args.final_passes, self.args.final_repeats)
         ratios = [p[chosen] / p[oracle] for p in passes]
         return {
             "chosen": chosen,
@@ -1571,13 +1579,8 @@ class Session:
         rivals = edge[:1] + cloud[:1]
         if not rivals or chosen in rivals or chosen not in picks or self.args.speedup_passes < 1:
             return None
-        labels, passes = [chosen, *rivals], []
-        for i in range(self.args.speedup_passes):
-            times = {}
-            for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
-                self.pin(picks[label].scored.candidate)
-                times[label] = statistics.median(self.measure(self.args.speedup_repeats).e2e)
-            passes.append(times)
+        labels = [chosen, *rivals]
+        passes = self.paired_passes(picks, labels, self.args.speedup_passes, self.args.speedup_repeats)
         speedups = [min(p[k] for k in rivals) / p[chosen] for p in passes]
         return {
             "chosen": chosen,
@@ -1613,13 +1616,7 @@ class Session:
         strategies = {name: _e2e(by_label.get(label)) for name, label in baselines.items()}
         strategies["cleave"] = cleave_s["e2e_ms"]
         strategies["oracle"] = confirmed[oracle_label]["e2e_ms"]
-        # What a user would do without Cleave: run on the device, or send the image (lossless, or a JPEG/WebP that
-        # keeps top-1 within the budget). Re-measured values where the confirmation round has them.
-        alternatives = {
-            c["label"]: confirmed[c["label"]]["e2e_ms"] if c["label"] in confirmed else c["measured"]["e2e_ms"]
-            for c in candidates
-            if c["kind"] == "edge" or (c["kind"] == "cloud" and c["within_budget"])
-        }
+        alternatives = alternatives_of(picks, measured, confirm)
         best_alt = min(alternatives, key=alternatives.get) if alternatives else None
         return {
             "bandwidth_mbit": mbit,

@@ -252,7 +252,7 @@ def test_the_final_round_pairs_the_plan_with_the_oracle(placement) -> None:
     def pin(candidate) -> None:
         order.append("plan" if candidate is plan else "oracle")
 
-    def measure(repeats: int, client=None):
+    def measure(repeats: int, into=None, client=None):
         base = 110.0 if order[-1] == "plan" else 100.0
         slow = next(drift)
         return SimpleNamespace(e2e=[base * slow] * repeats)
@@ -299,7 +299,7 @@ def test_the_speedup_round_pairs_the_plan_with_edge_only_and_the_best_in_budget_
     def pin(candidate) -> None:
         order.append(candidate.label)
 
-    def measure(repeats: int, client=None):
+    def measure(repeats: int, into=None, client=None):
         return SimpleNamespace(e2e=[ms[order[-1]] * next(drift)] * repeats)
 
     session.pin, session.measure = pin, measure
