@@ -28,6 +28,11 @@ def runtime(local_model: LoadedModel):
     link.close()
 
 
+def cloud_link(cloud, model: LoadedModel, **kw) -> CloudLink:
+    """A started link to the test cloud daemon, reconnecting fast (``kw``: CloudLink's keyword arguments)."""
+    return CloudLink(cloud.address, model, LinkMonitor(), Reconnect(0.05, 0.5, 5.0), 1 << 20, 1 << 26, **kw).start()
+
+
 def test_unreachable_cloud_means_exact_local_answers(runtime: EdgeRuntime, local_model: LoadedModel) -> None:
     x = synthetic_images(1, local_model.input_shape, seed=2)
     with torch.inference_mode():
@@ -68,16 +73,7 @@ def test_plan_switches_under_load_fall_back_for_nothing(cloud, local_model: Load
     from concurrent.futures import ThreadPoolExecutor
 
     inflight = Inflight(16)
-    link = CloudLink(
-        cloud.address,
-        local_model,
-        LinkMonitor(),
-        Reconnect(0.05, 0.5, 5.0),
-        1 << 20,
-        1 << 26,
-        drain_s=10.0,
-        in_use=inflight.in_use,
-    ).start()
+    link = cloud_link(cloud, local_model, drain_s=10.0, in_use=inflight.in_use)
     runtime = EdgeRuntime(local_model, link, request_timeout_s=10.0, inflight=inflight)
     cuts = ["layer2_0_relu", "layer3_0_relu"]
     x = synthetic_images(1, local_model.input_shape, seed=4)
@@ -126,7 +122,7 @@ def test_replies_report_the_plan_each_request_ran_under(runtime: EdgeRuntime, lo
 
 
 def test_a_lossy_plan_gets_its_reply_coded_and_an_exact_one_gets_float32(cloud, local_model: LoadedModel) -> None:
-    link = CloudLink(cloud.address, local_model, LinkMonitor(), Reconnect(0.05, 0.5, 5.0), 1 << 20, 1 << 26).start()
+    link = cloud_link(cloud, local_model)
     runtime = EdgeRuntime(local_model, link, request_timeout_s=10.0)
     x = synthetic_images(1, local_model.input_shape, seed=5)
     try:
@@ -156,16 +152,7 @@ def test_a_replaced_stream_closes_once_the_current_one_serves_its_cut_again(clou
     import time
 
     a, b = (local_model.graph.cut(name).index for name in ("layer2_0_relu", "layer3_0_relu"))
-    link = CloudLink(
-        cloud.address,
-        local_model,
-        LinkMonitor(),
-        Reconnect(0.05, 0.5, 5.0),
-        1 << 20,
-        1 << 26,
-        drain_s=30.0,
-        in_use=lambda _cut: True,
-    ).start()
+    link = cloud_link(cloud, local_model, drain_s=30.0, in_use=lambda _cut: True)
     try:
         link.want(a)
         first = link.stream_for(a)
