@@ -693,6 +693,7 @@ def run(args: argparse.Namespace) -> int:
                 write_results(report, args.out)  # after every run: a run cut short keeps what it measured
     print_table(report)
     plot_all(report, args.out)
+    write_map(report, args.out)
     print(f"[placement] {time.monotonic() - started:.0f} s; wrote {args.out}.json and plots; logs in {workdir}")
     return 0
 
@@ -1097,6 +1098,21 @@ def plot_all(report: dict[str, Any], out: Path) -> None:
     plot_strategies(models, out.with_suffix(".png"))
     plot_prediction(models, out.parent / f"{out.name}_prediction.png")
     plot_cuts(models, out.parent / f"{out.name}_cuts.png")
+
+
+def write_map(report: dict[str, Any], out: Path) -> None:
+    """Where a split wins between the measured bandwidths (``benchmarks/speedup_map.py``), beside the results as
+    ``<out>_map.{json,png}``; runs at one fixed quota (no edge speeds) or without an in-budget split have none."""
+    from benchmarks import speedup_map
+
+    if not any(m.get("speed") and m.get("bandwidths") for m in report["models"]):
+        return
+    try:
+        speedup_map.main(
+            ["--results", str(out.with_suffix(".json")), "--out", str(out.parent / f"{out.name}_map.json")]
+        )
+    except ValueError as exc:
+        print(f"[placement] no speed-up map: {exc}")
 
 
 def plain_log_axes(ax: Any, axes: str = "xy") -> None:
@@ -2098,6 +2114,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(report, args.out)
         print_table(report)
         plot_all(report, args.out)
+        write_map(report, args.out)
         return 0
     if args.cmd == "stages":
         print_stage_errors(json.loads(args.out.with_suffix(".json").read_text()))

@@ -292,6 +292,34 @@ def placement_real(d: Json) -> list[list[str]]:
     return rows
 
 
+def placement_real_map(d: Json) -> list[list[str]]:
+    """Per edge speed (``benchmarks/speedup_map.py``): the bandwidths where the best in-budget split beats the better
+    of edge-only and in-budget cloud-only, where by 1.5x, the peak, and at each measured bandwidth the map's
+    speed-up beside Cleave's paired one."""
+
+    def spans(s: list[list[float]]) -> str:
+        return ", ".join(f"{lo:.2g}-{hi:.3g}" for lo, hi in s) or "nowhere"
+
+    rows = []
+    for s in d["speeds"]:
+        p = s["peak"]
+        cells = "; ".join(
+            f"{c['mbit']:g}: {x(c['map_speedup'])} / {x(c['measured_speedup'])}{'*' if c['oracle_is_split'] else ''}"
+            for c in s["fit"]
+        )
+        rows.append(
+            [
+                f"{s['speed']:g}x ({s['speed_achieved']:.1f}x)",
+                spans(s["split_wins"]),
+                spans(s["reaches_target"]),
+                pct(s.get("target_share_of_split_region"), ".0f") + "%",
+                f"{x(p['speedup'])} at {p['mbit']:.3g} ({p['split']} / {plan_label(p['alternative'])})",
+                cells,
+            ]
+        )
+    return rows
+
+
 def bottleneck_cell(b: Json | None) -> str:
     """The learned bottleneck's latent in a placement cell (``--bottleneck``): its measured ms, its top-1 agreement
     with the plain model, and whether the planner, offered it, makes it the plan."""
@@ -709,6 +737,18 @@ TABLES: dict[str, Table] = {
         ),
     ),
     "placement_real_summary": Table(("placement_real.json",), placement_real_summary, ("measure", "value")),
+    "placement_real_map": Table(
+        ("placement_real_map.json",),
+        placement_real_map,
+        (
+            "edge (target/achieved)",
+            "a split wins at, Mbit/s",
+            "by >= 1.5x at",
+            "share of the split range (log)",
+            "peak",
+            "per measured Mbit/s: map / Cleave's paired speed-up (* oracle a split)",
+        ),
+    ),
     "bottleneck": Table(
         ("bottleneck.json",), bottleneck, ("method", "family", "bytes/image", "p95", "agreement %"), "llrrr"
     ),
