@@ -20,6 +20,8 @@ region begins or ends: next to those bandwidths, a split is the fastest placemen
 compares the map with what each cell measured.
 
     .venv/bin/python -m benchmarks.speedup_map            # placement_real.json -> placement_real_map.{json,png}
+    .venv/bin/python -m benchmarks.speedup_map --held-out benchmarks/results/placement_between.json
+                                                          # ... and the map against a run at other bandwidths
 
 Only the standard library computes the map; the plot needs matplotlib.
 """
@@ -213,6 +215,41 @@ def build(report: dict[str, Any], points: int = POINTS) -> dict[str, Any]:
     return {"source": "placement_real.json", "target": TARGET, "speeds": speeds}
 
 
+def held_out(report: dict[str, Any], other: dict[str, Any]) -> list[dict[str, Any]]:
+    """The map of ``report`` (the grid) at the bandwidths of ``other``, a run at other bandwidths and the same edge
+    speeds (matched by target slowdown), beside what ``other`` measured there: the map's speed-up, Cleave's paired
+    speed-up, and whether the cell's in-budget oracle was a split. A cell outside the grid's measured range is
+    left out (the map does not extrapolate)."""
+    grid = {run["speed"]: run for run in report["models"] if run.get("bandwidths") and run.get("speed")}
+    rows = []
+    for run in other["models"]:
+        source = grid.get(run.get("speed"))
+        if source is None:
+            continue
+        pool = candidates(source)
+        splits = [c for c in pool if c.role == "split" and c.within_budget]
+        alternatives = [c for c in pool if c.role == "alternative" and c.within_budget]
+        measured = sorted(c["bandwidth_mbit"] for c in source["bandwidths"])
+        for cell in run.get("bandwidths", []):
+            mbit = cell["bandwidth_mbit"]
+            if not measured[0] <= mbit <= measured[-1]:
+                continue
+            rows.append(
+                {
+                    "speed": run["speed"],
+                    "speed_achieved": run.get("speed_achieved"),
+                    "mbit": mbit,
+                    "map_speedup": speedup(splits, alternatives, mbit),
+                    "map_split": best(splits, mbit).label,
+                    "measured_speedup": cell.get("speedup_over_best_alternative"),
+                    "plan": cell["cleave"]["label"],
+                    "oracle_is_split": bool(cell.get("oracle_is_split")),
+                    "oracle": (cell.get("oracle_within_budget") or {}).get("label"),
+                }
+            )
+    return rows
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -262,6 +299,15 @@ def print_map(result: dict[str, Any]) -> None:
             )
 
 
+def print_held_out(result: dict[str, Any]) -> None:
+    for r in result.get("held_out", []):
+        print(
+            f"held out: edge {r['speed']:g}x at {r['mbit']:g} Mbit/s: map {r['map_speedup']:.2f}x ({r['map_split']}); "
+            f"measured: Cleave {r['plan']} {_x(r['measured_speedup'])}, oracle {r['oracle']}"
+            f"{' (a split)' if r['oracle_is_split'] else ''}"
+        )
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -275,15 +321,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS / "placement_real.json", help="placement JSON read")
     parser.add_argument("--out", type=Path, default=None, help="map JSON written (default: <results>_map.json)")
     parser.add_argument("--points", type=int, default=POINTS)
+    parser.add_argument(
+        "--held-out",
+        type=Path,
+        default=None,
+        help="a placement JSON at other bandwidths: the map is checked against what it measured",
+    )
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    result = build(json.loads(args.results.read_text()), args.points)
+    report = json.loads(args.results.read_text())
+    result = build(report, args.points)
     result["source"] = args.results.name
+    if args.held_out is not None:
+        result["held_out_source"] = args.held_out.name
+        result["held_out"] = held_out(report, json.loads(args.held_out.read_text()))
     out = args.out or args.results.with_name(args.results.stem + "_map.json")
     out.write_text(json.dumps(result, indent=1))
     if not args.no_plot:
         plot(result, out.with_suffix(".png"))
     print_map(result)
+    print_held_out(result)
     print(f"wrote {out}")
     return 0
 

@@ -320,6 +320,28 @@ def placement_real_map(d: Json) -> list[list[str]]:
     return rows
 
 
+def placement_real_held_out(d: Json, between: Json) -> list[list[str]]:
+    """The speed-up map of the grid (``d``) at the bandwidths of a held-out run (``between``), beside what that run
+    measured there."""
+    at = {(r["speed"], r["mbit"]): r for r in d.get("held_out", [])}
+    rows = []
+    for m in between["models"]:
+        for c in m.get("bandwidths", []):
+            r = at.get((m["speed"], c["bandwidth_mbit"]))
+            oracle = (c.get("oracle_within_budget") or {}).get("label", "-")
+            rows.append(
+                [
+                    f"{m['speed']:g}x ({m['speed_achieved']:.1f}x)",
+                    f"{c['bandwidth_mbit']:g}",
+                    f"{x(r['map_speedup'])} ({r['map_split']})" if r else "- (outside the grid's range)",
+                    c["cleave"]["label"],
+                    x(c.get("speedup_over_best_alternative")),
+                    plan_label(oracle) + (" (a split)" if c.get("oracle_is_split") else ""),
+                ]
+            )
+    return rows
+
+
 def bottleneck_cell(b: Json | None) -> str:
     """The learned bottleneck's latent in a placement cell (``--bottleneck``): its measured ms, its top-1 agreement
     with the plain model, and whether the planner, offered it, makes it the plan."""
@@ -737,6 +759,18 @@ TABLES: dict[str, Table] = {
         ),
     ),
     "placement_real_summary": Table(("placement_real.json",), placement_real_summary, ("measure", "value")),
+    "placement_real_held_out": Table(
+        ("placement_real_map.json", "placement_between.json"),
+        placement_real_held_out,
+        (
+            "edge (target/achieved)",
+            "Mbit/s",
+            "map of the grid",
+            "Cleave's plan",
+            "its paired speed-up",
+            "oracle in budget",
+        ),
+    ),
     "placement_real_map": Table(
         ("placement_real_map.json",),
         placement_real_map,

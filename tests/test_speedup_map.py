@@ -48,6 +48,8 @@ def run(mbits=(1.0, 10.0, 100.0), extra=()) -> dict:
                 "best_alternative": {"e2e_ms": 1.0},
                 "speedup_over_best_alternative": 1.2,
                 "oracle_is_split": True,
+                "cleave": {"label": "cut#40 int4c"},
+                "oracle_within_budget": {"label": "cut#40 int4c"},
             }
         )
     return {"speed": 4.0, "speed_achieved": 4.0, "bandwidths": cells}
@@ -84,6 +86,17 @@ def test_fixed_cost_is_the_median_over_cells_and_replies_cost_bandwidth() -> Non
     assert by_label["cloud-only int8c"].fixed_ms == pytest.approx(60.0)
     assert by_label["size#1 int8"].role == "other"
     assert not by_label["cloud-only jpeg75"].within_budget
+
+
+def test_held_out_cells_are_priced_by_the_grid_and_never_extrapolated() -> None:
+    other = run(mbits=(2.4, 300.0))
+    rows = speedup_map.held_out({"models": [run()]}, {"models": [other, {**run(), "speed": 30.0}]})
+    # 300 Mbit/s is past the grid's 100, and no grid run has a 30x edge.
+    assert [r["mbit"] for r in rows] == [2.4]
+    # split(2.4) = 100 + 80/2.4; edge-only 200 is the better alternative there.
+    assert rows[0]["map_speedup"] == pytest.approx(200 / (100 + 80 / 2.4))
+    assert rows[0]["map_split"] == "cut#40 int4c"
+    assert rows[0]["measured_speedup"] == 1.2 and rows[0]["oracle_is_split"]
 
 
 def test_a_run_without_an_in_budget_split_is_refused() -> None:
