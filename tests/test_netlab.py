@@ -170,8 +170,11 @@ def test_cleanup_after_exception_kills_processes_and_removes_everything() -> Non
 def test_cleanup_when_the_owner_is_interrupted(sig: signal.Signals) -> None:
     script = textwrap.dedent(
         """
-        import time
+        import signal, time
         from benchmarks.netlab import NetLab
+        # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore what an
+        # owner at a terminal has, so that the signal interrupts the sleep below wherever the suite runs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with NetLab(name="cleave-test") as lab:
             lab.shape(5)
             lab.popen(lab.edge_ns, ["sleep", "60"], cpu_quota=0.5)
@@ -185,6 +188,7 @@ def test_cleanup_when_the_owner_is_interrupted(sig: signal.Signals) -> None:
     owner.send_signal(sig)
     # Generous: tearing namespaces down takes the kernel seconds on a loaded 2-core machine (15 s was too few).
     owner.wait(timeout=60)
+    assert owner.returncode != 0, "the owner slept its 30 s out instead of being interrupted"
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in names
     assert not list(cpu_cgroup_parent().glob(f"{prefix}*"))
