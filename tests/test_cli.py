@@ -642,12 +642,13 @@ def test_daemon_listens_not_serving_until_its_models_load(home: Path, capsys: py
             with pytest.raises(grpc.RpcError) as err:
                 si_grpc.SplitInferenceStub(channel).GetInfo(si_pb2.GetInfoRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "starting" in err.value.details()
-            # The gate holds the load: any timeout ends NOT_SERVING (long enough for a busy machine to answer).
-            assert main(["wait", "--cloud", address, "--timeout", "10"]) == 1
+            # The gate holds the load: any timeout ends NOT_SERVING. The daemon already answered a health check
+            # above, so 3 s is long enough for a busy machine to answer again (each wait used to take 10 s).
+            assert main(["wait", "--cloud", address, "--timeout", "3"]) == 1
             assert "NOT_SERVING" in capsys.readouterr().err
             client = EdgeClient(address)  # an app's wait: health, not just an open port
             with pytest.raises(NotServing, match="NOT_SERVING"):
-                client.wait_ready(timeout=10)
+                client.wait_ready(timeout=3)
 
             gate.touch()
             assert main(["wait", "--cloud", address, "--timeout", "120"]) == 0
