@@ -312,7 +312,7 @@ class NetLab:
         """
         if not self._started or self._closed:
             raise RuntimeError("NetLab is not running; use it as a context manager or call start()")
-        cmd = ["ip", "netns", "exec", self._ns(ns), *argv]
+        cmd = [*self._enter(ns), *argv]
         if cpu_quota is not None:
             procs = self._new_cgroup(cpu_quota) / "cgroup.procs"
             # The shell joins the cgroup, then execs: the process is limited before the command's first instruction.
@@ -325,7 +325,15 @@ class NetLab:
         """Run `argv` in namespace `ns` to completion (text output captured unless ``kw`` says otherwise)."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        return subprocess.run(["ip", "netns", "exec", self._ns(ns), *argv], timeout=timeout, **kw)
+        return subprocess.run([*self._enter(ns), *argv], timeout=timeout, **kw)
+
+    def _enter(self, ns: str) -> list[str]:
+        """The command prefix that runs a command in namespace ``ns``'s network, and nothing else changed.
+
+        ``nsenter --net``, not ``ip netns exec``: the latter also enters a new mount namespace and mounts a fresh
+        ``/sys`` there, without ``/sys/fs/cgroup``, so a process under ``cpu_quota`` could not see its quota
+        (``runtime.cpus``) and sized its threads for the whole host."""
+        return ["nsenter", f"--net=/run/netns/{self._ns(ns)}", "--"]
 
     def _new_cgroup(self, cpu_quota: float) -> Path:
         if not 0.01 <= cpu_quota <= os.cpu_count() * 1.0:  # type: ignore[operator]
@@ -410,7 +418,7 @@ class DelayRelay:
 
     A byte-stream relay (so it carries gRPC / HTTP/2 unchanged): each chunk read is stamped and written out
     ``delay_ms`` later, in order; half-closes are forwarded after the same delay. It runs as a subprocess,
-    inside ``ns`` of ``lab`` when given (``ip netns exec NS python netlab.py relay ...``), else in this
+    inside ``ns`` of ``lab`` when given (``nsenter --net=/run/netns/NS python netlab.py relay ...``), else in this
     namespace. ``listen`` may use port 0; ``address`` is the bound "ip:port" once started.
 
     Place it in the cloud namespace in front of the cloud daemon (which then binds 127.0.0.1 there): the edge's

@@ -154,6 +154,22 @@ def test_cpu_quota_slows_a_cpu_bound_process(lab: NetLab) -> None:
     assert 0.18 < slow_cpu / slow_wall < 0.3, (slow_wall, slow_cpu)  # it ran on about a quarter of a core
 
 
+def test_a_process_under_a_quota_sees_its_quota_and_its_namespace(lab: NetLab) -> None:
+    # A daemon sizes its threads by its cgroup's quota (runtime.cpus); `ip netns exec` mounted a fresh /sys
+    # without cgroups, so inside the lab no quota was visible. The process must still be in the namespace.
+    code = (
+        "import json, socket; from runtime.cpus import cgroup_cpu_quota, usable_cpus; "
+        "print(json.dumps([cgroup_cpu_quota(), usable_cpus(), socket.if_nameindex()]))"
+    )
+    proc = lab.popen(
+        lab.edge_ns, [sys.executable, "-c", code], cpu_quota=0.25, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    out, _ = proc.communicate(timeout=60)
+    quota, usable, interfaces = json.loads(out)
+    assert quota == pytest.approx(0.25) and usable == 1
+    assert sorted(name for _, name in interfaces) == sorted(["lo", EDGE_IF]), interfaces
+
+
 def test_cleanup_after_exception_kills_processes_and_removes_everything() -> None:
     with pytest.raises(RuntimeError, match="boom"), NetLab(name="cleave-test") as lab:
         sleeper = lab.popen(lab.cloud_ns, ["sleep", "60"], cpu_quota=0.5)

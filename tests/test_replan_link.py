@@ -31,10 +31,10 @@ pytestmark = [
 # edge before the link drops.
 EDGE_CPU = 0.1
 # One torch thread, as a weak device has one slow core (torch's default, a thread per host core, spins its threads in
-# turn inside the quota: the edge's profile before its first plan took 167 s instead of 22). Set in edge.yaml: a
-# daemon sizes its threads by its cgroup's quota (runtime.cpus), but `ip netns exec` mounts a fresh /sys, so inside
-# the edge's namespace no cgroup is visible, and the edge ran 2 threads (its profile: 62 s, 1.3 s a request). The
-# pre-warm computes as the edge does.
+# turn inside the quota: the edge's profile before its first plan took 167 s instead of 22). The daemon sizes its
+# threads by its cgroup's quota (runtime.cpus; edge.yaml leaves torch_threads at 0), which it sees since NetLab enters
+# only the network namespace (under `ip netns exec` no cgroup was visible and the edge ran 2 threads: its profile
+# 62 s, 1.3 s a request). The pre-warm computes as the edge does.
 EDGE_THREADS = 1
 MODEL = {"name": "resnet18", "source": "resnet18", "input_shape": [1, 3, 128, 128]}
 
@@ -107,7 +107,6 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path, monkeypat
             "model": MODEL,
             "listen": edge_address,
             "cloud": relay.address,
-            "torch_threads": EDGE_THREADS,
             "autoplan": {"check_interval_s": 0.5, "probe_interval_s": 1.0, "confirmations": 2},
         }
         (tmp_path / "edge.yaml").write_text(yaml.safe_dump(config))
@@ -121,6 +120,8 @@ def test_link_drop_mid_stream_replans_without_failures(tmp_path: Path, monkeypat
             poll(lab, lab.edge_ns, STATUS, edge_address, lambda o: "planned" in o, 420, tmp_path / "edge.log", 2.0)
         )
         assert first["placement"] != "EDGE_ONLY", first  # fast link, slow device: use the cloud
+        edge_text = (tmp_path / "edge.log").read_text()
+        assert f"model threads: {EDGE_THREADS}, the CPUs this process may use" in edge_text, edge_text[-2000:]
 
         stop = tmp_path / "stop"
         argv = [sys.executable, "-m", "tests.support.drive", "--edge", edge_address, "--seconds", "150"]
