@@ -1108,9 +1108,7 @@ def write_map(report: dict[str, Any], out: Path) -> None:
     if not any(m.get("speed") and m.get("bandwidths") for m in report["models"]):
         return
     try:
-        speedup_map.main(
-            ["--results", str(out.with_suffix(".json")), "--out", str(out.parent / f"{out.name}_map.json")]
-        )
+        speedup_map.write(report, out.parent / f"{out.name}_map.json", out.with_suffix(".json").name)
     except ValueError as exc:
         print(f"[placement] no speed-up map: {exc}")
 

@@ -11,7 +11,7 @@ few percent. This module fills in the bandwidths between the points from the sam
   the bandwidth. ``fixed`` is the median, over the cells that measured the candidate, of its client-side median
   less its bytes at the cell's nominal bandwidth.
 - At each bandwidth of a log-spaced sweep over the measured range, the best real split within the accuracy
-  budget (a head doing at least ``MIN_HEAD_SHARE`` of the edge's model, as the benchmark decides it) is set
+  budget (a real split as the benchmark decides it: ``benchmarks.placement.splits_the_network``) is set
   against the best alternative: edge-only, or an in-budget cloud-only encoding. Their ratio is the speed-up.
 - The bandwidths where that ratio crosses 1 (a split takes over, or hands over) and 1.5 are found by bisection.
 
@@ -37,10 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.placement import splits_the_network  # the benchmark's rule for a real split
+
 RESULTS = Path(__file__).resolve().parent / "results"
-#: A split whose head does less than this share of the edge's model only re-encodes the input (the benchmark's rule,
-#: ``benchmarks.placement.MIN_HEAD_SHARE``; kept equal by ``tests/test_speedup_map.py``).
-MIN_HEAD_SHARE = 0.05
 #: The speed-up the issue asks of a split; its crossings are reported beside 1's.
 TARGET = 1.5
 POINTS = 121  # sweep points over the measured range, log-spaced
@@ -79,7 +78,8 @@ def candidates(run: dict[str, Any]) -> list[Candidate]:
             wire = measured["bytes_up"] + reply
             fixed.setdefault(c["label"], []).append(measured["e2e_ms"] - wire * 8 / (mbit * 1000.0))
             if c["kind"] == "split":
-                role = "split" if c["head_ms_predicted"] >= MIN_HEAD_SHARE * edge["head_ms_predicted"] else "other"
+                real = splits_the_network(c["kind"], c["head_ms_predicted"], edge["head_ms_predicted"])
+                role = "split" if real else "other"
             else:
                 role = "alternative"
             # In budget only if every cell that judged it said so (the calibration photos are the same in each).
@@ -90,6 +90,14 @@ def candidates(run: dict[str, Any]) -> list[Candidate]:
         Candidate(label, role, within, statistics.median(fixed[label]), wire, len(fixed[label]))
         for label, (role, wire, within) in seen.items()
     ]
+
+
+def in_budget(pool: list[Candidate]) -> tuple[list[Candidate], list[Candidate]]:
+    """``pool``'s real splits and its alternatives (edge-only, cloud-only), each within the accuracy budget."""
+    return (
+        [c for c in pool if c.role == "split" and c.within_budget],
+        [c for c in pool if c.role == "alternative" and c.within_budget],
+    )
 
 
 def best(pool: Iterable[Candidate], mbit: float) -> Candidate | None:
@@ -136,8 +144,7 @@ def speed_map(run: dict[str, Any], points: int = POINTS) -> dict[str, Any]:
     """The map of one edge speed: the sweep, where a split wins (speed-up > 1) and where it reaches
     :data:`TARGET`, its peak, and how well the map reproduces each measured cell."""
     pool = candidates(run)
-    splits = [c for c in pool if c.role == "split" and c.within_budget]
-    alternatives = [c for c in pool if c.role == "alternative" and c.within_budget]
+    splits, alternatives = in_budget(pool)
     if not splits or not alternatives:
         raise ValueError(f"{run.get('speed')}x: needs an in-budget split and an alternative, measured")
     measured = sorted(c["bandwidth_mbit"] for c in run["bandwidths"])
@@ -160,14 +167,14 @@ def speed_map(run: dict[str, Any], points: int = POINTS) -> dict[str, Any]:
             }
         )
     peak = max(sweep, key=lambda p: p["speedup"])
+    split_labels = {c.label for c in splits}
     fit = []
     for cell in run["bandwidths"]:
         mbit = cell["bandwidth_mbit"]
-        by_label = {c.label: c for c in pool}
         split_ms = [
             c["measured"]["e2e_ms"]
             for c in cell["candidates"]
-            if (c.get("measured") or {}).get("samples") and by_label[c["label"]] in splits
+            if (c.get("measured") or {}).get("samples") and c["label"] in split_labels
         ]
         fit.append(
             {
@@ -212,7 +219,7 @@ def build(report: dict[str, Any], points: int = POINTS) -> dict[str, Any]:
     speeds = [speed_map(run, points) for run in report["models"] if run.get("bandwidths")]
     for s in speeds:
         s["target_share_of_split_region"] = log_share(s["split_wins"], s["reaches_target"])
-    return {"source": "placement_real.json", "target": TARGET, "speeds": speeds}
+    return {"target": TARGET, "speeds": speeds}
 
 
 def held_out(report: dict[str, Any], other: dict[str, Any]) -> list[dict[str, Any]]:
@@ -226,9 +233,7 @@ def held_out(report: dict[str, Any], other: dict[str, Any]) -> list[dict[str, An
         source = grid.get(run.get("speed"))
         if source is None:
             continue
-        pool = candidates(source)
-        splits = [c for c in pool if c.role == "split" and c.within_budget]
-        alternatives = [c for c in pool if c.role == "alternative" and c.within_budget]
+        splits, alternatives = in_budget(candidates(source))
         measured = sorted(c["bandwidth_mbit"] for c in source["bandwidths"])
         for cell in run.get("bandwidths", []):
             mbit = cell["bandwidth_mbit"]
@@ -330,19 +335,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     report = json.loads(args.results.read_text())
-    result = build(report, args.points)
-    result["source"] = args.results.name
-    if args.held_out is not None:
-        result["held_out_source"] = args.held_out.name
-        result["held_out"] = held_out(report, json.loads(args.held_out.read_text()))
+    held = json.loads(args.held_out.read_text()) if args.held_out is not None else None
     out = args.out or args.results.with_name(args.results.stem + "_map.json")
+    write(report, out, args.results.name, args.points, held, args.held_out.name if held else "", not args.no_plot)
+    return 0
+
+
+def write(
+    report: dict[str, Any],
+    out: Path,
+    source: str,
+    points: int = POINTS,
+    other: dict[str, Any] | None = None,
+    other_source: str = "",
+    with_plot: bool = True,
+) -> dict[str, Any]:
+    """The map of ``report`` (read from ``source``) to ``out`` (JSON, and a plot beside it), checked against
+    ``other`` when given (:func:`held_out`); printed, and returned."""
+    result = {"source": source, **build(report, points)}
+    if other is not None:
+        result["held_out_source"] = other_source
+        result["held_out"] = held_out(report, other)
     out.write_text(json.dumps(result, indent=1))
-    if not args.no_plot:
+    if with_plot:
         plot(result, out.with_suffix(".png"))
     print_map(result)
     print_held_out(result)
     print(f"wrote {out}")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -3,17 +3,13 @@ and the bandwidths where a split takes over and where it reaches 1.5x, against a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import speedup_map
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def candidate(label: str, kind: str, fixed_ms: float, bytes_up: int, mbit: float, head_ms: float = 50.0, **kw) -> dict:
@@ -105,14 +101,6 @@ def test_a_run_without_an_in_budget_split_is_refused() -> None:
         cell["candidates"][3]["within_budget"] = False
     with pytest.raises(ValueError, match="in-budget split"):
         speedup_map.speed_map(r)
-
-
-def test_the_head_share_rule_is_the_benchmarks() -> None:
-    spec = importlib.util.spec_from_file_location("placement_bench_map", ROOT / "benchmarks" / "placement.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    assert speedup_map.MIN_HEAD_SHARE == module.MIN_HEAD_SHARE
 
 
 def test_cli_writes_the_map_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
