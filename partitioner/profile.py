@@ -517,7 +517,7 @@ def cached_profile(
         )
         return profile
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes measuring one profile do not share a file
     tmp.write_text(profile.to_json())
     tmp.replace(path)
     return profile
