@@ -210,6 +210,7 @@ def test_a_daemon_killed_under_a_ray_job_leaves_no_task_and_the_job_is_requeued(
         proc.kill()  # SIGKILL: no clean shutdown, as in a crash
         proc.wait()
     assert all_cpus_free(ray, 60), ray.available_resources()  # Ray ended the dead driver's tasks
+    assert no_job_tasks(60), job_task_pids()  # and their workers
     m = JobManager(JobsConfig(dir=str(root)), ray=ray_jobs(shared))
     try:
         job = m.get(job_id)
@@ -231,10 +232,22 @@ def job_task_pids() -> list[int]:
     return pids
 
 
+def no_job_tasks(within_s: float) -> bool:
+    """Whether no process runs a job's Ray task any more (a task of a dead owner keeps its title until Ray
+    has killed its worker, which lags the freed CPUs), in time."""
+    deadline = time.monotonic() + within_s
+    while job_task_pids():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 @pytest.mark.ray
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_a_ray_job_whose_worker_dies_is_requeued_and_then_succeeds(ray_instance, tmp_path: Path) -> None:
+    assert no_job_tasks(60), job_task_pids()  # the worker killed below is this job's, not an earlier test's
     m = JobManager(JobsConfig(dir=str(tmp_path / "ray"), max_attempts=2), ray=ray_jobs(tmp_path / "shared"))
     data = m.upload(dataset_chunks())
     job = m.submit(sweep_spec(data.id, [0.0], [32]))
