@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements/dev.txt
 PYTEST := $(PY) -m pytest -q
+# The suite runs on TEST_WORKERS pytest-xdist workers: most tests wait on one single-threaded daemon or torch
+# call at a time, and a serial run left one of two cores idle (47% idle over the whole run). Tests that share
+# the one local Ray instance run on one worker, in order (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 EXTRAS := --extra cloud --extra dev --extra http --extra bottleneck --extra pretrained --extra onnx --extra plot --extra bench --extra transformers --extra ray
 
 .PHONY: demo test test-edge test-fast test-integration lint docs protos bench lock clean browser
@@ -50,23 +55,24 @@ browser:
 # Everything: unit, integration (real daemons), root (namespaces, tc, cgroups) and slow tests; then the
 # torch-free edge's own tests in its own environment (test-edge).
 test: $(STAMP) browser
-	$(PYTEST) --durations=25 --ignore=tests/edge
+	$(PYTEST) $(PARALLEL) --durations=25 --ignore=tests/edge
 	$(MAKE) test-edge
 
 # The edge's own tests (tests/edge) in .venv-edge, which has no torch: the edge daemon serves an edge
 # bundle there against a cloud daemon (and a bundle) from .venv. tests/conftest.py imports torch, so
-# conftest files are read from tests/edge down only.
+# conftest files are read from tests/edge down only. Serial: each xdist worker would build its own session
+# bundles, and two workers took as long as one (157 s and 152 s).
 test-edge: $(STAMP) $(EDGE_STAMP)
 	@if $(EDGE_PY) -c "import torch" 2>/dev/null; then echo "test-edge: torch imports in $(EDGE_VENV); it must not"; exit 1; fi
 	@echo "test-edge: $(EDGE_VENV) has no torch ($$(du -sm $(EDGE_VENV) | cut -f1) MB installed)"
 	CLEAVE_CLOUD_PYTHON=$(abspath $(PY)) $(EDGE_PY) -m pytest -q -p no:cacheprovider --confcutdir=tests/edge -m edge tests/edge
 
-# Unit tests only: no daemons, no root, no training (under 2 minutes on 2 cores).
+# Unit tests only: no daemons, no root, no training.
 test-fast: $(STAMP)
-	$(PYTEST) -m unit
+	$(PYTEST) $(PARALLEL) -m unit
 
 test-integration: $(STAMP) browser
-	$(PYTEST) -m "not unit"
+	$(PYTEST) $(PARALLEL) -m "not unit"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

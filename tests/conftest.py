@@ -11,6 +11,13 @@ Layers are pytest markers, declared per module with ``pytestmark``:
   ``pytest -m unit`` (``make test-fast``) runs exactly the tests that need nothing but the process.
 
 Each layer has its own per-test timeout (a test's own ``@pytest.mark.timeout`` wins).
+
+``make test`` runs the suite on two pytest-xdist workers (``--dist loadgroup``): each worker is a process
+with its own session fixtures (its own cloud and edge daemons, on free ports). What the workers would
+share is kept apart or safe to share: network namespaces carry the worker's pid in their names
+(``benchmarks.netlab``), a process writes a cache entry to a file of its own and renames it into place,
+and every test that uses the one local Ray instance is in
+the ``ray`` xdist group, so one worker runs them all, in order, and shuts Ray down after the last.
 """
 
 from __future__ import annotations
@@ -51,8 +58,11 @@ DAEMON_FIXTURES = frozenset({"cloud", "edge"})
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if DAEMON_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if DAEMON_FIXTURES & fixtures:
             item.add_marker(pytest.mark.integration)
+        if "ray_instance" in fixtures:  # `make test` runs pytest-xdist's loadgroup: one worker holds Ray
+            item.add_marker(pytest.mark.xdist_group("ray"))
         layers = [name for name in ("integration", "root", "slow") if item.get_closest_marker(name)]
         if not layers:
             item.add_marker(pytest.mark.unit)
