@@ -827,10 +827,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     split_cells = [c for _, c in cells(report) if c.get("oracle_is_split") and c.get("speedup_over_best_alternative")]
     split_speedups = [c["speedup_over_best_alternative"] for c in split_cells]
     bounds = [(c, b) for _, c in cells(report) if (b := split_bound(c)) and b["max_speedup"]]
+    split_goal = all(v >= SPLIT_GOAL for v in split_speedups) if split_speedups else None
     goals = {
         "median_ratio_within_budget <= 1.05": bool(budget_ratios) and med(budget_ratios) <= 1.05,
         "max_ratio_within_budget <= 1.15": bool(budget_ratios) and max(budget_ratios) <= 1.15,
-        "split cells: speed-up >= 1.5": all(v >= 1.5 for v in split_speedups) if split_speedups else None,
+        f"split cells: speed-up >= {SPLIT_GOAL}": split_goal,
     }
     return {
         "cells": len(ratios),
@@ -841,7 +842,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             "in_split_cells": [b["max_speedup"] for c, b in bounds if c.get("oracle_is_split")],
             "max": max((b["max_speedup"] for _, b in bounds), default=None),
             "zero_byte_max": max((b["any_zero_byte"]["max_speedup"] for _, b in bounds), default=None),
-            "cells_reaching_1.5": sum(1 for _, b in bounds if b["max_speedup"] >= 1.5),
+            f"cells_reaching_{SPLIT_GOAL}": sum(1 for _, b in bounds if b["max_speedup"] >= SPLIT_GOAL),
         },
         "median_speedup_over_best_alternative": med(over_alt) if over_alt else None,
         "median_ratio": med(ratios) if ratios else None,
@@ -855,6 +856,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: The issue's goal: where the in-budget oracle is a split, Cleave's plan at least this much faster than the better of
+#: edge-only and in-budget cloud-only.
+SPLIT_GOAL = 1.5
+
+
 def split_bound(cell: dict[str, Any]) -> dict[str, Any] | None:
     """How fast any split measured in ``cell`` could be at best, and its speed-up over the cell's best alternative
     (the better of edge-only and in-budget cloud-only) then: an upper bound on what a split can win in this cell.
@@ -864,10 +870,12 @@ def split_bound(cell: dict[str, Any]) -> dict[str, Any] | None:
     (``bound_ms``); the bound leaves out the link's per-request overhead and download, the result's decoding and
     the client's call into the edge daemon, which the alternative's client-side median includes. The zero-byte
     bound also drops the bytes: of the best split (``zero_byte_*``), and the lowest of any split
-    (``any_zero_byte``). A split is a real one as the report's ``oracle_is_split`` decides it
-    (:func:`splits_the_network`, from ``head_ms_predicted`` and the edge-only candidate's): a cut that only
-    re-encodes the input is sending the image. None when the cell measured no such split, and in results from
-    before candidates recorded ``head_ms_predicted`` (``placement.json``), where that cannot be decided.
+    (``any_zero_byte``); ``goal_bytes`` is what the best split could send and still be bounded at
+    :data:`SPLIT_GOAL` (against its ``bytes_up``: how much smaller its features would have to be). A split is a
+    real one as the report's ``oracle_is_split`` decides it (:func:`splits_the_network`, from ``head_ms_predicted``
+    and the edge-only candidate's): a cut that only re-encodes the input is sending the image. None when the cell
+    measured no such split, and in results from before candidates recorded ``head_ms_predicted``
+    (``placement.json``), where that cannot be decided.
     """
     candidates = cell.get("candidates", [])
     if not any(c["kind"] == "split" for c in candidates):
@@ -906,6 +914,8 @@ def split_bound(cell: dict[str, Any]) -> dict[str, Any] | None:
         "max_speedup": alt / bound if alt else None,
         "zero_byte_bound_ms": zero_byte,
         "zero_byte_max_speedup": alt / zero_byte if alt else None,
+        # The most that split could send and still be bounded at the goal's speed-up (0: not even with no bytes).
+        "goal_bytes": max(0.0, (alt / SPLIT_GOAL - zero_byte) * mbit * 1000.0 / 8) if alt else None,
         # Were bytes free, another split (a larger tensor, a costlier codec) may bound lower: the lowest of them.
         "any_zero_byte": {
             "label": any_label,
@@ -1000,7 +1010,7 @@ def print_split_bounds(report: dict[str, Any]) -> None:
     best alternative then: whether the 1.5x goal is within any split's reach."""
     head = (
         f"{'model':<22}{'edge':>11}{'Mbit/s':>7}{'split?':>7}  {'best alternative':<18}{'ms':>7}  "
-        f"{'best split bound':<30}{'ms':>7}{'max':>7}{'0 B':>7}{'any 0 B':>8}"
+        f"{'best split bound':<30}{'ms':>7}{'max':>7}{'0 B':>7}{'any 0 B':>8}{'B now':>8}{'B at goal':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -1015,12 +1025,14 @@ def print_split_bounds(report: dict[str, Any]) -> None:
                 f"{_fmt(b.get('bound_ms'), '.1f'):>7}"
                 f"{_fmt(b.get('max_speedup'), '.2f'):>7}{_fmt(b.get('zero_byte_max_speedup'), '.2f'):>7}"
                 f"{_fmt((b.get('any_zero_byte') or {}).get('max_speedup'), '.2f'):>8}"
+                f"{_fmt(b.get('bytes_up'), '.0f'):>8}{_fmt(b.get('goal_bytes'), '.0f'):>10}"
             )
     print(
         "(split?: the in-budget oracle is a split. best split bound: the measured in-budget split with the lowest "
         "edge + encode + decode + cloud stages + nominal RTT + its bytes at the nominal bandwidth; max: the best "
         "alternative over that bound, the most any split could win here; 0 B: the same split with no bytes to send; "
-        "any 0 B: the most any split could win with no bytes to send.)"
+        "any 0 B: the most any split could win with no bytes to send; B now: that split's bytes; B at goal: the most "
+        f"it could send and still be bounded at {SPLIT_GOAL}x, 0 where not even with no bytes.)"
     )
 
 

@@ -292,6 +292,32 @@ def placement_real(d: Json) -> list[list[str]]:
     return rows
 
 
+def placement_real_split_bound(d: Json) -> list[list[str]]:
+    """Per cell whose in-budget oracle is a split: the best alternative, the fastest any measured in-budget split
+    could be (benchmarks/placement.py: split_bound) and what the 1.5x goal asks of that split's bytes."""
+    rows = []
+    for m in d["models"]:
+        for c in m["bandwidths"]:
+            b = c.get("split_bound")
+            if not (c.get("oracle_is_split") and b):
+                continue
+            alt = c["best_alternative"]
+            rows.append(
+                [
+                    f"{m['speed']:g}x, {c['bandwidth_mbit']:g} Mbit/s",
+                    f"{plan_label(alt['label'])} {f(alt['e2e_ms'])}",
+                    f"`{b['label']}` {f(b['bound_ms'])}",
+                    x(b["max_speedup"]),
+                    x(b["zero_byte_max_speedup"]),
+                    f"{b['bytes_up']:,}",
+                    f"{b['goal_bytes']:,.0f}",
+                    plan_label(c["cleave"]["label"]),
+                    x(c.get("speedup_over_best_alternative")),
+                ]
+            )
+    return rows
+
+
 def placement_real_map(d: Json) -> list[list[str]]:
     """Per edge speed (``benchmarks/speedup_map.py``): the bandwidths where the best in-budget split beats the better
     of edge-only and in-budget cloud-only, where by 1.5x, the peak, and at each measured bandwidth the map's
@@ -759,6 +785,21 @@ TABLES: dict[str, Table] = {
         ),
     ),
     "placement_real_summary": Table(("placement_real.json",), placement_real_summary, ("measure", "value")),
+    "placement_real_split_bound": Table(
+        ("placement_real.json",),
+        placement_real_split_bound,
+        (
+            "cell",
+            "best alternative, ms",
+            "best split bound, ms",
+            "bound speed-up",
+            "with no bytes",
+            "its bytes",
+            "bytes for 1.5x",
+            "Cleave's plan",
+            "its speed-up",
+        ),
+    ),
     "placement_real_held_out": Table(
         ("placement_real_map.json", "placement_between.json"),
         placement_real_held_out,

@@ -353,6 +353,10 @@ def test_the_split_bound_is_the_fastest_any_in_budget_split_could_be(placement, 
     assert b["zero_byte_bound_ms"] == pytest.approx(70) and b["zero_byte_max_speedup"] == pytest.approx(200 / 70)
     # With free bytes, the early cut's 50 ms would bound lower.
     assert b["any_zero_byte"] == {"label": "early#4 int8", "bound_ms": pytest.approx(50), "max_speedup": 4.0}
+    # 1.5x against 200 ms is 133.3 ms: 63.3 ms of wire over the 70 ms of stages, at 8 Mbit/s 63.3 kB.
+    assert b["bytes_up"] == 10_000 and b["goal_bytes"] == pytest.approx((200 / 1.5 - 70) * 1000)
+    slower = placement.split_bound(bound_cell([late], alt_ms=90.0))  # 90 / 1.5 = 60 ms: under the stages alone
+    assert slower["goal_bytes"] == 0.0 and slower["zero_byte_max_speedup"] < 1.5
 
     no_split = bound_cell([image, lossy, cloud], alt_ms=60.0, split=False)
     assert placement.split_bound(no_split) is None
@@ -368,7 +372,7 @@ def test_the_split_bound_is_the_fastest_any_in_budget_split_could_be(placement, 
     assert written[0]["split_bound"]["label"] == "late#9 int8" and written[1]["split_bound"] is None
     placement.print_split_bounds(report)
     out = capsys.readouterr().out
-    assert "late#9 int8" in out and "2.50" in out and "4.00" in out
+    assert "late#9 int8" in out and "2.50" in out and "4.00" in out and "63333" in out
 
 
 def test_the_split_bound_judges_a_split_as_the_report_does(placement) -> None:
