@@ -44,6 +44,7 @@ from compressor.errors import CodecError
 from protos.cleave.v1 import split_inference_pb2 as si_pb2
 
 from ._lazy import fx, torch  # imported on first use: profiles as data need no torch (the light edge)
+from .cpu_limits import CGROUP_ROOT, cgroup_cpu_quota
 
 log = logging.getLogger(__name__)
 
@@ -422,22 +423,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLEAVE_CACHE", Path.home() / ".cache" / "cleave")) / "profiles"
 
 
-def cpu_quota() -> str:
-    """This process's CPU limit from its cgroup ("0.25" cores), or "none"."""
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controllers == "":  # cgroup v2
-                text = (Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max").read_text().split()
-                return "none" if text[0] == "max" else f"{int(text[0]) / int(text[1]):.3f}"
-            if "cpu" in controllers.split(","):
-                base = Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
-                quota = int((base / "cpu.cfs_quota_us").read_text())
-                period = int((base / "cpu.cfs_period_us").read_text())
-                return "none" if quota < 0 else f"{quota / period:.3f}"
-    except (OSError, ValueError, IndexError):
-        pass
-    return "none"
+def cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> str:
+    """This process's CPU limit from its cgroup or an ancestor's ("0.250" cores), or "none": part of a profile's
+    cache key, so that a profile measured under one quota is not reused under another."""
+    quota = cgroup_cpu_quota(proc_cgroup, root)
+    return "none" if quota is None else f"{quota:.3f}"
 
 
 #: Bumped when how a profile is measured changes, so cached profiles are measured again (2: heads and the whole model

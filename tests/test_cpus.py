@@ -1,4 +1,5 @@
-"""runtime.cpus: the CPUs a process may use, from its affinity and its cgroup's CPU quota."""
+"""runtime.cpus: the CPUs a process may use, from its affinity and its cgroup's CPU quota (read by
+partitioner.cpu_limits, which also keys the profile cache)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from partitioner.profile import cpu_quota
 from runtime.cpus import cgroup_cpu_quota, limited_threads, model_threads, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +59,16 @@ def test_v2_cpu_max(tmp_path: Path) -> None:
     proc, root = _v2(tmp_path, "/box/app", {"box": "150000 100000", "box/app": "max 100000"})
     assert cgroup_cpu_quota(proc, root) == pytest.approx(1.5)
     assert usable_cpus(proc, root) == min(HOST, 2)
+
+
+def test_the_profile_cache_keys_a_parents_quota_too(tmp_path: Path) -> None:
+    """A daemon in a child of a limited cgroup (a container's slice) is keyed as limited: a profile measured
+    there is not reused by a process without the limit, nor the other way round."""
+    proc, root = _v2(tmp_path, "/box/app", {"box": "10000 100000", "box/app": "max 100000"})
+    assert cpu_quota(proc, root) == "0.100"
+    (tmp_path / "free").mkdir()
+    proc, root = _v2(tmp_path / "free", "/box/app", {"box": "max 100000", "box/app": "max 100000"})
+    assert cpu_quota(proc, root) == "none"
 
 
 @pytest.mark.parametrize("layout", ["none", "unlimited v1", "unlimited v2", "garbage"])
