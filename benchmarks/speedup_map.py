@@ -37,11 +37,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.placement import splits_the_network  # the benchmark's rule for a real split
+# The benchmark's rule for a real split, and the speed-up the issue asks of one (its crossings are reported beside 1's).
+from benchmarks.placement import SPLIT_GOAL as TARGET
+from benchmarks.placement import splits_the_network
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: The speed-up the issue asks of a split; its crossings are reported beside 1's.
-TARGET = 1.5
 POINTS = 121  # sweep points over the measured range, log-spaced
 
 

@@ -16,8 +16,8 @@ Each layer has its own per-test timeout (a test's own ``@pytest.mark.timeout`` w
 with its own session fixtures (its own cloud and edge daemons, on free ports). What the workers would
 share is kept apart or safe to share: network namespaces carry the worker's pid in their names
 (``benchmarks.netlab``), a process writes a cache entry to a file of its own and renames it into place,
-and every test that uses the one local Ray instance is in
-the ``ray`` xdist group, so one worker runs them all, in order, and shuts Ray down after the last.
+and every test that uses the one local Ray instance is in the ``ray`` xdist group, so one worker runs
+them all, in order, and shuts Ray down after the last.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +49,19 @@ def sweep_spec(dataset_id: str, ratios: list[float], bits: list[int]) -> pb.JobS
     )
 
 
-def all_cpus_free(ray, within_s: float) -> bool:
-    """Whether every CPU of the instance is free again (no task of ours still holds one) in time."""
+def eventually(condition: Callable[[], bool], within_s: float, poll_s: float) -> bool:
+    """Whether ``condition`` holds within ``within_s``, asked every ``poll_s``."""
     deadline = time.monotonic() + within_s
-    while ray.available_resources().get("CPU") != CPUS:
+    while not condition():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.2)
+        time.sleep(poll_s)
     return True
+
+
+def all_cpus_free(ray, within_s: float) -> bool:
+    """Whether every CPU of the instance is free again (no task of ours still holds one) in time."""
+    return eventually(lambda: ray.available_resources().get("CPU") == CPUS, within_s, 0.2)
 
 
 def run_to_end(m: JobManager, job_id: str) -> list[JobRecord]:
@@ -235,12 +241,7 @@ def job_task_pids() -> list[int]:
 def no_job_tasks(within_s: float) -> bool:
     """Whether no process runs a job's Ray task any more (a task of a dead owner keeps its title until Ray
     has killed its worker, which lags the freed CPUs), in time."""
-    deadline = time.monotonic() + within_s
-    while job_task_pids():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    return eventually(lambda: not job_task_pids(), within_s, 0.1)
 
 
 @pytest.mark.ray
