@@ -227,15 +227,18 @@ def test_a_daemon_killed_under_a_ray_job_leaves_no_task_and_the_job_is_requeued(
 
 
 def job_task_pids() -> list[int]:
-    """Processes running a job's Ray task (Ray titles its workers ``ray::<function>``); this module's own."""
-    pids = []
+    """Processes running a job's Ray task (Ray titles its workers ``ray::<function>``); this module's own. A
+    process the task starts carries that title from its fork until its exec, so one whose parent has the title
+    too is not counted (a fresh clone's run once found two at once)."""
+    parents: dict[int, int] = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if cmdline.read_bytes().startswith(b"ray::run_job_task"):
-                pids.append(int(cmdline.parent.name))
-        except OSError:
+                stat = (cmdline.parent / "stat").read_text()  # "pid (comm) state ppid ..."
+                parents[int(cmdline.parent.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             pass
-    return pids
+    return [pid for pid, parent in parents.items() if parent not in parents]
 
 
 def no_job_tasks(within_s: float) -> bool:
