@@ -216,7 +216,7 @@ def test_a_daemon_killed_under_a_ray_job_leaves_no_task_and_the_job_is_requeued(
         proc.kill()  # SIGKILL: no clean shutdown, as in a crash
         proc.wait()
     assert all_cpus_free(ray, 60), ray.available_resources()  # Ray ended the dead driver's tasks
-    assert no_job_tasks(60), job_task_pids()  # and their workers
+    assert no_job_tasks(60), ray_processes()  # and their workers
     m = JobManager(JobsConfig(dir=str(root)), ray=ray_jobs(shared))
     try:
         job = m.get(job_id)
@@ -226,19 +226,36 @@ def test_a_daemon_killed_under_a_ray_job_leaves_no_task_and_the_job_is_requeued(
         m.store.close()
 
 
-def job_task_pids() -> list[int]:
-    """Processes running a job's Ray task (Ray titles its workers ``ray::<function>``); this module's own. A
-    process the task starts carries that title from its fork until its exec, so one whose parent has the title
-    too is not counted (a fresh clone's run once found two at once)."""
-    parents: dict[int, int] = {}
+def ray_processes() -> dict[int, tuple[int, str, str]]:
+    """Every process Ray titles ``ray::<what it runs>``: pid -> (parent pid, title, the Ray node its parent
+    runs: the raylet's ``--node_id``, or "" for another parent), for :func:`job_task_pids` and messages."""
+    found: dict[int, tuple[int, str, str]] = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if cmdline.read_bytes().startswith(b"ray::run_job_task"):
+            title = cmdline.read_bytes()
+            if title.startswith(b"ray::"):
                 stat = (cmdline.parent / "stat").read_text()  # "pid (comm) state ppid ..."
-                parents[int(cmdline.parent.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                args = Path(f"/proc/{ppid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+                node = next((a.split("=", 1)[1] for a in args if a.startswith("--node_id=")), "")
+                found[int(cmdline.parent.name)] = (ppid, title.split(b"\0")[0].decode(errors="replace"), node)
         except (OSError, ValueError, IndexError):
-            pass
-    return [pid for pid, parent in parents.items() if parent not in parents]
+            pass  # gone meanwhile
+    return found
+
+
+def job_task_pids(node_id: str = "") -> list[int]:
+    """Processes running a job's Ray task (Ray titles its workers ``ray::<function>``); this module's own.
+
+    ``node_id``: only the workers of that Ray node (their parent is its raylet), not those of another Ray
+    instance on this machine. A process the task starts carries the title from its fork until its exec, so
+    one whose parent has the title too is not counted."""
+    tasks = {
+        pid: ppid
+        for pid, (ppid, title, node) in ray_processes().items()
+        if title == "ray::run_job_task" and node_id in ("", node)
+    }
+    return [pid for pid, ppid in tasks.items() if ppid not in tasks]
 
 
 def no_job_tasks(within_s: float) -> bool:
@@ -251,22 +268,24 @@ def no_job_tasks(within_s: float) -> bool:
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_a_ray_job_whose_worker_dies_is_requeued_and_then_succeeds(ray_instance, tmp_path: Path) -> None:
-    assert no_job_tasks(60), job_task_pids()  # the worker killed below is this job's, not an earlier test's
+    assert no_job_tasks(60), ray_processes()  # the worker killed below is this job's, not an earlier test's
+    node = ray_instance.get_runtime_context().get_node_id()
     m = JobManager(JobsConfig(dir=str(tmp_path / "ray"), max_attempts=2), ray=ray_jobs(tmp_path / "shared"))
     data = m.upload(dataset_chunks())
     job = m.submit(sweep_spec(data.id, [0.0], [32]))
     m.start()
     try:
         deadline = time.monotonic() + 120
-        while not job_task_pids():
+        while not job_task_pids(node):
             assert time.monotonic() < deadline, "no Ray worker ever ran the job"
             time.sleep(0.1)
-        (pid,) = job_task_pids()
+        (pid,) = job_task_pids(node)
+        at_kill = (m.get(job.id), ray_processes())
         os.kill(pid, signal.SIGKILL)  # as if its node went away
         seen = list(m.watch(job.id))
         # Re-queued (and at once claimed again: the note stays), then the second attempt succeeds.
         notes = [j.message for j in seen if j.message.startswith("re-queued: the Ray task's worker or node died")]
-        assert notes and "WorkerCrashedError" in notes[0], [(j.state, j.message[:80]) for j in seen]
+        assert notes and "WorkerCrashedError" in notes[0], (pid, at_kill, [(j.state, j.message[:80]) for j in seen])
         assert seen[-1].state == SUCCEEDED and m.get(job.id).attempts == 2, seen[-1]
     finally:
         m.close()
