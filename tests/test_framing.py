@@ -89,6 +89,24 @@ def test_chunks_can_arrive_one_at_a_time() -> None:
 _HEADER_CASES = [((2, 3, 4), "c"), ((1, 64, 64, 64), "c+none")]
 
 
+def test_a_request_whose_deadline_passed_while_queued_is_never_sent() -> None:
+    """InferStream writes a request when gRPC takes it, which waits while the link is stalled; one the
+    edge stopped waiting for meanwhile (``forget``: its deadline passed, the tail ran locally) is dropped
+    from the queue, so the requests behind it go out at once when the link is back."""
+    from edge_node.cloud_link import InferStream
+
+    msgs = [encode(x, RAW) for x in _tensors(10, 10, 10)]
+    stream = InferStream(None, "0123456789abcdef" * 2, 3, 8000, lambda _stream: None)
+    for request_id in (1, 2, 3, 4):
+        stream.submit(request_id, msgs)
+    stream.forget(2)
+    stream.forget(4)
+    stream.close()
+    sent = [split_inference_pb2.InferFrame.FromString(f) for f in stream._frames()]
+    assert [f.request_id for f in sent] == [1, 3] and all(f.last for f in sent)
+    assert stream.pending == 2  # 1 and 3 still wait for their results
+
+
 @pytest.mark.parametrize(("shape", "tail"), _HEADER_CASES)
 def test_header_of_drops_only_the_payload(shape: tuple[int, ...], tail: str) -> None:
     msg = encode(torch.randn(shape), EncodingSpec.parse(f"int5{tail}"))
@@ -291,7 +309,8 @@ def test_an_edge_requests_frames_are_the_inferframes_bytes(request_id: int) -> N
     msgs = [encode(x, RAW) for x in _tensors(3000, 10, 5000)]
     stream = InferStream(None, "0123456789abcdef" * 2, 3, 8000, lambda _stream: None)
     stream.submit(request_id, msgs)
-    frames = stream._outbox.get_nowait()
+    stream.close()
+    frames = list(stream._frames())
     groups = list(to_chunks(msgs, 8000))
     assert len(groups) > 2
     expected = [
