@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 #: alone: per-tensor 4 bits breaks the default budget at middle cuts (6 of 8 calibration photos at
 #: ``conv2d_11``; a relative output error of 0.19 at ``conv2d_17``) where per channel keeps it at 0.7x
 #: int6's bytes (``conv2d_17``: 7.4 against 10.4 KB, error 0.040); and per-tensor 6 bits changes the class
-#: of 2 photos at ``conv2d_11`` (1 at ``_blocks_1__bn2``) where ``int5c`` changes none at 0.91x its bytes
-#: (19.4 against 21.2 KB; 44.3 against 49.0): ``pytest tests/test_real_models.py -k per_channel``.
+#: of 2 photos at ``conv2d_11`` (1 at ``_blocks_3__bn2``; the reply coded as a lossy plan's is) where
+#: ``int5c`` changes none at 0.9x its bytes (19.4 against 21.2 KB; 19.4 against 21.5):
+#: ``pytest tests/test_real_models.py -k per_channel``.
 FEATURE_ENCODINGS = ("raw", "fp16", "int8", "int6", "int5c", "int4c", "int4", "int3", "int2")
 #: Encodings of the raw input for cloud-only: 8-bit codes per channel (the uint8 image) + zstd, and JPEG
 #: and WebP at three qualities each (lossy: judged by the accuracy budget like any feature encoding).
