@@ -19,10 +19,12 @@ undo a manual pin.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -42,7 +44,7 @@ from protos.errors import Unavailable
 from .config import AutoPlanSettings
 from .link import LinkMonitor
 from .probe import probe_link
-from .runtime import EdgeRuntime, Outcome
+from .runtime import FLOAT_BITS, EdgeRuntime, Outcome
 
 if TYPE_CHECKING:
     from partitioner.bundle import PlanningTables
@@ -204,7 +206,7 @@ class AutoPlanner:
         if hasattr(self.model, "bundle"):
             return self._prepare_from_bundle(self.model)
         from partitioner.photos import calibration_inputs
-        from partitioner.planner import cached_distortion, distortion_meter
+        from partitioner.planner import cached_distortion, distortion_meter, head_tail_distortion
         from partitioner.profile import cached_profile
         from partitioner.quantized_head import measure_speedups
 
@@ -244,9 +246,25 @@ class AutoPlanner:
             max_rel_error=s.max_rel_error,
             min_top1=s.min_top1,
         )
-        meter = cached_distortion(distortion_meter(self.model, calib), self.model, calib)
+        bits = self.runtime.head_bits
+        if bits != FLOAT_BITS:
+            # A split's accuracy is what its served head, the wire and the tail do together: quantizing every
+            # layer of a head moves the output far more than quantizing the one feature that crosses.
+            # The last few heads are kept: a planner often measures several encodings of one cut in a row.
+            measure = head_tail_distortion(self.model, calib, head_at=functools.lru_cache(maxsize=4)(self._served_head))
+            meter = cached_distortion(measure, self.model, calib, heads=f"{bits}-bit")
+        else:
+            meter = cached_distortion(distortion_meter(self.model, calib), self.model, calib)
         log.info("planner ready: %s", ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()))
-        return Planner(cost, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit)
+        return Planner(
+            cost, budgets, meter, s.objective, input_is_8bit=s.input_is_8bit, quantized_heads=bits != FLOAT_BITS
+        )
+
+    def _served_head(self, cut_index: int) -> Any:
+        """The quantized head the runtime serves for a split at ``cut_index`` (``head.weight_bits``; the same
+        build, on the backend's calibration images), for the planner's distortion measure."""
+        cut, head, _ = self.runtime.model.parts(cut_index)
+        return self.runtime.model.quantized(cut, head, self.runtime.head_bits)[0]
 
     def _prepare_from_bundle(self, backend: Any) -> Planner:
         """The same planner from an edge bundle, without torch: the bundle's tables hold the bytes and
@@ -269,7 +287,14 @@ class AutoPlanner:
             min_top1=s.min_top1,
         )
         self._calibration_count = int(tables.calibration.get("inputs", 0))
-        return Planner(cost, budgets, table_distortion(tables), s.objective, input_is_8bit=s.input_is_8bit)
+        return Planner(
+            cost,
+            budgets,
+            table_distortion(bundle_distortion(tables, self.runtime.head_bits)),
+            s.objective,
+            input_is_8bit=s.input_is_8bit,
+            quantized_heads=self.runtime.head_bits != FLOAT_BITS,
+        )
 
     def measure_link(self) -> Link:
         """Probe the link now (on the planning thread; at most ``PROBE_TIMEOUT_S``).
@@ -498,12 +523,26 @@ class AutoPlanner:
         self.error = ""
 
 
-def table_distortion(tables: PlanningTables):
-    """A planner's distortion measure that reads a bundle's table: a candidate the table lacks is
-    reported as breaking any accuracy budget (never chosen on a guess)."""
+def bundle_distortion(tables: PlanningTables, head_bits: int) -> Mapping[str, tuple[float, float]]:
+    """The table of ``tables`` that holds the accuracy of splits whose heads run at ``head_bits`` (32: float,
+    8: the bundle's int8 heads). Raises Unavailable for a bundle built before int8 heads were measured."""
+    if head_bits == FLOAT_BITS:
+        return tables.distortion
+    if tables.distortion_int8 is None:
+        raise Unavailable(
+            "head.weight_bits: 8 plans with the accuracy of the bundle's int8 heads, and this bundle was built "
+            "before it was measured: rebuild it with `cleave bundle`, or serve float heads (head.weight_bits: 32)"
+        )
+    return tables.distortion_int8
+
+
+def table_distortion(table: Mapping[str, tuple[float, float]]):
+    """A planner's distortion measure that reads a bundle's table (:class:`PlanningTables`'s
+    ``distortion`` or ``distortion_int8``): a candidate the table lacks is reported as breaking any
+    accuracy budget (never chosen on a guess)."""
 
     def measure(candidate: Candidate) -> Distortion:
-        found = tables.distortion.get(f"{candidate.cut_index}|{candidate.encoding}")
+        found = table.get(f"{candidate.cut_index}|{candidate.encoding}")
         if found is None:
             log.debug("no distortion for %s in the bundle: not a candidate", candidate.label)
             return Distortion(float("inf"), 0.0)

@@ -253,7 +253,7 @@ def load_backend(config: EdgeConfig) -> Backend:
     threads = model_threads(config.torch_threads)
     if threads:
         torch.set_num_threads(threads)
-    return TorchBackend(LoadedModel.load(config.model))
+    return TorchBackend(LoadedModel.load(config.model), config.autoplan.calibration, config.autoplan.calibration_inputs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from compressor import EncodingSpec, encode_apart
 from compressor.framing import field_key, varint
-from partitioner.costmodel import Breakdown, reply_encoding
+from partitioner.costmodel import REPLY_ENCODING, Breakdown, reply_encoding
 from partitioner.placement import Placement
 from protos.bounds import MAX_PLAN_LABEL, MAX_PREDICTED_MS
 from protos.cleave.v1 import edge_pb2, tensor_pb2
@@ -355,7 +355,10 @@ class EdgeRuntime:
                 raise InvalidArgument(f"weight_bits: {exc}") from exc
 
         head, per_layer = self._quantized.get(key, build)
-        return replace(plan, head=head, weight_bits=per_layer)
+        if not per_layer or set(per_layer.values()) == {FLOAT_BITS}:
+            return replace(plan, head=head, weight_bits=per_layer)
+        # A quantized head makes the plan lossy whatever crosses: its reply comes coded, as the planner measured it.
+        return replace(plan, head=head, weight_bits=per_layer, reply=REPLY_ENCODING)
 
     def _make_plan(self, placement: Placement, cut: int | str | None, spec: EncodingSpec, reason: str) -> ActivePlan:
         if not isinstance(placement, Placement) or placement == Placement.LOCAL_FALLBACK:

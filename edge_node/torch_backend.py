@@ -16,7 +16,7 @@ import torch
 
 from compressor import decode_array
 from partitioner.loaded import LoadedModel, as_tensor_list
-from partitioner.models import calibration_batch
+from partitioner.photos import calibration_inputs
 from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
 from protos.cleave.v1 import tensor_pb2
 
@@ -39,8 +39,14 @@ class TorchBackend:
     kind = "torch"
     fallback = "the tail here, on the head's features"
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, calibration: str | None = None, calibration_count: int = 8) -> None:
+        """``calibration``, ``calibration_count``: the images int8 heads take their activation ranges from, as
+        :func:`~partitioner.photos.calibration_inputs` reads them (the edge's ``autoplan.calibration``: the
+        planner judges an int8 split's accuracy through the very head served here)."""
         self.loaded = model
+        self._calibration = (calibration, calibration_count)
+        self._calib: torch.Tensor | None = None
+        self._calib_lock = threading.Lock()  # guards _calib: heads are built on gRPC and planning threads
 
     @property
     def name(self) -> str:
@@ -66,11 +72,24 @@ class TorchBackend:
 
     def quantized(self, cut: Any, head: Any, bits: int | dict[str, int]) -> tuple[Any, dict[str, int]]:
         layers = list(head_layers(head))
+        if isinstance(bits, int) and not layers:
+            # Its convolutions are functions in the traced graph (a package's own Conv2d subclass, as in the
+            # pretrained Lite0): nothing to pack per layer, but ONNX Runtime runs every node on int8 kernels.
+            if bits != 8:
+                raise ValueError(f"{bits} bits need convolution or linear modules in the head; it has none: 8 or 32")
+            return build_quantized_head(head, self.calibration_images()), {"*": bits}
         per_layer = (
             {name: bits for name in layers} if isinstance(bits, int) else {**dict.fromkeys(layers, FLOAT_BITS), **bits}
         )
-        calib = calibration_batch(self.loaded.input_shape, 8)
-        return build_quantized_head(head, calib, per_layer), per_layer
+        return build_quantized_head(head, self.calibration_images(), per_layer), per_layer
+
+    def calibration_images(self) -> torch.Tensor:
+        """The images int8 heads are calibrated on (read once)."""
+        with self._calib_lock:
+            if self._calib is None:
+                source, n = self._calibration
+                self._calib = calibration_inputs(self.loaded.spec, source, n)
+            return self._calib
 
     def run(self, inputs: list) -> list:
         with torch.inference_mode():

@@ -139,7 +139,9 @@ class PlanningTables:
     ``profile``: the build host's per-node profile (the shape of the latency curve; the edge
     re-anchors it on its own timings of the bundle's heads). ``costs``: cut 0 and every candidate
     cut, with the encoded bytes of every encoding on the calibration images. ``distortion``:
-    ``"<cut index>|<encoding>" -> (relative error, top-1 agreement)`` on those images.
+    ``"<cut index>|<encoding>" -> (relative error, top-1 agreement)`` on those images, splits running
+    the float heads; ``distortion_int8``: the same for splits running the bundle's int8 heads (what an
+    edge with ``head.weight_bits: 8`` serves). None in bundles built before it was measured.
     """
 
     fingerprint: str
@@ -150,6 +152,7 @@ class PlanningTables:
     distortion: dict[str, tuple[float, float]]
     calibration: dict[str, Any]
     reply_bytes: int = 0  # the outputs coded as a lossy plan's reply (CostModel.reply_bytes); 0: not measured
+    distortion_int8: dict[str, tuple[float, float]] | None = None
 
     def to_json(self) -> str:
         from dataclasses import asdict
@@ -164,6 +167,11 @@ class PlanningTables:
                     "reply_bytes": self.reply_bytes,
                     "edge_model_memory": self.edge_model_memory,
                     "distortion": {k: list(v) for k, v in sorted(self.distortion.items())},
+                    **(
+                        {}
+                        if self.distortion_int8 is None
+                        else {"distortion_int8": {k: list(v) for k, v in sorted(self.distortion_int8.items())}}
+                    ),
                     "calibration": self.calibration,
                 },
                 indent=1,
@@ -449,12 +457,9 @@ def parse_planning(data: bytes, where: str = PLANNING) -> PlanningTables:
         )
     if not costs or costs[0].index != 0:
         raise BundleFormatError(f"{where}: costs: the first entry must be cut 0 (the input)")
-    distortion = {}
-    for key, value in _get(doc, "distortion", dict, where).items():
-        ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
-        if not ok:
-            raise BundleFormatError(f"{where}: distortion[{key!r}]: expected [rel_error, top1]")
-        distortion[str(key)] = (float(value[0]), float(value[1]))
+    distortion = _distortion_table(doc, "distortion", where)
+    # Optional: bundles built before int8 heads' accuracy was measured have none (see PlanningTables).
+    distortion_int8 = _distortion_table(doc, "distortion_int8", where) if "distortion_int8" in doc else None
     return PlanningTables(
         fingerprint=_get(doc, "fingerprint", str, where),
         profile=profile,
@@ -465,7 +470,18 @@ def parse_planning(data: bytes, where: str = PLANNING) -> PlanningTables:
         calibration=dict(_get(doc, "calibration", dict, where)),
         # Optional: bundles made before replies were coded price every reply as float32.
         reply_bytes=_get(doc, "reply_bytes", int, where) if "reply_bytes" in doc else 0,
+        distortion_int8=distortion_int8,
     )
+
+
+def _distortion_table(doc: dict, field: str, where: str) -> dict[str, tuple[float, float]]:
+    table = {}
+    for key, value in _get(doc, field, dict, where).items():
+        ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+        if not ok:
+            raise BundleFormatError(f"{where}: {field}[{key!r}]: expected [rel_error, top1]")
+        table[str(key)] = (float(value[0]), float(value[1]))
+    return table
 
 
 __all__ = [

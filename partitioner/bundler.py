@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from .costmodel import FEATURE_ENCODINGS, INPUT_ENCODINGS, CostModel
 from .graph import Cut
 from .loaded import LoadedModel, as_tensor_list
 from .photos import calibration_inputs
-from .planner import Planner, cached_distortion, distortion_meter
+from .placement import Placement
+from .planner import Planner, cached_distortion, distortion_meter, head_tail_distortion
 from .profile import cached_profile
 from .quantized_head import _export_onnx, build_quantized_head
 
@@ -95,12 +96,12 @@ def build_bundle(
             outputs = len(as_tensor_list(model.module(example)))
         say("exporting the whole model")
         whole = put("model.onnx", _export_onnx(model.module, example, outputs))
-        bundle_cuts = []
+        bundle_cuts, int8_heads = [], {}
         for cut in chosen:
             say(f"exporting the heads at {cut.name} (#{cut.index})")
             _, head, _ = model.parts(cut)
             float_head = put(f"cuts/{cut.index}.onnx", _export_onnx(head, example, len(cut.live)))
-            int8 = build_quantized_head(head, calib, threads=1)
+            int8 = int8_heads[cut.index] = build_quantized_head(head, calib, threads=1)
             int8_head = put(f"cuts/{cut.index}.int8.onnx", int8.onnx_bytes)
             bundle_cuts.append(
                 BundleCut(
@@ -108,7 +109,7 @@ def build_bundle(
                 )
             )
         say("profiling, measuring bytes and distortion on the calibration images")
-        tables = planning_tables(model, chosen, calib, calibration, byte_samples)
+        tables = planning_tables(model, chosen, calib, calibration, byte_samples, int8_heads)
         planning = put(PLANNING, tables.to_json().encode())
         manifest = Manifest(
             name=model.name,
@@ -134,20 +135,38 @@ def build_bundle(
 
 
 def planning_tables(
-    model: LoadedModel, cuts: Sequence[Cut], calib: torch.Tensor, calibration: str | None, byte_samples: int
+    model: LoadedModel,
+    cuts: Sequence[Cut],
+    calib: torch.Tensor,
+    calibration: str | None,
+    byte_samples: int,
+    int8_heads: Mapping[int, Callable] | None = None,
 ) -> PlanningTables:
-    """The planner's inputs for ``cuts``: what :meth:`AutoPlanner.prepare` measures with torch."""
+    """The planner's inputs for ``cuts``: what :meth:`AutoPlanner.prepare` measures with torch.
+
+    ``int8_heads``: the bundle's int8 head at each of ``cuts`` (by index); the splits' distortion is
+    measured through them too (``distortion_int8``)."""
     profile = cached_profile(model, role="edge")
     cost = CostModel.measure(model, profile, profile, calib[:byte_samples], cache=True)
     keep = {0} | {c.index for c in cuts}
     costs = [replace(c, edge_ms=0.0, cloud_ms=0.0, encode_ms={}, decode_ms={}) for c in cost.cuts if c.index in keep]
     meter = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
     planner = Planner(cost, distortion=meter, input_is_8bit=False)  # int8c measured too
-    distortion = {}
+    distortion: dict[str, tuple[float, float]] = {}
     for candidate in planner.candidates:
         if candidate.cut_index in keep and not planner.lossless(candidate):
             d = meter(candidate)
             distortion[f"{candidate.cut_index}|{candidate.encoding}"] = (d.rel_error, d.top1)
+    distortion_int8 = None
+    if int8_heads is not None:
+        # Every split through its int8 head, float32 features too (no split is lossless then); cloud-only runs
+        # no head, so its entries are the float table's.
+        through_int8 = head_tail_distortion(model, calib, head_at=int8_heads.__getitem__)
+        distortion_int8 = {k: v for k, v in distortion.items() if k.startswith("0|")}
+        for candidate in planner.candidates:
+            if candidate.cut_index in keep and candidate.kind == Placement.SPLIT:
+                d = through_int8(candidate)
+                distortion_int8[f"{candidate.cut_index}|{candidate.encoding}"] = (d.rel_error, d.top1)
     return PlanningTables(
         fingerprint=model.fingerprint,
         profile=profile,
@@ -156,6 +175,7 @@ def planning_tables(
         reply_bytes=cost.reply_bytes,
         edge_model_memory=cost.edge_model_memory,
         distortion=distortion,
+        distortion_int8=distortion_int8,
         calibration={
             "source": calibration or ("photos" if model.spec.pretrained else "synthetic"),
             "inputs": len(calib),

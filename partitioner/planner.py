@@ -108,8 +108,12 @@ class Planner:
         input_is_8bit: bool = True,
         screen: Callable[[Candidate], Distortion | None] | None = None,
         screen_many: Callable[[list[Candidate]], list[Distortion | None]] | None = None,
+        quantized_heads: bool = False,
     ) -> None:
-        """``input_is_8bit``: inputs come from 8-bit images (camera frames, files), so sending them
+        """``quantized_heads``: splits run quantized heads (an edge's ``head.weight_bits`` under 32), so no
+        split is lossless, not even one sending float32 features: ``distortion`` measures them all.
+
+        ``input_is_8bit``: inputs come from 8-bit images (camera frames, files), so sending them
         as 8-bit codes per channel (cloud-only ``int8c``) loses nothing against the source and is
         not charged to the accuracy budget.
 
@@ -131,6 +135,7 @@ class Planner:
         self.objective = objective
         self._distortion = distortion
         self.input_is_8bit = input_is_8bit
+        self.quantized_heads = quantized_heads
         self._screen = screen
         self._screen_many = screen_many
         self._lookahead = 4
@@ -308,6 +313,8 @@ class Planner:
 
     def lossless(self, candidate: Candidate) -> bool:
         """Whether ``candidate`` sends what the model computes unchanged (no accuracy to measure)."""
+        if self.quantized_heads and candidate.kind == SPLIT:
+            return False
         return is_lossless(candidate.kind, candidate.encoding, self.input_is_8bit)
 
     def distortion_of(self, candidate: Candidate) -> Distortion | None:
@@ -786,26 +793,29 @@ def _decoded_rows(x: torch.Tensor, spec: EncodingSpec, rows: slice) -> torch.Ten
 
 
 def cached_distortion(
-    measure: Callable[[Candidate], Distortion], model: LoadedModel, calib: torch.Tensor
+    measure: Callable[[Candidate], Distortion], model: LoadedModel, calib: torch.Tensor, heads: str = "float"
 ) -> CachedDistortion:
     """``measure`` with its results kept on disk, so planning the same model again measures nothing.
 
-    Keyed by the model's fingerprint and the calibration batch (:func:`calibration_key`); an entry
+    Keyed by the model's fingerprint, the calibration batch (:func:`calibration_key`) and ``heads``,
+    the heads splits run (``"float"``, or e.g. ``"int8"`` for :func:`head_tail_distortion`'s ``head_at``); an entry
     is one candidate (cut index and encoding), and one more per screened candidate and input screened
     when ``measure`` has a ``screen`` and a ``probe`` (:class:`DistortionMeter`); a full measurement
     keeps the probe it left, and sets it again when read back. ``measure`` must measure on ``calib``.
     """
-    return CachedDistortion(measure, model, calib)
+    return CachedDistortion(measure, model, calib, heads)
 
 
 class CachedDistortion:
     """:func:`cached_distortion`'s result: call it for a distortion, :meth:`screen` for a bound."""
 
-    def __init__(self, measure: Callable[[Candidate], Distortion], model: LoadedModel, calib: torch.Tensor) -> None:
+    def __init__(
+        self, measure: Callable[[Candidate], Distortion], model: LoadedModel, calib: torch.Tensor, heads: str = "float"
+    ) -> None:
         self._measure = measure
-        self._path = (
-            cache_dir().parent / "distortion" / f"{calibration_key(model, calib, str(_DISTORTION_VERSION))}.json"
-        )
+        # Float heads keep the key they always had (no extra part): caches written before stay valid.
+        extra = (str(_DISTORTION_VERSION),) + (() if heads == "float" else (f"heads={heads}",))
+        self._path = cache_dir().parent / "distortion" / f"{calibration_key(model, calib, *extra)}.json"
         self._probes: dict[str, int] = {}  # a full measurement's entry -> the probe it left (DistortionMeter.probe)
         try:
             self._known = {}
@@ -878,14 +888,23 @@ class CachedDistortion:
 _DISTORTION_VERSION = 4
 
 
-def head_tail_distortion(model: LoadedModel, calib: torch.Tensor) -> Callable[[Candidate], Distortion]:
-    """:func:`distortion_meter` the direct way: head, encode, decode and tail per candidate."""
+def head_tail_distortion(
+    model: LoadedModel, calib: torch.Tensor, head_at: Callable[[int], Callable] | None = None
+) -> Callable[[Candidate], Distortion]:
+    """:func:`distortion_meter` the direct way: head, encode, decode and tail per candidate.
+
+    ``head_at``: the head a split at a cut index runs, when it is not the float one (the int8 head an
+    edge with ``head.weight_bits: 8`` serves): a split's distortion is then what that head, the wire
+    and the tail do together, against the float model. Cut 0 (cloud-only) has no head either way.
+    """
     with torch.inference_mode():
         reference = as_tensor_list(model.module(calib))[0]
 
     def measure(candidate: Candidate) -> Distortion:
         spec = EncodingSpec.parse(candidate.encoding)
         _, head, tail = model.parts(candidate.cut_index)
+        if head_at is not None and candidate.cut_index != 0:
+            head = head_at(candidate.cut_index)
         with torch.inference_mode():
             live = as_tensor_list(head(calib))
             features = _through_wire(live, spec, model, model.graph.cut(candidate.cut_index), len(calib))

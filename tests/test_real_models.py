@@ -23,13 +23,20 @@ from cleave_cli.labels import load_labels
 from cleave_cli.launch import cloud_process, edge_process, free_port
 from cleave_cli.main import main
 from compressor import EncodingSpec, decode, encode
-from edge_node.config import EdgeConfig
+from edge_node.autoplan import AutoPlanner
+from edge_node.cloud_link import CloudLink
+from edge_node.config import AutoPlanSettings, EdgeConfig, Reconnect
+from edge_node.link import LinkMonitor
+from edge_node.runtime import EdgeRuntime
+from edge_node.torch_backend import TorchBackend
 from partitioner import ModelLoadError, ModelSpec, load_model, trace
 from partitioner.costmodel import REPLY_ENCODING, CostModel, Link
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.photos import builtin_photos, calibration_inputs, directory_images
+from partitioner.placement import Placement
 from partitioner.planner import Budgets, Planner, distortion_meter
 from partitioner.profile import Profile
+from partitioner.profile import to_proto as profile_to_proto
 from runtime.settings import SettingsError
 
 pytestmark = [pytest.mark.slow]
@@ -407,3 +414,49 @@ def test_a_lossy_plans_coded_reply_keeps_every_photos_class_at_a_quarter_of_the_
     sizes = [m.ByteSize() for m in coded]
     floats = [encode(logits[i : i + 1], exact).ByteSize() for i in range(50)]
     assert statistics.median(sizes) < statistics.median(floats) / 3.5
+
+
+def test_an_edge_serving_int8_heads_plans_with_the_accuracy_of_those_heads(tmp_path: Path) -> None:
+    # Quantizing every layer of Lite0's head to int8 changes the class of real photos that an int8 feature alone
+    # keeps (at conv2d_5: 14 of 16 photos keep it). The planner of an edge with head.weight_bits: 8 measures each
+    # split through the very head the runtime serves (so a float32-feature split is not lossless either) and
+    # reports that agreement; with float heads it is 1.0. Checked against serving: the runtime pinned to the
+    # split, its cloud unreachable, runs the float tail here on its int8 head's features.
+    spec = ModelSpec(name="lite0", source=LITE0, input_shape=(1, 3, 224, 224))
+    model = LoadedModel.load(spec)
+    photos = calibration_inputs(spec, None, 16)
+    with torch.inference_mode():
+        reference = model.module(photos).argmax(-1)
+    # The cloud's profile, as its Profile call answers (only its shape matters here).
+    reply = SimpleNamespace(result=lambda: profile_to_proto(_flat_profile(model)), cancel=lambda: None)
+    stub = SimpleNamespace(Profile=SimpleNamespace(future=lambda request, timeout: reply))
+    settings = AutoPlanSettings(calibration_inputs=16, byte_samples=1)
+    link = CloudLink("127.0.0.1:1", model, LinkMonitor(), Reconnect(0.05, 0.1, 0.5), 1 << 20, 1 << 24).start()
+    try:
+        planners, served = {}, []
+        for bits in (32, 8):
+            runtime = EdgeRuntime(TorchBackend(model, None, 16), link, request_timeout_s=2.0, head_bits=bits)
+            planners[bits] = AutoPlanner(model, runtime, stub, LinkMonitor(), settings).prepare()
+        plan = runtime.pin(Placement.SPLIT, "conv2d_5", EncodingSpec.parse("raw"))
+        # fx sees the package's convolutions as functions (no layers to name): the plan reports every node at 8
+        # bits, and its reply comes coded, as any lossy plan's.
+        assert plan.weight_bits == {"*": 8} and plan.reply == REPLY_ENCODING
+        for i in range(len(photos)):
+            outcome = runtime.infer([photos[i : i + 1]])
+            assert outcome.placement == Placement.LOCAL_FALLBACK
+            served.append(int(outcome.outputs[0].argmax(-1)))
+    finally:
+        link.close()
+    agreement = float((torch.tensor(served) == reference).float().mean())
+    assert agreement < 0.99  # what the served int8 head does to these photos
+    for enc in ("raw", "int8"):
+        candidate = next(c for c in planners[8].candidates if (c.cut_name, c.encoding) == ("conv2d_5", enc))
+        int8_heads = planners[8].distortion_of(candidate)
+        float_heads = planners[32].distortion_of(candidate)
+        assert float_heads is not None and float_heads.top1 == 1.0, enc
+        assert int8_heads is not None and not planners[8].lossless(candidate), enc
+        if enc == "raw":
+            assert int8_heads.top1 == pytest.approx(agreement), (int8_heads, served)
+        assert int8_heads.top1 < 0.99, (enc, int8_heads)
+        checked = planners[8]._check(planners[8].score(candidate, Link(5, 5, 10)))
+        assert checked.rejected.startswith("top-1"), checked

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_node.autoplan import bundle_distortion
 from partitioner.bundle import (
     MANIFEST,
     BundleCut,
@@ -22,6 +23,7 @@ from partitioner.bundle import (
 from partitioner.costmodel import CutCost, Link
 from partitioner.planner import Planner
 from partitioner.profile import CodecCost, Profile
+from protos.errors import Unavailable
 
 pytestmark = pytest.mark.edge
 
@@ -159,3 +161,34 @@ def test_the_planner_ranks_from_the_tables_without_torch(tmp_path: Path) -> None
     slow, fast = Link(0.001, 0.001, 1.0), Link(1000.0, 1000.0, 0.1)
     assert planner.best(slow).candidate.label == "edge-only"  # nothing crosses a link this slow in time
     assert planner.best(fast).candidate.kind != planner.best(slow).candidate.kind
+
+
+def _edit_planning(root: Path, edit) -> None:
+    """Edit planning.json and record its new digest in the manifest (a well-formed bundle with other tables)."""
+    path = root / "planning.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    _edit_manifest(
+        root, lambda d: d["files"]["planning.json"].update(sha256=sha256_file(path), bytes=path.stat().st_size)
+    )
+
+
+def test_the_int8_heads_accuracy_table_is_read_and_checked_by_field(tmp_path: Path) -> None:
+    # An edge serving the bundle's int8 heads plans with their accuracy (distortion_int8), not the float heads'.
+    root = write_bundle(tmp_path / "b")
+    _edit_planning(root, lambda d: d.update(distortion_int8={"2|int8": [0.2, 0.75], "2|raw": [0.1, 0.875]}))
+    tables = EdgeBundle.open(root).planning()
+    assert bundle_distortion(tables, 8) == {"2|int8": (0.2, 0.75), "2|raw": (0.1, 0.875)}
+    assert bundle_distortion(tables, 32) == {"2|int8": (0.01, 1.0)}
+    _edit_planning(root, lambda d: d["distortion_int8"].update({"2|raw": [0.1]}))
+    with pytest.raises(BundleFormatError, match=r"distortion_int8\['2\|raw'\]"):
+        EdgeBundle.open(root)
+
+
+def test_a_bundle_without_the_int8_heads_accuracy_is_refused_for_int8_heads(tmp_path: Path) -> None:
+    # Bundles built before it was measured still serve float heads; int8 heads would be planned on a guess.
+    tables = EdgeBundle.open(write_bundle(tmp_path / "b")).planning()
+    assert tables.distortion_int8 is None and bundle_distortion(tables, 32) == tables.distortion
+    with pytest.raises(Unavailable, match="head.weight_bits: 8 .* rebuild it with `cleave bundle`"):
+        bundle_distortion(tables, 8)

@@ -218,10 +218,14 @@ def test_metrics_count_what_the_light_edge_served(stack: Stack) -> None:
     assert served and any(float(line.rsplit(" ", 1)[1]) >= 1 for line in served), served
 
 
-def test_automatic_placement_plans_from_the_bundle(stack: Stack, edge_cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bits", [32, 8])
+def test_automatic_placement_plans_from_the_bundle(stack: Stack, edge_cache: Path, tmp_path: Path, bits: int) -> None:
+    # bits: the heads the edge serves (head.weight_bits); with the bundle's int8 heads, a split's accuracy in the
+    # plan's reason is the int8 heads' (the bundle's distortion_int8), and no split counts as lossless.
     edge = start_edge(
-        tmp_path, edge_cache, stack.bundle, stack.cloud, "auto", plan={"cut": "auto"},
-        autoplan={"check_interval_s": 0.5, "probe_interval_s": 1.0},
+        tmp_path, edge_cache, stack.bundle, stack.cloud, f"auto{bits}", plan={"cut": "auto"},
+        autoplan={"check_interval_s": 0.5, "probe_interval_s": 1.0, "min_top1": None, "max_rel_error": None},
+        head={"weight_bits": bits},
     )  # fmt: skip
     try:
         client = EdgeClient(edge.address)
@@ -236,6 +240,13 @@ def test_automatic_placement_plans_from_the_bundle(stack: Stack, edge_cache: Pat
         assert "calibration images" in status.plan.reason or status.plan.placement == edge_pb2.EDGE_ONLY
         cuts = {c["index"] for c in json.loads((stack.bundle / "manifest.json").read_text())["cuts"]}
         assert status.plan.placement != edge_pb2.SPLIT or status.plan.cut_index in cuts
+        if status.plan.placement == edge_pb2.SPLIT:
+            tables = EdgeBundle.open(stack.bundle).planning()
+            encoding = str(EncodingSpec.from_proto(status.plan.encoding))
+            table = tables.distortion_int8 if bits == 8 else tables.distortion
+            top1 = table.get(f"{status.plan.cut_index}|{encoding}", (0.0, 1.0))[1]  # float features, float heads: 1
+            assert f"top-1 agreement {top1 * 100:.1f}%" in status.plan.reason, (encoding, status.plan.reason)
+            assert dict(status.plan.weight_bits) == ({"*": 8} if bits == 8 else {})
         reply = client.infer(_x())
         assert reply.placement == status.plan.placement and len(_out(reply)) == 1
         assert client.stub.Replan(edge_pb2.ReplanRequest(), timeout=120).reason.startswith("replan requested")
