@@ -711,6 +711,19 @@ def bitalloc(d: Json) -> list[list[str]]:
     ]
 
 
+def int8_heads(d: Json) -> list[list[str]]:
+    """Per cut of the pretrained Lite0 (``benchmarks/int8_heads.py``): top-1 agreement with a float head and
+    int8 features, with the int8 head, and the int8 head's speed-up."""
+    n = d["photos"]
+    rows = []
+    for r in d["cuts"]:
+        agree = [round(r[k]["top1"] * n) for k in ("float_head_int8_features", "int8_head_float_features")]
+        agree.append(round(r["int8_head_int8_features"]["top1"] * n))
+        cut = "whole model (edge-only)" if r["cut"] == "_fc" else f"`{r['cut']}` (#{r['index']})"
+        rows.append([cut, *(f"{a}/{n}" for a in agree), x(r["speedup"])])
+    return rows
+
+
 TABLES: dict[str, Table] = {
     "codec": Table(
         ("codec.json",),
@@ -939,6 +952,12 @@ TABLES: dict[str, Table] = {
         ("quantization.json",),
         feature_mse,
         ("model", "cuts", "4 bit", "3 bit", "2 bit"),
+    ),
+    "int8_heads": Table(
+        ("int8_heads.json",),
+        int8_heads,
+        ("cut", "float head, int8 features", "int8 head, float32 features", "int8 head, int8 features", "speed-up"),
+        "lrrrr",
     ),
     "bitalloc": Table(
         ("quantization.json",),
