@@ -19,7 +19,6 @@ undo a manual pin.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import queue
 import threading
@@ -250,8 +249,7 @@ class AutoPlanner:
         if bits != FLOAT_BITS:
             # A split's accuracy is what its served head, the wire and the tail do together: quantizing every
             # layer of a head moves the output far more than quantizing the one feature that crosses.
-            # The last few heads are kept: a planner often measures several encodings of one cut in a row.
-            measure = head_tail_distortion(self.model, calib, head_at=functools.lru_cache(maxsize=4)(self._served_head))
+            measure = head_tail_distortion(self.model, calib, head_at=self._served_head)
             meter = cached_distortion(measure, self.model, calib, heads=f"{bits}-bit")
         else:
             meter = cached_distortion(distortion_meter(self.model, calib), self.model, calib)
@@ -408,6 +406,26 @@ class AutoPlanner:
         else:
             future.set_result(best)
 
+    def first_plan(self, link: Link) -> Scored:
+        """The first plan for ``link``, on the planning thread, once the planner is in use.
+
+        Every candidate the walk reaches is checked. With quantized heads, though, each accuracy check builds
+        a head (seconds, minutes under a CPU quota), and a walk past every split of a model those heads break
+        takes hours: the first plan is then the best known to fit after ``measure_budget_s``, as a re-plan
+        check's is, and the checks that follow measure the rest (:attr:`Planner.walk_complete`)."""
+        assert self.planner is not None
+        started = time.monotonic()
+        quantized = self.runtime.head_bits != FLOAT_BITS
+        best = self.choose(link, deadline=started + self.settings.measure_budget_s if quantized else None)
+        log.info(
+            "first plan chosen in %.1f s (%d accuracy checks%s); predicted, fastest of each kind: %s",
+            time.monotonic() - started,
+            self.planner.measurements,
+            "" if self.planner.walk_complete else ", more to come",
+            _fastest_by_kind(self.planner, link),
+        )
+        return best
+
     def pin_manually(self) -> None:
         """A plan is being pinned from outside: stop re-planning until :meth:`replan`.
 
@@ -424,15 +442,7 @@ class AutoPlanner:
                 planner = self.prepare()
                 link = self.measure_link()
                 self.use(planner)
-                started = time.monotonic()
-                best = self.choose(link)
-                log.info(
-                    "first plan chosen in %.1f s (%d accuracy checks); predicted, fastest of each kind: %s",
-                    time.monotonic() - started,
-                    planner.measurements,
-                    _fastest_by_kind(planner, link),
-                )
-                self.apply(best, reason=f"planned at {_describe(link)}")
+                self.apply(self.first_plan(link), reason=f"planned at {_describe(link)}")
                 self.error = ""
             except (grpc.RpcError, Unavailable, ValueError) as exc:
                 self.error = _message(exc)

@@ -26,7 +26,7 @@ import os
 import statistics
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -888,6 +888,10 @@ class CachedDistortion:
 _DISTORTION_VERSION = 4
 
 
+#: What :func:`head_tail_distortion` keeps of quantized heads' outputs (about 20 of Lite0's cuts on 8 images).
+KEPT_LIVE_BYTES = 64 << 20
+
+
 def head_tail_distortion(
     model: LoadedModel, calib: torch.Tensor, head_at: Callable[[int], Callable] | None = None
 ) -> Callable[[Candidate], Distortion]:
@@ -896,17 +900,33 @@ def head_tail_distortion(
     ``head_at``: the head a split at a cut index runs, when it is not the float one (the int8 head an
     edge with ``head.weight_bits: 8`` serves): a split's distortion is then what that head, the wire
     and the tail do together, against the float model. Cut 0 (cloud-only) has no head either way.
+    Building such a head takes seconds (an export and a calibration), so it is asked for once per cut:
+    its outputs on ``calib`` are kept, the most recent first, up to :data:`KEPT_LIVE_BYTES`, for the
+    cut's other encodings, which a planner's walk reaches at other times.
     """
     with torch.inference_mode():
         reference = as_tensor_list(model.module(calib))[0]
+    kept: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # cut index -> head_at's live set on calib
+
+    def live_at(index: int) -> list[torch.Tensor]:
+        if index in kept:
+            kept.move_to_end(index)
+            return kept[index]
+        assert head_at is not None
+        with torch.inference_mode():
+            live = kept[index] = as_tensor_list(head_at(index)(calib))
+        while len(kept) > 1 and sum(t.nbytes for v in kept.values() for t in v) > KEPT_LIVE_BYTES:
+            kept.popitem(last=False)
+        return live
 
     def measure(candidate: Candidate) -> Distortion:
         spec = EncodingSpec.parse(candidate.encoding)
         _, head, tail = model.parts(candidate.cut_index)
-        if head_at is not None and candidate.cut_index != 0:
-            head = head_at(candidate.cut_index)
         with torch.inference_mode():
-            live = as_tensor_list(head(calib))
+            if head_at is not None and candidate.cut_index != 0:
+                live = live_at(candidate.cut_index)
+            else:
+                live = as_tensor_list(head(calib))
             features = _through_wire(live, spec, model, model.graph.cut(candidate.cut_index), len(calib))
             out = _as_replied(as_tensor_list(tail(*features))[0], len(calib))
         return _distortion(out, reference)

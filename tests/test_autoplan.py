@@ -168,3 +168,38 @@ def test_requests_served_on_the_edge_teach_the_planner_the_devices_real_speed() 
         auto._handle(auto._inbox.get_nowait())
     assert planner.edge_scale == pytest.approx(1.3)
     assert planner.score(edge_only, Link(10, 10, 5.0)).cost_ms == pytest.approx(1.3 * edge_only.edge_ms)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_the_first_plan_waits_for_every_check_only_with_float_heads(bits: int) -> None:
+    """With quantized heads each accuracy check builds a head: the first plan is the best known to fit after
+    measure_budget_s and the checks that follow go on; with float heads it checks every candidate it reaches."""
+    import time
+    from types import SimpleNamespace
+
+    from edge_node.autoplan import AutoPlanner
+    from edge_node.config import AutoPlanSettings
+    from partitioner.costmodel import SPLIT, Link
+    from partitioner.planner import Budgets, Distortion, Planner
+
+    from .test_planner import synthetic_cost
+
+    def slow_and_lossy(candidate) -> Distortion:  # every lossy candidate breaks the budget, after 0.1 s
+        time.sleep(0.1)
+        return Distortion(1.0, 0.5)
+
+    runtime = SimpleNamespace(head_bits=bits)
+    auto = AutoPlanner(None, runtime, None, None, AutoPlanSettings(measure_budget_s=0.25))  # type: ignore[arg-type]
+    planner = Planner(synthetic_cost(), Budgets(min_top1=0.99), slow_and_lossy, quantized_heads=bits != 32)
+    auto.use(planner)
+    link = Link(10.0, 10.0, 1.0)
+    ordered = sorted((planner.score(c, link) for c in planner.candidates), key=lambda s: s.cost_ms)
+    first_exact = next(i for i, s in enumerate(ordered) if planner.lossless(s.candidate))
+    assert first_exact >= 4  # lossy candidates the walk reaches first: 0.4 s of checks or more
+    best = auto.first_plan(link)
+    assert best.candidate == ordered[first_exact].candidate  # every lossy one broke the budget
+    if bits == 32:
+        assert planner.walk_complete and planner.measurements == first_exact
+    else:
+        assert not any(c.kind == SPLIT for c in planner.candidates if planner.lossless(c))
+        assert not planner.walk_complete and 1 <= planner.measurements < first_exact  # stopped after 0.25 s

@@ -586,6 +586,40 @@ def test_a_model_mixing_its_batch_is_not_screened() -> None:
     assert meter(c).rel_error > 0  # measured in full instead
 
 
+def test_a_quantized_heads_meter_asks_for_each_cuts_head_once(
+    local_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``head_at`` (the int8 heads an edge serves: seconds to build each), a cut's head is asked for once
+    however its encodings interleave, its outputs kept within KEPT_LIVE_BYTES; its distortion is that head's."""
+    from partitioner import planner as planner_module
+
+    calib = calibration_batch(local_model.spec.input_shape, 2, seed=5)
+    asked = []
+
+    def head_at(index: int):
+        asked.append(index)
+        _, head, _ = local_model.parts(index)
+        return lambda x: [t * 1.01 for t in as_tensor_list(head(x))]  # a head that moves its outputs by 1%
+
+    measure = head_tail_distortion(local_model, calib, head_at=head_at)
+    cuts = [c.index for c in local_model.graph.cuts[3:6]]
+    for enc in ("raw", "int8", "int4c"):
+        for index in cuts:
+            d = measure(candidate(local_model, index, enc))
+            assert d.rel_error > 0.005, (index, enc, d)  # the moved head's outputs, even through float32 features
+    measure(candidate(local_model, 0, "int8c"))  # cloud-only runs no head
+    assert asked == cuts
+    exact = head_tail_distortion(local_model, calib)(candidate(local_model, cuts[0], "raw"))
+    assert exact.rel_error < 0.005  # the float head: only the reply's coding, as a lossy plan's reply comes
+    monkeypatch.setattr(planner_module, "KEPT_LIVE_BYTES", 1)  # only the last cut's outputs are kept
+    asked.clear()
+    measure = head_tail_distortion(local_model, calib, head_at=head_at)
+    for enc in ("raw", "int8"):
+        for index in cuts:
+            measure(candidate(local_model, index, enc))
+    assert asked == cuts * 2
+
+
 def test_distortions_are_cached_per_model_and_calibration(local_model: LoadedModel) -> None:
     calib = calibration_batch(local_model.spec.input_shape, 2, seed=5)
     calls = []
