@@ -23,6 +23,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ def measure(photos: int, calibration: int, repeats: int) -> dict[str, Any]:
             ("int8_head_float_features", int8_heads, "raw"),
             ("int8_head_int8_features", int8_heads, "int8"),
         ):
-            d = meter(_Candidate(cut.index, encoding))
+            d = meter(SimpleNamespace(cut_index=cut.index, encoding=encoding))  # what it reads of a Candidate
             row[label] = {"top1": round(d.top1, 4), "rel_error": round(d.rel_error, 4)}
         row["speedup"] = round(measure_speedups(model, calib, [cut.index], repeats=repeats)[cut.index], 3)
         rows.append(row)
@@ -84,13 +85,6 @@ def measure(photos: int, calibration: int, repeats: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuts": rows,
     }
-
-
-class _Candidate:
-    """What the meters read of a planner's candidate: its cut and encoding."""
-
-    def __init__(self, cut_index: int, encoding: str) -> None:
-        self.cut_index, self.encoding = cut_index, encoding
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -415,7 +415,7 @@ class AutoPlanner:
         check's is, and the checks that follow measure the rest (:attr:`Planner.walk_complete`)."""
         assert self.planner is not None
         started = time.monotonic()
-        quantized = self.runtime.head_bits != FLOAT_BITS
+        quantized = self.planner.quantized_heads
         best = self.choose(link, deadline=started + self.settings.measure_budget_s if quantized else None)
         log.info(
             "first plan chosen in %.1f s (%d accuracy checks%s); predicted, fastest of each kind: %s",

@@ -355,10 +355,9 @@ class EdgeRuntime:
                 raise InvalidArgument(f"weight_bits: {exc}") from exc
 
         head, per_layer = self._quantized.get(key, build)
-        if not per_layer or set(per_layer.values()) == {FLOAT_BITS}:
-            return replace(plan, head=head, weight_bits=per_layer)
         # A quantized head makes the plan lossy whatever crosses: its reply comes coded, as the planner measured it.
-        return replace(plan, head=head, weight_bits=per_layer, reply=REPLY_ENCODING)
+        reply = REPLY_ENCODING if any(b < FLOAT_BITS for b in per_layer.values()) else plan.reply
+        return replace(plan, head=head, weight_bits=per_layer, reply=reply)
 
     def _make_plan(self, placement: Placement, cut: int | str | None, spec: EncodingSpec, reason: str) -> ActivePlan:
         if not isinstance(placement, Placement) or placement == Placement.LOCAL_FALLBACK:

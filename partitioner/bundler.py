@@ -152,21 +152,21 @@ def planning_tables(
     costs = [replace(c, edge_ms=0.0, cloud_ms=0.0, encode_ms={}, decode_ms={}) for c in cost.cuts if c.index in keep]
     meter = cached_distortion(distortion_meter(model, calib, record=True), model, calib)
     planner = Planner(cost, distortion=meter, input_is_8bit=False)  # int8c measured too
+    through_int8 = None if int8_heads is None else head_tail_distortion(model, calib, head_at=int8_heads.__getitem__)
     distortion: dict[str, tuple[float, float]] = {}
-    for candidate in planner.candidates:
-        if candidate.cut_index in keep and not planner.lossless(candidate):
+    distortion_int8: dict[str, tuple[float, float]] = {}
+    for candidate in (c for c in planner.candidates if c.cut_index in keep):
+        key = f"{candidate.cut_index}|{candidate.encoding}"
+        if not planner.lossless(candidate):
             d = meter(candidate)
-            distortion[f"{candidate.cut_index}|{candidate.encoding}"] = (d.rel_error, d.top1)
-    distortion_int8 = None
-    if int8_heads is not None:
-        # Every split through its int8 head, float32 features too (no split is lossless then); cloud-only runs
-        # no head, so its entries are the float table's.
-        through_int8 = head_tail_distortion(model, calib, head_at=int8_heads.__getitem__)
-        distortion_int8 = {k: v for k, v in distortion.items() if k.startswith("0|")}
-        for candidate in planner.candidates:
-            if candidate.cut_index in keep and candidate.kind == Placement.SPLIT:
-                d = through_int8(candidate)
-                distortion_int8[f"{candidate.cut_index}|{candidate.encoding}"] = (d.rel_error, d.top1)
+            distortion[key] = (d.rel_error, d.top1)
+        if through_int8 is None:
+            continue
+        if candidate.kind == Placement.SPLIT:  # through its int8 head, float32 features too: no split is lossless
+            d = through_int8(candidate)
+            distortion_int8[key] = (d.rel_error, d.top1)
+        elif key in distortion:  # cloud-only runs no head: the float table's entry
+            distortion_int8[key] = distortion[key]
     return PlanningTables(
         fingerprint=model.fingerprint,
         profile=profile,
@@ -175,7 +175,7 @@ def planning_tables(
         reply_bytes=cost.reply_bytes,
         edge_model_memory=cost.edge_model_memory,
         distortion=distortion,
-        distortion_int8=distortion_int8,
+        distortion_int8=None if through_int8 is None else distortion_int8,
         calibration={
             "source": calibration or ("photos" if model.spec.pretrained else "synthetic"),
             "inputs": len(calib),

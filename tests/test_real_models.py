@@ -416,7 +416,7 @@ def test_a_lossy_plans_coded_reply_keeps_every_photos_class_at_a_quarter_of_the_
     assert statistics.median(sizes) < statistics.median(floats) / 3.5
 
 
-def test_an_edge_serving_int8_heads_plans_with_the_accuracy_of_those_heads(tmp_path: Path) -> None:
+def test_an_edge_serving_int8_heads_plans_with_the_accuracy_of_those_heads() -> None:
     # Quantizing every layer of Lite0's head to int8 changes the class of real photos that an int8 feature alone
     # keeps (at conv2d_5: 14 of 16 photos keep it). The planner of an edge with head.weight_bits: 8 measures each
     # split through the very head the runtime serves (so a float32-feature split is not lossless either) and
