@@ -724,6 +724,26 @@ def int8_heads(d: Json) -> list[list[str]]:
     return rows
 
 
+def feature_entropy(d: Json) -> list[list[str]]:
+    """Per cut and encoding of the pretrained Lite0 (``benchmarks/feature_entropy.py``): the bytes sent, the zstd
+    payload and the codes' entropy bounds, medians over the held-out photos; top-1 agreement on every photo."""
+    n = d["photos"]
+    rows = []
+    for r in d["points"]:
+        b = r["bytes"]
+        sizes = (b["message"], b["payload"], b["pooled"], b["static_tables"], b["per_channel"])
+        rows.append(
+            [
+                f"`{r['cut']}` {r['encoding']}",
+                f"{r['values']:,}",
+                *(f"{v:,.0f}" for v in sizes),
+                x(r["payload_over_per_channel"]),
+                f"{round(r['top1'] * n)}/{n}",
+            ]
+        )
+    return rows
+
+
 TABLES: dict[str, Table] = {
     "codec": Table(
         ("codec.json",),
@@ -958,6 +978,22 @@ TABLES: dict[str, Table] = {
         int8_heads,
         ("cut", "float head, int8 features", "int8 head, float32 features", "int8 head, int8 features", "speed-up"),
         "lrrrr",
+    ),
+    "feature_entropy": Table(
+        ("feature_entropy.json",),
+        feature_entropy,
+        (
+            "cut, encoding",
+            "values",
+            "sent, B",
+            "zstd payload, B",
+            "entropy: one table",
+            "per-channel tables from calibration",
+            "ideal per-channel tables",
+            "payload / ideal",
+            "top-1",
+        ),
+        "lrrrrrrrr",
     ),
     "bitalloc": Table(
         ("quantization.json",),
