@@ -174,6 +174,8 @@ class EdgeDaemon:
 
         config = self.config
         self.model = load_backend(config)
+        if config.head.allocate:  # a bundle refuses it at load: this is the torch edge
+            self.model.check_allocatable()
         log.info("model %s (%s) runs on %s", self.model.name, self.model.fingerprint[:12], self.model.describe())
         # Running requests: the runtime counts them, the link drains a replaced stream until its cut has none.
         inflight = Inflight(config.limits.max_inflight)

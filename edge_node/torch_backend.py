@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import fx
 
 from compressor import decode_array
 from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.photos import calibration_inputs
-from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, head_layers
+from partitioner.quantized_head import FLOAT_BITS, build_quantized_head, functional_layers, head_layers
 from protos.cleave.v1 import tensor_pb2
 
 # decode() hands torch read-only arrays (see there). torch warns about the first one in a process and
@@ -82,6 +83,20 @@ class TorchBackend:
             {name: bits for name in layers} if isinstance(bits, int) else {**dict.fromkeys(layers, FLOAT_BITS), **bits}
         )
         return build_quantized_head(head, self.calibration_images(), per_layer), per_layer
+
+    def check_allocatable(self) -> None:
+        """Raise ValueError, naming ``head.allocate``, when the model's convolutions or linears are function
+        calls in the traced graph: per-layer bit allocation sees only modules, so it would leave them float
+        and report an allocation that is not what runs."""
+        module = self.loaded.module
+        hidden = functional_layers(module) if isinstance(module, fx.GraphModule) else []
+        if hidden:
+            raise ValueError(
+                f"head.allocate: the model {self.loaded.spec.source!r} calls {len(hidden)} convolutions or linears "
+                f"as functions (first: {hidden[0]}), which per-layer bit allocation cannot see (a package's own "
+                "Conv2d subclass, as in the pretrained Lite0); leave it false, or set head.weight_bits: 8 for int8 "
+                "heads on ONNX Runtime"
+            )
 
     def calibration_images(self) -> torch.Tensor:
         """The images int8 heads are calibrated on (read once)."""

@@ -74,6 +74,27 @@ def head_layers(module: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+#: Convolutions and linears called as functions (``torch.conv2d`` in a Conv2d subclass's ``forward``, as the
+#: pretrained Lite0's package does): the tracer goes through such a module, and its weight is a plain
+#: attribute read, so :func:`head_layers` (and bit allocation) cannot see it.
+FUNCTIONAL_LAYERS = frozenset(
+    (
+        torch.conv1d,
+        torch.conv2d,
+        torch.conv3d,
+        nn.functional.conv1d,
+        nn.functional.conv2d,
+        nn.functional.conv3d,
+        nn.functional.linear,
+    )
+)
+
+
+def functional_layers(module: fx.GraphModule) -> list[str]:
+    """The nodes of ``module``'s graph that call a convolution or linear as a function, in order."""
+    return [node.name for node in module.graph.nodes if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS]
+
+
 @dataclass
 class PackedWeight:
     """A weight at 2-8 bits: bit-packed affine codes per output channel, plus a per-channel

@@ -460,3 +460,25 @@ def test_an_edge_serving_int8_heads_plans_with_the_accuracy_of_those_heads() -> 
         assert int8_heads.top1 < 0.99, (enc, int8_heads)
         checked = planners[8]._check(planners[8].score(candidate, Link(5, 5, 10)))
         assert checked.rejected.startswith("top-1"), checked
+
+
+def test_head_allocate_is_refused_at_load_for_a_model_without_layers(tmp_path: Path) -> None:
+    # The pretrained Lite0's convolutions trace as functions: an allocation for its heads came back empty
+    # and the edge served float heads, reporting none of it. The daemon now stops at load, naming the key.
+    from edge_node.main import EdgeDaemon
+
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        f"model: {{name: lite0, source: {LITE0}}}\nlisten: 127.0.0.1:{free_port()}\n"
+        f"cloud: 127.0.0.1:{free_port()}\nhead: {{allocate: true}}\nplan: {{cut: auto}}\n"
+    )
+    daemon = EdgeDaemon(EdgeConfig.from_yaml(str(path)))
+    try:
+        with pytest.raises(ValueError, match="head.allocate: .* calls 49 convolutions or linears as functions"):
+            daemon.load()
+        assert daemon.autoplanner is None and daemon.link is None  # stopped before the link or the planner
+    finally:
+        daemon.close()
+    # A model with convolution modules is allocatable.
+    r18 = TorchBackend(LoadedModel.load(ModelSpec(name="r18", source="resnet18", input_shape=(1, 3, 64, 64))), None, 8)
+    r18.check_allocatable()
