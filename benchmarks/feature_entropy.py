@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks._results import RESULTS, write
 from compressor import codec, zstd
 from compressor.bitpack import unpack_array
 from compressor.spec import EncodingSpec
@@ -42,7 +43,6 @@ from partitioner.models import ModelSpec
 from partitioner.photos import calibration_inputs
 from partitioner.planner import distortion_meter
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: (cut, encoding) pairs: the in-budget oracles' splits in placement_real.json, int6 where it was one, and
 #: fewer bits at the 4x, 1 Mbit/s cell's split.
 POINTS = (
@@ -206,10 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.calibration < args.photos:
         parser.error("--calibration must be at least 1 and leave held-out photos")
     result = measure(args.photos, args.calibration, POINTS)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out.with_suffix(".png"))
-    print(f"[feature_entropy] wrote {args.out.with_suffix('.json')} and .png")
+    write(result, args.out, plot, "feature_entropy")
     return 0
 
 

@@ -19,7 +19,6 @@ of the photos measured here (which favours the int8 head).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -28,14 +27,12 @@ from typing import Any
 
 import torch
 
+from benchmarks._results import RESULTS, write
 from partitioner.loaded import LoadedModel
 from partitioner.models import ModelSpec
 from partitioner.photos import calibration_inputs
 from partitioner.planner import distortion_meter, head_tail_distortion
 from partitioner.quantized_head import build_quantized_head, measure_speedups
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 #: Cuts of the pretrained Lite0 (early, the planner's usual middle cuts, late) and its last node (the whole
 #: model: an edge-only run on int8 kernels).
@@ -126,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "int8_heads", help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
     result = measure(args.photos, args.calibration, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out.with_suffix(".png"))
-    print(f"[int8_heads] wrote {args.out.with_suffix('.json')} and .png")
+    write(result, args.out, plot, "int8_heads")
     return 0
 
 

@@ -724,6 +724,30 @@ def int8_heads(d: Json) -> list[list[str]]:
     return rows
 
 
+def executors(d: Json) -> list[list[str]]:
+    """Per cut of the pretrained Lite0 (``benchmarks/executors.py``): head and tail milliseconds on torch and on
+    ONNX Runtime, side by side, and the float ONNX Runtime head's top-1 agreement."""
+    n = d["photos"]
+    rows = []
+    for r in d["cuts"]:
+        h, t = r["head_ms"], r.get("tail_ms")
+        cut = "whole model (edge-only)" if r["cut"] == "_fc" else f"`{r['cut']}` (#{r['index']})"
+        rows.append(
+            [
+                cut,
+                f(h["torch"]),
+                f(h["ort_float"]),
+                f(h["ort_int8"]),
+                x(h["torch"] / h["ort_float"]),
+                x(h["torch"] / h["ort_int8"]),
+                f(t and t["torch"]),
+                f(t and t["ort_float"]),
+                f"{round(r['ort_float_head']['top1'] * n)}/{n}",
+            ]
+        )
+    return rows
+
+
 def feature_entropy(d: Json) -> list[list[str]]:
     """Per cut and encoding of the pretrained Lite0 (``benchmarks/feature_entropy.py``): the bytes sent, the zstd
     payload and the codes' entropy bounds, medians over the held-out photos; top-1 agreement on every photo."""
@@ -978,6 +1002,22 @@ TABLES: dict[str, Table] = {
         int8_heads,
         ("cut", "float head, int8 features", "int8 head, float32 features", "int8 head, int8 features", "speed-up"),
         "lrrrr",
+    ),
+    "executors": Table(
+        ("executors.json",),
+        executors,
+        (
+            "head at",
+            "torch, ms",
+            "ORT float, ms",
+            "ORT int8, ms",
+            "ORT float speed-up",
+            "ORT int8 speed-up",
+            "tail: torch, ms",
+            "tail: ORT float, ms",
+            "ORT float head: top-1",
+        ),
+        "lrrrrrrrr",
     ),
     "feature_entropy": Table(
         ("feature_entropy.json",),
