@@ -122,14 +122,7 @@ def test_console_shows_models_edges_and_a_job_to_its_plot(
 ) -> None:
     edge, planned, url = daemons
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    # A sweep job (it draws a Pareto plot) and an edge with a pinned plan sending requests.
-    spec = {
-        "engine": "sweep",
-        "label": "console",
-        "model": {"torchvision": "resnet18", "input_shape": [1, 3, 32, 32], "num_classes": 10},
-        "sweep": {"ratios": [0.0, 0.5], "bits": [32], "parallelism": 1},
-    }
-    job = httpx.post(url + "/api/v1/jobs", json=spec, headers=auth, timeout=60).json()
+    # An edge with a pinned plan sending requests, and one planning.
     client = EdgeClient(edge.address)
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
     for _ in range(5):
@@ -191,6 +184,16 @@ def test_console_shows_models_edges_and_a_job_to_its_plot(
     assert float(cloud[2]) > 0 and planned_row["predicted_line"], planned_row
     assert "CLOUD_ONLY" in planned_row["plan"], planned_row
 
+    # A sweep job (it draws a Pareto plot), submitted while the page watches, so that the page can see it
+    # run: submitted before the edges' checks above, it was at 90% by the time the page was read (seen
+    # once in a fresh clone's run, progress {90%, 100%}).
+    spec = {
+        "engine": "sweep",
+        "label": "console",
+        "model": {"torchvision": "resnet18", "input_shape": [1, 3, 32, 32], "num_classes": 10},
+        "sweep": {"ratios": [0.0, 0.25, 0.5, 0.75], "bits": [32], "parallelism": 1},
+    }
+    job = httpx.post(url + "/api/v1/jobs", json=spec, headers=auth, timeout=60).json()
     # The job, live: states and progress seen by the page until SUCCEEDED, then its plot drawn.
     row = f'tr.job[data-job="{job["id"]}"]'
     states, progress = set(), set()
