@@ -452,7 +452,16 @@ class CloudLink:
 
     def _connect(self, wanted: tuple[int, str]) -> None:
         """Open a session and stream at ``wanted`` (cut index, reply coding); replaces the current one.
-        Raises WireError."""
+        A stream at ``wanted`` still draining from an earlier switch is taken back instead of opening
+        another (:meth:`_revive`). Raises WireError."""
+        revived = self._revive(wanted)
+        if revived is not None:
+            old, self._stream = self._stream, revived
+            if old is not None:
+                self._retire(old)
+            self.last_error = self.refusal = ""
+            log.info("cloud session %s at cut %d taken back from draining", revived.session_id[:8], wanted[0])
+            return
         cut_index, reply_coding = wanted
         timeout = self.reconnect.connect_timeout_s
         request = si_pb2.OpenSessionRequest(
@@ -503,6 +512,21 @@ class CloudLink:
             self.last_error = "cloud stream broke"
             self._wake.set()
 
+    def _revive(self, wanted: tuple[int, str]) -> InferStream | None:
+        """Take a replaced stream at ``wanted`` back from the draining list, or None.
+
+        An edge switching between a few plans used to open a session per switch while the replaced ones
+        drained, and past the cloud's ``max_streams_per_client`` a new stream was refused and its requests
+        finished locally. Whoever removes a stream from the list owns it: its drain thread, finding it gone,
+        leaves it open (:meth:`_drain`)."""
+        with self._draining_lock:
+            stream = next(
+                (s for s in self._draining if (s.cut_index, s.reply) == wanted and not (s.broken or s.closing)), None
+            )
+            if stream is not None:
+                self._draining.remove(stream)
+        return stream
+
     def _retire(self, old: InferStream) -> None:
         """Let a replaced stream finish in the background (see :meth:`_drain`)."""
         if not old.broken:
@@ -524,14 +548,19 @@ class CloudLink:
         deadline = started + self.drain_s
         key = (old.cut_index, old.reply)
         while not old.broken and time.monotonic() < deadline and not self._closed.is_set():
+            if self._stream is old:
+                return  # taken back (_revive): the current stream now; a later switch drains it anew
             if old.pending == 0 and not self._in_use(old.cut_index):
                 break
             served = self._current_for(key) is not None
             if old.pending == 0 and served and time.monotonic() - started >= self.REPLACED_GRACE_S:
                 break
             self._closed.wait(0.05)
-        with self._draining_lock, contextlib.suppress(ValueError):
-            self._draining.remove(old)
+        with self._draining_lock:
+            if old not in self._draining and not old.broken:
+                return  # taken back as the current stream (_revive), which owns it now
+            with contextlib.suppress(ValueError):
+                self._draining.remove(old)
         old.close()
         old.wait_ended(self.drain_s)
         # The cloud expires idle sessions anyway; ValueError: the link closed meanwhile.
