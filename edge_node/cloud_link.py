@@ -456,10 +456,7 @@ class CloudLink:
         another (:meth:`_revive`). Raises WireError."""
         revived = self._revive(wanted)
         if revived is not None:
-            old, self._stream = self._stream, revived
-            if old is not None:
-                self._retire(old)
-            self.last_error = self.refusal = ""
+            self._make_current(revived, opened=False)
             log.info("cloud session %s at cut %d taken back from draining", revived.session_id[:8], wanted[0])
             return
         cut_index, reply_coding = wanted
@@ -493,16 +490,23 @@ class CloudLink:
         stream = InferStream(
             self._channel, reply.session_id, cut_index, self.chunk_bytes, self._on_broken, reply_coding
         ).start()
+        self._make_current(stream, opened=True)
+        log.info("cloud session %s at cut %d, results %s", reply.session_id[:8], cut_index, reply_coding or "float32")
+        self._probe_rtt()
+
+    def _make_current(self, stream: InferStream, *, opened: bool) -> None:
+        """Put ``stream`` in force and hand the one it replaces to a drain thread; the link is up again.
+        ``opened``: a new session (counted, and as a reconnection if the current stream had broken), not
+        one taken back from draining."""
         old, self._stream = self._stream, stream
         if old is not None:
             self._retire(old)
         with self._counts_lock:
-            self._sessions_opened += 1
-            self._reconnects += self._lost
+            if opened:
+                self._sessions_opened += 1
+                self._reconnects += self._lost
             self._lost = False
         self.last_error = self.refusal = ""
-        log.info("cloud session %s at cut %d, results %s", reply.session_id[:8], cut_index, reply_coding or "float32")
-        self._probe_rtt()
 
     def _on_broken(self, stream: InferStream) -> None:
         """On the stream's receiver thread, once it broke or ended."""
