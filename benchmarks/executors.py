@@ -5,7 +5,7 @@ cloud runs tails and whole models in torch; the torch-free edge runs float heads
 times, at batch 1 on one thread and side by side (each repeat runs every variant once, in turn):
 
 * each head at a few cuts, and the whole model (an edge-only run): torch float, ONNX Runtime float (the
-  same graph, batch norms folded, exported as the int8 heads are), ONNX Runtime int8 (as
+  graph ``cleave bundle`` exports for the torch-free edge), ONNX Runtime int8 (as
   ``head.weight_bits: 8`` builds it, calibrated on the edge's 8 calibration photos);
 * each tail at those cuts: torch float against ONNX Runtime float;
 
@@ -35,18 +35,18 @@ from partitioner.loaded import LoadedModel, as_tensor_list
 from partitioner.models import ModelSpec
 from partitioner.photos import calibration_inputs
 from partitioner.planner import head_tail_distortion
-from partitioner.quantized_head import QuantizedHead, _export_onnx, _fold_batchnorm, build_quantized_head
+from partitioner.quantized_head import QuantizedHead, _export_onnx, build_quantized_head
 
 #: Cuts of the pretrained Lite0 (as in int8_heads.py); ``_fc`` is the whole model.
 CUTS = ("conv2d_2", "conv2d_5", "conv2d_11", "conv2d_17", "_fc")
 
 
 def float_on_ort(module: torch.fx.GraphModule, example: torch.Tensor) -> QuantizedHead:
-    """``module`` as a float ONNX graph on ONNX Runtime (batch norms folded), callable like the head."""
-    gm = _fold_batchnorm(module)
+    """``module`` on ONNX Runtime as the torch-free edge runs it: exported as ``cleave bundle`` exports its
+    float heads (no weights changed), callable like the head."""
     with torch.no_grad():
-        outputs = len(as_tensor_list(gm(example)))
-    return QuantizedHead(_export_onnx(gm, example, outputs), {}, {}, outputs, threads=1)
+        outputs = len(as_tensor_list(module(example)))
+    return QuantizedHead(_export_onnx(module, example, outputs), {}, {}, outputs, threads=1)
 
 
 def side_by_side(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, float]:

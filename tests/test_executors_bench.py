@@ -22,7 +22,7 @@ def test_the_float_onnx_runtime_head_computes_the_torch_head() -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)  # float rounding, batch norms folded
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)  # float rounding: other kernels
 
 
 def test_side_by_side_runs_each_variant_as_often_in_turn() -> None:
